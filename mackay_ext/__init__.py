@@ -1,0 +1,11 @@
+"""mackay_ext: MacKay evidence-framework (ARD) compression for PyTorch.
+
+Each weight, or group of weights, has a Gaussian prior precision alpha that MacKay's rule
+re-estimates from a diagonal curvature estimate; weights whose alpha runs to infinity are pruned.
+"""
+from ._extension import compiled_backends
+from . import ops, reference
+from .ops import UpdateStats, mackay_update_
+
+__all__ = ["compiled_backends", "ops", "reference", "UpdateStats", "mackay_update_"]
+__version__ = "0.1.0"

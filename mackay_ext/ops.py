@@ -1,0 +1,66 @@
+"""Python entry points of the compiled ops, with their fake (meta) kernels for torch.compile."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _extension, reference
+from ._validate import BACKENDS, check_choice, check_dense_tensors
+
+
+class UpdateStats(NamedTuple):
+    """Result of a precision update; 0-dim tensors on the op's device (no host sync)."""
+
+    gamma_sum: torch.Tensor   # float64: sum of gamma, the effective number of parameters
+    num_pruned: torch.Tensor  # int64: alpha entries that are +inf after the update
+
+
+def mackay_update_(
+    weight: torch.Tensor,
+    curvature: torch.Tensor,
+    alpha: torch.Tensor,
+    *,
+    num_data: float,
+    rule: str = "mackay",
+    prune: str = "alpha",
+    threshold: float | None = None,
+    eps: float = 1e-16,
+    alpha_min: float = 0.0,
+    alpha_max: float | None = None,
+    backend: str = "ext",
+) -> UpdateStats:
+    """One MacKay re-estimation of the prior precisions `alpha`, in place; prunes groups.
+
+    weight:    parameter tensor, any shape S (float32/64, float16, bfloat16).
+    curvature: shape S, same dtype: per-example diagonal curvature h >= 0 (total is N*h).
+    alpha:     float32/64, broadcastable to S; elements of `weight` sharing one alpha form a
+               group, e.g. (1, in) = one per input neuron of a Linear, (out, 1, 1, 1) per filter.
+    rule:      "mackay": alpha <- gamma / (sum w^2 + eps), gamma = sum N h / (N h + alpha);
+               "em": alpha <- n / (sum w^2 + sum Sigma_ii); "paper": alpha <- n / (sum w^2 + eps).
+    prune:     "alpha": alpha >= threshold (default 1e13); "snr": sum w^2 / sum Sigma_ii <
+               threshold (default 0.05), Sigma_ii = 1 / (N h + alpha_new).
+    A pruned group gets alpha = +inf and its weights set to exactly 0; it stays pruned.
+    New alphas are clamped to [alpha_min, alpha_max]; a NaN estimate keeps the old alpha.
+    backend:   "ext" (compiled kernels) or "torch" (mackay_ext.reference, no extension needed).
+    """
+    check_choice("backend", backend, BACKENDS, "mackay_update_")
+    kwargs = dict(num_data=float(num_data), rule=rule, prune=prune, threshold=threshold, eps=eps,
+                  alpha_min=alpha_min, alpha_max=alpha_max)
+    if backend == "torch":
+        return reference.mackay_update_(weight, curvature, alpha, **kwargs)
+    _extension.require()
+    check_dense_tensors("mackay_update_", weight=weight, curvature=curvature, alpha=alpha)
+    with torch.no_grad():
+        gamma_sum, num_pruned = torch.ops.mackay_ext.mackay_update_.default(
+            weight, curvature, alpha, **kwargs)
+    return UpdateStats(gamma_sum, num_pruned)
+
+
+if _extension.is_loaded():
+
+    @torch.library.register_fake("mackay_ext::mackay_update_")
+    def _mackay_update_fake(weight, curvature, alpha, *, num_data, rule="mackay", prune="alpha",
+                            threshold=None, eps=1e-16, alpha_min=0.0, alpha_max=None):
+        return (weight.new_empty((), dtype=torch.float64),
+                weight.new_empty((), dtype=torch.int64))

@@ -1,0 +1,136 @@
+"""Build of mackay_ext: CPU kernels always, CUDA kernels when a toolkit and a CUDA torch are here.
+
+Environment switches:
+  FORCE_CUDA=1        build the CUDA kernels even without a visible GPU (CI does this)
+  FORCE_CPU=1         skip the CUDA kernels
+  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" (A100, H100) when no GPU is visible
+  MACKAY_EXT_CPU_ARCH   "native" (default: AVX2+FMA when this machine has them) or "generic"
+  MACKAY_EXT_DEBUG=1  -O0 -g
+"""
+import glob
+import os
+import platform
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _has_cuda_runtime(home):
+    return any(
+        glob.glob(os.path.join(home, pattern))
+        for pattern in ("lib64/libcudart.so*", "lib/libcudart.so*", "targets/*/lib/libcudart.so*")
+    )
+
+
+def _wrapper_target(nvcc):
+    """The real nvcc a wrapper script execs (`exec /path/to/nvcc "$@"`), if it is one."""
+    try:
+        with open(nvcc, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    for line in head.decode("utf-8", "replace").splitlines():
+        words = line.strip().split()
+        if len(words) >= 2 and words[0] == "exec" and words[1].endswith("nvcc"):
+            return words[1].strip("'\"")
+    return None
+
+
+def resolve_cuda_home():
+    """Find the CUDA toolkit root. torch guesses dirname(dirname(which nvcc)); on machines where
+    `nvcc` is a wrapper script (as here: /usr/local/bin/nvcc) that directory has no lib64 and
+    linking fails with -lcudart. Prefer a root that really holds the runtime library."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        for path in (nvcc, _wrapper_target(nvcc)):
+            if path:
+                real = os.path.realpath(path)
+                candidates.append(os.path.dirname(os.path.dirname(real)))
+        candidates.append(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "cuda"))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "bin", "nvcc")) and _has_cuda_runtime(home):
+            return os.path.realpath(home)
+    return None
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+CUDA_HOME = None if _env_flag("FORCE_CPU") else resolve_cuda_home()
+if CUDA_HOME:
+    # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+    os.environ["CUDA_HOME"] = CUDA_HOME
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda():
+    if _env_flag("FORCE_CPU"):
+        return False
+    torch_has_cuda = torch.version.cuda is not None
+    if _env_flag("FORCE_CUDA"):
+        if not (CUDA_HOME and torch_has_cuda):
+            raise RuntimeError(
+                "FORCE_CUDA=1 but "
+                + ("no CUDA toolkit was found (set CUDA_HOME)" if not CUDA_HOME
+                   else f"torch {torch.__version__} is a CPU-only build")
+            )
+        return True
+    return bool(CUDA_HOME) and torch_has_cuda
+
+
+def cpu_arch_flags():
+    """AVX2+FMA for at::vec when the build machine has them (the package builds where it runs)."""
+    choice = os.environ.get("MACKAY_EXT_CPU_ARCH", "native")
+    if choice == "generic" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = set(handle.read().split())
+    except OSError:
+        return []
+    if {"avx2", "fma", "f16c"} <= flags:
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return []
+
+
+def make_extension():
+    with_cuda = want_cuda()
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + ["csrc/python/module.cpp"]
+    debug = _env_flag("MACKAY_EXT_DEBUG")
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"] + cpu_arch_flags()
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    if not with_cuda:
+        print("mackay_ext: building backends: cpu")
+        return CppExtension("mackay_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx})
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DWITH_CUDA"]
+    print(f"mackay_ext: building backends: cpu, cuda (CUDA_HOME={CUDA_HOME}, "
+          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'torch default')})")
+    return CUDAExtension("mackay_ext._C", sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc})
+
+
+setup(
+    name="mackay_ext",
+    version="0.1.0",
+    description="MacKay evidence-framework (ARD) compression for PyTorch, with fused C++/CUDA kernels",
+    packages=find_packages(include=["mackay_ext", "mackay_ext.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.4", "numpy"],
+    zip_safe=False,
+)
