@@ -57,6 +57,33 @@ def mackay_update_(
     return UpdateStats(gamma_sum, num_pruned)
 
 
+def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, *, lr,
+                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, num_data,
+                      batch_size, curvature_decay, grad_scale=None, found_inf=None,
+                      backend="ext") -> None:
+    """One fused MacKay-Adam step over lists of one device and dtype (DESIGN.md section 2).
+
+    The first len(alphas) params carry ARD state: alphas (float32, broadcastable to the param)
+    and, when `curvatures` is non-empty, the ef-batch curvature h (param's shape and dtype).
+    The rest get plain Adam. `steps` are float32 scalars already incremented for this step.
+    With found_inf != 0 nothing changes; grads are divided by grad_scale. Most users want
+    mackay_ext.optim.MacKayAdam instead.
+    """
+    check_choice("backend", backend, BACKENDS, "mackay_adam_step_")
+    kwargs = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
+                  weight_decay=float(weight_decay), decoupled_weight_decay=bool(decoupled_weight_decay),
+                  num_data=float(num_data), batch_size=float(batch_size),
+                  curvature_decay=float(curvature_decay), grad_scale=grad_scale, found_inf=found_inf)
+    if backend == "torch":
+        reference.mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas,
+                                    **kwargs)
+        return
+    _extension.require()
+    with torch.no_grad():
+        torch.ops.mackay_ext.mackay_adam_step_.default(
+            params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, **kwargs)
+
+
 if _extension.is_loaded():
 
     @torch.library.register_fake("mackay_ext::mackay_update_")
@@ -64,3 +91,10 @@ if _extension.is_loaded():
                             threshold=None, eps=1e-16, alpha_min=0.0, alpha_max=None):
         return (weight.new_empty((), dtype=torch.float64),
                 weight.new_empty((), dtype=torch.int64))
+
+    @torch.library.register_fake("mackay_ext::mackay_adam_step_")
+    def _mackay_adam_step_fake(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas,
+                               *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                               num_data, batch_size, curvature_decay, grad_scale=None,
+                               found_inf=None):
+        return None

@@ -72,3 +72,76 @@ def mackay_update_(weight, curvature, alpha, *, num_data, rule="mackay", prune="
         gamma_sum.copy_(torch.where(pruned, torch.zeros_like(gamma), gamma).sum(dtype=torch.float64))
         num_pruned.copy_(pruned.sum())
     return UpdateStats(gamma_sum, num_pruned)
+
+
+def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, *, lr,
+                      beta1, beta2, eps, weight_decay, decoupled_weight_decay, num_data,
+                      batch_size, curvature_decay, grad_scale=None, found_inf=None):
+    """Reference of torch.ops.mackay_ext.mackay_adam_step_ with foreach ops (same signature).
+
+    The first len(alphas) params carry ARD state; `steps` are already incremented. Math runs
+    in float32 for half-precision params (copies written back), with no host synchronisation.
+    """
+    if not params:
+        return
+    with torch.no_grad():
+        wide = params[0].dtype == torch.float64
+        math_dtype = torch.float64 if wide else torch.float32
+
+        def up(tensors):
+            return [t if t.dtype == math_dtype else t.to(math_dtype) for t in tensors]
+
+        w, m, v = up(params), up(exp_avgs), up(exp_avg_sqs)
+        g = up(grads)
+        if grad_scale is not None:
+            g = torch._foreach_div(g, grad_scale.to(math_dtype))
+        num_ard = len(alphas)
+        alpha_full = [a.to(math_dtype).expand_as(p) for a, p in zip(alphas, params)]
+        pruned = [a == math.inf for a in alpha_full]
+        before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + list(curvatures)] \
+            if found_inf is not None else None
+
+        h = up(curvatures)
+        if h:
+            # h <- rho h + (1 - rho) B g^2, left unchanged where the weight is pruned
+            h_new = torch._foreach_mul(h, curvature_decay)
+            torch._foreach_addcmul_(h_new, g[:num_ard], g[:num_ard], value=(1 - curvature_decay) * batch_size)
+            h = [torch.where(p, old, new) for p, old, new in zip(pruned, h, h_new)]
+
+        # direction = g + (alpha / N + coupled weight decay) * w; pruned alphas read as 0
+        coupled = 0.0 if decoupled_weight_decay else weight_decay
+        coefficients = [torch.where(p, torch.zeros_like(a), a) / num_data + coupled
+                        for p, a in zip(pruned, alpha_full)]
+        direction = torch._foreach_addcmul(g[:num_ard], coefficients, w[:num_ard]) if num_ard else []
+        if num_ard < len(w):
+            plain = torch._foreach_add(g[num_ard:], w[num_ard:], alpha=coupled) if coupled else list(g[num_ard:])
+            direction = list(direction) + list(plain)
+        if decoupled_weight_decay and weight_decay:
+            torch._foreach_mul_(w, 1 - lr * weight_decay)
+
+        torch._foreach_mul_(m, beta1)
+        torch._foreach_add_(m, direction, alpha=1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, direction, direction, value=1 - beta2)
+
+        step_values = [s.to(math_dtype) for s in steps]
+        bias_correction1 = [1 - torch.pow(beta1, s) for s in step_values]
+        bias_correction2_sqrt = [torch.sqrt(1 - torch.pow(beta2, s)) for s in step_values]
+        denom = torch._foreach_div(torch._foreach_sqrt(v), bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(m, denom)
+        torch._foreach_mul_(update, [lr / bc for bc in bias_correction1])
+        torch._foreach_sub_(w, update)
+
+        for p, *tensors in zip(pruned, w, m, v):
+            for t in tensors:
+                t.masked_fill_(p, 0)
+
+        results = list(w) + list(m) + list(v) + list(h)
+        targets = list(params) + list(exp_avgs) + list(exp_avg_sqs) + list(curvatures)
+        if found_inf is not None:
+            skip = found_inf.to(torch.bool)
+            results = [torch.where(skip, old.to(new.dtype), new) for old, new in zip(before, results)]
+        for target, result in zip(targets, results):
+            if result is not target:
+                target.copy_(result)

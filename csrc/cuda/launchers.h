@@ -1,11 +1,16 @@
 #pragma once
-// Host launchers defined in the .cu files; registered with the dispatcher from plain .cpp files
+// Host launchers defined in the .cu files; registered with the dispatcher from register.cpp
 // so that nvcc never has to parse torch/library.h.
+#include "mackay/adam_driver.h"
 #include "mackay/update_driver.h"
 
 namespace mackay {
 
 void mackay_update_kernel_cuda(const GroupProblem& problem, const UpdateParams& params,
                                at::Tensor& gamma_sum, at::Tensor& num_pruned);
+
+void mackay_adam_kernel_cuda(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
+                             const std::optional<at::Tensor>& grad_scale,
+                             const std::optional<at::Tensor>& found_inf);
 
 }  // namespace mackay

@@ -1,0 +1,173 @@
+// CPU kernel of mackay_ext::mackay_adam_step_: every tensor of the call is cut into chunks and
+// all chunks run in one parallel region; float32/float64 use at::vec lanes, half types the
+// shared scalar formula in float.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "adam_vec.h"
+#include "mackay/adam_driver.h"
+
+namespace mackay {
+namespace {
+
+constexpr int64_t kChunk = 16384;  // elements per task: large enough to amortise, L2-sized
+
+template <typename scalar_t>
+using opmath_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t>
+struct Pointers {
+  scalar_t *weight, *exp_avg, *exp_avg_sq, *curvature;
+  const scalar_t* grad;
+  const float* alpha;
+};
+
+// Elements [begin, end) of one tensor whose alpha is alpha_at(j) for j in [0, end - begin).
+template <bool kArd, bool kCurvature, typename scalar_t, typename AlphaAt>
+void run_segment(const Pointers<scalar_t>& p, int64_t begin, int64_t end, AlphaAt alpha_at,
+                 opmath_of<scalar_t> grad_mul, const AdamConstants<opmath_of<scalar_t>>& c) {
+  using opmath_t = opmath_of<scalar_t>;
+  int64_t i = begin;
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+    using V = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t kLanes = V::size();
+    const VecAdamConstants<scalar_t> vc(c);
+    const V vgrad_mul(grad_mul);
+    for (; i + kLanes <= end; i += kLanes) {
+      V alpha(scalar_t(0));
+      if constexpr (kArd) alpha = alpha_at.lanes(i - begin);
+      adam_lanes<kArd, kCurvature>(p.weight + i, p.grad + i, p.exp_avg + i, p.exp_avg_sq + i,
+                                   kCurvature ? p.curvature + i : nullptr, alpha, vgrad_mul, vc);
+    }
+  }
+  for (; i < end; ++i) {
+    opmath_t w = p.weight[i], m = p.exp_avg[i], v = p.exp_avg_sq[i];
+    opmath_t h = kCurvature ? static_cast<opmath_t>(p.curvature[i]) : opmath_t(0);
+    const opmath_t alpha = kArd ? alpha_at.one(i - begin) : opmath_t(0);
+    adam_element<opmath_t>(w, static_cast<opmath_t>(p.grad[i]) * grad_mul, m, v,
+                           kCurvature ? &h : nullptr, alpha, c);
+    p.weight[i] = static_cast<scalar_t>(w);
+    p.exp_avg[i] = static_cast<scalar_t>(m);
+    p.exp_avg_sq[i] = static_cast<scalar_t>(v);
+    if (kCurvature) p.curvature[i] = static_cast<scalar_t>(h);
+  }
+}
+
+// alpha read element by element from a contiguous run of alpha.
+template <typename T>
+struct AlphaRun {
+  const float* base;
+  at::vec::Vectorized<T> lanes(int64_t j) const {
+    if constexpr (std::is_same_v<T, float>) {
+      return at::vec::Vectorized<float>::loadu(base + j);
+    } else {
+      T values[at::vec::Vectorized<T>::size()];
+      for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) values[k] = base[j + k];
+      return at::vec::Vectorized<T>::loadu(values);
+    }
+  }
+  T one(int64_t j) const { return static_cast<T>(base[j]); }
+};
+
+// one alpha for the whole segment (a row or a filter).
+template <typename T>
+struct AlphaConst {
+  T value;
+  at::vec::Vectorized<T> lanes(int64_t) const { return at::vec::Vectorized<T>(value); }
+  T one(int64_t) const { return value; }
+};
+
+template <bool kCurvature, typename scalar_t>
+void run_ard_chunk(const AdamTensor& t, const Pointers<scalar_t>& p, int64_t begin, int64_t end,
+                   opmath_of<scalar_t> grad_mul, const AdamConstants<opmath_of<scalar_t>>& c) {
+  using opmath_t = opmath_of<scalar_t>;
+  const int64_t inner = t.alpha_inner, size = t.alpha_size;
+  int64_t i = begin;
+  while (i < end) {
+    if (inner == 1) {  // alpha changes every element: contiguous runs until alpha wraps
+      const int64_t k = size == t.param.numel() ? i : i % size;
+      const int64_t stop = std::min(end, i + (size - k));
+      run_segment<true, kCurvature>(p, i, stop, AlphaRun<opmath_t>{p.alpha + k}, grad_mul, c);
+      i = stop;
+    } else {  // alpha constant over runs of `inner` elements
+      const int64_t stop = std::min(end, (i / inner + 1) * inner);
+      const opmath_t alpha = p.alpha[(i / inner) % size];
+      run_segment<true, kCurvature>(p, i, stop, AlphaConst<opmath_t>{alpha}, grad_mul, c);
+      i = stop;
+    }
+  }
+}
+
+template <typename scalar_t>
+void run_chunk(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& hyper,
+               opmath_of<scalar_t> grad_mul) {
+  using opmath_t = opmath_of<scalar_t>;
+  const AdamConstants<opmath_t> c(hyper, static_cast<double>(*t.step.const_data_ptr<float>()));
+  const Pointers<scalar_t> p{
+      t.param.mutable_data_ptr<scalar_t>(), t.exp_avg.mutable_data_ptr<scalar_t>(),
+      t.exp_avg_sq.mutable_data_ptr<scalar_t>(),
+      t.curvature.defined() ? t.curvature.mutable_data_ptr<scalar_t>() : nullptr,
+      t.grad.const_data_ptr<scalar_t>(),
+      t.alpha.defined() ? t.alpha.const_data_ptr<float>() : nullptr};
+  if (!t.alpha.defined()) {
+    run_segment<false, false>(p, begin, end, AlphaConst<opmath_t>{0}, grad_mul, c);
+  } else if (t.curvature.defined()) {
+    run_ard_chunk<true>(t, p, begin, end, grad_mul, c);
+  } else {
+    run_ard_chunk<false>(t, p, begin, end, grad_mul, c);
+  }
+}
+
+void mackay_adam_kernel_cpu(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,
+                            const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  // On the CPU reading these is free (no device to synchronise with).
+  if (found_inf && *found_inf->const_data_ptr<float>() != 0.0f) return;
+  const double grad_mul = grad_scale ? 1.0 / *grad_scale->const_data_ptr<float>() : 1.0;
+  struct Chunk {
+    int32_t tensor;
+    int64_t begin, end;
+  };
+  std::vector<Chunk> chunks;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    const int64_t numel = tensors[k].param.numel();
+    for (int64_t begin = 0; begin < numel; begin += kChunk) {
+      chunks.push_back({static_cast<int32_t>(k), begin, std::min(numel, begin + kChunk)});
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, tensors.front().param.scalar_type(), "mackay_adam_step_cpu", [&] {
+        at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+          for (int64_t c = lo; c < hi; ++c) {
+            const Chunk& chunk = chunks[c];
+            run_chunk<scalar_t>(tensors[chunk.tensor], chunk.begin, chunk.end, hyper,
+                                static_cast<opmath_of<scalar_t>>(grad_mul));
+          }
+        });
+      });
+}
+
+void mackay_adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList steps,
+                          at::TensorList curvatures, at::TensorList alphas, double lr,
+                          double beta1, double beta2, double eps, double weight_decay,
+                          bool decoupled_weight_decay, double num_data, double batch_size,
+                          double curvature_decay, const std::optional<at::Tensor>& grad_scale,
+                          const std::optional<at::Tensor>& found_inf) {
+  const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                        num_data, batch_size, curvature_decay, !curvatures.empty()};
+  run_mackay_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, hyper,
+                       grad_scale, found_inf, &mackay_adam_kernel_cpu);
+}
+
+}  // namespace
+}  // namespace mackay
+
+TORCH_LIBRARY_IMPL(mackay_ext, CPU, m) {
+  m.impl("mackay_adam_step_", &mackay::mackay_adam_step_cpu);
+}

@@ -1,0 +1,251 @@
+"""MacKayAdam: Adam with per-weight ARD priors, fused into one pass over memory.
+
+Per element (DESIGN.md section 2), for a parameter with ARD state:
+    alpha == inf  ->  w = m = v = 0 (pruned)
+    h <- rho h + (1 - rho) B g^2               (when batch_size is set: the ef-batch curvature)
+    d = g + (alpha / N) w  (+ weight decay)
+    m <- b1 m + (1 - b1) d ;  v <- b2 v + (1 - b2) d^2
+    w <- w - lr (m / bc1) / (sqrt(v / bc2) + eps)
+With alpha = 0 and no curvature this is exactly torch.optim.Adam (AdamW with
+decoupled_weight_decay=True).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from . import _extension, ops
+from ._validate import BACKENDS, check_choice
+
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
+
+
+def ard_param_groups(model: torch.nn.Module, is_ard=None) -> list[dict[str, Any]]:
+    """Split a model's parameters into an ARD group (by default every parameter with dim >= 2:
+    Linear and Conv weights) and a plain-Adam group (biases, norms) with ard=False."""
+    is_ard = is_ard or (lambda name, param: param.dim() >= 2)
+    ard, plain = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (ard if is_ard(name, param) else plain).append(param)
+    groups = [{"params": ard}]
+    if plain:
+        groups.append({"params": plain, "ard": False})
+    return groups
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    where = "MacKayAdam"
+    lr = float(group["lr"])
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{where}: lr must be finite and >= 0, got {group['lr']}")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas}")
+    if not (math.isfinite(group["eps"]) and group["eps"] >= 0):
+        raise ValueError(f"{where}: eps must be finite and >= 0, got {group['eps']}")
+    if not (math.isfinite(group["weight_decay"]) and group["weight_decay"] >= 0):
+        raise ValueError(f"{where}: weight_decay must be finite and >= 0, got {group['weight_decay']}")
+    num_data = group["num_data"]
+    if not (isinstance(num_data, (int, float)) and math.isfinite(num_data) and num_data > 0):
+        raise ValueError(f"{where}: num_data must be the (positive) number of training examples, got {num_data}")
+    batch_size = group["batch_size"]
+    if batch_size is not None and not (math.isfinite(batch_size) and batch_size > 0):
+        raise ValueError(f"{where}: batch_size must be None or positive, got {batch_size}")
+    if not 0.0 <= group["curvature_decay"] <= 1.0:
+        raise ValueError(f"{where}: curvature_decay must be in [0, 1], got {group['curvature_decay']}")
+
+
+def _grad_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The gradient in the parameter's memory layout (the kernels walk both in one order)."""
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
+
+
+class MacKayAdam(torch.optim.Optimizer):
+    """Adam whose weights carry ARD prior precisions (state[p]["alpha"]) and an ef-batch
+    curvature estimate (state[p]["curvature"]), all updated in one fused kernel launch.
+
+    Args:
+        params: parameters or param groups; a group with ``ard=False`` (biases, norms) gets
+            plain Adam in the same launch and no ARD state (see ard_param_groups).
+        num_data: N, the training-set size: the ARD term adds (alpha / N) * w to the gradient.
+        batch_size: B; when set, h <- rho h + (1 - rho) B g^2 is accumulated every step.
+        curvature_decay: rho.
+        decoupled_weight_decay: AdamW-style decay.
+        backend: "ext" (compiled kernels) or "torch" (foreach fallback, same math).
+
+    ARD state is created lazily (alpha = 0: no prior; curvature = 0); alpha may be replaced by
+    any float32 tensor broadcastable to the parameter, e.g. (1, in_features) for one precision
+    per input neuron; +inf marks pruned weights, which are held at exactly 0.
+    Works with GradScaler (grad_scale / found_inf, no host sync) and LR schedulers.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, num_data: float, batch_size: float | None = None,
+                 curvature_decay: float = 0.99, decoupled_weight_decay: bool = False,
+                 backend: str = "ext"):
+        check_choice("backend", backend, BACKENDS, "MacKayAdam")
+        if backend == "ext":
+            _extension.require()
+        self.backend = backend
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        num_data=num_data, batch_size=batch_size, curvature_decay=curvature_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, ard=True)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    # ------------------------------------------------------------------ state
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise KeyError("MacKayAdam: this tensor is not one of the optimizer's parameters")
+
+    def _init_state(self, param: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[param]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if group["ard"]:
+            if "alpha" not in state:
+                state["alpha"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+            if "curvature" not in state:
+                state["curvature"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state
+
+    def ard_state(self, param: torch.Tensor) -> dict[str, Any]:
+        """The state of an ARD parameter (created now if the optimizer has not stepped yet):
+        a dict with "alpha", "curvature", "exp_avg", "exp_avg_sq", "step"."""
+        group = self._group_of(param)
+        if not group["ard"]:
+            raise ValueError("MacKayAdam.ard_state: this parameter is in a group with ard=False")
+        return self._init_state(param, group)
+
+    def _checked_state(self, param, group, where):
+        state = self._init_state(param, group)
+        for key in _STATE_KEYS:
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.device != param.device:
+                raise RuntimeError(f"MacKayAdam: state['{key}'] of {where} is on {value.device} but "
+                                   f"the parameter is on {param.device}; move the optimizer state "
+                                   "with the model (load_state_dict does it)")
+        if group["ard"]:
+            alpha = state["alpha"]
+            if alpha.dtype != torch.float32:
+                raise TypeError(f"MacKayAdam: state['alpha'] of {where} must be float32, got {alpha.dtype}")
+            try:
+                torch.broadcast_shapes(alpha.shape, param.shape)
+                ok = alpha.dim() <= param.dim() and torch.broadcast_shapes(alpha.shape, param.shape) == param.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise RuntimeError(f"MacKayAdam: state['alpha'] of {where} has shape {tuple(alpha.shape)}, "
+                                   f"not broadcastable to the parameter's shape {tuple(param.shape)}")
+        return state
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step. GradScaler passes grad_scale / found_inf as attributes (like torch's fused
+        Adam); a step with found_inf != 0 changes nothing, without a host synchronisation."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for bucket in self._buckets():
+            self._run_bucket(bucket, grad_scale, found_inf)
+        return loss
+
+    def _buckets(self) -> list[dict[str, Any]]:
+        """Parameters grouped into launches: one per (device, dtype, hyperparameters); plain-Adam
+        parameters join an ARD launch with the same Adam hyperparameters."""
+        ard_buckets: dict[tuple, dict] = {}
+        plain_buckets: dict[tuple, dict] = {}
+        for group_index, group in enumerate(self.param_groups):
+            _check_group(group)
+            adam_key = (float(group["lr"]), *map(float, group["betas"]), float(group["eps"]),
+                        float(group["weight_decay"]), bool(group["decoupled_weight_decay"]))
+            tracks = group["ard"] and group["batch_size"] is not None
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                where = f"param {param_index} of param group {group_index}"
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"MacKayAdam: sparse gradients are not supported ({where})")
+                state = self._checked_state(param, group, where)
+                base = (param.device, param.dtype, adam_key)
+                if group["ard"]:
+                    key = base + (float(group["num_data"]), float(group["batch_size"] or 0),
+                                  float(group["curvature_decay"]), tracks)
+                    bucket = ard_buckets.setdefault(key, _new_bucket(group, adam_key, tracks))
+                else:
+                    bucket = plain_buckets.setdefault(base, _new_bucket(group, adam_key, False))
+                entry = (param, _grad_like(param.grad, param), state)
+                (bucket["ard"] if group["ard"] else bucket["plain"]).append(entry)
+        buckets = list(ard_buckets.values())
+        for base, plain in plain_buckets.items():
+            partner = next((b for k, b in ard_buckets.items() if k[:3] == base), None)
+            if partner is None:
+                buckets.append(plain)
+            else:
+                partner["plain"].extend(plain["plain"])
+        return buckets
+
+    def _run_bucket(self, bucket, grad_scale, found_inf) -> None:
+        entries = bucket["ard"] + bucket["plain"]
+        device = entries[0][0].device
+        params = [p for p, _, _ in entries]
+        grads = [g for _, g, _ in entries]
+        states = [s for _, _, s in entries]
+        steps = [s["step"] for s in states]
+        alphas = [s["alpha"] for _, _, s in bucket["ard"]]
+        curvatures = [s["curvature"] for _, _, s in bucket["ard"]] if bucket["tracks"] else []
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+        torch._foreach_add_(steps, 1)
+        hyper = bucket["hyper"]
+        ops.mackay_adam_step_(
+            params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            steps, curvatures, alphas, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
+            eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+            decoupled_weight_decay=hyper["decoupled_weight_decay"], num_data=hyper["num_data"],
+            batch_size=hyper["batch_size"], curvature_decay=hyper["curvature_decay"],
+            grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
+        if found_inf is not None:  # a skipped step does not count
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+    # ------------------------------------------------------------- state_dict
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch.optim.Optimizer.load_state_dict, but alpha stays float32 and the step on
+        the parameter's device (the base class would cast alpha to a bf16 param's dtype)."""
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        exact = {pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
+                       if k in ("alpha", "step") and isinstance(v, torch.Tensor)}
+                 for pid in saved_ids}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, param in zip(saved_ids, params):
+            for key, value in exact[pid].items():
+                self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:
+    lr, beta1, beta2, eps, weight_decay, decoupled = adam_key
+    return {"ard": [], "plain": [], "tracks": tracks, "hyper": dict(
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled, num_data=float(group["num_data"]),
+        batch_size=float(group["batch_size"] or 1.0), curvature_decay=float(group["curvature_decay"]))}
