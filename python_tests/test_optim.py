@@ -1,0 +1,371 @@
+"""MacKayAdam: the fused step (compiled and fallback) against a float64 loop written from
+DESIGN.md section 2, against torch.optim.Adam/AdamW, and its optimizer contract."""
+import copy
+import math
+
+import pytest
+import torch
+
+import mackay_ext
+from mackay_ext.optim import MacKayAdam, ard_param_groups
+
+from conftest import DEVICES
+
+BACKENDS = ["ext", "torch"]
+
+
+def design_step(w, g, m, v, h, alpha, step, *, lr, beta1, beta2, eps, weight_decay, decoupled,
+                num_data, batch_size, rho):
+    """DESIGN.md section 2 for one tensor, float64, written out plainly (alpha may broadcast)."""
+    alpha = alpha.expand_as(w)
+    pruned = alpha == math.inf
+    a = torch.where(pruned, torch.zeros_like(alpha), alpha)
+    if h is not None:
+        h = torch.where(pruned, h, rho * h + (1 - rho) * batch_size * g * g)
+    d = g + (a / num_data) * w
+    if weight_decay and not decoupled:
+        d = d + weight_decay * w
+    if weight_decay and decoupled:
+        w = w * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * d
+    v = beta2 * v + (1 - beta2) * d * d
+    bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
+    w = w - lr * (m / bc1) / (torch.sqrt(v / bc2) + eps)
+    zero = torch.zeros_like(w)
+    return (torch.where(pruned, zero, w), torch.where(pruned, zero, m), torch.where(pruned, zero, v), h)
+
+
+def make_params(device, dtype):
+    """Parameters of odd sizes with their alpha shapes: per weight, per input (1, in), per
+    output (out, 1), per conv filter, per conv input channel, and a 2-run pattern."""
+    shapes = [((7, 13), (7, 13)), ((9, 11), (1, 11)), ((5, 3), (5, 1)), ((4, 3, 3, 3), (4, 1, 1, 1)),
+              ((6, 5, 3, 3), (1, 5, 1, 1)), ((3, 4, 5), (3, 1, 5)), ((40000,), (40000,))]
+    params, alphas = [], []
+    for shape, alpha_shape in shapes:
+        params.append(torch.nn.Parameter(torch.randn(shape, dtype=torch.float64).to(device, dtype)))
+        alpha = torch.rand(alpha_shape, dtype=torch.float64) * 50
+        flat = alpha.view(-1)
+        flat[torch.rand(flat.shape) < 0.2] = 0
+        flat[torch.rand(flat.shape) < 0.2] = math.inf
+        alphas.append(alpha.float().to(device))
+    plain = [torch.nn.Parameter(torch.randn(17, dtype=torch.float64).to(device, dtype))]
+    return params, alphas, plain
+
+
+def grads_for(params, steps, seed, non_contiguous=True):
+    generator = torch.Generator().manual_seed(seed)
+    sequence = []
+    for _ in range(steps):
+        grads = []
+        for p in params:
+            g = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            if non_contiguous and p.dim() == 2:  # a transposed view: non-contiguous gradient
+                g = g.t().contiguous().t()
+            grads.append(g)
+        sequence.append(grads)
+    return sequence
+
+
+HYPER = dict(lr=3e-2, betas=(0.9, 0.99), eps=1e-6, num_data=250.0, batch_size=32.0,
+             curvature_decay=0.9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("weight_decay,decoupled", [(0.0, False), (0.05, False), (0.05, True)])
+def test_matches_design_loop(device, backend, dtype, weight_decay, decoupled):
+    params, alphas, plain = make_params(device, dtype)
+    optimizer = MacKayAdam([{"params": params}, {"params": plain, "ard": False}],
+                           weight_decay=weight_decay, decoupled_weight_decay=decoupled,
+                           backend=backend, **HYPER)
+    for p, a in zip(params, alphas):
+        optimizer.ard_state(p)["alpha"] = a.clone()
+    # float64 mirror: weights, moments, curvature
+    mirror = [[p.detach().double(), torch.zeros_like(p, dtype=torch.float64),
+               torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64)]
+              for p in params + plain]
+    for p, a in zip(params, alphas):  # pruned weights start at 0, as the pruner leaves them
+        p.data.masked_fill_((a == math.inf).expand_as(p), 0)
+    for state, p in zip(mirror, params + plain):
+        state[0] = p.detach().double().clone()  # a copy even when p is float64
+    for step, grads in enumerate(grads_for(params + plain, 20, seed=1), start=1):
+        for p, g in zip(params + plain, grads):
+            p.grad = g.to(device, dtype)
+        optimizer.step()
+        for k, (state, g) in enumerate(zip(mirror, grads)):
+            is_ard = k < len(params)
+            alpha = alphas[k].double().cpu() if is_ard else torch.zeros(())
+            g = g.to(dtype).double()  # the kernels see the gradient rounded to the param dtype
+            w, m, v, h = design_step(state[0], g, state[1], state[2], state[3] if is_ard else None, alpha, step,
+                                     lr=HYPER["lr"], beta1=0.9, beta2=0.99, eps=1e-6,
+                                     weight_decay=weight_decay, decoupled=decoupled,
+                                     num_data=250.0, batch_size=32.0, rho=0.9)
+            state[:] = [w, m, v, h if is_ard else state[3]]
+    tol = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}[dtype]
+    for k, (p, state) in enumerate(zip(params + plain, mirror)):
+        st = optimizer.state[p]
+        torch.testing.assert_close(p.detach().double().cpu(), state[0], rtol=tol, atol=tol)
+        torch.testing.assert_close(st["exp_avg"].double().cpu(), state[1], rtol=tol, atol=tol)
+        if k < len(params):
+            torch.testing.assert_close(st["curvature"].double().cpu(), state[3], rtol=tol, atol=tol)
+            pruned = (alphas[k] == math.inf).expand_as(p)
+            assert torch.all(p.detach()[pruned] == 0) and torch.all(st["exp_avg"][pruned] == 0)
+            assert torch.all(st["exp_avg_sq"][pruned] == 0)
+        else:
+            assert "alpha" not in st and "curvature" not in st
+        assert st["step"].item() == 20.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_alpha_zero_is_torch_adam(device, backend, decoupled):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(5 * 6 * 6, 7)).to(device)
+    twin = copy.deepcopy(model)
+    ours = MacKayAdam(ard_param_groups(model), lr=1e-2, weight_decay=0.01, num_data=100,
+                      decoupled_weight_decay=decoupled, backend=backend)
+    theirs = (torch.optim.AdamW if decoupled else torch.optim.Adam)(twin.parameters(), lr=1e-2,
+                                                                      weight_decay=0.01)
+    x, y = torch.randn(16, 3, 8, 8, device=device), torch.randint(0, 7, (16,), device=device)
+    for _ in range(20):
+        for net, opt in ((model, ours), (twin, theirs)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pruned_entries_stay_exactly_zero(backend):
+    weight = torch.nn.Parameter(torch.randn(6, 8))
+    optimizer = MacKayAdam([weight], lr=0.1, num_data=10, batch_size=4, backend=backend)
+    alpha = torch.full((6, 1), 3.0)
+    alpha[1] = alpha[4] = math.inf
+    optimizer.ard_state(weight)["alpha"] = alpha
+    for _ in range(5):
+        weight.grad = torch.randn(6, 8) * 100
+        optimizer.step()
+    state = optimizer.state[weight]
+    for tensor in (weight.detach(), state["exp_avg"], state["exp_avg_sq"]):
+        assert torch.all(tensor[[1, 4]] == 0)
+        assert torch.all(tensor[[0, 2, 3, 5]] != 0)
+    assert torch.all(state["curvature"][[1, 4]] == 0) and torch.all(state["curvature"][0] > 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_state_dict_round_trip_continues_identically(backend, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=50, batch_size=8, backend=backend)
+    optimizer.ard_state(model[0].weight)["alpha"] = torch.rand(1, 9) * 10 + 1e-3
+    x, y = torch.randn(8, 9).to(dtype), torch.randint(0, 3, (8,))
+
+    def train(net, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x).float(), y).backward()
+            opt.step()
+
+    train(model, optimizer, 5)
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    train(model, optimizer, 5)
+
+    model2 = torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    model2.load_state_dict(saved_model)
+    optimizer2 = MacKayAdam(ard_param_groups(model2), lr=1e-2, num_data=50, batch_size=8, backend=backend)
+    optimizer2.load_state_dict(saved_opt)
+    alpha = optimizer2.state[model2[0].weight]["alpha"]
+    assert alpha.dtype == torch.float32 and alpha.shape == (1, 9)
+    assert torch.equal(alpha, saved_opt["state"][0]["alpha"])
+    train(model2, optimizer2, 5)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lr_scheduler_matches_torch(backend):
+    torch.manual_seed(0)
+    ours_w = torch.nn.Parameter(torch.randn(5, 5))
+    theirs_w = torch.nn.Parameter(ours_w.detach().clone())
+    ours = MacKayAdam([ours_w], lr=0.1, num_data=10, backend=backend)
+    theirs = torch.optim.Adam([theirs_w], lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.1) for o in (ours, theirs)]
+    for step in range(6):
+        grad = torch.randn(5, 5)
+        for w, opt, sched in ((ours_w, ours, schedulers[0]), (theirs_w, theirs, schedulers[1])):
+            w.grad = grad.clone()
+            opt.step()
+            sched.step()
+        torch.testing.assert_close(ours_w, theirs_w, rtol=1e-5, atol=1e-6)
+    assert ours.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_skips_the_step(device, backend):
+    weight = torch.nn.Parameter(torch.randn(4, 6, device=device))
+    optimizer = MacKayAdam([weight], lr=0.1, num_data=10, batch_size=4, backend=backend)
+    optimizer.ard_state(weight)["alpha"] = torch.full((4, 6), 2.0, device=device)
+    weight.grad = torch.randn(4, 6, device=device)
+    optimizer.step()
+    snapshot = copy.deepcopy(optimizer.state_dict()), weight.detach().clone()
+    weight.grad = torch.full((4, 6), float("nan"), device=device)
+    weight.grad[0, 0] = float("inf")
+    optimizer.found_inf = torch.ones((), device=device)
+    optimizer.grad_scale = torch.full((), 1024.0, device=device)
+    optimizer.step()
+    state = optimizer.state[weight]
+    assert torch.equal(weight.detach(), snapshot[1])
+    for key in ("exp_avg", "exp_avg_sq", "curvature", "alpha", "step"):
+        assert torch.equal(state[key], snapshot[0]["state"][0][key]), key
+    assert torch.isfinite(state["curvature"]).all() and torch.isfinite(state["alpha"]).all()
+    # found_inf = 0: a normal step with the gradient unscaled by grad_scale
+    optimizer.found_inf = torch.zeros((), device=device)
+    twin = MacKayAdam([torch.nn.Parameter(weight.detach().clone())], lr=0.1, num_data=10,
+                      batch_size=4, backend=backend)
+    twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    grad = torch.randn(4, 6, device=device)
+    weight.grad = grad * 1024
+    twin.param_groups[0]["params"][0].grad = grad
+    optimizer.step()
+    twin.step()
+    torch.testing.assert_close(weight.detach(), twin.param_groups[0]["params"][0].detach())
+    assert state["step"].item() == 2
+
+
+def test_grad_scaler_on_cpu_skips_overflow():
+    model = torch.nn.Linear(6, 3)
+    optimizer = MacKayAdam(model.parameters(), lr=0.1, num_data=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.full((2, 6), 1e38)).sum() * 1e38  # overflows: inf gradients
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() < 2.0 ** 10
+    optimizer.zero_grad()
+    loss = model(torch.randn(2, 6)).sum()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    params, alphas, plain = make_params(device, torch.float32)
+    tensors = params[:3] + plain
+    grads = [torch.randn_like(p) for p in tensors]
+    moments = [torch.rand_like(p) for p in tensors]
+    moments_sq = [torch.rand_like(p) for p in tensors]
+    steps = [torch.full((), 3.0, device=device) for _ in tensors]
+    curvatures = [torch.rand_like(p) for p in params[:3]]
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, num_data=100.0, batch_size=8.0, curvature_decay=0.9)
+    args = ([p.detach().clone() for p in tensors], grads, moments, moments_sq, steps, curvatures,
+            alphas[:3])
+    torch.library.opcheck(torch.ops.mackay_ext.mackay_adam_step_.default, args, kwargs)
+    torch.library.opcheck(torch.ops.mackay_ext.mackay_adam_step_.default, args,
+                          dict(kwargs, grad_scale=torch.full((), 8.0, device=device),
+                               found_inf=torch.zeros((), device=device)))
+
+
+def test_torch_compile_training_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    twin = copy.deepcopy(model)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=64, batch_size=16)
+    twin_optimizer = MacKayAdam(ard_param_groups(twin), lr=1e-2, num_data=64, batch_size=16)
+    for opt, net in ((optimizer, model), (twin_optimizer, twin)):
+        opt.ard_state(net[0].weight)["alpha"] = torch.full((1, 10), 5.0)
+    x, y = torch.randn(16, 10), torch.randint(0, 4, (16,))
+
+    def train_step(net, opt):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    compiled = torch.compile(train_step, backend="aot_eager")
+    for _ in range(3):
+        compiled(model, optimizer)
+        train_step(twin, twin_optimizer)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_ard_param_groups_split():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    groups = ard_param_groups(model)
+    assert [p.shape for p in groups[0]["params"]] == [(3, 4), (2, 3)]
+    assert groups[1]["ard"] is False and len(groups[1]["params"]) == 4
+
+
+BAD_OPTIONS = [
+    (dict(lr=float("nan")), ValueError, "lr must be finite"),
+    (dict(lr=float("inf")), ValueError, "lr must be finite"),
+    (dict(num_data=0), ValueError, "num_data must be"),
+    (dict(num_data=-5), ValueError, "num_data must be"),
+    (dict(betas=(0.9, 1.0)), ValueError, "betas"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(curvature_decay=1.5), ValueError, "curvature_decay"),
+    (dict(backend="cuda"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("options,error,message", BAD_OPTIONS, ids=[str(o[0]) for o in BAD_OPTIONS])
+def test_bad_options_rejected(options, error, message):
+    kwargs = dict(lr=1e-3, num_data=10)
+    kwargs.update(options)
+    with pytest.raises(error, match=message):
+        MacKayAdam([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_state_rejected_and_nothing_changes(backend):
+    weight = torch.nn.Parameter(torch.randn(4, 5))
+    optimizer = MacKayAdam([weight], lr=1e-2, num_data=10, backend=backend)
+    before = weight.detach().clone()
+
+    weight.grad = torch.randn(4, 5).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer.step()
+    weight.grad = torch.randn(4, 5)
+    optimizer.ard_state(weight)["alpha"] = torch.zeros(3, 5)
+    with pytest.raises(RuntimeError, match=r"not broadcastable to the parameter's shape \(4, 5\)"):
+        optimizer.step()
+    optimizer.ard_state(weight)["alpha"] = torch.zeros(1, 5, dtype=torch.float64)
+    with pytest.raises(TypeError, match="must be float32"):
+        optimizer.step()
+    optimizer.ard_state(weight)["alpha"] = torch.zeros(1, 5)
+    optimizer.ard_state(weight)["exp_avg"] = torch.zeros(4, 5, device="meta")
+    with pytest.raises(RuntimeError, match=r"state\['exp_avg'\] of param 0 of param group 0 is on meta"):
+        optimizer.step()
+    optimizer.param_groups[0]["lr"] = float("nan")
+    with pytest.raises(ValueError, match="lr must be finite"):
+        optimizer.step()
+    assert torch.equal(weight.detach(), before)
+
+
+def test_op_rejects_inconsistent_lists():
+    p = torch.zeros(3)
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                  decoupled_weight_decay=False, num_data=10.0, batch_size=1.0, curvature_decay=0.9)
+    op = torch.ops.mackay_ext.mackay_adam_step_.default
+    with pytest.raises(RuntimeError, match="one entry per parameter"):
+        op([p], [], [p.clone()], [p.clone()], [torch.ones(())], [], [], **kwargs)
+    with pytest.raises(RuntimeError, match=r"grads\[0\] must have the shape and strides"):
+        op([p], [torch.zeros(4)], [p.clone()], [p.clone()], [torch.ones(())], [], [], **kwargs)
+    with pytest.raises(TypeError, match=r"steps\[i\] must be float32"):
+        op([p], [p.clone()], [p.clone()], [p.clone()], [torch.ones((), dtype=torch.int64)], [], [], **kwargs)
+    with pytest.raises(ValueError, match="num_data must be a positive"):
+        op([p], [p.clone()], [p.clone()], [p.clone()], [torch.ones(())], [], [], **dict(kwargs, num_data=-1.0))
+    with pytest.raises(RuntimeError, match=r"alphas\[0\] must be broadcastable"):
+        op([p], [p.clone()], [p.clone()], [p.clone()], [torch.ones(())], [], [torch.zeros(2)], **kwargs)
