@@ -102,17 +102,26 @@ def cpu_arch_flags():
     return []
 
 
+def openmp_flags():
+    """at::parallel_for is inline: without -fopenmp our kernels would silently run on one
+    thread. Use OpenMP when torch does; libgomp.so.1 then resolves to the copy torch loaded."""
+    if platform.system() != "Linux" or "OpenMP" not in torch.__config__.parallel_info():
+        return []
+    return ["-fopenmp"]
+
+
 def make_extension():
     with_cuda = want_cuda()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + ["csrc/python/module.cpp"]
     debug = _env_flag("MACKAY_EXT_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"] + cpu_arch_flags()
+    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"] + cpu_arch_flags() + openmp_flags()
+    link = openmp_flags()
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         print("mackay_ext: building backends: cpu")
         return CppExtension("mackay_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx})
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
@@ -120,7 +129,8 @@ def make_extension():
     print(f"mackay_ext: building backends: cpu, cuda (CUDA_HOME={CUDA_HOME}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'torch default')})")
     return CUDAExtension("mackay_ext._C", sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc})
+                         extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
+                         extra_link_args=link)
 
 
 setup(

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: every case records its median under (table, row, column) and the
-session ends by printing the tables with ratios against a baseline column and writing them to
+session ends by printing the tables, with each column's time relative to a baseline column
+(column / baseline: 4.00x = four times the baseline's time), and writing them to
 bench/results/<table>.{json,md}. All numbers of one table come from one process and one run."""
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def record():
     return _record
 
 
-def median_seconds(benchmark):
-    return benchmark.stats.stats.median
+def best_seconds(benchmark):
+    """Fastest round: on a shared, noisy machine the least-disturbed measurement."""
+    return benchmark.stats.stats.min
 
 
 def _machine():
@@ -59,7 +61,7 @@ def _format_table(name, table):
     columns = sorted({c for row in table["rows"].values() for c in row})
     baseline = table["baseline"]
     lines = [f"### {name}", "", "| case | " + " | ".join(f"{c} (ms)" for c in columns) +
-             "".join(f" | {baseline}/{c}" for c in columns if baseline and c != baseline) + " |"]
+             "".join(f" | {c} / {baseline}" for c in columns if baseline and c != baseline) + " |"]
     lines.append("|" + "---|" * (1 + len(columns) + (len(columns) - 1 if baseline else 0)))
     for row, values in sorted(table["rows"].items()):
         cells = [f"{values[c] * 1e3:.3f}" if c in values else "" for c in columns]
@@ -69,9 +71,22 @@ def _format_table(name, table):
                 if c == baseline:
                     continue
                 ok = c in values and baseline in values
-                ratios.append(f"{values[baseline] / values[c]:.2f}x" if ok else "")
+                ratios.append(f"{values[c] / values[baseline]:.2f}x" if ok else "")
         lines.append(f"| {row} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
+
+
+def _format_extra(table):
+    rows = {row: values for row, values in table["extra"].items() if values}
+    if not rows:
+        return ""
+    keys = sorted({k for values in rows.values() for k in values})
+    lines = ["", "| case | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for row, values in sorted(rows.items()):
+        cells = [f"{values[k]:.3g}" if isinstance(values.get(k), float) else str(values.get(k, ""))
+                 for k in keys]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -84,13 +99,15 @@ def pytest_terminal_summary(terminalreporter):
         text = _format_table(name, table)
         terminalreporter.write_line("")
         terminalreporter.write_line(text)
+        terminalreporter.write_line(_format_extra(table))
         suffix = "_cuda" if any("cuda" in row for row in table["rows"]) else ""
         base = os.path.join(RESULTS_DIR, name + suffix)
         with open(base + ".json", "w") as handle:
             json.dump({"table": name, "when": stamp, "machine": machine,
-                       "baseline": table["baseline"], "median_seconds": table["rows"],
+                       "baseline": table["baseline"], "best_seconds": table["rows"],
                        "extra": table["extra"]}, handle, indent=2, sort_keys=True)
         with open(base + ".md", "w") as handle:
-            handle.write(f"{text}\n\nMeasured {stamp} on {machine} (median of the rounds; "
-                         "ratios are baseline time / column time, so >1 means faster than the "
-                         "baseline).\n")
+            extra = _format_extra(table)
+            handle.write(f"{text}\n{extra}\nMeasured {stamp} on {machine} (fastest of the rounds; "
+                         f"ratios are column time / {table['baseline']} time, so 4.00x means "
+                         f"four times as long as {table['baseline']}).\n")

@@ -65,8 +65,9 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
 
     The first len(alphas) params carry ARD state: alphas (float32, broadcastable to the param)
     and, when `curvatures` is non-empty, the ef-batch curvature h (param's shape and dtype).
-    The rest get plain Adam. `steps` are float32 scalars already incremented for this step.
-    With found_inf != 0 nothing changes; grads are divided by grad_scale. Most users want
+    The rest get plain Adam. `steps` (float32 scalars on the params' device) count the steps
+    taken and are incremented here. With found_inf != 0 nothing changes, steps included;
+    grads are divided by grad_scale. Most users want
     mackay_ext.optim.MacKayAdam instead.
     """
     check_choice("backend", backend, BACKENDS, "mackay_adam_step_")
@@ -89,6 +90,9 @@ if _extension.is_loaded():
     @torch.library.register_fake("mackay_ext::mackay_update_")
     def _mackay_update_fake(weight, curvature, alpha, *, num_data, rule="mackay", prune="alpha",
                             threshold=None, eps=1e-16, alpha_min=0.0, alpha_max=None):
+        if not (weight.device == curvature.device == alpha.device):
+            raise RuntimeError("mackay_update_: weight, curvature and alpha must be on one device, "
+                               f"got {weight.device}, {curvature.device}, {alpha.device}")
         return (weight.new_empty((), dtype=torch.float64),
                 weight.new_empty((), dtype=torch.int64))
 
@@ -97,4 +101,12 @@ if _extension.is_loaded():
                                *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                                num_data, batch_size, curvature_decay, grad_scale=None,
                                found_inf=None):
+        # Mixed devices would otherwise land here (Meta outranks CPU) and do nothing.
+        device = params[0].device if params else None
+        for name, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
+                              ("steps", steps), ("curvatures", curvatures), ("alphas", alphas)):
+            for i, tensor in enumerate(tensors):
+                if tensor.device != device:
+                    raise RuntimeError(f"mackay_adam_step_: {name}[{i}] is on {tensor.device} but "
+                                       f"the params are on {device}")
         return None

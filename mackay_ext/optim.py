@@ -58,6 +58,23 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"{where}: curvature_decay must be in [0, 1], got {group['curvature_decay']}")
 
 
+def _state_tensors(state: dict[str, Any]) -> tuple:
+    return tuple(state.get(key) for key in _STATE_KEYS)
+
+
+def _check_alpha(alpha, param: torch.Tensor, where: str) -> None:
+    if not isinstance(alpha, torch.Tensor) or alpha.dtype != torch.float32:
+        raise TypeError(f"MacKayAdam: state['alpha'] of {where} must be a float32 tensor, got "
+                        f"{getattr(alpha, 'dtype', type(alpha).__name__)}")
+    if alpha.device != param.device:
+        raise RuntimeError(f"MacKayAdam: state['alpha'] of {where} is on {alpha.device} but the "
+                           f"parameter is on {param.device}")
+    offset = param.dim() - alpha.dim()
+    if offset < 0 or any(a not in (1, n) for a, n in zip(alpha.shape, param.shape[offset:])):
+        raise RuntimeError(f"MacKayAdam: state['alpha'] of {where} has shape {tuple(alpha.shape)}, "
+                           f"not broadcastable to the parameter's shape {tuple(param.shape)}")
+
+
 def _grad_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """The gradient in the parameter's memory layout (the kernels walk both in one order)."""
     if grad.stride() == param.stride():
@@ -100,6 +117,7 @@ class MacKayAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._plan_cache = None
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
 
@@ -140,17 +158,7 @@ class MacKayAdam(torch.optim.Optimizer):
                                    f"the parameter is on {param.device}; move the optimizer state "
                                    "with the model (load_state_dict does it)")
         if group["ard"]:
-            alpha = state["alpha"]
-            if alpha.dtype != torch.float32:
-                raise TypeError(f"MacKayAdam: state['alpha'] of {where} must be float32, got {alpha.dtype}")
-            try:
-                torch.broadcast_shapes(alpha.shape, param.shape)
-                ok = alpha.dim() <= param.dim() and torch.broadcast_shapes(alpha.shape, param.shape) == param.shape
-            except RuntimeError:
-                ok = False
-            if not ok:
-                raise RuntimeError(f"MacKayAdam: state['alpha'] of {where} has shape {tuple(alpha.shape)}, "
-                                   f"not broadcastable to the parameter's shape {tuple(param.shape)}")
+            _check_alpha(state["alpha"], param, where)
         return state
 
     # ------------------------------------------------------------------ step
@@ -164,11 +172,27 @@ class MacKayAdam(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for bucket in self._buckets():
+        for bucket in self._plan():
             self._run_bucket(bucket, grad_scale, found_inf)
         return loss
 
-    def _buckets(self) -> list[dict[str, Any]]:
+    def _plan(self) -> list[dict[str, Any]]:
+        """The launches of a step, rebuilt (with every check) only when the set of parameters
+        with gradients, a group's options or a parameter's state dict change; a step with an
+        unchanged plan costs a few list comprehensions of Python."""
+        signature = (
+            tuple(p.grad is not None for group in self.param_groups for p in group["params"]),
+            tuple((float(g["lr"]), tuple(g["betas"]), g["eps"], g["weight_decay"],
+                   g["decoupled_weight_decay"], g["num_data"], g["batch_size"],
+                   g["curvature_decay"], g["ard"]) for g in self.param_groups))
+        cached = getattr(self, "_plan_cache", None)
+        if cached is None or cached[0] != signature or not all(
+                self.state.get(p) is st for bucket in cached[1]
+                for p, st in zip(bucket["params"], bucket["states"])):
+            cached = self._plan_cache = (signature, self._build_plan())
+        return cached[1]
+
+    def _build_plan(self) -> list[dict[str, Any]]:
         """Parameters grouped into launches: one per (device, dtype, hyperparameters); plain-Adam
         parameters join an ARD launch with the same Adam hyperparameters."""
         ard_buckets: dict[tuple, dict] = {}
@@ -182,18 +206,18 @@ class MacKayAdam(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 where = f"param {param_index} of param group {group_index}"
-                if param.grad.is_sparse:
-                    raise RuntimeError(f"MacKayAdam: sparse gradients are not supported ({where})")
                 state = self._checked_state(param, group, where)
                 base = (param.device, param.dtype, adam_key)
                 if group["ard"]:
                     key = base + (float(group["num_data"]), float(group["batch_size"] or 0),
                                   float(group["curvature_decay"]), tracks)
-                    bucket = ard_buckets.setdefault(key, _new_bucket(group, adam_key, tracks))
+                    bucket = ard_buckets.get(key) or ard_buckets.setdefault(
+                        key, _new_bucket(group, adam_key, tracks))
+                    bucket["ard"].append((param, state, where))
                 else:
-                    bucket = plain_buckets.setdefault(base, _new_bucket(group, adam_key, False))
-                entry = (param, _grad_like(param.grad, param), state)
-                (bucket["ard"] if group["ard"] else bucket["plain"]).append(entry)
+                    bucket = plain_buckets.get(base) or plain_buckets.setdefault(
+                        base, _new_bucket(group, adam_key, False))
+                    bucket["plain"].append((param, state, where))
         buckets = list(ard_buckets.values())
         for base, plain in plain_buckets.items():
             partner = next((b for k, b in ard_buckets.items() if k[:3] == base), None)
@@ -201,32 +225,58 @@ class MacKayAdam(torch.optim.Optimizer):
                 buckets.append(plain)
             else:
                 partner["plain"].extend(plain["plain"])
+        for bucket in buckets:
+            bucket["num_ard"] = len(bucket["ard"])
+            entries = bucket.pop("ard") + bucket.pop("plain")
+            bucket["params"] = [p for p, _, _ in entries]
+            bucket["states"] = [s for _, s, _ in entries]
+            bucket["where"] = [w for _, _, w in entries]
+            bucket["checked"] = [_state_tensors(s) for s in bucket["states"]]
         return buckets
 
     def _run_bucket(self, bucket, grad_scale, found_inf) -> None:
-        entries = bucket["ard"] + bucket["plain"]
-        device = entries[0][0].device
-        params = [p for p, _, _ in entries]
-        grads = [g for _, g, _ in entries]
-        states = [s for _, _, s in entries]
-        steps = [s["step"] for s in states]
-        alphas = [s["alpha"] for _, _, s in bucket["ard"]]
-        curvatures = [s["curvature"] for _, _, s in bucket["ard"]] if bucket["tracks"] else []
+        params, states, num_ard = bucket["params"], bucket["states"], bucket["num_ard"]
+        grads = []
+        for param, where in zip(params, bucket["where"]):
+            grad = param.grad
+            if grad.layout != torch.strided:
+                raise RuntimeError(f"MacKayAdam: sparse gradients are not supported ({where})")
+            grads.append(grad if grad.stride() == param.stride() else _grad_like(grad, param))
+        checked = bucket["checked"]
+        for i, state in enumerate(states):
+            current = _state_tensors(state)
+            if any(a is not b for a, b in zip(current, checked[i])):
+                # a state tensor was replaced since the plan was made (e.g. alpha by the pruner)
+                self._checked_state(params[i], self._group_of(params[i]), bucket["where"][i])
+                checked[i] = current
+        ard_states = states[:num_ard]
+        alphas = [s["alpha"] for s in ard_states]
+        curvatures = [s["curvature"] for s in ard_states] if bucket["tracks"] else []
+        device = params[0].device
         if grad_scale is not None:
             grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
         if found_inf is not None:
             found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
-        torch._foreach_add_(steps, 1)
+        hyper = bucket["hyper"]
+        try:
+            self._launch(bucket, params, grads, states, curvatures, alphas, grad_scale, found_inf)
+        except (RuntimeError, TypeError, ValueError):
+            # The op rejected its input before touching anything. The plan's checks say which
+            # parameter and which state entry in the optimizer's own terms; else re-raise.
+            self._plan_cache = None
+            self._build_plan()
+            raise
+
+    def _launch(self, bucket, params, grads, states, curvatures, alphas, grad_scale, found_inf):
         hyper = bucket["hyper"]
         ops.mackay_adam_step_(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            steps, curvatures, alphas, lr=hyper["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"],
-            eps=hyper["eps"], weight_decay=hyper["weight_decay"],
+            [s["step"] for s in states], curvatures, alphas, lr=hyper["lr"],
+            beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
+            weight_decay=hyper["weight_decay"],
             decoupled_weight_decay=hyper["decoupled_weight_decay"], num_data=hyper["num_data"],
             batch_size=hyper["batch_size"], curvature_decay=hyper["curvature_decay"],
             grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
-        if found_inf is not None:  # a skipped step does not count
-            torch._foreach_sub_(steps, [found_inf] * len(steps))
 
     # ------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -237,6 +287,7 @@ class MacKayAdam(torch.optim.Optimizer):
                        if k in ("alpha", "step") and isinstance(v, torch.Tensor)}
                  for pid in saved_ids}
         super().load_state_dict(state_dict)
+        self._plan_cache = None
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(saved_ids, params):
             for key, value in exact[pid].items():
@@ -245,7 +296,7 @@ class MacKayAdam(torch.optim.Optimizer):
 
 def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:
     lr, beta1, beta2, eps, weight_decay, decoupled = adam_key
-    return {"ard": [], "plain": [], "tracks": tracks, "hyper": dict(
+    return {"ard": [], "plain": [], "tracks": tracks, "num_ard": 0, "hyper": dict(
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
         decoupled_weight_decay=decoupled, num_data=float(group["num_data"]),
         batch_size=float(group["batch_size"] or 1.0), curvature_decay=float(group["curvature_decay"]))}

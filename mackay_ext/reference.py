@@ -79,8 +79,9 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
                       batch_size, curvature_decay, grad_scale=None, found_inf=None):
     """Reference of torch.ops.mackay_ext.mackay_adam_step_ with foreach ops (same signature).
 
-    The first len(alphas) params carry ARD state; `steps` are already incremented. Math runs
-    in float32 for half-precision params (copies written back), with no host synchronisation.
+    The first len(alphas) params carry ARD state; `steps` are incremented here (not when
+    found_inf is set). Math runs in float32 for half-precision params (copies written back),
+    with no host synchronisation.
     """
     if not params:
         return
@@ -100,6 +101,10 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
         pruned = [a == math.inf for a in alpha_full]
         before = [t.clone() for t in params + exp_avgs + exp_avg_sqs + list(curvatures)] \
             if found_inf is not None else None
+        if found_inf is None:
+            torch._foreach_add_(steps, 1)
+        else:
+            torch._foreach_add_(steps, [1 - found_inf.to(s.dtype) for s in steps])
 
         h = up(curvatures)
         if h:

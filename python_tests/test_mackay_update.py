@@ -324,3 +324,10 @@ def test_mixed_devices_rejected():
     with pytest.raises(RuntimeError, match="one device"):
         mackay_update_(torch.rand(4, 5, device="cuda"), torch.rand(4, 5), torch.rand(4, 5),
                        num_data=10)
+
+
+def test_meta_alpha_with_cpu_weight_is_rejected_not_ignored():
+    # the dispatcher routes a CPU/meta mix to the fake kernel, which must not pass silently
+    with pytest.raises(RuntimeError, match="one device"):
+        mackay_update_(torch.rand(4, 5), torch.rand(4, 5), torch.rand(4, 5, device="meta"),
+                       num_data=10)

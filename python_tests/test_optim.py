@@ -342,7 +342,7 @@ def test_bad_state_rejected_and_nothing_changes(backend):
     with pytest.raises(RuntimeError, match=r"not broadcastable to the parameter's shape \(4, 5\)"):
         optimizer.step()
     optimizer.ard_state(weight)["alpha"] = torch.zeros(1, 5, dtype=torch.float64)
-    with pytest.raises(TypeError, match="must be float32"):
+    with pytest.raises(TypeError, match="must be a float32 tensor"):
         optimizer.step()
     optimizer.ard_state(weight)["alpha"] = torch.zeros(1, 5)
     optimizer.ard_state(weight)["exp_avg"] = torch.zeros(4, 5, device="meta")

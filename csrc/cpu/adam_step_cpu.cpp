@@ -15,7 +15,7 @@
 namespace mackay {
 namespace {
 
-constexpr int64_t kChunk = 16384;  // elements per task: large enough to amortise, L2-sized
+constexpr int64_t kChunk = 65536;  // elements per task: large enough to amortise the setup
 
 template <typename scalar_t>
 using opmath_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -107,7 +107,7 @@ template <typename scalar_t>
 void run_chunk(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& hyper,
                opmath_of<scalar_t> grad_mul) {
   using opmath_t = opmath_of<scalar_t>;
-  const AdamConstants<opmath_t> c(hyper, static_cast<double>(*t.step.const_data_ptr<float>()));
+  const AdamConstants<opmath_t> c(hyper, static_cast<double>(*t.step.const_data_ptr<float>()));  // already incremented
   const Pointers<scalar_t> p{
       t.param.mutable_data_ptr<scalar_t>(), t.exp_avg.mutable_data_ptr<scalar_t>(),
       t.exp_avg_sq.mutable_data_ptr<scalar_t>(),
@@ -129,6 +129,7 @@ void mackay_adam_kernel_cpu(const std::vector<AdamTensor>& tensors, const AdamHy
   // On the CPU reading these is free (no device to synchronise with).
   if (found_inf && *found_inf->const_data_ptr<float>() != 0.0f) return;
   const double grad_mul = grad_scale ? 1.0 / *grad_scale->const_data_ptr<float>() : 1.0;
+  for (const AdamTensor& t : tensors) *t.step.mutable_data_ptr<float>() += 1.0f;
   struct Chunk {
     int32_t tensor;
     int64_t begin, end;

@@ -50,7 +50,8 @@ adam_multi_tensor(AdamLaunchMeta meta, AdamHyper hyper, const float* grad_scale,
   const int64_t numel = meta.numel[t];
   const int64_t begin = static_cast<int64_t>(meta.block_chunk[blockIdx.x]) * kChunk;
   const int64_t end = begin + kChunk < numel ? begin + kChunk : numel;
-  const AdamConstants<opmath_t> c(hyper, static_cast<double>(*meta.step[t]));
+  // steps are incremented after the whole step (increment_steps), so this one is step + 1
+  const AdamConstants<opmath_t> c(hyper, static_cast<double>(*meta.step[t]) + 1.0);
   const opmath_t grad_mul = grad_scale != nullptr ? opmath_t(1) / opmath_t(*grad_scale) : opmath_t(1);
   auto* weight = static_cast<scalar_t*>(meta.weight[t]);
   const auto* grad = static_cast<const scalar_t*>(meta.grad[t]);
@@ -74,6 +75,20 @@ adam_multi_tensor(AdamLaunchMeta meta, AdamHyper hyper, const float* grad_scale,
     exp_avg_sq[i] = static_cast<scalar_t>(v);
     if (curvature != nullptr) curvature[i] = static_cast<scalar_t>(h);
   }
+}
+
+constexpr int kMaxStepsPerLaunch = 256;
+
+struct StepList {
+  float* step[kMaxStepsPerLaunch];
+  int count;
+};
+
+// Runs after every chunk of the step has read its step count.
+__global__ void increment_steps(StepList steps, const float* found_inf) {
+  if (found_inf != nullptr && *found_inf != 0.0f) return;
+  const int i = threadIdx.x;
+  if (i < steps.count) *steps.step[i] += 1.0f;
 }
 
 template <typename scalar_t>
@@ -132,6 +147,16 @@ void mackay_adam_kernel_cuda(const std::vector<AdamTensor>& tensors, const AdamH
         }
         if (blocks > 0) launch();
       });
+  StepList list;
+  list.count = 0;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    list.step[list.count++] = tensors[k].step.mutable_data_ptr<float>();
+    if (list.count == kMaxStepsPerLaunch || k + 1 == tensors.size()) {
+      increment_steps<<<1, kMaxStepsPerLaunch, 0, stream>>>(list, found_inf_ptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      list.count = 0;
+    }
+  }
 }
 
 }  // namespace mackay

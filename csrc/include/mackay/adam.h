@@ -34,6 +34,7 @@ struct AdamConstants {
   T inv_num_data;
   T curvature_decay, curvature_gain;  // rho, (1 - rho) * B
 
+  // `step`: the step being taken (1 for the first).
   MACKAY_HOST_DEVICE AdamConstants(const AdamHyper& hp, double step) {
     const double bc1 = 1.0 - ::pow(hp.beta1, step);
     const double bc2 = 1.0 - ::pow(hp.beta2, step);

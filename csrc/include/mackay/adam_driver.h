@@ -14,7 +14,8 @@ namespace mackay {
 // alpha_size]: (1, numel) per weight, (in, out) per output row, (1, in) per input column,
 // (kh*kw, C) per conv input channel. `alpha` undefined: plain Adam (no ARD).
 struct AdamTensor {
-  at::Tensor param, grad, exp_avg, exp_avg_sq, step;
+  at::Tensor param, grad, exp_avg, exp_avg_sq;
+  at::Tensor step;       // float32 scalar: steps taken before this one (the kernel adds 1)
   at::Tensor curvature;  // undefined: no curvature tracking
   at::Tensor alpha;      // contiguous float32, or undefined
   int64_t alpha_inner = 1;
