@@ -1,0 +1,234 @@
+"""Datasets: MNIST (IDX files), CIFAR-10 (python pickles), scikit-learn's bundled 8x8 digits.
+
+Every loader returns a `Splits` of float tensors: train / val (held out from the training data)
+/ test. Images are scaled to [0, 1] and standardised with the training set's mean and std.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import struct
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# md5 of the canonical gzip files (Y. LeCun's distribution, mirrored by the URLs below).
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+)
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x00000803, 0x00000801
+DATASETS = ("digits", "mnist", "cifar10")
+
+
+class DatasetError(RuntimeError):
+    """A dataset is missing, incomplete or corrupt; the message says where we looked."""
+
+
+@dataclass
+class Splits:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y_train.max().item()) + 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def _md5(path: str) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_idx(directory: str, stem: str) -> str:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return path
+    raise DatasetError(
+        f"MNIST file {stem}[.gz] not found in {os.path.abspath(directory)}. Point --data-dir at a "
+        "directory with the four IDX files (train/t10k images and labels, gzip or raw), or pass "
+        "download=True (mackay-ext prune --download) to fetch them from a mirror.")
+
+
+def read_idx(path: str, expected_magic: int, md5: str | None = None) -> np.ndarray:
+    """Read one IDX file (gzip or raw), checking its magic number, header and size."""
+    if md5 is not None and _md5(path) != md5:
+        raise DatasetError(f"{path}: md5 {_md5(path)} does not match the expected {md5}")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"{path}: cannot read ({error}); the file is corrupt or truncated") from error
+    if len(data) < 8:
+        raise DatasetError(f"{path}: {len(data)} bytes is too short for an IDX header")
+    magic = struct.unpack(">I", data[:4])[0]
+    if magic != expected_magic:
+        raise DatasetError(f"{path}: IDX magic number {magic:#010x}, expected {expected_magic:#010x} "
+                           "(wrong or corrupt file)")
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = header + int(np.prod(dims))
+    if len(data) != expected:
+        raise DatasetError(f"{path}: {len(data)} bytes but the header {dims} says {expected} "
+                           "(truncated or corrupt)")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def download_mnist(directory: str, mirrors=MNIST_MIRRORS) -> None:
+    """Fetch the four MNIST files into `directory` from the first mirror that has them; every
+    file is md5-verified before it is kept."""
+    os.makedirs(directory, exist_ok=True)
+    for name, md5 in MNIST_MD5.items():
+        target = os.path.join(directory, name)
+        if os.path.isfile(target) and _md5(target) == md5:
+            continue
+        errors = []
+        for mirror in mirrors:
+            partial = target + ".part"
+            try:
+                with urllib.request.urlopen(mirror + name, timeout=60) as response, open(partial, "wb") as out:
+                    shutil.copyfileobj(response, out)
+            except OSError as error:
+                errors.append(f"{mirror}: {error}")
+                continue
+            if _md5(partial) != md5:
+                errors.append(f"{mirror}: md5 mismatch")
+                os.remove(partial)
+                continue
+            os.replace(partial, target)
+            break
+        else:
+            raise DatasetError(f"could not download {name}: " + "; ".join(errors))
+
+
+def _split_val(x, y, val_fraction, seed):
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x), generator=generator)
+    n_val = int(round(len(x) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    return x[train], y[train], x[val], y[val]
+
+
+def _standardise(x_train, *others):
+    mean, std = x_train.mean(), x_train.std().clamp_min(1e-8)
+    return [(t - mean) / std for t in (x_train, *others)]
+
+
+def _finish(name, x_train, y_train, x_test, y_test, val_fraction, seed) -> Splits:
+    x_train, y_train, x_val, y_val = _split_val(x_train, y_train, val_fraction, seed)
+    x_train, x_val, x_test = _standardise(x_train, x_val, x_test)
+    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, name)
+
+
+def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,
+               download: bool = False, md5: dict[str, str] | None = None) -> Splits:
+    """MNIST from a directory of IDX files (the layout of LeCun's site, gzip or raw).
+    Images are (N, 1, 28, 28). 5,000 of the 60,000 training images are held out by default."""
+    if download:
+        download_mnist(directory)
+    if not os.path.isdir(directory):
+        raise DatasetError(f"MNIST directory {os.path.abspath(directory)} does not exist; pass "
+                           "--data-dir (e.g. ../shared/data/mnist) or --download")
+    arrays = {}
+    for key, stem in MNIST_FILES.items():
+        path = _find_idx(directory, stem)
+        magic = IDX_IMAGES_MAGIC if key.endswith("images") else IDX_LABELS_MAGIC
+        arrays[key] = read_idx(path, magic, (md5 or {}).get(os.path.basename(path)))
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
+            raise DatasetError(f"MNIST {split}: {images.shape[0]} images of {images.shape[1:]} but "
+                               f"{labels.shape[0]} labels (expected 28x28 images, one label each)")
+        if labels.max() > 9:
+            raise DatasetError(f"MNIST {split}: label {labels.max()} out of range 0..9")
+
+    def images(a):
+        return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+
+    def labels(a):
+        return torch.from_numpy(a.astype(np.int64))
+
+    return _finish("mnist", images(arrays["train_images"]), labels(arrays["train_labels"]),
+                   images(arrays["test_images"]), labels(arrays["test_labels"]), val_fraction, seed)
+
+
+def load_cifar10(directory: str, *, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """CIFAR-10 from its python-pickle directory (data_batch_1..5, test_batch); (N, 3, 32, 32)."""
+    def batch(name):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise DatasetError(f"CIFAR-10 file {name} not found in {os.path.abspath(directory)}; "
+                               "unpack cifar-10-python.tar.gz there (the cifar-10-batches-py folder)")
+        try:
+            with open(path, "rb") as handle:
+                entry = pickle.load(handle, encoding="bytes")
+            data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            targets = np.asarray(entry[b"labels"], dtype=np.int64)
+        except Exception as error:  # a corrupt pickle can raise almost anything
+            raise DatasetError(f"{path}: not a CIFAR-10 batch ({error})") from error
+        return torch.from_numpy(data.astype(np.float32) / 255.0), torch.from_numpy(targets)
+
+    parts = [batch(f"data_batch_{i}") for i in range(1, 6)]
+    x_train = torch.cat([p[0] for p in parts])
+    y_train = torch.cat([p[1] for p in parts])
+    x_test, y_test = batch("test_batch")
+    return _finish("cifar10", x_train, y_train, x_test, y_test, val_fraction, seed)
+
+
+def load_digits(*, val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download): flat (N, 64)."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as error:
+        raise DatasetError("the digits dataset needs scikit-learn (pip install scikit-learn)") from error
+    bunch = sklearn_digits()
+    x = torch.tensor(bunch.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(1234)  # a fixed test split, whatever the seed
+    order = torch.randperm(len(x), generator=generator)
+    n_test = int(round(len(x) * test_fraction))
+    test, rest = order[:n_test], order[n_test:]
+    return _finish("digits", x[rest], y[rest], x[test], y[test], val_fraction / (1 - test_fraction), seed)
+
+
+def load(name: str, data_dir: str | None = None, *, seed: int = 0, download: bool = False) -> Splits:
+    """Load a dataset by name ("digits", "mnist", "cifar10")."""
+    if name == "digits":
+        return load_digits(seed=seed)
+    if name == "mnist":
+        return load_mnist(data_dir or "data/mnist", seed=seed, download=download)
+    if name == "cifar10":
+        return load_cifar10(data_dir or "data/cifar-10-batches-py", seed=seed)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
