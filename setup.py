@@ -141,6 +141,7 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "scikit-learn"],
+    entry_points={"console_scripts": ["mackay-ext=mackay_ext.cli:main"]},
     zip_safe=False,
 )

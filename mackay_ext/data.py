@@ -106,11 +106,11 @@ def read_idx(path: str, expected_magic: int, md5: str | None = None) -> np.ndarr
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def download_mnist(directory: str, mirrors=MNIST_MIRRORS) -> None:
-    """Fetch the four MNIST files into `directory` from the first mirror that has them; every
-    file is md5-verified before it is kept."""
+def download_mnist(directory: str, mirrors=MNIST_MIRRORS, md5s: dict[str, str] = MNIST_MD5) -> None:
+    """Fetch the four MNIST files into `directory` from the first mirror that has them (any
+    urllib URL: https://, file://); every file is md5-verified before it is kept."""
     os.makedirs(directory, exist_ok=True)
-    for name, md5 in MNIST_MD5.items():
+    for name, md5 in md5s.items():
         target = os.path.join(directory, name)
         if os.path.isfile(target) and _md5(target) == md5:
             continue

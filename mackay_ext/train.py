@@ -1,0 +1,251 @@
+"""A small training driver for MacKay pruning: the source paper's outer loop and an in-run
+schedule, with validation-based early stopping and crash-safe checkpoints.
+
+paper:  pretrain without prior -> repeat `rounds` times: update alpha and prune, then retrain
+        with Adam (lr restarted every round, x0.9 when the validation loss stops improving)
+        until the validation accuracy stops improving (patience) or `epochs` run out; the best
+        validation weights of the round are kept.
+in-run: one run of `epochs` epochs after `pretrain_epochs`; alpha is updated every
+        `update_every` epochs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .data import Splits
+from .optim import MacKayAdam, ard_param_groups
+from .pruner import MacKayPruner
+
+SCHEDULES = ("paper", "in-run")
+
+
+@dataclass
+class FitConfig:
+    schedule: str = "paper"
+    pretrain_epochs: int = 20
+    rounds: int = 3
+    epochs: int = 20            # per round (paper) or in total after pretraining (in-run)
+    update_every: int = 2       # in-run: epochs between precision updates
+    batch_size: int = 128
+    lr: float = 1e-3            # pretraining lr; rounds restart at retrain_lr
+    retrain_lr: float = 1e-3
+    lr_decay: float = 0.9       # on a validation-loss plateau
+    patience: int = 5           # epochs without validation improvement before a phase stops
+    seed: int = 0
+    backend: str = "ext"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000,
+             device: str | torch.device = "cpu") -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on (x, y)."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        logits = model(xb)
+        loss += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    return correct / max(len(x), 1), loss / max(len(x), 1)
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Trainer:
+    """Runs a FitConfig on one model and dataset; `run()` returns the history."""
+
+    def __init__(self, model: nn.Module, data: Splits, config: FitConfig, *, pruner_options=None,
+                 device="cpu", checkpoint: str | None = None, progress: Callable[[str], None] | None = None,
+                 batch_progress: Callable[[int, int], None] | None = None):
+        if config.schedule not in SCHEDULES:
+            raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+        self.model, self.data, self.config, self.device = model.to(device), data, config, device
+        self.checkpoint, self.progress = checkpoint, progress or (lambda message: None)
+        self.batch_progress = batch_progress
+        self.num_data = len(data.x_train)
+        self.optimizer = MacKayAdam(ard_param_groups(model), lr=config.lr, num_data=self.num_data,
+                                    batch_size=config.batch_size, backend=config.backend)
+        self.pruner = MacKayPruner(model, self.optimizer, num_data=self.num_data,
+                                   backend=config.backend, **(pruner_options or {}))
+        self.position = {"phase": "pretrain", "round": 0, "epoch": 0}
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.dense_test_accuracy: float | None = None
+        self.lr_scheduler = self._new_scheduler()
+        self.extra_state: dict[str, Any] = {}   # saved with every checkpoint (e.g. CLI settings)
+        self.wall_clock_start: float | None = None
+
+    def _new_scheduler(self):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=self.config.lr_decay,
+                                                          patience=1)
+
+    # ------------------------------------------------------------------ epochs
+    def _train_epoch(self, tag: int) -> float:
+        """One pass over the training set in an order fixed by (seed, tag): a resumed run sees
+        the batches an uninterrupted one would."""
+        generator = torch.Generator().manual_seed(self.config.seed * 100003 + tag)
+        order = torch.randperm(self.num_data, generator=generator)
+        self.model.train()
+        total = 0.0
+        num_batches = (self.num_data + self.config.batch_size - 1) // self.config.batch_size
+        for batch, start in enumerate(range(0, self.num_data, self.config.batch_size)):
+            if self.batch_progress:
+                self.batch_progress(batch, num_batches)
+            index = order[start:start + self.config.batch_size]
+            xb, yb = self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(self.model(xb), yb)
+            loss.backward()
+            self.optimizer.step()
+            total += float(loss.detach()) * len(index)
+        return total / self.num_data
+
+    def _epoch(self) -> dict[str, Any]:
+        pos = self.position
+        tag = {"pretrain": 0, "round": 1000 * (pos["round"] + 1)}.get(pos["phase"], 0) + pos["epoch"]
+        start = time.perf_counter()
+        train_loss = self._train_epoch(tag)
+        val_acc, val_loss = evaluate(self.model, self.data.x_val, self.data.y_val, device=self.device)
+        self.lr_scheduler.step(val_loss)
+        record = dict(pos, train_loss=train_loss, val_accuracy=val_acc, val_loss=val_loss,
+                      lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start,
+                      kept=self.pruner.report()["kept"])
+        self.history.append(record)
+        self.progress(f"{pos['phase']} r{pos['round']} e{pos['epoch'] + 1}: loss {train_loss:.4f} "
+                      f"val acc {val_acc:.4f} kept {record['kept']}")
+        return record
+
+    def _remember_best(self, record) -> bool:
+        """Keep the weights of the best validation accuracy of the current phase."""
+        if self.best is None or record["val_accuracy"] > self.best["val_accuracy"]:
+            self.best = {"val_accuracy": record["val_accuracy"], "epoch": record["epoch"],
+                         "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()}}
+            return True
+        return False
+
+    def _restore_best(self) -> None:
+        if self.best is not None:
+            self.model.load_state_dict(self.best["model"])
+            self.pruner.apply_masks()
+        self.best = None
+
+    def _run_phase(self, epochs: int, update_every: int | None = None) -> None:
+        """Train up to `epochs` epochs from self.position, stopping early on the patience rule."""
+        while self.position["epoch"] < epochs:
+            if update_every and self.position["epoch"] % update_every == 0 and self.position["epoch"]:
+                self._update_precisions()
+            record = self._epoch()
+            improved = self._remember_best(record)
+            self.position["epoch"] += 1
+            stale = self.position["epoch"] - 1 - self.best["epoch"]
+            self.save_checkpoint()
+            if not improved and stale >= self.config.patience and not update_every:
+                break
+
+    def _update_precisions(self) -> None:
+        report = self.pruner.update()
+        self.progress(f"update: kept {report['kept']}/{report['total']} weights "
+                      f"({100 * (1 - report['sparsity']):.2f}%), sum gamma {report.get('gamma_sum', 0):.1f}")
+        self.best = None  # the pruned network is a new model: earlier best weights are void
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> list[dict[str, Any]]:
+        cfg = self.config
+        if self.position["phase"] == "pretrain":
+            self._run_phase(cfg.pretrain_epochs)
+            self._restore_best()
+            self.dense_test_accuracy = evaluate(self.model, self.data.x_test, self.data.y_test,
+                                                device=self.device)[0]
+            self.position = {"phase": "round", "round": 0, "epoch": 0, "updated": False}
+            self.save_checkpoint()
+        if cfg.schedule == "paper":
+            while self.position["round"] < cfg.rounds:
+                if not self.position.get("updated"):
+                    self._update_precisions()
+                    for group in self.optimizer.param_groups:  # lr restarted every round
+                        group["lr"] = cfg.retrain_lr
+                    self.lr_scheduler = self._new_scheduler()
+                    self.position["updated"] = True
+                    self.save_checkpoint()
+                self._run_phase(cfg.epochs)
+                self._restore_best()
+                self.position = {"phase": "round", "round": self.position["round"] + 1, "epoch": 0,
+                                 "updated": False}
+                self.save_checkpoint()
+        else:
+            if self.position["round"] == 0:
+                self._run_phase(cfg.epochs, update_every=cfg.update_every)
+                self._update_precisions()
+                self.position = {"phase": "round", "round": 1, "epoch": 0, "updated": True}
+                self.save_checkpoint()
+        return self.history
+
+    # ------------------------------------------------------------- checkpoints
+    def state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "pruner": self.pruner.state_dict(), "position": dict(self.position),
+                "history": list(self.history), "best": self.best,
+                "dense_test_accuracy": self.dense_test_accuracy,
+                "lr_scheduler": self.lr_scheduler.state_dict(), "config": asdict(self.config),
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "wall_seconds": (time.perf_counter() - self.wall_clock_start
+                                 if self.wall_clock_start is not None else 0.0),
+                **self.extra_state}
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint:
+            save_atomic(self.state(), self.checkpoint)
+
+    def load_checkpoint(self, path: str) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as error:
+            raise RuntimeError(f"checkpoint {path} cannot be read ({error}); it is corrupt or "
+                               "truncated") from error
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.pruner.load_state_dict(state["pruner"])
+        self.position, self.history, self.best = state["position"], state["history"], state["best"]
+        self.dense_test_accuracy = state["dense_test_accuracy"]
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+
+def fit(model: nn.Module, data: Splits, config: FitConfig | None = None, **kwargs) -> Trainer:
+    """Train and prune `model` on `data` (see FitConfig); returns the finished Trainer, whose
+    `history`, `pruner` and `optimizer` hold the results."""
+    trainer = Trainer(model, data, config or FitConfig(), **kwargs)
+    trainer.run()
+    return trainer

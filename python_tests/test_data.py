@@ -1,0 +1,135 @@
+"""Dataset loaders: digits, MNIST IDX files (real files when present, synthetic and corrupt
+copies), the md5-verified download from a file:// mirror, CIFAR-10 pickles."""
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from mackay_ext import data
+
+SHARED_MNIST = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+
+
+def write_idx(path, array, magic):
+    header = struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as handle:
+        handle.write(payload)
+
+
+def fake_mnist(directory, n_train=120, n_test=40, gz=True):
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(os.path.join(directory, f"{split}-images-idx3-ubyte{suffix}"),
+                  rng.integers(0, 256, (n, 28, 28)), data.IDX_IMAGES_MAGIC)
+        write_idx(os.path.join(directory, f"{split}-labels-idx1-ubyte{suffix}"),
+                  rng.integers(0, 10, (n,)), data.IDX_LABELS_MAGIC)
+
+
+def test_digits_splits():
+    d = data.load("digits")
+    assert d.x_train.shape[1:] == (64,) and d.num_classes == 10
+    assert len(d.x_train) + len(d.x_val) + len(d.x_test) == 1797
+    assert len(d.x_test) == 359 and len(d.x_val) > 0
+    assert abs(float(d.x_train.mean())) < 1e-4
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx_gzip_and_raw(tmp_path, gz):
+    fake_mnist(tmp_path, gz=gz)
+    d = data.load_mnist(str(tmp_path), val_fraction=0.25)
+    assert d.x_train.shape == (90, 1, 28, 28) and d.x_val.shape == (30, 1, 28, 28)
+    assert d.x_test.shape == (40, 1, 28, 28) and d.y_test.dtype == torch.int64
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="shared MNIST files not present")
+def test_real_mnist_files():
+    d = data.load_mnist(SHARED_MNIST)
+    assert d.x_train.shape == (55000, 1, 28, 28) and d.x_val.shape == (5000, 1, 28, 28)
+    assert d.x_test.shape == (10000, 1, 28, 28)
+    assert torch.bincount(d.y_test).tolist()[:3] == [980, 1135, 1032]
+
+
+def test_mnist_missing_directory_and_file(tmp_path):
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        data.load_mnist(str(tmp_path / "nowhere"))
+    fake_mnist(tmp_path)
+    os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(data.DatasetError, match=r"t10k-labels-idx1-ubyte\[.gz\] not found in .*--download"):
+        data.load_mnist(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "magic", "garbage", "count"])
+def test_mnist_corrupt_copy(tmp_path, damage):
+    source = SHARED_MNIST if os.path.isdir(SHARED_MNIST) else None
+    if source:
+        shutil.copytree(source, tmp_path / "mnist")
+    else:
+        fake_mnist(tmp_path / "mnist")
+    target = tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz"
+    os.chmod(target, 0o644)
+    raw = gzip.decompress(target.read_bytes())
+    if damage == "truncate":
+        target.write_bytes(gzip.compress(raw[: len(raw) // 2]))
+        message = "truncated or corrupt"
+    elif damage == "magic":
+        target.write_bytes(gzip.compress(struct.pack(">I", 0x801) + raw[4:]))
+        message = "magic number"
+    elif damage == "garbage":
+        target.write_bytes(b"this is not gzip data at all")
+        message = "cannot read"
+    else:  # header says fewer images than there are labels
+        images = np.frombuffer(raw[16:], dtype=np.uint8).reshape(-1, 28, 28)[:-1]
+        write_idx(str(target), images, data.IDX_IMAGES_MAGIC)
+        message = "labels"
+    with pytest.raises(data.DatasetError, match=message):
+        data.load_mnist(str(tmp_path / "mnist"))
+
+
+def test_md5_check(tmp_path):
+    fake_mnist(tmp_path)
+    with pytest.raises(data.DatasetError, match="md5"):
+        data.load_mnist(str(tmp_path), md5={"train-images-idx3-ubyte.gz": "0" * 32})
+
+
+def test_download_from_file_mirror(tmp_path):
+    mirror = tmp_path / "mirror"
+    fake_mnist(mirror)
+    md5s = {name: hashlib.md5((mirror / name).read_bytes()).hexdigest() for name in data.MNIST_MD5}
+    target = tmp_path / "downloaded"
+    data.download_mnist(str(target), mirrors=("file:///nonexistent/", mirror.as_uri() + "/"), md5s=md5s)
+    assert sorted(os.listdir(target)) == sorted(md5s)
+    assert len(data.load_mnist(str(target)).x_test) == 40
+    bad = dict(md5s, **{"t10k-labels-idx1-ubyte.gz": "f" * 32})
+    with pytest.raises(data.DatasetError, match="md5 mismatch"):
+        data.download_mnist(str(tmp_path / "other"), mirrors=(mirror.as_uri() + "/",), md5s=bad)
+    assert not (tmp_path / "other" / "t10k-labels-idx1-ubyte.gz").exists()
+
+
+def test_cifar10_pickles(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                         b"labels": rng.integers(0, 10, 20).tolist()}, handle)
+    d = data.load_cifar10(str(tmp_path))
+    assert d.x_train.shape == (90, 3, 32, 32) and d.x_test.shape == (20, 3, 32, 32)
+    (tmp_path / "test_batch").write_bytes(b"junk")
+    with pytest.raises(data.DatasetError, match="not a CIFAR-10 batch"):
+        data.load_cifar10(str(tmp_path))
+    with pytest.raises(data.DatasetError, match="not found"):
+        data.load_cifar10(str(tmp_path / "missing"))
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load("imagenet")

@@ -1,0 +1,129 @@
+"""MacKayPruner with MacKayAdam (fused) and with a plain torch optimizer + penalty()."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mackay_ext import MacKayAdam, ard_param_groups, data
+from mackay_ext.pruner import MacKayPruner, alpha_shape
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return data.load("digits")
+
+
+def make_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def train(model, optimizer, digits, epochs, pruner=None, batch=32):
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(epochs):
+        order = torch.randperm(len(digits.x_train), generator=generator)
+        for start in range(0, len(order), batch):
+            index = order[start:start + batch]
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(digits.x_train[index]), digits.y_train[index])
+            if pruner is not None and not pruner.fused:
+                loss = loss + pruner.penalty()
+            loss.backward()
+            optimizer.step()
+
+
+def accuracy(model, digits):
+    with torch.no_grad():
+        return float((model(digits.x_test).argmax(1) == digits.y_test).float().mean())
+
+
+def test_alpha_shapes():
+    linear, conv = nn.Linear(7, 5), nn.Conv2d(3, 4, 3)
+    assert alpha_shape(linear, "weight") == (5, 7)
+    assert alpha_shape(linear, "input") == (1, 7) and alpha_shape(linear, "filter") == (1, 7)
+    assert alpha_shape(linear, "output") == (5, 1)
+    assert alpha_shape(conv, "input") == (1, 3, 1, 1)
+    assert alpha_shape(conv, "output") == (4, 1, 1, 1) == alpha_shape(conv, "filter")
+    with pytest.raises(ValueError, match="granularity"):
+        alpha_shape(linear, "block")
+
+
+def test_with_mackay_adam_prunes_and_keeps_accuracy(digits):
+    model = make_mlp()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=len(digits.x_train), batch_size=32)
+    pruner = MacKayPruner(model, optimizer, num_data=len(digits.x_train))
+    train(model, optimizer, digits, 15)
+    dense = accuracy(model, digits)
+    reports = []
+    for _ in range(3):
+        reports.append(pruner.update())
+        train(model, optimizer, digits, 8)
+    assert reports[0]["kept"] == reports[0]["total"]  # alpha starts at 0: the first update only estimates
+    assert pruner.sparsity() > 0.6
+    assert accuracy(model, digits) > dense - 0.03
+    for name, module in pruner.layers.items():
+        alpha = optimizer.state[module.weight]["alpha"]
+        assert alpha is pruner.alpha(name)
+        assert torch.all(module.weight[(alpha == math.inf).expand_as(module.weight)] == 0)
+    layer = reports[-1]["layers"][0]
+    assert set(layer) >= {"name", "total", "kept", "groups", "groups_kept", "gamma", "alpha"}
+    assert 0 < reports[-1]["gamma_sum"] <= reports[-1]["kept"] + 1e-6
+    with pytest.raises(RuntimeError, match="already applies the ARD prior"):
+        pruner.penalty()
+
+
+def test_with_sgd_and_penalty(digits):
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    # SGD is stable on the prior's curvature alpha / N only while lr * alpha / N < 2
+    pruner = MacKayPruner(model, optimizer, num_data=len(digits.x_train), batch_size=32,
+                          granularity={"0": "input", "2": "weight"},
+                          alpha_max=len(digits.x_train) / 0.05)
+    train(model, optimizer, digits, 15, pruner)
+    dense = accuracy(model, digits)
+    for _ in range(3):
+        pruner.update()
+        train(model, optimizer, digits, 8, pruner)
+    assert pruner.alpha("0").shape == (1, 64) and pruner.alpha("2").shape == (10, 64)
+    assert pruner.sparsity() > 0.3
+    assert accuracy(model, digits) > dense - 0.05
+    for name, module in pruner.layers.items():  # momentum cannot revive a pruned weight
+        pruned = (pruner.alpha(name) == math.inf).expand_as(module.weight)
+        assert pruned.any() and torch.all(module.weight[pruned] == 0)
+    penalty = pruner.penalty().detach()
+    assert float(penalty) > 0 and torch.isfinite(penalty)
+    pruner.detach()
+
+
+def test_state_dict_round_trip(digits):
+    model = make_mlp()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=100, granularity="output")
+    train(model, optimizer, digits, 1)
+    pruner.update()
+    pruner.update()
+    state = pruner.state_dict()
+    model2 = make_mlp()
+    optimizer2 = MacKayAdam(ard_param_groups(model2), lr=1e-3, num_data=100, batch_size=8)
+    pruner2 = MacKayPruner(model2, optimizer2, num_data=100, granularity="output")
+    pruner2.load_state_dict(state)
+    for name in pruner.layers:
+        assert torch.equal(pruner.alpha(name), pruner2.alpha(name))
+        assert torch.equal(pruner.curvature(name), pruner2.curvature(name))
+    assert pruner2.history == pruner.history
+
+
+def test_bad_arguments():
+    model = make_mlp()
+    with pytest.raises(ValueError, match="num_data"):
+        MacKayPruner(model, None, num_data=0, batch_size=4)
+    with pytest.raises(ValueError, match="curvature must be one of"):
+        MacKayPruner(model, None, num_data=10, batch_size=4, curvature="hutchinson")
+    with pytest.raises(ValueError, match="not an nn.Linear"):
+        MacKayPruner(model, None, num_data=10, batch_size=4, layers=["1"])
+    with pytest.raises(ValueError, match="batch_size is needed"):
+        MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=10)
+    optimizer = MacKayAdam(model.parameters(), lr=1e-3, num_data=10)
+    with pytest.raises(ValueError, match="needs MacKayAdam\\(batch_size"):
+        MacKayPruner(model, optimizer, num_data=10)
