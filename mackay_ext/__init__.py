@@ -4,10 +4,11 @@ Each weight, or group of weights, has a Gaussian prior precision alpha that MacK
 re-estimates from a diagonal curvature estimate; weights whose alpha runs to infinity are pruned.
 """
 from ._extension import compiled_backends
-from . import ops, optim, reference
+from . import data, models, ops, optim, reference
 from .ops import UpdateStats, mackay_update_
 from .optim import MacKayAdam, ard_param_groups
+from .pruner import MacKayPruner
 
 __all__ = ["compiled_backends", "ops", "optim", "reference", "UpdateStats", "mackay_update_",
-           "MacKayAdam", "ard_param_groups"]
+           "MacKayAdam", "ard_param_groups", "MacKayPruner", "data", "models"]
 __version__ = "0.1.0"
