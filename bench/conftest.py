@@ -62,6 +62,12 @@ def _format_table(name, table):
     baseline = table["baseline"]
     lines = [f"### {name}", "", "| case | " + " | ".join(f"{c} (ms)" for c in columns) +
              "".join(f" | {c} / {baseline}" for c in columns if baseline and c != baseline) + " |"]
+    if not baseline:  # a plain table of values (not times)
+        lines = [f"### {name}", "", "| case | " + " | ".join(columns) + " |",
+                 "|" + "---|" * (1 + len(columns))]
+        for row, values in sorted(table["rows"].items()):
+            lines.append(f"| {row} | " + " | ".join(str(values.get(c, "")) for c in columns) + " |")
+        return "\n".join(lines)
     lines.append("|" + "---|" * (1 + len(columns) + (len(columns) - 1 if baseline else 0)))
     for row, values in sorted(table["rows"].items()):
         cells = [f"{values[c] * 1e3:.3f}" if c in values else "" for c in columns]
@@ -108,6 +114,7 @@ def pytest_terminal_summary(terminalreporter):
                        "extra": table["extra"]}, handle, indent=2, sort_keys=True)
         with open(base + ".md", "w") as handle:
             extra = _format_extra(table)
-            handle.write(f"{text}\n{extra}\nMeasured {stamp} on {machine} (fastest of the rounds; "
-                         f"ratios are column time / {table['baseline']} time, so 4.00x means "
-                         f"four times as long as {table['baseline']}).\n")
+            note = (f"fastest of the rounds; ratios are column time / {table['baseline']} time, so "
+                    f"4.00x means four times as long as {table['baseline']}" if table["baseline"]
+                    else "derived from the timings of the same run")
+            handle.write(f"{text}\n{extra}\nMeasured {stamp} on {machine} ({note}).\n")

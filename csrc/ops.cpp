@@ -16,4 +16,14 @@ TORCH_LIBRARY(mackay_ext, m) {
       "float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, float num_data, float batch_size, float curvature_decay, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Masked sparse matmul, W (out x in) in CSR: y = x W^T over x's last dimension.
+  m.def("csr_matmul(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
+        "int in_features) -> Tensor");
+  // Gradient of W's stored values: grad_values[k] = sum_b grad_out[b, row(k)] x[b, col(k)].
+  m.def("csr_sddmm(Tensor grad_out, Tensor x, Tensor crow_indices, Tensor col_indices, "
+        "int in_features) -> Tensor");
+  // y = x W^T + b. (crow_t, row_t, perm_t) index W^T (built once per layer) for the backward:
+  // grad_x = grad W by csr_matmul on W^T, grad_values by csr_sddmm.
+  m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
+        "Tensor crow_t, Tensor row_t, Tensor perm_t) -> Tensor");
 }

@@ -8,7 +8,10 @@ from . import data, models, ops, optim, reference
 from .ops import UpdateStats, mackay_update_
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
+from . import sparse
+from .sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
 
 __all__ = ["compiled_backends", "ops", "optim", "reference", "UpdateStats", "mackay_update_",
-           "MacKayAdam", "ard_param_groups", "MacKayPruner", "data", "models"]
+           "MacKayAdam", "ard_param_groups", "MacKayPruner", "data", "models", "sparse",
+           "SparseLinear", "SparseConv2d", "sparsify", "save_compressed", "load_compressed"]
 __version__ = "0.1.0"

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 
 from . import _extension, reference
+from .csr import TransposeIndex, check_csr, csr_linear, transpose_index  # noqa: F401  (public API)
 from ._validate import BACKENDS, check_choice, check_dense_tensors
 
 

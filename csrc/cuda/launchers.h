@@ -13,4 +13,10 @@ void mackay_adam_kernel_cuda(const std::vector<AdamTensor>& tensors, const AdamH
                              const std::optional<at::Tensor>& grad_scale,
                              const std::optional<at::Tensor>& found_inf);
 
+at::Tensor csr_matmul_cuda(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
+                           const at::Tensor& values, int64_t in_features);
+
+at::Tensor csr_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
+                          const at::Tensor& col, int64_t in_features);
+
 }  // namespace mackay

@@ -36,4 +36,6 @@ void mackay_adam_step_cuda(at::TensorList params, at::TensorList grads, at::Tens
 TORCH_LIBRARY_IMPL(mackay_ext, CUDA, m) {
   m.impl("mackay_update_", &mackay::mackay_update_cuda);
   m.impl("mackay_adam_step_", &mackay::mackay_adam_step_cuda);
+  m.impl("csr_matmul", &mackay::csr_matmul_cuda);
+  m.impl("csr_sddmm", &mackay::csr_sddmm_cuda);
 }

@@ -1,0 +1,130 @@
+"""Masked sparse matmul ops (DESIGN.md section 3): W (out x in) in CSR, y = x W^T + b.
+
+`csr_linear` is differentiable in x, values and bias: grad_x is a sparse product with W^T (whose
+index, `transpose_index`, a layer builds once), grad_values an SDDMM (grad^T x sampled at the
+nonzeros). The O(nnz) index checks (`check_csr`) run once per layer, not per call.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from . import _extension
+from ._validate import BACKENDS, check_choice
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+class TransposeIndex(NamedTuple):
+    """CSR index of W^T: row pointers over W's columns, W's row of each, and the permutation
+    from W^T's order to W's values (values_t = values[perm])."""
+
+    crow: torch.Tensor
+    row: torch.Tensor
+    perm: torch.Tensor
+
+
+def check_csr(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+              shape: tuple[int, int]) -> None:
+    """Full validation of CSR arrays for an (out x in) matrix; raises a clear error naming the
+    argument. O(nnz) with one host synchronisation: run it when a layer is built."""
+    out_features, in_features = shape
+    for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in INDEX_DTYPES or t.dim() != 1:
+            raise TypeError(f"csr: {name} must be a 1-D int32 or int64 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if crow_indices.dtype != col_indices.dtype:
+        raise TypeError(f"csr: crow_indices and col_indices must share a dtype, got "
+                        f"{crow_indices.dtype} and {col_indices.dtype}")
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.dtype not in (torch.float32, torch.float64):
+        raise TypeError("csr: values must be a 1-D float32 or float64 tensor")
+    if not (crow_indices.device == col_indices.device == values.device):
+        raise RuntimeError(f"csr: crow_indices, col_indices and values must be on one device, got "
+                           f"{crow_indices.device}, {col_indices.device}, {values.device}")
+    if crow_indices.numel() != out_features + 1:
+        raise ValueError(f"csr: crow_indices must have out_features + 1 = {out_features + 1} entries, "
+                         f"got {crow_indices.numel()}")
+    if col_indices.numel() != values.numel():
+        raise ValueError(f"csr: col_indices ({col_indices.numel()}) and values ({values.numel()}) must "
+                         "have one entry per nonzero")
+    nnz = values.numel()
+    if int(crow_indices[0]) != 0 or int(crow_indices[-1]) != nnz:
+        raise ValueError(f"csr: crow_indices must start at 0 and end at nnz = {nnz}, got "
+                         f"{int(crow_indices[0])}..{int(crow_indices[-1])}")
+    if out_features and bool((crow_indices[1:] < crow_indices[:-1]).any()):
+        raise ValueError("csr: crow_indices must be non-decreasing")
+    if nnz and (int(col_indices.min()) < 0 or int(col_indices.max()) >= in_features):
+        raise ValueError(f"csr: col_indices must lie in [0, in_features = {in_features}), got "
+                         f"{int(col_indices.min())}..{int(col_indices.max())}")
+
+
+def transpose_index(crow_indices: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> TransposeIndex:
+    """The CSR index of W^T (a counting sort of the nonzeros by column), built once per layer."""
+    out_features = crow_indices.numel() - 1
+    counts = crow_indices[1:] - crow_indices[:-1]
+    rows = torch.repeat_interleave(torch.arange(out_features, device=crow_indices.device,
+                                                dtype=crow_indices.dtype), counts.long())
+    order = torch.argsort(col_indices.long() * max(out_features, 1) + rows.long(), stable=True)
+    per_column = torch.bincount(col_indices.long(), minlength=in_features)
+    crow_t = torch.zeros(in_features + 1, dtype=crow_indices.dtype, device=crow_indices.device)
+    crow_t[1:] = torch.cumsum(per_column, 0)
+    return TransposeIndex(crow_t, rows[order].to(crow_indices.dtype), order.to(crow_indices.dtype))
+
+
+def csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+               values: torch.Tensor, bias: torch.Tensor | None = None, *,
+               in_features: int | None = None, transposed: TransposeIndex | None = None,
+               check_indices: bool = True, backend: str = "ext") -> torch.Tensor:
+    """y = x W^T + b with W (out x in) in CSR; x: (..., in) -> y: (..., out). Differentiable in
+    x, values and bias. in_features defaults to x.shape[-1]; pass `transposed` (from
+    transpose_index) and check_indices=False when the index is reused (as SparseLinear does)."""
+    check_choice("backend", backend, BACKENDS, "csr_linear")
+    in_features = x.shape[-1] if in_features is None else in_features
+    if check_indices:
+        check_csr(crow_indices, col_indices, values, (crow_indices.numel() - 1, in_features))
+    if backend == "torch":
+        from . import reference
+        return reference.csr_linear(x, crow_indices, col_indices, values, bias, in_features=in_features)
+    _extension.require()
+    if transposed is None:
+        transposed = transpose_index(crow_indices, col_indices, in_features)
+    return torch.ops.mackay_ext.csr_linear.default(x, crow_indices, col_indices, values, bias,
+                                                   *transposed)
+
+
+def _setup_context(ctx, inputs, output):
+    x, crow, col, values, bias, crow_t, row_t, perm_t = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, crow, col, values, crow_t, row_t, perm_t)
+
+
+def _backward(ctx, grad):
+    x, crow, col, values, crow_t, row_t, perm_t = ctx.saved_tensors
+    in_features, out_features = crow_t.numel() - 1, crow.numel() - 1
+    grad = grad.contiguous()
+    grad_x = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.mackay_ext.csr_matmul(grad, crow_t, row_t, values[perm_t.long()], out_features)
+    if ctx.needs_input_grad[3]:
+        grad_values = torch.ops.mackay_ext.csr_sddmm(grad, x, crow, col, in_features)
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        grad_bias = grad.reshape(-1, out_features).sum(0)
+    return grad_x, None, None, grad_values, grad_bias, None, None, None
+
+
+if _extension.is_loaded():
+    @torch.library.register_fake("mackay_ext::csr_matmul")
+    def _csr_matmul_fake(x, crow_indices, col_indices, values, in_features):
+        torch._check(x.shape[-1] == in_features, lambda: "csr_matmul: x's last dimension must be in_features")
+        return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
+
+    @torch.library.register_fake("mackay_ext::csr_sddmm")
+    def _csr_sddmm_fake(grad_out, x, crow_indices, col_indices, in_features):
+        return x.new_empty(col_indices.shape)
+
+    @torch.library.register_fake("mackay_ext::csr_linear")
+    def _csr_linear_fake(x, crow_indices, col_indices, values, bias, crow_t, row_t, perm_t):
+        return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
+
+    torch.library.register_autograd("mackay_ext::csr_linear", _backward, setup_context=_setup_context)
