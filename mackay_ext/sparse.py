@@ -48,6 +48,10 @@ class _CSRWeight(nn.Module):
     def __init__(self, out_features, in_features, crow_indices, col_indices, values, bias=None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
+        for name, t in (("crow_indices", crow_indices), ("col_indices", col_indices)):
+            if not isinstance(t, torch.Tensor) or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                raise TypeError(f"{type(self).__name__}: {name} must be an integer tensor (int32 or int64), "
+                                f"got {getattr(t, 'dtype', type(t).__name__)}")
         dtype = _index_dtype(max(in_features, values.numel()))
         crow_indices, col_indices = crow_indices.to(dtype), col_indices.to(dtype)
         check_csr(crow_indices, col_indices, values, (self.out_features, self.in_features))
@@ -76,6 +80,9 @@ class _CSRWeight(nn.Module):
         return weight.index_put((rows, self.col_indices.long()), self.values)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: x's last dimension must be in_features = "
+                             f"{self.in_features}, got x of shape {tuple(x.shape)}")
         batch = x.numel() // max(x.shape[-1], 1)
         if self.density >= _crossover_density(batch):
             return F.linear(x, self.dense_weight(), self.bias)

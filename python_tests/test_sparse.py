@@ -1,0 +1,284 @@
+"""Masked sparse matmul: ops against dense float64 references (gradcheck), sparse layers
+against nn.Linear / F.conv2d, sparsify + save/load round trip, opcheck, bad input."""
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import mackay_ext
+from mackay_ext import models, reference
+from mackay_ext.csr import check_csr, csr_linear, transpose_index
+from mackay_ext.sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
+
+from conftest import DEVICES
+
+
+def random_csr(out, inp, density, dtype=torch.float64, device="cpu", index_dtype=torch.int64,
+               empty_rows=(), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out, inp, generator=generator) < density
+    for row in empty_rows:
+        mask[row] = False
+    weight = torch.randn(out, inp, generator=generator, dtype=torch.float64) * mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    crow = torch.zeros(out + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out), 0)
+    values = weight[rows, cols].to(dtype)
+    return (weight.to(device, dtype), crow.to(device, index_dtype), cols.to(device, index_dtype),
+            values.to(device))
+
+
+CASES = [  # (out, in, density, batch shape, empty rows)
+    (37, 53, 0.2, (5,), (0, 7)),
+    (37, 53, 0.2, (1,), ()),
+    (37, 53, 0.2, (3, 4), ()),          # 3-D input: leading dims flattened
+    (64, 100, 0.05, (33,), (1, 2, 3)),  # batch above the small-batch path, not a whole tile
+    (300, 784, 0.02, (256,), ()),
+    (16, 9, 1.0, (9,), ()),
+    (10, 20, 0.0, (4,), ()),            # 0 nonzeros: a fully pruned layer
+    (5, 7, 0.5, (0,), ()),              # empty batch
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_backward_against_dense(device, dtype, index_dtype, case):
+    out, inp, density, batch, empty = case
+    weight, crow, col, values = random_csr(out, inp, density, dtype, device, index_dtype, empty)
+    x = torch.randn(*batch, inp, dtype=dtype, device=device, requires_grad=True)
+    bias = torch.randn(out, dtype=dtype, device=device, requires_grad=True)
+    values = values.requires_grad_()
+    y = csr_linear(x, crow, col, values, bias)
+    dense_weight = weight.clone().requires_grad_()
+    y_ref = F.linear(x.double(), dense_weight.double(), bias.double())
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert y.shape == (*batch, out) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    grad = torch.randn_like(y)
+    gx, gv, gb = torch.autograd.grad(y, (x, values, bias), grad)
+    rx, rw, rb = torch.autograd.grad(y_ref, (x, dense_weight, bias), grad.double())
+    rows = torch.repeat_interleave(torch.arange(out, device=device), (crow[1:] - crow[:-1]).long())
+    torch.testing.assert_close(gx.double(), rx.double(), **tol)
+    torch.testing.assert_close(gv.double(), rw[rows, col.long()].double(), **tol)
+    torch.testing.assert_close(gb.double(), rb.double(), **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    weight, crow, col, values = random_csr(6, 9, 0.4, device=device, empty_rows=(2,))
+    x = torch.randn(4, 9, dtype=torch.float64, device=device, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    values.requires_grad_()
+    transposed = transpose_index(crow, col, 9)
+    assert torch.autograd.gradcheck(
+        lambda x, v, b: csr_linear(x, crow, col, v, b, transposed=transposed), (x, values, bias))
+    x12 = torch.randn(12, 9, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v: csr_linear(x, crow, col, v), (x12, values))
+
+
+def test_fallback_matches():
+    weight, crow, col, values = random_csr(20, 30, 0.3)
+    x = torch.randn(7, 30, dtype=torch.float64)
+    torch.testing.assert_close(csr_linear(x, crow, col, values, backend="torch"), x @ weight.T)
+    torch.testing.assert_close(reference.csr_linear(x, crow, col, values), x @ weight.T)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    weight, crow, col, values = random_csr(11, 13, 0.3, torch.float32, device, torch.int32)
+    transposed = transpose_index(crow, col, 13)
+    for batch in (2, 40):
+        x = torch.randn(batch, 13, device=device, requires_grad=True)
+        bias = torch.randn(11, device=device, requires_grad=True)
+        torch.library.opcheck(torch.ops.mackay_ext.csr_linear.default,
+                              (x, crow, col, values.clone().requires_grad_(), bias, *transposed))
+        torch.library.opcheck(torch.ops.mackay_ext.csr_matmul.default, (x.detach(), crow, col, values, 13))
+        g = torch.randn(batch, 11, device=device)
+        torch.library.opcheck(torch.ops.mackay_ext.csr_sddmm.default, (g, x.detach(), crow, col, 13))
+
+
+def test_torch_compile_sparse_layer():
+    layer = SparseLinear.from_dense(_pruned_linear(40, 30, 0.1))
+    x = torch.randn(8, 40)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def _pruned_linear(inp, out, density, seed=0):
+    torch.manual_seed(seed)
+    layer = nn.Linear(inp, out)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < density)
+    return layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch_shape", [(1,), (64,), (2, 5)], ids=str)
+def test_sparse_linear_layer(device, batch_shape):
+    dense = _pruned_linear(50, 30, 0.1).to(device)
+    sparse = SparseLinear.from_dense(dense)
+    assert sparse.nnz == int((dense.weight != 0).sum())
+    x = torch.randn(*batch_shape, 50, device=device)
+    torch.testing.assert_close(sparse(x), dense(x), rtol=1e-5, atol=1e-5)
+    back = sparse.to_dense()
+    torch.testing.assert_close(back.weight, dense.weight)
+    # it trains: the values are the parameters, the pattern stays
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    sparse(x).square().sum().backward()
+    assert sparse.values.grad is not None and sparse.bias.grad is not None
+    optimizer.step()
+    assert torch.all(sparse.to_dense().weight[dense.weight == 0] == 0)
+
+
+def test_from_dense_with_mask_and_dense_crossover():
+    dense = _pruned_linear(20, 10, 1.0)
+    mask = torch.zeros(10, 20, dtype=torch.bool)
+    mask[:, :3] = True
+    sparse = SparseLinear.from_dense(dense, mask)
+    assert sparse.nnz == 30
+    x = torch.randn(300, 20)
+    expected = F.linear(x, dense.weight * mask, dense.bias)
+    torch.testing.assert_close(sparse(x), expected)  # density 0.15: the CSR path
+    full = SparseLinear.from_dense(dense, torch.ones(10, 20, dtype=torch.bool))
+    torch.testing.assert_close(full(x), dense(x))     # density 1: runs dense
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("conv", [dict(stride=1, padding=0), dict(stride=2, padding=1),
+                                  dict(stride=(1, 2), padding=(2, 1), dilation=2)], ids=str)
+def test_sparse_conv2d(device, conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(3, 7, (3, 5), **conv).to(device)
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand_like(layer.weight) < 0.3)
+    sparse = SparseConv2d.from_dense(layer)
+    x = torch.randn(2, 3, 13, 11, device=device)
+    torch.testing.assert_close(sparse(x), layer(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse.to_dense().weight, layer.weight)
+    with pytest.raises(ValueError, match="expected input"):
+        sparse(torch.randn(2, 4, 13, 11, device=device))
+
+
+def _pruned_lenet():
+    torch.manual_seed(0)
+    model = models.create("lenet-5-caffe")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.weight.mul_(torch.rand_like(module.weight) < 0.05)
+    return model
+
+
+def test_sparsify_save_load_round_trip(tmp_path):
+    model = _pruned_lenet()
+    x = torch.randn(4, 1, 28, 28)
+    expected = model(x)
+    sparsify(model)
+    assert sum(isinstance(m, (SparseLinear, SparseConv2d)) for m in model.modules()) == 4
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    sizes = save_compressed(model, str(tmp_path / "lenet.pt"), model_name="lenet-5-caffe")
+    assert sizes["bytes"] < 0.2 * sizes["dense_bytes"]
+    loaded = load_compressed(str(tmp_path / "lenet.pt"))
+    torch.testing.assert_close(loaded(x), model(x))
+    for a, b in zip(loaded.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    again = load_compressed(str(tmp_path / "lenet.pt"), models.create("lenet-5-caffe"))
+    torch.testing.assert_close(again(x), model(x))
+
+
+def test_sparsify_min_sparsity_and_optimizer_alpha():
+    model = nn.Sequential(nn.Linear(10, 8), nn.Linear(8, 4))
+    with torch.no_grad():
+        model[1].weight[:, :6] = 0  # 75% sparse; model[0] stays dense
+    optimizer = mackay_ext.MacKayAdam(model.parameters(), lr=1e-3, num_data=10)
+    alpha = optimizer.ard_state(model[0].weight)["alpha"]
+    alpha[:6] = math.inf  # 75% pruned by alpha, though the weights are not zero yet
+    sparsify(model, optimizer, min_sparsity=0.6)
+    assert isinstance(model[0], SparseLinear) and model[0].nnz == 20
+    assert isinstance(model[1], SparseLinear) and model[1].nnz == 8
+    dense = nn.Linear(4, 4)
+    assert isinstance(sparsify(nn.Sequential(dense))[0], nn.Linear)
+    with pytest.raises(ValueError, match="min_sparsity"):
+        sparsify(model, min_sparsity=2.0)
+
+
+def test_narrow_index_types_on_disk(tmp_path):
+    model = nn.Sequential(_pruned_linear(200, 100, 0.05))
+    sparsify(model)
+    save_compressed(model, str(tmp_path / "m.pt"))
+    payload = torch.load(str(tmp_path / "m.pt"), weights_only=False)
+    entry = payload["sparse"]["0"]
+    assert entry["col"].dtype == torch.uint8 and entry["crow"].dtype in (torch.int16, torch.int32)
+
+
+def test_load_compressed_errors(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+        load_compressed(str(tmp_path / "junk.pt"))
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(RuntimeError, match="not a file written by save_compressed"):
+        load_compressed(str(tmp_path / "other.pt"))
+    model = nn.Sequential(_pruned_linear(20, 10, 0.1))
+    sparsify(model)
+    save_compressed(model, str(tmp_path / "m.pt"))
+    with pytest.raises(ValueError, match="pass `model`"):
+        load_compressed(str(tmp_path / "m.pt"))
+    with pytest.raises(RuntimeError, match="does not match"):
+        load_compressed(str(tmp_path / "m.pt"), nn.Sequential(nn.Linear(20, 10), nn.Linear(10, 2)))
+
+
+BAD_CSR = [
+    ("crow length", lambda c, k, v: (c[:-1], k, v), "out_features \\+ 1|end at nnz"),
+    ("decreasing crow", lambda c, k, v: (torch.tensor([0, 3, 2, 4, 4, 4]), k[:4], v[:4]), "non-decreasing"),
+    ("crow end", lambda c, k, v: (c, k[:-1], v[:-1]), "end at nnz"),
+    ("col out of range", lambda c, k, v: (c, torch.where(k == k[0], 99, k), v), "col_indices must lie"),
+    ("negative col", lambda c, k, v: (c, torch.where(k == k[0], -1, k), v), "col_indices must lie"),
+    ("lengths", lambda c, k, v: (c, k, v[:-1]), "one entry per nonzero"),
+    ("index dtype", lambda c, k, v: (c.float(), k, v), "int32 or int64"),
+    ("mixed index dtypes", lambda c, k, v: (c.int(), k, v), "share a dtype"),
+]
+
+
+@pytest.mark.parametrize("name,damage,message", BAD_CSR, ids=[b[0] for b in BAD_CSR])
+def test_bad_csr_rejected(name, damage, message):
+    weight, crow, col, values = random_csr(5, 8, 0.5)
+    crow, col, values = damage(crow, col, values)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with pytest.raises((ValueError, TypeError), match=message):
+        csr_linear(x, crow, col, values)
+    if name == "mixed index dtypes":  # a layer converts integer indices to one type itself
+        return
+    with pytest.raises((ValueError, TypeError), match=message):
+        SparseLinear(5, 8, crow, col, values)
+
+
+def test_raw_op_never_reads_out_of_bounds():
+    weight, crow, col, values = random_csr(5, 8, 0.5)
+    bad_col = col.clone()
+    bad_col[0] = 10 ** 9
+    for batch in (2, 40):
+        with pytest.raises(RuntimeError, match="malformed CSR"):
+            torch.ops.mackay_ext.csr_matmul(torch.randn(batch, 8, dtype=torch.float64), crow, bad_col, values, 8)
+    bad_crow = crow.clone()
+    bad_crow[2] = 10 ** 6
+    with pytest.raises(RuntimeError, match="malformed CSR"):
+        torch.ops.mackay_ext.csr_matmul(torch.randn(40, 8, dtype=torch.float64), bad_crow, col, values, 8)
+
+
+def test_bad_inputs_to_the_op():
+    weight, crow, col, values = random_csr(5, 8, 0.5)
+    with pytest.raises(RuntimeError, match="last dimension must be in_features = 8"):
+        csr_linear(torch.randn(3, 7, dtype=torch.float64), crow, col, values, in_features=8)
+    with pytest.raises(TypeError, match="x must have the dtype of values"):
+        csr_linear(torch.randn(3, 8), crow, col, values)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        csr_linear(torch.randn(3, 8, dtype=torch.float64), crow, col, values,
+                   torch.zeros(4, dtype=torch.float64))
+    layer = SparseLinear.from_dense(_pruned_linear(8, 5, 0.5))
+    with pytest.raises(ValueError, match="in_features = 8"):
+        layer(torch.randn(2, 9))
