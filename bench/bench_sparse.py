@@ -6,7 +6,7 @@ Targets (issue 5), 4096x4096 on a 2-core CPU: forward at 5% density and batch 25
 than torch.sparse and >= 4x faster than dense; forward at 2% and batch 1 at least as fast as
 torch.sparse; forward+backward at 5% and batch 256 >= 3x faster than dense forward+backward.
 The session also writes the dense/CSR crossover density per shape and batch
-(bench/results/sparse_crossover.md), which mackay_ext.sparse.DENSE_CROSSOVER encodes.
+(bench/results/sparse_crossover.md), which mackay_ext.sparse.CROSSOVER encodes.
 """
 import warnings
 
@@ -21,7 +21,7 @@ from mackay_ext.csr import csr_linear, transpose_index
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 SHAPES = {"lenet 300x784": (300, 784), "lenet 100x300": (100, 300), "4096x4096": (4096, 4096)}
-DENSITIES = [0.5, 0.1, 0.05, 0.02, 0.01]
+DENSITIES = [0.5, 0.25, 0.1, 0.05, 0.02, 0.01]
 BATCHES = [1, 256]
 IMPLEMENTATIONS = ["ext", "dense", "torch.sparse", "fallback"]
 

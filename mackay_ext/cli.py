@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 from . import data as datasets
 from . import models
 from .pruner import GRANULARITIES
+from .sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
 from .train import FitConfig, Trainer, evaluate, save_atomic, set_seed
 
 # Defaults per model: (pretrain_epochs, rounds, epochs per round, batch size, lr)
@@ -146,11 +148,10 @@ def _plots(out: str, trainer: Trainer) -> list[str]:
     return written
 
 
-def save_model(path: str, model_name: str, model: torch.nn.Module, trainer: Trainer, num_classes: int) -> None:
-    """The pruned model: its state_dict (pruned weights exactly 0) and every layer's alpha."""
-    save_atomic({"format": "mackay_ext.model.v1", "model": model_name, "num_classes": num_classes,
-                 "state_dict": model.state_dict(),
-                 "alpha": {n: trainer.pruner.alpha(n).cpu() for n in trainer.pruner.layers}}, path)
+def save_model(path: str, model_name: str, model: torch.nn.Module) -> dict[str, int]:
+    """The pruned model, compressed: its pruned layers as CSR nonzeros (save_compressed)."""
+    compressed = sparsify(copy.deepcopy(model).cpu(), min_sparsity=0.5)
+    return save_compressed(compressed, path, model_name=model_name)
 
 
 def run_prune(args, parser) -> int:
@@ -212,41 +213,49 @@ def run_prune(args, parser) -> int:
         "hardware": {"device": settings["device"], "threads": torch.get_num_threads(),
                      "torch": torch.__version__},
     }
+    sizes = save_model(os.path.join(args.out, "model.pt"), settings["model"], model)
+    summary["model_file_bytes"], summary["dense_state_dict_bytes"] = sizes["bytes"], sizes["dense_bytes"]
     with open(os.path.join(args.out, "report.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
-    save_model(os.path.join(args.out, "model.pt"), settings["model"], model, trainer, data.num_classes)
     plots = _plots(args.out, trainer)
     print(_layer_table(report))
     print(f"\n{settings['model']} on {settings['dataset']}: test accuracy "
           f"{100 * trainer.dense_test_accuracy:.2f}% dense -> {100 * test_accuracy:.2f}% pruned; "
           f"weights kept {kept}/{total} ({100 * kept / total:.2f}%), compression "
           f"{total / max(kept, 1):.1f}x, {wall:.1f} s")
-    print(f"wrote {args.out}/report.json, model.pt, checkpoint.pt" + "".join(f", {os.path.basename(p)}" for p in plots))
+    print(f"wrote {args.out}/report.json, model.pt ({sizes['bytes'] / 1e3:.1f} kB against "
+          f"{sizes['dense_bytes'] / 1e3:.1f} kB dense), checkpoint.pt"
+          + "".join(f", {os.path.basename(p)}" for p in plots))
     return 0
 
 
 def run_evaluate(args, parser) -> int:
     try:
-        saved = torch.load(args.path, map_location="cpu", weights_only=False)
-        if saved.get("format") != "mackay_ext.model.v1":
+        payload = torch.load(args.path, map_location="cpu", weights_only=False)
+        model_name = payload.get("model_name") if isinstance(payload, dict) else None
+        if model_name not in models.MODELS:
             raise ValueError("not a model written by mackay-ext prune")
+        model = load_compressed(args.path)
     except Exception as error:
         print(f"mackay-ext: cannot read {args.path}: {error}", file=sys.stderr)
         return 1
-    dataset = args.dataset or models.DEFAULT_DATASET[saved["model"]]
+    dataset = args.dataset or models.DEFAULT_DATASET[model_name]
     try:
         data = datasets.load(dataset, args.data_dir)
     except datasets.DatasetError as error:
         print(f"mackay-ext: {error}", file=sys.stderr)
         return 1
-    model = models.create(saved["model"], num_classes=saved["num_classes"])
-    model.load_state_dict(saved["state_dict"])
     model.to(args.device)
     accuracy = evaluate(model, data.x_test, data.y_test, device=args.device)[0]
-    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    total = sum(w.numel() for w in weights)
-    nonzero = sum(int((w != 0).sum()) for w in weights)
-    print(json.dumps({"model": saved["model"], "dataset": dataset, "test_accuracy": accuracy,
+    total = nonzero = 0
+    for module in model.modules():
+        if isinstance(module, (SparseLinear, SparseConv2d)):
+            total += module.in_features * module.out_features
+            nonzero += int((module.values != 0).sum())
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            total += module.weight.numel()
+            nonzero += int((module.weight != 0).sum())
+    print(json.dumps({"model": model_name, "dataset": dataset, "test_accuracy": accuracy,
                       "weights_total": total, "weights_kept": nonzero,
                       "compression": total / max(nonzero, 1),
                       "file_bytes": os.path.getsize(args.path)}, indent=2))

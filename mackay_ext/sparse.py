@@ -17,16 +17,25 @@ from torch.nn import functional as F
 
 from .csr import check_csr, csr_linear, transpose_index
 
-# Measured crossover (bench/bench_sparse.py, bench/results/sparse_linear.md, 2-core CPU): above
-# this density dense GEMM beats the CSR kernel for a batch of at least the given size, so the
-# layer runs dense there. Keys are batch sizes, values densities.
-DENSE_CROSSOVER = {1: 0.30, 256: 0.20}
+# Measured crossover (bench/bench_sparse.py -> bench/results/sparse_crossover.md, 2-core CPU,
+# float32, densities 1/2/5/10/25/50%): the highest density at which the CSR kernel still beat
+# dense GEMM, by layer size (weights), batch and whether a backward pass follows. Above it a
+# sparse layer runs as dense GEMM on its scattered weight.
+#   layer size    forward: batch < 8, >= 8    forward+backward: batch < 8, >= 8
+CROSSOVER = (
+    (40_000, (0.0, 0.0), (0.0, 0.0)),         # LeNet 100x300: dense won (nearly) everywhere
+    (1_000_000, (0.05, 0.25), (0.0, 0.10)),   # LeNet 300x784
+    (math.inf, (0.25, 0.25), (0.10, 0.25)),   # 4096x4096
+)
 
 
-def _crossover_density(batch: int) -> float:
-    sizes = sorted(DENSE_CROSSOVER)
-    key = max((s for s in sizes if s <= batch), default=sizes[0])
-    return DENSE_CROSSOVER[key]
+def crossover_density(weights: int, batch: int, training: bool = False) -> float:
+    """Density above which dense GEMM is faster for a layer of `weights` weights."""
+    for size, forward, train in CROSSOVER:
+        if weights <= size:
+            small, large = train if training else forward
+            return small if batch < 8 else large
+    return 0.0
 
 
 def _index_dtype(upper: int) -> torch.dtype:
@@ -84,7 +93,9 @@ class _CSRWeight(nn.Module):
             raise ValueError(f"{type(self).__name__}: x's last dimension must be in_features = "
                              f"{self.in_features}, got x of shape {tuple(x.shape)}")
         batch = x.numel() // max(x.shape[-1], 1)
-        if self.density >= _crossover_density(batch):
+        training = torch.is_grad_enabled() and (self.values.requires_grad or x.requires_grad)
+        limit = crossover_density(self.in_features * self.out_features, batch, training)
+        if self.nnz and self.density > limit:
             return F.linear(x, self.dense_weight(), self.bias)
         return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias,
                           in_features=self.in_features,

@@ -135,17 +135,30 @@ def test_sparse_linear_layer(device, batch_shape):
     assert torch.all(sparse.to_dense().weight[dense.weight == 0] == 0)
 
 
-def test_from_dense_with_mask_and_dense_crossover():
+def test_from_dense_with_mask():
     dense = _pruned_linear(20, 10, 1.0)
     mask = torch.zeros(10, 20, dtype=torch.bool)
     mask[:, :3] = True
     sparse = SparseLinear.from_dense(dense, mask)
     assert sparse.nnz == 30
     x = torch.randn(300, 20)
-    expected = F.linear(x, dense.weight * mask, dense.bias)
-    torch.testing.assert_close(sparse(x), expected)  # density 0.15: the CSR path
-    full = SparseLinear.from_dense(dense, torch.ones(10, 20, dtype=torch.bool))
-    torch.testing.assert_close(full(x), dense(x))     # density 1: runs dense
+    torch.testing.assert_close(sparse(x), F.linear(x, dense.weight * mask, dense.bias))
+
+
+@pytest.mark.parametrize("density", [0.03, 0.6])
+def test_dense_crossover_paths_agree(monkeypatch, density):
+    """Below the measured crossover the layer calls the CSR op, above it dense GEMM; both give
+    the dense layer's output."""
+    from mackay_ext import sparse as sparse_module
+    dense = _pruned_linear(400, 300, density)
+    layer = SparseLinear.from_dense(dense)
+    calls = []
+    original = sparse_module.csr_linear
+    monkeypatch.setattr(sparse_module, "csr_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = torch.randn(64, 400)
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-4)
+    assert bool(calls) == (density < sparse_module.crossover_density(120_000, 64, training=True))
+    assert sparse_module.crossover_density(100, 1) == 0.0  # tiny layers: dense always measured faster
 
 
 @pytest.mark.parametrize("device", DEVICES)
