@@ -26,4 +26,7 @@ TORCH_LIBRARY(mackay_ext, m) {
   // grad_x = grad W by csr_matmul on W^T, grad_values by csr_sddmm.
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
         "Tensor crow_t, Tensor row_t, Tensor perm_t) -> Tensor");
+  // Exact diagonal empirical Fisher of a Linear layer: out += scale * (a*a)^T (b*b), squares
+  // formed on load (a: output gradients [N, out], b: inputs [N, in], out: [out, in]).
+  m.def("sq_gemm_accumulate_(Tensor(a!) out, Tensor a, Tensor b, float scale) -> ()");
 }

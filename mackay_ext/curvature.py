@@ -1,0 +1,250 @@
+"""Exact diagonal curvature: per-example empirical Fisher ("ef-exact") and the sampled-label
+Fisher ("fisher-mc"), accumulated with module hooks (DESIGN.md section 1, "Curvature").
+
+For a Linear layer on 2-D inputs the per-example squared gradients sum to one GEMM on squared
+operands, h += s^2 (delta*delta)^T (x*x), done by a fused kernel (sq_gemm_accumulate_). Inputs
+with extra leading dimensions, a module used several times in one forward pass, and Conv2d
+(per-example gradient = delta_n unfold(x_n)^T, summed over positions) form per-example
+gradients a chunk of the batch at a time, square them and add them up.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import _extension
+from ._validate import BACKENDS, check_choice
+
+MODES = ("ef-exact", "fisher-mc")
+REDUCTIONS = ("mean", "sum")
+CHUNK_BYTES = 64 << 20  # bound on the per-example gradients held at once
+
+
+def sq_gemm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
+                        backend: str = "ext") -> None:
+    """out += scale * (a * a)^T (b * b) in place; a: [N, out], b: [N, in], out: [out, in]."""
+    check_choice("backend", backend, BACKENDS, "sq_gemm_accumulate_")
+    if backend == "torch":
+        if a.shape[0] != b.shape[0] or out.shape != (a.shape[1], b.shape[1]):
+            raise RuntimeError(f"sq_gemm_accumulate_: shapes out {tuple(out.shape)}, a {tuple(a.shape)}, "
+                               f"b {tuple(b.shape)} do not fit out += (a*a)^T (b*b)")
+        out.addmm_((a * a).t(), b * b, alpha=scale)
+        return
+    _extension.require()
+    torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale))
+
+
+if _extension.is_loaded():
+    @torch.library.register_fake("mackay_ext::sq_gemm_accumulate_")
+    def _sq_gemm_fake(out, a, b, scale):
+        return None
+
+
+def _supported(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+class FisherAccumulator:
+    """Accumulates, for every supported layer's weight and bias, the sum over examples of the
+    squared per-example gradient, and counts the examples.
+
+    Args:
+        model: the network; `modules` (names) restricts the layers (default: all nn.Linear and
+            nn.Conv2d with groups=1).
+        mode: "ef-exact" (squared per-example gradients of the training loss, captured around
+            your own forward/backward) or "fisher-mc" (labels sampled from the model's softmax,
+            `accumulate_mc(x)`; needs a classifier returning logits).
+        loss_reduction: how your loss reduces over the batch ("mean": the hooks see gradients
+            divided by the batch size B, so they are rescaled by B; "sum": used as they are).
+            The batch size is the first dimension of each layer's input.
+        strict: raise when a layer with parameters is not supported (else it is listed in
+            `unsupported` and reported once).
+    Usage: `with FisherAccumulator(model) as acc: loss.backward()`; then `acc.curvature(p)`.
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "ef-exact", modules: Iterable[str] | None = None,
+                 *, loss_reduction: str = "mean", strict: bool = False, backend: str = "ext"):
+        check_choice("mode", mode, MODES, "FisherAccumulator")
+        check_choice("loss_reduction", loss_reduction, REDUCTIONS, "FisherAccumulator")
+        check_choice("backend", backend, BACKENDS, "FisherAccumulator")
+        self.model, self.mode, self.loss_reduction, self.backend = model, mode, loss_reduction, backend
+        named = dict(model.named_modules())
+        if modules is None:
+            candidates = {n: m for n, m in named.items() if any(True for _ in m.parameters(recurse=False))}
+        else:
+            missing = [n for n in modules if n not in named]
+            if missing:
+                raise ValueError(f"FisherAccumulator: no modules named {missing} in the model")
+            candidates = {n: named[n] for n in modules}
+        self.layers = {n: m for n, m in candidates.items() if _supported(m)}
+        self.unsupported = sorted(n for n in candidates if n not in self.layers)
+        if self.unsupported and strict:
+            raise ValueError(f"FisherAccumulator: unsupported layers {self.unsupported} (supported: "
+                             "nn.Linear, nn.Conv2d with groups=1 and zero padding)")
+        if not self.layers:
+            raise ValueError("FisherAccumulator: the model has no supported layer (nn.Linear, nn.Conv2d)")
+        self.sums: dict[nn.Parameter, torch.Tensor] = {}
+        self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
+        self._pending: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+        self._grads: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+        self._scale_override: float | None = None
+        self._active = mode == "ef-exact"
+        self._handles = []
+        for module in self.layers.values():
+            self._handles.append(module.register_forward_hook(self._forward_hook))
+
+    # ---------------------------------------------------------------- hooks
+    def _forward_hook(self, module, inputs, output):
+        if self._active and torch.is_grad_enabled() and output.requires_grad:
+            self._pending[module].append(inputs[0].detach())
+            # a hook on the output tensor hands us delta = dloss/doutput during backward
+            output.register_hook(lambda grad, module=module: self._on_output_grad(module, grad))
+
+    def _on_output_grad(self, module, grad):
+        if not self._active or not self._pending.get(module):
+            return None
+        self._grads[module].append(grad.detach())
+        if len(self._grads[module]) == len(self._pending[module]):
+            # every use of the module in the forward pass has its gradient: uses pair up in
+            # reverse order (the last forward is the first backward)
+            inputs = self._pending.pop(module)
+            grads = self._grads.pop(module)[::-1]
+            self._accumulate(module, inputs, grads)
+        return None
+
+    # ----------------------------------------------------------- arithmetic
+    def _scale(self, batch: int) -> float:
+        if self._scale_override is not None:
+            return self._scale_override
+        return float(batch) if self.loss_reduction == "mean" else 1.0
+
+    def _sum_for(self, param: nn.Parameter) -> torch.Tensor:
+        if param not in self.sums:
+            self.sums[param] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        return self.sums[param]
+
+    def _accumulate(self, module, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        batch = inputs[0].shape[0]
+        if any(x.shape[0] != batch for x in inputs):
+            raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
+        for param in module.parameters(recurse=False):
+            self.counts[param] += batch
+        scale = self._scale(batch)
+        if isinstance(module, nn.Linear) and len(inputs) == 1 and inputs[0].dim() == 2:
+            x, delta = inputs[0], grads[0]
+            if module.weight.dtype in (torch.float32, torch.float64):
+                sq_gemm_accumulate_(self._sum_for(module.weight), delta, x, scale * scale, self.backend)
+            else:
+                self._sum_for(module.weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * scale * scale)
+            if module.bias is not None:
+                self._sum_for(module.bias).add_((delta * delta).sum(0), alpha=scale * scale)
+            return
+        self._accumulate_per_example(module, inputs, grads, scale)
+
+    def _per_example_factors(self, module, x, delta):
+        """(delta_n: [T, out], cols_n: [T, in']) for each example of a batch chunk."""
+        if isinstance(module, nn.Linear):
+            return delta.reshape(delta.shape[0], -1, delta.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
+        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        return delta.flatten(2).transpose(1, 2), cols.transpose(1, 2)  # [N, L, out], [N, L, K]
+
+    def _accumulate_per_example(self, module, inputs, grads, scale):
+        weight = module.weight
+        weight_sum = self._sum_for(weight).view(weight.shape[0], -1)
+        bias_sum = self._sum_for(module.bias) if module.bias is not None else None
+        batch = inputs[0].shape[0]
+        per_example = weight.numel() * weight.element_size()
+        chunk = max(1, min(batch, CHUNK_BYTES // max(per_example, 1)))
+        for start in range(0, batch, chunk):
+            g_weight = g_bias = None
+            for x, delta in zip(inputs, grads):  # uses of the module add up before squaring
+                d, cols = self._per_example_factors(module, x[start:start + chunk], delta[start:start + chunk])
+                part = torch.bmm(d.transpose(1, 2), cols)                  # [C, out, in']
+                g_weight = part if g_weight is None else g_weight + part
+                if bias_sum is not None:
+                    b = d.sum(1)
+                    g_bias = b if g_bias is None else g_bias + b
+            weight_sum.add_(g_weight.square().sum(0), alpha=scale * scale)
+            if bias_sum is not None:
+                bias_sum.add_(g_bias.square().sum(0), alpha=scale * scale)
+
+    # ------------------------------------------------------------------ API
+    @property
+    def num_examples(self) -> int:
+        """Examples accumulated so far (per backward pass, each example counts once)."""
+        return max(self.counts.values(), default=0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._pending.clear()
+        self._grads.clear()
+        return False
+
+    def new_batch(self) -> None:
+        """Drop inputs captured by a forward pass that will have no backward."""
+        self._pending.clear()
+        self._grads.clear()
+
+    def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
+        """fisher-mc: labels y ~ softmax(model(x)) and the squared per-example gradients of
+        -log p(y | x), with a backward of their own: the model's .grad is left untouched."""
+        if self.mode != "fisher-mc":
+            raise RuntimeError("FisherAccumulator.accumulate_mc needs mode='fisher-mc'")
+        params = [p for m in self.layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
+        self._active, self._scale_override = True, 1.0
+        try:
+            for _ in range(num_samples):
+                self.new_batch()
+                with torch.enable_grad():
+                    logits = self.model(x)
+                    if logits.dim() != 2:
+                        raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}")
+                    with torch.no_grad():
+                        labels = torch.multinomial(torch.softmax(logits.float(), 1), 1).squeeze(1)
+                    loss = F.cross_entropy(logits, labels, reduction="sum")
+                    torch.autograd.grad(loss, params)
+        finally:
+            self._active, self._scale_override = False, None
+            self._pending.clear()
+            self._grads.clear()
+
+    def curvature(self, param: nn.Parameter) -> torch.Tensor:
+        """The per-example mean of the squared per-example gradient (param's shape)."""
+        if param not in self.sums:
+            raise KeyError("FisherAccumulator.curvature: no curvature for this parameter (not in a "
+                           "supported layer, or no batch accumulated yet)")
+        return self.sums[param] / max(self.counts[param], 1)
+
+    def reset(self) -> None:
+        for total in self.sums.values():
+            total.zero_()
+        self.counts.clear()
+        self.new_batch()
+        self._grads.clear()
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @torch.no_grad()
+    def write_to(self, optimizer) -> int:
+        """Copy the accumulated h into MacKayAdam's state[p]["curvature"] for every ARD parameter
+        it covers; returns how many tensors were written."""
+        written = 0
+        for param in self.sums:
+            group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+            if group is not None and group.get("ard", False):
+                optimizer.ard_state(param)["curvature"].copy_(self.curvature(param))
+                written += 1
+        return written

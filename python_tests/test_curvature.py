@@ -1,0 +1,185 @@
+"""Exact diagonal curvature: FisherAccumulator against per-example gradients from torch.func
+(vmap(grad)) in float64, fisher-mc against the exact Fisher, the fused squared-GEMM op."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mackay_ext import MacKayAdam, ard_param_groups
+from mackay_ext.curvature import FisherAccumulator, sq_gemm_accumulate_
+
+from conftest import DEVICES
+
+
+def per_example_sq_grads(model, loss_one, *batch):
+    """Mean over examples of the squared per-example gradient, by vmap(grad) (the reference)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    grads = vmap(grad(lambda p, *ex: loss_one(functional_call(model, p, (ex[0][None],)), *ex)),
+                 in_dims=(None,) + (0,) * len(batch))(params, *batch)
+    return {k: (g ** 2).mean(0) for k, g in grads.items()}
+
+
+def check_against_reference(model, x, y, reduction, backend, device):
+    model = model.double().to(device)
+    x, y = x.double().to(device), y.to(device)
+    ref = per_example_sq_grads(model, lambda out, xi, yi: nn.functional.cross_entropy(
+        out.reshape(-1, out.shape[-1]), yi.reshape(-1)), x, y)
+    with FisherAccumulator(model, loss_reduction=reduction, backend=backend) as acc:
+        out = model(x)
+        nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                                    reduction=reduction).backward()
+    # the reference's per-example loss is the mean over an example's T positions; the sum-
+    # reduced training loss holds T times that per example, so its squares are T^2 larger
+    t = out.numel() // (out.shape[0] * out.shape[-1])
+    factor = 1.0 if reduction == "mean" else float(t * t)
+    assert acc.num_examples == x.shape[0]
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(acc.curvature(param), ref[name] * factor, rtol=1e-9, atol=1e-12)
+    acc.detach()
+
+
+MODELS = {
+    "mlp": lambda: nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)),
+    "mlp-no-bias": lambda: nn.Sequential(nn.Linear(7, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)),
+    "conv": lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 4, 3)),
+    "conv-strided": lambda: nn.Sequential(nn.Conv2d(2, 4, (3, 2), stride=2, padding=1), nn.Tanh(),
+                                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3)),
+    "conv-dilated": lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=2, dilation=2, bias=False),
+                                          nn.Flatten(), nn.Linear(3 * 7 * 6, 3)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_ef_exact_matches_vmap(device, backend, reduction, name):
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    x = torch.randn(9, 7) if name.startswith("mlp") else torch.randn(9, 2, 7, 6)
+    check_against_reference(model, x, torch.randint(0, 3, (9,)), reduction, backend, device)
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_linear_on_3d_inputs_sums_positions_before_squaring(backend):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4))
+    x, y = torch.randn(5, 3, 6), torch.randint(0, 4, (5, 3))
+    check_against_reference(model, x, y, "sum", backend, "cpu")
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_reused_module(backend):
+    torch.manual_seed(0)
+    check_against_reference(Reused(), torch.randn(6, 4), torch.randint(0, 3, (6,)), "mean", backend, "cpu")
+
+
+def test_accumulates_over_batches_and_resets():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    xs, ys = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    ref = per_example_sq_grads(model, lambda out, xi, yi: nn.functional.cross_entropy(out, yi[None]), xs, ys)
+    acc = FisherAccumulator(model)
+    for part in (slice(0, 4), slice(4, 10)):
+        nn.functional.cross_entropy(model(xs[part]), ys[part]).backward()
+    with torch.no_grad():  # forward passes without backward are ignored
+        model(xs)
+    assert acc.num_examples == 10
+    torch.testing.assert_close(acc.curvature(model[0].weight), ref["0.weight"])
+    acc.reset()
+    assert acc.num_examples == 0
+
+
+def test_fisher_mc_converges_to_exact_fisher():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    # exact diagonal Fisher: E_x sum_y p(y|x) g(x, y)^2, enumerating all 4 classes
+    exact = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)
+    for label in range(4):
+        sq = per_example_sq_grads(model, lambda out, xi, yi: nn.functional.cross_entropy(out, yi[None]),
+                                  x, torch.full((5,), label))
+        # per_example_sq_grads averages over x; weight each example by p(label | x_n)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        g = vmap(grad(lambda p, xi: nn.functional.cross_entropy(functional_call(model, p, (xi[None],)),
+                                                                 torch.tensor([label]))),
+                 in_dims=(None, 0))(params, x)
+        for k in exact:
+            w = probs[:, label].reshape(-1, *([1] * (g[k].dim() - 1)))
+            exact[k] += (w * g[k] ** 2).mean(0)
+    acc = FisherAccumulator(model, mode="fisher-mc")
+    model.zero_grad()
+    acc.accumulate_mc(x, num_samples=4000)
+    assert model[0].weight.grad is None  # its own backward: .grad untouched
+    assert acc.num_examples == 5 * 4000
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(acc.curvature(param), exact[name], rtol=0.1, atol=1e-3)
+    with pytest.raises(RuntimeError, match="mode='fisher-mc'"):
+        FisherAccumulator(model).accumulate_mc(x)
+
+
+def test_write_to_mackay_adam():
+    model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=10)
+    acc = FisherAccumulator(model)
+    assert acc.unsupported == ["1"]
+    nn.functional.cross_entropy(model(torch.randn(6, 4)), torch.randint(0, 2, (6,))).backward()
+    assert acc.write_to(optimizer) == 2  # the two weights; biases are plain Adam
+    torch.testing.assert_close(optimizer.state[model[0].weight]["curvature"], acc.curvature(model[0].weight))
+    with pytest.raises(ValueError, match=r"unsupported layers \['1'\]"):
+        FisherAccumulator(model, strict=True)
+
+
+def test_bad_arguments():
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="mode"):
+        FisherAccumulator(model, mode="hessian")
+    with pytest.raises(ValueError, match="loss_reduction"):
+        FisherAccumulator(model, loss_reduction="max")
+    with pytest.raises(ValueError, match="no modules named"):
+        FisherAccumulator(model, modules=["7"])
+    with pytest.raises(ValueError, match="no supported layer"):
+        FisherAccumulator(nn.Sequential(nn.BatchNorm1d(3)))
+    with pytest.raises(KeyError, match="no curvature"):
+        FisherAccumulator(model).curvature(model[0].weight)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(128, 300, 784), (7, 5, 3), (33, 17, 41), (0, 4, 4), (5, 1, 1)], ids=str)
+def test_sq_gemm_matches_float64(device, dtype, shape):
+    n, o, i = shape
+    a, b = torch.randn(n, o, dtype=dtype, device=device), torch.randn(n, i, dtype=dtype, device=device)
+    out = torch.randn(o, i, dtype=dtype, device=device)
+    expected = out.double() + 0.5 * (a.double() ** 2).t() @ (b.double() ** 2)
+    sq_gemm_accumulate_(out, a, b, 0.5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sq_gemm_opcheck_and_bad_input(device):
+    a, b = torch.randn(6, 5, device=device), torch.randn(6, 4, device=device)
+    torch.library.opcheck(torch.ops.mackay_ext.sq_gemm_accumulate_.default, (torch.zeros(5, 4, device=device), a, b, 2.0))
+    with pytest.raises(RuntimeError, match="one row per example"):
+        sq_gemm_accumulate_(torch.zeros(5, 4, device=device), a, b[:5])
+    with pytest.raises(RuntimeError, match=r"out must have shape"):
+        sq_gemm_accumulate_(torch.zeros(4, 5, device=device), a, b)
+    with pytest.raises(TypeError, match="must have out's dtype"):
+        sq_gemm_accumulate_(torch.zeros(5, 4, device=device), a.double(), b)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        sq_gemm_accumulate_(torch.zeros(4, 5, device=device).t(), a, b)
