@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--rule", default="mackay", choices=("mackay", "em", "paper"))
     prune.add_argument("--prune", dest="criterion", default="snr", choices=("snr", "alpha"))
     prune.add_argument("--threshold", type=float, help="pruning threshold (snr: 0.05, alpha: 1e13)")
+    prune.add_argument("--curvature", default="ef-batch", choices=("ef-batch", "ef-exact", "fisher-mc"),
+                       help="diagonal curvature estimate for MacKay's gamma")
     prune.add_argument("--schedule", default="paper", choices=("paper", "in-run"))
     prune.add_argument("--pretrain-epochs", type=int)
     prune.add_argument("--rounds", type=int, help="outer MacKay iterations (paper schedule)")
@@ -98,7 +100,8 @@ def _settings(args) -> dict[str, Any]:
             recipe[key] = getattr(args, key)
     return dict(model=args.model, dataset=args.dataset or models.DEFAULT_DATASET[args.model],
                 data_dir=args.data_dir, granularity=args.granularity, rule=args.rule,
-                prune=args.criterion, threshold=args.threshold, schedule=args.schedule,
+                prune=args.criterion, threshold=args.threshold, curvature=args.curvature,
+                schedule=args.schedule,
                 update_every=args.update_every, patience=args.patience, seed=args.seed,
                 device=args.device, backend=args.backend, **recipe)
 
@@ -186,7 +189,8 @@ def run_prune(args, parser) -> int:
     os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     pruner_options = dict(granularity=settings["granularity"], rule=settings["rule"],
-                          prune=settings["prune"], threshold=settings["threshold"])
+                          prune=settings["prune"], threshold=settings["threshold"],
+                          curvature=settings.get("curvature", "ef-batch"))
     trainer = Trainer(model, data, config, pruner_options=pruner_options, device=settings["device"],
                       checkpoint=checkpoint, progress=progress.line, batch_progress=progress.bar)
     trainer.extra_state = {"cli_settings": settings}

@@ -28,6 +28,9 @@ CHUNK_BYTES = 64 << 20  # bound on the per-example gradients held at once
 def sq_gemm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
                         backend: str = "ext") -> None:
     """out += scale * (a * a)^T (b * b) in place; a: [N, out], b: [N, in], out: [out, in]."""
+    if backend == "ext" and _extension.is_loaded():
+        torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale))
+        return
     check_choice("backend", backend, BACKENDS, "sq_gemm_accumulate_")
     if backend == "torch":
         if a.shape[0] != b.shape[0] or out.shape != (a.shape[1], b.shape[1]):
@@ -127,25 +130,29 @@ class FisherAccumulator:
         return float(batch) if self.loss_reduction == "mean" else 1.0
 
     def _sum_for(self, param: nn.Parameter) -> torch.Tensor:
-        if param not in self.sums:
-            self.sums[param] = torch.zeros_like(param, memory_format=torch.contiguous_format)
-        return self.sums[param]
+        total = self.sums.get(param)
+        if total is None:
+            total = self.sums[param] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        return total
 
     def _accumulate(self, module, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         batch = inputs[0].shape[0]
-        if any(x.shape[0] != batch for x in inputs):
+        if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
             raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
-        for param in module.parameters(recurse=False):
-            self.counts[param] += batch
+        weight, bias = module.weight, module.bias
+        self.counts[weight] += batch
+        if bias is not None:
+            self.counts[bias] += batch
         scale = self._scale(batch)
-        if isinstance(module, nn.Linear) and len(inputs) == 1 and inputs[0].dim() == 2:
+        if len(inputs) == 1 and inputs[0].dim() == 2 and isinstance(module, nn.Linear):
             x, delta = inputs[0], grads[0]
-            if module.weight.dtype in (torch.float32, torch.float64):
-                sq_gemm_accumulate_(self._sum_for(module.weight), delta, x, scale * scale, self.backend)
+            s2 = scale * scale
+            if weight.dtype in (torch.float32, torch.float64):
+                sq_gemm_accumulate_(self._sum_for(weight), delta, x, s2, self.backend)
             else:
-                self._sum_for(module.weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * scale * scale)
-            if module.bias is not None:
-                self._sum_for(module.bias).add_((delta * delta).sum(0), alpha=scale * scale)
+                self._sum_for(weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * s2)
+            if bias is not None:
+                self._sum_for(bias).add_(delta.square().sum(0), alpha=s2)
             return
         self._accumulate_per_example(module, inputs, grads, scale)
 

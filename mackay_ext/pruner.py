@@ -19,7 +19,7 @@ from . import ops
 from .optim import MacKayAdam
 
 GRANULARITIES = ("weight", "input", "output", "filter")
-CURVATURES = ("ef-batch",)
+CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
 DEFAULTS = dict(granularity="weight", rule="mackay", prune="snr", threshold=None)
 
 
@@ -60,7 +60,11 @@ class MacKayPruner:
             (threshold 1e13, the paper's). Per-weight MacKay with the alpha criterion barely
             prunes a network trained with Adam; snr at 0.05 pruned ~85% of the digits MLP with no
             accuracy lost, hence the default.
-        curvature: "ef-batch" (h <- rho h + (1 - rho) B g^2, accumulated during training).
+        curvature: "ef-batch" (h <- rho h + (1 - rho) B g^2, accumulated during training by the
+            optimizer step), "ef-exact" (exact per-example squared gradients of every training
+            backward, mackay_ext.curvature.FisherAccumulator) or "fisher-mc" (sampled-label Fisher;
+            feed batches with `accumulate_mc(x)`). The exact estimates are averaged over everything
+            seen since the previous update().
         batch_size, curvature_decay: B and rho for the ef-batch estimate when the optimizer is
             not a MacKayAdam (MacKayAdam uses its own).
         alpha_max: cap on alpha. Adam-type optimizers need none; plain SGD diverges once
@@ -86,6 +90,11 @@ class MacKayPruner:
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
         self.fused = isinstance(optimizer, MacKayAdam)
         self.layers = self._select_layers(layers)
+        self.accumulator = None
+        if curvature != "ef-batch":
+            from .curvature import FisherAccumulator
+            self.accumulator = FisherAccumulator(model, mode=curvature, modules=list(self.layers),
+                                                 backend=backend)
         self.granularity = {name: granularity.get(name, "weight") if isinstance(granularity, dict)
                             else granularity for name in self.layers}
         self.history: list[dict[str, Any]] = []
@@ -94,10 +103,11 @@ class MacKayPruner:
         if self.fused:
             self._attach_to_optimizer()
         else:
-            if batch_size is None:
+            if batch_size is None and curvature == "ef-batch":
                 raise ValueError("MacKayPruner: batch_size is needed for the ef-batch curvature "
                                  "when the optimizer is not a MacKayAdam")
-            self.batch_size, self.curvature_decay = float(batch_size), float(curvature_decay)
+            self.batch_size = float(batch_size or 1)
+            self.curvature_decay = float(curvature_decay)
             self._attach_hooks()
 
     # ------------------------------------------------------------------ set-up
@@ -121,7 +131,7 @@ class MacKayPruner:
             group = self.optimizer._group_of(module.weight)
             if not group["ard"]:
                 raise ValueError(f"MacKayPruner: {name}.weight is in a MacKayAdam group with ard=False")
-            if group["batch_size"] is None:
+            if group["batch_size"] is None and self.curvature_kind == "ef-batch":
                 raise ValueError("MacKayPruner: the ef-batch curvature needs MacKayAdam(batch_size=...)")
             state = self.optimizer.ard_state(module.weight)
             shape = alpha_shape(module, self.granularity[name])
@@ -135,7 +145,11 @@ class MacKayPruner:
                 "alpha": torch.zeros(alpha_shape(module, self.granularity[name]), dtype=torch.float32,
                                      device=weight.device),
                 "curvature": torch.zeros_like(weight)}
-            self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
+            if self.curvature_kind == "ef-batch":
+                self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
+            else:  # the exact estimates only need pruned gradients held at 0
+                self._hooks.append(weight.register_hook(
+                    lambda grad, name=name: grad.masked_fill((self._own[name]["alpha"] == math.inf).expand_as(grad), 0)))
         if self.optimizer is not None:
             self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self.apply_masks()))
 
@@ -153,10 +167,31 @@ class MacKayPruner:
         return hook
 
     def detach(self) -> None:
-        """Remove the gradient and optimizer hooks (non-MacKayAdam path)."""
+        """Remove the gradient, optimizer and curvature hooks."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self.accumulator is not None:
+            self.accumulator.detach()
+
+    def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
+        """fisher-mc: add the sampled-label Fisher of a batch of inputs (its own backward)."""
+        if self.curvature_kind != "fisher-mc":
+            raise RuntimeError("MacKayPruner.accumulate_mc needs curvature='fisher-mc'")
+        self.accumulator.accumulate_mc(x, num_samples)
+
+    @torch.no_grad()
+    def _refresh_curvature(self) -> None:
+        """Move the exact estimate into the curvature the update reads, and start afresh."""
+        if self.accumulator is None:
+            return
+        if self.accumulator.num_examples == 0:
+            raise RuntimeError(f"MacKayPruner.update: no {self.curvature_kind} curvature accumulated yet "
+                               + ("(call accumulate_mc(x) on training batches)"
+                                  if self.curvature_kind == "fisher-mc" else "(run a training backward first)"))
+        for name, module in self.layers.items():
+            self.curvature(name).copy_(self.accumulator.curvature(module.weight))
+        self.accumulator.reset()
 
     # ------------------------------------------------------------------ state
     def alpha(self, name: str) -> torch.Tensor:
@@ -193,6 +228,7 @@ class MacKayPruner:
         """One MacKay re-estimation of every layer's alpha, then pruning. Returns a report:
         per layer the total and kept weights, total and kept groups, sum of gamma and alpha
         quantiles; overall totals and the sparsity."""
+        self._refresh_curvature()
         layers = []
         for name, module in self.layers.items():
             alpha = self.alpha(name)

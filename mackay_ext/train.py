@@ -128,6 +128,8 @@ class Trainer:
             loss = nn.functional.cross_entropy(self.model(xb), yb)
             loss.backward()
             self.optimizer.step()
+            if self.pruner.curvature_kind == "fisher-mc":
+                self.pruner.accumulate_mc(xb)
             total += float(loss.detach()) * len(index)
         return total / self.num_data
 

@@ -127,3 +127,28 @@ def test_bad_arguments():
     optimizer = MacKayAdam(model.parameters(), lr=1e-3, num_data=10)
     with pytest.raises(ValueError, match="needs MacKayAdam\\(batch_size"):
         MacKayPruner(model, optimizer, num_data=10)
+
+
+@pytest.mark.parametrize("curvature", ["ef-exact", "fisher-mc"])
+def test_exact_curvatures(digits, curvature):
+    model = make_mlp()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=len(digits.x_train))
+    pruner = MacKayPruner(model, optimizer, num_data=len(digits.x_train), curvature=curvature)
+    with pytest.raises(RuntimeError, match="no .* curvature accumulated"):
+        pruner.update()
+    generator = torch.Generator().manual_seed(1)
+    for epoch in range(12):
+        order = torch.randperm(len(digits.x_train), generator=generator)
+        for start in range(0, len(order), 32):
+            index = order[start:start + 32]
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(digits.x_train[index]), digits.y_train[index]).backward()
+            optimizer.step()
+            if curvature == "fisher-mc":
+                pruner.accumulate_mc(digits.x_train[index])
+        if epoch in (5, 8, 11):
+            report = pruner.update()
+    assert pruner.curvature("0").abs().sum() > 0
+    assert pruner.accumulator.num_examples == 0  # reset after every update
+    assert 0 < report["kept"] < report["total"]
+    pruner.detach()
