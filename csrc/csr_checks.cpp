@@ -1,5 +1,6 @@
 // Argument checks of the CSR ops (device independent).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include "mackay/csr.h"
@@ -30,6 +31,22 @@ at::Tensor check_csr_matmul_args(const char* op, const at::Tensor& x, const at::
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, op, ": x's last dimension must be "
               "in_features = ", in_features, ", got x of shape ", x.sizes());
   return x.reshape({-1, in_features}).contiguous();
+}
+
+std::pair<at::Tensor, at::Tensor> check_csr_sddmm_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                                       const at::Tensor& crow, const at::Tensor& col,
+                                                       int64_t in_features) {
+  const int64_t out = crow.dim() == 1 ? crow.size(0) - 1 : -1;
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == out, "csr_sddmm: grad_out's last dimension "
+              "must be out_features = ", out, ", got ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "csr_sddmm: grad_out must have x's "
+                   "dtype ", x.scalar_type(), ", got ", grad_out.scalar_type());
+  const at::Tensor x2d = check_csr_matmul_args("csr_sddmm", x, crow, col,
+                                               at::empty({col.size(0)}, x.options()), in_features);
+  const at::Tensor g2d = grad_out.reshape({-1, out}).contiguous();
+  TORCH_CHECK(g2d.size(0) == x2d.size(0), "csr_sddmm: grad_out and x must have the same leading "
+              "dimensions, got ", grad_out.sizes(), " and ", x.sizes());
+  return {x2d, g2d};
 }
 
 std::vector<int64_t> csr_output_shape(const at::Tensor& x, int64_t out_features) {

@@ -153,22 +153,9 @@ void mackay_adam_kernel_cpu(const std::vector<AdamTensor>& tensors, const AdamHy
       });
 }
 
-void mackay_adam_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                          at::TensorList exp_avg_sqs, at::TensorList steps,
-                          at::TensorList curvatures, at::TensorList alphas, double lr,
-                          double beta1, double beta2, double eps, double weight_decay,
-                          bool decoupled_weight_decay, double num_data, double batch_size,
-                          double curvature_decay, const std::optional<at::Tensor>& grad_scale,
-                          const std::optional<at::Tensor>& found_inf) {
-  const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
-                        num_data, batch_size, curvature_decay, !curvatures.empty()};
-  run_mackay_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, hyper,
-                       grad_scale, found_inf, &mackay_adam_kernel_cpu);
-}
-
 }  // namespace
 }  // namespace mackay
 
 TORCH_LIBRARY_IMPL(mackay_ext, CPU, m) {
-  m.impl("mackay_adam_step_", &mackay::mackay_adam_step_cpu);
+  m.impl("mackay_adam_step_", &mackay::mackay_adam_step_op<&mackay::mackay_adam_kernel_cpu>);
 }

@@ -182,14 +182,8 @@ at::Tensor csr_matmul_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
 // (SDDMM: grad_out^T x sampled at the nonzeros).
 at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                          const at::Tensor& col, int64_t in_features) {
+  const auto [x2d, g2d] = check_csr_sddmm_args(grad_out, x, crow, col, in_features);
   const int64_t out = crow.size(0) - 1;
-  TORCH_CHECK(grad_out.size(-1) == out, "csr_sddmm: grad_out's last dimension must be out_features = ",
-              out, ", got ", grad_out.sizes());
-  const at::Tensor x2d = check_csr_matmul_args("csr_sddmm", x, crow, col,
-                                               at::empty({col.size(0)}, x.options()), in_features);
-  const at::Tensor g2d = grad_out.reshape({-1, out}).contiguous();
-  TORCH_CHECK(g2d.size(0) == x2d.size(0), "csr_sddmm: grad_out and x must have the same leading "
-              "dimensions, got ", grad_out.sizes(), " and ", x.sizes());
   const int64_t batch = x2d.size(0), nnz = col.size(0);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   at::Tensor grad_values = at::zeros({nnz}, x.options());

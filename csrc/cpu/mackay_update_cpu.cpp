@@ -216,19 +216,9 @@ void mackay_update_kernel_cpu(const GroupProblem& problem, const UpdateParams& p
   num_pruned.fill_(pruned);
 }
 
-std::tuple<at::Tensor, at::Tensor> mackay_update_cpu(
-    at::Tensor& weight, const at::Tensor& curvature, at::Tensor& alpha, double num_data,
-    c10::string_view rule, c10::string_view prune, std::optional<double> threshold, double eps,
-    double alpha_min, std::optional<double> alpha_max) {
-  return run_mackay_update(weight, curvature, alpha, num_data,
-                           std::string_view(rule.data(), rule.size()),
-                           std::string_view(prune.data(), prune.size()), threshold, eps,
-                           alpha_min, alpha_max, &mackay_update_kernel_cpu);
-}
-
 }  // namespace
 }  // namespace mackay
 
 TORCH_LIBRARY_IMPL(mackay_ext, CPU, m) {
-  m.impl("mackay_update_", &mackay::mackay_update_cpu);
+  m.impl("mackay_update_", &mackay::mackay_update_op<&mackay::mackay_update_kernel_cpu>);
 }

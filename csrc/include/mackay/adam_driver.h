@@ -32,4 +32,20 @@ void run_mackay_adam_step(at::TensorList params, at::TensorList grads, at::Tenso
                           const std::optional<at::Tensor>& grad_scale,
                           const std::optional<at::Tensor>& found_inf, AdamKernel kernel);
 
+// The op's registered signature, for a device's kernel: TORCH_LIBRARY_IMPL(..., DEV, m)
+// { m.impl("mackay_adam_step_", &mackay_adam_step_op<&my_kernel>); }
+template <AdamKernel kKernel>
+void mackay_adam_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList steps,
+                         at::TensorList curvatures, at::TensorList alphas, double lr, double beta1,
+                         double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
+                         double num_data, double batch_size, double curvature_decay,
+                         const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf) {
+  const AdamHyper hyper{lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+                        num_data, batch_size, curvature_decay, !curvatures.empty()};
+  run_mackay_adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, hyper,
+                       grad_scale, found_inf, kKernel);
+}
+
 }  // namespace mackay

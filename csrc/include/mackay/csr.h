@@ -5,11 +5,19 @@
 // kernels never read outside the arrays even when given bad indices.
 #include <ATen/core/Tensor.h>
 
+#include <utility>
+#include <vector>
+
 namespace mackay {
 
 // Validates the CSR arrays against x ([..., in]) and returns x as a contiguous [rows, in] matrix.
 at::Tensor check_csr_matmul_args(const char* op, const at::Tensor& x, const at::Tensor& crow,
                                  const at::Tensor& col, const at::Tensor& values, int64_t in_features);
+
+// Validates csr_sddmm's arguments; returns (x, grad_out) as contiguous [rows, in] / [rows, out].
+std::pair<at::Tensor, at::Tensor> check_csr_sddmm_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                                       const at::Tensor& crow, const at::Tensor& col,
+                                                       int64_t in_features);
 
 // The shape of y: x's leading dimensions, then `out_features`.
 std::vector<int64_t> csr_output_shape(const at::Tensor& x, int64_t out_features);

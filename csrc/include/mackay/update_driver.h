@@ -3,6 +3,7 @@
 // [groups, group_size] (a view when strides allow, a working copy otherwise) and hands that
 // to a device kernel. Shared by the CPU and CUDA registrations.
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <string_view>
@@ -29,5 +30,17 @@ std::tuple<at::Tensor, at::Tensor> run_mackay_update(
     double num_data, std::string_view rule, std::string_view prune,
     std::optional<double> threshold, double eps, double alpha_min,
     std::optional<double> alpha_max, GroupKernel kernel);
+
+// The op's registered signature, for a device's kernel (see mackay_adam_step_op).
+template <GroupKernel kKernel>
+std::tuple<at::Tensor, at::Tensor> mackay_update_op(
+    at::Tensor& weight, const at::Tensor& curvature, at::Tensor& alpha, double num_data,
+    c10::string_view rule, c10::string_view prune, std::optional<double> threshold, double eps,
+    double alpha_min, std::optional<double> alpha_max) {
+  return run_mackay_update(weight, curvature, alpha, num_data,
+                           std::string_view(rule.data(), rule.size()),
+                           std::string_view(prune.data(), prune.size()), threshold, eps,
+                           alpha_min, alpha_max, kKernel);
+}
 
 }  // namespace mackay
