@@ -270,17 +270,23 @@ def test_bad_csr_rejected(name, damage, message):
         SparseLinear(5, 8, crow, col, values)
 
 
-def test_raw_op_never_reads_out_of_bounds():
-    weight, crow, col, values = random_csr(5, 8, 0.5)
-    bad_col = col.clone()
-    bad_col[0] = 10 ** 9
-    for batch in (2, 40):
-        with pytest.raises(RuntimeError, match="malformed CSR"):
-            torch.ops.mackay_ext.csr_matmul(torch.randn(batch, 8, dtype=torch.float64), crow, bad_col, values, 8)
+@pytest.mark.parametrize("dtype,index_dtype", [(torch.float64, torch.int64), (torch.float32, torch.int32)],
+                         ids=str)
+def test_raw_op_never_reads_out_of_bounds(dtype, index_dtype):
+    # 40 x 60 at 50%: rows long enough for the vectorised gather path (float32 / int32)
+    weight, crow, col, values = random_csr(40, 60, 0.5, dtype, index_dtype=index_dtype)
+    for position in (0, 13, int(crow[3])):
+        bad_col = col.clone()
+        bad_col[position] = 10 ** 9 if position else -5
+        for batch in (1, 2, 40):
+            x = torch.randn(batch, 60, dtype=dtype)
+            with pytest.raises(RuntimeError, match="malformed CSR"):
+                torch.ops.mackay_ext.csr_matmul(x, crow, bad_col, values, 60)
     bad_crow = crow.clone()
     bad_crow[2] = 10 ** 6
-    with pytest.raises(RuntimeError, match="malformed CSR"):
-        torch.ops.mackay_ext.csr_matmul(torch.randn(40, 8, dtype=torch.float64), bad_crow, col, values, 8)
+    for batch in (1, 40):
+        with pytest.raises(RuntimeError, match="malformed CSR"):
+            torch.ops.mackay_ext.csr_matmul(torch.randn(batch, 60, dtype=dtype), bad_crow, col, values, 60)
 
 
 def test_bad_inputs_to_the_op():

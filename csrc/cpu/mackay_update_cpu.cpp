@@ -2,6 +2,7 @@
 // layout allows (one alpha per weight, or groups laid side by side / along a row).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 
 #include <algorithm>
