@@ -4,6 +4,8 @@ gradients by torch.func (vmap(grad)), and BackPACK's SumGradSquared / DiagGGNMC 
 backpack-for-pytorch is installed (pip install backpack-for-pytorch; benchmark only).
 
 Run:  pytest bench/bench_curvature.py --benchmark-only
+All implementations of a model are timed round-robin in one loop (conftest.interleaved), so a
+drift in the machine's speed cannot favour one of them.
 Targets (issue 4), 2-core CPU, LeNet-300-100 at batch 128: ef-exact <= 1.6x a plain
 forward+backward, >= 3x faster than torch.func, not slower than BackPACK.
 """
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from conftest import DEVICES, best_seconds, synchronize
+from conftest import DEVICES, interleaved
 from mackay_ext import models
 from mackay_ext.curvature import FisherAccumulator
 
@@ -30,60 +32,56 @@ IMPLEMENTATIONS = ["plain", "ef-exact", "ef-exact (torch)", "fisher-mc", "torch.
 BATCH = 128
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("model_name", list(MODELS))
-def test_curvature_overhead(benchmark, record, device, model_name, implementation):
-    if implementation.startswith("backpack") and backpack is None:
-        pytest.skip("backpack-for-pytorch is not installed")
-    torch.manual_seed(0)
-    model = models.create(model_name).to(device)
-    x = torch.randn(BATCH, *MODELS[model_name], device=device)
-    y = torch.randint(0, 10, (BATCH,), device=device)
+def make_step(implementation, model, x, y, device):
+    """A training step that also produces the curvature `implementation` estimates."""
     loss_fn = nn.CrossEntropyLoss()
-
+    model = copy.deepcopy(model)
     if implementation in ("plain", "ef-exact", "ef-exact (torch)"):
         if implementation != "plain":
             FisherAccumulator(model, backend="torch" if "torch" in implementation else "ext")
 
-        def run():
+        def step():
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
-            synchronize(device)
-    elif implementation == "fisher-mc":
+        return step
+    if implementation == "fisher-mc":
         accumulator = FisherAccumulator(model, mode="fisher-mc")
 
-        def run():  # the training step's own backward, plus the sampled-label one
+        def step():  # the training step's own backward, plus the sampled-label one
             model.zero_grad(set_to_none=True)
             loss_fn(model(x), y).backward()
             accumulator.accumulate_mc(x)
-            synchronize(device)
-    elif implementation == "torch.func":
+        return step
+    if implementation == "torch.func":
         params = {k: v.detach() for k, v in model.named_parameters()}
+        per_example = vmap(grad(lambda p, xi, yi: loss_fn(functional_call(model, p, (xi[None],)), yi[None])),
+                           in_dims=(None, 0, 0))
 
-        def one(p, xi, yi):
-            return loss_fn(functional_call(model, p, (xi[None],)), yi[None])
-
-        per_example = vmap(grad(one), in_dims=(None, 0, 0))
-
-        def run():
+        def step():
             model.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()       # the training gradient
-            sums = {k: (g ** 2).sum(0) for k, g in per_example(params, x, y).items()}
-            synchronize(device)
-            return sums
-    else:
-        extended = backpack.extend(copy.deepcopy(model))
-        extended_loss = backpack.extend(nn.CrossEntropyLoss())
-        extension = SumGradSquared() if "SumGrad" in implementation else DiagGGNMC()
+            loss_fn(model(x), y).backward()  # the training gradient
+            return {k: (g ** 2).sum(0) for k, g in per_example(params, x, y).items()}
+        return step
+    extended = backpack.extend(model)
+    extended_loss = backpack.extend(nn.CrossEntropyLoss())
+    extension = SumGradSquared() if "SumGrad" in implementation else DiagGGNMC()
 
-        def run():
-            extended.zero_grad(set_to_none=True)
-            with backpack.backpack(extension):
-                extended_loss(extended(x), y).backward()
-            synchronize(device)
+    def step():
+        extended.zero_grad(set_to_none=True)
+        with backpack.backpack(extension):
+            extended_loss(extended(x), y).backward()
+    return step
 
-    rounds = 20 if device == "cpu" else 100
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=2)
-    record("curvature", f"{device} {model_name} batch {BATCH}", implementation,
-           best_seconds(benchmark), baseline="plain")
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_curvature_overhead(benchmark, record, device, model_name):
+    torch.manual_seed(0)
+    model = models.create(model_name).to(device)
+    x = torch.randn(BATCH, *MODELS[model_name], device=device)
+    y = torch.randint(0, 10, (BATCH,), device=device)
+    names = [n for n in IMPLEMENTATIONS if backpack is not None or not n.startswith("backpack")]
+    steps = {name: make_step(name, model, x, y, device) for name in names}
+    best = interleaved(benchmark, steps, rounds=30 if device == "cpu" else 100, device=device)
+    for name, seconds in best.items():
+        record("curvature", f"{device} {model_name} batch {BATCH}", name, seconds, baseline="plain")

@@ -2,6 +2,7 @@
 and Adam(foreach=True), same parameters, same process.
 
 Run:  pytest bench/bench_optim.py --benchmark-only
+The implementations are timed round-robin in one loop (conftest.interleaved).
 Targets (issue 3): 2-core CPU at 16M: ext >= 4x faster than the fallback and <= 1.5x the time
 of fused Adam; H100/H200: effective bandwidth >= 75% of a device-to-device copy (same run).
 Effective bandwidth counts 40 B/param for the MacKay step with per-weight alpha and curvature
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from mackay_ext.optim import MacKayAdam
-from conftest import DEVICES, best_seconds, synchronize
+from conftest import DEVICES, interleaved
 
 SIZES = {"1M": 1 << 20, "16M": 1 << 24, "64M": 1 << 26}
 NUM_WEIGHTS, BIAS_SIZE = 50, 1024  # ~100 tensors: 50 weight matrices and 50 bias vectors
@@ -51,31 +52,25 @@ def bytes_moved(name, weights, biases):
     return (40 * ard + 28 * plain) if name in ("ext", "torch") else 28 * (ard + plain)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("size", list(SIZES))
-def test_optimizer_step(benchmark, record, device, size, implementation):
-    if device == "cpu":
-        rounds = {"1M": 30, "16M": 15, "64M": 5}[size] if implementation != "torch" else 3
-    else:
-        rounds = 50
-    weights, biases = make_params(SIZES[size], device)
+def make_step(implementation, total, device):
+    weights, biases = make_params(total, device)
     if implementation == "copy":  # the memory system's ceiling: read 4 B + write 4 B per param
         flat = torch.cat([p.detach().reshape(-1) for p in weights + biases])
         target = torch.empty_like(flat)
+        return (lambda: target.copy_(flat)), bytes_moved(implementation, weights, biases)
+    optimizer = make_optimizer(implementation, weights, biases)
+    optimizer.step()  # state creation stays out of the timing
+    return optimizer.step, bytes_moved(implementation, weights, biases)
 
-        def run():
-            target.copy_(flat)
-            synchronize(device)
-    else:
-        optimizer = make_optimizer(implementation, weights, biases)
-        optimizer.step()  # state creation stays out of the timing
 
-        def run():
-            optimizer.step()
-            synchronize(device)
-
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
-    seconds = best_seconds(benchmark)
-    record("optimizer_step", f"{device} {size}", implementation, seconds, baseline="ext",
-           GBps=bytes_moved(implementation, weights, biases) / seconds / 1e9)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_optimizer_step(benchmark, record, device, size):
+    steps, moved = {}, {}
+    for name in IMPLEMENTATIONS:
+        steps[name], moved[name] = make_step(name, SIZES[size], device)
+    rounds = {"1M": 30, "16M": 10, "64M": 4}[size] if device == "cpu" else 50
+    best = interleaved(benchmark, steps, rounds=rounds, device=device)
+    for name, seconds in best.items():
+        record("optimizer_step", f"{device} {size}", name, seconds, baseline="ext",
+               GBps=moved[name] / seconds / 1e9)

@@ -44,6 +44,25 @@ def record():
     return _record
 
 
+def interleaved(benchmark, functions, rounds, device="cpu"):
+    """Time several implementations round-robin (one call of each per round) so that drift in
+    a shared machine's speed hits them all alike; returns {name: fastest seconds}. The
+    pytest-benchmark statistics are those of a whole round."""
+    import time
+    times = {name: [] for name in functions}
+
+    def one_round():
+        for name, function in functions.items():
+            synchronize(device)
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=2)
+    return {name: min(values) for name, values in times.items()}
+
+
 def best_seconds(benchmark):
     """Fastest round: on a shared, noisy machine the least-disturbed measurement."""
     return benchmark.stats.stats.min
