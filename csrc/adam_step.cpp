@@ -15,6 +15,16 @@ bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The kernels walk every tensor of a parameter in one flat order: strides must agree wherever
+// they matter (dimensions of size > 1 of a non-empty tensor).
+bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0) return true;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 void check_like_param(const at::Tensor& t, const at::Tensor& param, const char* name, size_t i) {
   TORCH_CHECK(t.defined(), kOp, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, kOp, ": ", name, "[", i, "] must be dense (sparse "
@@ -23,8 +33,8 @@ void check_like_param(const at::Tensor& t, const at::Tensor& param, const char* 
               " but params[", i, "] is on ", param.device());
   TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), kOp, ": ", name, "[", i, "] must have "
                    "the dtype of params[", i, "] (", param.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == param.sizes() && t.strides() == param.strides(), kOp, ": ", name, "[",
-              i, "] must have the shape and strides of params[", i, "] ", param.sizes(), "/",
+  TORCH_CHECK(t.sizes() == param.sizes() && same_layout(t, param), kOp, ": ", name, "[", i,
+              "] must have the shape and strides of params[", i, "] ", param.sizes(), "/",
               param.strides(), ", got ", t.sizes(), "/", t.strides());
 }
 
