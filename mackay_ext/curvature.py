@@ -232,6 +232,23 @@ class FisherAccumulator:
                            "supported layer, or no batch accumulated yet)")
         return self.sums[param] / max(self.counts[param], 1)
 
+    @torch.no_grad()
+    def all_reduce(self, group=None) -> None:
+        """Sum the accumulated squares and example counts over the ranks of a torch.distributed
+        process group, so every rank holds the estimate of the global batch (call it on every
+        rank before reading curvature(); under DDP each rank's hooks see only its own shard)."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return
+        params = [p for m in self.layers.values() for p in m.parameters(recurse=False)]
+        for param in params:  # every rank must reduce the same tensors, in the same order
+            dist.all_reduce(self._sum_for(param), group=group)
+        device = params[0].device if params else "cpu"
+        counts = torch.tensor([self.counts[p] for p in params], dtype=torch.float64, device=device)
+        dist.all_reduce(counts, group=group)
+        for param, count in zip(params, counts.tolist()):
+            self.counts[param] = int(count)
+
     def reset(self) -> None:
         for total in self.sums.values():
             total.zero_()

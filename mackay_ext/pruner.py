@@ -69,6 +69,11 @@ class MacKayPruner:
             not a MacKayAdam (MacKayAdam uses its own).
         alpha_max: cap on alpha. Adam-type optimizers need none; plain SGD diverges once
             lr * alpha / N > 2 (the prior's curvature), so bound alpha_max below 2 N / lr there.
+
+    DistributedDataParallel: every rank builds the pruner and calls update() at the same step.
+    The exact curvatures are summed over ranks (with their example counts) before the update;
+    ef-batch is computed from DDP's already averaged gradients (pass the global batch size as
+    MacKayAdam's batch_size), so every rank computes identical alpha and identical pruning.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
@@ -185,6 +190,7 @@ class MacKayPruner:
         """Move the exact estimate into the curvature the update reads, and start afresh."""
         if self.accumulator is None:
             return
+        self.accumulator.all_reduce()  # under torch.distributed: the global batch's estimate
         if self.accumulator.num_examples == 0:
             raise RuntimeError(f"MacKayPruner.update: no {self.curvature_kind} curvature accumulated yet "
                                + ("(call accumulate_mc(x) on training batches)"
