@@ -3,6 +3,7 @@
   mackay-ext prune                      # the digits MLP on scikit-learn's digits, < 1 minute
   mackay-ext prune --model lenet-300-100 --data-dir ../shared/data/mnist --out runs/lenet
   mackay-ext evaluate runs/lenet/model.pt --data-dir ../shared/data/mnist
+  torchrun --standalone --nproc_per_node 2 -m mackay_ext.cli prune ...   # DistributedDataParallel
 """
 from __future__ import annotations
 
@@ -157,10 +158,31 @@ def save_model(path: str, model_name: str, model: torch.nn.Module) -> dict[str, 
     return save_compressed(compressed, path, model_name=model_name)
 
 
+def _init_distributed(device: str) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the process group; returns this rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return dist.get_rank()
+
+
 def run_prune(args, parser) -> int:
+    rank = _init_distributed(args.device)
+    try:
+        return _run_prune(args, parser, rank)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_prune(args, parser, rank: int) -> int:
     for name in ("pretrain_epochs", "rounds", "epochs", "batch_size", "lr", "update_every", "patience"):
         _positive(parser, name, getattr(args, name))
-    progress = _Progress(args.quiet)
+    progress = _Progress(args.quiet or rank != 0)
     resume_state = None
     if args.resume:
         try:
@@ -186,7 +208,8 @@ def run_prune(args, parser) -> int:
                        update_every=settings["update_every"], batch_size=settings["batch_size"],
                        lr=settings["lr"], retrain_lr=settings["lr"], patience=settings["patience"],
                        seed=settings["seed"], backend=settings["backend"])
-    os.makedirs(args.out, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     pruner_options = dict(granularity=settings["granularity"], rule=settings["rule"],
                           prune=settings["prune"], threshold=settings["threshold"],
@@ -201,6 +224,8 @@ def run_prune(args, parser) -> int:
     trainer.wall_clock_start = started
     trainer.run()
     wall = time.perf_counter() - started
+    if rank != 0:  # rank 0 reports and writes; every rank holds the same model
+        return 0
 
     test_accuracy = evaluate(model, data.x_test, data.y_test, device=settings["device"])[0]
     report = trainer.pruner.report()
@@ -215,7 +240,7 @@ def run_prune(args, parser) -> int:
         "updates": [{"kept": h["kept"], "gamma_sum": h.get("gamma_sum")} for h in trainer.pruner.history],
         "wall_seconds": wall, "settings": settings,
         "hardware": {"device": settings["device"], "threads": torch.get_num_threads(),
-                     "torch": torch.__version__},
+                     "processes": trainer.world_size, "torch": torch.__version__},
     }
     sizes = save_model(os.path.join(args.out, "model.pt"), settings["model"], model)
     summary["model_file_bytes"], summary["dense_state_dict_bytes"] = sizes["bytes"], sizes["dense_bytes"]

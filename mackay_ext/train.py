@@ -94,6 +94,14 @@ class Trainer:
         self.checkpoint, self.progress = checkpoint, progress or (lambda message: None)
         self.batch_progress = batch_progress
         self.num_data = len(data.x_train)
+        # torch.distributed (e.g. under torchrun): each rank trains on its slice of every global
+        # batch through DistributedDataParallel; all control decisions use the (identical)
+        # validation results, and only rank 0 writes checkpoints.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.world_size = torch.distributed.get_world_size() if distributed else 1
+        self.net = (nn.parallel.DistributedDataParallel(self.model) if self.world_size > 1
+                    else self.model)
         self.optimizer = MacKayAdam(ard_param_groups(model), lr=config.lr, num_data=self.num_data,
                                     batch_size=config.batch_size, backend=config.backend)
         self.pruner = MacKayPruner(model, self.optimizer, num_data=self.num_data,
@@ -123,15 +131,17 @@ class Trainer:
             if self.batch_progress:
                 self.batch_progress(batch, num_batches)
             index = order[start:start + self.config.batch_size]
+            if self.world_size > 1:  # this rank's contiguous share of the global batch
+                index = index.tensor_split(self.world_size)[self.rank]
             xb, yb = self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.model(xb), yb)
+            loss = nn.functional.cross_entropy(self.net(xb), yb)
             loss.backward()
             self.optimizer.step()
             if self.pruner.curvature_kind == "fisher-mc":
                 self.pruner.accumulate_mc(xb)
             total += float(loss.detach()) * len(index)
-        return total / self.num_data
+        return total * self.world_size / self.num_data  # this rank's mean, scaled to its share
 
     def _epoch(self) -> dict[str, Any]:
         pos = self.position
@@ -226,7 +236,7 @@ class Trainer:
                 **self.extra_state}
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint:
+        if self.checkpoint and self.rank == 0:
             save_atomic(self.state(), self.checkpoint)
 
     def load_checkpoint(self, path: str) -> None:

@@ -82,3 +82,24 @@ def test_ddp_ranks_agree_and_match_single_process(curvature):
         torch.testing.assert_close(ta[finite], ts[finite], rtol=1e-3, atol=1e-6)
     for ta, ts in zip(a["weights"], single["weights"]):
         torch.testing.assert_close(ta, ts, rtol=1e-3, atol=1e-5)
+
+
+def test_cli_under_torchrun(tmp_path):
+    """`mackay-ext prune` launched by torchrun on 2 CPU processes: rank 0 writes the report of
+    a run that trained on both processes' shards."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--module", "mackay_ext.cli", "prune", "--quiet", "--pretrain-epochs", "10",
+               "--rounds", "4", "--epochs", "8", "--out", str(out)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["hardware"]["processes"] == 2
+    assert report["weights_kept"] < 0.3 * report["weights_total"]
+    assert report["test_accuracy"] > report["test_accuracy_dense"] - 0.03
+    assert result.stdout.count("weights kept") == 1  # one report, from rank 0
