@@ -7,6 +7,14 @@
 
 namespace mackay {
 
+// Rows of the [rows, features] view: the product of the leading dimensions (a -1 in reshape is
+// ambiguous when the last dimension is 0).
+static int64_t leading_rows(const at::Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return rows;
+}
+
 at::Tensor check_csr_matmul_args(const char* op, const at::Tensor& x, const at::Tensor& crow,
                                  const at::Tensor& col, const at::Tensor& values, int64_t in_features) {
   TORCH_CHECK(x.layout() == at::kStrided && values.layout() == at::kStrided, op,
@@ -30,7 +38,7 @@ at::Tensor check_csr_matmul_args(const char* op, const at::Tensor& x, const at::
               col.sizes(), " and ", values.sizes());
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, op, ": x's last dimension must be "
               "in_features = ", in_features, ", got x of shape ", x.sizes());
-  return x.reshape({-1, in_features}).contiguous();
+  return x.reshape({leading_rows(x), in_features}).contiguous();
 }
 
 std::pair<at::Tensor, at::Tensor> check_csr_sddmm_args(const at::Tensor& grad_out, const at::Tensor& x,
@@ -43,7 +51,7 @@ std::pair<at::Tensor, at::Tensor> check_csr_sddmm_args(const at::Tensor& grad_ou
                    "dtype ", x.scalar_type(), ", got ", grad_out.scalar_type());
   const at::Tensor x2d = check_csr_matmul_args("csr_sddmm", x, crow, col,
                                                at::empty({col.size(0)}, x.options()), in_features);
-  const at::Tensor g2d = grad_out.reshape({-1, out}).contiguous();
+  const at::Tensor g2d = grad_out.reshape({leading_rows(grad_out), out}).contiguous();
   TORCH_CHECK(g2d.size(0) == x2d.size(0), "csr_sddmm: grad_out and x must have the same leading "
               "dimensions, got ", grad_out.sizes(), " and ", x.sizes());
   return {x2d, g2d};

@@ -109,7 +109,7 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[3]:
         grad_values = torch.ops.mackay_ext.csr_sddmm(grad, x, crow, col, in_features)
     if ctx.has_bias and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, out_features).sum(0)
+        grad_bias = grad.sum(dim=tuple(range(grad.dim() - 1)))
     return grad_x, None, None, grad_values, grad_bias, None, None, None
 
 

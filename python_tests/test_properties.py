@@ -149,3 +149,42 @@ def test_adam_step_matches_fallback(case):
     for key in ("params", "exp_avgs", "exp_avg_sqs", "steps", "curvatures"):
         for a, b in zip(results[0][key], results[1][key]):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@SETTINGS
+@given(st.integers(0, 40), st.integers(0, 9), st.integers(0, 37), st.integers(0, 2 ** 16),
+       st.sampled_from([torch.float32, torch.float64]))
+def test_sq_gemm_matches_reference(n, out, inp, seed, dtype):
+    from mackay_ext.curvature import sq_gemm_accumulate_
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, out, generator=g, dtype=torch.float64)
+    b = torch.randn(n, inp, generator=g, dtype=torch.float64)
+    acc = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    expected = acc + 0.25 * (a * a).t() @ (b * b)
+    result = acc.to(dtype)
+    sq_gemm_accumulate_(result, a.to(dtype), b.to(dtype), 0.25)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(result.double(), expected, rtol=tol, atol=tol)
+
+
+@SETTINGS
+@given(csr_cases())
+def test_csr_linear_gradients_match_dense(case):
+    out, inp, density, batch, seed, index_dtype = case
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(out, inp, generator=g) < density
+    weight = torch.randn(out, inp, generator=g, dtype=torch.float64) * mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    crow = torch.zeros(out + 1, dtype=torch.int64)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out), 0)
+    x = torch.randn(*batch, inp, generator=g, dtype=torch.float64, requires_grad=True)
+    values = weight[rows, cols].clone().requires_grad_()
+    bias = torch.randn(out, generator=g, dtype=torch.float64, requires_grad=True)
+    y = csr_linear(x, crow.to(index_dtype), cols.to(index_dtype), values, bias)
+    grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gx, gv, gb = torch.autograd.grad(y, (x, values, bias), grad, allow_unused=True)
+    dense = weight.clone().requires_grad_()
+    rx, rw, rb = torch.autograd.grad(torch.nn.functional.linear(x, dense, bias), (x, dense, bias), grad)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gv, rw[rows, cols])
+    torch.testing.assert_close(gb, rb)

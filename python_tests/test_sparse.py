@@ -241,6 +241,11 @@ def test_load_compressed_errors(tmp_path):
     save_compressed(model, str(tmp_path / "m.pt"))
     with pytest.raises(ValueError, match="pass `model`"):
         load_compressed(str(tmp_path / "m.pt"))
+    data = (tmp_path / "m.pt").read_bytes()
+    for cut in (len(data) // 2, len(data) - 7, 10):  # truncated files
+        (tmp_path / "cut.pt").write_bytes(data[:cut])
+        with pytest.raises(RuntimeError, match="corrupt or truncated"):
+            load_compressed(str(tmp_path / "cut.pt"), nn.Sequential(nn.Linear(20, 10)))
     with pytest.raises(RuntimeError, match="does not match"):
         load_compressed(str(tmp_path / "m.pt"), nn.Sequential(nn.Linear(20, 10), nn.Linear(10, 2)))
 
