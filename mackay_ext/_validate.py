@@ -17,6 +17,12 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...], where: str) ->
         raise ValueError(f"{where}: {name} must be one of {allowed}, got {value!r}")
 
 
+def alpha_fits(alpha_shape, shape) -> bool:
+    """Whether alpha broadcasts to a weight of `shape` (one alpha per weight or per group)."""
+    offset = len(shape) - len(alpha_shape)
+    return offset >= 0 and all(a in (1, w) for a, w in zip(alpha_shape, tuple(shape)[offset:]))
+
+
 def check_dense_tensors(where: str, **tensors) -> None:
     """Reject non-tensors and sparse layouts before they reach the dispatcher, whose own error
     ("could not run ... with arguments from the 'SparseCPU' backend") names no argument."""
@@ -46,8 +52,7 @@ def check_update_args(weight, curvature, alpha, *, num_data, rule, prune, thresh
     if curvature.shape != weight.shape:
         raise RuntimeError(f"{where}: curvature must have the weight's shape {tuple(weight.shape)}, "
                            f"got {tuple(curvature.shape)}")
-    offset = weight.dim() - alpha.dim()
-    if offset < 0 or any(a not in (1, w) for a, w in zip(alpha.shape, weight.shape[offset:])):
+    if not alpha_fits(alpha.shape, weight.shape):
         raise RuntimeError(f"{where}: alpha must be broadcastable to the weight's shape "
                            f"{tuple(weight.shape)} (one alpha per weight or per group), got {tuple(alpha.shape)}")
     if not (math.isfinite(num_data) and num_data > 0):

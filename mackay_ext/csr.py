@@ -59,16 +59,32 @@ def check_csr(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: tor
                          f"{int(col_indices.min())}..{int(col_indices.max())}")
 
 
+def row_indices(crow_indices: torch.Tensor) -> torch.Tensor:
+    """The row of every nonzero (int64), expanded from the row pointers."""
+    rows = torch.arange(crow_indices.numel() - 1, device=crow_indices.device)
+    return torch.repeat_interleave(rows, (crow_indices[1:] - crow_indices[:-1]).long())
+
+
+def crow_from_rows(rows: torch.Tensor, num_rows: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Row pointers of nonzeros sorted by row, given the row of each."""
+    crow = torch.zeros(num_rows + 1, dtype=dtype, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows.long(), minlength=num_rows), 0)
+    return crow
+
+
+def to_dense(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: torch.Tensor,
+             shape: tuple[int, int]) -> torch.Tensor:
+    """W as a dense matrix (differentiable in the values)."""
+    weight = values.new_zeros(shape)
+    return weight.index_put((row_indices(crow_indices), col_indices.long()), values)
+
+
 def transpose_index(crow_indices: torch.Tensor, col_indices: torch.Tensor, in_features: int) -> TransposeIndex:
     """The CSR index of W^T (a counting sort of the nonzeros by column), built once per layer."""
     out_features = crow_indices.numel() - 1
-    counts = crow_indices[1:] - crow_indices[:-1]
-    rows = torch.repeat_interleave(torch.arange(out_features, device=crow_indices.device,
-                                                dtype=crow_indices.dtype), counts.long())
-    order = torch.argsort(col_indices.long() * max(out_features, 1) + rows.long(), stable=True)
-    per_column = torch.bincount(col_indices.long(), minlength=in_features)
-    crow_t = torch.zeros(in_features + 1, dtype=crow_indices.dtype, device=crow_indices.device)
-    crow_t[1:] = torch.cumsum(per_column, 0)
+    rows = row_indices(crow_indices)
+    order = torch.argsort(col_indices.long() * max(out_features, 1) + rows, stable=True)
+    crow_t = crow_from_rows(col_indices, in_features, crow_indices.dtype)
     return TransposeIndex(crow_t, rows[order].to(crow_indices.dtype), order.to(crow_indices.dtype))
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 
 from . import _extension, ops
-from ._validate import BACKENDS, check_choice
+from ._validate import BACKENDS, alpha_fits, check_choice
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
 
@@ -69,8 +69,7 @@ def _check_alpha(alpha, param: torch.Tensor, where: str) -> None:
     if alpha.device != param.device:
         raise RuntimeError(f"MacKayAdam: state['alpha'] of {where} is on {alpha.device} but the "
                            f"parameter is on {param.device}")
-    offset = param.dim() - alpha.dim()
-    if offset < 0 or any(a not in (1, n) for a, n in zip(alpha.shape, param.shape[offset:])):
+    if not alpha_fits(alpha.shape, param.shape):
         raise RuntimeError(f"MacKayAdam: state['alpha'] of {where} has shape {tuple(alpha.shape)}, "
                            f"not broadcastable to the parameter's shape {tuple(param.shape)}")
 

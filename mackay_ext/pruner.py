@@ -242,25 +242,30 @@ class MacKayPruner:
                                        num_data=self.num_data, rule=self.rule, prune=self.prune,
                                        threshold=self.threshold, eps=self.eps,
                                        alpha_max=self.alpha_max, backend=self.backend)
-            kept_mask = (alpha != math.inf).expand_as(module.weight)
-            layers.append({"name": name, "total": module.weight.numel(), "kept": int(kept_mask.sum()),
-                           "groups": alpha.numel(), "groups_kept": alpha.numel() - int(stats.num_pruned),
-                           "granularity": self.granularity[name], "gamma": float(stats.gamma_sum),
-                           "alpha": _quantiles(alpha)})
+            layers.append(dict(self._layer_entry(name, module), gamma=float(stats.gamma_sum)))
         report = self._summarise(layers)
         self.history.append(report)
         return report
 
+    def _kept(self, name: str, module: nn.Module) -> tuple[int, int]:
+        """(weights kept, groups kept) of one layer."""
+        kept_groups = self.alpha(name) != math.inf
+        return int(kept_groups.expand_as(module.weight).sum()), int(kept_groups.sum())
+
+    def _layer_entry(self, name: str, module: nn.Module) -> dict[str, Any]:
+        alpha = self.alpha(name)
+        kept, groups_kept = self._kept(name, module)
+        return {"name": name, "total": module.weight.numel(), "kept": kept, "groups": alpha.numel(),
+                "groups_kept": groups_kept, "granularity": self.granularity[name],
+                "alpha": _quantiles(alpha)}
+
     def report(self) -> dict[str, Any]:
         """The current per-layer counts, without updating."""
-        layers = []
-        for name, module in self.layers.items():
-            alpha = self.alpha(name)
-            kept = int((alpha != math.inf).expand_as(module.weight).sum())
-            layers.append({"name": name, "total": module.weight.numel(), "kept": kept,
-                           "groups": alpha.numel(), "groups_kept": int((alpha != math.inf).sum()),
-                           "granularity": self.granularity[name], "alpha": _quantiles(alpha)})
-        return self._summarise(layers)
+        return self._summarise([self._layer_entry(n, m) for n, m in self.layers.items()])
+
+    def kept_weights(self) -> int:
+        """Weights of the ARD layers not pruned (cheap: no alpha statistics)."""
+        return sum(self._kept(n, m)[0] for n, m in self.layers.items())
 
     @staticmethod
     def _summarise(layers) -> dict[str, Any]:
@@ -273,7 +278,8 @@ class MacKayPruner:
 
     def sparsity(self) -> float:
         """Fraction of the ARD layers' weights that are pruned."""
-        return self.report()["sparsity"]
+        total = sum(m.weight.numel() for m in self.layers.values())
+        return 1 - self.kept_weights() / max(total, 1)
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:

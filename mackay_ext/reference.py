@@ -155,10 +155,8 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
 def csr_linear(x, crow_indices, col_indices, values, bias=None, *, in_features=None):
     """Reference of mackay_ext.ops.csr_linear: scatter W densely, then F.linear (differentiable
     in x, values and bias through autograd)."""
+    from .csr import to_dense
+
     in_features = x.shape[-1] if in_features is None else in_features
-    out_features = crow_indices.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(out_features, device=values.device),
-                                   (crow_indices[1:] - crow_indices[:-1]).long())
-    weight = torch.zeros(out_features, in_features, dtype=values.dtype, device=values.device)
-    weight = weight.index_put((rows, col_indices.long()), values)
+    weight = to_dense(crow_indices, col_indices, values, (crow_indices.numel() - 1, in_features))
     return torch.nn.functional.linear(x, weight, bias)

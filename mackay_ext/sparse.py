@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .csr import check_csr, csr_linear, transpose_index
+from .csr import check_csr, crow_from_rows, csr_linear, to_dense, transpose_index
 
 # Measured crossover (bench/bench_sparse.py -> bench/results/sparse_crossover.md, 2-core CPU,
 # float32, densities 1/2/5/10/25/50%): the highest density at which the CSR kernel still beat
@@ -83,10 +83,8 @@ class _CSRWeight(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """W as a dense (out x in) matrix (differentiable in the values)."""
-        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.values.device),
-                                       (self.crow_indices[1:] - self.crow_indices[:-1]).long())
-        weight = self.values.new_zeros(self.out_features, self.in_features)
-        return weight.index_put((rows, self.col_indices.long()), self.values)
+        return to_dense(self.crow_indices, self.col_indices, self.values,
+                        (self.out_features, self.in_features))
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
@@ -105,9 +103,7 @@ class _CSRWeight(nn.Module):
 def _csr_from_dense(weight2d: torch.Tensor, mask2d: torch.Tensor | None):
     keep = weight2d != 0 if mask2d is None else mask2d.bool()
     rows, cols = keep.nonzero(as_tuple=True)
-    crow = torch.zeros(weight2d.shape[0] + 1, dtype=torch.int64, device=weight2d.device)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=weight2d.shape[0]), 0)
-    return crow, cols, weight2d[rows, cols]
+    return crow_from_rows(rows, weight2d.shape[0]), cols, weight2d[rows, cols]
 
 
 class SparseLinear(_CSRWeight):

@@ -152,7 +152,7 @@ class Trainer:
         self.lr_scheduler.step(val_loss)
         record = dict(pos, train_loss=train_loss, val_accuracy=val_acc, val_loss=val_loss,
                       lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start,
-                      kept=self.pruner.report()["kept"])
+                      kept=self.pruner.kept_weights())
         self.history.append(record)
         self.progress(f"{pos['phase']} r{pos['round']} e{pos['epoch'] + 1}: loss {train_loss:.4f} "
                       f"val acc {val_acc:.4f} kept {record['kept']}")

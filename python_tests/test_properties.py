@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mackay_ext import reference
-from mackay_ext.csr import csr_linear
+from mackay_ext.csr import crow_from_rows, csr_linear
 from mackay_ext.ops import mackay_update_
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -63,16 +63,20 @@ def csr_cases(draw):
     return out, inp, density, batch, draw(st.integers(0, 2 ** 16)), draw(st.sampled_from([torch.int32, torch.int64]))
 
 
+def random_csr(out, inp, density, generator):
+    """A random (out x in) float64 matrix and its CSR arrays (row pointers, rows, columns)."""
+    mask = torch.rand(out, inp, generator=generator) < density
+    weight = torch.randn(out, inp, generator=generator, dtype=torch.float64) * mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    return weight, crow_from_rows(rows, out), rows, cols
+
+
 @SETTINGS
 @given(csr_cases())
 def test_csr_linear_matches_dense(case):
     out, inp, density, batch, seed, index_dtype = case
     g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(out, inp, generator=g) < density
-    weight = torch.randn(out, inp, generator=g, dtype=torch.float64) * mask
-    rows, cols = mask.nonzero(as_tuple=True)
-    crow = torch.zeros(out + 1, dtype=torch.int64)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out), 0)
+    weight, crow, rows, cols = random_csr(out, inp, density, g)
     x = torch.randn(*batch, inp, generator=g, dtype=torch.float64)
     y = csr_linear(x, crow.to(index_dtype), cols.to(index_dtype), weight[rows, cols])
     torch.testing.assert_close(y, x @ weight.t())
@@ -172,11 +176,7 @@ def test_sq_gemm_matches_reference(n, out, inp, seed, dtype):
 def test_csr_linear_gradients_match_dense(case):
     out, inp, density, batch, seed, index_dtype = case
     g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(out, inp, generator=g) < density
-    weight = torch.randn(out, inp, generator=g, dtype=torch.float64) * mask
-    rows, cols = mask.nonzero(as_tuple=True)
-    crow = torch.zeros(out + 1, dtype=torch.int64)
-    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=out), 0)
+    weight, crow, rows, cols = random_csr(out, inp, density, g)
     x = torch.randn(*batch, inp, generator=g, dtype=torch.float64, requires_grad=True)
     values = weight[rows, cols].clone().requires_grad_()
     bias = torch.randn(out, generator=g, dtype=torch.float64, requires_grad=True)
