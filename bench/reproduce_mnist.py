@@ -46,12 +46,17 @@ from mackay_ext.train import evaluate
 RECIPES: dict[str, dict[str, Any]] = {
     "lenet-300-100": {
         "dense": dict(epochs=20, lr=1e-3),
-        "mackay-weight": dict(granularity="weight", rule="mackay", threshold=0.05, epochs=40,
-                              update_every=430, warmup=5, lr=1e-3, finetune_epochs=20,
+        # validation (seed 0): 40 ARD epochs at lr 1e-3 -> 1.64% kept, val error 2.06-2.24%
+        # (with 8-20 fine-tuning epochs); 100 epochs at lr 1e-3, threshold 0.02 -> 1.02%, 2.24%;
+        # 100 epochs at lr 5e-4, threshold 0.05 -> 1.41%, 2.16% (chosen)
+        "mackay-weight": dict(granularity="weight", rule="mackay", threshold=0.05, epochs=100,
+                              update_every=430, warmup=5, lr=5e-4, finetune_epochs=30,
                               finetune_lr=1e-3),
+        # validation: 17.7% kept (137 inputs, 51 and 84 neurons), val error 2.36%
         "mackay-group": dict(granularity="filter", rule="mackay", threshold=0.05, epochs=30,
                              update_every=430, warmup=5, lr=1e-3, finetune_epochs=10,
                              finetune_lr=1e-3),
+        # validation: lr 1e-3 -> 6.6% kept, val error 6.14%; the paper's lr 1e-4 -> 5.7%, 7.52%
         "paper": dict(granularity="filter", rule="paper", threshold=0.05, epochs=30,
                       update_every=430, warmup=5, lr=1e-3, finetune_epochs=10, finetune_lr=1e-3),
     },
@@ -95,16 +100,20 @@ TARGETS = {  # (max test error %, max weights kept %) of the issue, for the tabl
 class Run:
     """One model on one split and seed: fixed batch orders, validation-selected weights."""
 
-    def __init__(self, data: datasets.Splits, seed: int, device: str, log: Callable[[str], None]):
+    def __init__(self, data: datasets.Splits, seed: int, device: str, log: Callable[[str], None],
+                 channels_last: bool = False):
         self.data, self.seed, self.device, self.log = data, seed, device, log
         self.num_data = len(data.x_train)
+        # convolutions run about 1.5x faster on CPU in channels-last (NHWC) layout
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def batches(self, tag: int):
         order = torch.randperm(self.num_data,
                                generator=torch.Generator().manual_seed(self.seed * 1_000_003 + tag))
         for start in range(0, self.num_data, BATCH_SIZE):
             index = order[start:start + BATCH_SIZE]
-            yield self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
+            x = self.data.x_train[index].to(self.device, memory_format=self.memory_format)
+            yield x, self.data.y_train[index].to(self.device)
 
     def validate(self, model: nn.Module) -> float:
         return evaluate(model, self.data.x_val, self.data.y_val, device=self.device)[0]
@@ -187,8 +196,10 @@ def train_magnitude(run: Run, model: nn.Module, kept: int, epochs: int, lr: floa
     """Global L1 magnitude pruning to `kept` weights, then fine-tuning with the masks held."""
     parameters = [(m, "weight") for _, m in prunable(model)]
     total = sum(m.weight.numel() for m, _ in parameters)
+    model.to(memory_format=torch.contiguous_format)  # global_unstructured views weights flat
     torch_prune.global_unstructured(parameters, pruning_method=torch_prune.L1Unstructured,
                                     amount=total - kept)
+    model.to(memory_format=run.memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     run.train(model, optimizer, epochs, tag=3000, name="magnitude fine-tune")
     for module, name in parameters:
@@ -307,6 +318,15 @@ def published_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def previous_rows(path: str) -> list[dict[str, Any]]:
+    try:
+        with open(path) as handle:
+            rows = json.load(handle)
+    except (OSError, ValueError):
+        return []
+    return rows if isinstance(rows, list) else []
+
+
 # ---------------------------------------------------------------------------------- the run
 def shrink(recipes: dict[str, Any]) -> dict[str, Any]:
     """The smoke version: every phase one or two epochs, updates every 5 steps."""
@@ -329,7 +349,8 @@ def run_model(model_name: str, data: datasets.Splits, seeds: list[int], recipes:
     rows, info = [], hardware()
     recipe = recipes[model_name]
     for seed in seeds:
-        run = Run(data, seed, device, log)
+        convolutional = model_name == "lenet-5-caffe"
+        run = Run(data, seed, device, log, channels_last=convolutional)
 
         def finish(method: str, model: nn.Module, seconds: float, val: float, **extra):
             test_accuracy = evaluate(model, data.x_test, data.y_test, device=device)[0]  # once
@@ -341,7 +362,7 @@ def run_model(model_name: str, data: datasets.Splits, seeds: list[int], recipes:
             return row
 
         torch.manual_seed(seed)
-        dense = models.create(model_name, num_classes=10).to(device)
+        dense = models.create(model_name, num_classes=10).to(device, memory_format=run.memory_format)
         start = time.perf_counter()
         dense_val = train_dense(run, dense, recipe["dense"])
         dense_seconds = time.perf_counter() - start
@@ -392,10 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         rows += run_model(model_name, data, args.seeds, recipes, args.device, log)
         log(f"{model_name}: all rows in {time.perf_counter() - start:.0f} s")
-    table = aggregate(rows) + [row for row in published_rows() if row["model"] in args.models]
-    table.sort(key=lambda row: (row["model"], row["source"] != "measured"))
     stem = "mnist_smoke" if args.smoke else "mnist"
     os.makedirs(args.out, exist_ok=True)
+    # rows of models not run this time are kept from an earlier run (models may run separately)
+    table = [row for row in previous_rows(os.path.join(args.out, stem + ".json"))
+             if row["model"] not in args.models]
+    table += aggregate(rows) + [row for row in published_rows() if row["model"] in args.models]
+    table.sort(key=lambda row: (row["model"], row["source"] != "measured"))
     command = "python bench/reproduce_mnist.py --data-dir ../shared/data/mnist" + (
         " --smoke" if args.smoke else "")
     with open(os.path.join(args.out, stem + ".json"), "w") as handle:
