@@ -223,14 +223,16 @@ def structure(model: nn.Module) -> dict[str, Any]:
             "inputs_kept": int(first.transpose(0, 1).flatten(1).any(1).sum())}
 
 
-def hardware() -> str:
+def hardware(device: str) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as handle:
             cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if torch.device(device).type == "cuda":
+        cpu = torch.cuda.get_device_name()
+    return f"{cpu} ({torch.get_num_threads()} threads), torch {torch.__version__}"
 
 
 def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -278,7 +280,7 @@ def markdown(rows: list[dict[str, Any]], command: str, smoke: bool) -> str:
               "once per row. Hyperparameters were chosen on a 5,000-image validation split. "
               "Per-layer kept and units (neurons / filters with a weight left) are for the first seed.",
               "", "| model | method | test error % | weights kept % | compression × | per-layer kept | "
-              "units kept | seeds | wall s | source | target |", "|" + "---|" * 11]
+              "units kept | seeds | wall s | hardware | source | target |", "|" + "---|" * 12]
     for row in rows:
         if row["source"] == "measured":
             error = (f"{row['test_error']:.2f} [{row['test_error_range'][0]:.2f}, "
@@ -290,14 +292,15 @@ def markdown(rows: list[dict[str, Any]], command: str, smoke: bool) -> str:
             units += f" (inputs {row['inputs_kept'][0]})"
             seeds = ",".join(str(s) for s in row["seeds"])
             wall = f"{row['wall_seconds']:.0f}"
+            machine = row["hardware"].split(", torch")[0]
             source = "measured"
         else:
             error = f"{row['test_error']:.2f}"
             kept = f"{row['weights_kept']:.2f}"
-            layers = units = seeds = wall = ""
+            layers = units = seeds = wall = machine = ""
             source = row["source"]
         lines.append(f"| {row['model']} | {row['method']} | {error} | {kept} | "
-                     f"{row['compression']:.1f} | {layers} | {units} | {seeds} | {wall} | {source} | "
+                     f"{row['compression']:.1f} | {layers} | {units} | {seeds} | {wall} | {machine} | {source} | "
                      f"{verdict(row)} |")
     measured = [row for row in rows if row["source"] == "measured"]
     if measured:
@@ -346,7 +349,7 @@ def subset(data: datasets.Splits, train: int, val: int, test: int) -> datasets.S
 
 def run_model(model_name: str, data: datasets.Splits, seeds: list[int], recipes: dict[str, Any],
               device: str, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    rows, info = [], hardware()
+    rows, info = [], hardware(device)
     recipe = recipes[model_name]
     for seed in seeds:
         convolutional = model_name == "lenet-5-caffe"
