@@ -119,9 +119,11 @@ class Run:
         return evaluate(model, self.data.x_val, self.data.y_val, device=self.device)[0]
 
     def train(self, model, optimizer, epochs: int, tag: int, *, schedule: bool = True,
-              after_step: Callable[[], None] | None = None, name: str = "") -> float:
+              keep_best: bool = True, after_step: Callable[[], None] | None = None,
+              name: str = "") -> float:
         """`epochs` epochs of Adam-type training (cosine lr when `schedule`); returns the best
-        validation accuracy and leaves the weights of that epoch in the model."""
+        validation accuracy and, with `keep_best`, leaves the weights of that epoch in the model
+        (not while pruning: an earlier epoch's weights would revive pruned ones)."""
         scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
                      if schedule else None)
         best_accuracy, best_state = -1.0, None
@@ -139,7 +141,8 @@ class Run:
             self.log(f"  {name} epoch {epoch + 1}/{epochs}: val {100 * accuracy:.2f}%, kept "
                      f"{100 * kept_fraction(model):.2f}%")
             if accuracy >= best_accuracy:
-                best_accuracy, best_state = accuracy, copy.deepcopy(model.state_dict())
+                best_accuracy = accuracy
+                best_state = copy.deepcopy(model.state_dict()) if keep_best else None
         if best_state is not None:
             model.load_state_dict(best_state)
         return best_accuracy
@@ -176,8 +179,8 @@ def train_mackay(run: Run, model: nn.Module, recipe: dict[str, Any]) -> dict[str
             pruner.update()
             steps["updates"] += 1
 
-    run.train(model, optimizer, recipe["epochs"], tag=1000, schedule=False, after_step=after_step,
-              name="ard")
+    run.train(model, optimizer, recipe["epochs"], tag=1000, schedule=False, keep_best=False,
+              after_step=after_step, name="ard")
     for name in pruner.layers:  # prior off, pruned weights stay pruned (alpha = +inf)
         alpha = pruner.alpha(name)
         alpha.masked_fill_(torch.isfinite(alpha), 0.0)
