@@ -10,8 +10,9 @@ Writes <out>/mnist.json (a list of rows) and <out>/mnist.md.
 
 Methods
 - mackay-weight: per-weight ARD, MacKay's rule, ef-batch curvature from MacKayAdam's fused step,
-  alpha re-estimated every `update_every` steps, snr pruning; then the prior is switched off and
-  the kept weights are fine-tuned (the pruned ones stay exactly 0).
+  alpha re-estimated every `update_every` steps, snr pruning; then the weights feeding units
+  whose every outgoing weight is pruned are dropped (the output is unchanged), the prior is
+  switched off and the kept weights are fine-tuned (the pruned ones stay exactly 0).
 - mackay-group: the same with one alpha per conv filter and per input neuron of a Linear layer.
 - paper: the grouping above with the source paper's rule (gamma = 1: alpha_g = n_g / |w_g|^2).
 - magnitude: torch.nn.utils.prune global L1 on the dense network to the sparsity of this seed's
@@ -181,13 +182,15 @@ def train_mackay(run: Run, model: nn.Module, recipe: dict[str, Any]) -> dict[str
 
     run.train(model, optimizer, recipe["epochs"], tag=1000, schedule=False, keep_best=False,
               after_step=after_step, name="ard")
+    groups = group_counts(pruner)
+    unused = pruner.prune_unused_units()  # rows of units whose outputs are all pruned
     for name in pruner.layers:  # prior off, pruned weights stay pruned (alpha = +inf)
         alpha = pruner.alpha(name)
         alpha.masked_fill_(torch.isfinite(alpha), 0.0)
     for group in optimizer.param_groups:
         group["lr"] = recipe["finetune_lr"]
     run.train(model, optimizer, recipe["finetune_epochs"], tag=2000, name="fine-tune")
-    return {"updates": steps["updates"], "groups": group_counts(pruner)}
+    return {"updates": steps["updates"], "groups": groups, "unused_unit_weights": unused}
 
 
 def group_counts(pruner: MacKayPruner) -> dict[str, list[int]]:

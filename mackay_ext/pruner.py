@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .dead_units import prune_unused_units
 from .optim import MacKayAdam
 
 GRANULARITIES = ("weight", "input", "output", "filter")
@@ -221,6 +222,33 @@ class MacKayPruner:
             term = (finite * module.weight.square()).sum() * (0.5 / self.num_data)
             total = term if total is None else total + term
         return total
+
+    def _set_alpha(self, name: str, alpha: torch.Tensor) -> None:
+        if self.fused:
+            self.optimizer.ard_state(self.layers[name].weight)["alpha"] = alpha
+        else:
+            self._own[name]["alpha"] = alpha
+
+    @torch.no_grad()
+    def prune_unused_units(self) -> int:
+        """Prune the weights feeding units whose every outgoing weight is pruned (in an
+        nn.Sequential chain, see mackay_ext.dead_units): they cannot change the output. A layer
+        that loses part of an alpha group gets one alpha per weight from then on (the group's
+        value repeated, +inf on the removed weights). Returns the number of weights removed."""
+        kept = {name: (self.alpha(name) != math.inf).expand_as(module.weight)
+                for name, module in self.layers.items()}
+        still_kept = prune_unused_units(self.model, kept)
+        removed = 0
+        for name, module in self.layers.items():
+            drop = kept[name] & ~still_kept[name]
+            count = int(drop.sum())
+            if count:
+                alpha = self.alpha(name).expand_as(module.weight).clone().masked_fill_(drop, math.inf)
+                self._set_alpha(name, alpha)
+                self.granularity[name] = "weight"
+                module.weight.masked_fill_(drop, 0)
+                removed += count
+        return removed
 
     @torch.no_grad()
     def apply_masks(self) -> None:
