@@ -7,6 +7,8 @@ paper:  pretrain without prior -> repeat `rounds` times: update alpha and prune,
         validation weights of the round are kept.
 in-run: one run of `epochs` epochs after `pretrain_epochs`; alpha is updated every
         `update_every` epochs.
+Both end by dropping the weights that feed units whose outputs are all pruned (the network's
+output is unchanged; see mackay_ext.dead_units).
 """
 from __future__ import annotations
 
@@ -221,6 +223,9 @@ class Trainer:
                 self._update_precisions()
                 self.position = {"phase": "round", "round": 1, "epoch": 0, "updated": True}
                 self.save_checkpoint()
+        removed = self.pruner.prune_unused_units()  # changes no output; only the counts
+        if removed:
+            self.progress(f"dropped {removed} weights feeding units whose outputs are all pruned")
         return self.history
 
     # ------------------------------------------------------------- checkpoints
