@@ -14,7 +14,9 @@ Methods
   whose every outgoing weight is pruned are dropped (the output is unchanged), the prior is
   switched off and the kept weights are fine-tuned (the pruned ones stay exactly 0).
 - mackay-group: the same with one alpha per conv filter and per input neuron of a Linear layer.
-- paper: the grouping above with the source paper's rule (gamma = 1: alpha_g = n_g / |w_g|^2).
+- paper: the grouping above with the source paper's rule (gamma = 1: alpha_g = n_g / |w_g|^2),
+  pruned by the same snr criterion (the paper's alpha >= 1e13 never fires under Adam, whose
+  steps keep |w| near the learning rate).
 - magnitude: torch.nn.utils.prune global L1 on the dense network to the sparsity of this seed's
   mackay-weight row, then fine-tuned for as many epochs as that row trained after pretraining.
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import statistics

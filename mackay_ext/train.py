@@ -12,7 +12,6 @@ output is unchanged; see mackay_ext.dead_units).
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
