@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from . import data as datasets
 from . import models
 from .pruner import GRANULARITIES
 from .sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
-from .train import FitConfig, Trainer, evaluate, save_atomic, set_seed
+from .train import FitConfig, Trainer, evaluate, set_seed
 
 # Defaults per model: (pretrain_epochs, rounds, epochs per round, batch size, lr)
 RECIPES = {

@@ -9,9 +9,8 @@ gradients a chunk of the batch at a time, square them and add them up.
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import torch
 from torch import nn

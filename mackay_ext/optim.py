@@ -12,7 +12,7 @@ decoupled_weight_decay=True).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -256,7 +256,6 @@ class MacKayAdam(torch.optim.Optimizer):
             grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
         if found_inf is not None:
             found_inf = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
-        hyper = bucket["hyper"]
         try:
             self._launch(bucket, params, grads, states, curvatures, alphas, grad_scale, found_inf)
         except (RuntimeError, TypeError, ValueError):

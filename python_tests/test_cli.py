@@ -1,6 +1,5 @@
 """The mackay-ext command line: the default digits run end to end, resume, evaluate, errors."""
 import json
-import os
 import subprocess
 import sys
 

@@ -1,6 +1,5 @@
 """Exact diagonal curvature: FisherAccumulator against per-example gradients from torch.func
 (vmap(grad)) in float64, fisher-mc against the exact Fisher, the fused squared-GEMM op."""
-import math
 
 import pytest
 import torch
@@ -111,9 +110,7 @@ def test_fisher_mc_converges_to_exact_fisher():
     with torch.no_grad():
         probs = torch.softmax(model(x), 1)
     for label in range(4):
-        sq = per_example_sq_grads(model, lambda out, xi, yi: nn.functional.cross_entropy(out, yi[None]),
-                                  x, torch.full((5,), label))
-        # per_example_sq_grads averages over x; weight each example by p(label | x_n)
+        # weight each example's squared gradient by p(label | x_n)
         params = {k: v.detach() for k, v in model.named_parameters()}
         g = vmap(grad(lambda p, xi: nn.functional.cross_entropy(functional_call(model, p, (xi[None],)),
                                                                  torch.tensor([label]))),

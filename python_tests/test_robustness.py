@@ -1,7 +1,6 @@
 """Holding up: a SIGKILLed `mackay-ext prune` resumes to the uninterrupted result; bf16 autocast
 training with MacKayAdam on the CPU; NaN gradients and curvature never reach alpha silently."""
 import json
-import math
 import os
 import signal
 import subprocess

@@ -1,7 +1,6 @@
 """Masked sparse matmul: ops against dense float64 references (gradcheck), sparse layers
 against nn.Linear / F.conv2d, sparsify + save/load round trip, opcheck, bad input."""
 import math
-import os
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch.nn import functional as F
 
 import mackay_ext
 from mackay_ext import models, reference
-from mackay_ext.csr import check_csr, csr_linear, transpose_index
+from mackay_ext.csr import csr_linear, transpose_index
 from mackay_ext.sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
 
 from conftest import DEVICES
