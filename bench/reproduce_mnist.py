@@ -148,7 +148,7 @@ class Run:
                 scheduler.step()
             accuracy = self.validate(model)
             self.log(f"  {name} epoch {epoch + 1}/{epochs}: val {100 * accuracy:.2f}%, kept "
-                     f"{100 * kept_fraction(model):.2f}%")
+                     f"{structure(model)['weights_kept']:.2f}%")
             if accuracy >= best_accuracy:
                 best_accuracy = accuracy
                 best_state = copy.deepcopy(model.state_dict()) if keep_best else None
@@ -159,11 +159,6 @@ class Run:
 
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-
-
-def kept_fraction(model: nn.Module) -> float:
-    kept = sum(int((m.weight != 0).sum()) for _, m in prunable(model))
-    return kept / sum(m.weight.numel() for _, m in prunable(model))
 
 
 def train_dense(run: Run, model: nn.Module, recipe: dict[str, Any]) -> float:
