@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--batch-size", type=int)
     prune.add_argument("--lr", type=float)
     prune.add_argument("--patience", type=int, default=5)
+    prune.add_argument("--augment-shift", type=int, default=0, metavar="PIXELS",
+                       help="move each training image by a random offset of up to PIXELS pixels "
+                            "(image datasets; 2 suits MNIST)")
     prune.add_argument("--seed", type=int, default=0)
     prune.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     prune.add_argument("--backend", default="ext", choices=("ext", "torch"))
@@ -103,6 +106,7 @@ def _settings(args) -> dict[str, Any]:
                 prune=args.criterion, threshold=args.threshold, curvature=args.curvature,
                 schedule=args.schedule,
                 update_every=args.update_every, patience=args.patience, seed=args.seed,
+                augment_shift=args.augment_shift,
                 device=args.device, backend=args.backend, **recipe)
 
 
@@ -200,13 +204,18 @@ def _run_prune(args, parser, rank: int) -> int:
     except datasets.DatasetError as error:
         print(f"mackay-ext: {error}", file=sys.stderr)
         return 1
+    shift = settings.get("augment_shift", 0)
+    if shift < 0 or (shift and data.x_train.dim() != 4):
+        parser.error(f"--augment-shift must be >= 0 and needs an image dataset; got {shift} for "
+                     f"{settings['dataset']} (inputs of shape {tuple(data.x_train.shape[1:])})")
     set_seed(settings["seed"])
     model = models.create(settings["model"], num_classes=data.num_classes)
     config = FitConfig(schedule=settings["schedule"], pretrain_epochs=settings["pretrain_epochs"],
                        rounds=settings["rounds"], epochs=settings["epochs"],
                        update_every=settings["update_every"], batch_size=settings["batch_size"],
                        lr=settings["lr"], retrain_lr=settings["lr"], patience=settings["patience"],
-                       seed=settings["seed"], backend=settings["backend"])
+                       seed=settings["seed"], backend=settings["backend"],
+                       augment_shift=settings.get("augment_shift", 0))
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, "checkpoint.pt")

@@ -61,6 +61,33 @@ class Splits:
         return tuple(self.x_train.shape[1:])
 
 
+def random_shift(images: torch.Tensor, max_shift: int, *, fill: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training augmentation: each image of a (N, C, H, W) batch moved by its own random whole-pixel
+    offset in [-max_shift, max_shift] along both axes. The uncovered border gets `fill`, by default
+    each image's own minimum (the background of MNIST-like digits, also after standardising).
+    Offsets are drawn on the CPU from `generator`, so a seeded generator gives the same batch on
+    every device."""
+    if images.dim() != 4:
+        raise ValueError(f"random_shift: images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
+        raise ValueError(f"random_shift: max_shift must be an int >= 0, got {max_shift!r}")
+    if max_shift == 0 or images.numel() == 0:
+        return images.clone()
+    n, c, h, w = images.shape
+    k = max_shift
+    background = (images.amin(dim=(1, 2, 3)) if fill is None
+                  else images.new_full((n,), float(fill)))
+    padded = background.view(n, 1, 1, 1).expand(n, c, h + 2 * k, w + 2 * k).clone()
+    padded[:, :, k:k + h, k:k + w] = images
+    dy, dx = torch.randint(0, 2 * k + 1, (2, n), generator=generator).to(images.device)
+    rows = dy[:, None] + torch.arange(h, device=images.device)  # (N, H) rows of padded to read
+    cols = dx[:, None] + torch.arange(w, device=images.device)
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
 def _md5(path: str) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .data import Splits
+from .data import Splits, random_shift
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
 
@@ -42,6 +42,7 @@ class FitConfig:
     patience: int = 5           # epochs without validation improvement before a phase stops
     seed: int = 0
     backend: str = "ext"
+    augment_shift: int = 0      # training images moved by up to this many pixels (image data only)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +92,12 @@ class Trainer:
                  batch_progress: Callable[[int, int], None] | None = None):
         if config.schedule not in SCHEDULES:
             raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+        if isinstance(config.augment_shift, bool) or not isinstance(config.augment_shift, int) \
+                or config.augment_shift < 0:
+            raise ValueError(f"fit: augment_shift must be an int >= 0, got {config.augment_shift!r}")
+        if config.augment_shift and data.x_train.dim() != 4:
+            raise ValueError(f"fit: augment_shift needs images (N, C, H, W); {data.name} training "
+                             f"inputs have shape {tuple(data.x_train.shape)}")
         self.model, self.data, self.config, self.device = model.to(device), data, config, device
         self.checkpoint, self.progress = checkpoint, progress or (lambda message: None)
         self.batch_progress = batch_progress
@@ -134,7 +141,10 @@ class Trainer:
             index = order[start:start + self.config.batch_size]
             if self.world_size > 1:  # this rank's contiguous share of the global batch
                 index = index.tensor_split(self.world_size)[self.rank]
-            xb, yb = self.data.x_train[index].to(self.device), self.data.y_train[index].to(self.device)
+            xb = self.data.x_train[index]
+            if self.config.augment_shift:  # drawn from the epoch's generator: resumable
+                xb = random_shift(xb, self.config.augment_shift, generator=generator)
+            xb, yb = xb.to(self.device), self.data.y_train[index].to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(self.net(xb), yb)
             loss.backward()

@@ -46,9 +46,19 @@ def test_evaluate_saved_model(digits_run):
     assert summary["weights_kept"] <= report["weights_kept"]
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    digits = data.load("digits")
-    config = FitConfig(pretrain_epochs=6, rounds=3, epochs=4, batch_size=32, patience=3)
+def as_images(splits):
+    """The 8x8 digits as (N, 1, 8, 8) images (DigitsMLP flattens them back)."""
+    def image(x):
+        return x.reshape(-1, 1, 8, 8)
+    return data.Splits(image(splits.x_train), splits.y_train, image(splits.x_val), splits.y_val,
+                       image(splits.x_test), splits.y_test, splits.name)
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_resume_reproduces_uninterrupted_run(tmp_path, shift):
+    digits = data.load("digits") if shift == 0 else as_images(data.load("digits"))
+    config = FitConfig(pretrain_epochs=6, rounds=3, epochs=4, batch_size=32, patience=3,
+                       augment_shift=shift)
 
     def trainer(checkpoint, progress=None):
         set_seed(0)
@@ -80,6 +90,25 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert [h["val_accuracy"] for h in uninterrupted.history] == [h["val_accuracy"] for h in resumed.history]
 
 
+def test_augmentation_changes_training_and_needs_images():
+    images = as_images(data.load("digits"))
+
+    def trained(shift):
+        set_seed(0)
+        trainer = Trainer(models.create("digits-mlp"), images,
+                          FitConfig(pretrain_epochs=2, rounds=1, epochs=1, augment_shift=shift))
+        trainer.run()
+        return [p.detach().clone() for p in trainer.model.parameters()]
+
+    plain, shifted, again = trained(0), trained(1), trained(1)
+    assert all(torch.equal(a, b) for a, b in zip(shifted, again))  # seeded: reproducible
+    assert not all(torch.equal(a, b) for a, b in zip(plain, shifted))
+    with pytest.raises(ValueError, match="augment_shift needs images"):
+        Trainer(models.create("digits-mlp"), data.load("digits"), FitConfig(augment_shift=1))
+    with pytest.raises(ValueError, match="augment_shift must be an int >= 0"):
+        Trainer(models.create("digits-mlp"), images, FitConfig(augment_shift=-1))
+
+
 def test_cli_resume_finished_checkpoint(digits_run, tmp_path):
     out, _ = digits_run
     result = cli("prune", "--resume", str(out / "checkpoint.pt"), "--out", str(tmp_path), "--quiet",
@@ -95,6 +124,8 @@ def test_cli_resume_finished_checkpoint(digits_run, tmp_path):
     (["prune", "--epochs", "-1"], "--epochs must be positive"),
     (["prune", "--model", "alexnet"], "invalid choice"),
     (["prune", "--granularity", "blocks"], "invalid choice"),
+    (["prune", "--augment-shift", "2"], "--augment-shift must be >= 0 and needs an image dataset"),
+    (["prune", "--augment-shift", "-1"], "--augment-shift must be >= 0"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])

@@ -133,3 +133,44 @@ def test_cifar10_pickles(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load("imagenet")
+
+
+def test_random_shift_moves_each_image_by_its_own_offset():
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(64, 2, 7, 5, dtype=torch.float64)
+    shifted = data.random_shift(images, 2, fill=-9.0, generator=generator)
+    assert shifted.shape == images.shape and shifted.dtype == images.dtype
+    offsets = set()
+    for image, moved in zip(images, shifted):
+        # the only offset that explains `moved`: pad with the fill, then crop
+        matches = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                padded = torch.nn.functional.pad(image, (2, 2, 2, 2), value=-9.0)
+                crop = padded[:, 2 + dy:2 + dy + 7, 2 + dx:2 + dx + 5]
+                if torch.equal(crop, moved):
+                    matches.append((dy, dx))
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    assert len(offsets) > 10  # offsets differ between images
+
+
+def test_random_shift_default_fill_is_the_background_and_seeded():
+    images = torch.full((8, 1, 6, 6), -0.5)
+    images[:, :, 2:4, 2:4] = 3.0
+    a = data.random_shift(images, 2, generator=torch.Generator().manual_seed(0))
+    b = data.random_shift(images, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert set(a.unique().tolist()) == {-0.5, 3.0}  # no zero border: it takes each image's minimum
+    assert torch.equal(a.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))  # the digit stays whole
+    assert torch.equal(data.random_shift(images, 0), images)
+    assert data.random_shift(images[:0], 2).shape == (0, 1, 6, 6)
+
+
+@pytest.mark.parametrize("bad, message", [(dict(images=torch.zeros(3, 28, 28)), "images must be"),
+                                          (dict(max_shift=-1), "max_shift"),
+                                          (dict(max_shift=1.5), "max_shift")])
+def test_random_shift_rejects_bad_arguments(bad, message):
+    arguments = dict(images=torch.zeros(2, 1, 4, 4), max_shift=1) | bad
+    with pytest.raises(ValueError, match=message):
+        data.random_shift(**arguments)

@@ -41,6 +41,7 @@ def test_rows_for_every_model_and_method(smoke):
             assert row["compression"] == pytest.approx(
                 sum(r["compression"] for r in row["per_seed"]) / 2)
             assert row["wall_seconds"] > 0
+            assert row["augment_shift"] == 2  # every measured row trains on shifted images
         assert measured["dense"]["weights_kept"] == 100
         # the magnitude baseline is pruned to the sparsity of the MacKay row of the same seed
         for mackay, magnitude in zip(measured["mackay-weight"]["per_seed"],
@@ -56,3 +57,4 @@ def test_markdown_table(smoke):
     assert "Smoke run" in text and "| model | method | test error %" in text
     assert text.count("| lenet-5-caffe |") == 5 + 4  # measured and published rows
     assert "Hardware:" in text
+    assert "random offset of up to ±2 pixels" in text
