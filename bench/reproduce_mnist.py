@@ -6,7 +6,10 @@
 For each model and seed: a dense baseline is trained; every pruning method starts from that same
 dense network; the test set is evaluated once per row, after training. Hyperparameters (RECIPES)
 were chosen on the validation split (5,000 images held out of the 60,000 training images).
-Writes <out>/mnist.json (a list of rows) and <out>/mnist.md.
+Every training phase of every row sees randomly shifted images (up to ±2 pixels,
+--augment-shift); `--augment-shift 0` trains on the plain images and writes mnist_shift0.*.
+Writes <out>/mnist.json (a list of rows) and <out>/mnist.md (mnist_shiftN.* with another
+--augment-shift, mnist_smoke*.* with --smoke).
 
 Methods
 - mackay-weight: per-weight ARD, MacKay's rule, ef-batch curvature from MacKayAdam's fused step,
@@ -452,10 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.augment_shift != AUGMENT_SHIFT:
         stem += f"_shift{args.augment_shift}"
     os.makedirs(args.out, exist_ok=True)
-    # rows of models not run this time are kept from an earlier run (models may run separately)
+    # measured rows of models not run this time are kept from an earlier run with the same
+    # augmentation (models may run separately); published rows are added afresh
     table = [row for row in previous_rows(os.path.join(args.out, stem + ".json"))
-             if row["model"] not in args.models]
-    table += aggregate(rows) + [row for row in published_rows() if row["model"] in args.models]
+             if row["model"] not in args.models and row["source"] == "measured"
+             and row.get("augment_shift", 0) == args.augment_shift]
+    table += aggregate(rows)
+    measured_models = {row["model"] for row in table}
+    table += [row for row in published_rows() if row["model"] in measured_models]
     table.sort(key=lambda row: (row["model"], row["source"] != "measured"))
     command = "python bench/reproduce_mnist.py --data-dir ../shared/data/mnist" + (
         " --smoke" if args.smoke else "") + (

@@ -185,6 +185,8 @@ def run_prune(args, parser) -> int:
 def _run_prune(args, parser, rank: int) -> int:
     for name in ("pretrain_epochs", "rounds", "epochs", "batch_size", "lr", "update_every", "patience"):
         _positive(parser, name, getattr(args, name))
+    if args.augment_shift < 0:
+        parser.error(f"--augment-shift must be >= 0 pixels, got {args.augment_shift}")
     progress = _Progress(args.quiet or rank != 0)
     resume_state = None
     if args.resume:
@@ -204,10 +206,9 @@ def _run_prune(args, parser, rank: int) -> int:
     except datasets.DatasetError as error:
         print(f"mackay-ext: {error}", file=sys.stderr)
         return 1
-    shift = settings.get("augment_shift", 0)
-    if shift < 0 or (shift and data.x_train.dim() != 4):
-        parser.error(f"--augment-shift must be >= 0 and needs an image dataset; got {shift} for "
-                     f"{settings['dataset']} (inputs of shape {tuple(data.x_train.shape[1:])})")
+    if settings.get("augment_shift", 0) and data.x_train.dim() != 4:
+        parser.error(f"--augment-shift needs an image dataset; {settings['dataset']} inputs are flat "
+                     f"vectors of shape {tuple(data.x_train.shape[1:])}")
     set_seed(settings["seed"])
     model = models.create(settings["model"], num_classes=data.num_classes)
     config = FitConfig(schedule=settings["schedule"], pretrain_epochs=settings["pretrain_epochs"],

@@ -65,7 +65,8 @@ def random_shift(images: torch.Tensor, max_shift: int, *, fill: float | None = N
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Training augmentation: each image of a (N, C, H, W) batch moved by its own random whole-pixel
     offset in [-max_shift, max_shift] along both axes. The uncovered border gets `fill`, by default
-    each image's own minimum (the background of MNIST-like digits, also after standardising).
+    the minimum of each channel of each image (the background of MNIST-like digits, also after
+    standardising; for photographs pass a fill).
     Offsets are drawn on the CPU from `generator`, so a seeded generator gives the same batch on
     every device."""
     if images.dim() != 4:
@@ -76,9 +77,9 @@ def random_shift(images: torch.Tensor, max_shift: int, *, fill: float | None = N
         return images.clone()
     n, c, h, w = images.shape
     k = max_shift
-    background = (images.amin(dim=(1, 2, 3)) if fill is None
-                  else images.new_full((n,), float(fill)))
-    padded = background.view(n, 1, 1, 1).expand(n, c, h + 2 * k, w + 2 * k).clone()
+    background = (images.amin(dim=(2, 3)) if fill is None
+                  else images.new_full((n, c), float(fill)))
+    padded = background.view(n, c, 1, 1).expand(n, c, h + 2 * k, w + 2 * k).clone()
     padded[:, :, k:k + h, k:k + w] = images
     dy, dx = torch.randint(0, 2 * k + 1, (2, n), generator=generator).to(images.device)
     rows = dy[:, None] + torch.arange(h, device=images.device)  # (N, H) rows of padded to read

@@ -139,19 +139,22 @@ class Trainer:
             if self.batch_progress:
                 self.batch_progress(batch, num_batches)
             index = order[start:start + self.config.batch_size]
-            if self.world_size > 1:  # this rank's contiguous share of the global batch
-                index = index.tensor_split(self.world_size)[self.rank]
-            xb = self.data.x_train[index]
-            if self.config.augment_shift:  # drawn from the epoch's generator: resumable
+            xb, yb = self.data.x_train[index], self.data.y_train[index]
+            if self.config.augment_shift:
+                # offsets for the whole global batch from the epoch's generator: resumable, and
+                # every rank moves an image as a single process would
                 xb = random_shift(xb, self.config.augment_shift, generator=generator)
-            xb, yb = xb.to(self.device), self.data.y_train[index].to(self.device)
+            if self.world_size > 1:  # this rank's contiguous share of the global batch
+                xb = xb.tensor_split(self.world_size)[self.rank]
+                yb = yb.tensor_split(self.world_size)[self.rank]
+            xb, yb = xb.to(self.device), yb.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(self.net(xb), yb)
             loss.backward()
             self.optimizer.step()
             if self.pruner.curvature_kind == "fisher-mc":
                 self.pruner.accumulate_mc(xb)
-            total += float(loss.detach()) * len(index)
+            total += float(loss.detach()) * len(yb)
         return total * self.world_size / self.num_data  # this rank's mean, scaled to its share
 
     def _epoch(self) -> dict[str, Any]:

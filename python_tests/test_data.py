@@ -156,15 +156,20 @@ def test_random_shift_moves_each_image_by_its_own_offset():
 
 
 def test_random_shift_default_fill_is_the_background_and_seeded():
-    images = torch.full((8, 1, 6, 6), -0.5)
+    # every image and channel has its own background level and a bright 2x2 "digit"
+    background = -torch.arange(16, dtype=torch.float64).reshape(8, 2, 1, 1) - 1
+    images = background.expand(8, 2, 6, 6).clone()
     images[:, :, 2:4, 2:4] = 3.0
     a = data.random_shift(images, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(99)  # the global RNG plays no part
     b = data.random_shift(images, 2, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
-    assert set(a.unique().tolist()) == {-0.5, 3.0}  # no zero border: it takes each image's minimum
-    assert torch.equal(a.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)))  # the digit stays whole
+    for image, shifted, level in zip(images, a, background):
+        for channel in range(2):  # the border takes that channel's own minimum
+            assert set(shifted[channel].unique().tolist()) == {float(level[channel]), 3.0}
+    assert torch.equal(a.sum(dim=(2, 3)), images.sum(dim=(2, 3)))  # the digit stays whole
     assert torch.equal(data.random_shift(images, 0), images)
-    assert data.random_shift(images[:0], 2).shape == (0, 1, 6, 6)
+    assert data.random_shift(images[:0], 2).shape == (0, 2, 6, 6)
 
 
 @pytest.mark.parametrize("bad, message", [(dict(images=torch.zeros(3, 28, 28)), "images must be"),

@@ -14,16 +14,21 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "..", "bench", "reproduce_mnist
 METHODS = {"dense", "mackay-weight", "mackay-group", "paper", "magnitude (global L1)"}
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reproduce")
+def run_script(out, *args):
     data_dir = SHARED_MNIST
     if not os.path.isdir(data_dir):
         data_dir = str(out / "mnist")
-        fake_mnist(data_dir, n_train=900, n_test=200)
-    result = subprocess.run([sys.executable, SCRIPT, "--data-dir", data_dir, "--smoke", "--seeds", "0", "1",
-                             "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=900)
+        if not os.path.isdir(data_dir):
+            fake_mnist(data_dir, n_train=900, n_test=200)
+    result = subprocess.run([sys.executable, SCRIPT, "--data-dir", data_dir, "--smoke", "--out", str(out),
+                             "--quiet", *args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    run_script(out, "--seeds", "0", "1")
     return out
 
 
@@ -58,3 +63,17 @@ def test_markdown_table(smoke):
     assert text.count("| lenet-5-caffe |") == 5 + 4  # measured and published rows
     assert "Hardware:" in text
     assert "random offset of up to ±2 pixels" in text
+
+
+def test_rows_of_other_models_kept_only_with_the_same_augmentation(smoke, tmp_path):
+    dense = next(r for r in json.loads((smoke / "mnist_smoke.json").read_text())
+                 if r["model"] == "lenet-5-caffe" and r["method"] == "dense")
+    earlier = [dict(dense, method=method, augment_shift=shift)
+               for method, shift in (("same shift", 2), ("no shift", 0))]
+    (tmp_path / "mnist_smoke.json").write_text(json.dumps(earlier))
+    run_script(tmp_path, "--models", "lenet-300-100", "--seeds", "0")
+    rows = json.loads((tmp_path / "mnist_smoke.json").read_text())
+    lenet5 = {r["method"] for r in rows if r["model"] == "lenet-5-caffe" and r["source"] == "measured"}
+    assert lenet5 == {"same shift"}
+    assert any(r["model"] == "lenet-5-caffe" and "Molchanov" in r["source"] for r in rows)
+    assert {r["method"] for r in rows if r["model"] == "lenet-300-100" and r["source"] == "measured"} == METHODS
