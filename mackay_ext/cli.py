@@ -206,7 +206,8 @@ def _run_prune(args, parser, rank: int) -> int:
     except datasets.DatasetError as error:
         print(f"mackay-ext: {error}", file=sys.stderr)
         return 1
-    if settings.get("augment_shift", 0) and data.x_train.dim() != 4:
+    shift = settings.get("augment_shift", 0)  # absent from checkpoints of earlier versions
+    if shift and data.x_train.dim() != 4:
         parser.error(f"--augment-shift needs an image dataset; {settings['dataset']} inputs are flat "
                      f"vectors of shape {tuple(data.x_train.shape[1:])}")
     set_seed(settings["seed"])
@@ -216,7 +217,7 @@ def _run_prune(args, parser, rank: int) -> int:
                        update_every=settings["update_every"], batch_size=settings["batch_size"],
                        lr=settings["lr"], retrain_lr=settings["lr"], patience=settings["patience"],
                        seed=settings["seed"], backend=settings["backend"],
-                       augment_shift=settings.get("augment_shift", 0))
+                       augment_shift=shift)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
     checkpoint = os.path.join(args.out, "checkpoint.pt")

@@ -61,6 +61,12 @@ class Splits:
         return tuple(self.x_train.shape[1:])
 
 
+def check_shift(value, where: str, name: str) -> None:
+    """A shift in whole pixels: an int >= 0 (bool rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where}: {name} must be an int >= 0, got {value!r}")
+
+
 def random_shift(images: torch.Tensor, max_shift: int, *, fill: float | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Training augmentation: each image of a (N, C, H, W) batch moved by its own random whole-pixel
@@ -71,8 +77,7 @@ def random_shift(images: torch.Tensor, max_shift: int, *, fill: float | None = N
     every device."""
     if images.dim() != 4:
         raise ValueError(f"random_shift: images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    if isinstance(max_shift, bool) or not isinstance(max_shift, int) or max_shift < 0:
-        raise ValueError(f"random_shift: max_shift must be an int >= 0, got {max_shift!r}")
+    check_shift(max_shift, "random_shift", "max_shift")
     if max_shift == 0 or images.numel() == 0:
         return images.clone()
     n, c, h, w = images.shape

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .data import Splits, random_shift
+from .data import Splits, check_shift, random_shift
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
 
@@ -92,9 +92,7 @@ class Trainer:
                  batch_progress: Callable[[int, int], None] | None = None):
         if config.schedule not in SCHEDULES:
             raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
-        if isinstance(config.augment_shift, bool) or not isinstance(config.augment_shift, int) \
-                or config.augment_shift < 0:
-            raise ValueError(f"fit: augment_shift must be an int >= 0, got {config.augment_shift!r}")
+        check_shift(config.augment_shift, "fit", "augment_shift")
         if config.augment_shift and data.x_train.dim() != 4:
             raise ValueError(f"fit: augment_shift needs images (N, C, H, W); {data.name} training "
                              f"inputs have shape {tuple(data.x_train.shape)}")
