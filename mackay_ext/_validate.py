@@ -67,3 +67,29 @@ def check_update_args(weight, curvature, alpha, *, num_data, rule, prune, thresh
     if alpha_max is not None and not alpha_max >= alpha_min:
         raise ValueError(f"{where}: alpha_max must be >= alpha_min ({alpha_min}), got {alpha_max}")
     return threshold
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient, weight or curvature that is NaN or infinite: training has diverged."""
+
+
+def check_count(value, name: str, where: str) -> float:
+    """A positive count (num_data, batch_size): Python or NumPy numbers and 0-d tensors; not bool
+    (True == 1 would pass silently for a flag passed by mistake)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{where}: {name} must be a positive number, got the bool {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dim() != 0:
+            raise TypeError(f"{where}: {name} must be a number or a 0-d tensor, got a tensor of "
+                            f"shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{where}: {name} must be a positive number, got {type(value).__name__} "
+                        f"{value!r}") from None
+    if hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "b":  # numpy bool
+        raise TypeError(f"{where}: {name} must be a positive number, got the bool {value!r}")
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{where}: {name} must be a positive, finite number, got {value!r}")
+    return number

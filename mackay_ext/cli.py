@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import data as datasets
+from ._files import CorruptFileError, UnsafeFileError, load_plain
 from . import models
 from .pruner import GRANULARITIES
 from .sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
@@ -191,9 +192,9 @@ def _run_prune(args, parser, rank: int) -> int:
     resume_state = None
     if args.resume:
         try:
-            resume_state = torch.load(args.resume, map_location="cpu", weights_only=False)
-        except Exception as error:
-            print(f"mackay-ext: cannot read checkpoint {args.resume}: {error}", file=sys.stderr)
+            resume_state = load_plain(args.resume, "checkpoint")
+        except (OSError, UnsafeFileError, CorruptFileError) as error:
+            print(f"mackay-ext: {error}", file=sys.stderr)
             return 1
         settings = resume_state["cli_settings"]
     else:
@@ -270,7 +271,7 @@ def _run_prune(args, parser, rank: int) -> int:
 
 def run_evaluate(args, parser) -> int:
     try:
-        payload = torch.load(args.path, map_location="cpu", weights_only=False)
+        payload = load_plain(args.path, "compressed model")
         model_name = payload.get("model_name") if isinstance(payload, dict) else None
         if model_name not in models.MODELS:
             raise ValueError("not a model written by mackay-ext prune")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import _extension, ops
-from ._validate import BACKENDS, alpha_fits, check_choice
+from ._validate import BACKENDS, alpha_fits, check_choice, check_count
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
 
@@ -48,12 +48,10 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"{where}: eps must be finite and >= 0, got {group['eps']}")
     if not (math.isfinite(group["weight_decay"]) and group["weight_decay"] >= 0):
         raise ValueError(f"{where}: weight_decay must be finite and >= 0, got {group['weight_decay']}")
-    num_data = group["num_data"]
-    if not (isinstance(num_data, (int, float)) and math.isfinite(num_data) and num_data > 0):
-        raise ValueError(f"{where}: num_data must be the (positive) number of training examples, got {num_data}")
-    batch_size = group["batch_size"]
-    if batch_size is not None and not (math.isfinite(batch_size) and batch_size > 0):
-        raise ValueError(f"{where}: batch_size must be None or positive, got {batch_size}")
+    # numpy integers and 0-d tensors are counts too; stored as floats so the kernels get numbers
+    group["num_data"] = check_count(group["num_data"], "num_data", where)
+    if group["batch_size"] is not None:
+        group["batch_size"] = check_count(group["batch_size"], "batch_size", where)
     if not 0.0 <= group["curvature_decay"] <= 1.0:
         raise ValueError(f"{where}: curvature_decay must be in [0, 1], got {group['curvature_decay']}")
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._files import load_plain, save_atomic
 from .csr import check_csr, crow_from_rows, csr_linear, to_dense, transpose_index
 
 # Measured crossover (bench/bench_sparse.py -> bench/results/sparse_crossover.md, 2-core CPU,
@@ -247,19 +248,14 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None) 
     rest = {k: v.cpu() for k, v in model.state_dict().items() if k not in skip}
     dense_state.update(rest)
     payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest}
-    from .train import save_atomic  # atomic write: never half a file
-    save_atomic(payload, path)
+    save_atomic(payload, path)  # never half a file
     return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
 
 
 def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
     """Rebuild a model saved by save_compressed. `model` is a freshly built network of the same
     architecture (dense); without it, the saved model_name is looked up in mackay_ext.models."""
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:
-        raise RuntimeError(f"load_compressed: {path} cannot be read ({error}); it is corrupt or "
-                           "truncated") from error
+    payload = load_plain(path, "compressed model", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RuntimeError(f"load_compressed: {path} is not a file written by save_compressed")
     if model is None:

@@ -12,7 +12,6 @@ output is unchanged; see mackay_ext.dead_units).
 """
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ._files import load_plain, save_atomic
 from .data import Splits, check_shift, random_shift
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
@@ -65,23 +65,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         correct += int((logits.argmax(1) == yb).sum())
     model.train(was_training)
     return correct / max(len(x), 1), loss / max(len(x), 1)
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Trainer:
@@ -255,11 +238,7 @@ class Trainer:
             save_atomic(self.state(), self.checkpoint)
 
     def load_checkpoint(self, path: str) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as error:
-            raise RuntimeError(f"checkpoint {path} cannot be read ({error}); it is corrupt or "
-                               "truncated") from error
+        state = load_plain(path, "checkpoint", map_location=self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.pruner.load_state_dict(state["pruner"])

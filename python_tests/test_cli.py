@@ -145,4 +145,4 @@ def test_missing_data_says_where_it_looked(tmp_path):
 def test_corrupt_checkpoint_is_reported(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     result = cli("prune", "--resume", str(tmp_path / "bad.pt"), "--out", str(tmp_path), cwd=tmp_path)
-    assert result.returncode == 1 and "cannot read checkpoint" in result.stderr
+    assert result.returncode == 1 and "cannot be read" in result.stderr

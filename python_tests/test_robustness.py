@@ -39,7 +39,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    position = torch.load(checkpoint, weights_only=False)["position"]
+    position = torch.load(checkpoint, weights_only=True)["position"]
     assert (position["phase"], position["round"]) != ("round", 3)  # not already finished
     (killed / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")  # a write cut short
     resumed = subprocess.run([sys.executable, "-m", "mackay_ext.cli", "prune", "--quiet", "--resume",
@@ -117,7 +117,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
                            capture_output=True, text=True, timeout=600, env=dict(os.environ, DIE_AT_SAVE="6"))
     assert dying.returncode == -signal.SIGKILL
     assert (out / "checkpoint.pt.tmp").exists()                # the torn write ...
-    torch.load(out / "checkpoint.pt", weights_only=False)      # ... never replaced the last good one
+    torch.load(out / "checkpoint.pt", weights_only=True)      # ... never replaced the last good one
     resumed = subprocess.run([sys.executable, "-m", "mackay_ext.cli", "prune", "--quiet", "--resume",
                               str(out / "checkpoint.pt"), "--out", str(out)], cwd=tmp_path,
                              capture_output=True, text=True, timeout=600)

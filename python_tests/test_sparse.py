@@ -223,7 +223,7 @@ def test_narrow_index_types_on_disk(tmp_path):
     model = nn.Sequential(_pruned_linear(200, 100, 0.05))
     sparsify(model)
     save_compressed(model, str(tmp_path / "m.pt"))
-    payload = torch.load(str(tmp_path / "m.pt"), weights_only=False)
+    payload = torch.load(str(tmp_path / "m.pt"), weights_only=True)
     entry = payload["sparse"]["0"]
     assert entry["col"].dtype == torch.uint8 and entry["crow"].dtype in (torch.int16, torch.int32)
 

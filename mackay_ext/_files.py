@@ -1,0 +1,65 @@
+"""Files: atomic writes and safe reads, for every file this package writes or reads.
+
+Every read goes through torch.load(weights_only=True): a file can hold tensors, numbers,
+strings, None, lists, tuples and dicts, and nothing else, so a crafted file cannot run code when
+it is loaded (a pickle's __reduce__ is never called). The package writes only those types.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from typing import Any
+
+import torch
+
+
+class UnsafeFileError(RuntimeError):
+    """A file that holds Python objects other than tensors and plain containers: refused
+    unread (nothing in it was run)."""
+
+
+class CorruptFileError(RuntimeError):
+    """A file that is truncated, corrupt or not a torch file at all."""
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
+    """torch.load(path, weights_only=True) with errors a user can act on. `what` names the file
+    in messages ("checkpoint", "compressed model")."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's weights-only unpickler names the Python object it refused ("GLOBAL posix.system",
+        # "Unsupported global"); anything else it stumbles on is a damaged file
+        refused = [line.strip() for line in str(error).splitlines() if "global" in line.lower()]
+        if refused:
+            raise UnsafeFileError(
+                f"{what} {path} was refused: it holds Python objects other than tensors, numbers, "
+                "strings, lists and dicts, so it was not written by mackay_ext (nothing in it was "
+                f"run; {refused[0]})") from None
+        raise CorruptFileError(f"{what} {path} cannot be read: it is corrupt or truncated, or not a torch file"
+                               ) from None
+    except Exception as error:  # truncated zip, wrong magic number, bad storage ...
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CorruptFileError(f"{what} {path} cannot be read: it is corrupt or truncated, or not a "
+                               f"torch file ({reason})") from None

@@ -1,0 +1,98 @@
+"""Every file mackay_ext reads is loaded with weights_only=True: a crafted pickle runs nothing.
+
+One payload per entry point (load_compressed, `mackay-ext evaluate`, `mackay-ext prune --resume`,
+Trainer.load_checkpoint); each must fail with one clear error and leave no trace of its code.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import mackay_ext
+from mackay_ext import cli
+from mackay_ext._files import CorruptFileError, UnsafeFileError, load_plain
+
+
+class Payload:
+    """Unpickling calls os.system(...), which would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted(tmp_path, name="evil.pt"):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / name
+    # the shape of a real file, with the payload inside: the check must come before any use
+    torch.save({"format": "mackay_ext.compressed.v1", "model_name": "digits-mlp",
+                "cli_settings": {}, "payload": Payload(marker)}, path)
+    return str(path), marker
+
+
+def test_load_compressed_refuses_code(tmp_path):
+    path, marker = crafted(tmp_path)
+    with pytest.raises(UnsafeFileError, match="nothing in it was run"):
+        mackay_ext.load_compressed(path)
+    assert not marker.exists()
+
+
+def test_cli_evaluate_refuses_code(tmp_path, capsys):
+    path, marker = crafted(tmp_path)
+    assert cli.main(["evaluate", path]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "Traceback" not in err and err.count("\n") == 1
+    assert not marker.exists()
+
+
+def test_cli_resume_refuses_code(tmp_path, capsys):
+    path, marker = crafted(tmp_path, "checkpoint.pt")
+    assert cli.main(["prune", "--resume", path, "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_trainer_checkpoint_refuses_code(tmp_path):
+    from mackay_ext.train import FitConfig, Trainer
+    path, marker = crafted(tmp_path)
+    data = mackay_ext.data.load("digits", seed=0)
+    trainer = Trainer(mackay_ext.models.create("digits-mlp"), data, FitConfig(backend="torch"))
+    with pytest.raises(UnsafeFileError):
+        trainer.load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_what_the_package_writes_loads_safely(tmp_path):
+    """Checkpoints and compressed models hold only plain types: they load with weights_only."""
+    from mackay_ext.train import FitConfig, Trainer
+    data = mackay_ext.data.load("digits", seed=0)
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    config = FitConfig(pretrain_epochs=1, rounds=1, epochs=1, backend="torch")
+    trainer = Trainer(mackay_ext.models.create("digits-mlp"), data, config, checkpoint=checkpoint)
+    trainer.run()
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["position"]["phase"] == "round"
+    model = mackay_ext.sparsify(trainer.model, trainer.optimizer, min_sparsity=0.0)
+    mackay_ext.save_compressed(model, str(tmp_path / "m.pt"), model_name="digits-mlp")
+    assert torch.load(str(tmp_path / "m.pt"), weights_only=True)["model_name"] == "digits-mlp"
+
+
+def test_truncated_and_missing_files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"a": torch.ones(1000)}, good)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(CorruptFileError, match="corrupt or truncated"):
+        load_plain(str(cut), "checkpoint")
+    (tmp_path / "text.pt").write_text("not a torch file")
+    with pytest.raises(CorruptFileError):
+        load_plain(str(tmp_path / "text.pt"), "checkpoint")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_plain(str(tmp_path / "absent.pt"), "checkpoint")
+    with pytest.raises(IsADirectoryError):
+        load_plain(str(tmp_path), "checkpoint")
