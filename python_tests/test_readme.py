@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -31,10 +32,10 @@ def python_blocks() -> list[tuple[int, str]]:
 
 
 def placeholders(calls: dict[str, int]) -> dict[str, object]:
-    """What the README leaves to the user, made small: MNIST-shaped random data, 10 classes."""
+    """What the README leaves to the user, made small: MNIST-shaped random images, 10 classes."""
     teacher = torch.randn(28 * 28, 10)  # labels a function of the images: there is signal to fit
 
-    def train_some_epochs(model, optimizer, batches: int = 10, batch_size: int = 32):
+    def train_some_epochs(model, optimizer, batches: int = 5, batch_size: int = 32):
         calls["train_some_epochs"] += 1
         model.train()
         for _ in range(batches):
@@ -67,6 +68,9 @@ def test_readme_has_the_use_snippets():
     assert any("load_compressed(" in code for _, code in blocks)
 
 
+# a few batches of toy data against num_data=55000 leave little curvature, so the pruner wants
+# whole layers gone and says so; the README's claim tested here is only that the blocks run
+@pytest.mark.filterwarnings("ignore:MacKayPruner.update. every group:RuntimeWarning")
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the snippets write files (save_compressed)
     calls = {"train_some_epochs": 0}
