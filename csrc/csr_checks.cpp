@@ -19,8 +19,10 @@ at::Tensor check_csr_matmul_args(const char* op, const at::Tensor& x, const at::
                                  const at::Tensor& col, const at::Tensor& values, int64_t in_features) {
   TORCH_CHECK(x.layout() == at::kStrided && values.layout() == at::kStrided, op,
               ": x and values must be dense tensors");
-  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble, op,
-                   ": values must be float32 or float64, got ", values.scalar_type());
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble ||
+                       values.scalar_type() == at::kHalf || values.scalar_type() == at::kBFloat16,
+                   op, ": values must be float32, float64, float16 or bfloat16, got ",
+                   values.scalar_type());
   TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": x must have the dtype of values (",
                    values.scalar_type(), "), got ", x.scalar_type());
   TORCH_CHECK_TYPE(crow.scalar_type() == col.scalar_type() &&

@@ -2,7 +2,9 @@
 
 `csr_linear` is differentiable in x, values and bias: grad_x is a sparse product with W^T (whose
 index, `transpose_index`, a layer builds once), grad_values an SDDMM (grad^T x sampled at the
-nonzeros). The O(nnz) index checks (`check_csr`) run once per layer, not per call.
+nonzeros). The O(nnz) index checks (`check_csr`) run once per layer, not per call. Values may be
+float32/float64 or float16/bfloat16 (stored so, summed in float32); under autocast the op runs in
+autocast's dtype, as F.linear would.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from . import _extension
-from ._validate import BACKENDS, check_choice
+from ._validate import BACKENDS, FLOAT_DTYPES, check_choice
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -37,8 +39,10 @@ def check_csr(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: tor
     if crow_indices.dtype != col_indices.dtype:
         raise TypeError(f"csr: crow_indices and col_indices must share a dtype, got "
                         f"{crow_indices.dtype} and {col_indices.dtype}")
-    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.dtype not in (torch.float32, torch.float64):
-        raise TypeError("csr: values must be a 1-D float32 or float64 tensor")
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.dtype not in FLOAT_DTYPES:
+        raise TypeError("csr: values must be a 1-D float32, float64, float16 or bfloat16 tensor, got "
+                        f"{getattr(values, 'dtype', type(values).__name__)} "
+                        f"{tuple(getattr(values, 'shape', ()))}")
     if not (crow_indices.device == col_indices.device == values.device):
         raise RuntimeError(f"csr: crow_indices, col_indices and values must be on one device, got "
                            f"{crow_indices.device}, {col_indices.device}, {values.device}")
@@ -97,6 +101,7 @@ def csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.T
     transpose_index) and check_indices=False when the index is reused (as SparseLinear does)."""
     check_choice("backend", backend, BACKENDS, "csr_linear")
     in_features = x.shape[-1] if in_features is None else in_features
+    x, values, bias = _autocast(x, values, bias)
     if check_indices:
         check_csr(crow_indices, col_indices, values, (crow_indices.numel() - 1, in_features))
     if backend == "torch":
@@ -107,6 +112,19 @@ def csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.T
         transposed = transpose_index(crow_indices, col_indices, in_features)
     return torch.ops.mackay_ext.csr_linear.default(x, crow_indices, col_indices, values, bias,
                                                    *transposed)
+
+
+def _autocast(x, values, bias):
+    """Autocast has no rule for a custom op: cast as it casts F.linear's operands (every
+    floating tensor but float64, to the autocast dtype of x's device)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, values, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    return cast(x), cast(values), cast(bias)
 
 
 def _setup_context(ctx, inputs, output):

@@ -67,6 +67,71 @@ def test_forward_backward_against_dense(device, dtype, index_dtype, case):
     torch.testing.assert_close(gb.double(), rb.double(), **tol)
 
 
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+# one rounding of the result (unit roundoff 2^-11, 2^-8) over a float32 sum, with headroom
+HALF_TOLERANCE = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_half_precision_against_float64(device, backend, dtype, case):
+    """float16/bfloat16 operands in, the same dtype out, against float64 on the same rounded
+    operands: forward, grad_x, grad_values, grad_bias."""
+    out, inp, density, batch, empty = case
+    weight, crow, col, values = random_csr(out, inp, density, dtype, device, torch.int32, empty)
+    x = torch.randn(*batch, inp, device=device).to(dtype).requires_grad_()
+    bias = torch.randn(out, device=device).to(dtype).requires_grad_()
+    values.requires_grad_()
+    y = csr_linear(x, crow, col, values, bias, backend=backend)
+    assert y.shape == (*batch, out) and y.dtype == dtype
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y_ref = F.linear(x64, w64, b64)
+    torch.testing.assert_close(y.double(), y_ref, **HALF_TOLERANCE[dtype])
+    grad = torch.randn_like(y)
+    gx, gv, gb = torch.autograd.grad(y, (x, values, bias), grad)
+    rx, rw, rb = torch.autograd.grad(y_ref, (x64, w64, b64), grad.double())
+    assert gx.dtype == gv.dtype == gb.dtype == dtype
+    rows = torch.repeat_interleave(torch.arange(out, device=device), (crow[1:] - crow[:-1]).long())
+    for got, want in ((gx, rx), (gv, rw[rows, col.long()]), (gb, rb)):
+        torch.testing.assert_close(got.double(), want, **HALF_TOLERANCE[dtype])
+
+
+# A running sum of 0.25s held in float16 stalls at 512 (512 + 0.25 rounds back to 512), in
+# bfloat16 at 64; 131072 of them split over even 32 partial sums still stall. Summed in float32
+# they reach 32768 = 2^15, which both types hold exactly.
+TERMS, QUARTER, TOTAL = 131072, 0.25, 32768.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 40])
+def test_half_precision_sums_in_float(device, backend, dtype, batch):
+    # forward: W (2 x TERMS) of 0.25s times x of ones
+    crow = torch.tensor([0, TERMS, 2 * TERMS], device=device)
+    col = torch.arange(TERMS, device=device).repeat(2)
+    values = torch.full((2 * TERMS,), QUARTER, dtype=dtype, device=device)
+    x = torch.ones(batch, TERMS, dtype=dtype, device=device)
+    assert torch.all(csr_linear(x, crow, col, values, backend=backend) == TOTAL)
+    # grad_x: W (TERMS x 1) of 0.5s, grad_out of 0.5s: grad_x sums over TERMS rows
+    crow_t = torch.arange(TERMS + 1, device=device).clamp(max=TERMS)
+    col_t = torch.zeros(TERMS, dtype=torch.int64, device=device)
+    values_t = torch.full((TERMS,), 0.5, dtype=dtype, device=device, requires_grad=True)
+    x_t = torch.ones(batch, 1, dtype=dtype, device=device, requires_grad=True)
+    y = csr_linear(x_t, crow_t, col_t, values_t, backend=backend)
+    (grad_x,) = torch.autograd.grad(y, x_t, torch.full_like(y, 0.5))
+    assert torch.all(grad_x == TOTAL)
+    # grad_values: one weight, a batch of TERMS: the SDDMM sums over the batch
+    one = torch.full((1,), 0.5, dtype=dtype, device=device, requires_grad=True)
+    x_b = torch.full((TERMS, 1), 0.5, dtype=dtype, device=device)
+    y = csr_linear(x_b, torch.tensor([0, 1], device=device), torch.tensor([0], device=device), one,
+                   backend=backend)
+    (grad_values,) = torch.autograd.grad(y, one, torch.full_like(y, 0.5))
+    assert grad_values.item() == TOTAL
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     weight, crow, col, values = random_csr(6, 9, 0.4, device=device, empty_rows=(2,))
@@ -99,6 +164,11 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.mackay_ext.csr_matmul.default, (x.detach(), crow, col, values, 13))
         g = torch.randn(batch, 11, device=device)
         torch.library.opcheck(torch.ops.mackay_ext.csr_sddmm.default, (g, x.detach(), crow, col, 13))
+    for dtype in HALF_DTYPES:
+        x = torch.randn(9, 13, device=device, dtype=dtype)
+        torch.library.opcheck(torch.ops.mackay_ext.csr_matmul.default, (x, crow, col, values.to(dtype), 13))
+        g = torch.randn(9, 11, device=device, dtype=dtype)
+        torch.library.opcheck(torch.ops.mackay_ext.csr_sddmm.default, (g, x, crow, col, 13))
 
 
 def test_torch_compile_sparse_layer():
@@ -145,19 +215,73 @@ def test_from_dense_with_mask():
 
 
 @pytest.mark.parametrize("density", [0.03, 0.6])
-def test_dense_crossover_paths_agree(monkeypatch, density):
-    """Below the measured crossover the layer calls the CSR op, above it dense GEMM; both give
-    the dense layer's output."""
+def test_path_fixed_when_built(monkeypatch, density):
+    """The crossover picks a layer's path once, when it is built: the CSR op below it, dense
+    GEMM above it, whatever the batch; both give the dense layer's output."""
     from mackay_ext import sparse as sparse_module
     dense = _pruned_linear(400, 300, density)
     layer = SparseLinear.from_dense(dense)
+    expected = "csr" if density <= min(sparse_module.crossover_density(120_000, b) for b in (1, 8)) else "dense"
+    assert layer.path == expected
     calls = []
     original = sparse_module.csr_linear
     monkeypatch.setattr(sparse_module, "csr_linear", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x = torch.randn(64, 400)
-    torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-4)
-    assert bool(calls) == (density < sparse_module.crossover_density(120_000, 64, training=True))
+    for batch in (1, 7, 8, 64):
+        x = torch.randn(batch, 400)
+        torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), dense(x), rtol=1e-4, atol=1e-4)
+    assert len(calls) == (8 if expected == "csr" else 0)
     assert sparse_module.crossover_density(100, 1) == 0.0  # tiny layers: dense always measured faster
+    assert sparse_module.layer_path(100, 0) == "csr"      # nothing to multiply
+    assert sparse_module.layer_path(100, 1) == "dense"
+
+
+@pytest.mark.parametrize("path", ["csr", "dense"])
+def test_both_paths_train_and_agree(path):
+    """Either path: same output, same gradients (x, values, bias) as the dense layer, in float64."""
+    dense = _pruned_linear(23, 17, 0.3).double()
+    layer = SparseLinear.from_dense(dense, path=path)
+    x = torch.randn(5, 23, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(5, 17, dtype=torch.float64)
+    gx, gv, gb = torch.autograd.grad(layer(x), (x, layer.values, layer.bias), grad)
+    weight = dense.weight.detach().clone().requires_grad_()
+    rx, rw, rb = torch.autograd.grad(F.linear(x, weight, dense.bias), (x, weight, dense.bias), grad)
+    rows, cols = (dense.weight != 0).nonzero(as_tuple=True)
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gv, rw[rows, cols], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gb, rb, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="path must be one of"):
+        SparseLinear.from_dense(dense, path="gemm")
+
+
+def test_dense_path_cache_follows_the_values():
+    """The dense path's cached weight is rebuilt after any change of the values: an in-place
+    write, an optimizer step (MacKayAdam's fused op bumps no version), a dtype change, a
+    load_state_dict; in train mode also after writes through .data."""
+    dense = _pruned_linear(30, 20, 0.5)
+    layer = SparseLinear.from_dense(dense, path="dense").eval()
+    x = torch.randn(4, 30)
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x.to(layer.values.dtype), layer.dense_weight(), layer.bias))
+    check()
+    with torch.no_grad():
+        layer.values.mul_(2)
+    check()
+    optimizer = mackay_ext.MacKayAdam(layer.parameters(), lr=0.1, num_data=10)
+    layer(x).sum().backward()
+    optimizer.step()
+    check()
+    layer.load_state_dict({k: v + 1 if k == "values" else v for k, v in layer.state_dict().items()})
+    check()
+    layer.double()
+    x = x.double()
+    check()
+    layer.train()
+    layer.values.data.add_(1)
+    check()
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -165,6 +165,13 @@ void spmm_tiled(const scalar_t* xTiles, const index_t* crow, const index_t* col,
 at::Tensor csr_matmul_cpu(const at::Tensor& x, const at::Tensor& crow, const at::Tensor& col,
                           const at::Tensor& values, int64_t in_features) {
   const at::Tensor x2d = check_csr_matmul_args("csr_matmul", x, crow, col, values, in_features);
+  if (at::isReducedFloatingType(values.scalar_type())) {
+    // float16/bfloat16 storage, float products and sums (opmath, as ATen's CPU kernels do): the
+    // tiled path copies x anyway, and the gather path's x is a few rows.
+    return csr_matmul_cpu(x2d.to(at::kFloat), crow, col, values.to(at::kFloat), in_features)
+        .to(values.scalar_type())
+        .view(csr_output_shape(x, crow.size(0) - 1));
+  }
   const int64_t batch = x2d.size(0), out = crow.size(0) - 1, nnz = values.size(0);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous(), values_c = values.contiguous();
   std::atomic<bool> bad{false};
@@ -205,6 +212,11 @@ at::Tensor csr_matmul_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
 at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                          const at::Tensor& col, int64_t in_features) {
   const auto [x2d, g2d] = check_csr_sddmm_args(grad_out, x, crow, col, in_features);
+  if (at::isReducedFloatingType(x.scalar_type())) {
+    // opmath float sums over the batch (the transposes below copy both operands anyway)
+    return csr_sddmm_cpu(g2d.to(at::kFloat), x2d.to(at::kFloat), crow, col, in_features)
+        .to(x.scalar_type());
+  }
   const int64_t out = crow.size(0) - 1;
   const int64_t batch = x2d.size(0), nnz = col.size(0);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();

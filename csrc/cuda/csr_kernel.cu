@@ -2,8 +2,10 @@
 // batches work on x^T ([in, B]): a warp takes one row of W and 32 batch columns, so its loads
 // of x^T are coalesced; the row's (value, column) pairs are read 32 at a time and shared by
 // shuffles. SDDMM: a warp per row, lanes over the batch. Malformed indices are skipped (the
-// Python layer validates them once per layer), never read out of bounds.
+// Python layer validates them once per layer), never read out of bounds. float16/bfloat16
+// tensors are read and written as stored; products and sums run in opmath (float).
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -41,16 +43,19 @@ spmm_gather_kernel(const scalar_t* __restrict__ x, const index_t* __restrict__ c
   if (row >= out) return;
   int64_t begin, end;
   const bool ok = row_range(crow, row, nnz, begin, end);
+  using acc_t = at::opmath_type<scalar_t>;
   for (int64_t b = 0; b < batch; ++b) {
-    scalar_t acc = 0;
+    acc_t acc = 0;
     if (ok) {
       for (int64_t k = begin + lane; k < end; k += kWarpSize) {
         const int64_t c = col[k];
-        if (c >= 0 && c < in) acc += values[k] * x[b * in + c];
+        if (c >= 0 && c < in) {
+          acc += static_cast<acc_t>(values[k]) * static_cast<acc_t>(x[b * in + c]);
+        }
       }
     }
     acc = warp_sum(acc);
-    if (lane == 0) y[b * out + row] = acc;
+    if (lane == 0) y[b * out + row] = static_cast<scalar_t>(acc);
   }
 }
 
@@ -67,21 +72,22 @@ spmm_transposed_kernel(const scalar_t* __restrict__ xT, const index_t* __restric
   const int64_t row = warp / tiles;
   const int64_t b = (warp % tiles) * kWarpSize + lane;
   int64_t begin, end;
-  scalar_t acc = 0;
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t acc = 0;
   if (row_range(crow, row, nnz, begin, end)) {
     for (int64_t k0 = begin; k0 < end; k0 += kWarpSize) {
       const int64_t mine = k0 + lane;
-      const scalar_t v = mine < end ? values[mine] : scalar_t(0);
+      const acc_t v = mine < end ? static_cast<acc_t>(values[mine]) : acc_t(0);
       const int64_t c = mine < end ? static_cast<int64_t>(col[mine]) : -1;
       const int count = end - k0 < kWarpSize ? static_cast<int>(end - k0) : kWarpSize;
       for (int j = 0; j < count; ++j) {
-        const scalar_t vj = __shfl_sync(0xffffffffu, v, j);
+        const acc_t vj = __shfl_sync(0xffffffffu, v, j);
         const int64_t cj = __shfl_sync(0xffffffffu, c, j);
-        if (b < batch && cj >= 0 && cj < in) acc += vj * xT[cj * batch + b];
+        if (b < batch && cj >= 0 && cj < in) acc += vj * static_cast<acc_t>(xT[cj * batch + b]);
       }
     }
   }
-  if (b < batch) yT[row * batch + b] = acc;
+  if (b < batch) yT[row * batch + b] = static_cast<scalar_t>(acc);
 }
 
 // grad_values[k] = sum_b gT[row(k), b] xT[col(k), b]: warp per row, lanes over the batch.
@@ -95,15 +101,18 @@ sddmm_kernel(const scalar_t* __restrict__ gT, const scalar_t* __restrict__ xT,
   if (row >= out) return;
   int64_t begin, end;
   if (!row_range(crow, row, nnz, begin, end)) return;
+  using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* g = gT + row * batch;
   for (int64_t k = begin; k < end; ++k) {
     const int64_t c = col[k];
     if (c < 0 || c >= in) continue;
     const scalar_t* xr = xT + c * batch;
-    scalar_t acc = 0;
-    for (int64_t b = lane; b < batch; b += kWarpSize) acc += g[b] * xr[b];
+    acc_t acc = 0;
+    for (int64_t b = lane; b < batch; b += kWarpSize) {
+      acc += static_cast<acc_t>(g[b]) * static_cast<acc_t>(xr[b]);
+    }
     acc = warp_sum(acc);
-    if (lane == 0) grad_values[k] = acc;
+    if (lane == 0) grad_values[k] = static_cast<scalar_t>(acc);
   }
 }
 
@@ -119,7 +128,8 @@ at::Tensor csr_matmul_cuda(const at::Tensor& x, const at::Tensor& crow, const at
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous(), values_c = values.contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor y2d;
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "csr_matmul_cuda", [&] {
+  const auto dtype = values.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "csr_matmul_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "csr_matmul_cuda_index", [&] {
       if (batch < kSmallBatch) {
         y2d = at::empty({batch, out}, x2d.options());
@@ -159,7 +169,7 @@ at::Tensor csr_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous();
   const at::Tensor gT = g2d.t().contiguous(), xT = x2d.t().contiguous();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "csr_sddmm_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "csr_sddmm_cuda", [&] {
     AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "csr_sddmm_cuda_index", [&] {
       sddmm_kernel<<<blocks_for(out), kThreads, 0, stream>>>(
           gT.const_data_ptr<scalar_t>(), xT.const_data_ptr<scalar_t>(),
