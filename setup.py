@@ -141,7 +141,8 @@ setup(
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "scikit-learn"],
+    # tqdm: progress bars on a terminal; matplotlib: the plots every run writes
+    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
     entry_points={"console_scripts": ["mackay-ext=mackay_ext.cli:main"]},
     zip_safe=False,
 )

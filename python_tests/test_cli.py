@@ -121,19 +121,75 @@ def test_cli_resume_finished_checkpoint(digits_run, tmp_path):
     assert second["test_accuracy"] == first["test_accuracy"]
 
 
+NO_CUDA = not torch.cuda.is_available()
+
+
 @pytest.mark.parametrize("args,message", [
-    (["prune", "--epochs", "-1"], "--epochs must be positive"),
+    (["prune", "--epochs", "-1"], "argument --epochs: expected a whole number >= 1, got -1"),
+    (["prune", "--epochs", "1.5"], "argument --epochs: expected a whole number >= 1, got '1.5'"),
+    (["prune", "--pretrain-epochs", "0"], "argument --pretrain-epochs: expected a whole number >= 1"),
+    (["prune", "--rounds", "0"], "argument --rounds: expected a whole number >= 1, got 0"),
+    (["prune", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got 0"),
+    (["prune", "--patience", "-2"], "argument --patience: expected a whole number >= 1, got -2"),
+    (["prune", "--update-every", "0"], "argument --update-every: expected a whole number >= 1"),
+    (["prune", "--lr", "nan"], "argument --lr: expected a finite number > 0, got nan"),
+    (["prune", "--lr", "inf"], "argument --lr: expected a finite number > 0, got inf"),
+    (["prune", "--lr", "0"], "argument --lr: expected a finite number > 0, got 0"),
+    (["prune", "--lr", "fast"], "argument --lr: expected a finite number > 0, got 'fast'"),
+    (["prune", "--threshold", "-1"], "argument --threshold: expected a finite number >= 0, got -1"),
+    (["prune", "--threshold", "nan"], "argument --threshold: expected a finite number >= 0, got nan"),
+    (["prune", "--seed", "-3"], "argument --seed: expected a whole number >= 0, got -3"),
     (["prune", "--model", "alexnet"], "invalid choice"),
     (["prune", "--granularity", "blocks"], "invalid choice"),
     (["prune", "--augment-shift", "2"], "--augment-shift needs an image dataset; digits"),
-    (["prune", "--augment-shift", "-1"], "--augment-shift must be >= 0 pixels, got -1"),
+    (["prune", "--augment-shift", "-1"], "argument --augment-shift: expected a whole number >= 0, got -1"),
+    (["prune", "--out", "{file}"], "--out {file} is a file; expected a directory"),
+    (["prune", "--out", "{file}/run"], "{file} is a file, so the directory cannot be created"),
+    (["prune", "--model", "lenet-300-100", "--dataset", "digits"],
+     "--dataset digits: lenet-300-100 expects inputs of shape (1, 28, 28) (as in mnist), digits gives (64,)"),
+    (["prune", "--model", "lenet-5-caffe", "--dataset", "cifar10"],
+     "lenet-5-caffe expects inputs of shape (1, 28, 28) (as in mnist), cifar10 gives (3, 32, 32)"),
+    (["prune", "--model", "resnet-20", "--dataset", "digits"],
+     "resnet-20 expects inputs of shape (3, 32, 32) (as in cifar10), digits gives (64,)"),
+    (["prune", "--data-dir", "data"], "--data-dir: the digits dataset comes with scikit-learn"),
+    (["prune", "--download"], "--download fetches MNIST only; digits"),
+    (["prune", "--model", "resnet-20", "--download"], "--download fetches MNIST only; cifar10"),
+    (["prune", "--update-every", "3"], "--update-every applies to --schedule in-run only"),
+    pytest.param(["prune", "--device", "cuda"], "--device cuda: no CUDA device",
+                 marks=pytest.mark.skipif(not NO_CUDA, reason="a CUDA device is present")),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ])
-def test_bad_arguments_exit_2(tmp_path, args, message):
-    result = cli(*args, cwd=tmp_path)
-    assert result.returncode == 2
-    assert "usage:" in result.stderr and message in result.stderr
+def test_bad_arguments_exit_2_before_any_data_is_loaded(tmp_path, monkeypatch, capsys, args, message):
+    from mackay_ext import cli
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the data was loaded before the flags were checked")
+    monkeypatch.setattr(cli.datasets, "load", no_loading)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("a file, not a directory")
+    file = str(tmp_path / "file")
+    with pytest.raises(SystemExit) as exit:
+        cli.main([arg.format(file=file) for arg in args])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert "usage:" in err and message.format(file=file) in err
+    assert not (tmp_path / "mackay-run").exists()
+
+
+def test_every_flag_has_help_and_the_recipes_show_each_models_default():
+    from mackay_ext import cli
+    parser = cli._parser()
+    for command, sub in parser.subcommands.items():
+        for action in sub._actions:
+            assert action.help, f"{command} {'/'.join(action.option_strings) or action.dest} has no help"
+    prune_help = {a.dest: a.help for a in parser.subcommands["prune"]._actions}
+    for key in ("pretrain_epochs", "rounds", "epochs", "batch_size", "lr"):
+        for model, recipe in cli.RECIPES.items():
+            assert f"{model} {recipe[key]:g}" in prune_help[key], (key, model)
+        assert f"other models {cli.GENERIC_RECIPE[key]:g}" in prune_help[key]
+    text = parser.subcommands["prune"].format_help()  # argparse's %-formatting accepts every text
+    assert "--pretrain-epochs" in text and "lenet-300-100 20" in text
 
 
 def test_missing_data_says_where_it_looked(tmp_path):
