@@ -1,0 +1,214 @@
+"""Channel labels through an exported ATen graph: the op table behind mackay_ext.coupling.
+
+Every position of every tensor carries an atom (an int). Positions whose values must be removed
+together share a union-find class. Label arrays broadcast like the tensors they describe: a
+dimension of size 1 in the label array means every position along it has the same atom, so a
+(B, C, H, W) activation costs C labels. Atom 0 is PIN: positions fixed by a model input or a
+constant made in forward (never removable).
+
+The rule behind every op: the value at an output position depends on a set of input positions;
+when that set carries several atoms, they can only be removed together, so they are merged
+(a reduction over channels, softmax, LayerNorm statistics, the contraction of q with k inside a
+head). Parameterised readers (conv, linear) instead attach their input slice as a member of the
+atom they read, and their output rows get fresh atoms.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+
+from .groups import CouplingError
+
+PIN = 0
+
+
+class Atoms:
+    """Union-find over atoms, with what each atom owns."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = [PIN]
+        self.members: dict[int, list[tuple[str, int, int]]] = {}
+        self.entry: dict[int, tuple[str, int]] = {}
+        self.blocked: dict[int, str] = {PIN: "fixed by a model input or a constant made in forward"}
+        self.fixed: dict[int, str] = {}
+        self.head: dict[int, str] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.parent)
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)   # PIN (0) stays the root of its class
+
+    def union_arrays(self, x: np.ndarray, y: np.ndarray) -> None:
+        x, y = np.broadcast_arrays(x, y)
+        pairs = np.stack([x.ravel(), y.ravel()], 1)
+        for a, b in np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0):
+            self.union(a, b)
+
+    def merge(self, labels: np.ndarray) -> int:
+        atoms = np.unique(labels)
+        for a in atoms[1:]:
+            self.union(atoms[0], a)
+        return self.find(int(atoms[0]))
+
+    def attach(self, atom: int, name: str, dim: int, index: int) -> None:
+        self.members.setdefault(int(atom), []).append((name, dim, index))
+
+
+class V:
+    """Labels of one tensor: `labels` broadcasts to `shape`; from_param: derived from parameters only."""
+    __slots__ = ("labels", "shape", "from_param")
+
+    def __init__(self, labels: np.ndarray, shape, from_param: bool = False) -> None:
+        self.labels, self.shape, self.from_param = _compress(labels), tuple(shape), from_param
+
+
+def _compress(labels: np.ndarray) -> np.ndarray:
+    for d in range(labels.ndim):
+        if labels.shape[d] > 1:
+            first = labels.take([0], axis=d)
+            if (labels == first).all():
+                labels = first
+    return labels
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _module(node) -> tuple[str, str] | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    return path, cls.rsplit(".", 1)[-1]
+
+
+def _module_path(node) -> str:
+    found = _module(node)
+    return found[0] if found else ""
+
+
+def _where(node) -> str:
+    found = _module(node)
+    return f"module '{found[0]}' ({found[1]})" if found else "the model's own forward"
+
+
+class Graph:
+    """Walks an ExportedProgram once and fills `atoms`."""
+
+    def __init__(self, program) -> None:
+        self.atoms = Atoms()
+        self.env: dict[torch.fx.Node, object] = {}
+        self.params: dict[str, str] = {}       # placeholder name -> parameter/buffer FQN
+        self.entries: dict[str, np.ndarray] = {}
+        self.program = program
+
+    # -- values ---------------------------------------------------------------------------
+    def value(self, x) -> V | None:
+        if not isinstance(x, torch.fx.Node):
+            return None
+        v = self.env.get(x)
+        if isinstance(v, str):    # a parameter or buffer, labelled entry by entry on first use
+            v = V(self.entry_atoms(v, x), _shape(x), from_param=True)
+            self.env[x] = v
+        return v
+
+    def entry_atoms(self, name: str, node) -> np.ndarray:
+        if name not in self.entries:
+            shape = _shape(node)
+            if not node.meta["val"].is_floating_point():
+                return np.zeros([1] * len(shape), dtype=np.int64)
+            labels = self.atoms.new(int(np.prod(shape, dtype=np.int64))).reshape(shape)
+            for flat, atom in enumerate(labels.ravel()):
+                self.atoms.entry[int(atom)] = (name, flat)
+            self.entries[name] = labels
+        return self.entries[name]
+
+    def param_name(self, x, node, role: str) -> str:
+        name = self.params.get(x.name) if isinstance(x, torch.fx.Node) else None
+        if name is None:
+            raise CouplingError(f"{node.target} in {_where(node)}: its {role} is computed in forward, "
+                                "not a parameter; channel coupling through it is not supported")
+        return name
+
+    def full(self, x) -> np.ndarray:
+        v = self.value(x)
+        return np.broadcast_to(v.labels, v.shape)
+
+    def pinned(self, shape) -> V:
+        return V(np.zeros([1] * len(shape), dtype=np.int64), shape)
+
+    # -- walking --------------------------------------------------------------------------
+    def run(self) -> Atoms:
+        from .rules import RULES
+        sig = self.program.graph_signature
+        kinds = {}
+        for spec in sig.input_specs:
+            kinds[spec.arg.name] = spec
+        user_outputs = set(sig.user_outputs)
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                spec = kinds.get(node.name)
+                kind = spec.kind.name if spec is not None else "USER_INPUT"
+                if kind in ("PARAMETER", "BUFFER") and _shape(node) is not None:
+                    self.params[node.name] = spec.target
+                    self.env[node] = spec.target
+                elif _shape(node) is not None:
+                    self.env[node] = self.pinned(_shape(node))
+            elif node.op == "call_function":
+                self.call(node, RULES)
+            elif node.op == "output":
+                for out in torch.utils._pytree.tree_leaves(node.args[0]):
+                    if isinstance(out, torch.fx.Node) and out.name in user_outputs and self.value(out) is not None:
+                        for a in np.unique(self.value(out).labels):
+                            self.atoms.blocked.setdefault(int(a), "it reaches the model output")
+        return self.atoms
+
+    def call(self, node, rules) -> None:
+        target = node.target
+        if target is operator.getitem:
+            seq = self.env.get(node.args[0])
+            self.env[node] = seq[node.args[1]] if isinstance(seq, list) else None
+            return
+        name = getattr(getattr(target, "_overloadpacket", None), "__name__", None) or str(target)
+        in_place = name.endswith("_") and not name.endswith("__")
+        rule = rules.get(name[:-1] if in_place else name)
+        tensor_args = [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
+                       if isinstance(a, torch.fx.Node) and a in self.env and self.env[a] is not None]
+        out_shape = _shape(node)
+        if rule is None:
+            vals = [self.value(a) for a in tensor_args]
+            if all(not v.from_param and (v.labels == PIN).all() for v in vals):
+                self.env[node] = self.pinned(out_shape) if out_shape is not None else None
+                return   # made only of inputs and constants: no channel passes through it
+            raise CouplingError(f"cannot follow {target} in {_where(node)}: its channel coupling is "
+                                "unknown, so no group through it can be shrunk safely")
+        result = rule(self, node, *node.args, **node.kwargs)
+        self.env[node] = result
+        if in_place and node.args and isinstance(node.args[0], torch.fx.Node):
+            self.env[node.args[0]] = result    # an in-place op: later readers of its input see the result
+
+
+def propagate(program) -> Atoms:
+    """Union-find of channel atoms for an ExportedProgram."""
+    return Graph(program).run()

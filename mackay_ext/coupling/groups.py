@@ -1,0 +1,169 @@
+"""Coupled groups as data: Member, ChannelGroup and the union-find classes turned into groups."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class CouplingError(ValueError):
+    """The model cannot be traced, or uses an op whose channel coupling is unknown."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """Entries `indices` along dimension `dim` of the parameter or buffer called `name`."""
+    name: str
+    dim: int
+    indices: tuple[int, ...]
+
+    def __repr__(self) -> str:
+        return f"{self.name}[{self._role()}{_ranges(self.indices)}]"
+
+    def _role(self) -> str:
+        if self.name.endswith("weight") or self.name.endswith("in_proj_weight"):
+            return {0: "out ", 1: "in "}.get(self.dim, f"dim{self.dim} ") if self._ndim > 1 else ""
+        return ""
+
+    _ndim: int = dataclasses.field(default=1, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    """One coupled channel (kind "channel") or attention head (kind "head").
+
+    members: parameter slices that exist only for this channel (gamma and the squared norm of
+    group ARD sum over them; pruning zeroes all of them). buffers: buffer slices (BatchNorm
+    running statistics) that `shrink` removes with the channel. fixed: None when `shrink` can
+    remove the group, else why it keeps it (zeroing is still exact). module: the attention module
+    of a head group.
+    """
+    members: tuple[Member, ...]
+    buffers: tuple[Member, ...] = ()
+    kind: str = "channel"
+    fixed: str | None = None
+    module: str | None = None
+
+    def __repr__(self) -> str:
+        text = " => ".join(repr(m) for m in self.members)
+        return f"{self.kind}: {text}" + (f"  (kept by shrink: {self.fixed})" if self.fixed else "")
+
+    def slices(self, model: nn.Module):
+        """Yield (member, tensor of the member's entries) for every parameter member."""
+        for m in self.members:
+            yield m, model.get_parameter(m.name).index_select(m.dim, _index(m, model))
+
+    def num_weights(self, model: nn.Module) -> int:
+        """n_g: the number of parameter entries in the group."""
+        return sum(t.numel() for _, t in self.slices(model))
+
+    def squared_norm(self, model: nn.Module) -> torch.Tensor:
+        """sum over every member entry of w_i^2 (float64 scalar)."""
+        return sum((t.detach().double().pow(2).sum() for _, t in self.slices(model)),
+                   torch.zeros((), dtype=torch.float64))
+
+    def is_zero(self, model: nn.Module) -> bool:
+        """True when every parameter entry of the group is exactly zero (the group is pruned)."""
+        return all(not bool(t.detach().any()) for _, t in self.slices(model))
+
+    @torch.no_grad()
+    def zero_(self, model: nn.Module) -> None:
+        """Prune the group: set every parameter member to exactly zero."""
+        for m in self.members:
+            model.get_parameter(m.name).index_fill_(m.dim, _index(m, model), 0)
+
+
+def _index(m: Member, model: nn.Module) -> torch.Tensor:
+    return torch.tensor(m.indices, dtype=torch.long, device=model.get_parameter(m.name).device)
+
+
+def _ranges(indices) -> str:
+    parts, start = [], None
+    for i, v in enumerate(indices):
+        if start is None:
+            start = v
+        if i + 1 == len(indices) or indices[i + 1] != v + 1:
+            parts.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(parts)
+
+
+@dataclasses.dataclass
+class Coupling:
+    """Result of one trace: the removable groups and, for inspection, the blocked ones."""
+    groups: list[ChannelGroup]
+    blocked: list[tuple[ChannelGroup, str]]
+
+
+def collect(atoms, model: nn.Module) -> Coupling:
+    """Turn the union-find classes into ChannelGroups (members merged per parameter dimension)."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    buffer_shapes = {n: tuple(b.shape) for n, b in model.named_buffers()}
+    all_shapes = {**shapes, **buffer_shapes}
+    order = {n: i for i, n in enumerate(all_shapes)}
+    classes: dict[int, dict[str, Any]] = {}
+    for atom in range(atoms.count):
+        root = atoms.find(atom)
+        info = classes.setdefault(root, {"direct": {}, "entries": {}, "channel": False, "blocked": [],
+                                         "fixed": [], "head": None})
+        for name, dim, index in atoms.members.get(atom, ()):
+            info["direct"].setdefault((name, dim), set()).add(index)
+        if atom in atoms.entry:
+            name, flat = atoms.entry[atom]
+            info["entries"].setdefault(name, set()).add(flat)
+        else:
+            info["channel"] = True
+        if atom in atoms.blocked:
+            info["blocked"].append(atoms.blocked[atom])
+        if atom in atoms.fixed:
+            info["fixed"].append(atoms.fixed[atom])
+        if atom in atoms.head:
+            info["head"] = atoms.head[atom]
+    groups, blocked = [], []
+    for info in classes.values():
+        if not info["channel"]:
+            continue   # parameter entries never met by an activation channel
+        reasons = list(info["blocked"])
+        slices = dict(info["direct"])
+        for name, flats in info["entries"].items():
+            plane = _hyperplane(all_shapes[name], flats)
+            if plane is None:
+                reasons.append(f"{name} is coupled entry by entry, not one slice per channel")
+            else:
+                slices.setdefault((name, plane[0]), set()).update(plane[1])
+        if not slices:
+            continue
+        for (name, dim), idx in slices.items():
+            if len(idx) == all_shapes[name][dim]:
+                reasons.append(f"it spans every channel of {name} (dim {dim})")
+        members = sorted(slices.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
+        params = tuple(Member(n, d, tuple(sorted(i)), _ndim=len(all_shapes[n]))
+                       for (n, d), i in members if n in shapes)
+        buffers = tuple(Member(n, d, tuple(sorted(i)), _ndim=len(all_shapes[n]))
+                        for (n, d), i in members if n not in shapes)
+        if not params:
+            continue
+        group = ChannelGroup(params, buffers, "head" if info["head"] else "channel",
+                             info["fixed"][0] if info["fixed"] else None, info["head"])
+        (blocked.append((group, "; ".join(dict.fromkeys(reasons)))) if reasons else groups.append(group))
+    key = lambda g: (order[g.members[0].name], g.members[0].dim, g.members[0].indices)  # noqa: E731
+    groups.sort(key=key)
+    blocked.sort(key=lambda gb: key(gb[0]))
+    return Coupling(groups, blocked)
+
+
+def _hyperplane(shape, flats):
+    """(dim, indices) when the flat entries are whole slices along one dimension, else None."""
+    if not shape:
+        return None   # a 0-d parameter has no channel dimension
+    coords = np.unravel_index(np.fromiter(flats, dtype=np.int64), shape)
+    total = int(np.prod(shape))
+    dims = sorted(range(len(shape)), key=lambda d: shape[d] == 1)   # prefer a dimension of size > 1
+    for d in dims:
+        along = set(coords[d].tolist())
+        if len(along) * (total // shape[d]) == len(flats):
+            return d, along
+    return None
