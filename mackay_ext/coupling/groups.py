@@ -24,9 +24,9 @@ class Member:
         return f"{self.name}[{self._role()}{_ranges(self.indices)}]"
 
     def _role(self) -> str:
-        if self.name.endswith("weight") or self.name.endswith("in_proj_weight"):
-            return {0: "out ", 1: "in "}.get(self.dim, f"dim{self.dim} ") if self._ndim > 1 else ""
-        return ""
+        if self._ndim < 2:   # a bias or norm vector: the index is the channel
+            return ""
+        return {0: "out ", 1: "in "}.get(self.dim, f"dim{self.dim} ")
 
     _ndim: int = dataclasses.field(default=1, compare=False)
 

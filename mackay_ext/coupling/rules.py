@@ -119,10 +119,19 @@ def _transpose(g, node, x, d0=0, d1=1):
     return V(np.swapaxes(g.value(x).labels, d0, d1), _shape(node), g.value(x).from_param)
 
 
+def _fixed_positions(g, node, lab: np.ndarray, dim: int) -> None:
+    """Indexing at fixed positions of a channel dimension: after a removal they would pick other channels."""
+    if lab.shape[dim] > 1 and all(s == 1 for d, s in enumerate(lab.shape) if d != dim):
+        for a in np.unique(lab):
+            g.atoms.fixed.setdefault(int(a), f"forward code in {_where(node)} indexes its channels at fixed "
+                                              "positions (a slice, select or split)")
+
+
 @rule("select")
 def _select(g, node, x, dim, index):
     v = g.value(x)
     lab = v.labels
+    _fixed_positions(g, node, lab, dim % lab.ndim)
     return V(lab.take(0 if lab.shape[dim] == 1 else index, axis=dim), _shape(node), v.from_param)
 
 
@@ -134,16 +143,21 @@ def _slice_labels(lab: np.ndarray, dim: int, sl: slice) -> np.ndarray:
     return lab[tuple(index)]
 
 
+def _sliced(g, node, v: V, dim: int, sl: slice) -> V:
+    dim %= v.labels.ndim
+    if range(*sl.indices(v.shape[dim])) != range(v.shape[dim]):
+        _fixed_positions(g, node, v.labels, dim)
+    return V(_slice_labels(v.labels, dim, sl), _shape(node), v.from_param)
+
+
 @rule("slice")
 def _slice(g, node, x, dim=0, start=None, end=None, step=1):
-    v = g.value(x)
-    return V(_slice_labels(v.labels, dim % v.labels.ndim, slice(start, end, step)), _shape(node), v.from_param)
+    return _sliced(g, node, g.value(x), dim, slice(start, end, step))
 
 
 @rule("narrow")
 def _narrow(g, node, x, dim, start, length):
-    v = g.value(x)
-    return V(_slice_labels(v.labels, dim % v.labels.ndim, slice(start, start + length)), _shape(node), v.from_param)
+    return _sliced(g, node, g.value(x), dim, slice(start, start + length))
 
 
 @rule("unbind", "split", "split_with_sizes", "chunk", "tensor_split")
@@ -152,9 +166,12 @@ def _split(g, node, x, *args, **kwargs):
     outs = [_shape_of(o) for o in node.meta["val"]]
     if node.target.__name__.startswith("unbind"):
         dim = (args[0] if args else kwargs.get("dim", 0)) % len(v.shape)
+        _fixed_positions(g, node, v.labels, dim)
         return [V(v.labels.take(0 if v.labels.shape[dim] == 1 else i, axis=dim), o, v.from_param)
                 for i, o in enumerate(outs)]
     dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % len(v.shape)
+    if len(outs) > 1:
+        _fixed_positions(g, node, v.labels, dim)
     result, start = [], 0
     for o in outs:
         result.append(V(_slice_labels(v.labels, dim, slice(start, start + o[dim])), o, v.from_param))

@@ -1,0 +1,249 @@
+"""Coupled channel groups (mackay_ext.coupling): hand-derived groups on small models, a
+cross-check against Torch-Pruning's DependencyGraph on CNNs, the ChannelGroup API and bad input.
+End-to-end exactness (zero groups, shrink, equal outputs) is in test_shrink.py."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mackay_ext.coupling import ChannelGroup, CouplingError, Member, channel_groups, trace_coupling
+
+
+def as_sets(groups):
+    """Each group as a set of (name, dim, index) entries: easy to compare with a hand derivation."""
+    return [{(m.name, m.dim, i) for m in g.members for i in m.indices} for g in groups]
+
+
+def entries(*specs):
+    """specs: (name, dim, indices) -> set of (name, dim, index)."""
+    return {(n, d, i) for n, d, idx in specs for i in idx}
+
+
+class ConvBnConv(nn.Module):
+    def __init__(self, affine=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(5, affine=affine)
+        self.conv2 = nn.Conv2d(5, 4, 3, padding=1, bias=False)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.relu(self.conv2(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def test_conv_bn_flatten_groups_by_hand():
+    model = ConvBnConv()
+    groups = channel_groups(model, torch.randn(2, 3, 8, 8))
+    expected = [entries(("conv1.weight", 0, [c]), ("conv1.bias", 0, [c]), ("bn1.weight", 0, [c]),
+                        ("bn1.bias", 0, [c]), ("conv2.weight", 1, [c])) for c in range(5)]
+    # flatten: channel c of a (4, 2, 2) map is fc's input columns 4c .. 4c+3
+    expected += [entries(("conv2.weight", 0, [c]), ("fc.weight", 1, range(4 * c, 4 * c + 4))) for c in range(4)]
+    assert as_sets(groups) == expected
+    assert [g.kind for g in groups] == ["channel"] * 9
+    assert groups[0].buffers == (Member("bn1.running_mean", 0, (0,)), Member("bn1.running_var", 0, (0,)))
+    assert repr(groups[2]) == ("channel: conv1.weight[out 2] => conv1.bias[2] => bn1.weight[2] => bn1.bias[2] "
+                               "=> conv2.weight[in 2]")
+
+
+class Residual(nn.Module):
+    """Two branches summed, then concatenated with a third: the add couples, the cat offsets."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 1)
+        self.b = nn.Conv2d(2, 3, 3, padding=1)
+        self.c = nn.Conv2d(2, 2, 1)
+        self.dw = nn.Conv2d(5, 5, 3, padding=1, groups=5)
+        self.head = nn.Conv2d(5, 1, 1)
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x) + self.b(x)), self.c(x)], dim=1)
+        return self.head(self.dw(y)).mean(dim=(2, 3))
+
+
+def test_residual_add_concat_and_depthwise_by_hand():
+    groups = channel_groups(Residual(), torch.randn(1, 2, 5, 7))
+    expected = [entries(("a.weight", 0, [c]), ("a.bias", 0, [c]), ("b.weight", 0, [c]), ("b.bias", 0, [c]),
+                        ("dw.weight", 0, [c]), ("dw.bias", 0, [c]), ("head.weight", 1, [c])) for c in range(3)]
+    expected += [entries(("c.weight", 0, [c]), ("c.bias", 0, [c]), ("dw.weight", 0, [3 + c]),
+                         ("dw.bias", 0, [3 + c]), ("head.weight", 1, [3 + c])) for c in range(2)]
+    assert sorted(map(sorted, as_sets(groups))) == sorted(map(sorted, expected))
+
+
+def test_grouped_convolution_output_and_layer_norm_are_blocked_with_reasons():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 1)
+            self.grouped = nn.Conv2d(6, 6, 1, groups=2)
+            self.proj = nn.Linear(6, 8)
+            self.norm = nn.LayerNorm(8)
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            x = self.grouped(self.conv(x)).mean(dim=(2, 3))
+            return self.out(self.norm(self.proj(x)))
+
+    coupling = trace_coupling(Model(), torch.randn(2, 4, 3, 3))
+    assert coupling.groups == []
+    reasons = " | ".join(r for _, r in coupling.blocked)
+    assert "grouped convolution (2 groups)" in reasons
+    assert "reaches the model output" in reasons
+    # LayerNorm statistics mix every channel of proj: one class spanning the layer, not 8 groups
+    norm_class = [(g, r) for g, r in coupling.blocked if any(m.name == "norm.weight" for m in g.members)]
+    assert len(norm_class) == 1 and "spans every channel of proj.weight" in norm_class[0][1]
+    assert {m.name for m in norm_class[0][0].members} >= {"proj.weight", "norm.weight", "norm.bias", "out.weight"}
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads(batch_first):
+    embed, heads = 12, 3
+    hd = embed // heads
+    mha = nn.MultiheadAttention(embed, heads, batch_first=batch_first)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha, self.out = mha, nn.Linear(embed, 2)
+
+        def forward(self, x):
+            return self.out(self.mha(x, x, x, need_weights=False)[0])
+
+    x = torch.randn(2, 5, embed) if batch_first else torch.randn(5, 2, embed)
+    groups = channel_groups(Model(), x)
+    expected = []
+    for h in range(heads):
+        rows = [part * embed + h * hd + j for part in range(3) for j in range(hd)]
+        expected.append(entries(("mha.in_proj_weight", 0, rows), ("mha.in_proj_bias", 0, rows),
+                                ("mha.out_proj.weight", 1, range(h * hd, (h + 1) * hd))))
+    head_groups = [g for g in groups if g.kind == "head"]
+    assert as_sets(head_groups) == expected
+    assert all(g.module == "mha" for g in head_groups)
+    # the attention's output channels (no LayerNorm after it here) are ordinary groups
+    assert as_sets([g for g in groups if g.kind == "channel"]) == [
+        entries(("mha.out_proj.weight", 0, [c]), ("mha.out_proj.bias", 0, [c]), ("out.weight", 1, [c]))
+        for c in range(embed)]
+
+
+def test_option_a_padding_shortcut_maps_channels_with_offset():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv0 = nn.Conv2d(1, 2, 1)
+            self.conv = nn.Conv2d(2, 6, 1)
+            self.fc = nn.Linear(6, 1)
+
+        def forward(self, x):
+            x = self.conv0(x)
+            y = self.conv(x) + F.pad(x, (0, 0, 0, 0, 1, 3))   # channels 1, 2 of the sum are x's 0, 1
+            return self.fc(y.mean(dim=(2, 3)))
+
+    groups = channel_groups(Block(), torch.randn(1, 1, 3, 3))
+    by_conv0 = [g for g in groups if g.members[0].name == "conv0.weight"]
+    assert as_sets(by_conv0) == [
+        entries(("conv0.weight", 0, [c]), ("conv0.bias", 0, [c]), ("conv.weight", 1, [c]),
+                ("conv.weight", 0, [c + 1]), ("conv.bias", 0, [c + 1]), ("fc.weight", 1, [c + 1])) for c in range(2)]
+    padded = [g for g in groups if g.members[0].name == "conv.weight"]
+    assert [g.members[0].indices for g in padded] == [(0,), (3,), (4,), (5,)]
+    assert all(g.fixed and "constant padding" in g.fixed for g in padded)
+    assert all(g.fixed is None for g in by_conv0)
+
+
+def test_channel_slice_in_forward_is_fixed():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x)[:, :4].mean(dim=(2, 3)))
+
+    groups = channel_groups(Model(), torch.randn(1, 3, 2, 2))
+    assert len(groups) == 6 and all(g.fixed and "fixed positions" in g.fixed for g in groups)
+
+
+def test_group_api_squared_norm_zero_and_repr_ranges():
+    torch.manual_seed(3)
+    model = ConvBnConv()
+    group = channel_groups(model, torch.randn(2, 3, 8, 8))[6]   # conv2 filter 1 => fc columns 4-7
+    assert repr(group) == "channel: conv2.weight[out 1] => fc.weight[in 4-7]"
+    expected = model.conv2.weight[1].double().pow(2).sum() + model.fc.weight[:, 4:8].double().pow(2).sum()
+    torch.testing.assert_close(group.squared_norm(model), expected, rtol=1e-12, atol=0)
+    assert group.num_weights(model) == 5 * 9 + 3 * 4
+    assert not group.is_zero(model)
+    group.zero_(model)
+    assert group.is_zero(model) and group.squared_norm(model) == 0
+    assert model.conv2.weight[0].abs().sum() > 0 and model.fc.weight[:, :4].abs().sum() > 0
+
+
+def test_matches_torch_pruning_on_resnet18():
+    """Independent reference: Torch-Pruning's DependencyGraph on a CNN it handles exactly."""
+    tp = pytest.importorskip("torch_pruning")
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    ours = {frozenset(s) for s in as_sets(channel_groups(model, x))}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    names = {m: n for n, m in model.named_modules()}
+    rng = random.Random(0)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        channel = rng.randrange(conv.out_channels)
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[channel])
+        theirs = set()
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler.__name__
+            for name, p in module.named_parameters(recurse=False):
+                if "in_channels" in handler and p.dim() < 2:
+                    continue   # a consumer's bias is not part of its input channel
+                dim = 1 if "in_channels" in handler else 0
+                theirs |= {(f"{names[module]}.{name}", dim, int(i)) for i in item.idxs}
+        assert frozenset(theirs) in ours, names[conv]
+
+
+def test_bad_input_is_named():
+    model = ConvBnConv()
+    with pytest.raises(CouplingError, match="example_inputs do not run the model"):
+        channel_groups(model, torch.randn(2, 4, 8, 8))
+    with pytest.raises(TypeError, match="example_inputs must be"):
+        channel_groups(model, 3)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        channel_groups(lambda x: x, torch.randn(1))
+    assert model.training   # the trace leaves the model's mode as it was
+
+
+def test_unknown_op_names_the_module():
+    class Roller(nn.Module):
+        def forward(self, x):
+            return torch.roll(x, 1, dims=1)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Roller(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(CouplingError, match=r"roll.*module '1' \(Roller\)"):
+        channel_groups(model, torch.randn(1, 3, 2, 2))
+
+
+def test_keyword_inputs_odd_sizes_and_single_channel_layers():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.one = nn.Linear(7, 1)       # one neuron: removing it empties the layer
+            self.wide = nn.Linear(7, 5)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x=None):
+            return self.out(torch.cat([torch.tanh(self.one(x)), self.wide(x)], dim=-1))
+
+    coupling = trace_coupling(Model(), {"x": torch.randn(1, 7)})
+    assert as_sets(coupling.groups) == [entries(("wide.weight", 0, [c]), ("wide.bias", 0, [c]),
+                                                ("out.weight", 1, [1 + c])) for c in range(5)]
+    assert any("spans every channel of one.weight" in r for _, r in coupling.blocked)
+
+
+def test_group_is_a_value():
+    a = ChannelGroup((Member("w", 0, (1, 2, 3, 7), _ndim=2),))
+    assert repr(a) == "channel: w[out 1-3,7]" and a == ChannelGroup((Member("w", 0, (1, 2, 3, 7)),))
