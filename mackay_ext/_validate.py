@@ -76,6 +76,8 @@ class NonFiniteError(FloatingPointError):
 def check_count(value, name: str, where: str) -> float:
     """A positive count (num_data, batch_size): Python or NumPy numbers and 0-d tensors; not bool
     (True == 1 would pass silently for a flag passed by mistake)."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{where}: {name} must be a positive number, got the string {value!r}")
     if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{where}: {name} must be a positive number, got the bool {value!r}")
     if isinstance(value, torch.Tensor):

@@ -3,8 +3,8 @@ Fisher ("fisher-mc"), accumulated with module hooks (DESIGN.md section 1, "Curva
 
 For a Linear layer on 2-D inputs the per-example squared gradients sum to one GEMM on squared
 operands, h += s^2 (delta*delta)^T (x*x), done by a fused kernel (sq_gemm_accumulate_). Inputs
-with extra leading dimensions, a module used several times in one forward pass, and Conv2d
-(per-example gradient = delta_n unfold(x_n)^T, summed over positions) form per-example
+with extra leading dimensions, a module used several times in one forward pass, and Conv1d/Conv2d
+(per-example gradient = delta_n unfold(x_n)^T per group of channels, summed over positions) form per-example
 gradients a chunk of the batch at a time, square them and add them up.
 """
 from __future__ import annotations
@@ -47,10 +47,12 @@ if _extension.is_loaded():
         return None
 
 
-def _supported(module: nn.Module) -> bool:
+def supported(module: nn.Module) -> bool:
+    """Whether exact per-example curvature covers `module`: nn.Linear, and nn.Conv1d / nn.Conv2d
+    (grouped and depthwise included) with numeric zero padding."""
     if isinstance(module, nn.Linear):
         return True
-    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+    return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros"
             and not isinstance(module.padding, str))
 
 
@@ -60,7 +62,7 @@ class FisherAccumulator:
 
     Args:
         model: the network; `modules` (names) restricts the layers (default: all nn.Linear and
-            nn.Conv2d with groups=1).
+            nn.Conv1d / nn.Conv2d, grouped and depthwise included).
         mode: "ef-exact" (squared per-example gradients of the training loss, captured around
             your own forward/backward) or "fisher-mc" (labels sampled from the model's softmax,
             `accumulate_mc(x)`; needs a classifier returning logits).
@@ -86,13 +88,13 @@ class FisherAccumulator:
             if missing:
                 raise ValueError(f"FisherAccumulator: no modules named {missing} in the model")
             candidates = {n: named[n] for n in modules}
-        self.layers = {n: m for n, m in candidates.items() if _supported(m)}
+        self.layers = {n: m for n, m in candidates.items() if supported(m)}
         self.unsupported = sorted(n for n in candidates if n not in self.layers)
         if self.unsupported and strict:
             raise ValueError(f"FisherAccumulator: unsupported layers {self.unsupported} (supported: "
-                             "nn.Linear, nn.Conv2d with groups=1 and zero padding)")
+                             "nn.Linear, nn.Conv1d and nn.Conv2d with numeric zero padding)")
         if not self.layers:
-            raise ValueError("FisherAccumulator: the model has no supported layer (nn.Linear, nn.Conv2d)")
+            raise ValueError("FisherAccumulator: the model has no supported layer (nn.Linear, nn.Conv1d, nn.Conv2d)")
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
         self._pending: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
@@ -155,12 +157,27 @@ class FisherAccumulator:
             return
         self._accumulate_per_example(module, inputs, grads, scale)
 
-    def _per_example_factors(self, module, x, delta):
-        """(delta_n: [T, out], cols_n: [T, in']) for each example of a batch chunk."""
+    @staticmethod
+    def _per_example_grads(module, x, delta) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-example weight gradients [C, out, in'], per-example bias gradients [C, out]) of a
+        chunk of C examples; in' = in_features, or in_channels / groups * kernel size."""
         if isinstance(module, nn.Linear):
-            return delta.reshape(delta.shape[0], -1, delta.shape[-1]), x.reshape(x.shape[0], -1, x.shape[-1])
-        cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
-        return delta.flatten(2).transpose(1, 2), cols.transpose(1, 2)  # [N, L, out], [N, L, K]
+            d = delta.reshape(delta.shape[0], -1, delta.shape[-1])          # [C, T, out]
+            cols = x.reshape(x.shape[0], -1, x.shape[-1])                   # [C, T, in]
+            return torch.bmm(d.transpose(1, 2), cols), d.sum(1)
+        if isinstance(module, nn.Conv1d):  # as a Conv2d of height 1
+            x, delta = x.unsqueeze(2), delta.unsqueeze(2)
+            geometry = [(1, k) for k in (module.kernel_size[0], module.dilation[0])] + \
+                       [(0, module.padding[0]), (1, module.stride[0])]
+        else:
+            geometry = [module.kernel_size, module.dilation, module.padding, module.stride]
+        cols = F.unfold(x, *geometry)                                       # [C, in * k, L]
+        chunk, groups, out = x.shape[0], module.groups, delta.shape[1]
+        # unfold orders columns channel-major, so group g owns a contiguous block of them
+        cols = cols.reshape(chunk * groups, -1, cols.shape[-1])             # [C g, in/g * k, L]
+        d = delta.reshape(chunk * groups, out // groups, -1)                # [C g, out/g, L]
+        grads = torch.bmm(d, cols.transpose(1, 2)).reshape(chunk, out, -1)  # [C, out, in/g * k]
+        return grads, delta.reshape(chunk, out, -1).sum(2)
 
     def _accumulate_per_example(self, module, inputs, grads, scale):
         weight = module.weight
@@ -172,12 +189,10 @@ class FisherAccumulator:
         for start in range(0, batch, chunk):
             g_weight = g_bias = None
             for x, delta in zip(inputs, grads):  # uses of the module add up before squaring
-                d, cols = self._per_example_factors(module, x[start:start + chunk], delta[start:start + chunk])
-                part = torch.bmm(d.transpose(1, 2), cols)                  # [C, out, in']
+                part, bias_part = self._per_example_grads(module, x[start:start + chunk],
+                                                          delta[start:start + chunk])
                 g_weight = part if g_weight is None else g_weight + part
-                if bias_sum is not None:
-                    b = d.sum(1)
-                    g_bias = b if g_bias is None else g_bias + b
+                g_bias = bias_part if g_bias is None else g_bias + bias_part
             weight_sum.add_(g_weight.square().sum(0), alpha=scale * scale)
             if bias_sum is not None:
                 bias_sum.add_(g_bias.square().sum(0), alpha=scale * scale)

@@ -1,42 +1,44 @@
-"""MacKayPruner: re-estimates every ARD layer's prior precisions and prunes (DESIGN.md section 1).
+"""MacKayPruner: re-estimates every ARD weight's prior precisions and prunes (DESIGN.md section 1).
 
 Two ways to train under the ARD prior:
 - with MacKayAdam, alpha and the ef-batch curvature live in the optimizer's state and its fused
   step applies the prior; the pruner reads and writes that state;
 - with any other torch optimizer, the pruner keeps alpha and curvature itself, estimates the
-  curvature from gradient hooks, and the training loss adds `pruner.penalty()`; pruned weights
-  are re-zeroed after every optimizer step (a step post-hook).
+  curvature from gradient hooks, and applies the prior after every optimizer step as an exact
+  implicit (proximal) step, w <- w / (1 + lr alpha / N): stable for any alpha and lr, where the
+  prior's gradient in plain SGD diverges once lr alpha / N > 2 (prior="penalty" keeps that older
+  way: add `pruner.penalty()` to the loss). Pruned weights are re-zeroed after every step.
+
+What an update does, predictably:
+- a weight whose prior is still off (alpha = 0 everywhere, e.g. the first update) gets alpha
+  estimated and nothing pruned: pruning needs the weights to have trained under the prior;
+- an update with no optimizer step since the previous one re-estimates alpha, prunes nothing
+  and says so (alpha moved, the weights have not answered yet);
+- a layer never loses every group: the group with the largest weights is kept (and reported)
+  unless allow_empty_layers=True;
+- NaN/inf in a weight or curvature raises NonFiniteError before anything changes
+  (on_nonfinite="skip": the update is skipped and recorded in the report).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from . import ops
+from ._validate import NonFiniteError, check_choice, check_count
+from .ard_targets import GRANULARITIES, ARDTarget, alpha_shape, alpha_shape_for, exact_curvature_problem, find_targets
 from .dead_units import prune_unused_units
 from .optim import MacKayAdam
 
-GRANULARITIES = ("weight", "input", "output", "filter")
+__all__ = ["MacKayPruner", "alpha_shape", "GRANULARITIES", "CURVATURES"]
+
 CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
+PRIORS = ("proximal", "penalty")
 DEFAULTS = dict(granularity="weight", rule="mackay", prune="snr", threshold=None)
-
-
-def alpha_shape(module: nn.Module, granularity: str) -> tuple[int, ...]:
-    """Shape of alpha for one layer's weight. "input": one per input neuron (Linear) / input
-    channel (Conv2d); "output": one per output neuron / filter; "filter": one per conv filter,
-    and for a Linear one per input neuron (the grouping of the source paper's experiments)."""
-    weight = module.weight
-    if granularity == "weight":
-        return tuple(weight.shape)
-    conv = isinstance(module, nn.Conv2d)
-    if granularity == "input" or (granularity == "filter" and not conv):
-        return (1, weight.shape[1]) + (1,) * (weight.dim() - 2)
-    if granularity in ("output", "filter"):
-        return (weight.shape[0],) + (1,) * (weight.dim() - 1)
-    raise ValueError(f"MacKayPruner: granularity must be one of {GRANULARITIES}, got {granularity!r}")
 
 
 def _quantiles(alpha: torch.Tensor) -> dict[str, float]:
@@ -47,29 +49,33 @@ def _quantiles(alpha: torch.Tensor) -> dict[str, float]:
     return dict(zip(("min", "p5", "p50", "p95", "max"), (float(v) for v in q)))
 
 
+def _finite_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    return torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)  # never inf * 0
+
+
 class MacKayPruner:
-    """Runs MacKay's precision update on a model's Linear/Conv2d weights and prunes.
+    """Runs MacKay's precision update on a model's weights and prunes.
 
     Args:
-        model: the network; `layers` (module names) restricts the ARD layers (default: every
-            nn.Linear and nn.Conv2d).
-        optimizer: a MacKayAdam (uses its ARD state and fused step) or any torch optimizer
-            (the pruner keeps its own alpha; add penalty() to the loss).
+        model: the network. By default every trainable parameter with dim >= 2 gets a prior
+            (Linear/Conv/ConvTranspose weights, embeddings, LSTM/GRU matrices, attention
+            projections, ...); `layers` (module or parameter names) restricts them. Tied
+            weights are one target. `report()["excluded"]` lists what is left out and why.
+        optimizer: a MacKayAdam (uses its ARD state and fused step) or any torch optimizer.
         num_data: N, the number of training examples.
-        granularity: "weight" | "input" | "output" | "filter", or {layer name: granularity}.
+        granularity: "weight" | "input" | "output" | "filter", or {name: granularity} (names as
+            in `pruner.layers`; unknown names are an error; unnamed ones get "weight").
         rule: "mackay" | "em" | "paper"; prune: "snr" (default, threshold 0.05) | "alpha"
-            (threshold 1e13, the paper's). Per-weight MacKay with the alpha criterion barely
-            prunes a network trained with Adam; snr at 0.05 pruned ~85% of the digits MLP with no
-            accuracy lost, hence the default.
-        curvature: "ef-batch" (h <- rho h + (1 - rho) B g^2, accumulated during training by the
-            optimizer step), "ef-exact" (exact per-example squared gradients of every training
-            backward, mackay_ext.curvature.FisherAccumulator) or "fisher-mc" (sampled-label Fisher;
-            feed batches with `accumulate_mc(x)`). The exact estimates are averaged over everything
-            seen since the previous update().
-        batch_size, curvature_decay: B and rho for the ef-batch estimate when the optimizer is
+            (threshold 1e13, the paper's).
+        curvature: "ef-batch" (from the optimizer step or gradient hooks), "ef-exact" or
+            "fisher-mc" (mackay_ext.curvature.FisherAccumulator; `accumulate_mc(x)` feeds the
+            latter), averaged over everything seen since the previous update().
+        prior: with a non-MacKayAdam optimizer, "proximal" (default) or "penalty" (see above).
+        batch_size, curvature_decay: B and rho of the ef-batch estimate when the optimizer is
             not a MacKayAdam (MacKayAdam uses its own).
-        alpha_max: cap on alpha. Adam-type optimizers need none; plain SGD diverges once
-            lr * alpha / N > 2 (the prior's curvature), so bound alpha_max below 2 N / lr there.
+        alpha_max: cap on alpha.
+        allow_empty_layers: let an update prune every group of a layer.
+        on_nonfinite: "raise" (default) or "skip".
 
     DistributedDataParallel: every rank builds the pruner and calls update() at the same step.
     The exact curvatures are summed over ranks (with their example counts) before the update;
@@ -82,95 +88,154 @@ class MacKayPruner:
                  prune: str = "snr", threshold: float | None = None, curvature: str = "ef-batch",
                  layers: Iterable[str] | None = None, batch_size: float | None = None,
                  curvature_decay: float = 0.99, eps: float = 1e-16, alpha_max: float | None = None,
-                 backend: str = "ext"):
-        if not (isinstance(num_data, (int, float)) and math.isfinite(num_data) and num_data > 0):
-            raise ValueError(f"MacKayPruner: num_data must be a positive number, got {num_data}")
-        if curvature not in CURVATURES:
-            raise ValueError(f"MacKayPruner: curvature must be one of {CURVATURES} in this version, "
-                             f"got {curvature!r}")
-        if rule not in ("mackay", "em", "paper") or prune not in ("alpha", "snr"):
-            raise ValueError(f"MacKayPruner: rule must be mackay/em/paper and prune alpha/snr, got "
-                             f"{rule!r}, {prune!r}")
+                 prior: str = "proximal", allow_empty_layers: bool = False,
+                 on_nonfinite: str = "raise", backend: str = "ext"):
+        where = "MacKayPruner"
+        num_data = check_count(num_data, "num_data", where)
+        check_choice("curvature", curvature, CURVATURES, where)
+        check_choice("rule", rule, ("mackay", "em", "paper"), where)
+        check_choice("prune", prune, ("alpha", "snr"), where)
+        check_choice("prior", prior, PRIORS, where)
+        check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"), where)
         self.model, self.optimizer = model, optimizer
-        self.num_data, self.rule, self.prune, self.threshold = float(num_data), rule, prune, threshold
+        self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
+        self.allow_empty_layers, self.on_nonfinite = bool(allow_empty_layers), on_nonfinite
         self.fused = isinstance(optimizer, MacKayAdam)
-        self.layers = self._select_layers(layers)
+        self.prior = "optimizer" if self.fused else prior
+        if not self.fused and prior == "proximal" and optimizer is None:
+            raise ValueError("MacKayPruner: prior='proximal' applies the prior after each step of "
+                             "the optimizer: pass it, or use prior='penalty' and add penalty() to the loss")
+        self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
+        if not self.targets:
+            raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
+                             f"put a prior on (left out: {self.excluded})")
+        self.layers = {name: target.module for name, target in self.targets.items()}
+        self.granularity, self.notes = self._granularities(granularity)
         self.accumulator = None
         if curvature != "ef-batch":
-            from .curvature import FisherAccumulator
-            self.accumulator = FisherAccumulator(model, mode=curvature, modules=list(self.layers),
-                                                 backend=backend)
-        self.granularity = {name: granularity.get(name, "weight") if isinstance(granularity, dict)
-                            else granularity for name in self.layers}
+            self._attach_accumulator()
         self.history: list[dict[str, Any]] = []
         self._own: dict[str, dict[str, torch.Tensor]] = {}
         self._hooks = []
+        self._steps_since_update: int | None = None
+        if optimizer is not None:
+            self._steps_since_update = 0
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
         if self.fused:
             self._attach_to_optimizer()
         else:
             if batch_size is None and curvature == "ef-batch":
                 raise ValueError("MacKayPruner: batch_size is needed for the ef-batch curvature "
                                  "when the optimizer is not a MacKayAdam")
-            self.batch_size = float(batch_size or 1)
+            self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
             self.curvature_decay = float(curvature_decay)
             self._attach_hooks()
 
     # ------------------------------------------------------------------ set-up
-    def _select_layers(self, layers) -> dict[str, nn.Module]:
-        modules = dict(self.model.named_modules())
-        if layers is None:
-            chosen = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
-        else:
-            chosen = {}
-            for name in layers:
-                if name not in modules or not isinstance(modules[name], (nn.Linear, nn.Conv2d)):
-                    raise ValueError(f"MacKayPruner: layer {name!r} is not an nn.Linear/nn.Conv2d of "
-                                     "the model")
-                chosen[name] = modules[name]
-        if not chosen:
-            raise ValueError("MacKayPruner: the model has no nn.Linear or nn.Conv2d layer to prune")
-        return chosen
+    def _granularities(self, granularity) -> tuple[dict[str, str], dict[str, str]]:
+        per_name = granularity if isinstance(granularity, dict) else {}
+        if isinstance(granularity, dict):
+            names = set(self.targets) | {t.module_name for t in self.targets.values()}
+            unknown = sorted(set(granularity) - names)
+            if unknown:
+                raise ValueError(f"MacKayPruner: granularity names {unknown} are not ARD layers of the "
+                                 f"model (they are: {sorted(self.targets)})")
+        chosen, notes = {}, {}
+        for name, target in self.targets.items():
+            value = per_name.get(name, per_name.get(target.module_name, "weight")) if per_name else granularity
+            check_choice("granularity", value, GRANULARITIES, "MacKayPruner")
+            try:
+                self._alpha_shape(target, value)
+            except ValueError as error:
+                if per_name:  # asked for this layer by name: say why it cannot be
+                    raise ValueError(f"MacKayPruner: {target.description}: {error}") from None
+                notes[name] = f"per-weight ARD: {error}"
+                value = "weight"
+            chosen[name] = value
+        return chosen, notes
+
+    @staticmethod
+    def _alpha_shape(target: ARDTarget, granularity: str) -> tuple[int, ...]:
+        return alpha_shape_for(target.layout, tuple(target.param.shape), granularity,
+                               getattr(target.module, "groups", 1))
+
+    def _attach_accumulator(self) -> None:
+        from .curvature import FisherAccumulator, supported
+        problems = [p for p in (exact_curvature_problem(t, supported) for t in self.targets.values()) if p]
+        if problems:
+            raise ValueError(f"MacKayPruner: curvature={self.curvature_kind!r} cannot serve "
+                             + "; ".join(problems) + ". Use curvature='ef-batch', or leave them out "
+                             "with layers=[...]")
+        modules = sorted({t.module_name for t in self.targets.values()})
+        self.accumulator = FisherAccumulator(self.model, mode=self.curvature_kind, modules=modules,
+                                             backend=self.backend, strict=True)
 
     def _attach_to_optimizer(self) -> None:
-        for name, module in self.layers.items():
-            group = self.optimizer._group_of(module.weight)
-            if not group["ard"]:
-                raise ValueError(f"MacKayPruner: {name}.weight is in a MacKayAdam group with ard=False")
+        for name, target in self.targets.items():
+            group = self.optimizer._group_of(target.param)
             if group["batch_size"] is None and self.curvature_kind == "ef-batch":
                 raise ValueError("MacKayPruner: the ef-batch curvature needs MacKayAdam(batch_size=...)")
-            state = self.optimizer.ard_state(module.weight)
-            shape = alpha_shape(module, self.granularity[name])
+            state = self.optimizer.ard_state(target.param)
+            shape = self._alpha_shape(target, self.granularity[name])
             if tuple(state["alpha"].shape) != shape:
-                state["alpha"] = torch.zeros(shape, dtype=torch.float32, device=module.weight.device)
+                state["alpha"] = torch.zeros(shape, dtype=torch.float32, device=target.param.device)
 
     def _attach_hooks(self) -> None:
-        for name, module in self.layers.items():
-            weight = module.weight
+        for name, target in self.targets.items():
+            weight = target.param
             self._own[name] = {
-                "alpha": torch.zeros(alpha_shape(module, self.granularity[name]), dtype=torch.float32,
-                                     device=weight.device),
+                "alpha": torch.zeros(self._alpha_shape(target, self.granularity[name]),
+                                     dtype=torch.float32, device=weight.device),
                 "curvature": torch.zeros_like(weight)}
             if self.curvature_kind == "ef-batch":
                 self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
             else:  # the exact estimates only need pruned gradients held at 0
                 self._hooks.append(weight.register_hook(
                     lambda grad, name=name: grad.masked_fill((self._own[name]["alpha"] == math.inf).expand_as(grad), 0)))
-        if self.optimizer is not None:
-            self._hooks.append(self.optimizer.register_step_post_hook(lambda *_: self.apply_masks()))
 
     def _curvature_hook(self, name: str, weight: torch.Tensor):
         def hook(grad):
             state = self._own[name]
             alpha = state["alpha"]
             pruned = alpha == math.inf
-            # the data term's gradient: the hook sees penalty() too, whose gradient is alpha/N w
-            finite = torch.where(pruned, torch.zeros_like(alpha), alpha)
-            data_grad = grad - finite / self.num_data * weight.detach()
+            data_grad = grad
+            if self.prior == "penalty":  # the hook sees penalty()'s gradient alpha/N w too
+                data_grad = grad - _finite_alpha(alpha) / self.num_data * weight.detach()
             rho = self.curvature_decay
             state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self.batch_size)
             return grad.masked_fill(pruned.expand_as(grad), 0)  # no host sync to test for any
         return hook
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._steps_since_update += 1
+        if self.fused:
+            return
+        if self.prior == "proximal":
+            self._proximal_step()
+        self.apply_masks()
+
+    @staticmethod
+    def _prior_step_size(group) -> float:
+        """The step a constant force gets per optimizer step: lr, or lr (1 - dampening) /
+        (1 - momentum) for heavy-ball SGD, whose velocity builds a steady force up to that
+        (so the prior pulls as hard as it would inside the momentum, without its instability)."""
+        lr = float(group.get("lr", 0.0))
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        if 0.0 < momentum < 1.0:  # Nesterov too: its steady step is the same
+            lr *= (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - momentum)
+        return lr
+
+    @torch.no_grad()
+    def _proximal_step(self) -> None:
+        """w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N), s the prior's
+        step size: the exact implicit step on the prior, contracting for every alpha, s >= 0."""
+        steps = {id(p): self._prior_step_size(g) for g in self.optimizer.param_groups for p in g["params"]}
+        for name, target in self.targets.items():
+            step = steps.get(id(target.param))
+            if step:
+                factor = 1.0 / (1.0 + (step / self.num_data) * _finite_alpha(self._own[name]["alpha"]))
+                target.param.mul_(factor.to(target.param.dtype))
 
     def detach(self) -> None:
         """Remove the gradient, optimizer and curvature hooks."""
@@ -196,36 +261,38 @@ class MacKayPruner:
             raise RuntimeError(f"MacKayPruner.update: no {self.curvature_kind} curvature accumulated yet "
                                + ("(call accumulate_mc(x) on training batches)"
                                   if self.curvature_kind == "fisher-mc" else "(run a training backward first)"))
-        for name, module in self.layers.items():
-            self.curvature(name).copy_(self.accumulator.curvature(module.weight))
+        for name, target in self.targets.items():
+            self.curvature(name).copy_(self.accumulator.curvature(target.param))
         self.accumulator.reset()
 
     # ------------------------------------------------------------------ state
+    def weight(self, name: str) -> nn.Parameter:
+        return self.targets[name].param
+
     def alpha(self, name: str) -> torch.Tensor:
-        return (self.optimizer.ard_state(self.layers[name].weight)["alpha"] if self.fused
+        return (self.optimizer.ard_state(self.targets[name].param)["alpha"] if self.fused
                 else self._own[name]["alpha"])
 
     def curvature(self, name: str) -> torch.Tensor:
-        return (self.optimizer.ard_state(self.layers[name].weight)["curvature"] if self.fused
+        return (self.optimizer.ard_state(self.targets[name].param)["curvature"] if self.fused
                 else self._own[name]["curvature"])
 
     def penalty(self) -> torch.Tensor:
-        """The ARD term (1 / 2N) sum alpha w^2 to add to a mean loss (non-MacKayAdam optimizers;
-        MacKayAdam applies the prior in its step, so adding this would count it twice)."""
+        """The ARD term (1 / 2N) sum alpha w^2. With prior="penalty", add it to a mean loss; with
+        the proximal prior the step applies it, and this is its value, without gradient."""
         if self.fused:
             raise RuntimeError("MacKayPruner.penalty: MacKayAdam already applies the ARD prior in "
                                "its step; do not add it to the loss")
-        total = None
-        for name, module in self.layers.items():
-            alpha = self._own[name]["alpha"]
-            finite = torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)  # no inf * 0
-            term = (finite * module.weight.square()).sum() * (0.5 / self.num_data)
-            total = term if total is None else total + term
+        with torch.set_grad_enabled(self.prior == "penalty" and torch.is_grad_enabled()):
+            total = None
+            for name, target in self.targets.items():
+                term = (_finite_alpha(self._own[name]["alpha"]) * target.param.square()).sum() * (0.5 / self.num_data)
+                total = term if total is None else total + term
         return total
 
     def _set_alpha(self, name: str, alpha: torch.Tensor) -> None:
         if self.fused:
-            self.optimizer.ard_state(self.layers[name].weight)["alpha"] = alpha
+            self.optimizer.ard_state(self.targets[name].param)["alpha"] = alpha
         else:
             self._own[name]["alpha"] = alpha
 
@@ -235,98 +302,164 @@ class MacKayPruner:
         nn.Sequential chain, see mackay_ext.dead_units): they cannot change the output. A layer
         that loses part of an alpha group gets one alpha per weight from then on (the group's
         value repeated, +inf on the removed weights). Returns the number of weights removed."""
-        kept = {name: (self.alpha(name) != math.inf).expand_as(module.weight)
-                for name, module in self.layers.items()}
+        chainable = {n: t for n, t in self.targets.items()
+                     if t.attr == "weight" and len(t.owners) == 1 and isinstance(t.module, (nn.Linear, nn.Conv2d))}
+        kept = {n: (self.alpha(n) != math.inf).expand_as(t.param) for n, t in chainable.items()}
         still_kept = prune_unused_units(self.model, kept)
         removed = 0
-        for name, module in self.layers.items():
+        for name, target in chainable.items():
             drop = kept[name] & ~still_kept[name]
             count = int(drop.sum())
             if count:
-                alpha = self.alpha(name).expand_as(module.weight).clone().masked_fill_(drop, math.inf)
+                alpha = self.alpha(name).expand_as(target.param).clone().masked_fill_(drop, math.inf)
                 self._set_alpha(name, alpha)
                 self.granularity[name] = "weight"
-                module.weight.masked_fill_(drop, 0)
+                target.param.masked_fill_(drop, 0)
                 removed += count
         return removed
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Hold pruned weights at exactly 0 (after a step of a non-fused optimizer)."""
-        for name, module in self.layers.items():
-            module.weight.masked_fill_((self.alpha(name) == math.inf).expand_as(module.weight), 0)
+        for name, target in self.targets.items():
+            target.param.masked_fill_((self.alpha(name) == math.inf).expand_as(target.param), 0)
 
     # ------------------------------------------------------------------ update
+    def _nonfinite(self) -> list[str]:
+        """Names of the weights, curvatures or alphas holding NaN (or inf, alpha excepted)."""
+        bad = []
+        for name, target in self.targets.items():
+            if not bool(torch.isfinite(target.param).all()):
+                bad.append(f"{name} (weight)")
+            if not bool(torch.isfinite(self.curvature(name)).all()):
+                bad.append(f"{name} (curvature)")
+            if bool(torch.isnan(self.alpha(name)).any()):
+                bad.append(f"{name} (alpha)")
+        return bad
+
     @torch.no_grad()
     def update(self) -> dict[str, Any]:
-        """One MacKay re-estimation of every layer's alpha, then pruning. Returns a report:
-        per layer the total and kept weights, total and kept groups, sum of gamma and alpha
-        quantiles; overall totals and the sparsity."""
+        """One MacKay re-estimation of every ARD weight's alpha, then pruning. Returns a report:
+        per layer the total and kept weights, total and kept groups, sum of gamma, alpha
+        quantiles and what happened ("warmup", "kept_strongest"); overall totals, the sparsity,
+        "excluded" (parameters without a prior, and why) and "notes"."""
         self._refresh_curvature()
-        layers = []
-        for name, module in self.layers.items():
-            alpha = self.alpha(name)
-            stats = ops.mackay_update_(module.weight, self.curvature(name), alpha,
-                                       num_data=self.num_data, rule=self.rule, prune=self.prune,
-                                       threshold=self.threshold, eps=self.eps,
-                                       alpha_max=self.alpha_max, backend=self.backend)
-            layers.append(dict(self._layer_entry(name, module), gamma=float(stats.gamma_sum)))
+        bad = self._nonfinite()
+        if bad:
+            message = (f"MacKayPruner.update: non-finite values in {', '.join(bad)}: training has "
+                       "diverged (lower the learning rate, or check the loss); alpha is unchanged")
+            if self.on_nonfinite == "raise":
+                raise NonFiniteError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            report = dict(self.report(), skipped=True, nonfinite=bad)
+            self.history.append(report)
+            return report
+        untrained = self._steps_since_update == 0 and bool(self.history)
+        notes = []
+        if untrained:
+            notes.append("no optimizer step since the previous update: alpha re-estimated, "
+                         "nothing pruned (the weights have not answered the new prior yet)")
+            warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=2)
+        layers = [self._update_one(name, target, untrained) for name, target in self.targets.items()]
         report = self._summarise(layers)
+        report["notes"] = notes + [f"{n}: {note}" for n, note in self.notes.items()]
         self.history.append(report)
+        if self._steps_since_update is not None:
+            self._steps_since_update = 0
         return report
 
-    def _kept(self, name: str, module: nn.Module) -> tuple[int, int]:
-        """(weights kept, groups kept) of one layer."""
-        kept_groups = self.alpha(name) != math.inf
-        return int(kept_groups.expand_as(module.weight).sum()), int(kept_groups.sum())
+    def _update_one(self, name: str, target: ARDTarget, untrained: bool) -> dict[str, Any]:
+        weight, alpha = target.param, self.alpha(name)
+        warmup = not bool(alpha.any())  # alpha = 0 everywhere: the prior was off until now
+        can_prune = not (warmup or untrained)
+        before = (weight.detach().clone(), alpha.clone()) if not self.allow_empty_layers else None
+        stats = ops.mackay_update_(
+            weight, self.curvature(name), alpha, num_data=self.num_data, rule=self.rule,
+            # snr < 0 never holds: the same alpha estimate, nothing pruned
+            prune=self.prune if can_prune else "snr", threshold=self.threshold if can_prune else 0.0,
+            eps=self.eps, alpha_max=self.alpha_max, backend=self.backend)
+        entry = dict(self._layer_entry(name, target), gamma=float(stats.gamma_sum), warmup=warmup)
+        if before is not None and entry["groups_kept"] == 0 and bool((before[1] != math.inf).any()):
+            self._keep_strongest(name, target, *before)
+            entry = dict(self._layer_entry(name, target), gamma=float(stats.gamma_sum),
+                         warmup=warmup, kept_strongest=True)
+            warnings.warn(f"MacKayPruner.update: every group of {target.description} would be "
+                          "pruned (the network would no longer depend on its input there); the "
+                          "strongest group is kept. Pass allow_empty_layers=True to allow it.",
+                          RuntimeWarning, stacklevel=3)
+        return entry
 
-    def _layer_entry(self, name: str, module: nn.Module) -> dict[str, Any]:
+    def _keep_strongest(self, name: str, target: ARDTarget, old_weight, old_alpha) -> None:
+        """Restore the group of largest sum w^2 (with its weights and its alpha before the update)."""
         alpha = self.alpha(name)
-        kept, groups_kept = self._kept(name, module)
-        return {"name": name, "total": module.weight.numel(), "kept": kept, "groups": alpha.numel(),
-                "groups_kept": groups_kept, "granularity": self.granularity[name],
-                "alpha": _quantiles(alpha)}
+        padded = (1,) * (old_weight.dim() - old_alpha.dim()) + tuple(old_alpha.shape)
+        dims = [d for d, (a, w) in enumerate(zip(padded, old_weight.shape)) if a == 1 and w != 1]
+        norms = old_weight.double().square()
+        norms = norms.sum(dim=dims, keepdim=True) if dims else norms
+        norms = norms.reshape(old_alpha.shape).masked_fill(old_alpha == math.inf, -1.0)
+        best = int(norms.flatten().argmax())
+        alpha.view(-1)[best] = old_alpha.reshape(-1)[best]
+        restore = torch.zeros(alpha.numel(), dtype=torch.bool, device=alpha.device)
+        restore[best] = True
+        restore = restore.reshape(alpha.shape).expand_as(target.param)
+        target.param.copy_(torch.where(restore, old_weight, target.param))
+
+    def _kept(self, name: str, target: ARDTarget) -> tuple[int, int]:
+        """(weights kept, groups kept) of one target."""
+        kept_groups = self.alpha(name) != math.inf
+        return int(kept_groups.expand_as(target.param).sum()), int(kept_groups.sum())
+
+    def _layer_entry(self, name: str, target: ARDTarget) -> dict[str, Any]:
+        alpha = self.alpha(name)
+        kept, groups_kept = self._kept(name, target)
+        entry = {"name": name, "total": target.param.numel(), "kept": kept, "groups": alpha.numel(),
+                 "groups_kept": groups_kept, "granularity": self.granularity[name],
+                 "alpha": _quantiles(alpha)}
+        if len(target.owners) > 1:
+            entry["tied"] = list(target.owners)
+        return entry
 
     def report(self) -> dict[str, Any]:
         """The current per-layer counts, without updating."""
-        return self._summarise([self._layer_entry(n, m) for n, m in self.layers.items()])
+        return self._summarise([self._layer_entry(n, t) for n, t in self.targets.items()])
 
     def kept_weights(self) -> int:
         """Weights of the ARD layers not pruned (cheap: no alpha statistics)."""
-        return sum(self._kept(n, m)[0] for n, m in self.layers.items())
+        return sum(self._kept(n, t)[0] for n, t in self.targets.items())
 
-    @staticmethod
-    def _summarise(layers) -> dict[str, Any]:
+    def _summarise(self, layers) -> dict[str, Any]:
         total = sum(layer["total"] for layer in layers)
         kept = sum(layer["kept"] for layer in layers)
-        report = {"layers": layers, "total": total, "kept": kept, "sparsity": 1 - kept / max(total, 1)}
+        report = {"layers": layers, "total": total, "kept": kept, "sparsity": 1 - kept / max(total, 1),
+                  "excluded": list(self.excluded)}
         if all("gamma" in layer for layer in layers):
             report["gamma_sum"] = sum(layer["gamma"] for layer in layers)
         return report
 
     def sparsity(self) -> float:
         """Fraction of the ARD layers' weights that are pruned."""
-        total = sum(m.weight.numel() for m in self.layers.values())
+        total = sum(t.param.numel() for t in self.targets.values())
         return 1 - self.kept_weights() / max(total, 1)
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": {n: self.alpha(n).detach().clone() for n in self.layers},
-                "curvature": {n: self.curvature(n).detach().clone() for n in self.layers},
+        return {"alpha": {n: self.alpha(n).detach().clone() for n in self.targets},
+                "curvature": {n: self.curvature(n).detach().clone() for n in self.targets},
                 "granularity": dict(self.granularity), "history": list(self.history),
+                "steps_since_update": self._steps_since_update,
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = set(self.layers) - set(state["alpha"])
+        missing = set(self.targets) - set(state["alpha"])
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
-        for name, module in self.layers.items():
-            device = module.weight.device
+        for name, target in self.targets.items():
+            device = target.param.device
             alpha = state["alpha"][name].to(device=device, dtype=torch.float32)
-            curvature = state["curvature"][name].to(device=device, dtype=module.weight.dtype)
+            curvature = state["curvature"][name].to(device=device, dtype=target.param.dtype)
             if self.fused:
-                ard = self.optimizer.ard_state(module.weight)
+                ard = self.optimizer.ard_state(target.param)
                 ard["alpha"] = alpha.clone()
                 ard["curvature"].copy_(curvature)
             else:
@@ -334,3 +467,6 @@ class MacKayPruner:
                 self._own[name]["curvature"] = curvature.clone()
         self.granularity = dict(state.get("granularity", self.granularity))
         self.history = list(state.get("history", []))
+        if self._steps_since_update is not None:  # a resumed run prunes as the uninterrupted one
+            saved = state.get("steps_since_update", 1)   # absent from older checkpoints
+            self._steps_since_update = 1 if saved is None else int(saved)

@@ -1,7 +1,9 @@
 """A small training driver for MacKay pruning: the source paper's outer loop and an in-run
 schedule, with validation-based early stopping and crash-safe checkpoints.
 
-paper:  pretrain without prior -> repeat `rounds` times: update alpha and prune, then retrain
+paper:  pretrain without prior -> a warm-up round (the first update sets alpha; nothing is
+        pruned before the weights have trained under the prior) -> repeat `rounds` times:
+        update alpha and prune, then retrain
         with Adam (lr restarted every round, x0.9 when the validation loss stops improving)
         until the validation accuracy stops improving (patience) or `epochs` run out; the best
         validation weights of the round are kept.
@@ -12,6 +14,7 @@ output is unchanged; see mackay_ext.dead_units).
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from ._files import load_plain, save_atomic
+from ._validate import NonFiniteError
 from .data import Splits, check_shift, random_shift
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
@@ -32,7 +36,7 @@ SCHEDULES = ("paper", "in-run")
 class FitConfig:
     schedule: str = "paper"
     pretrain_epochs: int = 20
-    rounds: int = 3
+    rounds: int = 3             # pruning rounds (paper), after one warm-up round that sets alpha
     epochs: int = 20            # per round (paper) or in total after pretraining (in-run)
     update_every: int = 2       # in-run: epochs between precision updates
     batch_size: int = 128
@@ -131,11 +135,19 @@ class Trainer:
             xb, yb = xb.to(self.device), yb.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(self.net(xb), yb)
+            value = float(loss.detach())  # the one host sync of a step, before it can do harm
+            if not math.isfinite(value):
+                pos = self.position
+                phase = "pretraining" if pos["phase"] == "pretrain" else f"round {pos['round']}"
+                raise NonFiniteError(
+                    f"training loss is {value} ({phase}, epoch {pos['epoch'] + 1}, batch "
+                    f"{batch + 1}): training diverged; the weights were not updated with it "
+                    "(try a smaller learning rate)")
             loss.backward()
             self.optimizer.step()
             if self.pruner.curvature_kind == "fisher-mc":
                 self.pruner.accumulate_mc(xb)
-            total += float(loss.detach()) * len(yb)
+            total += value * len(yb)
         return total * self.world_size / self.num_data  # this rank's mean, scaled to its share
 
     def _epoch(self) -> dict[str, Any]:
@@ -197,7 +209,9 @@ class Trainer:
             self.position = {"phase": "round", "round": 0, "epoch": 0, "updated": False}
             self.save_checkpoint()
         if cfg.schedule == "paper":
-            while self.position["round"] < cfg.rounds:
+            # round 0 is the warm-up: its update sets alpha (the prior was off) and prunes nothing
+            # (see MacKayPruner); rounds 1..rounds prune
+            while self.position["round"] < cfg.rounds + 1:
                 if not self.position.get("updated"):
                     self._update_precisions()
                     for group in self.optimizer.param_groups:  # lr restarted every round

@@ -73,13 +73,15 @@ def test_with_mackay_adam_prunes_and_keeps_accuracy(digits):
         pruner.penalty()
 
 
-def test_with_sgd_and_penalty(digits):
+@pytest.mark.parametrize("prior", ["proximal", "penalty"])
+def test_with_sgd(digits, prior):
     model = make_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    # SGD is stable on the prior's curvature alpha / N only while lr * alpha / N < 2
+    # with the prior in the gradient (penalty), SGD is stable only while lr * alpha / N < 2;
+    # the proximal step needs no cap
+    cap = dict(alpha_max=len(digits.x_train) / 0.05) if prior == "penalty" else {}
     pruner = MacKayPruner(model, optimizer, num_data=len(digits.x_train), batch_size=32,
-                          granularity={"0": "input", "2": "weight"},
-                          alpha_max=len(digits.x_train) / 0.05)
+                          granularity={"0": "input", "2": "weight"}, prior=prior, **cap)
     train(model, optimizer, digits, 15, pruner)
     dense = accuracy(model, digits)
     for _ in range(3):
@@ -91,8 +93,9 @@ def test_with_sgd_and_penalty(digits):
     for name, module in pruner.layers.items():  # momentum cannot revive a pruned weight
         pruned = (pruner.alpha(name) == math.inf).expand_as(module.weight)
         assert pruned.any() and torch.all(module.weight[pruned] == 0)
-    penalty = pruner.penalty().detach()
+    penalty = pruner.penalty()
     assert float(penalty) > 0 and torch.isfinite(penalty)
+    assert penalty.requires_grad == (prior == "penalty")  # proximal: the step applies it
     pruner.detach()
 
 
@@ -120,8 +123,12 @@ def test_bad_arguments():
         MacKayPruner(model, None, num_data=0, batch_size=4)
     with pytest.raises(ValueError, match="curvature must be one of"):
         MacKayPruner(model, None, num_data=10, batch_size=4, curvature="hutchinson")
-    with pytest.raises(ValueError, match="not an nn.Linear"):
-        MacKayPruner(model, None, num_data=10, batch_size=4, layers=["1"])
+    with pytest.raises(ValueError, match="no trainable parameter with dim >= 2"):
+        MacKayPruner(model, None, num_data=10, batch_size=4, layers=["1"], prior="penalty")
+    with pytest.raises(ValueError, match="neither modules nor parameters"):
+        MacKayPruner(model, None, num_data=10, batch_size=4, layers=["fc9"], prior="penalty")
+    with pytest.raises(ValueError, match="pass it, or use prior='penalty'"):
+        MacKayPruner(model, None, num_data=10, batch_size=4)
     with pytest.raises(ValueError, match="batch_size is needed"):
         MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=10)
     optimizer = MacKayAdam(model.parameters(), lr=1e-3, num_data=10)

@@ -1,0 +1,186 @@
+"""Which parameters carry an ARD prior, and how their weights group under one alpha.
+
+By default every trainable parameter with dim >= 2 gets a prior: Linear, Conv1d/2d/3d and
+ConvTranspose weights, nn.Embedding tables, the input/hidden matrices of nn.LSTM/GRU/RNN,
+nn.MultiheadAttention's packed in_proj_weight, and any other matrix (per-weight ARD needs nothing
+layer-specific). A parameter shared by several modules (tied weights) is one target. Everything
+left out is listed with the reason, so a report never looks complete when it is not.
+
+Naming: a module's `weight` is named by its module ("fc1", "0"); any other matrix by its full
+parameter name ("lstm.weight_ih_l0", "attn.in_proj_weight").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+GRANULARITIES = ("weight", "input", "output", "filter")
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
+_RECURRENT = (nn.RNNBase,)  # nn.LSTM, nn.GRU, nn.RNN
+
+
+@dataclass
+class ARDTarget:
+    """One parameter under an ARD prior. `layout` says which dimensions are the groups:
+    "linear" (out, in), "conv" (out, in/groups, *kernel), "conv_transpose" (in, out/groups,
+    *kernel), "embedding" (tokens, features) or "other" (no known groups)."""
+
+    name: str
+    param: nn.Parameter
+    module: nn.Module
+    module_name: str
+    attr: str
+    layout: str
+    owners: list[str] = field(default_factory=list)  # every module holding it (tied weights)
+
+    @property
+    def description(self) -> str:
+        kind = type(self.module).__name__
+        tied = f", tied: {' = '.join(self.owners)}" if len(self.owners) > 1 else ""
+        return f"{self.name} ({kind}.{self.attr}, shape {tuple(self.param.shape)}{tied})"
+
+
+def _layout(module: nn.Module, attr: str) -> str:
+    if isinstance(module, _CONV) and attr == "weight":
+        return "conv"
+    if isinstance(module, _CONV_TRANSPOSE) and attr == "weight":
+        return "conv_transpose"
+    if isinstance(module, _EMBEDDING) and attr == "weight":
+        return "embedding"
+    if isinstance(module, nn.Linear) and attr == "weight":
+        return "linear"
+    if isinstance(module, _RECURRENT) and attr.startswith("weight_"):
+        return "linear"   # weight_ih_l{k}: (gates * hidden, input), weight_hh: (gates * hidden, hidden)
+    if isinstance(module, nn.MultiheadAttention) and attr in ("in_proj_weight", "q_proj_weight",
+                                                              "k_proj_weight", "v_proj_weight"):
+        return "linear"
+    return "other"
+
+
+def alpha_shape_for(layout: str, shape: tuple[int, ...], granularity: str,
+                    groups: int = 1) -> tuple[int, ...]:
+    """Shape of alpha for a weight of `shape`. "input": one per input neuron / channel / token;
+    "output": one per output neuron / filter / feature; "filter": one per conv filter, and for
+    anything else one per input (the grouping of the source paper's experiments)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"MacKayPruner: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "weight":
+        return tuple(shape)
+    ones = (1,) * (len(shape) - 2)
+    if layout == "other":
+        raise ValueError(f"granularity {granularity!r} needs a layer with known groups")
+    if layout == "conv":
+        if granularity == "input" and groups != 1:
+            raise ValueError(f"granularity 'input' is not defined for a grouped convolution "
+                             f"(groups={groups}): use 'output' or 'weight'")
+        return (1, shape[1]) + ones if granularity == "input" else (shape[0], 1) + ones
+    if layout == "conv_transpose":
+        if granularity == "input":
+            return (shape[0], 1) + ones
+        if groups != 1:
+            raise ValueError(f"granularity {granularity!r} is not defined for a grouped transposed "
+                             f"convolution (groups={groups}): use 'input' or 'weight'")
+        return (1, shape[1]) + ones
+    if layout == "embedding":  # rows are tokens (the input), columns the features
+        return (shape[0], 1) if granularity in ("input", "filter") else (1, shape[1])
+    # linear: (out, in)
+    return (1, shape[1]) + ones if granularity in ("input", "filter") else (shape[0], 1) + ones
+
+
+def alpha_shape(module: nn.Module, granularity: str, attr: str = "weight") -> tuple[int, ...]:
+    """Shape of alpha for `module`'s parameter `attr` at `granularity` (see alpha_shape_for)."""
+    param = getattr(module, attr)
+    return alpha_shape_for(_layout(module, attr), tuple(param.shape), granularity,
+                           getattr(module, "groups", 1))
+
+
+def _target_name(module_name: str, attr: str) -> str:
+    if attr == "weight":
+        return module_name or "weight"
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+def find_targets(model: nn.Module, optimizer=None, selected=None,
+                 ard_groups_only: bool = False) -> tuple[dict[str, ARDTarget], list[dict[str, str]]]:
+    """The ARD targets of `model` and the parameters left out, with reasons.
+
+    selected: names of modules (their dim >= 2 parameters) or of targets; None = every trainable
+        parameter with dim >= 2.
+    ard_groups_only: with a MacKayAdam, parameters in ard=False groups are left out (listed).
+    """
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module_name, module, attr))
+    in_optimizer = None
+    ard_flags: dict[int, bool] = {}
+    if optimizer is not None:
+        in_optimizer = set()
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                in_optimizer.add(id(param))
+                ard_flags[id(param)] = bool(group.get("ard", True))
+
+    targets: dict[str, ARDTarget] = {}
+    excluded: list[dict[str, str]] = []
+    if selected is not None:
+        selected = list(selected)
+        known = set(dict(model.named_modules())) | {
+            _target_name(m, a) for holders in owners.values() for m, _, a in holders}
+        unknown = [name for name in selected if name not in known]
+        if unknown:
+            raise ValueError(f"MacKayPruner: layers {unknown} are neither modules nor parameters "
+                             "of the model")
+    seen = set()
+    for full_name, param in model.named_parameters():  # shared parameters appear once
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        holders = owners[id(param)]
+        module_name, module, attr = holders[0]
+        name = _target_name(module_name, attr)
+        holder_names = [_target_name(m, a) for m, _, a in holders]
+        if selected is not None and not any(
+                m in selected or _target_name(m, a) in selected for m, _, a in holders):
+            continue
+        reason = None
+        if param.dim() < 2:
+            reason = "1-D (bias or norm scale): no prior"
+        elif not param.requires_grad:
+            reason = "frozen (requires_grad=False)"
+        elif in_optimizer is not None and id(param) not in in_optimizer:
+            reason = "not trained by the optimizer"
+        elif ard_groups_only and not ard_flags.get(id(param), True):
+            reason = "in a MacKayAdam param group with ard=False"
+        if reason is not None:
+            if selected is not None and param.dim() >= 2:
+                raise ValueError(f"MacKayPruner: {name} was asked for but is {reason}")
+            excluded.append({"name": full_name, "reason": reason})
+            continue
+        targets[name] = ARDTarget(name, param, module, module_name, attr, _layout(module, attr),
+                                  holder_names)
+    if selected is not None:
+        covered = {m for t in targets.values() for m in t.owners} | {
+            m for t in targets.values() for m in [t.module_name]}
+        empty = [name for name in selected if name not in covered]
+        if empty:
+            raise ValueError(f"MacKayPruner: layers {empty} have no trainable parameter with "
+                             "dim >= 2 to put a prior on")
+    return targets, excluded
+
+
+def exact_curvature_problem(target: ARDTarget, supported) -> str | None:
+    """Why the exact curvature estimators cannot serve `target` (None when they can)."""
+    if len(target.owners) > 1:
+        return (f"{target.name} is tied ({' = '.join(target.owners)}): per-example squared "
+                "gradients of a shared weight are not the sum over its uses")
+    if target.attr != "weight" or not supported(target.module):
+        return (f"{target.name} lives in {type(target.module).__name__}, which exact per-example "
+                "curvature does not cover (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding)")
+    return None
+

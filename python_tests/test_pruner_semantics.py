@@ -1,0 +1,203 @@
+"""What an update does, predictably (issue 15 items 2-4): a stable prior with any optimizer, NaN
+surfaced, a warm-up first update, no pruning without training in between, no empty layer."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mackay_ext
+from mackay_ext import MacKayAdam, MacKayPruner, NonFiniteError, ard_param_groups
+from mackay_ext.train import FitConfig, Trainer
+
+
+def digits_as_mnist():
+    """scikit-learn's digits, upsampled to MNIST's 28 x 28 and flattened (LeNet-300-100 input)."""
+    data = mackay_ext.data.load("digits", seed=0)
+    images = data.x_train.reshape(-1, 1, 8, 8)
+    x = nn.functional.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False)
+    return x.flatten(1), data.y_train
+
+
+def sgd_steps(model, optimizer, x, y, steps, pruner=None, update_every=None, batch=64):
+    losses = []
+    for step in range(steps):
+        index = torch.arange(step * batch, (step + 1) * batch) % len(x)
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[index]), y[index])
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if update_every and (step + 1) % update_every == 0:
+            pruner.update()
+    return losses
+
+
+def test_sgd_momentum_is_stable_and_prunes():
+    """torch.optim.SGD(momentum=0.9) on LeNet-300-100, 200 steps, an update every 50: finite
+    losses and pruning (with the prior in the gradient the loss was NaN after one update: alpha
+    reached 1e14, and SGD diverges once lr * alpha / N > 2)."""
+    torch.manual_seed(0)
+    model = mackay_ext.models.create("lenet-300-100")
+    x, y = digits_as_mnist()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    pruner = MacKayPruner(model, optimizer, num_data=len(x), batch_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sgd_steps(model, optimizer, x, y, 200)              # pretraining: the prior is off
+        losses = sgd_steps(model, optimizer, x, y, 200, pruner, update_every=50)
+    assert all(math.isfinite(v) for v in losses)
+    report = pruner.report()
+    assert len(pruner.history) == 4 and 0 < report["kept"] < report["total"]  # pruning happened
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_proximal_step_contracts_any_alpha():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    pruner = MacKayPruner(model, optimizer, num_data=10, batch_size=2)
+    pruner.alpha("0").fill_(1e30)                       # lr * alpha / N = 5e28
+    before = model[0].weight.detach().clone()
+    model(torch.randn(2, 5)).sum().backward()
+    grad = model[0].weight.grad.clone()
+    optimizer.step()
+    # SGD's step, then w / (1 + s alpha / N) with s = lr / (1 - momentum)
+    expected = (before - 0.5 * grad) / (1 + 0.5 / 0.1 * 1e30 / 10)
+    torch.testing.assert_close(model[0].weight.detach(), expected, rtol=1e-6, atol=0)
+    assert torch.isfinite(model[0].weight).all()
+
+
+def test_nan_gradient_surfaces_in_update():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100, batch_size=4)
+    pruner = MacKayPruner(model, optimizer, num_data=100)
+    nn.functional.cross_entropy(model(torch.randn(4, 6)), torch.tensor([0, 1, 2, 0])).backward()
+    model[0].weight.grad[0, 0] = float("nan")           # one NaN entry ...
+    optimizer.step()
+    alpha_before = pruner.alpha("2").clone()
+    with pytest.raises(NonFiniteError, match=r"non-finite values in 0 \(weight\)"):
+        pruner.update()                                 # ... is never reported as "kept"
+    assert torch.equal(pruner.alpha("2"), alpha_before)  # nothing changed, no layer half-updated
+    skipping = MacKayPruner(model, optimizer, num_data=100, on_nonfinite="skip")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        report = skipping.update()
+    assert report["skipped"] and report["nonfinite"] == ["0 (weight)", "0 (curvature)"]
+    assert skipping.history[-1]["skipped"]
+
+
+def test_trainer_stops_on_nonfinite_loss_and_keeps_last_checkpoint(tmp_path):
+    data = mackay_ext.data.load("digits", seed=0)
+    model = mackay_ext.models.create("digits-mlp")
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    config = FitConfig(pretrain_epochs=3, rounds=1, epochs=1, backend="torch")
+    trainer = Trainer(model, data, config, checkpoint=checkpoint)
+    calls = {"n": 0}
+    forward = model.forward
+    batches = -(-len(data.x_train) // config.batch_size)
+
+    def poisoned(x):                                    # NaN from the 2nd epoch's 3rd batch on
+        calls["n"] += model.training
+        out = forward(x)
+        return out * float("nan") if calls["n"] > batches + 2 else out
+    model.forward = poisoned
+    with pytest.raises(NonFiniteError, match=r"training loss is nan \(pretraining, epoch 2, batch 3\)"):
+        trainer.run()
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["position"]["epoch"] == 1                # the last good epoch's checkpoint
+    assert all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def trained_pruner(granularity="weight", steps=30, **options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=256, batch_size=32)
+    pruner = MacKayPruner(model, optimizer, num_data=256, granularity=granularity, **options)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 20, generator=g)
+    y = (x[:, :4]).argmax(1)                             # only 4 inputs matter
+
+    def train(n):
+        for step in range(n):
+            index = torch.arange(step * 32, (step + 1) * 32) % 256
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+            optimizer.step()
+    train(steps)
+    return model, optimizer, pruner, train
+
+
+def test_first_update_is_a_warmup_and_back_to_back_updates_do_not_prune():
+    model, optimizer, pruner, train = trained_pruner("input", steps=100, threshold=0.5)
+    first = pruner.update()
+    assert all(layer["warmup"] for layer in first["layers"]) and first["kept"] == first["total"]
+    with pytest.warns(RuntimeWarning, match="no optimizer step since the previous update"):
+        second = pruner.update()
+    assert second["kept"] == second["total"] and "nothing pruned" in second["notes"][0]
+    train(200)
+    third = pruner.update()
+    assert not any(layer["warmup"] for layer in third["layers"])
+    assert third["kept"] < third["total"]                # pruning starts after training
+
+
+def test_paper_schedule_with_one_round_prunes():
+    data = mackay_ext.data.load("digits", seed=0)
+    model = mackay_ext.models.create("digits-mlp")
+    trainer = mackay_ext.train.fit(model, data, FitConfig(pretrain_epochs=5, rounds=1, epochs=5,
+                                                          backend="torch"))
+    assert len(trainer.pruner.history) == 2               # the warm-up, then one pruning round
+    assert trainer.pruner.report()["kept"] < trainer.pruner.report()["total"]
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_a_layer_never_loses_every_group_unless_allowed(allow):
+    model, optimizer, pruner, train = trained_pruner("output", allow_empty_layers=allow)
+    pruner.update()                                      # warm-up
+    train(5)
+    optimizer.ard_state(model[2].weight)["curvature"].zero_()  # nothing determined: all prunable
+    strongest = int(model[2].weight.detach().square().sum(1).argmax())
+    before = model[2].weight.detach().clone()
+    if allow:
+        report = pruner.update()
+        assert report["layers"][1]["groups_kept"] == 0 and (model[2].weight == 0).all()
+        return
+    with pytest.warns(RuntimeWarning, match=r"every group of 2 .* strongest group is kept"):
+        report = pruner.update()
+    layer = report["layers"][1]
+    assert layer["groups_kept"] == 1 and layer["kept_strongest"]
+    assert torch.equal(model[2].weight[strongest], before[strongest])
+    assert math.isfinite(float(pruner.alpha("2")[strongest]))
+    assert (model[2].weight[torch.arange(4) != strongest] == 0).all()
+
+
+def test_resumed_pruner_knows_it_was_trained():
+    model, optimizer, pruner, train = trained_pruner(threshold=0.5)
+    pruner.update()
+    train(100)
+    state = pruner.state_dict()
+    fresh = MacKayPruner(model, optimizer, num_data=256, threshold=0.5)
+    fresh.load_state_dict(state)
+    report = fresh.update()                               # as the uninterrupted pruner would
+    assert report["kept"] < report["total"] and not report["notes"]
+
+
+@pytest.mark.parametrize("value", [0, -3, float("nan"), float("inf"), True, "100", torch.ones(2)])
+def test_num_data_rejects(value):
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises((ValueError, TypeError), match="num_data"):
+        MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=value, batch_size=2)
+    with pytest.raises((ValueError, TypeError), match="num_data"):
+        MacKayAdam(model.parameters(), num_data=value)
+
+
+def test_num_data_accepts_numpy_and_tensor_counts():
+    numpy = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Linear(3, 2))
+    for value in (numpy.int64(5000), numpy.float32(5000.0), torch.tensor(5000)):
+        pruner = MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=value,
+                              batch_size=numpy.int32(32))
+        assert pruner.num_data == 5000.0 and pruner.batch_size == 32.0
+        pruner.detach()
+        assert MacKayAdam(model.parameters(), num_data=value).param_groups[0]["num_data"] == 5000.0
