@@ -175,12 +175,12 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
 
 
 def exact_curvature_problem(target: ARDTarget, supported) -> str | None:
-    """Why the exact curvature estimators cannot serve `target` (None when they can)."""
+    """Why the exact curvature estimators cannot serve `target`, in a few words (None when
+    they can): per-example gradients come from module hooks on nn.Linear / nn.Conv1d / Conv2d,
+    and a tied weight's per-example gradient is the sum over its uses, which separate hooks
+    cannot square."""
     if len(target.owners) > 1:
-        return (f"{target.name} is tied ({' = '.join(target.owners)}): per-example squared "
-                "gradients of a shared weight are not the sum over its uses")
+        return f"{target.name} (tied: {' = '.join(target.owners)})"
     if target.attr != "weight" or not supported(target.module):
-        return (f"{target.name} lives in {type(target.module).__name__}, which exact per-example "
-                "curvature does not cover (nn.Linear, nn.Conv1d, nn.Conv2d with zero padding)")
+        return f"{target.name} ({type(target.module).__name__})"
     return None
-

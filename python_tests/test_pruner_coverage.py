@@ -1,0 +1,152 @@
+"""Every weight a user has gets a prior, or is listed with the reason it has none (issue 15 item 5):
+Conv1d/3d, transposed convs, embeddings, LSTM/GRU, attention, tied weights; exact curvature
+for grouped/depthwise/1-d convolutions, and a clear error, at construction, for what it cannot do."""
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups
+from mackay_ext.curvature import FisherAccumulator
+
+
+class Zoo(nn.Module):
+    """One of every layer kind, and an output layer tied to the embedding."""
+
+    def __init__(self, vocab=11, dim=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, dim, batch_first=True)
+        self.gru = nn.GRU(dim, dim, batch_first=True)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.conv1d = nn.Conv1d(dim, dim, 3, padding=1)
+        self.depthwise = nn.Conv1d(dim, dim, 3, padding=1, groups=dim)
+        self.conv3d = nn.Conv3d(1, 2, 1)
+        self.deconv = nn.ConvTranspose2d(2, 1, 1)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+        self.head.weight = self.embed.weight               # tied
+
+    def forward(self, tokens):
+        h = self.embed(tokens)                             # (B, T, dim)
+        h = self.lstm(h)[0] + self.gru(h)[0]
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        c = self.depthwise(self.conv1d(h.transpose(1, 2))).transpose(1, 2)
+        v = self.deconv(self.conv3d(c.unsqueeze(1).unsqueeze(2)).squeeze(2)).squeeze(1)
+        return self.head(self.norm(h + v)).mean(1)         # (B, vocab)
+
+
+def zoo_batches(steps, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        tokens = torch.randint(0, 11, (batch, 5), generator=g)
+        yield tokens, tokens[:, 0]
+
+
+def test_every_matrix_is_covered_and_the_rest_listed():
+    torch.manual_seed(0)
+    model = Zoo()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=800, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=800)
+    matrices = {name for name, p in model.named_parameters() if p.dim() >= 2}
+    covered = {f"{t.module_name}.{t.attr}" for t in pruner.targets.values()}
+    assert covered == matrices
+    assert {"embed", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "gru.weight_ih_l0",
+            "attn.in_proj_weight", "attn.out_proj", "conv1d", "depthwise", "conv3d", "deconv"} <= set(pruner.targets)
+    assert "head" not in pruner.targets and pruner.targets["embed"].owners == ["embed", "head"]
+    report = pruner.report()
+    assert report["layers"][0]["tied"] == ["embed", "head"]
+    excluded = {entry["name"]: entry["reason"] for entry in report["excluded"]}
+    assert set(excluded) == {name for name, p in model.named_parameters() if p.dim() < 2}
+    assert all("1-D" in reason for reason in excluded.values())
+
+
+def test_per_weight_ard_prunes_every_kind_and_keeps_ties():
+    torch.manual_seed(0)
+    model = Zoo()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=800, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=800, threshold=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for step, (tokens, target) in enumerate(zoo_batches(90)):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(tokens), target).backward()
+            optimizer.step()
+            if step % 30 == 29:
+                report = pruner.update()
+    pruned = {layer["name"] for layer in report["layers"] if layer["kept"] < layer["total"]}
+    assert {"embed", "lstm.weight_ih_l0", "attn.in_proj_weight", "conv1d"} <= pruned
+    assert model.head.weight is model.embed.weight              # still tied
+    for name, target in pruner.targets.items():
+        dead = (pruner.alpha(name) == math.inf).expand_as(target.param)
+        assert (target.param[dead] == 0).all()
+
+
+def test_group_shapes_of_the_other_layer_kinds():
+    model = Zoo()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity={
+        "lstm.weight_ih_l0": "input", "gru.weight_hh_l0": "output", "embed": "input",
+        "deconv": "output", "conv1d": "filter", "depthwise": "output", "conv3d": "input"})
+    assert pruner.alpha("lstm.weight_ih_l0").shape == (1, 8)       # one per input feature
+    assert pruner.alpha("gru.weight_hh_l0").shape == (24, 1)       # one per gate row
+    assert pruner.alpha("embed").shape == (11, 1)                  # one per token
+    assert pruner.alpha("deconv").shape == (1, 1, 1, 1)            # (in, out, kh, kw): per output
+    assert pruner.alpha("conv1d").shape == (8, 1, 1)
+    assert pruner.alpha("conv3d").shape == (1, 1, 1, 1, 1)
+    assert pruner.granularity["lstm.weight_hh_l0"] == "weight"     # not named: per weight
+
+
+def test_granularity_names_are_checked():
+    model = Zoo()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"granularity names \['lsmt'\] are not ARD layers"):
+        MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity={"lsmt": "input"})
+    with pytest.raises(ValueError, match=r"depthwise .*'input' is not defined for a grouped"):
+        MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity={"depthwise": "input"})
+    # a model-wide granularity falls back to per-weight where it has no meaning, and says so
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity="input")
+    assert pruner.granularity["depthwise"] == "weight" and "depthwise" in pruner.notes
+
+
+def test_exact_curvature_refuses_at_construction_naming_the_layer():
+    model = Zoo()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100)
+    with pytest.raises(ValueError, match=r"cannot serve embed \(tied: embed = head\), lstm.weight_ih_l0 \(LSTM\)"):
+        MacKayPruner(model, optimizer, num_data=100, curvature="ef-exact")
+    pruner = MacKayPruner(model, optimizer, num_data=100, curvature="ef-exact",
+                          layers=["conv1d", "depthwise", "attn.out_proj"])
+    assert set(pruner.targets) == {"conv1d", "depthwise", "attn.out_proj"}
+
+
+def per_example_squared_grads(module, x, loss_fn):
+    """Reference: per-example gradients by looping over the batch, in float64."""
+    total = torch.zeros_like(module.weight)
+    for n in range(x.shape[0]):
+        module.zero_grad()
+        loss_fn(module(x[n:n + 1])).backward()
+        total += module.weight.grad ** 2
+    return total / x.shape[0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(6, 4, 3, padding=1, groups=2),
+    lambda: nn.Conv2d(6, 6, 3, stride=2, groups=6),          # depthwise
+    lambda: nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2),
+    lambda: nn.Conv1d(3, 5, 2, stride=2),
+], ids=["grouped2d", "depthwise2d", "grouped1d", "conv1d"])
+def test_exact_curvature_of_grouped_and_1d_convs(make):
+    torch.manual_seed(0)
+    module = make().double()
+    shape = (5, module.in_channels, 7, 9) if isinstance(module, nn.Conv2d) else (5, module.in_channels, 11)
+    x = torch.randn(shape, dtype=torch.float64)
+
+    def loss_fn(out):
+        return (out ** 2).sum() * 0.5 + out.sum()
+    expected = per_example_squared_grads(module, x, loss_fn)
+    accumulator = FisherAccumulator(module, loss_reduction="sum", backend="torch")
+    module.zero_grad()
+    loss_fn(module(x)).backward()
+    torch.testing.assert_close(accumulator.curvature(module.weight), expected, rtol=1e-10, atol=1e-12)
