@@ -1,0 +1,279 @@
+"""Physical shrinking (mackay_ext.shrink) of pruned coupled groups, end to end on the issue's seven
+test models (random init, small inputs): zero a random third of the groups, shrink, and check
+fewer parameters, outputs equal to the pruned model's (float64, relative 1e-10), torch.export with
+a dynamic batch, and ONNX (dynamo exporter) in onnxruntime."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mackay_ext.coupling import CouplingError, channel_groups
+from mackay_ext.shrink import shrink
+
+
+# -- the test models -----------------------------------------------------------------------
+class BlockA(nn.Module):
+    """CIFAR ResNet basic block with the zero-padding (option A) shortcut of He et al. 2016."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = (cout - cin) // 2 if stride != 1 or cin != cout else None
+
+    def shortcut(self, x):
+        if self.pad is None:
+            return x
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNetA(nn.Module):
+    def __init__(self, widths=(4, 8, 12), classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        blocks, cin = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks += [BlockA(cin, w, 1 if i == 0 else 2), BlockA(w, w, 1)]
+            cin = w
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x):
+        x = self.layers(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def vgg_bn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(12 * 4 * 4, 20), nn.ReLU(), nn.Dropout(), nn.Linear(20, 10))
+
+
+def build(name):
+    torch.manual_seed(0)
+    image = (torch.randn(2, 3, 32, 32),)
+    if name == "resnet18":
+        return pytest.importorskip("torchvision").models.resnet18(num_classes=10), image
+    if name == "mobilenet_v2":
+        return pytest.importorskip("torchvision").models.mobilenet_v2(num_classes=10, width_mult=0.25), image
+    if name == "cifar_resnet_a":
+        return CifarResNetA(), (torch.randn(2, 3, 16, 16),)
+    if name == "vgg_bn":
+        return vgg_bn(), (torch.randn(2, 3, 16, 16),)
+    if name == "transformer_encoder":
+        layer = nn.TransformerEncoderLayer(16, 4, 24, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), (torch.randn(2, 5, 16),)
+    if name == "vit_tiny":
+        timm = pytest.importorskip("timm")
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2,
+                                 num_classes=10), image
+    if name == "bert":
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=24,
+                                         max_position_embeddings=16, num_labels=3)
+        return transformers.BertForSequenceClassification(config), (torch.randint(0, 50, (2, 7)),)
+    raise KeyError(name)
+
+
+MODELS = ["resnet18", "mobilenet_v2", "cifar_resnet_a", "vgg_bn", "transformer_encoder", "vit_tiny", "bert"]
+
+
+def logits(model, inputs):
+    out = model(*inputs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def to_double(model, inputs):
+    return model.double().eval(), tuple(t.double() if t.is_floating_point() else t for t in inputs)
+
+
+def zero_random_groups(model, inputs, share=3, seed=0):
+    groups = channel_groups(model, inputs)
+    rng = random.Random(seed)
+    chosen = rng.sample(groups, len(groups) // share)
+    heads = [g for g in groups if g.kind == "head"]
+    chosen += [g for g in heads[:1] if g not in chosen]   # every attention model loses a head
+    for g in chosen:
+        g.zero_(model)
+    return chosen
+
+
+def assert_equal_outputs(expected, got, rtol=1e-10):
+    assert got.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= rtol * scale, (got - expected).abs().max().item() / scale
+
+
+# -- end to end ------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_shrink_end_to_end(name):
+    model, inputs = to_double(*build(name))
+    chosen = zero_random_groups(model, inputs)
+    pruned = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        expected = logits(model, inputs)
+    small, report = shrink(model, inputs, report=True)
+
+    assert len(report.removed) + len(report.kept_zero) == len(chosen)
+    assert report.params_after == sum(p.numel() for p in small.parameters()) < report.params_before
+    assert report.macs_after < report.macs_before
+    assert sum(p.numel() for p in model.parameters()) == report.params_before   # input model untouched
+    assert all(type(m).__module__.split(".")[0] != "mackay_ext" for m in small.modules())
+    with torch.no_grad():
+        assert_equal_outputs(expected, logits(small, inputs))
+    assert all(torch.equal(p, pruned[n]) for n, p in model.named_parameters())   # shrink made a copy
+
+    # torch.export with a dynamic batch serves another batch size with the same program
+    batch = torch.export.Dim("batch", min=1, max=64)
+    dynamic = tuple({0: batch} for _ in inputs)
+    program = torch.export.export(small, inputs, dynamic_shapes=dynamic)
+    three = tuple(torch.cat([t, t[:1]]) for t in inputs)
+    with torch.no_grad():
+        assert_equal_outputs(logits(small, three), logits(program.module(), three))
+
+    # ONNX through the dynamo exporter, run in onnxruntime (float32: what a deployment runs)
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    small32 = small.float()
+    three32 = tuple(t.float() if t.is_floating_point() else t for t in three)
+    inputs32 = tuple(t.float() if t.is_floating_point() else t for t in inputs)
+    onnx_program = torch.onnx.export(small32, inputs32, dynamo=True, dynamic_shapes=dynamic, verbose=False)
+    session = ort.InferenceSession(onnx_program.model_proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), three32)}
+    with torch.no_grad():
+        assert_equal_outputs(logits(small32, three32), torch.from_numpy(session.run(None, feeds)[0]), rtol=1e-4)
+
+
+def test_unpruned_model_shrinks_to_an_equal_model():
+    model, inputs = to_double(vgg_bn(), (torch.randn(3, 3, 16, 16),))
+    small, report = shrink(model, inputs, report=True)
+    assert report.removed == [] and report.params_after == report.params_before
+    assert [p.shape for p in small.parameters()] == [p.shape for p in model.parameters()]
+    with torch.no_grad():
+        assert torch.equal(model(*inputs), small(*inputs))
+    assert small is not model
+
+
+class ConvBnConv(nn.Module):
+    def __init__(self, affine=True, widths=(8, 12)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(widths[0], affine=affine)
+        self.conv2 = nn.Conv2d(widths[0], widths[1], 3, padding=1)
+        self.fc = nn.Linear(widths[1], 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(x)).mean(dim=(2, 3)))
+
+
+def trained_like(model):
+    """Running statistics that are not 0/1, so BatchNorm of a zero filter is a real constant."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    return model
+
+
+def test_batchnorm_without_affine_zero_filter_is_a_constant_and_still_exact():
+    model, inputs = to_double(trained_like(ConvBnConv(affine=False)), (torch.randn(2, 3, 6, 5),))
+    group = channel_groups(model, inputs)[2]        # conv1 filter 2 => conv2 input channel 2
+    group.zero_(model)
+    with torch.no_grad():
+        constant = model.bn1(model.conv1(inputs[0]))[:, 2]
+    assert constant.abs().min() > 0                 # the channel is not zero, only ignored
+    with torch.no_grad():
+        expected = model(*inputs)
+        small = shrink(model, inputs)
+        assert_equal_outputs(expected, small(*inputs))
+    assert small.conv1.out_channels == small.bn1.num_features == small.conv2.in_channels == 7
+    assert small.bn1.running_mean.shape == (7,)
+
+
+def test_round_to_keeps_channel_counts_a_multiple():
+    model, inputs = to_double(trained_like(ConvBnConv()), (torch.randn(2, 3, 5, 5),))
+    groups = channel_groups(model, inputs)
+    for g in groups[:5] + groups[8:15]:             # conv1: 8 -> 3 kept, conv2: 12 -> 5 kept
+        g.zero_(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    small, report = shrink(model, inputs, round_to=4, report=True)
+    assert (small.conv1.out_channels, small.conv2.out_channels) == (4, 8)
+    assert len(report.removed) == 4 + 4
+    with torch.no_grad():
+        assert_equal_outputs(expected, small(*inputs))
+    assert shrink(model, inputs, round_to=1).conv1.out_channels == 3
+    with pytest.raises(ValueError, match="round_to must be a positive int"):
+        shrink(model, inputs, round_to=0)
+
+
+def test_refuses_to_remove_every_channel_of_a_layer():
+    model, inputs = to_double(ConvBnConv(), (torch.randn(1, 3, 4, 4),))
+    for g in channel_groups(model, inputs)[:8]:
+        g.zero_(model)
+    with pytest.raises(ValueError, match="every channel of layer 'conv1'"):
+        shrink(model, inputs)
+
+
+def test_attention_heads_of_multihead_attention_stay_with_a_reason():
+    model, inputs = to_double(*build("transformer_encoder"))
+    head = [g for g in channel_groups(model, inputs) if g.kind == "head"][1]
+    head.zero_(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    small, report = shrink(model, inputs, report=True)
+    assert report.removed == [] and len(report.kept_zero) == 1
+    assert "nn.MultiheadAttention" in report.kept_zero[0][1]
+    with torch.no_grad():
+        assert_equal_outputs(expected, small(*inputs))
+
+
+def test_timm_and_hf_attention_lose_heads():
+    for name, path, attr in [("vit_tiny", "blocks.0.attn", "num_heads"),
+                             ("bert", "bert.encoder.layer.0.attention.self", "num_attention_heads")]:
+        model, inputs = to_double(*build(name))
+        heads = [g for g in channel_groups(model, inputs) if g.kind == "head" and g.module == path]
+        for g in heads[:2]:
+            g.zero_(model)
+        with torch.no_grad():
+            expected = logits(model, inputs)
+        small = shrink(model, inputs)
+        assert getattr(small.get_submodule(path), attr) == len(heads) - 2
+        with torch.no_grad():
+            assert_equal_outputs(expected, logits(small, inputs))
+
+
+def test_forward_code_that_hard_codes_a_channel_count_is_refused():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 1)
+            self.fc = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).reshape(x.shape[0], 6, -1).mean(-1))
+
+    model, inputs = to_double(Model(), (torch.randn(2, 3, 2, 3),))
+    channel_groups(model, inputs)[1].zero_(model)
+    with pytest.raises(CouplingError, match="hard-codes a channel count"):
+        shrink(model, inputs)
+
+
+def test_training_mode_is_kept():
+    model = ConvBnConv().train()
+    inputs = (torch.randn(2, 3, 4, 4),)
+    channel_groups(model, inputs)[0].zero_(model)
+    small = shrink(model, inputs)
+    assert model.training and small.training and small.conv1.out_channels == 7
