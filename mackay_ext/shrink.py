@@ -146,8 +146,9 @@ def _round(model: nn.Module, groups: list[ChannelGroup], round_to: int) -> list[
 
 
 def _refuse_empty_layers(model: nn.Module, removal) -> None:
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     for (name, dim), indices in removal.items():
-        tensor = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        tensor = tensors[name]
         if len(indices) >= tensor.shape[dim]:
             path = name.rpartition(".")[0] or "<root>"
             raise ValueError(f"shrink: every channel of layer '{path}' ({name}, dim {dim}) is pruned; "

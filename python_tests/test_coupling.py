@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mackay_ext.coupling import ChannelGroup, CouplingError, Member, channel_groups, trace_coupling
+from mackay_ext.coupling import ChannelGroup, CouplingError, Member, channel_groups, group_index, trace_coupling
 
 
 def as_sets(groups):
@@ -175,6 +175,10 @@ def test_group_api_squared_norm_zero_and_repr_ranges():
     expected = model.conv2.weight[1].double().pow(2).sum() + model.fc.weight[:, 4:8].double().pow(2).sum()
     torch.testing.assert_close(group.squared_norm(model), expected, rtol=1e-12, atol=0)
     assert group.num_weights(model) == 5 * 9 + 3 * 4
+    curvature = {n: torch.rand_like(p) for n, p in model.named_parameters()}
+    torch.testing.assert_close(group.gather(curvature.__getitem__),
+                               torch.cat([curvature["conv2.weight"][1].reshape(-1),
+                                          curvature["fc.weight"][:, 4:8].reshape(-1)]))
     assert not group.is_zero(model)
     group.zero_(model)
     assert group.is_zero(model) and group.squared_norm(model) == 0
@@ -242,6 +246,17 @@ def test_keyword_inputs_odd_sizes_and_single_channel_layers():
     assert as_sets(coupling.groups) == [entries(("wide.weight", 0, [c]), ("wide.bias", 0, [c]),
                                                 ("out.weight", 1, [1 + c])) for c in range(5)]
     assert any("spans every channel of one.weight" in r for _, r in coupling.blocked)
+
+
+def test_group_index_numbers_every_sliced_index():
+    model = ConvBnConv()
+    groups = channel_groups(model, torch.randn(1, 3, 4, 4))
+    index = group_index(groups, model)
+    assert index[("conv1.weight", 0)].tolist() == [0, 1, 2, 3, 4]
+    assert index[("conv2.weight", 1)].tolist() == [0, 1, 2, 3, 4]
+    assert index[("conv2.weight", 0)].tolist() == [5, 6, 7, 8]
+    assert index[("fc.weight", 1)].tolist() == [5] * 4 + [6] * 4 + [7] * 4 + [8] * 4
+    assert ("fc.weight", 0) not in index and ("fc.bias", 0) not in index   # the output is no group
 
 
 def test_group_is_a_value():

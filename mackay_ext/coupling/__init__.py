@@ -8,13 +8,17 @@ makes the network compute exactly what the network with the channel removed comp
 (mackay_ext.shrink) then removes it physically.
 
 How: the model is traced once with torch.export; every channel position of every activation
-carries an *atom* label, and each ATen op relates the labels of its inputs and output
-(mackay_ext._coupling_ops). Atoms that must live or die together are merged in a union-find; a
-merged class is a group. Classes that cannot be removed exactly are *blocked* and not returned:
-channels that reach the model output, channels fixed by an input or a constant, and classes
-spanning every channel of a layer (e.g. a transformer's embedding width, which LayerNorm
-statistics merge into one class: removing a zero channel there would change the mean and
-variance). An op the tracer does not know raises CouplingError naming the op and its module.
+carries an *atom* label, and each ATen op relates the labels of its inputs and output (graph.py
+walks the program; rules.py and layers.py hold one rule per op). Atoms that must live or die
+together are merged in a union-find; a merged class is a group. Classes that cannot be removed
+exactly are *blocked* and not returned: channels that reach the model output, channels fixed by an
+input or a constant, and classes spanning every channel of a layer (e.g. a transformer's
+embedding width, which LayerNorm statistics merge into one class: removing a zero channel there
+would change the mean and variance). Groups that are exact to zero but that forward code keeps
+at a fixed size (channels made by F.pad, channels indexed at fixed positions) say why in
+ChannelGroup.fixed; shrink reports the ones it cannot cut for a module's sake (heads of
+nn.MultiheadAttention) in ShrinkReport.kept_zero. An op the tracer does not know raises
+CouplingError naming the op and its module.
 
 Why not Torch-Pruning's DependencyGraph (evaluated, torch-pruning 1.6.1, torch 2.14.1): on the
 seven test models (torchvision resnet18 and mobilenet_v2, a CIFAR ResNet with zero-padding
@@ -27,7 +31,8 @@ crash), BERT 3/6 (heads crash; the embedding-width group runs but differs by 5e-
 LayerNorm statistics). This tracer handles all seven exactly (python_tests/test_coupling.py), has
 no extra dependency, and knows which groups are exact, so we use it.
 """
-from .groups import ChannelGroup, Coupling, CouplingError, Member
+from .groups import ChannelGroup, Coupling, CouplingError, Member, group_index
 from .trace import channel_groups, split_inputs, trace_coupling
 
-__all__ = ["ChannelGroup", "Member", "Coupling", "CouplingError", "channel_groups", "trace_coupling", "split_inputs"]
+__all__ = ["ChannelGroup", "Member", "Coupling", "CouplingError", "channel_groups", "group_index",
+           "split_inputs", "trace_coupling"]

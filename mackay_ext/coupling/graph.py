@@ -89,12 +89,12 @@ def _compress(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _shape(node) -> tuple[int, ...] | None:
+def node_shape(node) -> tuple[int, ...] | None:
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return tuple(int(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-def _module(node) -> tuple[str, str] | None:
+def module_of(node) -> tuple[str, str] | None:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return None
@@ -103,13 +103,13 @@ def _module(node) -> tuple[str, str] | None:
     return path, cls.rsplit(".", 1)[-1]
 
 
-def _module_path(node) -> str:
-    found = _module(node)
+def module_path(node) -> str:
+    found = module_of(node)
     return found[0] if found else ""
 
 
-def _where(node) -> str:
-    found = _module(node)
+def where(node) -> str:
+    found = module_of(node)
     return f"module '{found[0]}' ({found[1]})" if found else "the model's own forward"
 
 
@@ -129,13 +129,13 @@ class Graph:
             return None
         v = self.env.get(x)
         if isinstance(v, str):    # a parameter or buffer, labelled entry by entry on first use
-            v = V(self.entry_atoms(v, x), _shape(x), from_param=True)
+            v = V(self.entry_atoms(v, x), node_shape(x), from_param=True)
             self.env[x] = v
         return v
 
     def entry_atoms(self, name: str, node) -> np.ndarray:
         if name not in self.entries:
-            shape = _shape(node)
+            shape = node_shape(node)
             if not node.meta["val"].is_floating_point():
                 return np.zeros([1] * len(shape), dtype=np.int64)
             labels = self.atoms.new(int(np.prod(shape, dtype=np.int64))).reshape(shape)
@@ -147,7 +147,7 @@ class Graph:
     def param_name(self, x, node, role: str) -> str:
         name = self.params.get(x.name) if isinstance(x, torch.fx.Node) else None
         if name is None:
-            raise CouplingError(f"{node.target} in {_where(node)}: its {role} is computed in forward, "
+            raise CouplingError(f"{node.target} in {where(node)}: its {role} is computed in forward, "
                                 "not a parameter; channel coupling through it is not supported")
         return name
 
@@ -170,11 +170,11 @@ class Graph:
             if node.op == "placeholder":
                 spec = kinds.get(node.name)
                 kind = spec.kind.name if spec is not None else "USER_INPUT"
-                if kind in ("PARAMETER", "BUFFER") and _shape(node) is not None:
+                if kind in ("PARAMETER", "BUFFER") and node_shape(node) is not None:
                     self.params[node.name] = spec.target
                     self.env[node] = spec.target
-                elif _shape(node) is not None:
-                    self.env[node] = self.pinned(_shape(node))
+                elif node_shape(node) is not None:
+                    self.env[node] = self.pinned(node_shape(node))
             elif node.op == "call_function":
                 self.call(node, RULES)
             elif node.op == "output":
@@ -195,13 +195,13 @@ class Graph:
         rule = rules.get(name[:-1] if in_place else name)
         tensor_args = [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
                        if isinstance(a, torch.fx.Node) and a in self.env and self.env[a] is not None]
-        out_shape = _shape(node)
+        out_shape = node_shape(node)
         if rule is None:
             vals = [self.value(a) for a in tensor_args]
             if all(not v.from_param and (v.labels == PIN).all() for v in vals):
                 self.env[node] = self.pinned(out_shape) if out_shape is not None else None
                 return   # made only of inputs and constants: no channel passes through it
-            raise CouplingError(f"cannot follow {target} in {_where(node)}: its channel coupling is "
+            raise CouplingError(f"cannot follow {target} in {where(node)}: its channel coupling is "
                                 "unknown, so no group through it can be shrunk safely")
         result = rule(self, node, *node.args, **node.kwargs)
         self.env[node] = result

@@ -56,6 +56,19 @@ class ChannelGroup:
         for m in self.members:
             yield m, model.get_parameter(m.name).index_select(m.dim, _index(m, model))
 
+    def gather(self, lookup) -> torch.Tensor:
+        """The group's entries of any per-parameter tensor, flattened and concatenated (1-D).
+
+        lookup: parameter name -> tensor of that parameter's shape (the weights, a curvature h,
+        an alpha), e.g. gamma_g = (N h / (N h + alpha_g)).sum() over group.gather(curvature.get).
+        """
+        parts = []
+        for m in self.members:
+            tensor = lookup(m.name)
+            index = torch.tensor(m.indices, dtype=torch.long, device=tensor.device)
+            parts.append(tensor.index_select(m.dim, index).reshape(-1))
+        return torch.cat(parts)
+
     def num_weights(self, model: nn.Module) -> int:
         """n_g: the number of parameter entries in the group."""
         return sum(t.numel() for _, t in self.slices(model))
@@ -89,6 +102,23 @@ def _ranges(indices) -> str:
             parts.append(str(start) if start == v else f"{start}-{v}")
             start = None
     return ",".join(parts)
+
+
+def group_index(groups, model: nn.Module) -> dict[tuple[str, int], torch.Tensor]:
+    """For each (parameter name, dim) some group slices: the group number of every index (-1: none).
+
+    A pruner can scatter per-entry sums into groups with it in one pass. An entry can be in two
+    groups at once (a conv weight entry (o, i) is in output group o and input group i).
+    """
+    index: dict[tuple[str, int], torch.Tensor] = {}
+    for number, group in enumerate(groups):
+        for m in group.members:
+            key = (m.name, m.dim)
+            if key not in index:
+                param = model.get_parameter(m.name)
+                index[key] = torch.full((param.shape[m.dim],), -1, dtype=torch.long, device=param.device)
+            index[key][list(m.indices)] = number
+    return index
 
 
 @dataclasses.dataclass
