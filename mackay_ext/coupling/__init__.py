@@ -25,11 +25,12 @@ seven test models (torchvision resnet18 and mobilenet_v2, a CIFAR ResNet with ze
 shortcuts, a VGG with BatchNorm, nn.TransformerEncoder, timm ViT, HF BERT) we pruned one channel
 of every group it reports (output-layer groups excluded) with its own pruner and compared with the
 model whose group members are zeroed. Exact: resnet18 12/12, mobilenet_v2 24/24, VGG 3/3, CIFAR
-option-A 6/7 (the stem group crashes at the padded shortcut), TransformerEncoder 1/2 (embedding
-group crashes nn.MultiheadAttention), ViT 2/5 (qkv groups ignore heads: crash; embedding groups
-crash), BERT 3/6 (heads crash; the embedding-width group runs but differs by 5e-4 through
-LayerNorm statistics). This tracer handles all seven exactly (python_tests/test_coupling.py), has
-no extra dependency, and knows which groups are exact, so we use it.
+option-A 6/7 (the stem group crashes at the padded shortcut), TransformerEncoder 2/3 (the
+embedding-width group crashes nn.MultiheadAttention; no head groups at all), ViT 2/5 (qkv groups
+ignore heads and crash the reshape; the embedding-width group couples cls_token/pos_embed
+entries), BERT 3/6 (head groups crash; the embedding-width group runs but differs by 5e-4 through
+LayerNorm statistics). This tracer shrinks all seven exactly (python_tests/test_shrink.py), needs
+no extra dependency, knows which groups are exact, and finds whole heads, so we use it.
 """
 from .groups import ChannelGroup, Coupling, CouplingError, Member, group_index
 from .trace import channel_groups, split_inputs, trace_coupling
