@@ -110,13 +110,21 @@ def csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.T
     _extension.require()
     if transposed is None:
         transposed = transpose_index(crow_indices, col_indices, in_features)
-    return torch.ops.mackay_ext.csr_linear.default(x, crow_indices, col_indices, values, bias,
-                                                   *transposed)
+    op = torch.ops.mackay_ext.csr_linear.default
+    if not torch.is_grad_enabled() or not (x.requires_grad or values.requires_grad or
+                                           (bias is not None and bias.requires_grad)):
+        # No gradient wanted: go straight to the kernels. The autograd kernel (registered from
+        # Python below) would only find that out itself, at a third of a small layer's time.
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(x, crow_indices, col_indices, values, bias, *transposed)
+    return op(x, crow_indices, col_indices, values, bias, *transposed)
 
 
 def _autocast(x, values, bias):
     """Autocast has no rule for a custom op: cast as it casts F.linear's operands (every
     floating tensor but float64, to the autocast dtype of x's device)."""
+    if not torch._C._is_any_autocast_enabled():  # the cheap check first: this runs every call
+        return x, values, bias
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return x, values, bias

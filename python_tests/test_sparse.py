@@ -36,6 +36,7 @@ CASES = [  # (out, in, density, batch shape, empty rows)
     (37, 53, 0.2, (3, 4), ()),          # 3-D input: leading dims flattened
     (64, 100, 0.05, (33,), (1, 2, 3)),  # batch above the small-batch path, not a whole tile
     (300, 784, 0.02, (256,), ()),
+    (500, 700, 0.1, (3,), ()),          # small batch, enough work to split over threads
     (16, 9, 1.0, (9,), ()),
     (10, 20, 0.0, (4,), ()),            # 0 nonzeros: a fully pruned layer
     (5, 7, 0.5, (0,), ()),              # empty batch

@@ -43,8 +43,17 @@ inline bool row_range(const index_t* crow, int64_t row, int64_t nnz, int64_t& be
   return begin >= 0 && begin <= end && end <= nnz;
 }
 
+// Below this many multiply-adds a call runs on the calling thread: waking the pool costs more
+// than the work (a 1% 784x300 layer at batch 1 is ~2,400), the OpenMP wait worse when the
+// machine is busy. ATen's GEMMs draw the same line (at::internal::GRAIN_SIZE).
+constexpr int64_t kSerialWork = 32768;
+
 template <typename Body>
-void for_each_task(const std::vector<int64_t>& splits, const Body& body) {
+void for_each_task(const std::vector<int64_t>& splits, int64_t work, const Body& body) {
+  if (work < kSerialWork) {
+    body(splits.front(), splits.back());
+    return;
+  }
   at::parallel_for(0, static_cast<int64_t>(splits.size()) - 1, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t t = lo; t < hi; ++t) body(splits[t], splits[t + 1]);
   });
@@ -63,7 +72,7 @@ inline int64_t safe_column(const index_t* col, int64_t k, int64_t in, std::atomi
 template <typename scalar_t, typename index_t>
 void spmm_gather(const scalar_t* x, const index_t* crow, const index_t* col, const scalar_t* values,
                  scalar_t* y, int64_t batch, int64_t in, int64_t out, int64_t nnz, std::atomic<bool>& bad) {
-  for_each_task(balanced_row_splits(crow, out, nnz), [&](int64_t r0, int64_t r1) {
+  for_each_task(balanced_row_splits(crow, out, nnz), nnz * batch, [&](int64_t r0, int64_t r1) {
     for (int64_t o = r0; o < r1; ++o) {
       int64_t begin, end;
       if (!row_range(crow, o, nnz, begin, end)) {
@@ -124,7 +133,8 @@ void spmm_tiled(const scalar_t* xTiles, const index_t* crow, const index_t* col,
   using Vec = at::vec::Vectorized<scalar_t>;
   constexpr int64_t V = Vec::size();
   constexpr int64_t kTile = kTileVecs * V;
-  for_each_task(balanced_row_splits(crow, out, nnz), [&](int64_t r0, int64_t r1) {
+  const int64_t work = nnz * tiles * kTile;
+  for_each_task(balanced_row_splits(crow, out, nnz), work, [&](int64_t r0, int64_t r1) {
     for (int64_t t = 0; t < tiles; ++t) {
       const scalar_t* xt = xTiles + t * in * kTile;
       scalar_t* yt = yTiles + t * out * kTile;
@@ -231,7 +241,7 @@ at::Tensor csr_sddmm_cpu(const at::Tensor& grad_out, const at::Tensor& x, const 
       const at::Tensor gT = g2d.t().contiguous(), xT = x2d.t().contiguous();
       const scalar_t* gT_p = gT.const_data_ptr<scalar_t>();
       const scalar_t* xT_p = xT.const_data_ptr<scalar_t>();
-      for_each_task(balanced_row_splits(crow_p, out, nnz), [&](int64_t r0, int64_t r1) {
+      for_each_task(balanced_row_splits(crow_p, out, nnz), nnz * batch, [&](int64_t r0, int64_t r1) {
         for (int64_t o = r0; o < r1; ++o) {
           int64_t begin, end;
           if (!row_range(crow_p, o, nnz, begin, end)) { bad = true; continue; }
