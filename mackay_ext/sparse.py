@@ -314,6 +314,14 @@ def _weight_reads(cls: type) -> frozenset:
     return frozenset(names)
 
 
+def _user_hooks(module: nn.Module) -> list:
+    """The module's hooks, except this package's own curvature hooks (bound to the dense layer,
+    dropped with it: a model copied mid-pruning still converts)."""
+    hooks = [hook for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                               "_backward_pre_hooks") for hook in getattr(module, attr, {}).values()]
+    return [hook for hook in hooks if not getattr(hook, "__module__", "").startswith("mackay_ext.")]
+
+
 def _why_not_convertible(model, names, module, holders) -> str | None:
     """Why the layer `module` (reached as every name in `names`) must stay dense, or None."""
     if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
@@ -324,8 +332,7 @@ def _why_not_convertible(model, names, module, holders) -> str | None:
     if not isinstance(module.weight, nn.Parameter) or isinstance(module.weight, nn.UninitializedParameter):
         return ("its weight is not a plain Parameter (uninitialised, parametrized or under "
                 "torch.nn.utils.prune: remove that first)")
-    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or \
-            getattr(module, "_backward_pre_hooks", None):
+    if _user_hooks(module):
         return "it has hooks, which would be lost"
     others = holders.get(id(module.weight), set()) - {id(module)}
     if others:

@@ -141,6 +141,18 @@ def test_every_skip_is_named_with_its_reason():
     assert isinstance(model[4], SparseLinear) and isinstance(model[5], nn.Linear)
 
 
+def test_package_curvature_hooks_do_not_block():
+    """A model copied in the middle of exact-curvature pruning carries the accumulator's hooks:
+    they belong to the dense layers and go with them; the copy still converts, quietly."""
+    from mackay_ext.curvature import FisherAccumulator
+    model = prune_(MLP(), 0.1)
+    accumulator = FisherAccumulator(model, mode="ef-exact")
+    assert model[0]._forward_hooks
+    copied = copy.deepcopy(model)
+    assert sparsify_warnings(copied) == [] and len(sparse_layers(copied)) == 3
+    del accumulator
+
+
 def test_exclude_by_name_and_predicate():
     def build():
         return prune_(nn.Sequential(nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6)), nn.Linear(6, 6)), 0.2)
