@@ -201,7 +201,7 @@ class SparseLinear(_CSRWeight):
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, mask: torch.Tensor | None = None, *,
-                   path: str | None = None) -> "SparseLinear":
+                   path: str | None = None) -> SparseLinear:
         """From an nn.Linear; `mask` (default weight != 0) marks the weights kept."""
         crow, col, values, _ = _csr_from_dense(layer.weight.detach(), mask)
         return cls(layer.out_features, layer.in_features, crow, col, values,
@@ -238,7 +238,7 @@ class SparseConv2d(_CSRWeight):
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, mask: torch.Tensor | None = None, *,
-                   path: str | None = None) -> "SparseConv2d":
+                   path: str | None = None) -> SparseConv2d:
         if layer.groups != 1 or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise ValueError("SparseConv2d: only groups=1, numeric zero padding are supported")
         weight = layer.weight.detach().reshape(layer.out_channels, -1)
@@ -292,7 +292,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _weight_reads(cls: type) -> frozenset:
     """Names n for which code of `cls` (and of its bases other than nn.Module) reads `n.weight`
     itself instead of calling module n: nn.MultiheadAttention reads out_proj.weight, and
@@ -478,9 +478,10 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exc
         if optimizer is not None and optimizer.state.get(weight):
             weight2d = weight.reshape(weight.shape[0], -1)
             _, cols, _, rows = _csr_from_dense(weight2d, mask.reshape(weight2d.shape))
-            state = _carry_state(optimizer.state[weight], weight.shape,
-                                 lambda key, t: t.reshape(weight2d.shape)[rows, cols].contiguous(),
-                                 f"sparsify ({names[0]})")
+
+            def gather(key, t, shape2d=weight2d.shape, rows=rows, cols=cols):
+                return t.reshape(shape2d)[rows, cols].contiguous()
+            state = _carry_state(optimizer.state[weight], weight.shape, gather, f"sparsify ({names[0]})")
         built.append((names, weight, sparse, state))
     for names, weight, sparse, state in built:
         for name in names:
