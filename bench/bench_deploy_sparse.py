@@ -1,6 +1,6 @@
 """Deployment latency of a sparsified LeNet-300-100 against the same weights dense.
 
-Run:  python bench/bench_deploy_sparse.py            (one process, one run, about 20 s on 2 cores)
+Run:  python bench/bench_deploy_sparse.py [--threads 1]   (one process, one run, about 20 s)
 Target (issue 12, item 4): the sparsified model is never slower than dense at any batch size.
 
 Two masks, both about 1.25% of the weights kept: the same density in every layer, and one shaped
@@ -50,7 +50,12 @@ def median_ms(functions, rounds):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300, help="timed calls of each model per case")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both models (default: torch's); 1 on a busy machine, "
+                             "where a descheduled worker thread costs milliseconds")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# sparsified vs dense LeNet-300-100 ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__})\n")
     print("| mask | kept | paths | autograd | batch | dense ms | sparse ms | sparse / dense |")
