@@ -4,7 +4,7 @@
     python bench/reproduce_mnist.py --data-dir DIR --smoke --out /tmp/smoke  # a minute, for CI
 
 For each model and seed: a dense baseline is trained; every pruning method starts from that same
-dense network; the test set is evaluated once per row, after training. Hyperparameters (RECIPES)
+dense network; the test set is evaluated once per row, after training. Hyperparameters (mackay_ext.recipes)
 were chosen on the validation split (5,000 images held out of the 60,000 training images).
 Every training phase of every row sees randomly shifted images (up to ±2 pixels,
 --augment-shift); `--augment-shift 0` trains on the plain images and writes mnist_shift0.*.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -40,60 +41,18 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from mackay_ext import data as datasets
-from mackay_ext import models
-from mackay_ext.optim import MacKayAdam, ard_param_groups
-from mackay_ext.pruner import MacKayPruner
-from mackay_ext.train import evaluate
+from mackay_ext import models, recipes
+from mackay_ext.train import FitConfig, Trainer, evaluate, set_seed
 
-# Per model: dense pretraining, and per method the ARD phase and the fine-tuning that follows.
-# epochs: ARD epochs; update_every: optimizer steps between precision updates; warmup: updates
-# before the first pruning (alpha settles first); threshold: the snr (w^2 / Sigma) criterion.
-RECIPES: dict[str, dict[str, Any]] = {
-    "lenet-300-100": {
-        "dense": dict(epochs=20, lr=1e-3),
-        # validation (seed 0), with ±2-pixel shifts: 100 ARD epochs at lr 5e-4, threshold 0.05
-        # -> 1.64% kept, val error 1.42%; threshold 0.1 -> 1.57%, 1.56%; lr 1e-3, threshold
-        # 0.05 -> 1.19%, 1.50% (chosen). Without augmentation every schedule tried sat at val
-        # error 2.0-2.2% for 1-1.6% kept (lr 5e-4 -> 1.41%, 2.16%; ef-exact curvature 1.77%,
-        # 2.26%; fisher-mc 0.96%, 2.40%): the sparse net fits the training set exactly (loss
-        # 1e-4) and the shifts are what it lacked, not a better mask.
-        "mackay-weight": dict(granularity="weight", rule="mackay", threshold=0.05, epochs=100,
-                              update_every=430, warmup=5, lr=1e-3, finetune_epochs=30,
-                              finetune_lr=1e-3),
-        # validation (chosen before augmentation, kept with it): 17.7% kept (137 inputs, 51 and
-        # 84 neurons), val error 2.36% without shifts
-        "mackay-group": dict(granularity="filter", rule="mackay", threshold=0.05, epochs=30,
-                             update_every=430, warmup=5, lr=1e-3, finetune_epochs=10,
-                             finetune_lr=1e-3),
-        # validation without shifts: lr 1e-3 -> 6.6% kept, val error 6.14%; the paper's lr 1e-4
-        # -> 5.7%, 7.52%
-        "paper": dict(granularity="filter", rule="paper", threshold=0.05, epochs=30,
-                      update_every=430, warmup=5, lr=1e-3, finetune_epochs=10, finetune_lr=1e-3),
-    },
-    "lenet-5-caffe": {
-        "dense": dict(epochs=15, lr=1e-3),
-        # validation (seed 0; about 10 s an epoch here, so fewer epochs than LeNet-300-100).
-        # Without augmentation: threshold 0.05, 30 ARD epochs -> 0.68% kept, val error 1.10%;
-        # threshold 0.1, 40 epochs -> 0.49%, 1.26%. With ±2-pixel shifts, threshold 0.1 at lr 1e-3:
-        # 40 epochs -> 0.68%, 0.70%; 60 epochs -> 0.55%, 0.78%; alpha updated every half epoch,
-        # 50 epochs -> 0.58%, 0.88%; lr 2e-3, 50 epochs -> 0.46%, 0.88% (chosen: the pace of
-        # pruning follows Adam's step size more than the threshold)
-        "mackay-weight": dict(granularity="weight", rule="mackay", threshold=0.1, epochs=50,
-                              update_every=430, warmup=2, lr=2e-3, finetune_epochs=10,
-                              finetune_lr=1e-3),
-        # validation without shifts: 7.3% kept after 18 ARD epochs (20 conv1 and 9 conv2
-        # filters, 51 of the 800 fc1 inputs) at val error 1.6% before fine-tuning and before the
-        # unused fc1 rows go
-        "mackay-group": dict(granularity="filter", rule="mackay", threshold=0.05, epochs=20,
-                             update_every=430, warmup=2, lr=1e-3, finetune_epochs=8,
-                             finetune_lr=1e-3),
-        # the LeNet-300-100 validation runs showed the gamma = 1 rule over-regularising; kept short
-        "paper": dict(granularity="filter", rule="paper", threshold=0.05, epochs=15,
-                      update_every=430, warmup=2, lr=1e-3, finetune_epochs=5, finetune_lr=1e-3),
-    },
+# The recipes live in the library (mackay_ext.recipes, `mackay-ext prune --recipe NAME`); this
+# script only drives the library's Trainer over them, seeds and baselines.
+METHOD_RECIPES = {
+    "lenet-300-100": {"mackay-weight": "lenet-300-100-weight", "mackay-group": "lenet-300-100-group",
+                      "paper": "lenet-300-100-paper"},
+    "lenet-5-caffe": {"mackay-weight": "lenet-5-caffe-weight", "mackay-group": "lenet-5-caffe-channel",
+                      "paper": "lenet-5-caffe-paper"},
 }
 METHODS = ("mackay-weight", "mackay-group", "paper")
-BATCH_SIZE = 128
 # every training phase of every measured row (dense, MacKay, magnitude) sees each image moved by
 # a random whole-pixel offset of up to this many pixels (mackay_ext.data.random_shift)
 AUGMENT_SHIFT = 2
@@ -120,116 +79,38 @@ TARGETS = {  # (max test error %, max weights kept %) of the issue, for the tabl
 
 
 # ---------------------------------------------------------------------------------- training
-class Run:
-    """One model on one split and seed: fixed batch orders, validation-selected weights."""
-
-    def __init__(self, data: datasets.Splits, seed: int, device: str, log: Callable[[str], None],
-                 channels_last: bool = False, shift: int = 0):
-        self.data, self.seed, self.device, self.log, self.shift = data, seed, device, log, shift
-        self.num_data = len(data.x_train)
-        # convolutions run about 1.5x faster on CPU in channels-last (NHWC) layout
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-
-    def batches(self, tag: int):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + tag)
-        order = torch.randperm(self.num_data, generator=generator)
-        for start in range(0, self.num_data, BATCH_SIZE):
-            index = order[start:start + BATCH_SIZE]
-            x = self.data.x_train[index]
-            if self.shift:
-                x = datasets.random_shift(x, self.shift, generator=generator)
-            yield (x.to(self.device, memory_format=self.memory_format),
-                   self.data.y_train[index].to(self.device))
-
-    def validate(self, model: nn.Module) -> float:
-        return evaluate(model, self.data.x_val, self.data.y_val, device=self.device)[0]
-
-    def train(self, model, optimizer, epochs: int, tag: int, *, schedule: bool = True,
-              keep_best: bool = True, after_step: Callable[[], None] | None = None,
-              name: str = "") -> float:
-        """`epochs` epochs of Adam-type training (cosine lr when `schedule`); returns the best
-        validation accuracy and, with `keep_best`, leaves the weights of that epoch in the model
-        (not while pruning: an earlier epoch's weights would revive pruned ones)."""
-        scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
-                     if schedule else None)
-        best_accuracy, best_state = -1.0, None
-        for epoch in range(epochs):
-            model.train()
-            for xb, yb in self.batches(tag + epoch):
-                optimizer.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
-                if after_step is not None:
-                    after_step()
-            if scheduler is not None:
-                scheduler.step()
-            accuracy = self.validate(model)
-            self.log(f"  {name} epoch {epoch + 1}/{epochs}: val {100 * accuracy:.2f}%, kept "
-                     f"{structure(model)['weights_kept']:.2f}%")
-            if accuracy >= best_accuracy:
-                best_accuracy = accuracy
-                best_state = copy.deepcopy(model.state_dict()) if keep_best else None
-        if best_state is not None:
-            model.load_state_dict(best_state)
-        return best_accuracy
-
-
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def train_dense(run: Run, model: nn.Module, recipe: dict[str, Any]) -> float:
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe["lr"])
-    return run.train(model, optimizer, recipe["epochs"], tag=0, name="dense")
+def config_for(recipe: recipes.Recipe, seed: int, shift: int, smoke: bool, **overrides) -> FitConfig:
+    """The recipe's FitConfig for one seed (smoke: every phase one or two epochs, an update every
+    5 steps, so CI runs every path in a minute)."""
+    if smoke:
+        config = recipe.config
+        overrides = dict(dict(pretrain_epochs=min(config.pretrain_epochs, 2),
+                              epochs=min(config.epochs, 2), update_every_steps=5, warmup_updates=1,
+                              finetune_epochs=1), **overrides)
+    return recipe.fit_config(seed=seed, augment_shift=shift, **overrides)
 
 
-def train_mackay(run: Run, model: nn.Module, recipe: dict[str, Any]) -> dict[str, Any]:
-    """ARD phase (MacKayAdam + MacKayPruner, alpha re-estimated every `update_every` steps),
-    then fine-tuning of the kept weights with the prior switched off."""
-    optimizer = MacKayAdam(ard_param_groups(model), lr=recipe["lr"], num_data=run.num_data,
-                           batch_size=BATCH_SIZE)
-    pruner = MacKayPruner(model, optimizer, num_data=run.num_data, granularity=recipe["granularity"],
-                          rule=recipe["rule"], prune="snr", threshold=recipe["threshold"])
-    steps = {"count": 0, "updates": 0}
-
-    def after_step():
-        steps["count"] += 1
-        if steps["count"] % recipe["update_every"] == 0:
-            # the first `warmup` updates only move alpha: nothing is pruned while it settles
-            pruner.threshold = 0.0 if steps["updates"] < recipe["warmup"] else recipe["threshold"]
-            pruner.update()
-            steps["updates"] += 1
-
-    run.train(model, optimizer, recipe["epochs"], tag=1000, schedule=False, keep_best=False,
-              after_step=after_step, name="ard")
-    groups = group_counts(pruner)
-    unused = pruner.prune_unused_units()  # rows of units whose outputs are all pruned
-    for name in pruner.layers:  # prior off, pruned weights stay pruned (alpha = +inf)
-        alpha = pruner.alpha(name)
-        alpha.masked_fill_(torch.isfinite(alpha), 0.0)
-    for group in optimizer.param_groups:
-        group["lr"] = recipe["finetune_lr"]
-    run.train(model, optimizer, recipe["finetune_epochs"], tag=2000, name="fine-tune")
-    return {"updates": steps["updates"], "groups": groups, "unused_unit_weights": unused}
-
-
-def group_counts(pruner: MacKayPruner) -> dict[str, list[int]]:
-    return {layer["name"]: [layer["groups_kept"], layer["groups"]]
-            for layer in pruner.report()["layers"]}
-
-
-def train_magnitude(run: Run, model: nn.Module, kept: int, epochs: int, lr: float) -> None:
-    """Global L1 magnitude pruning to `kept` weights, then fine-tuning with the masks held."""
+def train_magnitude(trainer: Trainer, kept: int, epochs: int, lr: float) -> None:
+    """Global L1 magnitude pruning of the trainer's dense model to `kept` weights, then the
+    trainer's fine-tuning (the prior off, the pruned weights held at 0 as alpha = +inf)."""
+    model = trainer.model
     parameters = [(m, "weight") for _, m in prunable(model)]
     total = sum(m.weight.numel() for m, _ in parameters)
+    memory_format = trainer.memory_format
     model.to(memory_format=torch.contiguous_format)  # global_unstructured views weights flat
     torch_prune.global_unstructured(parameters, pruning_method=torch_prune.L1Unstructured,
                                     amount=total - kept)
-    model.to(memory_format=run.memory_format)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    run.train(model, optimizer, epochs, tag=3000, name="magnitude fine-tune")
     for module, name in parameters:
-        torch_prune.remove(module, name)
+        torch_prune.remove(module, name)   # the zeros are now the weights themselves
+    model.to(memory_format=memory_format)
+    with torch.no_grad():
+        for name, target in trainer.pruner.targets.items():
+            trainer.pruner.alpha(name).copy_(torch.where(target.param != 0, 0.0, math.inf))
+    trainer.finetune(epochs, lr, drop_unused=False)  # exactly the MacKay row's number of weights
 
 
 # --------------------------------------------------------------------------------- reporting
@@ -363,61 +244,57 @@ def previous_rows(path: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- the run
-def shrink(recipes: dict[str, Any]) -> dict[str, Any]:
-    """The smoke version: every phase one or two epochs, updates every 5 steps."""
-    small = copy.deepcopy(recipes)
-    for model in small.values():
-        for recipe in model.values():
-            recipe["epochs"] = min(recipe["epochs"], 2)
-            if "update_every" in recipe:
-                recipe.update(update_every=5, warmup=1, finetune_epochs=1)
-    return small
-
-
 def subset(data: datasets.Splits, train: int, val: int, test: int) -> datasets.Splits:
     return datasets.Splits(data.x_train[:train], data.y_train[:train], data.x_val[:val],
                            data.y_val[:val], data.x_test[:test], data.y_test[:test], data.name)
 
 
-def run_model(model_name: str, data: datasets.Splits, seeds: list[int], recipes: dict[str, Any],
-              device: str, log: Callable[[str], None], shift: int) -> list[dict[str, Any]]:
+def run_model(model_name: str, data: datasets.Splits, seeds: list[int], device: str,
+              log: Callable[[str], None], shift: int, smoke: bool) -> list[dict[str, Any]]:
     rows, info = [], hardware(device)
-    recipe = recipes[model_name]
+    method_recipes = {method: recipes.get(name) for method, name in METHOD_RECIPES[model_name].items()}
+    weight_recipe = method_recipes["mackay-weight"]
     for seed in seeds:
-        convolutional = model_name == "lenet-5-caffe"
-        run = Run(data, seed, device, log, channels_last=convolutional, shift=shift)
-
-        def finish(method: str, model: nn.Module, seconds: float, val: float, **extra):
+        def finish(method: str, model: nn.Module, seconds: float, **extra):
             test_accuracy = evaluate(model, data.x_test, data.y_test, device=device)[0]  # once
+            val_accuracy = evaluate(model, data.x_val, data.y_val, device=device)[0]
             row = dict(model=model_name, method=method, seed=seed, test_error=100 * (1 - test_accuracy),
-                       val_accuracy=val, wall_seconds=seconds, hardware=info, augment_shift=shift,
-                       **structure(model), **extra)
+                       val_accuracy=val_accuracy, wall_seconds=seconds, hardware=info,
+                       augment_shift=shift, **structure(model), **extra)
             log(f"{model_name} seed {seed} {method}: test error {row['test_error']:.2f}%, kept "
                 f"{row['weights_kept']:.2f}% ({row['compression']:.0f}x), {seconds:.0f} s")
             rows.append(row)
             return row
 
-        torch.manual_seed(seed)
-        dense = models.create(model_name, num_classes=10).to(device, memory_format=run.memory_format)
+        def trainer(model, recipe, **overrides):
+            return Trainer(model, data, config_for(recipe, seed, shift, smoke, **overrides),
+                           pruner_options=recipe.pruner, device=device,
+                           progress=lambda message: log("  " + message))
+
+        set_seed(seed)
         start = time.perf_counter()
-        dense_val = train_dense(run, dense, recipe["dense"])
+        dense = trainer(models.create(model_name, num_classes=10), weight_recipe)
+        dense.pretrain()            # every row starts from this one dense network
         dense_seconds = time.perf_counter() - start
-        finish("dense", dense, dense_seconds, dense_val)
+        finish("dense", dense.model, dense_seconds)
         by_method = {}
-        for method in METHODS:
-            torch.manual_seed(seed)
-            model = copy.deepcopy(dense)
+        for method, recipe in method_recipes.items():
+            set_seed(seed)
             start = time.perf_counter()
-            extra = train_mackay(run, model, recipe[method])
-            by_method[method] = finish(method, model, dense_seconds + time.perf_counter() - start,
-                                       run.validate(model), **extra)
-        best = by_method["mackay-weight"]
-        epochs = recipe["mackay-weight"]["epochs"] + recipe["mackay-weight"]["finetune_epochs"]
-        model = copy.deepcopy(dense)
+            run = trainer(copy.deepcopy(dense.model), recipe, pretrain_epochs=0)
+            run.run()
+            groups = {layer["name"]: [layer["groups_kept"], layer["groups"]]
+                      for layer in run.pruner.history[-1]["layers"]}   # before the silent units go
+            by_method[method] = finish(method, run.model, dense_seconds + time.perf_counter() - start,
+                                       updates=len(run.pruner.history), groups=groups,
+                                       unused_unit_weights=run.unused_unit_weights)
+        config = config_for(weight_recipe, seed, shift, smoke)
+        set_seed(seed)
         start = time.perf_counter()
-        train_magnitude(run, model, best["kept"], epochs, recipe["mackay-weight"]["finetune_lr"])
-        finish("magnitude (global L1)", model, dense_seconds + time.perf_counter() - start,
-               run.validate(model))
+        magnitude = trainer(copy.deepcopy(dense.model), weight_recipe, pretrain_epochs=0)
+        train_magnitude(magnitude, by_method["mackay-weight"]["kept"],
+                        config.epochs + config.finetune_epochs, config.finetune_lr)
+        finish("magnitude (global L1)", magnitude.model, dense_seconds + time.perf_counter() - start)
     return rows
 
 
@@ -426,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=os.path.join("..", "shared", "data", "mnist"))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--models", nargs="+", default=list(METHOD_RECIPES), choices=list(METHOD_RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--smoke", action="store_true",
@@ -446,13 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     except datasets.DatasetError as error:
         print(f"reproduce_mnist: {error}", file=sys.stderr)
         return 1
-    recipes = RECIPES
     if args.smoke:
-        data, recipes = subset(data, 600, 200, 200), shrink(RECIPES)
+        data = subset(data, 600, 200, 200)
     rows: list[dict[str, Any]] = []
     for model_name in args.models:
         start = time.perf_counter()
-        rows += run_model(model_name, data, args.seeds, recipes, args.device, log, args.augment_shift)
+        rows += run_model(model_name, data, args.seeds, args.device, log, args.augment_shift, args.smoke)
         log(f"{model_name}: all rows in {time.perf_counter() - start:.0f} s")
     stem = "mnist_smoke" if args.smoke else "mnist"
     if args.augment_shift != AUGMENT_SHIFT:

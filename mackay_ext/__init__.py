@@ -9,14 +9,17 @@ from .ops import UpdateStats, mackay_update_
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
 from . import sparse
-from .sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
+from .sparse import SparseConv2d, SparseLinear, densify, load_compressed, save_compressed, sparsify
 from ._validate import NonFiniteError
 from ._files import CorruptFileError, UnsafeFileError
-from . import train
-from .sparse import densify  # noqa: F401  (public API: the inverse of sparsify)
+from . import coupling, recipes, train
+from .coupling import ChannelGroup, CouplingError, channel_groups, group_index
+from .shrink import ShrinkReport, count_macs, shrink
 
 __all__ = ["compiled_backends", "ops", "optim", "reference", "UpdateStats", "mackay_update_",
            "MacKayAdam", "ard_param_groups", "MacKayPruner", "data", "models", "sparse",
            "SparseLinear", "SparseConv2d", "sparsify", "save_compressed", "load_compressed",
-           "NonFiniteError", "CorruptFileError", "UnsafeFileError", "train"]
+           "densify", "NonFiniteError", "CorruptFileError", "UnsafeFileError", "train", "recipes",
+           "coupling", "ChannelGroup", "CouplingError", "channel_groups", "group_index",
+           "ShrinkReport", "count_macs", "shrink"]
 __version__ = "0.1.0"

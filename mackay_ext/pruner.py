@@ -339,8 +339,17 @@ class MacKayPruner:
         return bad
 
     @torch.no_grad()
-    def update(self) -> dict[str, Any]:
-        """One MacKay re-estimation of every ARD weight's alpha, then pruning. Returns a report:
+    def switch_off_prior(self) -> None:
+        """alpha = 0 on every kept weight (no prior), +inf stays: the kept weights can then be
+        fine-tuned on the data alone while the pruned ones are held at 0."""
+        for name in self.targets:
+            alpha = self.alpha(name)
+            alpha.masked_fill_(torch.isfinite(alpha), 0.0)
+
+    @torch.no_grad()
+    def update(self, prune: bool = True) -> dict[str, Any]:
+        """One MacKay re-estimation of every ARD weight's alpha, then pruning (prune=False:
+        alpha only, e.g. while it settles in the first updates). Returns a report:
         per layer the total and kept weights, total and kept groups, sum of gamma, alpha
         quantiles and what happened ("warmup", "kept_strongest"); overall totals, the sparsity,
         "excluded" (parameters without a prior, and why) and "notes"."""
@@ -361,7 +370,8 @@ class MacKayPruner:
             notes.append("no optimizer step since the previous update: alpha re-estimated, "
                          "nothing pruned (the weights have not answered the new prior yet)")
             warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=2)
-        layers = [self._update_one(name, target, untrained) for name, target in self.targets.items()]
+        layers = [self._update_one(name, target, untrained or not prune)
+                  for name, target in self.targets.items()]
         report = self._summarise(layers)
         report["notes"] = notes + [f"{n}: {note}" for n, note in self.notes.items()]
         self.history.append(report)
@@ -369,10 +379,10 @@ class MacKayPruner:
             self._steps_since_update = 0
         return report
 
-    def _update_one(self, name: str, target: ARDTarget, untrained: bool) -> dict[str, Any]:
+    def _update_one(self, name: str, target: ARDTarget, hold: bool) -> dict[str, Any]:
         weight, alpha = target.param, self.alpha(name)
         warmup = not bool(alpha.any())  # alpha = 0 everywhere: the prior was off until now
-        can_prune = not (warmup or untrained)
+        can_prune = not (warmup or hold)
         before = (weight.detach().clone(), alpha.clone()) if not self.allow_empty_layers else None
         stats = ops.mackay_update_(
             weight, self.curvature(name), alpha, num_data=self.num_data, rule=self.rule,

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from ._files import load_plain, save_atomic
-from ._validate import NonFiniteError
+from ._validate import NonFiniteError, check_choice
 from .data import Splits, check_shift, random_shift
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
 
 SCHEDULES = ("paper", "in-run")
+LR_SCHEDULES = ("plateau", "cosine")
+FINETUNE_TAG = 1_000_000  # batch-order tag of the fine-tuning epochs (apart from every round's)
 
 
 @dataclass
@@ -47,6 +49,13 @@ class FitConfig:
     seed: int = 0
     backend: str = "ext"
     augment_shift: int = 0      # training images moved by up to this many pixels (image data only)
+    update_every_steps: int = 0  # in-run: optimizer steps between updates (0: `update_every` epochs)
+    warmup_updates: int = 1     # updates that only move alpha (the first one always does)
+    finetune_epochs: int = 0    # then: prior off, kept weights fine-tuned, pruned ones held at 0
+    finetune_lr: float | None = None  # default: retrain_lr
+    lr_schedule: str = "plateau"  # or "cosine" over each dense / fine-tune phase (the in-run
+                                  # pruning phase then keeps its lr constant)
+    channels_last: bool = False  # convolutions in NHWC (about 1.5x faster on CPU)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,11 +88,20 @@ class Trainer:
                  batch_progress: Callable[[int, int], None] | None = None):
         if config.schedule not in SCHEDULES:
             raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+        check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES, "fit")
+        for name in ("pretrain_epochs", "rounds", "epochs", "update_every_steps", "warmup_updates",
+                     "finetune_epochs"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"fit: {name} must be an integer >= 0, got {value!r}")
         check_shift(config.augment_shift, "fit", "augment_shift")
         if config.augment_shift and data.x_train.dim() != 4:
             raise ValueError(f"fit: augment_shift needs images (N, C, H, W); {data.name} training "
                              f"inputs have shape {tuple(data.x_train.shape)}")
         self.model, self.data, self.config, self.device = model.to(device), data, config, device
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.checkpoint, self.progress = checkpoint, progress or (lambda message: None)
         self.batch_progress = batch_progress
         self.num_data = len(data.x_train)
@@ -103,13 +121,27 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.dense_test_accuracy: float | None = None
-        self.lr_scheduler = self._new_scheduler()
+        self.lr_scheduler = self._new_scheduler(config.pretrain_epochs)
         self.extra_state: dict[str, Any] = {}   # saved with every checkpoint (e.g. CLI settings)
         self.wall_clock_start: float | None = None
+        self.unused_unit_weights = 0  # weights dropped because the units they feed are silent
 
-    def _new_scheduler(self):
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=self.config.lr_decay,
-                                                          patience=1)
+    def _new_scheduler(self, epochs: int | None):
+        """The lr schedule of a phase of `epochs` epochs (None: the in-run pruning phase)."""
+        for group in self.optimizer.param_groups:
+            group.pop("initial_lr", None)  # a new phase starts from the lr it is given
+        if self.config.lr_schedule == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=self.config.lr_decay,
+                                                              patience=1)
+        if epochs is None:
+            return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda epoch: 1.0)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(epochs, 1))
+
+    def _step_scheduler(self, val_loss: float) -> None:
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step(val_loss)
+        else:
+            self.lr_scheduler.step()
 
     # ------------------------------------------------------------------ epochs
     def _train_epoch(self, tag: int) -> float:
@@ -132,7 +164,7 @@ class Trainer:
             if self.world_size > 1:  # this rank's contiguous share of the global batch
                 xb = xb.tensor_split(self.world_size)[self.rank]
                 yb = yb.tensor_split(self.world_size)[self.rank]
-            xb, yb = xb.to(self.device), yb.to(self.device)
+            xb, yb = xb.to(self.device, memory_format=self._memory_format(xb)), yb.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(self.net(xb), yb)
             value = float(loss.detach())  # the one host sync of a step, before it can do harm
@@ -147,16 +179,24 @@ class Trainer:
             self.optimizer.step()
             if self.pruner.curvature_kind == "fisher-mc":
                 self.pruner.accumulate_mc(xb)
+            if "steps" in self.position:  # in-run with updates every `update_every_steps` steps
+                self.position["steps"] += 1
+                if self.position["steps"] % self.config.update_every_steps == 0:
+                    self._update_precisions()
             total += value * len(yb)
         return total * self.world_size / self.num_data  # this rank's mean, scaled to its share
 
+    def _memory_format(self, x: torch.Tensor):
+        return self.memory_format if x.dim() == 4 else torch.contiguous_format
+
     def _epoch(self) -> dict[str, Any]:
         pos = self.position
-        tag = {"pretrain": 0, "round": 1000 * (pos["round"] + 1)}.get(pos["phase"], 0) + pos["epoch"]
+        tag = {"pretrain": 0, "round": 1000 * (pos["round"] + 1),
+               "finetune": FINETUNE_TAG}.get(pos["phase"], 0) + pos["epoch"]
         start = time.perf_counter()
         train_loss = self._train_epoch(tag)
         val_acc, val_loss = evaluate(self.model, self.data.x_val, self.data.y_val, device=self.device)
-        self.lr_scheduler.step(val_loss)
+        self._step_scheduler(val_loss)
         record = dict(pos, train_loss=train_loss, val_accuracy=val_acc, val_loss=val_loss,
                       lr=self.optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - start,
                       kept=self.pruner.kept_weights())
@@ -179,7 +219,7 @@ class Trainer:
             self.pruner.apply_masks()
         self.best = None
 
-    def _run_phase(self, epochs: int, update_every: int | None = None) -> None:
+    def _run_phase(self, epochs: int, update_every: int | None = None, early_stop: bool = True) -> None:
         """Train up to `epochs` epochs from self.position, stopping early on the patience rule."""
         while self.position["epoch"] < epochs:
             if update_every and self.position["epoch"] % update_every == 0 and self.position["epoch"]:
@@ -189,34 +229,42 @@ class Trainer:
             self.position["epoch"] += 1
             stale = self.position["epoch"] - 1 - self.best["epoch"]
             self.save_checkpoint()
-            if not improved and stale >= self.config.patience and not update_every:
+            if not improved and stale >= self.config.patience and early_stop and not update_every:
                 break
 
     def _update_precisions(self) -> None:
-        report = self.pruner.update()
+        # the first `warmup_updates` updates only move alpha (the pruner's own warm-up is the first)
+        prune = len(self.pruner.history) >= self.config.warmup_updates
+        report = self.pruner.update(prune=prune)
         self.progress(f"update: kept {report['kept']}/{report['total']} weights "
                       f"({100 * (1 - report['sparsity']):.2f}%), sum gamma {report.get('gamma_sum', 0):.1f}")
         self.best = None  # the pruned network is a new model: earlier best weights are void
 
     # -------------------------------------------------------------------- run
+    def pretrain(self) -> None:
+        """The dense phase (no prior): `pretrain_epochs` epochs, best validation weights kept;
+        measures the dense test accuracy. Does nothing once done (e.g. after a resume)."""
+        if self.position["phase"] != "pretrain":
+            return
+        self._run_phase(self.config.pretrain_epochs)
+        self._restore_best()
+        self.dense_test_accuracy = evaluate(self.model, self.data.x_test, self.data.y_test,
+                                            device=self.device)[0]
+        self.position = {"phase": "round", "round": 0, "epoch": 0, "updated": False}
+        self.save_checkpoint()
+
     def run(self) -> list[dict[str, Any]]:
         cfg = self.config
-        if self.position["phase"] == "pretrain":
-            self._run_phase(cfg.pretrain_epochs)
-            self._restore_best()
-            self.dense_test_accuracy = evaluate(self.model, self.data.x_test, self.data.y_test,
-                                                device=self.device)[0]
-            self.position = {"phase": "round", "round": 0, "epoch": 0, "updated": False}
-            self.save_checkpoint()
+        self.pretrain()
         if cfg.schedule == "paper":
             # round 0 is the warm-up: its update sets alpha (the prior was off) and prunes nothing
             # (see MacKayPruner); rounds 1..rounds prune
-            while self.position["round"] < cfg.rounds + 1:
+            while self.position["phase"] == "round" and self.position["round"] < cfg.rounds + 1:
                 if not self.position.get("updated"):
                     self._update_precisions()
                     for group in self.optimizer.param_groups:  # lr restarted every round
                         group["lr"] = cfg.retrain_lr
-                    self.lr_scheduler = self._new_scheduler()
+                    self.lr_scheduler = self._new_scheduler(cfg.epochs)
                     self.position["updated"] = True
                     self.save_checkpoint()
                 self._run_phase(cfg.epochs)
@@ -224,16 +272,47 @@ class Trainer:
                 self.position = {"phase": "round", "round": self.position["round"] + 1, "epoch": 0,
                                  "updated": False}
                 self.save_checkpoint()
-        else:
-            if self.position["round"] == 0:
+        elif self.position["phase"] == "round" and self.position["round"] == 0:
+            if cfg.update_every_steps:
+                self.position.setdefault("steps", 0)
+                if self.position["epoch"] == 0:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.retrain_lr
+                    self.lr_scheduler = self._new_scheduler(None)
+                self._run_phase(cfg.epochs, early_stop=False)
+            else:
                 self._run_phase(cfg.epochs, update_every=cfg.update_every)
                 self._update_precisions()
-                self.position = {"phase": "round", "round": 1, "epoch": 0, "updated": True}
-                self.save_checkpoint()
+            self.position = {"phase": "round", "round": 1, "epoch": 0, "updated": True}
+            self.save_checkpoint()
+        if cfg.finetune_epochs and self.position["phase"] != "done":
+            self.finetune(cfg.finetune_epochs, cfg.finetune_lr or cfg.retrain_lr)
         removed = self.pruner.prune_unused_units()  # changes no output; only the counts
+        self.unused_unit_weights += removed
         if removed:
             self.progress(f"dropped {removed} weights feeding units whose outputs are all pruned")
         return self.history
+
+    def finetune(self, epochs: int, lr: float, drop_unused: bool = True) -> None:
+        """Prior off, kept weights trained on the data alone for `epochs` epochs (best validation
+        weights kept), pruned ones held at 0 (first, with `drop_unused`, the weights feeding
+        silenced units are pruned too). Resumable like every phase."""
+        if self.position["phase"] != "finetune":
+            removed = self.pruner.prune_unused_units() if drop_unused else 0
+            self.unused_unit_weights += removed
+            if removed:
+                self.progress(f"dropped {removed} weights feeding units whose outputs are all pruned")
+            self.pruner.switch_off_prior()
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.lr_scheduler = self._new_scheduler(epochs)
+            self.best = None
+            self.position = {"phase": "finetune", "round": self.position.get("round", 0), "epoch": 0}
+            self.save_checkpoint()
+        self._run_phase(epochs)
+        self._restore_best()
+        self.position = {"phase": "done", "round": self.position["round"], "epoch": 0}
+        self.save_checkpoint()
 
     # ------------------------------------------------------------- checkpoints
     def state(self) -> dict[str, Any]:
