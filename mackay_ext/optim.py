@@ -113,6 +113,14 @@ class MacKayAdam(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, ard=True)
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups
+        return dict(super().__getstate__(), backend=self.backend)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.backend = state.pop("backend", "ext")
+        super().__setstate__(state)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._plan_cache = None
         super().add_param_group(param_group)

@@ -369,3 +369,15 @@ def test_op_rejects_inconsistent_lists():
         op([p], [p.clone()], [p.clone()], [p.clone()], [torch.ones(())], [], [], **dict(kwargs, num_data=-1.0))
     with pytest.raises(RuntimeError, match=r"alphas\[0\] must be broadcastable"):
         op([p], [p.clone()], [p.clone()], [p.clone()], [torch.ones(())], [], [torch.zeros(2)], **kwargs)
+
+
+def test_deepcopy_and_pickle_keep_the_backend():
+    import copy
+    import pickle
+    model = torch.nn.Linear(3, 2)
+    optimizer = MacKayAdam(model.parameters(), num_data=10, backend="torch")
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    for clone in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert clone.backend == "torch"
+        clone.step()  # used to fail: AttributeError 'backend'
