@@ -64,7 +64,13 @@ class MacKayPruner:
         optimizer: a MacKayAdam (uses its ARD state and fused step) or any torch optimizer.
         num_data: N, the number of training examples.
         granularity: "weight" | "input" | "output" | "filter", or {name: granularity} (names as
-            in `pruner.layers`; unknown names are an error; unnamed ones get "weight").
+            in `pruner.layers`; unknown names are an error; unnamed ones get "weight"); or
+            "channel": one alpha per coupled channel group of the whole model (filters with their
+            bias, norm entries and consumers' input slices, residual-coupled channels, attention
+            heads; mackay_ext.channel_ard), which needs example_inputs. `mackay_ext.shrink` then
+            removes the pruned groups physically.
+        example_inputs: with granularity="channel", a batch (tensor, tuple or dict of keyword
+            inputs) that runs the model: the coupling is traced from one forward.
         rule: "mackay" | "em" | "paper"; prune: "snr" (default, threshold 0.05) | "alpha"
             (threshold 1e13, the paper's).
         curvature: "ef-batch" (from the optimizer step or gradient hooks), "ef-exact" or
@@ -89,7 +95,7 @@ class MacKayPruner:
                  layers: Iterable[str] | None = None, batch_size: float | None = None,
                  curvature_decay: float = 0.99, eps: float = 1e-16, alpha_max: float | None = None,
                  prior: str = "proximal", allow_empty_layers: bool = False,
-                 on_nonfinite: str = "raise", backend: str = "ext"):
+                 on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None):
         where = "MacKayPruner"
         num_data = check_count(num_data, "num_data", where)
         check_choice("curvature", curvature, CURVATURES, where)
@@ -106,6 +112,14 @@ class MacKayPruner:
         if not self.fused and prior == "proximal" and optimizer is None:
             raise ValueError("MacKayPruner: prior='proximal' applies the prior after each step of "
                              "the optimizer: pass it, or use prior='penalty' and add penalty() to the loss")
+        self.channel = None   # the group update of granularity="channel" (mackay_ext.channel_ard)
+        coupling = None
+        if isinstance(granularity, str) and granularity == "channel":
+            from .channel_ard import trace_for_pruner
+            coupling = trace_for_pruner(model, example_inputs)   # before any hook is attached
+        elif example_inputs is not None:
+            raise ValueError("MacKayPruner: example_inputs is used by granularity='channel' only, got "
+                             f"granularity={granularity!r}")
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
         if not self.targets:
             raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
@@ -131,9 +145,17 @@ class MacKayPruner:
             self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
             self.curvature_decay = float(curvature_decay)
             self._attach_hooks()
+        if coupling is not None:
+            from .channel_ard import ChannelARD
+            self.channel = ChannelARD(self, coupling, batch_size)
 
     # ------------------------------------------------------------------ set-up
     def _granularities(self, granularity) -> tuple[dict[str, str], dict[str, str]]:
+        if isinstance(granularity, str) and granularity == "channel":   # alpha_eff per entry
+            return {name: "channel" for name in self.targets}, {}
+        if isinstance(granularity, dict) and "channel" in granularity.values():
+            raise ValueError("MacKayPruner: granularity='channel' couples layers across the whole "
+                             "model: pass granularity='channel', not per layer")
         per_name = granularity if isinstance(granularity, dict) else {}
         if isinstance(granularity, dict):
             names = set(self.targets) | {t.module_name for t in self.targets.values()}
@@ -157,6 +179,8 @@ class MacKayPruner:
 
     @staticmethod
     def _alpha_shape(target: ARDTarget, granularity: str) -> tuple[int, ...]:
+        if granularity == "channel":   # the summed precisions of the entry's groups
+            return tuple(target.param.shape)
         return alpha_shape_for(target.layout, tuple(target.param.shape), granularity,
                                getattr(target.module, "groups", 1))
 
@@ -245,6 +269,8 @@ class MacKayPruner:
         self._hooks.clear()
         if self.accumulator is not None:
             self.accumulator.detach()
+        if self.channel is not None:
+            self.channel.detach()
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
         """fisher-mc: add the sampled-label Fisher of a batch of inputs (its own backward)."""
@@ -289,6 +315,8 @@ class MacKayPruner:
             for name, target in self.targets.items():
                 term = (_finite_alpha(self._own[name]["alpha"]) * target.param.square()).sum() * (0.5 / self.num_data)
                 total = term if total is None else total + term
+            if self.channel is not None and self.channel.penalty() is not None:
+                total = total + self.channel.penalty()
         return total
 
     def _set_alpha(self, name: str, alpha: torch.Tensor) -> None:
@@ -302,7 +330,10 @@ class MacKayPruner:
         """Prune the weights feeding units whose every outgoing weight is pruned (in an
         nn.Sequential chain, see mackay_ext.dead_units): they cannot change the output. A layer
         that loses part of an alpha group gets one alpha per weight from then on (the group's
-        value repeated, +inf on the removed weights). Returns the number of weights removed."""
+        value repeated, +inf on the removed weights). Returns the number of weights removed.
+        With granularity="channel" it removes nothing: a channel's group already holds its readers."""
+        if self.channel is not None:
+            return 0
         chainable = {n: t for n, t in self.targets.items()
                      if t.attr == "weight" and len(t.owners) == 1 and isinstance(t.module, (nn.Linear, nn.Conv2d))}
         kept = {n: (self.alpha(n) != math.inf).expand_as(t.param) for n, t in chainable.items()}
@@ -324,6 +355,8 @@ class MacKayPruner:
         """Hold pruned weights at exactly 0 (after a step of a non-fused optimizer)."""
         for name, target in self.targets.items():
             target.param.masked_fill_((self.alpha(name) == math.inf).expand_as(target.param), 0)
+        if self.channel is not None:
+            self.channel.apply_masks()
 
     # ------------------------------------------------------------------ update
     def _nonfinite(self) -> list[str]:
@@ -336,6 +369,8 @@ class MacKayPruner:
                 bad.append(f"{name} (curvature)")
             if bool(torch.isnan(self.alpha(name)).any()):
                 bad.append(f"{name} (alpha)")
+        if self.channel is not None:
+            bad += self.channel.nonfinite()
         return bad
 
     @torch.no_grad()
@@ -345,6 +380,8 @@ class MacKayPruner:
         for name in self.targets:
             alpha = self.alpha(name)
             alpha.masked_fill_(torch.isfinite(alpha), 0.0)
+        if self.channel is not None:
+            self.channel.switch_off_prior()
 
     @torch.no_grad()
     def update(self, prune: bool = True) -> dict[str, Any]:
@@ -370,10 +407,16 @@ class MacKayPruner:
             notes.append("no optimizer step since the previous update: alpha re-estimated, "
                          "nothing pruned (the weights have not answered the new prior yet)")
             warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=2)
-        layers = [self._update_one(name, target, untrained or not prune)
-                  for name, target in self.targets.items()]
+        if self.channel is not None:
+            layers, channel = self.channel.update(hold=untrained or not prune)
+        else:
+            layers = [self._update_one(name, target, untrained or not prune)
+                      for name, target in self.targets.items()]
         report = self._summarise(layers)
         report["notes"] = notes + [f"{n}: {note}" for n, note in self.notes.items()]
+        if self.channel is not None:
+            report["channel"] = channel
+            report["notes"] += channel["notes"]
         self.history.append(report)
         if self._steps_since_update is not None:
             self._steps_since_update = 0
@@ -428,11 +471,16 @@ class MacKayPruner:
                  "alpha": _quantiles(alpha)}
         if len(target.owners) > 1:
             entry["tied"] = list(target.owners)
+        if self.channel is not None:   # channel groups slicing this parameter, not its entries
+            entry.update(self.channel.layer_groups(target.param))
         return entry
 
     def report(self) -> dict[str, Any]:
         """The current per-layer counts, without updating."""
-        return self._summarise([self._layer_entry(n, t) for n, t in self.targets.items()])
+        report = self._summarise([self._layer_entry(n, t) for n, t in self.targets.items()])
+        if self.channel is not None:
+            report["channel"] = self.channel.summary()
+        return report
 
     def kept_weights(self) -> int:
         """Weights of the ARD layers not pruned (cheap: no alpha statistics)."""
@@ -458,6 +506,7 @@ class MacKayPruner:
                 "curvature": {n: self.curvature(n).detach().clone() for n in self.targets},
                 "granularity": dict(self.granularity), "history": list(self.history),
                 "steps_since_update": self._steps_since_update,
+                **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind}}
 
@@ -477,6 +526,11 @@ class MacKayPruner:
                 self._own[name]["alpha"] = alpha.clone()
                 self._own[name]["curvature"] = curvature.clone()
         self.granularity = dict(state.get("granularity", self.granularity))
+        if self.channel is not None:
+            if "channel" not in state:
+                raise KeyError("MacKayPruner.load_state_dict: the state has no channel group alphas "
+                               "(it was saved by a pruner without granularity='channel')")
+            self.channel.load_state_dict(state["channel"])
         self.history = list(state.get("history", []))
         if self._steps_since_update is not None:  # a resumed run prunes as the uninterrupted one
             saved = state.get("steps_since_update", 1)   # absent from older checkpoints

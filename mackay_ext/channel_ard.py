@@ -1,0 +1,446 @@
+"""Channel ARD: one prior precision per coupled channel group (DESIGN.md sections 1 and 3b).
+
+The groups are mackay_ext.coupling's: everything that exists only for one channel or attention
+head (a filter and its bias, its norm entries, the input slice of every consumer, the same channel
+of every tensor summed at a residual addition). Group g has one alpha_g.
+
+A weight entry can lie in two groups: conv2.weight[o, i] is in conv2's output group o and in the
+group of channel i made upstream. Its prior is the product of its groups' Gaussian priors, so its
+prior precision is the sum of their alphas:
+
+    alpha_eff_i = sum_{g ∋ i} alpha_g        (an entry in no group, e.g. the output layer's rows:
+                                              no prior from channel ARD, alpha_eff_i = 0)
+
+With Sigma_ii = 1 / (N h_i + alpha_eff_i) and gamma_i = 1 - alpha_eff_i Sigma_ii, setting the
+derivative of the log evidence in alpha_g to zero, sum_{i in g} (1/alpha_eff_i - Sigma_ii - w_i^2)
+= 0, and multiplying by alpha_g gives the fixed point
+
+    mackay: alpha_g <- sum_{i in g} r_gi gamma_i / (sum_{i in g} w_i^2 + eps),   r_gi = alpha_g / alpha_eff_i
+    em:     alpha_g <- sum_{i in g} r_gi / (sum_{i in g} w_i^2 + sum_{i in g} Sigma_ii)
+    paper:  alpha_g <- n_g / (sum_{i in g} w_i^2 + eps)     (gamma_i = 1, the source paper's code)
+
+For a group alone on its entries r_gi = 1, and these are the group ARD rules of ops.mackay_update_.
+Where alpha_eff_i = 0 (the first update: the prior was off) gamma_i = 1 and r_gi = 1 / (number of
+groups of entry i), the limit of equal alphas. Every sum runs over every member, 1-D members
+(biases, norm scales and shifts) included; entries already held at 0 by another pruned group
+(alpha_eff_i = +inf) drop out of every sum, and n_g counts the others. New alphas are clamped to
+[0, alpha_max]; a NaN estimate keeps the old alpha.
+
+Pruning: "snr": sum_{i in g} w_i^2 / sum_{i in g} Sigma_ii < threshold, Sigma with the new alphas;
+"alpha": alpha_g >= threshold. A pruned group gets alpha_g = +inf: every member entry is set to
+exactly 0 and gets alpha_eff = +inf.
+
+Where each member's alpha_eff and curvature live:
+- ARD targets of the pruner (matrices): the pruner's alpha of the parameter's full shape (MacKayAdam
+  state["alpha"], whose fused step applies the prior and holds +inf entries at 0; or the pruner's
+  own alpha, applied by its proximal step), and the pruner's curvature;
+- other members (1-D) in a MacKayAdam param group with ard=True: that state's alpha and curvature;
+- other members (1-D in an ard=False group, or any 1-D member with another optimizer): tracked
+  here. Curvature: the ef-batch estimate h <- rho h + (1 - rho) B g^2 from a gradient hook (B and
+  rho as the pruner's ef-batch curvature; h = 0 when no batch size is known). After every optimizer
+  step pruned entries are re-zeroed; with a non-MacKayAdam optimizer the prior is applied there by
+  the same proximal step as the pruner's (prior="penalty": penalty() includes them). With
+  MacKayAdam an ard=False group gets no prior term in its step (Adam's step size is not a step on
+  the prior): the evidence update and pruning still count these members.
+
+Groups that shrink cannot remove (ChannelGroup.fixed) get no alpha and are never pruned; so do
+groups with a frozen member, a member the optimizer does not train, or a matrix member that is
+not an ARD target (layers=, ard=False); `notes` lists them.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
+
+__all__ = ["ChannelARD", "trace_for_pruner"]
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def trace_for_pruner(model: nn.Module, example_inputs) -> Coupling:
+    """The coupled groups of `model` (before any hook is attached to it)."""
+    if example_inputs is None:
+        raise ValueError("MacKayPruner: granularity='channel' needs example_inputs= (a batch, tuple of "
+                         "inputs or dict of keyword inputs that runs the model): the coupled channel "
+                         "groups are found from one traced forward")
+    return trace_coupling(model, example_inputs)
+
+
+class _Member:
+    """One parameter some groups slice: where its alpha_eff and curvature live, and its slices."""
+
+    def __init__(self, name: str, param: nn.Parameter, dims: list[tuple[int, torch.Tensor]], where: str,
+                 target: str | None):
+        self.name, self.param, self.where, self.target = name, param, where, target
+        self.dims = dims          # (dim, group number of every index along dim, -1 for none)
+        ids = [set(ids[ids >= 0].tolist()) for _, ids in dims]
+        # a group slicing two dimensions of one parameter holds the crossing entries once
+        self.overlap = any(ids[a] & ids[b] for a in range(len(ids)) for b in range(a + 1, len(ids)))
+
+    def views(self) -> list[tuple[int, torch.Tensor]]:
+        """(dim, group numbers broadcastable to the parameter), -1 where an entry is not in the
+        group of that dimension (or already counted through an earlier dimension); with an
+        overlap the group numbers are materialised at the parameter's full shape."""
+        ndim = self.param.dim()
+        out = []
+        for dim, ids in self.dims:
+            shape = [1] * ndim
+            shape[dim] = -1
+            out.append((dim, ids.view(shape)))
+        if self.overlap:
+            full = [v.expand(self.param.shape) for _, v in out]
+            for b in range(1, len(full)):
+                seen = torch.zeros(self.param.shape, dtype=torch.bool, device=self.param.device)
+                for a in range(b):
+                    seen |= full[a] == full[b]
+                full[b] = full[b].masked_fill(seen, -1)
+            out = [(dim, f) for (dim, _), f in zip(out, full)]
+        return out
+
+
+class ChannelARD:
+    """The group update of granularity='channel' for a MacKayPruner (see the module docstring).
+
+    alpha: float64 (G,) one precision per group of `groups` (+inf: pruned).
+    """
+
+    def __init__(self, pruner, coupling: Coupling, batch_size: float | None):
+        self.pruner = pruner
+        model = pruner.model
+        self.notes: list[str] = []
+        target_of = {id(t.param): name for name, t in pruner.targets.items()}
+        trained = None
+        if pruner.optimizer is not None:
+            trained = {id(p) for g in pruner.optimizer.param_groups for p in g["params"]}
+        groups = []
+        for group in coupling.groups:
+            reason = self._no_alpha(group, model, target_of, trained)
+            if reason is None:
+                groups.append(group)
+            else:
+                self.notes.append(f"no alpha for {group!r}: {reason}")
+        if not groups:
+            raise ValueError("MacKayPruner: granularity='channel' found no coupled channel group to put a "
+                             f"prior on ({len(coupling.groups)} removable groups; {'; '.join(self.notes) or 'none'})")
+        self.groups: list[ChannelGroup] = groups
+        device = model.get_parameter(groups[0].members[0].name).device
+        self.alpha = torch.zeros(len(groups), dtype=torch.float64, device=device)
+        self.members: dict[str, _Member] = {}
+        by_name: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for (name, dim), ids in group_index(groups, model).items():
+            by_name.setdefault(name, []).append((dim, ids))
+        for name, dims in by_name.items():
+            param = model.get_parameter(name)
+            target = target_of.get(id(param))
+            if target is not None:
+                where = "target"
+            elif pruner.fused and pruner.optimizer._group_of(param)["ard"]:
+                where = "optimizer"
+            else:
+                where = "own"
+            self.members[name] = _Member(name, param, sorted(dims, key=lambda d: d[0]), where, target)
+        self.keys = [(m.name, dim, ids) for m in self.members.values() for dim, ids in m.dims]
+        self._own: dict[str, dict[str, torch.Tensor]] = {}
+        self._hooks = []
+        self._batch_size, self._decay = self._ef_batch_settings(batch_size)
+        for member in self.members.values():
+            if member.where == "own":
+                self._own[member.name] = {
+                    "alpha": torch.zeros(member.param.shape, dtype=torch.float32, device=member.param.device),
+                    "curvature": torch.zeros_like(member.param, memory_format=torch.preserve_format)}
+                self._hooks.append(member.param.register_hook(self._curvature_hook(member)))
+        sliced = {id(m.param) for m in self.members.values()}
+        unsliced = [name for name, t in pruner.targets.items() if id(t.param) not in sliced]
+        if unsliced:
+            self.notes.append(f"in no channel group, so without a prior: {', '.join(unsliced)}")
+        if self._own and self._batch_size is None:
+            self.notes.append("no batch size known: the 1-D members tracked by the pruner ("
+                              + ", ".join(self._own) + ") have curvature h = 0")
+        if pruner.optimizer is not None and self._own:
+            self._hooks.append(pruner.optimizer.register_step_post_hook(self._after_step))
+        self.last: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _no_alpha(group: ChannelGroup, model: nn.Module, target_of, trained) -> str | None:
+        if group.fixed:
+            return f"shrink keeps it ({group.fixed})"
+        for m in group.members:
+            param = model.get_parameter(m.name)
+            if not param.requires_grad:
+                return f"{m.name} is frozen"
+            if trained is not None and id(param) not in trained:
+                return f"{m.name} is not trained by the optimizer"
+            if param.dim() >= 2 and id(param) not in target_of:
+                return f"{m.name} is not an ARD layer of the pruner"
+        return None
+
+    def _ef_batch_settings(self, batch_size):
+        pruner = self.pruner
+        if pruner.fused:
+            group = pruner.optimizer._group_of(next(iter(pruner.targets.values())).param)
+            size = batch_size if batch_size is not None else group["batch_size"]
+            return (None if size is None else float(size)), float(group["curvature_decay"])
+        return (None if batch_size is None else float(batch_size)), float(pruner.curvature_decay)
+
+    def _curvature_hook(self, member: _Member):
+        def hook(grad):
+            state = self._own[member.name]
+            data_grad = grad
+            if self.pruner.prior == "penalty":   # the hook sees penalty()'s gradient alpha/N w too
+                data_grad = grad - _finite(state["alpha"]) / self.pruner.num_data * member.param.detach()
+            if self._batch_size is not None:
+                rho = self._decay
+                state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self._batch_size)
+            return grad.masked_fill(state["alpha"] == math.inf, 0)
+        return hook
+
+    @torch.no_grad()
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if not self.pruner.fused and self.pruner.prior == "proximal":
+            steps = {id(p): self.pruner._prior_step_size(g) for g in optimizer.param_groups for p in g["params"]}
+            for name, state in self._own.items():
+                param = self.members[name].param
+                step = steps.get(id(param))
+                if step:
+                    factor = 1.0 / (1.0 + (step / self.pruner.num_data) * _finite(state["alpha"]))
+                    param.mul_(factor.to(param.dtype))
+        self.apply_masks()
+
+    def detach(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # ------------------------------------------------------------------ state
+    def curvature(self, name: str) -> torch.Tensor:
+        """h of a member parameter (full shape), wherever it lives."""
+        member = self.members[name]
+        if member.where == "target":
+            return self.pruner.curvature(member.target)
+        if member.where == "optimizer":
+            return self.pruner.optimizer.ard_state(member.param)["curvature"]
+        return self._own[name]["curvature"]
+
+    def alpha_eff(self, name: str) -> torch.Tensor:
+        """The alpha_eff the optimizer or proximal step reads for a member (float32, full shape)."""
+        member = self.members[name]
+        if member.where == "target":
+            return self.pruner.alpha(member.target)
+        if member.where == "optimizer":
+            return self.pruner.optimizer.ard_state(member.param)["alpha"]
+        return self._own[name]["alpha"]
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Hold the pruned entries of the members tracked here at exactly 0."""
+        for name, state in self._own.items():
+            self.members[name].param.masked_fill_(state["alpha"] == math.inf, 0)
+
+    def penalty(self) -> torch.Tensor | None:
+        """(1 / 2N) sum alpha_eff w^2 over the members tracked here (prior='penalty')."""
+        terms = [(_finite(s["alpha"]) * self.members[n].param.square()).sum() for n, s in self._own.items()]
+        return sum(terms) * (0.5 / self.pruner.num_data) if terms else None
+
+    def nonfinite(self) -> list[str]:
+        bad = []
+        for name, state in self._own.items():
+            if not bool(torch.isfinite(self.members[name].param).all()):
+                bad.append(f"{name} (weight)")
+            if not bool(torch.isfinite(state["curvature"]).all()):
+                bad.append(f"{name} (curvature)")
+        if bool(torch.isnan(self.alpha).any()):
+            bad.append("channel group alpha")
+        return bad
+
+    @torch.no_grad()
+    def switch_off_prior(self) -> None:
+        self.alpha.masked_fill_(torch.isfinite(self.alpha), 0.0)
+        self._write_alpha_eff()
+
+    def layer_groups(self, param: torch.Tensor) -> dict[str, int]:
+        """Channel groups slicing a parameter, and how many are kept."""
+        for member in self.members.values():
+            if member.param is param:
+                ids = torch.cat([ids[ids >= 0] for _, ids in member.dims]).unique()
+                return {"groups": int(ids.numel()), "groups_kept": int(torch.isfinite(self.alpha[ids]).sum())}
+        return {"groups": 0, "groups_kept": 0}
+
+    def summary(self) -> dict[str, Any]:
+        pruned = ~torch.isfinite(self.alpha)
+        entries = sum(m.param.numel() for m in self.members.values())
+        kept = sum(int((self.alpha_eff(n) != math.inf).sum()) for n in self.members)
+        return {"groups": len(self.groups), "groups_kept": int((~pruned).sum()),
+                "member_entries": entries, "member_entries_kept": kept, "notes": list(self.notes)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alpha": self.alpha.detach().cpu().clone(),
+                "groups": [repr(g) for g in self.groups],
+                "own_curvature": {n: s["curvature"].detach().clone() for n, s in self._own.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if list(state["groups"]) != [repr(g) for g in self.groups]:
+            raise ValueError("MacKayPruner.load_state_dict: the saved channel groups differ from this "
+                             "model's (was the model or example_inputs changed?)")
+        self.alpha.copy_(state["alpha"].to(self.alpha))
+        for name, curvature in state.get("own_curvature", {}).items():
+            self._own[name]["curvature"].copy_(curvature)
+        self._write_alpha_eff()
+
+    # ------------------------------------------------------------------ update
+    def _alpha_terms(self, member: _Member, alpha: torch.Tensor):
+        """Per dimension (dim, group numbers, alpha_g of the entry's group there or 0), and alpha_eff."""
+        terms, alpha_eff, count = [], None, None
+        for dim, ids in member.views():
+            inside = ids >= 0
+            a = torch.where(inside, alpha[ids.clamp(min=0)], torch.zeros((), dtype=alpha.dtype, device=alpha.device))
+            terms.append((dim, ids, inside, a))
+            alpha_eff = a if alpha_eff is None else alpha_eff + a
+            count = inside.double() if count is None else count + inside.double()
+        shape = member.param.shape
+        return terms, alpha_eff.expand(shape), count.expand(shape)
+
+    def _group_sum(self, member: _Member, dim: int, ids: torch.Tensor, values: torch.Tensor,
+                   out: torch.Tensor) -> None:
+        """out[g] += sum of `values` over the entries whose group along `dim` is g."""
+        values = values.expand(member.param.shape)
+        if member.overlap:   # group numbers materialised at the full shape
+            flat = ids.reshape(-1)
+            keep = flat >= 0
+            out.index_add_(0, flat[keep], values.reshape(-1)[keep])
+            return
+        other = [d for d in range(values.dim()) if d != dim]
+        per_index = values.sum(dim=other) if other else values
+        ids = ids.reshape(-1)
+        keep = ids >= 0
+        out.index_add_(0, ids[keep], per_index[keep])
+
+    @torch.no_grad()
+    def update(self, hold: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One re-estimation of every group alpha, then pruning unless `hold` or warm-up.
+        Returns (entries for the pruner's report per ARD target, the channel section)."""
+        pruner = self.pruner
+        num_data, rule = float(pruner.num_data), pruner.rule
+        old = self.alpha.clone()
+        warmup = not bool(old.any())       # alpha = 0 everywhere: the prior was off until now
+        can_prune = not (warmup or hold)
+        already = old == math.inf
+        count_g = len(self.groups)
+        zeros = lambda: torch.zeros(count_g, dtype=torch.float64, device=old.device)  # noqa: E731
+        weight_sq, numerator, sigma_sum, n_live = zeros(), zeros(), zeros(), zeros()
+        cache = {}
+        for member in self.members.values():
+            w = member.param.detach().double()
+            h = self.curvature(member.name).double()
+            n_h = torch.where(h > 0, h * num_data, torch.zeros_like(h))
+            terms, alpha_eff, count = self._alpha_terms(member, old)
+            live = torch.isfinite(alpha_eff)
+            off = alpha_eff == 0
+            gamma = torch.where(off, torch.ones_like(n_h), n_h / (n_h + alpha_eff)).masked_fill(~live, 0)
+            gamma = gamma * (count > 0)      # entries in no group have no prior here
+            sigma = (1.0 / (n_h + alpha_eff)).masked_fill(~live, 0)
+            cache[member.name] = (w, n_h, gamma, live)
+            for dim, ids, inside, a in terms:
+                ratio = torch.where(off, inside.double() / count.clamp(min=1), a / alpha_eff)
+                ratio = ratio.masked_fill(~live, 0)
+                mask = (inside & live).double()
+                self._group_sum(member, dim, ids, w * w * mask, weight_sq)
+                self._group_sum(member, dim, ids, ratio * (gamma if rule == "mackay" else 1.0), numerator)
+                self._group_sum(member, dim, ids, sigma * mask, sigma_sum)
+                self._group_sum(member, dim, ids, mask, n_live)
+        if rule == "mackay":
+            new = numerator / (weight_sq + pruner.eps)
+        elif rule == "em":
+            new = numerator / (weight_sq + sigma_sum)
+        else:
+            new = n_live / (weight_sq + pruner.eps)
+        alpha_max = pruner.alpha_max if pruner.alpha_max is not None else math.inf
+        new = torch.where(torch.isnan(new), old, new.clamp(min=0.0, max=alpha_max))
+        new = torch.where(already, old, new)
+
+        pruned = already | (new == math.inf)
+        if can_prune:
+            pruned |= self._criterion(new, weight_sq, cache)
+        kept_strongest = [] if pruner.allow_empty_layers else self._keep_strongest(pruned, already, weight_sq)
+        newly = pruned & ~already
+        self.alpha.copy_(torch.where(pruned, torch.full_like(new, math.inf), new))
+        for number in newly.nonzero().flatten().tolist():
+            self.groups[number].zero_(pruner.model)
+        self._write_alpha_eff()
+
+        gamma_by_target: dict[str, float] = {}
+        gamma_sum = 0.0
+        for name, (w, n_h, gamma, _) in cache.items():
+            member = self.members[name]
+            value = float((gamma * torch.isfinite(self.alpha_eff(name))).sum())
+            gamma_sum += value
+            if member.target is not None:
+                gamma_by_target[member.target] = value
+        entries = [dict(pruner._layer_entry(name, target), gamma=gamma_by_target.get(name, 0.0), warmup=warmup)
+                   for name, target in pruner.targets.items()]
+        section = dict(self.summary(), pruned=[repr(self.groups[i]) for i in newly.nonzero().flatten().tolist()],
+                       kept_strongest=kept_strongest, warmup=warmup, gamma_sum=gamma_sum)
+        self.last = section
+        return entries, section
+
+    def _criterion(self, new: torch.Tensor, weight_sq: torch.Tensor, cache) -> torch.Tensor:
+        pruner = self.pruner
+        if pruner.prune == "alpha":
+            threshold = 1e13 if pruner.threshold is None else float(pruner.threshold)
+            return new >= threshold
+        threshold = 0.05 if pruner.threshold is None else float(pruner.threshold)
+        sigma_sum = torch.zeros_like(new)
+        for name, (w, n_h, gamma, live) in cache.items():
+            member = self.members[name]
+            terms, alpha_eff, _ = self._alpha_terms(member, new)
+            sigma = (1.0 / (n_h + alpha_eff)).masked_fill(~live, 0)
+            for dim, ids, inside, _ in terms:
+                self._group_sum(member, dim, ids, sigma * inside.double(), sigma_sum)
+        return weight_sq < threshold * sigma_sum
+
+    def _keep_strongest(self, pruned: torch.Tensor, already: torch.Tensor, weight_sq: torch.Tensor) -> list[str]:
+        """Un-prune, for every parameter dimension whose every index would be pruned, the group of
+        largest sum w^2 among those pruned by this update (the network would no longer depend on
+        its input there)."""
+        kept = []
+        for name, dim, ids in self.keys:
+            if bool((ids < 0).any()):
+                continue        # some channel there has no alpha: the layer can never be emptied
+            here = ids.unique()
+            fresh = here[~already[here]]
+            if fresh.numel() == 0 or not bool(pruned[here].all()):
+                continue
+            best = fresh[weight_sq[fresh].argmax()]
+            pruned[best] = False
+            kept.append(f"{name} (dim {dim}): kept {self.groups[int(best)]!r}")
+            warnings.warn(f"MacKayPruner.update: every channel group of {name} (dim {dim}) would be pruned "
+                          "(the network would no longer depend on its input there); the strongest group is "
+                          "kept. Pass allow_empty_layers=True to allow it.", RuntimeWarning, stacklevel=6)
+        return kept
+
+    @torch.no_grad()
+    def _write_alpha_eff(self) -> None:
+        """alpha_eff of every member entry into the tensor its optimizer step or proximal step reads."""
+        for name, member in self.members.items():
+            _, alpha_eff, _ = self._alpha_terms(member, self.alpha)
+            value = torch.where(torch.isinf(alpha_eff), alpha_eff, alpha_eff.clamp(max=_FLOAT32_MAX)).float()
+            current = self.alpha_eff(name)
+            if tuple(current.shape) == tuple(value.shape):
+                current.copy_(value)
+            elif member.where == "target":
+                self.pruner._set_alpha(member.target, value.contiguous())
+            else:
+                self.pruner.optimizer.ard_state(member.param)["alpha"] = value.contiguous()
+            if bool(torch.isinf(value).any()):
+                member.param.masked_fill_(torch.isinf(value), 0)
+
+
+def _finite(alpha: torch.Tensor) -> torch.Tensor:
+    return torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)

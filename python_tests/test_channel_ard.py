@@ -1,0 +1,420 @@
+"""Channel ARD (MacKayPruner(granularity="channel"), mackay_ext.channel_ard): the group update
+against a per-entry float64 reference on tiny models whose groups are written out by hand, the
+alpha_eff the optimizer reads, training that prunes a CNN with BatchNorm and a residual add down to
+groups that stay exactly 0 and shrink to an equal smaller model, the pruner's guarantees, bad input."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mackay_ext
+from mackay_ext import NonFiniteError
+from mackay_ext.coupling import CouplingError
+from mackay_ext.optim import MacKayAdam, ard_param_groups
+from mackay_ext.pruner import MacKayPruner
+
+N = 50.0
+INF = math.inf
+
+
+# -- tiny models and their groups, by hand ------------------------------------------------------
+class Chain(nn.Module):
+    """fc1 (3 -> 4), fc2 (4 -> 5), fc3 (5 -> 2): fc2.weight[p, o] is in two groups, A_o and B_p."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def chain_groups():
+    """group key -> list of entries (parameter name, index)."""
+    groups = {}
+    for o in range(4):
+        groups[("A", o)] = ([("fc1.weight", (o, j)) for j in range(3)] + [("fc1.bias", (o,))]
+                            + [("fc2.weight", (p, o)) for p in range(5)])
+    for p in range(5):
+        groups[("B", p)] = ([("fc2.weight", (p, o)) for o in range(4)] + [("fc2.bias", (p,))]
+                            + [("fc3.weight", (k, p)) for k in range(2)])
+    return groups
+
+
+class Skip(nn.Module):
+    """h = fc1(x); h = h + fc2(tanh h); fc3(tanh h): the add puts fc2's rows and columns of channel c
+    in one group C_c, so fc2.weight[c, c] is in C_c once and fc2.weight[c, d] in C_c and C_d."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h + self.fc2(torch.tanh(h))
+        return self.fc3(torch.tanh(h))
+
+
+def skip_groups():
+    groups = {}
+    for c in range(4):
+        entries = ([("fc1.weight", (c, j)) for j in range(3)] + [("fc1.bias", (c,))]
+                   + [("fc2.weight", (c, d)) for d in range(4)] + [("fc2.weight", (d, c)) for d in range(4) if d != c]
+                   + [("fc2.bias", (c,))] + [("fc3.weight", (k, c)) for k in range(2)])
+        groups[("C", c)] = entries
+    return groups
+
+
+TINY = {"chain": (Chain, chain_groups), "skip": (Skip, skip_groups)}
+
+
+def key_of(group, kind):
+    """The hand key of a traced ChannelGroup, by its producer's rows."""
+    rows = {m.name: m.indices[0] for m in group.members if m.dim == 0 and m.name.endswith("weight")}
+    if "fc1.weight" in rows:
+        return ("A" if kind == "chain" else "C", rows["fc1.weight"])
+    return ("B", rows["fc2.weight"])
+
+
+def _inverse(x):
+    return 1.0 / x if x != 0 else INF       # Sigma_ii of an entry with neither data nor prior
+
+
+def reference_update(params, curvature, alpha, groups, *, rule, prune, threshold, can_prune, eps=1e-16):
+    """Per-entry float64 reference of the channel-ARD update (module docstring of channel_ard).
+    params, curvature: name -> float64 tensor; alpha: key -> float. Returns the new alphas."""
+    member_of = {}
+    for key, entries in groups.items():
+        for entry in entries:
+            member_of.setdefault(entry, []).append(key)
+
+    def alpha_eff(entry, alphas):
+        return sum(alphas[g] for g in member_of[entry])
+
+    new = {}
+    for key, entries in groups.items():
+        if alpha[key] == INF:
+            new[key] = INF
+            continue
+        numerator = squared = sigma = count = 0.0
+        for name, index in entries:
+            a_eff = alpha_eff((name, index), alpha)
+            if a_eff == INF:
+                continue            # held at 0 by another pruned group
+            w = float(params[name][index])
+            n_h = N * max(float(curvature[name][index]), 0.0)
+            if a_eff == 0:
+                gamma, ratio = 1.0, 1.0 / len(member_of[(name, index)])
+            else:
+                gamma, ratio = n_h / (n_h + a_eff), alpha[key] / a_eff
+            squared += w * w
+            sigma += _inverse(n_h + a_eff)
+            count += 1
+            numerator += ratio * gamma if rule == "mackay" else ratio
+        if rule == "mackay":
+            new[key] = numerator / (squared + eps)
+        elif rule == "em":
+            new[key] = numerator / (squared + sigma)
+        else:
+            new[key] = count / (squared + eps)
+    if can_prune:
+        drops = []                      # every group decided on the same new alphas
+        for key, entries in groups.items():
+            if new[key] == INF:
+                continue
+            if prune == "alpha":
+                drop = new[key] >= threshold
+            else:
+                live = [e for e in entries if alpha_eff(e, new) != INF]
+                squared = sum(float(params[n][i]) ** 2 for n, i in live)
+                sigma = sum(_inverse(N * max(float(curvature[n][i]), 0.0) + alpha_eff((n, i), new)) for n, i in live)
+                drop = squared < threshold * sigma
+            if drop:
+                drops.append(key)
+        new.update({key: INF for key in drops})
+    return new
+
+
+def tiny_pruner(kind, optimizer_kind="sgd", **options):
+    make, hand = TINY[kind]
+    torch.manual_seed(3)
+    model = make().double()
+    if optimizer_kind == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        options.setdefault("batch_size", 8)
+    else:
+        optimizer = MacKayAdam(ard_param_groups(model), lr=0.0, num_data=N, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=N, granularity="channel",
+                          example_inputs=torch.randn(2, 3, dtype=torch.float64), allow_empty_layers=True,
+                          **options)
+    return model, optimizer, pruner, hand()
+
+
+def randomise_curvature(model, pruner, generator, zero_share=0.2):
+    """Random h >= 0 (some exactly 0) on every member; returns name -> float64 copy."""
+    out = {}
+    for name, param in model.named_parameters():
+        h = torch.rand(param.shape, generator=generator, dtype=torch.float64) * 2.0
+        h[torch.rand(param.shape, generator=generator) < zero_share] = 0.0
+        if name in pruner.channel.members:
+            pruner.channel.curvature(name).copy_(h)
+        out[name] = h
+    return out
+
+
+def hand_alpha(pruner, kind):
+    return {key_of(g, kind): float(a) for g, a in zip(pruner.channel.groups, pruner.channel.alpha)}
+
+
+@pytest.mark.parametrize("kind", ["chain", "skip"])
+@pytest.mark.parametrize("rule,prune", [("mackay", "snr"), ("em", "snr"), ("paper", "snr"), ("mackay", "alpha")])
+def test_update_matches_a_per_entry_float64_reference(kind, rule, prune):
+    model, optimizer, pruner, groups = tiny_pruner(kind, rule=rule, prune=prune)
+    assert sorted(key_of(g, kind) for g in pruner.channel.groups) == sorted(groups)
+    generator = torch.Generator().manual_seed(7)
+    alpha = {key: 0.0 for key in groups}
+    for round_ in range(3):
+        # em with an entry of h = 0 and no prior yet has Sigma = inf and alpha_g = 0 (as group ARD)
+        curvature = randomise_curvature(model, pruner, generator, zero_share=0.0 if rule == "em" else 0.2)
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        can_prune = round_ > 0
+        # a threshold between the groups' values, so that some are pruned and some are not
+        probe = reference_update(params, curvature, alpha, groups, rule=rule, prune=prune, threshold=0.0,
+                                 can_prune=False)
+        if prune == "snr":
+            ratios = sorted(_snr(params, curvature, probe, groups, key) for key in groups if probe[key] != INF)
+        else:
+            ratios = sorted(v for v in probe.values() if v != INF)
+        threshold = ratios[len(ratios) // 3] * 1.0001
+        pruner.threshold = threshold
+        expected = reference_update(params, curvature, alpha, groups, rule=rule, prune=prune,
+                                    threshold=threshold, can_prune=can_prune)
+        report = pruner.update()
+        got = hand_alpha(pruner, kind)
+        for key in groups:
+            assert got[key] == pytest.approx(expected[key], rel=1e-12), (round_, key)
+        if can_prune:
+            assert 0 < sum(v == INF for v in got.values()) < len(groups)
+            assert len(report["channel"]["pruned"]) == sum(
+                expected[k] == INF and alpha[k] != INF for k in groups)
+        alpha = expected
+        check_alpha_eff(model, pruner, groups, alpha)
+        optimizer.step()   # lr = 0: the weights stay, but the next update may prune
+
+
+def _snr(params, curvature, alphas, groups, key):
+    member_of = {}
+    for k, entries in groups.items():
+        for entry in entries:
+            member_of.setdefault(entry, []).append(k)
+    live = [(n, i) for n, i in groups[key] if sum(alphas[g] for g in member_of[(n, i)]) != INF]
+    squared = sum(float(params[n][i]) ** 2 for n, i in live)
+    sigma = sum(_inverse(N * max(float(curvature[n][i]), 0.0) + sum(alphas[g] for g in member_of[(n, i)]))
+                for n, i in live)
+    return squared / sigma
+
+
+def check_alpha_eff(model, pruner, groups, alpha):
+    """Every entry's alpha_eff (what the step reads) is the sum of its groups' alphas, in float32;
+    entries of a pruned group are exactly 0."""
+    expected = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    for key, entries in groups.items():
+        for name, index in set(entries):
+            expected[name][index] += alpha[key]
+    for name, param in model.named_parameters():
+        got = pruner.channel.alpha_eff(name).double() if name in pruner.channel.members else None
+        if got is None:
+            assert not expected[name].any(), name
+            continue
+        assert torch.allclose(got, expected[name], rtol=1e-6, atol=0), name   # float32 storage
+        assert (param[expected[name] == INF] == 0).all(), name
+
+
+@pytest.mark.parametrize("kind", ["chain", "skip"])
+def test_mackay_adam_reads_alpha_eff_and_holds_pruned_groups(kind):
+    model, optimizer, pruner, groups = tiny_pruner(kind, "adam", threshold=1.0)
+    generator = torch.Generator().manual_seed(2)
+    randomise_curvature(model, pruner, generator, zero_share=0.5)
+    pruner.update()
+    state = optimizer.ard_state(model.fc2.weight)["alpha"]
+    assert state.shape == model.fc2.weight.shape and state.dtype == torch.float32
+    alpha = hand_alpha(pruner, kind)
+    check_alpha_eff(model, pruner, groups, alpha)
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = 1e-2
+    x = torch.randn(16, 3, dtype=torch.float64)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    randomise_curvature(model, pruner, generator, zero_share=0.5)
+    pruner.update()
+    pruned = [g for g, a in zip(pruner.channel.groups, pruner.channel.alpha) if a == INF]
+    assert pruned
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    assert all(g.is_zero(model) for g in pruned)   # biases too, in MacKayAdam's ard=False group
+    check_alpha_eff(model, pruner, groups, hand_alpha(pruner, kind))
+
+
+# -- a CNN trained and pruned, then shrunk -----------------------------------------------------------
+class ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.bn3 = nn.Conv2d(8, 7, 3, padding=1, bias=False), nn.BatchNorm2d(7)
+        self.head = nn.Linear(7 * 2 * 2, 5)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(y + self.bn2(self.conv2(y)))          # residual add: conv1, conv2 channels coupled
+        y = F.max_pool2d(F.relu(self.bn3(self.conv3(y))), 2)
+        return self.head(F.adaptive_avg_pool2d(y, 2).flatten(1))
+
+
+def cnn_run(optimizer_kind):
+    torch.manual_seed(0)
+    model = ResNetish().double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(128, 3, 8, 8, generator=g, dtype=torch.float64)
+    teacher = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    y = (x.mean(dim=(2, 3)) @ teacher).argmax(1)     # depends on channel means only: few channels needed
+    if optimizer_kind == "adam":
+        optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=128, batch_size=32)
+        options = {"threshold": 0.1}     # thresholds that prune about half the groups here
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        options = {"batch_size": 32, "threshold": 0.05}
+    pruner = MacKayPruner(model, optimizer, num_data=128, granularity="channel", example_inputs=x[:2],
+                          **options)
+
+    def train(steps):
+        model.train()
+        for step in range(steps):
+            index = torch.arange(step * 32, (step + 1) * 32) % 128
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[index]), y[index]).backward()
+            optimizer.step()
+    return model, optimizer, pruner, train, x
+
+
+@pytest.mark.parametrize("optimizer_kind", ["adam", "sgd"])
+def test_cnn_with_batchnorm_and_residual_prunes_groups_that_stay_zero_and_shrink(optimizer_kind):
+    model, optimizer, pruner, train, x = cnn_run(optimizer_kind)
+    groups = pruner.channel.groups
+    names = {m.name for g in groups for m in g.members}
+    assert {"bn1.weight", "bn2.bias", "conv2.bias", "bn3.weight", "head.weight"} <= names
+    residual = [g for g in groups if {("conv1.weight", 0), ("conv2.weight", 0), ("conv2.weight", 1)}
+                <= {(m.name, m.dim) for m in g.members}]
+    assert len(residual) == 8                       # one group per residual channel
+    train(20)
+    first = pruner.update()
+    assert first["channel"]["warmup"] and first["channel"]["groups_kept"] == len(groups)
+    for _ in range(4):
+        train(20)
+        report = pruner.update()
+    pruned = [g for g, a in zip(groups, pruner.channel.alpha) if a == INF]
+    assert 0 < len(pruned) < len(groups)
+    assert report["channel"]["groups_kept"] == len(groups) - len(pruned)
+    assert all(isinstance(text, str) and text.startswith("channel: ") for h in pruner.history
+               for text in h["channel"]["pruned"])
+    assert sum(len(h["channel"]["pruned"]) for h in pruner.history) == len(pruned)
+    layer = {entry["name"]: entry for entry in report["layers"]}
+    # conv3.weight: sliced by its 7 output groups and the 8 residual groups of its input
+    assert layer["conv3"]["groups"] == 15 and layer["head"]["groups"] == 7
+    assert not report["channel"]["kept_strongest"]
+    train(10)                                        # pruned groups stay exactly 0 under training
+    assert all(g.is_zero(model) for g in pruned)
+    assert all(not g.is_zero(model) for g, a in zip(groups, pruner.channel.alpha) if a != INF)
+
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    small, shrunk = mackay_ext.shrink(model, x[:2], report=True)
+    assert len(shrunk.removed) == len(pruned)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        got = small(x)
+    assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_guarantees_warmup_no_step_no_pruning_strongest_kept_and_state_round_trip():
+    model, optimizer, pruner, train, x = cnn_run("adam")
+    train(10)
+    assert pruner.update()["channel"]["warmup"]
+    with pytest.warns(RuntimeWarning, match="no optimizer step since the previous update"):
+        second = pruner.update()
+    assert not second["channel"]["pruned"] and second["channel"]["groups_kept"] == len(pruner.channel.groups)
+    train(5)
+    for name in pruner.channel.members:              # nothing determined: every group prunable
+        pruner.channel.curvature(name).zero_()
+    with pytest.warns(RuntimeWarning, match=r"every channel group of .* strongest group is kept"):
+        report = pruner.update()
+    assert report["channel"]["kept_strongest"]
+    head_groups = pruner.report()["layers"][-1]
+    assert head_groups["name"] == "head" and head_groups["groups_kept"] >= 1
+    for entry in report["layers"]:                   # no layer lost every group
+        assert entry["groups"] == 0 or entry["groups_kept"] >= 1, entry["name"]
+
+    state = pruner.state_dict()
+    model2, optimizer2, pruner2, _, _ = cnn_run("adam")
+    model2.load_state_dict(model.state_dict())
+    pruner2.load_state_dict(state)
+    assert torch.equal(pruner2.channel.alpha, pruner.channel.alpha)
+    for name in pruner.channel.members:
+        assert torch.equal(pruner2.channel.alpha_eff(name), pruner.channel.alpha_eff(name)), name
+
+    pruner.switch_off_prior()
+    assert not bool(pruner.channel.alpha[torch.isfinite(pruner.channel.alpha)].any())
+    assert (pruner.channel.alpha == INF).sum() == (state["channel"]["alpha"] == INF).sum()
+
+
+def test_nan_in_a_norm_member_raises_before_anything_changes():
+    model, optimizer, pruner, train, x = cnn_run("sgd")
+    train(3)
+    pruner.update()
+    train(3)
+    with torch.no_grad():
+        model.bn2.bias[1] = float("nan")
+    alpha = pruner.channel.alpha.clone()
+    with pytest.raises(NonFiniteError, match=r"bn2\.bias \(weight\)"):
+        pruner.update()
+    assert torch.equal(alpha, pruner.channel.alpha)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def test_bad_input_is_named():
+    model = ResNetish()
+    optimizer = MacKayAdam(ard_param_groups(model), num_data=10, batch_size=2)
+    with pytest.raises(ValueError, match=r"granularity='channel' needs example_inputs="):
+        MacKayPruner(model, optimizer, num_data=10, granularity="channel")
+    with pytest.raises(ValueError, match="example_inputs is used by granularity='channel' only"):
+        MacKayPruner(model, optimizer, num_data=10, example_inputs=torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="pass granularity='channel', not per layer"):
+        MacKayPruner(model, optimizer, num_data=10, granularity={"conv1": "channel"})
+    with pytest.raises(CouplingError, match="example_inputs do not run the model"):
+        MacKayPruner(model, optimizer, num_data=10, granularity="channel", example_inputs=torch.randn(1, 4, 8, 8))
+
+    class Roller(nn.Module):
+        def forward(self, x):
+            return torch.roll(x, 1, dims=1)
+
+    rolling = nn.Sequential(nn.Conv2d(3, 4, 1), Roller(), nn.Conv2d(4, 2, 1))
+    with pytest.raises(CouplingError, match=r"roll.*module '1' \(Roller\)"):
+        MacKayPruner(rolling, MacKayAdam(ard_param_groups(rolling), num_data=10, batch_size=2), num_data=10,
+                     granularity="channel", example_inputs=torch.randn(1, 3, 2, 2))
+
+
+def test_groups_without_an_alpha_are_listed():
+    model = Chain()
+    model.fc2.bias.requires_grad_(False)             # B_p groups hold a frozen member
+    optimizer = MacKayAdam(ard_param_groups(model), num_data=10, batch_size=2)
+    pruner = MacKayPruner(model, optimizer, num_data=10, granularity="channel", example_inputs=torch.randn(2, 3))
+    assert len(pruner.channel.groups) == 4
+    notes = pruner.report()["channel"]["notes"]
+    assert sum("fc2.bias is frozen" in note for note in notes) == 5
