@@ -327,14 +327,13 @@ class ChannelARD:
         """One re-estimation of every group alpha, then pruning unless `hold` or warm-up.
         Returns (entries for the pruner's report per ARD target, the channel section)."""
         pruner = self.pruner
+        self._sync_own_curvature()
         num_data, rule = float(pruner.num_data), pruner.rule
         old = self.alpha.clone()
         warmup = not bool(old.any())       # alpha = 0 everywhere: the prior was off until now
         can_prune = not (warmup or hold)
         already = old == math.inf
-        count_g = len(self.groups)
-        zeros = lambda: torch.zeros(count_g, dtype=torch.float64, device=old.device)  # noqa: E731
-        weight_sq, numerator, sigma_sum, n_live = zeros(), zeros(), zeros(), zeros()
+        weight_sq, numerator, sigma_sum, n_live = (torch.zeros_like(old) for _ in range(4))
         cache = {}
         for member in self.members.values():
             w = member.param.detach().double()
@@ -389,6 +388,15 @@ class ChannelARD:
                        kept_strongest=kept_strongest, warmup=warmup, gamma_sum=gamma_sum)
         self.last = section
         return entries, section
+
+    def _sync_own_curvature(self) -> None:
+        """Under torch.distributed the gradient hooks see each rank's local gradient: average the
+        curvature tracked here over ranks so that every rank computes the same alphas."""
+        dist = torch.distributed
+        if self._own and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for state in self._own.values():
+                dist.all_reduce(state["curvature"])
+                state["curvature"].div_(dist.get_world_size())
 
     def _criterion(self, new: torch.Tensor, weight_sq: torch.Tensor, cache) -> torch.Tensor:
         pruner = self.pruner

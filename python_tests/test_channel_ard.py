@@ -144,8 +144,10 @@ def tiny_pruner(kind, optimizer_kind="sgd", **options):
     if optimizer_kind == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         options.setdefault("batch_size", 8)
-    else:
+    elif optimizer_kind == "adam":      # biases in an ard=False group: tracked by the pruner
         optimizer = MacKayAdam(ard_param_groups(model), lr=0.0, num_data=N, batch_size=8)
+    else:                               # every parameter in the ARD group: biases' state alpha
+        optimizer = MacKayAdam(model.parameters(), lr=0.0, num_data=N, batch_size=8)
     pruner = MacKayPruner(model, optimizer, num_data=N, granularity="channel",
                           example_inputs=torch.randn(2, 3, dtype=torch.float64), allow_empty_layers=True,
                           **options)
@@ -233,13 +235,18 @@ def check_alpha_eff(model, pruner, groups, alpha):
 
 
 @pytest.mark.parametrize("kind", ["chain", "skip"])
-def test_mackay_adam_reads_alpha_eff_and_holds_pruned_groups(kind):
-    model, optimizer, pruner, groups = tiny_pruner(kind, "adam", threshold=1.0)
+@pytest.mark.parametrize("optimizer_kind", ["adam", "adam-all-ard"])
+def test_mackay_adam_reads_alpha_eff_and_holds_pruned_groups(kind, optimizer_kind):
+    model, optimizer, pruner, groups = tiny_pruner(kind, optimizer_kind, threshold=1.0)
+    where = pruner.channel.members["fc1.bias"].where
+    assert where == ("own" if optimizer_kind == "adam" else "optimizer")
     generator = torch.Generator().manual_seed(2)
     randomise_curvature(model, pruner, generator, zero_share=0.5)
     pruner.update()
     state = optimizer.ard_state(model.fc2.weight)["alpha"]
     assert state.shape == model.fc2.weight.shape and state.dtype == torch.float32
+    if where == "optimizer":
+        assert pruner.channel.alpha_eff("fc1.bias") is optimizer.ard_state(model.fc1.bias)["alpha"]
     alpha = hand_alpha(pruner, kind)
     check_alpha_eff(model, pruner, groups, alpha)
     for param_group in optimizer.param_groups:
@@ -305,7 +312,7 @@ def cnn_run(optimizer_kind):
 
 @pytest.mark.parametrize("optimizer_kind", ["adam", "sgd"])
 def test_cnn_with_batchnorm_and_residual_prunes_groups_that_stay_zero_and_shrink(optimizer_kind):
-    model, optimizer, pruner, train, x = cnn_run(optimizer_kind)
+    model, _, pruner, train, x = cnn_run(optimizer_kind)
     groups = pruner.channel.groups
     names = {m.name for g in groups for m in g.members}
     assert {"bn1.weight", "bn2.bias", "conv2.bias", "bn3.weight", "head.weight"} <= names
@@ -344,7 +351,7 @@ def test_cnn_with_batchnorm_and_residual_prunes_groups_that_stay_zero_and_shrink
 
 
 def test_guarantees_warmup_no_step_no_pruning_strongest_kept_and_state_round_trip():
-    model, optimizer, pruner, train, x = cnn_run("adam")
+    model, _, pruner, train, _ = cnn_run("adam")
     train(10)
     assert pruner.update()["channel"]["warmup"]
     with pytest.warns(RuntimeWarning, match="no optimizer step since the previous update"):
@@ -362,7 +369,7 @@ def test_guarantees_warmup_no_step_no_pruning_strongest_kept_and_state_round_tri
         assert entry["groups"] == 0 or entry["groups_kept"] >= 1, entry["name"]
 
     state = pruner.state_dict()
-    model2, optimizer2, pruner2, _, _ = cnn_run("adam")
+    model2, _, pruner2, _, _ = cnn_run("adam")
     model2.load_state_dict(model.state_dict())
     pruner2.load_state_dict(state)
     assert torch.equal(pruner2.channel.alpha, pruner.channel.alpha)
@@ -375,7 +382,7 @@ def test_guarantees_warmup_no_step_no_pruning_strongest_kept_and_state_round_tri
 
 
 def test_nan_in_a_norm_member_raises_before_anything_changes():
-    model, optimizer, pruner, train, x = cnn_run("sgd")
+    model, _, pruner, train, _ = cnn_run("sgd")
     train(3)
     pruner.update()
     train(3)
