@@ -425,3 +425,21 @@ def test_groups_without_an_alpha_are_listed():
     assert len(pruner.channel.groups) == 4
     notes = pruner.report()["channel"]["notes"]
     assert sum("fc2.bias is frozen" in note for note in notes) == 5
+
+
+def test_penalty_prior_covers_every_member():
+    model, _, pruner, groups = tiny_pruner("chain", prior="penalty")
+    randomise_curvature(model, pruner, torch.Generator().manual_seed(4))
+    pruner.update()
+    alpha = hand_alpha(pruner, "chain")
+    expected = 0.0
+    params = dict(model.named_parameters())
+    member_of = {}
+    for key, entries in groups.items():
+        for entry in entries:
+            member_of.setdefault(entry, []).append(key)
+    for (name, index), keys in member_of.items():
+        expected += sum(alpha[k] for k in keys) * float(params[name][index]) ** 2
+    expected /= 2 * N
+    penalty = pruner.penalty()
+    assert penalty.requires_grad and float(penalty.detach()) == pytest.approx(expected, rel=1e-6)
