@@ -439,7 +439,7 @@ def test_penalty_prior_covers_every_member():
         for entry in entries:
             member_of.setdefault(entry, []).append(key)
     for (name, index), keys in member_of.items():
-        expected += sum(alpha[k] for k in keys) * float(params[name][index]) ** 2
+        expected += sum(alpha[k] for k in keys) * float(params[name].detach()[index]) ** 2
     expected /= 2 * N
     penalty = pruner.penalty()
     assert penalty.requires_grad and float(penalty.detach()) == pytest.approx(expected, rel=1e-6)
