@@ -132,11 +132,14 @@ def _round(model: nn.Module, groups: list[ChannelGroup], round_to: int) -> list[
     changed = True
     while changed:
         changed = False
-        for (name, dim), indices in _removal(groups).items():
+        for name, dim in list(_removal(groups)):
             param = model.get_parameter(name) if dim == 0 and name.endswith("weight") else None
             if param is None or param.dim() < 2:
                 continue
             size = param.shape[0]
+            # a group given back for one layer (a residual stream spans several) changes what
+            # the others remove: read this layer's removal afresh
+            indices = _removal(groups).get((name, dim), set())
             while (size - len(indices)) % round_to and indices:
                 touching = [g for g in groups if any(m.name == name and m.dim == 0 for m in g.members)]
                 groups.remove(touching[-1])

@@ -219,6 +219,23 @@ def test_round_to_keeps_channel_counts_a_multiple():
         shrink(model, inputs, round_to=0)
 
 
+def test_round_to_on_a_residual_network():
+    """Residual-stream groups span several layers: giving one back for one layer changes what
+    the others remove (this used to raise IndexError)."""
+    import mackay_ext
+    torch.manual_seed(0)
+    model = mackay_ext.models.create("resnet-20").double().eval()
+    inputs = (torch.randn(2, 3, 16, 16, dtype=torch.float64),)
+    zero_random_groups(model, inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+        small = shrink(model, inputs, round_to=8)
+        assert_equal_outputs(expected, small(*inputs))
+    for module in small.modules():
+        if isinstance(module, nn.Conv2d):
+            assert module.out_channels % 8 == 0
+
+
 def test_refuses_to_remove_every_channel_of_a_layer():
     model, inputs = to_double(ConvBnConv(), (torch.randn(1, 3, 4, 4),))
     for g in channel_groups(model, inputs)[:8]:
