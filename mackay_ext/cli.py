@@ -281,18 +281,18 @@ def _check_out(out: str, parser) -> None:
         parser.error(f"--out {out}: {existing} is not writable")
 
 
-def _input_problem(model: torch.nn.Module, model_name: str, shape: tuple[int, ...]) -> str | None:
-    """None when `model` takes inputs of `shape`; otherwise what it expects, in one line."""
-    expected_from = models.DEFAULT_DATASET.get(model_name)
-    expected = INPUT_SHAPES.get(expected_from)
+def _input_problem(model: torch.nn.Module, model_name: str, dataset: str) -> str | None:
+    """None when `model` takes the inputs of `dataset`; otherwise what it expects, in one line."""
+    shape, trained_on = INPUT_SHAPES[dataset], models.DEFAULT_DATASET.get(model_name)
+    expected = INPUT_SHAPES.get(trained_on)
     try:
         with torch.no_grad():
             model.eval()(torch.zeros((2, *shape)))
     except (RuntimeError, ValueError):  # torch's layers raise RuntimeError, the sparse ones ValueError
-        if expected is None or tuple(shape) == expected:
+        if expected is None or shape == expected:
             raise  # not a shape mismatch: a bug worth its traceback
-        return f"{model_name} expects inputs of shape {expected} (as in {expected_from}), " \
-               f"{{dataset}} gives {tuple(shape)}"
+        return (f"{model_name} expects inputs of shape {expected} (as in {trained_on}), {dataset} "
+                f"gives {shape}")
     return None
 
 
@@ -319,9 +319,9 @@ def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> 
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     model = models.create(settings["model"])
-    problem = _input_problem(model, settings["model"], shape)
+    problem = _input_problem(model, settings["model"], dataset)
     if problem:
-        parser.error(f"--dataset {dataset}: " + problem.format(dataset=dataset))
+        parser.error(f"--dataset {dataset}: {problem}")
     # The Trainer checks its configuration and the pruner its options when built: build both
     # on two blank examples, so that a bad combination fails now, not after the pretraining.
     blank = torch.zeros((2, *shape))
@@ -416,8 +416,8 @@ def _init_distributed(device: str) -> int:
 
 def _fail(error: Any) -> int:
     """One line on stderr for an error the user can act on, exit status 1."""
-    text = str(error).strip() or type(error).__name__
-    print(f"mackay-ext: {text.splitlines()[0]}", file=sys.stderr)
+    text = " ".join(str(error).split()) or type(error).__name__  # torch's own may span lines
+    print(f"mackay-ext: {text}", file=sys.stderr)
     return 1
 
 
@@ -485,7 +485,11 @@ def _run_prune(args, settings: dict[str, Any], changed: list[str], resumed: dict
     trainer.extra_state = {"cli_settings": settings}
     started = time.perf_counter()
     if resumed:
-        trainer.load_checkpoint(args.resume)
+        try:
+            trainer.load_checkpoint(args.resume)
+        except (KeyError, RuntimeError, ValueError) as error:  # e.g. edited, or another version's
+            return _fail(f"checkpoint {args.resume} does not fit the {settings['model']} it names: "
+                         f"{error}")
         started -= resumed["wall_seconds"]
         if settings["lr"] != resumed["lr"]:  # keep the plateau decays so far, from the new lr
             for group in trainer.optimizer.param_groups:
@@ -515,7 +519,7 @@ def _run_prune(args, settings: dict[str, Any], changed: list[str], resumed: dict
         progress.close()
         if rank == 0:
             last, smaller = last_checkpoint(), settings["lr"] / 10
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else "a NaN or inf"
+            reason = " ".join(str(error).split()) or "a NaN or inf"
             print(f"mackay-ext: training diverged: {reason}; " + (
                 f"the last good checkpoint is {last}; try a smaller --lr (this run: "
                 f"{settings['lr']:g}): {_resume_command(last, out, trainer.world_size, smaller)}"
@@ -593,10 +597,9 @@ def run_evaluate(args, parser) -> int:
         return _fail(f"{args.path} cannot be rebuilt as {model_name}: {error}")
     dataset = args.dataset or models.DEFAULT_DATASET[model_name]
     _check_dataset_flags(dataset, args.data_dir, parser)
-    problem = _input_problem(model, model_name, INPUT_SHAPES[dataset])
+    problem = _input_problem(model, model_name, dataset)
     if problem:
-        parser.error(f"--dataset {dataset}: the model in {args.path} does not fit it: "
-                     + problem.format(dataset=dataset))
+        parser.error(f"--dataset {dataset}: the model in {args.path} does not fit it: {problem}")
     try:
         data = datasets.load(dataset, args.data_dir)
     except datasets.DatasetError as error:

@@ -7,11 +7,14 @@ import io
 import json
 import os
 import pickle
+import queue
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -120,19 +123,27 @@ def test_ctrl_c_says_how_to_resume_and_the_command_works(tmp_path):
         [sys.executable, "-m", "mackay_ext.cli", "prune", "--pretrain-epochs", "100000",
          "--patience", "100000", "--rounds", "1", "--epochs", "1", "--out", str(out)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr] + [lines.put(None)],
+                     daemon=True).start()
     try:
-        seen = []
-        for line in process.stderr:  # arrives while the run goes on: flushed, though not a TTY
+        seen, deadline = [], time.monotonic() + 300
+        while not any("pretrain r0 e2:" in line for line in seen):  # epoch 1's checkpoint is written
+            try:  # the lines arrive while the run goes on: flushed, though stderr is a pipe
+                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"no progress line for epoch 2 within 300 s; stderr so far: {seen}")
+            assert line is not None, f"the run ended early: {seen}"
             seen.append(line)
-            if "pretrain r0 e2:" in line:  # epoch 1's checkpoint is written by now
-                break
-        assert process.poll() is None, "".join(seen)
         process.send_signal(signal.SIGINT)
-        err = process.stderr.read()
         assert process.wait(timeout=120) == 130
     finally:
         if process.poll() is None:
             process.kill()
+    err = []
+    while (line := lines.get(timeout=30)) is not None:
+        err.append(line)
+    err = "".join(err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     messages = [line for line in err.splitlines() if line.startswith("mackay-ext:")]
     checkpoint = str(out / "checkpoint.pt")
@@ -160,9 +171,17 @@ def interrupt_at_save(monkeypatch, number, error):
     monkeypatch.setattr(Trainer, "save_checkpoint", save)
 
 
+def main_catching_ctrl_c(argv):
+    """cli.main; a KeyboardInterrupt it lets through fails the test instead of ending pytest."""
+    try:
+        return cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped mackay-ext as a KeyboardInterrupt (a traceback for the user)")
+
+
 def test_ctrl_c_before_the_first_checkpoint(tmp_path, monkeypatch, capsys):
     interrupt_at_save(monkeypatch, 1, KeyboardInterrupt())
-    assert cli.main(["prune", *TINY, "--quiet", "--out", str(tmp_path)]) == 130
+    assert main_catching_ctrl_c(["prune", *TINY, "--quiet", "--out", str(tmp_path)]) == 130
     assert error_lines(capsys.readouterr().err) == [
         "mackay-ext: interrupted; no checkpoint was written yet, so there is nothing to resume"]
 
@@ -172,8 +191,8 @@ def test_ctrl_c_of_a_resumed_run_before_it_saved_points_at_its_start(tiny_run, t
     checkpoint = copy_of(tiny_run, tmp_path)
     out = tmp_path / "out"
     interrupt_at_save(monkeypatch, 1, KeyboardInterrupt())
-    assert cli.main(["prune", "--resume", str(checkpoint), "--rounds", "3", "--out", str(out),
-                     "--quiet"]) == 130
+    assert main_catching_ctrl_c(["prune", "--resume", str(checkpoint), "--rounds", "3", "--out",
+                                 str(out), "--quiet"]) == 130
     err = error_lines(capsys.readouterr().err)
     assert err[-1] == (f"mackay-ext: interrupted; the last checkpoint is {checkpoint}; resume with: "
                        f"mackay-ext prune --resume {checkpoint} --out {out}")
@@ -363,3 +382,15 @@ def test_tqdm_and_matplotlib_are_installed_with_the_package():
                     for keyword in node.keywords if keyword.arg == "install_requires")
     names = {ast.literal_eval(element).split(">")[0].split("=")[0] for element in requires.elts}
     assert {"tqdm", "matplotlib"} <= names
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_its_model(tiny_run, tmp_path, capsys):
+    checkpoint = copy_of(tiny_run, tmp_path)
+    state = load_plain(str(checkpoint), "checkpoint")
+    del state["model"]["1.weight"]
+    torch.save(state, checkpoint)
+    assert cli.main(["prune", "--resume", str(checkpoint), "--quiet"]) == 1
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and err[0].startswith(f"mackay-ext: checkpoint {checkpoint} does not fit "
+                                               "the digits-mlp it names: ")
+    assert "1.weight" in err[0]
