@@ -297,7 +297,8 @@ def test_resume_from_a_file_that_is_not_a_cli_checkpoint(tiny_run, tmp_path, cap
     path = tmp_path / f"{kind}.pt"
     if kind == "model":
         shutil.copy(tiny_run / "model.pt", path)
-        message = f"--resume {path} is a compressed model (what `mackay-ext evaluate` reads), not a checkpoint"
+        message = f"--resume {path} is a compressed model (what `mackay-ext evaluate` reads), not a "
+        message += "checkpoint"
     elif kind == "trainer":
         torch.save({"model": {}, "optimizer": {}, "position": {}}, path)
         message = "checkpoint of mackay_ext.train.Trainer without the command line's settings"
