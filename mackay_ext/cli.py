@@ -16,6 +16,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -327,8 +328,10 @@ def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> 
     blank = torch.zeros((2, *shape))
     labels = torch.zeros(2, dtype=torch.long)
     try:
-        Trainer(model, datasets.Splits(blank, labels, blank, labels, blank, labels, dataset),
-                _fit_config(settings), pruner_options=_pruner_options(settings))
+        with warnings.catch_warnings():  # said once, by the real build
+            warnings.simplefilter("ignore")
+            Trainer(model, datasets.Splits(blank, labels, blank, labels, blank, labels, dataset),
+                    _fit_config(settings), pruner_options=_pruner_options(settings))
     except (ValueError, TypeError, KeyError, NotImplementedError) as error:
         parser.error(f"{settings['model']} cannot be trained with these flags: {error}")
 
