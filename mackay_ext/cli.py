@@ -22,21 +22,24 @@ from typing import Any
 import torch
 
 from . import data as datasets
-from . import models
+from . import models, recipes
 from ._files import CorruptFileError, UnsafeFileError, load_plain
 from ._validate import NonFiniteError
 from .pruner import GRANULARITIES
+
+GRANULARITY_CHOICES = GRANULARITIES + ("channel",)  # channel: coupled groups, traced
 from .sparse import FORMAT as MODEL_FORMAT
 from .sparse import SparseConv2d, SparseLinear, load_compressed, save_compressed, sparsify
 from .train import FitConfig, Trainer, evaluate, set_seed
 
-# Defaults per model: (pretrain_epochs, rounds, epochs per round, batch size, lr)
+# Defaults per model: (pretrain_epochs, pruning rounds after the warm-up round, epochs per
+# round, batch size, lr)
 RECIPES = {
-    "digits-mlp": dict(pretrain_epochs=30, rounds=5, epochs=20, batch_size=32, lr=1e-3),
-    "lenet-300-100": dict(pretrain_epochs=20, rounds=4, epochs=10, batch_size=128, lr=1e-3),
-    "lenet-5-caffe": dict(pretrain_epochs=15, rounds=4, epochs=8, batch_size=128, lr=1e-3),
+    "digits-mlp": dict(pretrain_epochs=30, rounds=4, epochs=20, batch_size=32, lr=1e-3),
+    "lenet-300-100": dict(pretrain_epochs=20, rounds=3, epochs=10, batch_size=128, lr=1e-3),
+    "lenet-5-caffe": dict(pretrain_epochs=15, rounds=3, epochs=8, batch_size=128, lr=1e-3),
 }
-GENERIC_RECIPE = dict(pretrain_epochs=30, rounds=4, epochs=15, batch_size=128, lr=1e-3)
+GENERIC_RECIPE = dict(pretrain_epochs=30, rounds=3, epochs=15, batch_size=128, lr=1e-3)
 # One input of each dataset (data.load(...).input_shape), known without reading the data: a model
 # that cannot take the dataset is refused before minutes of loading and pretraining.
 INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
@@ -44,13 +47,17 @@ INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 SETTING_DESTS = {key: key for key in (
     "model", "dataset", "data_dir", "granularity", "rule", "threshold", "curvature", "schedule",
     "update_every", "patience", "seed", "augment_shift", "device", "backend", "pretrain_epochs",
-    "rounds", "epochs", "batch_size", "lr")}
+    "rounds", "epochs", "batch_size", "lr", "recipe", "finetune_epochs")}
 SETTING_DESTS["prune"] = "criterion"
 # What a resumed run may change: how long it trains, its step size and where the data lies; none
 # of them changes what the checkpoint's weights, precisions or optimizer moments mean.
 CHANGEABLE_ON_RESUME = ("pretrain_epochs", "rounds", "epochs", "patience", "lr", "data_dir")
 # Settings older checkpoints lack, at the value those versions used.
-SETTINGS_BEFORE_THEY_EXISTED = {"curvature": "ef-batch", "augment_shift": 0}
+SETTINGS_BEFORE_THEY_EXISTED = {"curvature": "ef-batch", "augment_shift": 0, "recipe": None,
+                                "finetune_epochs": 0}
+# What a --recipe fixes (the flags that would contradict it)
+RECIPE_FIXES = ("model", "dataset", "granularity", "rule", "criterion", "curvature", "schedule",
+                "update_every")
 _UNSET = object()
 
 
@@ -90,6 +97,12 @@ def _parser() -> argparse.ArgumentParser:
                     "retrain. Writes checkpoint.pt after every epoch, then report.json, model.pt "
                     "and plots into --out.")
     add = prune.add_argument
+    add("--recipe", choices=sorted(recipes.RECIPES),
+        help="a measured row of the README's MNIST table, with every setting of it (model, "
+             "dataset, shifts, schedule, precision updates every 430 steps, fine-tuning): "
+             + "; ".join(f"{name}: {recipe.summary}".replace("%", "%%")  # argparse formats help
+                         for name, recipe in recipes.RECIPES.items())
+             + ". --pretrain-epochs, --epochs, --lr, --batch-size, --threshold, --seed may change it")
     add("--model", default="digits-mlp", choices=sorted(models.MODELS),
         help="network to build and compress (default: %(default)s)")
     own = "; ".join(f"{d} for " + ", ".join(m for m in models.MODELS if models.DEFAULT_DATASET[m] == d)
@@ -99,10 +112,12 @@ def _parser() -> argparse.ArgumentParser:
                            "the CIFAR-10 python batches (default data/cifar-10-batches-py); digits "
                            "comes with scikit-learn and needs none")
     add("--download", action="store_true", help="fetch MNIST into --data-dir first (MNIST only)")
-    add("--granularity", default="weight", choices=GRANULARITIES,
+    add("--granularity", default="weight", choices=GRANULARITY_CHOICES,
         help="what one prior precision covers: a weight (unstructured), an input neuron or input "
-             "channel, an output neuron or filter, or 'filter': conv filters and Linear inputs, "
-             "the source paper's grouping (default: %(default)s)")
+             "channel, an output neuron or filter, 'filter': conv filters and Linear inputs, "
+             "the source paper's grouping, or 'channel': a channel with everything coupled to it "
+             "(its BatchNorm entries, every reader, across residual additions), found by tracing "
+             "the model (default: %(default)s)")
     add("--rule", default="mackay", choices=("mackay", "em", "paper"),
         help="precision update: mackay (alpha = gamma / w^2), em (alpha = 1 / (w^2 + Sigma)) or "
              "paper (group ARD with gamma = 1, the source paper's code) (default: %(default)s)")
@@ -128,6 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--epochs", type=COUNT,
         help=_recipe_help("most retraining epochs per round (paper schedule) or in total after "
                           "pretraining (in-run)", "epochs"))
+    add("--finetune-epochs", type=NONNEGATIVE_INT,
+        help="after the last pruning: the prior switched off, the kept weights fine-tuned for this "
+             "many epochs (best validation weights kept), the pruned ones held at 0 (default: 0; "
+             "a --recipe's own)")
     add("--update-every", type=COUNT, default=2,
         help="in-run schedule only: epochs between precision updates (default: %(default)s)")
     add("--batch-size", type=COUNT, help=_recipe_help("training minibatch size", "batch_size"))
@@ -220,7 +239,31 @@ class _Progress:
             self.bar = None
 
 
-def _settings(args) -> dict[str, Any]:
+def _recipe_settings(args, given: set[str], parser) -> dict[str, Any]:
+    """The settings of --recipe NAME, with the flags that may tune it applied."""
+    recipe = recipes.get(args.recipe)
+    fixed = sorted(_flag(dest) for dest in given & set(RECIPE_FIXES))
+    if fixed:
+        parser.error(f"--recipe {args.recipe} sets {', '.join(fixed)} itself (model {recipe.model}, "
+                     f"dataset {recipe.dataset}); drop them, or leave out --recipe")
+    config = recipe.config
+    settings = dict(model=recipe.model, dataset=recipe.dataset, data_dir=args.data_dir,
+                    granularity=recipe.pruner["granularity"], rule=recipe.pruner["rule"],
+                    prune=recipe.pruner["prune"], threshold=recipe.pruner["threshold"],
+                    curvature="ef-batch", schedule=config.schedule, update_every=config.update_every,
+                    patience=config.patience, seed=args.seed, augment_shift=config.augment_shift,
+                    device=args.device, backend=args.backend, pretrain_epochs=config.pretrain_epochs,
+                    rounds=config.rounds, epochs=config.epochs, batch_size=config.batch_size,
+                    lr=config.lr, recipe=args.recipe, finetune_epochs=config.finetune_epochs)
+    for key, dest in SETTING_DESTS.items():
+        if dest in given and key not in RECIPE_FIXES:
+            settings[key] = getattr(args, dest)
+    return settings
+
+
+def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any]:
+    if getattr(args, "recipe", None):
+        return _recipe_settings(args, given, parser)
     recipe = dict(RECIPES.get(args.model, GENERIC_RECIPE))
     for key in ("pretrain_epochs", "rounds", "epochs", "batch_size", "lr"):
         if getattr(args, key) is not None:
@@ -231,7 +274,8 @@ def _settings(args) -> dict[str, Any]:
                 schedule=args.schedule,
                 update_every=args.update_every, patience=args.patience, seed=args.seed,
                 augment_shift=args.augment_shift,
-                device=args.device, backend=args.backend, **recipe)
+                device=args.device, backend=args.backend, recipe=None,
+                finetune_epochs=args.finetune_epochs or 0, **recipe)
 
 
 def _checkpoint_settings(state: Any, path: str, parser) -> dict[str, Any]:
@@ -331,23 +375,34 @@ def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> 
         with warnings.catch_warnings():  # said once, by the real build
             warnings.simplefilter("ignore")
             Trainer(model, datasets.Splits(blank, labels, blank, labels, blank, labels, dataset),
-                    _fit_config(settings), pruner_options=_pruner_options(settings))
+                    _fit_config(settings), pruner_options=_pruner_options(settings, blank))
     except (ValueError, TypeError, KeyError, NotImplementedError) as error:
         parser.error(f"{settings['model']} cannot be trained with these flags: {error}")
 
 
 def _fit_config(settings: dict[str, Any]) -> FitConfig:
+    if settings.get("recipe"):  # the recipe's phases, with the tunable numbers from the flags
+        return recipes.get(settings["recipe"]).fit_config(
+            pretrain_epochs=settings["pretrain_epochs"], epochs=settings["epochs"],
+            batch_size=settings["batch_size"], lr=settings["lr"], patience=settings["patience"],
+            seed=settings["seed"], backend=settings["backend"],
+            augment_shift=settings["augment_shift"], finetune_epochs=settings["finetune_epochs"])
     return FitConfig(schedule=settings["schedule"], pretrain_epochs=settings["pretrain_epochs"],
                      rounds=settings["rounds"], epochs=settings["epochs"],
                      update_every=settings["update_every"], batch_size=settings["batch_size"],
                      lr=settings["lr"], retrain_lr=settings["lr"], patience=settings["patience"],
                      seed=settings["seed"], backend=settings["backend"],
-                     augment_shift=settings["augment_shift"])
+                     augment_shift=settings["augment_shift"],
+                     finetune_epochs=settings.get("finetune_epochs", 0))
 
 
-def _pruner_options(settings: dict[str, Any]) -> dict[str, Any]:
-    return dict(granularity=settings["granularity"], rule=settings["rule"], prune=settings["prune"],
-                threshold=settings["threshold"], curvature=settings["curvature"])
+def _pruner_options(settings: dict[str, Any], inputs: torch.Tensor) -> dict[str, Any]:
+    """The pruner's options; `inputs` (two training examples) trace the coupled channel groups."""
+    options = dict(granularity=settings["granularity"], rule=settings["rule"], prune=settings["prune"],
+                   threshold=settings["threshold"], curvature=settings["curvature"])
+    if settings["granularity"] == "channel":
+        options["example_inputs"] = (inputs,)
+    return options
 
 
 def _layer_table(report: dict[str, Any]) -> str:
@@ -445,7 +500,7 @@ def _resume_command(checkpoint: str, out: str, world_size: int, lr: float | None
 
 def run_prune(args, parser, given: set[str] = frozenset()) -> int:
     """`mackay-ext prune`: every flag is checked, then the data is read and the run trained."""
-    settings, changed, resumed = _settings(args), [], None
+    settings, changed, resumed = _settings(args, given, parser), [], None
     if args.resume:
         try:
             state = load_plain(args.resume, "checkpoint")
@@ -482,7 +537,8 @@ def _run_prune(args, settings: dict[str, Any], changed: list[str], resumed: dict
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     checkpoint = os.path.join(out, "checkpoint.pt")
-    trainer = Trainer(model, data, _fit_config(settings), pruner_options=_pruner_options(settings),
+    example = data.x_train[:2].to(settings["device"])
+    trainer = Trainer(model, data, _fit_config(settings), pruner_options=_pruner_options(settings, example),
                       device=settings["device"], checkpoint=checkpoint, progress=progress.line,
                       batch_progress=progress.batch)
     trainer.extra_state = {"cli_settings": settings}

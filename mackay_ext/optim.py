@@ -118,7 +118,8 @@ class MacKayAdam(torch.optim.Optimizer):
         return dict(super().__getstate__(), backend=self.backend)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.backend = state.pop("backend", "ext")
+        # load_state_dict calls this too, without a backend: keep the one this optimizer has
+        self.backend = state.pop("backend", getattr(self, "backend", "ext"))
         super().__setstate__(state)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

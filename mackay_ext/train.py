@@ -173,8 +173,7 @@ class Trainer:
                 phase = "pretraining" if pos["phase"] == "pretrain" else f"round {pos['round']}"
                 raise NonFiniteError(
                     f"training loss is {value} ({phase}, epoch {pos['epoch'] + 1}, batch "
-                    f"{batch + 1}): training diverged; the weights were not updated with it "
-                    "(try a smaller learning rate)")
+                    f"{batch + 1}); the weights were not updated with it")
             loss.backward()
             self.optimizer.step()
             if self.pruner.curvature_kind == "fisher-mc":

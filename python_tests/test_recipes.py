@@ -1,0 +1,105 @@
+"""The table's recipes in the product: mackay_ext.recipes, the Trainer phases they need, and
+`mackay-ext prune --recipe NAME` / `--granularity channel`."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mackay_ext
+from mackay_ext import recipes
+from mackay_ext.train import FitConfig, Trainer
+
+from test_data import fake_mnist
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "mackay_ext.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name", sorted(recipes.RECIPES))
+def test_every_recipe_builds_a_trainer(name):
+    recipe = recipes.get(name)
+    blank = torch.zeros(4, 1, 28, 28)
+    labels = torch.zeros(4, dtype=torch.long)
+    data = mackay_ext.data.Splits(blank, labels, blank, labels, blank, labels, "mnist")
+    trainer = Trainer(mackay_ext.models.create(recipe.model), data, recipe.fit_config(),
+                      pruner_options=recipe.pruner)
+    assert trainer.config.update_every_steps == recipes.UPDATE_EVERY_STEPS
+    assert trainer.config.augment_shift == 2 and trainer.config.finetune_epochs > 0
+
+
+def test_unknown_recipe_lists_the_others():
+    with pytest.raises(ValueError, match="unknown recipe 'lenet'; recipes: lenet-300-100-group"):
+        recipes.get("lenet")
+
+
+def tiny_images(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    return mackay_ext.data.Splits(x, y, x[:32], y[:32], x[:32], y[:32], "tiny")
+
+
+def test_in_run_steps_warmup_and_finetune_phases():
+    """Updates every K steps, the first `warmup_updates` prune nothing, then fine-tuning with the
+    prior off holds the pruned weights at 0 while the kept ones train; best weights kept."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 2))
+    config = FitConfig(schedule="in-run", pretrain_epochs=2, epochs=6, update_every_steps=3,
+                       warmup_updates=2, finetune_epochs=3, finetune_lr=1e-3, lr_schedule="cosine",
+                       batch_size=16, retrain_lr=5e-3, backend="torch", patience=100)
+    trainer = Trainer(model, tiny_images(), config, pruner_options=dict(threshold=0.5))
+    trainer.run()
+    history = trainer.pruner.history
+    assert len(history) == 6 * 6 // 3                 # 6 steps an epoch, an update every 3
+    assert history[0]["kept"] == history[1]["kept"] == history[0]["total"]   # warm-up updates
+    assert history[-1]["kept"] < history[-1]["total"]
+    phases = [record["phase"] for record in trainer.history]
+    assert phases == ["pretrain"] * 2 + ["round"] * 6 + ["finetune"] * 3
+    for name, target in trainer.pruner.targets.items():
+        alpha = trainer.pruner.alpha(name)
+        assert set(alpha.unique().tolist()) <= {0.0, float("inf")}       # prior off, pruned held
+        assert (target.param[(alpha == float("inf")).expand_as(target.param)] == 0).all()
+    assert trainer.position["phase"] == "done"
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("mnist")
+    fake_mnist(str(directory), n_train=600, n_test=100)
+    return directory
+
+
+def test_cli_recipe_runs_the_recipe(mnist_dir, tmp_path):
+    result = cli("prune", "--recipe", "lenet-300-100-weight", "--data-dir", str(mnist_dir),
+                 "--pretrain-epochs", "1", "--epochs", "2", "--finetune-epochs", "1",
+                 "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    settings = report["settings"]
+    assert settings["recipe"] == "lenet-300-100-weight" and settings["model"] == "lenet-300-100"
+    assert settings["augment_shift"] == 2 and settings["finetune_epochs"] == 1
+    assert settings["threshold"] == recipes.get("lenet-300-100-weight").pruner["threshold"]
+
+
+@pytest.mark.parametrize("flag", [["--model", "digits-mlp"], ["--granularity", "input"],
+                                  ["--schedule", "paper"]])
+def test_cli_recipe_refuses_flags_it_sets(tmp_path, flag):
+    result = cli("prune", "--recipe", "lenet-5-caffe-weight", *flag, "--out", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"--recipe lenet-5-caffe-weight sets {flag[0]}" in result.stderr
+
+
+def test_cli_channel_granularity(tmp_path):
+    result = cli("prune", "--granularity", "channel", "--pretrain-epochs", "3", "--rounds", "1",
+                 "--epochs", "3", "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["settings"]["granularity"] == "channel"
+    evaluated = cli("evaluate", str(tmp_path / "run" / "model.pt"), cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["test_accuracy"] == pytest.approx(report["test_accuracy"])
