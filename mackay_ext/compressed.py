@@ -1,0 +1,80 @@
+"""The compressed file: a model's sparse layers stored as nonzeros only (indices in the
+narrowest integer type), everything else as a state_dict; loaded with weights_only=True."""
+from __future__ import annotations
+
+import io
+import os
+
+import torch
+from torch import nn
+
+from ._files import load_plain, save_atomic
+from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
+
+
+def _serialized_size(obj) -> int:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.tell()
+
+
+FORMAT = "mackay_ext.compressed.v1"
+
+
+def save_compressed(model: nn.Module, path: str, model_name: str | None = None) -> dict[str, int]:
+    """Store `model` with its sparse layers as nonzeros only (indices in the narrowest integer
+    type). Returns {"bytes": file size, "dense_bytes": size of the equivalent dense state_dict}."""
+    sparse, dense_state = {}, {}
+    skip = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _CSRWeight):
+            prefix = f"{name}." if name else ""
+            skip.update(prefix + key for key in module.state_dict())
+            entry = {"kind": "conv2d" if isinstance(module, SparseConv2d) else "linear",
+                     "out": module.out_features, "in": module.in_features,
+                     "crow": module.crow_indices.cpu().to(_storage_dtype(module.nnz)),
+                     "col": module.col_indices.cpu().to(_storage_dtype(max(module.in_features - 1, 0))),
+                     "values": module.values.detach().cpu(),
+                     "bias": None if module.bias is None else module.bias.detach().cpu()}
+            if isinstance(module, SparseConv2d):
+                entry.update(in_channels=module.in_channels, out_channels=module.out_channels,
+                             kernel_size=module.kernel_size, stride=module.stride,
+                             padding=module.padding, dilation=module.dilation)
+            sparse[name] = entry
+            dense = module.to_dense()
+            dense_state.update({prefix + k: v for k, v in dense.state_dict().items()})
+    rest = {k: v.cpu() for k, v in model.state_dict().items() if k not in skip}
+    dense_state.update(rest)
+    payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest}
+    save_atomic(payload, path)  # never half a file
+    return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
+
+
+def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
+    """Rebuild a model saved by save_compressed. `model` is a freshly built network of the same
+    architecture (dense); without it, the saved model_name is looked up in mackay_ext.models."""
+    payload = load_plain(path, "compressed model", map_location=map_location)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RuntimeError(f"load_compressed: {path} is not a file written by save_compressed")
+    if model is None:
+        if not payload.get("model_name"):
+            raise ValueError("load_compressed: pass `model` (this file names no model)")
+        from . import models
+        model = models.create(payload["model_name"])
+    for name, entry in payload["sparse"].items():
+        crow, col = entry["crow"].long(), entry["col"].long()
+        if entry["kind"] == "linear":
+            layer = SparseLinear(entry["out"], entry["in"], crow, col, entry["values"], entry["bias"])
+        else:
+            layer = SparseConv2d(entry["in_channels"], entry["out_channels"], entry["kernel_size"], crow,
+                                 col, entry["values"], entry["bias"], entry["stride"],
+                                 entry["padding"], entry["dilation"])
+        _set_module(model, name, layer)
+    missing, unexpected = model.load_state_dict(payload["state"], strict=False)
+    sparse_keys = {f"{n}.{k}" if n else k for n in payload["sparse"]
+                   for k in model.get_submodule(n).state_dict()}
+    missing = [k for k in missing if k not in sparse_keys]
+    if missing or unexpected:
+        raise RuntimeError(f"load_compressed: the model does not match the file (missing {missing}, "
+                           f"unexpected {unexpected})")
+    return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
