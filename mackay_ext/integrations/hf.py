@@ -45,9 +45,13 @@ class MacKayCallback(TrainerCallback):
         update_every: optimizer steps between precision updates (on_step_end fires once per
             optimizer step, so with gradient accumulation this counts accumulated steps).
         batch_size: B of the ef-batch curvature when the optimizer is not a MacKayAdam. The
-            curvature is then read from each backward's gradient, which the Trainer divides by
-            gradient_accumulation_steps A for a mean loss: the default per_device_train_batch_size
-            * A^2 makes B g^2 the per-example estimate again (DESIGN.md section 1).
+            curvature is then read from each backward's gradient. For a mean loss the Trainer
+            divides each micro-batch's loss by gradient_accumulation_steps A, and the default
+            per_device_train_batch_size * A^2 makes B g^2 the per-example estimate again
+            (DESIGN.md section 1). A model whose forward takes **kwargs gets num_items_in_batch
+            instead and must normalise itself; one that ignores it (BertForSequenceClassification
+            in transformers 5: its logged loss is A times the mean) has A^2 too large a curvature
+            under this default: pass batch_size=per_device_train_batch_size there.
             Under DDP these gradients are the rank's own: use MacKayAdam there (its step reads the
             averaged gradient), so that every rank computes the same alpha.
         at_end: None (default), "sparsify" (mackay_ext.sparsify(model) in place at on_train_end)
