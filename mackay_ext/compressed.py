@@ -21,9 +21,12 @@ def _serialized_size(obj) -> int:
 FORMAT = "mackay_ext.compressed.v1"
 
 
-def save_compressed(model: nn.Module, path: str, model_name: str | None = None) -> dict[str, int]:
+def save_compressed(model: nn.Module, path: str, model_name: str | None = None, *,
+                    model_kwargs: dict | None = None, metadata: dict | None = None) -> dict[str, int]:
     """Store `model` with its sparse layers as nonzeros only (indices in the narrowest integer
-    type). Returns {"bytes": file size, "dense_bytes": size of the equivalent dense state_dict}."""
+    type). model_name and model_kwargs (numbers and strings, e.g. num_classes, in_channels) let
+    load_compressed rebuild it by itself; metadata (plain values) is stored as it is. Returns
+    {"bytes": file size, "dense_bytes": size of the equivalent dense state_dict}."""
     sparse, dense_state = {}, {}
     skip = set()
     for name, module in model.named_modules():
@@ -45,7 +48,8 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None) 
             dense_state.update({prefix + k: v for k, v in dense.state_dict().items()})
     rest = {k: v.cpu() for k, v in model.state_dict().items() if k not in skip}
     dense_state.update(rest)
-    payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest}
+    payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest,
+               "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
     save_atomic(payload, path)  # never half a file
     return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
 
@@ -60,7 +64,7 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
         if not payload.get("model_name"):
             raise ValueError("load_compressed: pass `model` (this file names no model)")
         from . import models
-        model = models.create(payload["model_name"])
+        model = models.create(payload["model_name"], **payload.get("model_kwargs", {}))
     for name, entry in payload["sparse"].items():
         crow, col = entry["crow"].long(), entry["col"].long()
         if entry["kind"] == "linear":

@@ -35,7 +35,7 @@ MNIST_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x00000803, 0x00000801
-DATASETS = ("digits", "mnist", "cifar10")
+DATASETS = ("digits", "mnist", "mnist32", "cifar10")
 
 
 class DatasetError(RuntimeError):
@@ -186,9 +186,10 @@ def _finish(name, x_train, y_train, x_test, y_test, val_fraction, seed) -> Split
 
 
 def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,
-               download: bool = False, md5: dict[str, str] | None = None) -> Splits:
+               download: bool = False, md5: dict[str, str] | None = None, pad: int = 0) -> Splits:
     """MNIST from a directory of IDX files (the layout of LeCun's site, gzip or raw).
-    Images are (N, 1, 28, 28). 5,000 of the 60,000 training images are held out by default."""
+    Images are (N, 1, 28 + 2 pad, 28 + 2 pad): pad=2 gives the 32x32 images CIFAR networks take
+    ("mnist32", the border is background). 5,000 of the 60,000 training images are held out."""
     if download:
         download_mnist(directory)
     if not os.path.isdir(directory):
@@ -208,12 +209,14 @@ def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,
             raise DatasetError(f"MNIST {split}: label {labels.max()} out of range 0..9")
 
     def images(a):
-        return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+        x = torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+        return torch.nn.functional.pad(x, (pad,) * 4) if pad else x   # 0 is the background
 
     def labels(a):
         return torch.from_numpy(a.astype(np.int64))
 
-    return _finish("mnist", images(arrays["train_images"]), labels(arrays["train_labels"]),
+    return _finish("mnist32" if pad == 2 else "mnist", images(arrays["train_images"]),
+                   labels(arrays["train_labels"]),
                    images(arrays["test_images"]), labels(arrays["test_labels"]), val_fraction, seed)
 
 
@@ -257,11 +260,12 @@ def load_digits(*, val_fraction: float = 0.15, test_fraction: float = 0.2, seed:
 
 
 def load(name: str, data_dir: str | None = None, *, seed: int = 0, download: bool = False) -> Splits:
-    """Load a dataset by name ("digits", "mnist", "cifar10")."""
+    """Load a dataset by name ("digits", "mnist", "mnist32": MNIST padded to 32x32, "cifar10")."""
     if name == "digits":
         return load_digits(seed=seed)
-    if name == "mnist":
-        return load_mnist(data_dir or "data/mnist", seed=seed, download=download)
+    if name in ("mnist", "mnist32"):
+        return load_mnist(data_dir or "data/mnist", seed=seed, download=download,
+                          pad=2 if name == "mnist32" else 0)
     if name == "cifar10":
         return load_cifar10(data_dir or "data/cifar-10-batches-py", seed=seed)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")

@@ -103,3 +103,30 @@ def test_cli_channel_granularity(tmp_path):
     evaluated = cli("evaluate", str(tmp_path / "run" / "model.pt"), cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["test_accuracy"] == pytest.approx(report["test_accuracy"])
+
+
+def test_mnist32_and_a_cifar_network_with_one_channel(tmp_path):
+    """Issue 13's evidence runs: MNIST zero-padded to 32x32 through a CIFAR ResNet built for one
+    input channel; the model file rebuilds itself (channels, dataset) for evaluate."""
+    directory = tmp_path / "mnist"
+    fake_mnist(str(directory), n_train=300, n_test=60)
+    splits = mackay_ext.data.load("mnist32", str(directory))
+    plain = mackay_ext.data.load("mnist", str(directory))
+    assert splits.x_train.shape[1:] == (1, 32, 32) and splits.name == "mnist32"
+    border = splits.x_train[:, :, :2, :].flatten()
+    assert torch.allclose(border, border.min().expand_as(border))      # background all round
+
+    def unit(t):  # standardisation differs with the border: compare up to scale and offset
+        return (t - t.min()) / (t.max() - t.min())
+    assert torch.allclose(unit(splits.x_train[:, :, 2:-2, 2:-2]), unit(plain.x_train), atol=1e-5)
+    result = cli("prune", "--model", "resnet-20", "--dataset", "mnist32", "--data-dir", str(directory),
+                 "--pretrain-epochs", "1", "--rounds", "1", "--epochs", "1", "--out",
+                 str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    evaluated = cli("evaluate", str(tmp_path / "run" / "model.pt"), "--data-dir", str(directory),
+                    cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    summary = json.loads(evaluated.stdout)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert summary["dataset"] == "mnist32"
+    assert summary["test_accuracy"] == pytest.approx(report["test_accuracy"])

@@ -25,7 +25,7 @@ GENERIC_RECIPE = dict(pretrain_epochs=30, rounds=3, epochs=15, batch_size=128, l
 
 # One input of each dataset (data.load(...).input_shape), known without reading the data: a model
 # that cannot take the dataset is refused before minutes of loading and pretraining.
-INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "mnist32": (1, 32, 32), "cifar10": (3, 32, 32)}
 
 
 # The run's settings as saved in a checkpoint ("cli_settings"), each with the dest of its flag.

@@ -49,7 +49,8 @@ def run_evaluate(args, parser) -> int:
         return _fail(error)
     except (RuntimeError, KeyError, TypeError) as error:  # a model.pt whose entries do not fit
         return _fail(f"{args.path} cannot be rebuilt as {model_name}: {error}")
-    dataset = args.dataset or models.DEFAULT_DATASET[model_name]
+    saved = load_plain(args.path, "compressed model").get("metadata") or {}
+    dataset = args.dataset or saved.get("dataset") or models.DEFAULT_DATASET[model_name]
     _check_dataset_flags(dataset, args.data_dir, parser)
     problem = _input_problem(model, model_name, dataset)
     if problem:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 import shlex
@@ -20,6 +21,7 @@ from ..sparse import (
     sparsify,
 )
 from ..train import Trainer, evaluate, set_seed
+from .args import INPUT_SHAPES
 from .progress import _Progress
 from .settings import (
     _check_out,
@@ -29,6 +31,7 @@ from .settings import (
     _pruner_options,
     _resume_settings,
     _settings,
+    build_model,
 )
 
 
@@ -81,10 +84,16 @@ def _plots(out: str, trainer: Trainer) -> tuple[list[str], str | None]:
     return written, None
 
 
-def save_model(path: str, model_name: str, model: torch.nn.Module) -> dict[str, int]:
-    """The pruned model, compressed: its pruned layers as CSR nonzeros (save_compressed)."""
+def save_model(path: str, model_name: str, model: torch.nn.Module, dataset: str | None = None,
+               num_classes: int = 10) -> dict[str, int]:
+    """The pruned model, compressed: its pruned layers as CSR nonzeros (save_compressed), with
+    what rebuilds it (the dataset's channels for the CIFAR networks) and the dataset it knows."""
     compressed = sparsify(copy.deepcopy(model).cpu(), min_sparsity=0.5)
-    return save_compressed(compressed, path, model_name=model_name)
+    kwargs = {"num_classes": num_classes}
+    if dataset is not None and "in_channels" in inspect.signature(models.MODELS[model_name]).parameters:
+        kwargs["in_channels"] = INPUT_SHAPES[dataset][0]
+    return save_compressed(compressed, path, model_name=model_name, model_kwargs=kwargs,
+                           metadata={"dataset": dataset} if dataset else None)
 
 
 def _init_distributed(device: str) -> int:
@@ -160,7 +169,7 @@ def _run_prune(args, settings: dict[str, Any], changed: list[str], resumed: dict
     except datasets.DatasetError as error:
         return _fail(error)
     set_seed(settings["seed"])
-    model = models.create(settings["model"], num_classes=data.num_classes)
+    model = build_model(settings["model"], settings["dataset"], data.num_classes)
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     checkpoint = os.path.join(out, "checkpoint.pt")
@@ -236,7 +245,8 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
         "hardware": {"device": settings["device"], "threads": torch.get_num_threads(),
                      "processes": trainer.world_size, "torch": torch.__version__},
     }
-    sizes = save_model(os.path.join(out, "model.pt"), settings["model"], model)
+    sizes = save_model(os.path.join(out, "model.pt"), settings["model"], model, settings["dataset"],
+                       data.num_classes)
     summary["model_file_bytes"], summary["dense_state_dict_bytes"] = sizes["bytes"], sizes["dense_bytes"]
     with open(os.path.join(out, "report.json"), "w") as handle:
         json.dump(summary, handle, indent=2)

@@ -1,6 +1,7 @@
 """A run's settings from the flags, a --recipe or a checkpoint, every one checked before any data is read."""
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from typing import Any
@@ -110,6 +111,15 @@ def _check_out(out: str, parser) -> None:
         parser.error(f"--out {out}: {existing} is not writable")
 
 
+def build_model(name: str, dataset: str, num_classes: int = 10) -> torch.nn.Module:
+    """models.create for `dataset`: a network that takes any number of image channels (the CIFAR
+    ones) gets the dataset's, e.g. one for mnist32."""
+    shape = INPUT_SHAPES[dataset]
+    if len(shape) == 3 and "in_channels" in inspect.signature(models.MODELS[name]).parameters:
+        return models.create(name, num_classes=num_classes, in_channels=shape[0])
+    return models.create(name, num_classes=num_classes)
+
+
 def _input_problem(model: torch.nn.Module, model_name: str, dataset: str) -> str | None:
     """None when `model` takes the inputs of `dataset`; otherwise what it expects, in one line."""
     shape, trained_on = INPUT_SHAPES[dataset], models.DEFAULT_DATASET.get(model_name)
@@ -129,7 +139,7 @@ def _check_dataset_flags(dataset: str, data_dir: str | None, parser, download: b
     if dataset == "digits" and data_dir:
         parser.error("--data-dir: the digits dataset comes with scikit-learn and reads no directory; "
                      "for MNIST pass --model lenet-300-100 (or --dataset mnist)")
-    if download and dataset != "mnist":
+    if download and dataset not in ("mnist", "mnist32"):
         parser.error(f"--download fetches MNIST only; {dataset} "
                      + ("comes with scikit-learn" if dataset == "digits"
                         else "must be unpacked into --data-dir (the cifar-10-batches-py folder)"))
@@ -147,7 +157,7 @@ def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> 
                      "once per round (--rounds)")
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    model = models.create(settings["model"])
+    model = build_model(settings["model"], dataset)
     problem = _input_problem(model, settings["model"], dataset)
     if problem:
         parser.error(f"--dataset {dataset}: {problem}")
