@@ -1,0 +1,180 @@
+"""MacKay ARD inside lightning.pytorch.Trainer.fit(): a Callback in the manner of ModelPruning.
+
+    from mackay_ext.integrations.lightning import MacKayPruning
+    trainer = lightning.pytorch.Trainer(callbacks=[MacKayPruning(update_every=1, verbose=1)])
+    trainer.fit(module, datamodule)
+
+The LightningModule's optimizer (whatever configure_optimizers returns) gets the prior as the
+pruner's exact proximal step after every optimizer step; a MacKayAdam returned there applies it
+in its fused step. Pruned weights are held at exactly 0. The ARD state (alpha, curvature,
+history) is saved in Lightning's checkpoints and restored from them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from .._validate import check_choice
+from ..pruner import MacKayPruner
+
+__all__ = ["MacKayPruning"]
+
+
+def _layer_names(module: nn.Module, parameters_to_prune) -> list[str]:
+    """ModelPruning's [(module, "weight"), ...] as the pruner's layer names."""
+    names = {id(m): n for n, m in module.named_modules()}
+    chosen = []
+    for entry in parameters_to_prune:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], nn.Module)
+                and isinstance(entry[1], str)):
+            raise TypeError("MacKayPruning: parameters_to_prune must hold (module, parameter name) "
+                            f"pairs, got {entry!r}")
+        sub, attr = entry
+        if id(sub) not in names:
+            raise ValueError(f"MacKayPruning: parameters_to_prune names a {type(sub).__name__} that is "
+                             "not part of the LightningModule")
+        if not isinstance(getattr(sub, attr, None), nn.Parameter):
+            raise ValueError(f"MacKayPruning: {type(sub).__name__} has no parameter {attr!r}")
+        prefix = names[id(sub)]
+        chosen.append((prefix or attr) if attr == "weight" else (f"{prefix}.{attr}" if prefix else attr))
+    return chosen
+
+
+class MacKayPruning(Callback):
+    """Runs MacKayPruner inside Trainer.fit().
+
+    Args:
+        parameters_to_prune: as ModelPruning's: [(module, "weight"), ...]; None = every trainable
+            parameter with dim >= 2 (mutually exclusive with `layers`, the pruner's names).
+        update_every: epochs (update_on="epoch", default) or optimizer steps (update_on="step")
+            between precision updates.
+        num_data: N; default the length of the training dataloader's dataset.
+        batch_size: B of the ef-batch curvature with a non-MacKayAdam optimizer; default the
+            dataloader's batch size times accumulate_grad_batches^2 (Lightning divides each
+            micro-batch's loss by accumulate_grad_batches; the hooks see those gradients).
+        at_end: None or "sparsify" (mackay_ext.sparsify(module) in place at on_fit_end, the
+            analogue of ModelPruning's make_pruning_permanent).
+        verbose: 0 quiet, 1 one line per update, 2 and every layer's kept weights.
+        **pruner_options: for MacKayPruner (granularity, rule, prune, threshold, curvature, ...).
+
+    Logged with LightningModule.log after each update: "mackay/kept_fraction", "mackay/gamma_sum",
+    "mackay/updates".
+    """
+
+    def __init__(self, parameters_to_prune=None, *, layers=None, update_every: int = 1,
+                 update_on: str = "epoch", num_data: float | None = None, batch_size: float | None = None,
+                 at_end: str | None = None, verbose: int = 0, **pruner_options):
+        if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
+            raise ValueError(f"MacKayPruning: update_every must be an int >= 1, got {update_every!r}")
+        check_choice("update_on", update_on, ("epoch", "step"), "MacKayPruning")
+        check_choice("at_end", at_end, (None, "sparsify"), "MacKayPruning")
+        check_choice("verbose", verbose, (0, 1, 2), "MacKayPruning")
+        if parameters_to_prune is not None and layers is not None:
+            raise ValueError("MacKayPruning: pass parameters_to_prune or layers, not both")
+        if "optimizer" in pruner_options or "model" in pruner_options:
+            raise TypeError("MacKayPruning: the LightningModule and its optimizer are used; do not pass them")
+        self.parameters_to_prune, self.layers = parameters_to_prune, layers
+        self.update_every, self.update_on = update_every, update_on
+        self.num_data, self.batch_size, self.at_end, self.verbose = num_data, batch_size, at_end, verbose
+        self.pruner_options = pruner_options
+        self.pruner: MacKayPruner | None = None
+        self.last_update: dict[str, Any] | None = None
+        self._last_step = 0          # trainer.global_step at the latest step-based update
+        self._pending: dict[str, Any] | None = None   # state loaded before the pruner exists
+
+    # ------------------------------------------------------------------ set-up
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if len(trainer.optimizers) != 1:
+            raise ValueError("MacKayPruning: the LightningModule must configure exactly one optimizer, "
+                             f"got {len(trainer.optimizers)}")
+        optimizer = trainer.optimizers[0]
+        if self.pruner is not None and self.pruner.model is pl_module and self.pruner.optimizer is optimizer:
+            return
+        if self.pruner is not None:
+            self.pruner.detach()
+        loader = trainer.train_dataloader
+        if loader is None:   # Lightning attaches it on the first epoch; ask the data source now
+            trainer.fit_loop.setup_data()
+            loader = trainer.train_dataloader
+        layers = self.layers
+        if self.parameters_to_prune is not None:
+            layers = _layer_names(pl_module, self.parameters_to_prune)
+        self.pruner = MacKayPruner(pl_module, optimizer, num_data=self._num_data(loader),
+                                   batch_size=self._batch_size(loader, trainer), layers=layers,
+                                   **self.pruner_options)
+        if self._pending is not None:
+            self._load(self._pending)
+            self._pending = None
+
+    def _num_data(self, loader) -> float:
+        if self.num_data is not None:
+            return self.num_data
+        try:
+            return len(loader.dataset)
+        except (AttributeError, TypeError):
+            raise ValueError("MacKayPruning: the training dataloader has no dataset length: pass "
+                             "num_data=N") from None
+
+    def _batch_size(self, loader, trainer) -> float:
+        if self.batch_size is not None:
+            return self.batch_size
+        size = getattr(loader, "batch_size", None)
+        if size is None:
+            raise ValueError("MacKayPruning: the training dataloader has no batch_size (a batch "
+                             "sampler?): pass batch_size=B")
+        return size * trainer.accumulate_grad_batches ** 2
+
+    # ------------------------------------------------------------------ training
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step   # optimizer steps: unchanged on accumulation micro-batches
+        if self.update_on == "step" and step != self._last_step and step % self.update_every == 0:
+            self._last_step = step
+            self._update(trainer, pl_module, f"step {step}")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self.update_on == "epoch" and (trainer.current_epoch + 1) % self.update_every == 0:
+            self._update(trainer, pl_module, f"epoch {trainer.current_epoch}")
+
+    def _update(self, trainer, pl_module, when: str) -> None:
+        self.last_update = report = self.pruner.update()
+        kept = report["kept"] / max(report["total"], 1)
+        pl_module.log("mackay/kept_fraction", kept)
+        pl_module.log("mackay/updates", float(len(self.pruner.history)))
+        if "gamma_sum" in report:
+            pl_module.log("mackay/gamma_sum", report["gamma_sum"])
+        if self.verbose:
+            rank_zero_info(f"MacKayPruning ({when}): kept {kept:.2%} ({report['kept']}/{report['total']}), "
+                           f"sum of gamma {report.get('gamma_sum', float('nan')):.4g}")
+        if self.verbose > 1:
+            for layer in report["layers"]:
+                rank_zero_info(f"  {layer['name']}: kept {layer['kept']}/{layer['total']}, "
+                               f"gamma {layer.get('gamma', float('nan')):.4g}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.at_end == "sparsify" and self.pruner is not None:
+            from ..convert import sparsify
+            self.pruner.apply_masks()
+            sparsify(pl_module)
+
+    # ------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        if self.pruner is None:
+            return dict(self._pending or {})
+        return {"pruner": self.pruner.state_dict(), "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning restores callbacks before the fit starts: the state waits for the pruner."""
+        if not state_dict:
+            return
+        if self.pruner is None:
+            self._pending = dict(state_dict)
+        else:
+            self._load(state_dict)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.pruner.load_state_dict(state["pruner"])
+        self._last_step = int(state.get("last_step", 0))
+        self.pruner.apply_masks()   # the weights of a restored model agree with alpha = +inf

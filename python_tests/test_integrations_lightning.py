@@ -1,0 +1,142 @@
+"""mackay_ext.integrations.lightning: MacKayPruning inside lightning.pytorch.Trainer.fit()."""
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from mackay_ext import MacKayAdam  # noqa: E402
+from mackay_ext.integrations.lightning import MacKayPruning  # noqa: E402
+from mackay_ext.optim import ard_param_groups  # noqa: E402
+
+NUM_DATA = 96
+
+
+class TinyClassifier(pl.LightningModule):
+    def __init__(self, optimizer="adam"):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(7, 17), nn.Tanh(), nn.Linear(17, 3))
+        self.optimizer = optimizer
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer == "mackay":
+            return MacKayAdam(ard_param_groups(self), lr=1e-2, num_data=NUM_DATA, batch_size=16)
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def _loader():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(NUM_DATA, 7, generator=generator)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()   # two inputs matter, five do not
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+# float32: under precision="64-true" the weights this Lightning restores from a checkpoint differ
+# from the saved ones by ~1e-8 (float32 rounding), which would hide an exact comparison
+def _fit(callback, max_epochs=2, optimizer="adam", ckpt_path=None, seed=0, **options):
+    torch.manual_seed(seed)
+    module = TinyClassifier(optimizer)
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, deterministic=True, callbacks=[callback], **options)
+    trainer.fit(module, train_dataloaders=_loader(), ckpt_path=ckpt_path)
+    return trainer, module
+
+
+# alpha >= 2e3: |w| below ~0.02 once trained under the prior
+PRUNING = dict(prune="alpha", threshold=2e3)
+
+
+def _check_pruned(callback):
+    pruner = callback.pruner
+    report = pruner.report()
+    assert 0 < report["kept"] < report["total"]
+    for name, target in pruner.targets.items():
+        pruned = (pruner.alpha(name) == math.inf).expand_as(target.param)
+        assert torch.equal(target.param[pruned], torch.zeros_like(target.param[pruned]))
+    return report
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "mackay"])
+def test_fit_prunes_and_logs(optimizer, caplog):
+    callback = MacKayPruning(update_every=3, update_on="step", verbose=2, **PRUNING)
+    with caplog.at_level(logging.INFO):
+        trainer, module = _fit(callback, optimizer=optimizer)
+    assert callback.pruner.fused == (optimizer == "mackay")
+    assert callback.pruner.num_data == NUM_DATA and trainer.global_step == 12
+    assert len(callback.pruner.history) == 4   # steps 3, 6, 9, 12
+    report = _check_pruned(callback)
+    metrics = trainer.callback_metrics
+    assert float(metrics["mackay/kept_fraction"]) == pytest.approx(report["kept"] / report["total"])
+    assert float(metrics["mackay/updates"]) == 4.0 and "mackay/gamma_sum" in metrics
+    assert "MacKayPruning (step 12): kept" in caplog.text and "  net.2: kept" in caplog.text
+    print("\n".join(line for line in caplog.text.splitlines() if "MacKayPruning" in line or "  net." in line))
+
+
+def test_parameters_to_prune_and_accumulation():
+    model_layers = []
+
+    class Chosen(MacKayPruning):
+        def on_fit_start(self, trainer, pl_module):
+            self.parameters_to_prune = [(pl_module.net[2], "weight")]
+            model_layers.append(pl_module)
+            super().on_fit_start(trainer, pl_module)
+
+    callback = Chosen(update_every=1, update_on="step", **PRUNING)
+    trainer, module = _fit(callback, accumulate_grad_batches=2)
+    assert list(callback.pruner.targets) == ["net.2"]
+    assert callback.pruner.batch_size == 16 * 2 ** 2
+    assert trainer.global_step == 6 and len(callback.pruner.history) == 6   # per optimizer step
+
+
+def test_checkpoint_resumes_to_the_same_alpha(tmp_path):
+    def callback():
+        return MacKayPruning(update_every=3, update_on="step", **PRUNING)
+
+    first = callback()
+    trainer, module = _fit(first)
+    report = _check_pruned(first)
+    path = tmp_path / "fit.ckpt"
+    trainer.save_checkpoint(path)
+    saved = {name: first.pruner.alpha(name).clone() for name in first.pruner.targets}
+
+    resumed = callback()
+    trainer2, module2 = _fit(resumed, ckpt_path=str(path), seed=5)   # other initial weights
+    assert len(resumed.pruner.history) == 4 and resumed.pruner.report()["kept"] == report["kept"]
+    for name, alpha in saved.items():
+        assert torch.equal(resumed.pruner.alpha(name), alpha)
+    assert all(torch.equal(a, b) for a, b in zip(module.parameters(), module2.parameters()))
+
+    # going on from the checkpoint prunes as the uninterrupted run does
+    longer = callback()
+    _fit(longer, max_epochs=3)
+    continued = callback()
+    _fit(continued, max_epochs=3, ckpt_path=str(path), seed=5)
+    assert len(continued.pruner.history) == len(longer.pruner.history) == 6
+    for name in longer.pruner.targets:
+        assert torch.equal(continued.pruner.alpha(name), longer.pruner.alpha(name))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"update_every must be an int >= 1, got 0"):
+        MacKayPruning(update_every=0)
+    with pytest.raises(ValueError, match=r"update_on must be one of \('epoch', 'step'\), got 'batch'"):
+        MacKayPruning(update_on="batch")
+    with pytest.raises(ValueError, match="parameters_to_prune or layers, not both"):
+        MacKayPruning([], layers=["net.0"])
+    with pytest.raises(ValueError, match=r"verbose must be one of \(0, 1, 2\), got 3"):
+        MacKayPruning(verbose=3)
+    with pytest.raises(TypeError, match=r"\(module, parameter name\) pairs, got 'net.0'"):
+        MacKayPruning(["net.0"]).on_fit_start(
+            type("T", (), {"optimizers": [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)],
+                           "train_dataloader": _loader()})(), TinyClassifier())
