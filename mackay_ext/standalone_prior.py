@@ -1,0 +1,88 @@
+"""The ARD prior for optimizers other than MacKayAdam (a mixin of MacKayPruner).
+
+MacKayAdam applies the prior inside its fused step. Any other torch optimizer knows nothing of
+it, so the pruner keeps alpha and an ef-batch curvature itself (gradient hooks) and applies the
+prior after every optimizer step as the exact implicit (proximal) step
+    w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N),
+contracting for every alpha and step size s, where the prior's gradient in plain SGD diverges
+once lr alpha / N > 2. prior="penalty" keeps the older way: penalty() carries the gradient and
+the user adds it to the loss.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _finite_alpha(alpha: torch.Tensor) -> torch.Tensor:
+    return torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)  # never inf * 0
+
+
+class StandalonePrior:
+    """Hooks, proximal step and penalty of MacKayPruner when the optimizer is not a MacKayAdam;
+    uses the pruner's targets, _own state, num_data, prior, batch_size and curvature_decay."""
+
+    def _attach_hooks(self) -> None:
+        for name, target in self.targets.items():
+            weight = target.param
+            self._own[name] = {
+                "alpha": torch.zeros(self._alpha_shape(target, self.granularity[name]),
+                                     dtype=torch.float32, device=weight.device),
+                "curvature": torch.zeros_like(weight)}
+            if self.curvature_kind == "ef-batch":
+                self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
+            else:  # the exact estimates only need pruned gradients held at 0
+                self._hooks.append(weight.register_hook(
+                    lambda grad, name=name: grad.masked_fill((self._own[name]["alpha"] == math.inf).expand_as(grad), 0)))
+
+    def _curvature_hook(self, name: str, weight: torch.Tensor):
+        def hook(grad):
+            state = self._own[name]
+            alpha = state["alpha"]
+            pruned = alpha == math.inf
+            data_grad = grad
+            if self.prior == "penalty":  # the hook sees penalty()'s gradient alpha/N w too
+                data_grad = grad - _finite_alpha(alpha) / self.num_data * weight.detach()
+            rho = self.curvature_decay
+            state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self.batch_size)
+            return grad.masked_fill(pruned.expand_as(grad), 0)  # no host sync to test for any
+        return hook
+
+    @staticmethod
+    def _prior_step_size(group) -> float:
+        """The step a constant force gets per optimizer step: lr, or lr (1 - dampening) /
+        (1 - momentum) for heavy-ball SGD, whose velocity builds a steady force up to that
+        (so the prior pulls as hard as it would inside the momentum, without its instability)."""
+        lr = float(group.get("lr", 0.0))
+        momentum = float(group.get("momentum", 0.0) or 0.0)
+        if 0.0 < momentum < 1.0:  # Nesterov too: its steady step is the same
+            lr *= (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - momentum)
+        return lr
+
+    @torch.no_grad()
+    def _proximal_step(self) -> None:
+        """w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N), s the prior's
+        step size: the exact implicit step on the prior, contracting for every alpha, s >= 0."""
+        steps = {id(p): self._prior_step_size(g) for g in self.optimizer.param_groups for p in g["params"]}
+        for name, target in self.targets.items():
+            step = steps.get(id(target.param))
+            if step:
+                factor = 1.0 / (1.0 + (step / self.num_data) * _finite_alpha(self._own[name]["alpha"]))
+                target.param.mul_(factor.to(target.param.dtype))
+
+    def penalty(self) -> torch.Tensor:
+        """The ARD term (1 / 2N) sum alpha w^2. With prior="penalty", add it to a mean loss; with
+        the proximal prior the step applies it, and this is its value, without gradient."""
+        if self.fused:
+            raise RuntimeError("MacKayPruner.penalty: MacKayAdam already applies the ARD prior in "
+                               "its step; do not add it to the loss")
+        with torch.set_grad_enabled(self.prior == "penalty" and torch.is_grad_enabled()):
+            total = None
+            for name, target in self.targets.items():
+                term = (_finite_alpha(self._own[name]["alpha"]) * target.param.square()).sum() * (0.5 / self.num_data)
+                total = term if total is None else total + term
+            if self.channel is not None and self.channel.penalty() is not None:
+                total = total + self.channel.penalty()
+        return total
+
