@@ -38,6 +38,7 @@ import time
 import warnings
 
 import torch
+from _hardware import cpu_name
 from torch import nn
 
 import mackay_ext
@@ -233,12 +234,7 @@ def targets(rows):
 
 
 def hardware():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
             "mackay_ext": mackay_ext.__version__, "compiled_backends": list(mackay_ext.compiled_backends()),

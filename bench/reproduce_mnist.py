@@ -30,13 +30,13 @@ import copy
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any, Callable
 
 import torch
+from _hardware import cpu_name
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
@@ -131,12 +131,7 @@ def structure(model: nn.Module) -> dict[str, Any]:
 
 
 def hardware(device: str) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     if torch.device(device).type == "cuda":
         cpu = torch.cuda.get_device_name()
     return f"{cpu} ({torch.get_num_threads()} threads), torch {torch.__version__}"

@@ -45,6 +45,8 @@ class ARDTarget:
 
 
 def _layout(module: nn.Module, attr: str) -> str:
+    if attr.endswith("_orig") and hasattr(module, attr[:-5] + "_mask"):
+        attr = attr[:-5]  # torch.nn.utils.prune keeps the weight as weight_orig beside weight_mask
     if isinstance(module, _CONV) and attr == "weight":
         return "conv"
     if isinstance(module, _CONV_TRANSPOSE) and attr == "weight":
