@@ -212,6 +212,10 @@ def markdown(report: dict) -> str:
                       + ", ".join(report["models"]["transformer"]["ard_layers"]) + " in every MacKay "
                       "variant (the attention's in_proj_weight is no nn.Linear, so the exact estimators "
                       "cannot serve it).")
+    if any(model["profiles"] for model in report["models"].values()):
+        lines += ["", "Profiles: torch.profiler over about 0.5 s of steps of each variant that misses its "
+                  "target by more than 10%, and of the baseline for contrast (one short window each: "
+                  "indicative, not a measurement)."]
     for name, model in report["models"].items():
         for kind, top in model["profiles"].items():
             lines += ["", f"Profile, {name} {kind} (top 5 operators by self CPU time, per step):", "",
