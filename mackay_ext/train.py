@@ -137,6 +137,17 @@ class Trainer:
             return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda epoch: 1.0)
         return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(epochs, 1))
 
+    def _phase_epochs(self) -> int | None:
+        """The epochs of the phase at self.position, as _new_scheduler takes them."""
+        cfg, phase = self.config, self.position["phase"]
+        if phase == "pretrain":
+            return cfg.pretrain_epochs
+        if phase in ("finetune", "done"):
+            return cfg.finetune_epochs
+        if cfg.schedule == "in-run" and cfg.update_every_steps:
+            return None  # the in-run pruning phase keeps its lr
+        return cfg.epochs
+
     def _step_scheduler(self, val_loss: float) -> None:
         if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.lr_scheduler.step(val_loss)
@@ -336,6 +347,7 @@ class Trainer:
         self.pruner.load_state_dict(state["pruner"])
         self.position, self.history, self.best = state["position"], state["history"], state["best"]
         self.dense_test_accuracy = state["dense_test_accuracy"]
+        self.lr_scheduler = self._new_scheduler(self._phase_epochs())  # the saved phase's kind
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])

@@ -130,3 +130,40 @@ def test_mnist32_and_a_cifar_network_with_one_channel(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert summary["dataset"] == "mnist32"
     assert summary["test_accuracy"] == pytest.approx(report["test_accuracy"])
+
+
+@pytest.mark.parametrize("stop_after", ["pretrain r0 e2", "round r0 e3", "finetune r1 e2"])
+def test_recipe_schedule_resumes_as_if_never_stopped(tmp_path, stop_after):
+    """Stopped after any epoch of any phase (cosine lr, steps-based updates, fine-tuning), a
+    resumed run ends with the uninterrupted run's weights and precisions."""
+    config = FitConfig(schedule="in-run", pretrain_epochs=3, epochs=4, update_every_steps=3,
+                       warmup_updates=1, finetune_epochs=3, finetune_lr=2e-3, lr_schedule="cosine",
+                       batch_size=16, retrain_lr=5e-3, backend="torch", patience=100)
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                                   torch.nn.Linear(16, 2))
+
+    whole = Trainer(model(), tiny_images(), config, pruner_options=dict(threshold=0.5))
+    whole.run()
+
+    class Stop(Exception):
+        pass
+
+    def progress(message):
+        if message.startswith(stop_after):
+            raise Stop
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    first = Trainer(model(), tiny_images(), config, pruner_options=dict(threshold=0.5),
+                    checkpoint=checkpoint, progress=progress)
+    with pytest.raises(Stop):
+        first.run()
+    second = Trainer(model(), tiny_images(), config, pruner_options=dict(threshold=0.5),
+                     checkpoint=checkpoint)
+    second.load_checkpoint(checkpoint)
+    second.run()
+    for a, b in zip(whole.model.state_dict().values(), second.model.state_dict().values()):
+        assert torch.equal(a, b)
+    for name in whole.pruner.targets:
+        assert torch.equal(whole.pruner.alpha(name), second.pruner.alpha(name))
