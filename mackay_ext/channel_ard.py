@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._alpha import finite_alpha
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
 
 __all__ = ["ChannelARD", "trace_for_pruner"]
@@ -194,7 +195,7 @@ class ChannelARD:
             state = self._own[member.name]
             data_grad = grad
             if self.pruner.prior == "penalty":   # the hook sees penalty()'s gradient alpha/N w too
-                data_grad = grad - _finite(state["alpha"]) / self.pruner.num_data * member.param.detach()
+                data_grad = grad - finite_alpha(state["alpha"]) / self.pruner.num_data * member.param.detach()
             if self._batch_size is not None:
                 rho = self._decay
                 state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self._batch_size)
@@ -209,7 +210,7 @@ class ChannelARD:
                 param = self.members[name].param
                 step = steps.get(id(param))
                 if step:
-                    factor = 1.0 / (1.0 + (step / self.pruner.num_data) * _finite(state["alpha"]))
+                    factor = 1.0 / (1.0 + (step / self.pruner.num_data) * finite_alpha(state["alpha"]))
                     param.mul_(factor.to(param.dtype))
         self.apply_masks()
 
@@ -245,7 +246,7 @@ class ChannelARD:
 
     def penalty(self) -> torch.Tensor | None:
         """(1 / 2N) sum alpha_eff w^2 over the members tracked here (prior='penalty')."""
-        terms = [(_finite(s["alpha"]) * self.members[n].param.square()).sum() for n, s in self._own.items()]
+        terms = [(finite_alpha(s["alpha"]) * self.members[n].param.square()).sum() for n, s in self._own.items()]
         return sum(terms) * (0.5 / self.pruner.num_data) if terms else None
 
     def nonfinite(self) -> list[str]:
@@ -449,6 +450,3 @@ class ChannelARD:
             if bool(torch.isinf(value).any()):
                 member.param.masked_fill_(torch.isinf(value), 0)
 
-
-def _finite(alpha: torch.Tensor) -> torch.Tensor:
-    return torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)

@@ -30,8 +30,16 @@ import torch
 from torch import nn
 
 from . import ops
+from ._alpha import group_dims
 from ._validate import NonFiniteError, check_choice, check_count
-from .ard_targets import GRANULARITIES, ARDTarget, alpha_shape, alpha_shape_for, exact_curvature_problem, find_targets
+from .ard_targets import (
+    GRANULARITIES,
+    ARDTarget,
+    alpha_shape,
+    alpha_shape_for,
+    exact_curvature_problem,
+    find_targets,
+)
 from .dead_units import prune_unused_units
 from .optim import MacKayAdam
 from .standalone_prior import StandalonePrior
@@ -381,8 +389,7 @@ class MacKayPruner(StandalonePrior):
     def _keep_strongest(self, name: str, target: ARDTarget, old_weight, old_alpha) -> None:
         """Restore the group of largest sum w^2 (with its weights and its alpha before the update)."""
         alpha = self.alpha(name)
-        padded = (1,) * (old_weight.dim() - old_alpha.dim()) + tuple(old_alpha.shape)
-        dims = [d for d, (a, w) in enumerate(zip(padded, old_weight.shape)) if a == 1 and w != 1]
+        dims, _ = group_dims(old_weight, old_alpha)
         norms = old_weight.double().square()
         norms = norms.sum(dim=dims, keepdim=True) if dims else norms
         norms = norms.reshape(old_alpha.shape).masked_fill(old_alpha == math.inf, -1.0)

@@ -9,14 +9,8 @@ import math
 
 import torch
 
+from ._alpha import group_dims
 from ._validate import check_update_args
-
-
-def _group_dims(weight: torch.Tensor, alpha: torch.Tensor) -> tuple[list[int], tuple[int, ...]]:
-    """Dimensions a group of weights reduces over, and alpha's shape padded to weight.dim()."""
-    padded = (1,) * (weight.dim() - alpha.dim()) + tuple(alpha.shape)
-    dims = [d for d, (a, w) in enumerate(zip(padded, weight.shape)) if a == 1 and w != 1]
-    return dims, padded
 
 
 def mackay_update_(weight, curvature, alpha, *, num_data, rule="mackay", prune="alpha",
@@ -34,7 +28,7 @@ def mackay_update_(weight, curvature, alpha, *, num_data, rule="mackay", prune="
     with torch.no_grad():
         wide = torch.float64 in (weight.dtype, alpha.dtype)
         math_dtype = torch.float64 if wide else torch.float32
-        dims, padded = _group_dims(weight, alpha)
+        dims, padded = group_dims(weight, alpha)
         count = math.prod(weight.shape[d] for d in dims)
 
         def group_sum(x):

@@ -14,9 +14,7 @@ import math
 
 import torch
 
-
-def _finite_alpha(alpha: torch.Tensor) -> torch.Tensor:
-    return torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)  # never inf * 0
+from ._alpha import finite_alpha
 
 
 class StandalonePrior:
@@ -43,7 +41,7 @@ class StandalonePrior:
             pruned = alpha == math.inf
             data_grad = grad
             if self.prior == "penalty":  # the hook sees penalty()'s gradient alpha/N w too
-                data_grad = grad - _finite_alpha(alpha) / self.num_data * weight.detach()
+                data_grad = grad - finite_alpha(alpha) / self.num_data * weight.detach()
             rho = self.curvature_decay
             state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self.batch_size)
             return grad.masked_fill(pruned.expand_as(grad), 0)  # no host sync to test for any
@@ -68,7 +66,7 @@ class StandalonePrior:
         for name, target in self.targets.items():
             step = steps.get(id(target.param))
             if step:
-                factor = 1.0 / (1.0 + (step / self.num_data) * _finite_alpha(self._own[name]["alpha"]))
+                factor = 1.0 / (1.0 + (step / self.num_data) * finite_alpha(self._own[name]["alpha"]))
                 target.param.mul_(factor.to(target.param.dtype))
 
     def penalty(self) -> torch.Tensor:
@@ -80,7 +78,7 @@ class StandalonePrior:
         with torch.set_grad_enabled(self.prior == "penalty" and torch.is_grad_enabled()):
             total = None
             for name, target in self.targets.items():
-                term = (_finite_alpha(self._own[name]["alpha"]) * target.param.square()).sum() * (0.5 / self.num_data)
+                term = (finite_alpha(self._own[name]["alpha"]) * target.param.square()).sum() * (0.5 / self.num_data)
                 total = term if total is None else total + term
             if self.channel is not None and self.channel.penalty() is not None:
                 total = total + self.channel.penalty()

@@ -297,21 +297,22 @@ class Trainer:
             self.save_checkpoint()
         if cfg.finetune_epochs and self.position["phase"] != "done":
             self.finetune(cfg.finetune_epochs, cfg.finetune_lr or cfg.retrain_lr)
-        removed = self.pruner.prune_unused_units()  # changes no output; only the counts
+        self._drop_unused_units()  # changes no output; only the counts
+        return self.history
+
+    def _drop_unused_units(self) -> None:
+        removed = self.pruner.prune_unused_units()
         self.unused_unit_weights += removed
         if removed:
             self.progress(f"dropped {removed} weights feeding units whose outputs are all pruned")
-        return self.history
 
     def finetune(self, epochs: int, lr: float, drop_unused: bool = True) -> None:
         """Prior off, kept weights trained on the data alone for `epochs` epochs (best validation
         weights kept), pruned ones held at 0 (first, with `drop_unused`, the weights feeding
         silenced units are pruned too). Resumable like every phase."""
         if self.position["phase"] != "finetune":
-            removed = self.pruner.prune_unused_units() if drop_unused else 0
-            self.unused_unit_weights += removed
-            if removed:
-                self.progress(f"dropped {removed} weights feeding units whose outputs are all pruned")
+            if drop_unused:  # their rows cannot matter any more
+                self._drop_unused_units()
             self.pruner.switch_off_prior()
             for group in self.optimizer.param_groups:
                 group["lr"] = lr

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from .._alpha import group_dims
 from ..pruner import MacKayPruner
 
 __all__ = ["to_torch_prune", "from_torch_prune", "torch_prune_masks"]
@@ -76,12 +77,6 @@ def torch_prune_masks(model: nn.Module) -> dict[str, tuple[nn.Module, str, torch
     return masks
 
 
-def _group_dims(alpha: torch.Tensor, param: torch.Tensor) -> list[int]:
-    """Dimensions of `param` that one alpha entry spans (alpha broadcasts along them)."""
-    padded = (1,) * (param.dim() - alpha.dim()) + tuple(alpha.shape)
-    return [d for d, (a, w) in enumerate(zip(padded, param.shape)) if a == 1 and w != 1]
-
-
 @torch.no_grad()
 def from_torch_prune(model: nn.Module, pruner: MacKayPruner, *, remove: bool = False) -> dict[str, Any]:
     """Import the torch.nn.utils.prune masks of `model` into `pruner`: alpha = +inf (and w = 0)
@@ -111,7 +106,7 @@ def from_torch_prune(model: nn.Module, pruner: MacKayPruner, *, remove: bool = F
             continue
         param, alpha = pruner.targets[layer].param, pruner.alpha(layer)
         pruned = mask == 0
-        dims = _group_dims(alpha, param)
+        dims, _ = group_dims(param, alpha)
         group_pruned = pruned.all(dim=dims, keepdim=True) if dims else pruned
         if dims and not torch.equal(group_pruned.expand_as(pruned), pruned):
             raise ValueError(f"from_torch_prune: the mask of {tensor_name} removes part of an alpha "
