@@ -109,8 +109,9 @@ def _unsupported(model: nn.Module, group: ChannelGroup) -> str | None:
                 return f"'{path}' is a transposed convolution"
             if module.groups > 1 and not (module.groups == module.in_channels == module.out_channels):
                 return f"'{path}' is a grouped convolution ({module.groups} groups)"
-        if isinstance(module, nn.GroupNorm):
-            return f"'{path}' is a GroupNorm, whose channel groups shrink does not split"
+        if isinstance(module, nn.GroupNorm) and not module.affine:
+            return (f"'{path}' is a GroupNorm without affine parameters: its channel count cannot "
+                    "be read back after the cut")
         if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
             return f"'{path}' is a LayerNorm over several dimensions"
     return None
@@ -193,6 +194,14 @@ def _fix_layer_norm(m: nn.LayerNorm) -> None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
+def _fix_group_norm(m: nn.GroupNorm) -> None:
+    # the coupling keeps a normalisation group's channels together (they share statistics), so
+    # whole groups go: the group size stays, the count of groups shrinks
+    size = m.num_channels // m.num_groups
+    m.num_channels = m.weight.shape[0]
+    m.num_groups = m.num_channels // size
+
+
 def _fix_embedding(m: nn.Embedding) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
@@ -220,6 +229,7 @@ def _looks_like(module: nn.Module, kind: str) -> bool:
 # One attribute fixer per module type (checked in order; strings are duck-typed attention modules).
 _FIXERS = [(nn.Linear, _fix_linear), (nn.modules.conv._ConvNd, _fix_conv),
            (nn.modules.batchnorm._NormBase, _fix_batch_norm), (nn.LayerNorm, _fix_layer_norm),
+           (nn.GroupNorm, _fix_group_norm),
            (nn.Embedding, _fix_embedding), ("timm-attention", _fix_timm_attention),
            ("hf-attention", _fix_hf_attention)]
 

@@ -236,6 +236,39 @@ def test_round_to_on_a_residual_network():
             assert module.out_channels % 8 == 0
 
 
+class SeparableGroupNormNet(nn.Module):
+    """Depthwise-separable residual blocks with GroupNorm: a normalisation group's channels share
+    statistics, so they are coupled into one group and leave together."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.pw = nn.Conv2d(c, c, 1)
+        self.gn = nn.GroupNorm(4, c)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = h + torch.relu(self.gn(self.pw(self.dw(h))))
+        return self.head(h.mean((2, 3)))
+
+
+def test_whole_groupnorm_groups_are_removed():
+    torch.manual_seed(0)
+    model, inputs = to_double(SeparableGroupNormNet(), (torch.randn(2, 3, 6, 6),))
+    groups = channel_groups(model, inputs)
+    assert len(groups) == 4 and all(len(g.members[0].indices) == 4 for g in groups)
+    groups[1].zero_(model)
+    groups[3].zero_(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+        small, report = shrink(model, inputs, report=True)
+        assert_equal_outputs(expected, small(*inputs))
+    assert (small.gn.num_groups, small.gn.num_channels, small.stem.out_channels) == (2, 8, 8)
+    assert len(report.removed) == 2 and not report.kept_zero
+
+
 def test_refuses_to_remove_every_channel_of_a_layer():
     model, inputs = to_double(ConvBnConv(), (torch.randn(1, 3, 4, 4),))
     for g in channel_groups(model, inputs)[:8]:
