@@ -1,4 +1,4 @@
-"""Datasets: MNIST (IDX files), CIFAR-10 (python pickles), scikit-learn's bundled 8x8 digits.
+"""Datasets: MNIST (IDX files), CIFAR-10 and CIFAR-100 (python pickles), scikit-learn's bundled 8x8 digits.
 
 Every loader returns a `Splits` of float tensors: train / val (held out from the training data)
 / test. Images are scaled to [0, 1] and standardised with the training set's mean and std.
@@ -220,27 +220,64 @@ def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,
                    images(arrays["test_images"]), labels(arrays["test_labels"]), val_fraction, seed)
 
 
+def _cifar_root(directory: str, folder: str, first_file: str, what: str) -> str:
+    """Where the pickles are: `directory` itself, or its `folder` subdirectory (the top folder of
+    the official archive, so --data-dir may name the folder it was unpacked into)."""
+    if not os.path.isdir(directory):
+        raise DatasetError(f"{what} directory {os.path.abspath(directory)} not found; point --data-dir "
+                           f"at the unpacked {folder} folder (python version of the dataset)")
+    inner = os.path.join(directory, folder)
+    if not os.path.isfile(os.path.join(directory, first_file)) and os.path.isfile(os.path.join(inner, first_file)):
+        return inner
+    return directory
+
+
+def _cifar_pickle(directory: str, name: str, label_key: bytes, num_classes: int, what: str,
+                  archive: str, folder: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pickle of the python version of CIFAR: images (N, 3, 32, 32) in [0, 1], labels (N,)."""
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+        raise DatasetError(f"{what} file {name} not found in {os.path.abspath(directory)}; "
+                           f"unpack {archive} there (the {folder} folder)")
+    try:
+        with open(path, "rb") as handle:
+            entry = pickle.load(handle, encoding="bytes")
+        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        targets = np.asarray(entry[label_key], dtype=np.int64)
+    except Exception as error:  # a corrupt pickle can raise almost anything
+        raise DatasetError(f"{path}: not a {what} batch ({error})") from error
+    if len(targets) != len(data) or (len(targets) and not 0 <= targets.min() <= targets.max() < num_classes):
+        raise DatasetError(f"{path}: {len(data)} images and {len(targets)} labels in "
+                           f"[{targets.min(initial=0)}, {targets.max(initial=0)}]; a {what} batch has one "
+                           f"label in 0..{num_classes - 1} per image")
+    return torch.from_numpy(data.astype(np.float32) / 255.0), torch.from_numpy(targets)
+
+
 def load_cifar10(directory: str, *, val_fraction: float = 0.1, seed: int = 0) -> Splits:
-    """CIFAR-10 from its python-pickle directory (data_batch_1..5, test_batch); (N, 3, 32, 32)."""
+    """CIFAR-10 from its python-pickle directory (data_batch_1..5, test_batch); (N, 3, 32, 32).
+    5,000 of the 50,000 training images are held out for validation."""
+    directory = _cifar_root(directory, "cifar-10-batches-py", "data_batch_1", "CIFAR-10")
+
     def batch(name):
-        path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            raise DatasetError(f"CIFAR-10 file {name} not found in {os.path.abspath(directory)}; "
-                               "unpack cifar-10-python.tar.gz there (the cifar-10-batches-py folder)")
-        try:
-            with open(path, "rb") as handle:
-                entry = pickle.load(handle, encoding="bytes")
-            data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            targets = np.asarray(entry[b"labels"], dtype=np.int64)
-        except Exception as error:  # a corrupt pickle can raise almost anything
-            raise DatasetError(f"{path}: not a CIFAR-10 batch ({error})") from error
-        return torch.from_numpy(data.astype(np.float32) / 255.0), torch.from_numpy(targets)
+        return _cifar_pickle(directory, name, b"labels", 10, "CIFAR-10", "cifar-10-python.tar.gz",
+                             "cifar-10-batches-py")
 
     parts = [batch(f"data_batch_{i}") for i in range(1, 6)]
     x_train = torch.cat([p[0] for p in parts])
     y_train = torch.cat([p[1] for p in parts])
     x_test, y_test = batch("test_batch")
     return _finish("cifar10", x_train, y_train, x_test, y_test, val_fraction, seed)
+
+
+def load_cifar100(directory: str, *, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """CIFAR-100 (the 100 fine labels) from its python-pickle directory (files train and test, as in
+    cifar-100-python.tar.gz); (N, 3, 32, 32). 5,000 of the 50,000 training images are held out
+    for validation; standardised like CIFAR-10 (the training set's mean and std)."""
+    directory = _cifar_root(directory, "cifar-100-python", "train", "CIFAR-100")
+    where = ("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python")
+    x_train, y_train = _cifar_pickle(directory, "train", b"fine_labels", 100, *where)
+    x_test, y_test = _cifar_pickle(directory, "test", b"fine_labels", 100, *where)
+    return _finish("cifar100", x_train, y_train, x_test, y_test, val_fraction, seed)
 
 
 def load_digits(*, val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> Splits:
