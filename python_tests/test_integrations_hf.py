@@ -8,17 +8,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")   # Trainer needs it
 
-from mackay_ext import MacKayAdam  # noqa: E402
-from mackay_ext.integrations.hf import MacKayCallback  # noqa: E402
-from mackay_ext.optim import ard_param_groups  # noqa: E402
+from mackay_ext import MacKayAdam
+from mackay_ext.integrations.hf import MacKayCallback
+from mackay_ext.optim import ard_param_groups
 
 NUM_DATA = 48
 
 
-def _model():
+def _model(**config):
     config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=2, intermediate_size=37,
-                                     max_position_embeddings=16, num_labels=3)
+                                     max_position_embeddings=16, num_labels=3, **config)
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)
 
@@ -31,18 +31,18 @@ def _dataset():
             for t, y in zip(tokens, labels)]
 
 
-def _train(tmp_path, callback, optimizers=(None, None), **options):
+def _train(tmp_path, callback, optimizers=(None, None), model=None, resume=None, callbacks=(), **options):
+    options = {"max_steps": 20, "per_device_train_batch_size": 8, "save_strategy": "no", **options}
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=20,
-        per_device_train_batch_size=8, learning_rate=3e-3, logging_steps=5, save_strategy="no",
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=3e-3, logging_steps=5,
         disable_tqdm=True, seed=0, **options)
-    model = _model()
-    if optimizers[0] == "mackay":
-        optimizers = (MacKayAdam(ard_param_groups(model), lr=3e-3, num_data=NUM_DATA,
-                                 batch_size=8 * options.get("gradient_accumulation_steps", 1)), None)
+    model = _model() if model is None else model
+    if optimizers[0] == "mackay":   # B: the effective batch of one optimizer step
+        batch = options["per_device_train_batch_size"] * options.get("gradient_accumulation_steps", 1)
+        optimizers = (MacKayAdam(ard_param_groups(model), lr=3e-3, num_data=NUM_DATA, batch_size=batch), None)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(),
-                                   callbacks=[callback], optimizers=optimizers)
-    trainer.train()
+                                   callbacks=[callback, *callbacks], optimizers=optimizers)
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -62,7 +62,7 @@ def _check_pruned_and_logged(trainer, callback, updates):
     return logged
 
 
-PRUNING = dict(update_every=5, prune="alpha", threshold=1e5)   # alpha >= 1e5: |w| below ~3e-3
+PRUNING = {"update_every": 5, "prune": "alpha", "threshold": 1e5}   # alpha >= 1e5: |w| below ~3e-3
 
 
 def test_trainer_prunes_and_logs(tmp_path, caplog):
@@ -83,15 +83,19 @@ def test_trainer_with_mackay_adam(tmp_path):
     _check_pruned_and_logged(trainer, callback, updates=4)
 
 
-def test_gradient_accumulation_and_bf16(tmp_path):
+def test_gradient_accumulation_and_bf16(tmp_path, caplog):
     callback = MacKayCallback(**PRUNING)
     try:
-        trainer = _train(tmp_path, callback, gradient_accumulation_steps=2, bf16=True)
+        with caplog.at_level(logging.WARNING, logger="mackay_ext.integrations.hf"):
+            trainer = _train(tmp_path, callback, gradient_accumulation_steps=2, bf16=True)
     except (ValueError, RuntimeError) as error:   # a CPU/transformers pair without bf16
         if "bf16" not in str(error).lower() and "bfloat16" not in str(error).lower():
             raise
         pytest.skip(f"bf16 refused here: {error}")
-    assert callback.pruner.batch_size == 8 * 2 ** 2
+    assert callback.pruner.batch_size == 8 * 2   # the effective batch of one optimizer step
+    # BERT takes **kwargs, so the Trainer leaves the division by the 2 micro-batches to it
+    assert "the optimizer's gradient is 2 times the batch mean" in caplog.text
+    assert "pass batch_size=4" in caplog.text
     # on_step_end fires per optimizer step: 20 steps of 2 micro-batches, one update every 5
     assert trainer.state.global_step == 20
     logged = _check_pruned_and_logged(trainer, callback, updates=4)
@@ -122,3 +126,109 @@ def test_bad_arguments():
         MacKayCallback(at_end="shrink")
     with pytest.raises(TypeError, match="do not pass them"):
         MacKayCallback(optimizer=None)
+
+
+# ---------------------------------------------------------------- checkpoints
+class _StopAt(transformers.TrainerCallback):
+    """Ends train() after `step` optimizer steps, as an interrupted job would (the lr schedule
+    still spans max_steps, so the resumed run can match the uninterrupted one)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _ard_state(pruner):
+    return ({name: pruner.alpha(name).clone() for name in pruner.targets},
+            {name: pruner.curvature(name).clone() for name in pruner.targets})
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "mackay"])
+def test_resumed_run_continues_as_the_uninterrupted_one(tmp_path, optimizer):
+    optimizers = ("mackay", None) if optimizer == "mackay" else (None, None)
+    saving = {"save_strategy": "steps", "save_steps": 10}
+    whole = MacKayCallback(**PRUNING)
+    uninterrupted = _train(tmp_path / "whole", whole, optimizers, **saving)
+
+    first = MacKayCallback(**PRUNING)
+    _train(tmp_path / "parts", first, optimizers, callbacks=[_StopAt(10)], **saving)
+    checkpoint = tmp_path / "parts" / "checkpoint-10"
+    assert (checkpoint / "mackay_pruner.pt").is_file()
+    assert len(first.pruner.history) == 2 and first.pruner.report()["kept"] < first.pruner.report()["total"]
+    saved_alpha, saved_curvature = _ard_state(first.pruner)
+
+    loaded = {}
+
+    class _Probe(transformers.TrainerCallback):   # runs after MacKayCallback.on_train_begin
+        def on_train_begin(self, args, state, control, **kwargs):
+            loaded["state"] = _ard_state(resumed.pruner)
+
+    resumed = MacKayCallback(**PRUNING)
+    trainer = _train(tmp_path / "parts", resumed, optimizers, model=_model(initializer_range=0.5),
+                     resume=str(checkpoint), callbacks=[_Probe()], **saving)
+    # at the resume: the state saved at step 10, not a fresh prior
+    for name in saved_alpha:
+        assert torch.equal(loaded["state"][0][name], saved_alpha[name])
+        assert torch.equal(loaded["state"][1][name], saved_curvature[name])
+    # at the end: updates at steps 15 and 20 as in the uninterrupted run, same alpha and masks
+    assert trainer.state.global_step == 20
+    assert len(resumed.pruner.history) == len(whole.pruner.history) == 4
+    assert resumed.pruner.report()["kept"] == whole.pruner.report()["kept"] < whole.pruner.report()["total"]
+    for name in whole.pruner.targets:
+        ours, theirs = resumed.pruner.alpha(name), whole.pruner.alpha(name)
+        assert torch.equal(ours == math.inf, theirs == math.inf), name
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+    for ours, theirs in zip(trainer.model.parameters(), uninterrupted.model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    # the Trainer's logs (the resumed run's history starts with the checkpoint's) agree too
+    def logged(run):
+        return [(e["mackay_updates"], e["mackay_kept_fraction"]) for e in run.state.log_history if "loss" in e]
+    assert logged(trainer) == logged(uninterrupted)
+    assert [updates for updates, _ in logged(trainer)] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_resume_without_saved_state(tmp_path, caplog):
+    _train(tmp_path / "dense", transformers.TrainerCallback(), max_steps=10, save_strategy="steps", save_steps=10)
+    checkpoint = str(tmp_path / "dense" / "checkpoint-10")
+    with caplog.at_level(logging.WARNING, logger="mackay_ext.integrations.hf"):   # a dense checkpoint
+        callback = MacKayCallback(**PRUNING)
+        _train(tmp_path / "dense", callback, resume=checkpoint)
+    assert "mackay_pruner.pt does not exist: the ARD state starts afresh" in caplog.text
+    assert len(callback.pruner.history) == 2   # steps 15 and 20
+    with pytest.raises(FileNotFoundError, match=r"resume_from=.*checkpoint-10' has no mackay_pruner.pt"):
+        _train(tmp_path / "dense", MacKayCallback(resume_from=checkpoint, **PRUNING), resume=checkpoint)
+
+
+# ------------------------------------------------- curvature of the optimizer's gradient
+@pytest.mark.parametrize("optimizer", ["adamw", "mackay"])
+def test_accumulation_estimates_what_one_batch_does(tmp_path, optimizer):
+    """2 micro-batches of 4 and one batch of 8 on the same examples give the optimizer the same
+    gradient; the curvature, hence alpha after the second update, must agree as well."""
+    optimizers = ("mackay", None) if optimizer == "mackay" else (None, None)
+    runs = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = _model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        model.accepts_loss_kwargs = False   # the Trainer divides each micro-batch's loss by 2
+        callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5)
+        _train(tmp_path / str(batch), callback, optimizers, model=model, max_steps=10,
+               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        runs[batch] = callback.pruner
+        if optimizer == "adamw":
+            assert callback.pruner.batch_size == 8
+    one, two = runs[8], runs[4]
+    assert len(one.history) == len(two.history) == 2
+    for name in one.targets:
+        curvature = one.curvature(name)
+        assert bool((curvature > 0).any())
+        torch.testing.assert_close(two.curvature(name), curvature, rtol=1e-3, atol=1e-3 * float(curvature.max()))
+        # alpha = gamma / w^2 magnifies the rounding of weights near 0 (summation order differs):
+        # agreement to float precision on the typical weight, to a few percent on every one
+        ours, theirs = two.alpha(name), one.alpha(name)
+        assert torch.equal(ours == math.inf, theirs == math.inf)
+        finite = torch.isfinite(theirs) & (theirs > 0)
+        relative = ((ours[finite] - theirs[finite]).abs() / theirs[finite]).double()
+        assert float(relative.median()) < 1e-5 and float(relative.max()) < 0.05, name
+    assert two.history[-1]["gamma_sum"] == pytest.approx(one.history[-1]["gamma_sum"], rel=1e-4)

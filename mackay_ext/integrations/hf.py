@@ -13,20 +13,25 @@ Pruned weights are held at exactly 0 either way.
 """
 from __future__ import annotations
 
+import inspect
 import logging
+import os
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .._files import load_plain, save_atomic
 from .._validate import check_choice
-from ..pruner import MacKayPruner
+from ._step_curvature import StepCurvaturePruner
 
 __all__ = ["MacKayCallback"]
 
 logger = logging.getLogger(__name__)
 
 AT_END = (None, "sparsify", "shrink")
+STATE_FILE = "mackay_pruner.pt"   # beside the Trainer's files in each checkpoint-<step> folder
 
 
 def _inner_optimizer(optimizer):
@@ -37,27 +42,45 @@ def _inner_optimizer(optimizer):
     return optimizer
 
 
+def _accepts_loss_kwargs(model) -> bool:
+    """The Trainer's rule: a model with `accepts_loss_kwargs`, or whose forward takes **kwargs,
+    gets num_items_in_batch and is trusted to normalise its loss over the accumulated batch."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "accepts_loss_kwargs"):
+        return bool(model.accepts_loss_kwargs)
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class MacKayCallback(TrainerCallback):
     """Runs MacKayPruner inside Trainer.train().
 
     Args:
         num_data: N; default len(train_dataset) as the Trainer's dataloader sees it.
-        update_every: optimizer steps between precision updates (on_step_end fires once per
-            optimizer step, so with gradient accumulation this counts accumulated steps).
-        batch_size: B of the ef-batch curvature when the optimizer is not a MacKayAdam. The
-            curvature is then read from each backward's gradient. For a mean loss the Trainer
-            divides each micro-batch's loss by gradient_accumulation_steps A, and the default
-            per_device_train_batch_size * A^2 makes B g^2 the per-example estimate again
-            (DESIGN.md section 1). A model whose forward takes **kwargs gets num_items_in_batch
-            instead and must normalise itself; one that ignores it (BertForSequenceClassification
-            in transformers 5: its logged loss is A times the mean) has A^2 too large a curvature
-            under this default: pass batch_size=per_device_train_batch_size there.
-            Under DDP these gradients are the rank's own: use MacKayAdam there (its step reads the
-            averaged gradient), so that every rank computes the same alpha.
+        update_every: optimizer steps between precision updates: an update at every global step
+            divisible by it (on_step_end fires once per optimizer step, so with gradient
+            accumulation this counts accumulated steps; a resumed run keeps the schedule).
+        batch_size: B of the ef-batch curvature when the optimizer is not a MacKayAdam; default
+            the effective batch per_device_train_batch_size x gradient_accumulation_steps x
+            world_size. The curvature h <- rho h + (1 - rho) B g^2 is read once per optimizer step
+            from the gradient the optimizer used (accumulated, averaged over DDP ranks, unscaled,
+            clipped; integrations._step_curvature), so every rank computes the same alpha and
+            accumulation A x batch b estimates what one batch of A b does. That gradient is the
+            mean over the effective batch when the Trainer divides each micro-batch's loss by A,
+            or the model normalises by num_items_in_batch. A model that takes **kwargs but ignores
+            num_items_in_batch (BertForSequenceClassification in transformers 5) hands the
+            optimizer A times that mean: pass batch_size=B / A^2 there (a warning says when it may
+            apply), or set model.accepts_loss_kwargs = False so that the Trainer divides.
+            A MacKayAdam reads the same gradient in its step: give it batch_size=B.
         at_end: None (default), "sparsify" (mackay_ext.sparsify(model) in place at on_train_end)
             or "shrink" (`callback.shrunk_model` = mackay_ext.shrink(model, example_inputs); the
             Trainer keeps its model).
         example_inputs: batch for at_end="shrink" (and granularity="channel").
+        resume_from: the checkpoint folder whose ARD state a resumed run loads; default the
+            folder of the resumed step in args.output_dir (see Checkpoints).
         verbose: log every update's kept fraction and sum of gamma (logger mackay_ext.integrations.hf).
         **pruner_options: passed to MacKayPruner (layers, granularity, rule, prune, threshold,
             curvature, alpha_max, ...).
@@ -66,12 +89,17 @@ class MacKayCallback(TrainerCallback):
     are added to every Trainer log entry (state.log_history and the callbacks after this one;
     report_to integrations run before user callbacks in transformers' order: to reach them, put
     this callback first: trainer.callback_handler.callbacks.insert(0, trainer.pop_callback(callback))).
-    The ARD state is not in the Trainer's checkpoints: `callback.pruner.state_dict()` has it.
+
+    Checkpoints: every checkpoint the Trainer saves gets the pruner's state (alpha, curvature,
+    history) as mackay_pruner.pt beside its files (written by the process that saves). When
+    train(resume_from_checkpoint=...) resumes at step s, the state is loaded from
+    `resume_from`, or else from <output_dir>/checkpoint-s, so that the run goes on with the alpha,
+    masks and update schedule it had; without such a file it warns and starts the ARD state afresh.
     """
 
     def __init__(self, num_data: float | None = None, *, update_every: int = 50,
                  batch_size: float | None = None, at_end: str | None = None, example_inputs=None,
-                 verbose: bool = False, **pruner_options):
+                 resume_from: str | os.PathLike | None = None, verbose: bool = False, **pruner_options):
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
             raise ValueError(f"MacKayCallback: update_every must be an int >= 1, got {update_every!r}")
         check_choice("at_end", at_end, AT_END, "MacKayCallback")
@@ -79,13 +107,19 @@ class MacKayCallback(TrainerCallback):
             raise ValueError("MacKayCallback: at_end='shrink' needs example_inputs (a batch the model runs)")
         if "optimizer" in pruner_options or "model" in pruner_options:
             raise TypeError("MacKayCallback: the Trainer's model and optimizer are used; do not pass them")
+        if pruner_options.get("prior") == "penalty":
+            raise ValueError("MacKayCallback: prior='penalty' needs pruner.penalty() in the loss, which "
+                             "the Trainer computes: use the default proximal prior, or MacKayAdam")
+        if resume_from is not None and not isinstance(resume_from, (str, os.PathLike)):
+            raise TypeError("MacKayCallback: resume_from must be a checkpoint folder path, got "
+                            f"{type(resume_from).__name__}")
         self.num_data, self.update_every, self.batch_size = num_data, update_every, batch_size
         self.at_end, self.example_inputs, self.verbose = at_end, example_inputs, bool(verbose)
+        self.resume_from = None if resume_from is None else os.fspath(resume_from)
         self.pruner_options = pruner_options
-        self.pruner: MacKayPruner | None = None
+        self.pruner: StepCurvaturePruner | None = None
         self.last_update: dict[str, Any] | None = None
         self.shrunk_model = None
-        self._steps = 0
 
     # ------------------------------------------------------------------ set-up
     def _num_data(self, train_dataloader) -> float:
@@ -97,32 +131,74 @@ class MacKayCallback(TrainerCallback):
             raise ValueError("MacKayCallback: the training set has no length (an IterableDataset?): "
                              "pass num_data=N") from None
 
+    def _batch_size(self, args, model) -> float:
+        if self.batch_size is not None:
+            return self.batch_size
+        accumulation = max(int(args.gradient_accumulation_steps), 1)
+        if accumulation > 1 and _accepts_loss_kwargs(model):
+            logger.warning(
+                "MacKayCallback: the Trainer leaves the division of the loss over %d accumulated "
+                "micro-batches to %s (its forward takes **kwargs: num_items_in_batch); if it ignores "
+                "num_items_in_batch, the optimizer's gradient is %d times the batch mean and the "
+                "curvature %d times too large: pass batch_size=%g, or set model.accepts_loss_kwargs = "
+                "False", accumulation, type(getattr(model, "module", model)).__name__, accumulation,
+                accumulation ** 2, args.per_device_train_batch_size * max(args.world_size, 1) / accumulation)
+        return args.per_device_train_batch_size * accumulation * max(int(args.world_size), 1)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None,
                        **kwargs):
         optimizer = _inner_optimizer(optimizer)
-        if self.pruner is not None and self.pruner.model is model and self.pruner.optimizer is optimizer:
-            return   # train() called again on the same Trainer: keep the ARD state
-        if self.pruner is not None:
-            self.pruner.detach()
-        accumulation = max(int(args.gradient_accumulation_steps), 1)
-        batch_size = self.batch_size
-        if batch_size is None:
-            batch_size = args.per_device_train_batch_size * accumulation ** 2
-        options = dict(self.pruner_options)
-        if self.pruner_options.get("granularity") == "channel":
-            options["example_inputs"] = self.example_inputs
-        self.pruner = MacKayPruner(model, optimizer, num_data=self._num_data(train_dataloader),
-                                   batch_size=batch_size, **options)
-        self._steps = 0
+        same = self.pruner is not None and self.pruner.model is model and self.pruner.optimizer is optimizer
+        if not same:   # (train() called again on the same Trainer keeps the ARD state)
+            if self.pruner is not None:
+                self.pruner.detach()
+            options = dict(self.pruner_options)
+            if self.pruner_options.get("granularity") == "channel":
+                options["example_inputs"] = self.example_inputs
+            self.pruner = StepCurvaturePruner(model, optimizer, num_data=self._num_data(train_dataloader),
+                                              batch_size=self._batch_size(args, model), **options)
+            self.last_update = None
+        if state.global_step > 0:   # the Trainer resumed from a checkpoint
+            self._resume(args, state)
         if self.verbose:
             logger.info("MacKayCallback: prior on %d weights of %d layers (%s); left out: %s",
                         self.pruner.report()["total"], len(self.pruner.targets), self.pruner.prior,
                         [e.get("name") for e in self.pruner.excluded])
 
+    # ------------------------------------------------------------- checkpoints
+    def on_save(self, args, state, control, **kwargs):
+        if self.pruner is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not os.path.isdir(folder):   # a hyperparameter search saves under run-<id>/
+            logger.warning("MacKayCallback: no checkpoint folder %s: the ARD state of step %d is not "
+                           "saved", folder, state.global_step)
+            return
+        save_atomic({"pruner": self.pruner.state_dict(), "global_step": state.global_step},
+                    os.path.join(folder, STATE_FILE))
+
+    def _resume(self, args, state) -> None:
+        folder = self.resume_from or os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.exists(path):
+            if self.resume_from is not None:
+                raise FileNotFoundError(f"MacKayCallback: resume_from={self.resume_from!r} has no {STATE_FILE} "
+                                        "(a checkpoint saved without this callback?)")
+            logger.warning("MacKayCallback: the Trainer resumed at step %d but %s does not exist: the "
+                           "ARD state starts afresh (a checkpoint from elsewhere: pass resume_from=<its "
+                           "folder>)", state.global_step, path)
+            return
+        saved = load_plain(path, "MacKayCallback state")
+        if saved.get("global_step") != state.global_step:
+            raise ValueError(f"MacKayCallback: {path} holds the ARD state of step {saved.get('global_step')}, "
+                             f"but the Trainer resumed at step {state.global_step}")
+        self.pruner.load_state_dict(saved["pruner"])
+        self.pruner.apply_masks()   # the loaded weights agree with alpha = +inf
+        self.last_update = self.pruner.history[-1] if self.pruner.history else None
+
     # ------------------------------------------------------------------ training
     def on_step_end(self, args, state, control, **kwargs):
-        self._steps += 1
-        if self._steps % self.update_every:
+        if self.pruner is None or state.global_step % self.update_every:
             return
         self.last_update = self.pruner.update()
         if self.verbose:

@@ -36,7 +36,7 @@ def _layer_names(module: nn.Module, parameters_to_prune) -> list[str]:
         if id(sub) not in names:
             raise ValueError(f"MacKayPruning: parameters_to_prune names a {type(sub).__name__} that is "
                              "not part of the LightningModule")
-        if not isinstance(getattr(sub, attr, None), nn.Parameter):
+        if attr not in dict(sub.named_parameters(recurse=False)):
             raise ValueError(f"MacKayPruning: {type(sub).__name__} has no parameter {attr!r}")
         prefix = names[id(sub)]
         chosen.append((prefix or attr) if attr == "weight" else (f"{prefix}.{attr}" if prefix else attr))

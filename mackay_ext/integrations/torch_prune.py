@@ -19,7 +19,7 @@ from torch.nn.utils import prune as torch_prune
 from .._alpha import group_dims
 from ..pruner import MacKayPruner
 
-__all__ = ["to_torch_prune", "from_torch_prune", "torch_prune_masks"]
+__all__ = ["from_torch_prune", "to_torch_prune", "torch_prune_masks"]
 
 
 def _check_pruner(pruner, where: str) -> None:
