@@ -126,6 +126,10 @@ def test_bad_arguments():
         MacKayCallback(at_end="shrink")
     with pytest.raises(TypeError, match="do not pass them"):
         MacKayCallback(optimizer=None)
+    with pytest.raises(ValueError, match=r"prior='penalty' needs pruner.penalty\(\) in the loss"):
+        MacKayCallback(prior="penalty")
+    with pytest.raises(TypeError, match="resume_from must be a checkpoint folder path, got int"):
+        MacKayCallback(resume_from=10)
 
 
 # ---------------------------------------------------------------- checkpoints

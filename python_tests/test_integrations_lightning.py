@@ -8,9 +8,9 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from mackay_ext import MacKayAdam  # noqa: E402
-from mackay_ext.integrations.lightning import MacKayPruning  # noqa: E402
-from mackay_ext.optim import ard_param_groups  # noqa: E402
+from mackay_ext import MacKayAdam
+from mackay_ext.integrations.lightning import MacKayPruning
+from mackay_ext.optim import ard_param_groups
 
 NUM_DATA = 96
 
@@ -34,27 +34,27 @@ class TinyClassifier(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def _loader():
+def _loader(batch_size=16):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(NUM_DATA, 7, generator=generator)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 1).long()   # two inputs matter, five do not
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
 
 
 # float32: under precision="64-true" the weights this Lightning restores from a checkpoint differ
 # from the saved ones by ~1e-8 (float32 rounding), which would hide an exact comparison
-def _fit(callback, max_epochs=2, optimizer="adam", ckpt_path=None, seed=0, **options):
+def _fit(callback, max_epochs=2, optimizer="adam", ckpt_path=None, seed=0, batch_size=16, **options):
     torch.manual_seed(seed)
     module = TinyClassifier(optimizer)
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, deterministic=True, callbacks=[callback], **options)
-    trainer.fit(module, train_dataloaders=_loader(), ckpt_path=ckpt_path)
+    trainer.fit(module, train_dataloaders=_loader(batch_size), ckpt_path=ckpt_path)
     return trainer, module
 
 
 # alpha >= 2e3: |w| below ~0.02 once trained under the prior
-PRUNING = dict(prune="alpha", threshold=2e3)
+PRUNING = {"prune": "alpha", "threshold": 2e3}
 
 
 def _check_pruned(callback):
@@ -71,7 +71,7 @@ def _check_pruned(callback):
 def test_fit_prunes_and_logs(optimizer, caplog):
     callback = MacKayPruning(update_every=3, update_on="step", verbose=2, **PRUNING)
     with caplog.at_level(logging.INFO):
-        trainer, module = _fit(callback, optimizer=optimizer)
+        trainer, _ = _fit(callback, optimizer=optimizer)
     assert callback.pruner.fused == (optimizer == "mackay")
     assert callback.pruner.num_data == NUM_DATA and trainer.global_step == 12
     assert len(callback.pruner.history) == 4   # steps 3, 6, 9, 12
@@ -93,9 +93,9 @@ def test_parameters_to_prune_and_accumulation():
             super().on_fit_start(trainer, pl_module)
 
     callback = Chosen(update_every=1, update_on="step", **PRUNING)
-    trainer, module = _fit(callback, accumulate_grad_batches=2)
+    trainer, _ = _fit(callback, accumulate_grad_batches=2)
     assert list(callback.pruner.targets) == ["net.2"]
-    assert callback.pruner.batch_size == 16 * 2 ** 2
+    assert callback.pruner.batch_size == 16 * 2   # the effective batch of one optimizer step
     assert trainer.global_step == 6 and len(callback.pruner.history) == 6   # per optimizer step
 
 
@@ -111,7 +111,7 @@ def test_checkpoint_resumes_to_the_same_alpha(tmp_path):
     saved = {name: first.pruner.alpha(name).clone() for name in first.pruner.targets}
 
     resumed = callback()
-    trainer2, module2 = _fit(resumed, ckpt_path=str(path), seed=5)   # other initial weights
+    _, module2 = _fit(resumed, ckpt_path=str(path), seed=5)   # other initial weights
     assert len(resumed.pruner.history) == 4 and resumed.pruner.report()["kept"] == report["kept"]
     for name, alpha in saved.items():
         assert torch.equal(resumed.pruner.alpha(name), alpha)
@@ -127,9 +127,30 @@ def test_checkpoint_resumes_to_the_same_alpha(tmp_path):
         assert torch.equal(continued.pruner.alpha(name), longer.pruner.alpha(name))
 
 
+def test_accumulation_estimates_what_one_batch_does():
+    """2 micro-batches of 8 and one batch of 16 on the same examples give Adam the same gradient
+    (Lightning divides each micro-batch's loss by 2): the curvature and alpha agree too."""
+    runs = {}
+    for batch_size, accumulation in ((16, 1), (8, 2)):
+        callback = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+        trainer, _ = _fit(callback, max_epochs=1, batch_size=batch_size, accumulate_grad_batches=accumulation)
+        assert trainer.global_step == 6 and callback.pruner.batch_size == 16
+        runs[batch_size] = callback.pruner
+    one, two = runs[16], runs[8]
+    assert len(one.history) == len(two.history) == 2   # the second update reads the curvature
+    for name in one.targets:
+        curvature = one.curvature(name)
+        assert bool((curvature > 0).any())
+        torch.testing.assert_close(two.curvature(name), curvature, rtol=1e-4, atol=1e-6 * float(curvature.max()))
+        torch.testing.assert_close(two.alpha(name), one.alpha(name), rtol=1e-3, atol=0)
+    assert two.history[-1]["gamma_sum"] == pytest.approx(one.history[-1]["gamma_sum"], rel=1e-4)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"update_every must be an int >= 1, got 0"):
         MacKayPruning(update_every=0)
+    with pytest.raises(ValueError, match=r"prior='penalty' is not available"):
+        MacKayPruning(prior="penalty")
     with pytest.raises(ValueError, match=r"update_on must be one of \('epoch', 'step'\), got 'batch'"):
         MacKayPruning(update_on="batch")
     with pytest.raises(ValueError, match="parameters_to_prune or layers, not both"):

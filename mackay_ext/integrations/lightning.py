@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .._validate import check_choice
-from ..pruner import MacKayPruner
+from ._step_curvature import StepCurvaturePruner
 
 __all__ = ["MacKayPruning"]
 
@@ -53,8 +53,12 @@ class MacKayPruning(Callback):
             between precision updates.
         num_data: N; default the length of the training dataloader's dataset.
         batch_size: B of the ef-batch curvature with a non-MacKayAdam optimizer; default the
-            dataloader's batch size times accumulate_grad_batches^2 (Lightning divides each
-            micro-batch's loss by accumulate_grad_batches; the hooks see those gradients).
+            effective batch of one optimizer step: the dataloader's batch size x
+            accumulate_grad_batches x world size. The curvature is read once per optimizer step
+            from the gradient the optimizer used (Lightning divides each micro-batch's loss by
+            accumulate_grad_batches, and DDP averages over ranks: the mean over that batch;
+            integrations._step_curvature), so every rank computes the same alpha. A MacKayAdam
+            reads the same gradient in its step: give it batch_size=B.
         at_end: None or "sparsify" (mackay_ext.sparsify(module) in place at on_fit_end, the
             analogue of ModelPruning's make_pruning_permanent).
         verbose: 0 quiet, 1 one line per update, 2 and every layer's kept weights.
@@ -76,11 +80,14 @@ class MacKayPruning(Callback):
             raise ValueError("MacKayPruning: pass parameters_to_prune or layers, not both")
         if "optimizer" in pruner_options or "model" in pruner_options:
             raise TypeError("MacKayPruning: the LightningModule and its optimizer are used; do not pass them")
+        if pruner_options.get("prior") == "penalty":
+            raise ValueError("MacKayPruning: prior='penalty' is not available: the callback applies the "
+                             "prior itself (proximal step after each optimizer step, or MacKayAdam)")
         self.parameters_to_prune, self.layers = parameters_to_prune, layers
         self.update_every, self.update_on = update_every, update_on
         self.num_data, self.batch_size, self.at_end, self.verbose = num_data, batch_size, at_end, verbose
         self.pruner_options = pruner_options
-        self.pruner: MacKayPruner | None = None
+        self.pruner: StepCurvaturePruner | None = None
         self.last_update: dict[str, Any] | None = None
         self._last_step = 0          # trainer.global_step at the latest step-based update
         self._pending: dict[str, Any] | None = None   # state loaded before the pruner exists
@@ -102,9 +109,9 @@ class MacKayPruning(Callback):
         layers = self.layers
         if self.parameters_to_prune is not None:
             layers = _layer_names(pl_module, self.parameters_to_prune)
-        self.pruner = MacKayPruner(pl_module, optimizer, num_data=self._num_data(loader),
-                                   batch_size=self._batch_size(loader, trainer), layers=layers,
-                                   **self.pruner_options)
+        self.pruner = StepCurvaturePruner(pl_module, optimizer, num_data=self._num_data(loader),
+                                          batch_size=self._batch_size(loader, trainer), layers=layers,
+                                          **self.pruner_options)
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
@@ -125,7 +132,7 @@ class MacKayPruning(Callback):
         if size is None:
             raise ValueError("MacKayPruning: the training dataloader has no batch_size (a batch "
                              "sampler?): pass batch_size=B")
-        return size * trainer.accumulate_grad_batches ** 2
+        return size * trainer.accumulate_grad_batches * max(trainer.world_size, 1)
 
     # ------------------------------------------------------------------ training
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
