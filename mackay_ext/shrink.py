@@ -6,8 +6,10 @@ channel (consumer input slices), so whatever value the channel still carries (a 
 through BatchNorm gives the constant beta - gamma*mean/sqrt(var+eps), here with gamma = beta = 0
 also zero, and without affine it is read only through zero columns) contributes nothing; and
 channels that reach a reader without parameters (the model output, LayerNorm statistics) are
-never in a group (mackay_ext.coupling). shrink checks the result against the input model on
-example_inputs and raises instead of returning a model that differs.
+never in a group (mackay_ext.coupling). Groups that are not zero but carry nothing (unread, or
+constant with the constant folded into the consumers' biases) go too: mackay_ext.shrink_constant.
+shrink checks the result against the input model on example_inputs and raises instead of
+returning a model that differs.
 """
 from __future__ import annotations
 
@@ -18,25 +20,39 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import shrink_constant
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
 
-__all__ = ["ShrinkReport", "shrink", "count_macs"]
+__all__ = ["ShrinkReport", "count_macs", "shrink"]
 
 
 @dataclasses.dataclass
 class ShrinkReport:
-    """Sizes before and after, the removed groups, and zero groups kept with the reason."""
+    """Sizes before and after, the removed groups, and the groups kept with the reason.
+
+    removed: every group cut (zero, unread and folded alike); folded: the constant ones whose
+    contribution went into their consumers' biases; unread: those whose consumer weights were
+    all zero; kept_zero: all-zero groups kept; kept_unused: unread or constant groups kept.
+    rounds: cuts made (one more each time a cut leaves new unread or constant units); a group
+    found in a later round names indices of the model the earlier rounds left.
+    """
     params_before: int
     params_after: int
     macs_before: int
     macs_after: int
     removed: list[ChannelGroup]
     kept_zero: list[tuple[ChannelGroup, str]]
+    folded: list[ChannelGroup] = dataclasses.field(default_factory=list)
+    unread: list[ChannelGroup] = dataclasses.field(default_factory=list)
+    kept_unused: list[tuple[ChannelGroup, str]] = dataclasses.field(default_factory=list)
+    rounds: int = 1
 
     def __str__(self) -> str:
         return (f"shrink: parameters {self.params_before:,} -> {self.params_after:,}, "
-                f"MACs {self.macs_before:,} -> {self.macs_after:,}, {len(self.removed)} groups removed, "
-                f"{len(self.kept_zero)} zero groups kept")
+                f"MACs {self.macs_before:,} -> {self.macs_after:,}, {len(self.removed)} groups removed "
+                f"({len(self.folded)} constant folded into biases, {len(self.unread)} unread) in "
+                f"{self.rounds} round(s), {len(self.kept_zero)} zero groups and "
+                f"{len(self.kept_unused)} unread or constant groups kept")
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
@@ -49,40 +65,93 @@ def count_macs(model: nn.Module, example_inputs) -> int:
 
 
 def shrink(model: nn.Module, example_inputs, round_to: int = 1, *, report: bool = False):
-    """A copy of `model` without its pruned (all-zero) coupled groups.
+    """A copy of `model` without its pruned coupled groups and the units that carry nothing.
 
+    Removed: all-zero groups; groups whose every consumer weight is zero (unread); groups whose
+    every producing weight row is zero (constant: their contribution is added to each consumer's
+    bias first, where that is exact; see mackay_ext.shrink_constant). Removing units can leave
+    others unread or constant, so the cut repeats until nothing more goes.
     example_inputs: as for mackay_ext.coupling.channel_groups. round_to: channel counts of every
-    layer are rounded up to a multiple of it (zero channels kept back), e.g. 8 for tensor cores.
+    layer are rounded up to a multiple of it (channels kept back), e.g. 8 for tensor cores.
     Returns the new model (plain torch.nn modules, same classes, smaller tensors, num_heads
-    updated; the input model is unchanged), or (model, ShrinkReport) when report=True.
-    Raises ValueError when a layer would lose every channel, naming the layer.
+    updated, a bias added to a bias-less consumer that a constant was folded into; the input model
+    is unchanged), or (model, ShrinkReport) when report=True.
+    Raises ValueError when a layer would lose every channel to pruned groups, naming the layer.
     """
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise ValueError(f"shrink: round_to must be a positive int, got {round_to!r}")
+    small, rounds = model, []
+    for _ in range(_MAX_ROUNDS):
+        step = _shrink_once(small, example_inputs, round_to)
+        small = step.model
+        rounds.append(step)
+        if not (step.unread or step.folded):
+            break   # zero groups cannot make more of anything; unread or folded ones can
+    _verify(model, small, example_inputs)
+    if not report:
+        return small
+    params = lambda m: sum(p.numel() for p in m.parameters())
+    collected = lambda key: [g for step in rounds for g in getattr(step, key)]
+    return small, ShrinkReport(params(model), params(small), count_macs(model, example_inputs),
+                               count_macs(small, example_inputs), collected("removed"),
+                               rounds[-1].kept_zero, collected("folded"), collected("unread"),
+                               rounds[-1].kept_unused, len(rounds))
+
+
+_MAX_ROUNDS = 64
+
+
+@dataclasses.dataclass
+class _Round:
+    model: nn.Module
+    removed: list
+    folded: list
+    unread: list
+    kept_zero: list
+    kept_unused: list
+
+
+def _shrink_once(model: nn.Module, example_inputs, round_to: int) -> _Round:
     coupling = trace_coupling(model, example_inputs)
-    removable, kept = [], []
+    zero, unread, constant, kept, kept_unused = [], [], [], [], []
     for group in coupling.groups:
-        if not group.is_zero(model):
+        if group.is_zero(model):
+            reason = group.fixed or _unsupported(model, group)
+            (kept.append((group, reason)) if reason else zero.append(group))
             continue
-        reason = group.fixed or _unsupported(model, group)
-        (kept.append((group, reason)) if reason else removable.append(group))
-    removable = _round(model, removable, round_to)
+        found = "unread" if shrink_constant.unread(model, group) else \
+            "constant" if shrink_constant.is_constant(model, group) else None
+        if found:
+            reason = group.fixed or _unsupported(model, group)
+            (kept_unused.append((group, reason)) if reason else
+             (unread if found == "unread" else constant).append(group))
+    folds, refused = shrink_constant.constant_contributions(model, constant, example_inputs)
+    kept_unused += [(constant[i], reason) for i, reason in refused.items()]
+    folded = [constant[i] for i in folds]
+    adds = {id(constant[i]): add for i, add in folds.items()}
+    # unread and folded groups go last: rounding and emptied layers give groups back from the end
+    removable = _round(model, zero + unread + folded, round_to)
+    removable = _keep_one_unit(model, removable, {id(g) for g in unread + folded}, kept_unused)
     removal = _removal(removable)
     _refuse_empty_layers(model, removal)
     small = copy.deepcopy(model)
+    made = set()
+    for group in removable:
+        for path, add in adds.get(id(group), {}).items():
+            made |= {path} if _add_to_bias(small.get_submodule(path), add) else set()
     for (name, dim), indices in removal.items():
         _slice(small, name, dim, indices)
+    for path in made:   # a bias made here is in no group: it follows its layer's output rows
+        if removal.get((f"{path}.weight", 0)):
+            _slice(small, f"{path}.bias", 0, removal[f"{path}.weight", 0])
     for module in small.modules():
         for kind, fix in _FIXERS:
             if _looks_like(module, kind) if isinstance(kind, str) else isinstance(module, kind):
                 fix(module)
                 break
-    _verify(model, small, example_inputs)
-    if not report:
-        return small
-    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    return small, ShrinkReport(params(model), params(small), count_macs(model, example_inputs),
-                               count_macs(small, example_inputs), removable, kept)
+    kept_ids = {id(g) for g in removable}
+    return _Round(small, removable, [g for g in folded if id(g) in kept_ids],
+                  [g for g in unread if id(g) in kept_ids], kept, kept_unused)
 
 
 # -- what can be removed -----------------------------------------------------------------
@@ -101,7 +170,7 @@ def _unsupported(model: nn.Module, group: ChannelGroup) -> str | None:
             cls = type(attention).__name__ if attention is not None else "?"
             return f"shrink does not know how attention module '{group.module}' ({cls}) counts its heads"
     for m in group.members + group.buffers:
-        path, module, local = _owner(model, m.name)
+        path, module, _local = _owner(model, m.name)
         if isinstance(module, nn.MultiheadAttention):
             return f"'{path}' is an nn.MultiheadAttention, whose embed_dim shrink cannot change"
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -149,6 +218,22 @@ def _round(model: nn.Module, groups: list[ChannelGroup], round_to: int) -> list[
     return groups
 
 
+def _keep_one_unit(model: nn.Module, groups: list[ChannelGroup], optional: set[int], kept: list):
+    """Give back unread or folded groups (ids in `optional`) that would empty a layer: such a
+    layer is still exact with one unit left, and refusing is for pruned groups only."""
+    groups = list(groups)
+    sizes = {**{n: b.shape for n, b in model.named_buffers()}, **{n: p.shape for n, p in model.named_parameters()}}
+    while True:
+        removal = _removal(groups)
+        emptied = [key for key, indices in removal.items() if len(indices) >= sizes[key[0]][key[1]]]
+        back = next((g for key in emptied for g in reversed(groups) if id(g) in optional
+                     and any((m.name, m.dim) == key for m in g.members + g.buffers)), None)
+        if back is None:
+            return groups
+        groups.remove(back)
+        kept.append((back, "every other unit of its layer goes, and a layer keeps at least one"))
+
+
 def _refuse_empty_layers(model: nn.Module, removal) -> None:
     tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     for (name, dim), indices in removal.items():
@@ -170,6 +255,16 @@ def _slice(model: nn.Module, name: str, dim: int, indices: set[int]) -> None:
         module._parameters[local] = nn.Parameter(new, requires_grad=old.requires_grad)
     else:
         module._buffers[local] = new
+
+
+def _add_to_bias(module: nn.Module, add: torch.Tensor) -> bool:
+    """Fold a constant channel's contribution into a consumer's bias; True when the bias is new."""
+    made = module.bias is None
+    if made:
+        module.bias = nn.Parameter(torch.zeros_like(add), requires_grad=module.weight.requires_grad)
+    with torch.no_grad():
+        module.bias.add_(add)
+    return made
 
 
 def _fix_linear(m: nn.Linear) -> None:

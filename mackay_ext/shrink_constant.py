@@ -1,0 +1,203 @@
+"""Units that per-weight pruning leaves without a job, found for shrink (DESIGN.md §3b).
+
+Unstructured pruning rarely zeroes a whole coupled group (biases and norm entries survive), yet it
+leaves two kinds of channel that can be removed exactly all the same:
+
+- unread: every consumer weight reading the channel is zero (all its outgoing weights are
+  pruned). Whatever the channel carries, nobody reads it; a non-blocked group holds every
+  parameterised reader of its channel (mackay_ext.coupling), so it goes as a zero group does.
+- constant: every weight row producing the channel is zero (all its incoming weights are pruned):
+  it outputs act(bias) whatever the input. Each consumer then adds the same W[:, j] * c_j at every
+  position, which shrink adds to the consumer's bias before cutting the channel.
+
+"The same at every position" is not taken on trust: padding, pooling with count_include_pad, or a
+constant multiplied by an input-dependent scale would break it. The consumer's contribution
+through the channel is computed from the inputs each consumer really receives (the example
+inputs, and a second forward with perturbed floating inputs) and folded only when it is the same
+for every example and every position. A consumer convolution with zero padding is refused
+outright: its border positions read zeros instead of the constant, at every input size, so the
+contribution is not one vector (the group stays, with that reason). shrink still compares the
+result with the pruned model at the end.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .coupling import ChannelGroup, split_inputs
+
+__all__ = ["Roles", "constant_contributions", "is_constant", "roles", "unread"]
+
+_Conv = nn.modules.conv._ConvNd
+
+
+@dataclasses.dataclass
+class Roles:
+    """A group's weight members by what they do to the channel (module path, member) pairs.
+
+    producers: rows of a Linear / ungrouped conv that compute the channel; consumers: the input
+    slices of a Linear / ungrouped conv that read it; unknown: weight members of other kinds
+    (embedding columns, grouped convs...), which rule out both removals here. One-dimensional
+    members (biases, norm entries) and depthwise filters act on the channel itself and need no role.
+    """
+    producers: list
+    consumers: list
+    unknown: list
+
+
+def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module]:
+    path = name.rpartition(".")[0]
+    return path, model.get_submodule(path)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, _Conv) and module.groups > 1 and \
+        module.groups == module.in_channels == module.out_channels
+
+
+def roles(model: nn.Module, group: ChannelGroup) -> Roles:
+    found = Roles([], [], [])
+    for m in group.members:
+        path, module = _owner(model, m.name)
+        if m._ndim < 2 or (_depthwise(module) and m.dim == 0):
+            continue
+        plain = isinstance(module, nn.Linear) or (isinstance(module, _Conv) and module.groups == 1
+                                                  and not module.transposed)
+        if plain and m.name == f"{path}.weight" and m.dim in (0, 1):
+            (found.producers if m.dim == 0 else found.consumers).append((path, m))
+        else:
+            found.unknown.append((path, m))
+    return found
+
+
+def _all_zero(model: nn.Module, members) -> bool:
+    for _, m in members:
+        param = model.get_parameter(m.name).detach()
+        if param.index_select(m.dim, torch.tensor(m.indices, dtype=torch.long, device=param.device)).any():
+            return False
+    return True
+
+
+def unread(model: nn.Module, group: ChannelGroup) -> bool:
+    """True when the group's channel has consumers and every consumer weight reading it is zero."""
+    if group.kind != "channel":
+        return False
+    r = roles(model, group)
+    return bool(r.consumers) and not r.unknown and _all_zero(model, r.consumers)
+
+
+def is_constant(model: nn.Module, group: ChannelGroup) -> bool:
+    """True when every weight row producing the group's channel is zero (and it has a consumer)."""
+    if group.kind != "channel":
+        return False
+    r = roles(model, group)
+    return bool(r.producers) and bool(r.consumers) and not r.unknown and _all_zero(model, r.producers)
+
+
+def constant_contributions(model: nn.Module, groups: list[ChannelGroup], example_inputs):
+    """What each constant group adds to its consumers' outputs, or why it cannot be folded.
+
+    Returns ({group index: {consumer module path: bias increment, shape (out_features,)}},
+    {group index: reason}) for groups[i] (each is_constant). The increment is computed in the
+    model's dtype from the consumer inputs of a forward on example_inputs (eval mode, no_grad).
+    """
+    plan = {i: roles(model, g).consumers for i, g in enumerate(groups)}
+    paths = {path for consumers in plan.values() for path, _ in consumers}
+    seen = _consumer_inputs(model, paths, example_inputs)
+    folds, refused = {}, {}
+    for i, consumers in plan.items():
+        adds, reason = {}, None
+        for path, member in consumers:
+            module = model.get_submodule(path)
+            if len(seen.get(path, [])) != _runs(example_inputs):
+                reason = f"its consumer '{path}' is called {len(seen.get(path, []))} times per forward, not once"
+            elif isinstance(module, _Conv) and _pads_with_zeros(module):
+                reason = (f"its consumer '{path}' pads with zeros, so the constant's contribution is "
+                          "different at the borders")
+            else:
+                add = _uniform(_contribution(module, member, seen[path]))
+                reason = None if add is not None else (
+                    f"what it adds to '{path}' is not the same at every position and for every input")
+                if add is not None:
+                    adds[path] = adds.get(path, 0) + add
+            if reason:
+                break
+        (refused.__setitem__(i, reason) if reason else folds.__setitem__(i, adds))
+    return folds, refused
+
+
+def _pads_with_zeros(module: _Conv) -> bool:
+    if module.padding_mode != "zeros":
+        return False   # reflect/replicate/circular pad a constant map with the same constant
+    padding = module.padding
+    return padding == "same" if isinstance(padding, str) else any(p != 0 for p in padding)
+
+
+def _runs(example_inputs) -> int:
+    return 1 + bool(_perturbed(example_inputs))
+
+
+def _perturbed(example_inputs):
+    """The example inputs with noise on every floating tensor, or None without one: a second look
+    that a constant really is constant, for example inputs of a single example."""
+    args, kwargs = split_inputs(example_inputs)
+    generator = torch.Generator().manual_seed(0)
+    changed = False
+
+    def noisy(t):
+        nonlocal changed
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()):
+            return t
+        changed = True
+        scale = t.detach().abs().max().clamp_min(1.0)
+        noise = torch.randn(t.shape, generator=generator, dtype=torch.float64)
+        return t + (0.5 * scale * noise).to(t.dtype).to(t.device)
+
+    args, kwargs = torch.utils._pytree.tree_map(noisy, (args, kwargs))
+    return (args, kwargs) if changed else None
+
+
+@torch.no_grad()
+def _consumer_inputs(model: nn.Module, paths, example_inputs) -> dict[str, list[torch.Tensor]]:
+    """The first input of each consumer module, once per call, over both probing forwards."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [model.get_submodule(p).register_forward_pre_hook(
+        lambda module, args, p=p: seen.setdefault(p, []).append(args[0].detach())) for p in paths]
+    training = model.training
+    model.eval()
+    try:
+        runs = [split_inputs(example_inputs)]
+        second = _perturbed(example_inputs)
+        runs += [second] if second else []
+        for args, kwargs in runs:
+            model(*args, **kwargs)
+    finally:
+        model.train(training)
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _contribution(module: nn.Module, member, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The consumer's output from the member's input slice alone, no bias: (positions, out)."""
+    index = torch.tensor(member.indices, dtype=torch.long, device=module.weight.device)
+    weight = module.weight.detach().index_select(1, index)
+    rows = []
+    for x in inputs:
+        if isinstance(module, nn.Linear):
+            out = F.linear(x.index_select(x.dim() - 1, index), weight)
+        else:
+            out = module._conv_forward(x.index_select(1, index), weight, None).movedim(1, -1)
+        rows.append(out.reshape(-1, out.shape[-1]))
+    return torch.cat(rows)
+
+
+def _uniform(rows: torch.Tensor) -> torch.Tensor | None:
+    """rows[0] when every row equals it (up to rounding of the same sum), else None."""
+    first = rows[0]
+    scale = rows.abs().max().item() if rows.numel() else 0.0
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(rows.dtype, 1e-3) * max(scale, 1e-30)
+    return first if (rows - first).abs().max().item() <= tol else None
