@@ -578,3 +578,23 @@ def test_per_weight_lenets_shrink_to_smaller_layers(name):
     with torch.no_grad():
         assert_equal_outputs(expected, small(*inputs))
     assert all(type(m).__module__.startswith("torch.nn") for m in small.children())
+
+
+def test_memory_format_channels_last_kept_or_asked_for():
+    model, inputs = to_double(trained_like(ConvBnConv()), (torch.randn(2, 3, 6, 6),))
+    channel_groups(model, inputs)[3].zero_(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    plain = shrink(model, inputs)
+    assert plain.conv1.weight.is_contiguous() and plain.conv1.out_channels == 7
+    asked = shrink(model, inputs, memory_format=torch.channels_last)
+    assert not asked.conv1.weight.is_contiguous()
+    assert asked.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    kept = shrink(copy.deepcopy(model).to(memory_format=torch.channels_last), inputs)
+    assert kept.conv2.weight.is_contiguous(memory_format=torch.channels_last)   # the layout it came with
+    assert not kept.conv2.weight.is_contiguous()
+    with torch.no_grad():
+        for small in (plain, asked, kept):
+            assert_equal_outputs(expected, small(*inputs))
+    with pytest.raises(ValueError, match="memory_format must be None or a torch.memory_format"):
+        shrink(model, inputs, memory_format="channels_last")
