@@ -7,7 +7,11 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from mackay_ext import MacKayAdam, MacKayPruner
-from mackay_ext.integrations.torch_prune import from_torch_prune, to_torch_prune, torch_prune_masks
+from mackay_ext.integrations.torch_prune import (
+    from_torch_prune,
+    to_torch_prune,
+    torch_prune_masks,
+)
 
 
 def _mlp():   # odd sizes
@@ -45,7 +49,7 @@ def test_masks_round_trip(granularity, remove):
     for layer in (other[0], other[2]):
         torch_prune.identity(layer, "weight")
     other.load_state_dict(model.state_dict())
-    for _, (module, attr, mask) in torch_prune_masks(other).items():
+    for module, attr, mask in torch_prune_masks(other).values():
         getattr(module, attr + "_orig").data.add_((mask == 0).double())   # nonzero under the mask
     optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
     imported_into = MacKayPruner(other, optimizer, num_data=100, batch_size=10, granularity=granularity)
@@ -61,6 +65,9 @@ def test_masks_round_trip(granularity, remove):
         assert result["imported"][layer + ".weight_orig"] == int(theirs.sum())
     assert torch.equal(other(x), expected)
     assert bool(torch_prune_masks(other)) != remove
+    kept = {name: f"{int(mask.sum())}/{mask.numel()} kept" for name, (_, _, mask) in torch_prune_masks(model).items()}
+    print(f"granularity={granularity} remove={remove}: to_torch_prune -> {written} {kept}; "
+          f"from_torch_prune -> {result}; outputs equal both ways")
     if remove:
         assert isinstance(other[0].weight, nn.Parameter)
 
