@@ -59,7 +59,9 @@ class MacKayCallback(TrainerCallback):
     """Runs MacKayPruner inside Trainer.train().
 
     Args:
-        num_data: N; default len(train_dataset) as the Trainer's dataloader sees it.
+        num_data: N; default len(train_dataset) as the Trainer's dataloader sees it. N and
+            batch_size count what the loss averages over: for a token-level loss (a causal LM's
+            mean over tokens) pass the number of training tokens, and the tokens of one step.
         update_every: optimizer steps between precision updates: an update at every global step
             divisible by it (on_step_end fires once per optimizer step, so with gradient
             accumulation this counts accumulated steps; a resumed run keeps the schedule).
