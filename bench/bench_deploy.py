@@ -7,7 +7,11 @@ Issue 12's benchmark. For each pruned network, five forms of the same function:
   pruned      the pruned weights, zeros kept in full-size tensors
   sparsified  mackay_ext.sparsify(pruned): CSR layers (each layer's path fixed when built)
   densified   mackay_ext.densify(sparsified): plain nn.Linear / nn.Conv2d again
-  shrunk      mackay_ext.shrink(pruned): all-zero coupled groups removed physically
+  shrunk      mackay_ext.shrink(pruned): all-zero coupled groups, unread units and constant
+              units (folded into their consumers' biases) removed physically
+and, for networks with convolutions, dense and shrunk again in channels-last memory format
+(shrink(memory_format=torch.channels_last)): on CPU max_pool2d and small convolutions run several
+times faster in it, so the like-for-like ratio is channels-last against channels-last.
 Parameters are those stored (a CSR layer's nonzeros and biases); MACs are per example as executed
 (a CSR layer counts its nonzeros once per output position, every other layer its full weight);
 file bytes are mackay_ext.save_compressed for the sparsified form and torch.save of the
@@ -15,8 +19,11 @@ state_dict otherwise; latency is the median over rounds in eval mode under torch
 five forms called in turn within every round so that a shared machine's drift hits them alike.
 
 The pruned weights are made quickly, not trained: each network keeps, layer by layer, as many
-weights as the MNIST table's MacKay rows (bench/results/mnist.md, first seed), chosen by magnitude
-from a random init; ResNet-20 loses a random third of its removable coupled channel groups
+weights and as many units with a weight left as the MNIST table's MacKay rows
+(bench/results/mnist.md, first seed), the weights chosen by magnitude from a random init among
+the kept units' rows and the previous layer's kept units' columns (a trained per-weight result
+has such silent units: the Trainer drops the weights feeding a unit nobody reads);
+ResNet-20 loses a random third of its removable coupled channel groups
 (mackay_ext.coupling.channel_groups, ChannelGroup.zero_). Latency and size depend on where the
 zeros are, not on what the network learned, so this is enough for these measurements.
 
@@ -53,12 +60,15 @@ from mackay_ext import (
 )
 from mackay_ext.sparse import SparseConv2d, SparseLinear
 
-FORMS = ("dense", "pruned", "sparsified", "densified", "shrunk")
+LAYER_FORMS = ("dense", "shrunk", "dense, channels_last", "shrunk, channels_last")
 BATCHES = (1, 256)
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Weights kept per Linear/Conv2d layer by the MNIST table's MacKay rows (bench/results/mnist.md).
 LENET300_KEPT = (1873, 1087, 357)        # lenet-300-100, mackay-weight: 1.25% kept
+LENET300_UNITS = (187, 85, 10)           # ... units with a weight left (of 300, 100, 10)
+LENET300_INPUTS = 491                    # ... input pixels read (of 784)
 LENET5_KEPT = (199, 492, 853, 417)       # lenet-5-caffe, mackay-weight: 0.45% kept
+LENET5_UNITS = (20, 35, 162, 10)         # ... units with a weight left (of 20, 50, 500, 10)
 LENET5_GROUP_UNITS = {"2": 9, "5": 103}  # lenet-5-caffe, mackay-group: conv2 9/50 filters, fc1 103/500 units
 LENET5_GROUP_FC1_KEPT = 6901             # ... and 6,901 of fc1's weights: 3.0% kept overall
 
@@ -75,12 +85,34 @@ def keep_largest_(weight: torch.Tensor, kept: int) -> None:
     weight.view(-1)[order[kept:]] = 0
 
 
-def unstructured(name, kept_per_layer, shape):
+def unstructured(name, kept_per_layer, units_per_layer, shape, inputs=None):
+    """Per layer: `units` random rows keep weights, reading only the previous layer's kept units
+    (the first layer: `inputs` random inputs); among those entries the `kept` largest stay."""
     dense = models.create(name).eval()
     pruned = copy.deepcopy(dense)
-    for layer, kept in zip(layers(pruned), kept_per_layer, strict=True):
+    generator = torch.Generator().manual_seed(0)
+    previous = None
+    for layer, kept, units in zip(layers(pruned), kept_per_layer, units_per_layer, strict=True):
+        rows = torch.randperm(layer.weight.shape[0], generator=generator)[:units]
+        columns = _read_columns(layer, previous, inputs, generator)
+        allowed = torch.zeros_like(layer.weight, dtype=torch.bool)
+        allowed[rows.unsqueeze(1), columns.unsqueeze(0)] = True
+        with torch.no_grad():
+            layer.weight.masked_fill_(~allowed, 0)
         keep_largest_(layer.weight, kept)
+        previous = (layer, rows)
     return dense, pruned, shape
+
+
+def _read_columns(layer, previous, inputs, generator):
+    """Input columns a layer may read: the previous layer's kept units (a conv channel spans
+    several columns of a Linear after Flatten), or `inputs` random ones for the first layer."""
+    width = layer.weight.shape[1]
+    if previous is None:
+        return torch.randperm(width, generator=generator)[:inputs] if inputs else torch.arange(width)
+    before, rows = previous
+    per_unit = width // before.weight.shape[0]
+    return (rows.unsqueeze(1) * per_unit + torch.arange(per_unit)).reshape(-1).sort().values
 
 
 def lenet5_group():
@@ -110,8 +142,9 @@ def resnet20_channels(seed=0):
 
 
 CASES = {
-    "lenet-300-100 (1.25% kept)": lambda: unstructured("lenet-300-100", LENET300_KEPT, (1, 28, 28)),
-    "lenet-5-caffe (0.45% kept)": lambda: unstructured("lenet-5-caffe", LENET5_KEPT, (1, 28, 28)),
+    "lenet-300-100 (1.25% kept)": lambda: unstructured("lenet-300-100", LENET300_KEPT, LENET300_UNITS,
+                                                       (1, 28, 28), LENET300_INPUTS),
+    "lenet-5-caffe (0.45% kept)": lambda: unstructured("lenet-5-caffe", LENET5_KEPT, LENET5_UNITS, (1, 28, 28)),
     "lenet-5-caffe (groups, 3.0% kept)": lenet5_group,
     "resnet-20 (1/3 of channel groups)": resnet20_channels,
 }
@@ -124,8 +157,12 @@ def forms(dense, pruned, shape):
         warnings.simplefilter("ignore")
         sparse = sparsify(copy.deepcopy(pruned)).eval()
         densified = densify(sparsify(copy.deepcopy(pruned))).eval()
-    return {"dense": dense, "pruned": pruned, "sparsified": sparse, "densified": densified,
-            "shrunk": shrink(pruned, example).eval()}
+    by_form = {"dense": dense, "pruned": pruned, "sparsified": sparse, "densified": densified,
+               "shrunk": shrink(pruned, example).eval()}
+    if any(isinstance(m, nn.Conv2d) for m in dense.modules()):
+        by_form["dense, channels_last"] = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+        by_form["shrunk, channels_last"] = shrink(pruned, example, memory_format=torch.channels_last).eval()
+    return by_form
 
 
 def executed_macs(model, shape) -> int:
@@ -174,6 +211,29 @@ def latency_ms(models_by_form, x, budget_s):
     return {form: 1e3 * statistics.median(t) for form, t in times.items()}, rounds
 
 
+@torch.no_grad()
+def layer_ms(models_by_form, x, rounds=15):
+    """Median ms of each child of a Sequential network, per form (where the time goes); each
+    child runs on the input it gets in the full forward, the forms interleaved per round."""
+    inputs = {}
+    for form, model in models_by_form.items():
+        inputs[form], h = [], x
+        for child in model:
+            inputs[form].append(h)
+            h = child(h)
+    times = {form: [[] for _ in model] for form, model in models_by_form.items()}
+    for _ in range(rounds):
+        for form, model in models_by_form.items():
+            for i, child in enumerate(model):
+                start = time.perf_counter()
+                child(inputs[form][i])
+                times[form][i].append(time.perf_counter() - start)
+    names = [f"{i}: {type(c).__name__}" for i, c in enumerate(models_by_form["dense"])]
+    shapes = {form: [list(t.shape[1:]) for t in inputs[form]] for form in models_by_form}
+    return {"layers": names, "input_shapes": shapes,
+            "ms": {form: [1e3 * statistics.median(t) for t in ts] for form, ts in times.items()}}
+
+
 def measure(case, build, budget_s):
     torch.manual_seed(0)
     dense, pruned, shape = build()
@@ -181,8 +241,9 @@ def measure(case, build, budget_s):
     check = torch.randn(4, *shape)
     with torch.no_grad():   # every form computes the pruned network (float32 sums in any order)
         reference = pruned(check)
-        for form in FORMS[2:]:
-            torch.testing.assert_close(by_form[form](check), reference, rtol=1e-4, atol=1e-4)
+        for form in list(by_form)[2:]:
+            expected = dense(check) if form.startswith("dense") else reference
+            torch.testing.assert_close(by_form[form](check), expected, rtol=1e-4, atol=1e-4)
     rows = {form: {"model": case, "form": form, "params": sum(p.numel() for p in m.parameters()),
                    "nonzero_params": sum(int(p.count_nonzero()) for p in m.parameters()),
                    "macs": executed_macs(m, shape)} for form, m in by_form.items()}
@@ -191,7 +252,7 @@ def measure(case, build, budget_s):
             rows[form]["bytes"] = file_bytes(form, model, directory)
     for batch in BATCHES:
         ms, rounds = latency_ms(by_form, torch.randn(batch, *shape), budget_s)
-        for form in FORMS:
+        for form in by_form:
             rows[form][f"ms_batch{batch}"] = ms[form]
             rows[form][f"rounds_batch{batch}"] = rounds
     paths = {type(m).__name__ + ":" + m.path for m in by_form["sparsified"].modules()
@@ -201,7 +262,11 @@ def measure(case, build, budget_s):
     for row in rows.values():
         for key in ("params", "macs", "bytes", "ms_batch1", "ms_batch256"):
             row[f"{key}_ratio"] = row[key] / base[key]
-    return list(rows.values())
+    breakdown = None
+    if isinstance(dense, nn.Sequential) and "shrunk, channels_last" in by_form:
+        breakdown = dict(model=case, batch=BATCHES[-1], **layer_ms(
+            {form: by_form[form] for form in LAYER_FORMS}, torch.randn(BATCHES[-1], *shape)))
+    return list(rows.values()), breakdown
 
 
 # -- targets and report ----------------------------------------------------------------------------
@@ -221,10 +286,16 @@ def targets(rows):
             out.append({"target": f"sparsified never slower than dense, batch {batch}", "model": case,
                         "value": f"{ratio:.2f}x dense", "limit": "1.00x", "verdict": verdict(ratio, 1.0)})
         limit = 1.3 * shrunk["macs_ratio"]
-        out.append({"target": "shrunk latency at batch 256 within 1.3x dense x MACs ratio", "model": case,
-                    "value": f"{shrunk['ms_batch256_ratio']:.2f}x dense",
-                    "limit": f"{limit:.2f}x (MACs ratio {shrunk['macs_ratio']:.3f})",
-                    "verdict": verdict(shrunk["ms_batch256_ratio"], limit)})
+        pairs = [("shrunk", "dense", "")]
+        if (case, "shrunk, channels_last") in by:
+            pairs += [("shrunk, channels_last", "dense", " (shrunk in channels_last)"),
+                      ("shrunk, channels_last", "dense, channels_last", " (both in channels_last)")]
+        for form, base, how in pairs:
+            ratio = by[case, form]["ms_batch256"] / by[case, base]["ms_batch256"]
+            out.append({"target": f"shrunk latency at batch 256 within 1.3x dense x MACs ratio{how}",
+                        "model": case, "value": f"{ratio:.2f}x {base}",
+                        "limit": f"{limit:.2f}x (MACs ratio {shrunk['macs_ratio']:.3f})",
+                        "verdict": verdict(ratio, limit)})
     lenet = by[next(c for c in dict.fromkeys(r["model"] for r in rows) if c.startswith("lenet-300-100")),
                "sparsified"]
     out.append({"target": "LeNet-300-100 at ~1.25% kept stored in at most 1/40 of the dense file",
@@ -241,7 +312,27 @@ def hardware():
             "python": platform.python_version()}
 
 
-def markdown(rows, checks, machine, note):
+def breakdown_table(b):
+    forms = list(b["ms"])
+    lines = [(f"Where the time goes, {b['model']}, batch {b['batch']} (median ms per layer, each layer on "
+             "the input it gets in the full forward):"), "",
+             "| layer | " + " | ".join(f"{f} (input)" for f in forms) + " |", "|---" * (len(forms) + 1) + "|"]
+    for i, name in enumerate(b["layers"]):
+        cells = [f"{b['ms'][f][i]:.2f} ({'x'.join(map(str, b['input_shapes'][f][i]))})" for f in forms]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| total | " + " | ".join(f"{sum(b['ms'][f]):.2f}" for f in forms) + " |")
+    shapes = b["input_shapes"]
+    for small, big in (("shrunk", "dense"), ("shrunk, channels_last", "dense, channels_last")):
+        # a layer shrink left as it was: the same input and the same output as in the dense form
+        same = [i for i in range(len(b["layers"])) if shapes[small][i] == shapes[big][i]
+                and shapes[small][i + 1:i + 2] == shapes[big][i + 1:i + 2]]
+        ms = sum(b["ms"][small][i] for i in same)
+        lines += ["", (f"{small}: layers shrink leaves as they are ({', '.join(b['layers'][i] for i in same)}) take "
+                  f"{ms:.2f} of {sum(b['ms'][small]):.2f} ms ({100 * ms / sum(b['ms'][small]):.0f}%).")]
+    return lines
+
+
+def markdown(rows, checks, machine, note, breakdowns=()):
     def ratio(r, key):
         return "" if r["form"] == "dense" else f" ({r[key + '_ratio']:.2f}x)"
 
@@ -264,13 +355,18 @@ def markdown(rows, checks, machine, note):
         hardware_line += (" Threads set with torch.set_num_threads (--threads): the machine is shared "
                           "by other jobs, where a descheduled worker thread costs milliseconds.")
     lines += ["", f"Ratios in brackets: against dense, measured in the same run. Sparse layer paths: {paths}.",
-              "", note, "", hardware_line]
+              "", note]
+    for b in breakdowns:
+        lines += [""] + breakdown_table(b)
+    lines += ["", hardware_line]
     return "\n".join(lines)
 
 
-NOTE = ("Pruned weights: not trained. Each network keeps, layer by layer, as many weights as the MNIST "
-        "table's MacKay rows (bench/results/mnist.md, first seed), chosen by magnitude from a random "
-        "init; ResNet-20 loses a random third of the coupled channel groups shrink can remove (the "
+NOTE = ("Pruned weights: not trained. Each network keeps, layer by layer, as many weights and as many "
+        "units with a weight left as the MNIST table's MacKay rows (bench/results/mnist.md, first seed; "
+        "LeNet-300-100 187/300 and 85/100 units reading 491 of 784 pixels, LeNet-5 per weight 35/50 "
+        "filters and 162/500 units, LeNet-5 groups 9/50 and 103/500), the weights chosen by magnitude "
+        "from a random init among the kept units' rows and the kept inputs' columns; ResNet-20 loses a random third of the coupled channel groups shrink can remove (the "
         "channels made by the zero-padding shortcuts are kept by design). For latency and size only "
         "where the zeros are matters, so this stands in for trained weights here.")
 
@@ -288,22 +384,29 @@ def main():
         torch.set_num_threads(args.threads)
     machine = dict(hardware(), threads_set=bool(args.threads))
     started = time.time()
-    rows = []
+    rows, breakdowns = [], []
     for case, build in CASES.items():
         print(f"measuring {case} ...", flush=True)
-        rows += measure(case, build, args.budget)
+        measured, breakdown = measure(case, build, args.budget)
+        rows += measured
+        breakdowns += [breakdown] if breakdown else []
     checks = targets(rows)
-    text = markdown(rows, checks, machine, NOTE)
+    text = markdown(rows, checks, machine, NOTE, breakdowns)
     print("\n" + text)
     os.makedirs(args.results_dir, exist_ok=True)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    busy = (f"Run with {args.threads} torch thread(s) on a machine shared with other jobs (load average "
+            f"{machine['load_average_at_start']} at start, on {machine['logical_cpus']} logical CPUs): "
+            "absolute times are inflated and noisy, ratios within this run are what to read.\n\n"
+            if args.threads else "")
     with open(os.path.join(args.results_dir, "deploy.md"), "w") as handle:
         handle.write(f"# Deployment forms of pruned networks (bench/bench_deploy.py, {stamp})\n\n"
                      f"Regenerate: `python bench/bench_deploy.py"
-                     f"{f' --threads {args.threads}' if args.threads else ''}`\n\n{text}\n")
+                     f"{f' --threads {args.threads}' if args.threads else ''}`\n\n{busy}{text}\n")
     with open(os.path.join(args.results_dir, "deploy.json"), "w") as handle:
         json.dump({"when": stamp, "wall_s": round(time.time() - started, 1), "device": "cpu",
-                   "hardware": machine, "note": NOTE, "rows": rows, "targets": checks}, handle, indent=2)
+                   "hardware": machine, "note": NOTE, "rows": rows, "targets": checks,
+                   "layer_breakdown": breakdowns}, handle, indent=2)
 
 
 if __name__ == "__main__":
