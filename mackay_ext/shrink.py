@@ -96,7 +96,7 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
             break   # zero groups cannot make more of anything; unread or folded ones can
     if memory_format is not None:
         small = small.to(memory_format=memory_format)   # small is already a copy
-    _verify(model, small, example_inputs)
+    _verify(model, small, example_inputs, folded=any(step.folded for step in rounds))
     if not report:
         return small
     params = lambda m: sum(p.numel() for p in m.parameters())
@@ -346,7 +346,7 @@ _FIXERS = [(nn.Linear, _fix_linear), (nn.modules.conv._ConvNd, _fix_conv),
            ("hf-attention", _fix_hf_attention)]
 
 
-def _verify(model: nn.Module, small: nn.Module, example_inputs) -> None:
+def _verify(model: nn.Module, small: nn.Module, example_inputs, folded: bool = False) -> None:
     """Compare outputs on example_inputs (eval mode); a mismatch means forward code hard-codes sizes."""
     args, kwargs = split_inputs(example_inputs)
     modes = model.training
@@ -367,4 +367,6 @@ def _verify(model: nn.Module, small: nn.Module, example_inputs) -> None:
             scale = a.abs().max().item() if a.numel() else 0.0
             if a.shape != b.shape or (a.numel() and (a - b).abs().max().item() > tol * max(scale, 1e-30)):
                 raise CouplingError("shrink: the shrunk model's outputs differ from the pruned model's; "
-                                    "its forward code probably hard-codes a channel count")
+                                    "its forward code probably hard-codes a channel count" +
+                                    (", or a unit taken for constant and folded into a bias was not "
+                                     "constant" if folded else ""))

@@ -164,8 +164,15 @@ def _perturbed(example_inputs):
 def _consumer_inputs(model: nn.Module, paths, example_inputs) -> dict[str, list[torch.Tensor]]:
     """The first input of each consumer module, once per call, over both probing forwards."""
     seen: dict[str, list[torch.Tensor]] = {}
+
+    def record(path, args):
+        if args and isinstance(args[0], torch.Tensor):   # called otherwise: the count will not match
+            seen.setdefault(path, []).append(args[0].detach())
+        else:
+            seen.setdefault(path, []).extend([None, None, None])
+
     hooks = [model.get_submodule(p).register_forward_pre_hook(
-        lambda module, args, p=p: seen.setdefault(p, []).append(args[0].detach())) for p in paths]
+        lambda module, args, p=p: record(p, args)) for p in paths]
     training = model.training
     model.eval()
     try:
