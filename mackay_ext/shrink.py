@@ -75,8 +75,8 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
     example_inputs: as for mackay_ext.coupling.channel_groups. round_to: channel counts of every
     layer are rounded up to a multiple of it (channels kept back), e.g. 8 for tensor cores.
     memory_format: None keeps each weight's layout; torch.channels_last converts the result
-    (Module.to), which on CPU runs the shrunk LeNet-5 2.7x faster at batch 256, mostly because
-    max_pool2d is 5x faster in it (bench/results/deploy.md).
+    (Module.to). On CPU that runs the shrunk LeNet-5 about 3x faster at batch 256, mostly because
+    max_pool2d is about 5x faster in it (bench/results/deploy.md, per-layer table).
     Returns the new model (plain torch.nn modules, same classes, smaller tensors, num_heads
     updated, a bias added to a bias-less consumer that a constant was folded into; the input model
     is unchanged), or (model, ShrinkReport) when report=True.
