@@ -60,6 +60,7 @@ from mackay_ext.recipes import Recipe
 from mackay_ext.train import FitConfig, Trainer, evaluate, set_seed
 
 DATASETS = ("cifar10", "cifar100", "mnist32")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist32": 10}   # not from the labels: a subset may miss some
 MODELS = recipes_cifar.MODELS
 METHODS = recipes_cifar.METHODS
 MAGNITUDE = "magnitude (global L1)"
@@ -154,7 +155,8 @@ def network_maker(name: str, data: datasets.Splits, width: int) -> Callable[[], 
     """A function drawing a new network of this name for the data's channels and classes (from the
     current torch seed); VGGs with every hidden width divided by `width`, made once with the
     library's own tools: the surplus channel groups are zeroed and shrink cuts them out."""
-    make = functools.partial(models.create, name, num_classes=data.num_classes, in_channels=data.input_shape[0])
+    make = functools.partial(models.create, name, num_classes=NUM_CLASSES[data.name],
+                             in_channels=data.input_shape[0])
     if width == 1 or not name.startswith("vgg"):
         return make
     model, example = make().eval(), data.x_train[:2]
@@ -248,7 +250,8 @@ def measure(model: nn.Module, groups: list[ChannelGroup], dense_macs: int,
             "compression": total / max(kept, 1), "conv_macs": macs, "conv_macs_dense": dense_macs,
             "conv_macs_kept": 100 * macs / dense_macs, "groups_removed": removed,
             "conv_channels": [m.out_channels for m in small.modules() if isinstance(m, nn.Conv2d)],
-            "linear_inputs": [m.in_features for m in small.modules() if isinstance(m, nn.Linear)]}
+            "linear_inputs": [m.in_features for m in small.modules() if isinstance(m, nn.Linear)],
+            "classes": [m.out_features for m in small.modules() if isinstance(m, nn.Linear)][-1]}
 
 
 # ---------------------------------------------------------------------------------- the run

@@ -66,6 +66,7 @@ def test_every_row_and_field(cifar_smoke):
             assert 0 <= row["test_error"] <= 100 and 0 < row["weights_kept"] <= 100
             assert 0 < row["conv_macs_kept"] <= 100 and row["wall_seconds"] > 0
             assert "threads" in row["hardware"] and row["conv_channels"]
+            assert row["per_seed"][0]["classes"] == 10
             seed = row["per_seed"][0]
             assert seed["weights_kept"] == pytest.approx(100 * seed["kept"] / seed["total"])
             assert seed["conv_macs_kept"] == pytest.approx(100 * seed["conv_macs"] / seed["conv_macs_dense"])
@@ -108,6 +109,15 @@ def test_mnist32_smoke_says_what_it_checks(tmp_path):
     assert {r["dataset"] for r in measured} == {"mnist32"}
     assert all(r["conv_channels"][0] == 8 for r in measured)   # 1 input channel, width 1/8
     assert any(r["dataset"] == "cifar10" and "Table 4" in r["source"] for r in rows if r["source"] != "measured")
+
+
+def test_cifar100_smoke(tmp_path):
+    run_script(tmp_path, "--dataset", "cifar100", "--models", "vgg-d6", "--seeds", "0")
+    rows = json.loads((tmp_path / "cifar100_smoke.json").read_text())
+    measured = [r for r in rows if r["source"] == "measured"]
+    assert len(measured) == 5 and all(r["per_seed"][0]["classes"] == 100 for r in measured)
+    published = [r for r in rows if r["source"] != "measured"]
+    assert [(r["test_error"], r["weights_kept"]) for r in published] == [(29.91, 100.0), (28.81, 42.05)]
 
 
 def test_bad_data_dir_is_named(tmp_path):
@@ -192,12 +202,21 @@ def test_pruner_options_put_ard_where_the_paper_does():
 
 
 # ----------------------------------------------------------------------- channel removal
-def test_removed_channels_stay_removed_through_finetuning():
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: threads only cost here (and on a busy CI machine, a lot)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_removed_channels_stay_removed_through_finetuning(one_thread):
     """A pruned block filter leaves its BatchNorm shift feeding conv2; remove_dead_channels zeroes
     the whole channel (and its Adam moments), so after fine-tuning it is still exactly zero and
     shrink cuts it out; the layer's last live channel is never removed."""
     torch.manual_seed(0)
-    data = tiny_data()
+    data = tiny_data(n=32)
     model = models.create("resnet-20")
     recipe = recipes_cifar.get("resnet-20-mackay")
     trainer = Trainer(model, data, recipe.fit_config(pretrain_epochs=1, epochs=0, finetune_epochs=0,
