@@ -402,7 +402,8 @@ def main():
     with open(os.path.join(args.results_dir, "deploy.md"), "w") as handle:
         handle.write(f"# Deployment forms of pruned networks (bench/bench_deploy.py, {stamp})\n\n"
                      f"Regenerate: `python bench/bench_deploy.py"
-                     f"{f' --threads {args.threads}' if args.threads else ''}`\n\n{busy}{text}\n")
+                     f"{f' --threads {args.threads}' if args.threads else ''}"
+                     f"{f' --budget {args.budget:g}' if args.budget != 6.0 else ''}`\n\n{busy}{text}\n")
     with open(os.path.join(args.results_dir, "deploy.json"), "w") as handle:
         json.dump({"when": stamp, "wall_s": round(time.time() - started, 1), "device": "cpu",
                    "hardware": machine, "note": NOTE, "rows": rows, "targets": checks,
