@@ -596,5 +596,6 @@ def test_memory_format_channels_last_kept_or_asked_for():
     with torch.no_grad():
         for small in (plain, asked, kept):
             assert_equal_outputs(expected, small(*inputs))
+    assert_exports(asked, inputs)
     with pytest.raises(ValueError, match="memory_format must be None or a torch.memory_format"):
         shrink(model, inputs, memory_format="channels_last")
