@@ -12,12 +12,17 @@ same with the CPU budget of the MNIST-padded-to-32x32 check runs):
   restarted at lr 1e-3 (ResNets) or 1e-4 (VGG, as in its script), x0.9 on a validation-loss
   plateau, batch 128; 5 outer iterations for the ResNets, 20 for VGG in the paper (here the first
   is the Trainer's warm-up round, and VGG gets fewer: see below). Two departures, both forced:
-  pruning is by the snr criterion, not alpha >= 1e13 (the paper's threshold is reached only
-  because each of its rounds trains until the plateau rule has cut the lr below 1e-8, up to
-  1,000 epochs a round; under a capped round Adam keeps |w| near the lr and alpha near
-  n_g / lr^2), and a short fine-tune with the prior off ends the run (bench/reproduce_cifar.py
-  removes the channels of pruned filters for real, BatchNorm shift included, before it; the
-  paper's code counts them removed but keeps that shift as a constant channel).
+  - the pruning threshold. The paper prunes a group once alpha_g >= 1e13 (rms weight 3e-7), which
+    its code reaches only because each round trains until the plateau rule has cut the lr below
+    1e-8 (up to 1,000 epochs a round); under a capped round Adam leaves a group the data does not
+    support oscillating at about one step, rms ~ lr. Here a group is pruned once alpha_g >=
+    1 / lr^2 (rms weight at most one Adam step at the round's lr: 1e6 at lr 1e-3, 1e8 at 1e-4).
+    The snr criterion of the other recipes cannot serve: with gamma = 1, alpha_g = n_g / (|w_g|^2
+    + eps) makes sum_g Sigma_ii <= |w_g|^2 + eps, so the snr falls below 0.05 only once |w_g|^2 <
+    ~5e-18 (eps = 1e-16 decides), a far stricter bar than even the paper's.
+  - a short fine-tune with the prior off ends the run (bench/reproduce_cifar.py removes the
+    channels of pruned filters for real, BatchNorm shift included, before it; the paper's code
+    counts them removed but keeps that shift as a constant channel).
 - mackay: the same groups and layers with MacKay's rule (gamma from the ef-batch curvature) and
   the project's in-run schedule (alpha re-estimated about once an epoch inside one training run,
   the first `warmup_updates` updates only moving alpha, then a fine-tune with the prior off), as
@@ -103,10 +108,11 @@ def _recipe(model: str, method: str, dataset: str) -> Recipe:
     common = {"batch_size": 128, "pretrain_epochs": budget.dense, "lr": 1e-3,
               "augment_shift": budget.augment_shift, "finetune_epochs": budget.finetune, "finetune_lr": 1e-3,
               "channels_last": True}
+    round_lr = 1e-3 if resnet or dataset == "mnist32" else 1e-4   # the paper's scripts' Adam lr
     if method == "paper":
         config = FitConfig(schedule="paper", rounds=budget.rounds, epochs=budget.round_epochs,
-                           retrain_lr=1e-3 if resnet or dataset == "mnist32" else 1e-4, lr_decay=0.9,
-                           lr_schedule="plateau", patience=budget.patience, **common)
+                           retrain_lr=round_lr, lr_decay=0.9, lr_schedule="plateau",
+                           patience=budget.patience, **common)
     else:
         config = FitConfig(schedule="in-run", epochs=budget.ard, retrain_lr=1e-3,
                            update_every_steps=budget.update_every_steps,
@@ -114,7 +120,9 @@ def _recipe(model: str, method: str, dataset: str) -> Recipe:
                            patience=10 ** 6, **common)
     pruner: dict[str, Any] = {
         "granularity": "channel" if method == "channel" else "filter",
-        "rule": "paper" if method == "paper" else "mackay", "prune": "snr", "threshold": 0.05,
+        "rule": "paper" if method == "paper" else "mackay",
+        "prune": "alpha" if method == "paper" else "snr",
+        "threshold": 1 / round_lr ** 2 if method == "paper" else 0.05,
         "ard_layers": "block-inner" if resnet and method != "channel" else "all"}
     return Recipe(name, model, dataset, config, pruner, SUMMARIES[method])
 

@@ -157,14 +157,36 @@ def test_recipes_encode_the_paper_protocol():
         assert config.lr_schedule == "plateau" and config.lr_decay == 0.9
         assert config.retrain_lr == (1e-3 if model.startswith("resnet") else 1e-4)
         assert paper.pruner["rule"] == "paper" and paper.pruner["granularity"] == "filter"
+        # pruned once the group's rms weight is at most one Adam step (snr cannot fire with gamma = 1)
+        assert paper.pruner["prune"] == "alpha"
+        assert paper.pruner["threshold"] == pytest.approx(1 / config.retrain_lr ** 2)
         assert paper.pruner["ard_layers"] == ("block-inner" if model.startswith("resnet") else "all")
         mackay, channel = recipes_cifar.get(f"{model}-mackay"), recipes_cifar.get(f"{model}-channel")
         assert mackay.pruner["rule"] == channel.pruner["rule"] == "mackay"
+        assert mackay.pruner["prune"] == channel.pruner["prune"] == "snr"
         assert mackay.pruner["ard_layers"] == paper.pruner["ard_layers"]
         assert channel.pruner["granularity"] == "channel" and channel.pruner["ard_layers"] == "all"
         assert recipes_cifar.for_run(model, "paper", "cifar100") is paper
         assert recipes_cifar.for_run(model, "paper", "mnist32").name == f"{model}-paper-mnist32"
     assert recipes_cifar.get("resnet-56-paper").config.rounds == 4   # + the warm-up round: the paper's 5
+
+
+def test_snr_hardly_prunes_under_the_paper_rule():
+    """Why the paper preset prunes on alpha: with gamma = 1 a group's snr is at least
+    |w|^2 / (|w|^2 + eps), so it falls below a threshold t < 1 only once |w|^2 < t eps / (1 - t)."""
+    from mackay_ext import ops
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 9, generator=generator) * torch.logspace(-6, 0, 64)[:, None]
+    curvature = torch.rand(64, 9, generator=generator) * torch.logspace(-6, 2, 64)[:, None]
+    assert float(weight.pow(2).sum(1).min()) > 1e-14          # 100 eps and more
+    alpha = torch.zeros(64, 1)
+    stats = ops.mackay_update_(weight, curvature, alpha, num_data=50000.0, rule="paper", prune="snr",
+                               threshold=0.5, eps=1e-16, backend="torch")
+    assert int(stats.num_pruned) == 0 and torch.isfinite(alpha).all()
+    tiny = torch.full((1, 9), 1e-10)                            # |w|^2 = 9e-20, below eps
+    stats = ops.mackay_update_(tiny, torch.ones(1, 9), torch.zeros(1, 1), num_data=50000.0, rule="paper",
+                               prune="snr", threshold=0.05, eps=1e-16, backend="torch")
+    assert int(stats.num_pruned) == 1
 
 
 def test_recipe_errors():
