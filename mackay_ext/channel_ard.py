@@ -36,12 +36,17 @@ Where each member's alpha_eff and curvature live:
   own alpha, applied by its proximal step), and the pruner's curvature;
 - other members (1-D) in a MacKayAdam param group with ard=True: that state's alpha and curvature;
 - other members (1-D in an ard=False group, or any 1-D member with another optimizer): tracked
-  here. Curvature: the ef-batch estimate h <- rho h + (1 - rho) B g^2 from a gradient hook (B and
-  rho as the pruner's ef-batch curvature; h = 0 when no batch size is known). After every optimizer
-  step pruned entries are re-zeroed; with a non-MacKayAdam optimizer the prior is applied there by
-  the same proximal step as the pruner's (prior="penalty": penalty() includes them). With
-  MacKayAdam an ard=False group gets no prior term in its step (Adam's step size is not a step on
-  the prior): the evidence update and pruning still count these members.
+  here. Curvature: the ef-batch estimate h <- rho h + (1 - rho) B g^2 (B and rho as the pruner's
+  ef-batch curvature; h = 0 when no batch size is known), from the gradient the pruner's own
+  ef-batch estimate reads: each optimizer step's (curvature.StepCurvature: accumulated, DDP-averaged,
+  unscaled) with MacKayAdam, as its fused step does, and with the callbacks' StepCurvaturePruner;
+  each backward's (a gradient hook, averaged over ranks at the update) with another optimizer in
+  a plain MacKayPruner, as its weights' hooks do. The update reads h / (1 - rho^t), t the updates h
+  has taken, as for every ef-batch curvature. After every optimizer step pruned entries are
+  re-zeroed; with a non-MacKayAdam optimizer the prior is applied there by the same proximal step
+  as the pruner's (prior="penalty": penalty() includes them). With MacKayAdam an ard=False group
+  gets no prior term in its step (Adam's step size is not a step on the prior): the evidence
+  update and pruning still count these members.
 
 Groups that shrink cannot remove (ChannelGroup.fixed) get no alpha and are never pruned; so do
 groups with a frozen member, a member the optimizer does not train, or a matrix member that is
@@ -58,6 +63,7 @@ from torch import nn
 
 from ._alpha import finite_alpha
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
+from .curvature import StepCurvature, ema_debiased
 
 __all__ = ["ChannelARD", "trace_for_pruner"]
 
@@ -150,12 +156,18 @@ class ChannelARD:
         self._own: dict[str, dict[str, torch.Tensor]] = {}
         self._hooks = []
         self._batch_size, self._decay = self._ef_batch_settings(batch_size)
+        # read h from each optimizer step's gradient where the pruner's own ef-batch does (see above)
+        self._per_step = pruner.optimizer is not None and (pruner.fused or pruner.ef_batch_source == "step")
         for member in self.members.values():
             if member.where == "own":
                 self._own[member.name] = {
                     "alpha": torch.zeros(member.param.shape, dtype=torch.float32, device=member.param.device),
-                    "curvature": torch.zeros_like(member.param, memory_format=torch.preserve_format)}
+                    "curvature": torch.zeros_like(member.param, memory_format=torch.preserve_format),
+                    "curvature_steps": torch.zeros((), dtype=torch.float32, device=member.param.device)}
                 self._hooks.append(member.param.register_hook(self._curvature_hook(member)))
+        self._step_reader = None
+        if self._per_step and self._own and self._batch_size is not None:
+            self._step_reader = StepCurvature(pruner.optimizer, self._step_entries)
         sliced = {id(m.param) for m in self.members.values()}
         unsliced = [name for name, t in pruner.targets.items() if id(t.param) not in sliced]
         if unsliced:
@@ -191,16 +203,23 @@ class ChannelARD:
         return (None if batch_size is None else float(batch_size)), float(pruner.curvature_decay)
 
     def _curvature_hook(self, member: _Member):
+        """Backward hook: holds pruned entries' gradient at 0 and, unless h is read at the step,
+        updates h from this backward's gradient."""
         def hook(grad):
             state = self._own[member.name]
-            data_grad = grad
-            if self.pruner.prior == "penalty":   # the hook sees penalty()'s gradient alpha/N w too
-                data_grad = grad - finite_alpha(state["alpha"]) / self.pruner.num_data * member.param.detach()
-            if self._batch_size is not None:
+            if self._batch_size is not None and not self._per_step:
+                data_grad = grad
+                if self.pruner.prior == "penalty":   # the hook sees penalty()'s gradient alpha/N w too
+                    data_grad = grad - finite_alpha(state["alpha"]) / self.pruner.num_data * member.param.detach()
                 rho = self._decay
                 state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self._batch_size)
+                state["curvature_steps"].add_(1)
             return grad.masked_fill(state["alpha"] == math.inf, 0)
         return hook
+
+    def _step_entries(self):
+        return [(self.members[name].param, state["curvature"], state["curvature_steps"],
+                 self._batch_size, self._decay) for name, state in self._own.items()]
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -218,16 +237,29 @@ class ChannelARD:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._step_reader is not None:
+            self._step_reader.remove()
 
     # ------------------------------------------------------------------ state
     def curvature(self, name: str) -> torch.Tensor:
-        """h of a member parameter (full shape), wherever it lives."""
+        """h of a member parameter (full shape), wherever it lives (in place: the state itself)."""
         member = self.members[name]
         if member.where == "target":
             return self.pruner.curvature(member.target)
         if member.where == "optimizer":
             return self.pruner.optimizer.ard_state(member.param)["curvature"]
         return self._own[name]["curvature"]
+
+    def curvature_estimate(self, name: str) -> torch.Tensor:
+        """The curvature the update reads for a member: ef-batch's h / (1 - rho^t) (see
+        MacKayPruner.curvature_estimate)."""
+        member = self.members[name]
+        if member.where == "target":
+            return self.pruner.curvature_estimate(member.target)
+        if member.where == "optimizer":
+            return self.pruner.optimizer.curvature_estimate(member.param)
+        state = self._own[name]
+        return ema_debiased(state["curvature"], state["curvature_steps"], self._decay)
 
     def alpha_eff(self, name: str) -> torch.Tensor:
         """The alpha_eff the optimizer or proximal step reads for a member (float32, full shape)."""
@@ -283,7 +315,8 @@ class ChannelARD:
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha.detach().cpu().clone(),
                 "groups": [repr(g) for g in self.groups],
-                "own_curvature": {n: s["curvature"].detach().clone() for n, s in self._own.items()}}
+                "own_curvature": {n: s["curvature"].detach().clone() for n, s in self._own.items()},
+                "own_curvature_steps": {n: float(s["curvature_steps"]) for n, s in self._own.items()}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -291,8 +324,10 @@ class ChannelARD:
             raise ValueError("MacKayPruner.load_state_dict: the saved channel groups differ from this "
                              "model's (was the model or example_inputs changed?)")
         self.alpha.copy_(state["alpha"].to(self.alpha))
+        steps = state.get("own_curvature_steps", {})   # absent from older checkpoints: h read as it is
         for name, curvature in state.get("own_curvature", {}).items():
             self._own[name]["curvature"].copy_(curvature)
+            self._own[name]["curvature_steps"].fill_(float(steps.get(name, math.inf)))
         self._write_alpha_eff()
 
     # ------------------------------------------------------------------ update
@@ -338,7 +373,7 @@ class ChannelARD:
         cache = {}
         for member in self.members.values():
             w = member.param.detach().double()
-            h = self.curvature(member.name).double()
+            h = self.curvature_estimate(member.name).double()
             n_h = torch.where(h > 0, h * num_data, torch.zeros_like(h))
             terms, alpha_eff, count = self._alpha_terms(member, old)
             live = torch.isfinite(alpha_eff)
@@ -392,9 +427,11 @@ class ChannelARD:
 
     def _sync_own_curvature(self) -> None:
         """Under torch.distributed the gradient hooks see each rank's local gradient: average the
-        curvature tracked here over ranks so that every rank computes the same alphas."""
+        curvature tracked here over ranks so that every rank computes the same alphas (read at the
+        step, h comes from the all-reduced gradient: the same on every rank already)."""
         dist = torch.distributed
-        if self._own and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if (self._own and not self._per_step and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             for state in self._own.values():
                 dist.all_reduce(state["curvature"])
                 state["curvature"].div_(dist.get_world_size())

@@ -18,6 +18,7 @@ import torch
 
 from . import _extension, ops
 from ._validate import BACKENDS, alpha_fits, check_choice, check_count
+from .curvature import ema_debiased
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
 
@@ -95,6 +96,9 @@ class MacKayAdam(torch.optim.Optimizer):
     ARD state is created lazily (alpha = 0: no prior; curvature = 0); alpha may be replaced by
     any float32 tensor broadcastable to the parameter, e.g. (1, in_features) for one precision
     per input neuron; +inf marks pruned weights, which are held at exactly 0.
+    state["curvature"] is the moving average itself, which starts at 0: after t steps it holds
+    (1 - rho^t) of B g^2; curvature_estimate(param) divides that out (Adam's bias correction,
+    with t = state["step"], which counts exactly the steps that fed it).
     Works with GradScaler (grad_scale / found_inf, no host sync) and LR schedulers.
     """
 
@@ -108,9 +112,9 @@ class MacKayAdam(torch.optim.Optimizer):
         if backend == "ext":
             _extension.require()
         self.backend = backend
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        num_data=num_data, batch_size=batch_size, curvature_decay=curvature_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, ard=True)
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                        "num_data": num_data, "batch_size": batch_size, "curvature_decay": curvature_decay,
+                        "decoupled_weight_decay": decoupled_weight_decay, "ard": True}
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -154,6 +158,16 @@ class MacKayAdam(torch.optim.Optimizer):
         if not group["ard"]:
             raise ValueError("MacKayAdam.ard_state: this parameter is in a group with ard=False")
         return self._init_state(param, group)
+
+    def curvature_estimate(self, param: torch.Tensor) -> torch.Tensor:
+        """The ef-batch curvature of an ARD parameter, h / (1 - rho^t) (t = state["step"]: the
+        kernel feeds h at exactly the steps it counts, a GradScaler's skipped step at neither);
+        state["curvature"] itself once the correction is below float64's resolution."""
+        group = self._group_of(param)
+        state = self.ard_state(param)
+        if group["batch_size"] is None:   # h is not fed by the step: no moving average to correct
+            return state["curvature"]
+        return ema_debiased(state["curvature"], state["step"], group["curvature_decay"])
 
     def _checked_state(self, param, group, where):
         state = self._init_state(param, group)
@@ -301,7 +315,7 @@ class MacKayAdam(torch.optim.Optimizer):
 
 def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:
     lr, beta1, beta2, eps, weight_decay, decoupled = adam_key
-    return {"ard": [], "plain": [], "tracks": tracks, "num_ard": 0, "hyper": dict(
-        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled, num_data=float(group["num_data"]),
-        batch_size=float(group["batch_size"] or 1.0), curvature_decay=float(group["curvature_decay"]))}
+    return {"ard": [], "plain": [], "tracks": tracks, "num_ard": 0, "hyper": {
+        "lr": lr, "beta1": beta1, "beta2": beta2, "eps": eps, "weight_decay": weight_decay,
+        "decoupled_weight_decay": decoupled, "num_data": float(group["num_data"]),
+        "batch_size": float(group["batch_size"] or 1.0), "curvature_decay": float(group["curvature_decay"])}}

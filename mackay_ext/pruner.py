@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,15 +41,16 @@ from .ard_targets import (
     exact_curvature_problem,
     find_targets,
 )
+from .curvature import ema_debiased
 from .dead_units import prune_unused_units
 from .optim import MacKayAdam
 from .standalone_prior import StandalonePrior
 
-__all__ = ["MacKayPruner", "alpha_shape", "GRANULARITIES", "CURVATURES"]
+__all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 
 CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
 PRIORS = ("proximal", "penalty")
-DEFAULTS = dict(granularity="weight", rule="mackay", prune="snr", threshold=None)
+DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": "snr", "threshold": None}
 
 
 def _quantiles(alpha: torch.Tensor) -> dict[str, float]:
@@ -81,7 +83,10 @@ class MacKayPruner(StandalonePrior):
             (threshold 1e13, the paper's).
         curvature: "ef-batch" (from the optimizer step or gradient hooks), "ef-exact" or
             "fisher-mc" (mackay_ext.curvature.FisherAccumulator; `accumulate_mc(x)` feeds the
-            latter), averaged over everything seen since the previous update().
+            latter), averaged over everything seen since the previous update(). ef-batch is a
+            moving average h that starts at 0; the update reads h / (1 - rho^t), t the updates
+            it has taken (Adam's bias correction; curvature_estimate(name)), so an update a few
+            steps into training sees B g^2, not (1 - rho^t) of it.
         prior: with a non-MacKayAdam optimizer, "proximal" (default) or "penalty" (see above).
         batch_size, curvature_decay: B and rho of the ef-batch estimate when the optimizer is
             not a MacKayAdam (MacKayAdam uses its own).
@@ -94,6 +99,11 @@ class MacKayPruner(StandalonePrior):
     ef-batch is computed from DDP's already averaged gradients (pass the global batch size as
     MacKayAdam's batch_size), so every rank computes identical alpha and identical pruning.
     """
+
+    # where a non-MacKayAdam optimizer's ef-batch gradient is read: "backward" (gradient hooks,
+    # every backward) or "step" (integrations._step_curvature: each optimizer step's gradient);
+    # the 1-D channel members that channel_ard tracks itself follow it (MacKayAdam: "step")
+    ef_batch_source = "backward"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  num_data: float, granularity: str | dict[str, str] = "weight", rule: str = "mackay",
@@ -139,6 +149,8 @@ class MacKayPruner(StandalonePrior):
         self._own: dict[str, dict[str, torch.Tensor]] = {}
         self._hooks = []
         self._steps_since_update: int | None = None
+        # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
+        self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
         if optimizer is not None:
             self._steps_since_update = 0
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
@@ -150,6 +162,8 @@ class MacKayPruner(StandalonePrior):
                                  "when the optimizer is not a MacKayAdam")
             self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
             self.curvature_decay = float(curvature_decay)
+            if not 0.0 <= self.curvature_decay <= 1.0:
+                raise ValueError(f"{where}: curvature_decay must be in [0, 1], got {curvature_decay}")
             self._attach_hooks()
         if coupling is not None:
             from .channel_ard import ChannelARD
@@ -259,8 +273,34 @@ class MacKayPruner(StandalonePrior):
                 else self._own[name]["alpha"])
 
     def curvature(self, name: str) -> torch.Tensor:
+        """The curvature state of a layer (in place: ef-batch's moving average h itself)."""
         return (self.optimizer.ard_state(self.targets[name].param)["curvature"] if self.fused
                 else self._own[name]["curvature"])
+
+    def curvature_estimate(self, name: str) -> torch.Tensor:
+        """The curvature update() reads: ef-batch's h / (1 - rho^t), t the updates h has taken
+        (the optimizer's step count with MacKayAdam, the hooks' count otherwise), which is B g^2
+        for a constant gradient whatever t; the exact estimates as they are."""
+        if self.curvature_kind != "ef-batch":
+            return self.curvature(name)
+        rho = (self.optimizer._group_of(self.targets[name].param)["curvature_decay"] if self.fused
+               else self.curvature_decay)
+        return ema_debiased(self.curvature(name), self._curvature_steps(name), rho)
+
+    def _curvature_steps(self, name: str) -> float:
+        """t of a layer's ef-batch moving average (see curvature_estimate): the hooks' count, or
+        MacKayAdam's step count, which its kernel advances exactly when it feeds h; after
+        load_state_dict the saved t plus the steps since, as long as the optimizer's state is
+        the one the saved h was written into (a fresh optimizer restarts its count at 0; one
+        loaded afterwards brings its own h and step)."""
+        if not self.fused:
+            return float(self._own[name]["curvature_steps"])
+        state = self.optimizer.ard_state(self.targets[name].param)
+        step = float(state["step"])
+        origin = self._loaded_steps.get(name)
+        if origin is None or origin[0] is not state:
+            return step
+        return origin[2] + (step - origin[1])
 
     def _set_alpha(self, name: str, alpha: torch.Tensor) -> None:
         if self.fused:
@@ -371,7 +411,7 @@ class MacKayPruner(StandalonePrior):
         can_prune = not (warmup or hold)
         before = (weight.detach().clone(), alpha.clone()) if not self.allow_empty_layers else None
         stats = ops.mackay_update_(
-            weight, self.curvature(name), alpha, num_data=self.num_data, rule=self.rule,
+            weight, self.curvature_estimate(name), alpha, num_data=self.num_data, rule=self.rule,
             # snr < 0 never holds: the same alpha estimate, nothing pruned
             prune=self.prune if can_prune else "snr", threshold=self.threshold if can_prune else 0.0,
             eps=self.eps, alpha_max=self.alpha_max, backend=self.backend)
@@ -446,6 +486,7 @@ class MacKayPruner(StandalonePrior):
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": {n: self.alpha(n).detach().clone() for n in self.targets},
                 "curvature": {n: self.curvature(n).detach().clone() for n in self.targets},
+                "curvature_steps": {n: self._curvature_steps(n) for n in self.targets},
                 "granularity": dict(self.granularity), "history": list(self.history),
                 "steps_since_update": self._steps_since_update,
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
@@ -456,17 +497,23 @@ class MacKayPruner(StandalonePrior):
         missing = set(self.targets) - set(state["alpha"])
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
+        # t of each ef-batch moving average; absent from older checkpoints: read h as it is
+        saved_steps = state.get("curvature_steps", {})
         for name, target in self.targets.items():
             device = target.param.device
             alpha = state["alpha"][name].to(device=device, dtype=torch.float32)
             curvature = state["curvature"][name].to(device=device, dtype=target.param.dtype)
+            steps = float(saved_steps.get(name, math.inf))
             if self.fused:
                 ard = self.optimizer.ard_state(target.param)
                 ard["alpha"] = alpha.clone()
                 ard["curvature"].copy_(curvature)
+                if steps != math.inf:
+                    self._loaded_steps[name] = (ard, float(ard["step"]), steps)
             else:
                 self._own[name]["alpha"] = alpha.clone()
                 self._own[name]["curvature"] = curvature.clone()
+                self._own[name]["curvature_steps"] = torch.tensor(steps, dtype=torch.float32, device=device)
         self.granularity = dict(state.get("granularity", self.granularity))
         if self.channel is not None:
             if "channel" not in state:

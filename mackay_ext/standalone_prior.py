@@ -1,7 +1,8 @@
 """The ARD prior for optimizers other than MacKayAdam (a mixin of MacKayPruner).
 
 MacKayAdam applies the prior inside its fused step. Any other torch optimizer knows nothing of
-it, so the pruner keeps alpha and an ef-batch curvature itself (gradient hooks) and applies the
+it, so the pruner keeps alpha and an ef-batch curvature itself (gradient hooks: a moving average
+h <- rho h + (1 - rho) B g^2 and the count t of its updates, read as h / (1 - rho^t)) and applies the
 prior after every optimizer step as the exact implicit (proximal) step
     w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N),
 contracting for every alpha and step size s, where the prior's gradient in plain SGD diverges
@@ -27,7 +28,9 @@ class StandalonePrior:
             self._own[name] = {
                 "alpha": torch.zeros(self._alpha_shape(target, self.granularity[name]),
                                      dtype=torch.float32, device=weight.device),
-                "curvature": torch.zeros_like(weight)}
+                "curvature": torch.zeros_like(weight),
+                # updates the moving average has taken: the update reads h / (1 - rho^t)
+                "curvature_steps": torch.zeros((), dtype=torch.float32, device=weight.device)}
             if self.curvature_kind == "ef-batch":
                 self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
             else:  # the exact estimates only need pruned gradients held at 0
@@ -44,6 +47,7 @@ class StandalonePrior:
                 data_grad = grad - finite_alpha(alpha) / self.num_data * weight.detach()
             rho = self.curvature_decay
             state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self.batch_size)
+            state["curvature_steps"].add_(1)
             return grad.masked_fill(pruned.expand_as(grad), 0)  # no host sync to test for any
         return hook
 
