@@ -1,7 +1,8 @@
 """The compiled squared GEMM, out += s (a*a)^T (b*b), against a float64 reference on the inputs its
-panels and thread split have edges for: batches around the panel depth (256 examples), odd
-sizes, out taller than wide (the transposed split), strided and broadcast operands, 1 and 2
-threads; and its scratch, which must stay far below squared copies of a and b."""
+paths and their edges are chosen by: batches of 1-8 (register-blocked pass) and 9 on (panels of
+256 examples through addmm_), a single example on an out above 32 MB, odd sizes, out taller than
+wide (the transposed thread split), strided and broadcast operands, 1 and 2 threads; and its
+scratch, which must stay far below squared copies of a and b."""
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ from conftest import DEVICES
 from mackay_ext.curvature import sq_gemm_accumulate_
 
 DTYPES = [torch.float32, torch.float64]
-# (batch, out, in): one example; below, at and across the panel depth; odd; out taller than
-# wide; big enough for 2 threads to split it (> 2^20 multiply-adds each).
-SHAPES = [(1, 1, 1), (1, 7, 300), (3, 5, 2), (255, 9, 17), (256, 31, 33), (257, 33, 31),
-          (600, 65, 3), (600, 3, 65), (300, 64, 400), (300, 400, 64)]
+# (batch, out, in): one example; the register-blocked pass's batches (<= 8, row blocks of 6 and
+# vectors of 16 columns with tails); just above it; below, at and across the panel depth; odd;
+# out taller than wide; big enough for 2 threads to split it (> 2^20 multiply-adds each).
+SHAPES = [(1, 1, 1), (1, 7, 300), (3, 5, 2), (8, 13, 70), (8, 600, 600), (9, 13, 70),
+          (255, 9, 17), (256, 31, 33), (257, 33, 31), (600, 65, 3), (600, 3, 65), (300, 64, 400),
+          (300, 400, 64)]
 THREADS = [1, 2] if torch.get_num_threads() >= 2 else [1]
 
 
@@ -49,8 +52,9 @@ def test_matches_float64(device, dtype, shape, threads):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "column-sliced", "row-sliced", "broadcast"])
-def test_strided_operands(device, dtype, layout, threads):
-    n, o, i = 300, 37, 70
+@pytest.mark.parametrize("n", [5, 300])
+def test_strided_operands(device, dtype, layout, n, threads):
+    o, i = 37, 70
     kw = {"dtype": dtype, "device": device}
     if layout == "transposed":  # column-major, as delta.t() of a [out, N] buffer would be
         a, b = torch.randn(o, n, **kw).t(), torch.randn(i, n, **kw).t()
@@ -75,6 +79,14 @@ def test_empty_batch_and_empty_out_leave_out_alone(device, dtype):
     empty = torch.zeros(0, 6, **kw)
     sq_gemm_accumulate_(empty, torch.randn(5, 0, **kw), torch.randn(5, 6, **kw), backend="ext")
     assert empty.shape == (0, 6)
+
+
+def test_one_example_on_an_out_above_32_mb(threads):
+    """A rank-one update of an out too big for a cache takes the register-blocked pass."""
+    a, b = torch.randn(1, 2900), torch.randn(1, 2901)
+    out = torch.rand(2900, 2901)
+    assert out.numel() * out.element_size() > 32 << 20
+    check(out, a, b)
 
 
 def test_non_finite_inputs_propagate():

@@ -1,10 +1,11 @@
 // CPU kernel of mackay_ext::sq_gemm_accumulate_: out[o, i] += scale * sum_n a[n, o]^2 b[n, i]^2,
 // the exact empirical Fisher of a Linear layer from its inputs b = x and output gradients a =
-// delta. A hand-written register-blocked loop lost to MKL's GEMM by up to 7x on large layers
-// (issue 17), so the product is left to the GEMM torch uses (at::addmm_) and this file only
-// squares: kPanelRows examples at a time into scratch panels, each panel pair added to out by one
-// addmm_. The scratch holds at most kPanelRows examples of a^2 and b^2 (per thread: all of a's
-// columns, the thread's share of b's), never whole squared copies of a batch larger than that.
+// delta. The register-blocked loop that was all of this kernel lost to MKL's GEMM by up to 7x on
+// large layers (issue 17), so from a few examples on the product is left to the GEMM torch uses
+// (at::addmm_) and this file only squares: kPanelRows examples at a time into scratch panels,
+// each panel pair added to out by one addmm_. The scratch holds at most kPanelRows examples of a^2
+// and b^2 (per thread: all of a's columns, the thread's share of b's), never whole squared copies
+// of a larger batch. Batches of a few examples, where MKL is slow, keep the blocked loop.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -18,6 +19,7 @@
 #include <algorithm>
 
 #include "mackay/sq_gemm.h"
+#include "sq_gemm_register_blocked.h"
 
 namespace mackay {
 namespace {
@@ -34,6 +36,21 @@ constexpr int64_t kColumnBlock = 16;
 // Less work than this (multiply-adds) per thread and the call stays on one thread: a fork costs
 // microseconds, more than a small layer's whole product.
 constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
+
+// Batches of at most this many examples take the register-blocked pass (sq_gemm_register_blocked.h):
+// MKL's GEMM with k = 2..8 was 1.3x-4x slower than the blocked pass (1024x1024 to 4096x11008, 1
+// thread), with k = 16 1.1x-1.5x faster.
+constexpr int64_t kRegisterBlockedMaxRows = 8;
+// A single example is a rank-one update, which MKL does well while out is in cache (the blocked
+// pass took 1.5x its time at 1024x1024 and 2048x2048) and badly once out is not (0.57x-0.69x at
+// 4096x4096 and 4096x11008): the blocked pass takes it above this size of out, the last-level
+// cache of the machine measured.
+constexpr int64_t kRankOneGemmMaxBytes = int64_t(32) << 20;
+
+bool use_register_blocked(int64_t n_rows, const at::Tensor& out) {
+  return n_rows <= kRegisterBlockedMaxRows &&
+         (n_rows > 1 || out.numel() * static_cast<int64_t>(out.element_size()) > kRankOneGemmMaxBytes);
+}
 
 // panel[r, c] = src[r, c0 + c]^2 for r < rows, c < cols; panel is contiguous [rows, cols], src any
 // strides (a transposed or sliced a or b is read in place, never copied whole).
@@ -88,6 +105,15 @@ void sq_gemm_accumulate_cpu(at::Tensor& out, const at::Tensor& a, const at::Tens
   // The ops below work on scratch and on out, which the schema already declares mutated: nothing
   // for autograd to record, and skipping its keys saves microseconds on small layers.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (use_register_blocked(a.size(0), out)) {
+    const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sq_gemm_accumulate_cpu", [&] {
+      register_blocked::sq_gemm<scalar_t>(out.mutable_data_ptr<scalar_t>(), a_c.const_data_ptr<scalar_t>(),
+                                          b_c.const_data_ptr<scalar_t>(), a.size(0), out.size(0),
+                                          out.size(1), static_cast<scalar_t>(scale));
+    });
+    return;
+  }
   // Threads split out's longer side, each squaring its own slice of that operand and all of the
   // other (the shorter side, so the duplicated squaring is the cheaper one). One parallel region
   // per call: a region per panel (squares, then a threaded GEMM) made 2 threads up to 4x slower
