@@ -5,7 +5,8 @@ beforehand (the GEMM's own cost, a floor neither of the others can go under).
 
 Run:  pytest bench/bench_sq_gemm.py --benchmark-only
 Layers: LeNet-300-100's 300x784 and 100x300, 1024x1024, 4096x4096 and a transformer MLP's
-4096x11008 (out x in); batches 1, 32, 128, 1024; 1 thread and, where torch has them, 2.
+4096x11008 (out x in); batches 1, 32, 128, 1024 (issue 17) and 8, 16 (either side of the op's
+switch from its register-blocked pass to the GEMM); 1 thread and, where torch has them, 2.
 The three are timed round-robin (conftest.interleaved); one `out` is shared so all see the same
 caches. Target (issue 17): ext <= torch fallback everywhere, and below it where the squares'
 memory traffic matters.
@@ -19,7 +20,7 @@ from conftest import DEVICES, interleaved
 from mackay_ext.curvature import sq_gemm_accumulate_
 
 LAYERS = [(300, 784), (100, 300), (1024, 1024), (4096, 4096), (4096, 11008)]
-BATCHES = [1, 32, 128, 1024]
+BATCHES = [1, 8, 16, 32, 128, 1024]
 THREADS = [1, 2] if torch.get_num_threads() >= 2 else [1]
 SCALE = 0.5
 SECONDS_PER_CASE = 3.0  # rounds are sized so a case takes about this long on the CPU

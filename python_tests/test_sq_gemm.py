@@ -1,6 +1,6 @@
 """The compiled squared GEMM, out += s (a*a)^T (b*b), against a float64 reference on the inputs its
-paths and their edges are chosen by: batches of 1-8 (register-blocked pass) and 9 on (panels of
-256 examples through addmm_), a single example on an out above 32 MB, odd sizes, out taller than
+paths and their edges are chosen by: batches of 2-8 on an out above 1 MB and of 1 on an out above
+32 MB (register-blocked pass), all others (panels of 256 examples through addmm_), odd sizes, out taller than
 wide (the transposed thread split), strided and broadcast operands, 1 and 2 threads; and its
 scratch, which must stay far below squared copies of a and b."""
 
@@ -11,10 +11,11 @@ from conftest import DEVICES
 from mackay_ext.curvature import sq_gemm_accumulate_
 
 DTYPES = [torch.float32, torch.float64]
-# (batch, out, in): one example; the register-blocked pass's batches (<= 8, row blocks of 6 and
-# vectors of 16 columns with tails); just above it; below, at and across the panel depth; odd;
-# out taller than wide; big enough for 2 threads to split it (> 2^20 multiply-adds each).
-SHAPES = [(1, 1, 1), (1, 7, 300), (3, 5, 2), (8, 13, 70), (8, 600, 600), (9, 13, 70),
+# (batch, out, in): one example; small batches on a small out; the register-blocked pass (2-8
+# examples, out > 1 MB; row blocks of 6 and vectors of 16 columns, with tails); just above it;
+# below, at and across the panel depth; odd; out taller than wide; big enough for 2 threads to
+# split it (> 2^20 multiply-adds each).
+SHAPES = [(1, 1, 1), (1, 7, 300), (3, 5, 2), (8, 13, 70), (2, 601, 603), (8, 600, 600), (9, 600, 600),
           (255, 9, 17), (256, 31, 33), (257, 33, 31), (600, 65, 3), (600, 3, 65), (300, 64, 400),
           (300, 400, 64)]
 THREADS = [1, 2] if torch.get_num_threads() >= 2 else [1]
@@ -54,7 +55,7 @@ def test_matches_float64(device, dtype, shape, threads):
 @pytest.mark.parametrize("layout", ["transposed", "column-sliced", "row-sliced", "broadcast"])
 @pytest.mark.parametrize("n", [5, 300])
 def test_strided_operands(device, dtype, layout, n, threads):
-    o, i = 37, 70
+    o, i = 400, 701  # out > 1 MB: 5 examples take the register-blocked pass
     kw = {"dtype": dtype, "device": device}
     if layout == "transposed":  # column-major, as delta.t() of a [out, N] buffer would be
         a, b = torch.randn(o, n, **kw).t(), torch.randn(i, n, **kw).t()

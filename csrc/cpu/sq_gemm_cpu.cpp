@@ -37,10 +37,13 @@ constexpr int64_t kColumnBlock = 16;
 // microseconds, more than a small layer's whole product.
 constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
 
-// Batches of at most this many examples take the register-blocked pass (sq_gemm_register_blocked.h):
-// MKL's GEMM with k = 2..8 was 1.3x-4x slower than the blocked pass (1024x1024 to 4096x11008, 1
-// thread), with k = 16 1.1x-1.5x faster.
+// Batches of at most this many examples may take the register-blocked pass
+// (sq_gemm_register_blocked.h), on an out of more than kSmallBatchGemmMaxBytes: there MKL's GEMM
+// with k = 2..8 was 1.3x-4x slower than the blocked pass (1024x1024 to 4096x11008, 1 thread),
+// with k = 16 1.1x-1.5x faster. While out fits a core's L2 cache MKL wins from k = 2 on
+// (300x784, 8 examples: the blocked pass took 1.18x its time).
 constexpr int64_t kRegisterBlockedMaxRows = 8;
+constexpr int64_t kSmallBatchGemmMaxBytes = int64_t(1) << 20;
 // A single example is a rank-one update, which MKL does well while out is in cache (the blocked
 // pass took 1.5x its time at 1024x1024 and 2048x2048) and badly once out is not (0.57x-0.69x at
 // 4096x4096 and 4096x11008): the blocked pass takes it above this size of out, the last-level
@@ -48,8 +51,9 @@ constexpr int64_t kRegisterBlockedMaxRows = 8;
 constexpr int64_t kRankOneGemmMaxBytes = int64_t(32) << 20;
 
 bool use_register_blocked(int64_t n_rows, const at::Tensor& out) {
+  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
   return n_rows <= kRegisterBlockedMaxRows &&
-         (n_rows > 1 || out.numel() * static_cast<int64_t>(out.element_size()) > kRankOneGemmMaxBytes);
+         bytes > (n_rows == 1 ? kRankOneGemmMaxBytes : kSmallBatchGemmMaxBytes);
 }
 
 // panel[r, c] = src[r, c0 + c]^2 for r < rows, c < cols; panel is contiguous [rows, cols], src any
