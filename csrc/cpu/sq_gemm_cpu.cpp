@@ -1,99 +1,104 @@
 // CPU kernel of mackay_ext::sq_gemm_accumulate_: out[o, i] += scale * sum_n a[n, o]^2 b[n, i]^2,
 // the exact empirical Fisher of a Linear layer from its inputs b = x and output gradients a =
-// delta. Squares are formed on load: b's per register block, a's while packing a row block's
-// panel (n x 6 values); nothing the size of a or b is materialised. Register blocks of kRows x (kVecs vectors) of `out`, row blocks in parallel.
+// delta. The register-blocked loop that was all of this kernel lost to MKL's GEMM by up to 7x on
+// large layers (issue 17), so from a few examples on the product is left to the GEMM torch uses
+// (at::addmm_) and this file only squares: kPanelRows examples at a time into scratch panels,
+// each panel pair added to out by one addmm_. The scratch holds at most kPanelRows examples of a^2
+// and b^2 (per thread: all of a's columns, the thread's share of b's), never whole squared copies
+// of a larger batch. Batches of a few examples, where MKL is slow, keep the blocked loop.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
+#include <c10/core/ScalarType.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "mackay/sq_gemm.h"
+#include "sq_gemm_register_blocked.h"
 
 namespace mackay {
 namespace {
 
-constexpr int64_t kRows = 6;   // 6 x 2 vector accumulators: 12 of AVX2's 16 registers
-constexpr int64_t kVecs = 2;
+// Examples per panel. Each addmm_ reads and writes its block of out once, so a panel must be deep
+// enough for that pass to be small next to the panel's 2 * out.numel() * rows flops. A sweep of
+// 64-512 rows at batch 1024 (2-core EPYC, busy machine): 128-512 within noise of each other on
+// 300x784, 1024x1024 and 4096x4096, 1 thread and 2; 64 lost with 2 threads (300x784: 0.99x the
+// fallback's time against 0.55x). 256 rather than 128 halves the passes over an out that does
+// not fit a cache (4096x11008: 180 MB), for twice the scratch (there 15 MB instead of 8).
+constexpr int64_t kPanelRows = 256;
+// Threads get whole blocks of this many of out's columns (a cache line of float32).
+constexpr int64_t kColumnBlock = 16;
+// Less work than this (multiply-adds) per thread and the call stays on one thread: a fork costs
+// microseconds, more than a small layer's whole product.
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 20;
 
-// One kRows x (kVecs vectors) block of out, all bounds compile-time so the accumulators live in
-// registers. kFull: the block's columns are all inside out (else `width` says how many are).
-// a_sq: this row block's squared a, packed [n][kR] (asq below reads it with one broadcast).
-template <typename scalar_t, int64_t kR, bool kFull>
-void sq_gemm_block(const scalar_t* a_sq, const scalar_t* b, scalar_t* out, int64_t n_rows,
-                   int64_t out_cols, int64_t o0, int64_t i0, int64_t width, scalar_t scale) {
+// Batches of at most this many examples may take the register-blocked pass
+// (sq_gemm_register_blocked.h), on an out of more than kSmallBatchGemmMaxBytes: there MKL's GEMM
+// with k = 2..8 was 1.3x-4x slower than the blocked pass (1024x1024 to 4096x11008, 1 thread),
+// with k = 16 1.1x-1.5x faster. While out fits a core's L2 cache MKL wins from k = 2 on
+// (300x784, 8 examples: the blocked pass took 1.18x its time).
+constexpr int64_t kRegisterBlockedMaxRows = 8;
+constexpr int64_t kSmallBatchGemmMaxBytes = int64_t(1) << 20;
+// A single example is a rank-one update, which MKL does well while out is in cache (the blocked
+// pass took 1.5x its time at 1024x1024 and 2048x2048) and badly once out is not (0.57x-0.69x at
+// 4096x4096 and 4096x11008): the blocked pass takes it above this size of out, the last-level
+// cache of the machine measured.
+constexpr int64_t kRankOneGemmMaxBytes = int64_t(32) << 20;
+
+bool use_register_blocked(int64_t n_rows, const at::Tensor& out) {
+  const int64_t bytes = out.numel() * static_cast<int64_t>(out.element_size());
+  return n_rows <= kRegisterBlockedMaxRows &&
+         bytes > (n_rows == 1 ? kRankOneGemmMaxBytes : kSmallBatchGemmMaxBytes);
+}
+
+// panel[r, c] = src[r, c0 + c]^2 for r < rows, c < cols; panel is contiguous [rows, cols], src any
+// strides (a transposed or sliced a or b is read in place, never copied whole).
+template <typename scalar_t>
+void square_panel(const at::Tensor& src, int64_t n0, int64_t rows, int64_t c0, int64_t cols,
+                  scalar_t* panel) {
   using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t V = Vec::size();
-  Vec acc[kR][kVecs];
-#pragma GCC unroll 8
-  for (int64_t r = 0; r < kR; ++r)
-#pragma GCC unroll 4
-    for (int64_t u = 0; u < kVecs; ++u) acc[r][u] = Vec(scalar_t(0));
-  const scalar_t* brow = b + i0;
-  const scalar_t* arow = a_sq;
-  for (int64_t n = 0; n < n_rows; ++n, brow += out_cols, arow += kR) {
-    Vec bsq[kVecs];
-#pragma GCC unroll 4
-    for (int64_t u = 0; u < kVecs; ++u) {
-      const Vec bv = kFull ? Vec::loadu(brow + u * V)
-                           : Vec::loadu(brow + u * V, std::clamp<int64_t>(width - u * V, 0, V));
-      bsq[u] = bv * bv;
-    }
-#pragma GCC unroll 8
-    for (int64_t r = 0; r < kR; ++r) {
-      const Vec asq(arow[r]);
-#pragma GCC unroll 4
-      for (int64_t u = 0; u < kVecs; ++u) acc[r][u] = at::vec::fmadd(asq, bsq[u], acc[r][u]);
-    }
-  }
-  const Vec vscale(scale);
-  for (int64_t r = 0; r < kR; ++r) {
-    scalar_t* orow = out + (o0 + r) * out_cols + i0;
-    for (int64_t u = 0; u < kVecs; ++u) {
-      if (kFull) {
-        at::vec::fmadd(vscale, acc[r][u], Vec::loadu(orow + u * V)).store(orow + u * V);
-      } else {
-        const int64_t count = std::clamp<int64_t>(width - u * V, 0, V);
-        if (count == 0) break;
-        at::vec::fmadd(vscale, acc[r][u], Vec::loadu(orow + u * V, count)).store(orow + u * V, count);
+  const int64_t row_stride = src.stride(0), col_stride = src.stride(1);
+  const scalar_t* base = src.const_data_ptr<scalar_t>() + n0 * row_stride + c0 * col_stride;
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* in = base + r * row_stride;
+    scalar_t* dst = panel + r * cols;
+    if (col_stride == 1) {
+      at::vec::map([](Vec v) { return v * v; }, dst, in, cols);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) {
+        const scalar_t v = in[c * col_stride];
+        dst[c] = v * v;
       }
     }
   }
 }
 
-template <typename scalar_t, int64_t kR>
-void sq_gemm_row_block(const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n_rows,
-                       int64_t out_rows, int64_t out_cols, int64_t o0, scalar_t scale) {
-  constexpr int64_t kCols = kVecs * at::vec::Vectorized<scalar_t>::size();
-  // Pack this row block's a^2 once (n_rows x kR, a few KB), reused by every column block:
-  // the GEMM's usual panel packing, squaring on the way.
-  std::vector<scalar_t> a_sq(n_rows * kR);
-  for (int64_t n = 0; n < n_rows; ++n) {
-    for (int64_t r = 0; r < kR; ++r) {
-      const scalar_t v = a[n * out_rows + o0 + r];
-      a_sq[n * kR + r] = v * v;
-    }
-  }
-  int64_t i0 = 0;
-  for (; i0 + kCols <= out_cols; i0 += kCols) {
-    sq_gemm_block<scalar_t, kR, true>(a_sq.data(), b, out, n_rows, out_cols, o0, i0, kCols, scale);
-  }
-  if (i0 < out_cols) {
-    sq_gemm_block<scalar_t, kR, false>(a_sq.data(), b, out, n_rows, out_cols, o0, i0, out_cols - i0, scale);
-  }
-}
-
-// Tail row blocks (fewer than kRows rows) with the row count as a template argument.
-template <typename scalar_t, int64_t kR = kRows>
-void sq_gemm_rows(int64_t rows, const scalar_t* a, const scalar_t* b, scalar_t* out, int64_t n_rows,
-                  int64_t out_rows, int64_t out_cols, int64_t o0, scalar_t scale) {
-  if constexpr (kR > 0) {
-    if (rows == kR) {
-      sq_gemm_row_block<scalar_t, kR>(a, b, out, n_rows, out_rows, out_cols, o0, scale);
+// out[:, c0:c1] += scale * (a*a)^T (b[:, c0:c1]*b[:, c0:c1]), one thread, kPanelRows examples a
+// time. out is a view the GEMM writes in place (row-major, or transposed: see below).
+template <typename scalar_t>
+void accumulate_columns(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t c0,
+                        int64_t c1, double scale) {
+  const int64_t n_rows = a.size(0), out_rows = out.size(0), width = c1 - c0;
+  const int64_t panel_rows = std::min(n_rows, kPanelRows);
+  // a^2 is written row by row ([rows, out], as a is laid out) but allocated as its transpose
+  // [out, rows] with strides (1, out): the A^T operand the GEMM reads in place, no t() needed.
+  const at::Tensor a_panel_t = at::empty_strided({out_rows, panel_rows}, {1, out_rows}, out.options());
+  const at::Tensor b_panel = at::empty({panel_rows, width}, out.options());
+  const at::Tensor out_block = out.narrow(1, c0, width);
+  for (int64_t n0 = 0; n0 < n_rows; n0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, n_rows - n0);
+    square_panel<scalar_t>(a, n0, rows, 0, out_rows, a_panel_t.mutable_data_ptr<scalar_t>());
+    square_panel<scalar_t>(b, n0, rows, c0, width, b_panel.mutable_data_ptr<scalar_t>());
+    // The call torch's fallback makes, on one panel of the batch and this thread's columns.
+    if (rows == panel_rows) {
+      out_block.addmm_(a_panel_t, b_panel, /*beta=*/1, /*alpha=*/scale);
     } else {
-      sq_gemm_rows<scalar_t, kR - 1>(rows, a, b, out, n_rows, out_rows, out_cols, o0, scale);
+      out_block.addmm_(a_panel_t.narrow(1, 0, rows), b_panel.narrow(0, 0, rows), /*beta=*/1, /*alpha=*/scale);
     }
   }
 }
@@ -101,19 +106,35 @@ void sq_gemm_rows(int64_t rows, const scalar_t* a, const scalar_t* b, scalar_t* 
 void sq_gemm_accumulate_cpu(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale) {
   check_sq_gemm_args(out, a, b);
   if (a.size(0) == 0 || out.numel() == 0) return;
-  const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
-  const int64_t n_rows = a.size(0), out_rows = out.size(0), out_cols = out.size(1);
+  // The ops below work on scratch and on out, which the schema already declares mutated: nothing
+  // for autograd to record, and skipping its keys saves microseconds on small layers.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (use_register_blocked(a.size(0), out)) {
+    const at::Tensor a_c = a.contiguous(), b_c = b.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sq_gemm_accumulate_cpu", [&] {
+      register_blocked::sq_gemm<scalar_t>(out.mutable_data_ptr<scalar_t>(), a_c.const_data_ptr<scalar_t>(),
+                                          b_c.const_data_ptr<scalar_t>(), a.size(0), out.size(0),
+                                          out.size(1), static_cast<scalar_t>(scale));
+    });
+    return;
+  }
+  // Threads split out's longer side, each squaring its own slice of that operand and all of the
+  // other (the shorter side, so the duplicated squaring is the cheaper one). One parallel region
+  // per call: a region per panel (squares, then a threaded GEMM) made 2 threads up to 4x slower
+  // than 1 on a loaded 2-core machine, each barrier waiting for a descheduled thread. out^T =
+  // (b*b)^T (a*a) puts the longer side in the columns; out.t() is a view the GEMM writes in place.
+  const bool transpose = out.size(0) > out.size(1);
+  const at::Tensor out_view = transpose ? out.t() : out;
+  const at::Tensor& lhs = transpose ? b : a;
+  const at::Tensor& rhs = transpose ? a : b;
+  const int64_t cols = out_view.size(1);
+  const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+  const int64_t macs_per_block = lhs.size(0) * out_view.size(0) * kColumnBlock;
+  const int64_t grain = std::max<int64_t>(1, kMinMacsPerThread / macs_per_block);
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sq_gemm_accumulate_cpu", [&] {
-    const int64_t row_blocks = (out_rows + kRows - 1) / kRows;
-    scalar_t* out_p = out.mutable_data_ptr<scalar_t>();
-    const scalar_t* a_p = a_c.const_data_ptr<scalar_t>();
-    const scalar_t* b_p = b_c.const_data_ptr<scalar_t>();
-    at::parallel_for(0, row_blocks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t block = lo; block < hi; ++block) {
-        const int64_t o0 = block * kRows;
-        sq_gemm_rows<scalar_t>(std::min(kRows, out_rows - o0), a_p, b_p, out_p, n_rows, out_rows,
-                               out_cols, o0, static_cast<scalar_t>(scale));
-      }
+    at::parallel_for(0, blocks, grain, [&](int64_t lo, int64_t hi) {
+      accumulate_columns<scalar_t>(out_view, lhs, rhs, lo * kColumnBlock,
+                                   std::min(hi * kColumnBlock, cols), scale);
     });
   });
 }

@@ -1,0 +1,119 @@
+"""The compiled squared GEMM, out += s (a*a)^T (b*b), against a float64 reference on the inputs its
+paths and their edges are chosen by: batches of 2-8 on an out above 1 MB and of 1 on an out above
+32 MB (register-blocked pass), all others (panels of 256 examples through addmm_), odd sizes, out taller than
+wide (the transposed thread split), strided and broadcast operands, 1 and 2 threads; and its
+scratch, which must stay far below squared copies of a and b."""
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from mackay_ext.curvature import sq_gemm_accumulate_
+
+DTYPES = [torch.float32, torch.float64]
+# (batch, out, in): one example; small batches on a small out; the register-blocked pass (2-8
+# examples, out > 1 MB; row blocks of 6 and vectors of 16 columns, with tails); just above it;
+# below, at and across the panel depth; odd; out taller than wide; big enough for 2 threads to
+# split it (> 2^20 multiply-adds each).
+SHAPES = [(1, 1, 1), (1, 7, 300), (3, 5, 2), (8, 13, 70), (2, 601, 603), (8, 600, 600), (9, 600, 600),
+          (255, 9, 17), (256, 31, 33), (257, 33, 31), (600, 65, 3), (600, 3, 65), (300, 64, 400),
+          (300, 400, 64)]
+THREADS = [1, 2] if torch.get_num_threads() >= 2 else [1]
+
+
+def reference(out, a, b, scale):
+    return out.double() + scale * (a.double() ** 2).t() @ (b.double() ** 2)
+
+
+def check(out, a, b, scale=0.5):
+    expected = reference(out, a, b, scale)
+    sq_gemm_accumulate_(out, a, b, scale, backend="ext")
+    tol = 1e-12 if out.dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+@pytest.fixture(params=THREADS, ids=lambda t: f"{t}thr")
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64(device, dtype, shape, threads):
+    n, o, i = shape
+    a = torch.randn(n, o, dtype=dtype, device=device)
+    b = torch.randn(n, i, dtype=dtype, device=device)
+    check(torch.randn(o, i, dtype=dtype, device=device), a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "column-sliced", "row-sliced", "broadcast"])
+@pytest.mark.parametrize("n", [5, 300])
+def test_strided_operands(device, dtype, layout, n, threads):
+    o, i = 400, 701  # out > 1 MB: 5 examples take the register-blocked pass
+    kw = {"dtype": dtype, "device": device}
+    if layout == "transposed":  # column-major, as delta.t() of a [out, N] buffer would be
+        a, b = torch.randn(o, n, **kw).t(), torch.randn(i, n, **kw).t()
+    elif layout == "column-sliced":
+        a, b = torch.randn(n, 2 * o, **kw)[:, ::2], torch.randn(n, i + 5, **kw)[:, 3:3 + i]
+    elif layout == "row-sliced":
+        a, b = torch.randn(2 * n, o, **kw)[::2], torch.randn(n + 4, i, **kw)[4:]
+    else:  # one example repeated with stride 0
+        a, b = torch.randn(1, o, **kw).expand(n, o), torch.randn(n, 1, **kw).expand(n, i)
+    assert not (a.is_contiguous() and b.is_contiguous())
+    check(torch.randn(o, i, **kw), a, b, scale=1.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_batch_and_empty_out_leave_out_alone(device, dtype):
+    kw = {"dtype": dtype, "device": device}
+    out = torch.randn(4, 6, **kw)
+    before = out.clone()
+    sq_gemm_accumulate_(out, torch.randn(0, 4, **kw), torch.randn(0, 6, **kw), 2.0, backend="ext")
+    assert torch.equal(out, before)
+    empty = torch.zeros(0, 6, **kw)
+    sq_gemm_accumulate_(empty, torch.randn(5, 0, **kw), torch.randn(5, 6, **kw), backend="ext")
+    assert empty.shape == (0, 6)
+
+
+def test_one_example_on_an_out_above_32_mb(threads):
+    """A rank-one update of an out too big for a cache takes the register-blocked pass."""
+    a, b = torch.randn(1, 2900), torch.randn(1, 2901)
+    out = torch.rand(2900, 2901)
+    assert out.numel() * out.element_size() > 32 << 20
+    check(out, a, b)
+
+
+def test_non_finite_inputs_propagate():
+    a, b = torch.randn(300, 8), torch.randn(300, 9)
+    a[280, 3] = float("inf")  # in the second panel
+    b[5, 2] = float("nan")
+    out = torch.zeros(8, 9)
+    sq_gemm_accumulate_(out, a, b, backend="ext")
+    expected = reference(torch.zeros(8, 9), a, b, 1.0)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+def allocated_bytes(function):
+    """Bytes the CPU allocator handed out while `function` ran (freed or not)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        function()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+def test_scratch_stays_below_squared_copies():
+    """Squared copies of a and b (the torch fallback's) take batch x (out + in) values; the op
+    may hold one panel (256 examples) of them per thread, an eighth of that here."""
+    n, o, i = 4096, 64, 192
+    a, b, out = torch.randn(n, o), torch.randn(n, i), torch.zeros(o, i)
+    squared_copies = n * (o + i) * a.element_size()
+    # the measurement sees squares when they are made
+    assert allocated_bytes(lambda: sq_gemm_accumulate_(out, a, b, backend="torch")) >= squared_copies
+    assert allocated_bytes(lambda: sq_gemm_accumulate_(out, a, b, backend="ext")) <= squared_copies // 8
