@@ -38,11 +38,11 @@ Where each member's alpha_eff and curvature live:
 - other members (1-D in an ard=False group, or any 1-D member with another optimizer): tracked
   here. Curvature: the ef-batch estimate h <- rho h + (1 - rho) B g^2 (B and rho as the pruner's
   ef-batch curvature; h = 0 when no batch size is known), from the gradient the pruner's own
-  ef-batch estimate reads: each optimizer step's (curvature.StepCurvature: accumulated, DDP-averaged,
-  unscaled) with MacKayAdam, as its fused step does, and with the callbacks' StepCurvaturePruner;
-  each backward's (a gradient hook, averaged over ranks at the update) with another optimizer in
-  a plain MacKayPruner, as its weights' hooks do. The update reads h / (1 - rho^t), t the updates h
-  has taken, as for every ef-batch curvature. After every optimizer step pruned entries are
+  ef-batch estimate reads (MacKayPruner.ef_batch_source): each optimizer step's
+  (curvature.StepCurvature: accumulated, DDP-averaged, unscaled) whenever the pruner has the
+  optimizer, as MacKayAdam's fused step does; each backward's (a gradient hook, averaged over
+  ranks at the update) without one. The update reads h / (1 - rho^t), t the updates h has
+  taken, as for every ef-batch curvature. After every optimizer step pruned entries are
   re-zeroed; with a non-MacKayAdam optimizer the prior is applied there by the same proximal step
   as the pruner's (prior="penalty": penalty() includes them). With MacKayAdam an ard=False group
   gets no prior term in its step (Adam's step size is not a step on the prior): the evidence
@@ -157,7 +157,7 @@ class ChannelARD:
         self._hooks = []
         self._batch_size, self._decay = self._ef_batch_settings(batch_size)
         # read h from each optimizer step's gradient where the pruner's own ef-batch does (see above)
-        self._per_step = pruner.optimizer is not None and (pruner.fused or pruner.ef_batch_source == "step")
+        self._per_step = pruner.ef_batch_source == "step"
         for member in self.members.values():
             if member.where == "own":
                 self._own[member.name] = {
@@ -167,7 +167,9 @@ class ChannelARD:
                 self._hooks.append(member.param.register_hook(self._curvature_hook(member)))
         self._step_reader = None
         if self._per_step and self._own and self._batch_size is not None:
-            self._step_reader = StepCurvature(pruner.optimizer, self._step_entries)
+            self._step_reader = StepCurvature(
+                pruner.optimizer, self._step_entries,
+                prior_gradients=self._penalty_gradients if pruner.prior == "penalty" else None)
         sliced = {id(m.param) for m in self.members.values()}
         unsliced = [name for name, t in pruner.targets.items() if id(t.param) not in sliced]
         if unsliced:
@@ -220,6 +222,12 @@ class ChannelARD:
     def _step_entries(self):
         return [(self.members[name].param, state["curvature"], state["curvature_steps"],
                  self._batch_size, self._decay) for name, state in self._own.items()]
+
+    @torch.no_grad()
+    def _penalty_gradients(self) -> dict[int, torch.Tensor]:
+        """penalty()'s gradient alpha/N w of each member tracked here, at the weights before the step."""
+        return {id(self.members[name].param): finite_alpha(state["alpha"]) / self.pruner.num_data
+                * self.members[name].param for name, state in self._own.items()}
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:

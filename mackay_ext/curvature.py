@@ -338,10 +338,16 @@ class StepCurvature:
     entries: called at each step, returns (param, curvature, steps, batch_size, rho) tuples;
     `curvature` (param's shape) and `steps` (0-d float32, the updates taken: see ema_debiased)
     are updated in place. A parameter without a gradient in a step is left as it is.
+    prior_gradients: with a prior added to the loss (MacKayPruner's prior="penalty"), called
+    before each step, returns {id(param): the prior's gradient at the weights the step's gradient
+    was taken at}; it is subtracted from the gradient read, so h holds the data's g^2 only (taken
+    before the step: read after it, the weights have moved).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, entries):
+    def __init__(self, optimizer: torch.optim.Optimizer, entries, prior_gradients=None):
         self.entries = entries
+        self.prior_gradients = prior_gradients
+        self._prior: dict[int, torch.Tensor] = {}
         self._read_before_step = False
         self.handles = [optimizer.register_step_pre_hook(self._before_step),
                         optimizer.register_step_post_hook(self._after_step)]
@@ -353,6 +359,8 @@ class StepCurvature:
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
+        if self.prior_gradients is not None:
+            self._prior = self.prior_gradients()
         found_inf = getattr(optimizer, "found_inf", None)
         if found_inf is None:
             return
@@ -367,12 +375,15 @@ class StepCurvature:
         self._read(None, None)
 
     def _read(self, grad_scale, found_inf) -> None:
+        prior, self._prior = self._prior, {}
         for param, curvature, steps, batch_size, rho in self.entries():
             grad = param.grad
             if grad is None:   # not used by this step's forward: no evidence either way
                 continue
             if grad_scale is not None:
                 grad = grad / grad_scale.to(grad.device)
+            if id(param) in prior:
+                grad = grad - prior[id(param)]
             if found_inf is None:
                 curvature.mul_(rho).addcmul_(grad, grad, value=(1 - rho) * batch_size)
                 steps.add_(1)

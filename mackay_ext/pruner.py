@@ -89,21 +89,20 @@ class MacKayPruner(StandalonePrior):
             steps into training sees B g^2, not (1 - rho^t) of it.
         prior: with a non-MacKayAdam optimizer, "proximal" (default) or "penalty" (see above).
         batch_size, curvature_decay: B and rho of the ef-batch estimate when the optimizer is
-            not a MacKayAdam (MacKayAdam uses its own).
+            not a MacKayAdam (MacKayAdam uses its own). g is each optimizer step's gradient
+            (accumulated, averaged over ranks, unscaled), so B is the effective batch of one
+            step: per-device batch x accumulation steps x world size; without an optimizer
+            (prior="penalty"), each backward's gradient and its batch (mackay_ext.standalone_prior).
         alpha_max: cap on alpha.
         allow_empty_layers: let an update prune every group of a layer.
         on_nonfinite: "raise" (default) or "skip".
 
     DistributedDataParallel: every rank builds the pruner and calls update() at the same step.
     The exact curvatures are summed over ranks (with their example counts) before the update;
-    ef-batch is computed from DDP's already averaged gradients (pass the global batch size as
-    MacKayAdam's batch_size), so every rank computes identical alpha and identical pruning.
+    ef-batch is computed from DDP's already averaged gradients, read at the optimizer step (pass
+    the global batch size as batch_size, or MacKayAdam's), so every rank computes identical alpha
+    and identical pruning (not so without an optimizer: each rank then reads its own backward).
     """
-
-    # where a non-MacKayAdam optimizer's ef-batch gradient is read: "backward" (gradient hooks,
-    # every backward) or "step" (integrations._step_curvature: each optimizer step's gradient);
-    # the 1-D channel members that channel_ard tracks itself follow it (MacKayAdam: "step")
-    ef_batch_source = "backward"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  num_data: float, granularity: str | dict[str, str] = "weight", rule: str = "mackay",
@@ -148,6 +147,11 @@ class MacKayPruner(StandalonePrior):
         self.history: list[dict[str, Any]] = []
         self._own: dict[str, dict[str, torch.Tensor]] = {}
         self._hooks = []
+        # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
+        # (MacKayAdam's fused step, or the step hooks), or each backward's without an optimizer;
+        # the 1-D channel members that channel_ard tracks itself follow it
+        self.ef_batch_source = "step" if optimizer is not None else "backward"
+        self._step_reader = None
         self._steps_since_update: int | None = None
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
         self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
@@ -239,6 +243,8 @@ class MacKayPruner(StandalonePrior):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._step_reader is not None:
+            self._step_reader.remove()
         if self.accumulator is not None:
             self.accumulator.detach()
         if self.channel is not None:

@@ -1,13 +1,27 @@
 """The ARD prior for optimizers other than MacKayAdam (a mixin of MacKayPruner).
 
 MacKayAdam applies the prior inside its fused step. Any other torch optimizer knows nothing of
-it, so the pruner keeps alpha and an ef-batch curvature itself (gradient hooks: a moving average
+it, so the pruner keeps alpha and an ef-batch curvature itself (a moving average
 h <- rho h + (1 - rho) B g^2 and the count t of its updates, read as h / (1 - rho^t)) and applies the
 prior after every optimizer step as the exact implicit (proximal) step
     w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N),
 contracting for every alpha and step size s, where the prior's gradient in plain SGD diverges
 once lr alpha / N > 2. prior="penalty" keeps the older way: penalty() carries the gradient and
 the user adds it to the loss.
+
+Where g comes from (MacKayPruner.ef_batch_source):
+- "step" (whenever the pruner has the optimizer): the gradient of each optimizer step
+  (curvature.StepCurvature), as MacKayAdam's fused step reads it: complete after gradient
+  accumulation, averaged over DistributedDataParallel's ranks, unscaled by GradScaler, a skipped
+  step skipped; B is the effective batch of one step (per-device batch x accumulation x world
+  size), and every rank holds the same h, hence the same alpha. A gradient hook per weight only
+  holds pruned entries' gradient at 0.
+- "backward" (prior="penalty" without an optimizer: nothing marks a step): each backward's
+  gradient, in the hook; B is the batch of one backward. Right for one backward per step on one
+  process; under accumulation h takes A updates from partial gradients, under DDP each rank's
+  own gradient (its own h, its own alpha).
+With prior="penalty" the gradient read holds penalty()'s alpha/N w too; it is taken off (at the
+backward, or at the weights before the step).
 """
 from __future__ import annotations
 
@@ -16,6 +30,7 @@ import math
 import torch
 
 from ._alpha import finite_alpha
+from .curvature import StepCurvature
 
 
 class StandalonePrior:
@@ -23,6 +38,7 @@ class StandalonePrior:
     uses the pruner's targets, _own state, num_data, prior, batch_size and curvature_decay."""
 
     def _attach_hooks(self) -> None:
+        per_backward = self.curvature_kind == "ef-batch" and self.ef_batch_source == "backward"
         for name, target in self.targets.items():
             weight = target.param
             self._own[name] = {
@@ -31,13 +47,28 @@ class StandalonePrior:
                 "curvature": torch.zeros_like(weight),
                 # updates the moving average has taken: the update reads h / (1 - rho^t)
                 "curvature_steps": torch.zeros((), dtype=torch.float32, device=weight.device)}
-            if self.curvature_kind == "ef-batch":
+            if per_backward:
                 self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
-            else:  # the exact estimates only need pruned gradients held at 0
+            else:  # h read at the step, or an exact estimate: only pruned gradients held at 0
                 self._hooks.append(weight.register_hook(
                     lambda grad, name=name: grad.masked_fill((self._own[name]["alpha"] == math.inf).expand_as(grad), 0)))
+        if self.curvature_kind == "ef-batch" and self.ef_batch_source == "step":
+            self._step_reader = StepCurvature(
+                self.optimizer, self._step_entries,
+                prior_gradients=self._penalty_gradients if self.prior == "penalty" else None)
+
+    def _step_entries(self):
+        return [(t.param, self._own[name]["curvature"], self._own[name]["curvature_steps"],
+                 self.batch_size, self.curvature_decay) for name, t in self.targets.items()]
+
+    @torch.no_grad()
+    def _penalty_gradients(self) -> dict[int, torch.Tensor]:
+        """penalty()'s gradient alpha/N w of each weight, at the weights before the step."""
+        return {id(t.param): finite_alpha(self._own[name]["alpha"]) / self.num_data * t.param
+                for name, t in self.targets.items()}
 
     def _curvature_hook(self, name: str, weight: torch.Tensor):
+        """ef_batch_source="backward": h from this backward's gradient, pruned gradients held at 0."""
         def hook(grad):
             state = self._own[name]
             alpha = state["alpha"]
