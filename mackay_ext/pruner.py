@@ -4,10 +4,11 @@ Two ways to train under the ARD prior:
 - with MacKayAdam, alpha and the ef-batch curvature live in the optimizer's state and its fused
   step applies the prior; the pruner reads and writes that state;
 - with any other torch optimizer, the pruner keeps alpha and curvature itself, estimates the
-  curvature from gradient hooks, and applies the prior after every optimizer step as an exact
-  implicit (proximal) step, w <- w / (1 + s alpha / N) (mackay_ext.standalone_prior): stable for
-  any alpha and step size, where the prior's gradient in plain SGD diverges once
-  lr alpha / N > 2 (prior="penalty" keeps that older way: add `pruner.penalty()` to the loss).
+  curvature from each optimizer step's gradient (step hooks), and applies the prior after every
+  optimizer step as an exact implicit (proximal) step, w <- w / (1 + s alpha / N)
+  (mackay_ext.standalone_prior): stable for any alpha and step size, where the prior's gradient
+  in plain SGD diverges once lr alpha / N > 2 (prior="penalty" keeps that older way: add
+  `pruner.penalty()` to the loss).
   Pruned weights are re-zeroed after every step.
 
 What an update does, predictably:

@@ -1,7 +1,7 @@
 """The ef-batch curvature the update reads: h <- rho h + (1 - rho) B g^2 starts at 0, so after t
 steps h holds (1 - rho^t) of B g^2; the update reads h / (1 - rho^t) (Adam's bias correction) on
-every path that keeps such an average (MacKayAdam's fused step, the pruner's hooks for other
-optimizers, the channel members channel_ard tracks, the callbacks' step reading), and a resumed
+every path that keeps such an average (MacKayAdam's fused step, the pruner's step reading for
+other optimizers, plain and the callbacks' subclass, the channel members channel_ard tracks), and a resumed
 pruner keeps t. Checked against B g^2 written out by hand for constant gradients (lr = 0), and
 through the update's gamma. Also: the 1-D channel members read one gradient per optimizer step
 with MacKayAdam (accumulation, GradScaler, DistributedDataParallel)."""
@@ -79,7 +79,7 @@ def _expected_gamma(h, alpha):
 # --------------------------------------------------------------------- the bias correction
 @pytest.mark.parametrize("steps", [1, 3, 50])
 @pytest.mark.parametrize("kind", ["mackay_adam", "adam", "sgd"])
-@pytest.mark.parametrize("pruner_class", [MacKayPruner, StepCurvaturePruner], ids=["hooks", "step"])
+@pytest.mark.parametrize("pruner_class", [MacKayPruner, StepCurvaturePruner], ids=["pruner", "callbacks"])
 def test_update_reads_b_g2_after_any_number_of_steps(kind, steps, pruner_class):
     model = _model()
     x, y = _batch()
@@ -91,7 +91,7 @@ def test_update_reads_b_g2_after_any_number_of_steps(kind, steps, pruner_class):
     expected_gamma = {}
     for name in ("0", "2"):
         target = B * grads[name + ".weight"] ** 2
-        # the state itself is the moving average as the kernels and hooks keep it ...
+        # the state itself is the moving average as the kernels and step hooks keep it ...
         torch.testing.assert_close(pruner.curvature(name), (1 - RHO ** steps) * target, rtol=1e-12, atol=0)
         # ... and what the update reads is its target, whatever t
         torch.testing.assert_close(pruner.curvature_estimate(name), target, rtol=1e-12, atol=0)

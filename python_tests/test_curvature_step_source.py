@@ -88,6 +88,37 @@ def test_accumulation_gives_one_batch_of_eight(accumulation):
         torch.testing.assert_close(pruner.alpha(name), alpha.float(), rtol=1e-6, atol=0)
 
 
+def test_channel_members_tracked_here_read_the_step_too():
+    """granularity="channel" with torch.optim.Adam: the bias channel_ard tracks itself follows the
+    pruner's source (old code: a hook per backward, 2 updates from the halves' gradients)."""
+    x, y = _batch()
+    model = _model()
+    twin = copy.deepcopy(model)
+    _loss(twin, x, y).backward()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)
+    pruner = _pruner(model, optimizer, granularity="channel", example_inputs=x)
+    assert pruner.channel.members["0.bias"].where == "own"
+    optimizer.zero_grad()
+    for xm, ym in zip(x.chunk(2), y.chunk(2)):
+        (_loss(model, xm, ym) / 2).backward()
+    optimizer.step()
+    for name in ("0.bias", "0.weight"):
+        torch.testing.assert_close(pruner.channel.curvature(name), (1 - RHO) * B * twin.get_parameter(name).grad ** 2,
+                                   rtol=1e-10, atol=0)
+
+
+def test_detach_stops_reading_the_step():
+    x, y = _batch()
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    pruner = _pruner(model, optimizer)
+    pruner.detach()
+    _loss(model, x, y).backward()
+    optimizer.step()
+    assert not bool(pruner.curvature("0").any())
+    assert float(pruner._own["0"]["curvature_steps"]) == 0.0
+
+
 def test_penalty_prior_with_accumulation_reads_the_data_gradient():
     """prior="penalty": the penalty's gradient alpha/N w (in each micro-batch's loss / A) is in
     the step's gradient; h holds the data's B g^2 only."""
