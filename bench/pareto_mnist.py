@@ -248,12 +248,15 @@ def comparisons(model: str, pts: list[dict[str, Any]]) -> list[str]:
                 else:
                     theirs = front_at(front, x_key, point[x_key])
                 if theirs is None:
+                    why = "not run yet" if peer == "gmp" or not front else "outside its measured range"
                     lines.append(f"| {model} | {ours} {point['setting']:g} | {peer} | {at} | "
-                                 f"{point['test_error']:.2f} | outside its front | |")
+                                 f"{point['test_error']:.2f} | {why} | | |")
                     continue
+                peer_seeds = same[0]["seeds"] if peer == "gmp" else sorted({s for p in front for s in p["seeds"]})
                 verdict = "at or below" if point["test_error"] <= theirs + 1e-9 else "ABOVE"
                 lines.append(f"| {model} | {ours} {point['setting']:g} | {peer} | {at} | "
-                             f"{point['test_error']:.2f} | {theirs:.2f} | {verdict} |")
+                             f"{point['test_error']:.2f} | {theirs:.2f} | {verdict} | "
+                             f"{','.join(map(str, point['seeds']))} / {','.join(map(str, peer_seeds))} |")
     return lines
 
 
@@ -300,8 +303,8 @@ def markdown(rows: list[dict[str, Any]], command: str, smoke: bool) -> str:
                          f"{p['test_error']:.2f} [{p['test_error_range'][0]:.2f}, {p['test_error_range'][1]:.2f}] | "
                          f"{p['val_error']:.2f} | {p['weights_kept']:.3f} | {p['macs']:,.0f} | "
                          f"{'-'.join(map(str, p['architecture']))} | {p['wall_seconds']:.0f} |")
-        lines += ["", "| model | MacKay point | peer | at | MacKay error % | peer error % | verdict |",
-                  "|" + "---|" * 7] + comparisons(model, pts)
+        lines += ["", ("| model | MacKay point | peer | at | MacKay error % | peer error % | verdict | "
+                  "seeds (MacKay / peer) |"), "|" + "---|" * 8] + comparisons(model, pts)
         lines += ["", "| model | method | target (issue 14) | measured | verdict |", "|" + "---|" * 5]
         lines += target_lines(model, pts) + [""]
     hardware_names = sorted({r["hardware"] for r in rows})
@@ -354,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", choices=("first", "all"), default="all",
                         help="first: only each method's first setting (the recipe's own threshold)")
     parser.add_argument("--augment-shift", type=int, default=AUGMENT_SHIFT, metavar="PIXELS")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="JSON",
+                        help="add the points of other runs' pareto_mnist.json (e.g. run in parallel "
+                             "with another --out) that this one lacks")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: rewrite the markdown and plots from the JSON (after --merge)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
@@ -370,6 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(stem + ".json"):
         with open(stem + ".json") as handle:
             rows = json.load(handle)
+    for path in args.merge:
+        with open(path) as handle:
+            known = {(r["model"], r["method"], r["seed"], r["setting"]) for r in rows}
+            rows += [r for r in json.load(handle)
+                     if (r["model"], r["method"], r["seed"], r["setting"]) not in known]
     command = "python bench/pareto_mnist.py --data-dir ../shared/data/mnist" + (" --smoke" if args.smoke else "")
 
     def save() -> None:
@@ -381,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # the first setting of every method on every seed before the other settings, so a run
     # stopped early still compares every method over all seeds
-    runs = [Run(model_name, seed, data, args, rows, save, log)
-            for model_name in args.models for seed in args.seeds]
+    runs = [] if args.report_only else [Run(model_name, seed, data, args, rows, save, log)
+                                        for model_name in args.models for seed in args.seeds]
     for first in (True,) if args.settings == "first" else (True, False):
         for run in runs:
             run.points(args.methods, first)
