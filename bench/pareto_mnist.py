@@ -234,18 +234,19 @@ def points(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
     return out
 
 
-def front_at(front: list[dict[str, Any]], x_key: str, x: float) -> float | None:
-    """A method's test error at x (log-linear interpolation between its two nearest points);
-    None outside the measured range."""
+def front_at(front: list[dict[str, Any]], x_key: str, x: float) -> tuple[float, list[int]] | None:
+    """A method's test error at x (log-linear interpolation between its two nearest points) and
+    the seeds those points rest on; None outside the measured range."""
     if x <= 0:
         return None
     ordered = sorted((p for p in front if p[x_key] > 0), key=lambda p: p[x_key])  # log scale
     for left, right in itertools.pairwise(ordered):
         if left[x_key] <= x <= right[x_key]:
+            seeds = sorted(set(left["seeds"]) | set(right["seeds"]))
             if right[x_key] == left[x_key]:
-                return min(left["test_error"], right["test_error"])
+                return min(left["test_error"], right["test_error"]), seeds
             t = (math.log(x) - math.log(left[x_key])) / (math.log(right[x_key]) - math.log(left[x_key]))
-            return left["test_error"] + t * (right["test_error"] - left["test_error"])
+            return left["test_error"] + t * (right["test_error"] - left["test_error"]), seeds
     return None
 
 
@@ -277,14 +278,14 @@ def comparisons(model: str, pts: list[dict[str, Any]]) -> list[str]:
                 front = [p for p in pts if p["method"] == peer]
                 if peer == "gmp":
                     same = [p for p in front if p["setting"] == point["setting"]]
-                    theirs = same[0]["test_error"] if same else None
+                    found = (same[0]["test_error"], same[0]["seeds"]) if same else None
                 else:
-                    theirs = front_at(front, x_key, point[x_key])
+                    found = front_at(front, x_key, point[x_key])
+                theirs, peer_seeds = found if found else (None, [])
                 if theirs is None:
                     lines.append(f"| {model} | {ours} {point['setting']:g} | {peer} | {at} | "
                                  f"{point['test_error']:.2f} | {' | '.join(dominance(point, front, x_key))} |")
                     continue
-                peer_seeds = same[0]["seeds"] if peer == "gmp" else sorted({s for p in front for s in p["seeds"]})
                 verdict = "at or below" if point["test_error"] <= theirs + 1e-9 else "ABOVE"
                 lines.append(f"| {model} | {ours} {point['setting']:g} | {peer} | {at} | "
                              f"{point['test_error']:.2f} | {theirs:.2f} | {verdict} | "
@@ -348,19 +349,25 @@ def plot(rows: list[dict[str, Any]], model: str, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib import ticker
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for axis, methods, x_key, label in ((axes[0], UNSTRUCTURED, "weights_kept", "weights kept %"),
                                         (axes[1], STRUCTURED, "macs", "MACs per example (dead units removed)")):
         for method in methods:
-            seeds = [r for r in rows if r["model"] == model and r["method"] == method]
+            seeds = [r for r in rows if r["model"] == model and r["method"] == method and r[x_key] > 0]
             if not seeds:
                 continue
             line, = axis.plot([], [], "o-", label=method)
             axis.scatter([r[x_key] for r in seeds], [r["test_error"] for r in seeds], s=10,
                          color=line.get_color(), alpha=0.35)
-            front = sorted((p for p in points(rows, model) if p["method"] == method), key=lambda p: p[x_key])
+            front = sorted((p for p in points(rows, model) if p["method"] == method and p[x_key] > 0),
+                           key=lambda p: p[x_key])   # a log axis has no 0 (a run that removed everything)
             line.set_data([p[x_key] for p in front], [p["test_error"] for p in front])
         axis.set_xscale("log")
+        axis.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:,g}"))
+        axis.xaxis.set_minor_formatter(ticker.NullFormatter())
+        axis.set_ylim(0, 5)   # collapsed runs (tens of % error) lie above: see the markdown
         axis.set_xlabel(label)
         axis.set_ylabel("test error %")
         axis.grid(alpha=0.3)
@@ -370,7 +377,8 @@ def plot(rows: list[dict[str, Any]], model: str, path: str) -> None:
     for axis in axes:
         if dense:
             axis.axhline(statistics.fmean(dense), color="grey", linestyle=":", label="dense")
-    figure.suptitle(f"{model}: test error against size (small dots: seeds; line: mean)")
+    figure.suptitle(f"{model}: test error against size (small dots: seeds; line: mean over seeds; "
+                    "points above 5% error off the scale)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
