@@ -7,13 +7,11 @@ through the update's gamma. Also: the 1-D channel members read one gradient per 
 with MacKayAdam (accumulation, GradScaler, DistributedDataParallel)."""
 import copy
 import math
-import os
-import socket
 from itertools import pairwise
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_ranks import run_on_ranks
 from torch import nn
 
 from mackay_ext.curvature import ema_bias, ema_debiased
@@ -373,27 +371,18 @@ def test_grad_scaler_reads_unscaled_and_skips_an_overflowing_step():
     assert float(pruner.channel._own["0.bias"]["curvature_steps"]) == 1.0
 
 
-WORLD = 2
 
-
-def _ddp_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        x, y = _batch()   # the global batch: each rank gets half
-        local = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        optimizer = OPTIMIZERS["mackay_adam"](model)   # batch_size=B: the global batch
-        pruner = _pruner(model, optimizer, granularity="channel", example_inputs=x)
-        optimizer.zero_grad()
-        _loss(ddp, x[local], y[local]).backward()
-        optimizer.step()
-        torch.save({"bias": pruner.channel.curvature("0.bias").clone(),
-                    "weight": pruner.curvature("0").clone()}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank, world):
+    x, y = _batch()   # the global batch: each rank gets half
+    local = slice(rank * B // world, (rank + 1) * B // world)
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = OPTIMIZERS["mackay_adam"](model)   # batch_size=B: the global batch
+    pruner = _pruner(model, optimizer, granularity="channel", example_inputs=x)
+    optimizer.zero_grad()
+    _loss(ddp, x[local], y[local]).backward()
+    optimizer.step()
+    return {"bias": pruner.channel.curvature("0.bias").clone(), "weight": pruner.curvature("0").clone()}
 
 
 def test_ddp_reads_the_all_reduced_gradient(tmp_path):
@@ -401,13 +390,7 @@ def test_ddp_reads_the_all_reduced_gradient(tmp_path):
     biases channel_ard tracks get h from the averaged gradient, as the weights in MacKayAdam's
     step, identical on both ranks (old code: B times the rank's own g^2, up to 54 times off here,
     different per rank until the update averaged them)."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    results = run_on_ranks(_ddp_worker, tmp_path)
     x, y = _batch()
     grads = _gradients(_model(), x, y)
     for result in results:

@@ -7,12 +7,10 @@ gradient and alpha = gamma / w^2 (MacKay's rule) from it. Without an optimizer (
 only the backward marks a step: h is read there."""
 import copy
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_ranks import run_on_ranks
 from torch import nn
 
 from mackay_ext.pruner import MacKayPruner
@@ -206,34 +204,21 @@ def _train(model, optimizer, pruner, x, y, step_batch):
     return {name: (pruner.curvature(name).clone(), pruner.alpha(name).clone()) for name in pruner.targets}
 
 
-def _ddp_worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        x, y = _batch()   # the global batch: each rank gets half
-        local = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
-        model = _model()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-        pruner = _pruner(model, optimizer)   # batch_size=B: the global batch of one step
-        result = _train(model, optimizer, pruner, x[local], y[local], (ddp,))
-        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def _ddp_worker(rank, world):
+    x, y = _batch()   # the global batch: each rank gets half
+    local = slice(rank * B // world, (rank + 1) * B // world)
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = _pruner(model, optimizer)   # batch_size=B: the global batch of one step
+    return _train(model, optimizer, pruner, x[local], y[local], (ddp,))
 
 
 def test_ddp_ranks_end_with_identical_alpha(tmp_path):
     """2 gloo processes, half of the batch each, torch.optim.Adam: h and alpha identical on both
     ranks and equal to one process's on the whole batch (old code: each rank's h from its own
     half's gradient, and its own alpha)."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    ranks = run_on_ranks(_ddp_worker, tmp_path)
     x, y = _batch()
     model = _model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -2,12 +2,10 @@
 training with precision updates and pruning, alpha, masks and weights are bitwise identical on
 both ranks and match a single-process run on the same global batches."""
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_ranks import run_on_ranks
 from torch import nn
 
 from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups
@@ -48,28 +46,14 @@ def train(model, rank, world, curvature):
             "alpha": [pruner.alpha(n).clone() for n in pruner.layers]}
 
 
-def worker(rank, port, curvature, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(make_model())
-        results[rank] = train(model, rank, WORLD, curvature)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def worker(rank, world, curvature):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    return train(model, rank, world, curvature)
 
 
 @pytest.mark.parametrize("curvature", ["ef-batch", "ef-exact"])
-def test_ddp_ranks_agree_and_match_single_process(curvature):
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(worker, args=(free_port(), curvature, results), nprocs=WORLD, join=True)
+def test_ddp_ranks_agree_and_match_single_process(curvature, tmp_path):
+    results = run_on_ranks(worker, tmp_path, curvature, world=WORLD)
     a, b = results[0], results[1]
     for key in ("weights", "alpha"):
         for ta, tb in zip(a[key], b[key]):
