@@ -44,6 +44,7 @@ from .ard_targets import (
 )
 from .curvature import ema_debiased
 from .dead_units import prune_unused_units
+from .mac_price import price_out, uses_per_example
 from .optim import MacKayAdam
 from .standalone_prior import StandalonePrior
 
@@ -78,8 +79,15 @@ class MacKayPruner(StandalonePrior):
             bias, norm entries and consumers' input slices, residual-coupled channels, attention
             heads; mackay_ext.channel_ard), which needs example_inputs. `mackay_ext.shrink` then
             removes the pruned groups physically.
-        example_inputs: with granularity="channel", a batch (tensor, tuple or dict of keyword
-            inputs) that runs the model: the coupling is traced from one forward.
+        example_inputs: with granularity="channel" or mac_price > 0, a batch (tensor, tuple or
+            dict of keyword inputs) that runs the model: the coupling, or every weight's MACs per
+            example, is found from one forward (in eval mode, without gradients).
+        mac_price: nats of evidence per multiply-accumulate (default 0: off). An update also
+            prunes every group whose evidence gain (what it adds to the log evidence) is below
+            mac_price x its MACs per example (mackay_ext.mac_price): the knob that trades accuracy
+            for compute where MacKay's rule keeps groups that are well determined but dear, such
+            as a first conv layer's filters. Granularity "weight" or "filter" (per-layer groups).
+            The report's layers say how many groups it priced out ("priced_out").
         rule: "mackay" | "em" | "paper"; prune: "snr" (default, threshold 0.05) | "alpha"
             (threshold 1e13, the paper's).
         curvature: "ef-batch" (from the optimizer step or gradient hooks), "ef-exact" or
@@ -111,7 +119,8 @@ class MacKayPruner(StandalonePrior):
                  layers: Iterable[str] | None = None, batch_size: float | None = None,
                  curvature_decay: float = 0.99, eps: float = 1e-16, alpha_max: float | None = None,
                  prior: str = "proximal", allow_empty_layers: bool = False,
-                 on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None):
+                 on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None,
+                 mac_price: float = 0.0):
         where = "MacKayPruner"
         num_data = check_count(num_data, "num_data", where)
         check_choice("curvature", curvature, CURVATURES, where)
@@ -133,13 +142,16 @@ class MacKayPruner(StandalonePrior):
         if isinstance(granularity, str) and granularity == "channel":
             from .channel_ard import trace_for_pruner
             coupling = trace_for_pruner(model, example_inputs)   # before any hook is attached
-        elif example_inputs is not None:
-            raise ValueError("MacKayPruner: example_inputs is used by granularity='channel' only, got "
-                             f"granularity={granularity!r}")
+        elif example_inputs is not None and not mac_price:
+            raise ValueError("MacKayPruner: example_inputs is used by granularity='channel' and "
+                             f"mac_price > 0 only, got granularity={granularity!r}, mac_price=0")
+        self.mac_price = self._check_mac_price(mac_price, granularity, example_inputs)
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
         if not self.targets:
             raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
                              f"put a prior on (left out: {self.excluded})")
+        # MACs per example of one weight of each target (mac_price.py), before any hook is attached
+        self._uses = uses_per_example(model, self.targets, example_inputs) if self.mac_price else {}
         self.layers = {name: target.module for name, target in self.targets.items()}
         self.granularity, self.notes = self._granularities(granularity)
         self.accumulator = None
@@ -175,6 +187,20 @@ class MacKayPruner(StandalonePrior):
             self.channel = ChannelARD(self, coupling, batch_size)
 
     # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _check_mac_price(mac_price, granularity, example_inputs) -> float:
+        if isinstance(mac_price, bool) or not isinstance(mac_price, (int, float)) or not (
+                math.isfinite(mac_price) and mac_price >= 0):
+            raise ValueError(f"MacKayPruner: mac_price must be a finite number >= 0 (nats of evidence "
+                             f"per multiply-accumulate), got {mac_price!r}")
+        if mac_price and granularity == "channel":
+            raise ValueError("MacKayPruner: mac_price prices the per-layer groups of granularity "
+                             "'weight' or 'filter'; granularity='channel' does not support it yet")
+        if mac_price and example_inputs is None:
+            raise ValueError("MacKayPruner: mac_price > 0 needs example_inputs= (a batch that runs "
+                             "the model): the MACs of every group are counted from one forward")
+        return float(mac_price)
+
     def _granularities(self, granularity) -> tuple[dict[str, str], dict[str, str]]:
         if isinstance(granularity, str) and granularity == "channel":   # alpha_eff per entry
             return {name: "channel" for name in self.targets}, {}
@@ -417,16 +443,26 @@ class MacKayPruner(StandalonePrior):
         warmup = not bool(alpha.any())  # alpha = 0 everywhere: the prior was off until now
         can_prune = not (warmup or hold)
         before = (weight.detach().clone(), alpha.clone()) if not self.allow_empty_layers else None
+        priced = self.mac_price > 0 and can_prune
+        old_alpha = alpha.clone() if priced else None
+        curvature = self.curvature_estimate(name)
         stats = ops.mackay_update_(
-            weight, self.curvature_estimate(name), alpha, num_data=self.num_data, rule=self.rule,
+            weight, curvature, alpha, num_data=self.num_data, rule=self.rule,
             # snr < 0 never holds: the same alpha estimate, nothing pruned
             prune=self.prune if can_prune else "snr", threshold=self.threshold if can_prune else 0.0,
             eps=self.eps, alpha_max=self.alpha_max, backend=self.backend)
-        entry = dict(self._layer_entry(name, target), gamma=float(stats.gamma_sum), warmup=warmup)
+        gamma = float(stats.gamma_sum)
+        priced_out = 0
+        if priced:
+            priced_out, priced_gamma = price_out(weight, curvature, alpha, old_alpha, num_data=self.num_data,
+                                                 uses=self._uses[name], price=self.mac_price, rule=self.rule)
+            gamma -= priced_gamma
+        extra = {"priced_out": priced_out} if priced else {}
+        entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup, **extra)
         if before is not None and entry["groups_kept"] == 0 and bool((before[1] != math.inf).any()):
             self._keep_strongest(name, target, *before)
-            entry = dict(self._layer_entry(name, target), gamma=float(stats.gamma_sum),
-                         warmup=warmup, kept_strongest=True)
+            entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup,
+                         kept_strongest=True, **extra)
             warnings.warn(f"MacKayPruner.update: every group of {target.description} would be "
                           "pruned (the network would no longer depend on its input there); the "
                           "strongest group is kept. Pass allow_empty_layers=True to allow it.",
@@ -498,7 +534,8 @@ class MacKayPruner(StandalonePrior):
                 "steps_since_update": self._steps_since_update,
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
-                             "threshold": self.threshold, "curvature": self.curvature_kind}}
+                             "threshold": self.threshold, "curvature": self.curvature_kind,
+                             "mac_price": self.mac_price}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.targets) - set(state["alpha"])

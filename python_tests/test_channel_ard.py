@@ -402,7 +402,7 @@ def test_bad_input_is_named():
     optimizer = MacKayAdam(ard_param_groups(model), num_data=10, batch_size=2)
     with pytest.raises(ValueError, match=r"granularity='channel' needs example_inputs="):
         MacKayPruner(model, optimizer, num_data=10, granularity="channel")
-    with pytest.raises(ValueError, match="example_inputs is used by granularity='channel' only"):
+    with pytest.raises(ValueError, match="example_inputs is used by granularity='channel' and mac_price > 0 only"):
         MacKayPruner(model, optimizer, num_data=10, example_inputs=torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="pass granularity='channel', not per layer"):
         MacKayPruner(model, optimizer, num_data=10, granularity={"conv1": "channel"})

@@ -1,0 +1,136 @@
+"""MAC-priced pruning: a group is removed when what it adds to the evidence is worth less than
+the multiply-accumulates it costs.
+
+MacKay's rule keeps every group the data determine well: a 5x5 filter of a first conv layer is
+shared over every output position, its curvature is large, its signal-to-noise ratio is huge and
+no threshold prunes it, although it costs more MACs than hundreds of Linear inputs. The evidence
+says what the group is worth; the price says what it costs.
+
+Worth: in the Laplace approximation of the diagonal posterior, the log evidence of the model with
+the group (prior N(0, 1/alpha_g) on each weight, data curvature H_i = N h_i) against the model
+without it (its weights fixed at 0), with w the current weights (the posterior mean), is
+
+    gain_g = 1/2 sum_{i in g} [ w_i^2 (alpha_g + H_i) - log(1 + H_i / alpha_g) ]   (nats)
+
+(the first term is the fit the group buys, the second its Occam factor). Cost: MACs_g, the
+multiply-accumulates per example of the group's weights (each weight times the number of times
+one example uses it: the output positions of a convolution, the positions of a sequence for a
+Linear). The group is pruned when gain_g < price * MACs_g: `price` is in nats per MAC, one knob
+that trades accuracy (the evidence) against compute.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._alpha import group_dims
+from .coupling.trace import split_inputs
+
+
+def uses_per_example(model: nn.Module, targets: dict, example_inputs) -> dict[str, float]:
+    """How many multiply-accumulates each weight of every ARD target costs per example, from one
+    forward on example_inputs (run in eval mode without gradients: nothing is updated). A weight
+    that no MAC uses (an Embedding's table) costs 0; a target whose module this cannot count
+    raises a ValueError naming it."""
+    args, kwargs = split_inputs(example_inputs)
+    batch = _batch_size(args, kwargs)
+    seen: dict[str, list[float]] = {}
+    hooks = []
+    for name, target in targets.items():
+        for module in _owner_modules(model, target):
+            hooks.append(module.register_forward_hook(_recorder(name, target, module, batch, seen)))
+    modes = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for module, mode in modes.items():
+            module.training = mode
+    missing = sorted(set(targets) - set(seen))
+    if missing:
+        raise ValueError(f"MacKayPruner: mac_price: the forward on example_inputs did not run the "
+                         f"layers of {missing}: their MACs are unknown")
+    return {name: sum(uses) for name, uses in seen.items()}
+
+
+def _batch_size(args, kwargs) -> int:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("MacKayPruner: mac_price: example_inputs holds no tensor with a batch dimension")
+
+
+def _owner_modules(model: nn.Module, target) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    return [modules[owner] for owner in (target.owners or [target.module_name])]
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _recorder(name, target, module, batch, seen):
+    """A forward hook adding the uses per example of the target's weight in `module` (a tied
+    weight adds those of every module holding it)."""
+    def record(_module, inputs, output):
+        if isinstance(module, nn.Linear):
+            # output (batch, ..., out): each weight is used once per position of its output
+            uses = output.numel() / (batch * module.out_features)
+        elif isinstance(module, _CONV):
+            uses = output.numel() / (batch * module.out_channels)   # once per output position
+        elif isinstance(module, _CONV_TRANSPOSE):
+            uses = inputs[0].numel() / (batch * module.in_channels)   # once per input position
+        elif isinstance(module, nn.Embedding):
+            uses = 0.0   # a lookup multiplies nothing
+        else:
+            raise ValueError(f"MacKayPruner: mac_price cannot count the MACs of {target.description} "
+                             f"in {type(module).__name__}: pass layers= without it")
+        seen.setdefault(name, []).append(float(uses))
+    return record
+
+
+@torch.no_grad()
+def evidence_gain(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Tensor, *,
+                  num_data: float) -> torch.Tensor:
+    """gain_g (nats, float64, alpha's shape padded to weight.dim()) of every group; a group with
+    alpha = +inf (pruned) or 0 (prior off) gets +inf: it is not for sale."""
+    dims, padded = group_dims(weight, alpha)
+    w = weight.double()
+    n_h = (curvature.double() * num_data).clamp(min=0.0)
+    alpha = alpha.double().reshape(padded)
+    live = (alpha != math.inf) & (alpha > 0)
+    safe = torch.where(live, alpha, torch.ones_like(alpha))
+    per_weight = w * w * (safe + n_h) - torch.log1p(n_h / safe)
+    gain = 0.5 * (per_weight.sum(dim=dims, keepdim=True) if dims else per_weight)
+    return torch.where(live, gain, torch.full_like(gain, math.inf))
+
+
+@torch.no_grad()
+def price_out(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Tensor,
+              old_alpha: torch.Tensor, *, num_data: float, uses: float, price: float,
+              rule: str) -> tuple[int, float]:
+    """Prune (alpha = +inf, weights 0) every live group of `weight` whose evidence gain is below
+    price * its MACs, after an update wrote the new `alpha`. Returns (groups pruned, the sum of
+    gamma of those groups, computed from `old_alpha` as the update did)."""
+    dims, padded = group_dims(weight, alpha)
+    size = math.prod(weight.shape[d] for d in dims)
+    priced = evidence_gain(weight, curvature, alpha, num_data=num_data) < price * size * uses
+    count = int(priced.sum())
+    if count == 0:
+        return 0, 0.0
+    n_h = (curvature.double() * num_data).clamp(min=0.0)
+    old = old_alpha.double().reshape(padded)
+    if rule == "paper":
+        gamma = torch.full_like(old, float(size))
+    else:
+        per_weight = torch.where(old == 0, torch.ones_like(n_h), n_h / (n_h + old))
+        gamma = per_weight.sum(dim=dims, keepdim=True) if dims else per_weight
+    gamma_priced = float(torch.where(priced, gamma, torch.zeros_like(gamma)).sum())
+    alpha.masked_fill_(priced.reshape(alpha.shape), math.inf)
+    weight.masked_fill_(priced.expand(weight.shape), 0)
+    return count, gamma_priced

@@ -1,0 +1,187 @@
+"""MAC-priced pruning (mackay_ext.mac_price, MacKayPruner(mac_price=...)): the MACs per weight
+against torch's FlopCounterMode, the evidence gain against the log evidence written out from
+Gaussian densities in float64, the pruning decision group by group, and the pruner's arguments."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from mackay_ext import MacKayPruner
+from mackay_ext.ard_targets import find_targets
+from mackay_ext.mac_price import evidence_gain, price_out, uses_per_example
+
+
+class _Tied(nn.Module):
+    """Embedding and output layer share one matrix; positions of a sequence reuse the Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6, bias=False)
+        self.out = nn.Linear(6, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mix(self.embed(tokens))))
+
+
+MODELS = {
+    "conv": (lambda: nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(5),
+                                   nn.ReLU(), nn.Conv2d(5, 4, (3, 2), bias=False), nn.Flatten(),
+                                   nn.Linear(4 * 4 * 6, 7, bias=False)),
+             lambda: torch.randn(3, 3, 11, 13)),
+    "conv1d-transpose": (lambda: nn.Sequential(nn.Conv1d(2, 4, 3, bias=False), nn.ReLU(),
+                                               nn.ConvTranspose1d(4, 3, 4, stride=2, bias=False)),
+                         lambda: torch.randn(2, 2, 9)),
+    "sequence": (lambda: nn.Sequential(nn.Linear(5, 8, bias=False), nn.GELU(), nn.Linear(8, 3, bias=False)),
+                 lambda: torch.randn(4, 7, 5)),
+    "tied": (_Tied, lambda: torch.randint(0, 11, (2, 9))),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_macs_per_weight_add_up_to_torch_flop_count(kind):
+    """sum over targets of (weights x uses per example) is what FlopCounterMode counts for one
+    example (these models have no bias, so every MAC is a weight's)."""
+    make_model, make_input = MODELS[kind]
+    torch.manual_seed(0)
+    model, x = make_model(), make_input()
+    targets, _ = find_targets(model, None, None)
+    uses = uses_per_example(model, targets, x)
+    ours = sum(targets[name].param.numel() * uses[name] for name in targets)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert ours == pytest.approx(counter.get_total_flops() / 2 / x.shape[0], rel=1e-12)
+
+
+def test_counting_forward_changes_nothing():
+    """The forward runs in eval mode without gradients: BatchNorm statistics stay, modes return."""
+    make_model, make_input = MODELS["conv"]
+    model = make_model().train()
+    model[1].eval()   # a mixed-mode model keeps its mix
+    stats = model[1].running_mean.clone()
+    uses_per_example(model, find_targets(model, None, None)[0], make_input())
+    assert torch.equal(model[1].running_mean, stats)
+    assert model.training and not model[1].training and model[0].training
+
+
+def test_a_layer_the_forward_never_runs_is_named():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Skips()
+    with pytest.raises(ValueError, match=r"did not run the layers of \['unused'\]"):
+        uses_per_example(model, find_targets(model, None, None)[0], torch.randn(2, 3))
+
+
+def _log_evidence_gain(a, h, alpha):
+    """log Z(with the weight) - log Z(weight fixed at 0) for a quadratic log likelihood
+    -H (w - a)^2 / 2 and prior N(0, 1/alpha), from Gaussian densities (no Laplace algebra):
+    Z_with = sqrt(2 pi / H) N(a; 0, 1/H + 1/alpha), Z_without = exp(-H a^2 / 2)."""
+    normal = torch.distributions.Normal(torch.zeros_like(a), (1 / h + 1 / alpha).sqrt())
+    return 0.5 * torch.log(2 * math.pi / h) + normal.log_prob(a) + 0.5 * h * a * a
+
+
+def test_gain_and_decision_against_gaussian_evidence():
+    """Per filter of a (6, 2, 3) weight: gain_g computed by price_out from the posterior mean
+    m = H a / (alpha + H) equals the sum of the exact Gaussian log evidence ratios of its
+    weights; exactly the groups below price x MACs are pruned, the rest untouched."""
+    g = torch.Generator().manual_seed(3)
+    num_data = 50.0
+    a = torch.randn(6, 2, 3, generator=g, dtype=torch.float64) * torch.tensor([0.01, 0.05, 0.1, 0.3, 1.0, 2.0],
+                                                                              dtype=torch.float64).view(6, 1, 1)
+    h = torch.rand(6, 2, 3, generator=g, dtype=torch.float64) + 0.1           # per-example curvature
+    alpha = torch.rand(6, 1, 1, generator=g, dtype=torch.float64) * 5 + 0.5   # one alpha per filter
+    big_h = h * num_data
+    mean = big_h * a / (alpha + big_h)
+    exact = _log_evidence_gain(a, big_h, alpha).sum(dim=(1, 2))
+    gain = evidence_gain(mean, h, alpha, num_data=num_data)
+    torch.testing.assert_close(gain.view(-1), exact, rtol=1e-10, atol=1e-12)
+    uses = 4.0
+    macs = 2 * 3 * uses
+    price = float(exact.sort().values[2:4].mean()) / macs   # between the third and fourth group
+    weight, new_alpha = mean.clone(), alpha.clone().float()
+    old_alpha = torch.full_like(new_alpha, 2.0)
+    count, gamma = price_out(weight, h, new_alpha, old_alpha, num_data=num_data, uses=uses,
+                             price=price, rule="mackay")
+    expected = exact < price * macs
+    assert count == 3 and int(expected.sum()) == 3
+    assert torch.equal(new_alpha.view(-1) == math.inf, expected)
+    assert torch.equal(weight[expected], torch.zeros_like(weight[expected]))
+    assert torch.equal(weight[~expected], mean[~expected])
+    assert torch.equal(new_alpha.view(-1)[~expected], alpha.float().view(-1)[~expected])
+    gamma_ref = (big_h / (big_h + 2.0)).sum(dim=(1, 2))[expected].sum()
+    assert gamma == pytest.approx(float(gamma_ref), rel=1e-12)
+
+
+def test_pruned_warmup_and_per_weight_groups_are_left_alone():
+    weight = torch.tensor([[0.0, 1e-4, 3.0]], dtype=torch.float64)
+    alpha = torch.tensor([[math.inf, 0.0, 1.0]])
+    count, _ = price_out(weight, torch.ones_like(weight), alpha, alpha.clone(), num_data=10.0, uses=1.0,
+                         price=1e9, rule="mackay")
+    assert count == 1   # only the live weight with alpha > 0
+    assert alpha.tolist() == [[math.inf, 0.0, math.inf]]
+
+
+def _train(model, x, y, pruner, optimizer, steps=12):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return pruner.update()
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 6 * 6, 4))
+
+
+@pytest.mark.parametrize("optimizer_kind", ["adam", "mackay_adam"])
+def test_pruner_price_zero_is_the_old_pruner_and_a_price_prunes_dear_groups(optimizer_kind):
+    from mackay_ext import MacKayAdam, ard_param_groups
+    x, y = torch.randn(16, 1, 16, 16), torch.arange(16) % 4
+
+    def run(**options):
+        model = _conv_net()
+        if optimizer_kind == "adam":
+            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+            extra = {"batch_size": 16}
+        else:
+            optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=200, batch_size=16)
+            extra = {}
+        pruner = MacKayPruner(model, optimizer, num_data=200, granularity="filter", **extra, **options)
+        _train(model, x, y, pruner, optimizer)   # warm-up update: alpha from 0
+        return model, pruner, _train(model, x, y, pruner, optimizer)
+
+    base_model, base, _ = run()
+    zero_model, zero, _ = run(mac_price=0.0)
+    for name in base.targets:
+        assert torch.equal(base.alpha(name), zero.alpha(name))
+    assert all(torch.equal(p, q) for p, q in zip(base_model.parameters(), zero_model.parameters()))
+    model, priced, report = run(mac_price=1e3, example_inputs=x[:2], allow_empty_layers=True)
+    conv = next(layer for layer in report["layers"] if layer["name"] == "0")
+    assert conv["priced_out"] == 6 and conv["groups_kept"] == 0   # every filter costs 25 x 144 MACs
+    assert bool((model[0].weight == 0).all())
+    assert priced.state_dict()["settings"]["mac_price"] == 1e3
+
+
+def test_pruner_arguments():
+    model, x = _conv_net(), torch.randn(2, 1, 16, 16)
+    optimizer = torch.optim.Adam(model.parameters())
+    for bad in (-1.0, math.nan, math.inf, True, "1"):
+        with pytest.raises(ValueError, match=r"mac_price must be a finite number >= 0"):
+            MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=bad, example_inputs=x)
+    with pytest.raises(ValueError, match=r"mac_price > 0 needs example_inputs="):
+        MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=1e-3)
+    with pytest.raises(ValueError, match=r"granularity='channel' does not support it"):
+        MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=1e-3, granularity="channel",
+                     example_inputs=x)
+    with pytest.raises(ValueError, match=r"example_inputs is used by granularity='channel' and mac_price > 0"):
+        MacKayPruner(model, optimizer, num_data=10, batch_size=2, example_inputs=x)
