@@ -161,3 +161,16 @@ def test_bad_arguments():
         MacKayPruning(["net.0"]).on_fit_start(
             type("T", (), {"optimizers": [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)],
                            "train_dataloader": _loader()})(), TinyClassifier())
+
+
+def test_iterable_dataset_asks_for_num_data():
+    """An IterableDataset has no length: the callback cannot know N and says which argument to pass."""
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(_loader().dataset)
+
+    fake_trainer = type("T", (), {"optimizers": [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)],
+                                  "train_dataloader": torch.utils.data.DataLoader(Stream(), batch_size=16)})()
+    with pytest.raises(ValueError, match=r"MacKayPruning: the training dataloader's dataset has no length "
+                                         r"\(an IterableDataset\?\): pass num_data=N"):
+        MacKayPruning().on_fit_start(fake_trainer, TinyClassifier())

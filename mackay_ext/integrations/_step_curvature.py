@@ -24,3 +24,14 @@ class StepCurvaturePruner(MacKayPruner):
             raise ValueError("the training-loop callbacks apply the prior themselves (proximal step, "
                              "or MacKayAdam): prior='penalty' is not available there")
         super().__init__(model, optimizer, **options)
+
+
+def training_set_size(num_data: float | None, loader, who: str, source: str) -> float:
+    """`num_data` if the user gave it, else the length of the loader's dataset; a clear error
+    naming the callback where the data has no length (an IterableDataset)."""
+    if num_data is not None:
+        return num_data
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        raise ValueError(f"{who}: {source} has no length (an IterableDataset?): pass num_data=N") from None

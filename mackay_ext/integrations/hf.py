@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._files import load_plain, save_atomic
 from .._validate import check_choice
-from ._step_curvature import StepCurvaturePruner
+from ._step_curvature import StepCurvaturePruner, training_set_size
 
 __all__ = ["MacKayCallback"]
 
@@ -124,15 +124,6 @@ class MacKayCallback(TrainerCallback):
         self.shrunk_model = None
 
     # ------------------------------------------------------------------ set-up
-    def _num_data(self, train_dataloader) -> float:
-        if self.num_data is not None:
-            return self.num_data
-        try:
-            return len(train_dataloader.dataset)
-        except (AttributeError, TypeError):
-            raise ValueError("MacKayCallback: the training set has no length (an IterableDataset?): "
-                             "pass num_data=N") from None
-
     def _batch_size(self, args, model) -> float:
         if self.batch_size is not None:
             return self.batch_size
@@ -157,7 +148,8 @@ class MacKayCallback(TrainerCallback):
             options = dict(self.pruner_options)
             if self.pruner_options.get("granularity") == "channel":
                 options["example_inputs"] = self.example_inputs
-            self.pruner = StepCurvaturePruner(model, optimizer, num_data=self._num_data(train_dataloader),
+            num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
+            self.pruner = StepCurvaturePruner(model, optimizer, num_data=num_data,
                                               batch_size=self._batch_size(args, model), **options)
             self.last_update = None
         if state.global_step > 0:   # the Trainer resumed from a checkpoint

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .._validate import check_choice
-from ._step_curvature import StepCurvaturePruner
+from ._step_curvature import StepCurvaturePruner, training_set_size
 
 __all__ = ["MacKayPruning"]
 
@@ -109,21 +109,13 @@ class MacKayPruning(Callback):
         layers = self.layers
         if self.parameters_to_prune is not None:
             layers = _layer_names(pl_module, self.parameters_to_prune)
-        self.pruner = StepCurvaturePruner(pl_module, optimizer, num_data=self._num_data(loader),
+        num_data = training_set_size(self.num_data, loader, "MacKayPruning", "the training dataloader's dataset")
+        self.pruner = StepCurvaturePruner(pl_module, optimizer, num_data=num_data,
                                           batch_size=self._batch_size(loader, trainer), layers=layers,
                                           **self.pruner_options)
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
-
-    def _num_data(self, loader) -> float:
-        if self.num_data is not None:
-            return self.num_data
-        try:
-            return len(loader.dataset)
-        except (AttributeError, TypeError):
-            raise ValueError("MacKayPruning: the training dataloader has no dataset length: pass "
-                             "num_data=N") from None
 
     def _batch_size(self, loader, trainer) -> float:
         if self.batch_size is not None:
