@@ -64,6 +64,7 @@ from torch import nn
 from ._alpha import finite_alpha
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
 from .curvature import StepCurvature, ema_debiased
+from .mac_price import channel_group_macs, channel_priced_out
 
 __all__ = ["ChannelARD", "trace_for_pruner"]
 
@@ -180,6 +181,8 @@ class ChannelARD:
         if pruner.optimizer is not None and self._own:
             self._hooks.append(pruner.optimizer.register_step_post_hook(self._after_step))
         self.last: dict[str, Any] = {}
+        # MACs per example of every group, for MacKayPruner(mac_price=...) (mac_price.py)
+        self.macs = channel_group_macs(self, pruner._weight_uses) if pruner.mac_price else None
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -409,8 +412,12 @@ class ChannelARD:
         new = torch.where(already, old, new)
 
         pruned = already | (new == math.inf)
+        priced = torch.zeros_like(pruned)
         if can_prune:
             pruned |= self._criterion(new, weight_sq, cache)
+            if pruner.mac_price:
+                priced = channel_priced_out(self, new, num_data, pruner.mac_price) & ~pruned
+                pruned |= priced
         kept_strongest = [] if pruner.allow_empty_layers else self._keep_strongest(pruned, already, weight_sq)
         newly = pruned & ~already
         self.alpha.copy_(torch.where(pruned, torch.full_like(new, math.inf), new))
@@ -429,7 +436,8 @@ class ChannelARD:
         entries = [dict(pruner._layer_entry(name, target), gamma=gamma_by_target.get(name, 0.0), warmup=warmup)
                    for name, target in pruner.targets.items()]
         section = dict(self.summary(), pruned=[repr(self.groups[i]) for i in newly.nonzero().flatten().tolist()],
-                       kept_strongest=kept_strongest, warmup=warmup, gamma_sum=gamma_sum)
+                       kept_strongest=kept_strongest, warmup=warmup, gamma_sum=gamma_sum,
+                       **({"priced_out": int(priced.sum())} if pruner.mac_price else {}))
         self.last = section
         return entries, section
 

@@ -28,19 +28,21 @@ from torch import nn
 from ._alpha import group_dims
 from .coupling.trace import split_inputs
 
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_COUNTED = (nn.Linear, nn.Embedding, *_CONV, *_CONV_TRANSPOSE)
 
-def uses_per_example(model: nn.Module, targets: dict, example_inputs) -> dict[str, float]:
-    """How many multiply-accumulates each weight of every ARD target costs per example, from one
-    forward on example_inputs (run in eval mode without gradients: nothing is updated). A weight
-    that no MAC uses (an Embedding's table) costs 0; a target whose module this cannot count
-    raises a ValueError naming it."""
+
+def weight_uses(model: nn.Module, example_inputs) -> dict[int, float]:
+    """id(weight) -> how many multiply-accumulates each of its entries costs per example, for the
+    weight of every Linear, Conv, ConvTranspose and Embedding the forward on example_inputs runs
+    (summed over the modules of a tied weight); from one forward in eval mode without gradients,
+    so nothing (BatchNorm statistics) is updated."""
     args, kwargs = split_inputs(example_inputs)
     batch = _batch_size(args, kwargs)
-    seen: dict[str, list[float]] = {}
-    hooks = []
-    for name, target in targets.items():
-        for module in _owner_modules(model, target):
-            hooks.append(module.register_forward_hook(_recorder(name, target, module, batch, seen)))
+    uses: dict[int, float] = {}
+    hooks = [module.register_forward_hook(_recorder(module, batch, uses))
+             for module in model.modules() if isinstance(module, _COUNTED)]
     modes = {module: module.training for module in model.modules()}
     try:
         model.eval()
@@ -51,11 +53,17 @@ def uses_per_example(model: nn.Module, targets: dict, example_inputs) -> dict[st
             handle.remove()
         for module, mode in modes.items():
             module.training = mode
-    missing = sorted(set(targets) - set(seen))
+    return uses
+
+
+def target_uses(uses: dict[int, float], targets: dict) -> dict[str, float]:
+    """The uses per example of every ARD target's weight; a ValueError names those not counted."""
+    missing = [t.description for t in targets.values() if id(t.param) not in uses]
     if missing:
-        raise ValueError(f"MacKayPruner: mac_price: the forward on example_inputs did not run the "
-                         f"layers of {missing}: their MACs are unknown")
-    return {name: sum(uses) for name, uses in seen.items()}
+        raise ValueError(f"MacKayPruner: mac_price cannot count the MACs of {'; '.join(missing)}: not the "
+                         "weight of a Linear, Conv, ConvTranspose or Embedding that the forward on "
+                         "example_inputs ran (pass layers= without them)")
+    return {name: uses[id(t.param)] for name, t in targets.items()}
 
 
 def _batch_size(args, kwargs) -> int:
@@ -65,32 +73,18 @@ def _batch_size(args, kwargs) -> int:
     raise ValueError("MacKayPruner: mac_price: example_inputs holds no tensor with a batch dimension")
 
 
-def _owner_modules(model: nn.Module, target) -> list[nn.Module]:
-    modules = dict(model.named_modules())
-    return [modules[owner] for owner in (target.owners or [target.module_name])]
-
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-
-
-def _recorder(name, target, module, batch, seen):
-    """A forward hook adding the uses per example of the target's weight in `module` (a tied
-    weight adds those of every module holding it)."""
+def _recorder(module, batch, uses):
     def record(_module, inputs, output):
         if isinstance(module, nn.Linear):
             # output (batch, ..., out): each weight is used once per position of its output
-            uses = output.numel() / (batch * module.out_features)
+            count = output.numel() / (batch * module.out_features)
         elif isinstance(module, _CONV):
-            uses = output.numel() / (batch * module.out_channels)   # once per output position
+            count = output.numel() / (batch * module.out_channels)   # once per output position
         elif isinstance(module, _CONV_TRANSPOSE):
-            uses = inputs[0].numel() / (batch * module.in_channels)   # once per input position
-        elif isinstance(module, nn.Embedding):
-            uses = 0.0   # a lookup multiplies nothing
+            count = inputs[0].numel() / (batch * module.in_channels)   # once per input position
         else:
-            raise ValueError(f"MacKayPruner: mac_price cannot count the MACs of {target.description} "
-                             f"in {type(module).__name__}: pass layers= without it")
-        seen.setdefault(name, []).append(float(uses))
+            count = 0.0   # an Embedding's lookup multiplies nothing
+        uses[id(module.weight)] = uses.get(id(module.weight), 0.0) + float(count)
     return record
 
 
@@ -134,3 +128,41 @@ def price_out(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Tensor
     alpha.masked_fill_(priced.reshape(alpha.shape), math.inf)
     weight.masked_fill_(priced.expand(weight.shape), 0)
     return count, gamma_priced
+
+
+# ------------------------------------------------------------- coupled channel groups
+def channel_group_macs(channel, uses: dict[int, float]) -> torch.Tensor:
+    """MACs per example of every coupled group of a ChannelARD (channel_ard.py): the sum over its
+    members (a filter, its consumers' input slices, ...) of entries x uses per entry. Biases and
+    norm entries add, they do not multiply: 0."""
+    macs = torch.zeros_like(channel.alpha)
+    for member in channel.members.values():
+        count = uses.get(id(member.param))
+        if count is None:
+            if member.param.dim() > 1:
+                raise ValueError(f"MacKayPruner: mac_price cannot count the MACs of {member.name} "
+                                 f"(shape {tuple(member.param.shape)}), a member of a channel group: not "
+                                 "the weight of a Linear, Conv, ConvTranspose or Embedding that the "
+                                 "forward on example_inputs ran")
+            continue
+        for dim, ids in member.views():
+            channel._group_sum(member, dim, ids, (ids >= 0).double() * count, macs)
+    return macs
+
+
+@torch.no_grad()
+def channel_priced_out(channel, new: torch.Tensor, num_data: float, price: float) -> torch.Tensor:
+    """The live groups (0 < new alpha < inf) of a ChannelARD whose evidence gain, summed over
+    the entries of all their members with each entry's alpha_eff, is below price x their MACs."""
+    gain = torch.zeros_like(new)
+    for member in channel.members.values():
+        w = member.param.detach().double()
+        n_h = (channel.curvature_estimate(member.name).double() * num_data).clamp(min=0.0)
+        terms, alpha_eff, _ = channel._alpha_terms(member, new)
+        live = torch.isfinite(alpha_eff) & (alpha_eff > 0)
+        safe = torch.where(live, alpha_eff, torch.ones_like(alpha_eff))
+        per_entry = (w * w * (safe + n_h) - torch.log1p(n_h / safe)).masked_fill(~live, 0.0)
+        for dim, ids, inside, _ in terms:
+            channel._group_sum(member, dim, ids, 0.5 * per_entry * inside.double(), gain)
+    live_group = torch.isfinite(new) & (new > 0)
+    return live_group & (gain < price * channel.macs)

@@ -44,7 +44,7 @@ from .ard_targets import (
 )
 from .curvature import ema_debiased
 from .dead_units import prune_unused_units
-from .mac_price import price_out, uses_per_example
+from .mac_price import price_out, target_uses, weight_uses
 from .optim import MacKayAdam
 from .standalone_prior import StandalonePrior
 
@@ -86,8 +86,9 @@ class MacKayPruner(StandalonePrior):
             prunes every group whose evidence gain (what it adds to the log evidence) is below
             mac_price x its MACs per example (mackay_ext.mac_price): the knob that trades accuracy
             for compute where MacKay's rule keeps groups that are well determined but dear, such
-            as a first conv layer's filters. Granularity "weight" or "filter" (per-layer groups).
-            The report's layers say how many groups it priced out ("priced_out").
+            as a first conv layer's filters. With granularity="channel" a group's MACs are those
+            of all its members (a filter and its consumers' input slices). The report says how
+            many groups it priced out ("priced_out", per layer or in the channel section).
         rule: "mackay" | "em" | "paper"; prune: "snr" (default, threshold 0.05) | "alpha"
             (threshold 1e13, the paper's).
         curvature: "ef-batch" (from the optimizer step or gradient hooks), "ef-exact" or
@@ -145,13 +146,15 @@ class MacKayPruner(StandalonePrior):
         elif example_inputs is not None and not mac_price:
             raise ValueError("MacKayPruner: example_inputs is used by granularity='channel' and "
                              f"mac_price > 0 only, got granularity={granularity!r}, mac_price=0")
-        self.mac_price = self._check_mac_price(mac_price, granularity, example_inputs)
+        self.mac_price = self._check_mac_price(mac_price, example_inputs)
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
         if not self.targets:
             raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
                              f"put a prior on (left out: {self.excluded})")
-        # MACs per example of one weight of each target (mac_price.py), before any hook is attached
-        self._uses = uses_per_example(model, self.targets, example_inputs) if self.mac_price else {}
+        # MACs per example of one entry of each weight (mac_price.py), before any hook is attached
+        self._weight_uses = weight_uses(model, example_inputs) if self.mac_price else {}
+        self._uses = (target_uses(self._weight_uses, self.targets)
+                      if self.mac_price and granularity != "channel" else {})
         self.layers = {name: target.module for name, target in self.targets.items()}
         self.granularity, self.notes = self._granularities(granularity)
         self.accumulator = None
@@ -188,14 +191,11 @@ class MacKayPruner(StandalonePrior):
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
-    def _check_mac_price(mac_price, granularity, example_inputs) -> float:
+    def _check_mac_price(mac_price, example_inputs) -> float:
         if isinstance(mac_price, bool) or not isinstance(mac_price, (int, float)) or not (
                 math.isfinite(mac_price) and mac_price >= 0):
             raise ValueError(f"MacKayPruner: mac_price must be a finite number >= 0 (nats of evidence "
                              f"per multiply-accumulate), got {mac_price!r}")
-        if mac_price and granularity == "channel":
-            raise ValueError("MacKayPruner: mac_price prices the per-layer groups of granularity "
-                             "'weight' or 'filter'; granularity='channel' does not support it yet")
         if mac_price and example_inputs is None:
             raise ValueError("MacKayPruner: mac_price > 0 needs example_inputs= (a batch that runs "
                              "the model): the MACs of every group are counted from one forward")

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mackay_ext import MacKayPruner
 from mackay_ext.ard_targets import find_targets
-from mackay_ext.mac_price import evidence_gain, price_out, uses_per_example
+from mackay_ext.mac_price import evidence_gain, price_out, target_uses, weight_uses
 
 
 class _Tied(nn.Module):
@@ -49,7 +49,7 @@ def test_macs_per_weight_add_up_to_torch_flop_count(kind):
     torch.manual_seed(0)
     model, x = make_model(), make_input()
     targets, _ = find_targets(model, None, None)
-    uses = uses_per_example(model, targets, x)
+    uses = target_uses(weight_uses(model, x), targets)
     ours = sum(targets[name].param.numel() * uses[name] for name in targets)
     with FlopCounterMode(display=False) as counter:
         model(x)
@@ -62,7 +62,7 @@ def test_counting_forward_changes_nothing():
     model = make_model().train()
     model[1].eval()   # a mixed-mode model keeps its mix
     stats = model[1].running_mean.clone()
-    uses_per_example(model, find_targets(model, None, None)[0], make_input())
+    weight_uses(model, make_input())
     assert torch.equal(model[1].running_mean, stats)
     assert model.training and not model[1].training and model[0].training
 
@@ -77,8 +77,11 @@ def test_a_layer_the_forward_never_runs_is_named():
             return self.used(x)
 
     model = Skips()
-    with pytest.raises(ValueError, match=r"did not run the layers of \['unused'\]"):
-        uses_per_example(model, find_targets(model, None, None)[0], torch.randn(2, 3))
+    uses = weight_uses(model, torch.randn(2, 3))
+    with pytest.raises(ValueError, match=r"cannot count the MACs of unused \(Linear.weight, shape \(3, 3\)\): "
+                                         r"not the weight of a Linear, Conv, ConvTranspose or Embedding that the "
+                                         r"forward on example_inputs ran"):
+        target_uses(uses, find_targets(model, None, None)[0])
 
 
 def _log_evidence_gain(a, h, alpha):
@@ -180,8 +183,75 @@ def test_pruner_arguments():
             MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=bad, example_inputs=x)
     with pytest.raises(ValueError, match=r"mac_price > 0 needs example_inputs="):
         MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=1e-3)
-    with pytest.raises(ValueError, match=r"granularity='channel' does not support it"):
-        MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=1e-3, granularity="channel",
-                     example_inputs=x)
     with pytest.raises(ValueError, match=r"example_inputs is used by granularity='channel' and mac_price > 0"):
         MacKayPruner(model, optimizer, num_data=10, batch_size=2, example_inputs=x)
+
+
+# ---------------------------------------------------------------- coupled channel groups
+def _channel_net():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(2, 5, 3, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(5, 3, 3, bias=False), nn.Flatten(), nn.Linear(3 * 4 * 4, 4, bias=False))
+
+
+def test_channel_group_macs_are_what_shrinking_the_group_removes():
+    """MACs of a coupled group (a filter with its consumers' input slices) against the MACs
+    FlopCounterMode counts before and after shrink removes that group alone."""
+    from mackay_ext.shrink import count_macs, shrink
+    x = torch.randn(2, 2, 14, 14)
+    model = _channel_net()
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
+                          granularity="channel", mac_price=1e-6, example_inputs=x)
+    channel = pruner.channel
+    full = count_macs(model, x[:1])
+    for number, group in enumerate(channel.groups):
+        copy = _channel_net()
+        group.zero_(copy)
+        small = shrink(copy, x[:1])
+        assert float(channel.macs[number]) == full - count_macs(small, x[:1]), repr(group)
+
+
+def test_channel_groups_are_priced_by_the_gain_of_all_their_members():
+    """A conv filter is in two groups (its own output channel and its input channel's): each entry's
+    prior is alpha_eff = the sum of its groups' alphas. Reference: alpha_eff built entry by entry
+    from the groups' member slices, per-entry gains from evidence_gain (checked above against the
+    Gaussian evidence), summed over each group's slices; exactly the groups below price x MACs go."""
+    from mackay_ext.mac_price import channel_priced_out
+    x, y = torch.randn(8, 2, 14, 14), torch.arange(8) % 4
+    model = _channel_net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity="channel",
+                          mac_price=1e-6, example_inputs=x[:2])
+    _train(model, x, y, pruner, optimizer)   # warm-up: alpha from 0
+    channel = pruner.channel
+    new = channel.alpha.clone() * torch.linspace(0.5, 2.0, len(channel.alpha), dtype=torch.float64)
+    alpha_eff = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in model.named_parameters()}
+    for group, alpha in zip(channel.groups, new):
+        for m in group.members:   # each entry adds the alpha of every group it is in
+            alpha_eff[m.name] += torch.zeros_like(alpha_eff[m.name]).index_fill_(
+                m.dim, torch.tensor(m.indices), float(alpha))
+    gains = torch.zeros(len(channel.groups), dtype=torch.float64)
+    per_entry = {name: evidence_gain(model.get_parameter(name).detach(), channel.curvature_estimate(name),
+                                     alpha_eff[name], num_data=100.0)
+                 for name in channel.members}
+    for number, group in enumerate(channel.groups):
+        for m in group.members:
+            gains[number] += float(per_entry[m.name].index_select(m.dim, torch.tensor(m.indices)).sum())
+    per_mac = gains / channel.macs
+    price = float(per_mac.sort().values[len(per_mac) // 2 - 1: len(per_mac) // 2 + 1].mean())
+    priced = channel_priced_out(channel, new, 100.0, price)
+    assert torch.equal(priced, per_mac < price)
+    assert 0 < int(priced.sum()) < len(priced)
+
+
+def test_channel_pruner_reports_priced_groups_and_keeps_them_zero():
+    x, y = torch.randn(8, 2, 14, 14), torch.arange(8) % 4
+    model = _channel_net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity="channel",
+                          mac_price=1e3, example_inputs=x[:2], allow_empty_layers=True)
+    assert _train(model, x, y, pruner, optimizer)["channel"]["priced_out"] == 0   # warm-up prunes nothing
+    report = _train(model, x, y, pruner, optimizer)
+    assert report["channel"]["priced_out"] == len(pruner.channel.groups)
+    _train(model, x, y, pruner, optimizer, steps=3)
+    assert bool((model[0].weight == 0).all()) and bool((model[3].weight == 0).all())
