@@ -139,6 +139,8 @@ NO_CUDA = not torch.cuda.is_available()
     (["prune", "--threshold", "-1"], "argument --threshold: expected a finite number >= 0, got -1"),
     (["prune", "--threshold", "nan"], "argument --threshold: expected a finite number >= 0, got nan"),
     (["prune", "--seed", "-3"], "argument --seed: expected a whole number >= 0, got -3"),
+    (["prune", "--mac-price", "-0.001"], "argument --mac-price: expected a finite number >= 0, got -0.001"),
+    (["prune", "--mac-price", "inf"], "argument --mac-price: expected a finite number >= 0, got inf"),
     (["prune", "--model", "alexnet"], "invalid choice"),
     (["prune", "--granularity", "blocks"], "invalid choice"),
     (["prune", "--augment-shift", "2"], "--augment-shift needs an image dataset; digits"),
@@ -202,3 +204,17 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     result = cli("prune", "--resume", str(tmp_path / "bad.pt"), "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1 and "cannot be read" in result.stderr
+
+
+def test_mac_price_reaches_the_pruner_and_the_checkpoint(tmp_path):
+    """--mac-price with --granularity filter: the pruner prices groups (the checkpoint's pruner
+    settings and the run's settings carry the price); a digits run of a few epochs."""
+    result = cli("prune", "--mac-price", "0.01", "--granularity", "filter", "--pretrain-epochs", "2",
+                 "--rounds", "1", "--epochs", "2", "--out", str(tmp_path), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["mac_price"] == 0.01
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["pruner"]["settings"]["mac_price"] == 0.01
+    priced = [layer.get("priced_out") for update in state["pruner"]["history"] for layer in update["layers"]]
+    assert any(count for count in priced if count), "no group was priced out"
