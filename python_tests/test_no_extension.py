@@ -41,3 +41,28 @@ def test_compressed_model_without_the_extension(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_source_tree_shadowing_a_built_install_is_named(tmp_path):
+    """Python run from a repository root after a non-editable install imports the source tree,
+    which has no _C: the error names both folders and how to get out of it, not 'build it'."""
+    package = os.path.dirname(mackay_ext.__file__)
+    source, installed = tmp_path / "checkout", tmp_path / "site"
+    shutil.copytree(package, source / "mackay_ext", ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__"))
+    shutil.copytree(package, installed / "mackay_ext", ignore=shutil.ignore_patterns("__pycache__"))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+        sys.path[:0] = [{str(source)!r}, {str(installed)!r}]
+        import mackay_ext
+        try:
+            mackay_ext._extension.require()
+        except RuntimeError as error:
+            print(error)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    message = " ".join(result.stdout.split())
+    assert f"imported from the source tree {source / 'mackay_ext'}" in message
+    assert f"shadows the built install in {installed / 'mackay_ext'}" in message
+    assert "run Python from another directory" in message
