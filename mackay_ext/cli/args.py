@@ -82,8 +82,23 @@ def _recipe_help(what: str, key: str) -> str:
     return f"{what} (default: {per_model}; other models {GENERIC_RECIPE[key]:g})"
 
 
+# what `mackay-ext --help` tells a user (the module docstring above is for developers)
+DESCRIPTION = """\
+Prune a network with MacKay's automatic relevance determination: train under a Gaussian prior
+with one precision per weight (or per input, filter or channel group), re-estimate the
+precisions with MacKay's evidence update, remove the weights the data does not determine, and
+retrain.
+
+commands:
+  prune     train, re-estimate precisions, prune and retrain; writes a checkpoint, report.json
+            and the compressed model into --out
+  evaluate  accuracy and size of a compressed model written by `prune`
+
+`mackay-ext prune --help` and `mackay-ext evaluate --help` list each command's flags."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mackay-ext", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mackay-ext", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     prune = sub.add_parser(
