@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import shrink_constant
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
+from .coupling.ties import modules_of, tied_names
 
 __all__ = ["ShrinkReport", "count_macs", "shrink"]
 
@@ -78,8 +79,9 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
     (Module.to). On CPU that runs the shrunk LeNet-5 about 3x faster at batch 256, mostly because
     max_pool2d is about 5x faster in it (bench/results/deploy.md, per-layer table).
     Returns the new model (plain torch.nn modules, same classes, smaller tensors, num_heads
-    updated, a bias added to a bias-less consumer that a constant was folded into; the input model
-    is unchanged), or (model, ShrinkReport) when report=True.
+    updated, a bias added to a bias-less consumer that a constant was folded into; a tied
+    parameter is still one Parameter shared by the same modules; the input model is unchanged),
+    or (model, ShrinkReport) when report=True.
     Raises ValueError when a layer would lose every channel to pruned groups, naming the layer.
     """
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
@@ -122,16 +124,17 @@ class _Round:
 
 def _shrink_once(model: nn.Module, example_inputs, round_to: int) -> _Round:
     coupling = trace_coupling(model, example_inputs)
+    aliases = tied_names(model)
     zero, unread, constant, kept, kept_unused = [], [], [], [], []
     for group in coupling.groups:
         if group.is_zero(model):
-            reason = group.fixed or _unsupported(model, group)
+            reason = group.fixed or _unsupported(model, group, aliases)
             (kept.append((group, reason)) if reason else zero.append(group))
             continue
         found = "unread" if shrink_constant.unread(model, group) else \
             "constant" if shrink_constant.is_constant(model, group) else None
         if found:
-            reason = group.fixed or _unsupported(model, group)
+            reason = group.fixed or _unsupported(model, group, aliases)
             (kept_unused.append((group, reason)) if reason else
              (unread if found == "unread" else constant).append(group))
     folds, refused = shrink_constant.constant_contributions(model, constant, example_inputs)
@@ -169,7 +172,10 @@ def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module, str]:
     return path, model.get_submodule(path), local
 
 
-def _unsupported(model: nn.Module, group: ChannelGroup) -> str | None:
+def _unsupported(model: nn.Module, group: ChannelGroup, aliases: dict[str, tuple[str, ...]]) -> str | None:
+    """Why shrink cannot cut `group` from some module holding a member, or None.
+
+    aliases: tied_names(model); a tied member is checked in every module that holds it."""
     if group.kind == "head":
         attention = model.get_submodule(group.module) if group.module else None
         if isinstance(attention, nn.MultiheadAttention):
@@ -179,19 +185,26 @@ def _unsupported(model: nn.Module, group: ChannelGroup) -> str | None:
             cls = type(attention).__name__ if attention is not None else "?"
             return f"shrink does not know how attention module '{group.module}' ({cls}) counts its heads"
     for m in group.members + group.buffers:
-        path, module, _local = _owner(model, m.name)
-        if isinstance(module, nn.MultiheadAttention):
-            return f"'{path}' is an nn.MultiheadAttention, whose embed_dim shrink cannot change"
-        if isinstance(module, nn.modules.conv._ConvNd):
-            if module.transposed:
-                return f"'{path}' is a transposed convolution"
-            if module.groups > 1 and not (module.groups == module.in_channels == module.out_channels):
-                return f"'{path}' is a grouped convolution ({module.groups} groups)"
-        if isinstance(module, nn.GroupNorm) and not module.affine:
-            return (f"'{path}' is a GroupNorm without affine parameters: its channel count cannot "
-                    "be read back after the cut")
-        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
-            return f"'{path}' is a LayerNorm over several dimensions"
+        names = aliases.get(m.name, (m.name,))
+        for name in names:
+            reason = _unsupported_module(model, name)
+            if reason:
+                return reason + (f" (its {m.name} is tied: the same tensor in {modules_of(names)}, so "
+                                 "no module holding it can lose the channel)" if len(names) > 1 else "")
+    return None
+
+
+def _unsupported_module(model: nn.Module, name: str) -> str | None:
+    path, module, _local = _owner(model, name)
+    if isinstance(module, nn.MultiheadAttention):
+        return f"'{path}' is an nn.MultiheadAttention, whose embed_dim shrink cannot change"
+    if isinstance(module, nn.modules.conv._ConvNd) and module.transposed:
+        return f"'{path}' is a transposed convolution"
+    if isinstance(module, nn.GroupNorm) and not module.affine:
+        return (f"'{path}' is a GroupNorm without affine parameters: its channel count cannot "
+                "be read back after the cut")
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) != 1:
+        return f"'{path}' is a LayerNorm over several dimensions"
     return None
 
 
@@ -255,15 +268,20 @@ def _refuse_empty_layers(model: nn.Module, removal) -> None:
 
 # -- cutting -----------------------------------------------------------------------------
 def _slice(model: nn.Module, name: str, dim: int, indices: set[int]) -> None:
+    """Cut `indices` along `dim` of the parameter or buffer `name`, in every module holding it
+    (a tied tensor gets one new tensor, shared as the old one was)."""
     _, module, local = _owner(model, name)
     old = getattr(module, local)
     keep = torch.tensor([i for i in range(old.shape[dim]) if i not in indices], dtype=torch.long,
                         device=old.device)
     new = old.detach().index_select(dim, keep).contiguous(memory_format=_layout(old))
     if local in module._parameters:
-        module._parameters[local] = nn.Parameter(new, requires_grad=old.requires_grad)
-    else:
-        module._buffers[local] = new
+        new = nn.Parameter(new, requires_grad=old.requires_grad)
+    for holder in model.modules():
+        for table in (holder._parameters, holder._buffers):
+            for key, tensor in table.items():
+                if tensor is old:
+                    table[key] = new
 
 
 def _add_to_bias(module: nn.Module, add: torch.Tensor) -> bool:
@@ -289,10 +307,13 @@ def _fix_linear(m: nn.Linear) -> None:
 
 
 def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
-    if m.groups > 1:   # depthwise: one filter per channel
-        m.groups = m.in_channels = m.out_channels = m.weight.shape[0]
-    else:
-        m.out_channels, m.in_channels = m.weight.shape[:2]
+    # m's attributes still hold the sizes before the cut (the coupling's two grouped cases)
+    per_group = m.out_channels // m.groups
+    m.out_channels = m.weight.shape[0]
+    if m.groups > 1 and m.in_channels == m.groups:   # depthwise: whole conv groups went
+        m.groups = m.in_channels = m.out_channels // per_group
+    else:   # plain or grouped: the same positions went from every conv group
+        m.in_channels = m.weight.shape[1] * m.groups
 
 
 def _fix_batch_norm(m: nn.modules.batchnorm._NormBase) -> None:
@@ -361,6 +382,11 @@ def _verify(model: nn.Module, small: nn.Module, example_inputs, folded: bool = F
                                     "its forward code probably hard-codes a channel count") from err
     finally:
         model.train(modes), small.train(modes)
+    for names in tied_names(model).values():
+        held = {id(_get_tensor(small, n)) for n in names}
+        if len(held) != 1:
+            raise CouplingError(f"shrink: {', '.join(names)} are one tied tensor in the input model but not "
+                                f"in the shrunk one; the tie between {modules_of(names)} would be broken")
     for a, b in zip(expected, got):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(a.dtype, 1e-2)
@@ -370,3 +396,8 @@ def _verify(model: nn.Module, small: nn.Module, example_inputs, folded: bool = F
                                     "its forward code probably hard-codes a channel count" +
                                     (", or a unit taken for constant and folded into a bias was not "
                                      "constant" if folded else ""))
+
+
+def _get_tensor(model: nn.Module, name: str):
+    path, _, local = name.rpartition(".")
+    return getattr(model.get_submodule(path), local, None)

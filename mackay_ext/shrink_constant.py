@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .coupling import ChannelGroup, split_inputs
+from .coupling.ties import tied_names
 
 __all__ = ["Roles", "constant_contributions", "is_constant", "roles", "unread"]
 
@@ -40,8 +41,9 @@ class Roles:
 
     producers: rows of a Linear / ungrouped conv that compute the channel; consumers: the input
     slices of a Linear / ungrouped conv that read it; unknown: weight members of other kinds
-    (embedding columns, grouped convs...), which rule out both removals here. One-dimensional
-    members (biases, norm entries) and depthwise filters act on the channel itself and need no role.
+    (embedding columns, grouped convs, a tensor tied to another module, whose other use the
+    folding here does not see...), which rule out both removals here. One-dimensional members
+    (biases, norm entries) and depthwise filters act on the channel itself and need no role.
     """
     producers: list
     consumers: list
@@ -54,14 +56,18 @@ def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module]:
 
 
 def _depthwise(module: nn.Module) -> bool:
-    return isinstance(module, _Conv) and module.groups > 1 and \
-        module.groups == module.in_channels == module.out_channels
+    """One input channel per conv group (a channel multiplier allowed): its filters are the channel's own."""
+    return isinstance(module, _Conv) and module.groups > 1 and module.groups == module.in_channels
 
 
 def roles(model: nn.Module, group: ChannelGroup) -> Roles:
     found = Roles([], [], [])
+    tied = tied_names(model)
     for m in group.members:
         path, module = _owner(model, m.name)
+        if m.name in tied:
+            found.unknown.append((path, m))
+            continue
         if m._ndim < 2 or (_depthwise(module) and m.dim == 0):
             continue
         plain = isinstance(module, nn.Linear) or (isinstance(module, _Conv) and module.groups == 1

@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mackay_ext.coupling import ChannelGroup, CouplingError, Member, channel_groups, group_index, trace_coupling
+from mackay_ext.coupling import (
+    ChannelGroup,
+    CouplingError,
+    Member,
+    channel_groups,
+    group_index,
+    trace_coupling,
+)
 
 
 def as_sets(groups):
@@ -74,7 +81,7 @@ def test_residual_add_concat_and_depthwise_by_hand():
     assert sorted(map(sorted, as_sets(groups))) == sorted(map(sorted, expected))
 
 
-def test_grouped_convolution_output_and_layer_norm_are_blocked_with_reasons():
+def test_grouped_convolution_by_position_and_layer_norm_blocked_with_reasons():
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
@@ -89,10 +96,15 @@ def test_grouped_convolution_output_and_layer_norm_are_blocked_with_reasons():
             return self.out(self.norm(self.proj(x)))
 
     coupling = trace_coupling(Model(), torch.randn(2, 4, 3, 3))
-    assert coupling.groups == []
+    # 2 conv groups of 3: position j of every conv group goes at once, so the groups stay equal
+    expected = [entries(("conv.weight", 0, [j, 3 + j]), ("conv.bias", 0, [j, 3 + j]), ("grouped.weight", 1, [j]))
+                for j in range(3)]
+    expected += [entries(("grouped.weight", 0, [k, 3 + k]), ("grouped.bias", 0, [k, 3 + k]),
+                         ("proj.weight", 1, [k, 3 + k])) for k in range(3)]
+    assert as_sets(coupling.groups) == expected
+    assert all(g.fixed is None for g in coupling.groups)
     reasons = " | ".join(r for _, r in coupling.blocked)
-    assert "grouped convolution (2 groups)" in reasons
-    assert "reaches the model output" in reasons
+    assert "grouped convolution" not in reasons and "reaches the model output" in reasons
     # LayerNorm statistics mix every channel of proj: one class spanning the layer, not 8 groups
     norm_class = [(g, r) for g, r in coupling.blocked if any(m.name == "norm.weight" for m in g.members)]
     assert len(norm_class) == 1 and "spans every channel of proj.weight" in norm_class[0][1]

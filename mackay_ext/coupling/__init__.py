@@ -20,6 +20,14 @@ ChannelGroup.fixed; shrink reports the ones it cannot cut for a module's sake (h
 nn.MultiheadAttention) in ShrinkReport.kept_zero. An op the tracer does not know raises
 CouplingError naming the op and its module.
 
+A tied parameter (one Parameter under several names, e.g. an output layer reusing the embedding
+table) is one tensor: members carry the name named_parameters() gives it, and a slice read by two
+modules joins the channels of both uses into one group (ties.py); shrink keeps the modules tied.
+A grouped convolution keeps its number of groups, whose sizes must stay equal: input position j
+of every conv group goes at once (weight column j), and so does output position k (rows k,
+out/groups + k, ...). A depthwise one (one input channel per conv group, any channel
+multiplier) loses whole conv groups instead: input channel c with the outputs it alone makes.
+
 Why not Torch-Pruning's DependencyGraph (evaluated, torch-pruning 1.6.1, torch 2.14.1): on the
 seven test models (torchvision resnet18 and mobilenet_v2, a CIFAR ResNet with zero-padding
 shortcuts, a VGG with BatchNorm, nn.TransformerEncoder, timm ViT, HF BERT) we pruned one channel
@@ -35,5 +43,5 @@ no extra dependency, knows which groups are exact, and finds whole heads, so we 
 from .groups import ChannelGroup, Coupling, CouplingError, Member, group_index
 from .trace import channel_groups, split_inputs, trace_coupling
 
-__all__ = ["ChannelGroup", "Member", "Coupling", "CouplingError", "channel_groups", "group_index",
+__all__ = ["ChannelGroup", "Coupling", "CouplingError", "Member", "channel_groups", "group_index",
            "split_inputs", "trace_coupling"]

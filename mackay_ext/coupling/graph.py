@@ -34,6 +34,7 @@ class Atoms:
         self.blocked: dict[int, str] = {PIN: "fixed by a model input or a constant made in forward"}
         self.fixed: dict[int, str] = {}
         self.head: dict[int, str] = {}
+        self.attached: dict[tuple[str, int, int], int] = {}
 
     @property
     def count(self) -> int:
@@ -69,12 +70,21 @@ class Atoms:
         return self.find(int(atoms[0]))
 
     def attach(self, atom: int, name: str, dim: int, index: int) -> None:
-        self.members.setdefault(int(atom), []).append((name, dim, index))
+        """Make slice `index` along `dim` of parameter `name` a member of `atom`'s class.
+
+        A slice attached twice (a module called twice, or a tied parameter read by two modules)
+        is one tensor slice serving two channels: it cannot be cut for one and kept for the
+        other, so the two channels join one class."""
+        key = (name, dim, int(index))
+        first = self.attached.setdefault(key, int(atom))
+        if first != int(atom):
+            self.union(first, atom)
+        self.members.setdefault(int(atom), []).append(key)
 
 
 class V:
     """Labels of one tensor: `labels` broadcasts to `shape`; from_param: derived from parameters only."""
-    __slots__ = ("labels", "shape", "from_param")
+    __slots__ = ("from_param", "labels", "shape")
 
     def __init__(self, labels: np.ndarray, shape, from_param: bool = False) -> None:
         self.labels, self.shape, self.from_param = _compress(labels), tuple(shape), from_param
@@ -116,8 +126,9 @@ def where(node) -> str:
 class Graph:
     """Walks an ExportedProgram once and fills `atoms`."""
 
-    def __init__(self, program) -> None:
+    def __init__(self, program, canonical: dict[str, str] | None = None) -> None:
         self.atoms = Atoms()
+        self.canonical = canonical or {}   # any name of a tied parameter -> its named_parameters() name
         self.env: dict[torch.fx.Node, object] = {}
         self.params: dict[str, str] = {}       # placeholder name -> parameter/buffer FQN
         self.entries: dict[str, np.ndarray] = {}
@@ -171,8 +182,9 @@ class Graph:
                 spec = kinds.get(node.name)
                 kind = spec.kind.name if spec is not None else "USER_INPUT"
                 if kind in ("PARAMETER", "BUFFER") and node_shape(node) is not None:
-                    self.params[node.name] = spec.target
-                    self.env[node] = spec.target
+                    target = self.canonical.get(spec.target, spec.target)
+                    self.params[node.name] = target
+                    self.env[node] = target
                 elif node_shape(node) is not None:
                     self.env[node] = self.pinned(node_shape(node))
             elif node.op == "call_function":
@@ -209,6 +221,9 @@ class Graph:
             self.env[node.args[0]] = result    # an in-place op: later readers of its input see the result
 
 
-def propagate(program) -> Atoms:
-    """Union-find of channel atoms for an ExportedProgram."""
-    return Graph(program).run()
+def propagate(program, canonical: dict[str, str] | None = None) -> Atoms:
+    """Union-find of channel atoms for an ExportedProgram.
+
+    canonical: parameter/buffer name -> the name it is known by (ties.canonical_names), so a tied
+    parameter the program reaches under another name is the same tensor."""
+    return Graph(program, canonical).run()

@@ -158,6 +158,11 @@ def collect(atoms, model: nn.Module) -> Coupling:
             continue   # parameter entries never met by an activation channel
         reasons = list(info["blocked"])
         slices = dict(info["direct"])
+        unknown = sorted({n for n, _ in slices} - all_shapes.keys() | info["entries"].keys() - all_shapes.keys())
+        if unknown:   # the trace names a tensor the model does not list: no slice of it can be trusted
+            raise CouplingError(f"the traced program reads {', '.join(unknown)}, which is no parameter or "
+                                "buffer name of the model (named_parameters / named_buffers); its channel "
+                                "coupling cannot be told")
         for name, flats in info["entries"].items():
             plane = _hyperplane(all_shapes[name], flats)
             if plane is None:
@@ -179,7 +184,7 @@ def collect(atoms, model: nn.Module) -> Coupling:
         group = ChannelGroup(params, buffers, "head" if info["head"] else "channel",
                              info["fixed"][0] if info["fixed"] else None, info["head"])
         (blocked.append((group, "; ".join(dict.fromkeys(reasons)))) if reasons else groups.append(group))
-    key = lambda g: (order[g.members[0].name], g.members[0].dim, g.members[0].indices)  # noqa: E731
+    key = lambda g: (order[g.members[0].name], g.members[0].dim, g.members[0].indices)
     groups.sort(key=key)
     blocked.sort(key=lambda gb: key(gb[0]))
     return Coupling(groups, blocked)

@@ -11,7 +11,7 @@ import torch
 
 from .graph import V, module_path, node_shape, where
 from .groups import CouplingError
-from .rules import align, merge_along, tensor_shape, elementwise_values, rule
+from .rules import align, elementwise_values, merge_along, rule, tensor_shape
 
 
 def _per_channel(g, node, labels_shape_v: V, params, channel_dim: int) -> V:
@@ -120,18 +120,38 @@ def _conv(g, node, x, weight, bias=None, *args, **kwargs):
         for c, a in enumerate(columns):
             g.atoms.attach(a, name, 1, c)
         return V(_fresh_outputs(g, node, name, bias, c_out, 1, len(out)), out)
-    if groups == c_in == c_out:   # depthwise: output channel c is input channel c
-        for c, a in enumerate(columns):
-            g.atoms.attach(a, name, 0, c)
-        lab = np.ascontiguousarray(columns).reshape([c_out if d == 1 else 1 for d in range(len(out))])
-        if isinstance(bias, torch.fx.Node):
-            g.atoms.union_arrays(lab.reshape(-1), g.value(bias).labels.reshape(-1))
-        return V(lab, out)
-    fresh = _fresh_outputs(g, node, name, bias, c_out, 1, len(out))
-    reason = f"grouped convolution ({groups} groups) in {where(node)}"
-    for a in list(columns) + list(fresh.reshape(-1)):
-        g.atoms.blocked.setdefault(int(a), reason)
-    return V(fresh, out)
+    if c_in_g == 1:   # depthwise (with a channel multiplier k = c_out / c_in): whole conv groups go
+        return _depthwise(g, node, name, bias, columns, c_out // groups, out)
+    return _grouped(g, node, name, bias, columns, groups, c_in_g, c_out // groups, out)
+
+
+def _depthwise(g, node, name: str, bias, columns: np.ndarray, per_group: int, out) -> V:
+    """Input channel c alone makes output channels c*k .. c*k+k-1: they are one channel with it.
+    shrink removes the conv group (groups, in_channels and out_channels all shrink)."""
+    lab = np.repeat(np.ascontiguousarray(columns), per_group)
+    for o, a in enumerate(lab):
+        g.atoms.attach(a, name, 0, o)
+    if isinstance(bias, torch.fx.Node):
+        g.atoms.union_arrays(lab, g.value(bias).labels.reshape(-1))
+    return V(lab.reshape([lab.size if d == 1 else 1 for d in range(len(out))]), out)
+
+
+def _grouped(g, node, name: str, bias, columns: np.ndarray, groups: int, c_in_g: int, c_out_g: int, out) -> V:
+    """A grouped conv keeps `groups` and needs every conv group the same size, so one position
+    inside the groups goes from all of them at once: input position j is input channels
+    {j, c_in_g + j, 2 c_in_g + j, ...} (weight column j), output position k is output channels
+    {k, c_out_g + k, ...} (weight rows k, c_out_g + k, ...). Both are exact to zero: the rows of
+    output position k read nothing else, column j reads only those input channels."""
+    by_position = np.ascontiguousarray(columns).reshape(groups, c_in_g)
+    for j in range(c_in_g):
+        g.atoms.attach(g.atoms.merge(by_position[:, j]), name, 1, j)
+    fresh = g.atoms.new(c_out_g)
+    lab = np.tile(fresh, groups)   # output channel o is position o % c_out_g of its conv group
+    for o, a in enumerate(lab):
+        g.atoms.attach(a, name, 0, o)
+    if isinstance(bias, torch.fx.Node):
+        g.atoms.union_arrays(lab, g.value(bias).labels.reshape(-1))
+    return V(lab.reshape([lab.size if d == 1 else 1 for d in range(len(out))]), out)
 
 
 @rule("embedding")

@@ -296,4 +296,4 @@ def _indexed(g, node, x, *args, **kwargs):
     return V(np.full((1,) * len(out), root, dtype=np.int64), out)
 
 
-from . import layers  # noqa: E402,F401  (registers the parameterised ops in RULES)
+from . import layers  # noqa: F401  (registers the parameterised ops in RULES)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .groups import ChannelGroup, Coupling, CouplingError, collect
+from .ties import canonical_names
 
 
 def channel_groups(model: nn.Module, example_inputs) -> list[ChannelGroup]:
@@ -37,7 +38,7 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
                                 f"unknown: {type(err).__name__}: {str(err)[:2000]}") from err
     finally:
         model.train(was_training)
-    atoms = propagate(program)
+    atoms = propagate(program, canonical_names(model))
     return collect(atoms, model)
 
 
