@@ -292,3 +292,81 @@ def test_channel_pruner_finds_the_grouped_conv_groups():
     pruner = MacKayPruner(model, copy.copy(optimizer), num_data=64, batch_size=2, granularity="channel",
                           example_inputs=torch.randn(2, 4, 9, 9))
     assert len(pruner.channel.groups) == 8
+
+
+class ResNeXtLike(nn.Module):
+    """Bottleneck blocks with a grouped 3x3 conv, BatchNorm and residual additions, then a depthwise
+    conv with channel multiplier 2 on the residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.ModuleList([self.block(16, 16, 4), self.block(16, 8, 2)])
+        self.dw = nn.Conv2d(16, 32, 3, groups=16)
+        self.fc = nn.Linear(32, 5)
+
+    @staticmethod
+    def block(c, mid, groups):
+        return nn.Sequential(nn.Conv2d(c, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                             nn.Conv2d(mid, mid, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(mid),
+                             nn.ReLU(), nn.Conv2d(mid, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.fc(self.dw(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("round_to", [1, 2])
+def test_resnext_like_network_shrinks_exactly(round_to):
+    torch.manual_seed(0)
+    model = ResNeXtLike().double().eval()
+    with torch.no_grad():   # BatchNorm statistics and affine terms as after training, not identity
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+    inputs = (torch.randn(2, 3, 8, 8, dtype=torch.float64),)
+    groups = channel_groups(model, inputs)
+    for g in groups[::3]:
+        g.zero_(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    small, report = shrink(model, inputs, round_to=round_to, report=True)
+    assert report.params_after < report.params_before and not report.kept_zero
+    grouped = [small.blocks[0][3], small.blocks[1][3]]
+    assert [c.groups for c in grouped] == [4, 2]
+    assert all(c.in_channels % c.groups == c.out_channels % c.groups == c.out_channels % round_to == 0
+               for c in grouped)
+    assert small.dw.out_channels == 2 * small.dw.groups == 2 * small.dw.in_channels
+    with torch.no_grad():
+        assert_equal_outputs(expected, small(*inputs))
+
+
+class SharedLinear(nn.Module):
+    """One Linear called on two branches: its input column j reads channel j of both."""
+
+    def __init__(self):
+        super().__init__()
+        self.p1, self.p2 = nn.Linear(6, 5), nn.Linear(6, 5)
+        self.shared = nn.Linear(5, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.shared(torch.relu(self.p1(x))) + self.shared(torch.tanh(self.p2(x)))))
+
+
+def test_a_module_called_twice_couples_the_channels_both_calls_read():
+    torch.manual_seed(0)
+    model = SharedLinear().double().eval()
+    inputs = (torch.randn(3, 6, dtype=torch.float64),)
+    groups = channel_groups(model, inputs)
+    assert as_sets(groups) == [entries(("p1.weight", 0, [j]), ("p1.bias", 0, [j]), ("p2.weight", 0, [j]),
+                                       ("p2.bias", 0, [j]), ("shared.weight", 1, [j])) for j in range(5)] + [
+        entries(("shared.weight", 0, [k]), ("shared.bias", 0, [k]), ("out.weight", 1, [k])) for k in range(4)]
+    groups[2].zero_(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+        small = shrink(model, inputs)
+        assert_equal_outputs(expected, small(*inputs))
+    assert (small.p1.out_features, small.p2.out_features, small.shared.in_features) == (4, 4, 4)
