@@ -416,7 +416,7 @@ class ChannelARD:
         if can_prune:
             pruned |= self._criterion(new, weight_sq, cache)
             if pruner.mac_price:
-                priced = channel_priced_out(self, new, num_data, pruner.mac_price) & ~pruned
+                priced = channel_priced_out(self, new, num_data, pruner.current_mac_price()) & ~pruned
                 pruned |= priced
         kept_strongest = [] if pruner.allow_empty_layers else self._keep_strongest(pruned, already, weight_sq)
         newly = pruned & ~already

@@ -89,6 +89,10 @@ class MacKayPruner(StandalonePrior):
             as a first conv layer's filters. With granularity="channel" a group's MACs are those
             of all its members (a filter and its consumers' input slices). The report says how
             many groups it priced out ("priced_out", per layer or in the channel section).
+        mac_price_ramp: the price rises linearly to mac_price over this many pruning updates
+            (default 1: the full price at once). The first pruning update sees groups trained
+            without any price; at the full price it removes most of them at once, and the
+            network may not recover (LeNet-300-100: 8.6% error at once against 1.64% over 10).
         rule: "mackay" | "em" | "paper"; prune: "snr" (default, threshold 0.05) | "alpha"
             (threshold 1e13, the paper's).
         curvature: "ef-batch" (from the optimizer step or gradient hooks), "ef-exact" or
@@ -121,7 +125,7 @@ class MacKayPruner(StandalonePrior):
                  curvature_decay: float = 0.99, eps: float = 1e-16, alpha_max: float | None = None,
                  prior: str = "proximal", allow_empty_layers: bool = False,
                  on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None,
-                 mac_price: float = 0.0):
+                 mac_price: float = 0.0, mac_price_ramp: int = 1):
         where = "MacKayPruner"
         num_data = check_count(num_data, "num_data", where)
         check_choice("curvature", curvature, CURVATURES, where)
@@ -147,6 +151,10 @@ class MacKayPruner(StandalonePrior):
             raise ValueError("MacKayPruner: example_inputs is used by granularity='channel' and "
                              f"mac_price > 0 only, got granularity={granularity!r}, mac_price=0")
         self.mac_price = self._check_mac_price(mac_price, example_inputs)
+        if isinstance(mac_price_ramp, bool) or not isinstance(mac_price_ramp, int) or mac_price_ramp < 1:
+            raise ValueError(f"{where}: mac_price_ramp must be an int >= 1 (pruning updates), got {mac_price_ramp!r}")
+        self.mac_price_ramp = mac_price_ramp
+        self._priced_updates = 0   # updates so far that could prune with a price (the ramp's clock)
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
         if not self.targets:
             raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
@@ -200,6 +208,11 @@ class MacKayPruner(StandalonePrior):
             raise ValueError("MacKayPruner: mac_price > 0 needs example_inputs= (a batch that runs "
                              "the model): the MACs of every group are counted from one forward")
         return float(mac_price)
+
+    def current_mac_price(self) -> float:
+        """The price the next pruning update charges: mac_price once mac_price_ramp pruning
+        updates have passed, a linear share of it before."""
+        return self.mac_price * min(1.0, (self._priced_updates + 1) / self.mac_price_ramp)
 
     def _granularities(self, granularity) -> tuple[dict[str, str], dict[str, str]]:
         if isinstance(granularity, str) and granularity == "channel":   # alpha_eff per entry
@@ -418,6 +431,7 @@ class MacKayPruner(StandalonePrior):
             self.history.append(report)
             return report
         untrained = self._steps_since_update == 0 and bool(self.history)
+        price = self.current_mac_price()
         notes = []
         if untrained:
             notes.append("no optimizer step since the previous update: alpha re-estimated, "
@@ -433,6 +447,11 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:
             report["channel"] = channel
             report["notes"] += channel["notes"]
+        if self.mac_price:
+            report["mac_price"] = price
+            could_prune = (not channel["warmup"] and not untrained and prune if self.channel is not None
+                           else any("priced_out" in layer for layer in layers))
+            self._priced_updates += bool(could_prune)
         self.history.append(report)
         if self._steps_since_update is not None:
             self._steps_since_update = 0
@@ -443,7 +462,8 @@ class MacKayPruner(StandalonePrior):
         warmup = not bool(alpha.any())  # alpha = 0 everywhere: the prior was off until now
         can_prune = not (warmup or hold)
         before = (weight.detach().clone(), alpha.clone()) if not self.allow_empty_layers else None
-        priced = self.mac_price > 0 and can_prune
+        price = self.current_mac_price()
+        priced = price > 0 and can_prune
         old_alpha = alpha.clone() if priced else None
         curvature = self.curvature_estimate(name)
         stats = ops.mackay_update_(
@@ -455,7 +475,7 @@ class MacKayPruner(StandalonePrior):
         priced_out = 0
         if priced:
             priced_out, priced_gamma = price_out(weight, curvature, alpha, old_alpha, num_data=self.num_data,
-                                                 uses=self._uses[name], price=self.mac_price, rule=self.rule)
+                                                 uses=self._uses[name], price=price, rule=self.rule)
             gamma -= priced_gamma
         extra = {"priced_out": priced_out} if priced else {}
         entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup, **extra)
@@ -535,12 +555,14 @@ class MacKayPruner(StandalonePrior):
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind,
-                             "mac_price": self.mac_price}}
+                             "mac_price": self.mac_price, "mac_price_ramp": self.mac_price_ramp},
+                "priced_updates": self._priced_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.targets) - set(state["alpha"])
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
+        self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
         # t of each ef-batch moving average; absent from older checkpoints: read h as it is
         saved_steps = state.get("curvature_steps", {})
         for name, target in self.targets.items():

@@ -256,3 +256,38 @@ def test_channel_pruner_reports_priced_groups_and_keeps_them_zero():
     assert report["channel"]["priced_out"] == len(pruner.channel.groups)
     _train(model, x, y, pruner, optimizer, steps=3)
     assert bool((model[0].weight == 0).all()) and bool((model[3].weight == 0).all())
+
+
+@pytest.mark.parametrize("granularity", ["filter", "channel"])
+def test_price_ramps_over_pruning_updates_and_resumes(granularity):
+    """mac_price_ramp=3: the warm-up update charges nothing and does not count; the pruning
+    updates then charge 1/3, 2/3, 3/3 of the price, then the price; a pruner loaded from a
+    state dict continues the ramp where it stood."""
+    x, y = torch.randn(8, 2, 14, 14), torch.arange(8) % 4
+
+    def build(model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        return optimizer, MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity=granularity,
+                                       mac_price=0.3, mac_price_ramp=3, example_inputs=x[:2],
+                                       allow_empty_layers=True)
+
+    model = _channel_net()
+    optimizer, pruner = build(model)
+    prices = [_train(model, x, y, pruner, optimizer, steps=2)["mac_price"] for _ in range(3)]
+    assert prices == pytest.approx([0.1, 0.1, 0.2])   # warm-up (not counted), then 1/3, 2/3
+    state = pruner.state_dict()
+    assert state["priced_updates"] == 2
+    other_model = _channel_net()
+    other_optimizer, other = build(other_model)
+    other.load_state_dict(state)
+    assert other.current_mac_price() == pytest.approx(0.3)
+    assert _train(other_model, x, y, other, other_optimizer, steps=2)["mac_price"] == pytest.approx(0.3)
+    assert _train(other_model, x, y, other, other_optimizer, steps=2)["mac_price"] == pytest.approx(0.3)
+
+
+def test_ramp_argument():
+    model, x = _conv_net(), torch.randn(2, 1, 16, 16)
+    for bad in (0, -2, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=r"mac_price_ramp must be an int >= 1 \(pruning updates\)"):
+            MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
+                         mac_price=1e-3, mac_price_ramp=bad, example_inputs=x)
