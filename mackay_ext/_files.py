@@ -6,8 +6,10 @@ it is loaded (a pickle's __reduce__ is never called). The package writes only th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
+import warnings
 from typing import Any
 
 import torch
@@ -23,15 +25,22 @@ class CorruptFileError(RuntimeError):
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file,
+    and an interruption (Ctrl-C, a full disk) removes the temporary file."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk mid-write: no half-written .tmp left behind
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -47,7 +56,11 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what} {path} is a directory, not a file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            # a plain pickle (not a torch file) makes torch warn about its protocol before the
+            # refusal below; the refusal says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's weights-only unpickler names the Python object it refused ("GLOBAL posix.system",
         # "Unsupported global"); anything else it stumbles on is a damaged file

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 
 import torch
 
@@ -95,3 +97,41 @@ def check_count(value, name: str, where: str) -> float:
     if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{where}: {name} must be a positive, finite number, got {value!r}")
     return number
+
+
+def check_module(value, name: str, where: str) -> None:
+    """A torch.nn.Module, or a TypeError that names the argument (instead of an AttributeError
+    from deep inside, e.g. 'str' object has no attribute 'named_parameters')."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{where}: {name} must be a torch.nn.Module, got {type(value).__name__} {value!r:.60}")
+
+
+def check_optimizer(value, name: str, where: str) -> None:
+    """A torch.optim.Optimizer or None."""
+    if value is not None and not isinstance(value, torch.optim.Optimizer):
+        raise TypeError(f"{where}: {name} must be a torch.optim.Optimizer or None, got "
+                        f"{type(value).__name__} {value!r:.60}")
+
+
+def check_threshold(value, where: str) -> float | None:
+    """None (the prune criterion's default) or a finite number >= 0, as a float. Checked when the
+    pruner is built: a string would otherwise fail only at the first update that prunes."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: threshold must be a number >= 0 or None (the criterion's "
+                        f"default), got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number >= 0):
+        raise ValueError(f"{where}: threshold must be finite and >= 0, got {value!r}")
+    return number
+
+
+def check_names(value, name: str, where: str) -> None:
+    """None or an iterable of names; a bare string would be read one character at a time."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{where}: {name} must be a list of module or parameter names, got the "
+                        f"string {value!r} (pass [{value!r}] for one name)")
+    if value is not None and not isinstance(value, Iterable):
+        raise TypeError(f"{where}: {name} must be a list of module or parameter names or None, "
+                        f"got {type(value).__name__} {value!r:.60}")

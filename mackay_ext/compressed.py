@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._files import load_plain, save_atomic
+from ._validate import check_module
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
 
 
@@ -21,12 +22,35 @@ def _serialized_size(obj) -> int:
 FORMAT = "mackay_ext.compressed.v1"
 
 
+def _check_save_args(model, path, model_name) -> None:
+    where = "save_compressed"
+    check_module(model, "model", where)
+    if model_name is not None:
+        # load_compressed rebuilds the model by this name: an unknown one would make a file that
+        # cannot be loaded without `model=`, found out only then
+        from .models import MODELS
+        if model_name not in MODELS:
+            raise ValueError(f"{where}: model_name: unknown model {model_name!r}; choose one of "
+                             f"{tuple(MODELS)} (or None, and pass `model=` to load_compressed)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{where}: path must be a file name, got {type(path).__name__}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{where}: path {os.fspath(path)!r}: the folder {folder} does not "
+                                "exist; create it first")
+
+
 def save_compressed(model: nn.Module, path: str, model_name: str | None = None, *,
                     model_kwargs: dict | None = None, metadata: dict | None = None) -> dict[str, int]:
     """Store `model` with its sparse layers as nonzeros only (indices in the narrowest integer
     type). model_name and model_kwargs (numbers and strings, e.g. num_classes, in_channels) let
     load_compressed rebuild it by itself; metadata (plain values) is stored as it is. Returns
-    {"bytes": file size, "dense_bytes": size of the equivalent dense state_dict}."""
+    {"bytes": file size, "dense_bytes": size of the equivalent dense state_dict}.
+
+    Layers left dense (not sparse enough, tied, or kept dense by sparsify) are stored dense, so
+    the file can be larger than the dense state_dict when few layers are sparse. The folder of
+    `path` must exist (a typo in it is an error, not a new directory)."""
+    _check_save_args(model, path, model_name)
     sparse, dense_state = {}, {}
     skip = set()
     for name, module in model.named_modules():

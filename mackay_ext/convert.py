@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._validate import alpha_fits
+from ._validate import alpha_fits, check_module
 from .sparse import SparseConv2d, SparseLinear, _csr_from_dense, _CSRWeight, _set_module
 
 
@@ -178,6 +178,7 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exc
     nn.MultiheadAttention reads out_proj.weight), hooks, a subclass with its own forward, a
     grouped or non-zero-padded Conv2d.
     """
+    check_module(model, "model", "sparsify")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"sparsify: min_sparsity must be in [0, 1], got {min_sparsity}")
     _check_optimizer(optimizer, "sparsify")
@@ -235,6 +236,7 @@ def densify(model: nn.Module, optimizer=None) -> nn.Module:
         new dense weight, its state scattered to the weight's shape (zeros at the weights not
         stored; MacKayAdam's alpha +inf there, so they stay pruned); the bias is kept.
     """
+    check_module(model, "model", "densify")
     _check_optimizer(optimizer, "densify")
     layers, _ = _find_layers(model, _CSRWeight)
     if any("" in names for names, _ in layers):

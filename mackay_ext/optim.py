@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import _extension, ops
-from ._validate import BACKENDS, alpha_fits, check_choice, check_count
+from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_module
 from .curvature import ema_debiased
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
@@ -26,6 +26,10 @@ _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
 def ard_param_groups(model: torch.nn.Module, is_ard=None) -> list[dict[str, Any]]:
     """Split a model's parameters into an ARD group (by default every parameter with dim >= 2:
     Linear and Conv weights) and a plain-Adam group (biases, norms) with ard=False."""
+    check_module(model, "model", "ard_param_groups")
+    if is_ard is not None and not callable(is_ard):
+        raise TypeError("ard_param_groups: is_ard must be a function (name, param) -> bool or None, "
+                        f"got {type(is_ard).__name__}")
     is_ard = is_ard or (lambda name, param: param.dim() >= 2)
     ard, plain = [], []
     for name, param in model.named_parameters():

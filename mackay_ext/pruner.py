@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +33,15 @@ from torch import nn
 
 from . import ops
 from ._alpha import group_dims
-from ._validate import NonFiniteError, check_choice, check_count
+from ._validate import (
+    NonFiniteError,
+    check_choice,
+    check_count,
+    check_module,
+    check_names,
+    check_optimizer,
+    check_threshold,
+)
 from .ard_targets import (
     GRANULARITIES,
     ARDTarget,
@@ -127,7 +135,11 @@ class MacKayPruner(StandalonePrior):
                  on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None,
                  mac_price: float = 0.0, mac_price_ramp: int = 1):
         where = "MacKayPruner"
+        check_module(model, "model", where)
+        check_optimizer(optimizer, "optimizer", where)
         num_data = check_count(num_data, "num_data", where)
+        threshold = check_threshold(threshold, where)
+        check_names(layers, "layers", where)
         check_choice("curvature", curvature, CURVATURES, where)
         check_choice("rule", rule, ("mackay", "em", "paper"), where)
         check_choice("prune", prune, ("alpha", "snr"), where)
@@ -559,6 +571,14 @@ class MacKayPruner(StandalonePrior):
                 "priced_updates": self._priced_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        where = "MacKayPruner.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: state must be a dict from MacKayPruner.state_dict(), got "
+                            f"{type(state).__name__}")
+        absent = [key for key in ("alpha", "curvature") if key not in state]
+        if absent:
+            raise KeyError(f"{where}: state has no {' or '.join(map(repr, absent))} entry; pass a dict "
+                           "from MacKayPruner.state_dict()")
         missing = set(self.targets) - set(state["alpha"])
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
