@@ -117,6 +117,50 @@ def test_matches_design_loop(device, backend, dtype, weight_decay, decoupled):
         assert st["step"].item() == 20.0
 
 
+@pytest.mark.parametrize("threads", [2, 3, 5])
+def test_thread_shares_cut_inside_tensors(threads):
+    """The CPU kernel splits the elements of all tensors evenly between threads, so a thread's
+    share starts and ends inside tensors: inside a run of one alpha (per output row of 67, per
+    conv filter), inside a per-input pattern and a per-channel pattern. Every element must
+    still get its own alpha and the design formula."""
+    # 163K elements: enough for 5 shares of the kernel's smallest (32K elements)
+    shapes = [((300, 67), (300, 1)), ((197, 130), (1, 130)), ((81, 23, 3, 3), (81, 1, 1, 1)),
+              ((65, 29, 5, 5), (1, 29, 1, 1)), ((311, 171), (311, 171))]
+    params, alphas = [], []
+    for shape, alpha_shape in shapes:
+        params.append(torch.nn.Parameter(torch.randn(shape)))
+        alpha = torch.rand(alpha_shape) * 50
+        alpha.view(-1)[torch.rand(alpha.numel()) < 0.2] = math.inf
+        alphas.append(alpha)
+        params[-1].data.masked_fill_((alpha == math.inf).expand(shape), 0)
+    plain = [torch.nn.Parameter(torch.randn(150))]
+    optimizer = MacKayAdam([{"params": params}, {"params": plain, "ard": False}], **HYPER)
+    for p, a in zip(params, alphas):
+        optimizer.ard_state(p)["alpha"] = a.clone()
+    mirror = [[p.detach().double().clone()] + [torch.zeros(p.shape, dtype=torch.float64)] * 3
+              for p in params + plain]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for step, grads in enumerate(grads_for(params + plain, 3, seed=2, non_contiguous=False), 1):
+            for p, g in zip(params + plain, grads):
+                p.grad = g.float()
+            optimizer.step()
+            for k, (state, g) in enumerate(zip(mirror, grads)):
+                alpha = alphas[k].double() if k < len(params) else torch.zeros(())
+                state[:] = design_step(state[0], g, state[1], state[2], state[3], alpha, step,
+                                       lr=HYPER["lr"], beta1=0.9, beta2=0.99, eps=1e-6,
+                                       weight_decay=0.0, decoupled=False, num_data=250.0,
+                                       batch_size=32.0, rho=0.9)
+    finally:
+        torch.set_num_threads(previous)
+    for k, (p, state) in enumerate(zip(params + plain, mirror)):
+        torch.testing.assert_close(p.detach().double(), state[0], rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(optimizer.state[p]["exp_avg_sq"].double(), state[2], rtol=2e-4, atol=1e-7)
+        if k < len(params):
+            torch.testing.assert_close(optimizer.state[p]["curvature"].double(), state[3], rtol=2e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decoupled", [False, True])

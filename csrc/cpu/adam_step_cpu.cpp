@@ -1,6 +1,7 @@
-// CPU kernel of mackay_ext::mackay_adam_step_: every tensor of the call is cut into chunks and
-// all chunks run in one parallel region; float32/float64 use at::vec lanes, half types the
-// shared scalar formula in float.
+// CPU kernel of mackay_ext::mackay_adam_step_: the elements of all tensors of the call form one
+// index space, split evenly between the threads of one parallel region (each thread walks the
+// tensor pieces of its share); float32/float64 use at::vec lanes, half types the shared scalar
+// formula in float.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,7 +16,12 @@
 namespace mackay {
 namespace {
 
-constexpr int64_t kChunk = 65536;  // elements per task: large enough to amortise the setup
+// Threads' shares start and end on multiples of kUnit elements within a tensor: whole cache
+// lines of float32, whole at::vec lanes, so only a tensor's own tail runs the scalar loop.
+constexpr int64_t kUnit = 64;
+// Fewest units worth a thread of its own (about 32K elements: below that the wake-up costs more
+// than the work).
+constexpr int64_t kGrainUnits = 512;
 
 template <typename scalar_t>
 using opmath_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -130,24 +136,27 @@ void mackay_adam_kernel_cpu(const std::vector<AdamTensor>& tensors, const AdamHy
   if (found_inf && *found_inf->const_data_ptr<float>() != 0.0f) return;
   const double grad_mul = grad_scale ? 1.0 / *grad_scale->const_data_ptr<float>() : 1.0;
   for (const AdamTensor& t : tensors) *t.step.mutable_data_ptr<float>() += 1.0f;
-  struct Chunk {
-    int32_t tensor;
-    int64_t begin, end;
-  };
-  std::vector<Chunk> chunks;
+  // A tensor of numel elements holds units [first_unit[k], first_unit[k + 1]); at::parallel_for
+  // hands each thread one contiguous range of units, so the threads get equal shares of the
+  // elements whatever the tensors' sizes (giving out whole tensors or fixed-size chunks in
+  // order left LeNet-300-100's 235K-element layer mostly to one thread of two).
+  std::vector<int64_t> first_unit(tensors.size() + 1, 0);
   for (size_t k = 0; k < tensors.size(); ++k) {
-    const int64_t numel = tensors[k].param.numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({static_cast<int32_t>(k), begin, std::min(numel, begin + kChunk)});
-    }
+    first_unit[k + 1] = first_unit[k] + (tensors[k].param.numel() + kUnit - 1) / kUnit;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, tensors.front().param.scalar_type(), "mackay_adam_step_cpu", [&] {
-        at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
-          for (int64_t c = lo; c < hi; ++c) {
-            const Chunk& chunk = chunks[c];
-            run_chunk<scalar_t>(tensors[chunk.tensor], chunk.begin, chunk.end, hyper,
-                                static_cast<opmath_of<scalar_t>>(grad_mul));
+        at::parallel_for(0, first_unit.back(), kGrainUnits, [&](int64_t lo, int64_t hi) {
+          // the last tensor starting at or before unit lo (empty tensors own no units)
+          size_t k = std::upper_bound(first_unit.begin(), first_unit.end(), lo) - first_unit.begin() - 1;
+          for (; k < tensors.size() && first_unit[k] < hi; ++k) {
+            const int64_t numel = tensors[k].param.numel();
+            const int64_t begin = (std::max(lo, first_unit[k]) - first_unit[k]) * kUnit;
+            const int64_t end = std::min(numel, (std::min(hi, first_unit[k + 1]) - first_unit[k]) * kUnit);
+            if (begin < end) {
+              run_chunk<scalar_t>(tensors[k], begin, end, hyper,
+                                  static_cast<opmath_of<scalar_t>>(grad_mul));
+            }
           }
         });
       });

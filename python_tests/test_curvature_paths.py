@@ -1,0 +1,113 @@
+"""The faster routes of the exact curvature give the same numbers as the reference: conv layers'
+per-example gradients by the batch-as-groups convolution backward and by unfold + bmm, and
+fisher-mc's backward to the layers' outputs (no parameter gradients) against vmap(grad) on the
+labels it sampled."""
+
+import pytest
+import torch
+from conftest import DEVICES
+from test_curvature import check_against_reference
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mackay_ext import curvature
+from mackay_ext.curvature import FisherAccumulator
+
+
+class ReusedConv(nn.Module):
+    """One Conv1d applied twice: its per-example gradients add up before squaring."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+
+CONV_MODELS = {   # name -> (model, input shape of one batch)
+    "conv": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 4, 3)),
+             (9, 2, 7, 6)),
+    "conv-strided": (lambda: nn.Sequential(nn.Conv2d(2, 4, (3, 2), stride=2, padding=1), nn.Tanh(),
+                                           nn.Flatten(), nn.Linear(4 * 4 * 4, 3)), (9, 2, 7, 6)),
+    "conv-dilated": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=2, dilation=2, bias=False),
+                                           nn.Flatten(), nn.Linear(3 * 7 * 6, 3)), (9, 2, 7, 6)),
+    "conv-grouped": (lambda: nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.Tanh(),
+                                           nn.Conv2d(6, 6, 3, stride=2, groups=6), nn.Flatten(),
+                                           nn.Linear(6 * 3 * 2, 3)), (9, 4, 7, 6)),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 5, 3, stride=2, padding=2, dilation=2), nn.Tanh(),
+                                     nn.Flatten(), nn.Linear(5 * 6, 3)), (9, 3, 11)),
+    "conv1d-reused": (ReusedConv, (9, 4, 6)),
+}
+# the smallest input channels per group that takes the convolution-backward route
+ROUTES = {"conv-backward": 0, "unfold": 1 << 30}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("route", list(ROUTES))
+@pytest.mark.parametrize("name", list(CONV_MODELS))
+def test_conv_routes_match_vmap(device, route, name, monkeypatch):
+    monkeypatch.setattr(curvature, "CONV_BACKWARD_MIN_CHANNELS", ROUTES[route])
+    torch.manual_seed(0)
+    factory, shape = CONV_MODELS[name]
+    check_against_reference(factory(), torch.randn(shape), torch.randint(0, 3, (shape[0],)), "mean",
+                            "ext", device)
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_conv_routes_chunk_the_batch(route, monkeypatch):
+    """Per-example gradients held in chunks smaller than the batch: the sums still add up."""
+    monkeypatch.setattr(curvature, "CONV_BACKWARD_MIN_CHANNELS", ROUTES[route])
+    monkeypatch.setattr(curvature, "CHUNK_BYTES", 4 * 8 * 6 * 4 * 9)   # 4 examples of the conv
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 5 * 4, 3))
+    check_against_reference(model, torch.randn(11, 4, 7, 6), torch.randint(0, 3, (11,)), "sum", "ext", "cpu")
+
+
+class InPlaceHead(nn.Module):
+    """A Linear whose output an in-place activation overwrites: the tensor its hook sits on is
+    then no longer the one the loss sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.fc = nn.Linear(3 * 5 * 4, 6)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu_(self.fc(torch.tanh(self.conv(x)).flatten(1))))
+
+
+MC_MODELS = {
+    "mlp": lambda: nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 4)),
+    "conv": lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 4, 4)),
+    "in-place": InPlaceHead,
+}
+
+
+@pytest.mark.parametrize("name", list(MC_MODELS))
+def test_fisher_mc_is_the_squared_gradient_of_its_sampled_labels(name):
+    """accumulate_mc, exactly: the per-example squared gradients of -log p(y_n | x_n) for the
+    labels y_n it drew (drawn again here from the same generator state), and no .grad or
+    parameter gradient computed where only the layers' output gradients are needed."""
+    torch.manual_seed(0)
+    model = MC_MODELS[name]().double()
+    x = torch.randn(8, 7, dtype=torch.float64) if name == "mlp" else torch.randn(8, 2, 7, 6, dtype=torch.float64)
+    acc = FisherAccumulator(model, mode="fisher-mc")
+    weight_grads = []
+    for param in model.parameters():
+        param.register_hook(lambda g: weight_grads.append(g))
+    torch.manual_seed(1)
+    acc.accumulate_mc(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        labels = torch.multinomial(torch.softmax(model(x).float(), 1), 1).squeeze(1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    per_example = vmap(grad(lambda p, xi, yi: nn.functional.cross_entropy(
+        functional_call(model, p, (xi[None],)), yi[None], reduction="sum")), in_dims=(None, 0, 0))(params, x, labels)
+    for name_, param in model.named_parameters():
+        assert param.grad is None
+        torch.testing.assert_close(acc.curvature(param), (per_example[name_] ** 2).mean(0), rtol=1e-9, atol=1e-12)
+    # the in-place model cannot differentiate to its layers' outputs: it falls back to the params
+    assert bool(weight_grads) == (name == "in-place")
