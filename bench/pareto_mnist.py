@@ -8,7 +8,8 @@ dense network of each seed to start from, and the MacKay recipe's epoch budget a
 Points (per model and seed), run in this order so a partial run has the comparisons that matter:
 mackay-weight at each threshold; gmp at each mackay-weight point's exact weight count; sparse-vd
 (one variational run, pruned at each log-alpha threshold, each fine-tuned); mackay-group at each
-threshold and l0 at each lambda (the structured pair, compared on MACs). The run is resumable:
+threshold and l0 at each lambda (the structured pair, compared on MACs); mackay-priced (the group
+recipe with MacKayPruner(mac_price=...)) at each price. The run is resumable:
 every finished point is written to <out>/pareto_mnist.json at once and skipped when the script
 runs again, and each seed's dense network is cached in <out>/pareto_cache/ (not committed).
 Writes <out>/pareto_mnist.json, .md and pareto_mnist_<model>.png (pareto_mnist_smoke.* with --smoke).
@@ -44,6 +45,14 @@ MACKAY_THRESHOLDS = (0.05, 0.1, 0.025)      # the recipe's own first
 SVD_THRESHOLDS = (3.0, 2.0, 4.0, 1.0, 0.0)  # the paper's log alpha threshold first; under the
 # recipe's budget 2-4 keep 4-12% of LeNet-300-100, so 1 and 0 reach MacKay's kept fractions
 GROUP_THRESHOLDS = (0.05, 0.2)
+# mackay-priced: the group recipe with MacKayPruner(mac_price=...), the price reached over the
+# first PRICE_RAMP pruning updates (all at once, the first one cut LeNet-300-100 to 60 inputs at
+# 8.6% error where the ramped run kept 133 at 1.64%); granularity: LeNet-5's coupled channels
+# (a conv1 filter pays for its slices of conv2), LeNet-300-100's input groups (pixels are not
+# channels). Prices from runs on seed 0 (an all-at-once price on LeNet-5: 0.003 -> 275K MACs at
+# 0.86% error; ramped: 0.01 -> 213K at 0.81%).
+PRICED = {"lenet-300-100": ("filter", (0.03, 0.01, 0.1)), "lenet-5-caffe": ("channel", (0.02, 0.01, 0.03))}
+PRICE_RAMP = 10
 L0_LAMBDAS = (0.5, 2.0, 8.0)    # lambda prices a weight; 0.5 kept 45% on LeNet-300-100
 TARGETS = {  # issue 14: (model, kind) -> (max error %, max weights kept % or max MACs)
     ("lenet-300-100", "weights"): (1.3, 1.0),
@@ -135,6 +144,20 @@ class Run:
         trainer.run()
         return self.record(method, threshold, trainer.model, time.perf_counter() - start)
 
+    def priced(self, price: float) -> dict[str, Any]:
+        if (row := self.done("mackay-priced", price)) is not None:
+            return row
+        granularity, _ = PRICED[self.model_name]
+        dense = self.dense()
+        set_seed(self.seed)
+        start = time.perf_counter()
+        options = dict(self.group_recipe.pruner, granularity=granularity, mac_price=price,
+                       mac_price_ramp=PRICE_RAMP, example_inputs=torch.zeros((2, *self.input_shape)))
+        trainer = Trainer(dense, self.data, self.config(self.group_recipe, pretrain_epochs=0),
+                          pruner_options=options, progress=lambda message: self.log("  " + message))
+        trainer.run()
+        return self.record("mackay-priced", price, trainer.model, time.perf_counter() - start)
+
     def gmp(self, keep: int) -> None:
         if self.done("gmp", keep) is not None:
             return
@@ -203,11 +226,15 @@ class Run:
         if "l0" in methods:
             for lam in L0_LAMBDAS[:1] if first else L0_LAMBDAS[1:]:
                 self.l0(lam)
+        if "mackay-priced" in methods:
+            prices = PRICED[self.model_name][1]
+            for price in prices[:1] if first else prices[1:]:
+                self.priced(price)
 
 
 # --------------------------------------------------------------------------------- reporting
 UNSTRUCTURED = ("mackay-weight", "gmp", "sparse-vd")
-STRUCTURED = ("mackay-group", "l0")
+STRUCTURED = ("mackay-group", "mackay-priced", "l0")
 
 
 def points(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
@@ -271,7 +298,7 @@ def comparisons(model: str, pts: list[dict[str, Any]]) -> list[str]:
     """Each MacKay point against each peer at the same kept fraction (or MACs)."""
     lines = []
     for ours, peers, x_key in (("mackay-weight", ("gmp", "sparse-vd"), "weights_kept"),
-                               ("mackay-group", ("l0",), "macs")):
+                               ("mackay-group", ("l0",), "macs"), ("mackay-priced", ("l0",), "macs")):
         for point in (p for p in pts if p["method"] == ours):
             at = (f"{point[x_key]:.3f}% kept" if x_key == "weights_kept" else f"{point[x_key]:,.0f} MACs")
             for peer in peers:
@@ -296,7 +323,7 @@ def comparisons(model: str, pts: list[dict[str, Any]]) -> list[str]:
 def target_lines(model: str, pts: list[dict[str, Any]]) -> list[str]:
     lines = []
     for kind, method, x_key in (("weights", "mackay-weight", "weights_kept"),
-                                ("macs", "mackay-group", "macs")):
+                                ("macs", "mackay-group", "macs"), ("macs", "mackay-priced", "macs")):
         limit_error, limit_x = TARGETS[(model, kind)]
         best = [p for p in pts if p["method"] == method and p[x_key] <= limit_x]
         best_error = min((p["test_error"] for p in best), default=None)
@@ -391,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    methods = ["mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0"]
+    methods = ["mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0", "mackay-priced"]
     parser.add_argument("--methods", nargs="+", default=methods, choices=methods)
     parser.add_argument("--smoke", action="store_true", help="a tiny subset, an epoch or two per phase")
     parser.add_argument("--settings", choices=("first", "all"), default="all",

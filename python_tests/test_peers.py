@@ -163,7 +163,7 @@ def test_smoke_writes_every_method_seed_and_plot(smoke):
     for model in ("lenet-300-100", "lenet-5-caffe"):
         for seed in (0,):
             methods = {r["method"] for r in rows if r["model"] == model and r["seed"] == seed}
-            assert methods == {"dense", "mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0"}
+            assert methods == {"dense", "mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0", "mackay-priced"}
         for row in (r for r in rows if r["model"] == model):
             assert 0 <= row["test_error"] <= 100 and 0 <= row["macs"] <= row["macs_total"]
             assert row["weights_kept"] == pytest.approx(100 * row["kept"] / row["total"])
