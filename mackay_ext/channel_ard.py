@@ -134,8 +134,12 @@ class ChannelARD:
             else:
                 self.notes.append(f"no alpha for {group!r}: {reason}")
         if not groups:
+            # say why: the groups without a prior, and the first channels the trace could not free
+            blocked = [f"{group!r}: {reason}" for group, reason in coupling.blocked[:3]]
+            more = f" (and {len(coupling.blocked) - 3} more)" if len(coupling.blocked) > 3 else ""
             raise ValueError("MacKayPruner: granularity='channel' found no coupled channel group to put a "
-                             f"prior on ({len(coupling.groups)} removable groups; {'; '.join(self.notes) or 'none'})")
+                             f"prior on ({len(coupling.groups)} removable groups; {'; '.join(self.notes) or 'none'}; "
+                             f"blocked: {'; '.join(blocked) or 'none'}{more})")
         self.groups: list[ChannelGroup] = groups
         device = model.get_parameter(groups[0].members[0].name).device
         self.alpha = torch.zeros(len(groups), dtype=torch.float64, device=device)

@@ -445,3 +445,14 @@ def test_penalty_prior_covers_every_member():
     expected /= 2 * N
     penalty = pruner.penalty()
     assert penalty.requires_grad and float(penalty.detach()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_no_removable_group_says_what_blocks_the_channels():
+    """A model whose every channel reaches its output has nothing to prune by channel: the error
+    names the blocked channels and why, not just 'none'."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"found no coupled channel group to put a prior on \(0 removable groups; "
+                                         r"none; blocked: channel: 0.weight\[out 0\] => 0.bias\[0\]: it reaches "
+                                         r"the model output"):
+        MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
+                     granularity="channel", example_inputs=(torch.randn(2, 4),))
