@@ -88,6 +88,14 @@ def _recorder(module, batch, uses):
     return record
 
 
+def _entry_gains(w: torch.Tensor, n_h: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Twice each entry's share of gain_g: w^2 (alpha + H) - log(1 + H / alpha); 0 where alpha is
+    +inf (pruned) or 0 (prior off)."""
+    live = torch.isfinite(alpha) & (alpha > 0)
+    safe = torch.where(live, alpha, torch.ones_like(alpha))
+    return (w * w * (safe + n_h) - torch.log1p(n_h / safe)).masked_fill(~live, 0.0)
+
+
 @torch.no_grad()
 def evidence_gain(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Tensor, *,
                   num_data: float) -> torch.Tensor:
@@ -97,10 +105,9 @@ def evidence_gain(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Te
     w = weight.double()
     n_h = (curvature.double() * num_data).clamp(min=0.0)
     alpha = alpha.double().reshape(padded)
-    live = (alpha != math.inf) & (alpha > 0)
-    safe = torch.where(live, alpha, torch.ones_like(alpha))
-    per_weight = w * w * (safe + n_h) - torch.log1p(n_h / safe)
+    per_weight = _entry_gains(w, n_h, alpha)
     gain = 0.5 * (per_weight.sum(dim=dims, keepdim=True) if dims else per_weight)
+    live = torch.isfinite(alpha) & (alpha > 0)
     return torch.where(live, gain, torch.full_like(gain, math.inf))
 
 
@@ -159,9 +166,7 @@ def channel_priced_out(channel, new: torch.Tensor, num_data: float, price: float
         w = member.param.detach().double()
         n_h = (channel.curvature_estimate(member.name).double() * num_data).clamp(min=0.0)
         terms, alpha_eff, _ = channel._alpha_terms(member, new)
-        live = torch.isfinite(alpha_eff) & (alpha_eff > 0)
-        safe = torch.where(live, alpha_eff, torch.ones_like(alpha_eff))
-        per_entry = (w * w * (safe + n_h) - torch.log1p(n_h / safe)).masked_fill(~live, 0.0)
+        per_entry = _entry_gains(w, n_h, alpha_eff)
         for dim, ids, inside, _ in terms:
             channel._group_sum(member, dim, ids, 0.5 * per_entry * inside.double(), gain)
     live_group = torch.isfinite(new) & (new > 0)
