@@ -16,7 +16,10 @@ without it (its weights fixed at 0), with w the current weights (the posterior m
 multiply-accumulates per example of the group's weights (each weight times the number of times
 one example uses it: the output positions of a convolution, the positions of a sequence for a
 Linear). The group is pruned when gain_g < price * MACs_g: `price` is in nats per MAC, one knob
-that trades accuracy (the evidence) against compute.
+that trades accuracy (the evidence) against compute. For a coupled channel group (channel_ard.py)
+both sums run over all its members, each entry with its alpha_eff, so a filter pays for its
+consumers' input slices too. MacKayPruner(mac_price=, mac_price_ramp=) raises the price over the
+first pruning updates (pruner.py).
 """
 from __future__ import annotations
 
