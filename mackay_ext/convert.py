@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._validate import alpha_fits, check_module
+from ._validate import alpha_fits, check_module, check_optimizer
 from .sparse import SparseConv2d, SparseLinear, _csr_from_dense, _CSRWeight, _set_module
 
 
@@ -124,10 +124,7 @@ _UNCARRIABLE = tuple(getattr(torch.optim, name) for name in ("LBFGS", "Adafactor
 
 
 def _check_optimizer(optimizer, where: str) -> None:
-    if optimizer is None:
-        return
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    check_optimizer(optimizer, "optimizer", where)
     if isinstance(optimizer, _UNCARRIABLE):
         raise ValueError(f"{where}: the state of {type(optimizer).__name__} is not one number per weight "
                          "and cannot be carried over; call it without the optimizer and build a new one")

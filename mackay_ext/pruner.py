@@ -24,6 +24,7 @@ What an update does, predictably:
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -212,7 +213,7 @@ class MacKayPruner(StandalonePrior):
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _check_mac_price(mac_price, example_inputs) -> float:
-        if isinstance(mac_price, bool) or not isinstance(mac_price, (int, float)) or not (
+        if isinstance(mac_price, bool) or not isinstance(mac_price, numbers.Real) or not (
                 math.isfinite(mac_price) and mac_price >= 0):
             raise ValueError(f"MacKayPruner: mac_price must be a finite number >= 0 (nats of evidence "
                              f"per multiply-accumulate), got {mac_price!r}")
@@ -443,6 +444,7 @@ class MacKayPruner(StandalonePrior):
             self.history.append(report)
             return report
         untrained = self._steps_since_update == 0 and bool(self.history)
+        hold = untrained or not prune   # alpha re-estimated, nothing pruned
         price = self.current_mac_price()
         notes = []
         if untrained:
@@ -450,9 +452,9 @@ class MacKayPruner(StandalonePrior):
                          "nothing pruned (the weights have not answered the new prior yet)")
             warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=2)
         if self.channel is not None:
-            layers, channel = self.channel.update(hold=untrained or not prune)
+            layers, channel = self.channel.update(hold=hold)
         else:
-            layers = [self._update_one(name, target, untrained or not prune)
+            layers = [self._update_one(name, target, hold)
                       for name, target in self.targets.items()]
         report = self._summarise(layers)
         report["notes"] = notes + [f"{n}: {note}" for n, note in self.notes.items()]
@@ -461,7 +463,7 @@ class MacKayPruner(StandalonePrior):
             report["notes"] += channel["notes"]
         if self.mac_price:
             report["mac_price"] = price
-            could_prune = (not channel["warmup"] and not untrained and prune if self.channel is not None
+            could_prune = (not (channel["warmup"] or hold) if self.channel is not None
                            else any("priced_out" in layer for layer in layers))
             self._priced_updates += bool(could_prune)
         self.history.append(report)
