@@ -24,8 +24,11 @@ scale and shift, bias and every reader's input slice set to 0, optimizer moments
 conv MACs are counted on it after mackay_ext.shrink has cut the removed channels out (dense
 convolutions, one 32x32 image); the magnitude row's zeros are scattered, so shrink removes little.
 
-Writes <out>/cifar.{json,md} (cifar100.*, mnist32.*; *_smoke.* with --smoke). Rows of models not
-run this time are kept from an earlier file of the same name, so models may run separately.
+Writes <out>/cifar.{json,md} (cifar100.*, mnist32.*; *_smoke.* with --smoke) after every row. A
+run resumes the table it finds: the rows it already has (any model, seed and method) are kept and
+not trained again, and each seed's dense network is cached in <out>/cifar_cache/ (not committed),
+so a run stopped in the middle, or split over models and seeds, loses at most the row it was
+training (--fresh trains the models named again).
 
 mnist32 (MNIST zero-padded to 32x32) checks the machinery on the paper's architectures on a CPU;
 it is not a claim about CIFAR. Measured on this project's CPU (one thread, channels_last, random
@@ -265,18 +268,21 @@ def config_for(recipe: Recipe, seed: int, smoke: bool, **overrides) -> FitConfig
 
 
 class ModelRun:
-    """The rows of one model on one dataset: run(seed) adds a seed's dense, method and magnitude rows."""
+    """The rows of one model on one dataset: run(seed) adds a seed's dense, method and magnitude
+    rows to `rows` (shared with the other models), skipping those already there, and calls save()
+    after each, so a run killed in the middle loses at most the row it was training."""
 
     def __init__(self, name: str, data: datasets.Splits, device: str, width: int,
-                 log: Callable[[str], None], smoke: bool):
+                 log: Callable[[str], None], smoke: bool, rows: list[dict[str, Any]],
+                 save: Callable[[], None], cache_dir: str, fresh: bool = False):
         width = width if name.startswith("vgg") else 1   # only the VGGs are scaled
         self.name, self.data, self.device, self.width, self.log, self.smoke = name, data, device, width, log, smoke
+        self.rows, self.save, self.cache_dir, self.fresh = rows, save, cache_dir, fresh
         self.shown, self.info = display_name(name, width), hardware(device)
         self.recipe = {method: recipes_cifar.for_run(name, method, data.name) for method in METHODS}
         self.example = data.x_train[:2].to(device)
         self.make = network_maker(name, data, width)
         self.groups = trace_coupling(self.make(), data.x_train[:2]).groups  # names: same in every copy
-        self.rows: list[dict[str, Any]] = []
 
     def trainer(self, model, method, seed, options=None, **overrides) -> Trainer:
         fit = config_for(self.recipe[method], seed, self.smoke, **overrides)
@@ -284,6 +290,14 @@ class ModelRun:
             options = recipes_cifar.pruner_options(self.recipe[method], model, self.example)
         return Trainer(model, self.data, fit, pruner_options=options, device=self.device,
                        progress=lambda message: self.log("  " + message))
+
+    def done(self, method: str, seed: int) -> dict[str, Any] | None:
+        """The row of (this model, method, seed) an earlier run of the same table already made."""
+        for row in self.rows:
+            if (row["dataset"], row["model"], row["method"], row["seed"]) == (
+                    self.data.name, self.shown, method, seed):
+                return row
+        return None
 
     def finish(self, method: str, model: nn.Module, seed: int, seconds: float, dense_macs: int, **extra):
         data, device = self.data, self.device
@@ -296,39 +310,71 @@ class ModelRun:
         self.log(f"{self.shown} seed {seed} {method}: test error {row['test_error']:.2f}%, weights kept "
                  f"{row['weights_kept']:.2f}%, conv MACs kept {row['conv_macs_kept']:.2f}%, {seconds:.0f} s")
         self.rows.append(row)
+        self.save()
         return row
 
-    def run(self, seed: int) -> None:
+    def dense(self, seed: int) -> tuple[nn.Module, float]:
+        """This seed's dense network and the seconds its training took: trained by the `mackay`
+        recipe's dense phase, or read back from the cache an earlier run of the same recipe left
+        (a state_dict, read with weights_only=True; a cache of another recipe or budget, or any
+        with --fresh, is ignored)."""
+        fit = config_for(self.recipe["mackay"], seed, self.smoke)
+        stamp = f"{self.recipe['mackay'].name}: {fit!r}"   # what must match for the network to be reused
+        path = os.path.join(self.cache_dir, f"{self.data.name}_{self.name}_width{self.width}_seed{seed}"
+                            + ("_smoke" if self.smoke else "") + ".pt")
         set_seed(seed)
+        model = self.make().to(self.device)
+        if os.path.exists(path) and not self.fresh:
+            saved = torch.load(path, map_location=self.device, weights_only=True)
+            if saved.get("stamp") == stamp:
+                model.load_state_dict(saved["state"])
+                self.log(f"{self.shown} seed {seed}: dense network read from {path}")
+                return model, float(saved["seconds"])
+            self.log(f"{self.shown} seed {seed}: {path} was trained by another recipe; training afresh")
         start = time.perf_counter()
-        dense = self.trainer(self.make(), "mackay", seed)
-        dense.pretrain()                # every row starts from this one dense network
-        dense_seconds = time.perf_counter() - start
-        dense_macs = conv_macs(dense.model, self.example[:1])
-        self.finish("dense", dense.model, seed, dense_seconds, dense_macs, recipe=self.recipe["mackay"].name)
-        kept = {}
+        trainer = self.trainer(model, "mackay", seed)
+        trainer.pretrain()                # every row starts from this one dense network
+        seconds = time.perf_counter() - start
+        os.makedirs(self.cache_dir, exist_ok=True)
+        state = {name: tensor.contiguous() for name, tensor in trainer.model.state_dict().items()}
+        torch.save({"state": state, "seconds": seconds, "stamp": stamp}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        return trainer.model, seconds
+
+    def run(self, seed: int) -> None:
+        missing = [method for method in ROW_ORDER if self.done(method, seed) is None]
+        if not missing:
+            self.log(f"{self.shown} seed {seed}: every row is in the table already")
+            return
+        self.log(f"{self.shown} seed {seed}: rows to make: {', '.join(missing)}")
+        dense_model, dense_seconds = self.dense(seed)
+        dense_macs = conv_macs(dense_model, self.example[:1])
+        if "dense" in missing:
+            self.finish("dense", dense_model, seed, dense_seconds, dense_macs, recipe=self.recipe["mackay"].name)
         for method in METHODS:
+            if method not in missing:
+                continue
             set_seed(seed)
             start = time.perf_counter()
-            run = self.trainer(copy.deepcopy(dense.model), method, seed, pretrain_epochs=0, finetune_epochs=0)
+            run = self.trainer(copy.deepcopy(dense_model), method, seed, pretrain_epochs=0, finetune_epochs=0)
             run.run()
             cut = remove_dead_channels(run, self.groups)
             fit = config_for(self.recipe[method], seed, self.smoke)
             run.finetune(fit.finetune_epochs, fit.finetune_lr or fit.retrain_lr)
-            row = self.finish(method, run.model, seed, dense_seconds + time.perf_counter() - start, dense_macs,
-                              recipe=self.recipe[method].name, updates=len(run.pruner.history),
-                              channels_cut=len(cut),
-                              epochs_after_dense=sum(1 for h in run.history if h["phase"] != "pretrain"))
-            kept[method] = row["kept"]
-        set_seed(seed)
-        start = time.perf_counter()
-        magnitude = self.trainer(copy.deepcopy(dense.model), "mackay", seed, options={"granularity": "weight"},
-                                 pretrain_epochs=0)
-        fit = config_for(self.recipe["mackay"], seed, self.smoke)
-        train_magnitude(magnitude, kept["mackay"], fit.epochs + fit.finetune_epochs,
-                        fit.finetune_lr or fit.retrain_lr)
-        self.finish(MAGNITUDE, magnitude.model, seed, dense_seconds + time.perf_counter() - start, dense_macs,
-                    recipe=self.recipe["mackay"].name + " (its epochs)")
+            self.finish(method, run.model, seed, dense_seconds + time.perf_counter() - start, dense_macs,
+                        recipe=self.recipe[method].name, updates=len(run.pruner.history),
+                        channels_cut=len(cut),
+                        epochs_after_dense=sum(1 for h in run.history if h["phase"] != "pretrain"))
+        if MAGNITUDE in missing:
+            set_seed(seed)
+            start = time.perf_counter()
+            magnitude = self.trainer(copy.deepcopy(dense_model), "mackay", seed,
+                                     options={"granularity": "weight"}, pretrain_epochs=0)
+            fit = config_for(self.recipe["mackay"], seed, self.smoke)
+            train_magnitude(magnitude, self.done("mackay", seed)["kept"], fit.epochs + fit.finetune_epochs,
+                            fit.finetune_lr or fit.retrain_lr)
+            self.finish(MAGNITUDE, magnitude.model, seed, dense_seconds + time.perf_counter() - start,
+                        dense_macs, recipe=self.recipe["mackay"].name + " (its epochs)")
 
 
 # -------------------------------------------------------------------------------- reporting
@@ -344,6 +390,7 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         grouped.setdefault((row["model"], row["method"]), []).append(row)
     out = []
     for (model, method), runs in grouped.items():
+        runs = sorted(runs, key=lambda run: run["seed"])
         first = runs[0]
         row = {"dataset": first["dataset"], "model": model, "architecture": first["architecture"],
                "width": first["width"], "method": method, "source": "measured",
@@ -465,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help=f"{SMOKE_SIZES['train']} training images, one epoch a phase, VGG widths "
                              f"/{SMOKE_VGG_WIDTH} at least, one thread (CI); writes *_smoke.*")
+    parser.add_argument("--fresh", action="store_true",
+                        help="train every row of the models named again, their dense networks too (by default the "
+                             "rows the table has are kept, and a seed's dense network is read from <out>/cifar_cache/)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.vgg_width < 1:
@@ -486,30 +536,36 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if args.smoke:
         data = subset(data, SMOKE_SIZES["train"], SMOKE_SIZES["val"], SMOKE_SIZES["test"])
-    rows: list[dict[str, Any]] = []
-    for name in args.models:
-        start = time.perf_counter()
-        model_run = ModelRun(name, data, args.device, width, log, args.smoke)
-        for seed in args.seeds:
-            model_run.run(seed)
-        rows += model_run.rows
-        log(f"{name}: all rows in {time.perf_counter() - start:.0f} s")
     stem = {"cifar10": "cifar", "cifar100": "cifar100", "mnist32": "mnist32"}[args.dataset]
     stem += "_smoke" if args.smoke else ""
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, stem + ".json")
-    measured = aggregate(rows)
-    run_models = {row["model"] for row in measured}
-    earlier = [row for row in previous_rows(json_path)
-               if row.get("source") == "measured" and row.get("model") not in run_models]
-    measured = sorted(earlier + measured, key=lambda row: (row["model"], ROW_ORDER.index(row["method"])
-                                                           if row["method"] in ROW_ORDER else len(ROW_ORDER)))
-    published = published_rows(args.dataset, {row["architecture"] for row in measured})
+    # every seed's row of an earlier run of this table (--fresh: but those of the models run now)
+    rows = [run for row in previous_rows(json_path) if row.get("source") == "measured"
+            for run in row.get("per_seed", [])]
+    if args.fresh:
+        rows = [row for row in rows if row["architecture"] not in args.models]
     command = "python bench/reproduce_cifar.py " + " ".join(argv)
-    with open(json_path, "w") as handle:
-        json.dump(measured + published, handle, indent=1)
-    with open(os.path.join(args.out, stem + ".md"), "w") as handle:
-        handle.write(markdown(measured, published, args.dataset, command, args.smoke))
+
+    def save() -> None:
+        measured = sorted(aggregate(rows), key=lambda row: (
+            row["model"], ROW_ORDER.index(row["method"]) if row["method"] in ROW_ORDER else len(ROW_ORDER)))
+        published = published_rows(args.dataset, {row["architecture"] for row in measured})
+        with open(json_path + ".tmp", "w") as handle:
+            json.dump(measured + published, handle, indent=1)
+        os.replace(json_path + ".tmp", json_path)
+        with open(os.path.join(args.out, stem + ".md"), "w") as handle:
+            handle.write(markdown(measured, published, args.dataset, command, args.smoke))
+
+    cache_dir = os.path.join(args.out, "cifar_cache")
+    for name in args.models:
+        start = time.perf_counter()
+        model_run = ModelRun(name, data, args.device, width, log, args.smoke, rows, save, cache_dir,
+                             fresh=args.fresh)
+        for seed in args.seeds:
+            model_run.run(seed)
+        log(f"{name}: done in {time.perf_counter() - start:.0f} s")
+    save()
     log(f"wrote {os.path.join(args.out, stem)}.json and .md")
     return 0
 

@@ -263,3 +263,43 @@ def test_removed_channels_stay_removed_through_finetuning(one_thread):
     assert small.layer1[0].conv1.out_channels == 13 and small.layer2[1].conv1.out_channels == 1
     torch.testing.assert_close(small(data.x_test), model(data.x_test), atol=1e-4, rtol=1e-4)
     assert isinstance(small.layer1[0].conv2, nn.Conv2d) and small.layer1[0].conv2.in_channels == 13
+
+
+def test_a_stopped_run_resumes_where_it_stopped(cifar_smoke, tmp_path):
+    """Rows the table has are kept as they are; the missing ones are trained from the cached dense
+    network, and come out as the uninterrupted run made them."""
+    import shutil
+    shutil.copytree(cifar_smoke, tmp_path, dirs_exist_ok=True)
+    assert os.listdir(tmp_path / "cifar_cache")   # a dense network per model and seed
+    whole = json.loads((tmp_path / "cifar_smoke.json").read_text())
+    stopped = [dict(row) for row in whole if not (row.get("architecture") == "resnet-20" and row["method"] in
+                                                  ("channel", "magnitude (global L1)"))]
+    (tmp_path / "cifar_smoke.json").write_text(json.dumps(stopped))
+    run_script(tmp_path, "--models", "resnet-20", "--seeds", "0")
+    resumed = json.loads((tmp_path / "cifar_smoke.json").read_text())
+
+    def by_key(rows):
+        return {(r["model"], r["method"]): r for r in rows if r["source"] == "measured"}
+    before, after = by_key(whole), by_key(resumed)
+    assert before.keys() == after.keys()
+    for key, row in before.items():
+        if key[0].startswith("resnet-20") and key[1] in ("channel", "magnitude (global L1)"):
+            new = after[key]["per_seed"][0]
+            assert new["wall_seconds"] != row["per_seed"][0]["wall_seconds"]   # trained again
+            for field in ("test_error", "kept", "conv_macs", "conv_channels"):
+                assert new[field] == row["per_seed"][0][field], (key, field)
+        else:
+            assert after[key]["per_seed"] == row["per_seed"]   # untouched, not retrained
+    # nothing left to do: the table stays as it is
+    run_script(tmp_path, "--models", "resnet-20", "vgg-d6", "--seeds", "0")
+    again = by_key(json.loads((tmp_path / "cifar_smoke.json").read_text()))
+    assert {key: row["per_seed"] for key, row in again.items()} == {key: row["per_seed"] for key, row in after.items()}
+
+
+def test_fresh_trains_again(tmp_path):
+    run_script(tmp_path, "--models", "resnet-20", "--seeds", "0")
+    first = json.loads((tmp_path / "cifar_smoke.json").read_text())
+    run_script(tmp_path, "--models", "resnet-20", "--seeds", "0", "--fresh")
+    second = json.loads((tmp_path / "cifar_smoke.json").read_text())
+    walls = [[r["per_seed"][0]["wall_seconds"] for r in rows if r["source"] == "measured"] for rows in (first, second)]
+    assert len(walls[0]) == 5 and all(a != b for a, b in zip(*walls))
