@@ -53,7 +53,7 @@ from .ard_targets import (
 )
 from .curvature import ema_debiased
 from .dead_units import prune_unused_units
-from .mac_price import price_out, target_uses, weight_uses
+from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
 from .standalone_prior import StandalonePrior
 
@@ -174,10 +174,15 @@ class MacKayPruner(StandalonePrior):
                              f"put a prior on (left out: {self.excluded})")
         # MACs per example of one entry of each weight (mac_price.py), before any hook is attached
         self._weight_uses = weight_uses(model, example_inputs) if self.mac_price else {}
-        self._uses = (target_uses(self._weight_uses, self.targets)
-                      if self.mac_price and granularity != "channel" else {})
+        self._freed = None   # what removing each group saves (granularity weight / filter)
+        if self.mac_price and granularity != "channel":
+            target_uses(self._weight_uses, self.targets)   # every target counted, or a clear error
+            self._freed = FreedMacs(model, example_inputs, self._weight_uses)
+        self._live: dict[str, torch.Tensor] = {}   # FreedMacs.live() of the update under way
         self.layers = {name: target.module for name, target in self.targets.items()}
         self.granularity, self.notes = self._granularities(granularity)
+        if self._freed is not None and self._freed.note:
+            self.notes["mac_price"] = self._freed.note
         self.accumulator = None
         if curvature != "ef-batch":
             self._attach_accumulator()
@@ -454,6 +459,7 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
         else:
+            self._live = self._freed.live() if self._freed is not None and price > 0 and not hold else {}
             layers = [self._update_one(name, target, hold)
                       for name, target in self.targets.items()]
         report = self._summarise(layers)
@@ -488,8 +494,9 @@ class MacKayPruner(StandalonePrior):
         gamma = float(stats.gamma_sum)
         priced_out = 0
         if priced:
+            macs = self._freed.group_macs(weight, alpha, self._live)
             priced_out, priced_gamma = price_out(weight, curvature, alpha, old_alpha, num_data=self.num_data,
-                                                 uses=self._uses[name], price=price, rule=self.rule)
+                                                 macs=macs, price=price, rule=self.rule)
             gamma -= priced_gamma
         extra = {"priced_out": priced_out} if priced else {}
         entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup, **extra)

@@ -112,8 +112,8 @@ def test_gain_and_decision_against_gaussian_evidence():
     price = float(exact.sort().values[2:4].mean()) / macs   # between the third and fourth group
     weight, new_alpha = mean.clone(), alpha.clone().float()
     old_alpha = torch.full_like(new_alpha, 2.0)
-    count, gamma = price_out(weight, h, new_alpha, old_alpha, num_data=num_data, uses=uses,
-                             price=price, rule="mackay")
+    count, gamma = price_out(weight, h, new_alpha, old_alpha, num_data=num_data,
+                             macs=torch.full((6, 1, 1), macs, dtype=torch.float64), price=price, rule="mackay")
     expected = exact < price * macs
     assert count == 3 and int(expected.sum()) == 3
     assert torch.equal(new_alpha.view(-1) == math.inf, expected)
@@ -127,8 +127,8 @@ def test_gain_and_decision_against_gaussian_evidence():
 def test_pruned_warmup_and_per_weight_groups_are_left_alone():
     weight = torch.tensor([[0.0, 1e-4, 3.0]], dtype=torch.float64)
     alpha = torch.tensor([[math.inf, 0.0, 1.0]])
-    count, _ = price_out(weight, torch.ones_like(weight), alpha, alpha.clone(), num_data=10.0, uses=1.0,
-                         price=1e9, rule="mackay")
+    count, _ = price_out(weight, torch.ones_like(weight), alpha, alpha.clone(), num_data=10.0,
+                         macs=torch.ones_like(weight), price=1e9, rule="mackay")
     assert count == 1   # only the live weight with alpha > 0
     assert alpha.tolist() == [[math.inf, 0.0, math.inf]]
 
@@ -209,6 +209,97 @@ def test_channel_group_macs_are_what_shrinking_the_group_removes():
         group.zero_(copy)
         small = shrink(copy, x[:1])
         assert float(channel.macs[number]) == full - count_macs(small, x[:1]), repr(group)
+
+
+def _chain_live_macs(weights: list[torch.Tensor]) -> int:
+    """MACs of a chain of Linear layers with every dead unit removed, by fixpoint: a hidden unit
+    lives while it has a non-zero weight from a live input and one to a live output (the last
+    layer's outputs always live); an input lives while a live unit reads it."""
+    nonzero = [w != 0 for w in weights]
+    alive = [torch.ones(w.shape[1], dtype=torch.bool) for w in weights] + [torch.ones(weights[-1].shape[0],
+                                                                                      dtype=torch.bool)]
+    for _ in range(len(weights) + 2):
+        for layer in range(len(weights) - 1, -1, -1):   # readers: a unit with no live output dies
+            reads = (nonzero[layer] & alive[layer + 1].view(-1, 1)).any(dim=0)
+            alive[layer] = alive[layer] & reads
+        for layer in range(1, len(weights)):             # writers: a unit with no live input dies
+            fed = (nonzero[layer - 1] & alive[layer - 1].view(1, -1)).any(dim=1)
+            alive[layer] = alive[layer] & fed
+    return sum(int((nonzero[i] & alive[i + 1].view(-1, 1) & alive[i].view(1, -1)).sum())
+               for i in range(len(weights)))
+
+
+def test_freed_macs_of_input_groups_are_what_the_network_loses():
+    """granularity='filter' on an MLP (one alpha per input of each Linear): a group's price is the
+    MACs the network with its dead units removed loses when the group goes: a pixel pays for the
+    hidden units still alive, a hidden unit's outgoing column for its incoming row too, and a
+    dead unit's column for nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    with torch.no_grad():
+        model[0].weight[:, 2] = 0        # a pixel nobody reads
+        model[0].weight[4] = 0           # a hidden unit with no input
+        model[2].weight[1, 3] = 0        # scattered zeros
+        model[2].weight[0, 0] = 0
+        model[4].weight[2, 1] = 0
+    x = torch.randn(4, 7)
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=4, granularity="filter",
+                          mac_price=1e-3, example_inputs=x)
+    weights = [model[i].weight.detach().clone() for i in (0, 2, 4)]
+    full = _chain_live_macs(weights)
+    live = pruner._freed.live()
+    checked = 0
+    for name, target in pruner.targets.items():
+        layer = [0, 2, 4].index(int(name.split(".")[0]))
+        macs = pruner._freed.group_macs(target.param, pruner.alpha(name), live).view(-1)
+        assert macs.numel() == weights[layer].shape[1]   # one group per input
+        for column in range(weights[layer].shape[1]):
+            cut = [w.clone() for w in weights]
+            cut[layer][:, column] = 0
+            assert float(macs[column]) == full - _chain_live_macs(cut), (name, column)
+            checked += 1
+    assert checked == 7 + 6 + 5
+    assert float(pruner._freed.group_macs(model[2].weight, pruner.alpha("2"), live).view(-1)[4]) == 0   # no input
+
+
+def test_freed_macs_of_filters_include_their_readers():
+    """granularity='filter' on convs: a filter that is its channel's only writer also frees the
+    next conv's (or, through Flatten, the Linear's) input slice; shrink is the reference."""
+    from mackay_ext.coupling import channel_groups
+    from mackay_ext.shrink import count_macs, shrink
+    x = torch.randn(2, 2, 14, 14)
+    model = _channel_net()
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=4, granularity="filter",
+                          mac_price=1e-6, example_inputs=x)
+    live = pruner._freed.live()
+    full = count_macs(model, x[:1])
+    groups = channel_groups(model, x[:1])
+    for name in ("0.weight", "3.weight"):
+        macs = pruner._freed.group_macs(model.get_parameter(name), pruner.alpha(name.split(".")[0]), live).view(-1)
+        for filter_index in range(macs.numel()):
+            group = next(g for g in groups if any(m.name == name and m.dim == 0 and m.indices == (filter_index,)
+                                                  for m in g.members))
+            copy = _channel_net()
+            group.zero_(copy)
+            assert float(macs[filter_index]) == full - count_macs(shrink(copy, x[:1]), x[:1]), (name, filter_index)
+
+
+def test_channel_group_macs_count_only_live_readers():
+    """After a conv2 filter is pruned, a conv1 channel no longer pays for that filter's slice."""
+    x = torch.randn(2, 2, 14, 14)
+    model = _channel_net()
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
+                          granularity="channel", mac_price=1e-6, example_inputs=x)
+    from mackay_ext.mac_price import channel_group_macs
+    before = channel_group_macs(pruner.channel, pruner._weight_uses)
+    with torch.no_grad():
+        model[3].weight[1] = 0     # one conv2 filter gone (its input slices of every conv1 channel)
+    after = channel_group_macs(pruner.channel, pruner._weight_uses)
+    per_slice = 3 * 3 * 4 * 4   # one 3x3 kernel entry set per output position of conv2 (4x4 after pooling)
+    conv1_groups = [i for i, g in enumerate(pruner.channel.groups) if any(m.name == "0.weight" for m in g.members)]
+    assert len(conv1_groups) == 5
+    for i in conv1_groups:
+        assert float(before[i] - after[i]) == per_slice
 
 
 def test_channel_groups_are_priced_by_the_gain_of_all_their_members():
