@@ -53,6 +53,7 @@ from .ard_targets import (
 )
 from .curvature import ema_debiased
 from .dead_units import prune_unused_units
+from .mac_compensate import InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
 from .standalone_prior import StandalonePrior
@@ -183,6 +184,13 @@ class MacKayPruner(StandalonePrior):
         self.granularity, self.notes = self._granularities(granularity)
         if self._freed is not None and self._freed.note:
             self.notes["mac_price"] = self._freed.note
+        # priced Linear inputs are re-fitted from the others when they go (mac_compensate.py)
+        self._covariance = None
+        if self._freed is not None:
+            refit = {name: t.module for name, t in self.targets.items()
+                     if isinstance(t.module, nn.Linear) and t.attr == "weight" and len(t.owners) <= 1
+                     and self._alpha_shape(t, self.granularity[name]) == (1, t.param.shape[1])}
+            self._covariance = InputCovariance(refit) if refit else None
         self.accumulator = None
         if curvature != "ef-batch":
             self._attach_accumulator()
@@ -307,6 +315,8 @@ class MacKayPruner(StandalonePrior):
             self.accumulator.detach()
         if self.channel is not None:
             self.channel.detach()
+        if self._covariance is not None:
+            self._covariance.remove()
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
         """fisher-mc: add the sampled-label Fisher of a batch of inputs (its own backward)."""
@@ -495,8 +505,14 @@ class MacKayPruner(StandalonePrior):
         priced_out = 0
         if priced:
             macs = self._freed.group_macs(weight, alpha, self._live)
-            priced_out, priced_gamma = price_out(weight, curvature, alpha, old_alpha, num_data=self.num_data,
-                                                 macs=macs, price=price, rule=self.rule)
+            moment = self._covariance.second_moment.get(name) if self._covariance is not None else None
+            if moment is not None:
+                priced_out, priced_gamma = compensated_price_out(
+                    target.module, curvature, alpha, old_alpha, moment, num_data=self.num_data, macs=macs,
+                    price=price, rule=self.rule)
+            else:
+                priced_out, priced_gamma = price_out(weight, curvature, alpha, old_alpha, num_data=self.num_data,
+                                                     macs=macs, price=price, rule=self.rule)
             gamma -= priced_gamma
         extra = {"priced_out": priced_out} if priced else {}
         entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup, **extra)

@@ -1,0 +1,141 @@
+"""Priced removal of a Linear layer's inputs with the other inputs re-fitted
+(mackay_ext.mac_compensate): the re-fit against a float64 least-squares solve, two copies of one
+input never both removed, the compensated gain against the diagonal one, and the sampling of
+E[x x^T] during training."""
+import math
+
+import torch
+from torch import nn
+
+from mackay_ext import MacKayPruner
+from mackay_ext.mac_compensate import InputCovariance, compensated_price_out
+from mackay_ext.mac_price import evidence_gain, price_out
+
+
+def _layer_and_data(copies: bool = False, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, 6, generator=g, dtype=torch.float64) + 0.3
+    x[:, 3] = 0.8 * x[:, 1] - 0.5 * x[:, 4] + 0.05 * torch.randn(400, generator=g, dtype=torch.float64)
+    if copies:
+        x[:, 5] = x[:, 2]
+    layer = nn.Linear(6, 4).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(4, 6, generator=g, dtype=torch.float64))
+        layer.bias.copy_(torch.randn(4, generator=g, dtype=torch.float64))
+    with_one = torch.cat([x, torch.ones(400, 1, dtype=torch.float64)], dim=1)
+    return layer, x, with_one.T @ with_one / 400
+
+
+def test_a_priced_input_is_refitted_as_least_squares_would():
+    layer, x, moment = _layer_and_data()
+    target = layer(x).detach()
+    curvature = torch.full((4, 6), 1.0, dtype=torch.float64)
+    alpha = torch.full((1, 6), 2.0, dtype=torch.float64)
+    macs = torch.ones(1, 6, dtype=torch.float64)
+    # input 3 is nearly a mix of inputs 1 and 4, so each of the three is nearly a mix of the
+    # other two: re-fitted, one of them has almost no data term, its Occam factor makes its gain
+    # negative, and it goes at any price; once it is gone the other two are needed
+    new_alpha = alpha.clone()
+    count, gamma = compensated_price_out(layer, curvature, new_alpha, alpha, moment, num_data=100.0,
+                                         macs=macs, price=1e-9, rule="mackay")
+    gone = [i for i in range(6) if new_alpha[0, i] == math.inf]
+    assert count == 1 and len(gone) == 1 and gone[0] in (1, 3, 4)
+    assert torch.all(layer.weight[:, gone[0]] == 0)
+    n_h = 100.0 * curvature[:, gone[0]]
+    assert gamma == float((n_h / (n_h + 2.0)).sum())
+    # reference: least squares of the old outputs on the other inputs and a constant
+    keep = [i for i in range(6) if i != gone[0]]
+    design = torch.cat([x[:, keep], torch.ones(400, 1, dtype=torch.float64)], dim=1)
+    solution = torch.linalg.lstsq(design, target).solution
+    torch.testing.assert_close(layer.weight[:, keep].detach(), solution[:5].T, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.bias.detach(), solution[5], rtol=1e-5, atol=1e-6)
+
+
+def test_the_compensated_gain_of_a_redundant_input_is_below_the_diagonal_one():
+    layer, _x, moment = _layer_and_data()
+    curvature = torch.full((4, 6), 1.0, dtype=torch.float64)
+    alpha = torch.full((1, 6), 2.0, dtype=torch.float64)
+    diagonal = evidence_gain(layer.weight.detach(), curvature, alpha, num_data=100.0).view(-1)
+    macs = torch.ones(1, 6, dtype=torch.float64)
+    # a price just under input 3's diagonal gain: the diagonal rule keeps it, the re-fit removes it
+    price = float(diagonal[3]) * 0.999
+    diagonal_alpha = alpha.clone()
+    price_out(layer.weight.detach().clone(), curvature, diagonal_alpha, alpha, num_data=100.0, macs=macs,
+              price=price, rule="mackay")
+    assert diagonal_alpha[0, 3] == 2.0
+    trial_alpha = alpha.clone()
+    compensated_price_out(layer, curvature, trial_alpha, alpha, moment, num_data=100.0, macs=macs,
+                          price=price, rule="mackay")
+    assert trial_alpha[0, 3] == math.inf
+
+
+def test_two_copies_of_one_input_are_not_both_removed():
+    layer, x, moment = _layer_and_data(copies=True)
+    target = layer(x).detach()
+    curvature = torch.full((4, 6), 1.0, dtype=torch.float64)
+    alpha = torch.full((1, 6), 2.0, dtype=torch.float64)
+    macs = torch.ones(1, 6, dtype=torch.float64)
+    new_alpha = alpha.clone()
+    # a price at which each copy, judged with the other present, is worth nothing
+    compensated_price_out(layer, curvature, new_alpha, alpha, moment, num_data=100.0, macs=macs,
+                          price=1e-3, rule="mackay")
+    gone = (new_alpha.view(-1) == math.inf).tolist()
+    assert gone[2] != gone[5]    # exactly one of the copies
+    torch.testing.assert_close(layer(x).detach()[:, :], target, rtol=0, atol=0.2 * float(target.abs().max()))
+
+
+def test_groups_not_for_sale_are_kept_and_pruned_inputs_stay_out_of_the_refit():
+    layer, _x, moment = _layer_and_data(copies=True)
+    with torch.no_grad():
+        layer.weight[:, 5] = 0
+    alpha = torch.tensor([[0.0, 2.0, 2.0, 2.0, 2.0, math.inf]], dtype=torch.float64)   # 0: prior off
+    curvature = torch.full((4, 6), 1.0, dtype=torch.float64)
+    new_alpha = alpha.clone()
+    compensated_price_out(layer, curvature, new_alpha, alpha, moment, num_data=100.0,
+                          macs=torch.ones(1, 6, dtype=torch.float64), price=1e9, rule="mackay")
+    assert new_alpha[0, 0] == 0.0 and torch.all(layer.weight[:, 5] == 0)
+    assert torch.all(new_alpha[0, 1:] == math.inf)   # everything for sale went, at that price
+    assert torch.any(layer.weight[:, 0] != 0)        # input 0 took over, and was not removed
+
+
+def test_input_covariance_samples_training_forwards_only():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 2)
+    covariance = InputCovariance({"fc": layer}, every=2, decay=0.5)
+    batches = [torch.randn(5, 3) for _ in range(4)]
+    for batch in batches:
+        layer(batch)
+    layer.eval()
+    layer(torch.randn(5, 3) * 100)            # eval: not sampled
+    layer.train()
+    with torch.no_grad():
+        layer(torch.randn(5, 3) * 100)        # no grad: not sampled
+
+    def moment(batch):
+        ones = torch.cat([batch.double(), torch.ones(5, 1, dtype=torch.float64)], dim=1)
+        return ones.T @ ones / 5
+    expected = 0.5 * moment(batches[0]) + 0.5 * moment(batches[2])   # forwards 1 and 3 sampled
+    torch.testing.assert_close(covariance.second_moment["fc"], expected, rtol=1e-12, atol=1e-12)
+    covariance.remove()
+    layer(torch.randn(5, 3))
+    torch.testing.assert_close(covariance.second_moment["fc"], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_pruner_refits_priced_linear_inputs_and_only_those():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 5), nn.ReLU(),
+                          nn.Linear(5, 3))
+    x = torch.randn(16, 1, 8, 8)
+    y = torch.randint(0, 3, (16,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=16, batch_size=16, granularity="filter", mac_price=1e-4,
+                          example_inputs=x)
+    assert sorted(pruner._covariance.second_moment) == []        # nothing sampled yet
+    assert set(pruner._covariance._calls) == {"3", "5"}            # the Linear layers, not the conv
+    for _ in range(9):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert sorted(pruner._covariance.second_moment) == ["3", "5"]
+    pruner.detach()
+    assert not pruner._covariance._hooks
