@@ -141,6 +141,8 @@ NO_CUDA = not torch.cuda.is_available()
     (["prune", "--seed", "-3"], "argument --seed: expected a whole number >= 0, got -3"),
     (["prune", "--mac-price", "-0.001"], "argument --mac-price: expected a finite number >= 0, got -0.001"),
     (["prune", "--mac-price", "inf"], "argument --mac-price: expected a finite number >= 0, got inf"),
+    (["prune", "--mac-price-ramp", "0"], "argument --mac-price-ramp: expected a whole number >= 1, got 0"),
+    (["prune", "--mac-price-ramp", "2.5"], "argument --mac-price-ramp: expected a whole number >= 1, got '2.5'"),
     (["prune", "--model", "alexnet"], "invalid choice"),
     (["prune", "--granularity", "blocks"], "invalid choice"),
     (["prune", "--augment-shift", "2"], "--augment-shift needs an image dataset; digits"),
@@ -209,12 +211,14 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
 def test_mac_price_reaches_the_pruner_and_the_checkpoint(tmp_path):
     """--mac-price with --granularity filter: the pruner prices groups (the checkpoint's pruner
     settings and the run's settings carry the price); a digits run of a few epochs."""
-    result = cli("prune", "--mac-price", "0.01", "--granularity", "filter", "--pretrain-epochs", "2",
-                 "--rounds", "1", "--epochs", "2", "--out", str(tmp_path), "--quiet", cwd=tmp_path)
+    result = cli("prune", "--mac-price", "0.01", "--mac-price-ramp", "2", "--granularity", "filter",
+                 "--pretrain-epochs", "2", "--rounds", "1", "--epochs", "2", "--out", str(tmp_path), "--quiet",
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["settings"]["mac_price"] == 0.01
+    assert report["settings"]["mac_price"] == 0.01 and report["settings"]["mac_price_ramp"] == 2
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["pruner"]["settings"]["mac_price"] == 0.01
+    assert state["pruner"]["settings"]["mac_price_ramp"] == 2
     priced = [layer.get("priced_out") for update in state["pruner"]["history"] for layer in update["layers"]]
     assert any(count for count in priced if count), "no group was priced out"

@@ -32,7 +32,7 @@ INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "mnist32": (1, 32, 32), "
 SETTING_DESTS = {key: key for key in (
     "model", "dataset", "data_dir", "granularity", "rule", "threshold", "curvature", "schedule",
     "update_every", "patience", "seed", "augment_shift", "device", "backend", "pretrain_epochs",
-    "rounds", "epochs", "batch_size", "lr", "recipe", "finetune_epochs", "mac_price")}
+    "rounds", "epochs", "batch_size", "lr", "recipe", "finetune_epochs", "mac_price", "mac_price_ramp")}
 
 
 SETTING_DESTS["prune"] = "criterion"
@@ -45,7 +45,7 @@ CHANGEABLE_ON_RESUME = ("pretrain_epochs", "rounds", "epochs", "patience", "lr",
 
 # Settings older checkpoints lack, at the value those versions used.
 SETTINGS_BEFORE_THEY_EXISTED = {"curvature": "ef-batch", "augment_shift": 0, "recipe": None,
-                                "finetune_epochs": 0, "mac_price": 0.0}
+                                "finetune_epochs": 0, "mac_price": 0.0, "mac_price_ramp": 1}
 
 
 # What a --recipe fixes (the flags that would contradict it)
@@ -141,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
         help="nats of evidence per multiply-accumulate: an update also prunes every group whose "
              "evidence gain is below this price times its MACs per example, to trade accuracy for "
              "compute (0: off; e.g. 3e-4 with --granularity channel) (default: %(default)s)")
+    add("--mac-price-ramp", type=COUNT, default=1, metavar="UPDATES",
+        help="raise the price linearly to --mac-price over this many pruning updates (at the full "
+             "price at once, the first update removes most groups before the network can adapt) "
+             "(default: %(default)s)")
     add("--curvature", default="ef-batch", choices=("ef-batch", "ef-exact", "fisher-mc"),
         help="diagonal curvature estimate for MacKay's gamma: ef-batch (from the optimizer's "
              "minibatch gradients, cheapest), ef-exact (exact per-example squared gradients) or "

@@ -40,7 +40,8 @@ def _recipe_settings(args, given: set[str], parser) -> dict[str, Any]:
                     device=args.device, backend=args.backend, pretrain_epochs=config.pretrain_epochs,
                     rounds=config.rounds, epochs=config.epochs, batch_size=config.batch_size,
                     lr=config.lr, recipe=args.recipe, finetune_epochs=config.finetune_epochs,
-                    mac_price=recipe.pruner.get("mac_price", 0.0))
+                    mac_price=recipe.pruner.get("mac_price", 0.0),
+                    mac_price_ramp=recipe.pruner.get("mac_price_ramp", 1))
     for key, dest in SETTING_DESTS.items():
         if dest in given and key not in RECIPE_FIXES:
             settings[key] = getattr(args, dest)
@@ -57,7 +58,7 @@ def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any
     return dict(model=args.model, dataset=args.dataset or models.DEFAULT_DATASET[args.model],
                 data_dir=args.data_dir, granularity=args.granularity, rule=args.rule,
                 prune=args.criterion, threshold=args.threshold, curvature=args.curvature,
-                mac_price=args.mac_price,
+                mac_price=args.mac_price, mac_price_ramp=args.mac_price_ramp,
                 schedule=args.schedule,
                 update_every=args.update_every, patience=args.patience, seed=args.seed,
                 augment_shift=args.augment_shift,
@@ -198,6 +199,7 @@ def _pruner_options(settings: dict[str, Any], inputs: torch.Tensor) -> dict[str,
                    threshold=settings["threshold"], curvature=settings["curvature"])
     if settings.get("mac_price"):
         options["mac_price"] = settings["mac_price"]
+        options["mac_price_ramp"] = settings.get("mac_price_ramp", 1)
     if settings["granularity"] == "channel" or settings.get("mac_price"):
         options["example_inputs"] = (inputs,)
     return options
