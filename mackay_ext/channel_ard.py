@@ -185,8 +185,7 @@ class ChannelARD:
         if pruner.optimizer is not None and self._own:
             self._hooks.append(pruner.optimizer.register_step_post_hook(self._after_step))
         self.last: dict[str, Any] = {}
-        # MACs per example of every group, for MacKayPruner(mac_price=...) (mac_price.py),
-        # counted again at every pruning update (a consumer slice stops costing once it is zero)
+        # MACs per example of every group, for MacKayPruner(mac_price=...) (mac_price.py)
         self.macs = channel_group_macs(self, pruner._weight_uses) if pruner.mac_price else None
 
     # ------------------------------------------------------------------ set-up
@@ -421,7 +420,6 @@ class ChannelARD:
         if can_prune:
             pruned |= self._criterion(new, weight_sq, cache)
             if pruner.mac_price:
-                self.macs = channel_group_macs(self, pruner._weight_uses)   # of the entries live now
                 priced = channel_priced_out(self, new, num_data, pruner.current_mac_price()) & ~pruned
                 pruned |= priced
         kept_strongest = [] if pruner.allow_empty_layers else self._keep_strongest(pruned, already, weight_sq)

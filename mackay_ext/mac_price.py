@@ -13,15 +13,14 @@ without it (its weights fixed at 0), with w the current weights (the posterior m
     gain_g = 1/2 sum_{i in g} [ w_i^2 (alpha_g + H_i) - log(1 + H_i / alpha_g) ]   (nats)
 
 (the first term is the fit the group buys, the second its Occam factor). Cost: MACs_g, the
-multiply-accumulates per example the network saves when the group goes: its live weights, each
-times the number of times one example uses it (the output positions of a convolution, the
-positions of a sequence for a Linear), and, when the group is the only reader or the only writer
-of a channel (a hidden unit's outgoing column, a filter feeding one conv), the live weights of
-that channel elsewhere, which die with it (FreedMacs). Live: non-zero, in no channel that is
-already dead. The group is pruned when gain_g < price * MACs_g: `price` is in nats per MAC, one
+multiply-accumulates per example of its weights in the full network, each weight times the
+number of times one example uses it (the output positions of a convolution, the positions of a
+sequence for a Linear), and, when the group is the only reader or the only writer of a channel
+(a hidden unit's outgoing column, a filter feeding one conv), those of that channel's other
+weights, which die with it (FreedMacs). The group is pruned when gain_g < price * MACs_g: `price` is in nats per MAC, one
 knob that trades accuracy (the evidence) against compute. For a coupled channel group
 (channel_ard.py) both sums run over all its members, each entry with its alpha_eff, so a filter
-pays for its consumers' live input slices too. MacKayPruner(mac_price=, mac_price_ramp=) raises
+pays for its consumers' input slices too. MacKayPruner(mac_price=, mac_price_ramp=) raises
 the price over the first pruning updates (pruner.py).
 """
 from __future__ import annotations
@@ -146,16 +145,22 @@ def price_out(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Tensor
 
 
 class FreedMacs:
-    """The MACs per example that removing each group of per-layer ARD targets saves (the cost in
-    MacKayPruner(mac_price=...) for granularity weight and filter), from the live weights now.
+    """MACs_g of the groups of per-layer ARD targets (granularity weight and filter): what the
+    group costs in the full network, with the channel that dies with it.
 
-    A group's own live entries count, each times its uses. When the group is one index of the
-    only producer (a Linear's or conv's output row) or the only reader (an input column) of a
-    channel the coupling trace found, removing it kills the channel, so the live entries of the
-    channel's other members count too: a hidden unit's outgoing column also pays for its incoming
-    row. Live: non-zero and in no dead channel (one whose producers or readers are all zero), so a
-    pixel's column is charged only for the hidden units still alive. A model the tracer cannot
-    follow is charged its groups' own live entries (`note` says why)."""
+    A group's own entries count, each times its uses. When the group is one index of the only
+    producer (a Linear's or conv's output row) or the only reader (an input column) of a channel
+    the coupling trace found, removing it kills the channel, so the entries of the channel's other
+    members count too: a hidden unit's outgoing column also pays for its incoming row, as a
+    coupled channel group does (channel_group_macs). A model the tracer cannot follow is charged
+    its groups' own entries (`note` says why).
+
+    Full network, not the live one: charging only what is still live (a pixel for the hidden
+    units left, a conv1 filter for the conv2 filters left) measured no better on LeNet-300-100 (the
+    same error against MACs front, at other prices) and far worse on LeNet-5 in channel groups:
+    each filter removed from one layer made the next layer's cheaper to keep and its own dearer,
+    and conv2 collapsed to one filter (3.88% error at 131K MACs, against 0.84% at 150K).
+    """
 
     def __init__(self, model: nn.Module, example_inputs, uses: dict[int, float]):
         self.model, self.uses, self.note = model, uses, None
@@ -165,74 +170,48 @@ class FreedMacs:
         except CouplingError as error:
             groups = []
             self.note = f"mac_price: channels not traced ({error}): each group pays for its own weights"
-        # per channel: (parameter name, dim, indices, role) of its weight members with a known role
-        self.channels = []
+        # (parameter name, dim) -> per index of that dim, the MACs of the channel it alone writes
+        # or reads, without its own entries
+        self._killed: dict[tuple[str, int], dict[int, float]] = {}
         for group in groups:
             if group.kind != "channel":
                 continue
             members = [(m.name, m.dim, m.indices, _role(model, m.name, m.dim)) for m in group.members
                        if model.get_parameter(m.name).dim() > 1]
             roles = [role for *_, role in members]
-            # a channel with a member of unknown role, or with no reader among the weights (one the
-            # model returns), is never counted as dead nor as killed
-            if None not in roles and "out" in roles and "in" in roles:
-                self.channels.append(members)
-        # (parameter name, dim) -> (channel, member) where one index of it is the channel's only
-        # producer or only reader: removing that index kills the channel
-        self._links: dict[tuple[str, int], list[tuple[int, int]]] = {}
-        for channel, members in enumerate(self.channels):
+            # a member of unknown role, or no reader among the weights (a channel the model
+            # returns): never counted as killed
+            if None in roles or "out" not in roles or "in" not in roles:
+                continue
+            macs = [self._entries(name, dim, indices) for name, dim, indices, _ in members]
             for index, (name, dim, indices, role) in enumerate(members):
-                if len(indices) == 1 and sum(1 for m in members if m[3] == role) == 1:
-                    self._links.setdefault((name, dim), []).append((channel, index))
-        self._alive: list[bool] = [True] * len(self.channels)
+                if len(indices) == 1 and roles.count(role) == 1:
+                    others = sum(macs) - macs[index]
+                    killed = self._killed.setdefault((name, dim), {})
+                    killed[indices[0]] = killed.get(indices[0], 0.0) + others
+        self._cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+
+    def _entries(self, name: str, dim: int, indices) -> float:
+        param = self.model.get_parameter(name)
+        return len(indices) * param.numel() / param.shape[dim] * self.uses.get(id(param), 0.0)
 
     @torch.no_grad()
-    def live(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> uses per live entry (0 where zero or in a dead channel), float64;
-        taken once per update (it also notes which channels are alive for group_macs)."""
-        names = {m[0] for members in self.channels for m in members}
-        live = {name: (self.model.get_parameter(name) != 0) for name in names}
-        self._alive = [self._lives(members, live) for members in self.channels]
-        for members, alive in zip(self.channels, self._alive):
-            for name, dim, indices, _ in ([] if alive else members):
-                index = torch.tensor(indices, dtype=torch.long, device=live[name].device)
-                live[name] = live[name].index_fill(dim, index, False)
-        return {name: mask.double() * self.uses.get(id(self.model.get_parameter(name)), 0.0)
-                for name, mask in live.items()}
-
-    @torch.no_grad()
-    def group_macs(self, weight: torch.Tensor, alpha: torch.Tensor,
-                   live: dict[str, torch.Tensor]) -> torch.Tensor:
-        """MACs per example removing each group of `weight` (a parameter of the model, its groups
-        given by `alpha`) saves, float64, alpha's shape padded to the weight's; `live` from the
-        live() of this update."""
+    def group_macs(self, weight: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """MACs_g of every group of `weight` (a parameter of the model, its groups given by
+        `alpha`), float64, alpha's shape padded to the weight's; computed once per target."""
         name = self._names.get(id(weight))
-        dims, padded = group_dims(weight, alpha)
-        macs = live[name] if name in live else (weight != 0).double() * self.uses.get(id(weight), 0.0)
-        macs = macs.sum(dim=dims, keepdim=True) if dims else macs.clone()
-        grouped = [d for d, size in enumerate(padded) if size != 1]
-        if len(grouped) != 1:   # one weight per group, or a whole tensor: never a channel's only link
-            return macs
-        for channel, index in self._links.get((name, grouped[0]), []):
-            if self._alive[channel]:
-                members = self.channels[channel]
-                freed = sum(float(self._slice(m, live).sum()) for j, m in enumerate(members) if j != index)
-                macs.view(-1)[members[index][2][0]] += freed
-        return macs
-
-    @staticmethod
-    def _slice(member, live) -> torch.Tensor:
-        name, dim, indices, _ = member
-        index = torch.tensor(indices, dtype=torch.long, device=live[name].device)
-        return live[name].index_select(dim, index)
-
-    def _lives(self, members, live) -> bool:
-        """A channel lives while some producer and some reader still has a non-zero entry."""
-        alive = {"out": False, "in": False}
-        for member in members:
-            if not alive[member[3]] and bool(self._slice(member, live).any()):
-                alive[member[3]] = True
-        return alive["out"] and alive["in"]
+        key = (name, tuple(alpha.shape))
+        if key not in self._cache:
+            dims, padded = group_dims(weight, alpha)
+            size = math.prod(weight.shape[d] for d in dims)
+            macs = torch.full(padded, size * self.uses.get(id(weight), 0.0), dtype=torch.float64,
+                              device=weight.device)
+            grouped = [d for d, extent in enumerate(padded) if extent != 1]
+            if len(grouped) == 1:   # one index per group: it may be a channel's only link
+                for index, extra in self._killed.get((name, grouped[0]), {}).items():
+                    macs.view(-1)[index] += extra
+            self._cache[key] = macs
+        return self._cache[key]
 
 
 def _role(model: nn.Module, name: str, dim: int) -> str | None:
@@ -254,9 +233,9 @@ def _role(model: nn.Module, name: str, dim: int) -> str | None:
 # ------------------------------------------------------------- coupled channel groups
 def channel_group_macs(channel, uses: dict[int, float]) -> torch.Tensor:
     """MACs per example of every coupled group of a ChannelARD (channel_ard.py): the sum over its
-    members (a filter, its consumers' input slices, ...) of live (non-zero) entries x uses per
-    entry, so a filter is charged only for the input slices of consumers still alive. Biases and
-    norm entries add, they do not multiply: 0."""
+    members (a filter, its consumers' input slices, ...) of entries x uses per entry, in the full
+    network (see FreedMacs for why not the live entries). Biases and norm entries add, they do
+    not multiply: 0."""
     macs = torch.zeros_like(channel.alpha)
     for member in channel.members.values():
         count = uses.get(id(member.param))
@@ -267,9 +246,8 @@ def channel_group_macs(channel, uses: dict[int, float]) -> torch.Tensor:
                                  "the weight of a Linear, Conv, ConvTranspose or Embedding that the "
                                  "forward on example_inputs ran")
             continue
-        live = (member.param.detach() != 0).double() * count
         for dim, ids in member.views():
-            channel._group_sum(member, dim, ids, live * (ids >= 0).double(), macs)
+            channel._group_sum(member, dim, ids, (ids >= 0).double() * count, macs)
     return macs
 
 

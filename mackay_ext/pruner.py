@@ -175,11 +175,10 @@ class MacKayPruner(StandalonePrior):
                              f"put a prior on (left out: {self.excluded})")
         # MACs per example of one entry of each weight (mac_price.py), before any hook is attached
         self._weight_uses = weight_uses(model, example_inputs) if self.mac_price else {}
-        self._freed = None   # what removing each group saves (granularity weight / filter)
+        self._freed = None   # MACs_g of each group (granularity weight / filter)
         if self.mac_price and granularity != "channel":
             target_uses(self._weight_uses, self.targets)   # every target counted, or a clear error
             self._freed = FreedMacs(model, example_inputs, self._weight_uses)
-        self._live: dict[str, torch.Tensor] = {}   # FreedMacs.live() of the update under way
         self.layers = {name: target.module for name, target in self.targets.items()}
         self.granularity, self.notes = self._granularities(granularity)
         if self._freed is not None and self._freed.note:
@@ -469,7 +468,6 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
         else:
-            self._live = self._freed.live() if self._freed is not None and price > 0 and not hold else {}
             layers = [self._update_one(name, target, hold)
                       for name, target in self.targets.items()]
         report = self._summarise(layers)
@@ -504,7 +502,7 @@ class MacKayPruner(StandalonePrior):
         gamma = float(stats.gamma_sum)
         priced_out = 0
         if priced:
-            macs = self._freed.group_macs(weight, alpha, self._live)
+            macs = self._freed.group_macs(weight, alpha)
             moment = self._covariance.second_moment.get(name) if self._covariance is not None else None
             if moment is not None:
                 priced_out, priced_gamma = compensated_price_out(

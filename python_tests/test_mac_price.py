@@ -230,28 +230,20 @@ def _chain_live_macs(weights: list[torch.Tensor]) -> int:
 
 
 def test_freed_macs_of_input_groups_are_what_the_network_loses():
-    """granularity='filter' on an MLP (one alpha per input of each Linear): a group's price is the
-    MACs the network with its dead units removed loses when the group goes: a pixel pays for the
-    hidden units still alive, a hidden unit's outgoing column for its incoming row too, and a
-    dead unit's column for nothing."""
+    """granularity='filter' on an MLP (one alpha per input of each Linear): MACs_g is what the full
+    network with its dead units removed loses when the group goes: a pixel's column, a hidden
+    unit's outgoing column and its incoming row."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    with torch.no_grad():
-        model[0].weight[:, 2] = 0        # a pixel nobody reads
-        model[0].weight[4] = 0           # a hidden unit with no input
-        model[2].weight[1, 3] = 0        # scattered zeros
-        model[2].weight[0, 0] = 0
-        model[4].weight[2, 1] = 0
     x = torch.randn(4, 7)
-    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=4, granularity="filter",
-                          mac_price=1e-3, example_inputs=x)
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=4,
+                          granularity="filter", mac_price=1e-3, example_inputs=x)
     weights = [model[i].weight.detach().clone() for i in (0, 2, 4)]
     full = _chain_live_macs(weights)
-    live = pruner._freed.live()
     checked = 0
     for name, target in pruner.targets.items():
         layer = [0, 2, 4].index(int(name.split(".")[0]))
-        macs = pruner._freed.group_macs(target.param, pruner.alpha(name), live).view(-1)
+        macs = pruner._freed.group_macs(target.param, pruner.alpha(name)).view(-1)
         assert macs.numel() == weights[layer].shape[1]   # one group per input
         for column in range(weights[layer].shape[1]):
             cut = [w.clone() for w in weights]
@@ -259,7 +251,17 @@ def test_freed_macs_of_input_groups_are_what_the_network_loses():
             assert float(macs[column]) == full - _chain_live_macs(cut), (name, column)
             checked += 1
     assert checked == 7 + 6 + 5
-    assert float(pruner._freed.group_macs(model[2].weight, pruner.alpha("2"), live).view(-1)[4]) == 0   # no input
+    with torch.no_grad():   # the full network's MACs: zeros made later change nothing
+        model[0].weight[3] = 0
+    assert float(pruner._freed.group_macs(model[2].weight, pruner.alpha("2")).view(-1)[3]) == 5 + 7
+
+
+def test_freed_macs_of_one_weight_groups_are_their_own():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=4,
+                          granularity="weight", mac_price=1e-3, example_inputs=torch.randn(2, 4))
+    macs = pruner._freed.group_macs(model[2].weight, pruner.alpha("2"))
+    assert macs.shape == (2, 3) and torch.all(macs == 1)
 
 
 def test_freed_macs_of_filters_include_their_readers():
@@ -271,35 +273,16 @@ def test_freed_macs_of_filters_include_their_readers():
     model = _channel_net()
     pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=4, granularity="filter",
                           mac_price=1e-6, example_inputs=x)
-    live = pruner._freed.live()
     full = count_macs(_channel_net(), x[:1])   # a copy without the pruner's hooks
     groups = channel_groups(model, x[:1])
     for name in ("0.weight", "3.weight"):
-        macs = pruner._freed.group_macs(model.get_parameter(name), pruner.alpha(name.split(".")[0]), live).view(-1)
+        macs = pruner._freed.group_macs(model.get_parameter(name), pruner.alpha(name.split(".")[0])).view(-1)
         for filter_index in range(macs.numel()):
             group = next(g for g in groups if any(m.name == name and m.dim == 0 and m.indices == (filter_index,)
                                                   for m in g.members))
             copy = _channel_net()
             group.zero_(copy)
             assert float(macs[filter_index]) == full - count_macs(shrink(copy, x[:1]), x[:1]), (name, filter_index)
-
-
-def test_channel_group_macs_count_only_live_readers():
-    """After a conv2 filter is pruned, a conv1 channel no longer pays for that filter's slice."""
-    x = torch.randn(2, 2, 14, 14)
-    model = _channel_net()
-    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
-                          granularity="channel", mac_price=1e-6, example_inputs=x)
-    from mackay_ext.mac_price import channel_group_macs
-    before = channel_group_macs(pruner.channel, pruner._weight_uses)
-    with torch.no_grad():
-        model[3].weight[1] = 0     # one conv2 filter gone (its input slices of every conv1 channel)
-    after = channel_group_macs(pruner.channel, pruner._weight_uses)
-    per_slice = 3 * 3 * 4 * 4   # one 3x3 kernel entry set per output position of conv2 (4x4 after pooling)
-    conv1_groups = [i for i, g in enumerate(pruner.channel.groups) if any(m.name == "0.weight" for m in g.members)]
-    assert len(conv1_groups) == 5
-    for i in conv1_groups:
-        assert float(before[i] - after[i]) == per_slice
 
 
 def test_channel_groups_are_priced_by_the_gain_of_all_their_members():
