@@ -23,7 +23,8 @@ weights and as many units with a weight left as the MNIST table's MacKay rows
 (bench/results/mnist.md, first seed), the weights chosen by magnitude from a random init among
 the kept units' rows and the previous layer's kept units' columns (a trained per-weight result
 has such silent units: the Trainer drops the weights feeding a unit nobody reads);
-ResNet-20 loses a random third of its removable coupled channel groups
+the priced LeNet-5 keeps whole coupled channels, as many per layer as the MAC-priced row of
+bench/results/pareto_mnist.md; ResNet-20 loses a random third of its removable coupled channel groups
 (mackay_ext.coupling.channel_groups, ChannelGroup.zero_). Latency and size depend on where the
 zeros are, not on what the network learned, so this is enough for these measurements.
 
@@ -71,6 +72,10 @@ LENET5_KEPT = (199, 492, 853, 417)       # lenet-5-caffe, mackay-weight: 0.45% k
 LENET5_UNITS = (20, 35, 162, 10)         # ... units with a weight left (of 20, 50, 500, 10)
 LENET5_GROUP_UNITS = {"2": 9, "5": 103}  # lenet-5-caffe, mackay-group: conv2 9/50 filters, fc1 103/500 units
 LENET5_GROUP_FC1_KEPT = 6901             # ... and 6,901 of fc1's weights: 3.0% kept overall
+# lenet-5-caffe, mackay-priced 0.03 (bench/results/pareto_mnist.md, seed 0): conv1 7/20 filters,
+# conv2 4/50, fc1 64/500 units, whole channels only: 1.3% kept, 150K MACs
+LENET5_PRICED_UNITS = {"0": 7, "2": 4, "5": 64}
+LENET5_PRICED_NAME = "7-4-64, 1.3% kept"
 
 
 # -- pruned weights, made quickly ----------------------------------------------------------------
@@ -115,18 +120,19 @@ def _read_columns(layer, previous, inputs, generator):
     return (rows.unsqueeze(1) * per_unit + torch.arange(per_unit)).reshape(-1).sort().values
 
 
-def lenet5_group():
-    """Whole conv2 filters and fc1 units (coupled groups: their bias and the next layer's inputs
-    go too), largest norms kept, then fc1's weights by magnitude, as the mackay-group row."""
+def lenet5_channels(units: dict[str, int], fc1_kept: int | None = None):
+    """Whole coupled channel groups (a filter or unit with its bias and the next layer's inputs),
+    largest norms kept, `units` per layer; then fc1's weights by magnitude if `fc1_kept`."""
     dense = models.create("lenet-5-caffe").eval()
     pruned = copy.deepcopy(dense)
     shape = (1, 28, 28)
     groups = channel_groups(pruned, (torch.randn(2, *shape),))
-    for layer, units in LENET5_GROUP_UNITS.items():
+    for layer, count in units.items():
         own = [g for g in groups if any(m.name == f"{layer}.weight" and m.dim == 0 for m in g.members)]
-        for group in sorted(own, key=lambda g: float(g.squared_norm(pruned)), reverse=True)[units:]:
+        for group in sorted(own, key=lambda g: float(g.squared_norm(pruned)), reverse=True)[count:]:
             group.zero_(pruned)
-    keep_largest_(pruned[5].weight, LENET5_GROUP_FC1_KEPT)
+    if fc1_kept is not None:
+        keep_largest_(pruned[5].weight, fc1_kept)
     return dense, pruned, shape
 
 
@@ -145,7 +151,8 @@ CASES = {
     "lenet-300-100 (1.25% kept)": lambda: unstructured("lenet-300-100", LENET300_KEPT, LENET300_UNITS,
                                                        (1, 28, 28), LENET300_INPUTS),
     "lenet-5-caffe (0.45% kept)": lambda: unstructured("lenet-5-caffe", LENET5_KEPT, LENET5_UNITS, (1, 28, 28)),
-    "lenet-5-caffe (groups, 3.0% kept)": lenet5_group,
+    "lenet-5-caffe (groups, 3.0% kept)": lambda: lenet5_channels(LENET5_GROUP_UNITS, LENET5_GROUP_FC1_KEPT),
+    f"lenet-5-caffe (priced channels, {LENET5_PRICED_NAME})": lambda: lenet5_channels(LENET5_PRICED_UNITS),
     "resnet-20 (1/3 of channel groups)": resnet20_channels,
 }
 
@@ -365,7 +372,9 @@ def markdown(rows, checks, machine, note, breakdowns=()):
 NOTE = ("Pruned weights: not trained. Each network keeps, layer by layer, as many weights and as many "
         "units with a weight left as the MNIST table's MacKay rows (bench/results/mnist.md, first seed; "
         "LeNet-300-100 187/300 and 85/100 units reading 491 of 784 pixels, LeNet-5 per weight 35/50 "
-        "filters and 162/500 units, LeNet-5 groups 9/50 and 103/500), the weights chosen by magnitude "
+        "filters and 162/500 units, LeNet-5 groups 9/50 and 103/500; LeNet-5 priced channels as "
+        "bench/results/pareto_mnist.md's mackay-priced 0.03 on seed 0, 7/20, 4/50 and 64/500 whole "
+        "channels), the weights chosen by magnitude "
         "from a random init among the kept units' rows and the kept inputs' columns; ResNet-20 loses a random third of the coupled channel groups shrink can remove (the "
         "channels made by the zero-padding shortcuts are kept by design). For latency and size only "
         "where the zeros are matters, so this stands in for trained weights here.")

@@ -48,7 +48,7 @@ GROUP_THRESHOLDS = (0.05, 0.2)
 # mackay-priced: the group recipe with MacKayPruner(mac_price=...), the price reached over the
 # first PRICE_RAMP pruning updates (all at once, the first one cut LeNet-300-100 to 60 inputs at
 # 8.6% error where the ramped run kept 133 at 1.64%); granularity: LeNet-5's coupled channels
-# (a conv1 filter pays for its live slices of conv2), LeNet-300-100's input groups (pixels are not
+# (a conv1 filter pays for its slices of conv2), LeNet-300-100's input groups (pixels are not
 # channels; a hidden unit's outgoing column pays for its incoming row, and goes with the other
 # inputs re-fitted, mac_compensate.py). Prices from runs on seed 0.
 PRICED = {"lenet-300-100": ("filter", (0.01, 0.003, 0.02, 0.03, 0.1)), "lenet-5-caffe": ("channel", (0.02, 0.01, 0.03))}
