@@ -27,7 +27,8 @@ removed for being each other's copy.
 
 InputCovariance samples A from every `every`-th training forward (an EMA), so it costs a fraction
 of the layer's own matmul; until it has a sample (a fresh or resumed pruner) the diagonal rule of
-mac_price.py is used.
+mac_price.py is used, as it is for layers wider than REFIT_MAX_INPUTS inputs and if A cannot
+be inverted.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ import torch
 from torch import nn
 
 COVARIANCE_EVERY = 8     # training forwards between two samples of A
+REFIT_MAX_INPUTS = 2048  # wider layers are priced by the diagonal rule: A is (in+1)^2 float64, and
+# each group removed costs a rank-one downdate of its inverse
 COVARIANCE_DECAY = 0.9   # EMA weight of the samples before (about the last 10 samples count)
 DAMPING = 1e-6           # of the mean diagonal, added to A before it is inverted
 
@@ -87,7 +90,8 @@ def compensated_price_out(module: nn.Linear, curvature: torch.Tensor, alpha: tor
     w = weight.detach().double()
     n_h = (curvature.double() * num_data).clamp(min=0.0)
     cost = price * macs.reshape(inputs).double()
-    active = torch.cat([a != math.inf, torch.ones(1, dtype=torch.bool, device=a.device)])   # + the bias
+    # the live inputs, and the constant 1 where a bias can take a share
+    active = torch.cat([a != math.inf, torch.full((1,), bias is not None, dtype=torch.bool, device=a.device)])
     moment = second_moment.to(w.device)
     moment = moment + DAMPING * moment.diagonal().mean() * torch.eye(inputs + 1, dtype=w.dtype, device=w.device)
     index = active.nonzero().flatten()

@@ -53,7 +53,7 @@ from .ard_targets import (
 )
 from .curvature import ema_debiased
 from .dead_units import prune_unused_units
-from .mac_compensate import InputCovariance, compensated_price_out
+from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
 from .standalone_prior import StandalonePrior
@@ -189,6 +189,11 @@ class MacKayPruner(StandalonePrior):
             refit = {name: t.module for name, t in self.targets.items()
                      if isinstance(t.module, nn.Linear) and t.attr == "weight" and len(t.owners) <= 1
                      and self._alpha_shape(t, self.granularity[name]) == (1, t.param.shape[1])}
+            wide = sorted(name for name, module in refit.items() if module.in_features > REFIT_MAX_INPUTS)
+            if wide:
+                self.notes["mac_price refit"] = (f"inputs of {', '.join(wide)} priced without the re-fit (more "
+                                                 f"than {REFIT_MAX_INPUTS} inputs)")
+            refit = {name: module for name, module in refit.items() if name not in wide}
             self._covariance = InputCovariance(refit) if refit else None
         self.accumulator = None
         if curvature != "ef-batch":
@@ -504,10 +509,15 @@ class MacKayPruner(StandalonePrior):
         if priced:
             macs = self._freed.group_macs(weight, alpha)
             moment = self._covariance.second_moment.get(name) if self._covariance is not None else None
+            refitted = None
             if moment is not None:
-                priced_out, priced_gamma = compensated_price_out(
-                    target.module, curvature, alpha, old_alpha, moment, num_data=self.num_data, macs=macs,
-                    price=price, rule=self.rule)
+                try:
+                    refitted = compensated_price_out(target.module, curvature, alpha, old_alpha, moment,
+                                                     num_data=self.num_data, macs=macs, price=price, rule=self.rule)
+                except torch.linalg.LinAlgError:   # A singular even with damping: the diagonal rule
+                    refitted = None
+            if refitted is not None:
+                priced_out, priced_gamma = refitted
             else:
                 priced_out, priced_gamma = price_out(weight, curvature, alpha, old_alpha, num_data=self.num_data,
                                                      macs=macs, price=price, rule=self.rule)

@@ -151,3 +151,29 @@ def test_the_pruner_refits_priced_linear_inputs_and_only_those():
     assert sorted(pruner._covariance.second_moment) == ["3", "5"]
     pruner.detach()
     assert not pruner._covariance._hooks
+
+
+def test_without_a_bias_the_refit_is_least_squares_without_a_constant():
+    layer, x, moment = _layer_and_data()
+    plain = nn.Linear(6, 4, bias=False).double()
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+    target = plain(x).detach()
+    curvature = torch.full((4, 6), 1.0, dtype=torch.float64)
+    alpha = torch.full((1, 6), 2.0, dtype=torch.float64)
+    count, _, new_alpha = _first_to_go(plain, curvature, alpha, moment, torch.ones(1, 6, dtype=torch.float64))
+    gone = [i for i in range(6) if new_alpha[0, i] == math.inf]
+    assert count == 1
+    keep = [i for i in range(6) if i != gone[0]]
+    solution = torch.linalg.lstsq(x[:, keep], target).solution
+    torch.testing.assert_close(plain.weight[:, keep].detach(), solution.T, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_too_wide_for_the_refit_are_named():
+    from mackay_ext import mac_compensate
+    model = nn.Sequential(nn.Linear(mac_compensate.REFIT_MAX_INPUTS + 1, 3), nn.ReLU(), nn.Linear(3, 2))
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
+                          granularity="filter", mac_price=1e-3,
+                          example_inputs=torch.randn(2, mac_compensate.REFIT_MAX_INPUTS + 1))
+    assert set(pruner._covariance._calls) == {"2"}
+    assert "inputs of 0 priced without the re-fit" in pruner.notes["mac_price refit"]
