@@ -365,3 +365,26 @@ def test_ramp_argument():
         with pytest.raises(ValueError, match=r"mac_price_ramp must be an int >= 1 \(pruning updates\)"):
             MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
                          mac_price=1e-3, mac_price_ramp=bad, example_inputs=x)
+
+
+class _Branchy(nn.Module):
+    """A forward torch.export cannot trace (it branches on a value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        hidden = torch.relu(self.first(x))
+        if float(hidden.detach().sum()) > -1.0:
+            hidden = hidden * 2
+        return self.second(hidden)
+
+
+def test_an_untraceable_model_is_priced_by_each_groups_own_weights_and_says_so():
+    model = _Branchy()
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
+                          granularity="filter", mac_price=1e-3, example_inputs=torch.randn(2, 4))
+    assert "channels not traced" in pruner.notes["mac_price"]
+    macs = pruner._freed.group_macs(model.second.weight, pruner.alpha("second")).view(-1)
+    assert macs.tolist() == [2.0, 2.0, 2.0]   # its own column only: the unit's row is not charged
