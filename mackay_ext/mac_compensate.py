@@ -26,8 +26,8 @@ cheapest margin first, with A^-1 downdated after each, so two copies of one inpu
 removed for being each other's copy.
 
 InputCovariance samples A from every `every`-th training forward (an EMA), so it costs a fraction
-of the layer's own matmul; until it has a sample (a fresh or resumed pruner) the diagonal rule of
-mac_price.py is used, as it is for layers wider than REFIT_MAX_INPUTS inputs and if A cannot
+of the layer's own matmul, and is saved with the pruner's state; until it has a sample the
+diagonal rule of mac_price.py is used, as it is for layers wider than REFIT_MAX_INPUTS inputs and if A cannot
 be inverted.
 """
 from __future__ import annotations
@@ -69,6 +69,16 @@ class InputCovariance:
                 old = self.second_moment.get(name)
                 self.second_moment[name] = moment if old is None else self.decay * old + (1 - self.decay) * moment
         return sample
+
+    def state_dict(self) -> dict:
+        return {"second_moment": {n: m.clone() for n, m in self.second_moment.items()},
+                "calls": dict(self._calls)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The samples of a saved pruner (absent from older checkpoints: sampling starts again)."""
+        self.second_moment = {n: m.to(torch.float64).clone() for n, m in state.get("second_moment", {}).items()
+                              if n in self._calls}
+        self._calls.update({n: int(c) for n, c in state.get("calls", {}).items() if n in self._calls})
 
     def remove(self) -> None:
         for handle in self._hooks:

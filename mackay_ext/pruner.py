@@ -96,9 +96,13 @@ class MacKayPruner(StandalonePrior):
             prunes every group whose evidence gain (what it adds to the log evidence) is below
             mac_price x its MACs per example (mackay_ext.mac_price): the knob that trades accuracy
             for compute where MacKay's rule keeps groups that are well determined but dear, such
-            as a first conv layer's filters. With granularity="channel" a group's MACs are those
-            of all its members (a filter and its consumers' input slices). The report says how
-            many groups it priced out ("priced_out", per layer or in the channel section).
+            as a first conv layer's filters. A group's MACs are those of its weights in the full
+            network and of the channel that dies with it (a hidden unit's outgoing column pays for
+            its incoming row; with granularity="channel", a filter for its consumers' input
+            slices). The inputs of a Linear layer (granularity "filter") are judged and removed
+            with the other inputs re-fitted (mackay_ext.mac_compensate; the input moments it
+            samples during training are saved in state_dict). The report says how many groups it
+            priced out ("priced_out", per layer or in the channel section).
         mac_price_ramp: the price rises linearly to mac_price over this many pruning updates
             (default 1: the full price at once). The first pruning update sees groups trained
             without any price; at the full price it removes most of them at once, and the
@@ -601,7 +605,8 @@ class MacKayPruner(StandalonePrior):
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind,
                              "mac_price": self.mac_price, "mac_price_ramp": self.mac_price_ramp},
-                "priced_updates": self._priced_updates}
+                "priced_updates": self._priced_updates,
+                **({"input_covariance": self._covariance.state_dict()} if self._covariance is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         where = "MacKayPruner.load_state_dict"
@@ -616,6 +621,8 @@ class MacKayPruner(StandalonePrior):
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
         self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
+        if self._covariance is not None:
+            self._covariance.load_state_dict(state.get("input_covariance", {}))
         # t of each ef-batch moving average; absent from older checkpoints: read h as it is
         saved_steps = state.get("curvature_steps", {})
         for name, target in self.targets.items():

@@ -2,6 +2,7 @@
 (mackay_ext.mac_compensate): the re-fit against a float64 least-squares solve, two copies of one
 input never both removed, the compensated gain against the diagonal one, and the sampling of
 E[x x^T] during training."""
+import copy
 import math
 
 import torch
@@ -177,3 +178,51 @@ def test_layers_too_wide_for_the_refit_are_named():
                           example_inputs=torch.randn(2, mac_compensate.REFIT_MAX_INPUTS + 1))
     assert set(pruner._covariance._calls) == {"2"}
     assert "inputs of 0 priced without the re-fit" in pruner.notes["mac_price refit"]
+
+
+def test_a_resumed_pruner_refits_as_the_uninterrupted_one():
+    """The sampled input moments are part of the pruner's state: a pruner rebuilt from
+    state_dicts (model, optimizer, pruner) after an update continues bit for bit, inputs priced
+    out after the resume included (without the moments it would not)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 12, generator=g)
+    x[:, 5] = x[:, 3] + 0.1 * x[:, 4]
+    y = (x[:, :3].sum(1) > 0).long() + (x[:, 3] > 0.5).long()
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        pruner = MacKayPruner(model, optimizer, num_data=2000, batch_size=64, granularity="filter",
+                              mac_price=1.0, mac_price_ramp=6, example_inputs=x[:2])
+        return model, optimizer, pruner
+
+    def train(model, optimizer, pruner, updates):
+        for _ in range(updates):
+            for _ in range(5):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            pruner.update()
+
+    def resumed(state):
+        other_model, other_optimizer, other = build()
+        other_model.load_state_dict(saved[0])
+        other_optimizer.load_state_dict(saved[1])
+        other.load_state_dict(state)
+        train(other_model, other_optimizer, other, 4)
+        return other_model, other
+
+    model, optimizer, pruner = build()
+    train(model, optimizer, pruner, 3)
+    saved = copy.deepcopy([model.state_dict(), optimizer.state_dict(), pruner.state_dict()])
+    assert set(saved[2]["input_covariance"]["second_moment"]) == {"0", "2"}
+    train(model, optimizer, pruner, 4)
+    assert sum(layer.get("priced_out") or 0 for update in pruner.history[3:] for layer in update["layers"]) > 0
+    other_model, other = resumed(saved[2])
+    for key, value in model.state_dict().items():
+        assert torch.equal(other_model.state_dict()[key], value), key
+    for name in pruner.targets:
+        assert torch.equal(other.alpha(name), pruner.alpha(name))
+    forgetful, _ = resumed({k: v for k, v in saved[2].items() if k != "input_covariance"})
+    assert not all(torch.equal(forgetful.state_dict()[k], v) for k, v in model.state_dict().items())
