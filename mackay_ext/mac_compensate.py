@@ -37,6 +37,8 @@ import math
 import torch
 from torch import nn
 
+from .mac_price import entry_gains, group_gamma
+
 COVARIANCE_EVERY = 8     # training forwards between two samples of A
 REFIT_MAX_INPUTS = 2048  # wider layers are priced by the diagonal rule: A is (in+1)^2 float64, and
 # each group removed costs a rank-one downdate of its inverse
@@ -108,12 +110,11 @@ def compensated_price_out(module: nn.Linear, curvature: torch.Tensor, alpha: tor
     inverse = torch.zeros_like(moment)
     inverse[index.unsqueeze(1), index] = torch.linalg.inv(moment[index][:, index])
     for_sale = torch.isfinite(a) & (a > 0)
-    safe_a = torch.where(for_sale, a, torch.ones_like(a))
     pruned: list[int] = []
     while bool(for_sale.any()):
         rho = (1.0 / (moment.diagonal()[:inputs] * inverse.diagonal()[:inputs])).clamp(0.0, 1.0)
         conditional = rho * n_h     # the curvature left to input j once the others are re-fitted
-        gain = 0.5 * (w * w * (safe_a + conditional) - torch.log1p(conditional / safe_a)).sum(dim=0)
+        gain = 0.5 * entry_gains(w, conditional, a).sum(dim=0)   # 0 for groups not for sale
         margin = (gain - cost).masked_fill(~for_sale, math.inf)
         j = int(margin.argmin())
         if not margin[j] < 0:
@@ -137,10 +138,5 @@ def compensated_price_out(module: nn.Linear, curvature: torch.Tensor, alpha: tor
     weight.copy_(w.to(weight.dtype))
     weight[:, gone] = 0
     alpha.view(-1)[gone] = math.inf
-    old = old_alpha.reshape(inputs).double()
-    if rule == "paper":
-        gamma = torch.full((inputs,), float(weight.shape[0]), dtype=torch.float64, device=a.device)
-    else:
-        per_weight = torch.where(old == 0, torch.ones_like(n_h), n_h / (n_h + old))
-        gamma = per_weight.sum(dim=0)
+    gamma = group_gamma(n_h, old_alpha.double().reshape(1, inputs), [0], rule).view(-1)
     return len(pruned), float(gamma[gone].sum())

@@ -94,12 +94,21 @@ def _recorder(module, batch, uses):
     return record
 
 
-def _entry_gains(w: torch.Tensor, n_h: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def entry_gains(w: torch.Tensor, n_h: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Twice each entry's share of gain_g: w^2 (alpha + H) - log(1 + H / alpha); 0 where alpha is
     +inf (pruned) or 0 (prior off)."""
     live = torch.isfinite(alpha) & (alpha > 0)
     safe = torch.where(live, alpha, torch.ones_like(alpha))
     return (w * w * (safe + n_h) - torch.log1p(n_h / safe)).masked_fill(~live, 0.0)
+
+
+def group_gamma(n_h: torch.Tensor, old_alpha: torch.Tensor, dims: list[int], rule: str) -> torch.Tensor:
+    """gamma_g of every group as the update computed it from `old_alpha` (padded to n_h.dim()):
+    the group's size under the paper's rule, else sum N h / (N h + alpha) (1 where alpha is 0)."""
+    if rule == "paper":
+        return torch.full_like(old_alpha, float(math.prod(n_h.shape[d] for d in dims)))
+    per_weight = torch.where(old_alpha == 0, torch.ones_like(n_h), n_h / (n_h + old_alpha))
+    return per_weight.sum(dim=dims, keepdim=True) if dims else per_weight
 
 
 @torch.no_grad()
@@ -111,7 +120,7 @@ def evidence_gain(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Te
     w = weight.double()
     n_h = (curvature.double() * num_data).clamp(min=0.0)
     alpha = alpha.double().reshape(padded)
-    per_weight = _entry_gains(w, n_h, alpha)
+    per_weight = entry_gains(w, n_h, alpha)
     gain = 0.5 * (per_weight.sum(dim=dims, keepdim=True) if dims else per_weight)
     live = torch.isfinite(alpha) & (alpha > 0)
     return torch.where(live, gain, torch.full_like(gain, math.inf))
@@ -126,18 +135,12 @@ def price_out(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Tensor
     an update wrote the new `alpha`. Returns (groups pruned, the sum of gamma of those groups,
     computed from `old_alpha` as the update did)."""
     dims, padded = group_dims(weight, alpha)
-    size = math.prod(weight.shape[d] for d in dims)
     priced = evidence_gain(weight, curvature, alpha, num_data=num_data) < price * macs
     count = int(priced.sum())
     if count == 0:
         return 0, 0.0
     n_h = (curvature.double() * num_data).clamp(min=0.0)
-    old = old_alpha.double().reshape(padded)
-    if rule == "paper":
-        gamma = torch.full_like(old, float(size))
-    else:
-        per_weight = torch.where(old == 0, torch.ones_like(n_h), n_h / (n_h + old))
-        gamma = per_weight.sum(dim=dims, keepdim=True) if dims else per_weight
+    gamma = group_gamma(n_h, old_alpha.double().reshape(padded), dims, rule)
     gamma_priced = float(torch.where(priced, gamma, torch.zeros_like(gamma)).sum())
     alpha.masked_fill_(priced.reshape(alpha.shape), math.inf)
     weight.masked_fill_(priced.expand(weight.shape), 0)
@@ -260,7 +263,7 @@ def channel_priced_out(channel, new: torch.Tensor, num_data: float, price: float
         w = member.param.detach().double()
         n_h = (channel.curvature_estimate(member.name).double() * num_data).clamp(min=0.0)
         terms, alpha_eff, _ = channel._alpha_terms(member, new)
-        per_entry = _entry_gains(w, n_h, alpha_eff)
+        per_entry = entry_gains(w, n_h, alpha_eff)
         for dim, ids, inside, _ in terms:
             channel._group_sum(member, dim, ids, 0.5 * per_entry * inside.double(), gain)
     live_group = torch.isfinite(new) & (new > 0)
