@@ -133,13 +133,39 @@ def make_extension():
                          extra_link_args=link)
 
 
+def _load_build_checks():
+    """mackay_ext/_build_checks.py by path: importing the package would need the built _C."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "mackay_ext_build_checks", os.path.join(ROOT, "mackay_ext", "_build_checks.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class BuildAndCheck(BuildExtension):
+    """torch's BuildExtension, then a refusal of a library that would crash on its first error
+    (a statically linked C++ runtime: mackay_ext/_build_checks.py says why)."""
+
+    def build_extension(self, ext):
+        super().build_extension(ext)
+        if platform.system() != "Linux":
+            return
+        path = self.get_ext_fullpath(ext.name)
+        problem = _load_build_checks().static_cxx_runtime_problem(
+            path, os.environ.get("CXX", "c++"))
+        if problem:
+            os.remove(path)
+            raise RuntimeError(problem)
+
+
 setup(
     name="mackay_ext",
     version="0.1.0",
     description="MacKay evidence-framework (ARD) compression for PyTorch, with fused C++/CUDA kernels",
     packages=find_packages(include=["mackay_ext", "mackay_ext.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildAndCheck},
     python_requires=">=3.9",
     # tqdm: progress bars on a terminal; matplotlib: the plots every run writes
     install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],

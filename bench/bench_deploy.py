@@ -1,6 +1,7 @@
 """From pruned weights to a model to ship: size, MACs and latency of each deployment form.
 
 Run:  python bench/bench_deploy.py [--threads 1]   (one process, one run; a few minutes on one core)
+      python bench/bench_deploy.py --device cuda  (deploy_cuda.{md,json}; each call synchronised)
 
 Issue 12's benchmark. For each pruned network, five forms of the same function:
   dense       the network before pruning (random init), the reference of every ratio
@@ -35,6 +36,7 @@ within 1.3x of dense latency times the MACs ratio; LeNet-300-100 at ~1.25% kept 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -199,14 +201,33 @@ def file_bytes(form, model, directory) -> int:
     return os.path.getsize(path)
 
 
+@contextlib.contextmanager
+def full_float32():
+    """TF32 off for a correctness check: cuDNN convolutions use it by default on Ampere and
+    later, which moves a 20-layer ResNet's outputs by ~1e-3, above the check's tolerance."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _synchronize(x):
+    if x.is_cuda:   # a GPU call returns before its kernels finish: time them to the end
+        torch.cuda.synchronize(x.device)
+
+
 @torch.no_grad()
 def latency_ms(models_by_form, x, budget_s):
     """Median milliseconds per form; the forms interleaved within each round."""
     for model in models_by_form.values():   # warm-up (the sparse layers cache their dense weight)
         for _ in range(3):
             model(x)
+    _synchronize(x)
     start = time.perf_counter()
     models_by_form["dense"](x)
+    _synchronize(x)
     one = time.perf_counter() - start
     rounds = max(7, min(300, int(budget_s / (len(models_by_form) * max(one, 1e-6)))))
     times = {form: [] for form in models_by_form}
@@ -214,6 +235,7 @@ def latency_ms(models_by_form, x, budget_s):
         for form, model in models_by_form.items():
             start = time.perf_counter()
             model(x)
+            _synchronize(x)
             times[form].append(time.perf_counter() - start)
     return {form: 1e3 * statistics.median(t) for form, t in times.items()}, rounds
 
@@ -234,6 +256,7 @@ def layer_ms(models_by_form, x, rounds=15):
             for i, child in enumerate(model):
                 start = time.perf_counter()
                 child(inputs[form][i])
+                _synchronize(x)
                 times[form][i].append(time.perf_counter() - start)
     names = [f"{i}: {type(c).__name__}" for i, c in enumerate(models_by_form["dense"])]
     shapes = {form: [list(t.shape[1:]) for t in inputs[form]] for form in models_by_form}
@@ -241,24 +264,32 @@ def layer_ms(models_by_form, x, rounds=15):
             "ms": {form: [1e3 * statistics.median(t) for t in ts] for form, ts in times.items()}}
 
 
-def measure(case, build, budget_s):
+def measure(case, build, budget_s, device="cpu"):
+    device = torch.device(device)
     torch.manual_seed(0)
     dense, pruned, shape = build()
     by_form = forms(dense, pruned, shape)
     check = torch.randn(4, *shape)
     with torch.no_grad():   # every form computes the pruned network (float32 sums in any order)
-        reference = pruned(check)
+        reference, dense_reference = pruned(check), dense(check)
+        expected = {form: dense_reference if form.startswith("dense") else reference for form in by_form}
         for form in list(by_form)[2:]:
-            expected = dense(check) if form.startswith("dense") else reference
-            torch.testing.assert_close(by_form[form](check), expected, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(by_form[form](check), expected[form], rtol=1e-4, atol=1e-4)
     rows = {form: {"model": case, "form": form, "params": sum(p.numel() for p in m.parameters()),
                    "nonzero_params": sum(int(p.count_nonzero()) for p in m.parameters()),
                    "macs": executed_macs(m, shape)} for form, m in by_form.items()}
     with tempfile.TemporaryDirectory() as directory:
         for form, model in by_form.items():
             rows[form]["bytes"] = file_bytes(form, model, directory)
+    if device.type != "cpu":   # built, checked and counted on the CPU; timed where they will run
+        by_form = {form: model.to(device) for form, model in by_form.items()}
+        with torch.no_grad(), full_float32():
+            on_device = {form: model(check.to(device)).cpu() for form, model in by_form.items()}
+        for form, output in on_device.items():
+            torch.testing.assert_close(output, expected[form], rtol=1e-4, atol=1e-4,
+                                       msg=lambda message, form=form: f"{form} on {device}: {message}")
     for batch in BATCHES:
-        ms, rounds = latency_ms(by_form, torch.randn(batch, *shape), budget_s)
+        ms, rounds = latency_ms(by_form, torch.randn(batch, *shape, device=device), budget_s)
         for form in by_form:
             rows[form][f"ms_batch{batch}"] = ms[form]
             rows[form][f"rounds_batch{batch}"] = rounds
@@ -272,7 +303,7 @@ def measure(case, build, budget_s):
     breakdown = None
     if isinstance(dense, nn.Sequential) and "shrunk, channels_last" in by_form:
         breakdown = dict(model=case, batch=BATCHES[-1], **layer_ms(
-            {form: by_form[form] for form in LAYER_FORMS}, torch.randn(BATCHES[-1], *shape)))
+            {form: by_form[form] for form in LAYER_FORMS}, torch.randn(BATCHES[-1], *shape, device=device)))
     return list(rows.values()), breakdown
 
 
@@ -311,9 +342,10 @@ def targets(rows):
     return out
 
 
-def hardware():
+def hardware(device="cpu"):
     cpu = cpu_name()
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if device.startswith("cuda") else {}
+    return {**gpu, "device": device, "cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_at_start": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
             "mackay_ext": mackay_ext.__version__, "compiled_backends": list(mackay_ext.compiled_backends()),
             "python": platform.python_version()}
@@ -357,7 +389,8 @@ def markdown(rows, checks, machine, note, breakdowns=()):
     hardware_line = (f"Hardware: {machine['cpu']}, {machine['torch_threads']} torch thread(s) of "
                      f"{machine['logical_cpus']} logical CPUs (load average {machine['load_average_at_start']} "
                      f"at start), torch {machine['torch']}, mackay_ext {machine['mackay_ext']} (compiled: "
-                     f"{', '.join(machine['compiled_backends'])}), device cpu.")
+                     f"{', '.join(machine['compiled_backends'])}), device {machine['device']}"
+                     f"{' (' + machine['gpu'] + ')' if 'gpu' in machine else ''}.")
     if machine.get("threads_set"):
         hardware_line += (" Threads set with torch.set_num_threads (--threads): the machine is shared "
                           "by other jobs, where a descheduled worker thread costs milliseconds.")
@@ -388,15 +421,22 @@ def main():
     parser.add_argument("--budget", type=float, default=6.0,
                         help="seconds of timed calls per model and batch size (default 6)")
     parser.add_argument("--results-dir", default=RESULTS_DIR, help="where deploy.md and deploy.json go")
+    parser.add_argument("--device", default="cpu",
+                        help="where the forms are timed: cpu or cuda[:N] (cuda writes deploy_cuda.*)")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here")
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = dict(hardware(), threads_set=bool(args.threads))
+    machine = dict(hardware(str(device)), threads_set=bool(args.threads))
     started = time.time()
     rows, breakdowns = [], []
     for case, build in CASES.items():
         print(f"measuring {case} ...", flush=True)
-        measured, breakdown = measure(case, build, args.budget)
+        measured, breakdown = measure(case, build, args.budget, device)
         rows += measured
         breakdowns += [breakdown] if breakdown else []
     checks = targets(rows)
@@ -408,13 +448,15 @@ def main():
             f"{machine['load_average_at_start']} at start, on {machine['logical_cpus']} logical CPUs): "
             "absolute times are inflated and noisy, ratios within this run are what to read.\n\n"
             if args.threads else "")
-    with open(os.path.join(args.results_dir, "deploy.md"), "w") as handle:
+    name = "deploy" if device.type == "cpu" else "deploy_cuda"
+    with open(os.path.join(args.results_dir, name + ".md"), "w") as handle:
         handle.write(f"# Deployment forms of pruned networks (bench/bench_deploy.py, {stamp})\n\n"
                      f"Regenerate: `python bench/bench_deploy.py"
                      f"{f' --threads {args.threads}' if args.threads else ''}"
-                     f"{f' --budget {args.budget:g}' if args.budget != 6.0 else ''}`\n\n{busy}{text}\n")
-    with open(os.path.join(args.results_dir, "deploy.json"), "w") as handle:
-        json.dump({"when": stamp, "wall_s": round(time.time() - started, 1), "device": "cpu",
+                     f"{f' --budget {args.budget:g}' if args.budget != 6.0 else ''}"
+                     f"{f' --device {args.device}' if device.type != 'cpu' else ''}`\n\n{busy}{text}\n")
+    with open(os.path.join(args.results_dir, name + ".json"), "w") as handle:
+        json.dump({"when": stamp, "wall_s": round(time.time() - started, 1), "device": str(device),
                    "hardware": machine, "note": NOTE, "rows": rows, "targets": checks,
                    "layer_breakdown": breakdowns}, handle, indent=2)
 

@@ -200,6 +200,10 @@ class MacKayAdam(torch.optim.Optimizer):
             self._run_bucket(bucket, grad_scale, found_inf)
         return loss
 
+    # Dynamo runs the plan's bookkeeping eagerly (a graph break): it caches on self, and torch
+    # releases before 2.14 refuse to trace a setattr on a user object
+    # ("does not have an AttributeMutation mutation_type").
+    @torch.compiler.disable
     def _plan(self) -> list[dict[str, Any]]:
         """The launches of a step, rebuilt (with every check) only when the set of parameters
         with gradients, a group's options or a parameter's state dict change; a step with an

@@ -81,14 +81,14 @@ def test_matches_design_loop(device, backend, dtype, weight_decay, decoupled):
                            backend=backend, **HYPER)
     for p, a in zip(params, alphas):
         optimizer.ard_state(p)["alpha"] = a.clone()
-    # float64 mirror: weights, moments, curvature
-    mirror = [[p.detach().double(), torch.zeros_like(p, dtype=torch.float64),
-               torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64)]
+    # float64 mirror on the CPU (the gradients and alphas it steps with live there): weights,
+    # moments, curvature
+    mirror = [[None] + [torch.zeros(p.shape, dtype=torch.float64) for _ in range(3)]
               for p in params + plain]
     for p, a in zip(params, alphas):  # pruned weights start at 0, as the pruner leaves them
         p.data.masked_fill_((a == math.inf).expand_as(p), 0)
     for state, p in zip(mirror, params + plain):
-        state[0] = p.detach().double().clone()  # a copy even when p is float64
+        state[0] = p.detach().double().cpu().clone()  # a copy even when p is float64
     for step, grads in enumerate(grads_for(params + plain, 20, seed=1), start=1):
         for p, g in zip(params + plain, grads):
             p.grad = g.to(device, dtype)
@@ -425,3 +425,39 @@ def test_deepcopy_and_pickle_keep_the_backend():
     for clone in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
         assert clone.backend == "torch"
         clone.step()  # used to fail: AttributeError 'backend'
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_replays_from_a_cuda_graph(backend):
+    """A graphed training loop captures optimizer.step() once and replays it: the step must
+    neither synchronise nor allocate, and each replay must equal an eager step."""
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(33, 17), torch.nn.Linear(17, 5)).cuda()
+        opt = MacKayAdam(ard_param_groups(net), lr=1e-2, num_data=100, batch_size=10, backend=backend)
+        opt.ard_state(net[0].weight)["alpha"].uniform_(0.0, 10.0)
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        return net, opt
+
+    graphed_net, graphed_opt = make()
+    eager_net, eager_opt = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graphed_opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager_opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed_opt.step()
+    for _ in range(3):
+        graph.replay()
+        eager_opt.step()
+    torch.cuda.synchronize()
+    for a, b in zip(graphed_net.parameters(), eager_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for p, q in zip(graphed_net.parameters(), eager_net.parameters()):
+        assert float(graphed_opt.state[p]["step"]) == float(eager_opt.state[q]["step"]) == 5

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The checks a lent GPU machine is for (README "GPU"), as one call:
+#   bash bench/run_gpu.sh [build] [tests] [bench] [deploy] [suite]     (default: all five)
+# build   the extension with its CUDA kernels for this card (pip install -e, no downloads)
+# tests   every CUDA test (and those that need a GPU to be meaningful), in parallel
+# bench   the CUDA cases of the pytest benchmarks: tables bench/results/*_cuda.{md,json}
+# deploy  bench/bench_deploy.py --device cuda: bench/results/deploy_cuda.{md,json}
+# suite   the whole test suite, as far as the time left allows
+# Logs and tables land in $OUT/results.tgz. Each stage has a time limit, so that one hung kernel
+# cannot spend the whole lease; GPU_BUDGET_S (default 420) is the time for all stages together.
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+budget=${GPU_BUDGET_S:-420}
+stages=${*:-build tests bench deploy suite}
+left() { echo $(( budget - ($(date +%s) - start) )); }
+pack() { tar czf "$OUT/results${GPU_TAG:-}.tgz" bench/results/*_cuda.* "$OUT"/*.log 2>/dev/null; }
+trap pack EXIT
+want() { [[ " $stages " == *" $1 "* ]]; }
+
+if want build; then
+  { nvidia-smi; nproc; git log --oneline -1 2>/dev/null
+    python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+  } > "$OUT/env.log" 2>&1
+  cat "$OUT/env.log"
+  cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  # The lent machines' image sets CC/CXX to a GCC that links libstdc++ statically, which
+  # setup.py refuses (mackay_ext/_build_checks.py); the system GCC is the one torch was built with.
+  export CC=${GPU_CC:-gcc} CXX=${GPU_CXX:-g++}
+  echo "== build (sm_$cap, CC=$CC CXX=$CXX: $($CXX --version | head -1))"
+  if ! TORCH_CUDA_ARCH_LIST="$cap" FORCE_CUDA=1 MAX_JOBS=$(nproc) timeout 300 \
+      python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1; then
+    tail -80 "$OUT/build.log"; exit 1
+  fi
+  echo "built after $(( $(date +%s) - start )) s"
+fi
+(cd / && python3 -c "import mackay_ext; print('backends', mackay_ext.compiled_backends())") || exit 1
+
+if want tests; then
+  echo "== CUDA tests (after $(( $(date +%s) - start )) s)"
+  timeout $(( $(left) / 2 )) python3 -m pytest python_tests -q -rfE -p no:cacheprovider -n 8 \
+    --timeout 120 -k "cuda or CUDA or mixed_devices or gpu or graph" 2>&1 | tee "$OUT/tests_cuda.log" | tail -30
+fi
+if want bench; then
+  echo "== CUDA benchmarks (after $(( $(date +%s) - start )) s)"
+  timeout $(( $(left) / 2 )) python3 -m pytest bench -q -p no:cacheprovider --timeout 150 \
+    -k cuda 2>&1 | tee "$OUT/bench_cuda.log" | grep -v "^test_" | tail -60
+fi
+if want deploy; then
+  echo "== deployment forms on CUDA (after $(( $(date +%s) - start )) s)"
+  timeout $(( $(left) / 2 )) python3 bench/bench_deploy.py --device cuda --budget 1 2>&1 \
+    | tee "$OUT/deploy_cuda.log" | tail -40
+fi
+if want suite; then
+  echo "== whole suite, as far as $(left) s allow"
+  OMP_NUM_THREADS=1 timeout $(( $(left) - 15 )) python3 -m pytest python_tests -q -rfE \
+    -p no:cacheprovider -n 12 --timeout 120 2>&1 | tee "$OUT/tests_all.log" | tail -40
+fi
+echo "== done after $(( $(date +%s) - start )) s"
