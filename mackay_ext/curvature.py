@@ -113,13 +113,16 @@ class FisherAccumulator:
         self._scale_override: float | None = None
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
         self._active = mode == "ef-exact"
+        # ef-exact: while True the hooks capture nothing (MacKayPruner(curvature_every=k) samples
+        # one training batch in k this way; the estimate stays the mean over what was captured)
+        self.paused = False
         self._handles = []
         for module in self.layers.values():
             self._handles.append(module.register_forward_hook(self._forward_hook))
 
     # ---------------------------------------------------------------- hooks
     def _forward_hook(self, module, inputs, output):
-        if self._active and torch.is_grad_enabled() and output.requires_grad:
+        if self._active and not self.paused and torch.is_grad_enabled() and output.requires_grad:
             self._pending[module].append(inputs[0].detach())
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))

@@ -115,6 +115,11 @@ class MacKayPruner(StandalonePrior):
             moving average h that starts at 0; the update reads h / (1 - rho^t), t the updates
             it has taken (Adam's bias correction; curvature_estimate(name)), so an update a few
             steps into training sees B g^2, not (1 - rho^t) of it.
+        curvature_every: ef-exact and fisher-mc only: estimate the curvature from one training
+            step's batch in this many (the first step after an update and every k-th after it;
+            default 1, every step). The exact estimators cost an extra squared GEMM or backward
+            per step, and an update every few hundred steps needs far fewer batches than that to
+            average over; the estimate stays the mean over the batches taken.
         prior: with a non-MacKayAdam optimizer, "proximal" (default) or "penalty" (see above).
         batch_size, curvature_decay: B and rho of the ef-batch estimate when the optimizer is
             not a MacKayAdam (MacKayAdam uses its own). g is each optimizer step's gradient
@@ -139,7 +144,7 @@ class MacKayPruner(StandalonePrior):
                  curvature_decay: float = 0.99, eps: float = 1e-16, alpha_max: float | None = None,
                  prior: str = "proximal", allow_empty_layers: bool = False,
                  on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None,
-                 mac_price: float = 0.0, mac_price_ramp: int = 1):
+                 mac_price: float = 0.0, mac_price_ramp: int = 1, curvature_every: int = 1):
         where = "MacKayPruner"
         check_module(model, "model", where)
         check_optimizer(optimizer, "optimizer", where)
@@ -172,6 +177,15 @@ class MacKayPruner(StandalonePrior):
         if isinstance(mac_price_ramp, bool) or not isinstance(mac_price_ramp, int) or mac_price_ramp < 1:
             raise ValueError(f"{where}: mac_price_ramp must be an int >= 1 (pruning updates), got {mac_price_ramp!r}")
         self.mac_price_ramp = mac_price_ramp
+        if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
+            raise ValueError(f"{where}: curvature_every must be an int >= 1 (training steps), got {curvature_every!r}")
+        if curvature_every > 1 and curvature == "ef-batch":
+            raise ValueError(f"{where}: curvature_every samples the ef-exact or fisher-mc curvature; "
+                             "ef-batch rides in every optimizer step at no extra cost (leave it at 1)")
+        if curvature_every > 1 and optimizer is None:
+            raise ValueError(f"{where}: curvature_every counts optimizer steps: pass the optimizer")
+        self.curvature_every = curvature_every
+        self._mc_calls_since_update = 0
         self._priced_updates = 0   # updates so far that could prune with a price (the ramp's clock)
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
         if not self.targets:
@@ -306,6 +320,7 @@ class MacKayPruner(StandalonePrior):
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._steps_since_update += 1
+        self._sample_next_batch()
         if self.fused:
             return
         if self.prior == "proximal":
@@ -327,10 +342,20 @@ class MacKayPruner(StandalonePrior):
             self._covariance.remove()
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
-        """fisher-mc: add the sampled-label Fisher of a batch of inputs (its own backward)."""
+        """fisher-mc: add the sampled-label Fisher of a batch of inputs (its own backward). With
+        curvature_every=k, only the first call after an update and every k-th after it do."""
         if self.curvature_kind != "fisher-mc":
             raise RuntimeError("MacKayPruner.accumulate_mc needs curvature='fisher-mc'")
-        self.accumulator.accumulate_mc(x, num_samples)
+        sampled = self._mc_calls_since_update % self.curvature_every == 0
+        self._mc_calls_since_update += 1
+        if sampled:
+            self.accumulator.accumulate_mc(x, num_samples)
+
+    def _sample_next_batch(self) -> None:
+        """ef-exact with curvature_every=k: the hooks capture the first training step after an
+        update and every k-th after it, and sleep in between (no inputs kept, no squared GEMM)."""
+        if self.accumulator is not None and self.curvature_kind == "ef-exact":
+            self.accumulator.paused = self._steps_since_update % self.curvature_every != 0
 
     @torch.no_grad()
     def _refresh_curvature(self) -> None:
@@ -492,6 +517,8 @@ class MacKayPruner(StandalonePrior):
         self.history.append(report)
         if self._steps_since_update is not None:
             self._steps_since_update = 0
+        self._mc_calls_since_update = 0
+        self._sample_next_batch()
         return report
 
     def _update_one(self, name: str, target: ARDTarget, hold: bool) -> dict[str, Any]:
@@ -601,10 +628,12 @@ class MacKayPruner(StandalonePrior):
                 "curvature_steps": {n: self._curvature_steps(n) for n in self.targets},
                 "granularity": dict(self.granularity), "history": list(self.history),
                 "steps_since_update": self._steps_since_update,
+                "mc_calls_since_update": self._mc_calls_since_update,
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind,
-                             "mac_price": self.mac_price, "mac_price_ramp": self.mac_price_ramp},
+                             "mac_price": self.mac_price, "mac_price_ramp": self.mac_price_ramp,
+                             "curvature_every": self.curvature_every},
                 "priced_updates": self._priced_updates,
                 **({"input_covariance": self._covariance.state_dict()} if self._covariance is not None else {})}
 
@@ -650,3 +679,5 @@ class MacKayPruner(StandalonePrior):
         if self._steps_since_update is not None:  # a resumed run prunes as the uninterrupted one
             saved = state.get("steps_since_update", 1)   # absent from older checkpoints
             self._steps_since_update = 1 if saved is None else int(saved)
+        self._mc_calls_since_update = int(state.get("mc_calls_since_update", 0))
+        self._sample_next_batch()

@@ -143,6 +143,8 @@ NO_CUDA = not torch.cuda.is_available()
     (["prune", "--mac-price", "inf"], "argument --mac-price: expected a finite number >= 0, got inf"),
     (["prune", "--mac-price-ramp", "0"], "argument --mac-price-ramp: expected a whole number >= 1, got 0"),
     (["prune", "--mac-price-ramp", "2.5"], "argument --mac-price-ramp: expected a whole number >= 1, got '2.5'"),
+    (["prune", "--curvature-every", "0"], "argument --curvature-every: expected a whole number >= 1, got 0"),
+    (["prune", "--curvature-every", "4"], "--curvature-every samples the ef-exact or fisher-mc curvature"),
     (["prune", "--model", "alexnet"], "invalid choice"),
     (["prune", "--granularity", "blocks"], "invalid choice"),
     (["prune", "--augment-shift", "2"], "--augment-shift needs an image dataset; digits"),
@@ -206,6 +208,16 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     result = cli("prune", "--resume", str(tmp_path / "bad.pt"), "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1 and "cannot be read" in result.stderr
+
+
+def test_curvature_every_reaches_the_pruner_and_the_checkpoint(tmp_path):
+    result = cli("prune", "--curvature", "ef-exact", "--curvature-every", "3", "--pretrain-epochs", "1",
+                 "--rounds", "1", "--epochs", "1", "--out", str(tmp_path), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["curvature_every"] == 3
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["pruner"]["settings"]["curvature_every"] == 3
 
 
 def test_mac_price_reaches_the_pruner_and_the_checkpoint(tmp_path):

@@ -32,7 +32,8 @@ INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "mnist32": (1, 32, 32), "
 SETTING_DESTS = {key: key for key in (
     "model", "dataset", "data_dir", "granularity", "rule", "threshold", "curvature", "schedule",
     "update_every", "patience", "seed", "augment_shift", "device", "backend", "pretrain_epochs",
-    "rounds", "epochs", "batch_size", "lr", "recipe", "finetune_epochs", "mac_price", "mac_price_ramp")}
+    "rounds", "epochs", "batch_size", "lr", "recipe", "finetune_epochs", "mac_price", "mac_price_ramp",
+    "curvature_every")}
 
 
 SETTING_DESTS["prune"] = "criterion"
@@ -45,7 +46,8 @@ CHANGEABLE_ON_RESUME = ("pretrain_epochs", "rounds", "epochs", "patience", "lr",
 
 # Settings older checkpoints lack, at the value those versions used.
 SETTINGS_BEFORE_THEY_EXISTED = {"curvature": "ef-batch", "augment_shift": 0, "recipe": None,
-                                "finetune_epochs": 0, "mac_price": 0.0, "mac_price_ramp": 1}
+                                "finetune_epochs": 0, "mac_price": 0.0, "mac_price_ramp": 1,
+                                "curvature_every": 1}
 
 
 # What a --recipe fixes (the flags that would contradict it)
@@ -149,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
         help="diagonal curvature estimate for MacKay's gamma: ef-batch (from the optimizer's "
              "minibatch gradients, cheapest), ef-exact (exact per-example squared gradients) or "
              "fisher-mc (sampled-label Fisher) (default: %(default)s)")
+    add("--curvature-every", type=COUNT, default=1, metavar="STEPS",
+        help="ef-exact and fisher-mc: estimate the curvature from one training batch in this many "
+             "(their extra cost per step divided by it; each update still averages over many "
+             "batches) (default: %(default)s)")
     add("--schedule", default="paper", choices=("paper", "in-run"),
         help="paper: pretrain, then --rounds rounds of update, prune, retrain; in-run: one run of "
              "--epochs epochs with an update every --update-every epochs (default: %(default)s)")
