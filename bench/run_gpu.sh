@@ -37,6 +37,21 @@ if want build; then
   echo "built after $(( $(date +%s) - start )) s"
 fi
 (cd / && python3 -c "import mackay_ext; print('backends', mackay_ext.compiled_backends())") || exit 1
+# The first GPU run crashed on every argument error (see mackay_ext/_build_checks.py): say at once
+# whether an op's error reaches Python, and what the library loads.
+(cd / && python3 - <<'PY'
+import glob, os, torch, mackay_ext
+from mackay_ext._build_checks import elf_needed
+from mackay_ext.curvature import sq_gemm_accumulate_
+print("_C loads:", elf_needed(glob.glob(os.path.join(os.path.dirname(mackay_ext.__file__), "_C*.so"))[0]))
+for device in ("cpu", "cuda"):
+    try:
+        sq_gemm_accumulate_(torch.zeros(5, 4, device=device), torch.randn(6, 5, device=device),
+                            torch.randn(5, 4, device=device))
+    except RuntimeError as error:
+        print(f"argument errors raise on {device}:", str(error).splitlines()[0][:80])
+PY
+) || echo "!! an argument error crashed the process (exit $?)"
 
 if want tests; then
   echo "== CUDA tests (after $(( $(date +%s) - start )) s)"
