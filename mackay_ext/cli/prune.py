@@ -245,6 +245,9 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
         "hardware": {"device": settings["device"], "threads": torch.get_num_threads(),
                      "processes": trainer.world_size, "torch": torch.__version__},
     }
+    warning = _accuracy_loss_warning(trainer, test_accuracy)
+    if warning:
+        summary["warnings"] = [warning]
     sizes = save_model(os.path.join(out, "model.pt"), settings["model"], model, settings["dataset"],
                        data.num_classes)
     summary["model_file_bytes"], summary["dense_state_dict_bytes"] = sizes["bytes"], sizes["dense_bytes"]
@@ -261,4 +264,26 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
           + "".join(f", {os.path.basename(p)}" for p in plots))
     if plots_note:
         print(plots_note)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+# Test accuracy a run may lose before the summary says so (absolute, 5 points).
+ACCURACY_LOSS_WARNING = 0.05
+
+
+def _accuracy_loss_warning(trainer: Trainer, test_accuracy: float) -> str | None:
+    """What to say when pruning cost much of the dense network's accuracy, with where the
+    precision updates wanted to remove a whole layer (the pruner kept its strongest group)."""
+    dense = trainer.dense_test_accuracy
+    if dense is None or dense - test_accuracy <= ACCURACY_LOSS_WARNING:
+        return None
+    emptied = sorted({layer["name"] for update in trainer.pruner.history
+                      for layer in update.get("layers", []) if layer.get("kept_strongest")})
+    where = (f"; updates would have pruned every group of layer(s) {', '.join(emptied)} (their "
+             "strongest group was kept): the data did not determine those groups" if emptied else "")
+    return (f"the pruned network lost {100 * (dense - test_accuracy):.1f} points of test accuracy "
+            f"({100 * dense:.2f}% dense -> {100 * test_accuracy:.2f}%){where}. Prune less per update "
+            "with a smaller --threshold, or use a finer --granularity, more epochs between updates "
+            "or more training data")
