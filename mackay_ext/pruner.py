@@ -355,7 +355,8 @@ class MacKayPruner(StandalonePrior):
         """ef-exact with curvature_every=k: the hooks capture the first training step after an
         update and every k-th after it, and sleep in between (no inputs kept, no squared GEMM)."""
         if self.accumulator is not None and self.curvature_kind == "ef-exact":
-            self.accumulator.paused = self._steps_since_update % self.curvature_every != 0
+            steps = self._steps_since_update or 0   # None without an optimizer (then k is 1)
+            self.accumulator.paused = steps % self.curvature_every != 0
 
     @torch.no_grad()
     def _refresh_curvature(self) -> None:

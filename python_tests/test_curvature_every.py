@@ -125,3 +125,17 @@ def test_curvature_every_needs_an_exact_estimator_and_an_optimizer():
         MacKayPruner(net, optimizer, num_data=10, curvature="ef-batch", curvature_every=2)
     with pytest.raises(ValueError, match="pass the optimizer"):
         MacKayPruner(net, None, num_data=10, curvature="ef-exact", curvature_every=2, prior="penalty")
+
+
+def test_ef_exact_without_an_optimizer_still_updates():
+    """prior="penalty" needs no optimizer: no steps to count, every backward is taken."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    pruner = MacKayPruner(net, None, num_data=100, curvature="ef-exact", prior="penalty")
+    for x, y in batches(2):
+        nn.functional.cross_entropy(net(x), y).backward()
+    assert pruner.accumulator.num_examples == 2 * B
+    pruner.update()
+    x, y = batches(1, seed=3)[0]
+    nn.functional.cross_entropy(net(x), y).backward()
+    assert pruner.accumulator.num_examples == B
