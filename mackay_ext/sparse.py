@@ -5,10 +5,11 @@ fixed); `sparsify` swaps them in for pruned Linear/Conv2d layers (and rebinds an
 kept values), `densify` swaps them back, and save_compressed / load_compressed store only the
 nonzeros with indices in the narrowest integer type.
 
-Each layer fixes its path when it is built, from the measured crossover (CROSSOVER): "csr" runs
-the CSR kernels; "dense" runs dense GEMM (F.linear / F.conv2d) on a dense weight scattered from
-the values once and rebuilt only when they change, so a sparse layer is never slower than its
-dense twin and no batch-size branch reaches a traced graph (torch.export with a dynamic batch).
+Each layer fixes its path when it is built, from the crossover measured on its device
+(CROSSOVER), and again when .to() moves it to another kind of device: "csr" runs the CSR
+kernels; "dense" runs dense GEMM (F.linear / F.conv2d) on a dense weight scattered from the
+values once and rebuilt only when they change, so a sparse layer is never slower than its dense
+twin and no batch-size branch reaches a traced graph (torch.export with a dynamic batch).
 """
 from __future__ import annotations
 
@@ -22,34 +23,44 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import _extension
 from .csr import check_csr, crow_from_rows, csr_linear, row_indices, transpose_index
 
-# Measured crossover (bench/bench_sparse.py -> bench/results/sparse_crossover.md, 2-core CPU,
-# float32, densities 1/2/5/10/25/50%): the highest density at which the CSR kernel still beat
-# dense GEMM, by layer size (weights), batch and whether a backward pass follows.
+# Measured crossover (bench/bench_sparse.py -> bench/results/sparse_crossover.md and
+# sparse_crossover_cuda.md, float32, densities 1/2/5/10/25/50%): the highest density at which the
+# CSR kernel still beat dense GEMM, by device type, layer size (weights), batch and whether a
+# backward pass follows.
 #   layer size    forward: batch < 8, >= 8    forward+backward: batch < 8, >= 8
-CROSSOVER = (
-    (40_000, (0.0, 0.0), (0.0, 0.0)),         # LeNet 100x300: dense won (nearly) everywhere
-    (1_000_000, (0.05, 0.25), (0.0, 0.10)),   # LeNet 300x784
-    (math.inf, (0.25, 0.25), (0.10, 0.25)),   # 4096x4096
-)
+CROSSOVER = {
+    "cpu": (   # 2-core CPU, BLAS GEMM
+        (40_000, (0.0, 0.0), (0.0, 0.0)),         # LeNet 100x300: dense won (nearly) everywhere
+        (1_000_000, (0.05, 0.25), (0.0, 0.10)),   # LeNet 300x784
+        (math.inf, (0.25, 0.25), (0.10, 0.25)),   # 4096x4096
+    ),
+    "cuda": (  # NVIDIA H200, cuBLAS (at batch 256 a 4096x4096 layer at 10% ran 1.9x dense's time)
+        (40_000, (0.0, 0.0), (0.0, 0.0)),         # LeNet 100x300
+        (1_000_000, (0.0, 0.01), (0.0, 0.0)),     # LeNet 300x784
+        (math.inf, (0.25, 0.02), (0.0, 0.02)),    # 4096x4096
+    ),
+}
 PATHS = ("csr", "dense")
 
 
-def crossover_density(weights: int, batch: int, training: bool = False) -> float:
-    """Density above which dense GEMM is faster for a layer of `weights` weights."""
-    for size, forward, train in CROSSOVER:
+def crossover_density(weights: int, batch: int, training: bool = False, device_type: str = "cpu") -> float:
+    """Density above which dense GEMM is faster for a layer of `weights` weights on a device of
+    this type; 0 (dense always) on a device type nobody measured."""
+    for size, forward, train in CROSSOVER.get(device_type, ()):
         if weights <= size:
             small, large = train if training else forward
             return small if batch < 8 else large
     return 0.0
 
 
-def layer_path(weights: int, nnz: int) -> str:
+def layer_path(weights: int, nnz: int, device_type: str = "cpu") -> str:
     """The path a layer of `weights` weights with `nnz` nonzeros fixes when built: "csr" only
-    where the CSR forward beat dense GEMM at every batch size (density at or below the smallest
-    forward crossover), else "dense". A layer with no nonzeros needs no GEMM at all ("csr")."""
+    where the CSR forward beat dense GEMM at every batch size on that device type (density at or
+    below the smallest forward crossover), else "dense". A layer with no nonzeros needs no GEMM
+    at all ("csr")."""
     if nnz == 0:
         return "csr"
-    smallest = min(min(crossover_density(weights, batch) for batch in (1, 8)), 1.0)
+    smallest = min(min(crossover_density(weights, batch, device_type=device_type) for batch in (1, 8)), 1.0)
     return "csr" if nnz / max(weights, 1) <= smallest else "dense"
 
 
@@ -97,7 +108,8 @@ class _CachedWeight(torch.autograd.Function):
 class _CSRWeight(nn.Module):
     """The CSR pattern and values of an (out x in) weight, with the transposed index for the
     backward. The O(nnz) index checks run here, once. `path` ("csr" or "dense", default from
-    the crossover: layer_path) is fixed here too."""
+    the crossover on the values' device: layer_path) is fixed here too, and chosen again when
+    .to() moves an automatically placed layer to another device type."""
 
     def __init__(self, out_features, in_features, crow_indices, col_indices, values, bias=None, *,
                  path: str | None = None):
@@ -110,8 +122,9 @@ class _CSRWeight(nn.Module):
         dtype = _index_dtype(max(in_features, values.numel()))
         crow_indices, col_indices = crow_indices.to(dtype), col_indices.to(dtype)
         check_csr(crow_indices, col_indices, values, (self.out_features, self.in_features))
+        self._path_by_device = path is None   # a path the caller chose stays on any device
         if path is None:
-            path = layer_path(self.out_features * self.in_features, values.numel())
+            path = layer_path(self.out_features * self.in_features, values.numel(), values.device.type)
         if path not in PATHS:
             raise ValueError(f"{type(self).__name__}: path must be one of {PATHS} or None, got {path!r}")
         self.path = path
@@ -144,7 +157,10 @@ class _CSRWeight(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._dense, self._dense_key = None, None  # .to() / .half(): the cache is rebuilt
-        return super()._apply(fn, recurse)
+        result = super()._apply(fn, recurse)
+        if getattr(self, "_path_by_device", False):   # the crossover of the device it now lives on
+            self.path = layer_path(self.out_features * self.in_features, self.nnz, self.values.device.type)
+        return result
 
     def _weight_for_gemm(self) -> torch.Tensor:
         """The dense path's weight. Traced (torch.compile / export): the scatter itself. Eager:

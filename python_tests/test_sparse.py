@@ -238,6 +238,41 @@ def test_path_fixed_when_built(monkeypatch, density):
     assert sparse_module.layer_path(100, 1) == "dense"
 
 
+def test_the_crossover_is_the_devices_own():
+    """The GPU's cuBLAS beats the CSR kernel at densities the CPU's BLAS does not (H200 against
+    2-core CPU): the same layer picks its path by where it runs; an unmeasured device: dense."""
+    from mackay_ext.sparse import layer_path
+    lenet = 300 * 784
+    assert layer_path(lenet, round(0.0125 * lenet), "cpu") == "csr"      # the MNIST recipe's 1.25%
+    assert layer_path(lenet, round(0.0125 * lenet), "cuda") == "dense"
+    big = 4096 * 4096
+    assert [layer_path(big, round(d * big), "cpu") for d in (0.01, 0.1, 0.5)] == ["csr", "csr", "dense"]
+    assert [layer_path(big, round(d * big), "cuda") for d in (0.01, 0.1, 0.5)] == ["csr", "dense", "dense"]
+    assert layer_path(big, round(0.01 * big), "xpu") == "dense" and layer_path(big, 0, "xpu") == "csr"
+
+
+def test_moving_a_layer_chooses_its_path_again_unless_the_caller_fixed_it():
+    dense = _pruned_linear(400, 300, 0.03)
+    automatic, fixed = SparseLinear.from_dense(dense), SparseLinear.from_dense(dense, path="csr")
+    assert automatic.path == fixed.path == "csr"
+    automatic.to("meta")      # a device type with no measured crossover: dense GEMM
+    fixed.to("meta")
+    assert automatic.path == "dense" and fixed.path == "csr"
+    automatic.to_empty(device="cpu")   # and back on the CPU: its crossover again
+    assert automatic.path == "csr"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_sparsified_model_on_cuda_uses_the_gpu_crossover():
+    model = models.create("lenet-300-100")
+    with torch.no_grad():
+        for layer in (model[1], model[3]) if isinstance(model, nn.Sequential) else ():
+            layer.weight.mul_(torch.rand_like(layer.weight) < 0.0125)
+    cpu_paths = {m.path for m in sparsify(model.cpu()).modules() if isinstance(m, SparseLinear)}
+    gpu_paths = {m.path for m in model.cuda().modules() if isinstance(m, SparseLinear)}
+    assert "csr" in cpu_paths and gpu_paths == {"dense"}
+
+
 @pytest.mark.parametrize("path", ["csr", "dense"])
 def test_both_paths_train_and_agree(path):
     """Either path: same output, same gradients (x, values, bias) as the dense layer, in float64."""
