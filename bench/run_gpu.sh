@@ -19,6 +19,16 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 pack() { tar czf "$OUT/results${GPU_TAG:-}.tgz" bench/results/*_cuda.* "$OUT"/*.log 2>/dev/null; }
 trap pack EXIT
 want() { [[ " $stages " == *" $1 "* ]]; }
+for stage in $stages; do
+  case $stage in build|tests|bench|deploy|suite) ;;
+    *) echo "run_gpu.sh: unknown stage '$stage' (stages: build tests bench deploy suite)"; exit 2 ;;
+  esac
+done
+if ! python3 -c "import torch" 2>/dev/null; then
+  echo "run_gpu.sh: python3 cannot import torch here"; exit 1
+elif ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "run_gpu.sh: python3's torch sees no CUDA GPU here; this script is for a GPU machine"; exit 1
+fi
 
 if want build; then
   { nvidia-smi; nproc; git log --oneline -1 2>/dev/null
