@@ -203,7 +203,7 @@ def markdown(report: dict) -> str:
              "targets (issue 17): ef-batch <= 1.05x, ef-exact <= 1.3x, fisher-mc <= 1.8x. "
              f"\"1/{SAMPLED}\": MacKayPruner(curvature_every={SAMPLED}), the exact curvature of one "
              f"training batch in {SAMPLED} (an update every {UPDATE_EVERY} steps averages over "
-             f"{UPDATE_EVERY // SAMPLED} batches instead of {UPDATE_EVERY}).", "",
+             f"{-(-UPDATE_EVERY // SAMPLED)} batches instead of {UPDATE_EVERY}).", "",
              "| model (batch) | variant | step ms (q1-q3) | update ms | steps/s | ratio | target | verdict |",
              "|---|---|---|---|---|---|---|---|"]
     for name, model in report["models"].items():
