@@ -13,7 +13,7 @@ MacKayAdam is built as the recipes' Trainer builds it (ard_param_groups, batch_s
 exact variants also carry its ef-batch term. pruner.update() is timed on its own after the
 training rounds and its median added as update / UPDATE_EVERY (the recipes' 430 steps).
 
-All variants of a model run in one process, round-robin (the order rotating every round), each
+All variants of a model run in one process, round-robin (in a new random order every round), each
 sample a block of the same number of steps; the figure is the median over rounds, so a drift in
 the machine's speed hits every variant alike. Random inputs of the real shapes (MNIST 1x28x28,
 CIFAR 3x32x32, a sequence of 32 tokens of width 128).
@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import time
 import warnings
@@ -158,12 +159,12 @@ def measure(name: str, budget: float, quick: bool) -> dict:
     block = SAMPLED * max(1, round(BLOCK_SECONDS / max(warmup.values()) / SAMPLED))
     samples: dict[str, list[float]] = {kind: [] for kind in VARIANTS}
     start, min_rounds, max_rounds = time.perf_counter(), 3 if quick else 7, 400
-    order = list(VARIANTS)
+    order, shuffle = list(VARIANTS), random.Random(0).shuffle
     while len(samples["adam"]) < max_rounds and (
             len(samples["adam"]) < min_rounds or time.perf_counter() - start < budget):
+        shuffle(order)   # a new order every round: no variant always follows the same one
         for kind in order:
             samples[kind].append(variants[kind].steps(block))
-        order = order[1:] + order[:1]
     updates: dict[str, list[float]] = {kind: [] for kind in VARIANTS[1:]}
     for _ in range(3 if quick else 9):   # interleaved too; after the rounds, so pruning cannot touch them
         for kind in updates:

@@ -45,14 +45,20 @@ def record():
 
 
 def interleaved(benchmark, functions, rounds, device="cpu"):
-    """Time several implementations round-robin (one call of each per round) so that drift in
-    a shared machine's speed hits them all alike; returns {name: fastest seconds}. The
-    pytest-benchmark statistics are those of a whole round."""
+    """Time several implementations round-robin (one call of each per round, in a new random
+    order every round) so that drift in a shared machine's speed hits them all alike; returns
+    {name: fastest seconds}. The pytest-benchmark statistics are those of a whole round."""
+    import random
     import time
     times = {name: [] for name in functions}
+    order, shuffle = list(functions), random.Random(0).shuffle
 
     def one_round():
-        for name, function in functions.items():
+        # a new order every round: what runs just before a call changes its time (caches, the
+        # BLAS library's state), so no implementation may always follow the same one
+        shuffle(order)
+        for name in order:
+            function = functions[name]
             synchronize(device)
             start = time.perf_counter()
             function()
