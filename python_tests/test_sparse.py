@@ -266,7 +266,7 @@ def test_moving_a_layer_chooses_its_path_again_unless_the_caller_fixed_it():
 def test_a_sparsified_model_on_cuda_uses_the_gpu_crossover():
     model = models.create("lenet-300-100")
     with torch.no_grad():
-        for layer in (model[1], model[3]) if isinstance(model, nn.Sequential) else ():
+        for layer in (model[1], model[3]):   # LeNet-300-100 is a Sequential: its two hidden Linears
             layer.weight.mul_(torch.rand_like(layer.weight) < 0.0125)
     cpu_paths = {m.path for m in sparsify(model.cpu()).modules() if isinstance(m, SparseLinear)}
     gpu_paths = {m.path for m in model.cuda().modules() if isinstance(m, SparseLinear)}
