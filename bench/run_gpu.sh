@@ -65,7 +65,7 @@ PY
 
 if want tests; then
   echo "== CUDA tests (after $(( $(date +%s) - start )) s)"
-  timeout $(( $(left) / 2 )) python3 -m pytest python_tests -q -rfE -p no:cacheprovider -n 8 \
+  timeout $(( $(left) / 2 )) python3 -m pytest python_tests -q -rfEs -p no:cacheprovider -n 8 \
     --timeout 120 -k "cuda or CUDA or mixed_devices or gpu or graph" 2>&1 | tee "$OUT/tests_cuda.log" | tail -30
 fi
 if want bench; then

@@ -14,10 +14,11 @@ DTYPES = [torch.float32, torch.float64]
 # (batch, out, in): one example; small batches on a small out; the register-blocked pass (2-8
 # examples, out > 1 MB; row blocks of 6 and vectors of 16 columns, with tails); just above it;
 # below, at and across the panel depth; odd; out taller than wide; big enough for 2 threads to
-# split it (> 2^20 multiply-adds each).
+# split it (> 2^20 multiply-adds each); on CUDA, the edges of the few-examples kernel's bounds
+# (16, 32 examples) and of its 32-row, 256-column tiles.
 SHAPES = [(1, 1, 1), (1, 7, 300), (3, 5, 2), (8, 13, 70), (2, 601, 603), (8, 600, 600), (9, 600, 600),
           (255, 9, 17), (256, 31, 33), (257, 33, 31), (600, 65, 3), (600, 3, 65), (300, 64, 400),
-          (300, 400, 64)]
+          (300, 400, 64), (16, 33, 257), (17, 31, 255), (32, 65, 513), (33, 40, 300)]
 THREADS = [1, 2] if torch.get_num_threads() >= 2 else [1]
 
 
