@@ -162,19 +162,21 @@ class _CSRWeight(nn.Module):
             self.path = layer_path(self.out_features * self.in_features, self.nnz, self.values.device.type)
         return result
 
-    def _weight_for_gemm(self) -> torch.Tensor:
-        """The dense path's weight. Traced (torch.compile / export): the scatter itself. Eager:
-        the scatter, cached until the values change (an in-place write or any optimizer step);
-        in train mode rebuilt every call, since a training loop may write the values through
-        .data, which leaves no trace."""
+    def _weight_for_gemm(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """The dense path's weight, viewed as `shape` (the GEMM's or the conv's). Traced
+        (torch.compile / export): the scatter itself. Eager: the scatter, cached until the values
+        change (an in-place write or any optimizer step); in train mode rebuilt every call, since
+        a training loop may write the values through .data, which leaves no trace. The cache is
+        what an inference call pays for on top of the dense layer, so it checks little: .to() and
+        .half() clear it (_apply), and new storage assigned through .data moves data_ptr."""
         values = self.values
         if torch.compiler.is_compiling():
-            return self.dense_weight()
-        key = (values._version, values.data_ptr(), values.dtype, values.device, _optimizer_steps)
+            return self.dense_weight().view(shape)
+        key = (values._version, values.data_ptr(), _optimizer_steps)
         if self.training or self._dense is None or self._dense_key != key:
             with torch.no_grad():
                 # a new tensor, never an in-place refresh: a pending backward may hold the old one
-                self._dense = self.dense_weight()
+                self._dense = self.dense_weight().view(shape)
             self._dense_key = key
         if torch.is_grad_enabled() and values.requires_grad:
             return _CachedWeight.apply(values, self._dense, self.flat_index)
@@ -186,7 +188,7 @@ class _CSRWeight(nn.Module):
             raise ValueError(f"{type(self).__name__}: x's last dimension must be in_features = "
                              f"{self.in_features}, got x of shape {tuple(x.shape)}")
         if self.path == "dense":
-            return F.linear(x, self._weight_for_gemm(), self.bias)
+            return F.linear(x, self._weight_for_gemm((self.out_features, self.in_features)), self.bias)
         return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias,
                           in_features=self.in_features,
                           transposed=(self.crow_t, self.row_t, self.perm_t), check_indices=False,
@@ -270,7 +272,7 @@ class SparseConv2d(_CSRWeight):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if self.path == "dense":
-            weight = self._weight_for_gemm().view(self.out_channels, self.in_channels, *self.kernel_size)
+            weight = self._weight_for_gemm((self.out_channels, self.in_channels, *self.kernel_size))
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         n, _, h, w = x.shape
         kh, kw = self.kernel_size
