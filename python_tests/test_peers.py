@@ -163,7 +163,9 @@ def test_smoke_writes_every_method_seed_and_plot(smoke):
     for model in ("lenet-300-100", "lenet-5-caffe"):
         for seed in (0,):
             methods = {r["method"] for r in rows if r["model"] == model and r["seed"] == seed}
-            assert methods == {"dense", "mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0", "mackay-priced"}
+            fast = {"mackay-weight-fast"} if model == "lenet-300-100" else set()   # FAST_ARD_LR
+            assert methods == {"dense", "mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0",
+                               "mackay-priced"} | fast
         for row in (r for r in rows if r["model"] == model):
             assert 0 <= row["test_error"] <= 100 and 0 <= row["macs"] <= row["macs_total"]
             assert row["weights_kept"] == pytest.approx(100 * row["kept"] / row["total"])
@@ -171,8 +173,11 @@ def test_smoke_writes_every_method_seed_and_plot(smoke):
                 assert any(r["method"] == "mackay-weight" and r["seed"] == row["seed"]
                            and r["kept"] == row["kept"] for r in rows)
         assert (out / f"pareto_mnist_smoke_{model}.png").stat().st_size > 10_000
+    fast = [r for r in rows if r["method"] == "mackay-weight-fast"]
+    assert fast and all(r["retrain_lr"] == 2e-3 for r in fast)   # the override is recorded
     report = (out / "pareto_mnist_smoke.md").read_text()
     assert "these figures mean nothing" in report and "| mackay-weight | ≤ 1.3% error" in report
+    assert "| mackay-weight-fast | ≤ 1.3% error" in report
 
 
 def test_a_second_run_resumes_without_training_again(smoke):
