@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # The checks a lent GPU machine is for (README "GPU"), as one call:
-#   bash bench/run_gpu.sh [build] [tests] [bench] [deploy] [suite]     (default: all five)
+#   bash bench/run_gpu.sh [build] [tests] [bench] [deploy] [suite] [mnist32]
+#   (default: the first five)
 # build   the extension with its CUDA kernels for this card (pip install -e, no downloads)
 # tests   every CUDA test (and those that need a GPU to be meaningful), in parallel
 # bench   the CUDA cases of the pytest benchmarks: tables bench/results/*_cuda.{md,json}
 # deploy  bench/bench_deploy.py --device cuda: bench/results/deploy_cuda.{md,json}
 # suite   the whole test suite, as far as the time left allows
+# mnist32 issue 13's rows on the GPU: bench/reproduce_cifar.py --dataset mnist32 --device cuda for
+#         MNIST32_MODELS (default resnet-56 vgg-d6) and MNIST32_SEEDS (default 0 1), into
+#         bench/results/mnist32.*; MNIST's four IDX files in data/mnist (git-ignored: name it in the
+#         run's carry). A row is saved when it ends, so a stage cut short keeps the finished ones.
 # Logs and tables land in $OUT/results.tgz. Each stage has a time limit, so that one hung kernel
 # cannot spend the whole lease; GPU_BUDGET_S (default 420) is the time for all stages together.
 set -u
@@ -15,13 +20,14 @@ export PYTHONUNBUFFERED=1
 start=$(date +%s)
 budget=${GPU_BUDGET_S:-420}
 stages=${*:-build tests bench deploy suite}
+all_stages="build tests bench deploy suite mnist32"
 left() { echo $(( budget - ($(date +%s) - start) )); }
-pack() { tar czf "$OUT/results${GPU_TAG:-}.tgz" bench/results/*_cuda.* "$OUT"/*.log 2>/dev/null; }
+pack() { tar czf "$OUT/results${GPU_TAG:-}.tgz" bench/results/*_cuda.* bench/results/mnist32.* "$OUT"/*.log 2>/dev/null; }
 trap pack EXIT
 want() { [[ " $stages " == *" $1 "* ]]; }
 for stage in $stages; do
-  case $stage in build|tests|bench|deploy|suite) ;;
-    *) echo "run_gpu.sh: unknown stage '$stage' (stages: build tests bench deploy suite)"; exit 2 ;;
+  case $stage in build|tests|bench|deploy|suite|mnist32) ;;
+    *) echo "run_gpu.sh: unknown stage '$stage' (stages: $all_stages)"; exit 2 ;;
   esac
 done
 if ! python3 -c "import torch" 2>/dev/null; then
@@ -82,5 +88,15 @@ if want suite; then
   echo "== whole suite, as far as $(left) s allow"
   OMP_NUM_THREADS=1 timeout $(( $(left) - 15 )) python3 -m pytest python_tests -q -rfE \
     -p no:cacheprovider -n 12 --timeout 120 2>&1 | tee "$OUT/tests_all.log" | tail -40
+fi
+if want mnist32; then
+  if [ ! -f data/mnist/train-images-idx3-ubyte.gz ] && [ ! -f data/mnist/train-images-idx3-ubyte ]; then
+    echo "run_gpu.sh: mnist32 needs MNIST's IDX files in data/mnist (copy them there and carry data/mnist)"
+  else
+    echo "== mnist32 rows on the GPU, as far as $(left) s allow"
+    timeout $(( $(left) - 15 )) python3 bench/reproduce_cifar.py --dataset mnist32 --data-dir data/mnist \
+      --device cuda --models ${MNIST32_MODELS:-resnet-56 vgg-d6} --seeds ${MNIST32_SEEDS:-0 1} 2>&1 \
+      | tee "$OUT/mnist32.log" | grep -v "^  " | tail -40
+  fi
 fi
 echo "== done after $(( $(date +%s) - start )) s"
