@@ -343,6 +343,8 @@ def target_lines(model: str, pts: list[dict[str, Any]]) -> list[str]:
                                 ("weights", "mackay-weight-fast", "weights_kept"),
                                 ("macs", "mackay-group", "macs"), ("macs", "mackay-priced", "macs")):
         limit_error, limit_x = TARGETS[(model, kind)]
+        if not any(p["method"] == method for p in pts):
+            continue   # not run on this model (mackay-weight-fast: LeNet-300-100 only)
         best = [p for p in pts if p["method"] == method and p[x_key] <= limit_x]
         best_error = min((p["test_error"] for p in best), default=None)
         measured = ("no point at or below the size limit" if best_error is None
