@@ -65,6 +65,7 @@ from ._alpha import finite_alpha
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
 from .curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
+from .prune_cap import allowed_prunes, groups_to_restore
 
 __all__ = ["ChannelARD", "trace_for_pruner"]
 
@@ -417,8 +418,13 @@ class ChannelARD:
 
         pruned = already | (new == math.inf)
         priced = torch.zeros_like(pruned)
+        limited = 0
         if can_prune:
-            pruned |= self._criterion(new, weight_sq, cache)
+            fails, score = self._criterion(new, weight_sq, cache)
+            fresh = fails & ~pruned
+            if pruner.max_prune_fraction is not None:
+                limited = self._limit_pruning(fresh, pruned & ~already, already, score)
+            pruned |= fresh
             if pruner.mac_price:
                 priced = channel_priced_out(self, new, num_data, pruner.current_mac_price()) & ~pruned
                 pruned |= priced
@@ -441,6 +447,7 @@ class ChannelARD:
                    for name, target in pruner.targets.items()]
         section = dict(self.summary(), pruned=[repr(self.groups[i]) for i in newly.nonzero().flatten().tolist()],
                        kept_strongest=kept_strongest, warmup=warmup, gamma_sum=gamma_sum,
+                       **({"limited": limited} if pruner.max_prune_fraction is not None else {}),
                        **({"priced_out": int(priced.sum())} if pruner.mac_price else {}))
         self.last = section
         return entries, section
@@ -456,11 +463,12 @@ class ChannelARD:
                 dist.all_reduce(state["curvature"])
                 state["curvature"].div_(dist.get_world_size())
 
-    def _criterion(self, new: torch.Tensor, weight_sq: torch.Tensor, cache) -> torch.Tensor:
+    def _criterion(self, new: torch.Tensor, weight_sq: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """(groups the criterion prunes, a score of how far each group is from it: higher, further)."""
         pruner = self.pruner
         if pruner.prune == "alpha":
             threshold = 1e13 if pruner.threshold is None else float(pruner.threshold)
-            return new >= threshold
+            return new >= threshold, -new
         threshold = 0.05 if pruner.threshold is None else float(pruner.threshold)
         sigma_sum = torch.zeros_like(new)
         for name, (w, n_h, gamma, live) in cache.items():
@@ -469,7 +477,26 @@ class ChannelARD:
             sigma = (1.0 / (n_h + alpha_eff)).masked_fill(~live, 0)
             for dim, ids, inside, _ in terms:
                 self._group_sum(member, dim, ids, sigma * inside.double(), sigma_sum)
-        return weight_sq < threshold * sigma_sum
+        return weight_sq < threshold * sigma_sum, weight_sq / sigma_sum
+
+    def _limit_pruning(self, fresh: torch.Tensor, gone: torch.Tensor, already: torch.Tensor,
+                       score: torch.Tensor) -> int:
+        """max_prune_fraction: un-mark in `fresh` (groups the criterion prunes now), parameter
+        dimension by dimension, those beyond the share of its live groups one update may prune,
+        keeping the highest scores; `gone` are groups this update loses anyway (alpha ran to
+        inf), counted against the share. Returns how many groups stayed."""
+        fraction = self.pruner.max_prune_fraction
+        stayed = 0
+        for _, _, ids in self.keys:
+            here = ids.unique()
+            here = here[(here >= 0) & ~already[here.clamp(min=0)]]
+            if here.numel() == 0:
+                continue
+            allowed = max(0, allowed_prunes(here.numel(), fraction) - int(gone[here].sum()))
+            restore = groups_to_restore(fresh[here], score[here], allowed)
+            fresh[here[restore]] = False
+            stayed += int(restore.sum())
+        return stayed
 
     def _keep_strongest(self, pruned: torch.Tensor, already: torch.Tensor, weight_sq: torch.Tensor) -> list[str]:
         """Un-prune, for every parameter dimension whose every index would be pruned, the group of

@@ -18,6 +18,8 @@ What an update does, predictably:
   and says so (alpha moved, the weights have not answered yet);
 - a layer never loses every group: the group with the largest weights is kept (and reported)
   unless allow_empty_layers=True;
+- with max_prune_fraction=f, an update prunes at most floor(f x live groups) of a layer (the
+  others of those the criterion picks stay, the least clear-cut first; mackay_ext.prune_cap);
 - NaN/inf in a weight or curvature raises NonFiniteError before anything changes
   (on_nonfinite="skip": the update is skipped and recorded in the report).
 """
@@ -56,6 +58,7 @@ from .dead_units import prune_unused_units
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
+from .prune_cap import allowed_prunes, check_max_prune_fraction, groups_to_restore, target_scores
 from .standalone_prior import StandalonePrior
 
 __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
@@ -128,6 +131,15 @@ class MacKayPruner(StandalonePrior):
             (prior="penalty"), each backward's gradient and its batch (mackay_ext.standalone_prior).
         alpha_max: cap on alpha.
         allow_empty_layers: let an update prune every group of a layer.
+        max_prune_fraction: at most this share of a layer's live groups (of each parameter
+            dimension's, with granularity="channel") is pruned by one update's criterion; of the
+            groups it picks, those with the largest snr (prune="alpha": smallest alpha) stay, with
+            their weights and new alpha, and are judged again at the next update. Default None (no
+            limit). Where a layer's groups are redundant given each other, the diagonal evidence
+            can find every one of them prunable at once (VGG's deep convs on an easy dataset,
+            down to one filter); e.g. 0.5 thins such a layer over several updates, with the
+            others re-fitting in between. Groups priced out by mac_price are governed by
+            mac_price_ramp instead.
         on_nonfinite: "raise" (default) or "skip".
 
     DistributedDataParallel: every rank builds the pruner and calls update() at the same step.
@@ -144,7 +156,8 @@ class MacKayPruner(StandalonePrior):
                  curvature_decay: float = 0.99, eps: float = 1e-16, alpha_max: float | None = None,
                  prior: str = "proximal", allow_empty_layers: bool = False,
                  on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None,
-                 mac_price: float = 0.0, mac_price_ramp: int = 1, curvature_every: int = 1):
+                 mac_price: float = 0.0, mac_price_ramp: int = 1, curvature_every: int = 1,
+                 max_prune_fraction: float | None = None):
         where = "MacKayPruner"
         check_module(model, "model", where)
         check_optimizer(optimizer, "optimizer", where)
@@ -160,6 +173,7 @@ class MacKayPruner(StandalonePrior):
         self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
         self.allow_empty_layers, self.on_nonfinite = bool(allow_empty_layers), on_nonfinite
+        self.max_prune_fraction = check_max_prune_fraction(max_prune_fraction, where)
         self.fused = isinstance(optimizer, MacKayAdam)
         self.prior = "optimizer" if self.fused else prior
         if not self.fused and prior == "proximal" and optimizer is None:
@@ -526,17 +540,24 @@ class MacKayPruner(StandalonePrior):
         weight, alpha = target.param, self.alpha(name)
         warmup = not bool(alpha.any())  # alpha = 0 everywhere: the prior was off until now
         can_prune = not (warmup or hold)
-        before = (weight.detach().clone(), alpha.clone()) if not self.allow_empty_layers else None
+        limit = can_prune and self.max_prune_fraction is not None
+        before = ((weight.detach().clone(), alpha.clone())
+                  if not self.allow_empty_layers or limit else None)
         price = self.current_mac_price()
         priced = price > 0 and can_prune
         old_alpha = alpha.clone() if priced else None
         curvature = self.curvature_estimate(name)
+        unpruned_alpha = self._unpruned_alpha(weight, curvature, alpha) if limit else None
         stats = ops.mackay_update_(
             weight, curvature, alpha, num_data=self.num_data, rule=self.rule,
             # snr < 0 never holds: the same alpha estimate, nothing pruned
             prune=self.prune if can_prune else "snr", threshold=self.threshold if can_prune else 0.0,
             eps=self.eps, alpha_max=self.alpha_max, backend=self.backend)
         gamma = float(stats.gamma_sum)
+        limited = 0
+        if limit:
+            limited, restored_gamma = self._limit_pruning(target, alpha, curvature, *before, unpruned_alpha)
+            gamma += restored_gamma
         priced_out = 0
         if priced:
             macs = self._freed.group_macs(weight, alpha)
@@ -555,6 +576,8 @@ class MacKayPruner(StandalonePrior):
                                                      macs=macs, price=price, rule=self.rule)
             gamma -= priced_gamma
         extra = {"priced_out": priced_out} if priced else {}
+        if limit:
+            extra["limited"] = limited
         entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup, **extra)
         if before is not None and entry["groups_kept"] == 0 and bool((before[1] != math.inf).any()):
             self._keep_strongest(name, target, *before)
@@ -565,6 +588,36 @@ class MacKayPruner(StandalonePrior):
                           "strongest group is kept. Pass allow_empty_layers=True to allow it.",
                           RuntimeWarning, stacklevel=3)
         return entry
+
+    def _unpruned_alpha(self, weight, curvature, alpha) -> torch.Tensor:
+        """The alpha this update estimates for every group, pruned or not (on copies: snr < 0
+        never holds)."""
+        unpruned = alpha.clone()
+        ops.mackay_update_(weight.detach().clone(), curvature, unpruned, num_data=self.num_data, rule=self.rule,
+                           prune="snr", threshold=0.0, eps=self.eps, alpha_max=self.alpha_max,
+                           backend=self.backend)
+        return unpruned
+
+    def _limit_pruning(self, target: ARDTarget, alpha, curvature, old_weight, old_alpha,
+                       unpruned_alpha) -> tuple[int, float]:
+        """max_prune_fraction: restore, with their weights and unpruned new alpha, the groups this
+        update pruned beyond the share it may prune (the highest scores, mackay_ext.prune_cap).
+        Returns (groups restored, their gamma)."""
+        live = old_alpha != math.inf
+        newly = (alpha == math.inf) & live
+        restorable = newly & (unpruned_alpha != math.inf)   # alpha itself ran to inf: gone anyway
+        allowed = max(0, allowed_prunes(int(live.sum()), self.max_prune_fraction)
+                      - int((newly & ~restorable).sum()))
+        if int(restorable.sum()) <= allowed:
+            return 0, 0.0
+        score, gamma = target_scores(old_weight, curvature, old_alpha, unpruned_alpha,
+                                     num_data=self.num_data, rule=self.rule, prune=self.prune)
+        restore = groups_to_restore(restorable, score, allowed)
+        alpha.copy_(torch.where(restore, unpruned_alpha, alpha))
+        _, padded = group_dims(old_weight, old_alpha)
+        keep = restore.reshape(padded).expand_as(target.param)
+        target.param.copy_(torch.where(keep, old_weight, target.param))
+        return int(restore.sum()), float(gamma[restore].sum())
 
     def _keep_strongest(self, name: str, target: ARDTarget, old_weight, old_alpha) -> None:
         """Restore the group of largest sum w^2 (with its weights and its alpha before the update)."""
@@ -634,7 +687,8 @@ class MacKayPruner(StandalonePrior):
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind,
                              "mac_price": self.mac_price, "mac_price_ramp": self.mac_price_ramp,
-                             "curvature_every": self.curvature_every},
+                             "curvature_every": self.curvature_every,
+                             "max_prune_fraction": self.max_prune_fraction},
                 "priced_updates": self._priced_updates,
                 **({"input_covariance": self._covariance.state_dict()} if self._covariance is not None else {})}
 

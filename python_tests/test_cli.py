@@ -143,6 +143,8 @@ NO_CUDA = not torch.cuda.is_available()
     (["prune", "--mac-price", "inf"], "argument --mac-price: expected a finite number >= 0, got inf"),
     (["prune", "--mac-price-ramp", "0"], "argument --mac-price-ramp: expected a whole number >= 1, got 0"),
     (["prune", "--mac-price-ramp", "2.5"], "argument --mac-price-ramp: expected a whole number >= 1, got '2.5'"),
+    (["prune", "--max-prune-fraction", "0"], "argument --max-prune-fraction: expected a number in (0, 1], got 0"),
+    (["prune", "--max-prune-fraction", "half"], "argument --max-prune-fraction: expected a number in (0, 1], got 'half'"),
     (["prune", "--curvature-every", "0"], "argument --curvature-every: expected a whole number >= 1, got 0"),
     (["prune", "--curvature-every", "4"], "--curvature-every samples the ef-exact or fisher-mc curvature"),
     (["prune", "--model", "alexnet"], "invalid choice"),
@@ -218,6 +220,20 @@ def test_curvature_every_reaches_the_pruner_and_the_checkpoint(tmp_path):
     assert report["settings"]["curvature_every"] == 3
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["pruner"]["settings"]["curvature_every"] == 3
+
+
+def test_max_prune_fraction_reaches_the_pruner_and_the_checkpoint(tmp_path):
+    result = cli("prune", "--max-prune-fraction", "0.25", "--threshold", "1e6", "--pretrain-epochs", "1",
+                 "--rounds", "2", "--epochs", "1", "--out", str(tmp_path), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["max_prune_fraction"] == 0.25
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["pruner"]["settings"]["max_prune_fraction"] == 0.25
+    pruning = [update for update in state["pruner"]["history"] if not update["layers"][0]["warmup"]]
+    assert pruning and all(layer["limited"] > 0 for layer in pruning[0]["layers"])
+    for layer in pruning[0]["layers"]:            # the threshold picks every weight; a quarter go
+        assert layer["total"] - layer["kept"] == layer["total"] // 4
 
 
 def test_mac_price_reaches_the_pruner_and_the_checkpoint(tmp_path):

@@ -33,7 +33,7 @@ SETTING_DESTS = {key: key for key in (
     "model", "dataset", "data_dir", "granularity", "rule", "threshold", "curvature", "schedule",
     "update_every", "patience", "seed", "augment_shift", "device", "backend", "pretrain_epochs",
     "rounds", "epochs", "batch_size", "lr", "recipe", "finetune_epochs", "mac_price", "mac_price_ramp",
-    "curvature_every")}
+    "curvature_every", "max_prune_fraction")}
 
 
 SETTING_DESTS["prune"] = "criterion"
@@ -47,7 +47,7 @@ CHANGEABLE_ON_RESUME = ("pretrain_epochs", "rounds", "epochs", "patience", "lr",
 # Settings older checkpoints lack, at the value those versions used.
 SETTINGS_BEFORE_THEY_EXISTED = {"curvature": "ef-batch", "augment_shift": 0, "recipe": None,
                                 "finetune_epochs": 0, "mac_price": 0.0, "mac_price_ramp": 1,
-                                "curvature_every": 1}
+                                "curvature_every": 1, "max_prune_fraction": None}
 
 
 # What a --recipe fixes (the flags that would contradict it)
@@ -77,6 +77,17 @@ def _number(kind: type, minimum: float, *, strict: bool = False):
 
 COUNT, NONNEGATIVE_INT = _number(int, 1), _number(int, 0)
 POSITIVE, NONNEGATIVE = _number(float, 0, strict=True), _number(float, 0)
+
+
+def SHARE(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
 
 
 def _recipe_help(what: str, key: str) -> str:
@@ -147,6 +158,11 @@ def _parser() -> argparse.ArgumentParser:
         help="raise the price linearly to --mac-price over this many pruning updates (at the full "
              "price at once, the first update removes most groups before the network can adapt) "
              "(default: %(default)s)")
+    add("--max-prune-fraction", type=SHARE, metavar="SHARE",
+        help="prune at most this share of a layer's live groups per update (the rest of those the "
+             "criterion picks are judged again at the next update, after the others re-fit); e.g. "
+             "0.5 where a layer's groups can stand in for each other and would all go at once "
+             "(default: no limit)")
     add("--curvature", default="ef-batch", choices=("ef-batch", "ef-exact", "fisher-mc"),
         help="diagonal curvature estimate for MacKay's gamma: ef-batch (from the optimizer's "
              "minibatch gradients, cheapest), ef-exact (exact per-example squared gradients) or "

@@ -41,7 +41,8 @@ def _recipe_settings(args, given: set[str], parser) -> dict[str, Any]:
                     rounds=config.rounds, epochs=config.epochs, batch_size=config.batch_size,
                     lr=config.lr, recipe=args.recipe, finetune_epochs=config.finetune_epochs,
                     mac_price=recipe.pruner.get("mac_price", 0.0),
-                    mac_price_ramp=recipe.pruner.get("mac_price_ramp", 1), curvature_every=1)
+                    mac_price_ramp=recipe.pruner.get("mac_price_ramp", 1), curvature_every=1,
+                    max_prune_fraction=recipe.pruner.get("max_prune_fraction"))
     for key, dest in SETTING_DESTS.items():
         if dest in given and key not in RECIPE_FIXES:
             settings[key] = getattr(args, dest)
@@ -59,7 +60,8 @@ def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any
                 data_dir=args.data_dir, granularity=args.granularity, rule=args.rule,
                 prune=args.criterion, threshold=args.threshold, curvature=args.curvature,
                 mac_price=args.mac_price, mac_price_ramp=args.mac_price_ramp,
-                curvature_every=args.curvature_every, schedule=args.schedule,
+                curvature_every=args.curvature_every, max_prune_fraction=args.max_prune_fraction,
+                schedule=args.schedule,
                 update_every=args.update_every, patience=args.patience, seed=args.seed,
                 augment_shift=args.augment_shift,
                 device=args.device, backend=args.backend, recipe=None,
@@ -200,6 +202,8 @@ def _pruner_options(settings: dict[str, Any], inputs: torch.Tensor) -> dict[str,
     """The pruner's options; `inputs` (two training examples) trace the coupled channel groups."""
     options = dict(granularity=settings["granularity"], rule=settings["rule"], prune=settings["prune"],
                    threshold=settings["threshold"], curvature=settings["curvature"])
+    if settings.get("max_prune_fraction") is not None:
+        options["max_prune_fraction"] = settings["max_prune_fraction"]
     if settings.get("curvature_every", 1) != 1:
         options["curvature_every"] = settings["curvature_every"]
     if settings.get("mac_price"):
