@@ -274,10 +274,12 @@ class ModelRun:
 
     def __init__(self, name: str, data: datasets.Splits, device: str, width: int,
                  log: Callable[[str], None], smoke: bool, rows: list[dict[str, Any]],
-                 save: Callable[[], None], cache_dir: str, fresh: bool = False):
+                 save: Callable[[], None], cache_dir: str, fresh: bool = False,
+                 methods: tuple[str, ...] = tuple(ROW_ORDER)):
         width = width if name.startswith("vgg") else 1   # only the VGGs are scaled
         self.name, self.data, self.device, self.width, self.log, self.smoke = name, data, device, width, log, smoke
         self.rows, self.save, self.cache_dir, self.fresh = rows, save, cache_dir, fresh
+        self.methods = ("dense", *methods)   # the rows this run may make (every row needs the dense network)
         self.shown, self.info = display_name(name, width), hardware(device)
         self.recipe = {method: recipes_cifar.for_run(name, method, data.name) for method in METHODS}
         self.example = data.x_train[:2].to(device)
@@ -342,10 +344,14 @@ class ModelRun:
         return trainer.model, seconds
 
     def run(self, seed: int) -> None:
-        missing = [method for method in ROW_ORDER if self.done(method, seed) is None]
+        missing = [method for method in ROW_ORDER
+                   if method in self.methods and self.done(method, seed) is None]
         if not missing:
-            self.log(f"{self.shown} seed {seed}: every row is in the table already")
+            self.log(f"{self.shown} seed {seed}: every row asked for is in the table already")
             return
+        if MAGNITUDE in missing and "mackay" not in missing and self.done("mackay", seed) is None:
+            raise SystemExit(f"reproduce_cifar: the magnitude row of {self.shown} seed {seed} prunes to the "
+                             "mackay row's count: that row is not in the table; add mackay to --methods")
         self.log(f"{self.shown} seed {seed}: rows to make: {', '.join(missing)}")
         dense_model, dense_seconds = self.dense(seed)
         dense_macs = conv_macs(dense_model, self.example[:1])
@@ -378,6 +384,10 @@ class ModelRun:
 
 
 # -------------------------------------------------------------------------------- reporting
+def _row_key(row: dict[str, Any]) -> tuple:
+    return row["dataset"], row["model"], row["method"], row["seed"]
+
+
 def _mean_range(runs, key):
     values = [r[key] for r in runs]
     return statistics.fmean(values), [min(values), max(values)]
@@ -515,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="train every row of the models named again, their dense networks too (by default the "
                              "rows the table has are kept, and a seed's dense network is read from <out>/cifar_cache/)")
+    parser.add_argument("--methods", nargs="+", choices=ROW_ORDER[1:], default=ROW_ORDER[1:],
+                        help="make only these rows (and each seed's dense row); e.g. to split a table over "
+                             "processes with --out, then --merge")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", default=[],
+                        help="add every seed's row of these tables (written by runs with other --out) to this "
+                             "table, replacing the rows of the same model, method and seed, and write it; "
+                             "trains nothing")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     if args.vgg_width < 1:
@@ -525,17 +542,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:   # tiny tensors gain nothing from threads, and a busy CI machine loses a lot to them
         torch.set_num_threads(1)
     width = max(args.vgg_width, SMOKE_VGG_WIDTH) if args.smoke else args.vgg_width
-    with tempfile.TemporaryDirectory() as scratch:
-        data_dir = args.data_dir
-        if args.smoke and data_dir is None and args.dataset != "mnist32":
-            data_dir = synthetic_cifar(scratch, args.dataset)
-        try:
-            data = load_data(args.dataset, data_dir)
-        except datasets.DatasetError as error:
-            print(f"reproduce_cifar: {error}", file=sys.stderr)
-            return 1
-    if args.smoke:
-        data = subset(data, SMOKE_SIZES["train"], SMOKE_SIZES["val"], SMOKE_SIZES["test"])
+    data = None
+    if not args.merge:
+        with tempfile.TemporaryDirectory() as scratch:
+            data_dir = args.data_dir
+            if args.smoke and data_dir is None and args.dataset != "mnist32":
+                data_dir = synthetic_cifar(scratch, args.dataset)
+            try:
+                data = load_data(args.dataset, data_dir)
+            except datasets.DatasetError as error:
+                print(f"reproduce_cifar: {error}", file=sys.stderr)
+                return 1
+        if args.smoke:
+            data = subset(data, SMOKE_SIZES["train"], SMOKE_SIZES["val"], SMOKE_SIZES["test"])
     stem = {"cifar10": "cifar", "cifar100": "cifar100", "mnist32": "mnist32"}[args.dataset]
     stem += "_smoke" if args.smoke else ""
     os.makedirs(args.out, exist_ok=True)
@@ -545,7 +564,20 @@ def main(argv: list[str] | None = None) -> int:
             for run in row.get("per_seed", [])]
     if args.fresh:
         rows = [row for row in rows if row["architecture"] not in args.models]
+    for path in args.merge:
+        if not os.path.isfile(path):
+            parser.error(f"--merge {path}: no such file")
+        added = [run for row in previous_rows(path) if row.get("source") == "measured"
+                 for run in row.get("per_seed", [])]
+        if not added:
+            parser.error(f"--merge {path}: no measured rows (not a table this script wrote?)")
+        keys = {_row_key(run) for run in added}
+        rows = [row for row in rows if _row_key(row) not in keys] + added
     command = "python bench/reproduce_cifar.py " + " ".join(argv)
+    if args.merge:   # the rows came from several runs: say how to make the table, not how it was merged
+        command = (f"python bench/reproduce_cifar.py --dataset {args.dataset} --data-dir DIR"
+                   + (f" --vgg-width {args.vgg_width}" if args.vgg_width != 1 else "")
+                   + "  (rows merged from runs split over processes)")
 
     def save() -> None:
         measured = sorted(aggregate(rows), key=lambda row: (
@@ -557,11 +589,15 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out, stem + ".md"), "w") as handle:
             handle.write(markdown(measured, published, args.dataset, command, args.smoke))
 
+    if args.merge:
+        save()
+        log(f"merged {len(args.merge)} table(s) into {json_path}")
+        return 0
     cache_dir = os.path.join(args.out, "cifar_cache")
     for name in args.models:
         start = time.perf_counter()
         model_run = ModelRun(name, data, args.device, width, log, args.smoke, rows, save, cache_dir,
-                             fresh=args.fresh)
+                             fresh=args.fresh, methods=tuple(args.methods))
         for seed in args.seeds:
             model_run.run(seed)
         log(f"{name}: done in {time.perf_counter() - start:.0f} s")

@@ -303,3 +303,43 @@ def test_fresh_trains_again(tmp_path):
     second = json.loads((tmp_path / "cifar_smoke.json").read_text())
     walls = [[r["per_seed"][0]["wall_seconds"] for r in rows if r["source"] == "measured"] for rows in (first, second)]
     assert len(walls[0]) == 5 and all(a != b for a, b in zip(*walls))
+
+
+def test_methods_and_merge_split_a_table_over_processes(cifar_smoke, tmp_path):
+    """--methods makes only the rows named (and the dense one); --merge puts tables made in other
+    folders together, the merged rows replacing those of the same model, method and seed."""
+    import shutil
+    whole = json.loads((cifar_smoke / "cifar_smoke.json").read_text())
+    main, side = tmp_path / "main", tmp_path / "side"
+    for folder in (main, side):
+        shutil.copytree(cifar_smoke / "cifar_cache", folder / "cifar_cache")
+    run_script(main, "--models", "resnet-20", "--seeds", "0", "--methods", "paper")
+    run_script(side, "--models", "resnet-20", "--seeds", "0", "--methods", "mackay", "magnitude (global L1)")
+
+    def methods(folder):
+        rows = json.loads((folder / "cifar_smoke.json").read_text())
+        return {r["method"]: r for r in rows if r["source"] == "measured"}
+    assert set(methods(main)) == {"dense", "paper"}
+    assert set(methods(side)) == {"dense", "mackay", "magnitude (global L1)"}
+    run_script(main, "--merge", str(side / "cifar_smoke.json"))
+    merged = methods(main)
+    assert set(merged) == {"dense", "paper", "mackay", "magnitude (global L1)"}
+    reference = {r["method"]: r for r in whole if r["source"] == "measured" and r["architecture"] == "resnet-20"}
+    for method, row in merged.items():   # the split run makes the rows the whole run made
+        for field in ("test_error", "kept", "conv_macs", "conv_channels"):
+            assert row["per_seed"][0][field] == reference[method]["per_seed"][0][field], (method, field)
+    assert len(merged["dense"]["per_seed"]) == 1        # replaced, not doubled
+    assert "rows merged from runs split over processes" in (main / "cifar_smoke.md").read_text()
+
+
+def test_magnitude_alone_needs_the_mackay_row(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(tmp_path), "--models", "resnet-20",
+                             "--seeds", "0", "--methods", "magnitude (global L1)", "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "add mackay to --methods" in result.stderr
+
+
+def test_merge_of_a_missing_file_is_named(tmp_path):
+    result = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(tmp_path), "--merge",
+                             str(tmp_path / "nowhere.json")], capture_output=True, text=True)
+    assert result.returncode == 2 and "nowhere.json: no such file" in result.stderr
