@@ -488,6 +488,13 @@ def markdown(rows: list[dict[str, Any]], published: list[dict[str, Any]], datase
         if scaled:
             lines.append(f"Width-scaled to fit the CPU budget: {', '.join(scaled)} (every conv and "
                          "hidden Linear width divided, weights drawn afresh).")
+        limited = sorted({r["model"] for r in rows if r["method"] in METHODS and r["recipe"] in recipes_cifar.RECIPES
+                          and recipes_cifar.RECIPES[r["recipe"]].pruner.get("max_prune_fraction")})
+        if limited:
+            lines.append(f"Limited pruning per update: the MacKay rows of {', '.join(limited)} prune at most "
+                         f"{recipes_cifar.VGG_MAX_PRUNE_FRACTION:g} of a layer's live groups per update "
+                         "(max_prune_fraction; without it VGG-D6's five deepest convs went to one filter at "
+                         "the first update that could prune, 30% test error).")
     if published:
         lines += ["", ("Published results (CIFAR; the paper starts from SGD-trained networks and trains "
                        "with crops and flips):"), "",
