@@ -163,3 +163,25 @@ def test_channel_groups_are_limited_per_parameter_dimension(fraction):
     one = channel_prepared(threshold=threshold, max_prune_fraction=1.0, allow_empty_layers=True)
     one.update()
     assert channel_pruned(one) == picked
+
+
+def test_the_limit_holds_with_a_plain_torch_optimizer():
+    """alpha kept by the pruner itself (proximal prior after each SGD step), not by MacKayAdam."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 6))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    pruner = MacKayPruner(model, optimizer, num_data=NUM_DATA, granularity="output", batch_size=32,
+                          threshold=1e9, max_prune_fraction=0.25)     # every row picked, a quarter go
+    x = torch.randn(NUM_DATA, 20)
+    y = x[:, :6].argmax(1)
+    kept = []
+    for _ in range(3):
+        for step in range(8):
+            index = torch.arange(step * 32, (step + 1) * 32)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+            optimizer.step()
+        report = pruner.update()
+        kept.append([layer["groups_kept"] for layer in report["layers"]])
+    assert kept == [[16, 6], [12, 5], [9, 4]]       # warm-up; then floor(16/4) = 4 and 1 of 6; 3 and 1
+    assert (model[0].weight[pruner.alpha("0").flatten() == math.inf] == 0).all()
