@@ -12,7 +12,7 @@ from . import sparse
 from .sparse import SparseConv2d, SparseLinear, densify, load_compressed, save_compressed, sparsify
 from ._validate import NonFiniteError
 from ._files import CorruptFileError, UnsafeFileError
-from . import coupling, recipes, train
+from . import coupling, recipes, recipes_cifar, train
 from .coupling import ChannelGroup, CouplingError, channel_groups, group_index
 from .shrink import ShrinkReport, count_macs, shrink
 
@@ -20,6 +20,7 @@ __all__ = ["compiled_backends", "ops", "optim", "reference", "UpdateStats", "mac
            "MacKayAdam", "ard_param_groups", "MacKayPruner", "data", "models", "sparse",
            "SparseLinear", "SparseConv2d", "sparsify", "save_compressed", "load_compressed",
            "densify", "NonFiniteError", "CorruptFileError", "UnsafeFileError", "train", "recipes",
+           "recipes_cifar",
            "coupling", "ChannelGroup", "CouplingError", "channel_groups", "group_index",
            "ShrinkReport", "count_macs", "shrink"]
 __version__ = "0.1.0"
