@@ -5,8 +5,9 @@ each other (the deep, narrow-map convs of a VGG on an easy dataset: each filter'
 tiny because the others can stand in for it), every group fails the criterion at once, though not
 all of them can go together, and a layer pruned to one group does not recover (VGG-D6 on
 mnist32: 30% test error). Pruning at most a fraction of the live groups per update lets the
-others re-fit before the evidence is asked again: as a layer thins, what each remaining group
-carries rises, and so does its curvature.
+others re-fit before the evidence is asked again, and a layer thins over several updates. It
+slows such a collapse, it does not stop it: VGG-D6 on mnist32 with f = 0.5 kept 8-16 filters
+in those convs after 4 pruning updates (0.60% error, dense 0.61%), and 7-3-1 after 9 (11%).
 
 Which groups stay when an update would prune more: those the criterion was least sure of, the
 largest snr = |w_g|^2 / sum_{i in g} Sigma_ii (prune="snr") or the smallest alpha_g
