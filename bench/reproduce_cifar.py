@@ -582,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [row for row in rows if _row_key(row) not in keys] + added
     command = "python bench/reproduce_cifar.py " + " ".join(argv)
     if args.merge:   # the rows came from several runs: say how to make the table, not how it was merged
+        vgg_widths = sorted({row["width"] for row in rows if row["architecture"].startswith("vgg")} - {1})
         command = (f"python bench/reproduce_cifar.py --dataset {args.dataset} --data-dir DIR"
-                   + (f" --vgg-width {args.vgg_width}" if args.vgg_width != 1 else "")
+                   + "".join(f" --vgg-width {width}" for width in vgg_widths)
                    + "  (rows merged from runs split over processes)")
 
     def save() -> None:
