@@ -579,7 +579,8 @@ class MacKayPruner(StandalonePrior):
         if limit:
             extra["limited"] = limited
         entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup, **extra)
-        if before is not None and entry["groups_kept"] == 0 and bool((before[1] != math.inf).any()):
+        if (not self.allow_empty_layers and entry["groups_kept"] == 0
+                and bool((before[1] != math.inf).any())):
             self._keep_strongest(name, target, *before)
             entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup,
                          kept_strongest=True, **extra)

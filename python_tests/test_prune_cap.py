@@ -185,3 +185,14 @@ def test_the_limit_holds_with_a_plain_torch_optimizer():
         kept.append([layer["groups_kept"] for layer in report["layers"]])
     assert kept == [[16, 6], [12, 5], [9, 4]]       # warm-up; then floor(16/4) = 4 and 1 of 6; 3 and 1
     assert (model[0].weight[pruner.alpha("0").flatten() == math.inf] == 0).all()
+
+
+def test_a_share_of_one_may_empty_a_layer_when_allowed():
+    """allow_empty_layers=True still lets the last group go with the limit set."""
+    _, free, _ = prepared(threshold=1e9, allow_empty_layers=True)
+    free.update()
+    _, limited, _ = prepared(threshold=1e9, allow_empty_layers=True, max_prune_fraction=1.0)
+    report = limited.update()
+    assert all(layer["groups_kept"] == 0 and "kept_strongest" not in layer for layer in report["layers"])
+    for name in limited.targets:
+        assert torch.equal(limited.alpha(name), free.alpha(name))
