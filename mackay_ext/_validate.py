@@ -127,6 +127,20 @@ def check_threshold(value, where: str) -> float | None:
     return number
 
 
+def check_max_prune_fraction(value, where: str) -> float | None:
+    """None (no limit) or a number in (0, 1], as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: max_prune_fraction must be a number in (0, 1] or None (no limit), "
+                        f"got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not 0.0 < number <= 1.0:
+        raise ValueError(f"{where}: max_prune_fraction must be in (0, 1] (the share of a layer's live "
+                         f"groups one update may prune), got {value!r}")
+    return number
+
+
 def check_names(value, name: str, where: str) -> None:
     """None or an iterable of names; a bare string would be read one character at a time."""
     if isinstance(value, (str, bytes)):

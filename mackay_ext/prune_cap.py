@@ -16,25 +16,10 @@ largest snr = |w_g|^2 / sum_{i in g} Sigma_ii (prune="snr") or the smallest alph
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from ._alpha import group_dims
-
-
-def check_max_prune_fraction(value, where: str) -> float | None:
-    """None (no limit) or a number in (0, 1], as a float."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: max_prune_fraction must be a number in (0, 1] or None (no limit), "
-                        f"got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not 0.0 < number <= 1.0:
-        raise ValueError(f"{where}: max_prune_fraction must be in (0, 1] (the share of a layer's live "
-                         f"groups one update may prune), got {value!r}")
-    return number
 
 
 def allowed_prunes(live: int, fraction: float) -> int:

@@ -40,6 +40,7 @@ from ._validate import (
     NonFiniteError,
     check_choice,
     check_count,
+    check_max_prune_fraction,
     check_module,
     check_names,
     check_optimizer,
@@ -58,7 +59,7 @@ from .dead_units import prune_unused_units
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
-from .prune_cap import allowed_prunes, check_max_prune_fraction, groups_to_restore, target_scores
+from .prune_cap import allowed_prunes, groups_to_restore, target_scores
 from .standalone_prior import StandalonePrior
 
 __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
