@@ -532,15 +532,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="train every row of the models named again, their dense networks too (by default the "
                              "rows the table has are kept, and a seed's dense network is read from <out>/cifar_cache/)")
-    parser.add_argument("--methods", nargs="+", choices=ROW_ORDER[1:], default=ROW_ORDER[1:],
-                        help="make only these rows (and each seed's dense row); e.g. to split a table over "
-                             "processes with --out, then --merge")
+    parser.add_argument("--methods", nargs="+", choices=[*ROW_ORDER[1:], "magnitude"], default=ROW_ORDER[1:],
+                        help="make only these rows (and each seed's dense row; 'magnitude' names the "
+                             f"'{MAGNITUDE}' row); e.g. to split a table over processes with --out, then --merge")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=[],
                         help="add every seed's row of these tables (written by runs with other --out) to this "
                              "table, replacing the rows of the same model, method and seed, and write it; "
                              "trains nothing")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    args.methods = [MAGNITUDE if method == "magnitude" else method for method in args.methods]
     if args.vgg_width < 1:
         parser.error(f"--vgg-width must be a positive divisor, got {args.vgg_width}")
     if args.device == "cuda" and not torch.cuda.is_available():

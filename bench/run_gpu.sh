@@ -8,9 +8,11 @@
 # deploy  bench/bench_deploy.py --device cuda: bench/results/deploy_cuda.{md,json}
 # suite   the whole test suite, as far as the time left allows
 # mnist32 issue 13's rows on the GPU: bench/reproduce_cifar.py --dataset mnist32 --device cuda for
-#         MNIST32_MODELS (default resnet-56 vgg-d6) and MNIST32_SEEDS (default 0 1), into
-#         bench/results/mnist32.*; MNIST's four IDX files in data/mnist (git-ignored: name it in the
-#         run's carry). A row is saved when it ends, so a stage cut short keeps the finished ones.
+#         MNIST32_MODELS (default resnet-56 vgg-d6) and MNIST32_SEEDS (default 0 1), one process
+#         per model and seed side by side (or MNIST32_JOBS="resnet-56:0 vgg-d6:0,1": model:seeds),
+#         MNIST32_METHODS (default all), each into $OUT/mnist32/<model>_s<seeds>/ (packed in
+#         $OUT/mnist32_tables.tgz); MNIST's four IDX files in data/mnist (git-ignored: name it in
+#         the run's carry). A row is saved when it ends, so a stage cut short keeps the finished ones.
 # Logs and tables land in $OUT/results.tgz. Each stage has a time limit, so that one hung kernel
 # cannot spend the whole lease; GPU_BUDGET_S (default 420) is the time for all stages together.
 set -u
@@ -93,10 +95,32 @@ if want mnist32; then
   if [ ! -f data/mnist/train-images-idx3-ubyte.gz ] && [ ! -f data/mnist/train-images-idx3-ubyte ]; then
     echo "run_gpu.sh: mnist32 needs MNIST's IDX files in data/mnist (copy them there and carry data/mnist)"
   else
-    echo "== mnist32 rows on the GPU, as far as $(left) s allow"
-    timeout $(( $(left) - 15 )) python3 bench/reproduce_cifar.py --dataset mnist32 --data-dir data/mnist \
-      --device cuda --models ${MNIST32_MODELS:-resnet-56 vgg-d6} --seeds ${MNIST32_SEEDS:-0 1} 2>&1 \
-      | tee "$OUT/mnist32.log" | grep -v "^  " | tail -40
+    # One process per job: these networks at batch 128 leave the GPU mostly idle waiting for
+    # Python, so jobs side by side finish sooner than one after another. Each job writes its own
+    # table under $OUT/mnist32/; merge them here with reproduce_cifar.py --merge.
+    jobs=${MNIST32_JOBS:-}
+    if [ -z "$jobs" ]; then
+      for model in ${MNIST32_MODELS:-resnet-56 vgg-d6}; do
+        for seed in ${MNIST32_SEEDS:-0 1}; do jobs="$jobs $model:$seed"; done
+      done
+    fi
+    echo "== mnist32 rows on the GPU ($jobs ), as far as $(left) s allow"
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 10 > "$OUT/gpu_util.log" 2>&1 &
+    monitor=$!
+    pids=""
+    for job in $jobs; do
+      model=${job%%:*}; seeds=${job#*:}; dir="$OUT/mnist32/${model}_s${seeds//,/-}"
+      mkdir -p "$dir"
+      OMP_NUM_THREADS=2 timeout $(( $(left) - 20 )) python3 bench/reproduce_cifar.py --dataset mnist32 \
+        --data-dir data/mnist --device cuda --models "$model" --seeds ${seeds//,/ } --out "$dir" \
+        ${MNIST32_METHODS:+--methods $MNIST32_METHODS} > "$OUT/mnist32_${model}_s${seeds//,/-}.log" 2>&1 &
+      pids="$pids $!"
+    done
+    wait $pids
+    kill $monitor 2>/dev/null
+    grep -h -v "^  " "$OUT"/mnist32_*.log | tail -60
+    # the tables and the ResNets' dense networks (a few MB; VGG-D6's 60 MB stay behind)
+    tar czf "$OUT/mnist32_tables.tgz" -C "$OUT" --exclude "*vgg*seed*" mnist32 2>/dev/null
   fi
 fi
 echo "== done after $(( $(date +%s) - start )) s"

@@ -318,7 +318,7 @@ def test_methods_and_merge_split_a_table_over_processes(cifar_smoke, tmp_path):
     for folder in (main, side):
         shutil.copytree(cifar_smoke / "cifar_cache", folder / "cifar_cache")
     run_script(main, "--models", "resnet-20", "--seeds", "0", "--methods", "paper")
-    run_script(side, "--models", "resnet-20", "--seeds", "0", "--methods", "mackay", "magnitude (global L1)")
+    run_script(side, "--models", "resnet-20", "--seeds", "0", "--methods", "mackay", "magnitude")
 
     def methods(folder):
         rows = json.loads((folder / "cifar_smoke.json").read_text())
