@@ -36,7 +36,6 @@ within 1.3x of dense latency times the MACs ratio; LeNet-300-100 at ~1.25% kept 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
@@ -61,6 +60,7 @@ from mackay_ext import (
     shrink,
     sparsify,
 )
+from mackay_ext._float32 import full_float32
 from mackay_ext.sparse import SparseConv2d, SparseLinear
 
 LAYER_FORMS = ("dense", "shrunk", "dense, channels_last", "shrunk, channels_last")
@@ -199,18 +199,6 @@ def file_bytes(form, model, directory) -> int:
         return save_compressed(model, path)["bytes"]
     torch.save(model.state_dict(), path)
     return os.path.getsize(path)
-
-
-@contextlib.contextmanager
-def full_float32():
-    """TF32 off for a correctness check: cuDNN convolutions use it by default on Ampere and
-    later, which moves a 20-layer ResNet's outputs by ~1e-3, above the check's tolerance."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _synchronize(x):

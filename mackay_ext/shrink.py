@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import shrink_constant
+from ._float32 import full_float32
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
 from .coupling.ties import modules_of, tied_names
 
@@ -90,15 +91,17 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
         raise ValueError(f"shrink: memory_format must be None or a torch.memory_format such as "
                          f"torch.channels_last, got {memory_format!r}")
     small, rounds = model, []
-    for _ in range(_MAX_ROUNDS):
-        step = _shrink_once(small, example_inputs, round_to)
-        small = step.model
-        rounds.append(step)
-        if not (step.unread or step.folded):
-            break   # zero groups cannot make more of anything; unread or folded ones can
-    if memory_format is not None:
-        small = small.to(memory_format=memory_format)   # small is already a copy
-    _verify(model, small, example_inputs, folded=any(step.folded for step in rounds))
+    # the constants folded into biases are measured, and the result checked, without TF32
+    with full_float32():
+        for _ in range(_MAX_ROUNDS):
+            step = _shrink_once(small, example_inputs, round_to)
+            small = step.model
+            rounds.append(step)
+            if not (step.unread or step.folded):
+                break   # zero groups cannot make more of anything; unread or folded ones can
+        if memory_format is not None:
+            small = small.to(memory_format=memory_format)   # small is already a copy
+        _verify(model, small, example_inputs, folded=any(step.folded for step in rounds))
     if not report:
         return small
     params = lambda m: sum(p.numel() for p in m.parameters())

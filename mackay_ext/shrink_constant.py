@@ -158,9 +158,10 @@ def _perturbed(example_inputs):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()):
             return t
         changed = True
-        scale = t.detach().abs().max().clamp_min(1.0)
+        scale = max(t.detach().abs().max().item(), 1.0)
+        # drawn on the CPU (one generator, the same noise on every device), then moved
         noise = torch.randn(t.shape, generator=generator, dtype=torch.float64)
-        return t + (0.5 * scale * noise).to(t.dtype).to(t.device)
+        return t + (0.5 * scale * noise).to(device=t.device, dtype=t.dtype)
 
     args, kwargs = torch.utils._pytree.tree_map(noisy, (args, kwargs))
     return (args, kwargs) if changed else None

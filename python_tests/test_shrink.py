@@ -353,3 +353,51 @@ def test_memory_format_channels_last_kept_or_asked_for():
     assert_exports(asked, inputs)
     with pytest.raises(ValueError, match="memory_format must be None or a torch.memory_format"):
         shrink(model, inputs, memory_format="channels_last")
+
+
+def _tf32_flags():
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def test_tf32_flags_are_put_back_after_shrink_and_after_its_errors():
+    """shrink turns TF32 off while it measures and checks (see the CUDA test below); what the
+    user had set is back afterwards, also when shrink raises."""
+    saved = _tf32_flags()
+    try:
+        for flags in ((True, False), (False, True)):
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+            model, inputs = to_double(ConvBnConv(), (torch.randn(1, 3, 4, 4),))
+            shrink(model, inputs)
+            assert _tf32_flags() == flags
+            for g in channel_groups(model, inputs)[:8]:
+                g.zero_(model)
+            with pytest.raises(ValueError, match="every channel"):
+                shrink(model, inputs)
+            assert _tf32_flags() == flags
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_deep_float32_network_shrinks_on_cuda_with_tf32_on():
+    """The first GPU run of bench/reproduce_cifar.py: cuDNN's TF32 default (on since Ampere) moved
+    a pruned float32 ResNet-56's outputs by ~1e-3 against its shrunk copy, and shrink refused it
+    as a wrong shrink. It measures and checks in full float32 now."""
+    from mackay_ext import models
+    from mackay_ext._float32 import full_float32
+
+    saved = _tf32_flags()
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+    try:
+        torch.manual_seed(0)
+        model = trained_like(models.create("resnet-56", in_channels=1)).cuda().eval()
+        inputs = (torch.randn(4, 1, 32, 32, device="cuda"),)
+        chosen = zero_random_groups(model, inputs)
+        small, report = shrink(model, inputs, report=True)
+        assert _tf32_flags() == (True, True)
+        assert report.params_after < report.params_before
+        assert len(report.removed) + len(report.kept_zero) == len(chosen)
+        with torch.no_grad(), full_float32():
+            assert_equal_outputs(model(*inputs), small(*inputs), rtol=1e-4)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
