@@ -481,9 +481,13 @@ def markdown(rows: list[dict[str, Any]], published: list[dict[str, Any]], datase
                      f"{widths(row['conv_channels'])} | {','.join(map(str, row['seeds']))} | "
                      f"{row['wall_seconds']:.0f} | {machine} | {verdict(row, dense_error.get(row['model']))} |")
     if rows:
-        lines += ["", f"Hardware: {rows[0]['hardware']}.",
+        machines = sorted({row["hardware"] for row in rows})
+        lines += ["", f"Hardware: {'; '.join(machines)}.",
                   ("Training data of every measured row: random whole-pixel shifts (recipes_cifar: up "
                    "to 4 pixels on CIFAR, 2 on mnist32), no flips (the paper also flips CIFAR images).")]
+        if any(row["hardware"].startswith("NVIDIA") for row in rows):
+            lines.append("GPU rows come from bench/run_gpu.sh mnist32, which runs one process per model and "
+                         "seed side by side on the one GPU: their wall times are a shared GPU's.")
         scaled = sorted({r["model"] for r in rows if r["width"] > 1})
         if scaled:
             lines.append(f"Width-scaled to fit the CPU budget: {', '.join(scaled)} (every conv and "
