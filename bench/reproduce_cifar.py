@@ -369,6 +369,7 @@ class ModelRun:
             run.finetune(fit.finetune_epochs, fit.finetune_lr or fit.retrain_lr)
             self.finish(method, run.model, seed, dense_seconds + time.perf_counter() - start, dense_macs,
                         recipe=self.recipe[method].name, updates=len(run.pruner.history),
+                        max_prune_fraction=run.pruner.max_prune_fraction,
                         channels_cut=len(cut),
                         epochs_after_dense=sum(1 for h in run.history if h["phase"] != "pretrain"))
         if MAGNITUDE in missing:
@@ -406,12 +407,22 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                "width": first["width"], "method": method, "source": "measured",
                "seeds": [r["seed"] for r in runs], "hardware": first["hardware"],
                "conv_channels": first["conv_channels"], "linear_inputs": first["linear_inputs"],
-               "recipe": first["recipe"], "per_seed": runs}
+               "recipe": first["recipe"], "per_seed": runs,
+               **({"max_prune_fraction": first["max_prune_fraction"]} if "max_prune_fraction" in first else {})}
         for key in ("test_error", "weights_kept", "conv_macs_kept", "wall_seconds"):
             row[key], row[key + "_range"] = _mean_range(runs, key)
         row["compression"] = statistics.fmean(r["compression"] for r in runs)
         out.append(row)
     return out
+
+
+def prune_limit(row: dict[str, Any]) -> float | None:
+    """The row's max_prune_fraction. Rows made before rows recorded it: the VGGs' MacKay methods
+    had 0.5, the ResNets' none (recipes_cifar's history)."""
+    if "max_prune_fraction" in row:
+        return row["max_prune_fraction"]
+    vgg_mackay = row["method"] in ("mackay", "channel") and row["architecture"].startswith("vgg")
+    return recipes_cifar.MAX_PRUNE_FRACTION if vgg_mackay else None
 
 
 def verdict(row: dict[str, Any], dense_error: float | None) -> str:
@@ -492,13 +503,15 @@ def markdown(rows: list[dict[str, Any]], published: list[dict[str, Any]], datase
         if scaled:
             lines.append(f"Width-scaled to fit the CPU budget: {', '.join(scaled)} (every conv and "
                          "hidden Linear width divided, weights drawn afresh).")
-        limited = sorted({r["model"] for r in rows if r["method"] in METHODS and r["recipe"] in recipes_cifar.RECIPES
-                          and recipes_cifar.RECIPES[r["recipe"]].pruner.get("max_prune_fraction")})
+        limited = sorted({f"{r['model']} {r['method']}" for r in rows if prune_limit(r)})
+        unlimited = sorted({f"{r['model']} {r['method']}" for r in rows
+                            if r["method"] in METHODS and r["method"] != "paper" and not prune_limit(r)})
         if limited:
-            lines.append(f"Limited pruning per update: the MacKay rows of {', '.join(limited)} prune at most "
-                         f"{recipes_cifar.VGG_MAX_PRUNE_FRACTION:g} of a layer's live groups per update "
+            lines.append(f"Limited pruning per update: {', '.join(limited)} prune at most "
+                         f"{recipes_cifar.MAX_PRUNE_FRACTION:g} of a layer's live groups per update "
                          "(max_prune_fraction; without it VGG-D6's five deepest convs went to one filter at "
-                         "the first update that could prune, 30% test error).")
+                         "the first update that could prune, 30% test error)"
+                         + (f"; made before the recipes had it: {', '.join(unlimited)}." if unlimited else "."))
     if published:
         lines += ["", ("Published results (CIFAR; the paper starts from SGD-trained networks and trains "
                        "with crops and flips):"), "",

@@ -12,7 +12,9 @@
 #         per model and seed side by side (or MNIST32_JOBS="resnet-56:0 vgg-d6:0,1": model:seeds),
 #         MNIST32_METHODS (default all), each into $OUT/mnist32/<model>_s<seeds>/ (packed in
 #         $OUT/mnist32_tables.tgz); MNIST's four IDX files in data/mnist (git-ignored: name it in
-#         the run's carry). A row is saved when it ends, so a stage cut short keeps the finished ones.
+#         the run's carry), and dense networks of earlier runs in bench/results/cifar_cache (carry
+#         it too, to skip their dense phase). A row is saved when it ends, so a stage cut short
+#         keeps the finished ones.
 # Logs and tables land in $OUT/results.tgz. Each stage has a time limit, so that one hung kernel
 # cannot spend the whole lease; GPU_BUDGET_S (default 420) is the time for all stages together.
 set -u
@@ -110,7 +112,11 @@ if want mnist32; then
     pids=""
     for job in $jobs; do
       model=${job%%:*}; seeds=${job#*:}; dir="$OUT/mnist32/${model}_s${seeds//,/-}"
-      mkdir -p "$dir"
+      mkdir -p "$dir/cifar_cache"
+      # dense networks trained before (bench/results/cifar_cache, git-ignored: carry it) are reused
+      for seed in ${seeds//,/ }; do
+        cp bench/results/cifar_cache/mnist32_${model}_width1_seed${seed}.pt "$dir/cifar_cache/" 2>/dev/null
+      done
       OMP_NUM_THREADS=2 timeout $(( $(left) - 20 )) python3 bench/reproduce_cifar.py --dataset mnist32 \
         --data-dir data/mnist --device cuda --models "$model" --seeds ${seeds//,/ } --out "$dir" \
         ${MNIST32_METHODS:+--methods $MNIST32_METHODS} > "$OUT/mnist32_${model}_s${seeds//,/-}.log" 2>&1 &

@@ -30,6 +30,12 @@ Pruning: "snr": sum_{i in g} w_i^2 / sum_{i in g} Sigma_ii < threshold, Sigma wi
 "alpha": alpha_g >= threshold. A pruned group gets alpha_g = +inf: every member entry is set to
 exactly 0 and gets alpha_eff = +inf.
 
+channel_prior="norm-scale": a group whose members include the weight (scale) of a BatchNorm or
+InstanceNorm carries its prior on those scale entries alone: the sums above run over them, and
+its other members get nothing from alpha_g (r_gi = 0) until it is pruned, when they too get +inf
+and are zeroed. A norm that normalises each channel divides out the scale of the filter before
+it, so a prior on that filter only sets its norm (and its curvature, ~1/|w|^2), not the fit.
+
 Where each member's alpha_eff and curvature live:
 - ARD targets of the pruner (matrices): the pruner's alpha of the parameter's full shape (MacKayAdam
   state["alpha"], whose fused step applies the prior and holds +inf entries at 0; or the pruner's
@@ -67,7 +73,7 @@ from .curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
 from .prune_cap import allowed_prunes, groups_to_restore
 
-__all__ = ["ChannelARD", "trace_for_pruner"]
+__all__ = ["ChannelARD", "is_channel_scale", "trace_for_pruner"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -81,12 +87,22 @@ def trace_for_pruner(model: nn.Module, example_inputs) -> Coupling:
     return trace_coupling(model, example_inputs)
 
 
+def is_channel_scale(model: nn.Module, name: str) -> bool:
+    """Is parameter `name` the scale of a per-channel normalisation (BatchNorm, InstanceNorm)? What
+    such a layer reads is invariant to the scale of the filter that makes its channel, so the
+    channel's size in the function is this weight's entry alone."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    return leaf == "weight" and isinstance(module, nn.modules.batchnorm._NormBase) and module.affine
+
+
 class _Member:
     """One parameter some groups slice: where its alpha_eff and curvature live, and its slices."""
 
     def __init__(self, name: str, param: nn.Parameter, dims: list[tuple[int, torch.Tensor]], where: str,
-                 target: str | None):
+                 target: str | None, scale: bool = False):
         self.name, self.param, self.where, self.target = name, param, where, target
+        self.scale = scale        # a per-channel norm's weight (channel_prior="norm-scale")
         self.dims = dims          # (dim, group number of every index along dim, -1 for none)
         ids = [set(ids[ids >= 0].tolist()) for _, ids in dims]
         # a group slicing two dimensions of one parameter holds the crossing entries once
@@ -157,7 +173,16 @@ class ChannelARD:
                 where = "optimizer"
             else:
                 where = "own"
-            self.members[name] = _Member(name, param, sorted(dims, key=lambda d: d[0]), where, target)
+            self.members[name] = _Member(name, param, sorted(dims, key=lambda d: d[0]), where, target,
+                                         scale=is_channel_scale(model, name))
+        # channel_prior="norm-scale": the groups whose prior sits on their norm scales alone
+        self.on_scale = None
+        if pruner.channel_prior == "norm-scale":
+            self.on_scale = torch.tensor([any(self.members[m.name].scale for m in g.members) for g in groups],
+                                         dtype=torch.bool, device=device)
+            if not bool(self.on_scale.any()):
+                self.notes.append("channel_prior='norm-scale': no group passes through a BatchNorm or "
+                                  "InstanceNorm with a scale; every group's prior is on all its members")
         self.keys = [(m.name, dim, ids) for m in self.members.values() for dim, ids in m.dims]
         self._own: dict[str, dict[str, torch.Tensor]] = {}
         self._hooks = []
@@ -350,9 +375,19 @@ class ChannelARD:
     def _alpha_terms(self, member: _Member, alpha: torch.Tensor):
         """Per dimension (dim, group numbers, alpha_g of the entry's group there or 0), and alpha_eff."""
         terms, alpha_eff, count = [], None, None
+        zero = torch.zeros((), dtype=alpha.dtype, device=alpha.device)
         for dim, ids in member.views():
             inside = ids >= 0
-            a = torch.where(inside, alpha[ids.clamp(min=0)], torch.zeros((), dtype=alpha.dtype, device=alpha.device))
+            group_alpha = alpha[ids.clamp(min=0)]
+            if self.on_scale is not None and not member.scale:
+                # no prior from a group whose prior is on its norm scales; its pruning (+inf)
+                # still holds the entry at 0
+                off_scale = inside & self.on_scale[ids.clamp(min=0)]
+                held = torch.where(off_scale & (group_alpha == math.inf), group_alpha, zero)
+                inside = inside & ~off_scale
+                a = torch.where(inside, group_alpha, held)
+            else:
+                a = torch.where(inside, group_alpha, zero)
             terms.append((dim, ids, inside, a))
             alpha_eff = a if alpha_eff is None else alpha_eff + a
             count = inside.double() if count is None else count + inside.double()
@@ -404,7 +439,8 @@ class ChannelARD:
                 mask = (inside & live).double()
                 self._group_sum(member, dim, ids, w * w * mask, weight_sq)
                 self._group_sum(member, dim, ids, ratio * (gamma if rule == "mackay" else 1.0), numerator)
-                self._group_sum(member, dim, ids, sigma * mask, sigma_sum)
+                # where(), not a product: an entry with neither data nor prior has Sigma = inf
+                self._group_sum(member, dim, ids, torch.where(inside & live, sigma, 0.0), sigma_sum)
                 self._group_sum(member, dim, ids, mask, n_live)
         if rule == "mackay":
             new = numerator / (weight_sq + pruner.eps)
@@ -476,7 +512,7 @@ class ChannelARD:
             terms, alpha_eff, _ = self._alpha_terms(member, new)
             sigma = (1.0 / (n_h + alpha_eff)).masked_fill(~live, 0)
             for dim, ids, inside, _ in terms:
-                self._group_sum(member, dim, ids, sigma * inside.double(), sigma_sum)
+                self._group_sum(member, dim, ids, torch.where(inside, sigma, 0.0), sigma_sum)
         return weight_sq < threshold * sigma_sum, weight_sq / sigma_sum
 
     def _limit_pruning(self, fresh: torch.Tensor, gone: torch.Tensor, already: torch.Tensor,

@@ -66,6 +66,7 @@ __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 
 CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
 PRIORS = ("proximal", "penalty")
+CHANNEL_PRIORS = ("members", "norm-scale")
 DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": "snr", "threshold": None}
 
 
@@ -141,6 +142,15 @@ class MacKayPruner(StandalonePrior):
             down to one filter); e.g. 0.5 thins such a layer over several updates, with the
             others re-fitting in between. Groups priced out by mac_price are governed by
             mac_price_ramp instead.
+        channel_prior: with granularity="channel", where a group's prior sits. "members"
+            (default): on every member entry (filter, bias, norm entries, consumer slices).
+            "norm-scale": on a group whose channel passes through a BatchNorm or InstanceNorm
+            with a scale, on those scale entries alone; its filter and consumer slices get no
+            prior from it, and pruning it still zeroes every member. A filter before such a norm
+            is scale-free (the norm divides its scale out): the prior shrinks it at no cost to
+            the fit, its curvature grows as 1/|w|^2, and the diagonal evidence cannot tell a
+            needed filter from a redundant one; the norm's scale is what sets the channel's
+            size. Groups without such a norm keep the prior on every member.
         on_nonfinite: "raise" (default) or "skip".
 
     DistributedDataParallel: every rank builds the pruner and calls update() at the same step.
@@ -158,7 +168,7 @@ class MacKayPruner(StandalonePrior):
                  prior: str = "proximal", allow_empty_layers: bool = False,
                  on_nonfinite: str = "raise", backend: str = "ext", example_inputs=None,
                  mac_price: float = 0.0, mac_price_ramp: int = 1, curvature_every: int = 1,
-                 max_prune_fraction: float | None = None):
+                 max_prune_fraction: float | None = None, channel_prior: str = "members"):
         where = "MacKayPruner"
         check_module(model, "model", where)
         check_optimizer(optimizer, "optimizer", where)
@@ -170,6 +180,11 @@ class MacKayPruner(StandalonePrior):
         check_choice("prune", prune, ("alpha", "snr"), where)
         check_choice("prior", prior, PRIORS, where)
         check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"), where)
+        check_choice("channel_prior", channel_prior, CHANNEL_PRIORS, where)
+        if channel_prior != "members" and granularity != "channel":
+            raise ValueError(f"{where}: channel_prior={channel_prior!r} places the prior of a coupled "
+                             f"channel group: it needs granularity='channel', got {granularity!r}")
+        self.channel_prior = channel_prior
         self.model, self.optimizer = model, optimizer
         self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
@@ -690,7 +705,8 @@ class MacKayPruner(StandalonePrior):
                              "threshold": self.threshold, "curvature": self.curvature_kind,
                              "mac_price": self.mac_price, "mac_price_ramp": self.mac_price_ramp,
                              "curvature_every": self.curvature_every,
-                             "max_prune_fraction": self.max_prune_fraction},
+                             "max_prune_fraction": self.max_prune_fraction,
+                             "channel_prior": self.channel_prior},
                 "priced_updates": self._priced_updates,
                 **({"input_covariance": self._covariance.state_dict()} if self._covariance is not None else {})}
 

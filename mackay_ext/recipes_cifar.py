@@ -31,11 +31,15 @@ same with the CPU budget of the MNIST-padded-to-32x32 check runs):
   a filter with its BatchNorm entries and every reader's input slice, and across the residual
   additions one group per residual-stream channel), which the paper never prunes; the in-run
   schedule as `mackay`.
-On the VGGs both MacKay methods prune at most half of a layer's live groups per update
+Both MacKay methods prune at most half of a layer's live groups per update
 (max_prune_fraction=0.5, mackay_ext.prune_cap). Without it, the first update that could prune
-took the five deepest convs of VGG-D6 on mnist32 to one filter each (30% test error): there each
-filter's curvature is tiny because the others can stand in for it, so the diagonal evidence finds
-every one of them prunable at once.
+took the five deepest convs of VGG-D6 on mnist32 to one filter each (30% test error), and the
+inner convs of ResNet-56's third stage likewise (0.69% error against 0.47% dense, on an H200):
+there each filter's curvature is tiny because the others can stand in for it, so the diagonal
+evidence finds every one of them prunable at once. (These filters sit before BatchNorm, which
+divides their scale out; channel_prior="norm-scale" puts the prior on the BatchNorm scale
+instead, and on VGG-D6/4 its evidence kept 99% of the weights: it finds every channel's scale
+well determined.)
 
 Every recipe trains on images moved by random whole-pixel shifts (4 pixels for CIFAR, about the
 paper's 32x32 random crop of the 4-padded image; 2 for mnist32). The paper also flips CIFAR
@@ -93,8 +97,8 @@ CIFAR_VGG = Budget(dense=160, ard=60, finetune=20, rounds=9, round_epochs=20, pa
 MNIST32 = Budget(dense=5, ard=5, finetune=2, rounds=2, round_epochs=3, patience=2,
                  update_every_steps=430, warmup_updates=1, augment_shift=2)
 
-# the share of a VGG layer's live groups one update of the MacKay methods may prune (see above)
-VGG_MAX_PRUNE_FRACTION = 0.5
+# the share of a layer's live groups one update of the MacKay methods may prune (see above)
+MAX_PRUNE_FRACTION = 0.5
 
 SUMMARIES = {
     "paper": "the source paper's protocol: filter / Linear-input groups, gamma = 1, outer rounds",
@@ -132,8 +136,8 @@ def _recipe(model: str, method: str, dataset: str) -> Recipe:
         "prune": "alpha" if method == "paper" else "snr",
         "threshold": 1 / round_lr ** 2 if method == "paper" else 0.05,
         "ard_layers": "block-inner" if resnet and method != "channel" else "all"}
-    if method != "paper" and not resnet:
-        pruner["max_prune_fraction"] = VGG_MAX_PRUNE_FRACTION
+    if method != "paper":
+        pruner["max_prune_fraction"] = MAX_PRUNE_FRACTION
     return Recipe(name, model, dataset, config, pruner, SUMMARIES[method])
 
 

@@ -145,6 +145,9 @@ NO_CUDA = not torch.cuda.is_available()
     (["prune", "--mac-price-ramp", "2.5"], "argument --mac-price-ramp: expected a whole number >= 1, got '2.5'"),
     (["prune", "--max-prune-fraction", "0"], "argument --max-prune-fraction: expected a number in (0, 1], got 0"),
     (["prune", "--max-prune-fraction", "half"], "argument --max-prune-fraction: expected a number in (0, 1], got 'half'"),
+    (["prune", "--channel-prior", "norm-scale"],
+     "--channel-prior norm-scale places a channel group's prior: it needs --granularity channel, got weight"),
+    (["prune", "--channel-prior", "scale"], "invalid choice"),
     (["prune", "--curvature-every", "0"], "argument --curvature-every: expected a whole number >= 1, got 0"),
     (["prune", "--curvature-every", "4"], "--curvature-every samples the ef-exact or fisher-mc curvature"),
     (["prune", "--model", "alexnet"], "invalid choice"),
@@ -234,6 +237,20 @@ def test_max_prune_fraction_reaches_the_pruner_and_the_checkpoint(tmp_path):
     assert pruning and all(layer["limited"] > 0 for layer in pruning[0]["layers"])
     for layer in pruning[0]["layers"]:            # the threshold picks every weight; a quarter go
         assert layer["total"] - layer["kept"] == layer["total"] // 4
+
+
+def test_channel_prior_reaches_the_pruner_and_the_checkpoint(tmp_path):
+    """digits' MLP has no BatchNorm: norm-scale keeps every group's prior on its members, says
+    so in the report's channel notes, and is saved with the run."""
+    result = cli("prune", "--granularity", "channel", "--channel-prior", "norm-scale", "--pretrain-epochs", "1",
+                 "--rounds", "1", "--epochs", "1", "--out", str(tmp_path), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["settings"]["channel_prior"] == "norm-scale"
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["pruner"]["settings"]["channel_prior"] == "norm-scale"
+    notes = state["pruner"]["history"][-1]["channel"]["notes"]
+    assert any("no group passes through a BatchNorm" in note for note in notes), notes
 
 
 def test_mac_price_reaches_the_pruner_and_the_checkpoint(tmp_path):

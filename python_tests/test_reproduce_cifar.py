@@ -166,9 +166,8 @@ def test_recipes_encode_the_paper_protocol():
         assert mackay.pruner["prune"] == channel.pruner["prune"] == "snr"
         assert mackay.pruner["ard_layers"] == paper.pruner["ard_layers"]
         assert channel.pruner["granularity"] == "channel" and channel.pruner["ard_layers"] == "all"
-        # the VGGs' MacKay methods thin a layer over several updates; the paper's rule has no such limit
-        share = 0.5 if model.startswith("vgg") else None
-        assert mackay.pruner.get("max_prune_fraction") == channel.pruner.get("max_prune_fraction") == share
+        # the MacKay methods thin a layer over several updates; the paper's rule has no such limit
+        assert mackay.pruner["max_prune_fraction"] == channel.pruner["max_prune_fraction"] == 0.5
         assert "max_prune_fraction" not in paper.pruner
         assert recipes_cifar.for_run(model, "paper", "cifar100") is paper
         assert recipes_cifar.for_run(model, "paper", "mnist32").name == f"{model}-paper-mnist32"

@@ -33,7 +33,7 @@ SETTING_DESTS = {key: key for key in (
     "model", "dataset", "data_dir", "granularity", "rule", "threshold", "curvature", "schedule",
     "update_every", "patience", "seed", "augment_shift", "device", "backend", "pretrain_epochs",
     "rounds", "epochs", "batch_size", "lr", "recipe", "finetune_epochs", "mac_price", "mac_price_ramp",
-    "curvature_every", "max_prune_fraction")}
+    "curvature_every", "max_prune_fraction", "channel_prior")}
 
 
 SETTING_DESTS["prune"] = "criterion"
@@ -47,7 +47,8 @@ CHANGEABLE_ON_RESUME = ("pretrain_epochs", "rounds", "epochs", "patience", "lr",
 # Settings older checkpoints lack, at the value those versions used.
 SETTINGS_BEFORE_THEY_EXISTED = {"curvature": "ef-batch", "augment_shift": 0, "recipe": None,
                                 "finetune_epochs": 0, "mac_price": 0.0, "mac_price_ramp": 1,
-                                "curvature_every": 1, "max_prune_fraction": None}
+                                "curvature_every": 1, "max_prune_fraction": None,
+                                "channel_prior": "members"}
 
 
 # What a --recipe fixes (the flags that would contradict it)
@@ -163,6 +164,11 @@ def _parser() -> argparse.ArgumentParser:
              "criterion picks are judged again at the next update, after the others re-fit); e.g. "
              "0.5 where a layer's groups can stand in for each other and would all go at once "
              "(default: no limit)")
+    add("--channel-prior", default="members", choices=("members", "norm-scale"),
+        help="with --granularity channel, where a channel group's prior sits: on every member "
+             "(members), or, for a channel that passes through a BatchNorm, on the BatchNorm's "
+             "scale alone (norm-scale; the filter before it is scale-free, so its norm says "
+             "nothing about the channel) (default: %(default)s)")
     add("--curvature", default="ef-batch", choices=("ef-batch", "ef-exact", "fisher-mc"),
         help="diagonal curvature estimate for MacKay's gamma: ef-batch (from the optimizer's "
              "minibatch gradients, cheapest), ef-exact (exact per-example squared gradients) or "

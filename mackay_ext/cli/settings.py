@@ -42,7 +42,8 @@ def _recipe_settings(args, given: set[str], parser) -> dict[str, Any]:
                     lr=config.lr, recipe=args.recipe, finetune_epochs=config.finetune_epochs,
                     mac_price=recipe.pruner.get("mac_price", 0.0),
                     mac_price_ramp=recipe.pruner.get("mac_price_ramp", 1), curvature_every=1,
-                    max_prune_fraction=recipe.pruner.get("max_prune_fraction"))
+                    max_prune_fraction=recipe.pruner.get("max_prune_fraction"),
+                    channel_prior=recipe.pruner.get("channel_prior", "members"))
     for key, dest in SETTING_DESTS.items():
         if dest in given and key not in RECIPE_FIXES:
             settings[key] = getattr(args, dest)
@@ -61,7 +62,7 @@ def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any
                 prune=args.criterion, threshold=args.threshold, curvature=args.curvature,
                 mac_price=args.mac_price, mac_price_ramp=args.mac_price_ramp,
                 curvature_every=args.curvature_every, max_prune_fraction=args.max_prune_fraction,
-                schedule=args.schedule,
+                channel_prior=args.channel_prior, schedule=args.schedule,
                 update_every=args.update_every, patience=args.patience, seed=args.seed,
                 augment_shift=args.augment_shift,
                 device=args.device, backend=args.backend, recipe=None,
@@ -163,6 +164,9 @@ def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> 
     if settings.get("curvature_every", 1) != 1 and settings["curvature"] == "ef-batch":
         parser.error("--curvature-every samples the ef-exact or fisher-mc curvature (--curvature); "
                      "ef-batch rides in every optimizer step at no extra cost")
+    if settings.get("channel_prior", "members") != "members" and settings["granularity"] != "channel":
+        parser.error(f"--channel-prior {settings['channel_prior']} places a channel group's prior: "
+                     f"it needs --granularity channel, got {settings['granularity']}")
     if settings["device"] == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     model = build_model(settings["model"], dataset)
@@ -204,6 +208,8 @@ def _pruner_options(settings: dict[str, Any], inputs: torch.Tensor) -> dict[str,
                    threshold=settings["threshold"], curvature=settings["curvature"])
     if settings.get("max_prune_fraction") is not None:
         options["max_prune_fraction"] = settings["max_prune_fraction"]
+    if settings.get("channel_prior", "members") != "members":
+        options["channel_prior"] = settings["channel_prior"]
     if settings.get("curvature_every", 1) != 1:
         options["curvature_every"] = settings["curvature_every"]
     if settings.get("mac_price"):
