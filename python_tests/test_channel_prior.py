@@ -43,6 +43,17 @@ def bn_chain_groups():
     return groups
 
 
+def entry_groups(groups):
+    """entry -> the groups it belongs to (holders), and -> the groups whose prior it carries."""
+    holders, carriers = {}, {}
+    for key, (members, prior) in groups.items():
+        for entry in members:
+            holders.setdefault(entry, []).append(key)
+        for entry in prior:
+            carriers.setdefault(entry, []).append(key)
+    return holders, carriers
+
+
 def _inverse(x):
     return 1.0 / x if x != 0 else INF
 
@@ -50,12 +61,7 @@ def _inverse(x):
 def reference_update(params, curvature, alpha, groups, *, rule, threshold, can_prune, eps=1e-16):
     """Per-entry float64 reference: an entry's prior precision is the sum of the alphas of the
     groups whose prior it carries, +inf once any group it belongs to is pruned."""
-    holders, carriers = {}, {}
-    for key, (members, prior) in groups.items():
-        for entry in members:
-            holders.setdefault(entry, []).append(key)
-        for entry in prior:
-            carriers.setdefault(entry, []).append(key)
+    holders, carriers = entry_groups(groups)
 
     def alpha_eff(entry, alphas):
         if any(alphas[k] == INF for k in holders[entry]):
@@ -120,7 +126,7 @@ def test_update_matches_a_per_entry_float64_reference(rule):
         curvature = randomise_curvature(model, pruner, generator)
         params = {n: p.detach().clone() for n, p in model.named_parameters()}
         probe, _ = reference_update(params, curvature, alpha, groups, rule=rule, threshold=0.0, can_prune=False)
-        snrs = sorted(probe[k] * 0 + _snr(params, curvature, probe, groups, k) for k in groups if probe[k] != INF)
+        snrs = sorted(_snr(params, curvature, probe, groups, k) for k in groups if probe[k] != INF)
         pruner.threshold = snrs[len(snrs) // 3] * 1.0001
         expected, alpha_eff = reference_update(params, curvature, alpha, groups, rule=rule,
                                                threshold=pruner.threshold, can_prune=round_ > 0)
@@ -145,12 +151,7 @@ def test_update_matches_a_per_entry_float64_reference(rule):
 
 
 def _snr(params, curvature, alphas, groups, key):
-    holders, carriers = {}, {}
-    for k, (members, prior) in groups.items():
-        for e in members:
-            holders.setdefault(e, []).append(k)
-        for e in prior:
-            carriers.setdefault(e, []).append(k)
+    holders, carriers = entry_groups(groups)
     live = [e for e in groups[key][1] if not any(alphas[k] == INF for k in holders[e])]
     squared = sum(float(params[n][i]) ** 2 for n, i in live)
     sigma = sum(_inverse(N * max(float(curvature[n][i]), 0.0) + sum(alphas[k] for k in carriers[(n, i)]))
