@@ -113,29 +113,28 @@ def check_optimizer(value, name: str, where: str) -> None:
                         f"{type(value).__name__} {value!r:.60}")
 
 
-def check_threshold(value, where: str) -> float | None:
-    """None (the prune criterion's default) or a finite number >= 0, as a float. Checked when the
-    pruner is built: a string would otherwise fail only at the first update that prunes."""
+def _optional_number(value, name: str, where: str, expected: str) -> float | None:
+    """None, or a real number (not a bool) as a float; `expected` says what is accepted."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: threshold must be a number >= 0 or None (the criterion's "
-                        f"default), got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not (math.isfinite(number) and number >= 0):
+        raise TypeError(f"{where}: {name} must be {expected}, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def check_threshold(value, where: str) -> float | None:
+    """None (the prune criterion's default) or a finite number >= 0, as a float. Checked when the
+    pruner is built: a string would otherwise fail only at the first update that prunes."""
+    number = _optional_number(value, "threshold", where, "a number >= 0 or None (the criterion's default)")
+    if number is not None and not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{where}: threshold must be finite and >= 0, got {value!r}")
     return number
 
 
 def check_max_prune_fraction(value, where: str) -> float | None:
     """None (no limit) or a number in (0, 1], as a float."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: max_prune_fraction must be a number in (0, 1] or None (no limit), "
-                        f"got {type(value).__name__} {value!r}")
-    number = float(value)
-    if not 0.0 < number <= 1.0:
+    number = _optional_number(value, "max_prune_fraction", where, "a number in (0, 1] or None (no limit)")
+    if number is not None and not 0.0 < number <= 1.0:
         raise ValueError(f"{where}: max_prune_fraction must be in (0, 1] (the share of a layer's live "
                          f"groups one update may prune), got {value!r}")
     return number
