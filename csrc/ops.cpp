@@ -29,4 +29,9 @@ TORCH_LIBRARY(mackay_ext, m) {
   // Exact diagonal empirical Fisher of a Linear layer: out += scale * (a*a)^T (b*b), squares
   // formed on load (a: output gradients [N, out], b: inputs [N, in], out: [out, in]).
   m.def("sq_gemm_accumulate_(Tensor(a!) out, Tensor a, Tensor b, float scale) -> ()");
+  // The same for a Conv2d: out [O, C/groups * kh * kw] += scale * sum_n G_n^2, G_n the gradient of
+  // example n's weight (input [N, C, H, W], grad_output [N, O, H', W']). CPU kernel only; CUDA
+  // tensors take the Python route (per-example gradients by the convolution library).
+  m.def("conv_sq_grad_accumulate_(Tensor(a!) out, Tensor input, Tensor grad_output, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, float scale) -> ()");
 }

@@ -2,12 +2,12 @@
 Fisher ("fisher-mc"), accumulated with module hooks (DESIGN.md section 1, "Curvature").
 
 For a Linear layer on 2-D inputs the per-example squared gradients sum to one GEMM on squared
-operands, h += s^2 (delta*delta)^T (x*x), done by a fused kernel (sq_gemm_accumulate_). Inputs
-with extra leading dimensions, a module used several times in one forward pass, and Conv1d/Conv2d
-(per-example gradient = delta_n unfold(x_n)^T per group of channels, summed over positions: the
-convolution library's weight gradient with the examples as groups, or unfold and bmm for a layer
-on few input channels) form per-example gradients a chunk of the batch at a time, square them
-and add them up.
+operands, h += s^2 (delta*delta)^T (x*x), done by a fused kernel (sq_gemm_accumulate_). A
+Conv1d/Conv2d's per-example gradient is delta_n unfold(x_n)^T per group of channels, summed over
+positions (conv_curvature.py: a fused CPU kernel squares each into a running sum, or the
+convolution library forms a chunk of them). Inputs with extra leading dimensions and a module
+used several times in one forward pass form per-example gradients a chunk of the batch at a
+time, square them and add them up.
 
 The ef-batch estimate's helpers live here too: its bias correction (ema_debiased) and its reading
 from each optimizer step's gradient (StepCurvature).
@@ -24,15 +24,11 @@ from torch.nn import functional as F
 
 from . import _extension
 from ._validate import BACKENDS, check_choice
+from . import conv_curvature
+from .conv_curvature import conv_per_example_grads, conv_sq_grad_accumulate_, takes_fused
 
 MODES = ("ef-exact", "fisher-mc")
 REDUCTIONS = ("mean", "sum")
-CHUNK_BYTES = 64 << 20  # bound on the per-example gradients held at once
-# Conv layers with at least this many input channels per group get their per-example gradients
-# from the convolution library's weight-gradient kernel (batch as groups); narrower ones (a first
-# layer on 1 or 3 image channels) from F.unfold and bmm, which measured faster there (2 threads:
-# 1x28x28 -> 20 5x5 filters, 2.9 ms against 3.5 ms; 16x32x32 -> 16 3x3, 21 ms against 2.6 ms).
-CONV_BACKWARD_MIN_CHANNELS = 8
 
 
 def sq_gemm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
@@ -172,7 +168,33 @@ class FisherAccumulator:
             if bias is not None:
                 self._sum_for(bias).add_(delta.square().sum(0), alpha=s2)
             return
+        geometry = self._conv2d_geometry(module)
+        if len(inputs) == 1 and geometry is not None and self.backend == "ext" \
+                and takes_fused(weight, inputs[0], grads[0], module.groups):
+            self._accumulate_conv_fused(module, inputs[0], grads[0], geometry, scale)
+            return
         self._accumulate_per_example(module, inputs, grads, scale)
+
+    def _accumulate_conv_fused(self, module, x, delta, geometry, scale) -> None:
+        if isinstance(module, nn.Conv1d):   # as a Conv2d of height 1
+            x, delta = x.unsqueeze(2), delta.unsqueeze(2)
+        weight, bias = module.weight, module.bias
+        conv_sq_grad_accumulate_(self._sum_for(weight).view(weight.shape[0], -1), x, delta, *geometry,
+                                 groups=module.groups, scale=scale * scale)
+        if bias is not None:
+            bias_grads = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(2)
+            self._sum_for(bias).add_(bias_grads.square_().sum(0), alpha=scale * scale)
+
+    @staticmethod
+    def _conv2d_geometry(module):
+        """(kernel_size, stride, padding, dilation) of a Conv2d, or of a Conv1d as a Conv2d of
+        height 1; None for any other module."""
+        if isinstance(module, nn.Conv1d):
+            return ((1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]),
+                    (1, module.dilation[0]))
+        if isinstance(module, nn.Conv2d):
+            return module.kernel_size, module.stride, module.padding, module.dilation
+        return None
 
     @staticmethod
     def _per_example_grads(module, x, delta) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,20 +206,10 @@ class FisherAccumulator:
             return torch.bmm(d.transpose(1, 2), cols), d.sum(1)
         if isinstance(module, nn.Conv1d):  # as a Conv2d of height 1
             x, delta = x.unsqueeze(2), delta.unsqueeze(2)
-            geometry = [(1, k) for k in (module.kernel_size[0], module.dilation[0])] + \
-                       [(0, module.padding[0]), (1, module.stride[0])]
-        else:
-            geometry = [module.kernel_size, module.dilation, module.padding, module.stride]
-        chunk, groups, out = x.shape[0], module.groups, delta.shape[1]
-        bias_grads = delta.reshape(chunk, out, -1).sum(2)
-        if x.shape[1] // groups >= CONV_BACKWARD_MIN_CHANNELS:
-            return _conv_per_example(x, delta, groups, *geometry), bias_grads
-        cols = F.unfold(x, *geometry)                                       # [C, in * k, L]
-        # unfold orders columns channel-major, so group g owns a contiguous block of them
-        cols = cols.reshape(chunk * groups, -1, cols.shape[-1])             # [C g, in/g * k, L]
-        d = delta.reshape(chunk * groups, out // groups, -1)                # [C g, out/g, L]
-        grads = torch.bmm(d, cols.transpose(1, 2)).reshape(chunk, out, -1)  # [C, out, in/g * k]
-        return grads, bias_grads
+        kernel_size, stride, padding, dilation = FisherAccumulator._conv2d_geometry(module)
+        bias_grads = delta.reshape(x.shape[0], delta.shape[1], -1).sum(2)
+        return conv_per_example_grads(x, delta, module.groups, kernel_size, dilation, padding,
+                                      stride), bias_grads
 
     def _accumulate_per_example(self, module, inputs, grads, scale):
         weight = module.weight
@@ -205,7 +217,7 @@ class FisherAccumulator:
         bias_sum = self._sum_for(module.bias) if module.bias is not None else None
         batch = inputs[0].shape[0]
         per_example = weight.numel() * weight.element_size()
-        chunk = max(1, min(batch, CHUNK_BYTES // max(per_example, 1)))
+        chunk = max(1, min(batch, conv_curvature.CHUNK_BYTES // max(per_example, 1)))
         for start in range(0, batch, chunk):
             g_weight = g_bias = None
             for x, delta in zip(inputs, grads):  # uses of the module add up before squaring
@@ -318,22 +330,6 @@ class FisherAccumulator:
                 optimizer.ard_state(param)["curvature"].copy_(self.curvature(param))
                 written += 1
         return written
-
-
-def _conv_per_example(x, delta, groups, kernel_size, dilation, padding, stride) -> torch.Tensor:
-    """Per-example weight gradients [C, out, in/groups * kh * kw] of a Conv2d over a chunk of C
-    examples, as the weight gradient of one convolution whose groups are the examples: input
-    [1, C in, H, W], output gradient [1, C out, H', W'], C * groups groups. The convolution
-    library's own weight-gradient kernel, with no im2col copy of the input (F.unfold's copy is
-    kh * kw times the input, and was most of ef-exact's cost on a ResNet)."""
-    chunk, channels, out = x.shape[0], x.shape[1], delta.shape[1]
-    # only the weight's shape is read: output_mask asks for the weight gradient alone
-    weight = x.new_empty(1).expand(chunk * out, channels // groups, *kernel_size)
-    grads = torch.ops.aten.convolution_backward(
-        delta.reshape(1, chunk * out, *delta.shape[2:]), x.reshape(1, chunk * channels, *x.shape[2:]),
-        weight, None, list(stride), list(padding), list(dilation), False, [0, 0], chunk * groups,
-        [False, True, False])[1]
-    return grads.reshape(chunk, out, -1)
 
 
 # ------------------------------------------------------------------ ef-batch moving average

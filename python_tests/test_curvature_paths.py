@@ -1,5 +1,6 @@
 """The faster routes of the exact curvature give the same numbers as the reference: conv layers'
-per-example gradients by the batch-as-groups convolution backward and by unfold + bmm, and
+squared per-example gradients by the fused kernel, by the batch-as-groups convolution backward
+and by unfold + bmm, and
 fisher-mc's backward to the layers' outputs (no parameter gradients) against vmap(grad) on the
 labels it sampled."""
 
@@ -10,7 +11,7 @@ from test_curvature import check_against_reference
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from mackay_ext import curvature
+from mackay_ext import conv_curvature
 from mackay_ext.curvature import FisherAccumulator
 
 
@@ -40,15 +41,23 @@ CONV_MODELS = {   # name -> (model, input shape of one batch)
                                      nn.Flatten(), nn.Linear(5 * 6, 3)), (9, 3, 11)),
     "conv1d-reused": (ReusedConv, (9, 4, 6)),
 }
-# the smallest input channels per group that takes the convolution-backward route
-ROUTES = {"conv-backward": 0, "unfold": 1 << 30}
+# route -> (fused kernel on, smallest input channels per group of the convolution-backward route,
+#           most positions the fused kernel takes from a layer of that many channels)
+ROUTES = {"fused": (True, 0, 1 << 30), "conv-backward": (False, 0, 0), "unfold": (False, 1 << 30, 0)}
+
+
+def take_route(monkeypatch, route):
+    fused, min_channels, max_positions = ROUTES[route]
+    monkeypatch.setattr(conv_curvature, "FUSED_CONV", fused)
+    monkeypatch.setattr(conv_curvature, "CONV_BACKWARD_MIN_CHANNELS", min_channels)
+    monkeypatch.setattr(conv_curvature, "FUSED_MAX_POSITIONS", max_positions)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize("name", list(CONV_MODELS))
 def test_conv_routes_match_vmap(device, route, name, monkeypatch):
-    monkeypatch.setattr(curvature, "CONV_BACKWARD_MIN_CHANNELS", ROUTES[route])
+    take_route(monkeypatch, route)
     torch.manual_seed(0)
     factory, shape = CONV_MODELS[name]
     check_against_reference(factory(), torch.randn(shape), torch.randint(0, 3, (shape[0],)), "mean",
@@ -58,8 +67,8 @@ def test_conv_routes_match_vmap(device, route, name, monkeypatch):
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_conv_routes_chunk_the_batch(route, monkeypatch):
     """Per-example gradients held in chunks smaller than the batch: the sums still add up."""
-    monkeypatch.setattr(curvature, "CONV_BACKWARD_MIN_CHANNELS", ROUTES[route])
-    monkeypatch.setattr(curvature, "CHUNK_BYTES", 4 * 8 * 6 * 4 * 9)   # 4 examples of the conv
+    take_route(monkeypatch, route)
+    monkeypatch.setattr(conv_curvature, "CHUNK_BYTES", 4 * 8 * 6 * 4 * 9)   # 4 examples of the conv
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.Tanh(), nn.Flatten(), nn.Linear(6 * 5 * 4, 3))
     check_against_reference(model, torch.randn(11, 4, 7, 6), torch.randint(0, 3, (11,)), "sum", "ext", "cpu")
