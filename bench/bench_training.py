@@ -6,7 +6,8 @@ Variants, per model:
   adam       torch.optim.Adam(fused=True) (foreach=True where this build has no fused CPU Adam)
   ef-batch   MacKayAdam + MacKayPruner(curvature="ef-batch"): the curvature rides in the fused step
   ef-exact   ... curvature="ef-exact": FisherAccumulator's hooks run during the training backward
-  fisher-mc  ... curvature="fisher-mc": pruner.accumulate_mc(x) (its own backward) after the step
+  fisher-mc  ... curvature="fisher-mc": the training forward inside pruner.capture_mc(), then
+             pruner.accumulate_mc_from(logits) (a backward of its own) before the training backward
   ef-exact 1/4, fisher-mc 1/4   the same with MacKayPruner(curvature_every=4): the curvature of
              one training batch in four (the update every 430 steps averages over 108 of them)
 MacKayAdam is built as the recipes' Trainer builds it (ard_param_groups, batch_size=B), so the
@@ -108,10 +109,16 @@ class Variant:
 
     def step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(self.model(self.x), self.y).backward()
+        if self.pruner is not None and self.curvature == "fisher-mc":
+            # as mackay_ext.train does: the sampled-label backward reuses the training forward
+            with self.pruner.capture_mc():
+                logits = self.model(self.x)
+            loss = F.cross_entropy(logits, self.y)
+            self.pruner.accumulate_mc_from(logits)
+        else:
+            loss = F.cross_entropy(self.model(self.x), self.y)
+        loss.backward()
         self.optimizer.step()
-        if self.pruner is not None and self.curvature == "fisher-mc":   # as mackay_ext.train does: the sampled-label backward after the step
-            self.pruner.accumulate_mc(self.x)
 
     def steps(self, count: int) -> float:
         start = time.perf_counter()

@@ -14,6 +14,7 @@ from each optimizer step's gradient (StepCurvature).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Iterable
@@ -109,6 +110,7 @@ class FisherAccumulator:
         self._scale_override: float | None = None
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
         self._active = mode == "ef-exact"
+        self._capturing = False   # fisher-mc: inside capture_mc(), the forward is recorded
         # ef-exact: while True the hooks capture nothing (MacKayPruner(curvature_every=k) samples
         # one training batch in k this way; the estimate stays the mean over what was captured)
         self.paused = False
@@ -118,7 +120,8 @@ class FisherAccumulator:
 
     # ---------------------------------------------------------------- hooks
     def _forward_hook(self, module, inputs, output):
-        if self._active and not self.paused and torch.is_grad_enabled() and output.requires_grad:
+        if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
+                and output.requires_grad:
             self._pending[module].append(inputs[0].detach())
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))
@@ -252,36 +255,70 @@ class FisherAccumulator:
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
         """fisher-mc: labels y ~ softmax(model(x)) and the squared per-example gradients of
-        -log p(y | x), with a backward of their own: the model's .grad is left untouched."""
-        if self.mode != "fisher-mc":
-            raise RuntimeError("FisherAccumulator.accumulate_mc needs mode='fisher-mc'")
-        params = [p for m in self.layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
+        -log p(y | x), with a forward and backward of their own: the model's .grad is left
+        untouched. In a training loop, capture_mc() and accumulate_mc_from() reuse the training
+        forward instead."""
+        self._require_mc("accumulate_mc")
+        with self.capture_mc(), torch.enable_grad():
+            logits = self.model(x)
+        self.accumulate_mc_from(logits, num_samples)
+
+    @contextlib.contextmanager
+    def capture_mc(self):
+        """fisher-mc: the forward pass run inside is recorded (each layer's input, a hook on its
+        output) for accumulate_mc_from(logits), so the sampled-label Fisher needs no forward of
+        its own: `with acc.capture_mc(): logits = model(x)`."""
+        self._require_mc("capture_mc")
+        self.new_batch()
+        self._mc_outputs, self._capturing = [], True
+        try:
+            yield self
+        finally:
+            self._capturing = False
+
+    def accumulate_mc_from(self, logits: torch.Tensor, num_samples: int = 1) -> None:
+        """fisher-mc: labels y ~ softmax(logits) and the squared per-example gradients of
+        -log p(y | x), `logits` (N, classes) from a forward run inside capture_mc(). A backward of
+        its own to the layers' outputs, with the graph retained: call it before the training
+        loss's backward, which then runs as usual (the model's .grad is left untouched)."""
+        self._require_mc("accumulate_mc_from")
+        outputs, self._mc_outputs = self._mc_outputs, None
+        captured = {module: list(inputs) for module, inputs in self._pending.items()}
+        if outputs is None or not captured:
+            raise RuntimeError("FisherAccumulator.accumulate_mc_from: no forward was captured; run the "
+                               "model's forward inside `with accumulator.capture_mc():` (with gradients "
+                               "enabled), then pass its logits")
+        if logits.dim() != 2:
+            raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}")
+        if not logits.requires_grad:
+            raise ValueError("accumulate_mc_from: logits must come from the captured forward, with "
+                             "gradients enabled (they do not require grad)")
+        # The hooks need delta = dloss/doutput of each layer, not the parameters' gradients:
+        # differentiating to the layers' outputs skips the weight-gradient GEMMs and convolutions
+        # that a backward to the parameters would compute and throw away. An output changed in
+        # place after its layer (an in-place activation) is no longer the tensor the hook sits
+        # on: then the parameters.
+        if all(out._version == version for out, version in outputs):
+            targets = [out for out, _ in outputs]
+        else:
+            targets = [p for m in self.layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
         self._active, self._scale_override = True, 1.0
         try:
             for _ in range(num_samples):
-                self.new_batch()
-                self._mc_outputs = []
+                self._pending = defaultdict(list, {m: list(inputs) for m, inputs in captured.items()})
+                self._grads.clear()
+                with torch.no_grad():
+                    labels = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1).squeeze(1)
                 with torch.enable_grad():
-                    logits = self.model(x)
-                    if logits.dim() != 2:
-                        raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}")
-                    with torch.no_grad():
-                        labels = torch.multinomial(torch.softmax(logits.float(), 1), 1).squeeze(1)
                     loss = F.cross_entropy(logits, labels, reduction="sum")
-                    # The hooks need delta = dloss/doutput of each layer, not the parameters'
-                    # gradients: differentiating to the layers' outputs skips the weight-gradient
-                    # GEMMs and convolutions that a backward to the parameters would compute and
-                    # throw away. An output changed in place after its layer (an in-place
-                    # activation) is no longer the tensor the hook sits on: then the parameters.
-                    outputs, self._mc_outputs = self._mc_outputs, None
-                    if outputs and all(out._version == version for out, version in outputs):
-                        torch.autograd.grad(loss, [out for out, _ in outputs], allow_unused=True)
-                    else:
-                        torch.autograd.grad(loss, params)
+                    torch.autograd.grad(loss, targets, allow_unused=True, retain_graph=True)
         finally:
-            self._active, self._scale_override, self._mc_outputs = False, None, None
-            self._pending.clear()
-            self._grads.clear()
+            self._active, self._scale_override = False, None
+            self.new_batch()
+
+    def _require_mc(self, where: str) -> None:
+        if self.mode != "fisher-mc":
+            raise RuntimeError(f"FisherAccumulator.{where} needs mode='fisher-mc'")
 
     def curvature(self, param: nn.Parameter) -> torch.Tensor:
         """The per-example mean of the squared per-example gradient (param's shape)."""

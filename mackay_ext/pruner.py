@@ -25,6 +25,8 @@ What an update does, predictably:
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import numbers
 import warnings
@@ -216,6 +218,7 @@ class MacKayPruner(StandalonePrior):
             raise ValueError(f"{where}: curvature_every counts optimizer steps: pass the optimizer")
         self.curvature_every = curvature_every
         self._mc_calls_since_update = 0
+        self._mc_captured: bool | None = None   # capture_mc's verdict, until accumulate_mc_from
         self._priced_updates = 0   # updates so far that could prune with a price (the ramp's clock)
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
         if not self.targets:
@@ -372,14 +375,51 @@ class MacKayPruner(StandalonePrior):
             self._covariance.remove()
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
-        """fisher-mc: add the sampled-label Fisher of a batch of inputs (its own backward). With
-        curvature_every=k, only the first call after an update and every k-th after it do."""
+        """fisher-mc: add the sampled-label Fisher of a batch of inputs (a forward and backward
+        of its own; capture_mc() and accumulate_mc_from() reuse the training forward instead).
+        With curvature_every=k, only the first call after an update and every k-th after it do."""
+        if self._sample_mc("accumulate_mc"):
+            self.accumulator.accumulate_mc(x, num_samples)
+
+    @contextlib.contextmanager
+    def capture_mc(self):
+        """fisher-mc from the training forward, which runs inside (no forward of its own):
+
+            with pruner.capture_mc():
+                logits = model(x)
+            loss = loss_fn(logits, y)
+            pruner.accumulate_mc_from(logits)   # before loss.backward(): the graph is reused
+            loss.backward(); optimizer.step()
+
+        With curvature_every=k, the first step after an update and every k-th after it are
+        recorded, and accumulate_mc_from does nothing on the others."""
+        sampled = self._sample_mc("capture_mc")
+        self._mc_captured = sampled
+        if not sampled:
+            yield self
+            return
+        with self.accumulator.capture_mc():
+            yield self
+
+    def accumulate_mc_from(self, logits: torch.Tensor, num_samples: int = 1) -> None:
+        """fisher-mc: add the sampled-label Fisher of the forward run inside capture_mc(), whose
+        `logits` (N, classes) are given; see capture_mc."""
         if self.curvature_kind != "fisher-mc":
-            raise RuntimeError("MacKayPruner.accumulate_mc needs curvature='fisher-mc'")
+            raise RuntimeError("MacKayPruner.accumulate_mc_from needs curvature='fisher-mc'")
+        captured, self._mc_captured = self._mc_captured, None
+        if captured is None:
+            raise RuntimeError("MacKayPruner.accumulate_mc_from: run the forward inside "
+                               "`with pruner.capture_mc():` first")
+        if captured:
+            self.accumulator.accumulate_mc_from(logits, num_samples)
+
+    def _sample_mc(self, where: str) -> bool:
+        """Whether this fisher-mc call is one of the sampled ones (curvature_every)."""
+        if self.curvature_kind != "fisher-mc":
+            raise RuntimeError(f"MacKayPruner.{where} needs curvature='fisher-mc'")
         sampled = self._mc_calls_since_update % self.curvature_every == 0
         self._mc_calls_since_update += 1
-        if sampled:
-            self.accumulator.accumulate_mc(x, num_samples)
+        return sampled
 
     def _sample_next_batch(self) -> None:
         """ef-exact with curvature_every=k: the hooks capture the first training step after an

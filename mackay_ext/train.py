@@ -14,6 +14,8 @@ output is unchanged; see mackay_ext.dead_units).
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import random
 import time
@@ -177,7 +179,11 @@ class Trainer:
                 yb = yb.tensor_split(self.world_size)[self.rank]
             xb, yb = xb.to(self.device, memory_format=self._memory_format(xb)), yb.to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(self.net(xb), yb)
+            sampled_fisher = self.pruner.curvature_kind == "fisher-mc"
+            # fisher-mc reuses this forward: its sampled-label backward runs before the training one
+            with self.pruner.capture_mc() if sampled_fisher else contextlib.nullcontext():
+                logits = self.net(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
             value = float(loss.detach())  # the one host sync of a step, before it can do harm
             if not math.isfinite(value):
                 pos = self.position
@@ -185,10 +191,10 @@ class Trainer:
                 raise NonFiniteError(
                     f"training loss is {value} ({phase}, epoch {pos['epoch'] + 1}, batch "
                     f"{batch + 1}); the weights were not updated with it")
+            if sampled_fisher:
+                self.pruner.accumulate_mc_from(logits)
             loss.backward()
             self.optimizer.step()
-            if self.pruner.curvature_kind == "fisher-mc":
-                self.pruner.accumulate_mc(xb)
             if "steps" in self.position:  # in-run with updates every `update_every_steps` steps
                 self.position["steps"] += 1
                 if self.position["steps"] % self.config.update_every_steps == 0:

@@ -1,0 +1,133 @@
+"""fisher-mc from the training forward: capture_mc() records the forward, accumulate_mc_from(logits)
+adds the squared per-example gradients of labels sampled from those logits, before the training
+backward, which then gives the gradient it gives without them."""
+
+import pytest
+import torch
+from test_curvature_paths import InPlaceHead, ReusedConv
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups
+from mackay_ext.curvature import FisherAccumulator
+
+MODELS = {   # name -> (model, input shape, classes)
+    "mlp": (lambda: nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 4)), (8, 7)),
+    "conv": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 4, 4)), (8, 2, 7, 6)),
+    "in-place": (InPlaceHead, (8, 2, 7, 6)),
+    "reused-conv": (ReusedConv, (8, 4, 6)),
+}
+
+
+def sampled_squares(model, x, labels):
+    """sum_n (d -log p(y_n | x_n) / d theta)^2 by vmap(grad), the reference."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    per_example = vmap(grad(lambda p, xi, yi: nn.functional.cross_entropy(
+        functional_call(model, p, (xi[None],)), yi[None], reduction="sum")), in_dims=(None, 0, 0))(params, x, labels)
+    return {name: (g ** 2).sum(0) for name, g in per_example.items()}
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_captured_forward_gives_the_sampled_fisher_and_leaves_training_alone(name, samples):
+    factory, shape = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (shape[0],))
+    plain = {}
+    nn.functional.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        plain[n], p.grad = p.grad.clone(), None
+
+    acc = FisherAccumulator(model, mode="fisher-mc")
+    with acc.capture_mc():
+        logits = model(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    torch.manual_seed(1)
+    acc.accumulate_mc_from(logits, num_samples=samples)
+    assert all(p.grad is None for p in model.parameters())
+    loss.backward()   # the retained graph: the training gradient as without the sampled Fisher
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], rtol=1e-12, atol=1e-14)
+
+    torch.manual_seed(1)   # the same draws, one per sample
+    expected = None
+    for _ in range(samples):
+        with torch.no_grad():
+            labels = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1).squeeze(1)
+        squares = sampled_squares(model, x, labels)
+        expected = squares if expected is None else {k: expected[k] + squares[k] for k in squares}
+    for n, p in model.named_parameters():
+        assert acc.counts[p] == samples * shape[0]
+        torch.testing.assert_close(acc.sums[p], expected[n], rtol=1e-9, atol=1e-12)
+
+
+def test_accumulate_mc_from_needs_its_captured_forward():
+    model = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 4))
+    x = torch.randn(4, 7)
+    acc = FisherAccumulator(model, mode="fisher-mc")
+    with pytest.raises(RuntimeError, match="no forward was captured"):
+        acc.accumulate_mc_from(model(x))
+    with acc.capture_mc(), torch.no_grad():
+        logits = model(x)
+    with pytest.raises(RuntimeError, match="no forward was captured"):
+        acc.accumulate_mc_from(logits)
+    with acc.capture_mc():
+        logits = model(x)
+    with pytest.raises(ValueError, match="must return logits"):
+        acc.accumulate_mc_from(logits[:, :, None])
+    with pytest.raises(RuntimeError, match="mode='fisher-mc'"):
+        with FisherAccumulator(model).capture_mc():
+            pass
+    assert acc.num_examples == 0
+
+
+def test_pruner_samples_one_captured_step_in_k():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    optimizer = MacKayAdam(ard_param_groups(net), lr=1e-2, num_data=100, batch_size=5)
+    pruner = MacKayPruner(net, optimizer, num_data=100, curvature="fisher-mc", curvature_every=3)
+    with pytest.raises(RuntimeError, match="capture_mc"):
+        pruner.accumulate_mc_from(net(torch.randn(5, 6)))
+    for _ in range(7):
+        x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+        optimizer.zero_grad()
+        with pruner.capture_mc():
+            logits = net(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        pruner.accumulate_mc_from(logits)
+        loss.backward()
+        optimizer.step()
+    assert pruner.accumulator.num_examples == 5 * 3   # steps 0, 3 and 6
+    pruner.update()
+    ef_exact = MacKayPruner(net, None, num_data=10, curvature="ef-exact", prior="penalty")
+    with pytest.raises(RuntimeError, match="curvature='fisher-mc'"):
+        with ef_exact.capture_mc():
+            pass
+
+
+def test_trainer_feeds_fisher_mc_from_its_training_forward(monkeypatch):
+    """mackay_ext.train with curvature='fisher-mc': one sampled-label backward per training step,
+    on the logits of that step's forward (no forward of its own), and the updates use it."""
+    from mackay_ext import data, models
+    from mackay_ext.train import FitConfig, Trainer, set_seed
+    calls = []
+    original = FisherAccumulator.accumulate_mc_from
+
+    def counting(self, logits, num_samples=1):
+        calls.append((logits.shape[0], logits.requires_grad))
+        return original(self, logits, num_samples)
+
+    monkeypatch.setattr(FisherAccumulator, "accumulate_mc_from", counting)
+    monkeypatch.setattr(FisherAccumulator, "accumulate_mc", lambda *a, **k: pytest.fail("a forward of its own"))
+    set_seed(0)
+    digits = data.load("digits")
+    trainer = Trainer(models.create("digits-mlp"), digits,
+                      FitConfig(pretrain_epochs=1, rounds=1, epochs=1, batch_size=256, patience=3),
+                      pruner_options={"curvature": "fisher-mc"})
+    trainer.run()
+    steps_per_epoch = -(-len(digits.x_train) // 256)
+    epochs = len(trainer.history)
+    assert len(calls) == epochs * steps_per_epoch and all(grad for _, grad in calls)
+    assert trainer.pruner.kept_weights() < sum(p.numel() for p in trainer.model.parameters() if p.dim() > 1)
