@@ -344,6 +344,34 @@ class FisherAccumulator:
         for param, count in zip(params, counts.tolist()):
             self.counts[param] = int(count)
 
+    def _named_parameters(self):
+        for layer, module in self.layers.items():
+            for name, param in module.named_parameters(recurse=False):
+                yield (f"{layer}.{name}" if layer else name), param
+
+    def state_dict(self) -> dict[str, dict]:
+        """The running sums and example counts by parameter name: a checkpoint taken between
+        two precision updates resumes the estimate where it stood."""
+        return {name: {"sum": self.sums[param].detach().clone(), "count": int(self.counts[param])}
+                for name, param in self._named_parameters() if param in self.sums}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Restore what state_dict() saved (an empty dict: nothing accumulated yet)."""
+        params = dict(self._named_parameters())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise KeyError(f"FisherAccumulator.load_state_dict: no supported layer holds the parameters "
+                           f"{unknown} (this accumulator covers {sorted(params)})")
+        self.reset()
+        for name, entry in state.items():
+            param = params[name]
+            total = self._sum_for(param)
+            if tuple(entry["sum"].shape) != tuple(total.shape):
+                raise ValueError(f"FisherAccumulator.load_state_dict: {name}'s sum has shape "
+                                 f"{tuple(entry['sum'].shape)}, the parameter {tuple(total.shape)}")
+            total.copy_(entry["sum"])
+            self.counts[param] = int(entry["count"])
+
     def reset(self) -> None:
         for total in self.sums.values():
             total.zero_()

@@ -740,6 +740,7 @@ class MacKayPruner(StandalonePrior):
                 "granularity": dict(self.granularity), "history": list(self.history),
                 "steps_since_update": self._steps_since_update,
                 "mc_calls_since_update": self._mc_calls_since_update,
+                **({"exact_curvature": self.accumulator.state_dict()} if self.accumulator is not None else {}),
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind,
@@ -763,6 +764,8 @@ class MacKayPruner(StandalonePrior):
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
         self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
+        if self.accumulator is not None:   # absent before it was saved: the estimate starts afresh
+            self.accumulator.load_state_dict(state.get("exact_curvature", {}))
         if self._covariance is not None:
             self._covariance.load_state_dict(state.get("input_covariance", {}))
         # t of each ef-batch moving average; absent from older checkpoints: read h as it is

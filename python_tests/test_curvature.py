@@ -180,3 +180,29 @@ def test_sq_gemm_opcheck_and_bad_input(device):
         sq_gemm_accumulate_(torch.zeros(5, 4, device=device), a.double(), b)
     with pytest.raises(RuntimeError, match="contiguous"):
         sq_gemm_accumulate_(torch.zeros(4, 5, device=device).t(), a, b)
+
+
+def test_state_dict_resumes_the_running_sums():
+    """A checkpoint between two updates carries the sums and counts: a fresh accumulator loaded
+    from it and fed the next batch ends where the uninterrupted one does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 5 * 4, 3))
+    batches = [(torch.randn(6, 2, 7, 6), torch.randint(0, 3, (6,))) for _ in range(2)]
+    first = FisherAccumulator(model)
+    nn.functional.cross_entropy(model(batches[0][0]), batches[0][1]).backward()
+    saved = first.state_dict()
+    nn.functional.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+    first.detach()
+    second = FisherAccumulator(model)
+    second.load_state_dict(saved)
+    assert second.num_examples == 6
+    nn.functional.cross_entropy(model(batches[1][0]), batches[1][1]).backward()
+    for param in model.parameters():
+        assert second.counts[param] == first.counts[param] == 12
+        torch.testing.assert_close(second.curvature(param), first.curvature(param), rtol=0, atol=0)
+    with pytest.raises(KeyError, match="no supported layer holds"):
+        second.load_state_dict({"5.weight": saved["0.weight"]})
+    with pytest.raises(ValueError, match="shape"):
+        second.load_state_dict({"0.weight": {"sum": torch.zeros(2), "count": 1}})
+    second.load_state_dict({})
+    assert second.num_examples == 0

@@ -104,10 +104,13 @@ def test_a_resumed_run_samples_the_same_batches(curvature):
     torch.manual_seed(5)
     for x, y in data[7:]:
         train_step(resumed_net, resumed_optimizer, resumed, x, y)
-    # the original also holds the two steps before the save (its sums are not in the checkpoint);
-    # what the resumed one samples after the save must be what the original sampled after it
-    assert resumed.accumulator.num_examples == B   # step 4 of the window (data[7]) only
-    assert pruner.accumulator.num_examples == 2 * B   # step 1 (data[5]) and step 4 (data[7])
+    # the checkpoint holds the sums of the window's first sampled step (data[5]); after the
+    # save both sample step 4 (data[7]) alone, and hold the same estimate
+    assert resumed.accumulator.num_examples == pruner.accumulator.num_examples == 2 * B
+    for name in ("0", "2"):
+        param, resumed_param = net.get_submodule(name).weight, resumed_net.get_submodule(name).weight
+        torch.testing.assert_close(resumed.accumulator.curvature(resumed_param),
+                                   pruner.accumulator.curvature(param), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("every", [0, -2, 2.5, True, "4"])
