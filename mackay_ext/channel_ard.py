@@ -45,7 +45,7 @@ Where each member's alpha_eff and curvature live:
   here. Curvature: the ef-batch estimate h <- rho h + (1 - rho) B g^2 (B and rho as the pruner's
   ef-batch curvature; h = 0 when no batch size is known), from the gradient the pruner's own
   ef-batch estimate reads (MacKayPruner.ef_batch_source): each optimizer step's
-  (curvature.StepCurvature: accumulated, DDP-averaged, unscaled) whenever the pruner has the
+  (batch_curvature.StepCurvature: accumulated, DDP-averaged, unscaled) whenever the pruner has the
   optimizer, as MacKayAdam's fused step does; each backward's (a gradient hook, averaged over
   ranks at the update) without one. The update reads h / (1 - rho^t), t the updates h has
   taken, as for every ef-batch curvature. After every optimizer step pruned entries are
@@ -69,7 +69,7 @@ from torch import nn
 
 from ._alpha import finite_alpha
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
-from .curvature import StepCurvature, ema_debiased
+from .batch_curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
 from .prune_cap import allowed_prunes, groups_to_restore
 

@@ -18,7 +18,7 @@ import torch
 
 from . import _extension, ops
 from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_module
-from .curvature import ema_debiased
+from .batch_curvature import ema_debiased
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
 

@@ -26,7 +26,6 @@ What an update does, predictably:
 from __future__ import annotations
 
 import contextlib
-
 import math
 import numbers
 import warnings
@@ -56,7 +55,7 @@ from .ard_targets import (
     exact_curvature_problem,
     find_targets,
 )
-from .curvature import ema_debiased
+from .batch_curvature import ema_debiased
 from .dead_units import prune_unused_units
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses

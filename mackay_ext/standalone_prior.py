@@ -11,7 +11,7 @@ the user adds it to the loss.
 
 Where g comes from (MacKayPruner.ef_batch_source):
 - "step" (whenever the pruner has the optimizer): the gradient of each optimizer step
-  (curvature.StepCurvature), as MacKayAdam's fused step reads it: complete after gradient
+  (batch_curvature.StepCurvature), as MacKayAdam's fused step reads it: complete after gradient
   accumulation, averaged over DistributedDataParallel's ranks, unscaled by GradScaler, a skipped
   step skipped; B is the effective batch of one step (per-device batch x accumulation x world
   size), and every rank holds the same h, hence the same alpha. A gradient hook per weight only
@@ -30,7 +30,7 @@ import math
 import torch
 
 from ._alpha import finite_alpha
-from .curvature import StepCurvature
+from .batch_curvature import StepCurvature
 
 
 class StandalonePrior:

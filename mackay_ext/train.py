@@ -15,7 +15,6 @@ output is unchanged; see mackay_ext.dead_units).
 from __future__ import annotations
 
 import contextlib
-
 import math
 import random
 import time

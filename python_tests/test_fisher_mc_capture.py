@@ -77,9 +77,8 @@ def test_accumulate_mc_from_needs_its_captured_forward():
         logits = model(x)
     with pytest.raises(ValueError, match="must return logits"):
         acc.accumulate_mc_from(logits[:, :, None])
-    with pytest.raises(RuntimeError, match="mode='fisher-mc'"):
-        with FisherAccumulator(model).capture_mc():
-            pass
+    with pytest.raises(RuntimeError, match="mode='fisher-mc'"), FisherAccumulator(model).capture_mc():
+        pass
     assert acc.num_examples == 0
 
 
@@ -102,9 +101,8 @@ def test_pruner_samples_one_captured_step_in_k():
     assert pruner.accumulator.num_examples == 5 * 3   # steps 0, 3 and 6
     pruner.update()
     ef_exact = MacKayPruner(net, None, num_data=10, curvature="ef-exact", prior="penalty")
-    with pytest.raises(RuntimeError, match="curvature='fisher-mc'"):
-        with ef_exact.capture_mc():
-            pass
+    with pytest.raises(RuntimeError, match="curvature='fisher-mc'"), ef_exact.capture_mc():
+        pass
 
 
 def test_trainer_feeds_fisher_mc_from_its_training_forward(monkeypatch):

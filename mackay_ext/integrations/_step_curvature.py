@@ -1,7 +1,7 @@
 """The pruner the training-loop callbacks build: MacKayPruner without prior="penalty".
 
 MacKayPruner reads the ef-batch curvature of a non-MacKayAdam optimizer from the gradient of each
-optimizer step (mackay_ext.curvature.StepCurvature, see mackay_ext.standalone_prior): the
+optimizer step (mackay_ext.batch_curvature.StepCurvature, see mackay_ext.standalone_prior): the
 accumulated, averaged, unscaled (and clipped) one the optimizer used, so with B the effective
 batch (per-device batch x accumulation x world size) h is the estimate of a run without
 accumulation on that batch, the same on every rank, as in MacKayAdam's fused step. The callbacks
