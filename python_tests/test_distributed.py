@@ -38,7 +38,14 @@ def train(model, rank, world, curvature):
         start = step * GLOBAL_BATCH + rank * local
         xb, yb = x[start:start + local], y[start:start + local]
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(xb), yb).backward()
+        if curvature == "fisher-mc":   # as mackay_ext.train does: the sampled backward first
+            with pruner.capture_mc():
+                logits = model(xb)
+            loss = nn.functional.cross_entropy(logits, yb)
+            pruner.accumulate_mc_from(logits)
+            loss.backward()
+        else:
+            nn.functional.cross_entropy(model(xb), yb).backward()
         optimizer.step()
         if step in UPDATES:
             pruner.update()
@@ -87,3 +94,16 @@ def test_cli_under_torchrun(tmp_path):
     assert report["weights_kept"] < 0.3 * report["weights_total"]
     assert report["test_accuracy"] > report["test_accuracy_dense"] - 0.03
     assert result.stdout.count("weights kept") == 1  # one report, from rank 0
+
+
+def test_ddp_fisher_mc_from_the_training_forward(tmp_path):
+    """fisher-mc's sampled backward on a DistributedDataParallel forward, before the training
+    backward: DDP's gradient reduction still runs, and the ranks end bitwise equal (the sums of
+    squares are all-reduced before each update). Each rank draws its own labels, so a single
+    process is not the reference here."""
+    results = run_on_ranks(worker, tmp_path, "fisher-mc", world=WORLD)
+    a, b = results[0], results[1]
+    for key in ("weights", "alpha"):
+        for ta, tb in zip(a[key], b[key]):
+            assert torch.equal(ta, tb), f"{key} differ between ranks"
+    assert any(bool((alpha == float("inf")).any()) for alpha in a["alpha"]), "nothing was pruned"

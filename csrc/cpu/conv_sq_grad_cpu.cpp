@@ -88,6 +88,8 @@ void accumulate(at::Tensor& out, const at::Tensor& input, const at::Tensor& grad
   const at::Tensor sums = at::zeros({shares, out_channels, row}, out.options());
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   at::parallel_for(0, shares, 1, [&](int64_t share_lo, int64_t share_hi) {
+    // dispatch guards are per thread: the workers' views and GEMMs skip autograd too
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     const at::Tensor cols = at::empty({row, positions}, out.options());
     at::Tensor product = at::empty({group_out, row}, out.options());
     for (int64_t share = share_lo; share < share_hi; ++share) {
