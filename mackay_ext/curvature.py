@@ -278,6 +278,10 @@ class FisherAccumulator:
         self._mc_outputs, self._capturing = [], True
         try:
             yield self
+        except BaseException:   # a forward that failed leaves nothing to accumulate from
+            self.new_batch()
+            self._mc_outputs = None
+            raise
         finally:
             self._capturing = False
 

@@ -394,11 +394,16 @@ class MacKayPruner(StandalonePrior):
         recorded, and accumulate_mc_from does nothing on the others."""
         sampled = self._sample_mc("capture_mc")
         self._mc_captured = sampled
-        if not sampled:
-            yield self
-            return
-        with self.accumulator.capture_mc():
-            yield self
+        try:
+            if not sampled:
+                yield self
+                return
+            with self.accumulator.capture_mc():
+                yield self
+        except BaseException:   # the forward failed: no step to count, nothing to add
+            self._mc_captured = None
+            self._mc_calls_since_update -= 1
+            raise
 
     def accumulate_mc_from(self, logits: torch.Tensor, num_samples: int = 1) -> None:
         """fisher-mc: add the sampled-label Fisher of the forward run inside capture_mc(), whose

@@ -80,6 +80,11 @@ def test_accumulate_mc_from_needs_its_captured_forward():
     with pytest.raises(RuntimeError, match="mode='fisher-mc'"), FisherAccumulator(model).capture_mc():
         pass
     assert acc.num_examples == 0
+    with pytest.raises(ZeroDivisionError), acc.capture_mc():   # a forward that fails half-way
+        model[0](x)
+        raise ZeroDivisionError
+    with pytest.raises(RuntimeError, match="no forward was captured"):
+        acc.accumulate_mc_from(logits)
 
 
 def test_pruner_samples_one_captured_step_in_k():
@@ -87,6 +92,10 @@ def test_pruner_samples_one_captured_step_in_k():
     net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
     optimizer = MacKayAdam(ard_param_groups(net), lr=1e-2, num_data=100, batch_size=5)
     pruner = MacKayPruner(net, optimizer, num_data=100, curvature="fisher-mc", curvature_every=3)
+    with pytest.raises(RuntimeError, match="capture_mc"):
+        pruner.accumulate_mc_from(net(torch.randn(5, 6)))
+    with pytest.raises(RuntimeError, match="cannot be multiplied"), pruner.capture_mc():
+        net(torch.randn(5, 7))   # the wrong input width: the forward fails, and counts for nothing
     with pytest.raises(RuntimeError, match="capture_mc"):
         pruner.accumulate_mc_from(net(torch.randn(5, 6)))
     for _ in range(7):
