@@ -122,6 +122,12 @@ class FisherAccumulator:
         self._handles = []
         for module in self.layers.values():
             self._handles.append(module.register_forward_hook(self._forward_hook))
+        # A forward of the model that raises (an out-of-memory batch a loop retries smaller) has
+        # no backward: what its layers recorded is dropped, or it would pair with the next
+        # forward's gradients and those layers would never add up again.
+        self._marks: dict[nn.Module, int] = {}
+        self._handles.append(model.register_forward_pre_hook(self._mark_forward))
+        self._handles.append(model.register_forward_hook(self._forget_failed_forward, always_call=True))
 
     # ---------------------------------------------------------------- hooks
     def _forward_hook(self, module, inputs, output):
@@ -132,6 +138,17 @@ class FisherAccumulator:
                 self._mc_outputs.append((output, output._version))
             # a hook on the output tensor hands us delta = dloss/doutput during backward
             output.register_hook(lambda grad, module=module: self._on_output_grad(module, grad))
+
+    def _mark_forward(self, model, args):
+        self._marks = {module: len(inputs) for module, inputs in self._pending.items()}
+
+    def _forget_failed_forward(self, model, args, output):
+        if output is not None:   # None: the forward raised (always_call hooks see no output)
+            return
+        for module in list(self._pending):
+            del self._pending[module][self._marks.get(module, 0):]
+            if not self._pending[module]:
+                del self._pending[module]
 
     def _on_output_grad(self, module, grad):
         if not self._active or not self._pending.get(module):

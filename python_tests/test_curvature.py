@@ -1,6 +1,8 @@
 """Exact diagonal curvature: FisherAccumulator against per-example gradients from torch.func
 (vmap(grad)) in float64, fisher-mc against the exact Fisher, the fused squared-GEMM op."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -206,3 +208,35 @@ def test_state_dict_resumes_the_running_sums():
         second.load_state_dict({"0.weight": {"sum": torch.zeros(2), "count": 1}})
     second.load_state_dict({})
     assert second.num_examples == 0
+
+
+class FailsOnDemand(nn.Module):
+    """Raises in its forward while `fail` is set (an out-of-memory batch, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fail = False
+
+    def forward(self, x):
+        if self.fail:
+            raise MemoryError("a batch too large")
+        return x
+
+
+def test_a_forward_that_raises_does_not_stop_the_sums():
+    """A loop that catches a failed forward and goes on: the layers that ran before the failure
+    pair with the next forward's gradients as before, and every layer keeps adding up."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), FailsOnDemand(), nn.Linear(4, 3))
+    acc = FisherAccumulator(model)
+    x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
+    model[2].fail = True
+    with pytest.raises(MemoryError):
+        model(torch.randn(7, 6))
+    model[2].fail = False
+    nn.functional.cross_entropy(model(x), y).backward()
+    fresh = FisherAccumulator(copy.deepcopy(model))
+    nn.functional.cross_entropy(fresh.model(x), y).backward()
+    for (name, param), fresh_param in zip(model.named_parameters(), fresh.model.parameters()):
+        assert acc.counts[param] == 5, name
+        torch.testing.assert_close(acc.curvature(param), fresh.curvature(fresh_param), rtol=0, atol=0)
