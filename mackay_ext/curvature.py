@@ -116,18 +116,13 @@ class FisherAccumulator:
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
         self._active = mode == "ef-exact"
         self._capturing = False   # fisher-mc: inside capture_mc(), the forward is recorded
+        self._backward_task: int | None = None   # the backward pass whose end is awaited
         # ef-exact: while True the hooks capture nothing (MacKayPruner(curvature_every=k) samples
         # one training batch in k this way; the estimate stays the mean over what was captured)
         self.paused = False
         self._handles = []
         for module in self.layers.values():
             self._handles.append(module.register_forward_hook(self._forward_hook))
-        # A forward of the model that raises (an out-of-memory batch a loop retries smaller) has
-        # no backward: what its layers recorded is dropped, or it would pair with the next
-        # forward's gradients and those layers would never add up again.
-        self._marks: dict[nn.Module, int] = {}
-        self._handles.append(model.register_forward_pre_hook(self._mark_forward))
-        self._handles.append(model.register_forward_hook(self._forget_failed_forward, always_call=True))
 
     # ---------------------------------------------------------------- hooks
     def _forward_hook(self, module, inputs, output):
@@ -139,20 +134,13 @@ class FisherAccumulator:
             # a hook on the output tensor hands us delta = dloss/doutput during backward
             output.register_hook(lambda grad, module=module: self._on_output_grad(module, grad))
 
-    def _mark_forward(self, model, args):
-        self._marks = {module: len(inputs) for module, inputs in self._pending.items()}
-
-    def _forget_failed_forward(self, model, args, output):
-        if output is not None:   # None: the forward raised (always_call hooks see no output)
-            return
-        for module in list(self._pending):
-            del self._pending[module][self._marks.get(module, 0):]
-            if not self._pending[module]:
-                del self._pending[module]
-
     def _on_output_grad(self, module, grad):
         if not self._active or not self._pending.get(module):
             return
+        task = torch._C._current_graph_task_id()
+        if task != self._backward_task:   # the first gradient of this backward pass
+            self._backward_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._grads[module].append(grad.detach())
         if len(self._grads[module]) == len(self._pending[module]):
             # every use of the module in the forward pass has its gradient: uses pair up in
@@ -160,7 +148,20 @@ class FisherAccumulator:
             inputs = self._pending.pop(module)
             grads = self._grads.pop(module)[::-1]
             self._accumulate(module, inputs, grads)
-        return
+
+    def _end_of_backward(self) -> None:
+        """After each backward pass: a module whose recorded uses outnumber the gradients that
+        came pairs them with its latest uses, and every older record is dropped. Such records
+        come from forward passes that get no backward (a forward that raised, an out-of-memory
+        batch a loop retries smaller; a loss computed with gradients on and never
+        backpropagated): kept, they would pair with the next forward's gradients, and those
+        layers would never add up again."""
+        self._backward_task = None
+        grads_by_module, self._grads = self._grads, defaultdict(list)
+        for module, grads in grads_by_module.items():
+            inputs = self._pending.get(module, [])
+            self._accumulate(module, inputs[len(inputs) - len(grads):], grads[::-1])
+        self._pending.clear()
 
     # ----------------------------------------------------------- arithmetic
     def _scale(self, batch: int) -> float:

@@ -223,20 +223,29 @@ class FailsOnDemand(nn.Module):
         return x
 
 
-def test_a_forward_that_raises_does_not_stop_the_sums():
-    """A loop that catches a failed forward and goes on: the layers that ran before the failure
-    pair with the next forward's gradients as before, and every layer keeps adding up."""
+@pytest.mark.parametrize("lost", ["raises", "no-backward", "reused-no-backward"])
+def test_a_forward_without_backward_does_not_stop_the_sums(lost):
+    """A forward that gets no backward (it raised, or its loss was never backpropagated), then
+    training as usual: each layer pairs the gradients that come with its latest uses and keeps
+    adding up, exactly as if the lost forward had not happened."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), FailsOnDemand(), nn.Linear(4, 3))
     acc = FisherAccumulator(model)
     x, y = torch.randn(5, 6), torch.randint(0, 3, (5,))
-    model[2].fail = True
-    with pytest.raises(MemoryError):
-        model(torch.randn(7, 6))
-    model[2].fail = False
-    nn.functional.cross_entropy(model(x), y).backward()
+    if lost == "raises":
+        model[2].fail = True
+        with pytest.raises(MemoryError):
+            model(torch.randn(7, 6))
+        model[2].fail = False
+    else:   # a loss logged with gradients on, never backpropagated
+        nn.functional.cross_entropy(model(torch.randn(7, 6)), torch.randint(0, 3, (7,)))
+        if lost == "reused-no-backward":
+            model[3](model[1](model[0](torch.randn(7, 6))))
+    for _ in range(2):
+        nn.functional.cross_entropy(model(x), y).backward()
     fresh = FisherAccumulator(copy.deepcopy(model))
-    nn.functional.cross_entropy(fresh.model(x), y).backward()
+    for _ in range(2):
+        nn.functional.cross_entropy(fresh.model(x), y).backward()
     for (name, param), fresh_param in zip(model.named_parameters(), fresh.model.parameters()):
-        assert acc.counts[param] == 5, name
+        assert acc.counts[param] == 10, name
         torch.testing.assert_close(acc.curvature(param), fresh.curvature(fresh_param), rtol=0, atol=0)
