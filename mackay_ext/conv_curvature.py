@@ -51,9 +51,10 @@ def conv_sq_grad_accumulate_(out: torch.Tensor, input: torch.Tensor, grad_output
 
     input [N, C, H, W] (the layer's input), grad_output [N, O, H', W'] (the loss's gradient at its
     output), out [O, C / groups * kh * kw] (the weight's shape, flattened; contiguous).
-    backend: "ext" runs the extension's CPU kernel (tensors on another device take the torch
-    route), "torch" the per-example gradients of the convolution library, a chunk of the batch
-    at a time (at most CHUNK_BYTES of them at once)."""
+    backend: "ext" runs the extension's CPU kernel, which holds one running sum of out's size per
+    thread (tensors on another device take the torch route); "torch" the per-example gradients
+    of the convolution library, a chunk of the batch at a time (at most CHUNK_BYTES of them at
+    once)."""
     check_choice("backend", backend, BACKENDS, "conv_sq_grad_accumulate_")
     geometry = [list(kernel_size), list(stride), list(padding), list(dilation)]
     if backend == "ext" and input.device.type == "cpu":
