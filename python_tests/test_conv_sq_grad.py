@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import DEVICES
+
 from mackay_ext import conv_curvature
 from mackay_ext.conv_curvature import conv_sq_grad_accumulate_
 
@@ -47,17 +49,20 @@ def inputs(case, dtype, generator_seed=0):
     return x, delta, (kernel, stride, padding, dilation, groups)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["ext", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case, dtype, backend):
+def test_matches_float64_reference(case, dtype, backend, device):
+    """On CUDA both backends take the torch route (the kernel is the CPU's)."""
     x, delta, (kernel, stride, padding, dilation, groups) = inputs(case, dtype)
     start = torch.rand(delta.shape[1], x.shape[1] // groups * kernel[0] * kernel[1], dtype=dtype)
-    out = start.clone()
-    conv_sq_grad_accumulate_(out, x, delta, kernel, stride, padding, dilation, groups, 0.5, backend)
+    out = start.to(device, copy=True)
+    conv_sq_grad_accumulate_(out, x.to(device), delta.to(device), kernel, stride, padding, dilation,
+                             groups, 0.5, backend)
     expected = start.double() + 0.5 * reference(x, delta, kernel, stride, padding, dilation, groups)
     tol = 1e-12 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "expanded"])
