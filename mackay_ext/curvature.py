@@ -144,7 +144,8 @@ class FisherAccumulator:
         self._grads[module].append(grad.detach())
         if len(self._grads[module]) == len(self._pending[module]):
             # every use of the module in the forward pass has its gradient: uses pair up in
-            # reverse order (the last forward is the first backward)
+            # reverse order (the last forward is the first backward). Added up now, not at the
+            # end of the backward, so each layer's output gradient is freed as the backward goes.
             inputs = self._pending.pop(module)
             grads = self._grads.pop(module)[::-1]
             self._accumulate(module, inputs, grads)
@@ -194,16 +195,14 @@ class FisherAccumulator:
             if bias is not None:
                 self._sum_for(bias).add_(delta.square().sum(0), alpha=s2)
             return
-        geometry = self._conv2d_geometry(module)
-        if len(inputs) == 1 and geometry is not None and self.backend == "ext" \
+        if len(inputs) == 1 and isinstance(module, (nn.Conv1d, nn.Conv2d)) and self.backend == "ext" \
                 and takes_fused(weight, inputs[0], grads[0], module.groups):
-            self._accumulate_conv_fused(module, inputs[0], grads[0], geometry, scale)
+            self._accumulate_conv_fused(module, inputs[0], grads[0], scale)
             return
         self._accumulate_per_example(module, inputs, grads, scale)
 
-    def _accumulate_conv_fused(self, module, x, delta, geometry, scale) -> None:
-        if isinstance(module, nn.Conv1d):   # as a Conv2d of height 1
-            x, delta = x.unsqueeze(2), delta.unsqueeze(2)
+    def _accumulate_conv_fused(self, module, x, delta, scale) -> None:
+        x, delta, geometry = self._as_conv2d(module, x, delta)
         weight, bias = module.weight, module.bias
         conv_sq_grad_accumulate_(self._sum_for(weight).view(weight.shape[0], -1), x, delta, *geometry,
                                  groups=module.groups, scale=scale * scale)
@@ -212,15 +211,13 @@ class FisherAccumulator:
             self._sum_for(bias).add_(bias_grads.square_().sum(0), alpha=scale * scale)
 
     @staticmethod
-    def _conv2d_geometry(module):
-        """(kernel_size, stride, padding, dilation) of a Conv2d, or of a Conv1d as a Conv2d of
-        height 1; None for any other module."""
+    def _as_conv2d(module, x, delta):
+        """(x, delta, (kernel_size, stride, padding, dilation)) of a Conv2d, or of a Conv1d seen
+        as a Conv2d of height 1."""
         if isinstance(module, nn.Conv1d):
-            return ((1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]),
-                    (1, module.dilation[0]))
-        if isinstance(module, nn.Conv2d):
-            return module.kernel_size, module.stride, module.padding, module.dilation
-        return None
+            return x.unsqueeze(2), delta.unsqueeze(2), (
+                (1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]), (1, module.dilation[0]))
+        return x, delta, (module.kernel_size, module.stride, module.padding, module.dilation)
 
     @staticmethod
     def _per_example_grads(module, x, delta) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,9 +227,7 @@ class FisherAccumulator:
             d = delta.reshape(delta.shape[0], -1, delta.shape[-1])          # [C, T, out]
             cols = x.reshape(x.shape[0], -1, x.shape[-1])                   # [C, T, in]
             return torch.bmm(d.transpose(1, 2), cols), d.sum(1)
-        if isinstance(module, nn.Conv1d):  # as a Conv2d of height 1
-            x, delta = x.unsqueeze(2), delta.unsqueeze(2)
-        kernel_size, stride, padding, dilation = FisherAccumulator._conv2d_geometry(module)
+        x, delta, (kernel_size, stride, padding, dilation) = FisherAccumulator._as_conv2d(module, x, delta)
         bias_grads = delta.reshape(x.shape[0], delta.shape[1], -1).sum(2)
         return conv_per_example_grads(x, delta, module.groups, kernel_size, dilation, padding,
                                       stride), bias_grads
@@ -267,8 +262,7 @@ class FisherAccumulator:
         return self
 
     def __exit__(self, *exc):
-        self._pending.clear()
-        self._grads.clear()
+        self.new_batch()
         return False
 
     def new_batch(self) -> None:
@@ -404,7 +398,6 @@ class FisherAccumulator:
             total.zero_()
         self.counts.clear()
         self.new_batch()
-        self._grads.clear()
 
     def detach(self) -> None:
         for handle in self._handles:
