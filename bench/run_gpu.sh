@@ -15,7 +15,8 @@
 #         the run's carry), and dense networks of earlier runs in bench/results/cifar_cache (carry
 #         it too, to skip their dense phase). A row is saved when it ends, so a stage cut short
 #         keeps the finished ones.
-# Logs and tables land in $OUT/results.tgz. Each stage has a time limit, so that one hung kernel
+# Logs and tables land in $OUT/results.tgz; end the call with bench/gpu_bundle.sh, which packs all of
+# $OUT into one file the device tool can bring back. Each stage has a time limit, so that one hung kernel
 # cannot spend the whole lease; GPU_BUDGET_S (default 420) is the time for all stages together.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
