@@ -32,6 +32,9 @@ TORCH_LIBRARY(mackay_ext, m) {
   // The same for a Conv2d: out [O, C/groups * kh * kw] += scale * sum_n G_n^2, G_n the gradient of
   // example n's weight (input [N, C, H, W], grad_output [N, O, H', W']). CPU kernel only; CUDA
   // tensors take the Python route (per-example gradients by the convolution library).
+  // grad_sum, when given, gets the batch's weight gradient sum_n G_n added (unscaled) from the
+  // same products: a training step then needs no weight gradient of its own for the layer.
   m.def("conv_sq_grad_accumulate_(Tensor(a!) out, Tensor input, Tensor grad_output, int[2] kernel_size, "
-        "int[2] stride, int[2] padding, int[2] dilation, int groups, float scale) -> ()");
+        "int[2] stride, int[2] padding, int[2] dilation, int groups, float scale, "
+        "Tensor(b!)? grad_sum=None) -> ()");
 }

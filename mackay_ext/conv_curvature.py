@@ -46,8 +46,10 @@ Pair = Sequence[int]
 def conv_sq_grad_accumulate_(out: torch.Tensor, input: torch.Tensor, grad_output: torch.Tensor,
                              kernel_size: Pair, stride: Pair = (1, 1), padding: Pair = (0, 0),
                              dilation: Pair = (1, 1), groups: int = 1, scale: float = 1.0,
-                             backend: str = "ext") -> None:
-    """out += scale * sum_n G_n^2 in place, G_n the weight gradient of example n of a Conv2d.
+                             backend: str = "ext", grad_sum: torch.Tensor | None = None) -> None:
+    """out += scale * sum_n G_n^2 in place, G_n the weight gradient of example n of a Conv2d;
+    grad_sum (out's shape, optional) += sum_n G_n, the batch's weight gradient, from the same
+    products (FisherAccumulator uses it so that the training backward need not form its own).
 
     input [N, C, H, W] (the layer's input), grad_output [N, O, H', W'] (the loss's gradient at its
     output), out [O, C / groups * kh * kw] (the weight's shape, flattened; contiguous).
@@ -59,17 +61,27 @@ def conv_sq_grad_accumulate_(out: torch.Tensor, input: torch.Tensor, grad_output
     geometry = [list(kernel_size), list(stride), list(padding), list(dilation)]
     if backend == "ext" and input.device.type == "cpu":
         _extension.require()
-        torch.ops.mackay_ext.conv_sq_grad_accumulate_(out, input, grad_output, *geometry, groups, float(scale))
+        torch.ops.mackay_ext.conv_sq_grad_accumulate_(out, input, grad_output, *geometry, groups, float(scale),
+                                                      grad_sum)
         return
     if out.dim() != 2 or not out.is_contiguous():
         raise RuntimeError(f"conv_sq_grad_accumulate_: out must be a contiguous 2-D tensor "
                            f"[out_channels, in_channels / groups * kh * kw], got {tuple(out.shape)}")
+    if grad_sum is out:
+        raise RuntimeError("conv_sq_grad_accumulate_: grad_sum and out must be different tensors")
+    if grad_sum is not None and (grad_sum.shape != out.shape or grad_sum.dtype != out.dtype
+                                 or grad_sum.device != out.device):
+        raise RuntimeError(f"conv_sq_grad_accumulate_: grad_sum must have out's shape {tuple(out.shape)}, "
+                           f"dtype {out.dtype} and device {out.device}, got {tuple(grad_sum.shape)}, "
+                           f"{grad_sum.dtype}, {grad_sum.device}")
     per_example = out.numel() * out.element_size()
     chunk = max(1, CHUNK_BYTES // max(per_example, 1))
     kernel_size, stride, padding, dilation = geometry
     for start in range(0, input.shape[0], chunk):
         grads = conv_per_example_grads(input[start:start + chunk], grad_output[start:start + chunk],
                                        groups, kernel_size, dilation, padding, stride)
+        if grad_sum is not None:
+            grad_sum.add_(grads.sum(0))
         out.add_(grads.square_().sum(0), alpha=scale)
 
 
@@ -112,5 +124,6 @@ def takes_fused(weight: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, grou
 
 if _extension.is_loaded():
     @torch.library.register_fake("mackay_ext::conv_sq_grad_accumulate_")
-    def _conv_sq_grad_fake(out, input, grad_output, kernel_size, stride, padding, dilation, groups, scale):
+    def _conv_sq_grad_fake(out, input, grad_output, kernel_size, stride, padding, dilation, groups, scale,
+                           grad_sum=None):
         return None

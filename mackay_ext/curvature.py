@@ -7,7 +7,9 @@ Conv1d/Conv2d's per-example gradient is delta_n unfold(x_n)^T per group of chann
 positions (conv_curvature.py: a fused CPU kernel squares each into a running sum, or the
 convolution library forms a chunk of them). Inputs with extra leading dimensions and a module
 used several times in one forward pass form per-example gradients a chunk of the batch at a
-time, square them and add them up.
+time, square them and add them up. While ef-exact captures, a conv layer's training backward
+takes its weight gradient from those same per-example products (conv_weight_grad.py) instead of
+forming it a second time.
 
 The ef-batch estimate's helpers (its bias correction ema_debiased, its reading from each optimizer
 step's gradient StepCurvature) live in batch_curvature.py and are importable from here too.
@@ -15,6 +17,7 @@ step's gradient StepCurvature) live in batch_curvature.py and are importable fro
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -25,6 +28,7 @@ from torch.nn import functional as F
 from . import _extension, conv_curvature
 from ._validate import BACKENDS, check_choice
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
+from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
 from .conv_curvature import (
     conv_per_example_grads,
     conv_sq_grad_accumulate_,
@@ -123,8 +127,30 @@ class FisherAccumulator:
         self._handles = []
         for module in self.layers.values():
             self._handles.append(module.register_forward_hook(self._forward_hook))
+        # ef-exact: conv layers whose training backward takes the weight's gradient from the
+        # per-example products added up here (conv_weight_grad.py), and those gradients, each
+        # with the input it came from, until that backward takes it
+        self._served = [m for m in self.layers.values() if mode == "ef-exact" and can_serve(m)]
+        self._weight_grads: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module in self._served:
+            module.forward = functools.partial(self._served_forward, module)
 
     # ---------------------------------------------------------------- hooks
+    def _served_forward(self, module, x, *args, **kwargs):
+        if not args and not kwargs and self._active and not self.paused and serves_call(module, x):
+            return ConvFromExamples.apply(x, module.weight, module.bias, module, self)
+        return type(module).forward(module, x, *args, **kwargs)
+
+    def take_weight_grad(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The batch's weight gradient of `module`'s call on `x`, added up with the squares in
+        this backward pass (ConvFromExamples takes it), or None."""
+        entry = self._weight_grads.pop(module, None)
+        if entry is None:
+            return None
+        source, grad = entry
+        same = source.data_ptr() == x.data_ptr() and source.shape == x.shape and source.stride() == x.stride()
+        return grad if same else None
+
     def _forward_hook(self, module, inputs, output):
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
                 and output.requires_grad:
@@ -148,7 +174,7 @@ class FisherAccumulator:
             # end of the backward, so each layer's output gradient is freed as the backward goes.
             inputs = self._pending.pop(module)
             grads = self._grads.pop(module)[::-1]
-            self._accumulate(module, inputs, grads)
+            self._accumulate(module, inputs, grads, weight_grad=True)
 
     def _end_of_backward(self) -> None:
         """After each backward pass: a module whose recorded uses outnumber the gradients that
@@ -158,6 +184,7 @@ class FisherAccumulator:
         backpropagated): kept, they would pair with the next forward's gradients, and those
         layers would never add up again."""
         self._backward_task = None
+        self._weight_grads.clear()   # any left were not this backward's to take
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
             inputs = self._pending.get(module, [])
@@ -176,7 +203,14 @@ class FisherAccumulator:
             total = self.sums[param] = torch.zeros_like(param, memory_format=torch.contiguous_format)
         return total
 
-    def _accumulate(self, module, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    def _accumulate(self, module, inputs: list[torch.Tensor], grads: list[torch.Tensor],
+                    weight_grad: bool = False) -> None:
+        """Add the squared per-example gradients of the module's uses (inputs and output
+        gradients paired); weight_grad: also keep the batch's weight gradient of a served conv
+        used once, for its backward to take (take_weight_grad)."""
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and inputs[0].dim() == len(module.stride) + 1:
+            # an unbatched input (C, H, W) or (C, L) is one example
+            inputs, grads = [x.unsqueeze(0) for x in inputs], [g.unsqueeze(0) for g in grads]
         batch = inputs[0].shape[0]
         if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
             raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
@@ -195,17 +229,21 @@ class FisherAccumulator:
             if bias is not None:
                 self._sum_for(bias).add_(delta.square().sum(0), alpha=s2)
             return
+        grad_sum = None
+        if weight_grad and len(inputs) == 1 and weight.requires_grad and module in self._served:
+            grad_sum = torch.zeros(weight.shape[0], weight[0].numel(), dtype=weight.dtype, device=weight.device)
+            self._weight_grads[module] = (inputs[0], grad_sum)
         if len(inputs) == 1 and isinstance(module, (nn.Conv1d, nn.Conv2d)) and self.backend == "ext" \
                 and takes_fused(weight, inputs[0], grads[0], module.groups):
-            self._accumulate_conv_fused(module, inputs[0], grads[0], scale)
+            self._accumulate_conv_fused(module, inputs[0], grads[0], scale, grad_sum)
             return
-        self._accumulate_per_example(module, inputs, grads, scale)
+        self._accumulate_per_example(module, inputs, grads, scale, grad_sum)
 
-    def _accumulate_conv_fused(self, module, x, delta, scale) -> None:
+    def _accumulate_conv_fused(self, module, x, delta, scale, grad_sum=None) -> None:
         x, delta, geometry = self._as_conv2d(module, x, delta)
         weight, bias = module.weight, module.bias
         conv_sq_grad_accumulate_(self._sum_for(weight).view(weight.shape[0], -1), x, delta, *geometry,
-                                 groups=module.groups, scale=scale * scale)
+                                 groups=module.groups, scale=scale * scale, grad_sum=grad_sum)
         if bias is not None:
             bias_grads = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(2)
             self._sum_for(bias).add_(bias_grads.square_().sum(0), alpha=scale * scale)
@@ -232,7 +270,7 @@ class FisherAccumulator:
         return conv_per_example_grads(x, delta, module.groups, kernel_size, dilation, padding,
                                       stride), bias_grads
 
-    def _accumulate_per_example(self, module, inputs, grads, scale):
+    def _accumulate_per_example(self, module, inputs, grads, scale, grad_sum=None):
         weight = module.weight
         weight_sum = self._sum_for(weight).view(weight.shape[0], -1)
         bias_sum = self._sum_for(module.bias) if module.bias is not None else None
@@ -246,6 +284,8 @@ class FisherAccumulator:
                                                           delta[start:start + chunk])
                 g_weight = part if g_weight is None else g_weight + part
                 g_bias = bias_part if g_bias is None else g_bias + bias_part
+            if grad_sum is not None:
+                grad_sum.add_(g_weight.sum(0))
             # squared in place: g_weight is this chunk's own buffer (a fresh square of it was a
             # further allocation of the chunk's size, and as slow as the sum)
             weight_sum.add_(g_weight.square_().sum(0), alpha=scale * scale)
@@ -403,6 +443,11 @@ class FisherAccumulator:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in self._served:   # the modules' own forward again
+            if getattr(vars(module).get("forward"), "func", None) == self._served_forward:
+                del module.forward
+        self._served.clear()
+        self._weight_grads.clear()
 
     @torch.no_grad()
     def write_to(self, optimizer) -> int:

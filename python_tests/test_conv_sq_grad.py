@@ -65,6 +65,34 @@ def test_matches_float64_reference(case, dtype, backend, device):
     torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
 
 
+def batch_gradient(x, delta, kernel, stride, padding, dilation, groups):
+    """sum_n G_n in float64: the weight gradient of the whole batch, by the convolution library."""
+    weight = torch.empty(delta.shape[1], x.shape[1] // groups, *kernel, dtype=torch.float64)
+    grad = torch.ops.aten.convolution_backward(delta.double(), x.double(), weight, None, list(stride),
+                                               list(padding), list(dilation), False, [0, 0], groups,
+                                               [False, True, False])[1]
+    return grad.reshape(delta.shape[1], -1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_grad_sum_is_the_batch_weight_gradient(case, dtype, backend, device):
+    """grad_sum += sum_n G_n (unscaled) beside out's squares, which it leaves as they were."""
+    x, delta, (kernel, stride, padding, dilation, groups) = inputs(case, dtype)
+    shape = (delta.shape[1], x.shape[1] // groups * kernel[0] * kernel[1])
+    start = torch.rand(*shape, dtype=dtype)
+    out, grad_sum = torch.zeros(*shape, dtype=dtype, device=device), start.to(device, copy=True)
+    conv_sq_grad_accumulate_(out, x.to(device), delta.to(device), kernel, stride, padding, dilation,
+                             groups, 0.5, backend, grad_sum=grad_sum)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    geometry = (kernel, stride, padding, dilation, groups)
+    torch.testing.assert_close(grad_sum.cpu().double(), start.double() + batch_gradient(x, delta, *geometry),
+                               rtol=tol, atol=tol)
+    torch.testing.assert_close(out.cpu().double(), 0.5 * reference(x, delta, *geometry), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "expanded"])
 def test_non_contiguous_inputs(layout):
     x, delta, geometry = inputs("strided-padded", torch.float64)
@@ -103,6 +131,9 @@ def test_opcheck():
     out = torch.zeros(delta.shape[1], x.shape[1] // groups * 9)
     torch.library.opcheck(torch.ops.mackay_ext.conv_sq_grad_accumulate_.default,
                           (out, x, delta, list(kernel), list(stride), list(padding), list(dilation), groups, 2.0))
+    torch.library.opcheck(torch.ops.mackay_ext.conv_sq_grad_accumulate_.default,
+                          (out, x, delta, list(kernel), list(stride), list(padding), list(dilation), groups, 2.0,
+                           torch.zeros_like(out)))
 
 
 def test_bad_input_names_the_argument():
@@ -131,6 +162,15 @@ def test_bad_input_names_the_argument():
         conv_sq_grad_accumulate_(torch.zeros(out.shape[1], out.shape[0]).t(), x, delta, *args)
     with pytest.raises(ValueError, match="backend"):
         conv_sq_grad_accumulate_(out, x, delta, *args, backend="cuda")
+    for backend in ("ext", "torch"):
+        with pytest.raises(RuntimeError, match="grad_sum must have out's shape"):
+            conv_sq_grad_accumulate_(out, x, delta, *args, backend=backend, grad_sum=out[:1].clone())
+        with pytest.raises((RuntimeError, TypeError), match="grad_sum must have out's dtype|dtype torch.float32"):
+            conv_sq_grad_accumulate_(out, x, delta, *args, backend=backend, grad_sum=out.double())
+    with pytest.raises(RuntimeError, match="grad_sum must be contiguous"):
+        conv_sq_grad_accumulate_(out, x, delta, *args, grad_sum=torch.zeros(out.shape[1], out.shape[0]).t())
+    with pytest.raises(RuntimeError, match="different tensors"):
+        conv_sq_grad_accumulate_(out, x, delta, *args, grad_sum=out)
 
 
 def test_routing_takes_the_kernel_where_it_measured_faster():

@@ -13,10 +13,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "mackay/conv_sq_grad.h"
 
@@ -62,21 +64,25 @@ void unfold_example(const scalar_t* plane, int64_t channels, int64_t height, int
   }
 }
 
-// sum[k] += product[k]^2 for k < n
+// sum[k] += product[k]^2 for k < n; and plain[k] += product[k] when plain is given
 template <typename scalar_t>
-void add_squares(scalar_t* sum, const scalar_t* product, int64_t n) {
+void add_squares(scalar_t* sum, scalar_t* plain, const scalar_t* product, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
   int64_t k = 0;
   for (; k + Vec::size() <= n; k += Vec::size()) {
     const Vec p = Vec::loadu(product + k);
     at::vec::fmadd(p, p, Vec::loadu(sum + k)).store(sum + k);
+    if (plain != nullptr) (Vec::loadu(plain + k) + p).store(plain + k);
   }
-  for (; k < n; ++k) sum[k] += product[k] * product[k];
+  for (; k < n; ++k) {
+    sum[k] += product[k] * product[k];
+    if (plain != nullptr) plain[k] += product[k];
+  }
 }
 
 template <typename scalar_t>
 void accumulate(at::Tensor& out, const at::Tensor& input, const at::Tensor& grad_output,
-                const Geometry& g, int64_t groups, double scale) {
+                const Geometry& g, int64_t groups, double scale, at::Tensor* grad_sum) {
   const int64_t examples = input.size(0), channels = input.size(1), height = input.size(2),
                 width = input.size(3);
   const int64_t out_channels = grad_output.size(1), out_h = grad_output.size(2), out_w = grad_output.size(3);
@@ -86,6 +92,7 @@ void accumulate(at::Tensor& out, const at::Tensor& input, const at::Tensor& grad
   // scheduled), so the result does not depend on which thread ran which share.
   const int64_t shares = std::min<int64_t>(at::get_num_threads(), examples);
   const at::Tensor sums = at::zeros({shares, out_channels, row}, out.options());
+  const at::Tensor grad_sums = grad_sum != nullptr ? at::zeros_like(sums) : at::Tensor();
   const scalar_t* x = input.const_data_ptr<scalar_t>();
   at::parallel_for(0, shares, 1, [&](int64_t share_lo, int64_t share_hi) {
     // dispatch guards are per thread: the workers' views and GEMMs skip autograd too
@@ -94,6 +101,7 @@ void accumulate(at::Tensor& out, const at::Tensor& input, const at::Tensor& grad
     at::Tensor product = at::empty({group_out, row}, out.options());
     for (int64_t share = share_lo; share < share_hi; ++share) {
       scalar_t* sum = sums[share].mutable_data_ptr<scalar_t>();
+      scalar_t* plain = grad_sum != nullptr ? grad_sums[share].mutable_data_ptr<scalar_t>() : nullptr;
       for (int64_t n = examples * share / shares; n < examples * (share + 1) / shares; ++n) {
         for (int64_t group = 0; group < groups; ++group) {
           unfold_example<scalar_t>(x + (n * channels + group * group_in) * height * width, group_in,
@@ -101,18 +109,23 @@ void accumulate(at::Tensor& out, const at::Tensor& input, const at::Tensor& grad
           // Inside a parallel region the GEMM runs on this thread alone.
           const at::Tensor delta_n = grad_output[n].view({out_channels, positions}).narrow(0, group * group_out, group_out);
           at::mm_out(product, delta_n, cols.t());
-          add_squares<scalar_t>(sum + group * group_out * row, product.const_data_ptr<scalar_t>(), group_out * row);
+          const int64_t offset = group * group_out * row;
+          add_squares<scalar_t>(sum + offset, plain != nullptr ? plain + offset : nullptr,
+                                product.const_data_ptr<scalar_t>(), group_out * row);
         }
       }
     }
   });
   out.add_(sums.sum(0), scale);
+  if (grad_sum != nullptr) grad_sum->add_(grad_sums.sum(0));
 }
 
 void conv_sq_grad_accumulate_cpu(at::Tensor& out, const at::Tensor& input, const at::Tensor& grad_output,
                                  at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
-                                 at::IntArrayRef dilation, int64_t groups, double scale) {
+                                 at::IntArrayRef dilation, int64_t groups, double scale,
+                                 const std::optional<at::Tensor>& grad_sum) {
   check_conv_sq_grad_args(out, input, grad_output, kernel_size, stride, padding, dilation, groups);
+  if (grad_sum.has_value()) check_conv_grad_sum(*grad_sum, out);
   if (input.size(0) == 0 || out.numel() == 0 || grad_output.numel() == 0) return;
   // scratch and out only, which the schema already declares mutated: nothing for autograd
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -120,7 +133,8 @@ void conv_sq_grad_accumulate_cpu(at::Tensor& out, const at::Tensor& input, const
                    padding[0], padding[1], dilation[0], dilation[1]};
   const at::Tensor x = input.contiguous(), delta = grad_output.contiguous();
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "conv_sq_grad_accumulate_cpu", [&] {
-    accumulate<scalar_t>(out, x, delta, g, groups, scale);
+    at::Tensor sum_of_grads = grad_sum.has_value() ? *grad_sum : at::Tensor();
+    accumulate<scalar_t>(out, x, delta, g, groups, scale, grad_sum.has_value() ? &sum_of_grads : nullptr);
   });
 }
 

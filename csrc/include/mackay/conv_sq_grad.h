@@ -52,4 +52,16 @@ inline void check_conv_sq_grad_args(const at::Tensor& out, const at::Tensor& inp
   TORCH_CHECK(out.is_contiguous(), op, "out must be contiguous (it is accumulated in place)");
 }
 
+inline void check_conv_grad_sum(const at::Tensor& grad_sum, const at::Tensor& out) {
+  constexpr const char* op = "conv_sq_grad_accumulate_: ";
+  TORCH_CHECK(grad_sum.sizes() == out.sizes(), op, "grad_sum must have out's shape ", out.sizes(),
+              ", got ", grad_sum.sizes());
+  TORCH_CHECK_TYPE(grad_sum.scalar_type() == out.scalar_type(), op, "grad_sum must have out's dtype ",
+                   out.scalar_type(), ", got ", grad_sum.scalar_type());
+  TORCH_CHECK(grad_sum.device() == out.device(), op, "grad_sum must be on out's device ", out.device(),
+              ", got ", grad_sum.device());
+  TORCH_CHECK(grad_sum.is_contiguous(), op, "grad_sum must be contiguous (it is accumulated in place)");
+  TORCH_CHECK(!grad_sum.is_same(out), op, "grad_sum and out must be different tensors");
+}
+
 }  // namespace mackay

@@ -1,0 +1,73 @@
+"""ef-exact on a conv layer without a weight gradient of the training backward's own.
+
+The exact Fisher forms every example's weight gradient G_n (conv_curvature.py); the batch's
+weight gradient is their sum. A training step with ef-exact used to have the convolution library
+form that sum a second time, from the same inputs and output gradients: on ResNet-20 (2 threads,
+batch 64) the convs' weight gradients are about a fifth of a plain Adam step. While a
+FisherAccumulator captures, a conv layer it serves runs as ConvFromExamples: the same convolution
+forward, and a backward that takes the weight's gradient from the accumulator (added up with the
+squares, FisherAccumulator._accumulate) and asks the library for the input's and the bias's
+gradients only. Where the accumulator has none for the call (a module used twice in one forward,
+records that did not pair), the backward asks the library for the weight's gradient too, so the
+gradient is the library's either way, up to the order of a float sum.
+
+Served: nn.Conv1d and nn.Conv2d themselves (not subclasses, which may compute differently),
+numeric zero padding, float32/float64 on the CPU, weight requiring grad, no autocast, outside
+torch.compile, and no forward of the instance's own (the module's forward attribute is set while
+the accumulator is attached, and removed by its detach()).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+SERVED_TYPES = (nn.Conv1d, nn.Conv2d)
+
+
+def can_serve(module: nn.Module) -> bool:
+    """Whether the module's forward can be replaced while an accumulator captures (see above)."""
+    return (type(module) in SERVED_TYPES and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str) and "forward" not in vars(module))
+
+
+def serves_call(module: nn.Module, x) -> bool:
+    """Whether this call of a served module runs as ConvFromExamples."""
+    weight = module.weight
+    return (isinstance(x, torch.Tensor) and x.dim() == len(module.stride) + 2   # batched input
+            and torch.is_grad_enabled() and weight.requires_grad
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and weight.dtype in (torch.float32, torch.float64) and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+class ConvFromExamples(torch.autograd.Function):
+    """module's convolution of x; its backward takes the weight's gradient from
+    accumulator.take_weight_grad(module, x) when there is one."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, module, accumulator):
+        ctx.module, ctx.accumulator = module, accumulator
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return module._conv_forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        module = ctx.module
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_weight = ctx.accumulator.take_weight_grad(module, x) if need_weight else None
+        mask = [need_input, need_weight and grad_weight is None, need_bias and ctx.has_bias]
+        grad_input = grad_bias = None
+        if any(mask):
+            grad_input, library_weight, grad_bias = torch.ops.aten.convolution_backward(
+                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(module.stride),
+                list(module.padding), list(module.dilation), False, [0] * len(module.stride),
+                module.groups, mask)
+            if grad_weight is None:
+                grad_weight = library_weight
+        if grad_weight is not None:
+            grad_weight = grad_weight.view_as(weight)
+        return grad_input, grad_weight, grad_bias, None, None
