@@ -6,7 +6,9 @@ The implementations are timed round-robin in one loop (conftest.interleaved).
 Targets (issue 3): 2-core CPU at 16M: ext >= 4x faster than the fallback and <= 1.5x the time
 of fused Adam; H100/H200: effective bandwidth >= 75% of a device-to-device copy (same run).
 Effective bandwidth counts 40 B/param for the MacKay step with per-weight alpha and curvature
-(read w g m v h alpha, write w m v h) and 28 B/param for plain Adam.
+(read w g m v h alpha, write w m v h) and 28 B/param for plain Adam, in float32; in bfloat16 and
+float16 (rows "... bfloat16", "... float16": parameters, gradients and state in that dtype, alpha
+float32) 22 and 14 B/param.
 """
 import pytest
 import torch
@@ -19,13 +21,13 @@ NUM_WEIGHTS, BIAS_SIZE = 50, 1024  # ~100 tensors: 50 weight matrices and 50 bia
 IMPLEMENTATIONS = ["ext", "torch", "adam-fused", "adam-foreach", "copy"]
 
 
-def make_params(total, device):
+def make_params(total, device, dtype=torch.float32):
     """50 weights sharing `total` minus the biases, and 50 biases (a model-like list)."""
     per_weight = (total - NUM_WEIGHTS * BIAS_SIZE) // NUM_WEIGHTS
     cols = 512
-    weights = [torch.nn.Parameter(torch.randn(per_weight // cols, cols, device=device) * 0.02)
+    weights = [torch.nn.Parameter(torch.randn(per_weight // cols, cols, device=device, dtype=dtype) * 0.02)
                for _ in range(NUM_WEIGHTS)]
-    biases = [torch.nn.Parameter(torch.zeros(BIAS_SIZE, device=device)) for _ in range(NUM_WEIGHTS)]
+    biases = [torch.nn.Parameter(torch.zeros(BIAS_SIZE, device=device, dtype=dtype)) for _ in range(NUM_WEIGHTS)]
     for p in weights + biases:
         p.grad = torch.randn_like(p) * 1e-3
     return weights, biases
@@ -47,13 +49,15 @@ def make_optimizer(name, weights, biases):
 def bytes_moved(name, weights, biases):
     ard = sum(w.numel() for w in weights)
     plain = sum(b.numel() for b in biases)
+    size = weights[0].element_size()   # alpha stays float32: 4 B
     if name == "copy":
-        return 8 * (ard + plain)
-    return (40 * ard + 28 * plain) if name in ("ext", "torch") else 28 * (ard + plain)
+        return 2 * size * (ard + plain)
+    plain_bytes = 7 * size
+    return ((9 * size + 4) * ard + plain_bytes * plain) if name in ("ext", "torch") else plain_bytes * (ard + plain)
 
 
-def make_step(implementation, total, device):
-    weights, biases = make_params(total, device)
+def make_step(implementation, total, device, dtype=torch.float32):
+    weights, biases = make_params(total, device, dtype)
     if implementation == "copy":  # the memory system's ceiling: read 4 B + write 4 B per param
         flat = torch.cat([p.detach().reshape(-1) for p in weights + biases])
         target = torch.empty_like(flat)
@@ -73,4 +77,17 @@ def test_optimizer_step(benchmark, record, device, size):
     best = interleaved(benchmark, steps, rounds=rounds, device=device)
     for name, seconds in best.items():
         record("optimizer_step", f"{device} {size}", name, seconds, baseline="ext",
+               GBps=moved[name] / seconds / 1e9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_optimizer_step_half_precision(benchmark, record, device, dtype):
+    """16M parameters whose values, gradients and Adam state are bfloat16 or float16."""
+    steps, moved = {}, {}
+    for name in IMPLEMENTATIONS:
+        steps[name], moved[name] = make_step(name, SIZES["16M"], device, getattr(torch, dtype))
+    best = interleaved(benchmark, steps, rounds=10 if device == "cpu" else 50, device=device)
+    for name, seconds in best.items():
+        record("optimizer_step", f"{device} 16M {dtype}", name, seconds, baseline="ext",
                GBps=moved[name] / seconds / 1e9)

@@ -76,3 +76,34 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptFileError(f"{what} {path} cannot be read: it is corrupt or truncated, or not a "
                                f"torch file ({reason})") from None
+
+
+# The globals a pickle of plain data and numpy arrays names (CIFAR's python batches: a dict of
+# bytes, lists of ints and bytes, one uint8 array); numpy moved its core to numpy._core in 2.0.
+# None of them runs code: each builds an array, a dtype or bytes from the data that follows.
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                  ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+                  ("numpy._core.numeric", "_frombuffer"),
+                  ("_codecs", "encode")}   # how Python 3 writes bytes at protocols 0-2
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Builds dicts, lists, tuples, numbers, strings, bytes and numpy arrays, and refuses any
+    other global before anything is called (a crafted pickle's __reduce__ never runs)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise UnsafeFileError(f"the file names the Python global {module}.{name}: a data file holds "
+                              "plain containers and numpy arrays only (nothing in it was run)")
+
+
+def load_data_pickle(path: str, encoding: str = "bytes") -> Any:
+    """A pickle of plain data (a dataset's python-pickle files, e.g. CIFAR's batches), read with
+    an unpickler that builds containers, numbers, strings and numpy arrays and nothing else."""
+    with open(path, "rb") as handle:
+        try:
+            return _DataUnpickler(handle, encoding=encoding).load()
+        except UnsafeFileError as error:
+            raise UnsafeFileError(f"{path} was refused: {error}") from None

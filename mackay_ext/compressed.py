@@ -8,7 +8,7 @@ import os
 import torch
 from torch import nn
 
-from ._files import load_plain, save_atomic
+from ._files import CorruptFileError, load_plain, save_atomic
 from ._validate import check_module
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
 
@@ -84,11 +84,17 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
     payload = load_plain(path, "compressed model", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RuntimeError(f"load_compressed: {path} is not a file written by save_compressed")
+    if not isinstance(payload.get("sparse"), dict) or not isinstance(payload.get("state"), dict):
+        raise CorruptFileError(f"load_compressed: {path} lacks its 'sparse' or 'state' entry (damaged, or "
+                               "edited after save_compressed wrote it)")
     if model is None:
         if not payload.get("model_name"):
             raise ValueError("load_compressed: pass `model` (this file names no model)")
         from . import models
         model = models.create(payload["model_name"], **payload.get("model_kwargs", {}))
+    check_module(model, "model", "load_compressed")
+    for name, entry in payload["sparse"].items():   # every layer checked before any is replaced
+        _check_sparse_entry(path, name, entry, model)
     for name, entry in payload["sparse"].items():
         crow, col = entry["crow"].long(), entry["col"].long()
         if entry["kind"] == "linear":
@@ -106,3 +112,36 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
         raise RuntimeError(f"load_compressed: the model does not match the file (missing {missing}, "
                            f"unexpected {unexpected})")
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+_ENTRY_KEYS = {"linear": ("out", "in", "crow", "col", "values", "bias"),
+               "conv2d": ("in_channels", "out_channels", "kernel_size", "crow", "col", "values", "bias",
+                          "stride", "padding", "dilation")}
+
+
+def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
+    """The file's sparse layer `name` is whole and fits the model's layer of that name."""
+    kind = entry.get("kind") if isinstance(entry, dict) else None
+    if kind not in _ENTRY_KEYS or any(key not in entry for key in _ENTRY_KEYS[kind]):
+        raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r} is incomplete (damaged, or "
+                               "edited after save_compressed wrote it)")
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise RuntimeError(f"load_compressed: the model does not match the file: it has no layer {name!r}") from None
+    if kind == "linear":
+        saved, expected = (entry["out"], entry["in"]), (getattr(layer, "out_features", None),
+                                                        getattr(layer, "in_features", None))
+        what = "(out_features, in_features)"
+    else:
+        saved = (entry["out_channels"], entry["in_channels"], tuple(entry["kernel_size"]))
+        expected = (getattr(layer, "out_channels", None), getattr(layer, "in_channels", None),
+                    tuple(getattr(layer, "kernel_size", ())))
+        what = "(out_channels, in_channels, kernel_size)"
+    if saved != expected:
+        raise RuntimeError(f"load_compressed: the model does not match the file: layer {name!r} is "
+                           f"{type(layer).__name__} {what} = {expected}, the file's is {saved}")
+    bias, out = entry["bias"], saved[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,)):
+        raise CorruptFileError(f"load_compressed: {path}: layer {name!r}'s bias must have {out} entries, "
+                               f"got {tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 SERVED_TYPES = (nn.Conv1d, nn.Conv2d)
 
@@ -53,12 +52,14 @@ class ConvFromExamples(torch.autograd.Function):
         return module._conv_forward(x, weight, bias)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         module = ctx.module
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_weight = ctx.accumulator.take_weight_grad(module, x) if need_weight else None
+        # a backward with create_graph=True (grad mode on here) gets the library's gradients,
+        # which are differentiable again; the accumulator's are plain numbers
+        taken = need_weight and not torch.is_grad_enabled()
+        grad_weight = ctx.accumulator.take_weight_grad(module, x) if taken else None
         mask = [need_input, need_weight and grad_weight is None, need_bias and ctx.has_bias]
         grad_input = grad_bias = None
         if any(mask):

@@ -157,6 +157,28 @@ def _rebind(optimizer, old: nn.Parameter, new: nn.Parameter, state: dict | None)
         optimizer.state[new] = state
 
 
+# layers with weights but no sparse twin: named when sparse enough, never passed over in silence
+_FORMLESS = (nn.RNNBase, nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd, nn.Bilinear, nn.Embedding,
+             nn.EmbeddingBag, nn.MultiheadAttention)
+
+
+def _sparse_but_formless(model: nn.Module, min_sparsity: float, excluded) -> list[str]:
+    """'name (why)' of each layer sparsify has no sparse form for whose own matrices (exact
+    zeros) reach min_sparsity."""
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _FORMLESS) or excluded(name, module):
+            continue
+        matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2 and p.numel()]
+        if isinstance(module, nn.MultiheadAttention) and not matrices:
+            continue
+        total = sum(p.numel() for p in matrices)
+        zeros = sum(int((p == 0).sum()) for p in matrices)
+        if total and zeros / total >= min_sparsity:
+            found.append(f"{name} ({type(module).__name__}: no sparse form; {zeros / total:.0%} zeros)")
+    return found
+
+
 @torch.no_grad()
 def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exclude=()) -> nn.Module:
     """Replace every nn.Linear / nn.Conv2d (groups=1) whose sparsity reaches `min_sparsity` by
@@ -196,6 +218,7 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exc
             skipped.append(f"{names[0]} ({reason})")
             continue
         plan.append((names, module, mask))
+    skipped += _sparse_but_formless(model, min_sparsity, excluded)
     # build everything (and check the optimizer state carries) before changing anything
     built = []
     for names, module, mask in plan:

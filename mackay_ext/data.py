@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import pickle
 import shutil
 import struct
 import urllib.request
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ._files import UnsafeFileError, load_data_pickle
 
 MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -240,10 +241,11 @@ def _cifar_pickle(directory: str, name: str, label_key: bytes, num_classes: int,
         raise DatasetError(f"{what} file {name} not found in {os.path.abspath(directory)}; "
                            f"unpack {archive} there (the {folder} folder)")
     try:
-        with open(path, "rb") as handle:
-            entry = pickle.load(handle, encoding="bytes")
+        entry = load_data_pickle(path)   # builds plain data only: a crafted batch cannot run code
         data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         targets = np.asarray(entry[label_key], dtype=np.int64)
+    except UnsafeFileError as error:
+        raise DatasetError(f"{path}: not a {what} batch: {error}") from None
     except Exception as error:  # a corrupt pickle can raise almost anything
         raise DatasetError(f"{path}: not a {what} batch ({error})") from error
     if len(targets) != len(data) or (len(targets) and not 0 <= targets.min() <= targets.max() < num_classes):

@@ -57,8 +57,8 @@ def _check_group(group: dict[str, Any]) -> None:
     group["num_data"] = check_count(group["num_data"], "num_data", where)
     if group["batch_size"] is not None:
         group["batch_size"] = check_count(group["batch_size"], "batch_size", where)
-    if not 0.0 <= group["curvature_decay"] <= 1.0:
-        raise ValueError(f"{where}: curvature_decay must be in [0, 1], got {group['curvature_decay']}")
+    if not 0.0 <= group["curvature_decay"] < 1.0:   # at 1 the average never leaves 0
+        raise ValueError(f"{where}: curvature_decay must be in [0, 1), got {group['curvature_decay']}")
 
 
 def _state_tensors(state: dict[str, Any]) -> tuple:

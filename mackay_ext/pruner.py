@@ -38,6 +38,7 @@ from torch import nn
 from . import ops
 from ._alpha import group_dims
 from ._validate import (
+    BACKENDS,
     NonFiniteError,
     check_choice,
     check_count,
@@ -182,6 +183,17 @@ class MacKayPruner(StandalonePrior):
         check_choice("prior", prior, PRIORS, where)
         check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"), where)
         check_choice("channel_prior", channel_prior, CHANNEL_PRIORS, where)
+        check_choice("backend", backend, BACKENDS, where)
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
+        if alpha_max is not None and not (isinstance(alpha_max, (int, float)) and alpha_max > 0):
+            raise ValueError(f"{where}: alpha_max must be None or a number > 0 (a cap on alpha), got {alpha_max!r}")
+        if not (isinstance(curvature_decay, (int, float)) and 0.0 <= curvature_decay < 1.0):
+            # at 1 the moving average never moves from 0: no curvature, and every weight pruned
+            raise ValueError(f"{where}: curvature_decay must be in [0, 1), got {curvature_decay!r}")
+        if isinstance(optimizer, MacKayAdam) and (batch_size is not None or curvature_decay != 0.99):
+            warnings.warn(f"{where}: batch_size and curvature_decay are MacKayAdam's (its param groups'); "
+                          "the values given here are not used", UserWarning, stacklevel=2)
         if channel_prior != "members" and granularity != "channel":
             raise ValueError(f"{where}: channel_prior={channel_prior!r} places the prior of a coupled "
                              f"channel group: it needs granularity='channel', got {granularity!r}")
@@ -270,8 +282,6 @@ class MacKayPruner(StandalonePrior):
                                  "when the optimizer is not a MacKayAdam")
             self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
             self.curvature_decay = float(curvature_decay)
-            if not 0.0 <= self.curvature_decay <= 1.0:
-                raise ValueError(f"{where}: curvature_decay must be in [0, 1], got {curvature_decay}")
             self._attach_hooks()
         if coupling is not None:
             from .channel_ard import ChannelARD
@@ -343,6 +353,10 @@ class MacKayPruner(StandalonePrior):
     def _attach_to_optimizer(self) -> None:
         for name, target in self.targets.items():
             group = self.optimizer._group_of(target.param)
+            if group["num_data"] != self.num_data:
+                raise ValueError(f"MacKayPruner: num_data={self.num_data:g}, but MacKayAdam applies the "
+                                 f"prior of {name!r} with num_data={group['num_data']:g}: give both the "
+                                 "number of training examples")
             if group["batch_size"] is None and self.curvature_kind == "ef-batch":
                 raise ValueError("MacKayPruner: the ef-batch curvature needs MacKayAdam(batch_size=...)")
             state = self.optimizer.ard_state(target.param)
@@ -555,6 +569,7 @@ class MacKayPruner(StandalonePrior):
         per layer the total and kept weights, total and kept groups, sum of gamma, alpha
         quantiles and what happened ("warmup", "kept_strongest"); overall totals, the sparsity,
         "excluded" (parameters without a prior, and why) and "notes"."""
+        self._check_targets_in_model("update")
         self._refresh_curvature()
         bad = self._nonfinite()
         if bad:
@@ -563,7 +578,8 @@ class MacKayPruner(StandalonePrior):
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(message)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
-            report = dict(self.report(), skipped=True, nonfinite=bad)
+            # the keys of every report: notes say why, gamma_sum was not computed
+            report = dict(self.report(), skipped=True, nonfinite=bad, notes=[message], gamma_sum=math.nan)
             self.history.append(report)
             return report
         untrained = self._steps_since_update == 0 and bool(self.history)
@@ -711,8 +727,29 @@ class MacKayPruner(StandalonePrior):
             entry.update(self.channel.layer_groups(target.param))
         return entry
 
+    def _check_targets_in_model(self, where: str, model: bool = True) -> None:
+        """Refuse to go on when a layer's weight is no longer the model's (sparsify, densify or
+        shrink swapped the module, or the user reassigned the weight): alpha would be estimated
+        for a tensor the network no longer computes with. model=False: only where MacKayAdam,
+        which holds the alphas, no longer has the weight (sparsify(model, optimizer) moved them)."""
+        modules = dict(self.model.named_modules()) if model else {}
+        in_optimizer = ({id(p) for group in self.optimizer.param_groups for p in group["params"]}
+                        if self.fused else None)
+        gone = [name for name, target in self.targets.items()
+                if (model and (modules.get(target.module_name) is not target.module
+                               or getattr(target.module, target.attr, None) is not target.param))
+                or (in_optimizer is not None and id(target.param) not in in_optimizer)]
+        if gone:
+            raise RuntimeError(f"MacKayPruner.{where}: the weights of {', '.join(gone)} are no longer the "
+                               "model's (a module or weight was replaced after the pruner was built, e.g. by "
+                               "sparsify, densify or shrink); prune before converting, or build a new "
+                               "MacKayPruner (and optimizer) for the converted model")
+
     def report(self) -> dict[str, Any]:
-        """The current per-layer counts, without updating."""
+        """The current per-layer counts, without updating (after sparsify or shrink: those of
+        the weights the pruner held, as they were converted, unless MacKayAdam gave their
+        alphas to the converted layers)."""
+        self._check_targets_in_model("report", model=False)
         report = self._summarise([self._layer_entry(n, t) for n, t in self.targets.items()])
         if self.channel is not None:
             report["channel"] = self.channel.summary()
@@ -755,6 +792,35 @@ class MacKayPruner(StandalonePrior):
                 "priced_updates": self._priced_updates,
                 **({"input_covariance": self._covariance.state_dict()} if self._covariance is not None else {})}
 
+    def _check_loaded(self, state: Mapping[str, Any], where: str) -> None:
+        """Refuse a state whose alphas or curvatures do not fit this pruner's layers, hold NaN
+        or negative values, or were saved with other granularities (naming the layer); warn
+        where its settings differ from this pruner's."""
+        saved_granularity = state.get("granularity", {})
+        for name in self.targets:
+            if name in saved_granularity and saved_granularity[name] != self.granularity[name]:
+                raise ValueError(f"{where}: layer {name!r} was saved with granularity "
+                                 f"{saved_granularity[name]!r}; this pruner has {self.granularity[name]!r}")
+            if name not in state["curvature"]:
+                raise KeyError(f"{where}: no curvature for layer {name!r}")
+            for key, current in (("alpha", self.alpha(name)), ("curvature", self.curvature(name))):
+                value = state[key][name]
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"{where}: {key} of layer {name!r} must be a tensor, got {type(value).__name__}")
+                if value.shape != current.shape:
+                    raise ValueError(f"{where}: {key} of layer {name!r} has shape {tuple(value.shape)}; this "
+                                     f"pruner's is {tuple(current.shape)} (a state from another model?)")
+                if not value.is_floating_point() or bool(torch.isnan(value).any()) or bool((value < 0).any()):
+                    raise ValueError(f"{where}: {key} of layer {name!r} must hold non-negative numbers "
+                                     "(inf allowed for pruned alpha), got NaN, negative or non-float values")
+        settings = state.get("settings", {})
+        differ = [f"{key} {settings[key]!r} (here {value!r})" for key, value in (
+            ("num_data", self.num_data), ("rule", self.rule), ("prune", self.prune), ("threshold", self.threshold),
+            ("curvature", self.curvature_kind)) if key in settings and settings[key] != value]
+        if differ:
+            warnings.warn(f"{where}: the state was saved with other settings: {', '.join(differ)}; this "
+                          "pruner's own apply from now on", RuntimeWarning, stacklevel=3)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         where = "MacKayPruner.load_state_dict"
         if not isinstance(state, Mapping):
@@ -767,6 +833,7 @@ class MacKayPruner(StandalonePrior):
         missing = set(self.targets) - set(state["alpha"])
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
+        self._check_loaded(state, where)   # everything checked before anything changes
         self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
         if self.accumulator is not None:   # absent before it was saved: the estimate starts afresh
             self.accumulator.load_state_dict(state.get("exact_curvature", {}))

@@ -123,6 +123,36 @@ def test_cli_resume_finished_checkpoint(digits_run, tmp_path):
     assert second["test_accuracy"] == first["test_accuracy"]
 
 
+@pytest.mark.parametrize("edit", ["unknown-model", "alpha-shape"])
+def test_cli_resume_damaged_checkpoint_fails_in_one_line_before_training(digits_run, tmp_path, edit):
+    out, _ = digits_run
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    if edit == "unknown-model":
+        state["cli_settings"]["model"] = "no-such-model"
+        expected = "names the model 'no-such-model', which this version of mackay_ext does not have"
+    else:
+        name = next(iter(state["pruner"]["alpha"]))
+        state["pruner"]["alpha"][name] = torch.zeros(3, 3)
+        expected = f"alpha of layer '{name}' has shape (3, 3)"
+    torch.save(state, tmp_path / "checkpoint.pt")
+    result = cli("prune", "--resume", str(tmp_path / "checkpoint.pt"), "--quiet", cwd=tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_out_that_cannot_be_created_is_an_argument_error(tmp_path, monkeypatch, capsys):
+    from mackay_ext import cli
+
+    def refuse(path, exist_ok=False):
+        raise PermissionError(1, "Operation not permitted", path)
+    monkeypatch.setattr("mackay_ext.cli.settings.os.makedirs", refuse)   # as /proc refuses even root
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["prune", "--out", str(tmp_path / "run")])
+    assert exit.value.code == 2
+    assert f"--out {tmp_path / 'run'}: the directory cannot be created (Operation not permitted)" in \
+        capsys.readouterr().err
+
+
 NO_CUDA = not torch.cuda.is_available()
 
 

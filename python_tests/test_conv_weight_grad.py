@@ -141,6 +141,19 @@ def test_gradient_checkpointing(use_reentrant):
     assert_same_grads(model, reference)
 
 
+def test_double_backward_gets_the_library_gradients():
+    """A gradient penalty (create_graph=True) differentiates the conv's gradients once more."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    reference = copy.deepcopy(model)
+    FisherAccumulator(model)
+    x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 2, (5,))
+    for net in (model, reference):
+        grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()), create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+    assert_same_grads(model, reference)
+
+
 class OwnConv(nn.Conv2d):
     def forward(self, x):
         return super().forward(x) * 2

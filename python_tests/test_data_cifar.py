@@ -102,3 +102,51 @@ def test_bad_pickles(tmp_path, fault):
         match = "not a CIFAR-100 batch .*fine_labels"
     with pytest.raises(data.DatasetError, match=match):
         data.load_cifar100(str(tmp_path))
+
+
+class RunsCode:
+    """What a crafted pickle holds: unpickling it calls os.system (here, a harmless touch)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["data", "labels", "object-array"])
+def test_a_crafted_batch_runs_no_code(tmp_path, where):
+    """The batches are read by an unpickler that builds plain data and numpy arrays only: a
+    pickle naming any other global is refused before anything in it is called."""
+    marker = tmp_path / "ran"
+    directory = tmp_path / "cifar-10-batches-py"
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        if where == "data":
+            entry[b"data"] = RunsCode(marker)
+        elif where == "labels":
+            entry[b"labels"] = [0, RunsCode(marker), 2, 3]
+        else:
+            entry[b"labels"] = np.array([0, RunsCode(marker), 2, 3], dtype=object)
+        with open(directory / name, "wb") as handle:
+            pickle.dump(entry, handle)
+    with pytest.raises(data.DatasetError, match="posix.system|os.system") as error:
+        data.load_cifar10(str(directory))
+    assert "nothing in it was run" in str(error.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_batches_of_any_pickle_protocol_load(tmp_path, protocol):
+    """The official files were written by Python 2's pickle (protocol 2), numpy arrays inside."""
+    directory = tmp_path / "cifar-10-batches-py"
+    directory.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {b"batch_label": b"x", b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, 4).tolist(), b"filenames": [b"a.png"] * 4}
+        with open(directory / name, "wb") as handle:
+            pickle.dump(entry, handle, protocol=protocol)
+    assert data.load_cifar10(str(directory)).x_test.shape == (4, 3, 32, 32)

@@ -1,7 +1,7 @@
 // CPU kernel of mackay_ext::mackay_adam_step_: the elements of all tensors of the call form one
 // index space, split evenly between the threads of one parallel region (each thread walks the
-// tensor pieces of its share); float32/float64 use at::vec lanes, half types the shared scalar
-// formula in float.
+// tensor pieces of its share); every dtype uses at::vec lanes (bfloat16/float16 widened to float),
+// and a tensor's tail the shared scalar formula.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -49,6 +49,15 @@ void run_segment(const Pointers<scalar_t>& p, int64_t begin, int64_t end, AlphaA
       if constexpr (kArd) alpha = alpha_at.lanes(i - begin);
       adam_lanes<kArd, kCurvature>(p.weight + i, p.grad + i, p.exp_avg + i, p.exp_avg_sq + i,
                                    kCurvature ? p.curvature + i : nullptr, alpha, vgrad_mul, vc);
+    }
+  } else {   // bfloat16 / float16: widened to float lanes
+    constexpr int64_t kLanes = at::vec::Vectorized<scalar_t>::size();
+    const VecAdamConstants<float> vc(c);
+    const at::vec::Vectorized<float> vgrad_mul(grad_mul);
+    for (; i + kLanes <= end; i += kLanes) {
+      adam_reduced_lanes<kArd, kCurvature>(p.weight + i, p.grad + i, p.exp_avg + i, p.exp_avg_sq + i,
+                                           kCurvature ? p.curvature + i : nullptr, alpha_at, i - begin,
+                                           vgrad_mul, vc);
     }
   }
   for (; i < end; ++i) {

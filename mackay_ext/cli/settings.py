@@ -72,7 +72,11 @@ def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any
 def _checkpoint_settings(state: Any, path: str, parser) -> dict[str, Any]:
     """The run settings saved in a checkpoint of mackay-ext prune; any other file is refused."""
     if isinstance(state, dict) and isinstance(state.get("cli_settings"), dict):
-        return {**SETTINGS_BEFORE_THEY_EXISTED, **state["cli_settings"]}
+        settings = {**SETTINGS_BEFORE_THEY_EXISTED, **state["cli_settings"]}
+        if settings.get("model") not in models.MODELS:
+            parser.error(f"--resume {path} names the model {settings.get('model')!r}, which this version "
+                         f"of mackay_ext does not have (models: {', '.join(sorted(models.MODELS))})")
+        return settings
     if isinstance(state, dict) and state.get("format") == MODEL_FORMAT:
         parser.error(f"--resume {path} is a compressed model (what `mackay-ext evaluate` reads), not "
                      "a checkpoint; resume from the checkpoint.pt that mackay-ext prune wrote beside it")
@@ -108,13 +112,20 @@ def _check_out(out: str, parser) -> None:
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         parser.error(f"--out {out} is a file; expected a directory (created if missing)")
-    existing = path
+    existing, missing = path, []
     while not os.path.exists(existing):
+        missing.append(existing)   # deepest first
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         parser.error(f"--out {out}: {existing} is a file, so the directory cannot be created there")
     if not os.access(existing, os.W_OK | os.X_OK):
         parser.error(f"--out {out}: {existing} is not writable")
+    try:   # access() says yes to root everywhere, and some file systems refuse anyway (/proc)
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {out}: the directory cannot be created ({error.strerror or error})")
+    for directory in missing:   # made by the run itself, once every flag has passed
+        os.rmdir(directory)
 
 
 def build_model(name: str, dataset: str, num_classes: int = 10) -> torch.nn.Module:

@@ -70,7 +70,8 @@ def elementwise_values(g, vals: list[V], out_shape) -> V:
       "clone", "detach", "alias", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "erf", "hardswish",
       "hardsigmoid", "leaky_relu", "elu", "relu6", "softplus", "mish", "_to_copy", "to", "type_as",
       "lift_fresh_copy", "square", "reciprocal", "sign", "cos", "sin", "bitwise_not", "copy",
-      "bitwise_and", "bitwise_or", "lerp", "fill", "zero", "native_dropout", "_assert_tensor_metadata")
+      "bitwise_and", "bitwise_or", "lerp", "fill", "zero", "native_dropout", "_assert_tensor_metadata",
+      "feature_dropout", "alpha_dropout", "feature_alpha_dropout")   # identities in eval mode
 def _elementwise(g, node, *args, **kwargs):
     out_shape = node_shape(node)
     vals = [g.value(a) for a in list(args) + list(kwargs.values())

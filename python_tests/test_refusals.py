@@ -1,0 +1,158 @@
+"""Bad input found by testing as a new user: each gets a clear error (or warning) that names what
+is wrong, before anything changes, instead of a deep traceback, a silent wrong result or a model
+trained against stale state."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups, load_compressed, save_compressed, sparsify
+from mackay_ext._files import CorruptFileError
+
+
+def build(inputs=10, num_data=200, **options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(inputs, 32), nn.ReLU(), nn.Linear(32, 5))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=3e-3, num_data=num_data, batch_size=8)
+    return model, optimizer, MacKayPruner(model, optimizer, num_data=num_data, **options)
+
+
+def train(model, optimizer, inputs=10, steps=5):
+    for _ in range(steps):
+        x, y = torch.randn(8, inputs), torch.randint(0, 5, (8,))
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+
+def test_load_state_dict_from_another_model_names_the_layer_and_changes_nothing():
+    other_model, other_optimizer, other = build(inputs=12)
+    train(other_model, other_optimizer, 12)
+    other.update()
+    model, optimizer, pruner = build()
+    before = pruner.alpha("0").clone()
+    with pytest.raises(ValueError, match="alpha of layer '0' has shape"):
+        pruner.load_state_dict(other.state_dict())
+    torch.testing.assert_close(pruner.alpha("0"), before)
+    train(model, optimizer, steps=1)   # the optimizer still works
+
+
+@pytest.mark.parametrize("value", [float("nan"), -1.0])
+def test_load_state_dict_refuses_nan_or_negative_alpha(value):
+    model, optimizer, pruner = build()
+    state = pruner.state_dict()
+    state["alpha"]["0"] = torch.full_like(state["alpha"]["0"], value)
+    with pytest.raises(ValueError, match="non-negative"):
+        pruner.load_state_dict(state)
+
+
+def test_load_state_dict_refuses_another_granularity_and_warns_on_other_settings():
+    _, _, saved = build()
+    _, _, pruner = build(granularity="input")
+    with pytest.raises(ValueError, match="granularity 'weight'; this pruner has 'input'"):
+        pruner.load_state_dict(saved.state_dict())
+    _, _, stricter = build(threshold=0.2)
+    with pytest.warns(RuntimeWarning, match="threshold"):
+        stricter.load_state_dict(saved.state_dict())
+
+
+def test_constructor_checks_its_numbers():
+    model = nn.Sequential(nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for options, match in (({"backend": "x"}, "backend"), ({"eps": -1.0}, "eps"), ({"alpha_max": -1.0}, "alpha_max"),
+                           ({"alpha_max": 0}, "alpha_max"), ({"curvature_decay": 1.0}, "curvature_decay"),
+                           ({"curvature_decay": 5.0}, "curvature_decay")):
+        with pytest.raises(ValueError, match=match):
+            MacKayPruner(model, optimizer, num_data=100, batch_size=8, **options)
+    with pytest.raises(ValueError, match="curvature_decay"):
+        MacKayAdam(ard_param_groups(model), num_data=100, curvature_decay=1.0)
+
+
+def test_mackay_adam_settings_given_to_the_pruner():
+    model = nn.Sequential(nn.Linear(4, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), num_data=200, batch_size=8)
+    with pytest.raises(ValueError, match="num_data=50000, but MacKayAdam .* num_data=200"):
+        MacKayPruner(model, optimizer, num_data=50000)
+    with pytest.warns(UserWarning, match="are MacKayAdam's"):
+        MacKayPruner(model, optimizer, num_data=200, batch_size=0.5)
+
+
+def test_a_skipped_update_reports_the_same_keys():
+    model, optimizer, pruner = build(on_nonfinite="skip")
+    train(model, optimizer)
+    normal = pruner.update()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        skipped = pruner.update()
+    assert skipped["skipped"] and "diverged" in skipped["notes"][0]
+    assert set(normal) <= set(skipped)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["mackay", "sgd"])
+def test_pruner_refuses_layers_sparsify_replaced(optimizer_kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))
+    if optimizer_kind == "mackay":
+        optimizer = MacKayAdam(ard_param_groups(model), num_data=200, batch_size=8)
+        pruner = MacKayPruner(model, optimizer, num_data=200)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        pruner = MacKayPruner(model, optimizer, num_data=200, batch_size=8)
+    train(model, optimizer)
+    pruner.update()
+    with torch.no_grad():
+        model[0].weight[:, 3:] = 0   # sparse enough to convert
+        if optimizer_kind == "mackay":   # which reads what is pruned from alpha
+            optimizer.ard_state(model[0].weight)["alpha"][:, 3:] = float("inf")
+    sparsify(model, optimizer)
+    assert type(model[0]).__name__ == "SparseLinear"
+    kept = pruner.report()["kept"] if optimizer_kind == "sgd" else None
+    train(model, optimizer)
+    with pytest.raises(RuntimeError, match="no longer the model's .* sparsify"):
+        pruner.update()
+    if optimizer_kind == "mackay":   # MacKayAdam moved the alphas to the sparse layer's values
+        with pytest.raises(RuntimeError, match="no longer the model's .* sparsify"):
+            pruner.report()
+    else:   # the weights as they were converted, which later training does not move
+        assert pruner.report()["kept"] == kept
+
+
+def test_sparsify_names_layers_it_has_no_sparse_form_for():
+    model = nn.ModuleDict({"conv1d": nn.Conv1d(4, 4, 3), "lstm": nn.LSTM(4, 4), "fc": nn.Linear(4, 4)})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with pytest.warns(UserWarning, match=r"conv1d \(Conv1d: no sparse form.*lstm \(LSTM: no sparse form"):
+        sparsify(model)
+
+
+def test_load_compressed_refuses_a_model_that_does_not_fit(tmp_path):
+    saved = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        saved[0].weight[:, 4:] = 0
+    sparsify(saved)
+    path = tmp_path / "model.pt"
+    save_compressed(saved, path)
+    with pytest.raises(RuntimeError, match=r"layer '0' is Linear \(out_features, in_features\) = \(8, 10\)"):
+        load_compressed(path, model=nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)))
+    with pytest.raises(TypeError, match="model"):
+        load_compressed(path, model="lenet-300-100")
+    payload = torch.load(path, weights_only=True)
+    payload["sparse"]["0"]["bias"] = torch.zeros(5)
+    torch.save(payload, tmp_path / "bias.pt")
+    with pytest.raises(CorruptFileError, match="bias must have 8 entries"):
+        load_compressed(tmp_path / "bias.pt", model=nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)))
+    del payload["sparse"]
+    torch.save(payload, tmp_path / "nosparse.pt")
+    with pytest.raises(CorruptFileError, match="lacks its 'sparse'"):
+        load_compressed(tmp_path / "nosparse.pt", model=nn.Sequential(nn.Linear(12, 8)))
+
+
+@pytest.mark.parametrize("dropout", [nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout])
+def test_channel_groups_follow_eval_mode_dropouts(dropout):
+    from mackay_ext import channel_groups
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), dropout(0.2), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    groups = channel_groups(model, (torch.randn(2, 3, 8, 8),))
+    assert len([g for g in groups if any(m.name == "0.weight" for m in g.members)]) == 4
