@@ -35,14 +35,25 @@ def serves_call(module: nn.Module, x) -> bool:
     weight = module.weight
     return (isinstance(x, torch.Tensor) and x.dim() == len(module.stride) + 2   # batched input
             and torch.is_grad_enabled() and weight.requires_grad
+            and not torch._C._are_functorch_transforms_active()   # torch.func: grad, vmap, jvp
+            and _forward_ad_off(x, weight)
             and x.device.type == "cpu" and weight.device.type == "cpu"
             and weight.dtype in (torch.float32, torch.float64) and x.dtype == weight.dtype
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+def _forward_ad_off(*tensors) -> bool:
+    """No dual tensor (torch.autograd.forward_ad) among `tensors`: the Function has no jvp."""
+    from torch.autograd import forward_ad
+    if forward_ad._current_level < 0:
+        return True
+    return all(forward_ad.unpack_dual(t).tangent is None for t in tensors)
+
+
 class ConvFromExamples(torch.autograd.Function):
     """module's convolution of x; its backward takes the weight's gradient from
-    accumulator.take_weight_grad(module, x) when there is one."""
+    accumulator.take_weight_grad(module, x, grad) when there is one, made from the very output
+    gradient this backward receives."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, module, accumulator):
@@ -59,7 +70,7 @@ class ConvFromExamples(torch.autograd.Function):
         # a backward with create_graph=True (grad mode on here) gets the library's gradients,
         # which are differentiable again; the accumulator's are plain numbers
         taken = need_weight and not torch.is_grad_enabled()
-        grad_weight = ctx.accumulator.take_weight_grad(module, x) if taken else None
+        grad_weight = ctx.accumulator.take_weight_grad(module, x, grad) if taken else None
         mask = [need_input, need_weight and grad_weight is None, need_bias and ctx.has_bias]
         grad_input = grad_bias = None
         if any(mask):

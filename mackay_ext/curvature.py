@@ -126,7 +126,8 @@ class FisherAccumulator:
         self.paused = False
         self._handles = []
         for module in self.layers.values():
-            self._handles.append(module.register_forward_hook(self._forward_hook))
+            # prepended: the layer's own output, before any forward hook of the user's replaces it
+            self._handles.append(module.register_forward_hook(self._forward_hook, prepend=True))
         # ef-exact: conv layers whose training backward takes the weight's gradient from the
         # per-example products added up here (conv_weight_grad.py), and those gradients, each
         # with the input it came from, until that backward takes it
@@ -141,27 +142,41 @@ class FisherAccumulator:
             return ConvFromExamples.apply(x, module.weight, module.bias, module, self)
         return type(module).forward(module, x, *args, **kwargs)
 
-    def take_weight_grad(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    def take_weight_grad(self, module: nn.Module, x: torch.Tensor, grad_output: torch.Tensor
+                         ) -> torch.Tensor | None:
         """The batch's weight gradient of `module`'s call on `x`, added up with the squares in
-        this backward pass (ConvFromExamples takes it), or None."""
+        this backward pass from the output gradient `grad_output` (ConvFromExamples takes it), or
+        None when it was made from other tensors (then the caller asks the library)."""
         entry = self._weight_grads.pop(module, None)
         if entry is None:
             return None
-        source, grad = entry
-        same = source.data_ptr() == x.data_ptr() and source.shape == x.shape and source.stride() == x.stride()
+        source, delta, version, grad = entry
+        same = (source.data_ptr() == x.data_ptr() and source.shape == x.shape and source.stride() == x.stride()
+                and delta.data_ptr() == grad_output.data_ptr() and delta.shape == grad_output.shape
+                and delta.stride() == grad_output.stride() and grad_output._version == version)
         return grad if same else None
 
     def _forward_hook(self, module, inputs, output):
+        # not under torch.func's transforms (grad, vmap, jvp): their tensors are not a batch's
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
-                and output.requires_grad:
+                and output.requires_grad and not torch._C._are_functorch_transforms_active():
             self._pending[module].append(inputs[0].detach())
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))
-            # a hook on the output tensor hands us delta = dloss/doutput during backward
-            output.register_hook(lambda grad, module=module: self._on_output_grad(module, grad))
+            # ef-exact: a pre-hook on the node that made the output hands us delta =
+            # dloss/doutput during backward. It runs after every hook on the output tensor (the
+            # user's too, which may scale or reverse that gradient), so delta is what the layer's
+            # backward receives. fisher-mc differentiates to the outputs themselves, which never
+            # runs their nodes: a hook on the output tensor.
+            node, index = output.grad_fn, output.output_nr
+            if node is None or self._capturing:
+                output.register_hook(lambda grad, module=module: self._on_output_grad(module, grad))
+            else:
+                node.register_prehook(lambda grads, module=module, index=index:
+                                      self._on_output_grad(module, grads[index]))
 
     def _on_output_grad(self, module, grad):
-        if not self._active or not self._pending.get(module):
+        if grad is None or not self._active or not self._pending.get(module):
             return
         task = torch._C._current_graph_task_id()
         if task != self._backward_task:   # the first gradient of this backward pass
@@ -215,6 +230,12 @@ class FisherAccumulator:
         if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
             raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
         weight, bias = module.weight, module.bias
+        grad_sum = None
+        if weight_grad and len(inputs) == 1 and weight.requires_grad and module in self._served:
+            grad_sum = torch.zeros(weight.shape[0], weight[0].numel(), dtype=weight.dtype, device=weight.device)
+            self._weight_grads[module] = (inputs[0], grads[0], grads[0]._version, grad_sum)
+        if batch == 0:   # nothing to add (and an empty batch's reshapes are ambiguous)
+            return
         self.counts[weight] += batch
         if bias is not None:
             self.counts[bias] += batch
@@ -229,10 +250,6 @@ class FisherAccumulator:
             if bias is not None:
                 self._sum_for(bias).add_(delta.square().sum(0), alpha=s2)
             return
-        grad_sum = None
-        if weight_grad and len(inputs) == 1 and weight.requires_grad and module in self._served:
-            grad_sum = torch.zeros(weight.shape[0], weight[0].numel(), dtype=weight.dtype, device=weight.device)
-            self._weight_grads[module] = (inputs[0], grad_sum)
         if len(inputs) == 1 and isinstance(module, (nn.Conv1d, nn.Conv2d)) and self.backend == "ext" \
                 and takes_fused(weight, inputs[0], grads[0], module.groups):
             self._accumulate_conv_fused(module, inputs[0], grads[0], scale, grad_sum)

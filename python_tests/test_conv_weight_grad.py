@@ -31,8 +31,8 @@ def count_taken(monkeypatch):
     counts = {"taken": 0, "none": 0}
     take = FisherAccumulator.take_weight_grad
 
-    def counting(self, module, x):
-        grad = take(self, module, x)
+    def counting(self, module, x, grad_output):
+        grad = take(self, module, x, grad_output)
         counts["taken" if grad is not None else "none"] += 1
         return grad
     monkeypatch.setattr(FisherAccumulator, "take_weight_grad", counting)
@@ -152,6 +152,63 @@ def test_double_backward_gets_the_library_gradients():
         grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()), create_graph=True)
         sum(g.square().sum() for g in grads).backward()
     assert_same_grads(model, reference)
+
+
+def test_hooks_of_the_users_on_the_conv_output(monkeypatch):
+    """A forward hook that replaces the output, and a tensor hook that scales its gradient (as
+    gradient reversal does): the weight gradient is what autograd gives, and the curvature is
+    built from the gradient the layer's backward receives (hooks included)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(2, 3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h.register_hook(lambda g: g * 3)
+            return self.head(torch.tanh(h).mean((2, 3)))
+
+    model = Net().double()
+    model.conv.register_forward_hook(lambda module, inputs, output: output * 2)
+    reference = copy.deepcopy(model)
+    counts = count_taken(monkeypatch)
+    acc = FisherAccumulator(model, loss_reduction="sum")
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randint(0, 2, (4,))
+    F.cross_entropy(model(x), y, reduction="sum").backward()
+    F.cross_entropy(reference(x), y, reduction="sum").backward()
+    assert_same_grads(model, reference)
+    assert counts == {"taken": 1, "none": 0}
+    expected = torch.zeros_like(model.conv.weight)
+    for n in range(4):   # per-example gradients of the same network, hooks and all
+        example = copy.deepcopy(reference)
+        example.zero_grad()
+        F.cross_entropy(example(x[n:n + 1]), y[n:n + 1], reduction="sum").backward()
+        expected += example.conv.weight.grad ** 2 / 4   # curvature(): the mean over examples
+    torch.testing.assert_close(acc.curvature(model.conv.weight), expected, rtol=1e-10, atol=0)
+
+
+def test_empty_batch_and_torch_func_transforms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2)).double()
+    reference = copy.deepcopy(model)
+    acc = FisherAccumulator(model)
+    empty = torch.randn(0, 3, 6, 6, dtype=torch.float64)
+    model(empty).sum().backward()
+    reference(empty).sum().backward()
+    assert_same_grads(model, reference)
+    assert acc.num_examples == 0
+    x, y = torch.randn(3, 3, 6, 6, dtype=torch.float64), torch.randint(0, 2, (3,))
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, xs, ys):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xs,)), ys)
+    per_example = torch.func.vmap(torch.func.grad(lambda p, xi, yi: loss(p, xi[None], yi[None])),
+                                  in_dims=(None, 0, 0))(params, x, y)
+    torch.testing.assert_close(per_example["0.weight"].mean(0), torch.func.grad(loss)(params, x, y)["0.weight"])
+    torch.func.jvp(model, (x,), (torch.ones_like(x),))
+    assert acc.num_examples == 0   # nothing captured under the transforms
 
 
 class OwnConv(nn.Conv2d):
