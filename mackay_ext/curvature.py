@@ -71,6 +71,14 @@ def supported(module: nn.Module) -> bool:
             and not isinstance(module.padding, str))
 
 
+def _stored(module: nn.Module, name: str):
+    """The Parameter behind module.<name>: itself, or <name>_orig where torch.nn.utils.prune
+    recomputes <name> = <name>_orig * mask on every forward (keyed by that step's tensor, the
+    sums would start afresh each step)."""
+    original = module._parameters.get(name + "_orig")
+    return original if original is not None and name not in module._parameters else getattr(module, name)
+
+
 class FisherAccumulator:
     """Accumulates, for every supported layer's weight and bias, the sum over examples of the
     squared per-example gradient, and counts the examples.
@@ -89,6 +97,11 @@ class FisherAccumulator:
         strict: raise when a layer with parameters is not supported (else it is listed in
             `unsupported` and reported once).
     Usage: `with FisherAccumulator(model) as acc: loss.backward()`; then `acc.curvature(p)`.
+    A layer's inputs and output gradients pair by order within a layer (the last use of the
+    forward with the first gradient of the backward), so each batch's backward must follow its
+    own forward: two forwards and then their two backwards (l1 = f(x1); l2 = f(x2);
+    l1.backward(); l2.backward()) pair batch 1's gradients with batch 2's inputs. The training
+    gradients are not affected; the curvature of such a step is.
     """
 
     def __init__(self, model: nn.Module, mode: str = "ef-exact", modules: Iterable[str] | None = None,
@@ -220,6 +233,19 @@ class FisherAccumulator:
 
     def _accumulate(self, module, inputs: list[torch.Tensor], grads: list[torch.Tensor],
                     weight_grad: bool = False) -> None:
+        mask = getattr(module, "weight_mask", None)
+        if mask is None or "weight_orig" not in module._parameters:
+            self._accumulate_unmasked(module, inputs, grads, weight_grad)
+            return
+        # torch.nn.utils.prune: the squares above are those of the masked weight's gradients;
+        # weight_orig's are those times mask^2 (= mask), so this step's share is masked
+        total = self._sum_for(module._parameters["weight_orig"])
+        before = total.clone()
+        self._accumulate_unmasked(module, inputs, grads, weight_grad)
+        total.copy_(torch.addcmul(before, total - before, mask.to(total.dtype)))
+
+    def _accumulate_unmasked(self, module, inputs: list[torch.Tensor], grads: list[torch.Tensor],
+                             weight_grad: bool = False) -> None:
         """Add the squared per-example gradients of the module's uses (inputs and output
         gradients paired); weight_grad: also keep the batch's weight gradient of a served conv
         used once, for its backward to take (take_weight_grad)."""
@@ -229,13 +255,17 @@ class FisherAccumulator:
         batch = inputs[0].shape[0]
         if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
             raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
-        weight, bias = module.weight, module.bias
+        weight, bias = _stored(module, "weight"), _stored(module, "bias")
         grad_sum = None
         if weight_grad and len(inputs) == 1 and weight.requires_grad and module in self._served:
             grad_sum = torch.zeros(weight.shape[0], weight[0].numel(), dtype=weight.dtype, device=weight.device)
             self._weight_grads[module] = (inputs[0], grads[0], grads[0]._version, grad_sum)
         if batch == 0:   # nothing to add (and an empty batch's reshapes are ambiguous)
             return
+        dtypes = {t.dtype for t in inputs + grads}
+        if len(dtypes) > 1:   # autocast: e.g. a float32 input beside a bfloat16 output gradient
+            common = functools.reduce(torch.promote_types, dtypes)
+            inputs, grads = [x.to(common) for x in inputs], [g.to(common) for g in grads]
         self.counts[weight] += batch
         if bias is not None:
             self.counts[bias] += batch
@@ -243,7 +273,7 @@ class FisherAccumulator:
         if len(inputs) == 1 and inputs[0].dim() == 2 and isinstance(module, nn.Linear):
             x, delta = inputs[0], grads[0]
             s2 = scale * scale
-            if weight.dtype in (torch.float32, torch.float64):
+            if weight.dtype in (torch.float32, torch.float64) and x.dtype == delta.dtype == weight.dtype:
                 sq_gemm_accumulate_(self._sum_for(weight), delta, x, s2, self.backend)
             else:
                 self._sum_for(weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * s2)
@@ -258,7 +288,7 @@ class FisherAccumulator:
 
     def _accumulate_conv_fused(self, module, x, delta, scale, grad_sum=None) -> None:
         x, delta, geometry = self._as_conv2d(module, x, delta)
-        weight, bias = module.weight, module.bias
+        weight, bias = _stored(module, "weight"), _stored(module, "bias")
         conv_sq_grad_accumulate_(self._sum_for(weight).view(weight.shape[0], -1), x, delta, *geometry,
                                  groups=module.groups, scale=scale * scale, grad_sum=grad_sum)
         if bias is not None:
@@ -288,9 +318,9 @@ class FisherAccumulator:
                                       stride), bias_grads
 
     def _accumulate_per_example(self, module, inputs, grads, scale, grad_sum=None):
-        weight = module.weight
+        weight, bias = _stored(module, "weight"), _stored(module, "bias")
         weight_sum = self._sum_for(weight).view(weight.shape[0], -1)
-        bias_sum = self._sum_for(module.bias) if module.bias is not None else None
+        bias_sum = self._sum_for(bias) if bias is not None else None
         batch = inputs[0].shape[0]
         per_example = weight.numel() * weight.element_size()
         chunk = max(1, min(batch, conv_curvature.CHUNK_BYTES // max(per_example, 1)))

@@ -737,7 +737,9 @@ class MacKayPruner(StandalonePrior):
                         if self.fused else None)
         gone = [name for name, target in self.targets.items()
                 if (model and (modules.get(target.module_name) is not target.module
-                               or getattr(target.module, target.attr, None) is not target.param))
+                               or not any(target.param is held for held in (
+                                   getattr(target.module, target.attr, None),   # torch prune:
+                                   getattr(target.module, target.attr + "_orig", None)))))
                 or (in_optimizer is not None and id(target.param) not in in_optimizer)]
         if gone:
             raise RuntimeError(f"MacKayPruner.{where}: the weights of {', '.join(gone)} are no longer the "

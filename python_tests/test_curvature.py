@@ -284,3 +284,39 @@ def test_gradient_checkpointing_gives_the_same_curvature(use_reentrant):
     for (name, param), plain_param in zip(checkpointed.named_parameters(), plain.parameters()):
         assert acc.counts[param] == 10, name
         torch.testing.assert_close(acc.curvature(param), expected.curvature(plain_param), rtol=1e-12, atol=0)
+
+
+def test_autocast_bfloat16_training_step():
+    """Under autocast a layer's input can be float32 beside a bfloat16 output gradient: the
+    squares are taken in float32, and the step runs (it raised in the Linear's squared GEMM)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    acc = FisherAccumulator(model)
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 2, (5,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    for param in model.parameters():
+        assert acc.counts[param] == 5 and acc.curvature(param).dtype == torch.float32
+        assert torch.isfinite(acc.curvature(param)).all() and acc.curvature(param).abs().sum() > 0
+
+
+def test_torch_prune_mask_keys_the_sums_by_weight_orig():
+    """torch.nn.utils.prune recomputes weight = weight_orig * mask every forward: the sums stay
+    one per layer, on weight_orig, and equal the squared per-example gradients of weight_orig."""
+    import torch.nn.utils.prune as torch_prune
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    torch_prune.random_unstructured(model[0], "weight", amount=0.5)
+    acc = FisherAccumulator(model, loss_reduction="sum")
+    x, y = torch.randn(4, 2, 6, 6, dtype=torch.float64), torch.randint(0, 2, (4,))
+    for _ in range(3):
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    assert len(acc.sums) == 4
+    acc.detach()   # the reference below captures nothing
+    expected = torch.zeros_like(model[0].weight_orig)
+    for n in range(4):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum").backward()
+        expected += model[0].weight_orig.grad ** 2 / 4
+    torch.testing.assert_close(acc.curvature(model[0].weight_orig), expected, rtol=1e-10, atol=0)

@@ -137,3 +137,11 @@ def test_bad_arguments():
         from_torch_prune(_mlp(), None)
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
         torch_prune_masks("model")
+
+
+def test_updates_go_on_after_to_torch_prune():
+    """to_torch_prune keeps the pruner's Parameter as weight_orig: later updates still run."""
+    model, pruner = _pruned_by_mackay("weight")
+    to_torch_prune(pruner)
+    report = pruner.update()
+    assert report["kept"] <= report["total"]
