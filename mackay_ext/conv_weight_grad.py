@@ -58,6 +58,8 @@ class ConvFromExamples(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module, accumulator):
         ctx.module, ctx.accumulator = module, accumulator
+        # the geometry of this call (the module's attributes could change before the backward)
+        ctx.geometry = (list(module.stride), list(module.padding), list(module.dilation), module.groups)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return module._conv_forward(x, weight, bias)
@@ -74,10 +76,10 @@ class ConvFromExamples(torch.autograd.Function):
         mask = [need_input, need_weight and grad_weight is None, need_bias and ctx.has_bias]
         grad_input = grad_bias = None
         if any(mask):
+            stride, padding, dilation, groups = ctx.geometry
             grad_input, library_weight, grad_bias = torch.ops.aten.convolution_backward(
-                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, list(module.stride),
-                list(module.padding), list(module.dilation), False, [0] * len(module.stride),
-                module.groups, mask)
+                grad, x, weight, [weight.shape[0]] if ctx.has_bias else None, stride, padding, dilation,
+                False, [0] * len(stride), groups, mask)
             if grad_weight is None:
                 grad_weight = library_weight
         if grad_weight is not None:
