@@ -143,9 +143,10 @@ class FisherAccumulator:
             self._handles.append(module.register_forward_hook(self._forward_hook, prepend=True))
         # ef-exact: conv layers whose training backward takes the weight's gradient from the
         # per-example products added up here (conv_weight_grad.py), and those gradients, each
-        # with the input it came from, until that backward takes it
+        # with the input and output gradient (and its version) it came from, until that
+        # backward takes it
         self._served = [m for m in self.layers.values() if mode == "ef-exact" and can_serve(m)]
-        self._weight_grads: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._weight_grads: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]] = {}
         for module in self._served:
             module.forward = functools.partial(self._served_forward, module)
 

@@ -49,22 +49,6 @@ def inputs(case, dtype, generator_seed=0):
     return x, delta, (kernel, stride, padding, dilation, groups)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", ["ext", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_float64_reference(case, dtype, backend, device):
-    """On CUDA both backends take the torch route (the kernel is the CPU's)."""
-    x, delta, (kernel, stride, padding, dilation, groups) = inputs(case, dtype)
-    start = torch.rand(delta.shape[1], x.shape[1] // groups * kernel[0] * kernel[1], dtype=dtype)
-    out = start.to(device, copy=True)
-    conv_sq_grad_accumulate_(out, x.to(device), delta.to(device), kernel, stride, padding, dilation,
-                             groups, 0.5, backend)
-    expected = start.double() + 0.5 * reference(x, delta, kernel, stride, padding, dilation, groups)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
-
-
 def batch_gradient(x, delta, kernel, stride, padding, dilation, groups):
     """sum_n G_n in float64: the weight gradient of the whole batch, by the convolution library."""
     weight = torch.empty(delta.shape[1], x.shape[1] // groups, *kernel, dtype=torch.float64)
@@ -75,22 +59,26 @@ def batch_gradient(x, delta, kernel, stride, padding, dilation, groups):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_grad_sum", [False, True], ids=["squares", "squares+grad_sum"])
 @pytest.mark.parametrize("backend", ["ext", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_grad_sum_is_the_batch_weight_gradient(case, dtype, backend, device):
-    """grad_sum += sum_n G_n (unscaled) beside out's squares, which it leaves as they were."""
+def test_matches_float64_reference(case, dtype, backend, with_grad_sum, device):
+    """out += 0.5 sum_n G_n^2; with grad_sum, also grad_sum += sum_n G_n (unscaled). On CUDA both
+    backends take the torch route (the kernel is the CPU's)."""
     x, delta, (kernel, stride, padding, dilation, groups) = inputs(case, dtype)
-    shape = (delta.shape[1], x.shape[1] // groups * kernel[0] * kernel[1])
-    start = torch.rand(*shape, dtype=dtype)
-    out, grad_sum = torch.zeros(*shape, dtype=dtype, device=device), start.to(device, copy=True)
-    conv_sq_grad_accumulate_(out, x.to(device), delta.to(device), kernel, stride, padding, dilation,
-                             groups, 0.5, backend, grad_sum=grad_sum)
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
     geometry = (kernel, stride, padding, dilation, groups)
-    torch.testing.assert_close(grad_sum.cpu().double(), start.double() + batch_gradient(x, delta, *geometry),
-                               rtol=tol, atol=tol)
-    torch.testing.assert_close(out.cpu().double(), 0.5 * reference(x, delta, *geometry), rtol=tol, atol=tol)
+    start = torch.rand(delta.shape[1], x.shape[1] // groups * kernel[0] * kernel[1], dtype=dtype)
+    out = start.to(device, copy=True)
+    grad_sum = start.to(device, copy=True)
+    conv_sq_grad_accumulate_(out, x.to(device), delta.to(device), kernel, stride, padding, dilation,
+                             groups, 0.5, backend, grad_sum=grad_sum if with_grad_sum else None)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    expected = start.double() + 0.5 * reference(x, delta, *geometry)
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=tol, atol=tol)
+    if with_grad_sum:
+        torch.testing.assert_close(grad_sum.cpu().double(), start.double() + batch_gradient(x, delta, *geometry),
+                                   rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced", "expanded"])

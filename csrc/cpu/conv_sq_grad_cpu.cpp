@@ -64,19 +64,20 @@ void unfold_example(const scalar_t* plane, int64_t channels, int64_t height, int
   }
 }
 
-// sum[k] += product[k]^2 for k < n; and plain[k] += product[k] when plain is given
-template <typename scalar_t>
+// sum[k] += product[k]^2 for k < n; and plain[k] += product[k] with kPlain (the batch's weight
+// gradient; a template flag, so the loop without it carries no test)
+template <bool kPlain, typename scalar_t>
 void add_squares(scalar_t* sum, scalar_t* plain, const scalar_t* product, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
   int64_t k = 0;
   for (; k + Vec::size() <= n; k += Vec::size()) {
     const Vec p = Vec::loadu(product + k);
     at::vec::fmadd(p, p, Vec::loadu(sum + k)).store(sum + k);
-    if (plain != nullptr) (Vec::loadu(plain + k) + p).store(plain + k);
+    if constexpr (kPlain) (Vec::loadu(plain + k) + p).store(plain + k);
   }
   for (; k < n; ++k) {
     sum[k] += product[k] * product[k];
-    if (plain != nullptr) plain[k] += product[k];
+    if constexpr (kPlain) plain[k] += product[k];
   }
 }
 
@@ -110,8 +111,11 @@ void accumulate(at::Tensor& out, const at::Tensor& input, const at::Tensor& grad
           const at::Tensor delta_n = grad_output[n].view({out_channels, positions}).narrow(0, group * group_out, group_out);
           at::mm_out(product, delta_n, cols.t());
           const int64_t offset = group * group_out * row;
-          add_squares<scalar_t>(sum + offset, plain != nullptr ? plain + offset : nullptr,
-                                product.const_data_ptr<scalar_t>(), group_out * row);
+          if (plain != nullptr) {
+            add_squares<true>(sum + offset, plain + offset, product.const_data_ptr<scalar_t>(), group_out * row);
+          } else {
+            add_squares<false>(sum + offset, plain, product.const_data_ptr<scalar_t>(), group_out * row);
+          }
         }
       }
     }
