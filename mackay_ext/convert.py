@@ -170,8 +170,6 @@ def _sparse_but_formless(model: nn.Module, min_sparsity: float, excluded) -> lis
         if not isinstance(module, _FORMLESS) or excluded(name, module):
             continue
         matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2 and p.numel()]
-        if isinstance(module, nn.MultiheadAttention) and not matrices:
-            continue
         total = sum(p.numel() for p in matrices)
         zeros = sum(int((p == 0).sum()) for p in matrices)
         if total and zeros / total >= min_sparsity:
