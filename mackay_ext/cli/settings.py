@@ -1,6 +1,7 @@
 """A run's settings from the flags, a --recipe or a checkpoint, every one checked before any data is read."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
@@ -125,7 +126,8 @@ def _check_out(out: str, parser) -> None:
     except OSError as error:
         parser.error(f"--out {out}: the directory cannot be created ({error.strerror or error})")
     for directory in missing:   # made by the run itself, once every flag has passed
-        os.rmdir(directory)
+        with contextlib.suppress(OSError):   # under torchrun another rank may remove it first
+            os.rmdir(directory)
 
 
 def build_model(name: str, dataset: str, num_classes: int = 10) -> torch.nn.Module:
