@@ -150,6 +150,13 @@ class _CSRWeight(nn.Module):
     def density(self) -> float:
         return self.nnz / max(self.in_features * self.out_features, 1)
 
+    def _runs_dense(self) -> bool:
+        """The dense GEMM on the scattered weight: the "dense" path, and every path under
+        torch.onnx.export. ONNX has no CSR product, so there the csr path is written as the same
+        arithmetic in standard ops (ScatterElements of the nonzeros, then MatMul / Conv): the
+        file keeps only the nonzeros and runs in any ONNX runtime."""
+        return self.path == "dense" or torch.onnx.is_in_onnx_export()
+
     def dense_weight(self) -> torch.Tensor:
         """W as a dense (out x in) matrix, a new tensor differentiable in the values."""
         flat = self.values.new_zeros(self.out_features * self.in_features)
@@ -164,14 +171,14 @@ class _CSRWeight(nn.Module):
 
     def _weight_for_gemm(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The dense path's weight, viewed as `shape` (the GEMM's or the conv's). Traced
-        (torch.compile / export): the scatter itself. Eager: the scatter, cached until the values
+        (torch.compile / export / ONNX export): the scatter itself. Eager: the scatter, cached until the values
         change (an in-place write or any optimizer step); in train mode rebuilt every call, since
         a training loop may write the values through .data, which leaves no trace. The cache is
         what an inference call pays for on top of the dense layer, so it checks little: .to() and
         .half() clear it (_apply), and new storage assigned through .data moves data_ptr."""
         values = self.values
-        if torch.compiler.is_compiling():
-            return self.dense_weight().view(shape)
+        if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+            return self.dense_weight().view(shape)   # in the program: the nonzeros, not W
         key = (values._version, values.data_ptr(), _optimizer_steps)
         if self.training or self._dense is None or self._dense_key != key:
             with torch.no_grad():
@@ -187,7 +194,7 @@ class _CSRWeight(nn.Module):
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: x's last dimension must be in_features = "
                              f"{self.in_features}, got x of shape {tuple(x.shape)}")
-        if self.path == "dense":
+        if self._runs_dense():
             return F.linear(x, self._weight_for_gemm((self.out_features, self.in_features)), self.bias)
         return csr_linear(x, self.crow_indices, self.col_indices, self.values, self.bias,
                           in_features=self.in_features,
@@ -271,7 +278,7 @@ class SparseConv2d(_CSRWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparseConv2d: expected input (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
-        if self.path == "dense":
+        if self._runs_dense():
             weight = self._weight_for_gemm((self.out_channels, self.in_channels, *self.kernel_size))
             return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation)
         n, _, h, w = x.shape
