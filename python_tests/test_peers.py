@@ -163,7 +163,8 @@ def test_smoke_writes_every_method_seed_and_plot(smoke):
     for model in ("lenet-300-100", "lenet-5-caffe"):
         for seed in (0,):
             methods = {r["method"] for r in rows if r["model"] == model and r["seed"] == seed}
-            fast = {"mackay-weight-fast"} if model == "lenet-300-100" else set()   # FAST_ARD_LR
+            # FAST_ARD_LR and LONG: LeNet-300-100's only
+            fast = {"mackay-weight-fast", "mackay-priced-long", "l0-long"} if model == "lenet-300-100" else set()
             assert methods == {"dense", "mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0",
                                "mackay-priced"} | fast
         for row in (r for r in rows if r["model"] == model):
@@ -178,6 +179,7 @@ def test_smoke_writes_every_method_seed_and_plot(smoke):
     report = (out / "pareto_mnist_smoke.md").read_text()
     assert "these figures mean nothing" in report and "| mackay-weight | ≤ 1.3% error" in report
     assert "| mackay-weight-fast | ≤ 1.3% error" in report
+    assert "| mackay-priced-long | ≤ 1.6% error" in report and "| mackay-priced-long 0.03 | l0-long |" in report
 
 
 def test_a_second_run_resumes_without_training_again(smoke):
