@@ -171,11 +171,12 @@ class _CSRWeight(nn.Module):
 
     def _weight_for_gemm(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The dense path's weight, viewed as `shape` (the GEMM's or the conv's). Traced
-        (torch.compile / export / ONNX export): the scatter itself. Eager: the scatter, cached until the values
-        change (an in-place write or any optimizer step); in train mode rebuilt every call, since
-        a training loop may write the values through .data, which leaves no trace. The cache is
-        what an inference call pays for on top of the dense layer, so it checks little: .to() and
-        .half() clear it (_apply), and new storage assigned through .data moves data_ptr."""
+        (torch.compile / export / ONNX export): the scatter itself. Eager: the scatter, cached
+        until the values change (an in-place write or any optimizer step); in train mode rebuilt
+        every call, since a training loop may write the values through .data, which leaves no
+        trace. The cache is what an inference call pays for on top of the dense layer, so it
+        checks little: .to() and .half() clear it (_apply), and new storage assigned through
+        .data moves data_ptr."""
         values = self.values
         if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
             return self.dense_weight().view(shape)   # in the program: the nonzeros, not W
