@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import torch
 from torch import nn
 
+from ._checksum import payload_digest
 from ._files import CorruptFileError, load_plain, save_atomic
 from ._validate import check_module
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
@@ -74,6 +76,7 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     dense_state.update(rest)
     payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest,
                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
+    payload["digest"] = payload_digest(payload)   # load_compressed refuses a file that differs
     save_atomic(payload, path)  # never half a file
     return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
 
@@ -84,25 +87,26 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
     payload = load_plain(path, "compressed model", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RuntimeError(f"load_compressed: {path} is not a file written by save_compressed")
+    _check_digest(path, payload)
     if not isinstance(payload.get("sparse"), dict) or not isinstance(payload.get("state"), dict):
         raise CorruptFileError(f"load_compressed: {path} lacks its 'sparse' or 'state' entry (damaged, or "
                                "edited after save_compressed wrote it)")
     if model is None:
-        if not payload.get("model_name"):
-            raise ValueError("load_compressed: pass `model` (this file names no model)")
-        from . import models
-        model = models.create(payload["model_name"], **payload.get("model_kwargs", {}))
+        model = _model_by_name(path, payload)
     check_module(model, "model", "load_compressed")
     for name, entry in payload["sparse"].items():   # every layer checked before any is replaced
         _check_sparse_entry(path, name, entry, model)
     for name, entry in payload["sparse"].items():
         crow, col = entry["crow"].long(), entry["col"].long()
+        # in the model's dtype, as load_state_dict copies the dense layers' tensors into it
+        dtype = model.get_submodule(name).weight.dtype
+        values = entry["values"].to(dtype)
+        bias = None if entry["bias"] is None else entry["bias"].to(dtype)
         if entry["kind"] == "linear":
-            layer = SparseLinear(entry["out"], entry["in"], crow, col, entry["values"], entry["bias"])
+            layer = SparseLinear(entry["out"], entry["in"], crow, col, values, bias)
         else:
             layer = SparseConv2d(entry["in_channels"], entry["out_channels"], entry["kernel_size"], crow,
-                                 col, entry["values"], entry["bias"], entry["stride"],
-                                 entry["padding"], entry["dilation"])
+                                 col, values, bias, entry["stride"], entry["padding"], entry["dilation"])
         _set_module(model, name, layer)
     missing, unexpected = model.load_state_dict(payload["state"], strict=False)
     sparse_keys = {f"{n}.{k}" if n else k for n in payload["sparse"]
@@ -112,6 +116,63 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
         raise RuntimeError(f"load_compressed: the model does not match the file (missing {missing}, "
                            f"unexpected {unexpected})")
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+def _check_digest(path: str, payload: dict) -> None:
+    """The file's contents equal what save_compressed wrote (its SHA-256 digest); files written
+    before the digest existed load with a warning."""
+    digest = payload.pop("digest", None)
+    if digest is None:
+        warnings.warn(f"load_compressed: {path} carries no checksum (written by an older mackay_ext), "
+                      "so damage to it cannot be detected; save it again to add one", UserWarning, stacklevel=3)
+    elif digest != payload_digest(payload):
+        raise CorruptFileError(f"load_compressed: {path}: its contents do not match the checksum saved "
+                               "with them (damaged, or edited after save_compressed wrote it)")
+
+
+def _model_by_name(path: str, payload: dict) -> nn.Module:
+    """The model the file names, built on the meta device first: its tensors must have the
+    file's shapes before any memory is taken (a model_kwargs edited to num_classes=10**9 would
+    otherwise allocate whatever it asks)."""
+    from . import models
+    name, kwargs = payload.get("model_name"), payload.get("model_kwargs", {})
+    if not name:
+        raise ValueError("load_compressed: pass `model` (this file names no model)")
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise CorruptFileError(f"load_compressed: {path}: model_kwargs must be a dict of keyword "
+                               f"arguments, got {type(kwargs).__name__}")
+    try:
+        with torch.device("meta"):
+            probe = models.create(name, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise CorruptFileError(f"load_compressed: {path}: its model_name {name!r} and model_kwargs "
+                               f"{kwargs} do not build a model ({error})") from None
+    expected = _file_shapes(payload)
+    built = {key: tuple(tensor.shape) for key, tensor in probe.state_dict().items()}
+    for key in sorted(set(built) | set(expected)):
+        if built.get(key) != expected.get(key):
+            theirs = "none" if key not in expected else f"{expected[key]}"
+            ours = "no such tensor" if key not in built else f"{key} of shape {built[key]}"
+            raise CorruptFileError(f"load_compressed: {path}: model {name!r} with model_kwargs {kwargs} has "
+                                   f"{ours}, the file's {key} is {theirs}")
+    return models.create(name, **kwargs)
+
+
+def _file_shapes(payload: dict) -> dict[str, tuple[int, ...]]:
+    """state_dict key -> shape of the dense model the file describes."""
+    shapes = {k: tuple(v.shape) for k, v in payload["state"].items() if isinstance(v, torch.Tensor)}
+    for name, entry in payload["sparse"].items():
+        if not isinstance(entry, dict):
+            continue   # _check_sparse_entry names it
+        prefix = f"{name}." if name else ""
+        if entry.get("kind") == "conv2d":
+            kernel = entry.get("kernel_size", ())
+            shapes[prefix + "weight"] = (entry.get("out_channels"), entry.get("in_channels"),
+                                         *(kernel if isinstance(kernel, (tuple, list)) else ()))
+        else:
+            shapes[prefix + "weight"] = (entry.get("out"), entry.get("in"))
+        shapes[prefix + "bias"] = (entry.get("out_channels", entry.get("out")),)
+    return shapes
 
 
 _ENTRY_KEYS = {"linear": ("out", "in", "crow", "col", "values", "bias"),
@@ -125,6 +186,12 @@ def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
     if kind not in _ENTRY_KEYS or any(key not in entry for key in _ENTRY_KEYS[kind]):
         raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r} is incomplete (damaged, or "
                                "edited after save_compressed wrote it)")
+    for key, floating in (("crow", False), ("col", False), ("values", True)):
+        tensor = entry[key]
+        if not (isinstance(tensor, torch.Tensor) and tensor.dim() == 1 and tensor.is_floating_point() == floating):
+            what = "floating" if floating else "integer"
+            raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r}: {key} must be a 1-D "
+                                   f"{what} tensor, got {_describe(tensor)}")
     try:
         layer = model.get_submodule(name)
     except AttributeError:
@@ -138,10 +205,32 @@ def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
         expected = (getattr(layer, "out_channels", None), getattr(layer, "in_channels", None),
                     tuple(getattr(layer, "kernel_size", ())))
         what = "(out_channels, in_channels, kernel_size)"
+    if kind == "conv2d":   # the geometry too: the file's is what the sparse layer will run
+        saved += tuple(_pair(entry[key]) for key in ("stride", "padding", "dilation"))
+        expected += tuple(_pair(getattr(layer, key, None)) for key in ("stride", "padding", "dilation"))
+        what = what[:-1] + ", stride, padding, dilation)"
     if saved != expected:
         raise RuntimeError(f"load_compressed: the model does not match the file: layer {name!r} is "
                            f"{type(layer).__name__} {what} = {expected}, the file's is {saved}")
     bias, out = entry["bias"], saved[0]
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,)):
-        raise CorruptFileError(f"load_compressed: {path}: layer {name!r}'s bias must have {out} entries, "
-                               f"got {tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
+                             or tuple(bias.shape) != (out,)):
+        raise CorruptFileError(f"load_compressed: {path}: layer {name!r}'s bias must be a floating tensor "
+                               f"of {out} entries, got {_describe(bias)}")
+    if (bias is None) != (getattr(layer, "bias", None) is None):
+        raise RuntimeError(f"load_compressed: the model does not match the file: layer {name!r} "
+                           f"{'has' if bias is None else 'has no'} bias in the model, "
+                           f"{'none' if bias is None else 'one'} in the file")
+
+
+def _pair(value):
+    """A conv attribute as a tuple (int -> (int, int)); other values as they are, to compare."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__

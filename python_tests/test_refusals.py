@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups, load_compressed, save_compressed, sparsify
 from mackay_ext._files import CorruptFileError
+from mackay_ext._checksum import payload_digest
 
 
 def build(inputs=10, num_data=200, **options):
@@ -128,6 +129,12 @@ def test_sparsify_names_layers_it_has_no_sparse_form_for():
         sparsify(model)
 
 
+def resealed(payload):
+    """An edited compressed payload with its checksum made again (as a deliberate edit would)."""
+    payload = {k: v for k, v in payload.items() if k != "digest"}
+    return dict(payload, digest=payload_digest(payload))
+
+
 def test_load_compressed_refuses_a_model_that_does_not_fit(tmp_path):
     saved = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
     with torch.no_grad():
@@ -141,11 +148,11 @@ def test_load_compressed_refuses_a_model_that_does_not_fit(tmp_path):
         load_compressed(path, model="lenet-300-100")
     payload = torch.load(path, weights_only=True)
     payload["sparse"]["0"]["bias"] = torch.zeros(5)
-    torch.save(payload, tmp_path / "bias.pt")
-    with pytest.raises(CorruptFileError, match="bias must have 8 entries"):
+    torch.save(resealed(payload), tmp_path / "bias.pt")   # past the checksum: the field check
+    with pytest.raises(CorruptFileError, match="bias must be a floating tensor of 8 entries"):
         load_compressed(tmp_path / "bias.pt", model=nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3)))
     del payload["sparse"]
-    torch.save(payload, tmp_path / "nosparse.pt")
+    torch.save(resealed(payload), tmp_path / "nosparse.pt")
     with pytest.raises(CorruptFileError, match="lacks its 'sparse'"):
         load_compressed(tmp_path / "nosparse.pt", model=nn.Sequential(nn.Linear(12, 8)))
 

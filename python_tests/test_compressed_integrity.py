@@ -1,0 +1,112 @@
+"""A compressed file that is not what save_compressed wrote is refused at load time with the file
+and the field named: damaged bytes (a SHA-256 digest is stored beside the contents), and, past
+the digest (an edit that made it again), fields that do not fit the model or cannot be what the
+layer runs. Files written before the digest existed still load, with a warning."""
+import pytest
+import torch
+from torch import nn
+
+from mackay_ext import load_compressed, models, save_compressed, sparsify
+from mackay_ext._files import CorruptFileError
+
+from test_refusals import resealed
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        for p in (model.conv.weight, model.fc.weight):
+            p.mul_((torch.rand_like(p) < 0.3).float())
+    sparsify(model)
+    path = tmp_path / "good.pt"
+    save_compressed(model, path)
+    x = torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        return path, x, model(x)
+
+
+def test_damaged_bytes_are_refused(saved, tmp_path):
+    path, _, _ = saved
+    raw = bytearray(path.read_bytes())
+    values = torch.load(path, weights_only=True)["sparse"]["fc"]["values"]
+    at = raw.find(values.numpy().tobytes()[:16])   # the stored nonzeros
+    assert at > 0
+    raw[at:at + 8] = bytes([0x7F] * 8)
+    (tmp_path / "damaged.pt").write_bytes(raw)
+    with pytest.raises(CorruptFileError, match="do not match the checksum"):
+        load_compressed(tmp_path / "damaged.pt", model=Net())
+
+
+def test_an_edited_field_is_refused_even_with_the_digest_made_again(saved, tmp_path):
+    path, _, _ = saved
+    original = torch.load(path, weights_only=True)
+
+    def load_edited(edit, model=Net):
+        payload = torch.load(path, weights_only=True)
+        edit(payload)
+        torch.save(resealed(payload), tmp_path / "edited.pt")
+        return load_compressed(tmp_path / "edited.pt", model=model() if model else None)
+
+    with pytest.raises(RuntimeError, match=r"layer 'fc' has bias in the model, none in the file"):
+        load_edited(lambda p: p["sparse"]["fc"].__setitem__("bias", None))
+    with pytest.raises(CorruptFileError, match=r"'fc': values must be a 1-D floating tensor, got list"):
+        load_edited(lambda p: p["sparse"]["fc"].__setitem__("values", p["sparse"]["fc"]["values"].tolist()))
+    with pytest.raises(CorruptFileError, match=r"'conv': col must be a 1-D integer tensor"):
+        load_edited(lambda p: p["sparse"]["conv"].__setitem__("col", p["sparse"]["conv"]["col"].float()))
+    for key, value in (("stride", (0, 0)), ("dilation", (-1, -1)), ("padding", (1000, 1000))):
+        with pytest.raises(RuntimeError, match=r"layer 'conv' is Conv2d .*stride, padding, dilation"):
+            load_edited(lambda p: p["sparse"]["conv"].__setitem__(key, value))
+    assert original["sparse"]["conv"]["stride"] == (1, 1)
+
+
+def test_values_of_another_dtype_take_the_models_as_load_state_dict_does(saved, tmp_path):
+    path, x, expected = saved
+    payload = torch.load(path, weights_only=True)
+    payload["sparse"]["fc"]["values"] = payload["sparse"]["fc"]["values"].double()
+    torch.save(resealed(payload), tmp_path / "double.pt")
+    model = load_compressed(tmp_path / "double.pt", model=Net())
+    assert model.fc.values.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_model_kwargs_that_build_no_model_or_another_one_are_refused_before_allocating(tmp_path):
+    lenet = models.create("lenet-300-100")
+    save_compressed(lenet, tmp_path / "lenet.pt", model_name="lenet-300-100")
+    payload = torch.load(tmp_path / "lenet.pt", weights_only=True)
+    for kwargs, message in (({"evil": 1}, r"do not build a model \(.*evil"),
+                            ({"num_classes": 10 ** 9}, r"has 5.bias of shape \(1000000000,\), the file's 5.bias is \(10,\)"),
+                            ("num_classes=10", "model_kwargs must be a dict")):
+        payload["model_kwargs"] = kwargs
+        torch.save(resealed(payload), tmp_path / "edited.pt")
+        with pytest.raises(CorruptFileError, match=message):
+            load_compressed(tmp_path / "edited.pt")
+    # a file that names a model and holds none of its tensors: refused before the model is built
+    empty = {"format": payload["format"], "model_name": "lenet-300-100", "sparse": {}, "state": {},
+             "model_kwargs": {"num_classes": 10 ** 9}, "metadata": {}}
+    torch.save(resealed(empty), tmp_path / "empty.pt")
+    with pytest.raises(CorruptFileError, match=r"has 1.bias of shape \(300,\), the file's 1.bias is none"):
+        load_compressed(tmp_path / "empty.pt")
+
+
+def test_a_file_written_before_the_digest_loads_with_a_warning(saved, tmp_path):
+    path, x, expected = saved
+    payload = torch.load(path, weights_only=True)
+    del payload["digest"]
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="carries no checksum"):
+        model = load_compressed(tmp_path / "old.pt", model=Net())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
