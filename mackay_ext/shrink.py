@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import shrink_constant
 from ._float32 import full_float32
+from ._validate import check_module
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
 from .coupling.ties import modules_of, tied_names
 
@@ -83,8 +84,14 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
     updated, a bias added to a bias-less consumer that a constant was folded into; a tied
     parameter is still one Parameter shared by the same modules; the input model is unchanged),
     or (model, ShrinkReport) when report=True.
+    A sparsified model (SparseLinear / SparseConv2d) is densified first, on a copy: the result
+    and the report's "before" figures are those of plain layers.
     Raises ValueError when a layer would lose every channel to pruned groups, naming the layer.
     """
+    check_module(model, "model", "shrink")
+    from .sparse import _CSRWeight, densify
+    if any(isinstance(m, _CSRWeight) for m in model.modules()):
+        model = densify(copy.deepcopy(model))   # the tracer follows parameters, not CSR products
     if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
         raise ValueError(f"shrink: round_to must be a positive int, got {round_to!r}")
     if memory_format is not None and not isinstance(memory_format, torch.memory_format):

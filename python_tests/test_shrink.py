@@ -401,3 +401,29 @@ def test_deep_float32_network_shrinks_on_cuda_with_tf32_on():
             assert_equal_outputs(model(*inputs), small(*inputs), rtol=1e-4)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_a_sparsified_model_is_densified_on_a_copy_and_shrinks():
+    """The README's storage recipe (sparsify, save_compressed, load_compressed, shrink) with a
+    per-weight pruned model: its sparse layers are made dense on shrink's copy first."""
+    from mackay_ext import densify, sparsify
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)).double()
+    with torch.no_grad():
+        model[0].weight.mul_(torch.rand_like(model[0].weight) < 0.3)
+        model[0].weight[:8] = 0   # eight units with no incoming weight: constant, folded away
+    sparse = sparsify(copy.deepcopy(model))
+    x = torch.randn(4, 20, dtype=torch.float64)
+    small, report = shrink(sparse, (x,), report=True)
+    expected_small, expected = shrink(densify(copy.deepcopy(sparse)), (x,), report=True)
+    assert (report.params_before, report.params_after) == (expected.params_before, expected.params_after)
+    assert report.params_after < report.params_before == sum(p.numel() for p in model.parameters())
+    assert all(type(m).__module__.split(".")[0] != "mackay_ext" for m in small.modules())
+    assert any(type(m).__name__ == "SparseLinear" for m in sparse.modules())   # the input is untouched
+    with torch.no_grad():
+        assert_equal_outputs(sparse(x), small(x))
+
+
+def test_shrink_names_its_own_arguments():
+    with pytest.raises(TypeError, match="shrink: model must be a torch.nn.Module, got str"):
+        shrink("not a model", (torch.randn(1, 3),))
