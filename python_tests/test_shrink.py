@@ -427,3 +427,52 @@ def test_a_sparsified_model_is_densified_on_a_copy_and_shrinks():
 def test_shrink_names_its_own_arguments():
     with pytest.raises(TypeError, match="shrink: model must be a torch.nn.Module, got str"):
         shrink("not a model", (torch.randn(1, 3),))
+
+
+class ChannelShuffle(nn.Module):
+    """torchvision's channel_shuffle between two convs: channel c of conv1 becomes channel
+    (c % 4) * 2 + c // 4 of conv2's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        b, c, h, w = x.shape
+        x = x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return self.fc(torch.relu(self.conv2(x)).mean((2, 3)))
+
+
+def test_a_channel_shuffle_keeps_its_channels_and_says_why():
+    """Removing one shuffled channel would reorder the others (the view splits by the count), so
+    its groups are zeroed exactly but kept by shrink, with the reason; shrink used to fail its
+    own output check here."""
+    model, x = ChannelShuffle().double().eval(), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    groups = channel_groups(model, (x,))
+    shuffled = [g for g in groups if any(m.name == "conv1.weight" for m in g.members)]
+    assert len(shuffled) == 8 and all("channel shuffle" in g.fixed for g in shuffled)
+    assert all(g.fixed is None for g in groups if g not in shuffled)
+    for g in shuffled[1:7] + [g for g in groups if any(m.name == "conv2.weight" and m.dim == 0 for m in g.members)][:3]:
+        g.zero_(model)
+    with torch.no_grad():
+        expected = model(x)
+    small, report = shrink(model, (x,), report=True)
+    assert len(report.kept_zero) == 6 and len(report.removed) == 3
+    assert small.conv1.out_channels == 8 and small.conv2.out_channels == 5
+    with torch.no_grad():
+        assert_equal_outputs(expected, small(x))
+
+
+def test_torchvision_shufflenet_shrinks_exactly():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model, inputs = to_double(torchvision.models.shufflenet_v2_x0_5(num_classes=10), (torch.randn(2, 3, 64, 64),))
+    chosen = zero_random_groups(model, inputs)
+    with torch.no_grad():
+        expected = model(*inputs)
+    small, report = shrink(model, inputs, report=True)
+    assert len(report.removed) + len(report.kept_zero) == len(chosen)
+    assert report.removed and report.params_after < report.params_before
+    with torch.no_grad():
+        assert_equal_outputs(expected, small(*inputs))

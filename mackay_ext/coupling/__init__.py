@@ -15,7 +15,8 @@ exactly are *blocked* and not returned: channels that reach the model output, ch
 input or a constant, and classes spanning every channel of a layer (e.g. a transformer's
 embedding width, which LayerNorm statistics merge into one class: removing a zero channel there
 would change the mean and variance). Groups that are exact to zero but that forward code keeps
-at a fixed size (channels made by F.pad, channels indexed at fixed positions) say why in
+at a fixed size (channels made by F.pad, channels indexed at fixed positions, channels a reshape
+splits into a grid that removing them alone would break, as a channel shuffle does) say why in
 ChannelGroup.fixed; shrink reports the ones it cannot cut for a module's sake (heads of
 nn.MultiheadAttention) in ShrinkReport.kept_zero. An op the tracer does not know raises
 CouplingError naming the op and its module.

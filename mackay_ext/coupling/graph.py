@@ -132,6 +132,7 @@ class Graph:
         self.env: dict[torch.fx.Node, object] = {}
         self.params: dict[str, str] = {}       # placeholder name -> parameter/buffer FQN
         self.entries: dict[str, np.ndarray] = {}
+        self.splits: list[tuple[torch.fx.Node, np.ndarray]] = []   # reshapes that split channels
         self.program = program
 
     # -- values ---------------------------------------------------------------------------
@@ -194,7 +195,26 @@ class Graph:
                     if isinstance(out, torch.fx.Node) and out.name in user_outputs and self.value(out) is not None:
                         for a in np.unique(self.value(out).labels):
                             self.atoms.blocked.setdefault(int(a), "it reaches the model output")
+        self.check_splits()
         return self.atoms
+
+    def check_splits(self) -> None:
+        """A reshape that splits a channel dimension into a grid (heads x head width, or a channel
+        shuffle's groups x channels) stays a grid only if what goes is whole slices of it: a
+        head, or a position in every group. Run once every union is made: a class that is no
+        whole slice along any dimension of a grid is kept by shrink (zeroing it stays exact)."""
+        for node, labels in self.splits:
+            grid = np.squeeze(labels)
+            roots = np.vectorize(self.atoms.find, otypes=[np.int64])(grid)
+            for root in np.unique(roots):
+                mask = roots == root
+                if root == PIN or any(np.array_equal(mask, np.broadcast_to(
+                        mask.any(axis=tuple(d for d in range(mask.ndim) if d != k), keepdims=True), mask.shape))
+                        for k in range(mask.ndim)):
+                    continue
+                self.atoms.fixed.setdefault(int(root), (
+                    f"forward code in {where(node)} reshapes its channels into a {tuple(grid.shape)} grid "
+                    "(heads, or a channel shuffle) and this group is no whole slice of it"))
 
     def call(self, node, rules) -> None:
         target = node.target

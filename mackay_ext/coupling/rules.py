@@ -104,7 +104,11 @@ def _constant(g, node, *args, **kwargs):
 @rule("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
       "reshape_as")
 def _reshape(g, node, x, *args, **kwargs):
-    return V(g.full(x).reshape(node_shape(node)), node_shape(node), g.value(x).from_param)
+    out = V(g.full(x).reshape(node_shape(node)), node_shape(node), g.value(x).from_param)
+    varying = lambda labels: sum(size > 1 for size in labels.shape)
+    if varying(out.labels) > max(varying(g.value(x).labels), 1):   # a channel dimension split in two
+        g.splits.append((node, out.labels))
+    return out
 
 
 @rule("expand", "expand_as", "broadcast_to")
