@@ -349,6 +349,10 @@ def _fix_embedding(m: nn.Embedding) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
+def _fix_hf_conv1d(m: nn.Module) -> None:
+    m.nf = m.weight.shape[1]   # transformers' Conv1D: weight (in, out), nf = out
+
+
 def _fix_timm_attention(m: nn.Module) -> None:
     m.num_heads = m.qkv.weight.shape[0] // (3 * m.head_dim)   # children may be fixed after
     if hasattr(m, "attn_dim"):
@@ -365,6 +369,9 @@ _DUCK = {"timm-attention": ("qkv", "num_heads", "head_dim"),
 
 
 def _looks_like(module: nn.Module, kind: str) -> bool:
+    if kind == "hf-conv1d":
+        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and \
+            isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
     return kind in _DUCK and all(hasattr(module, a) for a in _DUCK[kind]) and \
         isinstance(getattr(module, _DUCK[kind][0]), nn.Linear)
 
@@ -374,7 +381,7 @@ _FIXERS = [(nn.Linear, _fix_linear), (nn.modules.conv._ConvNd, _fix_conv),
            (nn.modules.batchnorm._NormBase, _fix_batch_norm), (nn.LayerNorm, _fix_layer_norm),
            (nn.GroupNorm, _fix_group_norm),
            (nn.Embedding, _fix_embedding), ("timm-attention", _fix_timm_attention),
-           ("hf-attention", _fix_hf_attention)]
+           ("hf-attention", _fix_hf_attention), ("hf-conv1d", _fix_hf_conv1d)]
 
 
 def _verify(model: nn.Module, small: nn.Module, example_inputs, folded: bool = False) -> None:

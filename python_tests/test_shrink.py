@@ -83,10 +83,15 @@ def build(name):
                                          num_attention_heads=4, intermediate_size=24,
                                          max_position_embeddings=16, num_labels=3)
         return transformers.BertForSequenceClassification(config), (torch.randint(0, 50, (2, 7)),)
+    if name == "gpt2":   # transformers' Conv1D projections ((in, out) weights, addmm)
+        transformers = pytest.importorskip("transformers")
+        config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, n_positions=16,
+                                         num_labels=3, pad_token_id=0, use_cache=False)
+        return transformers.GPT2ForSequenceClassification(config), (torch.randint(1, 50, (2, 7)),)
     raise KeyError(name)
 
 
-MODELS = ["resnet18", "mobilenet_v2", "cifar_resnet_a", "vgg_bn", "transformer_encoder", "vit_tiny", "bert"]
+MODELS = ["resnet18", "mobilenet_v2", "cifar_resnet_a", "vgg_bn", "transformer_encoder", "vit_tiny", "bert", "gpt2"]
 
 
 def logits(model, inputs):

@@ -34,6 +34,7 @@ class Atoms:
         self.blocked: dict[int, str] = {PIN: "fixed by a model input or a constant made in forward"}
         self.fixed: dict[int, str] = {}
         self.head: dict[int, str] = {}
+        self.transposed: set[str] = set()   # weights stored (in, out), as transformers' Conv1D
         self.attached: dict[tuple[str, int, int], int] = {}
 
     @property

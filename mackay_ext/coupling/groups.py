@@ -26,9 +26,11 @@ class Member:
     def _role(self) -> str:
         if self._ndim < 2:   # a bias or norm vector: the index is the channel
             return ""
-        return {0: "out ", 1: "in "}.get(self.dim, f"dim{self.dim} ")
+        roles = {0: "out ", 1: "in "} if self._rows_out else {0: "in ", 1: "out "}
+        return roles.get(self.dim, f"dim{self.dim} ")
 
     _ndim: int = dataclasses.field(default=1, compare=False)
+    _rows_out: bool = dataclasses.field(default=True, compare=False)   # False: an (in, out) weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +177,8 @@ def collect(atoms, model: nn.Module) -> Coupling:
             if len(idx) == all_shapes[name][dim]:
                 reasons.append(f"it spans every channel of {name} (dim {dim})")
         members = sorted(slices.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))
-        params = tuple(Member(n, d, tuple(sorted(i)), _ndim=len(all_shapes[n]))
+        params = tuple(Member(n, d, tuple(sorted(i)), _ndim=len(all_shapes[n]),
+                              _rows_out=n not in atoms.transposed)
                        for (n, d), i in members if n in shapes)
         buffers = tuple(Member(n, d, tuple(sorted(i)), _ndim=len(all_shapes[n]))
                         for (n, d), i in members if n not in shapes)

@@ -80,10 +80,13 @@ def _column_atoms(g, lab: np.ndarray, dim: int, size: int) -> np.ndarray:
     return np.broadcast_to(merged, (size,)) if merged.size == 1 else merged
 
 
-def _fresh_outputs(g, node, weight_name: str, bias, count: int, dim: int, ndim: int) -> np.ndarray:
+def _fresh_outputs(g, node, weight_name: str, bias, count: int, dim: int, ndim: int,
+                   weight_dim: int = 0) -> np.ndarray:
+    """New atoms for `count` output channels along `dim`, each owning its weight slice along
+    weight_dim (0: an (out, in) weight; 1: an (in, out) one) and its bias entry."""
     fresh = g.atoms.new(count)
     for o, a in enumerate(fresh):
-        g.atoms.attach(a, weight_name, 0, o)
+        g.atoms.attach(a, weight_name, weight_dim, o)
     if isinstance(bias, torch.fx.Node):
         g.atoms.union_arrays(fresh, g.value(bias).labels.reshape(-1))
     shape = [1] * ndim
@@ -100,6 +103,20 @@ def _linear(g, node, x, weight, bias=None):
         g.atoms.attach(a, name, 1, j)
     out = node_shape(node)
     return V(_fresh_outputs(g, node, name, bias, out_f, len(out) - 1, len(out)), out)
+
+
+@rule("addmm")
+def _addmm(g, node, bias, x, weight, *, beta=1, alpha=1):
+    """bias + x @ W with W an (in, out) parameter: transformers' Conv1D (GPT-2's projections)."""
+    if not (isinstance(weight, torch.fx.Node) and weight.name in g.params):
+        raise CouplingError(f"{node.target} in {where(node)} multiplies two activations; channel "
+                            "coupling through it is not supported")
+    name = g.param_name(weight, node, "weight")
+    g.atoms.transposed.add(name)
+    in_f, out_f = node_shape(weight)
+    for j, a in enumerate(_column_atoms(g, align(g.value(x).labels, 2), 1, in_f)):
+        g.atoms.attach(a, name, 0, j)
+    return V(_fresh_outputs(g, node, name, bias, out_f, 1, 2, weight_dim=1), node_shape(node))
 
 
 @rule("conv1d", "conv2d", "conv3d", "convolution", "_convolution")

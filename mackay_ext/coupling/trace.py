@@ -34,8 +34,12 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
         try:
             program = torch.export.export(model, args, kwargs)
         except Exception as err:
+            # a Hugging Face model returns its key/value cache by default, which torch.export
+            # cannot flatten; the forward's own cache switch is the way out
+            hint = (" (a Hugging Face model: build it with use_cache=False in its config, or pass "
+                    "use_cache=False among the example inputs)" if "Cache" in str(err) else "")
             raise CouplingError(f"torch.export could not trace the model, so its channel coupling is "
-                                f"unknown: {type(err).__name__}: {str(err)[:2000]}") from err
+                                f"unknown{hint}: {type(err).__name__}: {str(err)[:2000]}") from err
     finally:
         model.train(was_training)
     atoms = propagate(program, canonical_names(model))
