@@ -23,7 +23,7 @@ def _feed(digest, obj: Any) -> None:
         tensor = obj.detach().cpu().contiguous()
         digest.update(f"T{tensor.dtype}{tuple(tensor.shape)};".encode())
         if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
     elif isinstance(obj, dict):
         digest.update(f"D{len(obj)};".encode())
         for key in sorted(obj, key=repr):
@@ -35,5 +35,30 @@ def _feed(digest, obj: Any) -> None:
             _feed(digest, item)
     elif obj is None or isinstance(obj, (bool, int, float, str)):
         digest.update(f"{type(obj).__name__}:{obj!r};".encode())
-    else:   # the package writes nothing else; a loader refused anything else before this
+    else:   # check_plain refused anything else before a save; a load refused it before this
         raise TypeError(f"payload_digest: cannot digest a {type(obj).__name__}")
+
+
+def check_plain(value: Any, name: str, where: str) -> None:
+    """`value` holds only what a file may (torch.load(weights_only=True) reads it back, and the
+    digest covers it): None, bool, int, float, str, dense tensors, lists, tuples and dicts of
+    those (dict keys: str or int)."""
+    if value is None or type(value) in (bool, int, float, str):   # not numpy's subclasses: a
+        return                                                       # pickled numpy scalar is refused
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"{where}: {name} holds a {value.layout} tensor; store it dense (to_dense())")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)) or isinstance(key, bool):
+                raise TypeError(f"{where}: {name} has a key {key!r} of type {type(key).__name__}; "
+                                "keys must be str or int")
+            check_plain(item, f"{name}[{key!r}]", where)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            check_plain(item, f"{name}[{i}]", where)
+        return
+    raise TypeError(f"{where}: {name} is a {type(value).__name__}; a file holds None, bool, int, float, "
+                    "str, tensors and lists / tuples / dicts of them (e.g. a numpy number: float(x))")

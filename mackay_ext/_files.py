@@ -60,7 +60,7 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
             # a plain pickle (not a torch file) makes torch warn about its protocol before the
             # refusal below; the refusal says what matters
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            loaded = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's weights-only unpickler names the Python object it refused ("GLOBAL posix.system",
         # "Unsupported global"); anything else it stumbles on is a damaged file
@@ -76,6 +76,27 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CorruptFileError(f"{what} {path} cannot be read: it is corrupt or truncated, or not a "
                                f"torch file ({reason})") from None
+    _check_no_overlapping_views(loaded, f"{what} {path}")
+    return loaded
+
+
+def _check_no_overlapping_views(obj: Any, what: str) -> None:
+    """No tensor in a loaded file claims more elements than its storage holds. torch.save keeps
+    views as they are, so a crafted file can hold zeros(1).expand(10**6, 10**6) in a few bytes;
+    the first copy of it (a checksum, a .long(), a .contiguous()) would try to allocate terabytes.
+    The package never writes such views."""
+    if isinstance(obj, torch.Tensor):
+        claimed = obj.numel() * obj.element_size()
+        if obj.layout == torch.strided and claimed > obj.untyped_storage().nbytes():
+            raise CorruptFileError(f"{what} holds a tensor of shape {tuple(obj.shape)} ({claimed:,} bytes) "
+                                   f"over {obj.untyped_storage().nbytes():,} bytes of storage: a view that "
+                                   "repeats its data, which no file of this package holds (a crafted file)")
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _check_no_overlapping_views(value, what)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _check_no_overlapping_views(value, what)
 
 
 # The globals a pickle of plain data and numpy arrays names (CIFAR's python batches: a dict of

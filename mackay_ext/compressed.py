@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._checksum import payload_digest
+from ._checksum import check_plain, payload_digest
 from ._files import CorruptFileError, load_plain, save_atomic
 from ._validate import check_module
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
@@ -53,6 +53,8 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     the file can be larger than the dense state_dict when few layers are sparse. The folder of
     `path` must exist (a typo in it is an error, not a new directory)."""
     _check_save_args(model, path, model_name)
+    check_plain(model_kwargs, "model_kwargs", "save_compressed")
+    check_plain(metadata, "metadata", "save_compressed")
     sparse, dense_state = {}, {}
     skip = set()
     for name, module in model.named_modules():
@@ -73,6 +75,7 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
             dense = module.to_dense()
             dense_state.update({prefix + k: v for k, v in dense.state_dict().items()})
     rest = {k: v.cpu() for k, v in model.state_dict().items() if k not in skip}
+    check_plain(rest, "the model's state_dict", "save_compressed")
     dense_state.update(rest)
     payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest,
                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
@@ -83,7 +86,11 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
 
 def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
     """Rebuild a model saved by save_compressed. `model` is a freshly built network of the same
-    architecture (dense); without it, the saved model_name is looked up in mackay_ext.models."""
+    architecture (dense); without it, the saved model_name is looked up in mackay_ext.models.
+
+    Refused with CorruptFileError: a file whose contents differ from the SHA-256 digest saved
+    with them (damaged; a file from before the digest loads with a warning), and fields that
+    cannot be what the model runs; RuntimeError: a model that does not match the file."""
     payload = load_plain(path, "compressed model", map_location=map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RuntimeError(f"load_compressed: {path} is not a file written by save_compressed")
@@ -144,7 +151,7 @@ def _model_by_name(path: str, payload: dict) -> nn.Module:
     try:
         with torch.device("meta"):
             probe = models.create(name, **kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RuntimeError) as error:   # RuntimeError: sizes that overflow
         raise CorruptFileError(f"load_compressed: {path}: its model_name {name!r} and model_kwargs "
                                f"{kwargs} do not build a model ({error})") from None
     expected = _file_shapes(payload)
@@ -171,7 +178,8 @@ def _file_shapes(payload: dict) -> dict[str, tuple[int, ...]]:
                                          *(kernel if isinstance(kernel, (tuple, list)) else ()))
         else:
             shapes[prefix + "weight"] = (entry.get("out"), entry.get("in"))
-        shapes[prefix + "bias"] = (entry.get("out_channels", entry.get("out")),)
+        if entry.get("bias") is not None:
+            shapes[prefix + "bias"] = (entry.get("out_channels", entry.get("out")),)
     return shapes
 
 

@@ -191,7 +191,7 @@ def _unsupported(model: nn.Module, group: ChannelGroup, aliases: dict[str, tuple
         if isinstance(attention, nn.MultiheadAttention):
             return ("nn.MultiheadAttention ties the width of q, k and v to embed_dim, so a head cannot be "
                     "removed from it; the zeroed head stays")
-        if attention is None or not any(_looks_like(attention, k) for k, _ in _FIXERS if isinstance(k, str)):
+        if attention is None or not any(_looks_like(attention, k) for k in _DUCK):
             cls = type(attention).__name__ if attention is not None else "?"
             return f"shrink does not know how attention module '{group.module}' ({cls}) counts its heads"
     for m in group.members + group.buffers:

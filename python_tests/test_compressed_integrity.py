@@ -110,3 +110,45 @@ def test_a_file_written_before_the_digest_loads_with_a_warning(saved, tmp_path):
         model = load_compressed(tmp_path / "old.pt", model=Net())
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected)
+
+
+def test_a_named_model_whose_sparse_layers_have_no_bias_loads_by_name(tmp_path):
+    """ResNet convs have no bias: the file's shapes must not claim one (the meta-device check)."""
+    torch.manual_seed(0)
+    model = models.create("resnet-20").eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.weight.mul_((torch.rand_like(module.weight) < 0.2).float())
+    sparsify(model)
+    save_compressed(model, tmp_path / "resnet.pt", model_name="resnet-20")
+    loaded = load_compressed(tmp_path / "resnet.pt").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_view_that_repeats_its_storage_is_refused_before_any_copy(saved, tmp_path):
+    """torch.save keeps views: 4 bytes expanded to 4 TB would be allocated by the first copy."""
+    path, _, _ = saved
+    payload = torch.load(path, weights_only=True)
+    del payload["digest"]   # no digest to compute either: the check comes first
+    payload["state"]["fc.bias"] = torch.zeros(1).expand(10 ** 6, 10 ** 6)
+    torch.save(payload, tmp_path / "expanded.pt")
+    with pytest.raises(CorruptFileError, match=r"shape \(1000000, 1000000\) .* over 4 bytes of storage"):
+        load_compressed(tmp_path / "expanded.pt", model=Net())
+
+
+def test_metadata_and_model_kwargs_must_be_plain_values(tmp_path):
+    import numpy as np
+    model = Net()
+    for metadata, message in (({"x": 1 + 2j}, r"metadata\['x'\] is a complex"),
+                              ({"x": np.float64(3.0)}, r"metadata\['x'\] is a float64"),
+                              ({"x": {1, 2}}, r"metadata\['x'\] is a set"),
+                              ({("a", 1): 1}, r"metadata has a key \('a', 1\) of type tuple")):
+        with pytest.raises(TypeError, match=message):
+            save_compressed(model, tmp_path / "m.pt", metadata=metadata)
+    with pytest.raises(TypeError, match=r"model_kwargs\['n'\] is a int64"):
+        save_compressed(model, tmp_path / "m.pt", model_kwargs={"n": np.int64(3)})
+    save_compressed(model, tmp_path / "m.pt", metadata={"run": "a", "scores": [1.5, None], "mask": torch.ones(2)})
+    assert torch.load(tmp_path / "m.pt", weights_only=True)["metadata"]["scores"] == [1.5, None]

@@ -105,10 +105,13 @@ def _constant(g, node, *args, **kwargs):
       "reshape_as")
 def _reshape(g, node, x, *args, **kwargs):
     out = V(g.full(x).reshape(node_shape(node)), node_shape(node), g.value(x).from_param)
-    varying = lambda labels: sum(size > 1 for size in labels.shape)
-    if varying(out.labels) > max(varying(g.value(x).labels), 1):   # a channel dimension split in two
+    if _varying_dims(out.labels) > max(_varying_dims(g.value(x).labels), 1):   # a channel dim split
         g.splits.append((node, out.labels))
     return out
+
+
+def _varying_dims(labels: np.ndarray) -> int:
+    return sum(size > 1 for size in labels.shape)
 
 
 @rule("expand", "expand_as", "broadcast_to")
