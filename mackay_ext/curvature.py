@@ -429,6 +429,10 @@ class FisherAccumulator:
         if self.mode != "fisher-mc":
             raise RuntimeError(f"FisherAccumulator.{where} needs mode='fisher-mc'")
 
+    def saw(self, param: nn.Parameter) -> bool:
+        """Whether any example's gradient of `param` was added since the last reset."""
+        return param in self.sums
+
     def curvature(self, param: nn.Parameter) -> torch.Tensor:
         """The per-example mean of the squared per-example gradient (param's shape)."""
         if param not in self.sums:

@@ -43,6 +43,8 @@ def ard_param_groups(model: torch.nn.Module, is_ard=None) -> list[dict[str, Any]
 
 def _check_group(group: dict[str, Any]) -> None:
     where = "MacKayAdam"
+    if isinstance(group["lr"], (str, bool)) or not isinstance(group["lr"], (int, float, torch.Tensor)):
+        raise TypeError(f"{where}: lr must be a number, got {type(group['lr']).__name__} {group['lr']!r}")
     lr = float(group["lr"])
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"{where}: lr must be finite and >= 0, got {group['lr']}")

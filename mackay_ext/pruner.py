@@ -201,7 +201,9 @@ class MacKayPruner(StandalonePrior):
         self.model, self.optimizer = model, optimizer
         self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
-        self.allow_empty_layers, self.on_nonfinite = bool(allow_empty_layers), on_nonfinite
+        if not isinstance(allow_empty_layers, bool):
+            raise TypeError(f"{where}: allow_empty_layers must be True or False, got {allow_empty_layers!r}")
+        self.allow_empty_layers, self.on_nonfinite = allow_empty_layers, on_nonfinite
         self.max_prune_fraction = check_max_prune_fraction(max_prune_fraction, where)
         self.fused = isinstance(optimizer, MacKayAdam)
         self.prior = "optimizer" if self.fused else prior
@@ -235,6 +237,11 @@ class MacKayPruner(StandalonePrior):
         if not self.targets:
             raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
                              f"put a prior on (left out: {self.excluded})")
+        sparse_grads = sorted({t.module_name for t in self.targets.values() if getattr(t.module, "sparse", False) is True})
+        if sparse_grads:   # the prior's gradient hook and the curvature read dense gradients
+            raise ValueError(f"{where}: {', '.join(map(repr, sparse_grads))} make sparse gradients (e.g. nn.Embedding("
+                             "sparse=True)), which the prior and the curvature cannot read; build them with "
+                             "sparse=False, or leave them out with layers=")
         # MACs per example of one entry of each weight (mac_price.py), before any hook is attached
         self._weight_uses = weight_uses(model, example_inputs) if self.mac_price else {}
         self._freed = None   # MACs_g of each group (granularity weight / filter)
@@ -457,7 +464,10 @@ class MacKayPruner(StandalonePrior):
                                + ("(call accumulate_mc(x) on training batches)"
                                   if self.curvature_kind == "fisher-mc" else "(run a training backward first)"))
         for name, target in self.targets.items():
-            self.curvature(name).copy_(self.accumulator.curvature(target.param))
+            if self.accumulator.saw(target.param):
+                self.curvature(name).copy_(self.accumulator.curvature(target.param))
+            else:   # a layer no forward used (an idle head or branch): no data, as under ef-batch
+                self.curvature(name).zero_()
         self.accumulator.reset()
 
     # ------------------------------------------------------------------ state
@@ -569,6 +579,8 @@ class MacKayPruner(StandalonePrior):
         per layer the total and kept weights, total and kept groups, sum of gamma, alpha
         quantiles and what happened ("warmup", "kept_strongest"); overall totals, the sparsity,
         "excluded" (parameters without a prior, and why) and "notes"."""
+        if not isinstance(prune, bool):
+            raise TypeError(f"MacKayPruner.update: prune must be True or False, got {prune!r}")
         self._check_targets_in_model("update")
         self._refresh_curvature()
         bad = self._nonfinite()

@@ -163,3 +163,48 @@ def test_channel_groups_follow_eval_mode_dropouts(dropout):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), dropout(0.2), nn.ReLU(), nn.Conv2d(4, 2, 3))
     groups = channel_groups(model, (torch.randn(2, 3, 8, 8),))
     assert len([g for g in groups if any(m.name == "0.weight" for m in g.members)]) == 4
+
+
+def test_training_api_refuses_what_it_cannot_serve_by_name():
+    """From a new-user pass: each used to be accepted silently or to fail deep inside."""
+    model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 2))
+    with pytest.raises(TypeError, match="MacKayAdam: lr must be a number, got str '0.1'"):
+        MacKayAdam(ard_param_groups(model), lr="0.1", num_data=100, batch_size=16)
+    optimizer = MacKayAdam(ard_param_groups(model), num_data=100, batch_size=16)
+    with pytest.raises(TypeError, match="allow_empty_layers must be True or False, got 'no'"):
+        MacKayPruner(model, optimizer, num_data=100, allow_empty_layers="no")
+    pruner = MacKayPruner(model, optimizer, num_data=100)
+    with pytest.raises(TypeError, match="update: prune must be True or False, got 'no'"):
+        pruner.update(prune="no")
+    embedding = nn.Sequential(nn.Embedding(100, 12, sparse=True))
+    with pytest.raises(ValueError, match=r"'0' make sparse gradients .*sparse=False"):
+        MacKayPruner(embedding, torch.optim.SparseAdam(list(embedding.parameters())), num_data=256, batch_size=16)
+
+
+def test_ef_exact_gives_a_layer_no_forward_used_no_curvature_as_ef_batch_does():
+    """An idle branch used to raise a KeyError naming no layer at the first update."""
+    class Branch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused, self.out = nn.Linear(10, 10), nn.Linear(10, 10), nn.Linear(10, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.a(x)))
+
+    reports = {}
+    for curvature in ("ef-batch", "ef-exact"):
+        torch.manual_seed(0)
+        model = Branch()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        pruner = MacKayPruner(model, optimizer, num_data=256, batch_size=16, curvature=curvature)
+        for _ in range(2):   # the warm-up update, then one that can prune
+            for _ in range(5):
+                x = torch.randn(16, 10)
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+                optimizer.step()
+            reports[curvature] = pruner.update()
+        idle = next(name for name in pruner.targets if name.startswith("unused"))
+        assert float(pruner.curvature(idle).abs().sum()) == 0.0
+    layers = {c: {e["name"]: e for e in r["layers"]} for c, r in reports.items()}
+    assert layers["ef-exact"]["unused"]["kept"] == layers["ef-batch"]["unused"]["kept"]
