@@ -463,11 +463,18 @@ class MacKayPruner(StandalonePrior):
             raise RuntimeError(f"MacKayPruner.update: no {self.curvature_kind} curvature accumulated yet "
                                + ("(call accumulate_mc(x) on training batches)"
                                   if self.curvature_kind == "fisher-mc" else "(run a training backward first)"))
+        idle = []
         for name, target in self.targets.items():
             if self.accumulator.saw(target.param):
                 self.curvature(name).copy_(self.accumulator.curvature(target.param))
             else:   # a layer no forward used (an idle head or branch): no data, as under ef-batch
                 self.curvature(name).zero_()
+                idle.append(name)
+        if idle:   # said, since a capture that failed would look the same
+            warnings.warn(f"MacKayPruner.update: no {self.curvature_kind} curvature reached "
+                          f"{', '.join(idle)} since the last update (no forward used them, or they ran "
+                          "where the hooks cannot capture, e.g. under torch.func); their curvature is "
+                          "0, as under ef-batch for a layer without gradients", UserWarning, stacklevel=3)
         self.accumulator.reset()
 
     # ------------------------------------------------------------------ state
