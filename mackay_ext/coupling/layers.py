@@ -108,10 +108,7 @@ def _linear(g, node, x, weight, bias=None):
 @rule("addmm")
 def _addmm(g, node, bias, x, weight, *, beta=1, alpha=1):
     """bias + x @ W with W an (in, out) parameter: transformers' Conv1D (GPT-2's projections)."""
-    if not (isinstance(weight, torch.fx.Node) and weight.name in g.params):
-        raise CouplingError(f"{node.target} in {where(node)} multiplies by a tensor computed in forward "
-                            "(not a parameter as stored); channel coupling through it is not supported")
-    name = g.param_name(weight, node, "weight")
+    name = g.param_name(weight, node, "weight (an (in, out) parameter as stored)")
     g.atoms.transposed.add(name)
     in_f, out_f = node_shape(weight)
     for j, a in enumerate(_column_atoms(g, align(g.value(x).labels, 2), 1, in_f)):
