@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from ._alpha import finite_alpha
+from ._follow import ParamStates
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
 from .batch_curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
@@ -184,17 +185,17 @@ class ChannelARD:
                 self.notes.append("channel_prior='norm-scale': no group passes through a BatchNorm or "
                                   "InstanceNorm with a scale; every group's prior is on all its members")
         self.keys = [(m.name, dim, ids) for m in self.members.values() for dim, ids in m.dims]
-        self._own: dict[str, dict[str, torch.Tensor]] = {}
+        self._own = ParamStates()   # the 1-D members' alpha and h
         self._hooks = []
         self._batch_size, self._decay = self._ef_batch_settings(batch_size)
         # read h from each optimizer step's gradient where the pruner's own ef-batch does (see above)
         self._per_step = pruner.ef_batch_source == "step"
         for member in self.members.values():
             if member.where == "own":
-                self._own[member.name] = {
+                self._own.track(member.name, member.param, {
                     "alpha": torch.zeros(member.param.shape, dtype=torch.float32, device=member.param.device),
                     "curvature": torch.zeros_like(member.param, memory_format=torch.preserve_format),
-                    "curvature_steps": torch.zeros((), dtype=torch.float32, device=member.param.device)}
+                    "curvature_steps": torch.zeros((), dtype=torch.float32, device=member.param.device)})
                 self._hooks.append(member.param.register_hook(self._curvature_hook(member)))
         self._step_reader = None
         if self._per_step and self._own and self._batch_size is not None:
@@ -372,6 +373,21 @@ class ChannelARD:
         self._write_alpha_eff()
 
     # ------------------------------------------------------------------ update
+    def _follow_device(self) -> None:
+        """The group tensors move to the members' device if the model moved after the pruner
+        was built (the members' own state follows by itself, see _follow)."""
+        device = next(iter(self.members.values())).param.device
+        if self.alpha.device == device:
+            return
+        self.alpha = self.alpha.to(device)
+        if self.on_scale is not None:
+            self.on_scale = self.on_scale.to(device)
+        if self.macs is not None:
+            self.macs = self.macs.to(device)
+        for member in self.members.values():
+            member.dims = [(dim, ids.to(device)) for dim, ids in member.dims]
+        self.keys = [(m.name, dim, ids) for m in self.members.values() for dim, ids in m.dims]
+
     def _alpha_terms(self, member: _Member, alpha: torch.Tensor):
         """Per dimension (dim, group numbers, alpha_g of the entry's group there or 0), and alpha_eff."""
         terms, alpha_eff, count = [], None, None
@@ -414,6 +430,7 @@ class ChannelARD:
         """One re-estimation of every group alpha, then pruning unless `hold` or warm-up.
         Returns (entries for the pruner's report per ARD target, the channel section)."""
         pruner = self.pruner
+        self._follow_device()
         self._sync_own_curvature()
         num_data, rule = float(pruner.num_data), pruner.rule
         old = self.alpha.clone()
@@ -557,6 +574,7 @@ class ChannelARD:
     @torch.no_grad()
     def _write_alpha_eff(self) -> None:
         """alpha_eff of every member entry into the tensor its optimizer step or proximal step reads."""
+        self._follow_device()
         for name, member in self.members.items():
             _, alpha_eff, _ = self._alpha_terms(member, self.alpha)
             value = torch.where(torch.isinf(alpha_eff), alpha_eff, alpha_eff.clamp(max=_FLOAT32_MAX)).float()

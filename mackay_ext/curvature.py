@@ -230,6 +230,8 @@ class FisherAccumulator:
         total = self.sums.get(param)
         if total is None:
             total = self.sums[param] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        elif total.dtype != param.dtype or total.device != param.device:   # the model moved
+            total = self.sums[param] = total.to(device=param.device, dtype=param.dtype)
         return total
 
     def _accumulate(self, module, inputs: list[torch.Tensor], grads: list[torch.Tensor],

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import _extension, ops
+from ._follow import follow_param
 from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_module
 from .batch_curvature import ema_debiased
 
@@ -155,7 +156,8 @@ class MacKayAdam(torch.optim.Optimizer):
                 state["alpha"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
             if "curvature" not in state:
                 state["curvature"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state
+        # the model may have moved since the state was made (model.to() after the pruner made it)
+        return follow_param(state, param)
 
     def ard_state(self, param: torch.Tensor) -> dict[str, Any]:
         """The state of an ARD parameter (created now if the optimizer has not stepped yet):
@@ -177,12 +179,11 @@ class MacKayAdam(torch.optim.Optimizer):
 
     def _checked_state(self, param, group, where):
         state = self._init_state(param, group)
-        for key in _STATE_KEYS:
+        for key in _STATE_KEYS:   # what could not follow the parameter (see _follow)
             value = state.get(key)
             if isinstance(value, torch.Tensor) and value.device != param.device:
                 raise RuntimeError(f"MacKayAdam: state['{key}'] of {where} is on {value.device} but "
-                                   f"the parameter is on {param.device}; move the optimizer state "
-                                   "with the model (load_state_dict does it)")
+                                   f"the parameter is on {param.device}")
         if group["ard"]:
             _check_alpha(state["alpha"], param, where)
         return state
@@ -211,7 +212,9 @@ class MacKayAdam(torch.optim.Optimizer):
         with gradients, a group's options or a parameter's state dict change; a step with an
         unchanged plan costs a few list comprehensions of Python."""
         signature = (
-            tuple(p.grad is not None for group in self.param_groups for p in group["params"]),
+            # dtype and device too: model.to() keeps the Parameter objects, with new data
+            tuple((p.grad is not None, p.dtype, p.device)
+                  for group in self.param_groups for p in group["params"]),
             tuple((float(g["lr"]), tuple(g["betas"]), g["eps"], g["weight_decay"],
                    g["decoupled_weight_decay"], g["num_data"], g["batch_size"],
                    g["curvature_decay"], g["ard"]) for g in self.param_groups))

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import ops
 from ._alpha import group_dims
+from ._follow import ParamStates
 from ._validate import (
     BACKENDS,
     NonFiniteError,
@@ -268,7 +269,7 @@ class MacKayPruner(StandalonePrior):
         if curvature != "ef-batch":
             self._attach_accumulator()
         self.history: list[dict[str, Any]] = []
-        self._own: dict[str, dict[str, torch.Tensor]] = {}
+        self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
         self._hooks = []
         # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
         # (MacKayAdam's fused step, or the step hooks), or each backward's without an optimizer;

@@ -41,12 +41,12 @@ class StandalonePrior:
         per_backward = self.curvature_kind == "ef-batch" and self.ef_batch_source == "backward"
         for name, target in self.targets.items():
             weight = target.param
-            self._own[name] = {
+            self._own.track(name, weight, {
                 "alpha": torch.zeros(self._alpha_shape(target, self.granularity[name]),
                                      dtype=torch.float32, device=weight.device),
                 "curvature": torch.zeros_like(weight),
                 # updates the moving average has taken: the update reads h / (1 - rho^t)
-                "curvature_steps": torch.zeros((), dtype=torch.float32, device=weight.device)}
+                "curvature_steps": torch.zeros((), dtype=torch.float32, device=weight.device)})
             if per_backward:
                 self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
             else:  # h read at the step, or an exact estimate: only pruned gradients held at 0

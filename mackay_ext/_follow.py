@@ -1,0 +1,56 @@
+"""State that follows its parameter when the model moves.
+
+`model.to(torch.float64)` or `model.cuda()` after the optimizer or pruner was built keeps the
+same Parameter objects with new data: torch's Adam does not notice, since it creates its state
+at the first step. MacKayAdam and MacKayPruner create theirs when they are built (alpha must
+exist before the first update), so each state is moved where its parameter now is when it is
+next read: tensors shaped like the weight take its dtype and device; alpha and the step
+counts keep their dtype (float32: their precision is not the weight's) and only change device.
+A tensor on the meta device holds no values to move: it is left for the callers' checks.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+# state entries in float32 whatever the parameter's dtype: a move changes only their device
+FLOAT32_KEYS = frozenset({"alpha", "step", "curvature_steps"})
+
+
+def follow_param(state: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
+    """Move the tensors of `state` where `param` now is (in place, see the module's docstring);
+    returns `state`. A state already there costs two attribute reads per tensor."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.is_meta:
+            continue
+        keeps_dtype = key in FLOAT32_KEYS or not value.is_floating_point()
+        dtype = value.dtype if keeps_dtype else param.dtype
+        if value.device != param.device or value.dtype != dtype:
+            state[key] = value.to(device=param.device, dtype=dtype)
+    return state
+
+
+class ParamStates(dict):
+    """name -> the state dict of one parameter; each state is moved where its parameter is when
+    read through [], get, values or items (see follow_param). Add states with track()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._params: dict[str, torch.Tensor] = {}
+
+    def track(self, name: str, param: torch.Tensor, state: dict[str, Any]) -> None:
+        self._params[name] = param
+        super().__setitem__(name, state)
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        return follow_param(super().__getitem__(name), self._params[name])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self) -> Iterable[dict[str, Any]]:   # type: ignore[override]
+        return [self[name] for name in self]
+
+    def items(self) -> Iterable[tuple[str, dict[str, Any]]]:   # type: ignore[override]
+        return [(name, self[name]) for name in self]
