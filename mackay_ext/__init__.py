@@ -8,6 +8,7 @@ from . import data, models, ops, optim, reference
 from .ops import UpdateStats, mackay_update_
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
+from .pruner_claims import attached_pruners
 from . import sparse
 from .sparse import SparseConv2d, SparseLinear, densify, load_compressed, save_compressed, sparsify
 from ._validate import NonFiniteError
@@ -17,7 +18,7 @@ from .coupling import ChannelGroup, CouplingError, channel_groups, group_index
 from .shrink import ShrinkReport, count_macs, shrink
 
 __all__ = ["compiled_backends", "ops", "optim", "reference", "UpdateStats", "mackay_update_",
-           "MacKayAdam", "ard_param_groups", "MacKayPruner", "data", "models", "sparse",
+           "MacKayAdam", "ard_param_groups", "MacKayPruner", "attached_pruners", "data", "models", "sparse",
            "SparseLinear", "SparseConv2d", "sparsify", "save_compressed", "load_compressed",
            "densify", "NonFiniteError", "CorruptFileError", "UnsafeFileError", "train", "recipes",
            "recipes_cifar",

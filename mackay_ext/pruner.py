@@ -62,6 +62,7 @@ from .dead_units import prune_unused_units
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
+from .pruner_claims import claim, claimed, release
 from .prune_cap import allowed_prunes, groups_to_restore, target_scores
 from .standalone_prior import StandalonePrior
 
@@ -243,6 +244,12 @@ class MacKayPruner(StandalonePrior):
             raise ValueError(f"{where}: {', '.join(map(repr, sparse_grads))} make sparse gradients (e.g. nn.Embedding("
                              "sparse=True)), which the prior and the curvature cannot read; build them with "
                              "sparse=False, or leave them out with layers=")
+        taken = claimed((name, target.param) for name, target in self.targets.items())
+        if taken:
+            raise ValueError(f"{where}: layers {', '.join(map(repr, taken))} already have a prior from another "
+                             "MacKayPruner, whose hooks stay live until its detach(): both would apply the prior and the "
+                             "masks. Call that pruner's detach() first (mackay_ext.attached_pruners(model) "
+                             "lists them), or give this one other layers with layers=[...]")
         # MACs per example of one entry of each weight (mac_price.py), before any hook is attached
         self._weight_uses = weight_uses(model, example_inputs) if self.mac_price else {}
         self._freed = None   # MACs_g of each group (granularity weight / filter)
@@ -269,6 +276,7 @@ class MacKayPruner(StandalonePrior):
         if curvature != "ef-batch":
             self._attach_accumulator()
         self.history: list[dict[str, Any]] = []
+        self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
         self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
         self._hooks = []
         # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
@@ -294,6 +302,7 @@ class MacKayPruner(StandalonePrior):
         if coupling is not None:
             from .channel_ard import ChannelARD
             self.channel = ChannelARD(self, coupling, batch_size)
+        claim(self, [target.param for target in self.targets.values()])
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
@@ -382,7 +391,9 @@ class MacKayPruner(StandalonePrior):
         self.apply_masks()
 
     def detach(self) -> None:
-        """Remove the gradient, optimizer and curvature hooks."""
+        """Remove the gradient, optimizer and curvature hooks; the weights are then free for
+        another pruner."""
+        release(self)
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
@@ -573,7 +584,12 @@ class MacKayPruner(StandalonePrior):
     @torch.no_grad()
     def switch_off_prior(self) -> None:
         """alpha = 0 on every kept weight (no prior), +inf stays: the kept weights can then be
-        fine-tuned on the data alone while the pruned ones are held at 0."""
+        fine-tuned on the data alone while the pruned ones are held at 0. The alphas it switched
+        off stay readable as `alpha_before_switch_off` (per layer, on the CPU), for reports."""
+        current = {name: self.alpha(name).detach().cpu().clone() for name in self.targets}
+        if self.alpha_before_switch_off is None or any(   # a second call in a row: only zeros
+                bool((a[torch.isfinite(a)] > 0).any()) for a in current.values()):
+            self.alpha_before_switch_off = current
         for name in self.targets:
             alpha = self.alpha(name)
             alpha.masked_fill_(torch.isfinite(alpha), 0.0)
@@ -741,6 +757,9 @@ class MacKayPruner(StandalonePrior):
         entry = {"name": name, "total": target.param.numel(), "kept": kept, "groups": alpha.numel(),
                  "groups_kept": groups_kept, "granularity": self.granularity[name],
                  "alpha": _quantiles(alpha)}
+        before = (self.alpha_before_switch_off or {}).get(name)
+        if before is not None and not bool((alpha[torch.isfinite(alpha)] != 0).any()):   # prior off
+            entry["alpha_before_switch_off"] = _quantiles(before)
         if len(target.owners) > 1:
             entry["tied"] = list(target.owners)
         if self.channel is not None:   # channel groups slicing this parameter, not its entries
@@ -812,6 +831,8 @@ class MacKayPruner(StandalonePrior):
                              "max_prune_fraction": self.max_prune_fraction,
                              "channel_prior": self.channel_prior},
                 "priced_updates": self._priced_updates,
+                **({"alpha_before_switch_off": {n: a.clone() for n, a in self.alpha_before_switch_off.items()}}
+                   if self.alpha_before_switch_off is not None else {}),
                 **({"input_covariance": self._covariance.state_dict()} if self._covariance is not None else {})}
 
     def _check_loaded(self, state: Mapping[str, Any], where: str) -> None:
@@ -885,6 +906,10 @@ class MacKayPruner(StandalonePrior):
                                "(it was saved by a pruner without granularity='channel')")
             self.channel.load_state_dict(state["channel"])
         self.history = list(state.get("history", []))
+        switched_off = state.get("alpha_before_switch_off")   # absent before it existed
+        self.alpha_before_switch_off = (None if switched_off is None else
+                                        {n: a.detach().cpu().clone() for n, a in switched_off.items()
+                                         if n in self.targets and isinstance(a, torch.Tensor)})
         if self._steps_since_update is not None:  # a resumed run prunes as the uninterrupted one
             saved = state.get("steps_since_update", 1)   # absent from older checkpoints
             self._steps_since_update = 1 if saved is None else int(saved)

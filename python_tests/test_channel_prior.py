@@ -3,6 +3,7 @@ prior of a channel that passes through a BatchNorm sits on the BatchNorm's scale
 per-entry float64 reference; the alphas do not move when a filter before BatchNorm is rescaled
 (which changes nothing the network computes), while the members prior's do; pruned groups stay
 exactly 0 in training; settings, state and bad input."""
+import copy
 import math
 
 import pytest
@@ -241,12 +242,14 @@ def test_settings_state_round_trip_and_bad_input():
         optimizer.step()                        # lr = 0: the weights stay
     state = pruner.state_dict()
     assert state["settings"]["channel_prior"] == "norm-scale"
+    pruner.detach()
     again = MacKayPruner(model, optimizer, num_data=N, granularity="channel", channel_prior="norm-scale",
                          example_inputs=torch.randn(2, 3, dtype=torch.float64), batch_size=8)
     again.load_state_dict(state)
     torch.testing.assert_close(again.channel.alpha, pruner.channel.alpha)
     for name in pruner.channel.members:
         torch.testing.assert_close(again.channel.alpha_eff(name), pruner.channel.alpha_eff(name))
+    again.detach()
 
     with pytest.raises(ValueError, match="channel_prior"):
         MacKayPruner(model, optimizer, num_data=N, granularity="channel", channel_prior="scale",
@@ -258,10 +261,11 @@ def test_settings_state_round_trip_and_bad_input():
 def test_without_a_batchnorm_it_is_the_members_prior_and_says_so():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     inputs = torch.randn(2, 3, dtype=torch.float64)
-    pruners = [MacKayPruner(model, optimizer, num_data=N, granularity="channel", channel_prior=prior,
-                            example_inputs=inputs, batch_size=8) for prior in ("members", "norm-scale")]
+    twin = copy.deepcopy(model)   # one pruner per weight: the second prior on a copy
+    pruners = [MacKayPruner(net, torch.optim.SGD(net.parameters(), lr=0.0), num_data=N, granularity="channel",
+                            channel_prior=prior, example_inputs=inputs, batch_size=8)
+               for net, prior in ((model, "members"), (twin, "norm-scale"))]
     assert any("no group passes through a BatchNorm" in note for note in pruners[1].channel.notes)
     generator = torch.Generator().manual_seed(2)
     curvature = randomise_curvature(model, pruners[0], generator)

@@ -109,6 +109,7 @@ def test_pruner_samples_one_captured_step_in_k():
         optimizer.step()
     assert pruner.accumulator.num_examples == 5 * 3   # steps 0, 3 and 6
     pruner.update()
+    pruner.detach()
     ef_exact = MacKayPruner(net, None, num_data=10, curvature="ef-exact", prior="penalty")
     with pytest.raises(RuntimeError, match="curvature='fisher-mc'"), ef_exact.capture_mc():
         pass

@@ -81,6 +81,7 @@ def test_nan_gradient_surfaces_in_update():
     with pytest.raises(NonFiniteError, match=r"non-finite values in 0 \(weight\)"):
         pruner.update()                                 # ... is never reported as "kept"
     assert torch.equal(pruner.alpha("2"), alpha_before)  # nothing changed, no layer half-updated
+    pruner.detach()
     skipping = MacKayPruner(model, optimizer, num_data=100, on_nonfinite="skip")
     with pytest.warns(RuntimeWarning, match="non-finite"):
         report = skipping.update()
@@ -177,6 +178,7 @@ def test_resumed_pruner_knows_it_was_trained():
     pruner.update()
     train(100)
     state = pruner.state_dict()
+    pruner.detach()
     fresh = MacKayPruner(model, optimizer, num_data=256, threshold=0.5)
     fresh.load_state_dict(state)
     report = fresh.update()                               # as the uninterrupted pruner would

@@ -28,6 +28,7 @@ from .settings import (
     _check_settings,
     _checkpoint_settings,
     _fit_config,
+    _length_changes_too_late,
     _pruner_options,
     _resume_settings,
     _settings,
@@ -36,13 +37,18 @@ from .settings import (
 
 
 def _layer_table(report: dict[str, Any]) -> str:
-    rows = [f"{'layer':<14}{'kept':>10}{'total':>10}{'kept %':>9}{'groups kept':>16}{'alpha range':>24}"]
+    rows = [f"{'layer':<14}{'kept':>10}{'total':>10}{'kept %':>9}{'groups kept':>16}{'alpha range':>25}"]
+    switched_off = False
     for layer in report["layers"]:
-        alpha = layer["alpha"]
-        span = f"{alpha['min']:.2e}..{alpha['max']:.2e}" if alpha else "-"
+        alpha, mark = layer["alpha"], " "
+        if "alpha_before_switch_off" in layer:   # fine-tuned with the prior off: alpha is 0 now
+            alpha, mark, switched_off = layer["alpha_before_switch_off"], "*", True
+        span = f"{alpha['min']:.2e}..{alpha['max']:.2e}{mark}" if alpha else "- "
         rows.append(f"{layer['name']:<14}{layer['kept']:>10}{layer['total']:>10}"
                     f"{100 * layer['kept'] / layer['total']:>8.2f}%"
-                    f"{layer['groups_kept']:>8}/{layer['groups']:<7}{span:>24}")
+                    f"{layer['groups_kept']:>8}/{layer['groups']:<7}{span:>25}")
+    if switched_off:
+        rows.append("* before the fine-tuning, which ran with the prior off (alpha = 0 on the kept weights)")
     return "\n".join(rows)
 
 
@@ -71,7 +77,9 @@ def _plots(out: str, trainer: Trainer) -> tuple[list[str], str | None]:
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
-    alphas = torch.cat([trainer.pruner.alpha(n).flatten().cpu() for n in trainer.pruner.layers])
+    # after a fine-tuning with the prior off, the alphas it switched off
+    before = trainer.pruner.alpha_before_switch_off or {}
+    alphas = torch.cat([before.get(n, trainer.pruner.alpha(n)).flatten().cpu() for n in trainer.pruner.layers])
     finite = alphas[torch.isfinite(alphas) & (alphas > 0)]
     if finite.numel():
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -144,6 +152,9 @@ def run_prune(args, parser, given: set[str] = frozenset()) -> int:
             return _fail(error)
         saved = _checkpoint_settings(state, args.resume, parser)
         settings, changed = _resume_settings(saved, args, given, parser)
+        too_late = _length_changes_too_late(saved, settings, state.get("position"))
+        if too_late:
+            parser.error(too_late)
         resumed = {"wall_seconds": float(state.get("wall_seconds", 0.0)), "lr": saved["lr"]}
         del state
     out = args.out or (os.path.dirname(args.resume) or "." if args.resume else "mackay-run")

@@ -108,6 +108,37 @@ def _resume_settings(saved: dict[str, Any], args, given: set[str], parser) -> tu
     return settings, changed
 
 
+def _length_changes_too_late(saved: dict[str, Any], settings: dict[str, Any], position: Any) -> str | None:
+    """Why a changed --pretrain-epochs, --rounds or --epochs cannot reach the phases a
+    checkpoint has left to run (None if it can): refused, since it would be silently ignored."""
+    changed = [key for key in ("pretrain_epochs", "rounds", "epochs") if settings[key] != saved.get(key)]
+    if not changed or not isinstance(position, dict):
+        return None
+    phase, round_index = position.get("phase"), position.get("round", 0)
+    paper = settings["schedule"] == "paper"
+    if phase in ("finetune", "done"):
+        late, why = changed, "the pruning is over: this checkpoint is in or past its fine-tuning (prior off)"
+    else:
+        late, why = [], []
+        if "pretrain_epochs" in changed and phase != "pretrain":
+            late.append("pretrain_epochs")
+            why.append("the dense pretraining is over")
+        if "rounds" in changed and not paper:
+            late.append("rounds")
+            why.append("the in-run schedule has no rounds (its length is --epochs)")
+        if "epochs" in changed and phase == "round" and not paper and round_index >= 1:
+            late.append("epochs")
+            why.append("the in-run pruning phase is over")
+        if "epochs" in changed and paper and phase == "round" and round_index > settings["rounds"]:
+            late.append("epochs")
+            why.append("every round has run (add rounds with --rounds)")
+        why = "; ".join(why)
+    if not late:
+        return None
+    return (f"--resume: {', '.join(map(_flag, late))} cannot change this run any more: {why}. "
+            "Start a new run with them")
+
+
 def _check_out(out: str, parser) -> None:
     """--out must be a directory we can create or write, checked before any data is read."""
     path = os.path.abspath(out)
