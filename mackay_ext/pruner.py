@@ -277,6 +277,7 @@ class MacKayPruner(StandalonePrior):
             self._attach_accumulator()
         self.history: list[dict[str, Any]] = []
         self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
+        self.detached = False   # see detach()
         self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
         self._hooks = []
         # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
@@ -392,7 +393,9 @@ class MacKayPruner(StandalonePrior):
 
     def detach(self) -> None:
         """Remove the gradient, optimizer and curvature hooks; the weights are then free for
-        another pruner."""
+        another pruner. update() and apply_masks() are refused from then on (report(),
+        state_dict() and the alphas stay readable)."""
+        self.detached = True
         release(self)
         for handle in self._hooks:
             handle.remove()
@@ -561,12 +564,19 @@ class MacKayPruner(StandalonePrior):
     @torch.no_grad()
     def apply_masks(self) -> None:
         """Hold pruned weights at exactly 0 (after a step of a non-fused optimizer)."""
+        self._check_attached("apply_masks")
         for name, target in self.targets.items():
             target.param.masked_fill_((self.alpha(name) == math.inf).expand_as(target.param), 0)
         if self.channel is not None:
             self.channel.apply_masks()
 
     # ------------------------------------------------------------------ update
+    def _check_attached(self, where: str) -> None:
+        if self.detached:
+            raise RuntimeError(f"MacKayPruner.{where}: this pruner was detached (its hooks are gone, and its "
+                               "weights may be another pruner's now); build a new MacKayPruner, and load "
+                               "this one's state_dict() into it to carry on")
+
     def _nonfinite(self) -> list[str]:
         """Names of the weights, curvatures or alphas holding NaN (or inf, alpha excepted)."""
         bad = []
@@ -605,6 +615,7 @@ class MacKayPruner(StandalonePrior):
         "excluded" (parameters without a prior, and why) and "notes"."""
         if not isinstance(prune, bool):
             raise TypeError(f"MacKayPruner.update: prune must be True or False, got {prune!r}")
+        self._check_attached("update")
         self._check_targets_in_model("update")
         self._refresh_curvature()
         bad = self._nonfinite()

@@ -361,7 +361,10 @@ class Trainer:
 
 def fit(model: nn.Module, data: Splits, config: FitConfig | None = None, **kwargs) -> Trainer:
     """Train and prune `model` on `data` (see FitConfig); returns the finished Trainer, whose
-    `history`, `pruner` and `optimizer` hold the results."""
+    `history`, `pruner` and `optimizer` hold the results. The pruner is detached: the model
+    leaves with no hook of ours (a later forward costs nothing extra, and another fit or
+    MacKayPruner may take it); the optimizer still holds the pruned weights at 0 if stepped."""
     trainer = Trainer(model, data, config or FitConfig(), **kwargs)
     trainer.run()
+    trainer.pruner.detach()
     return trainer

@@ -71,6 +71,13 @@ def test_a_second_pruner_on_the_same_weights_is_refused_until_the_first_detaches
     assert mackay_ext.attached_pruners(model) == []
     replacement = mackay_ext.MacKayPruner(model, optimizer, num_data=500)
     assert mackay_ext.attached_pruners(model) == [replacement]
+    # the detached one cannot touch the weights the replacement now holds
+    before = [p.detach().clone() for p in model.parameters()]
+    for call in (pruner.update, pruner.apply_masks):
+        with pytest.raises(RuntimeError, match=r"MacKayPruner\.\w+: this pruner was detached"):
+            call()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert pruner.report()["total"] == replacement.report()["total"]   # still readable
 
 
 def test_pruners_on_different_layers_of_one_model_coexist():

@@ -157,6 +157,15 @@ def test_bad_arguments():
         MacKayPruning([], layers=["net.0"])
     with pytest.raises(ValueError, match=r"verbose must be one of \(0, 1, 2\), got 3"):
         MacKayPruning(verbose=3)
+    with pytest.raises(TypeError, match=r"verbose must be one of \(0, 1, 2\), got True"):
+        MacKayPruning(verbose=True)
+    # pruner options are checked when the callback is built, not when fit() starts
+    with pytest.raises(TypeError, match=r"MacKayPruning: unknown option 'granularty' \(did you mean 'granularity'\?\)"):
+        MacKayPruning(granularty="output")
+    with pytest.raises(ValueError, match="MacKayPruning: num_data must be"):
+        MacKayPruning(num_data=0)
+    with pytest.raises(ValueError, match="MacKayPruning: batch_size must be"):
+        MacKayPruning(batch_size=-1)
     with pytest.raises(TypeError, match=r"\(module, parameter name\) pairs, got 'net.0'"):
         MacKayPruning(["net.0"]).on_fit_start(
             type("T", (), {"optimizers": [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)],
@@ -174,3 +183,19 @@ def test_iterable_dataset_asks_for_num_data():
     with pytest.raises(ValueError, match=r"MacKayPruning: the training dataloader's dataset has no length "
                                          r"\(an IterableDataset\?\): pass num_data=N"):
         MacKayPruning().on_fit_start(fake_trainer, TinyClassifier())
+
+
+def test_step_updates_reach_the_logger_whatever_log_every_n_steps(tmp_path):
+    """Updates every 4 steps, Lightning logging every 50: each update is written to the logger."""
+    import csv
+    callback = MacKayPruning(update_every=4, update_on="step", **PRUNING)
+    torch.manual_seed(0)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="run")
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=logger, log_every_n_steps=50,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[callback])
+    trainer.fit(TinyClassifier(), train_dataloaders=_loader())
+    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    logged = [(int(row["step"]), float(row["mackay/updates"])) for row in rows if row.get("mackay/updates")]
+    assert logged == [(4, 1.0), (8, 2.0), (12, 3.0)]
+    assert float(trainer.callback_metrics["mackay/updates"]) == 3.0

@@ -150,6 +150,11 @@ def test_paper_schedule_with_one_round_prunes():
                                                           backend="torch"))
     assert len(trainer.pruner.history) == 2               # the warm-up, then one pruning round
     assert trainer.pruner.report()["kept"] < trainer.pruner.report()["total"]
+    # fit leaves no hook behind: a second fit on the same model starts from the pruned weights
+    assert mackay_ext.attached_pruners(model) == []
+    kept = trainer.pruner.report()["kept"]
+    again = mackay_ext.train.fit(model, data, FitConfig(pretrain_epochs=0, rounds=1, epochs=2, backend="torch"))
+    assert again.pruner.report()["kept"] <= kept
 
 
 @pytest.mark.parametrize("allow", [False, True])

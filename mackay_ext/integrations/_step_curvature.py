@@ -10,6 +10,11 @@ MacKayAdam's).
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+from typing import Any
+
+from .._validate import check_count
 from ..pruner import MacKayPruner
 
 
@@ -35,3 +40,28 @@ def training_set_size(num_data: float | None, loader, who: str, source: str) -> 
         return len(loader.dataset)
     except (AttributeError, TypeError):
         raise ValueError(f"{who}: {source} has no length (an IterableDataset?): pass num_data=N") from None
+
+
+def check_callback_options(who: str, pruner_options: dict[str, Any], own: set[str], *,
+                           num_data: Any = None, batch_size: Any = None) -> None:
+    """What a callback can check when it is built, though its pruner is built when training
+    starts: the names of the MacKayPruner options (a typo would surface inside the trainer,
+    naming neither the callback nor the option), and num_data and batch_size."""
+    accepted = set(inspect.signature(MacKayPruner.__init__).parameters) - {"self", "model", "optimizer"} - own
+    for name in sorted(set(pruner_options) - accepted):
+        close = difflib.get_close_matches(name, sorted(accepted | own), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise TypeError(f"{who}: unknown option {name!r}{hint}; the MacKayPruner options it passes on are "
+                        f"{', '.join(sorted(accepted))}")
+    if num_data is not None:
+        check_count(num_data, "num_data", who)
+    if batch_size is not None:
+        check_count(batch_size, "batch_size", who)
+
+
+def check_flag(value: Any, name: str, who: str, allowed=(False, True)) -> None:
+    """A switch given as a bool (or one of the ints `allowed`): "yes", 1.0 or True for 1 is refused."""
+    if type(value) not in {type(a) for a in allowed}:
+        raise TypeError(f"{who}: {name} must be one of {allowed}, got {value!r}")
+    if value not in allowed:
+        raise ValueError(f"{who}: {name} must be one of {allowed}, got {value!r}")

@@ -24,7 +24,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._files import load_plain, save_atomic
 from .._validate import check_choice
-from ._step_curvature import StepCurvaturePruner, training_set_size
+from ..optim import MacKayAdam
+from ._step_curvature import StepCurvaturePruner, check_callback_options, check_flag, training_set_size
 
 __all__ = ["MacKayCallback"]
 
@@ -55,6 +56,33 @@ def _accepts_loss_kwargs(model) -> bool:
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+# losses a forward computes itself, as a mean over its own micro-batch
+_OWN_LOSSES = ("CrossEntropyLoss(", "MSELoss(", "BCEWithLogitsLoss(", "cross_entropy(", "mse_loss(")
+
+
+def _loss_normalisation(model) -> str:
+    """Who divides the loss over accumulated micro-batches: "trainer" (the model takes no loss
+    kwargs, the Trainer divides), "model" (it reads num_items_in_batch, e.g. through
+    self.loss_function: a causal LM), "ignored" (it takes **kwargs but computes its own mean
+    loss without them, as transformers' sequence- and token-classification heads do: nobody
+    divides, and the optimizer's gradient is A times the batch mean) or "unknown" (its forward's
+    source says neither, e.g. a wrapper passing **kwargs on)."""
+    inner = getattr(model, "module", model)
+    if not _accepts_loss_kwargs(inner):
+        return "trainer"
+    if getattr(inner, "accepts_loss_kwargs", None) is True:   # the model says it normalises
+        return "model"
+    try:
+        source = inspect.getsource(type(inner).forward)
+    except (OSError, TypeError):
+        return "unknown"
+    if "num_items_in_batch" in source or "loss_function(" in source:
+        return "model"
+    if any(loss in source for loss in _OWN_LOSSES):
+        return "ignored"
+    return "unknown"
+
+
 class MacKayCallback(TrainerCallback):
     """Runs MacKayPruner inside Trainer.train().
 
@@ -72,15 +100,18 @@ class MacKayCallback(TrainerCallback):
             clipped; integrations._step_curvature), so every rank computes the same alpha and
             accumulation A x batch b estimates what one batch of A b does. That gradient is the
             mean over the effective batch when the Trainer divides each micro-batch's loss by A,
-            or the model normalises by num_items_in_batch. A model that takes **kwargs but ignores
-            num_items_in_batch (BertForSequenceClassification in transformers 5) hands the
-            optimizer A times that mean: pass batch_size=B / A^2 there (a warning says when it may
-            apply), or set model.accepts_loss_kwargs = False so that the Trainer divides.
-            A MacKayAdam reads the same gradient in its step: give it batch_size=B.
+            or the model normalises by num_items_in_batch. A model that takes **kwargs but computes
+            its own mean loss without them (transformers 5's sequence- and token-classification
+            heads: its forward builds CrossEntropyLoss itself) hands the optimizer A times that
+            mean: the default is then B / A^2, which is exact (said in an info log). Where the
+            forward's source shows neither (a wrapper passing **kwargs on) a warning says what to
+            pass if the model ignores num_items_in_batch.
+            A MacKayAdam reads the same gradient in its step: give it that B (a warning says
+            when its batch_size differs).
         at_end: None (default), "sparsify" (mackay_ext.sparsify(model) in place at on_train_end)
             or "shrink" (`callback.shrunk_model` = mackay_ext.shrink(model, example_inputs); the
             Trainer keeps its model).
-        example_inputs: batch for at_end="shrink" (and granularity="channel").
+        example_inputs: batch for at_end="shrink", granularity="channel" and mac_price.
         resume_from: the checkpoint folder whose ARD state a resumed run loads; default the
             folder of the resumed step in args.output_dir (see Checkpoints).
         verbose: log every update's kept fraction and sum of gamma (logger mackay_ext.integrations.hf).
@@ -109,6 +140,9 @@ class MacKayCallback(TrainerCallback):
             raise ValueError("MacKayCallback: at_end='shrink' needs example_inputs (a batch the model runs)")
         if "optimizer" in pruner_options or "model" in pruner_options:
             raise TypeError("MacKayCallback: the Trainer's model and optimizer are used; do not pass them")
+        check_callback_options("MacKayCallback", pruner_options, {"num_data", "batch_size", "example_inputs"},
+                               num_data=num_data, batch_size=batch_size)
+        check_flag(verbose, "verbose", "MacKayCallback")
         if pruner_options.get("prior") == "penalty":
             raise ValueError("MacKayCallback: prior='penalty' needs pruner.penalty() in the loss, which "
                              "the Trainer computes: use the default proximal prior, or MacKayAdam")
@@ -125,18 +159,31 @@ class MacKayCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ set-up
     def _batch_size(self, args, model) -> float:
+        """B of the ef-batch curvature h = B g^2, g the gradient the optimizer steps with."""
         if self.batch_size is not None:
             return self.batch_size
         accumulation = max(int(args.gradient_accumulation_steps), 1)
-        if accumulation > 1 and _accepts_loss_kwargs(model):
+        world = max(int(args.world_size), 1)
+        effective = args.per_device_train_batch_size * accumulation * world
+        if accumulation == 1:
+            return effective
+        name = type(getattr(model, "module", model)).__name__
+        normalisation = _loss_normalisation(model)
+        if normalisation == "ignored":
+            # g is A times the batch mean, so h = B g^2 would be A^2 too large: B / A^2 is exact
+            logger.info("MacKayCallback: %s takes **kwargs but computes its own mean loss, so the Trainer "
+                        "does not divide it over the %d accumulated micro-batches and the gradient is %d "
+                        "times the batch mean; the curvature uses batch_size=%g to match", name,
+                        accumulation, accumulation, effective / accumulation ** 2)
+            return effective / accumulation ** 2
+        if normalisation == "unknown":
             logger.warning(
                 "MacKayCallback: the Trainer leaves the division of the loss over %d accumulated "
                 "micro-batches to %s (its forward takes **kwargs: num_items_in_batch); if it ignores "
                 "num_items_in_batch, the optimizer's gradient is %d times the batch mean and the "
                 "curvature %d times too large: pass batch_size=%g, or set model.accepts_loss_kwargs = "
-                "False", accumulation, type(getattr(model, "module", model)).__name__, accumulation,
-                accumulation ** 2, args.per_device_train_batch_size * max(args.world_size, 1) / accumulation)
-        return args.per_device_train_batch_size * accumulation * max(int(args.world_size), 1)
+                "False", accumulation, name, accumulation, accumulation ** 2, effective / accumulation ** 2)
+        return effective
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None,
                        **kwargs):
@@ -146,11 +193,16 @@ class MacKayCallback(TrainerCallback):
             if self.pruner is not None:
                 self.pruner.detach()
             options = dict(self.pruner_options)
-            if self.pruner_options.get("granularity") == "channel":
+            if self.pruner_options.get("granularity") == "channel" or self.pruner_options.get("mac_price"):
                 options["example_inputs"] = self.example_inputs
+            if isinstance(optimizer, MacKayAdam):
+                # its param groups' batch_size is the one used: check it, pass none (the pruner
+                # warns about a value given to it that it does not use)
+                self._check_mackay_adam(optimizer, args, model)
+            else:
+                options["batch_size"] = self._batch_size(args, model)
             num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
-            self.pruner = StepCurvaturePruner(model, optimizer, num_data=num_data,
-                                              batch_size=self._batch_size(args, model), **options)
+            self.pruner = StepCurvaturePruner(model, optimizer, num_data=num_data, **options)
             self.last_update = None
         if state.global_step > 0:   # the Trainer resumed from a checkpoint
             self._resume(args, state)
@@ -158,6 +210,16 @@ class MacKayCallback(TrainerCallback):
             logger.info("MacKayCallback: prior on %d weights of %d layers (%s); left out: %s",
                         self.pruner.report()["total"], len(self.pruner.targets), self.pruner.prior,
                         [e.get("name") for e in self.pruner.excluded])
+
+    def _check_mackay_adam(self, optimizer, args, model) -> None:
+        expected = self._batch_size(args, model)
+        given = {group["batch_size"] for group in optimizer.param_groups
+                 if group.get("ard") and group["batch_size"] is not None}
+        if given and given != {expected}:
+            logger.warning("MacKayCallback: the MacKayAdam's batch_size is %s, but one optimizer step of "
+                           "this Trainer reads a gradient whose curvature needs batch_size=%g (per-device "
+                           "batch x accumulation x processes, see MacKayCallback's batch_size)",
+                           ", ".join(map(str, sorted(given, key=str))), expected)
 
     # ------------------------------------------------------------- checkpoints
     def on_save(self, args, state, control, **kwargs):

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .._validate import check_choice
-from ._step_curvature import StepCurvaturePruner, training_set_size
+from ._step_curvature import StepCurvaturePruner, check_callback_options, check_flag, training_set_size
 
 __all__ = ["MacKayPruning"]
 
@@ -64,8 +64,10 @@ class MacKayPruning(Callback):
         verbose: 0 quiet, 1 one line per update, 2 and every layer's kept weights.
         **pruner_options: for MacKayPruner (granularity, rule, prune, threshold, curvature, ...).
 
-    Logged with LightningModule.log after each update: "mackay/kept_fraction", "mackay/gamma_sum",
-    "mackay/updates".
+    At each update "mackay/kept_fraction", "mackay/gamma_sum" and "mackay/updates" are written to
+    the trainer's loggers (step = the global step) and given to LightningModule.log(logger=False),
+    where ModelCheckpoint or EarlyStopping can monitor them. The LightningModule must configure
+    exactly one optimizer.
     """
 
     def __init__(self, parameters_to_prune=None, *, layers=None, update_every: int = 1,
@@ -75,11 +77,13 @@ class MacKayPruning(Callback):
             raise ValueError(f"MacKayPruning: update_every must be an int >= 1, got {update_every!r}")
         check_choice("update_on", update_on, ("epoch", "step"), "MacKayPruning")
         check_choice("at_end", at_end, (None, "sparsify"), "MacKayPruning")
-        check_choice("verbose", verbose, (0, 1, 2), "MacKayPruning")
+        check_flag(verbose, "verbose", "MacKayPruning", allowed=(0, 1, 2))
         if parameters_to_prune is not None and layers is not None:
             raise ValueError("MacKayPruning: pass parameters_to_prune or layers, not both")
         if "optimizer" in pruner_options or "model" in pruner_options:
             raise TypeError("MacKayPruning: the LightningModule and its optimizer are used; do not pass them")
+        check_callback_options("MacKayPruning", pruner_options, {"num_data", "batch_size", "layers"},
+                               num_data=num_data, batch_size=batch_size)
         if pruner_options.get("prior") == "penalty":
             raise ValueError("MacKayPruning: prior='penalty' is not available: the callback applies the "
                              "prior itself (proximal step after each optimizer step, or MacKayAdam)")
@@ -140,10 +144,16 @@ class MacKayPruning(Callback):
     def _update(self, trainer, pl_module, when: str) -> None:
         self.last_update = report = self.pruner.update()
         kept = report["kept"] / max(report["total"], 1)
-        pl_module.log("mackay/kept_fraction", kept)
-        pl_module.log("mackay/updates", float(len(self.pruner.history)))
+        metrics = {"mackay/kept_fraction": kept, "mackay/updates": float(len(self.pruner.history))}
         if "gamma_sum" in report:
-            pl_module.log("mackay/gamma_sum", report["gamma_sum"])
+            metrics["mackay/gamma_sum"] = float(report["gamma_sum"])
+        # straight to the loggers: self.log from a batch hook reaches them only on steps that
+        # meet log_every_n_steps, and an update every k steps may never meet one
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        for name, value in metrics.items():   # for monitors (ModelCheckpoint, EarlyStopping)
+            pl_module.log(name, value, logger=False)
         if self.verbose:
             rank_zero_info(f"MacKayPruning ({when}): kept {kept:.2%} ({report['kept']}/{report['total']}), "
                            f"sum of gamma {report.get('gamma_sum', float('nan')):.4g}")
