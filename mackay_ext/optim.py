@@ -115,6 +115,10 @@ class MacKayAdam(torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, num_data: float, batch_size: float | None = None,
                  curvature_decay: float = 0.99, decoupled_weight_decay: bool = False,
                  backend: str = "ext"):
+        if isinstance(params, torch.nn.Module):   # torch's own message names neither fix
+            raise TypeError(f"MacKayAdam: params must be the parameters, not the module: pass "
+                            f"ard_param_groups(model) (a prior on the weights, plain Adam on biases and "
+                            f"norms) or model.parameters(), got {type(params).__name__}")
         check_choice("backend", backend, BACKENDS, "MacKayAdam")
         if backend == "ext":
             _extension.require()

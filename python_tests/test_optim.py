@@ -492,3 +492,9 @@ def test_step_replays_from_a_cuda_graph(backend):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for p, q in zip(graphed_net.parameters(), eager_net.parameters()):
         assert float(graphed_opt.state[p]["step"]) == float(eager_opt.state[q]["step"]) == 5
+
+
+def test_a_module_for_params_names_the_two_fixes():
+    with pytest.raises(TypeError, match=r"MacKayAdam: params must be the parameters, not the module: "
+                                        r"pass ard_param_groups\(model\)"):
+        MacKayAdam(torch.nn.Linear(3, 2), num_data=10)
