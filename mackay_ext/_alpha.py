@@ -15,6 +15,11 @@ def group_dims(weight: torch.Tensor, alpha: torch.Tensor) -> tuple[list[int], tu
     return dims, padded
 
 
-def finite_alpha(alpha: torch.Tensor) -> torch.Tensor:
-    """alpha with its +inf (pruned) entries as 0."""
+def finite_alpha(alpha: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """alpha with its +inf (pruned) entries as 0; with `like` (the weight), in the wider of the
+    two dtypes: alpha is stored in float32, and a float64 weight's prior term alpha / N w is
+    then formed in float64 (the penalty's gradient, which ef-batch subtracts, is often many
+    times the data's: float32 there cost 1e-4 of h)."""
+    if like is not None:
+        alpha = alpha.to(torch.promote_types(alpha.dtype, like.dtype))
     return torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)

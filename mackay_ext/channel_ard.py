@@ -246,7 +246,7 @@ class ChannelARD:
             if self._batch_size is not None and not self._per_step:
                 data_grad = grad
                 if self.pruner.prior == "penalty":   # the hook sees penalty()'s gradient alpha/N w too
-                    data_grad = grad - finite_alpha(state["alpha"]) / self.pruner.num_data * member.param.detach()
+                    data_grad = grad - finite_alpha(state["alpha"], grad) / self.pruner.num_data * member.param.detach()
                 rho = self._decay
                 state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self._batch_size)
                 state["curvature_steps"].add_(1)
@@ -260,8 +260,9 @@ class ChannelARD:
     @torch.no_grad()
     def _penalty_gradients(self) -> dict[int, torch.Tensor]:
         """penalty()'s gradient alpha/N w of each member tracked here, at the weights before the step."""
-        return {id(self.members[name].param): finite_alpha(state["alpha"]) / self.pruner.num_data
-                * self.members[name].param for name, state in self._own.items()}
+        members = {name: self.members[name].param for name in self._own}
+        return {id(param): finite_alpha(self._own[name]["alpha"], param) / self.pruner.num_data * param
+                for name, param in members.items()}
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -271,7 +272,7 @@ class ChannelARD:
                 param = self.members[name].param
                 step = steps.get(id(param))
                 if step:
-                    factor = 1.0 / (1.0 + (step / self.pruner.num_data) * finite_alpha(state["alpha"]))
+                    factor = 1.0 / (1.0 + (step / self.pruner.num_data) * finite_alpha(state["alpha"], param))
                     param.mul_(factor.to(param.dtype))
         self.apply_masks()
 
@@ -320,7 +321,8 @@ class ChannelARD:
 
     def penalty(self) -> torch.Tensor | None:
         """(1 / 2N) sum alpha_eff w^2 over the members tracked here (prior='penalty')."""
-        terms = [(finite_alpha(s["alpha"]) * self.members[n].param.square()).sum() for n, s in self._own.items()]
+        terms = [(finite_alpha(s["alpha"], self.members[n].param) * self.members[n].param.square()).sum()
+                 for n, s in self._own.items()]
         return sum(terms) * (0.5 / self.pruner.num_data) if terms else None
 
     def nonfinite(self) -> list[str]:
@@ -435,6 +437,8 @@ class ChannelARD:
         num_data, rule = float(pruner.num_data), pruner.rule
         old = self.alpha.clone()
         warmup = not bool(old.any())       # alpha = 0 everywhere: the prior was off until now
+        if warmup and rule == "em":   # em from 0 is degenerate where some h = 0 (MacKayPruner._update_one)
+            rule = "mackay"
         can_prune = not (warmup or hold)
         already = old == math.inf
         weight_sq, numerator, sigma_sum, n_live = (torch.zeros_like(old) for _ in range(4))

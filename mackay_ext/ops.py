@@ -42,10 +42,19 @@ def mackay_update_(
     prune:     "alpha": alpha >= threshold (default 1e13); "snr": sum w^2 / sum Sigma_ii <
                threshold (default 0.05), Sigma_ii = 1 / (N h + alpha_new).
     A pruned group gets alpha = +inf and its weights set to exactly 0; it stays pruned.
-    New alphas are clamped to [alpha_min, alpha_max]; a NaN estimate keeps the old alpha.
+    New alphas are clamped to [alpha_min, alpha_max] (alpha_max at most the largest finite value
+    of alpha's dtype: +inf means pruned); a NaN estimate keeps the old alpha.
+    "em" from alpha = 0 is degenerate where an entry has h = 0 (its Sigma_ii is infinite, so the
+    group's alpha stays 0, or snr prunes it): MacKayPruner starts em from MacKay's estimate.
     backend:   "ext" (compiled kernels) or "torch" (mackay_ext.reference, no extension needed).
     """
     check_choice("backend", backend, BACKENDS, "mackay_update_")
+    if alpha.dtype in (torch.float32, torch.float16, torch.bfloat16) and (
+            alpha_max is None or (isinstance(alpha_max, (int, float)) and not isinstance(alpha_max, bool))):
+        # an estimate beyond alpha's range (tiny float64 weights, eps = 0) would be stored as
+        # +inf, the mark of a pruned group, with its weights left non-zero: cap it there
+        top = torch.finfo(alpha.dtype).max
+        alpha_max = top if alpha_max is None else min(float(alpha_max), top)
     kwargs = dict(num_data=float(num_data), rule=rule, prune=prune, threshold=threshold, eps=eps,
                   alpha_min=alpha_min, alpha_max=alpha_max)
     if backend == "torch":

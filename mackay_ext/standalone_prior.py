@@ -64,7 +64,7 @@ class StandalonePrior:
     @torch.no_grad()
     def _penalty_gradients(self) -> dict[int, torch.Tensor]:
         """penalty()'s gradient alpha/N w of each weight, at the weights before the step."""
-        return {id(t.param): finite_alpha(self._own[name]["alpha"]) / self.num_data * t.param
+        return {id(t.param): finite_alpha(self._own[name]["alpha"], t.param) / self.num_data * t.param
                 for name, t in self.targets.items()}
 
     def _curvature_hook(self, name: str, weight: torch.Tensor):
@@ -75,7 +75,7 @@ class StandalonePrior:
             pruned = alpha == math.inf
             data_grad = grad
             if self.prior == "penalty":  # the hook sees penalty()'s gradient alpha/N w too
-                data_grad = grad - finite_alpha(alpha) / self.num_data * weight.detach()
+                data_grad = grad - finite_alpha(alpha, grad) / self.num_data * weight.detach()
             rho = self.curvature_decay
             state["curvature"].mul_(rho).addcmul_(data_grad, data_grad, value=(1 - rho) * self.batch_size)
             state["curvature_steps"].add_(1)
@@ -101,7 +101,7 @@ class StandalonePrior:
         for name, target in self.targets.items():
             step = steps.get(id(target.param))
             if step:
-                factor = 1.0 / (1.0 + (step / self.num_data) * finite_alpha(self._own[name]["alpha"]))
+                factor = 1.0 / (1.0 + (step / self.num_data) * finite_alpha(self._own[name]["alpha"], target.param))
                 target.param.mul_(factor.to(target.param.dtype))
 
     def penalty(self) -> torch.Tensor:
@@ -113,7 +113,8 @@ class StandalonePrior:
         with torch.set_grad_enabled(self.prior == "penalty" and torch.is_grad_enabled()):
             total = None
             for name, target in self.targets.items():
-                term = (finite_alpha(self._own[name]["alpha"]) * target.param.square()).sum() * (0.5 / self.num_data)
+                alpha = finite_alpha(self._own[name]["alpha"], target.param)
+                term = (alpha * target.param.square()).sum() * (0.5 / self.num_data)
                 total = term if total is None else total + term
             if self.channel is not None and self.channel.penalty() is not None:
                 total = total + self.channel.penalty()

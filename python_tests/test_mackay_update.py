@@ -331,3 +331,20 @@ def test_meta_alpha_with_cpu_weight_is_rejected_not_ignored():
     with pytest.raises(RuntimeError, match="one device"):
         mackay_update_(torch.rand(4, 5), torch.rand(4, 5), torch.rand(4, 5, device="meta"),
                        num_data=10)
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+@pytest.mark.parametrize("prune", ["snr", "alpha"])
+def test_an_estimate_beyond_float32_is_capped_not_stored_as_pruned(backend, prune):
+    """Tiny float64 weights with eps = 0 make estimates above float32's range: alpha holds the
+    largest float32 (or the group is pruned, its weights zeroed), never +inf beside a live weight."""
+    weight = torch.tensor([[1e-30, 0.5], [0.3, 1e-25]], dtype=torch.float64)
+    curvature = torch.full_like(weight, 1e-3)
+    alpha = torch.ones(2, 2, dtype=torch.float32)
+    mackay_ext.mackay_update_(weight, curvature, alpha, num_data=100.0, rule="mackay", prune=prune,
+                              threshold=None, eps=0.0, backend=backend)
+    pruned = alpha == math.inf
+    assert bool((weight[pruned] == 0).all()) and bool((weight[~pruned] != 0).all())
+    assert bool(torch.isfinite(alpha[~pruned]).all())
+    if prune == "alpha":   # alpha >= 1e13: the two tiny weights go
+        assert pruned.tolist() == [[True, False], [False, True]]

@@ -208,3 +208,45 @@ def test_num_data_accepts_numpy_and_tensor_counts():
         assert pruner.num_data == 5000.0 and pruner.batch_size == 32.0
         pruner.detach()
         assert MacKayAdam(model.parameters(), num_data=value).param_groups[0]["num_data"] == 5000.0
+
+
+@pytest.mark.parametrize("granularity", ["output", "channel"])
+def test_em_rule_starts_where_an_input_is_always_zero(granularity):
+    """An always-zero input (MNIST's border pixels) has h = 0: em from alpha = 0 gave those
+    groups an infinite Sigma_ii, alpha stayed 0 and the layer was in warm-up for ever."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=200, batch_size=20)
+    extra = {"example_inputs": (torch.randn(2, 6),)} if granularity == "channel" else {}
+    pruner = MacKayPruner(model, optimizer, num_data=200, rule="em", granularity=granularity, **extra)
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    x[:, 0] = 0.0                                         # input 0 never fires
+    reports = []
+    for _ in range(3):
+        for _ in range(10):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        reports.append(pruner.update())
+    first = reports[0]["layers"][0]
+    assert first["warmup"] and not reports[1]["layers"][0]["warmup"]
+    alpha = pruner.channel.alpha if granularity == "channel" else pruner.alpha("0")
+    assert bool((alpha > 0).all())                        # every group has a prior now
+    assert reports[-1]["kept"] > 0.5 * reports[-1]["total"]   # and the data still hold most of them
+
+
+def test_proximal_step_of_float64_weights_is_formed_in_float64():
+    """alpha is stored in float32; the factor 1 / (1 + s alpha / N) on a float64 weight is
+    formed in float64 (it was rounded to float32: 7e-8 off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4)).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = MacKayPruner(model, optimizer, num_data=50, batch_size=10)
+    pruner.alpha("0").fill_(1.2345678)
+    before = model[0].weight.detach().clone()
+    model(torch.randn(10, 5, dtype=torch.float64)).sum().backward()
+    grad = model[0].weight.grad.clone()
+    optimizer.step()
+    alpha = pruner.alpha("0").double()   # the float32 value, exactly
+    expected = (before - 0.1 * grad) / (1 + 0.1 * alpha / 50)
+    torch.testing.assert_close(model[0].weight.detach(), expected, rtol=1e-14, atol=0)
