@@ -58,6 +58,7 @@ from .ard_targets import (
     find_targets,
 )
 from .batch_curvature import ema_debiased
+from .ddp_lockstep import Lockstep
 from .dead_units import prune_unused_units
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
@@ -286,6 +287,8 @@ class MacKayPruner(StandalonePrior):
         self.ef_batch_source = "step" if optimizer is not None else "backward"
         self._step_reader = None
         self._steps_since_update: int | None = None
+        self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
+        self._lockstep = Lockstep()
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
         self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
         if optimizer is not None:
@@ -384,6 +387,7 @@ class MacKayPruner(StandalonePrior):
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._steps_since_update += 1
+        self._steps_total += 1
         self._sample_next_batch()
         if self.fused:
             return
@@ -616,6 +620,8 @@ class MacKayPruner(StandalonePrior):
         if not isinstance(prune, bool):
             raise TypeError(f"MacKayPruner.update: prune must be True or False, got {prune!r}")
         self._check_attached("update")
+        if self.optimizer is not None:   # every DDP rank at the same step (ddp_lockstep)
+            self._lockstep.check(self._steps_total)
         self._check_targets_in_model("update")
         self._refresh_curvature()
         bad = self._nonfinite()

@@ -107,3 +107,29 @@ def test_ddp_fisher_mc_from_the_training_forward(tmp_path):
         for ta, tb in zip(a[key], b[key]):
             assert torch.equal(ta, tb), f"{key} differ between ranks"
     assert any(bool((alpha == float("inf")).any()) for alpha in a["alpha"]), "nothing was pruned"
+
+
+def skewed_worker(rank, world):
+    """Rank 1 updates one optimizer step after rank 0, at every update. No DDP wrapper: under one,
+    the rank that raises first leaves the other in a gradient all-reduce, and which of the two
+    failures the launcher reports is a race; here both ranks raise the same error."""
+    model = make_model()
+    x, y = make_data()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=len(x), batch_size=GLOBAL_BATCH)
+    pruner = MacKayPruner(model, optimizer, num_data=len(x), threshold=0.5)
+    local = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        start = step * GLOBAL_BATCH + rank * local
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[start:start + local]), y[start:start + local]).backward()
+        optimizer.step()
+        if step - rank in UPDATES:
+            pruner.update()
+    return {"updates": len(pruner.history)}
+
+
+def test_ranks_updating_at_different_steps_are_named(tmp_path):
+    """ef-batch has no collective at an update: a rank a step late used to diverge unnoticed."""
+    with pytest.raises(Exception, match=r"made update number 1 at different optimizer steps "
+                                        r"\(rank 0 after 9 steps, rank 1 after 10 steps\)"):
+        run_on_ranks(skewed_worker, tmp_path, world=WORLD)

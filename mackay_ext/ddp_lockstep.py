@@ -1,0 +1,67 @@
+"""Under torch.distributed every rank must call MacKayPruner.update() at the same optimizer step.
+
+A rank that updates a step later than the others re-estimates alpha from other weights and
+curvature: under ef-batch nothing collective happens at an update, so the ranks' alphas, masks
+and then weights drift apart without a word. Each update records the optimizer steps its rank
+has taken in the process group's key-value store (no collective: a collective here would pair
+with DDP's gradient all-reduce on a rank that is a step behind). The next update compares the
+records of the previous one across ranks and raises if they differ, naming them.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+
+import torch
+
+# records missing at the next update mean a rank is far behind, or that update() ran twice
+# with no step between (then the others write theirs at once): wait this long before saying so
+WAIT = datetime.timedelta(seconds=300)
+
+_pruner_ids = itertools.count()   # the same sequence on every rank when each builds its pruners alike
+
+
+def _store():
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):   # a group without a store of its own
+        return None
+
+
+class Lockstep:
+    """The records of one pruner's updates (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.prefix = f"mackay_ext/update_steps/{next(_pruner_ids)}"
+        self.updates = 0
+
+    def check(self, steps: int) -> None:
+        """Record this rank's optimizer steps at this update; raise if the previous update's
+        records differ between ranks."""
+        store = _store()
+        if store is None:
+            return
+        dist = torch.distributed
+        rank, world = dist.get_rank(), dist.get_world_size()
+        store.set(f"{self.prefix}/{self.updates}/{rank}", str(int(steps)))
+        self.updates += 1
+        if self.updates == 1:
+            return
+        keys = [f"{self.prefix}/{self.updates - 2}/{r}" for r in range(world)]
+        try:
+            store.wait(keys, WAIT)
+        except RuntimeError:   # the store's timeout (DistStoreError is a RuntimeError)
+            raise RuntimeError(
+                f"MacKayPruner.update: some rank has not made update number {self.updates - 1} "
+                f"within {WAIT.seconds} s of this rank's update number {self.updates}: every rank must "
+                "call update() at the same optimizer step") from None
+        steps_by_rank = {r: int(store.get(key)) for r, key in enumerate(keys)}
+        if len(set(steps_by_rank.values())) > 1:
+            said = ", ".join(f"rank {r} after {s} steps" for r, s in steps_by_rank.items())
+            raise RuntimeError(
+                f"MacKayPruner.update: the ranks made update number {self.updates - 1} at different "
+                f"optimizer steps ({said}): their alphas and masks have diverged. Under "
+                "DistributedDataParallel every rank must call update() at the same step")
