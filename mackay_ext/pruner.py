@@ -158,7 +158,10 @@ class MacKayPruner(StandalonePrior):
             size. Groups without such a norm keep the prior on every member.
         on_nonfinite: "raise" (default) or "skip".
 
-    DistributedDataParallel: every rank builds the pruner and calls update() at the same step.
+    DistributedDataParallel: every rank builds the pruner and calls update() at the same step
+    (an update raises, naming each rank's step count, when the previous one was not; like the
+    exact curvatures' all-reduce, this takes an initialised process group to mean that its ranks
+    train one model together).
     The exact curvatures are summed over ranks (with their example counts) before the update;
     ef-batch is computed from DDP's already averaged gradients, read at the optimizer step (pass
     the global batch size as batch_size, or MacKayAdam's), so every rank computes identical alpha
