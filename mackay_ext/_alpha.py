@@ -23,3 +23,11 @@ def finite_alpha(alpha: torch.Tensor, like: torch.Tensor | None = None) -> torch
     if like is not None:
         alpha = alpha.to(torch.promote_types(alpha.dtype, like.dtype))
     return torch.where(alpha == math.inf, torch.zeros_like(alpha), alpha)
+
+
+def update_rule(rule: str, warmup: bool) -> str:
+    """The rule an update applies: "em" from alpha = 0 (the warm-up) is degenerate where an
+    entry has h = 0 (an always-zero input, a dead unit): its Sigma_ii = 1 / (N h + alpha) is
+    infinite, so the group's alpha would stay 0 for ever (or snr prune it). MacKay's estimate
+    starts it instead; the warm-up prunes nothing."""
+    return "mackay" if warmup and rule == "em" else rule

@@ -67,7 +67,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._alpha import finite_alpha
+from ._alpha import finite_alpha, update_rule
 from ._follow import ParamStates
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
 from .batch_curvature import StepCurvature, ema_debiased
@@ -184,7 +184,6 @@ class ChannelARD:
             if not bool(self.on_scale.any()):
                 self.notes.append("channel_prior='norm-scale': no group passes through a BatchNorm or "
                                   "InstanceNorm with a scale; every group's prior is on all its members")
-        self.keys = [(m.name, dim, ids) for m in self.members.values() for dim, ids in m.dims]
         self._own = ParamStates()   # the 1-D members' alpha and h
         self._hooks = []
         self._batch_size, self._decay = self._ef_batch_settings(batch_size)
@@ -374,6 +373,11 @@ class ChannelARD:
             self._own[name]["curvature_steps"].fill_(float(steps.get(name, math.inf)))
         self._write_alpha_eff()
 
+    @property
+    def keys(self) -> list[tuple[str, int, torch.Tensor]]:
+        """(member name, dim, group number of every index along dim) of every sliced dimension."""
+        return [(m.name, dim, ids) for m in self.members.values() for dim, ids in m.dims]
+
     # ------------------------------------------------------------------ update
     def _follow_device(self) -> None:
         """The group tensors move to the members' device if the model moved after the pruner
@@ -388,7 +392,6 @@ class ChannelARD:
             self.macs = self.macs.to(device)
         for member in self.members.values():
             member.dims = [(dim, ids.to(device)) for dim, ids in member.dims]
-        self.keys = [(m.name, dim, ids) for m in self.members.values() for dim, ids in m.dims]
 
     def _alpha_terms(self, member: _Member, alpha: torch.Tensor):
         """Per dimension (dim, group numbers, alpha_g of the entry's group there or 0), and alpha_eff."""
@@ -437,8 +440,7 @@ class ChannelARD:
         num_data, rule = float(pruner.num_data), pruner.rule
         old = self.alpha.clone()
         warmup = not bool(old.any())       # alpha = 0 everywhere: the prior was off until now
-        if warmup and rule == "em":   # em from 0 is degenerate where some h = 0 (MacKayPruner._update_one)
-            rule = "mackay"
+        rule = update_rule(rule, warmup)
         can_prune = not (warmup or hold)
         already = old == math.inf
         weight_sq, numerator, sigma_sum, n_live = (torch.zeros_like(old) for _ in range(4))

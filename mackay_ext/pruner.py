@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from . import ops
-from ._alpha import group_dims
+from ._alpha import group_dims, update_rule
 from ._follow import ParamStates
 from ._validate import (
     BACKENDS,
@@ -680,11 +680,8 @@ class MacKayPruner(StandalonePrior):
         old_alpha = alpha.clone() if priced else None
         curvature = self.curvature_estimate(name)
         unpruned_alpha = self._unpruned_alpha(weight, curvature, alpha) if limit else None
-        # em from alpha = 0 is degenerate where some h = 0 (an always-zero input): its Sigma_ii is
-        # infinite and alpha would stay 0; MacKay's estimate starts it (the warm-up prunes nothing)
-        rule = "mackay" if warmup and self.rule == "em" else self.rule
         stats = ops.mackay_update_(
-            weight, curvature, alpha, num_data=self.num_data, rule=rule,
+            weight, curvature, alpha, num_data=self.num_data, rule=update_rule(self.rule, warmup),
             # snr < 0 never holds: the same alpha estimate, nothing pruned
             prune=self.prune if can_prune else "snr", threshold=self.threshold if can_prune else 0.0,
             eps=self.eps, alpha_max=self.alpha_max, backend=self.backend)
