@@ -14,9 +14,11 @@ the paper's code are described):
   every block only, gamma = 1, outer rounds with Adam restarted and x0.9 on a plateau).
 - mackay: MacKay's rule with curvature on the same groups and layers, in-run schedule.
 - channel: MacKay's rule on coupled channel groups over the whole network (residual stream too).
+- weight: MacKay's rule with one alpha per weight (unstructured), in-run schedule.
 - magnitude (global L1): torch.nn.utils.prune global L1 on every conv / Linear weight of the dense
   network down to the number of weights the `mackay` row of the same seed keeps, then fine-tuned
-  for as many epochs as that row trained after the dense phase.
+  for as many epochs as that row trained after the dense phase; "... at weight's count" the same
+  at the `weight` row's count (the unstructured peer of that row).
 A filter pruned by the paper or mackay rows still feeds its consumers its BatchNorm shift as a
 constant channel; before their fine-tune the script removes such channels for real (BatchNorm
 scale and shift, bias and every reader's input slice set to 0, optimizer moments too, so they stay
@@ -67,7 +69,11 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist32": 10}   # not from the l
 MODELS = recipes_cifar.MODELS
 METHODS = recipes_cifar.METHODS
 MAGNITUDE = "magnitude (global L1)"
-ROW_ORDER = ["dense", *METHODS, MAGNITUDE]
+MAGNITUDE_AT_WEIGHT = "magnitude (global L1) at weight's count"
+# each magnitude row and the MacKay row whose count of kept weights it prunes to
+MAGNITUDE_OF = {MAGNITUDE: "mackay", MAGNITUDE_AT_WEIGHT: "weight"}
+METHOD_ALIASES = {"magnitude": MAGNITUDE, "magnitude-weight": MAGNITUDE_AT_WEIGHT}
+ROW_ORDER = ["dense", *METHODS, *MAGNITUDE_OF]
 SMOKE_SIZES = {"train": 128, "val": 64, "test": 64}
 SMOKE_VGG_WIDTH = 8
 
@@ -349,9 +355,11 @@ class ModelRun:
         if not missing:
             self.log(f"{self.shown} seed {seed}: every row asked for is in the table already")
             return
-        if MAGNITUDE in missing and "mackay" not in missing and self.done("mackay", seed) is None:
-            raise SystemExit(f"reproduce_cifar: the magnitude row of {self.shown} seed {seed} prunes to the "
-                             "mackay row's count: that row is not in the table; add mackay to --methods")
+        for magnitude, method in MAGNITUDE_OF.items():
+            if magnitude in missing and method not in missing and self.done(method, seed) is None:
+                raise SystemExit(f"reproduce_cifar: the row {magnitude!r} of {self.shown} seed {seed} prunes to "
+                                 f"the {method} row's count: that row is not in the table; add {method} to "
+                                 "--methods")
         self.log(f"{self.shown} seed {seed}: rows to make: {', '.join(missing)}")
         dense_model, dense_seconds = self.dense(seed)
         dense_macs = conv_macs(dense_model, self.example[:1])
@@ -372,16 +380,22 @@ class ModelRun:
                         max_prune_fraction=run.pruner.max_prune_fraction,
                         channels_cut=len(cut),
                         epochs_after_dense=sum(1 for h in run.history if h["phase"] != "pretrain"))
-        if MAGNITUDE in missing:
-            set_seed(seed)
-            start = time.perf_counter()
-            magnitude = self.trainer(copy.deepcopy(dense_model), "mackay", seed,
-                                     options={"granularity": "weight"}, pretrain_epochs=0)
-            fit = config_for(self.recipe["mackay"], seed, self.smoke)
-            train_magnitude(magnitude, self.done("mackay", seed)["kept"], fit.epochs + fit.finetune_epochs,
-                            fit.finetune_lr or fit.retrain_lr)
-            self.finish(MAGNITUDE, magnitude.model, seed, dense_seconds + time.perf_counter() - start,
-                        dense_macs, recipe=self.recipe["mackay"].name + " (its epochs)")
+        for row, method in MAGNITUDE_OF.items():
+            if row in missing:
+                self.magnitude(row, method, seed, dense_model, dense_seconds, dense_macs)
+
+    def magnitude(self, row: str, method: str, seed: int, dense_model: nn.Module, dense_seconds: float,
+                  dense_macs: int) -> None:
+        """The magnitude row `row`: global L1 down to the `method` row's count, its epochs."""
+        set_seed(seed)
+        start = time.perf_counter()
+        magnitude = self.trainer(copy.deepcopy(dense_model), method, seed,
+                                 options={"granularity": "weight"}, pretrain_epochs=0)
+        fit = config_for(self.recipe[method], seed, self.smoke)
+        train_magnitude(magnitude, self.done(method, seed)["kept"], fit.epochs + fit.finetune_epochs,
+                        fit.finetune_lr or fit.retrain_lr)
+        self.finish(row, magnitude.model, seed, dense_seconds + time.perf_counter() - start,
+                    dense_macs, recipe=self.recipe[method].name + " (its epochs)")
 
 
 # -------------------------------------------------------------------------------- reporting
@@ -426,7 +440,7 @@ def prune_limit(row: dict[str, Any]) -> float | None:
 
 
 def verdict(row: dict[str, Any], dense_error: float | None) -> str:
-    """The issue's mnist32 targets, for the MacKay rows (paper, mackay, channel)."""
+    """The issue's mnist32 targets, for the MacKay rows (paper, mackay, channel, weight)."""
     if row["dataset"] != "mnist32" or row["method"] not in METHODS:
         return ""
     parts = []
@@ -549,16 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="train every row of the models named again, their dense networks too (by default the "
                              "rows the table has are kept, and a seed's dense network is read from <out>/cifar_cache/)")
-    parser.add_argument("--methods", nargs="+", choices=[*ROW_ORDER[1:], "magnitude"], default=ROW_ORDER[1:],
-                        help="make only these rows (and each seed's dense row; 'magnitude' names the "
-                             f"'{MAGNITUDE}' row); e.g. to split a table over processes with --out, then --merge")
+    parser.add_argument("--methods", nargs="+", choices=[*ROW_ORDER[1:], *METHOD_ALIASES], default=ROW_ORDER[1:],
+                        help="make only these rows (and each seed's dense row; 'magnitude' and 'magnitude-weight' "
+                             f"name the '{MAGNITUDE}' rows); e.g. to split a table over processes with --out, "
+                             "then --merge")
     parser.add_argument("--merge", nargs="+", metavar="JSON", default=[],
                         help="add every seed's row of these tables (written by runs with other --out) to this "
                              "table, replacing the rows of the same model, method and seed, and write it; "
                              "trains nothing")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    args.methods = [MAGNITUDE if method == "magnitude" else method for method in args.methods]
+    args.methods = [METHOD_ALIASES.get(method, method) for method in args.methods]
     if args.vgg_width < 1:
         parser.error(f"--vgg-width must be a positive divisor, got {args.vgg_width}")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -21,7 +21,8 @@ SCRIPT = os.path.join(BENCH, "reproduce_cifar.py")
 sys.path.insert(0, BENCH)
 import reproduce_cifar
 
-METHODS = {"dense", "paper", "mackay", "channel", "magnitude (global L1)"}
+METHODS = {"dense", "paper", "mackay", "channel", "weight", "magnitude (global L1)",
+           "magnitude (global L1) at weight's count"}
 
 
 def run_script(out, *args, check=True):
@@ -71,8 +72,10 @@ def test_every_row_and_field(cifar_smoke):
             assert seed["weights_kept"] == pytest.approx(100 * seed["kept"] / seed["total"])
             assert seed["conv_macs_kept"] == pytest.approx(100 * seed["conv_macs"] / seed["conv_macs_dense"])
         assert measured["dense"]["weights_kept"] == 100 and measured["dense"]["conv_macs_kept"] == 100
-        # the magnitude baseline keeps exactly as many weights as the MacKay row of its seed
+        # each magnitude baseline keeps exactly as many weights as its MacKay row of the seed
         assert measured["magnitude (global L1)"]["per_seed"][0]["kept"] == measured["mackay"]["per_seed"][0]["kept"]
+        assert (measured["magnitude (global L1) at weight's count"]["per_seed"][0]["kept"]
+                == measured["weight"]["per_seed"][0]["kept"])
     resnet = [r for r in rows if r["model"] == "resnet-20" and r["source"] == "measured"]
     for row in resnet:   # conv MACs of the shrunk network against a count from its widths
         seed = row["per_seed"][0]
@@ -90,7 +93,7 @@ def test_every_row_and_field(cifar_smoke):
 def test_markdown(cifar_smoke):
     text = (cifar_smoke / "cifar_smoke.md").read_text()
     assert "Smoke run" in text and "| model | method | test error % | weights kept % | conv MACs kept %" in text
-    assert text.count("| resnet-20 |") == 5 and text.count("| vgg-d6 (width 1/8) |") == 5
+    assert text.count("| resnet-20 |") == 7 and text.count("| vgg-d6 (width 1/8) |") == 7
     assert "Width-scaled to fit the CPU budget: vgg-d6 (width 1/8)" in text
     assert "Hardware:" in text and "no flips" in text and "not a claim about CIFAR" not in text
 
@@ -115,7 +118,7 @@ def test_cifar100_smoke(tmp_path):
     run_script(tmp_path, "--dataset", "cifar100", "--models", "vgg-d6", "--seeds", "0")
     rows = json.loads((tmp_path / "cifar100_smoke.json").read_text())
     measured = [r for r in rows if r["source"] == "measured"]
-    assert len(measured) == 5 and all(r["per_seed"][0]["classes"] == 100 for r in measured)
+    assert len(measured) == 7 and all(r["per_seed"][0]["classes"] == 100 for r in measured)
     published = [r for r in rows if r["source"] != "measured"]
     assert [(r["test_error"], r["weights_kept"]) for r in published] == [(29.91, 100.0), (28.81, 42.05)]
 
@@ -169,6 +172,14 @@ def test_recipes_encode_the_paper_protocol():
         # the MacKay methods thin a layer over several updates; the paper's rule has no such limit
         assert mackay.pruner["max_prune_fraction"] == channel.pruner["max_prune_fraction"] == 0.5
         assert "max_prune_fraction" not in paper.pruner
+        # weight: one alpha per weight of every layer, updates twice as often (the cap's floor)
+        weight = recipes_cifar.get(f"{model}-weight")
+        assert weight.pruner["granularity"] == "weight" and weight.pruner["ard_layers"] == "all"
+        assert weight.pruner["rule"] == "mackay" and weight.pruner["max_prune_fraction"] == 0.5
+        for dataset in ("cifar10", "mnist32"):
+            every = {m: recipes_cifar.for_run(model, m, dataset).config.update_every_steps
+                     for m in ("mackay", "weight")}
+            assert every["weight"] == every["mackay"] // 2 > 0
         assert recipes_cifar.for_run(model, "paper", "cifar100") is paper
         assert recipes_cifar.for_run(model, "paper", "mnist32").name == f"{model}-paper-mnist32"
     assert recipes_cifar.get("resnet-56-paper").config.rounds == 4   # + the warm-up round: the paper's 5
@@ -305,7 +316,7 @@ def test_fresh_trains_again(tmp_path):
     run_script(tmp_path, "--models", "resnet-20", "--seeds", "0", "--fresh")
     second = json.loads((tmp_path / "cifar_smoke.json").read_text())
     walls = [[r["per_seed"][0]["wall_seconds"] for r in rows if r["source"] == "measured"] for rows in (first, second)]
-    assert len(walls[0]) == 5 and all(a != b for a, b in zip(*walls))
+    assert len(walls[0]) == 7 and all(a != b for a, b in zip(*walls))
 
 
 def test_methods_and_merge_split_a_table_over_processes(cifar_smoke, tmp_path):
@@ -340,6 +351,10 @@ def test_magnitude_alone_needs_the_mackay_row(tmp_path):
                              "--seeds", "0", "--methods", "magnitude (global L1)", "--quiet"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "add mackay to --methods" in result.stderr
+    result = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(tmp_path), "--models", "resnet-20",
+                             "--seeds", "0", "--methods", "magnitude-weight", "--quiet"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "add weight to --methods" in result.stderr
 
 
 def test_merge_of_a_missing_file_is_named(tmp_path):
