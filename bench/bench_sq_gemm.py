@@ -11,11 +11,9 @@ The three are timed round-robin (conftest.interleaved); one `out` is shared so a
 caches. Target (issue 17): ext <= torch fallback everywhere, and below it where the squares'
 memory traffic matters.
 """
-import time
-
 import pytest
 import torch
-from conftest import DEVICES, interleaved
+from conftest import DEVICES, interleaved, rounds_for
 
 from mackay_ext.curvature import sq_gemm_accumulate_
 
@@ -24,16 +22,6 @@ BATCHES = [1, 8, 16, 32, 128, 1024]
 THREADS = [1, 2] if torch.get_num_threads() >= 2 else [1]
 SCALE = 0.5
 SECONDS_PER_CASE = 3.0  # rounds are sized so a case takes about this long on the CPU
-
-
-def rounds_for(function, device, implementations):
-    """How many rounds fit SECONDS_PER_CASE, from one timed call (at least 3, at most 50)."""
-    if device != "cpu":
-        return 50
-    start = time.perf_counter()
-    function()
-    once = time.perf_counter() - start
-    return max(3, min(50, int(SECONDS_PER_CASE / (once * implementations))))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,7 +45,7 @@ def test_sq_gemm(benchmark, record, device, threads, batch, layer):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        rounds = rounds_for(steps["torch fallback"], device, len(steps))
+        rounds = rounds_for(steps["torch fallback"], len(steps), SECONDS_PER_CASE, device)
         best = interleaved(benchmark, steps, rounds=rounds, device=device)
     finally:
         torch.set_num_threads(previous)

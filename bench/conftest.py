@@ -69,6 +69,18 @@ def interleaved(benchmark, functions, rounds, device="cpu"):
     return {name: min(values) for name, values in times.items()}
 
 
+def rounds_for(function, implementations, seconds, device="cpu", low=3, high=50):
+    """How many rounds of `implementations` calls like `function` fit `seconds`, from one timed
+    call (between low and high; high on a GPU, where a call is short and a round costs little)."""
+    import time
+    if device != "cpu":
+        return high
+    start = time.perf_counter()
+    function()
+    once = time.perf_counter() - start
+    return max(low, min(high, int(seconds / (once * implementations))))
+
+
 def best_seconds(benchmark):
     """Fastest round: on a shared, noisy machine the least-disturbed measurement."""
     return benchmark.stats.stats.min

@@ -29,6 +29,15 @@ TORCH_LIBRARY(mackay_ext, m) {
   // Exact diagonal empirical Fisher of a Linear layer: out += scale * (a*a)^T (b*b), squares
   // formed on load (a: output gradients [N, out], b: inputs [N, in], out: [out, in]).
   m.def("sq_gemm_accumulate_(Tensor(a!) out, Tensor a, Tensor b, float scale) -> ()");
+  // The same at the nonzeros of a pattern over out only (the weights still alive); the rest of
+  // out is left as it is. The pattern comes in column blocks: col_splits [B + 1] (0 = c_0 <= ...
+  // <= c_B = in) cut out's columns into B blocks, and block_crow [B * out + 1] is a CSR over
+  // virtual rows j * out + o, row o's nonzeros within block j (col_indices [nnz] their columns).
+  // B = 1, col_splits = [0, in], is a plain CSR. bias_out, when given, gets the bias's share,
+  // bias_out[o] += scale * sum_n a[n, o]^2. CPU kernel only: CUDA tensors keep the dense product
+  // above (no sparse kernel yet).
+  m.def("sq_sddmm_accumulate_(Tensor(a!) out, Tensor a, Tensor b, Tensor col_splits, Tensor block_crow, "
+        "Tensor col_indices, float scale, Tensor(b!)? bias_out=None) -> ()");
   // The same for a Conv2d: out [O, C/groups * kh * kw] += scale * sum_n G_n^2, G_n the gradient of
   // example n's weight (input [N, C, H, W], grad_output [N, O, H', W']). CPU kernel only; CUDA
   // tensors take the Python route (per-example gradients by the convolution library).

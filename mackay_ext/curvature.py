@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import _extension, conv_curvature
+from . import _extension, conv_curvature, kept_pattern
 from ._validate import BACKENDS, check_choice
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
+from .csr import row_indices as expand_pointers
 from .conv_curvature import (
     conv_per_example_grads,
     conv_sq_grad_accumulate_,
@@ -56,9 +58,51 @@ def sq_gemm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
     torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale))
 
 
+def sq_sddmm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, col_splits: torch.Tensor,
+                         block_crow: torch.Tensor, col_indices: torch.Tensor, scale: float = 1.0,
+                         backend: str = "ext", bias_out: torch.Tensor | None = None) -> None:
+    """out[o, c] += scale * sum_n a[n, o]^2 b[n, c]^2 in place at the nonzeros (o, c) of a pattern
+    over out; out's other entries are left as they are. The pattern comes in column blocks
+    (kept_pattern.blocked_csr makes it from a mask): col_splits [B + 1] cut out's columns into B
+    blocks, block_crow [B * out + 1] is a CSR over the virtual rows j * out + o (row o's nonzeros
+    within block j), col_indices [nnz] their columns; B = 1 is a plain CSR. Each CPU thread then
+    squares the columns of b it reads. bias_out, when given: bias_out[o] += scale * sum_n a[n, o]^2
+    (a bias's share; it is kept when every weight of its row is pruned). The extension's kernel
+    takes CPU tensors; backend="torch" (any device) forms the dense product and adds it at the
+    pattern."""
+    check_choice("backend", backend, BACKENDS, "sq_sddmm_accumulate_")
+    if backend == "ext":
+        _extension.require()
+        if out.device.type != "cpu":
+            raise RuntimeError(f"sq_sddmm_accumulate_: the extension's kernel runs on the CPU, got out on "
+                               f"{out.device}; use sq_gemm_accumulate_ (dense) or backend='torch'")
+        torch.ops.mackay_ext.sq_sddmm_accumulate_(out, a, b, col_splits, block_crow, col_indices, float(scale),
+                                                  bias_out)
+        return
+    blocks = col_splits.numel() - 1
+    if a.shape[0] != b.shape[0] or out.shape != (a.shape[1], b.shape[1]) or col_splits.dim() != 1 or blocks < 1 \
+            or block_crow.shape != (blocks * out.shape[0] + 1,) or col_indices.dim() != 1:
+        raise RuntimeError(f"sq_sddmm_accumulate_: shapes out {tuple(out.shape)}, a {tuple(a.shape)}, b "
+                           f"{tuple(b.shape)}, col_splits {tuple(col_splits.shape)}, block_crow "
+                           f"{tuple(block_crow.shape)}, col_indices {tuple(col_indices.shape)} do not fit "
+                           "out += (a*a)^T (b*b) at a pattern in column blocks over out")
+    if bias_out is not None and bias_out.shape != (out.shape[0],):
+        raise RuntimeError(f"sq_sddmm_accumulate_: bias_out must have shape ({out.shape[0]},), got {tuple(bias_out.shape)}")
+    rows, cols = expand_pointers(block_crow) % out.shape[0], col_indices.long()
+    a_sq = a * a
+    full = a_sq.t() @ (b * b)
+    out.index_put_((rows, cols), full[rows, cols] * scale, accumulate=True)
+    if bias_out is not None:
+        bias_out.add_(a_sq.sum(0), alpha=scale)
+
+
 if _extension.is_loaded():
     @torch.library.register_fake("mackay_ext::sq_gemm_accumulate_")
     def _sq_gemm_fake(out, a, b, scale):
+        return None
+
+    @torch.library.register_fake("mackay_ext::sq_sddmm_accumulate_")
+    def _sq_sddmm_fake(out, a, b, col_splits, block_crow, col_indices, scale, bias_out=None):
         return None
 
 
@@ -96,6 +140,10 @@ class FisherAccumulator:
             The batch size is the first dimension of each layer's input.
         strict: raise when a layer with parameters is not supported (else it is listed in
             `unsupported` and reported once).
+        alpha_of: for a weight, the prior precisions a pruner holds for it (broadcastable to it),
+            or None. Weights at alpha = +inf are pruned for good: their squares are not added
+            (a Linear layer pruned below kept_pattern.MAX_SPARSE_DENSITY sums at its kept
+            weights only, on the CPU), and curvature() reads 0 there. MacKayPruner passes its own.
     Usage: `with FisherAccumulator(model) as acc: loss.backward()`; then `acc.curvature(p)`.
     A layer's inputs and output gradients pair by order within a layer (the last use of the
     forward with the first gradient of the backward), so each batch's backward must follow its
@@ -105,11 +153,14 @@ class FisherAccumulator:
     """
 
     def __init__(self, model: nn.Module, mode: str = "ef-exact", modules: Iterable[str] | None = None,
-                 *, loss_reduction: str = "mean", strict: bool = False, backend: str = "ext"):
+                 *, loss_reduction: str = "mean", strict: bool = False, backend: str = "ext",
+                 alpha_of: Callable[[nn.Parameter], torch.Tensor | None] | None = None):
         check_choice("mode", mode, MODES, "FisherAccumulator")
         check_choice("loss_reduction", loss_reduction, REDUCTIONS, "FisherAccumulator")
         check_choice("backend", backend, BACKENDS, "FisherAccumulator")
         self.model, self.mode, self.loss_reduction, self.backend = model, mode, loss_reduction, backend
+        self.alpha_of = alpha_of
+        self._kept: dict[nn.Parameter, kept_pattern.KeptPattern] = {}   # alpha_of's, cached
         named = dict(model.named_modules())
         if modules is None:
             candidates = {n: m for n, m in named.items() if any(True for _ in m.parameters(recurse=False))}
@@ -276,11 +327,20 @@ class FisherAccumulator:
         if len(inputs) == 1 and inputs[0].dim() == 2 and isinstance(module, nn.Linear):
             x, delta = inputs[0], grads[0]
             s2 = scale * scale
+            bias_added = False
             if weight.dtype in (torch.float32, torch.float64) and x.dtype == delta.dtype == weight.dtype:
-                sq_gemm_accumulate_(self._sum_for(weight), delta, x, s2, self.backend)
+                kept = self._kept_pattern(weight)
+                if kept is not None and kept.sparse:
+                    # the kernel adds the bias's squares from delta's, which it forms anyway
+                    bias_sum = self._sum_for(bias) if bias is not None and bias.dtype == weight.dtype else None
+                    sq_sddmm_accumulate_(self._sum_for(weight), delta, x, *kept.blocks, s2, self.backend,
+                                         bias_out=bias_sum)
+                    bias_added = bias_sum is not None
+                else:
+                    sq_gemm_accumulate_(self._sum_for(weight), delta, x, s2, self.backend)
             else:
                 self._sum_for(weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * s2)
-            if bias is not None:
+            if bias is not None and not bias_added:
                 self._sum_for(bias).add_(delta.square().sum(0), alpha=s2)
             return
         if len(inputs) == 1 and isinstance(module, (nn.Conv1d, nn.Conv2d)) and self.backend == "ext" \
@@ -288,6 +348,20 @@ class FisherAccumulator:
             self._accumulate_conv_fused(module, inputs[0], grads[0], scale, grad_sum)
             return
         self._accumulate_per_example(module, inputs, grads, scale, grad_sum)
+
+    def _kept_pattern(self, weight: torch.Tensor) -> kept_pattern.KeptPattern | None:
+        """Where a Linear weight is still kept (alpha_of), or None: no alphas for it, or no sparse
+        kernel for it (CUDA; backend "torch", whose fallback forms the dense product anyway)."""
+        if self.alpha_of is None or weight.device.type != "cpu" or self.backend != "ext" \
+                or not _extension.is_loaded():
+            return None
+        alpha = self.alpha_of(weight)
+        if alpha is None:
+            return None
+        pattern = self._kept.get(weight)
+        if not kept_pattern.is_current(pattern, alpha):
+            pattern = self._kept[weight] = kept_pattern.build(weight, alpha)
+        return pattern
 
     def _accumulate_conv_fused(self, module, x, delta, scale, grad_sum=None) -> None:
         x, delta, geometry = self._as_conv2d(module, x, delta)
@@ -436,11 +510,16 @@ class FisherAccumulator:
         return param in self.sums
 
     def curvature(self, param: nn.Parameter) -> torch.Tensor:
-        """The per-example mean of the squared per-example gradient (param's shape)."""
+        """The per-example mean of the squared per-example gradient (param's shape); 0 at the
+        weights alpha_of marks pruned."""
         if param not in self.sums:
             raise KeyError("FisherAccumulator.curvature: no curvature for this parameter (not in a "
                            "supported layer, or no batch accumulated yet)")
-        return self.sums[param] / max(self.counts[param], 1)
+        mean = self.sums[param] / max(self.counts[param], 1)
+        alpha = self.alpha_of(param) if self.alpha_of is not None else None
+        if alpha is not None:   # pruned weights: nothing (or, above the sparse line, unused sums) added
+            mean.masked_fill_((alpha == math.inf).expand_as(mean), 0.0)
+        return mean
 
     @torch.no_grad()
     def all_reduce(self, group=None) -> None:

@@ -64,6 +64,9 @@ def mackay_update_(
     with torch.no_grad():
         gamma_sum, num_pruned = torch.ops.mackay_ext.mackay_update_.default(
             weight, curvature, alpha, **kwargs)
+        # the kernel writes in place below autograd, which would not see it: advance the versions as
+        # torch's own in-place ops do (autograd's saved-tensor check; kept_pattern's cache of alpha)
+        torch.autograd.graph.increment_version([weight, alpha])
     return UpdateStats(gamma_sum, num_pruned)
 
 

@@ -371,8 +371,23 @@ class MacKayPruner(StandalonePrior):
                              f"cannot serve {', '.join(problems)}. Use curvature='ef-batch', or "
                              "leave them out with layers=[...]")
         modules = sorted({t.module_name for t in self.targets.values()})
+        self._target_of_param = {t.param: name for name, t in self.targets.items()}
         self.accumulator = FisherAccumulator(self.model, mode=self.curvature_kind, modules=modules,
-                                             backend=self.backend, strict=True)
+                                             backend=self.backend, strict=True, alpha_of=self._alpha_of)
+
+    def _alpha_of(self, param: nn.Parameter) -> torch.Tensor | None:
+        """The alphas of an ARD weight, for the accumulator to skip what is pruned (None under
+        channel ARD, whose pruned channels are its own)."""
+        if self.channel is not None:
+            return None
+        name = self._target_of_param.get(param)
+        if name is None:
+            return None
+        if self.fused:   # asked for every layer on every batch: the state's dict, not ard_state's search
+            alpha = self.optimizer.state.get(param, {}).get("alpha")
+            if alpha is not None:
+                return alpha
+        return self.alpha(name)
 
     def _attach_to_optimizer(self) -> None:
         for name, target in self.targets.items():

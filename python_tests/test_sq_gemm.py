@@ -19,7 +19,6 @@ DTYPES = [torch.float32, torch.float64]
 SHAPES = [(1, 1, 1), (1, 7, 300), (3, 5, 2), (8, 13, 70), (2, 601, 603), (8, 600, 600), (9, 600, 600),
           (255, 9, 17), (256, 31, 33), (257, 33, 31), (600, 65, 3), (600, 3, 65), (300, 64, 400),
           (300, 400, 64), (16, 33, 257), (17, 31, 255), (32, 65, 513), (33, 40, 300)]
-THREADS = [1, 2] if torch.get_num_threads() >= 2 else [1]
 
 
 def reference(out, a, b, scale):
@@ -32,13 +31,6 @@ def check(out, a, b, scale=0.5):
     tol = 1e-12 if out.dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
 
-
-@pytest.fixture(params=THREADS, ids=lambda t: f"{t}thr")
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("device", DEVICES)

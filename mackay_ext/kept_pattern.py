@@ -1,0 +1,75 @@
+"""Where a Linear layer's weights are still kept, as a pattern for the exact curvature.
+
+A weight the pruner has pruned (alpha = +inf) is held at 0 for good, and its curvature is never
+read again. Once most of a layer is pruned, ef-exact's dense squared GEMM (sq_gemm_accumulate_)
+spends most of its work on such weights; sq_sddmm_accumulate_ adds the same sums at the kept
+weights only. FisherAccumulator asks `pattern_for` on every batch, so the pattern is cached and
+rebuilt only when the alpha tensor it came from is replaced or changed in place (its _version:
+masked_fill_, copy_ and mackay_ext.ops.mackay_update_ all advance it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# At or below this kept fraction the sparse kernel is used. bench/results/sq_sddmm.md (2-core EPYC;
+# the LeNet layers and 1024x1024, batches 32 and 128, 1 and 2 threads): at 10% kept it took
+# 0.44x-0.90x the dense product's time, at 20% 0.76x-1.39x. The slow end is batch 32 on 2 threads:
+# with few examples a nonzero is little work, and the writes touch most cache lines of out anyway.
+MAX_SPARSE_DENSITY = 0.1
+
+
+@dataclass(frozen=True)
+class KeptPattern:
+    """The kept weights of one (out, in) weight, in the column blocks sq_sddmm_accumulate_ takes
+    (blocked_csr), or None there when too many are kept for the sparse kernel to pay (the dense
+    product is then used)."""
+    alpha: torch.Tensor      # the alphas it was read from, held so that their identity stays unique
+    version: int             # alpha._version when it was read
+    kept: torch.Tensor       # bool, the weight's shape
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None   # col_splits, block_crow, col_indices
+
+    @property
+    def sparse(self) -> bool:
+        return self.blocks is not None
+
+
+def blocked_csr(kept: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nonzeros of a 2-D mask as sq_sddmm_accumulate_ takes them: col_splits [B + 1] cutting
+    the columns into B = min(blocks, columns) blocks of about equal nonzero count, block_crow
+    [B * rows + 1] over the virtual rows j * rows + o, col_indices (int64, each row's in order)."""
+    rows, cols = kept.shape
+    blocks = max(1, min(blocks, cols))
+    device = kept.device
+    cumulative = kept.sum(0).cumsum(0)
+    nnz = int(cumulative[-1]) if cols else 0
+    if nnz:   # block j ends at the first column where the count reaches j/B of the nonzeros
+        targets = torch.arange(1, blocks, device=device, dtype=torch.float64) * (nnz / blocks)
+        inner = torch.searchsorted(cumulative.double(), targets) + 1
+    else:
+        inner = torch.arange(1, blocks, device=device) * cols // blocks
+    col_splits = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), inner.clamp(max=cols),
+                            torch.full((1,), cols, dtype=torch.int64, device=device)])
+    row, col = kept.nonzero().unbind(1)   # by row, then column
+    block = torch.searchsorted(col_splits[1:-1], col, right=True)
+    virtual = block * rows + row
+    order = torch.argsort(virtual, stable=True)
+    block_crow = torch.zeros(blocks * rows + 1, dtype=torch.int64, device=device)
+    torch.cumsum(torch.bincount(virtual, minlength=blocks * rows), 0, out=block_crow[1:])
+    return col_splits, block_crow, col[order].contiguous()
+
+
+def build(weight: torch.Tensor, alpha: torch.Tensor) -> KeptPattern:
+    """The pattern of `weight` (2-D) under `alpha` (broadcastable to it; +inf = pruned)."""
+    kept = (alpha != math.inf).expand_as(weight)
+    blocks = None
+    if weight.dim() == 2 and weight.numel() and int(kept.sum()) <= MAX_SPARSE_DENSITY * weight.numel():
+        # a few blocks a thread, so that blocks of unequal cost still spread over the threads
+        blocks = blocked_csr(kept, 4 * torch.get_num_threads())
+    return KeptPattern(alpha, alpha._version, kept.clone(), blocks)
+
+
+def is_current(pattern: KeptPattern | None, alpha: torch.Tensor) -> bool:
+    return pattern is not None and pattern.alpha is alpha and pattern.version == alpha._version
