@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
@@ -329,7 +330,7 @@ class FisherAccumulator:
             s2 = scale * scale
             bias_added = False
             if weight.dtype in (torch.float32, torch.float64) and x.dtype == delta.dtype == weight.dtype:
-                kept = self._kept_pattern(weight)
+                kept = self._kept_pattern(weight, batch)
                 if kept is not None and kept.sparse:
                     # the kernel adds the bias's squares from delta's, which it forms anyway
                     bias_sum = self._sum_for(bias) if bias is not None and bias.dtype == weight.dtype else None
@@ -349,18 +350,27 @@ class FisherAccumulator:
             return
         self._accumulate_per_example(module, inputs, grads, scale, grad_sum)
 
-    def _kept_pattern(self, weight: torch.Tensor) -> kept_pattern.KeptPattern | None:
+    def _kept_pattern(self, weight: torch.Tensor, batch: int) -> kept_pattern.KeptPattern | None:
         """Where a Linear weight is still kept (alpha_of), or None: no alphas for it, or no sparse
-        kernel for it (CUDA; backend "torch", whose fallback forms the dense product anyway)."""
+        kernel for it (CUDA; backend "torch", whose fallback forms the dense product anyway).
+        `batch`: the examples of this call, already counted."""
         if self.alpha_of is None or weight.device.type != "cpu" or self.backend != "ext" \
                 or not _extension.is_loaded():
             return None
         alpha = self.alpha_of(weight)
         if alpha is None:
             return None
-        pattern = self._kept.get(weight)
-        if not kept_pattern.is_current(pattern, alpha):
-            pattern = self._kept[weight] = kept_pattern.build(weight, alpha)
+        old = self._kept.get(weight)
+        if kept_pattern.is_current(old, alpha):
+            return old
+        pattern = self._kept[weight] = kept_pattern.build(weight, alpha)
+        if old is not None and old.sparse and self.counts[weight] > batch and bool((pattern.kept & ~old.kept).any()):
+            # weights kept again (alphas rolled back, e.g. an optimizer state loaded alone): their
+            # sums lack the batches since the last reset, which the count holds. Start afresh.
+            warnings.warn("FisherAccumulator: pruned weights of a layer are kept again since the last reset; "
+                          "that layer's curvature restarts from this batch", RuntimeWarning, stacklevel=2)
+            self.sums[weight].zero_()
+            self.counts[weight] = batch
         return pattern
 
     def _accumulate_conv_fused(self, module, x, delta, scale, grad_sum=None) -> None:

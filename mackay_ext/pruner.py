@@ -385,7 +385,7 @@ class MacKayPruner(StandalonePrior):
             return None
         if self.fused:   # asked for every layer on every batch: the state's dict, not ard_state's search
             alpha = self.optimizer.state.get(param, {}).get("alpha")
-            if alpha is not None:
+            if alpha is not None and alpha.device == param.device:   # else alpha() moves it first
                 return alpha
         return self.alpha(name)
 

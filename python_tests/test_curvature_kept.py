@@ -98,6 +98,25 @@ def test_the_pattern_follows_every_change_of_the_alphas():
     torch.testing.assert_close(accumulator.curvature(weight), dense.curvature(dense_model[0].weight))
 
 
+def test_weights_kept_again_restart_the_layer_sum():
+    # alphas rolled back between two resets (weights pruned, then kept again): the kept-again
+    # weights missed the earlier batches' squares, so the layer's estimate restarts, and says so
+    model = net()
+    alphas = alphas_pruning(model, 0.95)
+    weight = model[0].weight
+    accumulator = FisherAccumulator(model, alpha_of=alphas.get)
+    with accumulator:
+        backward(model, seed=1)
+    alphas[weight] = torch.ones_like(weight)   # nothing pruned any more (the weights stay 0)
+    dense_model = copy.deepcopy(model)
+    dense = FisherAccumulator(dense_model)
+    with accumulator, dense, pytest.warns(RuntimeWarning, match="restarts from this batch"):
+        backward(model, seed=2)
+        backward(dense_model, seed=2)
+    assert accumulator.counts[weight] == B
+    torch.testing.assert_close(accumulator.curvature(weight), dense.curvature(dense_model[0].weight))
+
+
 def run_pruner(restrict: bool):
     model = net()
     optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=200, batch_size=B)

@@ -105,6 +105,7 @@ def test_opcheck():
     ([0, 2, 4], [0, 1, 1, 2, 2, 3, 3], [2, 1, 3], "outside its column block"),
     ([0, 2, 4], [0, 1, 1, 2, 2, 3, 3], [0, -1, 3], "outside its column block"),
     ([0, 2, 4], [0, 2, 1, 2, 2, 3, 3], [0, 1, 3], "block_crow must be non-decreasing"),
+    ([0, 2, 4], [0, 999, 1, 2, 2, 3, 3], [0, 1, 3], "block_crow must be non-decreasing"),   # col not read
     ([0, 2, 4], [1, 1, 1, 2, 2, 3, 3], [0, 1, 3], "block_crow must start at 0 and end at nnz"),
     ([0, 2, 4], [0, 1, 1, 2, 2, 2, 2], [0, 1, 3], "block_crow must start at 0 and end at nnz"),
     ([0, 3, 2, 4], [0, 1, 1, 2, 2, 2, 2, 3, 3, 3], [0, 1, 3], "col_splits must be non-decreasing"),

@@ -63,10 +63,12 @@ const char* malformed(const index_t* splits, int64_t blocks, const index_t* crow
     if (splits[j] > splits[j + 1]) return "col_splits must be non-decreasing";
   }
   if (crow[0] != 0 || crow[blocks * rows] != nnz) return "block_crow must start at 0 and end at nnz";
+  for (int64_t v = 0; v < blocks * rows; ++v) {   // all of it before any col_indices are read
+    if (crow[v] > crow[v + 1]) return "block_crow must be non-decreasing";
+  }
   for (int64_t j = 0; j < blocks; ++j) {
     for (int64_t o = 0; o < rows; ++o) {
       const int64_t v = j * rows + o;
-      if (crow[v] > crow[v + 1]) return "block_crow must be non-decreasing";
       for (int64_t k = crow[v]; k < crow[v + 1]; ++k) {
         if (col[k] < splits[j] || col[k] >= splits[j + 1]) return "a col_index lies outside its column block";
       }
