@@ -89,12 +89,32 @@ def sq_sddmm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, co
                            "out += (a*a)^T (b*b) at a pattern in column blocks over out")
     if bias_out is not None and bias_out.shape != (out.shape[0],):
         raise RuntimeError(f"sq_sddmm_accumulate_: bias_out must have shape ({out.shape[0]},), got {tuple(bias_out.shape)}")
+    problem = _malformed_blocks(col_splits, block_crow, col_indices, out.shape[0], out.shape[1])
+    if problem:
+        raise RuntimeError(f"sq_sddmm_accumulate_: malformed pattern: {problem} (out is unchanged)")
     rows, cols = expand_pointers(block_crow) % out.shape[0], col_indices.long()
     a_sq = a * a
     full = a_sq.t() @ (b * b)
     out.index_put_((rows, cols), full[rows, cols] * scale, accumulate=True)
     if bias_out is not None:
         bias_out.add_(a_sq.sum(0), alpha=scale)
+
+
+def _malformed_blocks(col_splits, block_crow, col_indices, rows: int, cols: int) -> str | None:
+    """What the kernel's check says of a pattern in column blocks, for the torch fallback."""
+    splits, crow = col_splits.long(), block_crow.long()
+    if int(splits[0]) != 0 or int(splits[-1]) != cols:
+        return "col_splits must start at 0 and end at out.size(1)"
+    if bool((splits[1:] < splits[:-1]).any()):
+        return "col_splits must be non-decreasing"
+    if int(crow[0]) != 0 or int(crow[-1]) != col_indices.numel():
+        return "block_crow must start at 0 and end at nnz"
+    if bool((crow[1:] < crow[:-1]).any()):
+        return "block_crow must be non-decreasing"
+    block = expand_pointers(crow) // max(rows, 1)
+    if col_indices.numel() and bool(((col_indices < splits[block]) | (col_indices >= splits[block + 1])).any()):
+        return "a col_index lies outside its column block"
+    return None
 
 
 if _extension.is_loaded():

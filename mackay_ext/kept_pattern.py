@@ -3,9 +3,10 @@
 A weight the pruner has pruned (alpha = +inf) is held at 0 for good, and its curvature is never
 read again. Once most of a layer is pruned, ef-exact's dense squared GEMM (sq_gemm_accumulate_)
 spends most of its work on such weights; sq_sddmm_accumulate_ adds the same sums at the kept
-weights only. FisherAccumulator asks `pattern_for` on every batch, so the pattern is cached and
-rebuilt only when the alpha tensor it came from is replaced or changed in place (its _version:
-masked_fill_, copy_ and mackay_ext.ops.mackay_update_ all advance it).
+weights only. FisherAccumulator looks at a layer's pattern on every batch, so it keeps the one
+`build` made and makes a new one only when the alpha tensor it came from was replaced or changed
+in place (`is_current`: identity and _version, which masked_fill_, copy_ and
+mackay_ext.ops.mackay_update_ all advance).
 """
 from __future__ import annotations
 

@@ -112,12 +112,13 @@ def test_opcheck():
     ([1, 2, 4], [0, 1, 1, 2, 2, 3, 3], [0, 1, 3], "col_splits must start at 0"),
     ([0, 2, 5], [0, 1, 1, 2, 2, 3, 3], [0, 1, 3], "col_splits must start at 0 and end at out.size\\(1\\)"),
 ])
-def test_malformed_pattern_leaves_out_unchanged(splits, crow, col, message):
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_malformed_pattern_leaves_out_unchanged(splits, crow, col, message, backend):
     out = torch.randn(3, 4)
     before = out.clone()
     with pytest.raises(RuntimeError, match=message):
         sq_sddmm_accumulate_(out, torch.randn(5, 3), torch.randn(5, 4), torch.tensor(splits), torch.tensor(crow),
-                             torch.tensor(col))
+                             torch.tensor(col), backend=backend)
     assert torch.equal(out, before)
 
 
@@ -135,6 +136,7 @@ def test_bad_arguments_are_named():
         ((torch.zeros(3, 4), a, b, torch.tensor([0, 2, 4]), crow, col), "B \\* out.size\\(0\\) \\+ 1 = 7"),
         ((torch.zeros(3, 4), a, b, splits, crow, col.view(3, 1)), "col_indices must be 1-D"),
         ((torch.zeros(4, 3).t(), a, b, splits, crow, col), "contiguous"),
+        ((torch.zeros(3, 4), a, b, splits, crow, None), "must be tensors"),
     ]
     for args, message in cases:
         with pytest.raises((RuntimeError, TypeError), match=message):

@@ -39,6 +39,8 @@ inline void check_sq_sddmm_args(const at::Tensor& out, const at::Tensor& a, cons
                                 const at::Tensor& splits, const at::Tensor& crow, const at::Tensor& col,
                                 const std::optional<at::Tensor>& bias_out) {
   check_squared_operands("sq_sddmm_accumulate_", out, a, b);
+  TORCH_CHECK(splits.defined() && crow.defined() && col.defined(), "sq_sddmm_accumulate_: col_splits, "
+              "block_crow and col_indices must be tensors");
   TORCH_CHECK_TYPE(splits.scalar_type() == crow.scalar_type() && crow.scalar_type() == col.scalar_type() &&
                        (crow.scalar_type() == at::kInt || crow.scalar_type() == at::kLong),
                    "sq_sddmm_accumulate_: col_splits, block_crow and col_indices must all be int32 or all "
