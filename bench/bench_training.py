@@ -10,14 +10,16 @@ Variants, per model:
              pruner.accumulate_mc_from(logits) (a backward of its own) before the training backward
   ef-exact 1/4, fisher-mc 1/4   the same with MacKayPruner(curvature_every=4): the curvature of
              one training batch in four (the update every 430 steps averages over 108 of them)
+  ef-exact, 10% kept / 2% kept   ef-exact with every ARD layer pruned to that share of its
+             weights first (the exact estimator then skips the pruned ones, kept_pattern.py)
 MacKayAdam is built as the recipes' Trainer builds it (ard_param_groups, batch_size=B), so the
 exact variants also carry its ef-batch term. pruner.update() is timed on its own after the
 training rounds and its median added as update / UPDATE_EVERY (the recipes' 430 steps).
 
 All variants of a model run in one process, round-robin (in a new random order every round), each
 sample a block of the same number of steps; a ratio is the median over rounds of a variant's block
-against the baseline's block of the same round, so a drift in the machine's speed cancels. Random inputs of the real shapes (MNIST 1x28x28,
-CIFAR 3x32x32, a sequence of 32 tokens of width 128).
+against the baseline's block of the same round, so a drift in the machine's speed cancels. Random
+inputs of the real shapes (MNIST 1x28x28, CIFAR 3x32x32, a sequence of 32 tokens of width 128).
 
 Run:  python bench/bench_training.py           (about 5 minutes; writes bench/results/training.*)
       python bench/bench_training.py --quick   (about 30 s smoke; prints, writes nothing)
