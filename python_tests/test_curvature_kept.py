@@ -40,14 +40,19 @@ def alphas_pruning(model, fraction, seed=0):
     return alphas
 
 
+def dense_twin(model):
+    """A copy of `model` with an accumulator that knows no alphas: the dense estimate to compare with."""
+    twin = copy.deepcopy(model)
+    return twin, FisherAccumulator(twin)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("fraction", [0.95, 0.5, 0.0])
 def test_kept_weights_match_the_dense_estimate_and_pruned_read_zero(dtype, fraction):
     model = net(dtype)
     alphas = alphas_pruning(model, fraction)
-    dense_model = copy.deepcopy(model)
+    dense_model, dense = dense_twin(model)
     sparse = FisherAccumulator(model, alpha_of=alphas.get)
-    dense = FisherAccumulator(dense_model)
     for seed in (1, 2):
         with sparse, dense:
             backward(model, seed, dtype)
@@ -89,8 +94,7 @@ def test_the_pattern_follows_every_change_of_the_alphas():
     assert int(accumulator._kept[weight].kept.sum()) == int((alphas[weight] != math.inf).sum())
     alphas[weight] = torch.ones_like(weight)   # a new tensor: nothing pruned any more
     accumulator.reset()
-    dense_model = copy.deepcopy(model)
-    dense = FisherAccumulator(dense_model)
+    dense_model, dense = dense_twin(model)
     with accumulator, dense:
         backward(model)
         backward(dense_model)
@@ -108,8 +112,7 @@ def test_weights_kept_again_restart_the_layer_sum():
     with accumulator:
         backward(model, seed=1)
     alphas[weight] = torch.ones_like(weight)   # nothing pruned any more (the weights stay 0)
-    dense_model = copy.deepcopy(model)
-    dense = FisherAccumulator(dense_model)
+    dense_model, dense = dense_twin(model)
     with accumulator, dense, pytest.warns(RuntimeWarning, match="restarts from this batch"):
         backward(model, seed=2)
         backward(dense_model, seed=2)
