@@ -27,8 +27,9 @@ TORCH_LIBRARY(mackay_ext, m) {
   m.def("csr_linear(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, Tensor? bias, "
         "Tensor crow_t, Tensor row_t, Tensor perm_t) -> Tensor");
   // Exact diagonal empirical Fisher of a Linear layer: out += scale * (a*a)^T (b*b), squares
-  // formed on load (a: output gradients [N, out], b: inputs [N, in], out: [out, in]).
-  m.def("sq_gemm_accumulate_(Tensor(a!) out, Tensor a, Tensor b, float scale) -> ()");
+  // formed on load (a: output gradients [N, out], b: inputs [N, in], out: [out, in]). bias_out,
+  // when given, gets the bias's share from the same squares of a: bias_out[o] += scale * sum_n a[n, o]^2.
+  m.def("sq_gemm_accumulate_(Tensor(a!) out, Tensor a, Tensor b, float scale, Tensor(b!)? bias_out=None) -> ()");
   // The same at the nonzeros of a pattern over out only (the weights still alive); the rest of
   // out is left as it is. The pattern comes in column blocks: col_splits [B + 1] (0 = c_0 <= ...
   // <= c_B = in) cut out's columns into B blocks, and block_crow [B * out + 1] is a CSR over

@@ -43,20 +43,28 @@ REDUCTIONS = ("mean", "sum")
 
 
 def sq_gemm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0,
-                        backend: str = "ext") -> None:
-    """out += scale * (a * a)^T (b * b) in place; a: [N, out], b: [N, in], out: [out, in]."""
+                        backend: str = "ext", bias_out: torch.Tensor | None = None) -> None:
+    """out += scale * (a * a)^T (b * b) in place; a: [N, out], b: [N, in], out: [out, in].
+    bias_out, when given: bias_out[o] += scale * sum_n a[n, o]^2 (a bias's share, from the same
+    squares of a)."""
     if backend == "ext" and _extension.is_loaded():
-        torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale))
+        torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale), bias_out)
         return
     check_choice("backend", backend, BACKENDS, "sq_gemm_accumulate_")
     if backend == "torch":
         if a.shape[0] != b.shape[0] or out.shape != (a.shape[1], b.shape[1]):
             raise RuntimeError(f"sq_gemm_accumulate_: shapes out {tuple(out.shape)}, a {tuple(a.shape)}, "
                                f"b {tuple(b.shape)} do not fit out += (a*a)^T (b*b)")
-        out.addmm_((a * a).t(), b * b, alpha=scale)
+        if bias_out is not None and bias_out.shape != (out.shape[0],):
+            raise RuntimeError(f"sq_gemm_accumulate_: bias_out must have shape ({out.shape[0]},), got "
+                               f"{tuple(bias_out.shape)}")
+        a_sq = a * a
+        out.addmm_(a_sq.t(), b * b, alpha=scale)
+        if bias_out is not None:
+            bias_out.add_(a_sq.sum(0), alpha=scale)
         return
     _extension.require()
-    torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale))
+    torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale), bias_out)
 
 
 def sq_sddmm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, col_splits: torch.Tensor,
@@ -119,7 +127,7 @@ def _malformed_blocks(col_splits, block_crow, col_indices, rows: int, cols: int)
 
 if _extension.is_loaded():
     @torch.library.register_fake("mackay_ext::sq_gemm_accumulate_")
-    def _sq_gemm_fake(out, a, b, scale):
+    def _sq_gemm_fake(out, a, b, scale, bias_out=None):
         return None
 
     @torch.library.register_fake("mackay_ext::sq_sddmm_accumulate_")
@@ -350,15 +358,15 @@ class FisherAccumulator:
             s2 = scale * scale
             bias_added = False
             if weight.dtype in (torch.float32, torch.float64) and x.dtype == delta.dtype == weight.dtype:
+                # the kernels add the bias's squares from delta's too (one call a layer, not four)
+                bias_sum = self._sum_for(bias) if bias is not None and bias.dtype == weight.dtype else None
+                bias_added = bias_sum is not None
                 kept = self._kept_pattern(weight, batch)
                 if kept is not None and kept.sparse:
-                    # the kernel adds the bias's squares from delta's, which it forms anyway
-                    bias_sum = self._sum_for(bias) if bias is not None and bias.dtype == weight.dtype else None
                     sq_sddmm_accumulate_(self._sum_for(weight), delta, x, *kept.blocks, s2, self.backend,
                                          bias_out=bias_sum)
-                    bias_added = bias_sum is not None
                 else:
-                    sq_gemm_accumulate_(self._sum_for(weight), delta, x, s2, self.backend)
+                    sq_gemm_accumulate_(self._sum_for(weight), delta, x, s2, self.backend, bias_out=bias_sum)
             else:
                 self._sum_for(weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * s2)
             if bias is not None and not bias_added:

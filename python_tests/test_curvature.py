@@ -174,6 +174,18 @@ def test_sq_gemm_matches_float64(device, dtype, shape):
 def test_sq_gemm_opcheck_and_bad_input(device):
     a, b = torch.randn(6, 5, device=device), torch.randn(6, 4, device=device)
     torch.library.opcheck(torch.ops.mackay_ext.sq_gemm_accumulate_.default, (torch.zeros(5, 4, device=device), a, b, 2.0))
+    torch.library.opcheck(torch.ops.mackay_ext.sq_gemm_accumulate_.default,
+                          (torch.zeros(5, 4, device=device), a, b, 2.0, torch.zeros(5, device=device)))
+    out = torch.zeros(5, 4, device=device)
+    for bias, error, message in [(torch.zeros(4, device=device), RuntimeError, r"bias_out must be a contiguous 1-D"),
+                                 (torch.zeros(10, device=device)[::2], RuntimeError, "contiguous 1-D"),
+                                 (torch.zeros(5, 1, device=device), RuntimeError, "1-D tensor of out.size"),
+                                 (torch.zeros(5, dtype=torch.float64, device=device), TypeError, "bias_out must have out's dtype")
+                                 ] + [(torch.zeros(5, device=other), RuntimeError, "bias_out must be on out's device")
+                                      for other in ["cpu", "cuda"] if other != device and torch.cuda.is_available()]:
+        with pytest.raises(error, match=message):
+            sq_gemm_accumulate_(out, a, b, bias_out=bias)
+        assert not out.any()   # refused before anything was added
     with pytest.raises(RuntimeError, match="one row per example"):
         sq_gemm_accumulate_(torch.zeros(5, 4, device=device), a, b[:5])
     with pytest.raises(RuntimeError, match=r"out must have shape"):

@@ -1,8 +1,9 @@
 """The compiled squared GEMM, out += s (a*a)^T (b*b), against a float64 reference on the inputs its
 paths and their edges are chosen by: batches of 2-8 on an out above 1 MB and of 1 on an out above
 32 MB (register-blocked pass), all others (panels of 256 examples through addmm_), odd sizes, out taller than
-wide (the transposed thread split), strided and broadcast operands, 1 and 2 threads; and its
-scratch, which must stay far below squared copies of a and b."""
+wide (the transposed thread split), strided and broadcast operands, 1 and 2 threads; with and
+without bias_out (the bias's share, bias_out += s sum_n a[n]^2, on every path); and its scratch,
+which must stay far below squared copies of a and b."""
 
 import pytest
 import torch
@@ -25,22 +26,26 @@ def reference(out, a, b, scale):
     return out.double() + scale * (a.double() ** 2).t() @ (b.double() ** 2)
 
 
-def check(out, a, b, scale=0.5):
+def check(out, a, b, scale=0.5, bias=None):
     expected = reference(out, a, b, scale)
-    sq_gemm_accumulate_(out, a, b, scale, backend="ext")
+    expected_bias = None if bias is None else bias.double() + scale * (a.double() ** 2).sum(0)
+    sq_gemm_accumulate_(out, a, b, scale, backend="ext", bias_out=bias)
     tol = 1e-12 if out.dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
-
+    if bias is not None:
+        torch.testing.assert_close(bias.double(), expected_bias, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_float64(device, dtype, shape, threads):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_matches_float64(device, dtype, shape, with_bias, threads):
     n, o, i = shape
     a = torch.randn(n, o, dtype=dtype, device=device)
     b = torch.randn(n, i, dtype=dtype, device=device)
-    check(torch.randn(o, i, dtype=dtype, device=device), a, b)
+    bias = torch.randn(o, dtype=dtype, device=device) if with_bias else None
+    check(torch.randn(o, i, dtype=dtype, device=device), a, b, bias=bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,7 +64,7 @@ def test_strided_operands(device, dtype, layout, n, threads):
     else:  # one example repeated with stride 0
         a, b = torch.randn(1, o, **kw).expand(n, o), torch.randn(n, 1, **kw).expand(n, i)
     assert not (a.is_contiguous() and b.is_contiguous())
-    check(torch.randn(o, i, **kw), a, b, scale=1.5)
+    check(torch.randn(o, i, **kw), a, b, scale=1.5, bias=torch.randn(o, **kw))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -73,6 +78,32 @@ def test_empty_batch_and_empty_out_leave_out_alone(device, dtype):
     empty = torch.zeros(0, 6, **kw)
     sq_gemm_accumulate_(empty, torch.randn(5, 0, **kw), torch.randn(5, 6, **kw), backend="ext")
     assert empty.shape == (0, 6)
+    bias = torch.randn(4, **kw)
+    bias_before = bias.clone()
+    sq_gemm_accumulate_(out, torch.randn(0, 4, **kw), torch.randn(0, 6, **kw), 2.0, backend="ext", bias_out=bias)
+    assert torch.equal(out, before) and torch.equal(bias, bias_before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_a_layer_without_inputs_still_adds_its_bias(device, backend):
+    """in = 0 (out is [out, 0]): nothing to add to out, but the bias's squares are still owed."""
+    a = torch.randn(7, 3, dtype=torch.float64, device=device)
+    out, bias = torch.zeros(3, 0, dtype=torch.float64, device=device), torch.zeros(3, dtype=torch.float64, device=device)
+    sq_gemm_accumulate_(out, a, torch.randn(7, 0, dtype=torch.float64, device=device), 0.5, backend=backend,
+                        bias_out=bias)
+    torch.testing.assert_close(bias, 0.5 * (a ** 2).sum(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_torch_backend_adds_what_the_extension_adds(device):
+    a, b = torch.randn(37, 11, device=device), torch.randn(37, 23, device=device)
+    results = {}
+    for backend in ("ext", "torch"):
+        out, bias = torch.ones(11, 23, device=device), torch.ones(11, device=device)
+        sq_gemm_accumulate_(out, a, b, 0.25, backend=backend, bias_out=bias)
+        results[backend] = (out, bias)
+    torch.testing.assert_close(results["ext"], results["torch"], rtol=2e-5, atol=2e-5)
 
 
 def test_one_example_on_an_out_above_32_mb(threads):
@@ -110,3 +141,5 @@ def test_scratch_stays_below_squared_copies():
     # the measurement sees squares when they are made
     assert allocated_bytes(lambda: sq_gemm_accumulate_(out, a, b, backend="torch")) >= squared_copies
     assert allocated_bytes(lambda: sq_gemm_accumulate_(out, a, b, backend="ext")) <= squared_copies // 8
+    bias = torch.zeros(o)
+    assert allocated_bytes(lambda: sq_gemm_accumulate_(out, a, b, backend="ext", bias_out=bias)) <= squared_copies // 8

@@ -108,13 +108,18 @@ void sq_gemm_few_rows_cuda(at::Tensor& out, const at::Tensor& a, const at::Tenso
 
 }  // namespace
 
-void sq_gemm_accumulate_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale) {
-  check_sq_gemm_args(out, a, b);
+void sq_gemm_accumulate_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
+                             const std::optional<at::Tensor>& bias_out) {
+  check_sq_gemm_args(out, a, b, bias_out);
   const int64_t n_rows = a.size(0), out_rows = out.size(0), out_cols = out.size(1);
-  if (n_rows == 0 || out.numel() == 0) return;
+  if (n_rows == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
-  // Scratch and out (declared mutated by the schema) only: nothing for autograd to record.
+  // Scratch, out and bias_out (declared mutated by the schema) only: nothing for autograd to record.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (bias_out.has_value()) {   // a reduction torch already does well; one launch for the layer's bias
+    bias_out->add_(at::mul(a, a).sum(0), scale);
+  }
+  if (out.numel() == 0) return;
   if (n_rows <= kFusedMaxRows && (out_cols + kTileCols - 1) / kTileCols <= kMaxGridY &&
       (out_rows + kTileRows - 1) / kTileRows <= INT32_MAX) {
     AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "sq_gemm_accumulate_cuda", [&] {

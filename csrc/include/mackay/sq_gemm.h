@@ -28,8 +28,22 @@ inline void check_squared_operands(const char* op, const at::Tensor& out, const 
   TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous (it is accumulated in place)");
 }
 
-inline void check_sq_gemm_args(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// bias_out, when given, gets the bias's share of the same sum, bias_out[o] += scale * sum_n a[n, o]^2.
+inline void check_bias_out(const char* op, const at::Tensor& out, const std::optional<at::Tensor>& bias_out) {
+  if (!bias_out.has_value()) return;
+  const at::Tensor& bias = *bias_out;
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out.size(0) && bias.is_contiguous(), op, ": bias_out must be a "
+              "contiguous 1-D tensor of out.size(0) = ", out.size(0), " entries, got shape ", bias.sizes());
+  TORCH_CHECK_TYPE(bias.scalar_type() == out.scalar_type(), op, ": bias_out must have out's dtype ",
+                   out.scalar_type(), ", got ", bias.scalar_type());
+  TORCH_CHECK(bias.device() == out.device(), op, ": bias_out must be on out's device ", out.device(), ", got ",
+              bias.device());
+}
+
+inline void check_sq_gemm_args(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                               const std::optional<at::Tensor>& bias_out) {
   check_squared_operands("sq_gemm_accumulate_", out, a, b);
+  check_bias_out("sq_gemm_accumulate_", out, bias_out);
 }
 
 // sq_sddmm_accumulate_: the same sum at the nonzeros of a pattern over out only, in column blocks
@@ -55,16 +69,7 @@ inline void check_sq_sddmm_args(const at::Tensor& out, const at::Tensor& a, cons
               "must be 1-D with B * out.size(0) + 1 = ", blocks * out.size(0) + 1, " entries (B = ", blocks,
               " column blocks), got shape ", crow.sizes());
   TORCH_CHECK(col.dim() == 1, "sq_sddmm_accumulate_: col_indices must be 1-D, got shape ", col.sizes());
-  if (bias_out.has_value()) {
-    const at::Tensor& bias = *bias_out;
-    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == out.size(0) && bias.is_contiguous(), "sq_sddmm_accumulate_: "
-                "bias_out must be a contiguous 1-D tensor of out.size(0) = ", out.size(0), " entries, got shape ",
-                bias.sizes());
-    TORCH_CHECK_TYPE(bias.scalar_type() == out.scalar_type(), "sq_sddmm_accumulate_: bias_out must have out's "
-                     "dtype ", out.scalar_type(), ", got ", bias.scalar_type());
-    TORCH_CHECK(bias.device() == out.device(), "sq_sddmm_accumulate_: bias_out must be on out's device ",
-                out.device(), ", got ", bias.device());
-  }
+  check_bias_out("sq_sddmm_accumulate_", out, bias_out);
 }
 
 }  // namespace mackay
