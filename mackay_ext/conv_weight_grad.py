@@ -21,13 +21,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .copy_inert import own_forward
+
 SERVED_TYPES = (nn.Conv1d, nn.Conv2d)
 
 
 def can_serve(module: nn.Module) -> bool:
     """Whether the module's forward can be replaced while an accumulator captures (see above)."""
     return (type(module) in SERVED_TYPES and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str) and "forward" not in vars(module))
+            and not isinstance(module.padding, str) and own_forward(module))
 
 
 def serves_call(module: nn.Module, x) -> bool:

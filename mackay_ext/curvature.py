@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from . import _extension, conv_curvature, kept_pattern
 from ._validate import BACKENDS, check_choice
+from .copy_inert import CopyInert, ServedForward
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
 from .csr import row_indices as expand_pointers
@@ -220,7 +221,7 @@ class FisherAccumulator:
         self._handles = []
         for module in self.layers.values():
             # prepended: the layer's own output, before any forward hook of the user's replaces it
-            self._handles.append(module.register_forward_hook(self._forward_hook, prepend=True))
+            self._handles.append(module.register_forward_hook(CopyInert(self._forward_hook), prepend=True))
         # ef-exact: conv layers whose training backward takes the weight's gradient from the
         # per-example products added up here (conv_weight_grad.py), and those gradients, each
         # with the input and output gradient (and its version) it came from, until that
@@ -228,7 +229,7 @@ class FisherAccumulator:
         self._served = [m for m in self.layers.values() if mode == "ef-exact" and can_serve(m)]
         self._weight_grads: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]] = {}
         for module in self._served:
-            module.forward = functools.partial(self._served_forward, module)
+            module.forward = ServedForward(self, module)
 
     # ---------------------------------------------------------------- hooks
     def _served_forward(self, module, x, *args, **kwargs):
@@ -251,9 +252,11 @@ class FisherAccumulator:
         return grad if same else None
 
     def _forward_hook(self, module, inputs, output):
-        # not under torch.func's transforms (grad, vmap, jvp): their tensors are not a batch's
+        # not under torch.func's transforms (grad, vmap, jvp), nor while torch.export traces
+        # the model (shrink's coupling trace): their tensors are not a batch's
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
-                and output.requires_grad and not torch._C._are_functorch_transforms_active():
+                and output.requires_grad and not torch._C._are_functorch_transforms_active() \
+                and not torch.compiler.is_exporting():
             self._pending[module].append(inputs[0].detach())
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))
@@ -615,7 +618,8 @@ class FisherAccumulator:
             handle.remove()
         self._handles.clear()
         for module in self._served:   # the modules' own forward again
-            if getattr(vars(module).get("forward"), "func", None) == self._served_forward:
+            forward = vars(module).get("forward")
+            if isinstance(forward, ServedForward) and forward.accumulator is self:
                 del module.forward
         self._served.clear()
         self._weight_grads.clear()

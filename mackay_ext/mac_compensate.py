@@ -37,6 +37,7 @@ import math
 import torch
 from torch import nn
 
+from .copy_inert import CopyInert
 from .mac_price import entry_gains, group_gamma
 
 COVARIANCE_EVERY = 8     # training forwards between two samples of A
@@ -55,7 +56,7 @@ class InputCovariance:
         self.every, self.decay = every, decay
         self.second_moment: dict[str, torch.Tensor] = {}
         self._calls = dict.fromkeys(modules, 0)
-        self._hooks = [module.register_forward_pre_hook(self._sampler(name)) for name, module in modules.items()]
+        self._hooks = [module.register_forward_pre_hook(CopyInert(self._sampler(name))) for name, module in modules.items()]
 
     def _sampler(self, name: str):
         def sample(module, args):
