@@ -36,6 +36,9 @@ class ARDTarget:
     attr: str
     layout: str
     owners: list[str] = field(default_factory=list)  # every module holding it (tied weights)
+    # the module that reads this module's weight itself instead of calling it (so the module's
+    # own hooks never see the product), e.g. nn.MultiheadAttention and its out_proj
+    read_by: str | None = None
 
     @property
     def description(self) -> str:
@@ -164,7 +167,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
             excluded.append({"name": full_name, "reason": reason})
             continue
         targets[name] = ARDTarget(name, param, module, module_name, attr, _layout(module, attr),
-                                  holder_names)
+                                  holder_names, weight_reader(model, module_name))
     if selected is not None:
         covered = {m for t in targets.values() for m in t.owners} | {
             m for t in targets.values() for m in [t.module_name]}
@@ -175,6 +178,20 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
     return targets, excluded
 
 
+def weight_reader(model: nn.Module, module_name: str) -> str | None:
+    """The parent that reads `module_name`'s weight itself, by its type's name, or None.
+    nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward and never calls
+    out_proj (TransformerEncoderLayer's fused path, which reads linear1.weight, runs only at
+    inference, so training forwards still call those layers)."""
+    parent_name, _, child = module_name.rpartition(".")
+    if not module_name:
+        return None
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return type(parent).__name__
+    return None
+
+
 def exact_curvature_problem(target: ARDTarget, supported) -> str | None:
     """Why the exact curvature estimators cannot serve `target`, in a few words (None when
     they can): per-example gradients come from module hooks on nn.Linear / nn.Conv1d / Conv2d,
@@ -183,5 +200,13 @@ def exact_curvature_problem(target: ARDTarget, supported) -> str | None:
     if len(target.owners) > 1:
         return f"{target.name} (tied: {' = '.join(target.owners)})"
     if target.attr != "weight" or not supported(target.module):
-        return f"{target.name} ({type(target.module).__name__})"
+        module, detail = target.module, type(target.module).__name__
+        if target.attr == "weight" and isinstance(module, _CONV):
+            if module.padding_mode != "zeros":
+                detail += f", padding_mode={module.padding_mode!r}"
+            elif isinstance(module.padding, str):
+                detail += f", padding={module.padding!r} with an even dilated kernel: one more on the right"
+        return f"{target.name} ({detail})"
+    if target.read_by is not None:
+        return f"{target.name} ({target.read_by} reads its weight itself: the layer's hooks never run)"
     return None

@@ -43,6 +43,22 @@ FUSED_MAX_POSITIONS = 256
 Pair = Sequence[int]
 
 
+def numeric_padding(module) -> tuple[int, ...] | None:
+    """A conv module's zero padding as numbers per spatial dimension: padding='valid' is 0,
+    padding='same' (stride 1) pads dilation * (kernel - 1) in total, half on each side, so it
+    is numeric where that total is even; None where it is not (an even kernel: torch pads one
+    more on the right, which a symmetric padding cannot say)."""
+    padding = module.padding
+    if not isinstance(padding, str):
+        return tuple(padding)
+    if padding == "valid":
+        return (0,) * len(module.kernel_size)
+    totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation)]
+    if any(total % 2 for total in totals):
+        return None
+    return tuple(total // 2 for total in totals)
+
+
 def conv_sq_grad_accumulate_(out: torch.Tensor, input: torch.Tensor, grad_output: torch.Tensor,
                              kernel_size: Pair, stride: Pair = (1, 1), padding: Pair = (0, 0),
                              dilation: Pair = (1, 1), groups: int = 1, scale: float = 1.0,

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from . import _extension, conv_curvature, kept_pattern
 from ._validate import BACKENDS, check_choice
+from .ard_targets import weight_reader
 from .copy_inert import CopyInert, ServedForward
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
@@ -36,6 +37,7 @@ from .csr import row_indices as expand_pointers
 from .conv_curvature import (
     conv_per_example_grads,
     conv_sq_grad_accumulate_,
+    numeric_padding,
     takes_fused,
 )
 
@@ -138,11 +140,12 @@ if _extension.is_loaded():
 
 def supported(module: nn.Module) -> bool:
     """Whether exact per-example curvature covers `module`: nn.Linear, and nn.Conv1d / nn.Conv2d
-    (grouped and depthwise included) with numeric zero padding."""
+    (grouped and depthwise included) with zero padding that is the same on both sides (numeric,
+    'valid', or 'same' with an odd dilated kernel)."""
     if isinstance(module, nn.Linear):
         return True
     return (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+            and numeric_padding(module) is not None)
 
 
 def _stored(module: nn.Module, name: str):
@@ -199,11 +202,13 @@ class FisherAccumulator:
             if missing:
                 raise ValueError(f"FisherAccumulator: no modules named {missing} in the model")
             candidates = {n: named[n] for n in modules}
-        self.layers = {n: m for n, m in candidates.items() if supported(m)}
+        # a layer whose parent reads its weight itself (MultiheadAttention's out_proj) is never called
+        self.layers = {n: m for n, m in candidates.items() if supported(m) and weight_reader(model, n) is None}
         self.unsupported = sorted(n for n in candidates if n not in self.layers)
         if self.unsupported and strict:
             raise ValueError(f"FisherAccumulator: unsupported layers {self.unsupported} (supported: "
-                             "nn.Linear, nn.Conv1d and nn.Conv2d with numeric zero padding)")
+                             "nn.Linear, nn.Conv1d and nn.Conv2d with zero padding equal on both sides, called "
+                             "by their parent: nn.MultiheadAttention reads out_proj.weight itself)")
         if not self.layers:
             raise ValueError("FisherAccumulator: the model has no supported layer (nn.Linear, nn.Conv1d, nn.Conv2d)")
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
@@ -417,10 +422,11 @@ class FisherAccumulator:
     def _as_conv2d(module, x, delta):
         """(x, delta, (kernel_size, stride, padding, dilation)) of a Conv2d, or of a Conv1d seen
         as a Conv2d of height 1."""
+        padding = numeric_padding(module)
         if isinstance(module, nn.Conv1d):
             return x.unsqueeze(2), delta.unsqueeze(2), (
-                (1, module.kernel_size[0]), (1, module.stride[0]), (0, module.padding[0]), (1, module.dilation[0]))
-        return x, delta, (module.kernel_size, module.stride, module.padding, module.dilation)
+                (1, module.kernel_size[0]), (1, module.stride[0]), (0, padding[0]), (1, module.dilation[0]))
+        return x, delta, (module.kernel_size, module.stride, padding, module.dilation)
 
     @staticmethod
     def _per_example_grads(module, x, delta) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,6 +514,14 @@ class FisherAccumulator:
         its own to the layers' outputs, with the graph retained: call it before the training
         loss's backward, which then runs as usual (the model's .grad is left untouched)."""
         self._require_mc("accumulate_mc_from")
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.shape[1] < 2:
+            # softmax over one column is 1: every sampled label alike, every gradient 0, and
+            # MacKay's rule would prune the network for want of curvature
+            raise ValueError(f"accumulate_mc_from: fisher-mc samples labels from softmax(logits), a categorical "
+                             f"likelihood over the columns, and these logits have {logits.shape[1]} (shape "
+                             f"{tuple(logits.shape)}): the Fisher would be 0. A regression output needs "
+                             "curvature='ef-batch' or 'ef-exact'; a binary classifier with one logit z can pass "
+                             "torch.cat([torch.zeros_like(z), z], 1), whose softmax is (1 - sigmoid(z), sigmoid(z))")
         outputs, self._mc_outputs = self._mc_outputs, None
         captured = {module: list(inputs) for module, inputs in self._pending.items()}
         if outputs is None or not captured:

@@ -87,6 +87,37 @@ def test_accumulate_mc_from_needs_its_captured_forward():
         acc.accumulate_mc_from(logits)
 
 
+def test_one_output_column_is_refused_and_two_logits_make_a_binary_classifier():
+    """softmax over one column is 1: a regression output (or a single logit) would give a Fisher
+    of 0 everywhere, and MacKay's rule would prune the network for want of curvature."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    acc = FisherAccumulator(model, mode="fisher-mc")
+    with acc.capture_mc():
+        z = model(x)
+    with pytest.raises(ValueError, match=r"1 \(shape \(16, 1\)\).*ef-batch.*torch.cat"):
+        acc.accumulate_mc_from(z)
+    with pytest.raises(ValueError, match="categorical likelihood"):
+        acc.accumulate_mc(x)
+    assert acc.num_examples == 0
+    # the binary classifier the message suggests: the Bernoulli likelihood of sigmoid(z)
+    with acc.capture_mc():
+        z = model(x)
+    torch.manual_seed(1)
+    acc.accumulate_mc_from(torch.cat([torch.zeros_like(z), z], 1))
+    torch.manual_seed(1)
+    p = torch.sigmoid(z.detach()).squeeze(1)
+    labels = torch.multinomial(torch.stack([1 - p, p], 1).float(), 1).squeeze(1)
+    head = model[2].weight
+    assert acc.curvature(head).sum() > 0
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    bce = vmap(grad(lambda q, xi, yi: nn.functional.binary_cross_entropy_with_logits(
+        functional_call(model, q, (xi[None],)).squeeze(), yi.double(), reduction="sum")), in_dims=(None, 0, 0))
+    expected = (bce(params, x, labels)["2.weight"] ** 2).mean(0)
+    torch.testing.assert_close(acc.curvature(head), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_pruner_samples_one_captured_step_in_k():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))

@@ -116,9 +116,27 @@ def test_exact_curvature_refuses_at_construction_naming_the_layer():
     optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100)
     with pytest.raises(ValueError, match=r"cannot serve embed \(tied: embed = head\), lstm.weight_ih_l0 \(LSTM\)"):
         MacKayPruner(model, optimizer, num_data=100, curvature="ef-exact")
-    pruner = MacKayPruner(model, optimizer, num_data=100, curvature="ef-exact",
-                          layers=["conv1d", "depthwise", "attn.out_proj"])
-    assert set(pruner.targets) == {"conv1d", "depthwise", "attn.out_proj"}
+    # nn.MultiheadAttention passes out_proj.weight to its functional form and never calls
+    # out_proj: its hooks would see nothing, its curvature read 0 and the rule prune it
+    for curvature in ("ef-exact", "fisher-mc"):
+        with pytest.raises(ValueError, match=r"cannot serve attn.out_proj \(MultiheadAttention reads its weight "
+                                             r"itself: the layer's hooks never run\)"):
+            MacKayPruner(model, optimizer, num_data=100, curvature=curvature, layers=["conv1d", "attn.out_proj"])
+    pruner = MacKayPruner(model, optimizer, num_data=100, curvature="ef-exact", layers=["conv1d", "depthwise"])
+    assert set(pruner.targets) == {"conv1d", "depthwise"}
+    pruner.detach()
+    # ef-batch reads the gradient, which out_proj has like any weight
+    pruner = MacKayPruner(model, MacKayAdam(ard_param_groups(model), num_data=100, batch_size=8), num_data=100,
+                          curvature="ef-batch", layers=["attn.out_proj"])
+    assert set(pruner.targets) == {"attn.out_proj"}
+
+
+def test_an_accumulator_lists_what_multihead_attention_reads_itself():
+    model = Zoo()
+    accumulator = FisherAccumulator(model)
+    assert "attn.out_proj" in accumulator.unsupported and "attn.out_proj" not in accumulator.layers
+    with pytest.raises(ValueError, match=r"'attn.out_proj'.*reads out_proj.weight itself"):
+        FisherAccumulator(model, modules=["conv1d", "attn.out_proj"], strict=True)
 
 
 def per_example_squared_grads(module, x, loss_fn):
@@ -136,8 +154,12 @@ def per_example_squared_grads(module, x, loss_fn):
     lambda: nn.Conv2d(6, 6, 3, stride=2, groups=6),          # depthwise
     lambda: nn.Conv1d(4, 6, 3, padding=2, dilation=2, groups=2),
     lambda: nn.Conv1d(3, 5, 2, stride=2),
-], ids=["grouped2d", "depthwise2d", "grouped1d", "conv1d"])
-def test_exact_curvature_of_grouped_and_1d_convs(make):
+    lambda: nn.Conv1d(4, 6, 3, padding="same", dilation=2),   # = padding 2
+    lambda: nn.Conv2d(3, 4, (3, 5), padding="same"),          # = padding (1, 2)
+    lambda: nn.Conv2d(3, 4, 3, padding="valid", groups=1),
+], ids=["grouped2d", "depthwise2d", "grouped1d", "conv1d", "same1d", "same2d", "valid2d"])
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_exact_curvature_of_grouped_and_1d_convs(make, backend):
     torch.manual_seed(0)
     module = make().double()
     shape = (5, module.in_channels, 7, 9) if isinstance(module, nn.Conv2d) else (5, module.in_channels, 11)
@@ -146,7 +168,19 @@ def test_exact_curvature_of_grouped_and_1d_convs(make):
     def loss_fn(out):
         return (out ** 2).sum() * 0.5 + out.sum()
     expected = per_example_squared_grads(module, x, loss_fn)
-    accumulator = FisherAccumulator(module, loss_reduction="sum", backend="torch")
+    accumulator = FisherAccumulator(module, loss_reduction="sum", backend=backend)
     module.zero_grad()
     loss_fn(module(x)).backward()
     torch.testing.assert_close(accumulator.curvature(module.weight), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["ef-exact", "fisher-mc"])
+def test_same_padding_that_is_uneven_is_refused_by_name(curvature):
+    """padding='same' with an even dilated kernel pads one more on the right than on the left."""
+    model = nn.Sequential(nn.Conv1d(2, 3, 4, padding="same"), nn.Flatten(), nn.Linear(3 * 8, 2))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100)
+    with pytest.raises(ValueError, match=r"cannot serve 0 \(Conv1d, padding='same' with an even dilated kernel"):
+        MacKayPruner(model, optimizer, num_data=100, curvature=curvature)
+    reflect = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match=r"cannot serve 0 \(Conv2d, padding_mode='reflect'\)"):
+        MacKayPruner(reflect, MacKayAdam(ard_param_groups(reflect), num_data=100), num_data=100, curvature=curvature)
