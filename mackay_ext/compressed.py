@@ -53,6 +53,9 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     the file can be larger than the dense state_dict when few layers are sparse. The folder of
     `path` must exist (a typo in it is an error, not a new directory)."""
     _check_save_args(model, path, model_name)
+    # torch.compile's wrapper keeps the model as _orig_mod: store the model's own names, which
+    # the plain network that load_compressed fills has
+    model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
     check_plain(model_kwargs, "model_kwargs", "save_compressed")
     check_plain(metadata, "metadata", "save_compressed")
     sparse, dense_state = {}, {}

@@ -173,7 +173,7 @@ def _sparse_but_formless(model: nn.Module, min_sparsity: float, excluded) -> lis
         total = sum(p.numel() for p in matrices)
         zeros = sum(int((p == 0).sum()) for p in matrices)
         if total and zeros / total >= min_sparsity:
-            found.append(f"{name} ({type(module).__name__}: no sparse form; {zeros / total:.0%} zeros)")
+            found.append(f"{name} ({type(module).__name__}: no sparse form; {zeros:,} of {total:,} weights zero)")
     return found
 
 

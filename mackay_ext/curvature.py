@@ -42,6 +42,11 @@ from .conv_curvature import (
 )
 
 MODES = ("ef-exact", "fisher-mc")
+# Why hooks that are in place may still see no forward: torch.compile reuses code compiled before
+# they were added, since dynamo does not guard on module hooks by default.
+COMPILED_HINT = ("Under torch.compile, code compiled before the hooks were added (for this model, or another "
+                 "of the same structure) runs without them: call torch._dynamo.reset() after building the "
+                 "accumulator or pruner, or set torch._dynamo.config.skip_nnmodule_hook_guards = False")
 REDUCTIONS = ("mean", "sum")
 
 
@@ -527,7 +532,7 @@ class FisherAccumulator:
         if outputs is None or not captured:
             raise RuntimeError("FisherAccumulator.accumulate_mc_from: no forward was captured; run the "
                                "model's forward inside `with accumulator.capture_mc():` (with gradients "
-                               "enabled), then pass its logits")
+                               f"enabled), then pass its logits. {COMPILED_HINT}")
         if logits.dim() != 2:
             raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}")
         if not logits.requires_grad:

@@ -344,7 +344,9 @@ class MacKayPruner(StandalonePrior):
         chosen, notes = {}, {}
         for name, target in self.targets.items():
             value = per_name.get(name, per_name.get(target.module_name, "weight")) if per_name else granularity
-            check_choice("granularity", value, GRANULARITIES, "MacKayPruner")
+            if value not in GRANULARITIES:   # "channel" is for the whole model, so listed apart
+                raise ValueError(f"MacKayPruner: granularity must be one of {GRANULARITIES} (per layer, or "
+                                 f"for every layer) or 'channel' (for every layer), got {value!r}")
             try:
                 self._alpha_shape(target, value)
             except ValueError as error:
@@ -473,7 +475,12 @@ class MacKayPruner(StandalonePrior):
             raise RuntimeError("MacKayPruner.accumulate_mc_from: run the forward inside "
                                "`with pruner.capture_mc():` first")
         if captured:
-            self.accumulator.accumulate_mc_from(logits, num_samples)
+            try:
+                self.accumulator.accumulate_mc_from(logits, num_samples)
+            except RuntimeError:
+                # nothing captured because the layers were swapped (sparsify, shrink): say that
+                self._check_targets_in_model("accumulate_mc_from")
+                raise
 
     def _sample_mc(self, where: str) -> bool:
         """Whether this fisher-mc call is one of the sampled ones (curvature_every)."""
@@ -497,9 +504,11 @@ class MacKayPruner(StandalonePrior):
             return
         self.accumulator.all_reduce()  # under torch.distributed: the global batch's estimate
         if self.accumulator.num_examples == 0:
+            from .curvature import COMPILED_HINT
             raise RuntimeError(f"MacKayPruner.update: no {self.curvature_kind} curvature accumulated yet "
                                + ("(call accumulate_mc(x) on training batches)"
-                                  if self.curvature_kind == "fisher-mc" else "(run a training backward first)"))
+                                  if self.curvature_kind == "fisher-mc" else "(run a training backward first)")
+                               + (f". {COMPILED_HINT}" if self._steps_since_update else ""))
         idle = []
         for name, target in self.targets.items():
             if self.accumulator.saw(target.param):

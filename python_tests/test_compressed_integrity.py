@@ -152,3 +152,19 @@ def test_metadata_and_model_kwargs_must_be_plain_values(tmp_path):
         save_compressed(model, tmp_path / "m.pt", model_kwargs={"n": np.int64(3)})
     save_compressed(model, tmp_path / "m.pt", metadata={"run": "a", "scores": [1.5, None], "mask": torch.ones(2)})
     assert torch.load(tmp_path / "m.pt", weights_only=True)["metadata"]["scores"] == [1.5, None]
+
+
+def test_a_compiled_model_is_stored_under_its_own_names(tmp_path):
+    """torch.compile's wrapper holds the model as _orig_mod; the file keeps the model's names, so
+    the plain network loads it."""
+    torch.manual_seed(0)
+    model = Net()
+    with torch.no_grad():
+        model.fc.weight.mul_((torch.rand_like(model.fc.weight) < 0.3).float())
+    sparsify(model)
+    path = tmp_path / "compiled.pt"
+    save_compressed(torch.compile(model), path)
+    loaded = load_compressed(path, Net())
+    x = torch.randn(2, 2, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -2,6 +2,8 @@
 adds the squared per-example gradients of labels sampled from those logits, before the training
 backward, which then gives the gradient it gives without them."""
 
+import warnings
+
 import pytest
 import torch
 from test_curvature_paths import InPlaceHead, ReusedConv
@@ -116,6 +118,32 @@ def test_one_output_column_is_refused_and_two_logits_make_a_binary_classifier():
         functional_call(model, q, (xi[None],)).squeeze(), yi.double(), reduction="sum")), in_dims=(None, 0, 0))
     expected = (bce(params, x, labels)["2.weight"] ** 2).mean(0)
     torch.testing.assert_close(acc.curvature(head), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_after_sparsify_the_pruner_says_its_layers_were_replaced():
+    import mackay_ext
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=100, curvature="fisher-mc")
+    x = torch.randn(8, 10)
+    for step in range(30):   # pruned enough for sparsify to convert the layers
+        optimizer.zero_grad()
+        with pruner.capture_mc():
+            logits = model(x)
+        pruner.accumulate_mc_from(logits)
+        nn.functional.cross_entropy(logits, torch.randint(0, 3, (8,))).backward()
+        optimizer.step()
+        if step % 10 == 9:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pruner.update()
+    mackay_ext.sparsify(model, optimizer)
+    assert type(model[0]) is not nn.Linear
+    with pruner.capture_mc():
+        logits = model(x)
+    with pytest.raises(RuntimeError, match=r"accumulate_mc_from: the weights of 0, 2 are no longer the model's.*sparsify"):
+        pruner.accumulate_mc_from(logits)
 
 
 def test_pruner_samples_one_captured_step_in_k():

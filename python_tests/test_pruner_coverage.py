@@ -102,6 +102,9 @@ def test_group_shapes_of_the_other_layer_kinds():
 def test_granularity_names_are_checked():
     model = Zoo()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"granularity must be one of \('weight', 'input', 'output', 'filter'\) "
+                                         r"\(per layer, or for every layer\) or 'channel' .*got 'chanel'"):
+        MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity="chanel")
     with pytest.raises(ValueError, match=r"granularity names \['lsmt'\] are not ARD layers"):
         MacKayPruner(model, optimizer, num_data=100, batch_size=8, granularity={"lsmt": "input"})
     with pytest.raises(ValueError, match=r"depthwise .*'input' is not defined for a grouped"):

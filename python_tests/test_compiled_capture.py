@@ -1,0 +1,52 @@
+"""Exact curvature under torch.compile: dynamo does not guard on module hooks by default, so code it
+compiled before a pruner's hooks were added (for this model or another of the same structure)
+runs without them. Nothing is then captured, and the error says why and what to do."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups
+
+
+def net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def train(model, compiled, curvature, steps=3):
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=100, curvature=curvature)
+    for _ in range(steps):
+        x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+        optimizer.zero_grad()
+        if curvature == "fisher-mc":
+            with pruner.capture_mc():
+                logits = compiled(x)
+            pruner.accumulate_mc_from(logits)
+        else:
+            logits = compiled(x)
+        F.cross_entropy(logits, y).backward()
+        optimizer.step()
+    pruner.update()
+    return pruner
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("curvature", ["ef-exact", "fisher-mc"])
+def test_code_compiled_before_the_hooks_is_named_in_the_error(curvature, fresh_dynamo):
+    first = net()
+    torch.compile(first, backend="aot_eager")(torch.randn(8, 10))   # compiled without hooks
+    model = net()
+    with pytest.raises(RuntimeError, match=r"torch.compile.*torch._dynamo.reset\(\)"):
+        train(model, torch.compile(model, backend="aot_eager"), curvature)
+    torch._dynamo.reset()   # the remedy the message gives
+    model = net()
+    pruner = train(model, torch.compile(model, backend="aot_eager"), curvature)
+    assert all(pruner.curvature(name).sum() > 0 for name in pruner.targets)
