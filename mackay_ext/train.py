@@ -54,6 +54,9 @@ class FitConfig:
     warmup_updates: int = 1     # updates that only move alpha (the first one always does)
     finetune_epochs: int = 0    # then: prior off, kept weights fine-tuned, pruned ones held at 0
     finetune_lr: float | None = None  # default: retrain_lr
+    finetune_augment_shift: int | None = None  # the fine-tune's shifts (default: augment_shift); a
+                                  # network pruned to a few thousand weights fits less than the
+                                  # dense one, and smaller shifts let it fit more of the data
     lr_schedule: str = "plateau"  # or "cosine" over each dense / fine-tune phase (the in-run
                                   # pruning phase then keeps its lr constant)
     channels_last: bool = False  # convolutions in NHWC (about 1.5x faster on CPU)
@@ -95,10 +98,14 @@ class Trainer:
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"fit: {name} must be an integer >= 0, got {value!r}")
-        check_shift(config.augment_shift, "fit", "augment_shift")
-        if config.augment_shift and data.x_train.dim() != 4:
-            raise ValueError(f"fit: augment_shift needs images (N, C, H, W); {data.name} training "
-                             f"inputs have shape {tuple(data.x_train.shape)}")
+        for name in ("augment_shift", "finetune_augment_shift"):
+            value = getattr(config, name)
+            if value is None and name == "finetune_augment_shift":
+                continue
+            check_shift(value, "fit", name)
+            if value and data.x_train.dim() != 4:
+                raise ValueError(f"fit: {name} needs images (N, C, H, W); {data.name} training "
+                                 f"inputs have shape {tuple(data.x_train.shape)}")
         self.model, self.data, self.config, self.device = model.to(device), data, config, device
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         if config.channels_last:
@@ -164,15 +171,18 @@ class Trainer:
         self.model.train()
         total = 0.0
         num_batches = (self.num_data + self.config.batch_size - 1) // self.config.batch_size
+        shift = self.config.augment_shift
+        if self.position["phase"] == "finetune" and self.config.finetune_augment_shift is not None:
+            shift = self.config.finetune_augment_shift
         for batch, start in enumerate(range(0, self.num_data, self.config.batch_size)):
             if self.batch_progress:
                 self.batch_progress(batch, num_batches)
             index = order[start:start + self.config.batch_size]
             xb, yb = self.data.x_train[index], self.data.y_train[index]
-            if self.config.augment_shift:
+            if shift:
                 # offsets for the whole global batch from the epoch's generator: resumable, and
                 # every rank moves an image as a single process would
-                xb = random_shift(xb, self.config.augment_shift, generator=generator)
+                xb = random_shift(xb, shift, generator=generator)
             if self.world_size > 1:  # this rank's contiguous share of the global batch
                 xb = xb.tensor_split(self.world_size)[self.rank]
                 yb = yb.tensor_split(self.world_size)[self.rank]

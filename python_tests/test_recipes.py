@@ -167,3 +167,34 @@ def test_recipe_schedule_resumes_as_if_never_stopped(tmp_path, stop_after):
         assert torch.equal(a, b)
     for name in whole.pruner.targets:
         assert torch.equal(whole.pruner.alpha(name), second.pruner.alpha(name))
+
+
+@pytest.mark.parametrize("finetune_shift", [None, 1, 0])
+def test_the_finetune_can_shift_less(monkeypatch, finetune_shift):
+    """FitConfig.finetune_augment_shift: the fine-tune's shifts, the other phases keeping
+    augment_shift (None: the fine-tune keeps it too)."""
+    import mackay_ext.train as train_module
+    calls = []
+
+    def recording_shift(images, max_shift, **kwargs):
+        calls.append((trainer.position["phase"], max_shift))
+        return images
+    monkeypatch.setattr(train_module, "random_shift", recording_shift)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    config = FitConfig(schedule="in-run", pretrain_epochs=1, epochs=2, update_every_steps=3, finetune_epochs=2,
+                       batch_size=16, backend="torch", augment_shift=2, finetune_augment_shift=finetune_shift)
+    trainer = Trainer(model, tiny_images(), config, pruner_options=dict(threshold=0.5))
+    trainer.run()
+    shifts = {phase: {s for p, s in calls if p == phase} for phase in ("pretrain", "round", "finetune")}
+    assert shifts["pretrain"] == shifts["round"] == {2}
+    assert shifts["finetune"] == {2: {2}, 1: {1}, 0: set()}[2 if finetune_shift is None else finetune_shift]
+
+
+def test_a_bad_finetune_shift_is_named():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with pytest.raises(ValueError, match="finetune_augment_shift must be an int >= 0, got -1"):
+        Trainer(model, tiny_images(), FitConfig(finetune_augment_shift=-1))
+    flat = mackay_ext.data.Splits(*(torch.randn(8, 64), torch.zeros(8, dtype=torch.long)) * 3, "flat")
+    with pytest.raises(ValueError, match="finetune_augment_shift needs images"):
+        Trainer(torch.nn.Linear(64, 2), flat, FitConfig(finetune_augment_shift=1))
