@@ -183,9 +183,9 @@ def weight_reader(model: nn.Module, module_name: str) -> str | None:
     nn.MultiheadAttention hands out_proj.weight to F.multi_head_attention_forward and never calls
     out_proj (TransformerEncoderLayer's fused path, which reads linear1.weight, runs only at
     inference, so training forwards still call those layers)."""
-    parent_name, _, child = module_name.rpartition(".")
-    if not module_name:
+    if not module_name:   # the model itself has no parent
         return None
+    parent_name, _, child = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
         return type(parent).__name__

@@ -30,9 +30,9 @@ from torch.nn import functional as F
 from . import _extension, conv_curvature, kept_pattern
 from ._validate import BACKENDS, check_choice
 from .ard_targets import weight_reader
-from .copy_inert import CopyInert, ServedForward
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
+from .copy_inert import CopyInert, ServedForward
 from .csr import row_indices as expand_pointers
 from .conv_curvature import (
     conv_per_example_grads,

@@ -56,7 +56,8 @@ class InputCovariance:
         self.every, self.decay = every, decay
         self.second_moment: dict[str, torch.Tensor] = {}
         self._calls = dict.fromkeys(modules, 0)
-        self._hooks = [module.register_forward_pre_hook(CopyInert(self._sampler(name))) for name, module in modules.items()]
+        self._hooks = [module.register_forward_pre_hook(CopyInert(self._sampler(name)))
+                       for name, module in modules.items()]
 
     def _sampler(self, name: str):
         def sample(module, args):

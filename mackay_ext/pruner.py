@@ -368,9 +368,9 @@ class MacKayPruner(StandalonePrior):
         from .curvature import FisherAccumulator, supported
         problems = [p for p in (exact_curvature_problem(t, supported) for t in self.targets.values()) if p]
         if problems:
-            raise ValueError(f"MacKayPruner: curvature={self.curvature_kind!r} covers the untied "
-                             "weights of nn.Linear, nn.Conv1d and nn.Conv2d (zero padding, equal on both sides) only; it "
-                             f"cannot serve {', '.join(problems)}. Use curvature='ef-batch', or "
+            raise ValueError(f"MacKayPruner: curvature={self.curvature_kind!r} covers the untied weights "
+                             "of nn.Linear, nn.Conv1d and nn.Conv2d (zero padding, equal on both sides) only; "
+                             f"it cannot serve {', '.join(problems)}. Use curvature='ef-batch', or "
                              "leave them out with layers=[...]")
         modules = sorted({t.module_name for t in self.targets.values()})
         self._target_of_param = {t.param: name for name, t in self.targets.items()}

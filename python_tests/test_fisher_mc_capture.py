@@ -142,7 +142,8 @@ def test_after_sparsify_the_pruner_says_its_layers_were_replaced():
     assert type(model[0]) is not nn.Linear
     with pruner.capture_mc():
         logits = model(x)
-    with pytest.raises(RuntimeError, match=r"accumulate_mc_from: the weights of 0, 2 are no longer the model's.*sparsify"):
+    with pytest.raises(RuntimeError,
+                       match=r"accumulate_mc_from: the weights of 0, 2 are no longer the model's.*sparsify"):
         pruner.accumulate_mc_from(logits)
 
 

@@ -164,7 +164,8 @@ def test_smoke_writes_every_method_seed_and_plot(smoke):
         for seed in (0,):
             methods = {r["method"] for r in rows if r["model"] == model and r["seed"] == seed}
             # FAST_ARD_LR: both models'; LONG: LeNet-300-100's only
-            fast = {"mackay-weight-fast"} | ({"mackay-priced-long", "l0-long"} if model == "lenet-300-100" else set())
+            fast = {"mackay-weight-fast", "mackay-weight-fast-ft1"} | (
+                {"mackay-priced-long", "mackay-priced-long-ft1", "l0-long"} if model == "lenet-300-100" else set())
             assert methods == {"dense", "mackay-weight", "gmp", "sparse-vd", "mackay-group", "l0",
                                "mackay-priced"} | fast
         for row in (r for r in rows if r["model"] == model):
@@ -176,10 +177,12 @@ def test_smoke_writes_every_method_seed_and_plot(smoke):
         assert (out / f"pareto_mnist_smoke_{model}.png").stat().st_size > 10_000
     fast = {r["model"]: r["retrain_lr"] for r in rows if r["method"] == "mackay-weight-fast"}
     assert fast == {"lenet-300-100": 2e-3, "lenet-5-caffe": 4e-3}   # the override is recorded
+    assert {r["finetune_augment_shift"] for r in rows if r["method"].endswith("-ft1")} == {1}
     report = (out / "pareto_mnist_smoke.md").read_text()
     assert "these figures mean nothing" in report and "| mackay-weight | ≤ 1.3% error" in report
     assert "| mackay-weight-fast | ≤ 1.3% error" in report
     assert "| mackay-priced-long | ≤ 1.6% error" in report and "| mackay-priced-long 0.03 | l0-long |" in report
+    assert "| mackay-weight-fast-ft1 | ≤ 1.3% error" in report and "| mackay-priced-long-ft1 | ≤ 1.6% error" in report
 
 
 def test_a_second_run_resumes_without_training_again(smoke):
