@@ -25,8 +25,10 @@ def test_every_recipe_builds_a_trainer(name):
     blank = torch.zeros(4, 1, 28, 28)
     labels = torch.zeros(4, dtype=torch.long)
     data = mackay_ext.data.Splits(blank, labels, blank, labels, blank, labels, "mnist")
-    trainer = Trainer(mackay_ext.models.create(recipe.model), data, recipe.fit_config(),
-                      pruner_options=recipe.pruner)
+    options = dict(recipe.pruner)
+    if options.get("mac_price"):   # priced units are traced on example inputs (the CLI passes two)
+        options["example_inputs"] = blank[:2]
+    trainer = Trainer(mackay_ext.models.create(recipe.model), data, recipe.fit_config(), pruner_options=options)
     assert trainer.config.update_every_steps == recipes.UPDATE_EVERY_STEPS
     assert trainer.config.augment_shift == 2 and trainer.config.finetune_epochs > 0
 
@@ -84,6 +86,26 @@ def test_cli_recipe_runs_the_recipe(mnist_dir, tmp_path):
     assert settings["recipe"] == "lenet-300-100-weight" and settings["model"] == "lenet-300-100"
     assert settings["augment_shift"] == 2 and settings["finetune_epochs"] == 1
     assert settings["threshold"] == recipes.get("lenet-300-100-weight").pruner["threshold"]
+
+
+def test_cli_priced_recipe_prices_units_and_finetunes_with_smaller_shifts(mnist_dir, tmp_path):
+    result = cli("prune", "--recipe", "lenet-300-100-priced", "--data-dir", str(mnist_dir),
+                 "--pretrain-epochs", "1", "--epochs", "2", "--finetune-epochs", "1",
+                 "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((tmp_path / "run" / "report.json").read_text())["settings"]
+    assert settings["mac_price"] == 0.03 and settings["mac_price_ramp"] == 40
+    assert settings["granularity"] == "filter"
+
+
+@pytest.mark.parametrize("flag_shift, finetune_shift", [(2, 1), (1, 1), (0, 0)])
+def test_the_cli_caps_a_recipes_finetune_shift_at_augment_shift(flag_shift, finetune_shift):
+    from mackay_ext.cli.settings import _fit_config
+    settings = dict(recipe="lenet-300-100-priced", pretrain_epochs=1, epochs=1, batch_size=8, lr=1e-3,
+                    patience=5, seed=0, backend="torch", augment_shift=flag_shift, finetune_epochs=1)
+    assert _fit_config(settings).finetune_augment_shift == finetune_shift
+    settings["recipe"] = "lenet-300-100-weight"   # a recipe without its own fine-tune shifts
+    assert _fit_config(settings).finetune_augment_shift is None
 
 
 @pytest.mark.parametrize("flag", [["--model", "digits-mlp"], ["--granularity", "input"],

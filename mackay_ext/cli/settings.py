@@ -232,11 +232,16 @@ def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> 
 
 def _fit_config(settings: dict[str, Any]) -> FitConfig:
     if settings.get("recipe"):  # the recipe's phases, with the tunable numbers from the flags
-        return recipes.get(settings["recipe"]).fit_config(
+        recipe = recipes.get(settings["recipe"])
+        finetune_shift = recipe.config.finetune_augment_shift
+        if finetune_shift is not None:   # --augment-shift caps it: 0 means no shifts anywhere
+            finetune_shift = min(finetune_shift, settings["augment_shift"])
+        return recipe.fit_config(
             pretrain_epochs=settings["pretrain_epochs"], epochs=settings["epochs"],
             batch_size=settings["batch_size"], lr=settings["lr"], patience=settings["patience"],
             seed=settings["seed"], backend=settings["backend"],
-            augment_shift=settings["augment_shift"], finetune_epochs=settings["finetune_epochs"])
+            augment_shift=settings["augment_shift"], finetune_epochs=settings["finetune_epochs"],
+            finetune_augment_shift=finetune_shift)
     return FitConfig(schedule=settings["schedule"], pretrain_epochs=settings["pretrain_epochs"],
                      rounds=settings["rounds"], epochs=settings["epochs"],
                      update_every=settings["update_every"], batch_size=settings["batch_size"],
