@@ -104,6 +104,10 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
     if model is None:
         model = _model_by_name(path, payload)
     check_module(model, "model", "load_compressed")
+    if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+        # replacing layers under compiled code would leave that code stale
+        raise TypeError("load_compressed: model is a torch.compile wrapper; pass the plain network "
+                        "(model._orig_mod) and compile the model load_compressed returns")
     for name, entry in payload["sparse"].items():   # every layer checked before any is replaced
         _check_sparse_entry(path, name, entry, model)
     for name, entry in payload["sparse"].items():

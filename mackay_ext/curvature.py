@@ -228,6 +228,7 @@ class FisherAccumulator:
         # ef-exact: while True the hooks capture nothing (MacKayPruner(curvature_every=k) samples
         # one training batch in k this way; the estimate stays the mean over what was captured)
         self.paused = False
+        self.copied = False   # see __setstate__
         self._handles = []
         for module in self.layers.values():
             # prepended: the layer's own output, before any forward hook of the user's replaces it
@@ -474,7 +475,21 @@ class FisherAccumulator:
         """Examples accumulated so far (per backward pass, each example counts once)."""
         return max(self.counts.values(), default=0)
 
+    def __setstate__(self, state: dict) -> None:
+        # A copy (copy.deepcopy, pickle) holds none of the hooks: they sit on the original's model,
+        # and the model's copy gets inert ones (copy_inert.py). Its sums stay readable; capturing
+        # with it is refused (_require_capture).
+        self.__dict__.update(state)
+        self._handles, self._served, self.copied = [], [], True
+
+    def _require_capture(self, where: str) -> None:
+        if self.copied:
+            raise RuntimeError(f"FisherAccumulator.{where}: this accumulator is a copy (copy.deepcopy or pickle), "
+                               "and its hooks stayed with the original's model; build a new FisherAccumulator "
+                               "on the copied model (load_state_dict carries the sums over)")
+
     def __enter__(self):
+        self._require_capture("__enter__")
         return self
 
     def __exit__(self, *exc):
@@ -564,6 +579,7 @@ class FisherAccumulator:
     def _require_mc(self, where: str) -> None:
         if self.mode != "fisher-mc":
             raise RuntimeError(f"FisherAccumulator.{where} needs mode='fisher-mc'")
+        self._require_capture(where)
 
     def saw(self, param: nn.Parameter) -> bool:
         """Whether any example's gradient of `param` was added since the last reset."""

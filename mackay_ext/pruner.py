@@ -282,6 +282,7 @@ class MacKayPruner(StandalonePrior):
         self.history: list[dict[str, Any]] = []
         self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
         self.detached = False   # see detach()
+        self.copied = False     # see __setstate__
         self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
         self._hooks = []
         # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
@@ -415,6 +416,14 @@ class MacKayPruner(StandalonePrior):
             self._proximal_step()
         self.apply_masks()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A copy (copy.deepcopy, pickle) holds none of the hooks: they sit on the original's model
+        # and optimizer, and the model's copy gets inert ones (copy_inert.py). So the copy is a
+        # detached pruner: its state readable, its update() refused with what to do instead.
+        self.__dict__.update(state)
+        self.detached, self.copied = True, True
+        self._hooks, self._step_reader = [], None
+
     def detach(self) -> None:
         """Remove the gradient, optimizer and curvature hooks; the weights are then free for
         another pruner. update() and apply_masks() are refused from then on (report(),
@@ -477,15 +486,19 @@ class MacKayPruner(StandalonePrior):
         if captured:
             try:
                 self.accumulator.accumulate_mc_from(logits, num_samples)
-            except RuntimeError:
-                # nothing captured because the layers were swapped (sparsify, shrink): say that
-                self._check_targets_in_model("accumulate_mc_from")
-                raise
+                return
+            except RuntimeError as error:
+                failure = error
+            # nothing captured because the layers were swapped (sparsify, shrink): say that (here,
+            # outside the except, so the message does not come chained to the one it replaces)
+            self._check_targets_in_model("accumulate_mc_from")
+            raise failure
 
     def _sample_mc(self, where: str) -> bool:
         """Whether this fisher-mc call is one of the sampled ones (curvature_every)."""
         if self.curvature_kind != "fisher-mc":
             raise RuntimeError(f"MacKayPruner.{where} needs curvature='fisher-mc'")
+        self._check_attached(where)
         sampled = self._mc_calls_since_update % self.curvature_every == 0
         self._mc_calls_since_update += 1
         return sampled
@@ -603,6 +616,10 @@ class MacKayPruner(StandalonePrior):
 
     # ------------------------------------------------------------------ update
     def _check_attached(self, where: str) -> None:
+        if self.copied:
+            raise RuntimeError(f"MacKayPruner.{where}: this pruner is a copy (copy.deepcopy or pickle), and its "
+                               "hooks stayed with the original's model and optimizer; build a new MacKayPruner "
+                               "on the copied model and optimizer, and load this one's state_dict() into it")
         if self.detached:
             raise RuntimeError(f"MacKayPruner.{where}: this pruner was detached (its hooks are gone, and its "
                                "weights may be another pruner's now); build a new MacKayPruner, and load "

@@ -106,6 +106,9 @@ class Trainer:
             if value and data.x_train.dim() != 4:
                 raise ValueError(f"fit: {name} needs images (N, C, H, W); {data.name} training "
                                  f"inputs have shape {tuple(data.x_train.shape)}")
+            if value and value >= min(data.x_train.shape[-2:]):   # every image moved off itself
+                raise ValueError(f"fit: {name} must be smaller than the images, "
+                                 f"{tuple(data.x_train.shape[-2:])} pixels, got {value}")
         self.model, self.data, self.config, self.device = model.to(device), data, config, device
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         if config.channels_last:

@@ -168,3 +168,9 @@ def test_a_compiled_model_is_stored_under_its_own_names(tmp_path):
     x = torch.randn(2, 2, 6, 6)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_loading_into_a_compiled_model_names_the_plain_one(saved):
+    path, _, _ = saved
+    with pytest.raises(TypeError, match=r"torch.compile wrapper; pass the plain network \(model._orig_mod\)"):
+        load_compressed(path, torch.compile(Net()))

@@ -129,3 +129,57 @@ def test_a_copy_leaves_the_price_refits_covariance_alone():
         train_step(twin, torch.optim.Adam(twin.parameters()), torch.randn(16, 6), y)
     assert pruner._covariance._calls == calls
     assert all(torch.equal(pruner._covariance.second_moment[name], moment) for name, moment in sampled.items())
+
+
+@pytest.mark.parametrize("curvature", ["ef-batch", "ef-exact", "fisher-mc"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_pruner_is_detached_and_says_what_to_do(curvature, how):
+    """A snapshot of model, optimizer and pruner together: the copied pruner's hooks stayed with
+    the original, so it refuses to go on (it used to update from the original's batches only,
+    then find nothing), while the original carries on and a new pruner on the copy works."""
+    import pickle
+    model = conv_net()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=4)
+    pruner = MacKayPruner(model, optimizer, num_data=100, curvature=curvature)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+
+    def step(pr, net, opt):
+        opt.zero_grad()
+        if curvature == "fisher-mc":
+            with pr.capture_mc():
+                logits = net(x)
+            pr.accumulate_mc_from(logits)
+        else:
+            logits = net(x)
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+    step(pruner, model, optimizer)
+    snapshot = {"model": model, "optimizer": optimizer, "pruner": pruner}
+    snapshot = copy.deepcopy(snapshot) if how == "deepcopy" else pickle.loads(pickle.dumps(snapshot))
+    twin, twin_optimizer, twin_pruner = snapshot["model"], snapshot["optimizer"], snapshot["pruner"]
+    assert twin_pruner.detached and twin_pruner.copied
+    torch.testing.assert_close(twin_pruner.alpha("0"), pruner.alpha("0"))   # its state stays readable
+    with pytest.raises(RuntimeError, match=r"update: this pruner is a copy .*build a new MacKayPruner"):
+        twin_pruner.update()
+    if curvature == "fisher-mc":
+        with pytest.raises(RuntimeError, match=r"capture_mc: this pruner is a copy"):
+            with twin_pruner.capture_mc():
+                pass
+    fresh = MacKayPruner(twin, twin_optimizer, num_data=100, curvature=curvature)
+    fresh.load_state_dict(twin_pruner.state_dict())
+    step(fresh, twin, twin_optimizer)
+    fresh.update()
+    step(pruner, model, optimizer)
+    pruner.update()   # the original is untouched by all of it
+
+
+def test_a_copied_accumulator_refuses_to_capture():
+    model = conv_net()
+    accumulator = FisherAccumulator(model, mode="fisher-mc")
+    twin = copy.deepcopy({"model": model, "accumulator": accumulator})["accumulator"]
+    with pytest.raises(RuntimeError, match=r"capture_mc: this accumulator is a copy .*new FisherAccumulator"):
+        with twin.capture_mc():
+            pass
+    with pytest.raises(RuntimeError, match="this accumulator is a copy"):
+        with copy.deepcopy(FisherAccumulator(model)):
+            pass

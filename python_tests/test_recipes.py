@@ -93,9 +93,15 @@ def test_cli_priced_recipe_prices_units_and_finetunes_with_smaller_shifts(mnist_
                  "--pretrain-epochs", "1", "--epochs", "2", "--finetune-epochs", "1",
                  "--out", str(tmp_path / "run"), "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    settings = json.loads((tmp_path / "run" / "report.json").read_text())["settings"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    settings = report["settings"]
     assert settings["mac_price"] == 0.03 and settings["mac_price_ramp"] == 40
     assert settings["granularity"] == "filter"
+    # 2 epochs of 600 images are 10 steps, no update (one every 430): the run says so, not just "1.0x"
+    assert report["weights_kept"] == report["weights_total"] and report["updates"] == []
+    assert any("nothing was pruned: 0 precision update(s) ran (every 430 optimizer steps; the first 5 only "
+               "move alpha)" in w for w in report["warnings"])
+    assert "warning: nothing was pruned" in result.stderr
 
 
 @pytest.mark.parametrize("flag_shift, finetune_shift", [(2, 1), (1, 1), (0, 0)])
@@ -217,6 +223,10 @@ def test_a_bad_finetune_shift_is_named():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
     with pytest.raises(ValueError, match="finetune_augment_shift must be an int >= 0, got -1"):
         Trainer(model, tiny_images(), FitConfig(finetune_augment_shift=-1))
+    with pytest.raises(ValueError, match=r"finetune_augment_shift must be smaller than the images, \(8, 8\) pixels, got 8"):
+        Trainer(model, tiny_images(), FitConfig(finetune_augment_shift=8))
+    with pytest.raises(ValueError, match=r"augment_shift must be smaller than the images"):
+        Trainer(model, tiny_images(), FitConfig(augment_shift=50))
     flat = mackay_ext.data.Splits(*(torch.randn(8, 64), torch.zeros(8, dtype=torch.long)) * 3, "flat")
     with pytest.raises(ValueError, match="finetune_augment_shift needs images"):
         Trainer(torch.nn.Linear(64, 2), flat, FitConfig(finetune_augment_shift=1))

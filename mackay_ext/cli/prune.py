@@ -256,9 +256,10 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
         "hardware": {"device": settings["device"], "threads": torch.get_num_threads(),
                      "processes": trainer.world_size, "torch": torch.__version__},
     }
-    warning = _accuracy_loss_warning(trainer, test_accuracy)
-    if warning:
-        summary["warnings"] = [warning]
+    warnings_ = [w for w in (_accuracy_loss_warning(trainer, test_accuracy),
+                             _nothing_pruned_warning(trainer, kept, total)) if w]
+    if warnings_:
+        summary["warnings"] = warnings_
     sizes = save_model(os.path.join(out, "model.pt"), settings["model"], model, settings["dataset"],
                        data.num_classes)
     summary["model_file_bytes"], summary["dense_state_dict_bytes"] = sizes["bytes"], sizes["dense_bytes"]
@@ -275,9 +276,23 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
           + "".join(f", {os.path.basename(p)}" for p in plots))
     if plots_note:
         print(plots_note)
-    if warning:
+    for warning in warnings_:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _nothing_pruned_warning(trainer: Trainer, kept: int, total: int) -> str | None:
+    """Said when the run pruned nothing, with how many precision updates ran: a short budget
+    (a recipe updates alpha every 430 optimizer steps, its first updates only move it) reads
+    otherwise like a method that found nothing to prune."""
+    if kept < total:
+        return None
+    config = trainer.config
+    updates = len(trainer.pruner.history)
+    cadence = (f"every {config.update_every_steps} optimizer steps" if config.schedule == "in-run"
+               and config.update_every_steps else "as the schedule sets")
+    return (f"nothing was pruned: {updates} precision update(s) ran ({cadence}; the first "
+            f"{config.warmup_updates} only move alpha); train longer (--epochs) or lower --threshold")
 
 
 # Test accuracy a run may lose before the summary says so (absolute, 5 points).
