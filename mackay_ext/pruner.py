@@ -283,6 +283,9 @@ class MacKayPruner(StandalonePrior):
         self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
         self.detached = False   # see detach()
         self.copied = False     # see __setstate__
+        # ef-exact: layers that had a gradient at a captured step the hooks have not seen since the
+        # last update (a parent reads their weight itself); update() refuses to price them at 0
+        self._grad_not_captured: set[str] = set()
         self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
         self._hooks = []
         # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
@@ -409,6 +412,9 @@ class MacKayPruner(StandalonePrior):
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._steps_since_update += 1
         self._steps_total += 1
+        if self.curvature_kind == "ef-exact" and self.accumulator is not None and not self.accumulator.paused:
+            self._grad_not_captured.update(name for name, target in self.targets.items()
+                                           if target.param.grad is not None and not self.accumulator.saw(target.param))
         self._sample_next_batch()
         if self.fused:
             return
@@ -522,6 +528,12 @@ class MacKayPruner(StandalonePrior):
                                + ("(call accumulate_mc(x) on training batches)"
                                   if self.curvature_kind == "fisher-mc" else "(run a training backward first)")
                                + (f". {COMPILED_HINT}" if self._steps_since_update else ""))
+        missed = sorted(name for name in self._grad_not_captured if not self.accumulator.saw(self.targets[name].param))
+        if missed:   # their curvature would read 0 and the rule would prune them for it
+            raise RuntimeError(f"MacKayPruner.update: {', '.join(missed)} had gradients, but the {self.curvature_kind} "
+                               "hooks never saw their forward: a parent module reads their weight itself (as "
+                               "nn.MultiheadAttention does with out_proj), or they ran where hooks cannot capture "
+                               "(torch.func). Use curvature='ef-batch', or leave them out with layers=[...]")
         idle = []
         for name, target in self.targets.items():
             if self.accumulator.saw(target.param):
@@ -535,6 +547,7 @@ class MacKayPruner(StandalonePrior):
                           "where the hooks cannot capture, e.g. under torch.func); their curvature is "
                           "0, as under ef-batch for a layer without gradients", UserWarning, stacklevel=3)
         self.accumulator.reset()
+        self._grad_not_captured.clear()
 
     # ------------------------------------------------------------------ state
     def weight(self, name: str) -> nn.Parameter:

@@ -215,3 +215,42 @@ def test_ef_exact_gives_a_layer_no_forward_used_no_curvature_as_ef_batch_does():
         assert float(pruner.curvature(idle).abs().sum()) == 0.0
     layers = {c: {e["name"]: e for e in r["layers"]} for c, r in reports.items()}
     assert layers["ef-exact"]["unused"]["kept"] == layers["ef-batch"]["unused"]["kept"]
+
+
+class ReadsItsChild(nn.Module):
+    """A parent that reads its child Linear's weight itself: the child's hooks never run, though
+    its weight gets a gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(F.linear(x, self.proj.weight, self.proj.bias)))
+
+
+@pytest.mark.parametrize("curvature_every", [1, 3])
+def test_ef_exact_refuses_to_price_a_layer_its_hooks_never_saw(curvature_every):
+    torch.manual_seed(0)
+    model = ReadsItsChild()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=100, curvature="ef-exact", curvature_every=curvature_every)
+    for _ in range(6):
+        x = torch.randn(8, 8)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), torch.randint(0, 3, (8,))).backward()
+        optimizer.step()
+    alpha = pruner.alpha("proj").clone()
+    with pytest.raises(RuntimeError, match=r"update: proj had gradients, but the ef-exact hooks never saw their "
+                                           r"forward: a parent module reads their weight itself.*ef-batch"):
+        pruner.update()
+    assert torch.equal(pruner.alpha("proj"), alpha)   # refused before anything changed
+    # ef-batch, which reads the gradient, serves it
+    model = ReadsItsChild()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=100, curvature="ef-batch")
+    optimizer.zero_grad()
+    F.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 3, (8,))).backward()
+    optimizer.step()
+    pruner.update()
+    assert float(pruner.curvature_estimate("proj").sum()) > 0
