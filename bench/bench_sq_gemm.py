@@ -3,7 +3,7 @@ the compiled op (sq_gemm_accumulate_, backend "ext"), the pure-PyTorch fallback 
 `out.addmm_((a*a).t(), b*b)`, squares made on every call) and addmm_ alone on operands squared
 beforehand (the GEMM's own cost, a floor neither of the others can go under).
 
-Run:  pytest bench/bench_sq_gemm.py --benchmark-only
+Run:  pytest bench/bench_sq_gemm.py --benchmark-only   (test_sq_gemm_with_bias: bench/results/sq_gemm_bias.*)
 Layers: LeNet-300-100's 300x784 and 100x300, 1024x1024, 4096x4096 and a transformer MLP's
 4096x11008 (out x in); batches 1, 32, 128, 1024 (issue 17) and 8, 16 (either side of the op's
 switch from its register-blocked pass to the GEMM); 1 thread and, where torch has them, 2.
@@ -53,3 +53,43 @@ def test_sq_gemm(benchmark, record, device, threads, batch, layer):
     for name, seconds in best.items():
         record("sq_gemm", row, name, seconds, baseline="torch fallback")
     record("sq_gemm", row, "ext", best["ext"], rounds=rounds)
+
+
+BIAS_LAYERS = [(300, 784), (100, 300), (10, 100), (1024, 1024)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("batch", [32, 128])
+@pytest.mark.parametrize("layer", BIAS_LAYERS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sq_gemm_with_bias(benchmark, record, device, threads, batch, layer):
+    """A Linear layer's weight and bias shares, as FisherAccumulator adds them: one call with
+    bias_out, against the same op followed by the bias's three torch ops (square, sum, add_: what
+    the accumulator did before bias_out), and the torch fallback with bias_out."""
+    if device == "cuda" and threads != THREADS[0]:
+        pytest.skip("CPU threads do not change a GPU run")
+    torch.manual_seed(0)
+    out_features, in_features = layer
+    a = torch.randn(batch, out_features, device=device)
+    b = torch.randn(batch, in_features, device=device)
+    out = torch.zeros(out_features, in_features, device=device)
+    bias = torch.zeros(out_features, device=device)
+
+    def then_torch_ops():
+        sq_gemm_accumulate_(out, a, b, SCALE, backend="ext")
+        bias.add_(a.square().sum(0), alpha=SCALE)
+    steps = {
+        "ext with bias_out": lambda: sq_gemm_accumulate_(out, a, b, SCALE, backend="ext", bias_out=bias),
+        "ext, then the bias in torch": then_torch_ops,
+        "torch fallback with bias_out": lambda: sq_gemm_accumulate_(out, a, b, SCALE, backend="torch", bias_out=bias),
+    }
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rounds = rounds_for(steps["ext, then the bias in torch"], len(steps), 1.0, device)
+        best = interleaved(benchmark, steps, rounds=rounds, device=device)
+    finally:
+        torch.set_num_threads(previous)
+    row = f"{device} {threads} thr {out_features}x{in_features} batch {batch:4d}"
+    for name, seconds in best.items():
+        record("sq_gemm_bias", row, name, seconds, baseline="ext, then the bias in torch")
