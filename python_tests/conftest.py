@@ -23,3 +23,18 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(previous)
+
+
+def pruner_step(pruner, model, optimizer, x, y) -> None:
+    """One training step as a user writes it for the pruner's curvature: under fisher-mc the
+    forward inside capture_mc() and accumulate_mc_from(logits) before the backward (model may be
+    a compiled wrapper of the pruner's model)."""
+    optimizer.zero_grad()
+    if pruner.curvature_kind == "fisher-mc":
+        with pruner.capture_mc():
+            logits = model(x)
+        pruner.accumulate_mc_from(logits)
+    else:
+        logits = model(x)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    optimizer.step()

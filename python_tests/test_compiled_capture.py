@@ -3,7 +3,7 @@ compiled before a pruner's hooks were added (for this model or another of the sa
 runs without them. Nothing is then captured, and the error says why and what to do."""
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import pruner_step
 from torch import nn
 
 from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups
@@ -18,16 +18,7 @@ def train(model, compiled, curvature, steps=3):
     optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=8)
     pruner = MacKayPruner(model, optimizer, num_data=100, curvature=curvature)
     for _ in range(steps):
-        x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
-        optimizer.zero_grad()
-        if curvature == "fisher-mc":
-            with pruner.capture_mc():
-                logits = compiled(x)
-            pruner.accumulate_mc_from(logits)
-        else:
-            logits = compiled(x)
-        F.cross_entropy(logits, y).backward()
-        optimizer.step()
+        pruner_step(pruner, compiled, optimizer, torch.randn(8, 10), torch.randint(0, 3, (8,)))
     pruner.update()
     return pruner
 

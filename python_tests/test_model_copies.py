@@ -9,6 +9,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pruner_step
 from torch import nn
 
 from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups, shrink
@@ -144,15 +145,7 @@ def test_a_copied_pruner_is_detached_and_says_what_to_do(curvature, how):
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
 
     def step(pr, net, opt):
-        opt.zero_grad()
-        if curvature == "fisher-mc":
-            with pr.capture_mc():
-                logits = net(x)
-            pr.accumulate_mc_from(logits)
-        else:
-            logits = net(x)
-        F.cross_entropy(logits, y).backward()
-        opt.step()
+        pruner_step(pr, net, opt, x, y)
     step(pruner, model, optimizer)
     snapshot = {"model": model, "optimizer": optimizer, "pruner": pruner}
     snapshot = copy.deepcopy(snapshot) if how == "deepcopy" else pickle.loads(pickle.dumps(snapshot))
