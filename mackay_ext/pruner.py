@@ -283,9 +283,11 @@ class MacKayPruner(StandalonePrior):
         self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
         self.detached = False   # see detach()
         self.copied = False     # see __setstate__
-        # ef-exact: layers that had a gradient at a captured step the hooks have not seen since the
-        # last update (a parent reads their weight itself); update() refuses to price them at 0
+        # layers that had a gradient at a step whose batch the exact estimator captured, yet have
+        # not been seen by its hooks since the last update (a parent reads their weight itself);
+        # update() refuses to price them at 0. fisher-mc: whether this step's batch was captured.
         self._grad_not_captured: set[str] = set()
+        self._mc_step_captured = False
         self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
         self._hooks = []
         # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
@@ -412,9 +414,12 @@ class MacKayPruner(StandalonePrior):
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._steps_since_update += 1
         self._steps_total += 1
-        if self.curvature_kind == "ef-exact" and self.accumulator is not None and not self.accumulator.paused:
+        captured = (self.accumulator is not None and not self.accumulator.paused
+                    if self.curvature_kind == "ef-exact" else self._mc_step_captured)
+        if captured:
             self._grad_not_captured.update(name for name, target in self.targets.items()
                                            if target.param.grad is not None and not self.accumulator.saw(target.param))
+        self._mc_step_captured = False
         self._sample_next_batch()
         if self.fused:
             return
@@ -454,6 +459,7 @@ class MacKayPruner(StandalonePrior):
         With curvature_every=k, only the first call after an update and every k-th after it do."""
         if self._sample_mc("accumulate_mc"):
             self.accumulator.accumulate_mc(x, num_samples)
+            self._mc_step_captured = True
 
     @contextlib.contextmanager
     def capture_mc(self):
@@ -492,6 +498,7 @@ class MacKayPruner(StandalonePrior):
         if captured:
             try:
                 self.accumulator.accumulate_mc_from(logits, num_samples)
+                self._mc_step_captured = True
                 return
             except RuntimeError as error:
                 failure = error
