@@ -12,7 +12,8 @@ mackay-weight-fast (the weight recipe with a faster ARD phase, FAST_ARD_LR); spa
 threshold and l0 at each lambda (the structured pair, compared on MACs); mackay-priced (the group
 recipe with MacKayPruner(mac_price=..., mac_price_ramp=PRICE_RAMP[model]); each row records
 its ramp) at each price; mackay-priced-long and l0-long (LeNet-300-100: the same pair with a
-longer budget, LONG, the same for both). The run is resumable:
+longer budget, LONG, the same for both); mackay-weight-fast-ft1 and mackay-priced-long-ft1 (those
+runs again with the fine-tune's shifts at FINETUNE_SHIFT pixels). The run is resumable:
 every finished point is written to <out>/pareto_mnist.json at once and skipped when the script
 runs again, and each seed's dense network is cached in <out>/pareto_cache/ (not committed).
 Writes <out>/pareto_mnist.json, .md and pareto_mnist_<model>.png (pareto_mnist_smoke.* with --smoke).
@@ -270,7 +271,8 @@ class Run:
             prices = PRICED[self.model_name][1]
             for price in prices[:1] if first else prices[1:]:
                 self.priced(price)
-        if self.model_name in LONG and {"mackay-priced-long", "mackay-priced-long-ft1", "l0-long"} & set(methods):
+        long_methods = {"mackay-priced-long", "mackay-priced-long-ft1", "l0-long"}
+        if self.model_name in LONG and long_methods & set(methods):
             long = LONG[self.model_name]
             budget = ({} if self.args.smoke   # smoke: every phase an epoch or two, as the others
                       else dict(epochs=long["epochs"], finetune_epochs=long["finetune_epochs"]))
@@ -288,7 +290,8 @@ class Run:
 
 # --------------------------------------------------------------------------------- reporting
 UNSTRUCTURED = ("mackay-weight", "mackay-weight-fast", "mackay-weight-fast-ft1", "gmp", "sparse-vd")
-STRUCTURED = ("mackay-group", "mackay-priced", "l0", "mackay-priced-long", "mackay-priced-long-ft1", "l0-long")
+STRUCTURED = ("mackay-group", "mackay-priced", "l0", "mackay-priced-long", "mackay-priced-long-ft1",
+              "l0-long")
 
 
 def points(rows: list[dict[str, Any]], model: str) -> list[dict[str, Any]]:
