@@ -11,11 +11,10 @@ depthwise conv; 1 thread and, where torch has them, 2. FisherAccumulator takes t
 ungrouped convs on few channels or at most 256 positions (conv_curvature.FUSED_MAX_POSITIONS);
 the other rows show why.
 """
-import time
 
 import pytest
 import torch
-from conftest import interleaved
+from conftest import interleaved, rounds_for, torch_threads
 from torch.func import grad, vmap
 from torch.nn import functional as F
 
@@ -60,17 +59,10 @@ def test_conv_sq_grad(benchmark, record, threads, layer):
         "batch weight gradient": lambda: torch.ops.aten.convolution_backward(
             delta, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], groups, [False, True, False]),
     }
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        start = time.perf_counter()
-        steps["torch fallback"]()
-        once = time.perf_counter() - start
-        rounds = max(3, min(50, int(SECONDS_PER_CASE / (once * len(steps)))))
+    with torch_threads(threads):
+        rounds = rounds_for(steps["torch fallback"], len(steps), SECONDS_PER_CASE)
         best = interleaved(benchmark, steps, rounds=rounds)
         fused = takes_fused(weight, x, delta, groups)
-    finally:
-        torch.set_num_threads(previous)
     row = f"cpu {threads} thr {layer} batch {batch}"
     for name, seconds in best.items():
         record("conv_sq_grad", row, name, seconds, baseline="torch fallback")

@@ -13,7 +13,7 @@ memory traffic matters.
 """
 import pytest
 import torch
-from conftest import DEVICES, interleaved, rounds_for
+from conftest import DEVICES, interleaved, rounds_for, torch_threads
 
 from mackay_ext.curvature import sq_gemm_accumulate_
 
@@ -42,13 +42,9 @@ def test_sq_gemm(benchmark, record, device, threads, batch, layer):
         "torch fallback": lambda: sq_gemm_accumulate_(out, a, b, SCALE, backend="torch"),
         "addmm on squares": lambda: out.addmm_(a_sq.t(), b_sq, alpha=SCALE),
     }
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         rounds = rounds_for(steps["torch fallback"], len(steps), SECONDS_PER_CASE, device)
         best = interleaved(benchmark, steps, rounds=rounds, device=device)
-    finally:
-        torch.set_num_threads(previous)
     row = f"{device} {threads} thr {out_features}x{in_features} batch {batch:4d}"
     for name, seconds in best.items():
         record("sq_gemm", row, name, seconds, baseline="torch fallback")
@@ -83,13 +79,9 @@ def test_sq_gemm_with_bias(benchmark, record, device, threads, batch, layer):
         "ext, then the bias in torch": then_torch_ops,
         "torch fallback with bias_out": lambda: sq_gemm_accumulate_(out, a, b, SCALE, backend="torch", bias_out=bias),
     }
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         rounds = rounds_for(steps["ext, then the bias in torch"], len(steps), 1.0, device)
         best = interleaved(benchmark, steps, rounds=rounds, device=device)
-    finally:
-        torch.set_num_threads(previous)
     row = f"{device} {threads} thr {out_features}x{in_features} batch {batch:4d}"
     for name, seconds in best.items():
         record("sq_gemm_bias", row, name, seconds, baseline="ext, then the bias in torch")

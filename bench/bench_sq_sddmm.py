@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import interleaved, rounds_for
+from conftest import interleaved, rounds_for, torch_threads
 
 from mackay_ext.curvature import sq_gemm_accumulate_, sq_sddmm_accumulate_
 from mackay_ext.kept_pattern import blocked_csr
@@ -58,13 +58,9 @@ def test_sq_sddmm(benchmark, record, threads, batch, density, layer):
         "torch fallback": lambda: sq_sddmm_accumulate_(out, a, b, *blocked, SCALE, backend="torch"),
         "torch sampled_addmm": sampled_addmm,
     }
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         rounds = rounds_for(steps["torch fallback"], len(steps), SECONDS_PER_CASE, low=5, high=100)
         best = interleaved(benchmark, steps, rounds=rounds)
-    finally:
-        torch.set_num_threads(previous)
     row = f"{threads} thr {out_features}x{in_features} batch {batch:3d} kept {100 * density:4.0f}%"
     for name, seconds in best.items():
         record("sq_sddmm", row, name, seconds, baseline="ext dense")

@@ -4,6 +4,7 @@ session ends by printing the tables, with each column's time relative to a basel
 bench/results/<table>.{json,md}. All numbers of one table come from one process and one run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -69,10 +70,20 @@ def interleaved(benchmark, functions, rounds, device="cpu"):
     return {name: min(values) for name, values in times.items()}
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's CPU thread count set to `threads` inside, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def rounds_for(function, implementations, seconds, device="cpu", low=3, high=50):
     """How many rounds of `implementations` calls like `function` fit `seconds`, from one timed
     call (between low and high; high on a GPU, where a call is short and a round costs little)."""
-    import time
     if device != "cpu":
         return high
     start = time.perf_counter()
