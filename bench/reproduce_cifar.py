@@ -510,6 +510,12 @@ def markdown(rows: list[dict[str, Any]], published: list[dict[str, Any]], datase
         lines += ["", f"Hardware: {'; '.join(machines)}.",
                   ("Training data of every measured row: random whole-pixel shifts (recipes_cifar: up "
                    "to 4 pixels on CIFAR, 2 on mnist32), no flips (the paper also flips CIFAR images).")]
+        if dataset == "mnist32":
+            short, deep = recipes_cifar.MNIST32, recipes_cifar.MNIST32_DEEP
+            lines.append(f"Epochs (recipes_cifar.MNIST32): dense {short.dense}, in-run ARD {short.ard}, "
+                         f"fine-tune {short.finetune} (resnet-56 and resnet-110: {deep.finetune}, "
+                         "MNIST32_DEEP); the paper's protocol: a warm-up round and "
+                         f"{short.rounds} rounds of {short.round_epochs}.")
         if any(row["hardware"].startswith("NVIDIA") for row in rows):
             lines.append("GPU rows come from bench/run_gpu.sh mnist32, which runs one process per model and "
                          "seed side by side on the one GPU: their wall times are a shared GPU's.")

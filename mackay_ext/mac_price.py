@@ -44,7 +44,7 @@ def weight_uses(model: nn.Module, example_inputs) -> dict[int, float]:
     weight of every Linear, Conv, ConvTranspose and Embedding the forward on example_inputs runs
     (summed over the modules of a tied weight); from one forward in eval mode without gradients,
     so nothing (BatchNorm statistics) is updated."""
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs, model)
     batch = _batch_size(args, kwargs)
     uses: dict[int, float] = {}
     hooks = [module.register_forward_hook(_recorder(module, batch, uses))

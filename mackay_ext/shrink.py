@@ -60,7 +60,7 @@ class ShrinkReport:
 
 def count_macs(model: nn.Module, example_inputs) -> int:
     """Multiply-accumulates of one forward on example_inputs (matmuls, convolutions, attention)."""
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs, model)
     # with autograd on, nn.TransformerEncoder takes its decomposed path, which the counter can see
     with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(*args, **kwargs)
@@ -386,7 +386,7 @@ _FIXERS = [(nn.Linear, _fix_linear), (nn.modules.conv._ConvNd, _fix_conv),
 
 def _verify(model: nn.Module, small: nn.Module, example_inputs, folded: bool = False) -> None:
     """Compare outputs on example_inputs (eval mode); a mismatch means forward code hard-codes sizes."""
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs, model)
     modes = model.training
     model.eval(), small.eval()
     try:

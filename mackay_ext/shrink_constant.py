@@ -146,10 +146,10 @@ def _runs(example_inputs) -> int:
     return 1 + bool(_perturbed(example_inputs))
 
 
-def _perturbed(example_inputs):
+def _perturbed(example_inputs, model: nn.Module | None = None):
     """The example inputs with noise on every floating tensor, or None without one: a second look
     that a constant really is constant, for example inputs of a single example."""
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs, model)
     generator = torch.Generator().manual_seed(0)
     changed = False
 
@@ -183,8 +183,8 @@ def _consumer_inputs(model: nn.Module, paths, example_inputs) -> dict[str, list[
     training = model.training
     model.eval()
     try:
-        runs = [split_inputs(example_inputs)]
-        second = _perturbed(example_inputs)
+        runs = [split_inputs(example_inputs, model)]
+        second = _perturbed(example_inputs, model)
         runs += [second] if second else []
         for args, kwargs in runs:
             model(*args, **kwargs)

@@ -1,8 +1,11 @@
 """trace_coupling: export the model once and read its coupled groups off the ATen graph."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .groups import ChannelGroup, Coupling, CouplingError, collect
 from .ties import canonical_names
@@ -22,7 +25,7 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
     from .graph import propagate
     if not isinstance(model, nn.Module):
         raise TypeError(f"trace_coupling: model must be a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs = split_inputs(example_inputs)
+    args, kwargs = split_inputs(example_inputs, model)
     was_training = model.training
     model.eval()   # dropout off, BatchNorm in inference form: the form shrink must preserve
     try:
@@ -46,14 +49,36 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
     return collect(atoms, model)
 
 
-def split_inputs(example_inputs):
+def split_inputs(example_inputs, model: nn.Module | None = None):
+    """(args, kwargs) of example_inputs; with `model`, every tensor in them moved to the device the
+    model's parameters and buffers sit on (example inputs made on the CPU for a model moved to a
+    GPU, or the other way round, trace the same graph)."""
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs), {}
-    raise TypeError("example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
-                    f"inputs, got {type(example_inputs).__name__}")
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise TypeError("example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
+                        f"inputs, got {type(example_inputs).__name__}")
+    device = None if model is None else _single_device(model)
+    if device is None:
+        return args, kwargs
+
+    def to_device(value):
+        if isinstance(value, torch.Tensor) and value.device != device and value.device.type != "meta":
+            return value.to(device)
+        return value
+    return tree_map(to_device, args), tree_map(to_device, kwargs)
+
+
+def _single_device(model: nn.Module) -> torch.device | None:
+    """The one device of the model's tensors; None if it has none, several, or the meta device."""
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if len(devices) != 1:
+        return None
+    device = devices.pop()
+    return None if device.type == "meta" else device
 
 
