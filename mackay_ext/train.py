@@ -32,6 +32,10 @@ from .pruner import MacKayPruner
 
 SCHEDULES = ("paper", "in-run")
 LR_SCHEDULES = ("plateau", "cosine")
+# FitConfig fields a resumed run may change (Trainer.load_checkpoint): how long its phases run and
+# how fast it learns, not what it trains on or in which order
+RESUMABLE_CHANGES = ("pretrain_epochs", "rounds", "epochs", "finetune_epochs", "patience", "lr",
+                     "retrain_lr", "finetune_lr", "lr_decay")
 FINETUNE_TAG = 1_000_000  # batch-order tag of the fine-tuning epochs (apart from every round's)
 
 
@@ -360,7 +364,12 @@ class Trainer:
             save_atomic(self.state(), self.checkpoint)
 
     def load_checkpoint(self, path: str) -> None:
+        """Continue the run a checkpoint saved. This Trainer's FitConfig may differ from the saved
+        run's only in phase lengths, patience and learning rates (RESUMABLE_CHANGES); any other
+        difference (seed, schedule, batch size, shifts, ...) would silently turn the rest of the
+        run into another run, and is refused."""
         state = load_plain(path, "checkpoint", map_location=self.device)
+        self._check_saved_config(state.get("config"), path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.pruner.load_state_dict(state["pruner"])
@@ -370,6 +379,17 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+
+    def _check_saved_config(self, saved: Any, path: str) -> None:
+        if not isinstance(saved, dict):
+            return   # written before checkpoints held their config
+        ours = asdict(self.config)
+        differ = [f"{key}={saved[key]!r} in the checkpoint, {ours[key]!r} here" for key in ours
+                  if key in saved and key not in RESUMABLE_CHANGES and saved[key] != ours[key]]
+        if differ:
+            raise ValueError(f"load_checkpoint: {path} was saved by a run with another FitConfig: "
+                             f"{'; '.join(differ)}. Build the Trainer with the checkpoint's config "
+                             f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume), or start a new run")
 
 
 def fit(model: nn.Module, data: Splits, config: FitConfig | None = None, **kwargs) -> Trainer:

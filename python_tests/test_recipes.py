@@ -1,5 +1,6 @@
 """The table's recipes in the product: mackay_ext.recipes, the Trainer phases they need, and
 `mackay-ext prune --recipe NAME` / `--granularity channel`."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -158,6 +159,33 @@ def test_mnist32_and_a_cifar_network_with_one_channel(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert summary["dataset"] == "mnist32"
     assert summary["test_accuracy"] == pytest.approx(report["test_accuracy"])
+
+
+def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
+    """A checkpoint loaded into a Trainer whose FitConfig differs in what the run trains on or in
+    which order (seed, batch size, shifts, schedule) is refused, naming each field and both values;
+    phase lengths and learning rates may change, as the CLI's --resume allows."""
+    config = FitConfig(schedule="in-run", pretrain_epochs=1, epochs=1, update_every_steps=3,
+                       batch_size=16, backend="torch", seed=0)
+    checkpoint = str(tmp_path / "run.pt")
+
+    def trainer(**changes):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(),
+                                    torch.nn.Linear(8, 2))
+        return Trainer(model, tiny_images(), dataclasses.replace(config, **changes),
+                       pruner_options=dict(threshold=0.5), checkpoint=checkpoint)
+
+    first = trainer()
+    first.run()
+    with pytest.raises(ValueError, match=r"batch_size=16 in the checkpoint, 32 here; seed=0 in the "
+                                         r"checkpoint, 1 here.*only pretrain_epochs, rounds"):
+        trainer(seed=1, batch_size=32).load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="augment_shift=0 in the checkpoint, 1 here"):
+        trainer(augment_shift=1).load_checkpoint(checkpoint)
+    resumed = trainer(epochs=2, lr=3e-3, retrain_lr=2e-3, finetune_epochs=1)
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.position == first.position and resumed.history == first.history
 
 
 @pytest.mark.parametrize("stop_after", ["pretrain r0 e2", "round r0 e3", "finetune r1 e2"])
