@@ -5,7 +5,8 @@ same Parameter objects with new data: torch's Adam does not notice, since it cre
 at the first step. MacKayAdam and MacKayPruner create theirs when they are built (alpha must
 exist before the first update), so each state is moved where its parameter now is when it is
 next read: tensors shaped like the weight take its dtype and device; alpha and the step
-counts keep their dtype (float32: their precision is not the weight's) and only change device.
+counts keep their dtype (float32: their precision is not the weight's) and only change device;
+Adam's moments of a float16 weight are float32 (state_dtype).
 A tensor on the meta device holds no values to move: it is left for the callers' checks.
 """
 from __future__ import annotations
@@ -16,6 +17,17 @@ import torch
 
 # state entries in float32 whatever the parameter's dtype: a move changes only their device
 FLOAT32_KEYS = frozenset({"alpha", "step", "curvature_steps"})
+# Adam's moments: float32 for a float16 weight. The prior's share of the gradient, alpha w / N,
+# passes float16's largest value (65504) once alpha is large (1e11 and more as a weight is pruned),
+# and its square much sooner: in float16 the moments would turn to inf and the step to NaN.
+MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
+
+
+def state_dtype(key: str, param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the weight-shaped state entry `key` of a parameter of `param_dtype`."""
+    if key in MOMENT_KEYS and param_dtype == torch.float16:
+        return torch.float32
+    return param_dtype
 
 
 def follow_param(state: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
@@ -25,7 +37,7 @@ def follow_param(state: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
         if not isinstance(value, torch.Tensor) or value.is_meta:
             continue
         keeps_dtype = key in FLOAT32_KEYS or not value.is_floating_point()
-        dtype = value.dtype if keeps_dtype else param.dtype
+        dtype = value.dtype if keeps_dtype else state_dtype(key, param.dtype)
         if value.device != param.device or value.dtype != dtype:
             state[key] = value.to(device=param.device, dtype=dtype)
     return state

@@ -196,6 +196,9 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exc
     grouped or non-zero-padded Conv2d.
     """
     check_module(model, "model", "sparsify")
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)):
+        raise TypeError(f"sparsify: min_sparsity must be a number in [0, 1], got "
+                        f"{type(min_sparsity).__name__} {min_sparsity!r}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"sparsify: min_sparsity must be in [0, 1], got {min_sparsity}")
     _check_optimizer(optimizer, "sparsify")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import _extension, ops
-from ._follow import follow_param
+from ._follow import MOMENT_KEYS, follow_param, state_dtype
 from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_module
 from .batch_curvature import ema_debiased
 
@@ -153,8 +153,9 @@ class MacKayAdam(torch.optim.Optimizer):
         state = self.state[param]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            moments = state_dtype("exp_avg", param.dtype)   # float32 for a float16 weight (see _follow)
+            state["exp_avg"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=moments, memory_format=torch.preserve_format)
         if group["ard"]:
             if "alpha" not in state:
                 state["alpha"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
@@ -306,6 +307,10 @@ class MacKayAdam(torch.optim.Optimizer):
 
     def _launch(self, bucket, params, grads, states, curvatures, alphas, grad_scale, found_inf):
         hyper = bucket["hyper"]
+        widened = params[0].dtype == torch.float16
+        if widened:   # the step on float32 copies, to match the float32 moments (see _follow)
+            halves = params, curvatures
+            params, grads, curvatures = ([t.float() for t in ts] for ts in (params, grads, curvatures))
         ops.mackay_adam_step_(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states], curvatures, alphas, lr=hyper["lr"],
@@ -314,21 +319,25 @@ class MacKayAdam(torch.optim.Optimizer):
             decoupled_weight_decay=hyper["decoupled_weight_decay"], num_data=hyper["num_data"],
             batch_size=hyper["batch_size"], curvature_decay=hyper["curvature_decay"],
             grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
+        if widened:
+            torch._foreach_copy_([*halves[0], *halves[1]], [*params, *curvatures])
 
     # ------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch.optim.Optimizer.load_state_dict, but alpha stays float32 and the step on
-        the parameter's device (the base class would cast alpha to a bf16 param's dtype)."""
+        the parameter's device (the base class would cast alpha to a bf16 param's dtype), and a
+        float16 weight's moments stay float32 (the base class would cast them to float16)."""
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         exact = {pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
-                       if k in ("alpha", "step") and isinstance(v, torch.Tensor)}
+                       if k in ("alpha", "step", *MOMENT_KEYS) and isinstance(v, torch.Tensor)}
                  for pid in saved_ids}
         super().load_state_dict(state_dict)
         self._plan_cache = None
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(saved_ids, params):
             for key, value in exact[pid].items():
-                self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+                dtype = state_dtype(key, param.dtype) if key in MOMENT_KEYS else torch.float32
+                self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
 
 
 def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:

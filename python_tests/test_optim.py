@@ -232,7 +232,7 @@ def test_pruned_entries_stay_exactly_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_state_dict_round_trip_continues_identically(backend, dtype):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(9, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
@@ -256,10 +256,46 @@ def test_state_dict_round_trip_continues_identically(backend, dtype):
     optimizer2.load_state_dict(saved_opt)
     alpha = optimizer2.state[model2[0].weight]["alpha"]
     assert alpha.dtype == torch.float32 and alpha.shape == (1, 9)
+    moments = torch.float32 if dtype == torch.float16 else dtype
+    for state in optimizer2.state.values():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == moments
     assert torch.equal(alpha, saved_opt["state"][0]["alpha"])
     train(model2, optimizer2, 5)
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_weights_keep_float32_moments_under_a_large_prior(device, backend):
+    """alpha w / N past float16's range (alpha 4e11, as a weight is pruned): the moments of a
+    float16 weight are float32, so the step stays finite and follows the float64 design loop;
+    a float16 model moved there after the optimizer was built gets float32 moments too."""
+    w = torch.nn.Parameter(torch.full((4, 5), 4e-5, dtype=torch.float16, device=device))
+    optimizer = MacKayAdam([w], lr=1e-2, num_data=200, batch_size=16, backend=backend)
+    alpha = torch.full((4, 5), 4e11)
+    alpha[0] = 0.0   # a row with no prior beside the heavy ones
+    optimizer.ard_state(w)["alpha"] = alpha.to(device)
+    weight, m, v, h = (w.detach().double().cpu(), *(torch.zeros(4, 5, dtype=torch.float64) for _ in range(3)))
+    for step in range(1, 4):
+        g = torch.full((4, 5), 0.05, dtype=torch.float16)
+        w.grad = g.to(device)
+        optimizer.step()
+        weight, m, v, h = design_step(weight, g.double(), m, v, h, alpha.double(), step, lr=1e-2,
+                                      beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False,
+                                      num_data=200.0, batch_size=16.0, rho=optimizer.param_groups[0]["curvature_decay"])
+    state = optimizer.state[w]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32 and w.dtype == torch.float16
+    assert torch.isfinite(w).all() and torch.isfinite(state["exp_avg_sq"]).all()
+    torch.testing.assert_close(w.detach().double().cpu(), weight, rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(state["exp_avg"].double().cpu(), m, rtol=1e-3, atol=0)
+    model = torch.nn.Linear(3, 2).to(device)
+    moved = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=10, batch_size=2, backend=backend)
+    moved.ard_state(model.weight)
+    model.half()
+    model(torch.randn(2, 3, device=device, dtype=torch.float16)).sum().backward()
+    moved.step()
+    assert moved.state[model.weight]["exp_avg"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

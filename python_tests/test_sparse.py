@@ -377,6 +377,9 @@ def test_sparsify_min_sparsity_and_optimizer_alpha():
     assert isinstance(sparsify(nn.Sequential(dense))[0], nn.Linear)
     with pytest.raises(ValueError, match="min_sparsity"):
         sparsify(model, min_sparsity=2.0)
+    for bad in ("0.5", None, True):
+        with pytest.raises(TypeError, match="sparsify: min_sparsity must be a number in \\[0, 1\\], got"):
+            sparsify(model, min_sparsity=bad)
 
 
 def test_narrow_index_types_on_disk(tmp_path):
