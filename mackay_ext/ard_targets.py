@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
+from torch.nn.utils.weight_norm import WeightNorm   # the deprecated hook form
 
 GRANULARITIES = ("weight", "input", "output", "filter")
 
@@ -103,6 +105,23 @@ def alpha_shape(module: nn.Module, granularity: str, attr: str = "weight") -> tu
                            getattr(module, "groups", 1))
 
 
+PARAMETRIZED = ("an input of a parametrization (weight_norm, spectral_norm, orthogonal, ...): a prior "
+                "there is not a prior on the weight the layer computes, and a pruned row of weight_norm's "
+                "direction makes that weight 0/0; remove the parametrization "
+                "(torch.nn.utils.parametrize.remove_parametrizations) to cover the layer")
+
+
+def _parametrization_input(module: nn.Module, attr: str) -> bool:
+    """Is `attr` of `module` what a parametrization computes the layer's weight from? (The new
+    torch.nn.utils.parametrize: held by a ParametrizationList; the old torch.nn.utils.weight_norm:
+    weight_g / weight_v, read by a forward pre-hook.)"""
+    if isinstance(module, ParametrizationList):
+        return True
+    hooks = module._forward_pre_hooks.values()
+    return any(isinstance(hook, WeightNorm)
+               and attr in (hook.name + "_g", hook.name + "_v") for hook in hooks)
+
+
 def _target_name(module_name: str, attr: str) -> str:
     if attr == "weight":
         return module_name or "weight"
@@ -161,6 +180,8 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
             reason = "not trained by the optimizer"
         elif ard_groups_only and not ard_flags.get(id(param), True):
             reason = "in a MacKayAdam param group with ard=False"
+        elif _parametrization_input(module, attr):
+            reason = PARAMETRIZED
         if reason is not None:
             if selected is not None and param.dim() >= 2:
                 raise ValueError(f"MacKayPruner: {name} was asked for but is {reason}")

@@ -51,6 +51,7 @@ from ._validate import (
 )
 from .ard_targets import (
     GRANULARITIES,
+    PARAMETRIZED,
     ARDTarget,
     alpha_shape,
     alpha_shape_for,
@@ -240,6 +241,10 @@ class MacKayPruner(StandalonePrior):
         self._mc_captured: bool | None = None   # capture_mc's verdict, until accumulate_mc_from
         self._priced_updates = 0   # updates so far that could prune with a price (the ramp's clock)
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
+        parametrized = [entry["name"] for entry in self.excluded if entry["reason"] == PARAMETRIZED]
+        if parametrized:   # weight-like parameters the user will expect covered: say so
+            warnings.warn(f"{where}: {', '.join(parametrized)} left without a prior: each is {PARAMETRIZED}",
+                          stacklevel=2)
         if not self.targets:
             raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
                              f"put a prior on (left out: {self.excluded})")

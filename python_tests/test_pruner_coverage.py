@@ -187,3 +187,39 @@ def test_same_padding_that_is_uneven_is_refused_by_name(curvature):
     reflect = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"))
     with pytest.raises(ValueError, match=r"cannot serve 0 \(Conv2d, padding_mode='reflect'\)"):
         MacKayPruner(reflect, MacKayAdam(ard_param_groups(reflect), num_data=100), num_data=100, curvature=curvature)
+
+
+@pytest.mark.parametrize("style", ["parametrize", "old hook"])
+def test_weight_norm_inputs_are_left_out_with_a_warning_and_training_stays_finite(style):
+    """weight_norm computes the weight from g and the direction v: a prior on v pruned whole rows
+    of it (weight = g v / |v| = 0/0, NaN). Parametrization inputs are left out, named in a warning
+    and in report()["excluded"]; the plain layer beside them keeps its prior."""
+    torch.manual_seed(0)
+    if style == "parametrize":
+        first = nn.utils.parametrizations.weight_norm(nn.Linear(20, 32))
+        names = ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # torch.nn.utils.weight_norm is deprecated
+            first = nn.utils.weight_norm(nn.Linear(20, 32))
+        names = ["0.weight_g", "0.weight_v"]
+    model = nn.Sequential(first, nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(200, 20)
+    y = (x[:, :3].sum(1) > 0).long() + 2 * (x[:, 3] > 0).long()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=200, batch_size=16)
+    with pytest.warns(UserWarning, match="left without a prior: each is an input of a parametrization"):
+        pruner = MacKayPruner(model, optimizer, num_data=200)
+    assert list(pruner.targets) == ["2"]
+    excluded = {entry["name"]: entry["reason"] for entry in pruner.report()["excluded"]}
+    assert all("remove_parametrizations" in excluded[name] for name in names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            for _ in range(20):
+                index = torch.randint(0, 200, (16,))
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+                optimizer.step()
+            pruner.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert pruner.report()["kept"] < pruner.report()["total"]   # the plain layer was pruned
