@@ -81,6 +81,32 @@ def test_residual_add_concat_and_depthwise_by_hand():
     assert sorted(map(sorted, as_sets(groups))) == sorted(map(sorted, expected))
 
 
+class Joined(nn.Module):
+    """Two convs joined by torch.stack (new dim 2) or torch.cat along height, then flattened into
+    a Linear: the join needs equal channel counts, so channel c of both convs goes together."""
+
+    def __init__(self, join):
+        super().__init__()
+        self.join = join
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)
+        self.f = nn.Linear(8 if join == "stack" else 32, 2)
+
+    def forward(self, x):
+        a, b = self.c1(x), self.c2(x)
+        if self.join == "stack":
+            return self.f(torch.stack([a, b], 2).mean((3, 4)).flatten(1))       # f input 2c + s
+        return self.f(torch.cat([a, b], 2).flatten(1))       # 2x2 images: f input 8c + k
+
+
+@pytest.mark.parametrize("join", ["stack", "cat"])
+def test_stack_and_cat_beside_the_channels_tie_the_inputs_channels(join):
+    groups = channel_groups(Joined(join), torch.randn(2, 3, 2, 2))
+    width = 2 if join == "stack" else 8
+    expected = [entries(("c1.weight", 0, [c]), ("c1.bias", 0, [c]), ("c2.weight", 0, [c]), ("c2.bias", 0, [c]),
+                        ("f.weight", 1, range(width * c, width * (c + 1)))) for c in range(4)]
+    assert sorted(map(sorted, as_sets(groups))) == sorted(map(sorted, expected))
+
+
 def test_grouped_convolution_by_position_and_layer_norm_blocked_with_reasons():
     class Model(nn.Module):
         def __init__(self):

@@ -190,11 +190,22 @@ def _split(g, node, x, *args, **kwargs):
     return result
 
 
+def _same_sizes_across(g, labels: list[np.ndarray], dim: int) -> None:
+    """cat and stack need their inputs' sizes equal along every dim but `dim`: a channel removed
+    from one input must leave each other input at the same position, so their atoms go together
+    position by position (as an elementwise op's operands do). Inputs whose labels vary along
+    `dim` itself (a cat along the channels) have nothing at the same position to tie."""
+    flat = [lab for lab in labels if lab.shape[dim] == 1]
+    for lab in flat[1:]:
+        g.atoms.union_arrays(flat[0], lab)
+
+
 @rule("cat", "concat", "concatenate")
 def _cat(g, node, tensors, dim=0):
     out = node_shape(node)
     dim %= len(out)
     vals = [g.value(t) for t in tensors if len(node_shape(t)) == len(out)]   # legacy empty 1-D inputs drop out
+    _same_sizes_across(g, [align(v.labels, len(out)) for v in vals], dim)
     sizes = [max(v.labels.shape[d] for v in vals) for d in range(len(out))]
     parts = []
     for v in vals:
@@ -207,8 +218,12 @@ def _cat(g, node, tensors, dim=0):
 def _stack(g, node, tensors, dim=0):
     out = node_shape(node)
     dim %= len(out)
-    parts = [np.expand_dims(np.broadcast_to(g.value(t).labels, g.value(t).shape), dim) for t in tensors]
-    return V(np.concatenate(parts, axis=dim), out, all(g.value(t).from_param for t in tensors))
+    vals = [g.value(t) for t in tensors]
+    labels = [np.expand_dims(align(v.labels, len(out) - 1), dim) for v in vals]
+    _same_sizes_across(g, labels, dim)
+    sizes = [max(lab.shape[d] for lab in labels) for d in range(len(out))]
+    parts = [np.broadcast_to(lab, sizes[:dim] + [1] + sizes[dim + 1:]) for lab in labels]
+    return V(np.concatenate(parts, axis=dim), out, all(v.from_param for v in vals))
 
 
 @rule("pad", "constant_pad_nd")
