@@ -101,7 +101,15 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
     # the constants folded into biases are measured, and the result checked, without TF32
     with full_float32():
         for _ in range(_MAX_ROUNDS):
-            step = _shrink_once(small, example_inputs, round_to)
+            try:
+                step = _shrink_once(small, example_inputs, round_to)
+            except CouplingError as err:
+                if not rounds:
+                    raise   # the caller's model and inputs: the message says what of them failed
+                raise CouplingError(
+                    f"shrink: after round {len(rounds)} cut channels, the smaller model no longer runs "
+                    f"or traces on example_inputs ({err}); its forward code probably hard-codes a "
+                    "channel count") from None
             small = step.model
             rounds.append(step)
             if not (step.unread or step.folded):

@@ -331,6 +331,28 @@ def test_forward_code_that_hard_codes_a_channel_count_is_refused():
         shrink(model, inputs)
 
 
+def test_a_hard_coded_count_that_breaks_a_later_round_is_not_blamed_on_the_inputs():
+    """The first round's cut leaves a model whose forward reshapes to a fixed channel split, so
+    the second round cannot trace it: the error says so, not that example_inputs fail."""
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            h = F.relu(self.conv(x))
+            return self.head(h.view(h.shape[0], 2, 4, *h.shape[2:]).sum(1).mean((2, 3)))
+
+    model, inputs = to_double(Model(), (torch.randn(4, 3, 8, 8),))
+    with torch.no_grad():
+        model.conv.weight[[1, 5]] = 0
+        model.conv.bias[[1, 5]] = 0
+    with pytest.raises(CouplingError, match=r"^shrink: after round 1 cut channels, the smaller model no "
+                                            r"longer runs .*hard-codes a channel count"):
+        shrink(model, inputs)
+
+
 def test_training_mode_is_kept():
     model = ConvBnConv().train()
     inputs = (torch.randn(2, 3, 4, 4),)
