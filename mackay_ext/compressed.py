@@ -82,6 +82,10 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     dense_state.update(rest)
     payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest,
                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
+    if model_name:   # a file that names a model must be one load_compressed can rebuild it from
+        problem = _named_model_problem(payload, "this model's")
+        if problem:
+            raise ValueError(f"save_compressed: model_name does not describe this model: {problem}")
     payload["digest"] = payload_digest(payload)   # load_compressed refuses a file that differs
     save_atomic(payload, path)  # never half a file
     return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
@@ -155,21 +159,30 @@ def _model_by_name(path: str, payload: dict) -> nn.Module:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise CorruptFileError(f"load_compressed: {path}: model_kwargs must be a dict of keyword "
                                f"arguments, got {type(kwargs).__name__}")
+    problem = _named_model_problem(payload, "the file's")
+    if problem:
+        raise CorruptFileError(f"load_compressed: {path}: {problem}")
+    return models.create(name, **kwargs)
+
+
+def _named_model_problem(payload: dict, whose: str) -> str | None:
+    """Why payload's model_name and model_kwargs do not build a model with the payload's tensor
+    shapes (None if they do); built on the meta device, so nothing is allocated."""
+    from . import models
+    name, kwargs = payload["model_name"], payload["model_kwargs"]
     try:
         with torch.device("meta"):
             probe = models.create(name, **kwargs)
     except (TypeError, ValueError, RuntimeError) as error:   # RuntimeError: sizes that overflow
-        raise CorruptFileError(f"load_compressed: {path}: its model_name {name!r} and model_kwargs "
-                               f"{kwargs} do not build a model ({error})") from None
+        return f"model_name {name!r} and model_kwargs {kwargs} do not build a model ({error})"
     expected = _file_shapes(payload)
     built = {key: tuple(tensor.shape) for key, tensor in probe.state_dict().items()}
     for key in sorted(set(built) | set(expected)):
         if built.get(key) != expected.get(key):
             theirs = "none" if key not in expected else f"{expected[key]}"
             ours = "no such tensor" if key not in built else f"{key} of shape {built[key]}"
-            raise CorruptFileError(f"load_compressed: {path}: model {name!r} with model_kwargs {kwargs} has "
-                                   f"{ours}, the file's {key} is {theirs}")
-    return models.create(name, **kwargs)
+            return f"model {name!r} with model_kwargs {kwargs} has {ours}, {whose} {key} is {theirs}"
+    return None
 
 
 def _file_shapes(payload: dict) -> dict[str, tuple[int, ...]]:

@@ -174,3 +174,21 @@ def test_loading_into_a_compiled_model_names_the_plain_one(saved):
     path, _, _ = saved
     with pytest.raises(TypeError, match=r"torch.compile wrapper; pass the plain network \(model._orig_mod\)"):
         load_compressed(path, torch.compile(Net()))
+
+
+def test_a_model_name_that_does_not_build_the_model_is_refused_when_saving(tmp_path):
+    """A file naming a model it does not hold could not be loaded by name later (where it read as
+    corrupt): save_compressed refuses it, naming the first tensor that differs, and writes nothing."""
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    path = tmp_path / "net.pt"
+    with pytest.raises(ValueError, match=r"save_compressed: model_name does not describe this model: model "
+                                         r"'lenet-300-100' with model_kwargs \{\} has no such tensor, this "
+                                         r"model's 0.bias is \(16,\)"):
+        save_compressed(net, path, model_name="lenet-300-100")
+    with pytest.raises(ValueError, match=r"model_kwargs \{'num_classes': 3\} has 5.bias of shape \(3,\), this model's 5.bias is \(10,\)"):
+        save_compressed(models.create("lenet-300-100"), path, model_name="lenet-300-100",
+                        model_kwargs={"num_classes": 3})
+    assert not path.exists()
+    save_compressed(models.create("lenet-300-100", num_classes=3), path, model_name="lenet-300-100",
+                    model_kwargs={"num_classes": 3})
+    assert load_compressed(path)[5].out_features == 3
