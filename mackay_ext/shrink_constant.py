@@ -95,6 +95,21 @@ def unread(model: nn.Module, group: ChannelGroup) -> bool:
     return bool(r.consumers) and not r.unknown and _all_zero(model, r.consumers)
 
 
+def unread_but_unknown(model: nn.Module, group: ChannelGroup) -> str | None:
+    """Why a channel that every known reader leaves unread is still kept (None if it is not such
+    a channel): some member sits where shrink cannot tell whether it reads or makes the channel
+    (a raw Parameter used in forward code, a tied weight), so the channel may still matter."""
+    if group.kind != "channel":
+        return None
+    r = roles(model, group)
+    if not (r.consumers and r.unknown and _all_zero(model, r.consumers)):
+        return None
+    where = ", ".join(f"{m.name} ({type(model.get_submodule(path)).__name__})" for path, m in r.unknown)
+    return (f"its readers {', '.join(path for path, _ in r.consumers)} leave it unread, but shrink does "
+            f"not know what {where} does with it (it knows the roles of nn.Linear and ungrouped conv "
+            "weights only), so it stays")
+
+
 def is_constant(model: nn.Module, group: ChannelGroup) -> bool:
     """True when every weight row producing the group's channel is zero (and it has a consumer)."""
     if group.kind != "channel":

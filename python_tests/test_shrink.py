@@ -353,6 +353,27 @@ def test_a_hard_coded_count_that_breaks_a_later_round_is_not_blamed_on_the_input
         shrink(model, inputs)
 
 
+def test_units_that_a_raw_parameter_makes_and_nothing_reads_are_reported_not_passed_over():
+    """A hidden layer written as F.linear on the module's own Parameters: its units that the next
+    Linear never reads cannot be cut (shrink does not know that module), and the report says so."""
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W, self.b = nn.Parameter(torch.randn(32, 20)), nn.Parameter(torch.zeros(32))
+            self.out = nn.Linear(32, 5)
+
+        def forward(self, x):
+            return self.out(F.relu(F.linear(x, self.W, self.b)))
+
+    model, inputs = to_double(Custom(), (torch.randn(4, 20),))
+    with torch.no_grad():
+        model.out.weight[:, :10] = 0
+    small, report = shrink(model, inputs, report=True)
+    assert report.removed == [] and len(report.kept_unused) == 10
+    assert all("shrink does not know what W (Custom) does with it" in reason for _, reason in report.kept_unused)
+    assert "10 unread or constant groups kept" in str(report)
+
+
 def test_training_mode_is_kept():
     model = ConvBnConv().train()
     inputs = (torch.randn(2, 3, 4, 4),)
