@@ -59,11 +59,18 @@ class ShrinkReport:
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of one forward on example_inputs (matmuls, convolutions, attention)."""
+    """Multiply-accumulates of one forward on example_inputs (matmuls, convolutions, attention),
+    run in eval mode: a forward in training mode would move the model's BatchNorm statistics."""
     args, kwargs = split_inputs(example_inputs, model)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     # with autograd on, nn.TransformerEncoder takes its decomposed path, which the counter can see
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        model(*args, **kwargs)
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            model(*args, **kwargs)
+    finally:
+        for module, training in modes.items():
+            module.training = training
     return counter.get_total_flops() // 2
 
 

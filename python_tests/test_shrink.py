@@ -374,6 +374,25 @@ def test_units_that_a_raw_parameter_makes_and_nothing_reads_are_reported_not_pas
     assert "10 unread or constant groups kept" in str(report)
 
 
+def test_the_report_leaves_a_training_model_s_batchnorm_statistics_alone():
+    """report=True counts MACs with one forward of each model: in eval mode, so the caller's
+    BatchNorm running statistics (and the copy's) do not move, and the training flags come back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 4))
+    with torch.no_grad():
+        for layer in (net[0], net[1]):
+            layer.weight[:3] = 0
+            layer.bias[:3] = 0
+    net, (x,) = to_double(net, (torch.randn(5, 3, 10, 10) * 3 + 1,))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    small, report = shrink(net.train(), (x,), report=True)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training and all(m.training for m in net.modules()) and report.removed
+    with torch.no_grad():
+        assert_equal_outputs(net.eval()(x), small.eval()(x))
+
+
 def test_training_mode_is_kept():
     model = ConvBnConv().train()
     inputs = (torch.randn(2, 3, 4, 4),)
