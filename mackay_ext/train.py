@@ -369,7 +369,13 @@ class Trainer:
         difference (seed, schedule, batch size, shifts, ...) would silently turn the rest of the
         run into another run, and is refused."""
         state = load_plain(path, "checkpoint", map_location=self.device)
-        self._check_saved_config(state.get("config"), path)
+        saved = state.get("config")
+        self._check_saved_config(saved, path)
+        if isinstance(saved, dict):
+            late, why = late_length_changes(saved, asdict(self.config), state.get("position"))
+            if late:
+                raise ValueError(f"load_checkpoint: {', '.join(late)} cannot change this run any more: "
+                                 f"{why}; start a new run with them")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.pruner.load_state_dict(state["pruner"])
@@ -379,6 +385,27 @@ class Trainer:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        if isinstance(saved, dict):
+            self._apply_changed_rates(saved)
+
+    def _apply_changed_rates(self, saved: dict[str, Any]) -> None:
+        """A resume with another learning rate for the phase the checkpoint is in scales the
+        saved lr by new / old (the plateau decays so far kept); another lr_decay is the plateau
+        schedule's factor from here on. (Later phases start from their own config lr anyway.)"""
+        phase = self.position["phase"]
+        key = {"pretrain": "lr", "round": "retrain_lr", "finetune": "finetune_lr"}.get(phase)
+        if key is not None:
+            ours, theirs = getattr(self.config, key), saved.get(key)
+            if key == "finetune_lr":   # None: the fine-tune runs at retrain_lr
+                ours = self.config.retrain_lr if ours is None else ours
+                theirs = saved.get("retrain_lr") if theirs is None else theirs
+            if theirs and ours != theirs:
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= ours / theirs
+                if hasattr(self.lr_scheduler, "base_lrs"):
+                    self.lr_scheduler.base_lrs = [lr * ours / theirs for lr in self.lr_scheduler.base_lrs]
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.factor = self.config.lr_decay
 
     def _check_saved_config(self, saved: Any, path: str) -> None:
         if not isinstance(saved, dict):
@@ -390,6 +417,34 @@ class Trainer:
             raise ValueError(f"load_checkpoint: {path} was saved by a run with another FitConfig: "
                              f"{'; '.join(differ)}. Build the Trainer with the checkpoint's config "
                              f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume), or start a new run")
+
+
+def late_length_changes(saved: dict[str, Any], config: dict[str, Any], position: Any,
+                        name: Callable[[str], str] = str) -> tuple[list[str], str]:
+    """The phase lengths (pretrain_epochs, rounds, epochs) that `config` changes from the `saved`
+    run's but that the phases a checkpoint at `position` has left cannot reach, and why (as `name`
+    calls the fields): a resume must refuse them, since they would be silently ignored."""
+    changed = [key for key in ("pretrain_epochs", "rounds", "epochs") if config[key] != saved.get(key)]
+    if not changed or not isinstance(position, dict):
+        return [], ""
+    phase, round_index = position.get("phase"), position.get("round", 0)
+    paper = config["schedule"] == "paper"
+    if phase in ("finetune", "done"):
+        return changed, "the pruning is over: this checkpoint is in or past its fine-tuning (prior off)"
+    late, why = [], []
+    if "pretrain_epochs" in changed and phase != "pretrain":
+        late.append("pretrain_epochs")
+        why.append("the dense pretraining is over")
+    if "rounds" in changed and not paper:
+        late.append("rounds")
+        why.append(f"the in-run schedule has no rounds (its length is {name('epochs')})")
+    if "epochs" in changed and phase == "round" and not paper and round_index >= 1:
+        late.append("epochs")
+        why.append("the in-run pruning phase is over")
+    if "epochs" in changed and paper and phase == "round" and round_index > config["rounds"]:
+        late.append("epochs")
+        why.append(f"every round has run (add rounds with {name('rounds')})")
+    return late, "; ".join(why)
 
 
 def fit(model: nn.Module, data: Splits, config: FitConfig | None = None, **kwargs) -> Trainer:

@@ -183,9 +183,44 @@ def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
         trainer(seed=1, batch_size=32).load_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="augment_shift=0 in the checkpoint, 1 here"):
         trainer(augment_shift=1).load_checkpoint(checkpoint)
-    resumed = trainer(epochs=2, lr=3e-3, retrain_lr=2e-3, finetune_epochs=1)
+    resumed = trainer(lr=3e-3, retrain_lr=2e-3, patience=7)
     resumed.load_checkpoint(checkpoint)
     assert resumed.position == first.position and resumed.history == first.history
+
+
+def test_resume_applies_a_changed_lr_and_lr_decay_and_refuses_lengths_it_is_past(tmp_path):
+    """load_checkpoint: a new lr for the phase the checkpoint is in scales the saved one (decays so
+    far kept) and a new lr_decay becomes the plateau factor; a phase length the checkpoint is past
+    (pretraining epochs after the pretraining) is refused, not silently ignored."""
+    config = FitConfig(pretrain_epochs=4, rounds=1, epochs=1, batch_size=32, patience=10, backend="torch")
+    checkpoint = str(tmp_path / "run.pt")
+
+    class Stop(Exception):
+        pass
+
+    def trainer(stop_after=None, **changes):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(),
+                                    torch.nn.Linear(8, 2))
+
+        def progress(message):
+            if stop_after and message.startswith(stop_after):
+                raise Stop
+        return Trainer(model, tiny_images(), dataclasses.replace(config, **changes),
+                       pruner_options=dict(threshold=0.5), checkpoint=checkpoint, progress=progress)
+
+    with pytest.raises(Stop):
+        trainer("pretrain r0 e2").run()
+    saved_lr = torch.load(checkpoint, weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    resumed = trainer(lr=5e-3, lr_decay=0.5)
+    resumed.load_checkpoint(checkpoint)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(saved_lr * 5)
+    assert resumed.lr_scheduler.factor == 0.5
+    history = resumed.run()
+    assert history[2]["phase"] == "pretrain" and history[2]["lr"] >= saved_lr * 5 * 0.5
+    with pytest.raises(ValueError, match="pretrain_epochs cannot change this run any more: the dense "
+                                         "pretraining is over; start a new run"):
+        trainer(pretrain_epochs=8).load_checkpoint(checkpoint)
 
 
 @pytest.mark.parametrize("stop_after", ["pretrain r0 e2", "round r0 e3", "finetune r1 e2"])

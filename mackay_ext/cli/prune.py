@@ -155,7 +155,7 @@ def run_prune(args, parser, given: set[str] = frozenset()) -> int:
         too_late = _length_changes_too_late(saved, settings, state.get("position"))
         if too_late:
             parser.error(too_late)
-        resumed = {"wall_seconds": float(state.get("wall_seconds", 0.0)), "lr": saved["lr"]}
+        resumed = {"wall_seconds": float(state.get("wall_seconds", 0.0))}
         del state
     out = args.out or (os.path.dirname(args.resume) or "." if args.resume else "mackay-run")
     _check_out(out, parser)
@@ -196,10 +196,7 @@ def _run_prune(args, settings: dict[str, Any], changed: list[str], resumed: dict
         except (KeyError, RuntimeError, ValueError) as error:  # e.g. edited, or another version's
             return _fail(f"checkpoint {args.resume} does not fit the {settings['model']} it names: "
                          f"{error}")
-        started -= resumed["wall_seconds"]
-        if settings["lr"] != resumed["lr"]:  # keep the plateau decays so far, from the new lr
-            for group in trainer.optimizer.param_groups:
-                group["lr"] *= settings["lr"] / resumed["lr"]
+        started -= resumed["wall_seconds"]   # a changed --lr: load_checkpoint scales the saved one
     trainer.wall_clock_start = started
     before = _file_state(checkpoint)
     progress.line(f"{settings['model']} on {settings['dataset']}: {trainer.num_data} training "

@@ -12,7 +12,7 @@ import torch
 from .. import data as datasets
 from .. import models, recipes
 from ..sparse import FORMAT as MODEL_FORMAT
-from ..train import FitConfig, Trainer
+from ..train import FitConfig, Trainer, late_length_changes
 from .args import (
     CHANGEABLE_ON_RESUME,
     GENERIC_RECIPE,
@@ -111,28 +111,7 @@ def _resume_settings(saved: dict[str, Any], args, given: set[str], parser) -> tu
 def _length_changes_too_late(saved: dict[str, Any], settings: dict[str, Any], position: Any) -> str | None:
     """Why a changed --pretrain-epochs, --rounds or --epochs cannot reach the phases a
     checkpoint has left to run (None if it can): refused, since it would be silently ignored."""
-    changed = [key for key in ("pretrain_epochs", "rounds", "epochs") if settings[key] != saved.get(key)]
-    if not changed or not isinstance(position, dict):
-        return None
-    phase, round_index = position.get("phase"), position.get("round", 0)
-    paper = settings["schedule"] == "paper"
-    if phase in ("finetune", "done"):
-        late, why = changed, "the pruning is over: this checkpoint is in or past its fine-tuning (prior off)"
-    else:
-        late, why = [], []
-        if "pretrain_epochs" in changed and phase != "pretrain":
-            late.append("pretrain_epochs")
-            why.append("the dense pretraining is over")
-        if "rounds" in changed and not paper:
-            late.append("rounds")
-            why.append("the in-run schedule has no rounds (its length is --epochs)")
-        if "epochs" in changed and phase == "round" and not paper and round_index >= 1:
-            late.append("epochs")
-            why.append("the in-run pruning phase is over")
-        if "epochs" in changed and paper and phase == "round" and round_index > settings["rounds"]:
-            late.append("epochs")
-            why.append("every round has run (add rounds with --rounds)")
-        why = "; ".join(why)
+    late, why = late_length_changes(saved, settings, position, name=_flag)
     if not late:
         return None
     return (f"--resume: {', '.join(map(_flag, late))} cannot change this run any more: {why}. "
