@@ -97,11 +97,22 @@ class Trainer:
         if config.schedule not in SCHEDULES:
             raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
         check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES, "fit")
-        for name in ("pretrain_epochs", "rounds", "epochs", "update_every_steps", "warmup_updates",
-                     "finetune_epochs"):
+        for name, least in (("pretrain_epochs", 0), ("rounds", 0), ("epochs", 0), ("update_every_steps", 0),
+                            ("warmup_updates", 0), ("finetune_epochs", 0), ("patience", 0),
+                            ("batch_size", 1), ("update_every", 1)):
             value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"fit: {name} must be an integer >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"fit: {name} must be an integer >= {least}, got {value!r}")
+        for name in ("lr", "retrain_lr", "finetune_lr"):   # checked now, not when their phase starts
+            value = getattr(config, name)
+            if value is None and name == "finetune_lr":
+                continue
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0):
+                raise ValueError(f"fit: {name} must be a finite number >= 0, got {value!r}")
+        decay = config.lr_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+            raise ValueError(f"fit: lr_decay (the plateau schedule's factor) must be in (0, 1), got {decay!r}")
         for name in ("augment_shift", "finetune_augment_shift"):
             value = getattr(config, name)
             if value is None and name == "finetune_augment_shift":

@@ -161,6 +161,22 @@ def test_mnist32_and_a_cifar_network_with_one_channel(tmp_path):
     assert summary["test_accuracy"] == pytest.approx(report["test_accuracy"])
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("retrain_lr", -1e-3, "retrain_lr must be a finite number >= 0, got -0.001"),
+    ("finetune_lr", float("nan"), "finetune_lr must be a finite number >= 0"),
+    ("batch_size", 32.5, "batch_size must be an integer >= 1, got 32.5"),
+    ("lr_decay", 2.0, r"lr_decay \(the plateau schedule's factor\) must be in \(0, 1\), got 2.0"),
+    ("lr_decay", 0.0, "lr_decay"),
+    ("update_every", 0, "update_every must be an integer >= 1"),
+    ("patience", -1, "patience must be an integer >= 0")])
+def test_fit_config_values_are_checked_when_the_trainer_is_built(field, value, message):
+    """A bad value is named at once, not when its phase starts (a negative retrain_lr used to run
+    the whole dense phase first, then fail naming MacKayAdam's lr)."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    with pytest.raises(ValueError, match=f"fit: {message}"):
+        Trainer(model, tiny_images(), FitConfig(**{field: value}))
+
+
 def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
     """A checkpoint loaded into a Trainer whose FitConfig differs in what the run trains on or in
     which order (seed, batch size, shifts, schedule) is refused, naming each field and both values;
