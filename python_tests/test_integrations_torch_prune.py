@@ -98,6 +98,8 @@ def test_l1_unstructured_import_trains_with_pruned_entries_at_zero(remove):
         assert torch.equal(weight[pruned], torch.zeros(int(pruned.sum())))
         assert bool((weight[~pruned] != 0).all())   # the kept weights trained
         assert torch.equal(model[int(layer)].weight[pruned], torch.zeros(int(pruned.sum())))
+    report = pruner.update()   # the pruner goes on with the weights, reparametrised or not
+    assert report["kept"] <= 9 * 11 + 9 * 3 - 57
 
 
 def test_partial_group_mask_refused_and_nothing_changed():

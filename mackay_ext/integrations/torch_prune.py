@@ -90,7 +90,7 @@ def from_torch_prune(model: nn.Module, pruner: MacKayPruner, *, remove: bool = F
     remove: False (default) keeps the reparametrisation: module.X stays X_orig * X_mask, the mask
         agrees with alpha and the model's state_dict keeps its X_orig / X_mask entries.
         True calls prune.remove: module.X is the plain Parameter again (the same object, so the
-        optimizer and pruner keep it; the pruner's names keep their "_orig").
+        optimizer and pruner keep it, and go on updating it; the pruner's names keep their "_orig").
     Masks on tensors without a prior (biases, layers outside `layers`) stay as they are.
 
     Returns {"imported": {layer: weights pruned}, "left": [tensors whose mask was not imported]}.
@@ -120,4 +120,5 @@ def from_torch_prune(model: nn.Module, pruner: MacKayPruner, *, remove: bool = F
         imported[layer] = int((alpha == math.inf).expand_as(param).sum())
         if remove:
             torch_prune.remove(module, attr)
+            pruner.targets[layer].attr = attr   # the same Parameter, now held as module.<attr>
     return {"imported": imported, "left": left}
