@@ -83,6 +83,18 @@ def test_fit_prunes_and_logs(optimizer, caplog):
     print("\n".join(line for line in caplog.text.splitlines() if "MacKayPruning" in line or "  net." in line))
 
 
+def test_a_mackay_adam_is_checked_against_the_step_batch_not_told_a_batch_size(recwarn):
+    """With a MacKayAdam from configure_optimizers, its own batch_size is the one used: the callback
+    passes the pruner none (no warning that a value it gave is unused) and warns when the
+    optimizer's differs from the batch one optimizer step reads (here 16 x 2 accumulated)."""
+    _fit(MacKayPruning(update_every=1, update_on="step", **PRUNING), optimizer="mackay")
+    assert not [w for w in recwarn.list if "MacKay" in str(w.message)]
+    with pytest.warns(UserWarning, match="the MacKayAdam's batch_size is 16.0, but one optimizer step of this "
+                                         "Trainer reads a gradient whose curvature needs batch_size=32"):
+        _fit(MacKayPruning(update_every=1, update_on="step", **PRUNING), optimizer="mackay",
+             accumulate_grad_batches=2)
+
+
 def test_parameters_to_prune_and_accumulation():
     model_layers = []
 

@@ -11,6 +11,7 @@ history) is saved in Lightning's checkpoints and restored from them.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -18,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from .._validate import check_choice
+from ..optim import MacKayAdam
 from ._step_curvature import StepCurvaturePruner, check_callback_options, check_flag, training_set_size
 
 __all__ = ["MacKayPruning"]
@@ -114,12 +116,27 @@ class MacKayPruning(Callback):
         if self.parameters_to_prune is not None:
             layers = _layer_names(pl_module, self.parameters_to_prune)
         num_data = training_set_size(self.num_data, loader, "MacKayPruning", "the training dataloader's dataset")
-        self.pruner = StepCurvaturePruner(pl_module, optimizer, num_data=num_data,
-                                          batch_size=self._batch_size(loader, trainer), layers=layers,
-                                          **self.pruner_options)
+        options = dict(self.pruner_options, layers=layers)
+        if isinstance(optimizer, MacKayAdam):
+            # its param groups' batch_size is the one used: check it, pass none (the pruner
+            # warns about a value given to it that it does not use)
+            self._check_mackay_adam(optimizer, self._batch_size(loader, trainer))
+        else:
+            options["batch_size"] = self._batch_size(loader, trainer)
+        self.pruner = StepCurvaturePruner(pl_module, optimizer, num_data=num_data, **options)
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
+
+    @staticmethod
+    def _check_mackay_adam(optimizer, expected: float) -> None:
+        given = {group["batch_size"] for group in optimizer.param_groups
+                 if group.get("ard") and group["batch_size"] is not None}
+        if given and given != {expected}:
+            warnings.warn(f"MacKayPruning: the MacKayAdam's batch_size is {', '.join(map(str, sorted(given, key=str)))}, "
+                          f"but one optimizer step of this Trainer reads a gradient whose curvature needs "
+                          f"batch_size={expected:g} (dataloader batch x accumulate_grad_batches x processes, "
+                          "see MacKayPruning's batch_size)", UserWarning, stacklevel=2)
 
     def _batch_size(self, loader, trainer) -> float:
         if self.batch_size is not None:
