@@ -116,11 +116,18 @@ def test_the_cli_caps_a_recipes_finetune_shift_at_augment_shift(flag_shift, fine
 
 
 @pytest.mark.parametrize("flag", [["--model", "digits-mlp"], ["--granularity", "input"],
-                                  ["--schedule", "paper"]])
+                                  ["--schedule", "paper"], ["--rounds", "7"]])
 def test_cli_recipe_refuses_flags_it_sets(tmp_path, flag):
     result = cli("prune", "--recipe", "lenet-5-caffe-weight", *flag, "--out", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2
     assert f"--recipe lenet-5-caffe-weight sets {flag[0]}" in result.stderr
+
+
+def test_cli_refuses_rounds_for_the_in_run_schedule(tmp_path):
+    """--rounds has no effect on --schedule in-run: refused, not recorded as if it were used."""
+    result = cli("prune", "--schedule", "in-run", "--rounds", "5", "--out", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--rounds counts the rounds of --schedule paper; --schedule in-run has none" in result.stderr
 
 
 def test_cli_channel_granularity(tmp_path):

@@ -53,7 +53,7 @@ SETTINGS_BEFORE_THEY_EXISTED = {"curvature": "ef-batch", "augment_shift": 0, "re
 
 # What a --recipe fixes (the flags that would contradict it)
 RECIPE_FIXES = ("model", "dataset", "granularity", "rule", "criterion", "curvature", "schedule",
-                "update_every")
+                "update_every", "rounds")   # rounds: the recipes' in-run schedule has none
 
 
 _UNSET = object()
@@ -126,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
              "dataset, shifts, schedule, precision updates every 430 steps, fine-tuning): "
              + "; ".join(f"{name}: {recipe.summary}".replace("%", "%%")  # argparse formats help
                          for name, recipe in recipes.RECIPES.items())
-             + ". --pretrain-epochs, --epochs, --lr, --batch-size, --threshold, --seed may change it")
+             + ". --pretrain-epochs, --epochs, --finetune-epochs, --lr, --batch-size, --threshold, "
+               "--seed may change it, and --augment-shift caps its shifts")
     add("--model", default="digits-mlp", choices=sorted(models.MODELS),
         help="network to build and compress (default: %(default)s)")
     own = "; ".join(f"{d} for " + ", ".join(m for m in models.MODELS if models.DEFAULT_DATASET[m] == d)

@@ -54,6 +54,9 @@ def _recipe_settings(args, given: set[str], parser) -> dict[str, Any]:
 def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any]:
     if getattr(args, "recipe", None):
         return _recipe_settings(args, given, parser)
+    if args.schedule == "in-run" and "rounds" in given and parser is not None:   # else silently unused
+        parser.error("--rounds counts the rounds of --schedule paper; --schedule in-run has none (its "
+                     "pruning phase lasts --epochs)")
     recipe = dict(RECIPES.get(args.model, GENERIC_RECIPE))
     for key in ("pretrain_epochs", "rounds", "epochs", "batch_size", "lr"):
         if getattr(args, key) is not None:
