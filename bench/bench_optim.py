@@ -52,8 +52,12 @@ def bytes_moved(name, weights, biases):
     size = weights[0].element_size()   # alpha stays float32: 4 B
     if name == "copy":
         return 2 * size * (ard + plain)
-    plain_bytes = 7 * size
-    return ((9 * size + 4) * ard + plain_bytes * plain) if name in ("ext", "torch") else plain_bytes * (ard + plain)
+    if name not in ("ext", "torch"):
+        return 7 * size * (ard + plain)
+    # weight read and written, gradient read (and the curvature's read and write); exp_avg and
+    # exp_avg_sq read and written, in float32 for a float16 weight (mackay_ext._follow)
+    moment = 4 if weights[0].dtype == torch.float16 else size
+    return (5 * size + 4 * moment + 4) * ard + (3 * size + 4 * moment) * plain
 
 
 def make_step(implementation, total, device, dtype=torch.float32):
