@@ -384,6 +384,10 @@ class Trainer:
         self._check_saved_config(saved, path)
         if isinstance(saved, dict):
             late, why = late_length_changes(saved, asdict(self.config), state.get("position"))
+            position = state.get("position")
+            if (isinstance(position, dict) and position.get("phase") == "done"
+                    and saved.get("finetune_epochs", self.config.finetune_epochs) != self.config.finetune_epochs):
+                late, why = late + ["finetune_epochs"], "; ".join(filter(None, [why, "the run is over"]))
             if late:
                 raise ValueError(f"load_checkpoint: {', '.join(late)} cannot change this run any more: "
                                  f"{why}; start a new run with them")

@@ -189,7 +189,7 @@ def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
     which order (seed, batch size, shifts, schedule) is refused, naming each field and both values;
     phase lengths and learning rates may change, as the CLI's --resume allows."""
     config = FitConfig(schedule="in-run", pretrain_epochs=1, epochs=1, update_every_steps=3,
-                       batch_size=16, backend="torch", seed=0)
+                       batch_size=16, backend="torch", seed=0, finetune_epochs=1)
     checkpoint = str(tmp_path / "run.pt")
 
     def trainer(**changes):
@@ -206,6 +206,8 @@ def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
         trainer(seed=1, batch_size=32).load_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="augment_shift=0 in the checkpoint, 1 here"):
         trainer(augment_shift=1).load_checkpoint(checkpoint)
+    with pytest.raises(ValueError, match="finetune_epochs cannot change this run any more: the run is over"):
+        trainer(finetune_epochs=2).load_checkpoint(checkpoint)
     resumed = trainer(lr=3e-3, retrain_lr=2e-3, patience=7)
     resumed.load_checkpoint(checkpoint)
     assert resumed.position == first.position and resumed.history == first.history
