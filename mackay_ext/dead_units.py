@@ -20,27 +20,39 @@ PASS_THROUGH = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sig
                 nn.Dropout, nn.Dropout2d, nn.Flatten)
 
 
-def _chain(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
-    """The prunable layers of a Sequential in order, or None when something else sits between."""
+def _chain(model: nn.Module) -> list[tuple[str, nn.Module, bool]] | None:
+    """The prunable layers of a Sequential in order, each with whether an nn.Flatten sits between
+    it and the prunable layer before it; None when something else sits between."""
     if not isinstance(model, nn.Sequential):
         return None
-    chain = []
+    chain, flattened = [], False
     for name, module in model.named_children():
         if isinstance(module, PRUNABLE):
-            chain.append((name, module))
-        elif not isinstance(module, PASS_THROUGH):
+            chain.append((name, module, flattened))
+            flattened = False
+        elif isinstance(module, nn.Flatten) and (module.start_dim, module.end_dim) == (1, -1):
+            flattened = True
+        elif isinstance(module, nn.Flatten) or not isinstance(module, PASS_THROUGH):
             return None
     return chain
 
 
-def _listened_units(consumer: nn.Module, mask: torch.Tensor, units: int) -> torch.Tensor | None:
-    """Which of the producer's `units` outputs have a kept weight in `consumer` (bool, (units,))."""
+def _listened_units(producer: nn.Module, consumer: nn.Module, mask: torch.Tensor,
+                    flattened: bool) -> torch.Tensor | None:
+    """Which of the producer's output units have a kept weight in `consumer` (bool, (units,)), or
+    None where the consumer's inputs are not the producer's units in a known order. A Conv2d's
+    channels reach a Linear only through nn.Flatten (channel-major: C x H x W); without it the
+    Linear reads the width axis. A Linear's units reach the next Linear as its last dimension,
+    which a Flatten of a 3-D (N, T, units) output would interleave with T."""
+    units = producer.weight.shape[0]
     per_input = mask.transpose(0, 1).reshape(mask.shape[1], -1).any(1)  # per input (channel)
-    if per_input.numel() == units:
-        return per_input
-    if isinstance(consumer, nn.Linear) and per_input.numel() % units == 0:  # conv -> Flatten -> Linear
+    if isinstance(producer, nn.Conv2d) and isinstance(consumer, nn.Linear):
+        if not flattened or per_input.numel() % units:
+            return None
         return per_input.reshape(units, -1).any(1)
-    return None
+    if isinstance(producer, nn.Conv2d) and flattened:   # a conv cannot read flattened features
+        return None
+    return per_input if per_input.numel() == units else None
 
 
 @torch.no_grad()
@@ -52,10 +64,10 @@ def prune_unused_units(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict
     masks = dict(masks)
     if not chain:
         return masks
-    for (name, producer), (next_name, consumer) in reversed(list(zip(chain, chain[1:]))):
+    for (name, producer, _), (next_name, consumer, flattened) in reversed(list(zip(chain, chain[1:]))):
         if name not in masks or next_name not in masks:
             continue
-        listened = _listened_units(consumer, masks[next_name], producer.weight.shape[0])
+        listened = _listened_units(producer, consumer, masks[next_name], flattened)
         if listened is None:
             continue
         shape = (-1,) + (1,) * (masks[name].dim() - 1)

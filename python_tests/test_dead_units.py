@@ -65,6 +65,29 @@ def test_cascade_through_layers():
     assert new["0"].tolist() == [[True] * 3] + [[False] * 3] * 3
 
 
+@pytest.mark.parametrize("model, x, unread", [
+    # a Linear on a conv's width axis (no Flatten): its inputs are not the conv's channels
+    (nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Linear(8, 3)), torch.randn(2, 1, 5, 8), 1),
+    # a per-token Linear flattened with its tokens: the next Linear's input 3t + j is unit j of
+    # token t, so its first 4 inputs are not the first unit's
+    (nn.Sequential(nn.Linear(6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2)), torch.randn(2, 4, 6), 4),
+])
+def test_inputs_that_are_not_the_units_in_order_are_left_alone(model, x, unread):
+    """prune_unused_units counts a consumer's inputs as the producer's units only where they are:
+    here the sizes happen to fit, but dropping the 'silent' units would change the output."""
+    torch.manual_seed(0)
+    last = [m for m in model if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight[:, :unread] = 0
+        expected = model(x)
+    masks = {n: m.weight != 0 for n, m in layers(model).items()}
+    after = prune_unused_units(model, masks)
+    assert all(torch.equal(after[n], masks[n]) for n in masks)
+    apply(model, after)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
 def test_models_that_are_not_a_chain_are_left_alone():
     model = models.create("resnet-20", num_classes=10)
     masks = {n: torch.zeros_like(m.weight, dtype=torch.bool)
