@@ -55,7 +55,10 @@ class Splits:
 
     @property
     def num_classes(self) -> int:
-        return int(self.y_train.max().item()) + 1
+        """One more than the largest label of any split (a class the training split lacks still
+        needs its output, or evaluating the test split would index past the logits)."""
+        return 1 + max((int(y.max().item()) for y in (self.y_train, self.y_val, self.y_test) if len(y)),
+                       default=-1)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -167,6 +170,13 @@ def download_mnist(directory: str, mirrors=MNIST_MIRRORS, md5s: dict[str, str] =
             raise DatasetError(f"could not download {name}: " + "; ".join(errors))
 
 
+def _check_fraction(name: str, value, where: str) -> None:
+    """A share of the examples: a number in [0, 1) (a split that takes all of them leaves none to
+    train on)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{where}: {name} must be a number in [0, 1), got {value!r}")
+
+
 def _split_val(x, y, val_fraction, seed):
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=generator)
@@ -181,6 +191,7 @@ def _standardise(x_train, *others):
 
 
 def _finish(name, x_train, y_train, x_test, y_test, val_fraction, seed) -> Splits:
+    _check_fraction("val_fraction", val_fraction, f"load {name}")
     x_train, y_train, x_val, y_val = _split_val(x_train, y_train, val_fraction, seed)
     x_train, x_val, x_test = _standardise(x_train, x_val, x_test)
     return Splits(x_train, y_train, x_val, y_val, x_test, y_test, name)
@@ -191,6 +202,10 @@ def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,
     """MNIST from a directory of IDX files (the layout of LeCun's site, gzip or raw).
     Images are (N, 1, 28 + 2 pad, 28 + 2 pad): pad=2 gives the 32x32 images CIFAR networks take
     ("mnist32", the border is background). 5,000 of the 60,000 training images are held out."""
+    _check_fraction("val_fraction", val_fraction, "load_mnist")
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"load_mnist: pad must be an integer >= 0 (pixels of background around each "
+                         f"image), got {pad!r}")
     if download:
         download_mnist(directory)
     if not os.path.isdir(directory):
@@ -284,6 +299,11 @@ def load_cifar100(directory: str, *, val_fraction: float = 0.1, seed: int = 0) -
 
 def load_digits(*, val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> Splits:
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, no download): flat (N, 64)."""
+    _check_fraction("val_fraction", val_fraction, "load_digits")
+    _check_fraction("test_fraction", test_fraction, "load_digits")
+    if val_fraction + test_fraction >= 1:
+        raise ValueError(f"load_digits: val_fraction + test_fraction must leave training images, got "
+                         f"{val_fraction} + {test_fraction}")
     try:
         from sklearn.datasets import load_digits as sklearn_digits
     except ImportError as error:

@@ -130,6 +130,33 @@ def test_cifar10_pickles(tmp_path):
         data.load_cifar10(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("load, kwargs, message", [
+    ("digits", {"val_fraction": -0.2}, "load_digits: val_fraction must be a number in \\[0, 1\\), got -0.2"),
+    ("digits", {"test_fraction": 1.0}, "load_digits: test_fraction must be a number in \\[0, 1\\), got 1.0"),
+    ("digits", {"val_fraction": 0.5, "test_fraction": 0.5}, "val_fraction \\+ test_fraction must leave"),
+    ("mnist", {"val_fraction": 1.0}, "load_mnist: val_fraction must be a number in \\[0, 1\\)"),
+    ("mnist", {"pad": -1}, "load_mnist: pad must be an integer >= 0"),
+])
+def test_split_fractions_and_pad_are_checked(tmp_path, load, kwargs, message):
+    """A negative fraction put most of the training set into validation, a whole one left none to
+    train on (NaN after standardising), and a negative pad cropped the images: each is named."""
+    fake_mnist(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        if load == "digits":
+            data.load_digits(**kwargs)
+        else:
+            data.load_mnist(str(tmp_path), **kwargs)
+
+
+def test_num_classes_counts_every_split():
+    """The CLI sizes the output layer from num_classes: a class only the test split has still
+    needs its logit (training labels 0-2 and test labels 0-9 gave an IndexError at evaluation)."""
+    y = torch.tensor([0, 1, 2, 1])
+    splits = data.Splits(torch.zeros(4, 3), y, torch.zeros(2, 3), y[:2], torch.zeros(2, 3),
+                         torch.tensor([9, 0]), "odd")
+    assert splits.num_classes == 10
+
+
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load("imagenet")
