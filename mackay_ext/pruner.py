@@ -985,6 +985,8 @@ class MacKayPruner(StandalonePrior):
                 self._own[name]["alpha"] = alpha.clone()
                 self._own[name]["curvature"] = curvature.clone()
                 self._own[name]["curvature_steps"] = torch.tensor(steps, dtype=torch.float32, device=device)
+            with torch.no_grad():   # a pruned weight is exactly 0 from here, not from the next step
+                target.param.masked_fill_((alpha == math.inf).expand_as(target.param), 0)
         self.granularity = dict(state.get("granularity", self.granularity))
         if self.channel is not None:
             if "channel" not in state:

@@ -159,3 +159,28 @@ def test_exact_curvatures(digits, curvature):
     assert pruner.accumulator.num_examples == 0  # reset after every update
     assert 0 < report["kept"] < report["total"]
     pruner.detach()
+
+
+@pytest.mark.parametrize("granularity", ["weight", "input"])
+def test_a_loaded_state_zeroes_the_weights_it_says_are_pruned(granularity):
+    """alpha = +inf means w = 0 exactly: loading a pruner state into a freshly initialised model
+    zeroes its pruned weights at once, not at the next optimizer step (sparsify, an evaluation or
+    an export before that step saw an unpruned model)."""
+    def build(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(12, 9), nn.ReLU(), nn.Linear(9, 4))
+        optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=10)
+        return model, MacKayPruner(model, optimizer, num_data=100, granularity=granularity)
+
+    _, source = build(0)
+    for name in source.targets:
+        alpha = source.alpha(name)
+        alpha.view(-1)[::2] = math.inf
+    model, pruner = build(1)
+    pruner.load_state_dict(source.state_dict())
+    for name, target in pruner.targets.items():
+        pruned = (pruner.alpha(name) == math.inf).expand_as(target.param)
+        assert pruned.any() and bool((target.param[pruned] == 0).all())
+        assert bool((target.param[~pruned] != 0).all())
+    assert pruner.report()["kept"] == sum(int((p != 0).sum()) for n, p in model.named_parameters()
+                                          if n.endswith("weight"))
