@@ -122,6 +122,11 @@ def _parametrization_input(module: nn.Module, attr: str) -> bool:
                and attr in (hook.name + "_g", hook.name + "_v") for hook in hooks)
 
 
+def _names_of(module_name: str, attr: str) -> tuple[str, str]:
+    """A parameter's target name ("fc1" for fc1.weight) and its named_parameters() name."""
+    return _target_name(module_name, attr), f"{module_name}.{attr}" if module_name else attr
+
+
 def _target_name(module_name: str, attr: str) -> str:
     if attr == "weight":
         return module_name or "weight"
@@ -154,7 +159,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
     if selected is not None:
         selected = list(selected)
         known = set(dict(model.named_modules())) | {
-            _target_name(m, a) for holders in owners.values() for m, _, a in holders}
+            name for holders in owners.values() for m, _, a in holders for name in _names_of(m, a)}
         unknown = [name for name in selected if name not in known]
         if unknown:
             raise ValueError(f"MacKayPruner: layers {unknown} are neither modules nor parameters "
@@ -169,7 +174,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
         name = _target_name(module_name, attr)
         holder_names = [_target_name(m, a) for m, _, a in holders]
         if selected is not None and not any(
-                m in selected or _target_name(m, a) in selected for m, _, a in holders):
+                m in selected or any(n in selected for n in _names_of(m, a)) for m, _, a in holders):
             continue
         reason = None
         if param.dim() < 2:
@@ -191,7 +196,8 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
                                   holder_names, weight_reader(model, module_name))
     if selected is not None:
         covered = {m for t in targets.values() for m in t.owners} | {
-            m for t in targets.values() for m in [t.module_name]}
+            m for t in targets.values() for m in [t.module_name]} | {
+            f"{t.module_name}.{t.attr}" if t.module_name else t.attr for t in targets.values()}
         empty = [name for name in selected if name not in covered]
         if empty:
             raise ValueError(f"MacKayPruner: layers {empty} have no trainable parameter with "

@@ -184,3 +184,18 @@ def test_a_loaded_state_zeroes_the_weights_it_says_are_pruned(granularity):
         assert bool((target.param[~pruned] != 0).all())
     assert pruner.report()["kept"] == sum(int((p != 0).sum()) for n, p in model.named_parameters()
                                           if n.endswith("weight"))
+
+
+def test_layers_takes_module_and_parameter_names():
+    """layers= as the README says: module names ('0') or the names named_parameters() gives
+    ('0.weight'); a bias is refused for having nothing to put a prior on."""
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=64, batch_size=8)
+    for layers in (["0", "2"], ["0.weight", "2.weight"], ["0", "2.weight"]):
+        pruner = MacKayPruner(model, optimizer, num_data=64, layers=layers)
+        assert list(pruner.targets) == ["0", "2"]
+        pruner.detach()
+    with pytest.raises(ValueError, match=r"layers \['0.bias'\] have no trainable parameter with dim >= 2"):
+        MacKayPruner(model, optimizer, num_data=64, layers=["0.bias"])
+    with pytest.raises(ValueError, match=r"layers \['3.weight'\] are neither modules nor parameters"):
+        MacKayPruner(model, optimizer, num_data=64, layers=["3.weight"])
