@@ -262,6 +262,9 @@ def create(name: str, num_classes: int = 10, in_channels: int | None = None) -> 
     number, e.g. 1 for MNIST padded to 32x32); None keeps the model's own."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {tuple(MODELS)}")
+    for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"create: {arg} must be a positive int, got {value!r}")
     if in_channels is None:
         return MODELS[name](num_classes=num_classes)
     if "in_channels" not in inspect.signature(MODELS[name]).parameters:

@@ -52,6 +52,12 @@ def test_bad_arguments_name_what_was_expected():
         models.create("resnet-20", in_channels=0)
     with pytest.raises(ValueError, match="num_classes must be a positive int"):
         models.create("vgg-d6", num_classes=-1)
+    for name in ("digits-mlp", "lenet-300-100", "lenet-5-caffe", "vgg-like"):   # checked for every model
+        for bad in (0, -1, 2.5, True):
+            with pytest.raises(ValueError, match=f"create: num_classes must be a positive int, got {bad!r}"):
+                models.create(name, num_classes=bad)
+    with pytest.raises(ValueError, match="create: in_channels must be a positive int, got 1.5"):
+        models.create("vgg-like", in_channels=1.5)
     with pytest.raises(ValueError, match="lenet-300-100 has a fixed input and takes no in_channels"):
         models.create("lenet-300-100", in_channels=3)
     with pytest.raises(ValueError, match="depth must be 6n \\+ 2"):
