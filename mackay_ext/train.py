@@ -113,6 +113,7 @@ class Trainer:
         decay = config.lr_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
             raise ValueError(f"fit: lr_decay (the plateau schedule's factor) must be in (0, 1), got {decay!r}")
+        _check_splits(data)
         for name in ("augment_shift", "finetune_augment_shift"):
             value = getattr(config, name)
             if value is None and name == "finetune_augment_shift":
@@ -432,6 +433,27 @@ class Trainer:
             raise ValueError(f"load_checkpoint: {path} was saved by a run with another FitConfig: "
                              f"{'; '.join(differ)}. Build the Trainer with the checkpoint's config "
                              f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume), or start a new run")
+
+
+def _check_splits(data: Splits) -> None:
+    """Each split as fit reads it: as many labels (integer class indices) as inputs (floating
+    point), and examples to train and validate on."""
+    for split in ("train", "val", "test"):
+        x, y = getattr(data, f"x_{split}", None), getattr(data, f"y_{split}", None)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(f"fit: data.x_{split} and data.y_{split} must be tensors, got "
+                            f"{type(x).__name__} and {type(y).__name__}")
+        if len(x) != len(y):
+            raise ValueError(f"fit: data {split} split has {len(x)} inputs but {len(y)} labels")
+        if not x.is_floating_point():
+            raise ValueError(f"fit: data.x_{split} must be floating point, got {x.dtype}")
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
+            raise ValueError(f"fit: data.y_{split} must be a 1-D tensor of integer class indices, got "
+                             f"{y.dtype} of shape {tuple(y.shape)}")
+    for split in ("train", "val"):
+        if len(getattr(data, f"x_{split}")) == 0:
+            raise ValueError(f"fit: the {split} split is empty (fit trains on one and picks the best "
+                             "weights on the other)")
 
 
 def late_length_changes(saved: dict[str, Any], config: dict[str, Any], position: Any,

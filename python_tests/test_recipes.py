@@ -184,6 +184,21 @@ def test_fit_config_values_are_checked_when_the_trainer_is_built(field, value, m
         Trainer(model, tiny_images(), FitConfig(**{field: value}))
 
 
+def test_splits_built_by_hand_are_checked_when_the_trainer_is_built():
+    """A Splits with more labels than inputs trained silently; float labels, integer images and an
+    empty training split failed inside torch or named MacKayAdam's num_data."""
+    x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    model = torch.nn.Linear(3, 2)
+    for splits, message in [
+            (mackay_ext.data.Splits(x, torch.randint(0, 2, (12,)), x, y, x, y, "a"),
+             "data train split has 10 inputs but 12 labels"),
+            (mackay_ext.data.Splits(x, y, x, y.float(), x, y, "b"), "data.y_val must be a 1-D tensor of integer"),
+            (mackay_ext.data.Splits(x, y, x, y, x.long(), y, "c"), "data.x_test must be floating point"),
+            (mackay_ext.data.Splits(x[:0], y[:0], x, y, x, y, "d"), "the train split is empty")]:
+        with pytest.raises(ValueError, match=message):
+            Trainer(model, splits, FitConfig())
+
+
 def test_resume_refuses_a_config_that_makes_another_run(tmp_path):
     """A checkpoint loaded into a Trainer whose FitConfig differs in what the run trains on or in
     which order (seed, batch size, shifts, schedule) is refused, naming each field and both values;
