@@ -135,11 +135,16 @@ def read_idx(path: str, expected_magic: int, md5: str | None = None) -> np.ndarr
                            "(wrong or corrupt file)")
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path}: {len(data)} bytes, but an IDX header of {ndim} dimensions takes "
+                           f"{header} (truncated or corrupt)")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     expected = header + int(np.prod(dims))
     if len(data) != expected:
         raise DatasetError(f"{path}: {len(data)} bytes but the header {dims} says {expected} "
                            "(truncated or corrupt)")
+    if dims and dims[0] == 0:
+        raise DatasetError(f"{path}: the file holds no examples (header {dims})")
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
@@ -248,6 +253,16 @@ def _cifar_root(directory: str, folder: str, first_file: str, what: str) -> str:
     return directory
 
 
+def _exact(values, dtype, what: str) -> np.ndarray:
+    """values as `dtype`, refused where the cast would change any of them (a pixel of 300 would
+    wrap to 44, a label of 2.7 become 2)."""
+    array = np.asarray(values)
+    cast = array.astype(dtype)
+    if array.dtype != cast.dtype and not np.array_equal(cast, array):
+        raise DatasetError(f"{what} are not all {np.dtype(dtype).name} values (a corrupt or foreign file)")
+    return cast
+
+
 def _cifar_pickle(directory: str, name: str, label_key: bytes, num_classes: int, what: str,
                   archive: str, folder: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One pickle of the python version of CIFAR: images (N, 3, 32, 32) in [0, 1], labels (N,)."""
@@ -257,8 +272,8 @@ def _cifar_pickle(directory: str, name: str, label_key: bytes, num_classes: int,
                            f"unpack {archive} there (the {folder} folder)")
     try:
         entry = load_data_pickle(path)   # builds plain data only: a crafted batch cannot run code
-        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        targets = np.asarray(entry[label_key], dtype=np.int64)
+        data = _exact(entry[b"data"], np.uint8, f"{what} {name}: pixels").reshape(-1, 3, 32, 32)
+        targets = _exact(entry[label_key], np.int64, f"{what} {name}: labels")
     except UnsafeFileError as error:
         raise DatasetError(f"{path}: not a {what} batch: {error}") from None
     except Exception as error:  # a corrupt pickle can raise almost anything

@@ -218,6 +218,10 @@ def paper_ard_layers(model: nn.Module, include_stem: bool = False) -> list[str]:
     """Names of the layers that carry ARD in the source paper's ResNet experiments: the first conv
     of every residual block (its filters are the block's inner channels, removable without
     touching the residual stream), in model order; pass as MacKayPruner(layers=...).
+    A pruned filter's channel still carries its BatchNorm shift, a constant that shrink cannot
+    fold past the next conv's zero padding: zero that shift (the BatchNorm's weight and bias of
+    the pruned channels) before the fine-tune, as bench/reproduce_cifar.py's remove_dead_channels
+    does, and shrink then removes the channel.
 
     include_stem: also the stem conv, as the paper's code does (it wraps the stem in its ARD conv
     too). A pruned stem filter still feeds the residual stream the constant its BatchNorm adds, so

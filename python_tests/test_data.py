@@ -130,6 +130,31 @@ def test_cifar10_pickles(tmp_path):
         data.load_cifar10(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({b"data": np.full((20, 3072), 300), b"labels": [0] * 20}, "pixels are not all uint8 values"),
+    ({b"data": np.zeros((20, 3072), np.uint8), b"labels": [2.7] * 20}, "labels are not all int64 values"),
+])
+def test_cifar_values_a_cast_would_change_are_refused(tmp_path, bad, message):
+    """A pixel of 300 used to wrap to 44 and a label of 2.7 to become 2, silently."""
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump(bad, handle)
+    with pytest.raises(data.DatasetError, match=message):
+        data.load_cifar10(str(tmp_path))
+
+
+def test_idx_files_cut_inside_the_header_or_without_examples_are_named(tmp_path):
+    fake_mnist(tmp_path, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    header = path.read_bytes()[:16]
+    path.write_bytes(header[:12])
+    with pytest.raises(data.DatasetError, match="12 bytes, but an IDX header of 3 dimensions takes 16"):
+        data.load_mnist(str(tmp_path))
+    path.write_bytes(header[:4] + struct.pack(">3I", 0, 28, 28))
+    with pytest.raises(data.DatasetError, match=r"holds no examples \(header \(0, 28, 28\)\)"):
+        data.load_mnist(str(tmp_path))
+
+
 @pytest.mark.parametrize("load, kwargs, message", [
     ("digits", {"val_fraction": -0.2}, "load_digits: val_fraction must be a number in \\[0, 1\\), got -0.2"),
     ("digits", {"test_fraction": 1.0}, "load_digits: test_fraction must be a number in \\[0, 1\\), got 1.0"),
