@@ -197,7 +197,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
     if selected is not None:
         covered = {m for t in targets.values() for m in t.owners} | {
             m for t in targets.values() for m in [t.module_name]} | {
-            f"{t.module_name}.{t.attr}" if t.module_name else t.attr for t in targets.values()}
+            _names_of(t.module_name, t.attr)[1] for t in targets.values()}
         empty = [name for name in selected if name not in covered]
         if empty:
             raise ValueError(f"MacKayPruner: layers {empty} have no trainable parameter with "

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ._alpha import group_dims
+from ._eval_mode import eval_mode
 from .coupling import CouplingError, trace_coupling
 from .coupling.trace import split_inputs
 
@@ -49,16 +50,12 @@ def weight_uses(model: nn.Module, example_inputs) -> dict[int, float]:
     uses: dict[int, float] = {}
     hooks = [module.register_forward_hook(_recorder(module, batch, uses))
              for module in model.modules() if isinstance(module, _COUNTED)]
-    modes = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
     finally:
         for handle in hooks:
             handle.remove()
-        for module, mode in modes.items():
-            module.training = mode
     return uses
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import shrink_constant
+from ._eval_mode import eval_mode
 from ._float32 import full_float32
 from ._validate import check_module
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
@@ -62,15 +63,9 @@ def count_macs(model: nn.Module, example_inputs) -> int:
     """Multiply-accumulates of one forward on example_inputs (matmuls, convolutions, attention),
     run in eval mode: a forward in training mode would move the model's BatchNorm statistics."""
     args, kwargs = split_inputs(example_inputs, model)
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
     # with autograd on, nn.TransformerEncoder takes its decomposed path, which the counter can see
-    try:
-        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-            model(*args, **kwargs)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with eval_mode(model), torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        model(*args, **kwargs)
     return counter.get_total_flops() // 2
 
 

@@ -385,10 +385,6 @@ class Trainer:
         self._check_saved_config(saved, path)
         if isinstance(saved, dict):
             late, why = late_length_changes(saved, asdict(self.config), state.get("position"))
-            position = state.get("position")
-            if (isinstance(position, dict) and position.get("phase") == "done"
-                    and saved.get("finetune_epochs", self.config.finetune_epochs) != self.config.finetune_epochs):
-                late, why = late + ["finetune_epochs"], "; ".join(filter(None, [why, "the run is over"]))
             if late:
                 raise ValueError(f"load_checkpoint: {', '.join(late)} cannot change this run any more: "
                                  f"{why}; start a new run with them")
@@ -458,16 +454,21 @@ def _check_splits(data: Splits) -> None:
 
 def late_length_changes(saved: dict[str, Any], config: dict[str, Any], position: Any,
                         name: Callable[[str], str] = str) -> tuple[list[str], str]:
-    """The phase lengths (pretrain_epochs, rounds, epochs) that `config` changes from the `saved`
-    run's but that the phases a checkpoint at `position` has left cannot reach, and why (as `name`
-    calls the fields): a resume must refuse them, since they would be silently ignored."""
-    changed = [key for key in ("pretrain_epochs", "rounds", "epochs") if config[key] != saved.get(key)]
+    """The phase lengths (pretrain_epochs, rounds, epochs, finetune_epochs) that `config` changes
+    from the `saved` run's but that the phases a checkpoint at `position` has left cannot reach,
+    and why (as `name` calls the fields): a resume must refuse them, since they would be silently
+    ignored. (A length either lacks is not compared.)"""
+    changed = [key for key in ("pretrain_epochs", "rounds", "epochs", "finetune_epochs")
+               if key in config and config[key] != saved.get(key, config[key])]
     if not changed or not isinstance(position, dict):
         return [], ""
     phase, round_index = position.get("phase"), position.get("round", 0)
     paper = config["schedule"] == "paper"
+    if phase == "done" and changed == ["finetune_epochs"]:
+        return changed, "the run is over"
     if phase in ("finetune", "done"):
-        return changed, "the pruning is over: this checkpoint is in or past its fine-tuning (prior off)"
+        pruning = [key for key in changed if key != "finetune_epochs" or phase == "done"]
+        return pruning, "the pruning is over: this checkpoint is in or past its fine-tuning (prior off)"
     late, why = [], []
     if "pretrain_epochs" in changed and phase != "pretrain":
         late.append("pretrain_epochs")

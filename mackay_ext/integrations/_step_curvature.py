@@ -31,6 +31,16 @@ class StepCurvaturePruner(MacKayPruner):
         super().__init__(model, optimizer, **options)
 
 
+def mackay_adam_batch_mismatch(optimizer, expected: float) -> str | None:
+    """The batch_size of a MacKayAdam's ARD groups (which the pruner then uses) when it differs
+    from `expected`, the batch one optimizer step of the trainer reads; None when they agree."""
+    given = {group["batch_size"] for group in optimizer.param_groups
+             if group.get("ard") and group["batch_size"] is not None}
+    if given and given != {expected}:
+        return ", ".join(map(str, sorted(given, key=str)))
+    return None
+
+
 def training_set_size(num_data: float | None, loader, who: str, source: str) -> float:
     """`num_data` if the user gave it, else the length of the loader's dataset; a clear error
     naming the callback where the data has no length (an IterableDataset)."""

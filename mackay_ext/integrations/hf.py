@@ -25,7 +25,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._files import load_plain, save_atomic
 from .._validate import check_choice
 from ..optim import MacKayAdam
-from ._step_curvature import StepCurvaturePruner, check_callback_options, check_flag, training_set_size
+from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
+                              mackay_adam_batch_mismatch, training_set_size)
 
 __all__ = ["MacKayCallback"]
 
@@ -213,13 +214,11 @@ class MacKayCallback(TrainerCallback):
 
     def _check_mackay_adam(self, optimizer, args, model) -> None:
         expected = self._batch_size(args, model)
-        given = {group["batch_size"] for group in optimizer.param_groups
-                 if group.get("ard") and group["batch_size"] is not None}
-        if given and given != {expected}:
+        given = mackay_adam_batch_mismatch(optimizer, expected)
+        if given:
             logger.warning("MacKayCallback: the MacKayAdam's batch_size is %s, but one optimizer step of "
                            "this Trainer reads a gradient whose curvature needs batch_size=%g (per-device "
-                           "batch x accumulation x processes, see MacKayCallback's batch_size)",
-                           ", ".join(map(str, sorted(given, key=str))), expected)
+                           "batch x accumulation x processes, see MacKayCallback's batch_size)", given, expected)
 
     # ------------------------------------------------------------- checkpoints
     def on_save(self, args, state, control, **kwargs):

@@ -20,7 +20,8 @@ from torch import nn
 
 from .._validate import check_choice
 from ..optim import MacKayAdam
-from ._step_curvature import StepCurvaturePruner, check_callback_options, check_flag, training_set_size
+from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
+                              mackay_adam_batch_mismatch, training_set_size)
 
 __all__ = ["MacKayPruning"]
 
@@ -130,13 +131,12 @@ class MacKayPruning(Callback):
 
     @staticmethod
     def _check_mackay_adam(optimizer, expected: float) -> None:
-        given = {group["batch_size"] for group in optimizer.param_groups
-                 if group.get("ard") and group["batch_size"] is not None}
-        if given and given != {expected}:
-            warnings.warn(f"MacKayPruning: the MacKayAdam's batch_size is {', '.join(map(str, sorted(given, key=str)))}, "
-                          f"but one optimizer step of this Trainer reads a gradient whose curvature needs "
-                          f"batch_size={expected:g} (dataloader batch x accumulate_grad_batches x processes, "
-                          "see MacKayPruning's batch_size)", UserWarning, stacklevel=2)
+        given = mackay_adam_batch_mismatch(optimizer, expected)
+        if given:
+            warnings.warn(f"MacKayPruning: the MacKayAdam's batch_size is {given}, but one optimizer step "
+                          f"of this Trainer reads a gradient whose curvature needs batch_size={expected:g} "
+                          "(dataloader batch x accumulate_grad_batches x processes, see MacKayPruning's "
+                          "batch_size)", UserWarning, stacklevel=2)
 
     def _batch_size(self, loader, trainer) -> float:
         if self.batch_size is not None:
