@@ -36,7 +36,7 @@ MNIST_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x00000803, 0x00000801
-DATASETS = ("digits", "mnist", "mnist32", "cifar10")
+DATASETS = ("digits", "mnist", "mnist32", "cifar10", "cifar100")
 
 
 class DatasetError(RuntimeError):
@@ -334,7 +334,18 @@ def load_digits(*, val_fraction: float = 0.15, test_fraction: float = 0.2, seed:
 
 
 def load(name: str, data_dir: str | None = None, *, seed: int = 0, download: bool = False) -> Splits:
-    """Load a dataset by name ("digits", "mnist", "mnist32": MNIST padded to 32x32, "cifar10")."""
+    """Load a dataset by name: "digits" (scikit-learn's, reads no directory), "mnist", "mnist32"
+    (MNIST padded to 32x32), "cifar10", "cifar100" (their python pickles). `download` fetches
+    MNIST only; the CIFAR archives must be unpacked into data_dir."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if name == "digits" and data_dir is not None:
+        raise ValueError(f"load: the digits dataset comes with scikit-learn and reads no directory, "
+                         f"got data_dir={data_dir!r}; pass data_dir=None (or name='mnist')")
+    if download and name not in ("mnist", "mnist32"):
+        raise ValueError(f"load: download=True fetches MNIST only; {name} "
+                         + ("comes with scikit-learn" if name == "digits" else
+                            "must be unpacked into data_dir from its python archive"))
     if name == "digits":
         return load_digits(seed=seed)
     if name in ("mnist", "mnist32"):
@@ -342,4 +353,4 @@ def load(name: str, data_dir: str | None = None, *, seed: int = 0, download: boo
                           pad=2 if name == "mnist32" else 0)
     if name == "cifar10":
         return load_cifar10(data_dir or "data/cifar-10-batches-py", seed=seed)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    return load_cifar100(data_dir or "data/cifar-100-python", seed=seed)

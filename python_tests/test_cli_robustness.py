@@ -360,6 +360,11 @@ def test_input_shapes_are_the_loaders(tmp_path):
             pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
                          b"labels": rng.integers(0, 10, 4).tolist()}, handle)
     assert data.load("cifar10", str(tmp_path)).input_shape == cli.INPUT_SHAPES["cifar10"]
+    for name in ("train", "test"):
+        with open(tmp_path / name, "wb") as handle:
+            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                         b"fine_labels": rng.integers(0, 100, 4).tolist()}, handle)
+    assert data.load("cifar100", str(tmp_path)).input_shape == cli.INPUT_SHAPES["cifar100"]
     assert set(cli.INPUT_SHAPES) == set(data.DATASETS)
 
 

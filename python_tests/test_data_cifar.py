@@ -57,6 +57,27 @@ def test_cifar100_round_trip(tmp_path):
     assert seen == {tuple(x.astype(int)): int(y) for x, y in zip(x_train_raw, y_train_raw)}
 
 
+def test_load_by_name_reads_cifar100(tmp_path):
+    """data.load / the CLI's --dataset take "cifar100" like "cifar10" (it had only a loader function)."""
+    _, _, _, y_test_raw = fake_cifar100(tmp_path / "cifar-100-python")
+    splits = data.load("cifar100", str(tmp_path))
+    assert splits.name == "cifar100" and splits.y_test.tolist() == y_test_raw.tolist()
+    assert "cifar100" in data.DATASETS
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("digits", dict(data_dir="data/mnist"), "the digits dataset comes with scikit-learn and reads no directory, "
+                                            "got data_dir='data/mnist'"),
+    ("cifar10", dict(download=True), "download=True fetches MNIST only; cifar10 must be unpacked"),
+    ("cifar100", dict(download=True), "download=True fetches MNIST only; cifar100 must be unpacked"),
+    ("digits", dict(download=True), "download=True fetches MNIST only; digits comes with scikit-learn"),
+    ("svhn", {}, "unknown dataset 'svhn'; choose one of"),
+])
+def test_load_refuses_arguments_it_would_ignore(name, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        data.load(name, **kwargs)
+
+
 def test_parent_directory_is_accepted(tmp_path):
     fake_cifar100(tmp_path / "cifar-100-python")
     assert len(data.load_cifar100(str(tmp_path)).x_test) == 12

@@ -25,7 +25,8 @@ GENERIC_RECIPE = dict(pretrain_epochs=30, rounds=3, epochs=15, batch_size=128, l
 
 # One input of each dataset (data.load(...).input_shape), known without reading the data: a model
 # that cannot take the dataset is refused before minutes of loading and pretraining.
-INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "mnist32": (1, 32, 32), "cifar10": (3, 32, 32)}
+INPUT_SHAPES = {"digits": (64,), "mnist": (1, 28, 28), "mnist32": (1, 32, 32), "cifar10": (3, 32, 32),
+                "cifar100": (3, 32, 32)}
 
 
 # The run's settings as saved in a checkpoint ("cli_settings"), each with the dest of its flag.
@@ -134,7 +135,8 @@ def _parser() -> argparse.ArgumentParser:
                     for d in dict.fromkeys(models.DEFAULT_DATASET.values()))
     add("--dataset", choices=datasets.DATASETS, help=f"default: the model's own ({own})")
     add("--data-dir", help="directory of the dataset files: MNIST IDX files (default data/mnist) or "
-                           "the CIFAR-10 python batches (default data/cifar-10-batches-py); digits "
+                           "the CIFAR-10 / CIFAR-100 python batches (default data/cifar-10-batches-py, "
+                           "data/cifar-100-python); digits "
                            "comes with scikit-learn and needs none")
     add("--download", action="store_true", help="fetch MNIST into --data-dir first (MNIST only)")
     add("--granularity", default="weight", choices=GRANULARITY_CHOICES,

@@ -174,7 +174,7 @@ def _check_dataset_flags(dataset: str, data_dir: str | None, parser, download: b
     if download and dataset not in ("mnist", "mnist32"):
         parser.error(f"--download fetches MNIST only; {dataset} "
                      + ("comes with scikit-learn" if dataset == "digits"
-                        else "must be unpacked into --data-dir (the cifar-10-batches-py folder)"))
+                        else "must be unpacked into --data-dir (the cifar-10-batches-py or cifar-100-python folder)"))
 
 
 def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> None:
