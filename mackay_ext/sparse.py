@@ -181,14 +181,24 @@ class _CSRWeight(nn.Module):
             self.path = layer_path(self.out_features * self.in_features, self.nnz, self.values.device.type)
         return result
 
+    def train(self, mode: bool = True):
+        """Also drops the dense path's cached weight (model.eval() after writing the values
+        through .data makes the next call see them; see _weight_for_gemm)."""
+        self._dense, self._dense_key = None, None
+        return super().train(mode)
+
     def _weight_for_gemm(self, shape: tuple[int, ...]) -> torch.Tensor:
         """The dense path's weight, viewed as `shape` (the GEMM's or the conv's). Traced
         (torch.compile / export / ONNX export): the scatter itself. Eager: the scatter, cached
         until the values change (an in-place write or any optimizer step); in train mode rebuilt
         every call, since a training loop may write the values through .data, which leaves no
         trace. The cache is what an inference call pays for on top of the dense layer, so it
-        checks little: .to() and .half() clear it (_apply), and new storage assigned through
-        .data moves data_ptr."""
+        checks little: .to() and .half() clear it (_apply), new storage assigned through .data
+        moves data_ptr, and train() / eval() drop it. An in-place write through .data to an
+        eval-mode layer (an EMA copy updated with p.data.mul_(...)) leaves no trace at all;
+        reading every value per call to catch it would cost up to a sixth of a batch-1 forward,
+        so such code calls model.eval() again after the write (or writes under torch.no_grad()
+        without .data, which bumps the version)."""
         values = self.values
         if torch.compiler.is_compiling() or _onnx_exporting():
             return self.dense_weight().view(shape)   # in the program: the nonzeros, not W

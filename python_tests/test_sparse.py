@@ -318,6 +318,11 @@ def test_dense_path_cache_follows_the_values():
     layer.train()
     layer.values.data.add_(1)
     check()
+    layer.eval()
+    check()
+    layer.values.data.mul_(0.5)   # an EMA copy's update in eval mode: eval() again drops the cache
+    layer.eval()
+    check()
 
 
 @pytest.mark.parametrize("device", DEVICES)
