@@ -61,6 +61,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mackay_ext import data as datasets
 from mackay_ext import models, recipes_cifar, shrink
 from mackay_ext.coupling import ChannelGroup, trace_coupling
+from mackay_ext.dead_channels import cut_dead_channels
 from mackay_ext.recipes import Recipe
 from mackay_ext.train import FitConfig, Trainer, evaluate, set_seed
 
@@ -182,49 +183,13 @@ def display_name(name: str, width: int) -> str:
 
 
 # ------------------------------------------------------------------------- channel removal
-def _made_and_read(group: ChannelGroup, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The group's slices of weight matrices: the rows (filters) making the channel, the columns
-    (input slices) reading it."""
-    matrices = [(m, t) for m, t in group.slices(model) if model.get_parameter(m.name).dim() >= 2]
-    return [t for m, t in matrices if m.dim == 0], [t for m, t in matrices if m.dim == 1]
-
-
-@torch.no_grad()
 def remove_dead_channels(trainer: Trainer, groups: list[ChannelGroup]) -> list[ChannelGroup]:
     """Zero every coupled channel group (of `groups`, traced on this architecture) whose filters
     are all pruned (it would still carry its BatchNorm shift) or whose readers' weights are all
-    pruned (nobody listens), with the Adam moments of its entries: the channel is then exactly 0 in
-    training too (0 before a ReLU has a zero gradient), so it stays removed through the fine-tune
-    and shrink can cut it out. A layer keeps its strongest channel, as the pruner's layers do."""
-    model, optimizer = trainer.model, trainer.optimizer
-    dead, live = [], {}
-    for group in groups:
-        if group.fixed or group.is_zero(model):
-            continue
-        made, read = _made_and_read(group, model)
-        layer = next((m.name for m in group.members if m.dim == 0 and model.get_parameter(m.name).dim() >= 2), None)
-        if any(side and not any(bool(t.any()) for t in side) for side in (made, read)):
-            dead.append((group, layer))
-        elif layer is not None:
-            live[layer] = live.get(layer, 0) + 1
-    strongest = {}
-    for group, layer in dead:
-        if layer is not None and not live.get(layer):
-            norm = float(group.squared_norm(model))
-            if layer not in strongest or norm > strongest[layer][0]:
-                strongest[layer] = (norm, group)
-    spared = {id(group) for _, group in strongest.values()}
-    cut = [group for group, _ in dead if id(group) not in spared]
-    for group in cut:
-        group.zero_(model)
-        for member in group.members:
-            param = model.get_parameter(member.name)
-            index = torch.tensor(member.indices, dtype=torch.long, device=param.device)
-            for key in ("exp_avg", "exp_avg_sq"):
-                moment = optimizer.state.get(param, {}).get(key)
-                if moment is not None:
-                    moment.index_fill_(member.dim, index, 0)
-    return cut
+    pruned (nobody listens), with the Adam moments of its entries, before the fine-tune: the
+    library's cut_dead_channels with every_dead (the Trainer's own fine-tune cuts only the
+    channels shrink cannot fold; the committed rows were made with every dead channel cut)."""
+    return cut_dead_channels(trainer.model, None, optimizer=trainer.optimizer, groups=groups, every_dead=True)
 
 
 # -------------------------------------------------------------------------------- measures

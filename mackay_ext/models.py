@@ -219,9 +219,9 @@ def paper_ard_layers(model: nn.Module, include_stem: bool = False) -> list[str]:
     of every residual block (its filters are the block's inner channels, removable without
     touching the residual stream), in model order; pass as MacKayPruner(layers=...).
     A pruned filter's channel still carries its BatchNorm shift, a constant that shrink cannot
-    fold past the next conv's zero padding: zero that shift (the BatchNorm's weight and bias of
-    the pruned channels) before the fine-tune, as bench/reproduce_cifar.py's remove_dead_channels
-    does, and shrink then removes the channel.
+    fold past the next conv's zero padding: the Trainer zeroes such channels before its fine-tune
+    (mackay_ext.dead_channels.cut_dead_channels, for a loop of your own), and shrink then removes
+    them.
 
     include_stem: also the stem conv, as the paper's code does (it wraps the stem in its ARD conv
     too). A pruned stem filter still feeds the residual stream the constant its BatchNorm adds, so

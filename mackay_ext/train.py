@@ -18,6 +18,7 @@ import contextlib
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +27,8 @@ from torch import nn
 
 from ._files import load_plain, save_atomic
 from ._validate import NonFiniteError, check_choice
+from .coupling import CouplingError
+from .dead_channels import cut_dead_channels, may_hold_dead_channels
 from .data import Splits, check_shift, random_shift
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
@@ -152,6 +155,7 @@ class Trainer:
         self.extra_state: dict[str, Any] = {}   # saved with every checkpoint (e.g. CLI settings)
         self.wall_clock_start: float | None = None
         self.unused_unit_weights = 0  # weights dropped because the units they feed are silent
+        self.cut_channels = 0  # pruned channels zeroed whole before the fine-tune (dead_channels)
 
     def _new_scheduler(self, epochs: int | None):
         """The lr schedule of a phase of `epochs` epochs (None: the in-run pruning phase)."""
@@ -340,13 +344,33 @@ class Trainer:
         if removed:
             self.progress(f"dropped {removed} weights feeding units whose outputs are all pruned")
 
+    def _cut_dead_channels(self) -> None:
+        """Zero the pruned channels that still carry a constant shrink cannot fold (a BatchNorm
+        shift read by a zero-padded conv; mackay_ext.dead_channels), so the fine-tune makes up for
+        them and shrink removes them. Traces the model only when it may hold one."""
+        if not may_hold_dead_channels(self.model):
+            return
+        example = self.data.x_train[:2].to(self.device)
+        try:
+            cut = cut_dead_channels(self.model, example, optimizer=self.optimizer)
+        except CouplingError as error:
+            warnings.warn(f"Trainer: pruned channels that still carry a constant (a BatchNorm shift, a "
+                          f"bias) were not looked for, so shrink may keep them: {error}", stacklevel=3)
+            return
+        self.cut_channels += len(cut)
+        if cut:
+            self.progress(f"zeroed {len(cut)} pruned channels whose BatchNorm shift or bias still reached "
+                          "a zero-padded conv (shrink can now remove them)")
+
     def finetune(self, epochs: int, lr: float, drop_unused: bool = True) -> None:
         """Prior off, kept weights trained on the data alone for `epochs` epochs (best validation
         weights kept), pruned ones held at 0 (first, with `drop_unused`, the weights feeding
-        silenced units are pruned too). Resumable like every phase."""
+        silenced units are pruned too, and pruned channels that still carry a constant shrink
+        could not fold are zeroed whole). Resumable like every phase."""
         if self.position["phase"] != "finetune":
             if drop_unused:  # their rows cannot matter any more
                 self._drop_unused_units()
+                self._cut_dead_channels()
             self.pruner.switch_off_prior()
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
