@@ -45,11 +45,16 @@ PATHS = ("csr", "dense")
 # Whether torch.onnx.export is running. The public torch.onnx.is_in_onnx_export imports two
 # modules on every call (about 1.2 us, 7% of a LeNet-300-100 forward at batch 1 over its three
 # layers); the flags it reads are read here directly, with the public call where they moved.
+# Under torch.compile / torch.export only the dynamo exporter's flag can be set (the TorchScript
+# exporter does not trace with dynamo), and dynamo refuses to trace the TorchScript one's
+# property: reading it broke the graph at every sparse layer.
 try:
     from torch.onnx._internal.exporter import _flags as _onnx_flags
     from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
 
     def _onnx_exporting() -> bool:
+        if torch.compiler.is_compiling():
+            return _onnx_flags._is_onnx_exporting
         return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
 except ImportError:   # another torch's layout
     _onnx_exporting = torch.onnx.is_in_onnx_export

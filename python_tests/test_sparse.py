@@ -172,11 +172,26 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.mackay_ext.csr_sddmm.default, (g, x, crow, col, 13))
 
 
-def test_torch_compile_sparse_layer():
-    layer = SparseLinear.from_dense(_pruned_linear(40, 30, 0.1))
-    x = torch.randn(8, 40)
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), layer(x))
+@pytest.mark.parametrize("path", ["csr", "dense"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_sparse_layers_in_one_graph(path, training):
+    """fullgraph=True: no sparse layer breaks the graph (the csr path used to, reading the
+    TorchScript ONNX exporter's flag, which dynamo will not trace); gradients match eager."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.2)
+    model = nn.Sequential(SparseConv2d.from_dense(conv, path=path), nn.ReLU(), nn.Flatten(),
+                          SparseLinear.from_dense(_pruned_linear(6 * 5 * 5, 7, 0.1), path=path)).train(training)
+    x = torch.randn(4, 3, 5, 5)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out, expected = compiled(x), model(x)
+    torch.testing.assert_close(out, expected)
+    if training:
+        grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want)
 
 
 def _pruned_linear(inp, out, density, seed=0):
