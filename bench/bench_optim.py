@@ -9,6 +9,9 @@ Effective bandwidth counts 40 B/param for the MacKay step with per-weight alpha 
 (read w g m v h alpha, write w m v h) and 28 B/param for plain Adam, in float32; in bfloat16 and
 float16 (rows "... bfloat16", "... float16": parameters, gradients and state in that dtype, alpha
 float32) 22 and 14 B/param.
+Table optimizer_overhead: the same 100-tensor list with 16 values a tensor, where a step is all
+host work (Python, the op's argument checks, launches); "+ OneCycleLR": a scheduler changing lr
+and betas after every step, as per-step schedules do.
 """
 import pytest
 import torch
@@ -95,3 +98,34 @@ def test_optimizer_step_half_precision(benchmark, record, device, dtype):
     for name, seconds in best.items():
         record("optimizer_step", f"{device} 16M {dtype}", name, seconds, baseline="ext",
                GBps=moved[name] / seconds / 1e9)
+
+
+OVERHEAD_IMPLEMENTATIONS = ["ext", "torch", "adam-fused", "adam-foreach"]
+
+
+def make_tiny_step(implementation, device, scheduled):
+    """A step over 50 weights of 4x4 and 50 biases of 16: the time is the host's."""
+    weights = [torch.nn.Parameter(torch.randn(4, 4, device=device) * 0.02) for _ in range(NUM_WEIGHTS)]
+    biases = [torch.nn.Parameter(torch.zeros(16, device=device)) for _ in range(NUM_WEIGHTS)]
+    for p in weights + biases:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = make_optimizer(implementation, weights, biases)
+    optimizer.step()
+    if not scheduled:
+        return optimizer.step
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=10 ** 6)
+
+    def step():
+        optimizer.step()
+        scheduler.step()
+    return step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scheduled", [False, True], ids=["constant lr", "OneCycleLR"])
+def test_optimizer_step_overhead(benchmark, record, device, scheduled):
+    steps = {name: make_tiny_step(name, device, scheduled) for name in OVERHEAD_IMPLEMENTATIONS}
+    best = interleaved(benchmark, steps, rounds=300, device=device)
+    row = f"{device} 100 tensors x 16" + (" + OneCycleLR" if scheduled else "")
+    for name, seconds in best.items():
+        record("optimizer_overhead", row, name, seconds, baseline="ext")

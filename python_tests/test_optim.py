@@ -534,3 +534,61 @@ def test_a_module_for_params_names_the_two_fixes():
     with pytest.raises(TypeError, match=r"MacKayAdam: params must be the parameters, not the module: "
                                         r"pass ard_param_groups\(model\)"):
         MacKayAdam(torch.nn.Linear(3, 2), num_data=10)
+
+
+# ------------------------------------------------------------------ the step's plan
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_lr_changed_every_step_keeps_the_plan_and_matches_torch(backend, monkeypatch):
+    """A per-step scheduler (OneCycleLR) changes the lr of both groups every step: the launch
+    plan is built once (rebuilding it checked every state tensor again: 3x the step's time), and
+    each group steps with its own current lr, also once their lrs part (group 1's is halved
+    from step 4: the two groups, one launch until then, need two)."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(3))]
+    theirs_w = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    ours = MacKayAdam([{"params": [weights[0]]}, {"params": [weights[1]], "ard": False}], lr=0.1,
+                      num_data=10, backend=backend)
+    theirs = torch.optim.Adam([{"params": [theirs_w[0]]}, {"params": [theirs_w[1]]}], lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=10) for o in (ours, theirs)]
+    builds = []
+    build = MacKayAdam._build_plan
+    monkeypatch.setattr(MacKayAdam, "_build_plan", lambda self: builds.append(1) or build(self))
+    for step in range(8):
+        if step == 4:
+            for o in (ours, theirs):
+                o.param_groups[1]["max_lr"] = 0.05
+                o.param_groups[1]["lr"] *= 0.5
+        grads = [torch.randn_like(w) for w in weights]
+        for ws, opt, sched in ((weights, ours, schedulers[0]), (theirs_w, theirs, schedulers[1])):
+            for w, g in zip(ws, grads):
+                w.grad = g.clone()
+            opt.step()
+            sched.step()
+        for a, b in zip(weights, theirs_w):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(builds) == 2   # the first step, and the step the two lrs parted
+    assert len(ours._plan()) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_in_another_layout_and_a_replaced_alpha(backend):
+    """A channels-last gradient of a contiguous weight is stepped in the weight's layout (the
+    launch the op refused is retried, and later steps copy it first); an alpha replaced between
+    steps (as the pruner does) is the one the next step uses."""
+    torch.manual_seed(0)
+    ours_w = torch.nn.Parameter(torch.randn(4, 3, 2, 5))
+    theirs_w = torch.nn.Parameter(ours_w.detach().clone())
+    ours = MacKayAdam([ours_w], lr=0.1, num_data=10, backend=backend)
+    theirs = torch.optim.Adam([theirs_w], lr=0.1)
+    for step in range(3):
+        grad = torch.randn(4, 3, 2, 5)
+        ours_w.grad = grad.clone().to(memory_format=torch.channels_last)
+        theirs_w.grad = grad.clone()
+        ours.step()
+        theirs.step()
+        torch.testing.assert_close(ours_w, theirs_w, rtol=1e-5, atol=1e-5)   # the fallback's foreach order
+    assert ours_w.is_contiguous()
+    ours.ard_state(ours_w)["alpha"] = torch.full((4, 1, 1, 1), math.inf)
+    ours_w.grad = torch.randn(4, 3, 2, 5)
+    ours.step()
+    assert not ours_w.detach().any()
