@@ -189,7 +189,8 @@ def remove_dead_channels(trainer: Trainer, groups: list[ChannelGroup]) -> list[C
     pruned (nobody listens), with the Adam moments of its entries, before the fine-tune: the
     library's cut_dead_channels with every_dead (the Trainer's own fine-tune cuts only the
     channels shrink cannot fold; the committed rows were made with every dead channel cut)."""
-    return cut_dead_channels(trainer.model, None, optimizer=trainer.optimizer, groups=groups, every_dead=True)
+    return cut_dead_channels(trainer.model, None, optimizer=trainer.optimizer, pruner=trainer.pruner,
+                             groups=groups, every_dead=True)
 
 
 # -------------------------------------------------------------------------------- measures

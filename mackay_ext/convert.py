@@ -211,6 +211,10 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exc
         weight = module.weight
         if isinstance(weight, nn.UninitializedParameter) or weight.numel() == 0:
             continue
+        if weight.is_meta:
+            raise ValueError(f"sparsify: layer {names[0]!r} is on the meta device, whose tensors hold "
+                             "no values to find the pruned weights in; load the weights first "
+                             "(model.to_empty(device=...) then load_state_dict)")
         mask = _pruning_mask(module, optimizer)
         if 1.0 - mask.float().mean().item() < min_sparsity:
             continue

@@ -37,6 +37,7 @@ MNIST_MIRRORS = (
 )
 IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 0x00000803, 0x00000801
 DATASETS = ("digits", "mnist", "mnist32", "cifar10", "cifar100")
+CLASSES = {"digits": 10, "mnist": 10, "mnist32": 10, "cifar10": 10, "cifar100": 100}
 
 
 class DatasetError(RuntimeError):
@@ -52,13 +53,17 @@ class Splits:
     x_test: torch.Tensor
     y_test: torch.Tensor
     name: str
+    classes: int | None = None   # the dataset's own class count (the loaders set it), if known
 
     @property
     def num_classes(self) -> int:
-        """One more than the largest label of any split (a class the training split lacks still
-        needs its output, or evaluating the test split would index past the logits)."""
-        return 1 + max((int(y.max().item()) for y in (self.y_train, self.y_val, self.y_test) if len(y)),
+        """The dataset's class count where the loader knows it (a CIFAR-100 subset whose labels
+        stop at 89 still has 100 classes), else one more than the largest label of any split (a
+        class the training split lacks still needs its output, or evaluating the test split
+        would index past the logits)."""
+        seen = 1 + max((int(y.max().item()) for y in (self.y_train, self.y_val, self.y_test) if len(y)),
                        default=-1)
+        return max(seen, self.classes or 0)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -199,7 +204,7 @@ def _finish(name, x_train, y_train, x_test, y_test, val_fraction, seed) -> Split
     _check_fraction("val_fraction", val_fraction, f"load {name}")
     x_train, y_train, x_val, y_val = _split_val(x_train, y_train, val_fraction, seed)
     x_train, x_val, x_test = _standardise(x_train, x_val, x_test)
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, name)
+    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, name, classes=CLASSES[name])
 
 
 def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,

@@ -44,10 +44,14 @@ def may_hold_dead_channels(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def cut_dead_channels(model: nn.Module, example_inputs, *, optimizer: torch.optim.Optimizer | None = None,
-                      groups: list[ChannelGroup] | None = None, every_dead: bool = False) -> list[ChannelGroup]:
+                      pruner=None, groups: list[ChannelGroup] | None = None,
+                      every_dead: bool = False) -> list[ChannelGroup]:
     """Zero every coupled channel whose making rows are all zero but which shrink could not remove
     (its constant reaches a zero-padded conv, or differs between positions), with the optimizer's
     Adam moments of its entries. Returns the groups zeroed.
+
+    pruner: a MacKayPruner of the model: the zeroed weights under its prior are marked pruned
+    (alpha +inf), so its counts and reports agree with the weights and its masks hold them at 0.
 
     every_dead: also zero the channels shrink removes by itself (constants it can fold, channels
     whose readers are all pruned): bench/reproduce_cifar.py's rows were made so.
@@ -75,6 +79,8 @@ def cut_dead_channels(model: nn.Module, example_inputs, *, optimizer: torch.opti
         group.zero_(model)
         if optimizer is not None:
             _zero_moments(model, optimizer, group)
+        if pruner is not None:
+            _mark_pruned(model, pruner, group)
     return cut
 
 
@@ -109,3 +115,12 @@ def _zero_moments(model: nn.Module, optimizer: torch.optim.Optimizer, group: Cha
             moment = state.get(key)
             if isinstance(moment, torch.Tensor) and moment.shape == param.shape:
                 moment.index_fill_(member.dim, index, 0)
+
+
+def _mark_pruned(model: nn.Module, pruner, group: ChannelGroup) -> None:
+    for member in group.members:
+        param = model.get_parameter(member.name)
+        if param.dim() >= 2:
+            drop = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+            drop.index_fill_(member.dim, torch.tensor(member.indices, dtype=torch.long, device=param.device), True)
+            pruner.prune_entries(param, drop)

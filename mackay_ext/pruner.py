@@ -618,17 +618,35 @@ class MacKayPruner(StandalonePrior):
                      if t.attr == "weight" and len(t.owners) == 1 and isinstance(t.module, (nn.Linear, nn.Conv2d))}
         kept = {n: (self.alpha(n) != math.inf).expand_as(t.param) for n, t in chainable.items()}
         still_kept = prune_unused_units(self.model, kept)
-        removed = 0
-        for name, target in chainable.items():
-            drop = kept[name] & ~still_kept[name]
-            count = int(drop.sum())
-            if count:
-                alpha = self.alpha(name).expand_as(target.param).clone().masked_fill_(drop, math.inf)
-                self._set_alpha(name, alpha)
-                self.granularity[name] = "weight"
-                target.param.masked_fill_(drop, 0)
-                removed += count
-        return removed
+        return sum(self._drop(name, kept[name] & ~still_kept[name]) for name in chainable)
+
+    @torch.no_grad()
+    def prune_entries(self, param: torch.Tensor, drop: torch.Tensor) -> int:
+        """Prune the entries of `param` where `drop` (a bool tensor of its shape) is True, as an
+        update would: alpha +inf and the weight 0, so the counts and masks know them (e.g. the
+        readers' slices of a channel mackay_ext.dead_channels cut). Returns the number of kept
+        weights pruned; 0 for a tensor without a prior of this pruner (or with granularity
+        "channel", whose groups already hold every slice of a channel)."""
+        name = next((n for n, t in self.targets.items() if t.param is param), None)
+        if self.channel is not None or name is None:
+            return 0
+        if not isinstance(drop, torch.Tensor) or drop.dtype != torch.bool or drop.shape != param.shape:
+            raise ValueError(f"MacKayPruner.prune_entries: drop must be a bool tensor of {name}'s shape "
+                             f"{tuple(param.shape)}, got {getattr(drop, 'dtype', type(drop).__name__)} "
+                             f"{tuple(getattr(drop, 'shape', ()))}")
+        return self._drop(name, drop.to(param.device) & (self.alpha(name) != math.inf).expand_as(param))
+
+    def _drop(self, name: str, drop: torch.Tensor) -> int:
+        """alpha +inf and weight 0 where `drop` (kept entries only); a layer that loses part of
+        an alpha group gets one alpha per weight from then on (the group's value repeated)."""
+        count = int(drop.sum())
+        if count:
+            target = self.targets[name]
+            alpha = self.alpha(name).expand_as(target.param).clone().masked_fill_(drop, math.inf)
+            self._set_alpha(name, alpha)
+            self.granularity[name] = "weight"
+            target.param.masked_fill_(drop, 0)
+        return count
 
     @torch.no_grad()
     def apply_masks(self) -> None:

@@ -352,7 +352,7 @@ class Trainer:
             return
         example = self.data.x_train[:2].to(self.device)
         try:
-            cut = cut_dead_channels(self.model, example, optimizer=self.optimizer)
+            cut = cut_dead_channels(self.model, example, optimizer=self.optimizer, pruner=self.pruner)
         except CouplingError as error:
             warnings.warn(f"Trainer: pruned channels that still carry a constant (a BatchNorm shift, a "
                           f"bias) were not looked for, so shrink may keep them: {error}", stacklevel=3)

@@ -57,6 +57,20 @@ def test_cifar100_round_trip(tmp_path):
     assert seen == {tuple(x.astype(int)): int(y) for x, y in zip(x_train_raw, y_train_raw)}
 
 
+def test_a_subset_missing_classes_keeps_the_datasets_class_count(tmp_path):
+    """Labels that stop at 89 (a subset, a test folder) still make a 100-class CIFAR-100: a model
+    built from num_classes must have the dataset's outputs, not the subset's."""
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 30), ("test", 10)):
+        write_pickle(tmp_path / name, rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                     {b"fine_labels": rng.integers(0, 90, n)})
+    splits = data.load_cifar100(str(tmp_path))
+    assert int(splits.y_train.max()) < 90 and splits.num_classes == 100
+    hand_built = data.Splits(splits.x_train, splits.y_train, splits.x_val, splits.y_val,
+                             splits.x_test, splits.y_test, "mine")
+    assert hand_built.num_classes == 1 + max(int(y.max()) for y in (splits.y_train, splits.y_val, splits.y_test))
+
+
 def test_load_by_name_reads_cifar100(tmp_path):
     """data.load / the CLI's --dataset take "cifar100" like "cifar10" (it had only a loader function)."""
     _, _, _, y_test_raw = fake_cifar100(tmp_path / "cifar-100-python")

@@ -131,13 +131,21 @@ def test_the_trainer_cuts_them_before_its_finetune_and_shrink_removes_them():
     data = tiny_splits()
     config = FitConfig(schedule="in-run", pretrain_epochs=1, epochs=0, finetune_epochs=2, batch_size=16,
                        update_every_steps=2)
-    trainer = Trainer(model, data, config, pruner_options=dict(granularity="filter", layers=["conv1"]),
+    trainer = Trainer(model, data, config, pruner_options=dict(granularity="filter", layers=["conv1", "conv2"]),
                       progress=lambda line: None)
     trainer.pretrain()
     pruned_filters(trainer, "conv1", [1, 4])
     assert not model.conv1.weight[[1, 4]].any() and model.bn1.bias[[1, 4]].any()
+    kept_before = trainer.pruner.report()["kept"]
     trainer.finetune(2, 1e-3)
     assert trainer.cut_channels == 2
+    # the readers' slices are pruned in the pruner too: its counts are the weights' (it had
+    # counted the zeroed slices as kept), and its masks hold them at 0 whatever the activation
+    nonzero = sum(int((p != 0).sum()) for name, p in model.named_parameters()
+                  if name in ("conv1.weight", "conv2.weight"))
+    assert trainer.pruner.report()["kept"] == nonzero == kept_before - 2 * 8 * 9
+    assert trainer.pruner.granularity["conv2"] == "weight"   # its filters lost two input slices
+    assert torch.isinf(trainer.pruner.alpha("conv2")[:, [1, 4]]).all()
     assert not model.conv1.weight[[1, 4]].any() and not model.bn1.bias[[1, 4]].any()   # stayed zero
     assert not model.conv2.weight[:, [1, 4]].any()
     model.eval()
@@ -163,3 +171,16 @@ def test_an_untraceable_model_warns_and_the_finetune_goes_on():
     with pytest.warns(UserWarning, match="pruned channels that still carry a constant .* were not looked for"):
         trainer.finetune(1, 1e-3)
     assert trainer.position["phase"] == "done" and trainer.cut_channels == 0
+
+
+def test_prune_entries_checks_its_mask():
+    model = trained_bn_net()
+    pruner = mackay_ext.MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=4,
+                                     granularity="filter", layers=["conv1"])
+    with pytest.raises(ValueError, match=r"drop must be a bool tensor of conv1's shape \(6, 8, 3, 3\)"):
+        pruner.prune_entries(model.conv1.weight, torch.ones(6, 8, 3, 3))
+    assert pruner.prune_entries(model.conv2.weight, torch.ones(8, 6, 3, 3, dtype=torch.bool)) == 0   # no prior
+    drop = torch.zeros(6, 8, 3, 3, dtype=torch.bool)
+    drop[2] = True
+    assert pruner.prune_entries(model.conv1.weight, drop) == 72 and not model.conv1.weight[2].any()
+    assert pruner.prune_entries(model.conv1.weight, drop) == 0   # already pruned

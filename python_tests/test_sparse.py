@@ -400,6 +400,10 @@ def test_sparsify_min_sparsity_and_optimizer_alpha():
     for bad in ("0.5", None, True):
         with pytest.raises(TypeError, match="sparsify: min_sparsity must be a number in \\[0, 1\\], got"):
             sparsify(model, min_sparsity=bad)
+    with torch.device("meta"):
+        on_meta = nn.Sequential(nn.Linear(20, 30))
+    with pytest.raises(ValueError, match="sparsify: layer '0' is on the meta device, whose tensors hold no values"):
+        sparsify(on_meta)
 
 
 def test_narrow_index_types_on_disk(tmp_path):
