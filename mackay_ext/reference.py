@@ -68,6 +68,62 @@ def mackay_update_(weight, curvature, alpha, *, num_data, rule="mackay", prune="
     return UpdateStats(gamma_sum, num_pruned)
 
 
+def _check_adam_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, *, lr, beta1,
+                       beta2, eps, weight_decay, num_data, batch_size, curvature_decay, grad_scale,
+                       found_inf) -> None:
+    """The compiled op's checks (csrc/adam_step.cpp), all made before anything is written: a
+    refused call changes nothing, steps included, on either backend (strides aside: the foreach
+    ops here take any)."""
+    op = "mackay_adam_step_"
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == n):
+        raise RuntimeError(f"{op}: params, grads, exp_avgs, exp_avg_sqs and steps must have one entry per "
+                           f"parameter; got lengths {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, "
+                           f"{len(steps)}")
+    if len(alphas) > n or (curvatures and len(curvatures) != len(alphas)):
+        raise RuntimeError(f"{op}: {len(alphas)} alphas and {len(curvatures)} curvatures for {n} params "
+                           "(one alpha per ARD parameter, the first ones; curvatures empty or one per alpha)")
+    for name, value, ok in (("lr", lr, math.isfinite(lr) and lr >= 0), ("beta1", beta1, 0 <= beta1 < 1),
+                            ("beta2", beta2, 0 <= beta2 < 1), ("eps", eps, math.isfinite(eps) and eps >= 0),
+                            ("weight_decay", weight_decay, math.isfinite(weight_decay) and weight_decay >= 0),
+                            ("num_data", num_data, math.isfinite(num_data) and num_data > 0)):
+        if not ok:
+            raise ValueError(f"{op}: {name} out of range, got {value}")
+    if curvatures and not (math.isfinite(batch_size) and batch_size > 0 and 0 <= curvature_decay <= 1):
+        raise ValueError(f"{op}: batch_size must be positive and curvature_decay in [0, 1] to track "
+                         f"curvature, got {batch_size}, {curvature_decay}")
+    if not n:
+        return
+    first = params[0]
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != first.device):
+            raise RuntimeError(f"{op}: {name} must be one float32 value on {first.device}")
+    for i, param in enumerate(params):
+        if param.layout != torch.strided or param.device != first.device or param.dtype != first.dtype:
+            raise RuntimeError(f"{op}: params[{i}] must be dense and share params[0]'s device and dtype")
+        lists = [("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
+        lists += [("curvatures", curvatures)] if i < len(curvatures) else []
+        for name, tensors in lists:
+            t = tensors[i]
+            if t.layout != torch.strided:
+                raise RuntimeError(f"{op}: {name}[{i}] must be dense (sparse gradients are not supported)")
+            if t.device != param.device or t.dtype != param.dtype or t.shape != param.shape:
+                raise RuntimeError(f"{op}: {name}[{i}] must have the shape, dtype and device of params[{i}] "
+                                   f"({tuple(param.shape)}, {param.dtype}, {param.device}), got "
+                                   f"{tuple(t.shape)}, {t.dtype}, {t.device}")
+        if steps[i].dtype != torch.float32 or steps[i].numel() != 1 or steps[i].device != param.device:
+            raise RuntimeError(f"{op}: steps[{i}] must be one float32 value on {param.device}")
+        if i < len(alphas):
+            alpha = alphas[i]
+            if alpha.dtype != torch.float32 or alpha.device != param.device:
+                raise TypeError(f"{op}: alphas[{i}] must be float32 on {param.device}, got {alpha.dtype} "
+                                f"on {alpha.device}")
+            offset = param.dim() - alpha.dim()
+            if offset < 0 or any(a not in (1, p) for a, p in zip(alpha.shape, param.shape[offset:])):
+                raise RuntimeError(f"{op}: alphas[{i}] of shape {tuple(alpha.shape)} must be broadcastable "
+                                   f"to params[{i}] {tuple(param.shape)}")
+
+
 def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, *, lr,
                       beta1, beta2, eps, weight_decay, decoupled_weight_decay, num_data,
                       batch_size, curvature_decay, grad_scale=None, found_inf=None):
@@ -77,6 +133,10 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
     found_inf is set). Math runs in float32 for half-precision params (copies written back),
     with no host synchronisation.
     """
+    _check_adam_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, lr=lr,
+                       beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, num_data=num_data,
+                       batch_size=batch_size, curvature_decay=curvature_decay, grad_scale=grad_scale,
+                       found_inf=found_inf)
     if not params:
         return
     with torch.no_grad():

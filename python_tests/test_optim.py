@@ -592,3 +592,37 @@ def test_a_gradient_in_another_layout_and_a_replaced_alpha(backend):
     ours_w.grad = torch.randn(4, 3, 2, 5)
     ours.step()
     assert not ours_w.detach().any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_replaced_after_the_plan_is_made_is_checked_and_changes_nothing(backend):
+    """The per-step path leaves the state's checks to the op; on either backend a bad entry put in
+    after steps were taken is refused with the optimizer's message, and no tensor moves, the
+    step count included (the fallback checks everything before it writes, as the op does)."""
+    weight = torch.nn.Parameter(torch.randn(4, 5))
+    bias = torch.nn.Parameter(torch.randn(5))
+    optimizer = MacKayAdam([{"params": [weight]}, {"params": [bias], "ard": False}], lr=1e-2,
+                           num_data=10, batch_size=2, backend=backend)
+    for _ in range(2):
+        weight.grad, bias.grad = torch.randn(4, 5), torch.randn(5)
+        optimizer.step()
+    state = optimizer.state[weight]
+    good = state["alpha"]
+    bad_entries = [("alpha", torch.zeros(3, 5), RuntimeError, r"not broadcastable to the parameter's shape"),
+                   ("alpha", torch.zeros(1, 5, dtype=torch.float64), TypeError, "must be a float32 tensor"),
+                   ("curvature", torch.zeros(5, 4), RuntimeError, "curvatures"),
+                   ("exp_avg", torch.zeros(4, 5, device="meta"), RuntimeError, r"state\['exp_avg'\] of param 0")]
+    for key, bad, error, message in bad_entries:
+        saved = state[key]
+        state[key] = bad
+        before = [t.detach().clone() for t in (weight, bias, state["step"], optimizer.state[bias]["step"],
+                                              state["exp_avg"] if key != "exp_avg" else saved)]
+        with pytest.raises(error, match=message):
+            optimizer.step()
+        state[key] = saved
+        after = [weight, bias, state["step"], optimizer.state[bias]["step"], state["exp_avg"]]
+        for b, a in zip(before, after):
+            assert torch.equal(b, a.detach())
+    assert state["alpha"] is good
+    optimizer.step()   # and the good state steps again
+    assert int(state["step"]) == 3
