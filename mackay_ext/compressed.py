@@ -114,6 +114,7 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
                         "(model._orig_mod) and compile the model load_compressed returns")
     for name, entry in payload["sparse"].items():   # every layer checked before any is replaced
         _check_sparse_entry(path, name, entry, model)
+    _check_dense_entries(path, payload["state"], model)
     for name, entry in payload["sparse"].items():
         crow, col = entry["crow"].long(), entry["col"].long()
         # in the model's dtype, as load_state_dict copies the dense layers' tensors into it
@@ -134,6 +135,19 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
         raise RuntimeError(f"load_compressed: the model does not match the file (missing {missing}, "
                            f"unexpected {unexpected})")
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+def _check_dense_entries(path: str, state: dict, model: nn.Module) -> None:
+    """Each saved tensor is a tensor, and a floating one where the model's is (load_state_dict
+    would cast integers into the weights without a word)."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CorruptFileError(f"load_compressed: {path}: entry {key!r} is a {type(value).__name__}, "
+                                   "not a tensor")
+        if key in own and own[key].is_floating_point() and not value.is_floating_point():
+            raise CorruptFileError(f"load_compressed: {path}: entry {key!r} holds {value.dtype} values where "
+                                   f"the model's tensor is {own[key].dtype} (edited after save_compressed wrote it?)")
 
 
 def _check_digest(path: str, payload: dict) -> None:

@@ -192,3 +192,31 @@ def test_a_model_name_that_does_not_build_the_model_is_refused_when_saving(tmp_p
     save_compressed(models.create("lenet-300-100", num_classes=3), path, model_name="lenet-300-100",
                     model_kwargs={"num_classes": 3})
     assert load_compressed(path)[5].out_features == 3
+
+
+def test_integer_values_for_a_dense_weight_are_refused_even_with_the_digest_made_again(tmp_path):
+    """load_state_dict would cast them into the float weight without a word (a new-user pass
+    edited a file so, resealed it, and got other outputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].weight.mul_((torch.rand_like(model[2].weight) < 0.2).float())
+    sparsify(model)
+    path = tmp_path / "m.pt"
+    save_compressed(model, path)
+    payload = torch.load(path, weights_only=True)
+    assert "0.weight" in payload["state"]
+    payload["state"]["0.weight"] = (payload["state"]["0.weight"] * 10).long()
+    torch.save(resealed(payload), tmp_path / "edited.pt")
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(CorruptFileError, match=r"entry '0.weight' holds torch.int64 values where the model's "
+                                               r"tensor is torch.float32"):
+        load_compressed(tmp_path / "edited.pt", model=fresh)
+    payload["state"]["0.weight"] = [1.0]
+    torch.save(resealed(payload), tmp_path / "edited.pt")
+    with pytest.raises(CorruptFileError, match=r"entry '0.weight' is a list, not a tensor"):
+        load_compressed(tmp_path / "edited.pt", model=fresh)
+    loaded = load_compressed(path, model=nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)))
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))   # the file as written still loads
