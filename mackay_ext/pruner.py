@@ -17,7 +17,8 @@ What an update does, predictably:
 - an update with no optimizer step since the previous one re-estimates alpha, prunes nothing
   and says so (alpha moved, the weights have not answered yet);
 - a layer never loses every group: the group with the largest weights is kept (and reported)
-  unless allow_empty_layers=True;
+  unless allow_empty_layers=True; the groups kept in two neighbouring layers may still not
+  connect, and when dropping the units nobody reads then empties a layer, a warning says so;
 - with max_prune_fraction=f, an update prunes at most floor(f x live groups) of a layer (the
   others of those the criterion picks stay, the least clear-cut first; mackay_ext.prune_cap);
 - NaN/inf in a weight or curvature raises NonFiniteError before anything changes
@@ -646,6 +647,13 @@ class MacKayPruner(StandalonePrior):
             self._set_alpha(name, alpha)
             self.granularity[name] = "weight"
             target.param.masked_fill_(drop, 0)
+            if not self.allow_empty_layers and bool((alpha == math.inf).all()):
+                # each update kept a group of every layer, but those groups need not connect
+                warnings.warn(f"MacKayPruner: every kept weight of {target.description} fed units nobody "
+                              "reads any more, so the layer is now empty and the network's output no longer "
+                              "depends on its input: the groups kept in neighbouring layers do not connect. "
+                              "Prune less (a smaller threshold, max_prune_fraction, more data) or pass "
+                              "allow_empty_layers=True to accept it.", RuntimeWarning, stacklevel=3)
         return count
 
     @torch.no_grad()
@@ -944,8 +952,13 @@ class MacKayPruner(StandalonePrior):
         or negative values, or were saved with other granularities (naming the layer); warn
         where its settings differ from this pruner's."""
         saved_granularity = state.get("granularity", {})
-        for name in self.targets:
-            if name in saved_granularity and saved_granularity[name] != self.granularity[name]:
+        for name, target in self.targets.items():
+            saved_alpha = state["alpha"][name]
+            # a group layer that lost part of a group (prune_unused_units, prune_entries) went on
+            # with one alpha per weight; a new pruner built with the group granularity resumes it
+            split = (saved_granularity.get(name) == "weight" != self.granularity[name]
+                     and isinstance(saved_alpha, torch.Tensor) and saved_alpha.shape == target.param.shape)
+            if name in saved_granularity and saved_granularity[name] != self.granularity[name] and not split:
                 raise ValueError(f"{where}: layer {name!r} was saved with granularity "
                                  f"{saved_granularity[name]!r}; this pruner has {self.granularity[name]!r}")
             if name not in state["curvature"]:
@@ -954,6 +967,8 @@ class MacKayPruner(StandalonePrior):
                 value = state[key][name]
                 if not isinstance(value, torch.Tensor):
                     raise TypeError(f"{where}: {key} of layer {name!r} must be a tensor, got {type(value).__name__}")
+                if key == "alpha" and split:
+                    current = target.param
                 if value.shape != current.shape:
                     raise ValueError(f"{where}: {key} of layer {name!r} has shape {tuple(value.shape)}; this "
                                      f"pruner's is {tuple(current.shape)} (a state from another model?)")

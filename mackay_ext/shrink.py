@@ -183,6 +183,8 @@ def _shrink_once(model: nn.Module, example_inputs, round_to: int) -> _Round:
             if _looks_like(module, kind) if isinstance(kind, str) else isinstance(module, kind):
                 fix(module)
                 break
+    if removal:
+        _size_norms_by_their_inputs(small, example_inputs)
     kept_ids = {id(g) for g in removable}
     return _Round(small, removable, [g for g in folded if id(g) in kept_ids],
                   [g for g in unread if id(g) in kept_ids], kept, kept_unused)
@@ -340,7 +342,7 @@ def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
 
 def _fix_batch_norm(m: nn.modules.batchnorm._NormBase) -> None:
     ref = m.weight if m.weight is not None else m.running_mean
-    if ref is not None:
+    if ref is not None:   # else no tensor holds its size: _size_norms_by_their_inputs
         m.num_features = ref.shape[0]
 
 
@@ -349,12 +351,47 @@ def _fix_layer_norm(m: nn.LayerNorm) -> None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
-def _fix_group_norm(m: nn.GroupNorm) -> None:
+def _fix_group_norm(m: nn.GroupNorm, channels: int | None = None) -> None:
     # the coupling keeps a normalisation group's channels together (they share statistics), so
     # whole groups go: the group size stays, the count of groups shrinks
+    if channels is None and m.weight is None:
+        return   # affine=False: no tensor holds its size (_size_norms_by_their_inputs)
     size = m.num_channels // m.num_groups
-    m.num_channels = m.weight.shape[0]
+    m.num_channels = m.weight.shape[0] if channels is None else channels
     m.num_groups = m.num_channels // size
+
+
+def _unsized_norm(module: nn.Module) -> bool:
+    """A norm whose channel count no tensor of its own holds (no affine parameters, no running
+    statistics): GroupNorm(affine=False), InstanceNorm, BatchNorm without either."""
+    if isinstance(module, nn.GroupNorm):
+        return module.weight is None
+    return (isinstance(module, nn.modules.batchnorm._NormBase) and module.weight is None
+            and module.running_mean is None)
+
+
+def _size_norms_by_their_inputs(small: nn.Module, example_inputs) -> None:
+    """Set each unsized norm's channel count from the input it gets in one forward of the shrunk
+    model (a pre-hook runs before the norm's own size check)."""
+    norms = [m for m in small.modules() if _unsized_norm(m)]
+    if not norms:
+        return
+
+    def resize(module, args):
+        channels = args[0].shape[1]
+        if isinstance(module, nn.GroupNorm):
+            _fix_group_norm(module, channels)
+        else:
+            module.num_features = channels
+
+    handles = [m.register_forward_pre_hook(resize) for m in norms]
+    try:
+        args, kwargs = split_inputs(example_inputs, small)
+        with torch.no_grad(), eval_mode(small):
+            small(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _fix_embedding(m: nn.Embedding) -> None:

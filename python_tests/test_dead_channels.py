@@ -184,3 +184,40 @@ def test_prune_entries_checks_its_mask():
     drop[2] = True
     assert pruner.prune_entries(model.conv1.weight, drop) == 72 and not model.conv1.weight[2].any()
     assert pruner.prune_entries(model.conv1.weight, drop) == 0   # already pruned
+
+
+def test_a_run_killed_in_its_finetune_resumes_after_the_cut(tmp_path):
+    """The cut made conv2 one alpha per weight (its filters lost input slices); a fresh Trainer,
+    built with granularity "filter" as the run was, loads a checkpoint from inside the fine-tune
+    (it refused it: "saved with granularity 'weight'") and ends where the run would have."""
+    import shutil
+
+    def trainer(checkpoint):
+        torch.manual_seed(0)
+        config = FitConfig(schedule="in-run", pretrain_epochs=1, epochs=0, finetune_epochs=3, batch_size=16)
+        made = Trainer(trained_bn_net(), tiny_splits(), config, checkpoint=str(checkpoint),
+                       pruner_options=dict(granularity="filter", layers=["conv1", "conv2"]),
+                       progress=lambda line: None)
+        made.pretrain()
+        pruned_filters(made, "conv1", [1, 4])
+        return made
+
+    whole = trainer(tmp_path / "whole.pt")
+    save = whole.save_checkpoint
+
+    def save_and_keep_the_first_finetune_epoch():
+        save()
+        if whole.position == {"phase": "finetune", "round": 0, "epoch": 1}:
+            shutil.copy(tmp_path / "whole.pt", tmp_path / "killed_here.pt")
+    whole.save_checkpoint = save_and_keep_the_first_finetune_epoch
+    whole.finetune(3, 1e-3)
+    assert whole.pruner.granularity["conv2"] == "weight" and whole.cut_channels == 2
+
+    resumed = trainer(tmp_path / "resumed.pt")
+    assert resumed.pruner.granularity["conv2"] == "filter"
+    resumed.load_checkpoint(str(tmp_path / "killed_here.pt"))
+    assert resumed.pruner.granularity["conv2"] == "weight"
+    resumed.finetune(3, 1e-3)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    assert resumed.pruner.report()["kept"] == whole.pruner.report()["kept"]

@@ -2,6 +2,7 @@
 (Linear chains, conv -> conv, conv -> pool -> Flatten -> Linear), cascades are followed, and
 models that are not a plain chain are left alone. Also MacKayPruner.prune_unused_units."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -113,3 +114,27 @@ def test_pruner_prunes_unused_units_with_grouped_alpha(fused):
     assert alpha.shape == (100, 300) and torch.isinf(alpha[50:]).all() and torch.isfinite(alpha[:50]).all()
     assert (model[3].weight[50:] == 0).all() and pruner.granularity["3"] == "weight"
     assert pruner.prune_unused_units() == 0  # idempotent
+
+
+@pytest.mark.parametrize("allow_empty_layers", [False, True])
+def test_kept_groups_that_do_not_connect_empty_a_layer_with_a_warning(allow_empty_layers):
+    """Each update keeps a group of every layer, but the next layer may read none of what the
+    first kept: dropping the unread units then empties the first layer. Exact (the output no
+    longer depended on the input anyway), but said, unless empty layers were allowed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=10, batch_size=2)
+    pruner = MacKayPruner(model, optimizer, num_data=10, allow_empty_layers=allow_empty_layers)
+    state = pruner.state_dict()
+    state["alpha"]["0"] = torch.zeros(3, 4).index_fill_(0, torch.tensor([2]), math.inf)   # unit 2 made by nobody
+    state["alpha"]["2"] = torch.zeros(2, 3).index_fill_(1, torch.tensor([0, 1]), math.inf)   # only unit 2 read
+    pruner.load_state_dict(state)
+    if allow_empty_layers:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert pruner.prune_unused_units() == 8
+    else:
+        with pytest.warns(RuntimeWarning, match=r"every kept weight of 0 \(Linear.weight, shape \(3, 4\)\) fed "
+                                                r"units nobody reads any more, so the layer is now empty"):
+            assert pruner.prune_unused_units() == 8
+    assert not model[0].weight.any()

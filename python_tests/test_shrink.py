@@ -4,6 +4,7 @@ fewer parameters, outputs equal to the pruned model's (float64, relative 1e-10),
 a dynamic batch, and ONNX (dynamo exporter) in onnxruntime."""
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -543,3 +544,38 @@ def test_torchvision_shufflenet_shrinks_exactly():
     assert report.removed and report.params_after < report.params_before
     with torch.no_grad():
         assert_equal_outputs(expected, small(*inputs))
+
+
+class NormWithoutTensors(nn.Module):
+    def __init__(self, norm):
+        super().__init__()
+        self.c1, self.norm, self.c2 = nn.Conv2d(3, 8, 3, padding=1), norm, nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c2(F.relu(self.norm(self.c1(x))))
+
+
+@pytest.mark.parametrize("norm, zeroed, kept", [
+    (lambda: nn.GroupNorm(2, 8, affine=False), [0, 1, 2, 3], 4),   # a whole normalisation group
+    (lambda: nn.BatchNorm2d(8, affine=False, track_running_stats=False), [1, 5], 6),
+    (lambda: nn.InstanceNorm2d(8), [1, 5], 6),
+], ids=["GroupNorm(affine=False)", "BatchNorm2d(no affine, no stats)", "InstanceNorm2d"])
+def test_norms_holding_no_tensor_of_their_size_are_resized(norm, zeroed, kept):
+    """No weight or running statistics says how many channels such a norm has now; shrink reads it
+    from the norm's input in one forward (GroupNorm(affine=False) crashed, InstanceNorm kept a
+    stale num_features and warned at every call)."""
+    torch.manual_seed(0)
+    model = NormWithoutTensors(norm()).eval()
+    with torch.no_grad():
+        model.c1.weight[zeroed] = 0
+        model.c1.bias[zeroed] = 0
+    small = shrink(model, torch.randn(2, 3, 6, 6))
+    assert small.c2.in_channels == kept
+    size = small.norm.num_channels if isinstance(small.norm, nn.GroupNorm) else small.norm.num_features
+    assert size == kept
+    if isinstance(small.norm, nn.GroupNorm):
+        assert small.norm.num_groups == 1
+    x = torch.randn(5, 3, 7, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
