@@ -8,9 +8,9 @@ constant's contribution can be moved into its readers' biases, which a zero-padd
 forbids: at the borders it reads zeros instead of the constant. A pruned BatchNorm ResNet or VGG
 is full of these. Zeroing the whole coupled group (the constant too, and the readers' slices)
 changes the network a little, which is why it happens before the fine-tune, which makes up for
-it; the channel is then exactly zero and stays so while fine-tuning (with the readers' slices at
-zero the constant gets no gradient, and it reads 0 from a ReLU-like activation with f(0) = 0),
-and shrink cuts it out.
+it; the channel is then exactly zero and stays so while fine-tuning (the readers' slices are
+pruned in the pruner, which holds them at 0, so the constant gets no gradient), and shrink cuts
+it out.
 """
 from __future__ import annotations
 
