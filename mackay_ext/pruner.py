@@ -268,6 +268,9 @@ class MacKayPruner(StandalonePrior):
             self._freed = FreedMacs(model, example_inputs, self._weight_uses)
         self.layers = {name: target.module for name, target in self.targets.items()}
         self.granularity, self.notes = self._granularities(granularity)
+        # layers split from a group granularity into one alpha per weight (_drop), with the group's
+        # name: a checkpoint of the split layer resumes in a new pruner built with the group one
+        self.split_from: dict[str, str] = {}
         if self._freed is not None and self._freed.note:
             self.notes["mac_price"] = self._freed.note
         # priced Linear inputs are re-fitted from the others when they go (mac_compensate.py)
@@ -645,6 +648,8 @@ class MacKayPruner(StandalonePrior):
             target = self.targets[name]
             alpha = self.alpha(name).expand_as(target.param).clone().masked_fill_(drop, math.inf)
             self._set_alpha(name, alpha)
+            if self.granularity[name] != "weight":
+                self.split_from.setdefault(name, self.granularity[name])
             self.granularity[name] = "weight"
             target.param.masked_fill_(drop, 0)
             if not self.allow_empty_layers and bool((alpha == math.inf).all()):
@@ -931,7 +936,8 @@ class MacKayPruner(StandalonePrior):
         return {"alpha": {n: self.alpha(n).detach().clone() for n in self.targets},
                 "curvature": {n: self.curvature(n).detach().clone() for n in self.targets},
                 "curvature_steps": {n: self._curvature_steps(n) for n in self.targets},
-                "granularity": dict(self.granularity), "history": list(self.history),
+                "granularity": dict(self.granularity), "split_from": dict(self.split_from),
+                "history": list(self.history),
                 "steps_since_update": self._steps_since_update,
                 "mc_calls_since_update": self._mc_calls_since_update,
                 **({"exact_curvature": self.accumulator.state_dict()} if self.accumulator is not None else {}),
@@ -956,7 +962,8 @@ class MacKayPruner(StandalonePrior):
             saved_alpha = state["alpha"][name]
             # a group layer that lost part of a group (prune_unused_units, prune_entries) went on
             # with one alpha per weight; a new pruner built with the group granularity resumes it
-            split = (saved_granularity.get(name) == "weight" != self.granularity[name]
+            split = (saved_granularity.get(name) == "weight"
+                     and state.get("split_from", {}).get(name) == self.granularity[name]
                      and isinstance(saved_alpha, torch.Tensor) and saved_alpha.shape == target.param.shape)
             if name in saved_granularity and saved_granularity[name] != self.granularity[name] and not split:
                 raise ValueError(f"{where}: layer {name!r} was saved with granularity "
@@ -1021,6 +1028,7 @@ class MacKayPruner(StandalonePrior):
             with torch.no_grad():   # a pruned weight is exactly 0 from here, not from the next step
                 target.param.masked_fill_((alpha == math.inf).expand_as(target.param), 0)
         self.granularity = dict(state.get("granularity", self.granularity))
+        self.split_from = dict(state.get("split_from", {}))   # absent before it existed
         if self.channel is not None:
             if "channel" not in state:
                 raise KeyError("MacKayPruner.load_state_dict: the state has no channel group alphas "

@@ -6,6 +6,7 @@ Trainer.load_checkpoint); each must fail with one clear error and leave no trace
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 import torch
@@ -96,3 +97,24 @@ def test_truncated_and_missing_files(tmp_path):
         load_plain(str(tmp_path / "absent.pt"), "checkpoint")
     with pytest.raises(IsADirectoryError):
         load_plain(str(tmp_path), "checkpoint")
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypatch):
+    """torch.save turns a KeyboardInterrupt raised inside its writer into a RuntimeError
+    ("enforce fail at inline_container.cc", a crash to the CLI); save_atomic holds Ctrl-C until
+    the file is written and renamed, then raises KeyboardInterrupt, and Python's handler is back."""
+    from mackay_ext import _files
+    real_save = torch.save
+
+    def save_interrupted(obj, handle):
+        os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C in the middle of the write
+        real_save(obj, handle)
+
+    monkeypatch.setattr(_files.torch, "save", save_interrupted)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _files.save_atomic({"w": torch.arange(5.0)}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(5.0))
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
