@@ -35,6 +35,30 @@ def check_dense_tensors(where: str, **tensors) -> None:
             raise RuntimeError(f"{where}: {name} must be a dense (strided) tensor, got {tensor.layout}")
 
 
+def check_one_device(where: str, **tensors) -> None:
+    """Every tensor given (None skipped) on the first one's device. The fake kernels call it:
+    a 'meta' tensor among CPU or CUDA ones sends the call to the fake kernel (Meta outranks
+    them), which would otherwise return without a word and leave the real tensors unchanged."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, tensor in named[1:]:
+        if tensor.device != first.device:
+            raise RuntimeError(f"{where}: {name} is on {tensor.device} but {first_name} is on {first.device}; "
+                               "every tensor of one call must be on one device")
+
+
+def check_update_values(alpha: torch.Tensor) -> None:
+    """alpha >= 0 (+inf: pruned), read once an update (rare next to the steps): a negative alpha
+    made N h + alpha zero, gamma infinite, and pruned every weight of a healthy layer. (A
+    negative curvature entry is an edge case the update defines, a Hessian estimate's.) Not
+    under tracing: fake tensors hold no values."""
+    if torch.compiler.is_compiling() or alpha.is_meta:
+        return
+    if alpha.numel() and not bool((alpha >= 0).all()):
+        raise ValueError(f"mackay_update_: alpha must hold precisions >= 0 (+inf for pruned weights), got "
+                         f"negative or NaN values (min {float(alpha.min())})")
+
+
 def check_update_args(weight, curvature, alpha, *, num_data, rule, prune, threshold, eps,
                       alpha_min, alpha_max) -> float:
     """Validate mackay_update_ arguments; return the effective threshold."""
@@ -59,6 +83,7 @@ def check_update_args(weight, curvature, alpha, *, num_data, rule, prune, thresh
                            f"{tuple(weight.shape)} (one alpha per weight or per group), got {tuple(alpha.shape)}")
     if not (math.isfinite(num_data) and num_data > 0):
         raise ValueError(f"{where}: num_data must be a positive number of training examples, got {num_data}")
+    check_update_values(alpha)
     threshold = DEFAULT_THRESHOLDS[prune] if threshold is None else float(threshold)
     if not (math.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"{where}: threshold must be finite and >= 0, got {threshold}")

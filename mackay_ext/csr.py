@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 
 from . import _extension
-from ._validate import BACKENDS, FLOAT_DTYPES, check_choice
+from ._validate import BACKENDS, FLOAT_DTYPES, check_choice, check_one_device
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -100,6 +100,12 @@ def csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.T
     x, values and bias. in_features defaults to x.shape[-1]; pass `transposed` (from
     transpose_index) and check_indices=False when the index is reused (as SparseLinear does)."""
     check_choice("backend", backend, BACKENDS, "csr_linear")
+    if check_indices:   # the validating call (layers reusing an index pass check_indices=False)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            raise ValueError(f"csr_linear: x must be a tensor of shape (..., in_features), got "
+                             f"{'a 0-d tensor' if isinstance(x, torch.Tensor) else type(x).__name__}")
+        check_one_device("csr_linear", x=x, crow_indices=crow_indices, col_indices=col_indices,
+                         values=values, bias=bias)
     in_features = x.shape[-1] if in_features is None else in_features
     x, values, bias = _autocast(x, values, bias)
     if check_indices:
@@ -158,15 +164,19 @@ def _backward(ctx, grad):
 if _extension.is_loaded():
     @torch.library.register_fake("mackay_ext::csr_matmul")
     def _csr_matmul_fake(x, crow_indices, col_indices, values, in_features):
+        check_one_device("csr_matmul", x=x, crow_indices=crow_indices, col_indices=col_indices, values=values)
         torch._check(x.shape[-1] == in_features, lambda: "csr_matmul: x's last dimension must be in_features")
         return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
 
     @torch.library.register_fake("mackay_ext::csr_sddmm")
     def _csr_sddmm_fake(grad_out, x, crow_indices, col_indices, in_features):
+        check_one_device("csr_sddmm", grad_out=grad_out, x=x, crow_indices=crow_indices, col_indices=col_indices)
         return x.new_empty(col_indices.shape)
 
     @torch.library.register_fake("mackay_ext::csr_linear")
     def _csr_linear_fake(x, crow_indices, col_indices, values, bias, crow_t, row_t, perm_t):
+        check_one_device("csr_linear", x=x, crow_indices=crow_indices, col_indices=col_indices,
+                         values=values, bias=bias)
         return x.new_empty((*x.shape[:-1], crow_indices.shape[0] - 1))
 
     torch.library.register_autograd("mackay_ext::csr_linear", _backward, setup_context=_setup_context)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import _extension, conv_curvature, kept_pattern
-from ._validate import BACKENDS, check_choice
+from ._validate import BACKENDS, check_choice, check_one_device
 from .ard_targets import weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
@@ -136,10 +136,12 @@ def _malformed_blocks(col_splits, block_crow, col_indices, rows: int, cols: int)
 if _extension.is_loaded():
     @torch.library.register_fake("mackay_ext::sq_gemm_accumulate_")
     def _sq_gemm_fake(out, a, b, scale, bias_out=None):
+        check_one_device("sq_gemm_accumulate_", out=out, a=a, b=b, bias_out=bias_out)
         return None
 
     @torch.library.register_fake("mackay_ext::sq_sddmm_accumulate_")
     def _sq_sddmm_fake(out, a, b, col_splits, block_crow, col_indices, scale, bias_out=None):
+        check_one_device("sq_sddmm_accumulate_", out=out, a=a, b=b, bias_out=bias_out)
         return None
 
 

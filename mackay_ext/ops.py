@@ -7,7 +7,7 @@ import torch
 
 from . import _extension, reference
 from .csr import TransposeIndex, check_csr, csr_linear, transpose_index  # noqa: F401  (public API)
-from ._validate import BACKENDS, check_choice, check_dense_tensors
+from ._validate import BACKENDS, check_choice, check_dense_tensors, check_update_values
 
 
 class UpdateStats(NamedTuple):
@@ -61,6 +61,7 @@ def mackay_update_(
         return reference.mackay_update_(weight, curvature, alpha, **kwargs)
     _extension.require()
     check_dense_tensors("mackay_update_", weight=weight, curvature=curvature, alpha=alpha)
+    check_update_values(alpha)
     with torch.no_grad():
         gamma_sum, num_pruned = torch.ops.mackay_ext.mackay_update_.default(
             weight, curvature, alpha, **kwargs)

@@ -348,3 +348,18 @@ def test_an_estimate_beyond_float32_is_capped_not_stored_as_pruned(backend, prun
     assert bool(torch.isfinite(alpha[~pruned]).all())
     if prune == "alpha":   # alpha >= 1e13: the two tiny weights go
         assert pruned.tolist() == [[True, False], [False, True]]
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_negative_or_nan_precisions_are_refused_before_anything_changes(backend):
+    """alpha = -1 with N h = 1 made N h + alpha zero: gamma infinite, alpha +inf, and every weight
+    of a healthy layer pruned without a word (a new-user pass)."""
+    weight = torch.ones(2, 2)
+    for curvature, alpha, message in (
+            (torch.full((2, 2), 0.01), torch.full((1, 2), -1.0), r"alpha must hold precisions >= 0 .*min -1.0"),
+            (torch.full((2, 2), 0.01), torch.tensor([[0.0, math.nan]]), "alpha must hold precisions >= 0")):
+        before = alpha.clone()
+        with pytest.raises(ValueError, match=message):
+            mackay_update_(weight, curvature, alpha, num_data=100.0, backend=backend)
+        assert torch.equal(weight, torch.ones(2, 2))
+        torch.testing.assert_close(alpha, before, rtol=0, atol=0, equal_nan=True)

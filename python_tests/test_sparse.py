@@ -492,3 +492,14 @@ def test_bad_inputs_to_the_op():
     layer = SparseLinear.from_dense(_pruned_linear(8, 5, 0.5))
     with pytest.raises(ValueError, match="in_features = 8"):
         layer(torch.randn(2, 9))
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_csr_linear_names_a_0d_input_and_a_meta_one(backend):
+    dense = _pruned_linear(4, 3, 0.5)
+    csr = dense.weight.detach().to_sparse_csr()
+    args = (csr.crow_indices(), csr.col_indices(), csr.values(), dense.bias.detach())
+    with pytest.raises(ValueError, match="csr_linear: x must be a tensor of shape \\(..., in_features\\), got a 0-d"):
+        csr_linear(torch.tensor(1.0), *args, backend=backend)
+    with pytest.raises(RuntimeError, match="csr_linear: crow_indices is on cpu but x is on meta"):
+        csr_linear(torch.ones(2, 4, device="meta"), *args, backend=backend)

@@ -143,3 +143,13 @@ def test_scratch_stays_below_squared_copies():
     assert allocated_bytes(lambda: sq_gemm_accumulate_(out, a, b, backend="ext")) <= squared_copies // 8
     bias = torch.zeros(o)
     assert allocated_bytes(lambda: sq_gemm_accumulate_(out, a, b, backend="ext", bias_out=bias)) <= squared_copies // 8
+
+
+def test_a_meta_operand_among_cpu_ones_is_refused_not_skipped():
+    """A 'meta' tensor sends the call to the fake kernel, which returned without a word and left
+    `out` unchanged (a new-user pass); it names the devices now, as the other ops' fakes do."""
+    out = torch.zeros(3, 4)
+    with pytest.raises(RuntimeError, match="sq_gemm_accumulate_: a is on meta but out is on cpu"):
+        sq_gemm_accumulate_(out, torch.ones(5, 3, device="meta"), torch.ones(5, 4))
+    with pytest.raises(RuntimeError, match="sq_gemm_accumulate_: a is on cpu but out is on meta"):
+        sq_gemm_accumulate_(torch.zeros(3, 4, device="meta"), torch.ones(5, 3), torch.ones(5, 4))
