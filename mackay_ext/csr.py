@@ -106,6 +106,10 @@ def csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.T
                              f"{'a 0-d tensor' if isinstance(x, torch.Tensor) else type(x).__name__}")
         check_one_device("csr_linear", x=x, crow_indices=crow_indices, col_indices=col_indices,
                          values=values, bias=bias)
+        rows = crow_indices.numel() - 1
+        if bias is not None and tuple(bias.shape) != (rows,):
+            raise RuntimeError(f"csr_linear: bias must have shape ({rows},), one entry per row of W, got "
+                               f"{tuple(bias.shape)}")
     in_features = x.shape[-1] if in_features is None else in_features
     x, values, bias = _autocast(x, values, bias)
     if check_indices:

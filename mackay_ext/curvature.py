@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import _extension, conv_curvature, kept_pattern
-from ._validate import BACKENDS, check_choice, check_one_device
+from ._validate import BACKENDS, check_choice, check_dense_tensors, check_one_device
 from .ard_targets import weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
@@ -60,12 +60,7 @@ def sq_gemm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
         return
     check_choice("backend", backend, BACKENDS, "sq_gemm_accumulate_")
     if backend == "torch":
-        if a.shape[0] != b.shape[0] or out.shape != (a.shape[1], b.shape[1]):
-            raise RuntimeError(f"sq_gemm_accumulate_: shapes out {tuple(out.shape)}, a {tuple(a.shape)}, "
-                               f"b {tuple(b.shape)} do not fit out += (a*a)^T (b*b)")
-        if bias_out is not None and bias_out.shape != (out.shape[0],):
-            raise RuntimeError(f"sq_gemm_accumulate_: bias_out must have shape ({out.shape[0]},), got "
-                               f"{tuple(bias_out.shape)}")
+        _check_sq_gemm(out, a, b, bias_out)
         a_sq = a * a
         out.addmm_(a_sq.t(), b * b, alpha=scale)
         if bias_out is not None:
@@ -73,6 +68,29 @@ def sq_gemm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sca
         return
     _extension.require()
     torch.ops.mackay_ext.sq_gemm_accumulate_(out, a, b, float(scale), bias_out)
+
+
+def _check_sq_gemm(out, a, b, bias_out) -> None:
+    """The compiled op's checks (csrc/include/mackay/sq_gemm.h), for the torch backend: the two
+    backends accept the same calls and name the same argument."""
+    where = "sq_gemm_accumulate_"
+    check_dense_tensors(where, out=out, a=a, b=b, **({"bias_out": bias_out} if bias_out is not None else {}))
+    if out.dim() != 2 or a.dim() != 2 or b.dim() != 2:
+        raise RuntimeError(f"{where}: out, a and b must be 2-D, got {out.dim()}, {a.dim()} and {b.dim()} dimensions")
+    if a.shape[0] != b.shape[0] or out.shape != (a.shape[1], b.shape[1]):
+        raise RuntimeError(f"{where}: shapes out {tuple(out.shape)}, a {tuple(a.shape)}, "
+                           f"b {tuple(b.shape)} do not fit out += (a*a)^T (b*b)")
+    if out.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{where}: out must be float32 or float64 (it accumulates), got {out.dtype}")
+    if a.dtype != out.dtype or b.dtype != out.dtype:
+        raise TypeError(f"{where}: a and b must have out's dtype {out.dtype}, got {a.dtype} and {b.dtype}")
+    check_one_device(where, out=out, a=a, b=b, bias_out=bias_out)
+    if not out.is_contiguous():
+        raise RuntimeError(f"{where}: out must be contiguous (it is accumulated in place)")
+    if bias_out is not None and (bias_out.shape != (out.shape[0],) or not bias_out.is_contiguous()
+                                 or bias_out.dtype != out.dtype):
+        raise RuntimeError(f"{where}: bias_out must be a contiguous {out.dtype} vector of shape "
+                           f"({out.shape[0]},), got {bias_out.dtype} {tuple(bias_out.shape)}")
 
 
 def sq_sddmm_accumulate_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, col_splits: torch.Tensor,

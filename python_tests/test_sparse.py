@@ -503,3 +503,5 @@ def test_csr_linear_names_a_0d_input_and_a_meta_one(backend):
         csr_linear(torch.tensor(1.0), *args, backend=backend)
     with pytest.raises(RuntimeError, match="csr_linear: crow_indices is on cpu but x is on meta"):
         csr_linear(torch.ones(2, 4, device="meta"), *args, backend=backend)
+    with pytest.raises(RuntimeError, match=r"csr_linear: bias must have shape \(3,\), one entry per row of W, got \(4,\)"):
+        csr_linear(torch.ones(2, 4), *args[:3], torch.zeros(4), backend=backend)

@@ -153,3 +153,20 @@ def test_a_meta_operand_among_cpu_ones_is_refused_not_skipped():
         sq_gemm_accumulate_(out, torch.ones(5, 3, device="meta"), torch.ones(5, 4))
     with pytest.raises(RuntimeError, match="sq_gemm_accumulate_: a is on cpu but out is on meta"):
         sq_gemm_accumulate_(torch.zeros(3, 4, device="meta"), torch.ones(5, 3), torch.ones(5, 4))
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_both_backends_refuse_the_same_calls(backend):
+    """The torch backend accepted a float16, integer or strided out and gave raw torch errors for
+    3-D or mixed-dtype operands (a new-user pass); it checks what the compiled op checks now."""
+    a, b = torch.randn(5, 3), torch.randn(5, 4)
+    cases = [(torch.zeros(3, 4, dtype=torch.float16), a, b, TypeError, "out must be float32 or float64"),
+             (torch.zeros(3, 4, dtype=torch.int64), a, b, TypeError, "out must be float32 or float64"),
+             (torch.zeros(4, 3).t(), a, b, RuntimeError, "out must be contiguous"),
+             (torch.zeros(3, 4), a.double(), b, TypeError, "a and b must have out's dtype"),
+             (torch.zeros(3, 4), a[None], b, RuntimeError, "out, a and b must be 2-D")]
+    for out, left, right, error, message in cases:
+        before = out.clone()
+        with pytest.raises(error, match=f"sq_gemm_accumulate_: {message}"):
+            sq_gemm_accumulate_(out, left, right, backend=backend)
+        assert torch.equal(out, before)
