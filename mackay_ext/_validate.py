@@ -78,6 +78,10 @@ def check_update_args(weight, curvature, alpha, *, num_data, rule, prune, thresh
     if curvature.shape != weight.shape:
         raise RuntimeError(f"{where}: curvature must have the weight's shape {tuple(weight.shape)}, "
                            f"got {tuple(curvature.shape)}")
+    for name, tensor in (("weight", weight), ("alpha", alpha)):   # as the compiled op refuses them
+        if any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape)):
+            raise RuntimeError(f"{where}: {name} has overlapping memory (e.g. an expanded tensor); "
+                               + ("it is written in place" if name == "weight" else "pass one entry per group"))
     if not alpha_fits(alpha.shape, weight.shape):
         raise RuntimeError(f"{where}: alpha must be broadcastable to the weight's shape "
                            f"{tuple(weight.shape)} (one alpha per weight or per group), got {tuple(alpha.shape)}")

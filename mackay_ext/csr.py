@@ -110,10 +110,17 @@ def csr_linear(x: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.T
         if bias is not None and tuple(bias.shape) != (rows,):
             raise RuntimeError(f"csr_linear: bias must have shape ({rows},), one entry per row of W, got "
                                f"{tuple(bias.shape)}")
-    in_features = x.shape[-1] if in_features is None else in_features
+    from_x = in_features is None
+    in_features = x.shape[-1] if from_x else in_features
     x, values, bias = _autocast(x, values, bias)
     if check_indices:
-        check_csr(crow_indices, col_indices, values, (crow_indices.numel() - 1, in_features))
+        try:
+            check_csr(crow_indices, col_indices, values, (crow_indices.numel() - 1, in_features))
+        except ValueError as error:
+            if from_x and "col_indices must lie" in str(error):   # x's width is the suspect, not W
+                raise ValueError(f"csr_linear: no in_features given, so x's last dimension ({in_features}) is "
+                                 f"taken as W's width, and then {error}; is x of the wrong width?") from None
+            raise
     if backend == "torch":
         from . import reference
         return reference.csr_linear(x, crow_indices, col_indices, values, bias, in_features=in_features)

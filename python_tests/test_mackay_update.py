@@ -363,3 +363,13 @@ def test_negative_or_nan_precisions_are_refused_before_anything_changes(backend)
             mackay_update_(weight, curvature, alpha, num_data=100.0, backend=backend)
         assert torch.equal(weight, torch.ones(2, 2))
         torch.testing.assert_close(alpha, before, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_expanded_weights_or_alphas_are_refused_on_both_backends(backend):
+    """The torch backend wrote an expanded weight in place with only torch's warning."""
+    curvature = torch.full((3, 4), 0.01)
+    with pytest.raises(RuntimeError, match="mackay_update_: weight has overlapping memory"):
+        mackay_update_(torch.ones(1, 4).expand(3, 4), curvature, torch.zeros(3, 4), num_data=10.0, backend=backend)
+    with pytest.raises(RuntimeError, match="mackay_update_: alpha has overlapping memory"):
+        mackay_update_(torch.ones(3, 4), curvature, torch.zeros(1, 4).expand(3, 4), num_data=10.0, backend=backend)

@@ -505,3 +505,11 @@ def test_csr_linear_names_a_0d_input_and_a_meta_one(backend):
         csr_linear(torch.ones(2, 4, device="meta"), *args, backend=backend)
     with pytest.raises(RuntimeError, match=r"csr_linear: bias must have shape \(3,\), one entry per row of W, got \(4,\)"):
         csr_linear(torch.ones(2, 4), *args[:3], torch.zeros(4), backend=backend)
+
+
+def test_csr_linear_without_in_features_suspects_x_when_the_columns_do_not_fit():
+    dense = _pruned_linear(8, 3, 0.9)
+    csr = dense.weight.detach().to_sparse_csr()
+    with pytest.raises(ValueError, match=r"no in_features given, so x's last dimension \(6\) is taken as W's "
+                                         r"width, and then csr: col_indices must lie in \[0, in_features = 6\)"):
+        csr_linear(torch.ones(2, 6), csr.crow_indices(), csr.col_indices(), csr.values())
