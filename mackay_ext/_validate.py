@@ -79,7 +79,9 @@ def check_update_args(weight, curvature, alpha, *, num_data, rule, prune, thresh
         raise RuntimeError(f"{where}: curvature must have the weight's shape {tuple(weight.shape)}, "
                            f"got {tuple(curvature.shape)}")
     for name, tensor in (("weight", weight), ("alpha", alpha)):   # as the compiled op refuses them
-        if any(stride == 0 and size > 1 for stride, size in zip(tensor.stride(), tensor.shape)):
+        # An empty tensor holds no memory to overlap, whatever its strides (torch * gives stride 0 there).
+        if tensor.numel() and any(stride == 0 and size > 1
+                                  for stride, size in zip(tensor.stride(), tensor.shape)):
             raise RuntimeError(f"{where}: {name} has overlapping memory (e.g. an expanded tensor); "
                                + ("it is written in place" if name == "weight" else "pass one entry per group"))
     if not alpha_fits(alpha.shape, weight.shape):

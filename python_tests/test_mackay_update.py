@@ -373,3 +373,14 @@ def test_expanded_weights_or_alphas_are_refused_on_both_backends(backend):
         mackay_update_(torch.ones(1, 4).expand(3, 4), curvature, torch.zeros(3, 4), num_data=10.0, backend=backend)
     with pytest.raises(RuntimeError, match="mackay_update_: alpha has overlapping memory"):
         mackay_update_(torch.ones(3, 4), curvature, torch.zeros(1, 4).expand(3, 4), num_data=10.0, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_empty_tensors_with_zero_strides_are_accepted_on_both_backends(backend):
+    """torch gives an empty product stride 0 ((2, 0, 1) * 2 has strides (0, 1, 0)); empty memory cannot
+    overlap, and the torch backend refused what the compiled op accepts (found by hypothesis in CI)."""
+    alpha = torch.rand(2, 0, 1, dtype=torch.float64) * 2.0
+    weight = torch.empty_strided((2, 0, 3), (0, 0, 0), dtype=torch.float64)
+    assert 0 in alpha.stride() and 0 in weight.stride()
+    stats = mackay_update_(weight, torch.zeros_like(weight), alpha, num_data=10.0, backend=backend)
+    assert int(stats.num_pruned) == 0 and float(stats.gamma_sum) == 0.0
