@@ -40,6 +40,8 @@ def check_one_device(where: str, **tensors) -> None:
     a 'meta' tensor among CPU or CUDA ones sends the call to the fake kernel (Meta outranks
     them), which would otherwise return without a word and leave the real tensors unchanged."""
     named = [(name, t) for name, t in tensors.items() if t is not None]
+    if not named:
+        return
     first_name, first = named[0]
     for name, tensor in named[1:]:
         if tensor.device != first.device:

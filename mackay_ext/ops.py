@@ -7,7 +7,7 @@ import torch
 
 from . import _extension, reference
 from .csr import TransposeIndex, check_csr, csr_linear, transpose_index  # noqa: F401  (public API)
-from ._validate import BACKENDS, check_choice, check_dense_tensors, check_update_values
+from ._validate import BACKENDS, check_choice, check_dense_tensors, check_one_device, check_update_values
 
 
 class UpdateStats(NamedTuple):
@@ -104,9 +104,7 @@ if _extension.is_loaded():
     @torch.library.register_fake("mackay_ext::mackay_update_")
     def _mackay_update_fake(weight, curvature, alpha, *, num_data, rule="mackay", prune="alpha",
                             threshold=None, eps=1e-16, alpha_min=0.0, alpha_max=None):
-        if not (weight.device == curvature.device == alpha.device):
-            raise RuntimeError("mackay_update_: weight, curvature and alpha must be on one device, "
-                               f"got {weight.device}, {curvature.device}, {alpha.device}")
+        check_one_device("mackay_update_", weight=weight, curvature=curvature, alpha=alpha)
         return (weight.new_empty((), dtype=torch.float64),
                 weight.new_empty((), dtype=torch.int64))
 
@@ -115,12 +113,8 @@ if _extension.is_loaded():
                                *, lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay,
                                num_data, batch_size, curvature_decay, grad_scale=None,
                                found_inf=None):
-        # Mixed devices would otherwise land here (Meta outranks CPU) and do nothing.
-        device = params[0].device if params else None
-        for name, tensors in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                              ("steps", steps), ("curvatures", curvatures), ("alphas", alphas)):
-            for i, tensor in enumerate(tensors):
-                if tensor.device != device:
-                    raise RuntimeError(f"mackay_adam_step_: {name}[{i}] is on {tensor.device} but "
-                                       f"the params are on {device}")
+        lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+                 "steps": steps, "curvatures": curvatures, "alphas": alphas}
+        check_one_device("mackay_adam_step_", **{f"{name}[{i}]": tensor for name, tensors in lists.items()
+                                                 for i, tensor in enumerate(tensors)})
         return None

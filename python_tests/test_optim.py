@@ -386,6 +386,24 @@ def test_opcheck(device):
                                found_inf=torch.zeros((), device=device)))
 
 
+
+@pytest.mark.parametrize("meta_list", [0, 3, 6])
+def test_the_op_names_a_meta_tensor_among_cpu_ones(meta_list):
+    """The dispatcher sends a CPU/meta mix to the fake kernel (Meta outranks CPU), which would
+    return without a word and leave every real tensor unchanged; it names the odd one out."""
+    params, alphas, _ = make_params("cpu", torch.float32)
+    tensors = params[:2]
+    lists = [[p.detach().clone() for p in tensors], [torch.randn_like(p) for p in tensors],
+             [torch.zeros_like(p) for p in tensors], [torch.zeros_like(p) for p in tensors],
+             [torch.zeros(()) for _ in tensors], [torch.rand_like(p) for p in tensors], alphas[:2]]
+    lists[meta_list][1] = torch.empty_like(lists[meta_list][1], device="meta")
+    name = ["params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "curvatures", "alphas"][meta_list]
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                  num_data=100.0, batch_size=8.0, curvature_decay=0.9)
+    with pytest.raises(RuntimeError, match=rf"mackay_adam_step_: {name}\[1\] is on meta but params\[0\] is on cpu"):
+        torch.ops.mackay_ext.mackay_adam_step_.default(*lists, **kwargs)
+
+
 def test_torch_compile_training_step():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
