@@ -1,5 +1,6 @@
 // Argument checks of the CSR ops (device independent).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_unsafe_view.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -63,6 +64,10 @@ std::vector<int64_t> csr_output_shape(const at::Tensor& x, int64_t out_features)
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(out_features);
   return shape;
+}
+
+at::Tensor output_of_shape(const at::Tensor& y2d, at::IntArrayRef shape) {
+  return at::_unsafe_view(y2d.contiguous(), shape);
 }
 
 }  // namespace mackay

@@ -306,6 +306,38 @@ def test_both_paths_train_and_agree(path):
         SparseLinear.from_dense(dense, path="gemm")
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", ["csr", "dense"])
+@pytest.mark.parametrize("case", ["linear 2-D", "linear 3-D", "linear bfloat16", "conv 1x1", "conv 3x3"])
+def test_an_in_place_op_after_a_sparse_layer_trains(device, path, case):
+    """nn.ReLU(inplace=True) after a sparse layer (VGG's classifier, most hand-written nets): the
+    csr kernels returned a view of their own result, and autograd refuses an in-place op on a
+    custom op's output that is a view, so the forward failed whenever autograd was on."""
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if "bfloat16" in case else torch.float64
+    if case.startswith("linear"):
+        dense, x = _pruned_linear(23, 17, 0.05), torch.randn(*((4, 3) if "3-D" in case else (5,)), 23)
+        sparse = SparseLinear.from_dense(dense, path=path)
+    else:
+        kernel = 1 if "1x1" in case else 3
+        dense, x = nn.Conv2d(6, 9, kernel, padding=kernel // 2), torch.randn(2, 6, 5, 4)
+        with torch.no_grad():
+            dense.weight.mul_(torch.rand_like(dense.weight) < 0.05)
+        sparse = SparseConv2d.from_dense(dense, path=path)
+    dense, sparse = (m.to(device, dtype) for m in (dense, sparse))
+    x = x.to(device, dtype)
+    outputs = []
+    for model in (nn.Sequential(dense, nn.ReLU(inplace=True)), nn.Sequential(sparse, nn.ReLU(inplace=True))):
+        xg = x.clone().requires_grad_()
+        y = model(xg)
+        (y * y).sum().backward()
+        outputs.append((y.detach(), xg.grad, model[0].bias.grad))
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-10, atol=1e-10)
+    for got, want in zip(outputs[1], outputs[0]):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
 def test_dense_path_cache_follows_the_values():
     """The dense path's cached weight is rebuilt after any change of the values: an in-place
     write, an optimizer step (MacKayAdam's fused op bumps no version), a dtype change, a

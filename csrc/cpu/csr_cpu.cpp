@@ -178,9 +178,9 @@ at::Tensor csr_matmul_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   if (at::isReducedFloatingType(values.scalar_type())) {
     // float16/bfloat16 storage, float products and sums (opmath, as ATen's CPU kernels do): the
     // tiled path copies x anyway, and the gather path's x is a few rows.
-    return csr_matmul_cpu(x2d.to(at::kFloat), crow, col, values.to(at::kFloat), in_features)
-        .to(values.scalar_type())
-        .view(csr_output_shape(x, crow.size(0) - 1));
+    return output_of_shape(
+        csr_matmul_cpu(x2d.to(at::kFloat), crow, col, values.to(at::kFloat), in_features).to(values.scalar_type()),
+        csr_output_shape(x, crow.size(0) - 1));
   }
   const int64_t batch = x2d.size(0), out = crow.size(0) - 1, nnz = values.size(0);
   const at::Tensor crow_c = crow.contiguous(), col_c = col.contiguous(), values_c = values.contiguous();
@@ -214,7 +214,7 @@ at::Tensor csr_matmul_cpu(const at::Tensor& x, const at::Tensor& crow, const at:
   TORCH_CHECK(!bad, "csr_matmul: malformed CSR arrays (crow_indices not non-decreasing within "
               "[0, nnz], or a col_index outside [0, ", in_features, ")); the affected rows were "
               "not read");
-  return y2d.view(csr_output_shape(x, out));
+  return output_of_shape(y2d, csr_output_shape(x, out));
 }
 
 // grad_values[k] = sum_b grad_out[b, row(k)] x[b, col[k]]: the gradient of W's stored values

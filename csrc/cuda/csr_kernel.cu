@@ -155,7 +155,7 @@ at::Tensor csr_matmul_cuda(const at::Tensor& x, const at::Tensor& crow, const at
       }
     });
   });
-  return y2d.view(csr_output_shape(x, out));
+  return output_of_shape(y2d, csr_output_shape(x, out));
 }
 
 at::Tensor csr_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,

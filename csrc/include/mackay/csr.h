@@ -22,4 +22,9 @@ std::pair<at::Tensor, at::Tensor> check_csr_sddmm_args(const at::Tensor& grad_ou
 // The shape of y: x's leading dimensions, then `out_features`.
 std::vector<int64_t> csr_output_shape(const at::Tensor& x, int64_t out_features);
 
+// y2d (the [rows, out] result this call made) reshaped to `shape` without being a view: autograd
+// refuses an in-place op (nn.ReLU(inplace=True) after a sparse layer) on a custom op's output that
+// is a view, even of a temporary no one else holds.
+at::Tensor output_of_shape(const at::Tensor& y2d, at::IntArrayRef shape);
+
 }  // namespace mackay
