@@ -63,7 +63,10 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     for name, module in model.named_modules():
         if isinstance(module, _CSRWeight):
             prefix = f"{name}." if name else ""
-            skip.update(prefix + key for key in module.state_dict())
+            # stored once, under its first name; load_compressed gives it every name the model
+            # it fills binds to that layer (state_dict repeats a module registered twice)
+            skip.update(f"{alias}.{key}" if alias else key for alias in _names_of(model, module)
+                        for key in module.state_dict())
             entry = {"kind": "conv2d" if isinstance(module, SparseConv2d) else "linear",
                      "out": module.out_features, "in": module.in_features,
                      "crow": module.crow_indices.cpu().to(_storage_dtype(module.nnz)),
@@ -126,15 +129,22 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
         else:
             layer = SparseConv2d(entry["in_channels"], entry["out_channels"], entry["kernel_size"], crow,
                                  col, values, bias, entry["stride"], entry["padding"], entry["dilation"])
-        _set_module(model, name, layer)
+        for alias in _names_of(model, model.get_submodule(name)):   # e.g. self.block2 = self.block
+            _set_module(model, alias, layer)
     missing, unexpected = model.load_state_dict(payload["state"], strict=False)
-    sparse_keys = {f"{n}.{k}" if n else k for n in payload["sparse"]
+    sparse_keys = {f"{alias}.{k}" if alias else k for n in payload["sparse"]
+                   for alias in _names_of(model, model.get_submodule(n))
                    for k in model.get_submodule(n).state_dict()}
     missing = [k for k in missing if k not in sparse_keys]
     if missing or unexpected:
         raise RuntimeError(f"load_compressed: the model does not match the file (missing {missing}, "
                            f"unexpected {unexpected})")
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every name `model` registers `module` under (one module may sit under two attributes)."""
+    return [name for name, other in model.named_modules(remove_duplicate=False) if other is module]
 
 
 def _check_dense_entries(path: str, state: dict, model: nn.Module) -> None:
@@ -238,6 +248,11 @@ def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
         layer = model.get_submodule(name)
     except AttributeError:
         raise RuntimeError(f"load_compressed: the model does not match the file: it has no layer {name!r}") from None
+    problem = _not_replaceable(kind, layer)
+    if problem:
+        raise RuntimeError(f"load_compressed: the model does not match the file: layer {name!r} is "
+                           f"{problem}, the file holds the sparse twin of a plain "
+                           f"{'nn.Linear' if kind == 'linear' else 'zero-padded nn.Conv2d with groups=1'}")
     if kind == "linear":
         saved, expected = (entry["out"], entry["in"]), (getattr(layer, "out_features", None),
                                                         getattr(layer, "in_features", None))
@@ -263,6 +278,22 @@ def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
         raise RuntimeError(f"load_compressed: the model does not match the file: layer {name!r} "
                            f"{'has' if bias is None else 'has no'} bias in the model, "
                            f"{'none' if bias is None else 'one'} in the file")
+
+
+def _not_replaceable(kind: str, layer: nn.Module) -> str | None:
+    """Why the model's `layer` is not what the file's sparse layer of `kind` stands for (None if it
+    is): only what sparsify converts (or its sparse twin) may be swapped for it, or the model's
+    own forward, grouping or padding would be dropped without a word."""
+    dense, sparse = (nn.Linear, SparseLinear) if kind == "linear" else (nn.Conv2d, SparseConv2d)
+    if isinstance(layer, sparse):
+        return None
+    if not isinstance(layer, dense):
+        return f"a {type(layer).__name__}"
+    if type(layer).forward is not dense.forward:
+        return f"a {type(layer).__name__} with its own forward"
+    if kind == "conv2d" and (layer.groups != 1 or layer.padding_mode != "zeros"):
+        return f"an nn.Conv2d with groups={layer.groups}, padding_mode={layer.padding_mode!r}"
+    return None
 
 
 def _pair(value):

@@ -415,6 +415,72 @@ def test_sparsify_save_load_round_trip(tmp_path):
     torch.testing.assert_close(again(x), model(x))
 
 
+
+class _SharedBlock(nn.Module):
+    """One Linear under two attribute names (ALBERT-style sharing), applied twice."""
+
+    def __init__(self, alias=True):
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+        self.block2 = self.block if alias else nn.Linear(32, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.block(torch.relu(self.inp(x))))
+        return self.out(torch.relu(self.block2(h)))
+
+
+def test_a_layer_under_two_names_round_trips(tmp_path):
+    """save_compressed stored the shared layer's sparse arrays under its second name as plain
+    state, and load_compressed replaced the first name only: the file could not be loaded."""
+    torch.manual_seed(0)
+    model = _SharedBlock()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(torch.rand_like(p) < 0.1)
+    x = torch.randn(5, 8)
+    expected = model(x)
+    sparsify(model)
+    save_compressed(model, str(tmp_path / "shared.pt"))
+    loaded = load_compressed(str(tmp_path / "shared.pt"), model=_SharedBlock())
+    assert isinstance(loaded.block, SparseLinear) and loaded.block is loaded.block2
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"does not match the file \(missing \['block2.weight'"):
+        load_compressed(str(tmp_path / "shared.pt"), model=_SharedBlock(alias=False))
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x).relu()
+
+
+@pytest.mark.parametrize("layer, message", [
+    (nn.Conv2d(8, 8, 3, padding=1, groups=8), "an nn.Conv2d with groups=8"),
+    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), "an nn.Conv2d with groups=1, padding_mode='circular'"),
+    (nn.Linear(8 * 9, 8), "a Linear"),
+], ids=["grouped", "circular", "another kind"])
+def test_load_compressed_refuses_a_conv_it_would_silently_replace(tmp_path, layer, message):
+    """groups and padding_mode were not compared: a depthwise or circular conv was swapped for
+    an ungrouped, zero-padded SparseConv2d without a word."""
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.1)
+    save_compressed(sparsify(nn.Sequential(conv)), str(tmp_path / "conv.pt"))
+    with pytest.raises(RuntimeError, match=f"layer '0' is {message}"):
+        load_compressed(str(tmp_path / "conv.pt"), model=nn.Sequential(layer))
+
+
+def test_load_compressed_refuses_a_linear_with_its_own_forward(tmp_path):
+    linear = nn.Linear(6, 4)
+    with torch.no_grad():
+        linear.weight.mul_(torch.rand_like(linear.weight) < 0.1)
+    save_compressed(sparsify(nn.Sequential(linear)), str(tmp_path / "linear.pt"))
+    with pytest.raises(RuntimeError, match="layer '0' is a _OwnForward with its own forward"):
+        load_compressed(str(tmp_path / "linear.pt"), model=nn.Sequential(_OwnForward(6, 4)))
+    loaded = load_compressed(str(tmp_path / "linear.pt"), model=nn.Sequential(nn.Linear(6, 4)))
+    assert isinstance(loaded[0], SparseLinear)
+
+
 def test_sparsify_min_sparsity_and_optimizer_alpha():
     model = nn.Sequential(nn.Linear(10, 8), nn.Linear(8, 4))
     with torch.no_grad():
