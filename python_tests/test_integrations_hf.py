@@ -264,3 +264,18 @@ def test_accumulation_estimates_what_one_batch_does(tmp_path, optimizer, stock):
         assert torch.equal(ours == math.inf, theirs == math.inf)
         assert float(relative.median()) < 1e-5 and float(relative.max()) < 0.05, name
     assert two.history[-1]["gamma_sum"] == pytest.approx(one.history[-1]["gamma_sum"], rel=1e-2 if stock else 1e-4)
+
+
+@pytest.mark.parametrize("max_grad_norm, clipped", [(1e-3, True), (0.0, False), (1e6, False)])
+def test_clipping_that_acts_is_said_once(tmp_path, recwarn, max_grad_norm, clipped):
+    """The curvature is read from the clipped gradient: a clip at 0.05 pruned a small net to 2 of
+    its 1,536 weights with no word about clipping (new-user pass). The callback counts the steps
+    clipping changed and warns once; a limit no gradient reaches stays silent."""
+    callback = MacKayCallback(**PRUNING)
+    _train(tmp_path, callback, max_grad_norm=max_grad_norm)
+    said = [w for w in recwarn if "clipped the gradient" in str(w.message)]
+    assert len(said) == int(clipped)
+    if clipped:
+        assert "at 5 of the 5 optimizer steps so far (max_grad_norm=0.001)" in str(said[0].message)
+        assert "TrainingArguments(max_grad_norm=0)" in str(said[0].message)
+    assert callback.clipping.clipped == (20 if clipped else 0)

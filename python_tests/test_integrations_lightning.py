@@ -211,3 +211,20 @@ def test_step_updates_reach_the_logger_whatever_log_every_n_steps(tmp_path):
     logged = [(int(row["step"]), float(row["mackay/updates"])) for row in rows if row.get("mackay/updates")]
     assert logged == [(4, 1.0), (8, 2.0), (12, 3.0)]
     assert float(trainer.callback_metrics["mackay/updates"]) == 3.0
+
+
+@pytest.mark.parametrize("clip, algorithm, clipped", [(1e-3, "norm", True), (1e-4, "value", True),
+                                                     (1e6, "norm", False), (None, None, False)])
+def test_clipping_that_acts_is_said_once(recwarn, clip, algorithm, clipped):
+    """The curvature is read from the clipped gradient (Lightning clips after on_before_optimizer_step):
+    the callback counts the steps clipping changes and warns once, naming the setting."""
+    callback = MacKayPruning(update_on="step", update_every=2, **PRUNING)
+    _fit(callback, max_epochs=1, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    said = [w for w in recwarn if "clipped the gradient" in str(w.message)]
+    assert len(said) == int(clipped)
+    if clipped:   # at the first update, after 2 steps
+        message = str(said[0].message)
+        assert f"gradient_clip_val={clip:g}, gradient_clip_algorithm={algorithm!r}" in message
+        assert "at 2 of the 2 optimizer steps so far" in message and "largest seen before clipping" in message
+    assert callback.clipping.clipped == (callback.clipping.steps if clipped else 0) and \
+        callback.clipping.steps == (6 if clip else 0)

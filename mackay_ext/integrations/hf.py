@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._files import load_plain, save_atomic
 from .._validate import check_choice
 from ..optim import MacKayAdam
+from ._clipping import ClippingWatch, gradients, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
                               mackay_adam_batch_mismatch, training_set_size)
 
@@ -157,6 +158,7 @@ class MacKayCallback(TrainerCallback):
         self.pruner: StepCurvaturePruner | None = None
         self.last_update: dict[str, Any] | None = None
         self.shrunk_model = None
+        self.clipping = ClippingWatch("MacKayCallback", "TrainingArguments(max_grad_norm=0)")
 
     # ------------------------------------------------------------------ set-up
     def _batch_size(self, args, model) -> float:
@@ -252,9 +254,15 @@ class MacKayCallback(TrainerCallback):
         self.last_update = self.pruner.history[-1] if self.pruner.history else None
 
     # ------------------------------------------------------------------ training
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # called after the Trainer clipped the gradient (see mackay_ext.integrations._clipping)
+        if self.pruner is not None and args.max_grad_norm and args.max_grad_norm > 0 and model is not None:
+            self.clipping.after_clipping(total_norm(gradients(model)), args.max_grad_norm)
+
     def on_step_end(self, args, state, control, **kwargs):
         if self.pruner is None or state.global_step % self.update_every:
             return
+        self.clipping.warn_if_clipped(lambda: f"max_grad_norm={args.max_grad_norm:g}")
         self.last_update = self.pruner.update()
         if self.verbose:
             logger.info("MacKayCallback: step %d: %s", state.global_step, self._summary())

@@ -20,6 +20,7 @@ from torch import nn
 
 from .._validate import check_choice
 from ..optim import MacKayAdam
+from ._clipping import ClippingWatch, gradients, largest_entry, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
                               mackay_adam_batch_mismatch, training_set_size)
 
@@ -44,6 +45,12 @@ def _layer_names(module: nn.Module, parameters_to_prune) -> list[str]:
         prefix = names[id(sub)]
         chosen.append((prefix or attr) if attr == "weight" else (f"{prefix}.{attr}" if prefix else attr))
     return chosen
+
+
+def _clip_algorithm(trainer) -> str:
+    """"norm" (Lightning's default) or "value" (the Trainer holds an enum, or None when unset)."""
+    algorithm = trainer.gradient_clip_algorithm
+    return "value" if getattr(algorithm, "value", algorithm) == "value" else "norm"
 
 
 class MacKayPruning(Callback):
@@ -98,6 +105,7 @@ class MacKayPruning(Callback):
         self.last_update: dict[str, Any] | None = None
         self._last_step = 0          # trainer.global_step at the latest step-based update
         self._pending: dict[str, Any] | None = None   # state loaded before the pruner exists
+        self.clipping = ClippingWatch("MacKayPruning", "Trainer(gradient_clip_val=None)")
 
     # ------------------------------------------------------------------ set-up
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -148,6 +156,15 @@ class MacKayPruning(Callback):
         return size * trainer.accumulate_grad_batches * max(trainer.world_size, 1)
 
     # ------------------------------------------------------------------ training
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        # called before Lightning clips the gradient (see mackay_ext.integrations._clipping)
+        limit = trainer.gradient_clip_val
+        if self.pruner is None or not limit or limit <= 0:
+            return
+        grads = gradients(pl_module)
+        measure = largest_entry if _clip_algorithm(trainer) == "value" else total_norm
+        self.clipping.before_clipping(measure(grads), limit)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step   # optimizer steps: unchanged on accumulation micro-batches
         if self.update_on == "step" and step != self._last_step and step % self.update_every == 0:
@@ -159,6 +176,8 @@ class MacKayPruning(Callback):
             self._update(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def _update(self, trainer, pl_module, when: str) -> None:
+        self.clipping.warn_if_clipped(lambda: f"gradient_clip_val={trainer.gradient_clip_val:g}, "
+                                              f"gradient_clip_algorithm={_clip_algorithm(trainer)!r}")
         self.last_update = report = self.pruner.update()
         kept = report["kept"] / max(report["total"], 1)
         metrics = {"mackay/kept_fraction": kept, "mackay/updates": float(len(self.pruner.history))}
