@@ -27,6 +27,7 @@ from torch import nn
 
 from ._files import load_plain, save_atomic
 from ._validate import NonFiniteError, check_choice
+from .checkpoint_fit import check_checkpoint_fits, training_set_summary
 from .coupling import CouplingError
 from .dead_channels import cut_dead_channels, may_hold_dead_channels
 from .data import Splits, check_shift, random_shift
@@ -135,6 +136,7 @@ class Trainer:
         self.checkpoint, self.progress = checkpoint, progress or (lambda message: None)
         self.batch_progress = batch_progress
         self.num_data = len(data.x_train)
+        self.data_summary = training_set_summary(data)   # saved with checkpoints, checked on resume
         # torch.distributed (e.g. under torchrun): each rank trains on its slice of every global
         # batch through DistributedDataParallel; all control decisions use the (identical)
         # validation results, and only rank 0 writes checkpoints.
@@ -391,6 +393,7 @@ class Trainer:
                 "dense_test_accuracy": self.dense_test_accuracy,
                 "lr_scheduler": self.lr_scheduler.state_dict(), "config": asdict(self.config),
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "data": dict(self.data_summary),
                 "wall_seconds": (time.perf_counter() - self.wall_clock_start
                                  if self.wall_clock_start is not None else 0.0),
                 **self.extra_state}
@@ -403,8 +406,10 @@ class Trainer:
         """Continue the run a checkpoint saved. This Trainer's FitConfig may differ from the saved
         run's only in phase lengths, patience and learning rates (RESUMABLE_CHANGES); any other
         difference (seed, schedule, batch size, shifts, ...) would silently turn the rest of the
-        run into another run, and is refused."""
+        run into another run, and is refused, as are a checkpoint of another network or of a run
+        on another training set (mackay_ext.checkpoint_fit)."""
         state = load_plain(path, "checkpoint", map_location=self.device)
+        check_checkpoint_fits(state, path, self.model, self.data_summary)
         saved = state.get("config")
         self._check_saved_config(saved, path)
         if isinstance(saved, dict):

@@ -1,0 +1,78 @@
+"""Does a file fit this Trainer as a checkpoint of its own run? Trainer.load_checkpoint asks
+before it reads anything into the model: a compressed model, a checkpoint of another network and
+one of a run on another training set are each named as such (they used to surface as a KeyError,
+a complaint about phase lengths or torch's raw state_dict message, or, for another training set,
+not at all: the pruner took the new N while the optimizer kept the saved one)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import Splits
+
+# what Trainer.state() writes; "data" (the training set's summary) is newer and optional
+CHECKPOINT_KEYS = ("model", "optimizer", "pruner", "position", "history", "best", "dense_test_accuracy",
+                   "lr_scheduler", "rng")
+
+
+@torch.no_grad()
+def training_set_summary(data: Splits) -> dict[str, Any]:
+    """What identifies the training set in a checkpoint: its size (N, in every precision update
+    and in MacKayAdam's prior), one example's shape, and sums of its inputs and labels (another
+    set of the same size differs there)."""
+    x, y = data.x_train, data.y_train
+    return {"examples": len(x), "example_shape": list(x.shape[1:]),
+            "x_sum": float(x.double().sum()), "x_square_sum": float(x.double().square().sum()),
+            "y_sum": int(y.long().sum())}
+
+
+def check_checkpoint_fits(state: Any, path: str, model: nn.Module, data_summary: dict[str, Any]) -> None:
+    """Refuse `state` (a loaded file) unless it is a Trainer checkpoint of this model's
+    architecture on this training set; each refusal says what the file is instead."""
+    where = f"load_checkpoint: {path}"
+    if isinstance(state, dict) and str(state.get("format", "")).startswith("mackay_ext.compressed"):
+        raise ValueError(f"{where} is a compressed model written by save_compressed, not a training "
+                         "checkpoint: load it with mackay_ext.load_compressed")
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{where} is not a checkpoint written by Trainer.save_checkpoint (it lacks "
+                         f"{', '.join(missing)})")
+    _check_same_network(state, where, model)
+    _check_same_training_set(state.get("data"), where, data_summary)
+
+
+def _check_same_network(state: dict, where: str, model: nn.Module) -> None:
+    saved, ours = state["model"], model.state_dict()
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: its 'model' entry is a {type(saved).__name__}, not a state_dict")
+    named = (state.get("cli_settings") or {}).get("model") if isinstance(state.get("cli_settings"), dict) else None
+    whose = f" (the run's model: {named})" if named else ""
+    for key in sorted(set(saved) | set(ours)):
+        theirs, mine = saved.get(key), ours.get(key)
+        if theirs is None or mine is None or tuple(getattr(theirs, "shape", ())) != tuple(mine.shape):
+            describe = {None: "no such tensor"}
+            raise ValueError(
+                f"{where} was saved by a run of another network{whose}: {key} is "
+                f"{describe.get(theirs) or tuple(theirs.shape)} there, "
+                f"{describe.get(mine) or tuple(mine.shape)} in this Trainer's model")
+
+
+def _check_same_training_set(saved: Any, where: str, ours: dict[str, Any]) -> None:
+    if not isinstance(saved, dict):
+        return   # written before checkpoints held the summary
+    if saved.get("examples") != ours["examples"] or saved.get("example_shape") != ours["example_shape"]:
+        raise ValueError(
+            f"{where} was saved by a run on {saved.get('examples')} training examples of shape "
+            f"{tuple(saved.get('example_shape') or ())}; this Trainer's training split has {ours['examples']} "
+            f"of shape {tuple(ours['example_shape'])}. N enters every precision update and MacKayAdam's "
+            "prior: resume with the run's own training set, or start a new run")
+    for key in ("x_sum", "x_square_sum", "y_sum"):
+        theirs = saved.get(key)
+        if isinstance(theirs, (int, float)) and not math.isclose(theirs, ours[key], rel_tol=1e-6, abs_tol=1e-6):
+            raise ValueError(
+                f"{where} was saved by a run on another training set of the same size ({ours['examples']} "
+                "examples: their inputs or labels differ); resume with the run's own training set, or "
+                "start a new run")
