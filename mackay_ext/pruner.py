@@ -74,6 +74,10 @@ __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
 PRIORS = ("proximal", "penalty")
 CHANNEL_PRIORS = ("members", "norm-scale")
+WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other layers' is not: no forward "
+                "used it, or its gradient was always 0), so its alpha and weights are left as they are and "
+                "nothing of it is pruned until its gradient does")
+
 DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": "snr", "threshold": None}
 
 
@@ -289,6 +293,7 @@ class MacKayPruner(StandalonePrior):
         if curvature != "ef-batch":
             self._attach_accumulator()
         self.history: list[dict[str, Any]] = []
+        self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
         self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
         self.detached = False   # see detach()
         self.copied = False     # see __setstate__
@@ -550,18 +555,12 @@ class MacKayPruner(StandalonePrior):
                                "hooks never saw their forward: a parent module reads their weight itself (as "
                                "nn.MultiheadAttention does with out_proj), or they ran where hooks cannot capture "
                                "(torch.func). Use curvature='ef-batch', or leave them out with layers=[...]")
-        idle = []
         for name, target in self.targets.items():
             if self.accumulator.saw(target.param):
                 self.curvature(name).copy_(self.accumulator.curvature(target.param))
-            else:   # a layer no forward used (an idle head or branch): no data, as under ef-batch
+            else:   # a layer no forward used (an idle head or branch): no data, as under ef-batch;
+                # the update leaves it as it is and says so (_without_data)
                 self.curvature(name).zero_()
-                idle.append(name)
-        if idle:   # said, since a capture that failed would look the same
-            warnings.warn(f"MacKayPruner.update: no {self.curvature_kind} curvature reached "
-                          f"{', '.join(idle)} since the last update (no forward used them, or they ran "
-                          "where the hooks cannot capture, e.g. under torch.func); their curvature is "
-                          "0, as under ef-batch for a layer without gradients", UserWarning, stacklevel=3)
         self.accumulator.reset()
         self._grad_not_captured.clear()
 
@@ -746,9 +745,11 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
         else:
-            layers = [self._update_one(name, target, hold)
+            idle = self._idle_layers()
+            layers = [self._without_data(name, target) if name in idle else self._update_one(name, target, hold)
                       for name, target in self.targets.items()]
         report = self._summarise(layers)
+        notes += [f"{layer['name']}: {WITHOUT_DATA}" for layer in layers if layer.get("without_data")]
         report["notes"] = notes + [f"{n}: {note}" for n, note in self.notes.items()]
         if self.channel is not None:
             report["channel"] = channel
@@ -818,6 +819,26 @@ class MacKayPruner(StandalonePrior):
                           "strongest group is kept. Pass allow_empty_layers=True to allow it.",
                           RuntimeWarning, stacklevel=3)
         return entry
+
+    def _idle_layers(self) -> set[str]:
+        """The layers whose curvature is 0 everywhere while another layer's is not: no data has
+        reached them (no forward used them, or their gradient was always 0). The rule would read
+        that as "the data need none of it" and prune them whole (the strongest group kept, with
+        a warning about the network's input): an idle head, or a branch used later, is left as
+        it is instead. (Before any training step every curvature is 0: the usual warm-up.)"""
+        reached = {name: bool(self.curvature_estimate(name).any()) for name in self.targets}
+        return {name for name, yes in reached.items() if not yes} if any(reached.values()) else set()
+
+    def _without_data(self, name: str, target: ARDTarget) -> dict[str, Any]:
+        """An idle layer's report entry (alpha and weights unchanged); said once per layer."""
+        if name not in self._said_without_data:
+            self._said_without_data.add(name)
+            hooks = ("; under exact curvature a layer that ran where the hooks cannot capture (e.g. under "
+                     "torch.func) looks the same" if self.accumulator is not None else "")
+            warnings.warn(f"MacKayPruner.update: {target.description}: {WITHOUT_DATA}{hooks}", RuntimeWarning,
+                          stacklevel=4)
+        return dict(self._layer_entry(name, target), gamma=0.0, warmup=not bool(self.alpha(name).any()),
+                    without_data=True)
 
     def _unpruned_alpha(self, weight, curvature, alpha) -> torch.Tensor:
         """The alpha this update estimates for every group, pruned or not (on copies: snr < 0

@@ -162,7 +162,8 @@ def test_a_layer_never_loses_every_group_unless_allowed(allow):
     model, optimizer, pruner, train = trained_pruner("output", allow_empty_layers=allow)
     pruner.update()                                      # warm-up
     train(5)
-    optimizer.ard_state(model[2].weight)["curvature"].zero_()  # nothing determined: all prunable
+    # nothing determined: all prunable (a curvature of exactly 0 would mark a layer no data reached)
+    optimizer.ard_state(model[2].weight)["curvature"].fill_(1e-30)
     strongest = int(model[2].weight.detach().square().sum(1).argmax())
     before = model[2].weight.detach().clone()
     if allow:
@@ -250,3 +251,55 @@ def test_proximal_step_of_float64_weights_is_formed_in_float64():
     alpha = pruner.alpha("0").double()   # the float32 value, exactly
     expected = (before - 0.1 * grad) / (1 + 0.1 * alpha / 50)
     torch.testing.assert_close(model[0].weight.detach(), expected, rtol=1e-14, atol=0)
+
+
+class _IdleHead(nn.Module):
+    """A second head forward does not use yet (used from `use_head2 = True` on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head2 = nn.Linear(12, 24), nn.Linear(24, 3), nn.Linear(24, 3)
+        self.use_head2 = False
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) + (self.head2(h) if self.use_head2 else 0)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["mackay", "adam"])
+@pytest.mark.parametrize("curvature", ["ef-batch", "ef-exact"])
+def test_a_layer_no_data_reached_is_left_as_it_is_and_said_once(optimizer_kind, curvature):
+    """An idle head got a prior, was pruned to its strongest weight (destroying its
+    initialisation) and warned about as 'the network would no longer depend on its input'."""
+    torch.manual_seed(0)
+    model = _IdleHead()
+    initial = model.head2.weight.detach().clone()
+    optimizer = (MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=256, batch_size=16)
+                 if optimizer_kind == "mackay" else torch.optim.Adam(model.parameters(), lr=1e-2))
+    pruner = MacKayPruner(model, optimizer, num_data=256, threshold=0.5, curvature=curvature,
+                          **({} if optimizer_kind == "mackay" else {"batch_size": 16}))
+
+    def train(steps):
+        for _ in range(steps):
+            x = torch.randn(16, 12)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long() + (x[:, 1] > 0).long()).backward()
+            optimizer.step()
+
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            train(30)
+            report = pruner.update()
+    about_head2 = [w for w in said if "head2" in str(w.message)]
+    assert len(about_head2) == 1 and "no data has reached it" in str(about_head2[0].message)
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["head2"]["without_data"] and layers["head2"]["kept"] == layers["head2"]["total"]
+    assert torch.equal(model.head2.weight.detach(), initial) and not bool(pruner.alpha("head2").any())
+    assert any(note.startswith("head2: no data has reached it") for note in report["notes"])
+    assert layers["a"]["kept"] < layers["a"]["total"]   # the layers data reached are pruned as before
+    model.use_head2 = True   # from now on the head sees data: it is updated like any layer
+    train(30)
+    report = pruner.update()
+    assert "without_data" not in {layer["name"]: layer for layer in report["layers"]}["head2"]
+    assert bool(pruner.alpha("head2").any())
