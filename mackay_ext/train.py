@@ -19,7 +19,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
@@ -68,7 +68,6 @@ class FitConfig:
     lr_schedule: str = "plateau"  # or "cosine" over each dense / fine-tune phase (the in-run
                                   # pruning phase then keeps its lr constant)
     channels_last: bool = False  # convolutions in NHWC (about 1.5x faster on CPU)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def set_seed(seed: int) -> None:
@@ -98,6 +97,9 @@ class Trainer:
     def __init__(self, model: nn.Module, data: Splits, config: FitConfig, *, pruner_options=None,
                  device="cpu", checkpoint: str | None = None, progress: Callable[[str], None] | None = None,
                  batch_progress: Callable[[int, int], None] | None = None):
+        if not isinstance(config, FitConfig):
+            raise TypeError(f"fit: config must be a mackay_ext.train.FitConfig, got {type(config).__name__} "
+                            "(FitConfig(**settings) builds one; the pruner's options go in pruner_options=)")
         if config.schedule not in SCHEDULES:
             raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
         check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES, "fit")
@@ -117,6 +119,9 @@ class Trainer:
         decay = config.lr_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
             raise ValueError(f"fit: lr_decay (the plateau schedule's factor) must be in (0, 1), got {decay!r}")
+        if config.schedule == "paper" and config.rounds == 0:
+            warnings.warn("fit: rounds=0 with the paper schedule runs the dense pretraining and the warm-up "
+                          "round that sets alpha, and prunes nothing", UserWarning, stacklevel=3)
         _check_splits(data)
         for name in ("augment_shift", "finetune_augment_shift"):
             value = getattr(config, name)

@@ -254,3 +254,21 @@ def test_exact_curvature_refuses_to_price_a_layer_its_hooks_never_saw(curvature,
     optimizer.step()
     pruner.update()
     assert float(pruner.curvature_estimate("proj").sum()) > 0
+
+
+def test_fit_names_a_config_that_is_no_fitconfig_and_rounds_that_prune_nothing():
+    """A dict raised "AttributeError: 'dict' object has no attribute 'schedule'"; FitConfig.extra,
+    accepted and never read, is gone (pruner options go in pruner_options=); rounds=0 ran without
+    pruning and without a word."""
+    import dataclasses
+
+    from mackay_ext import data, models
+    from mackay_ext.train import FitConfig, Trainer, fit
+    splits = data.load("digits", seed=0)
+    with pytest.raises(TypeError, match=r"fit: config must be a mackay_ext.train.FitConfig, got dict "
+                                        r"\(FitConfig\(\*\*settings\) builds one; the pruner's options go in "
+                                        r"pruner_options=\)"):
+        fit(models.create("digits-mlp"), splits, {"rounds": 1})
+    assert "extra" not in {f.name for f in dataclasses.fields(FitConfig)}
+    with pytest.warns(UserWarning, match="rounds=0 with the paper schedule .* prunes nothing"):
+        Trainer(models.create("digits-mlp"), splits, FitConfig(rounds=0))
