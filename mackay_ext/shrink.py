@@ -39,6 +39,8 @@ class ShrinkReport:
     all zero; kept_zero: all-zero groups kept; kept_unused: unread or constant groups kept.
     rounds: cuts made (one more each time a cut leaves new unread or constant units); a group
     found in a later round names indices of the model the earlier rounds left.
+    macs_before / macs_after: of one forward on example_inputs, so of its whole batch (`batch`,
+    the leading size of its first tensor): divide by it for the MACs per example.
     """
     params_before: int
     params_after: int
@@ -50,10 +52,13 @@ class ShrinkReport:
     unread: list[ChannelGroup] = dataclasses.field(default_factory=list)
     kept_unused: list[tuple[ChannelGroup, str]] = dataclasses.field(default_factory=list)
     rounds: int = 1
+    batch: int | None = None   # the example inputs' batch (their first tensor's leading size)
 
     def __str__(self) -> str:
+        # the MACs are those of one forward on the example inputs: the whole batch, not one example
+        per = f" (one forward on the example batch of {self.batch})" if self.batch is not None else ""
         return (f"shrink: parameters {self.params_before:,} -> {self.params_after:,}, "
-                f"MACs {self.macs_before:,} -> {self.macs_after:,}, {len(self.removed)} groups removed "
+                f"MACs{per} {self.macs_before:,} -> {self.macs_after:,}, {len(self.removed)} groups removed "
                 f"({len(self.folded)} constant folded into biases, {len(self.unread)} unread) in "
                 f"{self.rounds} round(s), {len(self.kept_zero)} zero groups and "
                 f"{len(self.kept_unused)} unread or constant groups kept")
@@ -126,7 +131,18 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
     return small, ShrinkReport(params(model), params(small), count_macs(model, example_inputs),
                                count_macs(small, example_inputs), collected("removed"),
                                rounds[-1].kept_zero, collected("folded"), collected("unread"),
-                               rounds[-1].kept_unused, len(rounds))
+                               rounds[-1].kept_unused, len(rounds), _batch_of(example_inputs))
+
+
+def _batch_of(example_inputs) -> int | None:
+    """The leading size of the first tensor among the example inputs (None if there is none)."""
+    items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    for item in items:
+        values = item.values() if isinstance(item, dict) else (item,)
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+    return None
 
 
 _MAX_ROUNDS = 64

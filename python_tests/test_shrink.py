@@ -579,3 +579,15 @@ def test_norms_holding_no_tensor_of_their_size_are_resized(norm, zeroed, kept):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_report_says_its_macs_are_the_example_batch():
+    """The MACs are of one forward on example_inputs, so 8 times one example's at batch 8; the
+    report said only 'MACs' while everything else in the library counts per example."""
+    from mackay_ext import count_macs, models
+    net = models.create("lenet-300-100").eval()
+    _, report = shrink(net, (torch.randn(8, 1, 28, 28),), report=True)
+    assert report.batch == 8 and report.macs_before == 8 * count_macs(net, (torch.randn(1, 1, 28, 28),))
+    assert "MACs (one forward on the example batch of 8) 2,129,600" in str(report)
+    _, report = shrink(net, {"input": torch.randn(3, 1, 28, 28)}, report=True)
+    assert report.batch == 3
