@@ -176,7 +176,11 @@ class _CSRWeight(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """W as a dense (out x in) matrix, a new tensor differentiable in the values."""
-        flat = self.values.new_zeros(self.out_features * self.in_features)
+        size = self.out_features * self.in_features
+        # under torch.onnx.export's TorchScript exporter a zeros tensor of W's size is written into
+        # the file as a constant of that size (larger than the dense model); one zero expanded
+        # is written as ConstantOfShape + Expand, and the file keeps only the nonzeros
+        flat = self.values.new_zeros(1).expand(size) if _onnx_exporting() else self.values.new_zeros(size)
         return flat.scatter(0, self.flat_index, self.values).view(self.out_features, self.in_features)
 
     def _apply(self, fn, recurse=True):

@@ -66,14 +66,20 @@ def test_sparsified_model_exports_to_onnx_on_both_paths(name):
     assert isinstance(model[1] if name == "lenet-300-100" else model[5], SparseLinear)   # export changed nothing
 
 
-def test_legacy_exporter_gives_the_same_outputs():
-    model, _ = lenet5_on_both_paths()
+@pytest.mark.parametrize("folding", [True, False])
+def test_legacy_exporter_gives_the_same_outputs_and_stores_the_nonzeros(folding):
+    """The TorchScript exporter wrote a zeros constant of each weight's full size into the file,
+    which came out larger than the dense model's."""
+    model, dense = lenet5_on_both_paths()
     x = torch.randn(3, 1, 28, 28)
-    buffer = io.BytesIO()
-    with pytest.warns(DeprecationWarning):
-        torch.onnx.export(model, (x,), buffer, dynamo=False)
+    buffers = {}
+    for name, net in (("sparse", model), ("dense", dense)):
+        buffers[name] = io.BytesIO()
+        with pytest.warns(DeprecationWarning):
+            torch.onnx.export(net, (x,), buffers[name], dynamo=False, do_constant_folding=folding)
     with torch.no_grad():
-        torch.testing.assert_close(run_onnx(buffer.getvalue(), x), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run_onnx(buffers["sparse"].getvalue(), x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(buffers["sparse"].getvalue()) * 5 < len(buffers["dense"].getvalue())
 
 
 def test_eager_forward_after_export_still_uses_each_layers_path():
