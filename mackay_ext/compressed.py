@@ -3,6 +3,7 @@ narrowest integer type), everything else as a state_dict; loaded with weights_on
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 
@@ -12,6 +13,7 @@ from torch import nn
 from ._checksum import check_plain, payload_digest
 from ._files import CorruptFileError, load_plain, save_atomic
 from ._validate import check_module
+from .csr import check_csr
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
 
 
@@ -118,6 +120,7 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
     for name, entry in payload["sparse"].items():   # every layer checked before any is replaced
         _check_sparse_entry(path, name, entry, model)
     _check_dense_entries(path, payload["state"], model)
+    _warn_nonfinite(path, payload)
     for name, entry in payload["sparse"].items():
         crow, col = entry["crow"].long(), entry["col"].long()
         # in the model's dtype, as load_state_dict copies the dense layers' tensors into it
@@ -158,6 +161,18 @@ def _check_dense_entries(path: str, state: dict, model: nn.Module) -> None:
         if key in own and own[key].is_floating_point() and not value.is_floating_point():
             raise CorruptFileError(f"load_compressed: {path}: entry {key!r} holds {value.dtype} values where "
                                    f"the model's tensor is {own[key].dtype} (edited after save_compressed wrote it?)")
+
+
+def _warn_nonfinite(path: str, payload: dict) -> None:
+    """NaN or inf among the stored values loads (a diverged run's file can be worth inspecting),
+    but not in silence: the model will compute NaN."""
+    tensors = [(f"{name}.values", entry["values"]) for name, entry in payload["sparse"].items()]
+    tensors += [(key, value) for key, value in payload["state"].items() if value.is_floating_point()]
+    bad = [name for name, tensor in tensors if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        warnings.warn(f"load_compressed: {path}: NaN or inf values in {', '.join(bad[:5])}"
+                      f"{' and more' if len(bad) > 5 else ''}: the model will compute NaN or inf (was it "
+                      "saved after training diverged?)", RuntimeWarning, stacklevel=3)
 
 
 def _check_digest(path: str, payload: dict) -> None:
@@ -244,6 +259,12 @@ def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
             what = "floating" if floating else "integer"
             raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r}: {key} must be a 1-D "
                                    f"{what} tensor, got {_describe(tensor)}")
+    try:   # the arrays themselves, before any layer of the model is replaced
+        check_csr(entry["crow"].long(), entry["col"].long(), entry["values"],
+                  (entry["out_channels"] if kind == "conv2d" else entry["out"],
+                   entry["in_channels"] * math.prod(entry["kernel_size"]) if kind == "conv2d" else entry["in"]))
+    except (TypeError, ValueError) as error:
+        raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r}: {error}") from None
     try:
         layer = model.get_submodule(name)
     except AttributeError:

@@ -61,6 +61,15 @@ def check_csr(crow_indices: torch.Tensor, col_indices: torch.Tensor, values: tor
     if nnz and (int(col_indices.min()) < 0 or int(col_indices.max()) >= in_features):
         raise ValueError(f"csr: col_indices must lie in [0, in_features = {in_features}), got "
                          f"{int(col_indices.min())}..{int(col_indices.max())}")
+    if nnz > 1:   # as torch's own CSR tensors: a repeat would be summed by the kernels, kept once by W
+        rows = row_indices(crow_indices)
+        same_row = rows[1:] == rows[:-1]
+        unsorted = same_row & (col_indices[1:] <= col_indices[:-1])
+        if bool(unsorted.any()):
+            at = int(unsorted.nonzero()[0, 0])
+            raise ValueError(f"csr: col_indices must increase strictly within each row (sorted, no column "
+                             f"twice), got {int(col_indices[at])} then {int(col_indices[at + 1])} in row "
+                             f"{int(rows[at])}")
 
 
 def row_indices(crow_indices: torch.Tensor) -> torch.Tensor:

@@ -220,3 +220,28 @@ def test_integer_values_for_a_dense_weight_are_refused_even_with_the_digest_made
     x = torch.randn(5, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))   # the file as written still loads
+
+
+def test_a_column_twice_in_a_row_is_refused_and_nan_values_said(saved, tmp_path):
+    """Both loaded in silence: with a repeat the csr kernel summed both entries while densify()
+    and ONNX kept one (the same model gave two answers); NaN values gave NaN outputs."""
+    path, x, _ = saved
+    payload = torch.load(path, weights_only=True)
+    entry = payload["sparse"]["fc"]
+    crow = entry["crow"].long()
+    row = next(r for r in range(len(crow) - 1) if crow[r + 1] - crow[r] >= 2)
+    col = entry["col"].clone()
+    col[crow[row] + 1] = col[crow[row]]
+    entry["col"] = col
+    torch.save(resealed(payload), tmp_path / "repeat.pt")
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CorruptFileError, match=rf"sparse layer 'fc': csr: col_indices must increase strictly "
+                                               rf"within each row .* in row {row}"):
+        load_compressed(tmp_path / "repeat.pt", model=model)
+    assert isinstance(model.conv, nn.Conv2d) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    payload = torch.load(path, weights_only=True)
+    payload["sparse"]["fc"]["values"] = torch.full_like(payload["sparse"]["fc"]["values"], float("nan"))
+    torch.save(resealed(payload), tmp_path / "nan.pt")
+    with pytest.warns(RuntimeWarning, match=r"NaN or inf values in fc.values: the model will compute NaN"):
+        load_compressed(tmp_path / "nan.pt", model=Net())

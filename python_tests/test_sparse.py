@@ -543,7 +543,20 @@ BAD_CSR = [
     ("lengths", lambda c, k, v: (c, k, v[:-1]), "one entry per nonzero"),
     ("index dtype", lambda c, k, v: (c.float(), k, v), "int32 or int64"),
     ("mixed index dtypes", lambda c, k, v: (c.int(), k, v), "share a dtype"),
+    # as torch's CSR tensors: the kernels sum a repeated column, the dense path and ONNX keep one
+    ("repeated col", lambda c, k, v: (c, _in_first_long_row(c, k, lambda a, b: (a, a)), v),
+     "increase strictly within each row"),
+    ("unsorted cols", lambda c, k, v: (c, _in_first_long_row(c, k, lambda a, b: (b, a)), v),
+     "increase strictly within each row"),
 ]
+
+
+def _in_first_long_row(crow, col, change):
+    """col with its first two entries of the first row holding two or more replaced by change(a, b)."""
+    row = next(r for r in range(len(crow) - 1) if crow[r + 1] - crow[r] >= 2)
+    start, col = int(crow[row]), col.clone()
+    col[start], col[start + 1] = map(int, change(int(col[start]), int(col[start + 1])))
+    return col
 
 
 @pytest.mark.parametrize("name,damage,message", BAD_CSR, ids=[b[0] for b in BAD_CSR])
