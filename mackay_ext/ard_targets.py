@@ -141,6 +141,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
         parameter with dim >= 2.
     ard_groups_only: with a MacKayAdam, parameters in ard=False groups are left out (listed).
     """
+    from .sparse import _CSRWeight   # (sparse imports what imports this module)
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for attr, param in module.named_parameters(recurse=False):
@@ -177,7 +178,10 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
                 m in selected or any(n in selected for n in _names_of(m, a)) for m, _, a in holders):
             continue
         reason = None
-        if param.dim() < 2:
+        if isinstance(module, _CSRWeight) and attr == "values":
+            reason = (f"the nonzeros of a {type(module).__name__} (stored sparse): no prior; "
+                      "mackay_ext.densify(model) first to prune it further")
+        elif param.dim() < 2:
             reason = "1-D (bias or norm scale): no prior"
         elif not param.requires_grad:
             reason = "frozen (requires_grad=False)"

@@ -272,3 +272,17 @@ def test_fit_names_a_config_that_is_no_fitconfig_and_rounds_that_prune_nothing()
     assert "extra" not in {f.name for f in dataclasses.fields(FitConfig)}
     with pytest.warns(UserWarning, match="rounds=0 with the paper schedule .* prunes nothing"):
         Trainer(models.create("digits-mlp"), splits, FitConfig(rounds=0))
+
+
+def test_a_sparse_layers_nonzeros_are_named_as_such_with_what_to_do():
+    """They were left out as '1-D (bias or norm scale)', with no hint that densify() helps."""
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[0].weight[:, :4] = 0
+    sparsify(model)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=10, batch_size=2)
+    pruner = MacKayPruner(model, optimizer, num_data=10)   # the dense layer 2 keeps a prior
+    reasons = {entry["name"]: entry["reason"] for entry in pruner.report()["excluded"]}
+    assert reasons["0.values"] == ("the nonzeros of a SparseLinear (stored sparse): no prior; "
+                                   "mackay_ext.densify(model) first to prune it further")
+    assert list(pruner.targets) == ["2"]
