@@ -203,9 +203,15 @@ class MacKayPruner(StandalonePrior):
         if not (isinstance(curvature_decay, (int, float)) and 0.0 <= curvature_decay < 1.0):
             # at 1 the moving average never moves from 0: no curvature, and every weight pruned
             raise ValueError(f"{where}: curvature_decay must be in [0, 1), got {curvature_decay!r}")
-        if isinstance(optimizer, MacKayAdam) and (batch_size is not None or curvature_decay != 0.99):
-            warnings.warn(f"{where}: batch_size and curvature_decay are MacKayAdam's (its param groups'); "
-                          "the values given here are not used", UserWarning, stacklevel=2)
+        if isinstance(optimizer, MacKayAdam):
+            groups = [g for g in optimizer.param_groups if g.get("ard")]
+            differ = [f"{key}={given!r} (MacKayAdam's: {', '.join(sorted({repr(g[key]) for g in groups}))})"
+                      for key, given, default in (("batch_size", batch_size, None),
+                                                  ("curvature_decay", curvature_decay, 0.99))
+                      if given != default and any(g[key] != given for g in groups)]
+            if differ:   # the same values repeated here change nothing
+                warnings.warn(f"{where}: batch_size and curvature_decay are MacKayAdam's (its param groups'); "
+                              f"the values given here are not used: {'; '.join(differ)}", UserWarning, stacklevel=2)
         if channel_prior != "members" and granularity != "channel":
             raise ValueError(f"{where}: channel_prior={channel_prior!r} places the prior of a coupled "
                              f"channel group: it needs granularity='channel', got {granularity!r}")

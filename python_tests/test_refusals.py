@@ -2,6 +2,8 @@
 is wrong, before anything changes, instead of a deep traceback, a silent wrong result or a model
 trained against stale state."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import pruner_step
@@ -76,8 +78,11 @@ def test_mackay_adam_settings_given_to_the_pruner():
     optimizer = MacKayAdam(ard_param_groups(model), num_data=200, batch_size=8)
     with pytest.raises(ValueError, match="num_data=50000, but MacKayAdam .* num_data=200"):
         MacKayPruner(model, optimizer, num_data=50000)
-    with pytest.warns(UserWarning, match="are MacKayAdam's"):
-        MacKayPruner(model, optimizer, num_data=200, batch_size=0.5)
+    with pytest.warns(UserWarning, match=r"are MacKayAdam's .* not used: batch_size=0.5 \(MacKayAdam's: 8.0\)"):
+        MacKayPruner(model, optimizer, num_data=200, batch_size=0.5).detach()
+    with warnings.catch_warnings():   # the optimizer's own values repeated: nothing to say
+        warnings.simplefilter("error")
+        MacKayPruner(model, optimizer, num_data=200, batch_size=8, curvature_decay=0.99)
 
 
 def test_a_skipped_update_reports_the_same_keys():
