@@ -151,13 +151,20 @@ def _names_of(model: nn.Module, module: nn.Module) -> list[str]:
 
 
 def _check_dense_entries(path: str, state: dict, model: nn.Module) -> None:
-    """Each saved tensor is a tensor, and a floating one where the model's is (load_state_dict
-    would cast integers into the weights without a word)."""
+    """Each saved tensor is a tensor of the model's tensor's shape (say which, and why that
+    happens, rather than torch's bare size mismatch), and a floating one where the model's is
+    (load_state_dict would cast integers into the weights without a word)."""
     own = model.state_dict()
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CorruptFileError(f"load_compressed: {path}: entry {key!r} is a {type(value).__name__}, "
                                    "not a tensor")
+        if key in own and own[key].shape != value.shape:
+            raise RuntimeError(
+                f"load_compressed: the model does not match the file: {key} is {tuple(value.shape)} in the file, "
+                f"{tuple(own[key].shape)} in the model. A file of a shrunk model (mackay_ext.shrink) loads "
+                "into that shrunk architecture only: store the pruned model and shrink after loading, or "
+                "export the shrunk one (torch.export, ONNX)")
         if key in own and own[key].is_floating_point() and not value.is_floating_point():
             raise CorruptFileError(f"load_compressed: {path}: entry {key!r} holds {value.dtype} values where "
                                    f"the model's tensor is {own[key].dtype} (edited after save_compressed wrote it?)")

@@ -245,3 +245,28 @@ def test_a_column_twice_in_a_row_is_refused_and_nan_values_said(saved, tmp_path)
     torch.save(resealed(payload), tmp_path / "nan.pt")
     with pytest.warns(RuntimeWarning, match=r"NaN or inf values in fc.values: the model will compute NaN"):
         load_compressed(tmp_path / "nan.pt", model=Net())
+
+
+def test_a_shrunk_models_file_into_the_full_architecture_says_why(tmp_path):
+    """torch's bare 'size mismatch' came back, with no hint that the file holds a shrunk model."""
+    import copy
+
+    from mackay_ext import shrink
+
+    def full():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 4)).eval()
+    model = full()
+    with torch.no_grad():
+        model[0].weight[:5] = 0
+        model[0].bias[:5] = 0
+        model[4].weight[:, :5] = 0
+    x = torch.randn(2, 3, 8, 8)
+    small = shrink(model, (x,))
+    save_compressed(small, tmp_path / "small.pt")
+    with pytest.raises(RuntimeError, match=r"0.weight is \(3, 3, 3, 3\) in the file, \(8, 3, 3, 3\) in the model\. "
+                                           r"A file of a shrunk model \(mackay_ext.shrink\) loads into that shrunk"):
+        load_compressed(tmp_path / "small.pt", model=full())
+    twin = load_compressed(tmp_path / "small.pt", model=copy.deepcopy(small))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x))
