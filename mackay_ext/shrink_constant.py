@@ -60,9 +60,19 @@ def _depthwise(module: nn.Module) -> bool:
     return isinstance(module, _Conv) and module.groups > 1 and module.groups == module.in_channels
 
 
+def _tied_to_another_module(model: nn.Module) -> set[str]:
+    """Names of tensors shared with another module: a module registered under two names
+    (self.block2 = self.block) shares its tensors with itself, and keeps its roles."""
+    tied = set()
+    for canonical, names in tied_names(model).items():
+        if len({id(_owner(model, name)[1]) for name in names}) > 1:
+            tied.add(canonical)
+    return tied
+
+
 def roles(model: nn.Module, group: ChannelGroup) -> Roles:
     found = Roles([], [], [])
-    tied = tied_names(model)
+    tied = _tied_to_another_module(model)
     for m in group.members:
         path, module = _owner(model, m.name)
         if m.name in tied:

@@ -591,3 +591,33 @@ def test_the_report_says_its_macs_are_the_example_batch():
     assert "MACs (one forward on the example batch of 8) 2,129,600" in str(report)
     _, report = shrink(net, {"input": torch.randn(3, 1, 28, 28)}, report=True)
     assert report.batch == 3
+
+
+@pytest.mark.parametrize("alias", [False, True])
+def test_a_layer_under_two_names_shrinks_as_under_one(alias):
+    """self.block2 = self.block: shrink took the module's second name for a tie to another module
+    and kept every unread unit (1,443 parameters stayed 1,443; 17 without the alias)."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block, self.out = nn.Linear(8, 32), nn.Linear(32, 32), nn.Linear(32, 3)
+            if alias:
+                self.block2 = self.block
+
+        def forward(self, x):
+            h = torch.relu(self.block(torch.relu(self.inp(x))))
+            return self.out(torch.relu(self.block(h)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    with torch.no_grad():   # what per-weight pruning leaves: one path of single weights
+        for layer, keep in ((net.inp, [(27, 5)]), (net.block, [(21, 18)]), (net.out, [(1, 13), (2, 13)])):
+            mask = torch.zeros_like(layer.weight, dtype=torch.bool)
+            for i, j in keep:
+                mask[i, j] = True
+            layer.weight.mul_(mask)
+    x = torch.randn(5, 8)
+    small, report = shrink(net, (x,), report=True)
+    assert report.params_after == 17 and not report.kept_unused
+    torch.testing.assert_close(small(x), net(x), rtol=0, atol=0)
+    assert (small.block is small.block2) if alias else not hasattr(small, "block2")
