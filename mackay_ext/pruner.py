@@ -74,6 +74,15 @@ __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
 PRIORS = ("proximal", "penalty")
 CHANNEL_PRIORS = ("members", "norm-scale")
+def _dynamo_compiled_something() -> bool:
+    """Whether torch.compile has compiled any frame in this process (its hint is noise otherwise)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return True
+    return bool(counters["stats"].get("unique_graphs", 0))
+
+
 WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other layers' is not: no forward "
                 "used it, or its gradient was always 0), so its alpha and weights are left as they are and "
                 "nothing of it is pruned until its gradient does")
@@ -551,10 +560,12 @@ class MacKayPruner(StandalonePrior):
         self.accumulator.all_reduce()  # under torch.distributed: the global batch's estimate
         if self.accumulator.num_examples == 0:
             from .curvature import COMPILED_HINT
+            compiled = self._steps_since_update and _dynamo_compiled_something()
             raise RuntimeError(f"MacKayPruner.update: no {self.curvature_kind} curvature accumulated yet "
-                               + ("(call accumulate_mc(x) on training batches)"
+                               + ("(on training batches: `with pruner.capture_mc(): logits = model(x)`, then "
+                                  "pruner.accumulate_mc_from(logits); or pruner.accumulate_mc(x))"
                                   if self.curvature_kind == "fisher-mc" else "(run a training backward first)")
-                               + (f". {COMPILED_HINT}" if self._steps_since_update else ""))
+                               + (f". {COMPILED_HINT}" if compiled else ""))
         missed = sorted(name for name in self._grad_not_captured if not self.accumulator.saw(self.targets[name].param))
         if missed:   # their curvature would read 0 and the rule would prune them for it
             raise RuntimeError(f"MacKayPruner.update: {', '.join(missed)} had gradients, but the {self.curvature_kind} "

@@ -41,3 +41,20 @@ def test_code_compiled_before_the_hooks_is_named_in_the_error(curvature, fresh_d
     model = net()
     pruner = train(model, torch.compile(model, backend="aot_eager"), curvature)
     assert all(pruner.curvature(name).sum() > 0 for name in pruner.targets)
+
+
+def test_the_hint_about_compiled_code_needs_compiled_code(monkeypatch):
+    """fisher-mc with no sample drawn named torch.compile when nothing was compiled, and only
+    accumulate_mc(x), not the capture_mc() + accumulate_mc_from(logits) route the README shows."""
+    import mackay_ext.pruner as pruner_module
+    monkeypatch.setattr(pruner_module, "_dynamo_compiled_something", lambda: False)
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=8, curvature="fisher-mc")
+    optimizer.zero_grad()   # a step without the sampling the README shows
+    torch.nn.functional.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 3, (8,))).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match=r"no fisher-mc curvature accumulated yet \(on training batches: "
+                                           r"`with pruner.capture_mc\(\): .*accumulate_mc_from\(logits\)") as error:
+        pruner.update()
+    assert "torch.compile" not in str(error.value)
