@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import _extension, ops
+from ._adam_options import check_adam_options
 from ._follow import MOMENT_KEYS, follow_param, state_dtype
 from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_module
 from .batch_curvature import ema_debiased
@@ -68,8 +69,22 @@ def ard_param_groups(model: torch.nn.Module, is_ard=None) -> list[dict[str, Any]
     return groups
 
 
+def _check_params(group: dict[str, Any]) -> None:
+    """What the fused step cannot take, refused when a group is added rather than at the first step."""
+    for param in group["params"]:
+        if param.is_complex():
+            raise TypeError(f"MacKayAdam: complex parameters are not supported (one of shape {tuple(param.shape)}): "
+                            "the prior and the curvature are real; make torch.view_as_real(...) of it the parameter")
+        # empty_like keeps the strides of a dense, non-overlapping tensor and only of one
+        if param.numel() > 1 and torch.empty_like(param, device="meta").stride() != param.stride():
+            raise ValueError(f"MacKayAdam: a parameter of shape {tuple(param.shape)} with strides {param.stride()} "
+                             "(a strided view, e.g. x[:, ::2]): the fused step walks dense memory; make the "
+                             "parameter a contiguous tensor (.contiguous()) and slice it in forward")
+
+
 def _check_group(group: dict[str, Any]) -> None:
     where = "MacKayAdam"
+    check_adam_options(group, f"{where} (param group)")
     if isinstance(group["lr"], (str, bool)) or not isinstance(group["lr"], (int, float, torch.Tensor)):
         raise TypeError(f"{where}: lr must be a number, got {type(group['lr']).__name__} {group['lr']!r}")
     lr = float(group["lr"])
@@ -136,11 +151,16 @@ class MacKayAdam(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, num_data: float, batch_size: float | None = None,
                  curvature_decay: float = 0.99, decoupled_weight_decay: bool = False,
-                 backend: str = "ext"):
+                 backend: str = "ext", amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None, capturable: bool = False, differentiable: bool = False):
         if isinstance(params, torch.nn.Module):   # torch's own message names neither fix
             raise TypeError(f"MacKayAdam: params must be the parameters, not the module: pass "
                             f"ard_param_groups(model) (a prior on the weights, plain Adam on biases and "
                             f"norms) or model.parameters(), got {type(params).__name__}")
+        # torch.optim.Adam's own options, so that code passing them runs: each at a value that
+        # changes nothing (mackay_ext._adam_options), not stored in the groups
+        check_adam_options(dict(amsgrad=amsgrad, maximize=maximize, foreach=foreach, fused=fused,
+                                capturable=capturable, differentiable=differentiable), "MacKayAdam")
         check_choice("backend", backend, BACKENDS, "MacKayAdam")
         if backend == "ext":
             _extension.require()
@@ -162,7 +182,12 @@ class MacKayAdam(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._plan_cache = None
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
+        try:
+            _check_params(self.param_groups[-1])
+            _check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()   # a refused group is not kept (every later step would fail)
+            raise
 
     # ------------------------------------------------------------------ state
     def _group_of(self, param: torch.Tensor) -> dict[str, Any]:
@@ -357,6 +382,15 @@ class MacKayAdam(torch.optim.Optimizer):
         """As torch.optim.Optimizer.load_state_dict, but alpha stays float32 and the step on
         the parameter's device (the base class would cast alpha to a bf16 param's dtype), and a
         float16 weight's moments stay float32 (the base class would cast them to float16)."""
+        # a state_dict of torch's Adam or AdamW lacks MacKayAdam's options: this optimizer's
+        # groups give them (the next step failed with KeyError: 'num_data')
+        state_dict = dict(state_dict, param_groups=[
+            dict({k: v for k, v in ours.items() if k != "params"}, **saved)
+            for ours, saved in zip(self.param_groups, state_dict["param_groups"])]
+            + state_dict["param_groups"][len(self.param_groups):])
+        for group in state_dict["param_groups"][:len(self.param_groups)]:   # before anything is replaced
+            # (e.g. Adam's amsgrad=True); a count that differs is the base class's to refuse
+            _check_group(group)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         exact = {pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
                        if k in ("alpha", "step", *MOMENT_KEYS) and isinstance(v, torch.Tensor)}

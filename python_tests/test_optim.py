@@ -644,3 +644,68 @@ def test_state_replaced_after_the_plan_is_made_is_checked_and_changes_nothing(ba
     assert state["alpha"] is good
     optimizer.step()   # and the good state steps again
     assert int(state["step"]) == 3
+
+
+def _adam_run(optimizer_class, model, steps, **options):
+    optimizer = optimizer_class(model.parameters(), lr=1e-2, **options)
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(torch.full((8, 4), float(step + 1)).sin()).pow(2).mean().backward()
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("adam_class, options", [(torch.optim.Adam, {}),
+                                                 (torch.optim.AdamW, {"weight_decay": 0.1})])
+def test_an_adam_or_adamw_checkpoint_carries_over(adam_class, options):
+    """Its state_dict lacks MacKayAdam's options: the next step failed with KeyError: 'num_data'.
+    Loaded, the run goes on as Adam's (AdamW's) would (alpha = 0)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    twin = copy.deepcopy(model)
+    adam = _adam_run(adam_class, model, 3, **options)   # model goes on with Adam
+    _adam_run(adam_class, twin, 3, **options)            # twin, the same so far, with MacKayAdam
+    mackay = MacKayAdam(twin.parameters(), lr=1e-2, num_data=100)
+    mackay.load_state_dict(adam.state_dict())
+    assert mackay.param_groups[0]["num_data"] == 100.0
+    assert mackay.param_groups[0]["decoupled_weight_decay"] == (adam_class is torch.optim.AdamW)
+    for optimizer, net in ((adam, model), (mackay, twin)):
+        for step in range(3, 6):
+            optimizer.zero_grad()
+            net(torch.full((8, 4), float(step + 1)).sin()).pow(2).mean().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adams_options_are_taken_where_they_change_nothing_and_named_where_they_would():
+    """Code written for Adam passes them: at their defaults they were refused (TypeError); in a
+    param group, maximize=True was ignored (it minimised) and amsgrad=True gave plain Adam."""
+    params = [torch.nn.Parameter(torch.randn(3, 4))]
+    MacKayAdam(params, num_data=10, amsgrad=False, maximize=False, foreach=None, fused=True, capturable=False,
+               differentiable=False)
+    for name in ("amsgrad", "maximize", "capturable", "differentiable"):
+        with pytest.raises(ValueError, match=rf"MacKayAdam: {name}=True is not supported"):
+            MacKayAdam(params, num_data=10, **{name: True})
+        with pytest.raises(ValueError, match=rf"MacKayAdam \(param group\): {name}=True is not supported"):
+            MacKayAdam([{"params": params, name: True}], num_data=10)
+    model = torch.nn.Linear(4, 2)
+    adam = _adam_run(torch.optim.Adam, model, 1, amsgrad=True)
+    mackay = MacKayAdam(model.parameters(), lr=1e-2, num_data=100)
+    before = copy.deepcopy(mackay.state_dict())
+    with pytest.raises(ValueError, match="amsgrad=True is not supported"):
+        mackay.load_state_dict(adam.state_dict())
+    assert mackay.state_dict()["param_groups"] == before["param_groups"]   # nothing replaced
+
+
+def test_a_refused_param_group_is_not_kept_and_unstepable_params_are_named_when_added():
+    optimizer = MacKayAdam([torch.nn.Parameter(torch.randn(3))], num_data=10)
+    extra = torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match="lr must be finite and >= 0"):
+        optimizer.add_param_group({"params": [extra], "lr": -1e-3})
+    assert len(optimizer.param_groups) == 1
+    optimizer.add_param_group({"params": [extra], "lr": 1e-3})   # the fixed group is taken
+    with pytest.raises(TypeError, match="complex parameters are not supported"):
+        MacKayAdam([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))], num_data=10)
+    with pytest.raises(ValueError, match=r"strides \(6, 2\) \(a strided view"):
+        MacKayAdam([torch.nn.Parameter(torch.randn(5, 6)[:, ::2])], num_data=10)
