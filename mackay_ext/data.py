@@ -54,6 +54,9 @@ class Splits:
     y_test: torch.Tensor
     name: str
     classes: int | None = None   # the dataset's own class count (the loaders set it), if known
+    # (mean, std) the loaders standardised the inputs with, x = (pixels in [0, 1] - mean) / std:
+    # a deployed model wants its inputs the same way
+    standardisation: tuple[float, float] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -196,15 +199,17 @@ def _split_val(x, y, val_fraction, seed):
 
 
 def _standardise(x_train, *others):
+    """The splits standardised with the training set's mean and std, then (mean, std)."""
     mean, std = x_train.mean(), x_train.std().clamp_min(1e-8)
-    return [(t - mean) / std for t in (x_train, *others)]
+    return [(t - mean) / std for t in (x_train, *others)], (float(mean), float(std))
 
 
 def _finish(name, x_train, y_train, x_test, y_test, val_fraction, seed) -> Splits:
     _check_fraction("val_fraction", val_fraction, f"load {name}")
     x_train, y_train, x_val, y_val = _split_val(x_train, y_train, val_fraction, seed)
-    x_train, x_val, x_test = _standardise(x_train, x_val, x_test)
-    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, name, classes=CLASSES[name])
+    (x_train, x_val, x_test), standardisation = _standardise(x_train, x_val, x_test)
+    return Splits(x_train, y_train, x_val, y_val, x_test, y_test, name, classes=CLASSES[name],
+                  standardisation=standardisation)
 
 
 def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,

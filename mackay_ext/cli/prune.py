@@ -93,15 +93,26 @@ def _plots(out: str, trainer: Trainer) -> tuple[list[str], str | None]:
 
 
 def save_model(path: str, model_name: str, model: torch.nn.Module, dataset: str | None = None,
-               num_classes: int = 10) -> dict[str, int]:
+               num_classes: int = 10, standardisation: tuple[float, float] | None = None) -> dict[str, int]:
     """The pruned model, compressed: its pruned layers as CSR nonzeros (save_compressed), with
-    what rebuilds it (the dataset's channels for the CIFAR networks) and the dataset it knows."""
+    what rebuilds it (the dataset's channels for the CIFAR networks), the dataset it knows and the
+    standardisation its inputs had (input_standardisation, see _input_standardisation)."""
     compressed = sparsify(copy.deepcopy(model).cpu(), min_sparsity=0.5)
     kwargs = {"num_classes": num_classes}
     if dataset is not None and "in_channels" in inspect.signature(models.MODELS[model_name]).parameters:
         kwargs["in_channels"] = INPUT_SHAPES[dataset][0]
+    metadata = {"dataset": dataset} if dataset else {}
+    if standardisation is not None:
+        metadata["input_standardisation"] = _input_standardisation(standardisation)
     return save_compressed(compressed, path, model_name=model_name, model_kwargs=kwargs,
-                           metadata={"dataset": dataset} if dataset else None)
+                           metadata=metadata or None)
+
+
+def _input_standardisation(standardisation: tuple[float, float]) -> dict[str, Any]:
+    """What a deployed model's inputs need: it trained on (pixels in [0, 1] - mean) / std (fed raw
+    pixels, a short MNIST LeNet-300-100 run fell from 97.7% to 79.8% test accuracy, without an error)."""
+    mean, std = standardisation
+    return {"mean": mean, "std": std, "formula": "(x - mean) / std, x the pixels scaled to [0, 1]"}
 
 
 def _init_distributed(device: str) -> int:
@@ -257,8 +268,10 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
                              _nothing_pruned_warning(trainer, kept, total)) if w]
     if warnings_:
         summary["warnings"] = warnings_
+    if data.standardisation is not None:
+        summary["input_standardisation"] = _input_standardisation(data.standardisation)
     sizes = save_model(os.path.join(out, "model.pt"), settings["model"], model, settings["dataset"],
-                       data.num_classes)
+                       data.num_classes, data.standardisation)
     summary["model_file_bytes"], summary["dense_state_dict_bytes"] = sizes["bytes"], sizes["dense_bytes"]
     with open(os.path.join(out, "report.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
