@@ -32,6 +32,7 @@ def test_default_digits_run(digits_run):
     assert report["compression"] == pytest.approx(report["weights_total"] / report["weights_kept"])
     assert sum(layer["kept"] for layer in report["layers"]) == report["weights_kept"]
     assert report["wall_seconds"] > 0   # how fast is a benchmark's question, not a test's
+    assert report["fit_config"]["lr"] == report["settings"]["lr"] and "retrain_lr" in report["fit_config"]
     assert (out / "model.pt").exists() and (out / "checkpoint.pt").exists()
     assert "compression" in result.stdout and "weights kept" in result.stdout
 

@@ -115,6 +115,20 @@ def test_the_cli_caps_a_recipes_finetune_shift_at_augment_shift(flag_shift, fine
     assert _fit_config(settings).finetune_augment_shift is None
 
 
+def test_the_cli_lr_scales_every_phase_of_a_recipe():
+    """--lr moved the pretraining's rate alone: the pruning phase (2e-3 in lenet-5-caffe-weight)
+    and the fine-tune kept theirs, so a diverged run's 'try a smaller --lr' reran at the same rate."""
+    from mackay_ext.cli.settings import _fit_config
+    settings = dict(recipe="lenet-5-caffe-weight", pretrain_epochs=1, epochs=1, batch_size=8, lr=1e-3,
+                    patience=5, seed=0, backend="torch", augment_shift=2, finetune_epochs=1)
+    recipe = recipes.get("lenet-5-caffe-weight").config
+    same = _fit_config(settings)
+    assert (same.lr, same.retrain_lr, same.finetune_lr) == (recipe.lr, recipe.retrain_lr, recipe.finetune_lr)
+    halved = _fit_config(dict(settings, lr=5e-4))
+    assert (halved.lr, halved.retrain_lr, halved.finetune_lr) == pytest.approx(
+        (recipe.lr / 2, recipe.retrain_lr / 2, recipe.finetune_lr / 2))
+
+
 @pytest.mark.parametrize("flag", [["--model", "digits-mlp"], ["--granularity", "input"],
                                   ["--schedule", "paper"], ["--rounds", "7"]])
 def test_cli_recipe_refuses_flags_it_sets(tmp_path, flag):

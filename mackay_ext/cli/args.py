@@ -200,7 +200,8 @@ def _parser() -> argparse.ArgumentParser:
         help="in-run schedule only: epochs between precision updates (default: %(default)s)")
     add("--batch-size", type=COUNT, help=_recipe_help("training minibatch size", "batch_size"))
     add("--lr", type=POSITIVE,
-        help=_recipe_help("Adam learning rate, also where every round restarts it", "lr"))
+        help=_recipe_help("Adam learning rate, also where every round restarts it (with --recipe: the "
+                          "pretraining's, and the recipe's pruning and fine-tuning rates scale with it)", "lr"))
     add("--patience", type=COUNT, default=5,
         help="epochs without a better validation accuracy before a phase stops early "
              "(default: %(default)s)")

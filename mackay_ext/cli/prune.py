@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import json
 import os
@@ -261,6 +262,8 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
                    for layer in report["layers"]],
         "updates": [{"kept": h["kept"], "gamma_sum": h.get("gamma_sum")} for h in trainer.pruner.history],
         "wall_seconds": wall, "settings": settings,
+        # what ran: a recipe's own schedule and rates are here, not in the flags' settings
+        "fit_config": dataclasses.asdict(trainer.config),
         "hardware": {"device": settings["device"], "threads": torch.get_num_threads(),
                      "processes": trainer.world_size, "torch": torch.__version__},
     }

@@ -218,9 +218,15 @@ def _fit_config(settings: dict[str, Any]) -> FitConfig:
         finetune_shift = recipe.config.finetune_augment_shift
         if finetune_shift is not None:   # --augment-shift caps it: 0 means no shifts anywhere
             finetune_shift = min(finetune_shift, settings["augment_shift"])
+        # --lr scales the rates of every phase alike (it moved the pretraining's alone, so the
+        # "try a smaller --lr" of a diverged run reran its pruning phase at the same rate)
+        scale = settings["lr"] / recipe.config.lr
+        finetune_lr = recipe.config.finetune_lr
         return recipe.fit_config(
             pretrain_epochs=settings["pretrain_epochs"], epochs=settings["epochs"],
             batch_size=settings["batch_size"], lr=settings["lr"], patience=settings["patience"],
+            retrain_lr=recipe.config.retrain_lr * scale,
+            finetune_lr=None if finetune_lr is None else finetune_lr * scale,
             seed=settings["seed"], backend=settings["backend"],
             augment_shift=settings["augment_shift"], finetune_epochs=settings["finetune_epochs"],
             finetune_augment_shift=finetune_shift)
