@@ -318,3 +318,23 @@ def test_mac_price_reaches_the_pruner_and_the_checkpoint(tmp_path):
     assert state["pruner"]["settings"]["mac_price_ramp"] == 2
     priced = [layer.get("priced_out") for update in state["pruner"]["history"] for layer in update["layers"]]
     assert any(count for count in priced if count), "no group was priced out"
+
+
+def test_one_run_at_a_time_per_out_folder(tmp_path):
+    """Two runs into one --out wrote the same checkpoint.pt.tmp: one died with a raw
+    FileNotFoundError. A lock held by a live run is named; one a killed run left is taken over."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".mackay-ext.lock").write_text(str(holder.pid))
+        flags = ("prune", "--out", str(tmp_path), "--pretrain-epochs", "1", "--rounds", "1", "--epochs", "1",
+                 "--quiet")
+        result = cli(*flags, cwd=tmp_path)
+        assert result.returncode == 1
+        assert f"another mackay-ext prune (process {holder.pid}) is writing into {tmp_path}" in result.stderr
+        assert not (tmp_path / "checkpoint.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = cli(*flags, cwd=tmp_path)   # the holder is gone: its lock is stale
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "report.json").exists() and not (tmp_path / ".mackay-ext.lock").exists()

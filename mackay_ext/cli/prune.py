@@ -23,6 +23,7 @@ from ..sparse import (
 )
 from ..train import Trainer, evaluate, set_seed
 from .args import INPUT_SHAPES
+from .out_lock import OutInUse, out_lock
 from .progress import _Progress
 from .settings import (
     _check_out,
@@ -174,7 +175,13 @@ def run_prune(args, parser, given: set[str] = frozenset()) -> int:
     _check_settings(settings, args, given, parser)
     rank = _init_distributed(settings["device"])
     try:
-        return _run_prune(args, settings, changed, resumed, out, rank)
+        if rank != 0:   # rank 0 holds --out for the whole run
+            return _run_prune(args, settings, changed, resumed, out, rank)
+        try:
+            with out_lock(out):
+                return _run_prune(args, settings, changed, resumed, out, rank)
+        except OutInUse as error:
+            return _fail(error)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
