@@ -74,6 +74,8 @@ __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
 PRIORS = ("proximal", "penalty")
 CHANNEL_PRIORS = ("members", "norm-scale")
+
+
 def _dynamo_compiled_something() -> bool:
     """Whether torch.compile has compiled any frame in this process (its hint is noise otherwise)."""
     try:
