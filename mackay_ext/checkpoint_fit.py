@@ -53,14 +53,13 @@ def _check_same_network(state: dict, where: str, model: nn.Module) -> None:
         raise ValueError(f"{where}: its 'model' entry is a {type(saved).__name__}, not a state_dict")
     named = (state.get("cli_settings") or {}).get("model") if isinstance(state.get("cli_settings"), dict) else None
     whose = f" (the run's model: {named})" if named else ""
+    def shape(value):
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else "no such tensor"
+
     for key in sorted(set(saved) | set(ours)):
-        theirs, mine = saved.get(key), ours.get(key)
-        if theirs is None or mine is None or tuple(getattr(theirs, "shape", ())) != tuple(mine.shape):
-            describe = {None: "no such tensor"}
-            raise ValueError(
-                f"{where} was saved by a run of another network{whose}: {key} is "
-                f"{describe.get(theirs) or tuple(theirs.shape)} there, "
-                f"{describe.get(mine) or tuple(mine.shape)} in this Trainer's model")
+        if shape(saved.get(key)) != shape(ours.get(key)):
+            raise ValueError(f"{where} was saved by a run of another network{whose}: {key} is "
+                             f"{shape(saved.get(key))} there, {shape(ours.get(key))} in this Trainer's model")
 
 
 def _check_same_training_set(saved: Any, where: str, ours: dict[str, Any]) -> None:

@@ -84,7 +84,6 @@ def _check_params(group: dict[str, Any]) -> None:
 
 def _check_group(group: dict[str, Any]) -> None:
     where = "MacKayAdam"
-    check_adam_options(group, f"{where} (param group)")
     if isinstance(group["lr"], (str, bool)) or not isinstance(group["lr"], (int, float, torch.Tensor)):
         raise TypeError(f"{where}: lr must be a number, got {type(group['lr']).__name__} {group['lr']!r}")
     lr = float(group["lr"])
@@ -182,7 +181,8 @@ class MacKayAdam(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._plan_cache = None
         super().add_param_group(param_group)
-        try:
+        try:   # Adam's options and the params once, here: not in _check_group, which runs every step
+            check_adam_options(self.param_groups[-1], "MacKayAdam (param group)")
             _check_params(self.param_groups[-1])
             _check_group(self.param_groups[-1])
         except (TypeError, ValueError):
@@ -390,6 +390,7 @@ class MacKayAdam(torch.optim.Optimizer):
             + state_dict["param_groups"][len(self.param_groups):])
         for group in state_dict["param_groups"][:len(self.param_groups)]:   # before anything is replaced
             # (e.g. Adam's amsgrad=True); a count that differs is the base class's to refuse
+            check_adam_options(group, "MacKayAdam (param group)")
             _check_group(group)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         exact = {pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()

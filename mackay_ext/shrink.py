@@ -136,13 +136,9 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
 
 def _batch_of(example_inputs) -> int | None:
     """The leading size of the first tensor among the example inputs (None if there is none)."""
-    items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    for item in items:
-        values = item.values() if isinstance(item, dict) else (item,)
-        for value in values:
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                return int(value.shape[0])
-    return None
+    args, kwargs = split_inputs(example_inputs)
+    return next((int(value.shape[0]) for value in (*args, *kwargs.values())
+                 if isinstance(value, torch.Tensor) and value.dim() > 0), None)
 
 
 _MAX_ROUNDS = 64

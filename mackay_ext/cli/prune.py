@@ -313,13 +313,13 @@ def _nothing_pruned_warning(trainer: Trainer, kept: int, total: int) -> str | No
                and config.update_every_steps else "as the schedule sets")
     return (f"nothing was pruned: {updates} precision update(s) ran ({cadence}; the first "
             f"{config.warmup_updates} only move alpha); train longer (--epochs) or "
-            f"{_prune_more(trainer.pruner.prune)} --threshold")
+            f"{_turn_threshold(trainer.pruner.prune, to_prune_more=True)} --threshold")
 
 
-def _prune_more(criterion: str) -> str:
-    """Which way --threshold prunes more: snr prunes where w^2 < threshold x its variance (a larger
+def _turn_threshold(criterion: str, to_prune_more: bool) -> str:
+    """Which way to turn --threshold: snr prunes where w^2 < threshold x its variance (a larger
     threshold prunes more), alpha where alpha >= threshold (a smaller one does)."""
-    return "raise" if criterion == "snr" else "lower"
+    return "raise" if (criterion == "snr") == to_prune_more else "lower"
 
 
 # Test accuracy a run may lose before the summary says so (absolute, 5 points).
@@ -338,5 +338,5 @@ def _accuracy_loss_warning(trainer: Trainer, test_accuracy: float) -> str | None
              "strongest group was kept): the data did not determine those groups" if emptied else "")
     return (f"the pruned network lost {100 * (dense - test_accuracy):.1f} points of test accuracy "
             f"({100 * dense:.2f}% dense -> {100 * test_accuracy:.2f}%){where}. Prune less per update "
-            f"({'lower' if _prune_more(trainer.pruner.prune) == 'raise' else 'raise'} --threshold), or use "
+            f"({_turn_threshold(trainer.pruner.prune, to_prune_more=False)} --threshold), or use "
             "a finer --granularity, more epochs between updates or more training data")
