@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -162,6 +163,23 @@ def check_threshold(value, where: str) -> float | None:
     if number is not None and not (math.isfinite(number) and number >= 0):
         raise ValueError(f"{where}: threshold must be finite and >= 0, got {value!r}")
     return number
+
+
+def warn_threshold_scale(prune: str, threshold: float | None, where: str) -> None:
+    """The two criteria's thresholds differ by some 14 orders of magnitude (alpha: 1e13, snr:
+    0.05), and either one given to the other prunes every weight: say so when one looks swapped."""
+    if threshold is None:
+        return
+    if prune == "alpha" and threshold <= 1.0:
+        warnings.warn(f"{where}: threshold={threshold:g} with prune='alpha' prunes every weight whose "
+                      f"prior precision alpha is at least {threshold:g}, nearly all of them; that is "
+                      "the scale of prune='snr' (default 0.05). prune='alpha' thresholds are large "
+                      "(default 1e13, the paper's)", UserWarning, stacklevel=3)
+    if prune == "snr" and threshold >= 1e6:
+        warnings.warn(f"{where}: threshold={threshold:g} with prune='snr' prunes every weight whose "
+                      f"signal-to-noise ratio w^2 / Sigma is below {threshold:g}, nearly all of them; "
+                      "that is the scale of prune='alpha' (default 1e13). prune='snr' thresholds "
+                      "are small (default 0.05)", UserWarning, stacklevel=3)
 
 
 def check_max_prune_fraction(value, where: str) -> float | None:

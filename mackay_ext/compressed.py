@@ -88,7 +88,7 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest,
                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
     if model_name:   # a file that names a model must be one load_compressed can rebuild it from
-        problem = _named_model_problem(payload, "this model's")
+        problem = _named_model_problem(payload, "this model")
         if problem:
             raise ValueError(f"save_compressed: model_name does not describe this model: {problem}")
     payload["digest"] = payload_digest(payload)   # load_compressed refuses a file that differs
@@ -205,7 +205,7 @@ def _model_by_name(path: str, payload: dict) -> nn.Module:
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise CorruptFileError(f"load_compressed: {path}: model_kwargs must be a dict of keyword "
                                f"arguments, got {type(kwargs).__name__}")
-    problem = _named_model_problem(payload, "the file's")
+    problem = _named_model_problem(payload, "the file")
     if problem:
         raise CorruptFileError(f"load_compressed: {path}: {problem}")
     return models.create(name, **kwargs)
@@ -224,10 +224,14 @@ def _named_model_problem(payload: dict, whose: str) -> str | None:
     expected = _file_shapes(payload)
     built = {key: tuple(tensor.shape) for key, tensor in probe.state_dict().items()}
     for key in sorted(set(built) | set(expected)):
-        if built.get(key) != expected.get(key):
-            theirs = "none" if key not in expected else f"{expected[key]}"
-            ours = "no such tensor" if key not in built else f"{key} of shape {built[key]}"
-            return f"model {name!r} with model_kwargs {kwargs} has {ours}, {whose} {key} is {theirs}"
+        if built.get(key) == expected.get(key):
+            continue
+        model = f"model {name!r} with model_kwargs {kwargs}"
+        if key not in expected:
+            return f"{model} has {key} of shape {built[key]}, which {whose} lacks"
+        if key not in built:
+            return f"{model} has no {key}, which {whose} holds (shape {expected[key]})"
+        return f"{model} has {key} of shape {built[key]}, where {whose}'s is {expected[key]}"
     return None
 
 

@@ -100,6 +100,10 @@ def _check_group(group: dict[str, Any]) -> None:
     group["num_data"] = check_count(group["num_data"], "num_data", where)
     if group["batch_size"] is not None:
         group["batch_size"] = check_count(group["batch_size"], "batch_size", where)
+        if group["batch_size"] > group["num_data"]:   # B g^2 would claim more data than there is
+            raise ValueError(f"{where}: batch_size ({group['batch_size']:g}) exceeds num_data "
+                             f"({group['num_data']:g}), the training-set size; a batch is part "
+                             "of the training set (under DDP, both count every process's examples)")
     if not 0.0 <= group["curvature_decay"] < 1.0:   # at 1 the average never leaves 0
         raise ValueError(f"{where}: curvature_decay must be in [0, 1), got {group['curvature_decay']}")
 

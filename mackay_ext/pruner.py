@@ -49,6 +49,7 @@ from ._validate import (
     check_names,
     check_optimizer,
     check_threshold,
+    warn_threshold_scale,
 )
 from .ard_targets import (
     GRANULARITIES,
@@ -203,6 +204,7 @@ class MacKayPruner(StandalonePrior):
         check_choice("curvature", curvature, CURVATURES, where)
         check_choice("rule", rule, ("mackay", "em", "paper"), where)
         check_choice("prune", prune, ("alpha", "snr"), where)
+        warn_threshold_scale(prune, threshold, where)
         check_choice("prior", prior, PRIORS, where)
         check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"), where)
         check_choice("channel_prior", channel_prior, CHANNEL_PRIORS, where)
@@ -341,6 +343,9 @@ class MacKayPruner(StandalonePrior):
                 raise ValueError("MacKayPruner: batch_size is needed for the ef-batch curvature "
                                  "when the optimizer is not a MacKayAdam")
             self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
+            if batch_size is not None and self.batch_size > self.num_data:
+                raise ValueError(f"{where}: batch_size ({self.batch_size:g}) exceeds num_data "
+                                 f"({self.num_data:g}), the training-set size")
             self.curvature_decay = float(curvature_decay)
             self._attach_hooks()
         if coupling is not None:

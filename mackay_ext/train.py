@@ -141,6 +141,7 @@ class Trainer:
         self.checkpoint, self.progress = checkpoint, progress or (lambda message: None)
         self.batch_progress = batch_progress
         self.num_data = len(data.x_train)
+        self.num_labels = data.num_classes   # the model must give at least this many outputs
         self.data_summary = training_set_summary(data)   # saved with checkpoints, checked on resume
         # torch.distributed (e.g. under torchrun): each rank trains on its slice of every global
         # batch through DistributedDataParallel; all control decisions use the (identical)
@@ -150,8 +151,9 @@ class Trainer:
         self.world_size = torch.distributed.get_world_size() if distributed else 1
         self.net = (nn.parallel.DistributedDataParallel(self.model) if self.world_size > 1
                     else self.model)
+        # a training set smaller than config.batch_size makes every batch the whole set
         self.optimizer = MacKayAdam(ard_param_groups(model), lr=config.lr, num_data=self.num_data,
-                                    batch_size=config.batch_size, backend=config.backend)
+                                    batch_size=min(config.batch_size, self.num_data), backend=config.backend)
         self.pruner = MacKayPruner(model, self.optimizer, num_data=self.num_data,
                                    backend=config.backend, **(pruner_options or {}))
         self.position = {"phase": "pretrain", "round": 0, "epoch": 0}
@@ -222,6 +224,7 @@ class Trainer:
             # fisher-mc reuses this forward: its sampled-label backward runs before the training one
             with self.pruner.capture_mc() if sampled_fisher else contextlib.nullcontext():
                 logits = self.net(xb)
+            self._check_outputs(logits)
             loss = nn.functional.cross_entropy(logits, yb)
             value = float(loss.detach())  # the one host sync of a step, before it can do harm
             if not math.isfinite(value):
@@ -240,6 +243,16 @@ class Trainer:
                     self._update_precisions()
             total += value * len(yb)
         return total * self.world_size / self.num_data  # this rank's mean, scaled to its share
+
+    def _check_outputs(self, logits) -> None:
+        """One logit per class for each example (checked on shapes: no host sync); cross_entropy
+        would otherwise stop at the first label past the outputs with a bare IndexError."""
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < self.num_labels:
+            got = (f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor)
+                   else type(logits).__name__)
+            raise ValueError(f"fit: the model must return logits of shape (batch, classes) with at least "
+                             f"{self.num_labels} classes (data {self.data.name}'s labels go up to "
+                             f"{self.num_labels - 1}), got {got}")
 
     def _memory_format(self, x: torch.Tensor):
         return self.memory_format if x.dim() == 4 else torch.contiguous_format
@@ -480,6 +493,9 @@ def _check_splits(data: Splits) -> None:
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
             raise ValueError(f"fit: data.y_{split} must be a 1-D tensor of integer class indices, got "
                              f"{y.dtype} of shape {tuple(y.shape)}")
+        if len(y) and int(y.min()) < 0:
+            raise ValueError(f"fit: data.y_{split} holds the label {int(y.min())}; class indices "
+                             "start at 0")
     for split in ("train", "val"):
         if len(getattr(data, f"x_{split}")) == 0:
             raise ValueError(f"fit: the {split} split is empty (fit trains on one and picks the best "

@@ -3,6 +3,7 @@ against a per-entry float64 reference on tiny models whose groups are written ou
 alpha_eff the optimizer reads, training that prunes a CNN with BatchNorm and a residual add down to
 groups that stay exactly 0 and shrink to an equal smaller model, the pruner's guarantees, bad input."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 import mackay_ext
 from mackay_ext import NonFiniteError
+from mackay_ext.cli.prune import _accuracy_loss_warning
 from mackay_ext.coupling import CouplingError
 from mackay_ext.optim import MacKayAdam, ard_param_groups
 from mackay_ext.pruner import MacKayPruner
@@ -367,6 +369,10 @@ def test_guarantees_warmup_no_step_no_pruning_strongest_kept_and_state_round_tri
     with pytest.warns(RuntimeWarning, match=r"every channel group of .* strongest group is kept"):
         report = pruner.update()
     assert report["channel"]["kept_strongest"]
+    # the CLI's accuracy warning names those layers, as it does for the other granularities
+    emptied = {entry.split(" (dim")[0] for entry in report["channel"]["kept_strongest"]}
+    warning = _accuracy_loss_warning(SimpleNamespace(dense_test_accuracy=0.9, pruner=pruner), 0.1)
+    assert all(f"{name} (dim" in warning for name in emptied), warning
     head_groups = pruner.report()["layers"][-1]
     assert head_groups["name"] == "head" and head_groups["groups_kept"] >= 1
     for entry in report["layers"]:                   # no layer lost every group

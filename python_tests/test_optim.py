@@ -444,6 +444,7 @@ BAD_OPTIONS = [
     (dict(betas=(0.9, 1.0)), ValueError, "betas"),
     (dict(eps=-1.0), ValueError, "eps"),
     (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(batch_size=11), ValueError, r"batch_size \(11\) exceeds num_data \(10\)"),
     (dict(curvature_decay=1.5), ValueError, "curvature_decay"),
     (dict(backend="cuda"), ValueError, "backend"),
 ]

@@ -1,5 +1,7 @@
 """MacKayPruner with MacKayAdam (fused) and with a plain torch optimizer + penalty()."""
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -131,9 +133,26 @@ def test_bad_arguments():
         MacKayPruner(model, None, num_data=10, batch_size=4)
     with pytest.raises(ValueError, match="batch_size is needed"):
         MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=10)
+    with pytest.raises(ValueError, match=r"batch_size \(32\) exceeds num_data \(10\)"):
+        MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=10, batch_size=32)
     optimizer = MacKayAdam(model.parameters(), lr=1e-3, num_data=10)
     with pytest.raises(ValueError, match="needs MacKayAdam\\(batch_size"):
         MacKayPruner(model, optimizer, num_data=10)
+
+
+@pytest.mark.parametrize("prune,threshold,scale", [("alpha", 0.05, "prune='snr'"), ("snr", 1e13, "prune='alpha'")])
+def test_a_threshold_on_the_other_criterions_scale_is_named(prune, threshold, scale):
+    """Either criterion's usual threshold given to the other prunes every weight: warned, naming
+    the scale it belongs to; each criterion's own default scale is not."""
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=re.escape(f"threshold={threshold:g} with prune='{prune}'") + f".*scale of {scale}"):
+        MacKayPruner(model, optimizer, num_data=10, batch_size=4, prune=prune, threshold=threshold)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = make_mlp()
+        MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=10, batch_size=4,
+                     prune=prune, threshold={"alpha": 1e13, "snr": 0.05}[prune])
 
 
 @pytest.mark.parametrize("curvature", ["ef-exact", "fisher-mc"])

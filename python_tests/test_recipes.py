@@ -32,6 +32,8 @@ def test_every_recipe_builds_a_trainer(name):
     trainer = Trainer(mackay_ext.models.create(recipe.model), data, recipe.fit_config(), pruner_options=options)
     assert trainer.config.update_every_steps == recipes.UPDATE_EVERY_STEPS
     assert trainer.config.augment_shift == 2 and trainer.config.finetune_epochs > 0
+    # four examples make every batch of four, whatever the recipe's batch_size: B of h = B g^2
+    assert {group["batch_size"] for group in trainer.optimizer.param_groups} == {4}
 
 
 def test_unknown_recipe_lists_the_others():
@@ -208,9 +210,24 @@ def test_splits_built_by_hand_are_checked_when_the_trainer_is_built():
              "data train split has 10 inputs but 12 labels"),
             (mackay_ext.data.Splits(x, y, x, y.float(), x, y, "b"), "data.y_val must be a 1-D tensor of integer"),
             (mackay_ext.data.Splits(x, y, x, y, x.long(), y, "c"), "data.x_test must be floating point"),
-            (mackay_ext.data.Splits(x[:0], y[:0], x, y, x, y, "d"), "the train split is empty")]:
+            (mackay_ext.data.Splits(x[:0], y[:0], x, y, x, y, "d"), "the train split is empty"),
+            (mackay_ext.data.Splits(x, y, x, y, x, y - 1, "e"), "data.y_test holds the label -1")]:
         with pytest.raises(ValueError, match=message):
             Trainer(model, splits, FitConfig())
+
+
+@pytest.mark.parametrize("outputs,got", [(2, r"shape \(10, 2\)"), ("flat", r"shape \(10,\)")])
+def test_a_model_with_fewer_outputs_than_classes_is_named_at_the_first_batch(outputs, got):
+    """Labels past the model's outputs stopped training with cross_entropy's bare IndexError
+    ("Target 3 is out of bounds"); the first batch now names the outputs and the labels."""
+    x, y = torch.randn(10, 3), torch.arange(10) % 4
+    model = (torch.nn.Linear(3, 2) if outputs == 2
+             else torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0)))
+    splits = mackay_ext.data.Splits(x, y, x, y, x, y, "four-class")
+    trainer = Trainer(model, splits, FitConfig(pretrain_epochs=1, batch_size=10, backend="torch"))
+    with pytest.raises(ValueError, match=r"logits of shape \(batch, classes\) with at least 4 classes "
+                                         rf"\(data four-class's labels go up to 3\), got {got}"):
+        trainer.run()
 
 
 def test_resume_refuses_a_config_that_makes_another_run(tmp_path):

@@ -332,9 +332,13 @@ def _accuracy_loss_warning(trainer: Trainer, test_accuracy: float) -> str | None
     dense = trainer.dense_test_accuracy
     if dense is None or dense - test_accuracy <= ACCURACY_LOSS_WARNING:
         return None
-    emptied = sorted({layer["name"] for update in trainer.pruner.history
-                      for layer in update.get("layers", []) if layer.get("kept_strongest")})
-    where = (f"; updates would have pruned every group of layer(s) {', '.join(emptied)} (their "
+    history = trainer.pruner.history
+    emptied = {layer["name"] for update in history
+               for layer in update.get("layers", []) if layer.get("kept_strongest")}
+    # granularity="channel": entries "name (dim d): kept <group>", one per emptied dimension
+    emptied |= {entry.split(": kept")[0] for update in history
+                for entry in (update.get("channel") or {}).get("kept_strongest", [])}
+    where = (f"; updates would have pruned every group of layer(s) {', '.join(sorted(emptied))} (their "
              "strongest group was kept): the data did not determine those groups" if emptied else "")
     return (f"the pruned network lost {100 * (dense - test_accuracy):.1f} points of test accuracy "
             f"({100 * dense:.2f}% dense -> {100 * test_accuracy:.2f}%){where}. Prune less per update "

@@ -161,13 +161,14 @@ class MacKayCallback(TrainerCallback):
         self.clipping = ClippingWatch("MacKayCallback", "TrainingArguments(max_grad_norm=0)")
 
     # ------------------------------------------------------------------ set-up
-    def _batch_size(self, args, model) -> float:
-        """B of the ef-batch curvature h = B g^2, g the gradient the optimizer steps with."""
+    def _batch_size(self, args, model, num_data: float) -> float:
+        """B of the ef-batch curvature h = B g^2, g the gradient the optimizer steps with (a
+        training set smaller than the batch makes a smaller one)."""
         if self.batch_size is not None:
             return self.batch_size
         accumulation = max(int(args.gradient_accumulation_steps), 1)
         world = max(int(args.world_size), 1)
-        effective = args.per_device_train_batch_size * accumulation * world
+        effective = min(args.per_device_train_batch_size * accumulation * world, num_data)
         if accumulation == 1:
             return effective
         name = type(getattr(model, "module", model)).__name__
@@ -198,13 +199,13 @@ class MacKayCallback(TrainerCallback):
             options = dict(self.pruner_options)
             if self.pruner_options.get("granularity") == "channel" or self.pruner_options.get("mac_price"):
                 options["example_inputs"] = self.example_inputs
+            num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
             if isinstance(optimizer, MacKayAdam):
                 # its param groups' batch_size is the one used: check it, pass none (the pruner
                 # warns about a value given to it that it does not use)
-                self._check_mackay_adam(optimizer, args, model)
+                self._check_mackay_adam(optimizer, self._batch_size(args, model, num_data))
             else:
-                options["batch_size"] = self._batch_size(args, model)
-            num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
+                options["batch_size"] = self._batch_size(args, model, num_data)
             self.pruner = StepCurvaturePruner(model, optimizer, num_data=num_data, **options)
             self.last_update = None
         if state.global_step > 0:   # the Trainer resumed from a checkpoint
@@ -214,8 +215,8 @@ class MacKayCallback(TrainerCallback):
                         self.pruner.report()["total"], len(self.pruner.targets), self.pruner.prior,
                         [e.get("name") for e in self.pruner.excluded])
 
-    def _check_mackay_adam(self, optimizer, args, model) -> None:
-        expected = self._batch_size(args, model)
+    @staticmethod
+    def _check_mackay_adam(optimizer, expected: float) -> None:
         given = mackay_adam_batch_mismatch(optimizer, expected)
         if given:
             logger.warning("MacKayCallback: the MacKayAdam's batch_size is %s, but one optimizer step of "

@@ -129,9 +129,9 @@ class MacKayPruning(Callback):
         if isinstance(optimizer, MacKayAdam):
             # its param groups' batch_size is the one used: check it, pass none (the pruner
             # warns about a value given to it that it does not use)
-            self._check_mackay_adam(optimizer, self._batch_size(loader, trainer))
+            self._check_mackay_adam(optimizer, self._batch_size(loader, trainer, num_data))
         else:
-            options["batch_size"] = self._batch_size(loader, trainer)
+            options["batch_size"] = self._batch_size(loader, trainer, num_data)
         self.pruner = StepCurvaturePruner(pl_module, optimizer, num_data=num_data, **options)
         if self._pending is not None:
             self._load(self._pending)
@@ -146,14 +146,15 @@ class MacKayPruning(Callback):
                           "(dataloader batch x accumulate_grad_batches x processes, see MacKayPruning's "
                           "batch_size)", UserWarning, stacklevel=2)
 
-    def _batch_size(self, loader, trainer) -> float:
+    def _batch_size(self, loader, trainer, num_data: float) -> float:
+        """B of the ef-batch curvature (a training set smaller than the batch makes a smaller one)."""
         if self.batch_size is not None:
             return self.batch_size
         size = getattr(loader, "batch_size", None)
         if size is None:
             raise ValueError("MacKayPruning: the training dataloader has no batch_size (a batch "
                              "sampler?): pass batch_size=B")
-        return size * trainer.accumulate_grad_batches * max(trainer.world_size, 1)
+        return min(size * trainer.accumulate_grad_batches * max(trainer.world_size, 1), num_data)
 
     # ------------------------------------------------------------------ training
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
