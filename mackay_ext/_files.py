@@ -52,6 +52,8 @@ def save_atomic(obj: Any, path: str) -> None:
     and an interruption (a full disk) removes the temporary file. Ctrl-C waits for the write
     to end (_ctrl_c_held), then interrupts as usual."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory: give the name of a file to write")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = path + ".tmp"
@@ -62,9 +64,13 @@ def save_atomic(obj: Any, path: str) -> None:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-    except BaseException:  # a full disk mid-write (or Ctrl-C before the rename): no .tmp left behind
+    except BaseException as error:  # a full disk mid-write (or Ctrl-C before the rename): no .tmp left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(error, (OSError, RuntimeError)):   # torch reports a full disk as RuntimeError
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise OSError(f"could not write {path} ({reason}): is the disk full, or the folder not "
+                          "writable? A file already there is unchanged") from error
         raise
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -73,9 +79,36 @@ def save_atomic(obj: Any, path: str) -> None:
         os.close(fd)
 
 
+def check_map_location(map_location: Any, what: str) -> Any:
+    """A device the tensors can be loaded onto here (a bad or unavailable one failed inside
+    torch.load and read as a damaged file), or what torch.load takes besides (None, a dict or a
+    function)."""
+    if map_location is None or isinstance(map_location, dict) or callable(map_location):
+        return map_location
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(f"{what}: map_location must be a device (a str or torch.device), a dict or a "
+                        f"function, got {type(map_location).__name__} {map_location!r}")
+    try:
+        device = torch.device(map_location)
+    except RuntimeError as error:
+        raise ValueError(f"{what}: map_location {map_location!r} is not a device ({error})") from None
+    if device.type == "meta":
+        raise ValueError(f"{what}: map_location='meta' would drop the file's values; load onto 'cpu' "
+                         "(a model built on the meta device takes them with load_state_dict(assign=True))")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise RuntimeError(f"{what}: map_location {map_location!r}: this torch sees {count} CUDA "
+                               "device(s); load with map_location='cpu'")
+    return map_location
+
+
 def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
     """torch.load(path, weights_only=True) with errors a user can act on. `what` names the file
     in messages ("checkpoint", "compressed model")."""
+    if not isinstance(path, (str, os.PathLike)):   # os.path.exists(3) would test file descriptor 3
+        raise TypeError(f"{what}: path must be a file name (str or os.PathLike), got {type(path).__name__}")
+    map_location = check_map_location(map_location, what)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path}: no such file")
     if os.path.isdir(path):

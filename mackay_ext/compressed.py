@@ -26,9 +26,13 @@ def _serialized_size(obj) -> int:
 FORMAT = "mackay_ext.compressed.v1"
 
 
-def _check_save_args(model, path, model_name) -> None:
+def _check_save_args(model, path, model_name, model_kwargs, metadata) -> None:
     where = "save_compressed"
     check_module(model, "model", where)
+    for name, value in (("model_kwargs", model_kwargs), ("metadata", metadata)):
+        if value is not None and not isinstance(value, dict):   # its entries: check_plain
+            raise TypeError(f"{where}: {name} must be a dict (or None), got "
+                            f"{type(value).__name__} {value!r:.80}")
     if model_name is not None:
         # load_compressed rebuilds the model by this name: an unknown one would make a file that
         # cannot be loaded without `model=`, found out only then
@@ -54,7 +58,7 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     Layers left dense (not sparse enough, tied, or kept dense by sparsify) are stored dense, so
     the file can be larger than the dense state_dict when few layers are sparse. The folder of
     `path` must exist (a typo in it is an error, not a new directory)."""
-    _check_save_args(model, path, model_name)
+    _check_save_args(model, path, model_name, model_kwargs, metadata)
     # torch.compile's wrapper keeps the model as _orig_mod: store the model's own names, which
     # the plain network that load_compressed fills has
     model = getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" else model
@@ -123,16 +127,23 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
     _warn_nonfinite(path, payload)
     for name, entry in payload["sparse"].items():
         crow, col = entry["crow"].long(), entry["col"].long()
+        old = model.get_submodule(name)   # the dense layer, or a sparse twin (a model loaded before)
+        old_weight = old.values if isinstance(old, _CSRWeight) else old.weight
         # in the model's dtype, as load_state_dict copies the dense layers' tensors into it
-        dtype = model.get_submodule(name).weight.dtype
-        values = entry["values"].to(dtype)
-        bias = None if entry["bias"] is None else entry["bias"].to(dtype)
+        values = entry["values"].to(old_weight.dtype)
+        bias = None if entry["bias"] is None else entry["bias"].to(old_weight.dtype)
         if entry["kind"] == "linear":
             layer = SparseLinear(entry["out"], entry["in"], crow, col, values, bias)
         else:
             layer = SparseConv2d(entry["in_channels"], entry["out_channels"], entry["kernel_size"], crow,
                                  col, values, bias, entry["stride"], entry["padding"], entry["dilation"])
-        for alias in _names_of(model, model.get_submodule(name)):   # e.g. self.block2 = self.block
+        # the mode and the freezing of the layer it replaces (a deploy script's eval() and
+        # requires_grad_(False) made before loading hold for the loaded layers too)
+        layer.train(old.training)
+        layer.values.requires_grad_(old_weight.requires_grad)
+        if layer.bias is not None and getattr(old, "bias", None) is not None:
+            layer.bias.requires_grad_(old.bias.requires_grad)
+        for alias in _names_of(model, old):   # e.g. self.block2 = self.block
             _set_module(model, alias, layer)
     missing, unexpected = model.load_state_dict(payload["state"], strict=False)
     sparse_keys = {f"{alias}.{k}" if alias else k for n in payload["sparse"]

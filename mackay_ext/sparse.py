@@ -159,6 +159,31 @@ class _CSRWeight(nn.Module):
         self.register_buffer("flat_index", flat_index, persistent=False)
         self._dense, self._dense_key = None, None
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """load_state_dict copies the pattern into the buffers in place: the incoming CSR arrays
+        are checked first (a layer with bad ones loads nothing), and the index derived from them
+        (the transposed index, flat_index) is rebuilt after, or the dense path, densify and ONNX
+        would scatter the new values into the old pattern."""
+        incoming = {name: state_dict.get(prefix + name) for name in ("crow_indices", "col_indices", "values")}
+        if all(isinstance(t, torch.Tensor) for t in incoming.values()):
+            dtype = self.crow_indices.dtype
+            try:
+                check_csr(incoming["crow_indices"].to(dtype), incoming["col_indices"].to(dtype),
+                          incoming["values"], (self.out_features, self.in_features))
+            except (TypeError, ValueError) as error:
+                error_msgs.append(f"{prefix or 'the layer'}: its CSR arrays are not a valid pattern of a "
+                                  f"{self.out_features} x {self.in_features} weight: {error}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        with torch.no_grad():
+            crow_t, row_t, perm_t = transpose_index(self.crow_indices, self.col_indices, self.in_features)
+            for buffer, rebuilt in ((self.crow_t, crow_t), (self.row_t, row_t), (self.perm_t, perm_t)):
+                buffer.copy_(rebuilt)
+            self.flat_index = row_indices(self.crow_indices) * self.in_features + self.col_indices.long()
+        self._dense, self._dense_key = None, None
+
     @property
     def nnz(self) -> int:
         return self.values.numel()

@@ -270,3 +270,46 @@ def test_a_shrunk_models_file_into_the_full_architecture_says_why(tmp_path):
     twin = load_compressed(tmp_path / "small.pt", model=copy.deepcopy(small))
     with torch.no_grad():
         torch.testing.assert_close(twin(x), model(x))
+
+
+def test_a_bad_map_location_or_path_is_named_not_blamed_on_the_file(saved):
+    """A device that does not exist here, or is not a device, failed inside torch.load and was
+    reported as a corrupt file (a user would throw a good file away); 'meta' and a path that is
+    not a file name gave torch's or os's own errors."""
+    path, x, expected = saved
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"map_location 'cuda': this torch sees 0 CUDA device"):
+            load_compressed(path, Net(), map_location="cuda")
+    with pytest.raises(ValueError, match="map_location 'cpux' is not a device"):
+        load_compressed(path, Net(), map_location="cpux")
+    with pytest.raises(TypeError, match="map_location must be a device .* got int 3"):
+        load_compressed(path, Net(), map_location=3)
+    with pytest.raises(ValueError, match="map_location='meta' would drop the file's values"):
+        load_compressed(path, Net(), map_location="meta")
+    with pytest.raises(TypeError, match=r"path must be a file name \(str or os.PathLike\), got NoneType"):
+        load_compressed(None, Net())
+    with pytest.raises(TypeError, match="got int"):   # not file descriptor 3
+        load_compressed(3, Net())
+    loaded = load_compressed(path, Net(), map_location=torch.device("cpu"))
+    torch.testing.assert_close(loaded(x), expected)
+
+
+def test_save_compressed_names_a_bad_argument_and_a_failed_write(saved, tmp_path, monkeypatch):
+    path, x, expected = saved
+    model = load_compressed(path, Net())
+    with pytest.raises(TypeError, match=r"save_compressed: metadata must be a dict \(or None\), got str"):
+        save_compressed(model, tmp_path / "m.pt", metadata="abc")
+    with pytest.raises(TypeError, match=r"save_compressed: model_kwargs must be a dict \(or None\), got list"):
+        save_compressed(model, tmp_path / "m.pt", model_kwargs=[1])
+    with pytest.raises(IsADirectoryError, match="is a directory: give the name of a file"):
+        save_compressed(model, tmp_path)
+    before = path.read_bytes()
+
+    def disk_full(obj, handle):   # torch's writer reports ENOSPC as a RuntimeError
+        handle.write(b"part of a file")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1280 vs 1174")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"could not write .*good.pt \(\[enforce fail.*is the disk full"):
+        save_compressed(model, path)
+    assert path.read_bytes() == before and not (tmp_path / "good.pt.tmp").exists()

@@ -624,3 +624,86 @@ def test_csr_linear_without_in_features_suspects_x_when_the_columns_do_not_fit()
     with pytest.raises(ValueError, match=r"no in_features given, so x's last dimension \(6\) is taken as W's "
                                          r"width, and then csr: col_indices must lie in \[0, in_features = 6\)"):
         csr_linear(torch.ones(2, 6), csr.crow_indices(), csr.col_indices(), csr.values())
+
+
+def _two_patterns_of_one_size(make, seed_a=0, seed_b=1):
+    """Two sparse copies of one layer whose masks keep the same number of weights at other places."""
+    layers = []
+    for seed in (seed_a, seed_b):
+        torch.manual_seed(seed)
+        dense = make()
+        mask = torch.zeros(dense.weight.numel(), dtype=torch.bool)
+        mask[torch.randperm(mask.numel())[:mask.numel() // 5]] = True
+        layers.append((dense, mask.view_as(dense.weight)))
+    return layers
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("path", ["csr", "dense"])
+def test_load_state_dict_of_another_pattern_follows_it_on_every_path(kind, path):
+    """Two layers of one size and nnz but different patterns: load_state_dict copied the pattern
+    into the buffers and left flat_index, so the dense path, dense_weight and densify scattered the
+    new values into the old pattern (output off by 0.1) while the csr path was right."""
+    if kind == "linear":
+        (a, mask_a), (b, mask_b) = _two_patterns_of_one_size(lambda: nn.Linear(13, 7))
+        sparse_a, sparse_b = (SparseLinear.from_dense(layer, mask, path=path)
+                              for layer, mask in ((a, mask_a), (b, mask_b)))
+        x = torch.randn(5, 13)
+    else:
+        (a, mask_a), (b, mask_b) = _two_patterns_of_one_size(lambda: nn.Conv2d(3, 4, 3, padding=1))
+        sparse_a, sparse_b = (SparseConv2d.from_dense(layer, mask, path=path)
+                              for layer, mask in ((a, mask_a), (b, mask_b)))
+        x = torch.randn(2, 3, 6, 5)
+    assert not torch.equal(sparse_a.col_indices, sparse_b.col_indices)
+    sparse_a.eval(), sparse_b.eval()
+    sparse_a(x)   # fills the dense path's cache with the old weight
+    sparse_a.load_state_dict(sparse_b.state_dict())
+    torch.testing.assert_close(sparse_a(x), sparse_b(x), rtol=0, atol=0)
+    torch.testing.assert_close(sparse_a.dense_weight(), sparse_b.dense_weight(), rtol=0, atol=0)
+    torch.testing.assert_close(sparse_a.to_dense().weight, b.weight * mask_b, rtol=0, atol=0)
+    for name in ("crow_t", "row_t", "perm_t"):
+        assert torch.equal(getattr(sparse_a, name), getattr(sparse_b, name)), name
+
+
+def test_load_state_dict_refuses_csr_arrays_that_are_not_a_pattern_and_keeps_the_layer():
+    (a, mask_a), _ = _two_patterns_of_one_size(lambda: nn.Linear(13, 7))
+    layer = SparseLinear.from_dense(a, mask_a)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    state = layer.state_dict()
+    bad = dict(state, col_indices=state["col_indices"].flip(0))   # columns no longer increase per row
+    with pytest.raises(RuntimeError, match="its CSR arrays are not a valid pattern of a 7 x 13 weight"):
+        layer.load_state_dict(bad)
+    out_of_range = dict(state, col_indices=torch.full_like(state["col_indices"], 13))
+    with pytest.raises(RuntimeError, match="7 x 13 weight"):
+        layer.load_state_dict(out_of_range)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_load_compressed_into_a_model_with_sparse_layers_and_into_a_frozen_eval_model(tmp_path):
+    """A model loaded before (its layers already sparse twins) failed with AttributeError 'weight'
+    half way through the swap; and the loaded layers came back in train mode with requires_grad,
+    undoing a deploy script's eval() and requires_grad_(False)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight.mul_((torch.rand_like(layer.weight) < 0.1).float())
+    x = torch.randn(4, 20)
+    expected = net(x)
+    path = tmp_path / "net.pt"
+    save_compressed(sparsify(net), path)
+    twice = load_compressed(path, model=nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)))
+    twice = load_compressed(path, model=twice)
+    half = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), load_compressed(path, model=twice)[2])
+    for model in (twice, load_compressed(path, model=half)):
+        assert isinstance(model[0], SparseLinear) and isinstance(model[2], SparseLinear)
+        torch.testing.assert_close(model(x), expected)
+    frozen = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)).eval().requires_grad_(False)
+    loaded = load_compressed(path, model=frozen)
+    assert not any(module.training for module in loaded.modules())
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert not loaded(x).requires_grad
+    training = load_compressed(path, model=nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)))
+    assert all(module.training for module in training.modules())
+    assert all(p.requires_grad for p in training.parameters())
