@@ -6,7 +6,8 @@ at the first step. MacKayAdam and MacKayPruner create theirs when they are built
 exist before the first update), so each state is moved where its parameter now is when it is
 next read: tensors shaped like the weight take its dtype and device; alpha and the step
 counts keep their dtype (float32: their precision is not the weight's) and only change device;
-Adam's moments of a float16 weight are float32 (state_dtype).
+Adam's moments of a float16 weight and the curvature of a float16 or bfloat16 one are float32
+(state_dtype).
 A tensor on the meta device holds no values to move: it is left for the callers' checks.
 """
 from __future__ import annotations
@@ -21,11 +22,18 @@ FLOAT32_KEYS = frozenset({"alpha", "step", "curvature_steps"})
 # passes float16's largest value (65504) once alpha is large (1e11 and more as a weight is pruned),
 # and its square much sooner: in float16 the moments would turn to inf and the step to NaN.
 MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
+# The ef-batch curvature h <- rho h + (1 - rho) B g^2 of a half-precision weight: float32. In
+# float16 a step's share (1 - rho) B g^2 rounds to 0 once g is below ~1e-4 (h stayed 0 and the
+# update pruned weights the data determine); in bfloat16's 8-bit mantissa the 1% steps fall
+# below half an ulp of h, which stalled 15-20% short of B g^2.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def state_dtype(key: str, param_dtype: torch.dtype) -> torch.dtype:
     """The dtype of the weight-shaped state entry `key` of a parameter of `param_dtype`."""
     if key in MOMENT_KEYS and param_dtype == torch.float16:
+        return torch.float32
+    if key == "curvature" and param_dtype in HALF_DTYPES:
         return torch.float32
     return param_dtype
 

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from ._alpha import finite_alpha, update_rule
-from ._follow import ParamStates
+from ._follow import ParamStates, state_dtype
 from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
 from .batch_curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
@@ -193,7 +193,8 @@ class ChannelARD:
             if member.where == "own":
                 self._own.track(member.name, member.param, {
                     "alpha": torch.zeros(member.param.shape, dtype=torch.float32, device=member.param.device),
-                    "curvature": torch.zeros_like(member.param, memory_format=torch.preserve_format),
+                    "curvature": torch.zeros_like(member.param, dtype=state_dtype("curvature", member.param.dtype),
+                                                  memory_format=torch.preserve_format),
                     "curvature_steps": torch.zeros((), dtype=torch.float32, device=member.param.device)})
                 self._hooks.append(member.param.register_hook(self._curvature_hook(member)))
         self._step_reader = None

@@ -210,8 +210,9 @@ class MacKayAdam(torch.optim.Optimizer):
         if group["ard"]:
             if "alpha" not in state:
                 state["alpha"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
-            if "curvature" not in state:
-                state["curvature"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if "curvature" not in state:   # float32 for a half-precision weight (see _follow)
+                state["curvature"] = torch.zeros_like(param, dtype=state_dtype("curvature", param.dtype),
+                                                      memory_format=torch.preserve_format)
         # the model may have moved since the state was made (model.to() after the pruner made it)
         return follow_param(state, param)
 
@@ -368,8 +369,13 @@ class MacKayAdam(torch.optim.Optimizer):
         lr, (beta1, beta2) = float(group["lr"]), map(float, group["betas"])
         widened = params[0].dtype == torch.float16
         if widened:   # the step on float32 copies, to match the float32 moments (see _follow)
-            halves = params, curvatures
-            params, grads, curvatures = ([t.float() for t in ts] for ts in (params, grads, curvatures))
+            halves = params
+            params, grads = [t.float() for t in params], [t.float() for t in grads]
+        # bfloat16: the kernel keeps its state in the weight's dtype, h is float32; fed after the
+        # launch, which may refuse a gradient's layout (and run again with it laid out)
+        separate = curvatures if curvatures and curvatures[0].dtype != params[0].dtype else None
+        if separate:
+            curvatures = []
         ops.mackay_adam_step_(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states], curvatures, alphas, lr=lr,
@@ -379,7 +385,9 @@ class MacKayAdam(torch.optim.Optimizer):
             batch_size=hyper["batch_size"], curvature_decay=hyper["curvature_decay"],
             grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
         if widened:
-            torch._foreach_copy_([*halves[0], *halves[1]], [*params, *curvatures])
+            torch._foreach_copy_(halves, params)
+        if separate:
+            _feed_curvature(separate, grads[:len(separate)], alphas, hyper, grad_scale, found_inf)
 
     # ------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -398,15 +406,36 @@ class MacKayAdam(torch.optim.Optimizer):
             _check_group(group)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         exact = {pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
-                       if k in ("alpha", "step", *MOMENT_KEYS) and isinstance(v, torch.Tensor)}
+                       if k in ("alpha", "step", "curvature", *MOMENT_KEYS) and isinstance(v, torch.Tensor)}
                  for pid in saved_ids}
         super().load_state_dict(state_dict)
         self._plan_cache = None
         params = [p for group in self.param_groups for p in group["params"]]
         for pid, param in zip(saved_ids, params):
             for key, value in exact[pid].items():
-                dtype = state_dtype(key, param.dtype) if key in MOMENT_KEYS else torch.float32
+                weight_shaped = key in MOMENT_KEYS or key == "curvature"
+                dtype = state_dtype(key, param.dtype) if weight_shaped else torch.float32
                 self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+
+
+def _feed_curvature(curvatures, grads, alphas, hyper, grad_scale, found_inf) -> None:
+    """h <- rho h + (1 - rho) B (g / grad_scale)^2 on float32 h from half-precision gradients, as
+    the kernel does for h of the weight's dtype: h of a pruned weight (alpha = inf), and every h
+    in a step GradScaler found inf in, stay as they are."""
+    rho, batch = hyper["curvature_decay"], hyper["batch_size"]
+    squares = [g.float() for g in grads]   # copies: the gradients stay as they are
+    if grad_scale is not None:
+        for square in squares:
+            square.div_(grad_scale)
+    torch._foreach_mul_(squares, squares)
+    share = 1.0 - rho
+    if found_inf is not None:   # no host sync: a share of 0, and the inf / NaN squares zeroed
+        share = (1.0 - found_inf) * share
+        for square in squares:
+            square.nan_to_num_(0.0, 0.0, 0.0)
+    for h, square, alpha in zip(curvatures, squares, alphas):
+        target = torch.where((alpha == math.inf).expand_as(h), h, square.mul_(batch))
+        h.lerp_(target, share)
 
 
 def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:

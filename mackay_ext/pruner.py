@@ -38,7 +38,7 @@ from torch import nn
 
 from . import ops
 from ._alpha import group_dims, update_rule
-from ._follow import ParamStates
+from ._follow import ParamStates, state_dtype
 from ._validate import (
     BACKENDS,
     NonFiniteError,
@@ -91,6 +91,19 @@ WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other la
                 "nothing of it is pruned until its gradient does")
 
 DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": "snr", "threshold": None}
+
+
+def _mackay_update(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.Tensor, **options):
+    """ops.mackay_update_, also for a half-precision weight whose ef-batch curvature is float32
+    (see _follow): on a float32 copy of the weight, whose pruned zeros are written back (the
+    other entries are copied back unchanged: half -> float32 -> half is exact)."""
+    if curvature.dtype == weight.dtype:
+        return ops.mackay_update_(weight, curvature, alpha, **options)
+    wide = weight.detach().to(curvature.dtype)
+    stats = ops.mackay_update_(wide, curvature, alpha, **options)
+    with torch.no_grad():
+        weight.copy_(wide)
+    return stats
 
 
 def _quantiles(alpha: torch.Tensor) -> dict[str, float]:
@@ -802,7 +815,7 @@ class MacKayPruner(StandalonePrior):
         old_alpha = alpha.clone() if priced else None
         curvature = self.curvature_estimate(name)
         unpruned_alpha = self._unpruned_alpha(weight, curvature, alpha) if limit else None
-        stats = ops.mackay_update_(
+        stats = _mackay_update(
             weight, curvature, alpha, num_data=self.num_data, rule=update_rule(self.rule, warmup),
             # snr < 0 never holds: the same alpha estimate, nothing pruned
             prune=self.prune if can_prune else "snr", threshold=self.threshold if can_prune else 0.0,
@@ -868,7 +881,7 @@ class MacKayPruner(StandalonePrior):
         """The alpha this update estimates for every group, pruned or not (on copies: snr < 0
         never holds)."""
         unpruned = alpha.clone()
-        ops.mackay_update_(weight.detach().clone(), curvature, unpruned, num_data=self.num_data, rule=self.rule,
+        _mackay_update(weight.detach().clone(), curvature, unpruned, num_data=self.num_data, rule=self.rule,
                            prune="snr", threshold=0.0, eps=self.eps, alpha_max=self.alpha_max,
                            backend=self.backend)
         return unpruned
@@ -1058,7 +1071,7 @@ class MacKayPruner(StandalonePrior):
         for name, target in self.targets.items():
             device = target.param.device
             alpha = state["alpha"][name].to(device=device, dtype=torch.float32)
-            curvature = state["curvature"][name].to(device=device, dtype=target.param.dtype)
+            curvature = state["curvature"][name].to(device=device, dtype=state_dtype("curvature", target.param.dtype))
             steps = float(saved_steps.get(name, math.inf))
             if self.fused:
                 ard = self.optimizer.ard_state(target.param)

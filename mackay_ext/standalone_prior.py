@@ -30,6 +30,7 @@ import math
 import torch
 
 from ._alpha import finite_alpha
+from ._follow import state_dtype
 from .batch_curvature import StepCurvature
 
 
@@ -44,7 +45,7 @@ class StandalonePrior:
             self._own.track(name, weight, {
                 "alpha": torch.zeros(self._alpha_shape(target, self.granularity[name]),
                                      dtype=torch.float32, device=weight.device),
-                "curvature": torch.zeros_like(weight),
+                "curvature": torch.zeros_like(weight, dtype=state_dtype("curvature", weight.dtype)),
                 # updates the moving average has taken: the update reads h / (1 - rho^t)
                 "curvature_steps": torch.zeros((), dtype=torch.float32, device=weight.device)})
             if per_backward:
