@@ -73,6 +73,7 @@ from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
 from .batch_curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
 from .prune_cap import allowed_prunes, groups_to_restore
+from .standalone_prior import proximal_shrink_
 
 __all__ = ["ChannelARD", "is_channel_scale", "trace_for_pruner"]
 
@@ -271,9 +272,9 @@ class ChannelARD:
             for name, state in self._own.items():
                 param = self.members[name].param
                 step = steps.get(id(param))
-                if step:
-                    factor = 1.0 / (1.0 + (step / self.pruner.num_data) * finite_alpha(state["alpha"], param))
-                    param.mul_(factor.to(param.dtype))
+                if step:   # not where GradScaler skipped the step (see MacKayPruner._after_step)
+                    proximal_shrink_(param, state["alpha"], step, self.pruner.num_data,
+                                     getattr(optimizer, "found_inf", None))
         self.apply_masks()
 
     def detach(self) -> None:

@@ -473,7 +473,9 @@ class MacKayPruner(StandalonePrior):
         if self.fused:
             return
         if self.prior == "proximal":
-            self._proximal_step()
+            # GradScaler's found_inf (set while an AMP-aware step runs, e.g. Adam(fused=True)):
+            # a step it skipped changed no weight, and the prior's step must not either
+            self._proximal_step(getattr(optimizer, "found_inf", None))
         self.apply_masks()
 
     def __setstate__(self, state: dict[str, Any]) -> None:

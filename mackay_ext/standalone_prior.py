@@ -34,6 +34,17 @@ from ._follow import state_dtype
 from .batch_curvature import StepCurvature
 
 
+@torch.no_grad()
+def proximal_shrink_(param: torch.Tensor, alpha: torch.Tensor, step: float, num_data: float,
+                     found_inf: torch.Tensor | None = None) -> None:
+    """param <- param / (1 + step alpha / N), the prior's proximal step, in place; not taken
+    (without a host sync) where found_inf != 0, a step GradScaler skipped."""
+    factor = 1.0 / (1.0 + (step / num_data) * finite_alpha(alpha, param))
+    if found_inf is not None:
+        factor = torch.where(found_inf.to(factor.device) == 0, factor, torch.ones_like(factor))
+    param.mul_(factor.to(param.dtype))
+
+
 class StandalonePrior:
     """Hooks, proximal step and penalty of MacKayPruner when the optimizer is not a MacKayAdam;
     uses the pruner's targets, _own state, num_data, prior, batch_size and curvature_decay."""
@@ -95,15 +106,15 @@ class StandalonePrior:
         return lr
 
     @torch.no_grad()
-    def _proximal_step(self) -> None:
+    def _proximal_step(self, found_inf: torch.Tensor | None = None) -> None:
         """w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N), s the prior's
-        step size: the exact implicit step on the prior, contracting for every alpha, s >= 0."""
+        step size: the exact implicit step on the prior, contracting for every alpha, s >= 0.
+        Not taken (without a host sync) where found_inf != 0: GradScaler skipped the step."""
         steps = {id(p): self._prior_step_size(g) for g in self.optimizer.param_groups for p in g["params"]}
         for name, target in self.targets.items():
             step = steps.get(id(target.param))
             if step:
-                factor = 1.0 / (1.0 + (step / self.num_data) * finite_alpha(self._own[name]["alpha"], target.param))
-                target.param.mul_(factor.to(target.param.dtype))
+                proximal_shrink_(target.param, self._own[name]["alpha"], step, self.num_data, found_inf)
 
     def penalty(self) -> torch.Tensor:
         """The ARD term (1 / 2N) sum alpha w^2. With prior="penalty", add it to a mean loss; with

@@ -190,6 +190,35 @@ def test_grad_scaler_reads_the_unscaled_gradient(fused):
     assert float(pruner._own["0"]["curvature_steps"]) == 1.0
 
 
+def test_a_step_grad_scaler_skipped_leaves_the_weights_to_the_proximal_prior_too():
+    """Adam(fused=True) takes GradScaler's found_inf into its own step and is stepped even when
+    the scaler found an inf; it then changes nothing, but the pruner's proximal prior still
+    shrank every weight by 1 / (1 + lr alpha / N) after it. A skipped step now leaves the
+    weights exactly as they were; a step that ran takes the prior's step as before."""
+    x, y = _batch(torch.float32)
+    model = _model(torch.float32)
+    optimizer = _fused_adam_on_cpu(model)
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-2
+    pruner = _pruner(model, optimizer)
+    for name in pruner.targets:
+        pruner.alpha(name).fill_(ALPHA * 1e3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    scaler.scale(_loss(model, x, y)).backward()
+    model[0].weight.grad[0, 0] = math.inf
+    scaler.step(optimizer)
+    scaler.update()
+    for p, old in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), old)
+    optimizer.zero_grad()
+    scaler.scale(_loss(model, x, y)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert not torch.equal(model[0].weight.detach(), before[0])
+
+
 WORLD = 2
 DDP_STEPS = 3
 
