@@ -12,6 +12,7 @@ decoupled_weight_decay=True).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Any
 
@@ -82,6 +83,13 @@ def _check_params(group: dict[str, Any]) -> None:
                              "parameter a contiguous tensor (.contiguous()) and slice it in forward")
 
 
+def _is_number(value) -> bool:
+    """A real number (Python, NumPy or a 0-d tensor), not a bool or a string."""
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_group(group: dict[str, Any]) -> None:
     where = "MacKayAdam"
     if isinstance(group["lr"], (str, bool)) or not isinstance(group["lr"], (int, float, torch.Tensor)):
@@ -90,8 +98,16 @@ def _check_group(group: dict[str, Any]) -> None:
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"{where}: lr must be finite and >= 0, got {group['lr']}")
     betas = group["betas"]
-    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(map(_is_number, betas))
+            or not all(0.0 <= float(b) < 1.0 for b in betas)):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
+    for name in ("eps", "weight_decay", "curvature_decay"):
+        if not _is_number(group[name]):
+            raise TypeError(f"{where}: {name} must be a number, got {type(group[name]).__name__} {group[name]!r}")
+    for name in ("ard", "decoupled_weight_decay"):   # "no" would be true
+        if not isinstance(group[name], bool):
+            raise TypeError(f"{where}: {name} must be True or False, got {type(group[name]).__name__} "
+                            f"{group[name]!r}")
     if not (math.isfinite(group["eps"]) and group["eps"] >= 0):
         raise ValueError(f"{where}: eps must be finite and >= 0, got {group['eps']}")
     if not (math.isfinite(group["weight_decay"]) and group["weight_decay"] >= 0):
@@ -168,7 +184,7 @@ class MacKayAdam(torch.optim.Optimizer):
         if backend == "ext":
             _extension.require()
         self.backend = backend
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+        defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas, "eps": eps, "weight_decay": weight_decay,
                         "num_data": num_data, "batch_size": batch_size, "curvature_decay": curvature_decay,
                         "decoupled_weight_decay": decoupled_weight_decay, "ard": True}
         super().__init__(params, defaults)

@@ -222,7 +222,7 @@ class MacKayPruner(StandalonePrior):
         check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"), where)
         check_choice("channel_prior", channel_prior, CHANNEL_PRIORS, where)
         check_choice("backend", backend, BACKENDS, where)
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
             raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
         if alpha_max is not None and not (isinstance(alpha_max, (int, float)) and alpha_max > 0):
             raise ValueError(f"{where}: alpha_max must be None or a number > 0 (a cap on alpha), got {alpha_max!r}")

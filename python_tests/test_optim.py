@@ -447,6 +447,13 @@ BAD_OPTIONS = [
     (dict(batch_size=11), ValueError, r"batch_size \(11\) exceeds num_data \(10\)"),
     (dict(curvature_decay=1.5), ValueError, "curvature_decay"),
     (dict(backend="cuda"), ValueError, "backend"),
+    # types: named, not Python's "must be real number, not str" (or "no" taken as true)
+    (dict(eps="1e-8"), TypeError, "eps must be a number, got str"),
+    (dict(weight_decay=None), TypeError, "weight_decay must be a number, got NoneType"),
+    (dict(curvature_decay="0.9"), TypeError, "curvature_decay must be a number, got str"),
+    (dict(betas=0.9), ValueError, "betas must be two numbers"),
+    (dict(betas=("0.9", 0.99)), ValueError, "betas must be two numbers"),
+    (dict(decoupled_weight_decay="yes"), TypeError, "decoupled_weight_decay must be True or False, got str"),
 ]
 
 
@@ -456,6 +463,17 @@ def test_bad_options_rejected(options, error, message):
     kwargs.update(options)
     with pytest.raises(error, match=message):
         MacKayAdam([torch.nn.Parameter(torch.zeros(3))], **kwargs)
+
+
+def test_a_group_flag_that_is_not_a_bool_is_refused():
+    """{"ard": "no"} was taken as true: the group the user meant to keep out got a prior."""
+    with pytest.raises(TypeError, match="ard must be True or False, got str 'no'"):
+        MacKayAdam([{"params": [torch.nn.Parameter(torch.zeros(3))], "ard": "no"}], num_data=10)
+    optimizer = MacKayAdam([torch.nn.Parameter(torch.zeros(3))], num_data=10,
+                           eps=torch.tensor(1e-8), weight_decay=0, curvature_decay=0.5)
+    with pytest.raises(TypeError, match="ard must be True or False, got int 0"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "ard": 0})
+    assert len(optimizer.param_groups) == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
