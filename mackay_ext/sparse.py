@@ -45,7 +45,12 @@ PATHS = ("csr", "dense")
 # torch.func transforms (grad, vmap: per-example gradients) wrap tensors in ones without storage:
 # the dense path's cache key (data_ptr) and the csr ops' kernels cannot read them, so such calls
 # take the scatter + dense product, which the transforms differentiate and batch
-_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda tensor: False)
+# (dynamo cannot trace the check, and a compiled program never holds such tensors)
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda tensor: False)
+
+
+def _functorch_wrapped(tensor: torch.Tensor) -> bool:
+    return not torch.compiler.is_compiling() and _is_wrapped(tensor)
 
 # Whether torch.onnx.export is running. The public torch.onnx.is_in_onnx_export imports two
 # modules on every call (about 1.2 us, 7% of a LeNet-300-100 forward at batch 1 over its three
@@ -240,7 +245,7 @@ class _CSRWeight(nn.Module):
         so such code calls model.eval() again after the write (or writes under torch.no_grad()
         without .data, which bumps the version)."""
         values = self.values
-        if torch.compiler.is_compiling() or _onnx_exporting() or _functorch_wrapped(values):
+        if torch.compiler.is_compiling() or _onnx_exporting() or _is_wrapped(values):
             return self.dense_weight().view(shape)   # in the program: the nonzeros, not W
         key = (values._version, values.data_ptr(), _optimizer_steps)
         if self.training or self._dense is None or self._dense_key != key:
