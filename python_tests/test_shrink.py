@@ -619,5 +619,6 @@ def test_a_layer_under_two_names_shrinks_as_under_one(alias):
     x = torch.randn(5, 8)
     small, report = shrink(net, (x,), report=True)
     assert report.params_after == 17 and not report.kept_unused
-    torch.testing.assert_close(small(x), net(x), rtol=0, atol=0)
+    # to rounding: the shrunk layers' GEMMs sum over fewer terms, in a CPU-dependent order
+    torch.testing.assert_close(small(x), net(x), rtol=1e-6, atol=1e-7)
     assert (small.block is small.block2) if alias else not hasattr(small, "block2")
