@@ -178,6 +178,15 @@ class ChannelARD:
             self.members[name] = _Member(name, param, sorted(dims, key=lambda d: d[0]), where, target,
                                          scale=is_channel_scale(model, name))
         # channel_prior="norm-scale": the groups whose prior sits on their norm scales alone
+        through_norm = sum(any(self.members[m.name].scale for m in g.members) for g in groups)
+        if (through_norm and not pruner._channel_prior_chosen and pruner.max_prune_fraction is None):
+            warnings.warn(
+                f"MacKayPruner: {through_norm} of {len(groups)} channel groups pass through a BatchNorm "
+                "or InstanceNorm, which divides their filters' scale out: the default prior on those "
+                "filters (channel_prior='members') is a prior on nothing the network computes, and the "
+                "first pruning update can remove most of the network. channel_prior='norm-scale' puts "
+                "it on the norm's scale, where the evidence is well posed; or keep 'members' (pass it "
+                "to silence this) with max_prune_fraction=0.5", UserWarning, stacklevel=3)
         self.on_scale = None
         if pruner.channel_prior == "norm-scale":
             self.on_scale = torch.tensor([any(self.members[m.name].scale for m in g.members) for g in groups],

@@ -3,6 +3,8 @@ against a per-entry float64 reference on tiny models whose groups are written ou
 alpha_eff the optimizer reads, training that prunes a CNN with BatchNorm and a residual add down to
 groups that stay exactly 0 and shrink to an equal smaller model, the pruner's guarantees, bad input."""
 import math
+import re
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -464,3 +466,41 @@ def test_no_removable_group_says_what_blocks_the_channels():
                                          r"the model output"):
         MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
                      granularity="channel", example_inputs=(torch.randn(2, 4),))
+
+
+@pytest.mark.parametrize("options,warned", [({}, True), ({"channel_prior": "members"}, False),
+                                            ({"max_prune_fraction": 0.5}, False),
+                                            ({"channel_prior": "norm-scale"}, False)])
+def test_the_default_prior_on_filters_before_a_batchnorm_is_warned_about(options, warned):
+    """A new user's BatchNorm CNN (and torchvision's resnet18) under granularity="channel" with
+    nothing else set lost 99% of its weights in the first pruning update: the filters before a
+    norm are scale-free. Left at its default there, without max_prune_fraction, the prior's
+    placement is warned about, naming norm-scale; a choice made (either prior, or the cap) is not."""
+    torch.manual_seed(0)
+    model = ResNetish().double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=128, batch_size=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MacKayPruner(model, optimizer, num_data=128, granularity="channel", example_inputs=x, **options)
+    messages = [str(w.message) for w in caught if "pass through a BatchNorm" in str(w.message)]
+    assert bool(messages) == warned
+    if warned:
+        assert re.search(r"\d+ of \d+ channel groups pass through a BatchNorm.*channel_prior='norm-scale'",
+                         messages[0])
+
+
+def test_an_update_that_prunes_nearly_everything_says_what_to_do():
+    """Only per-layer 'the strongest group is kept' warnings marked a collapse (they read like a
+    safety net); one warning now gives the share pruned, the layers it would have emptied and
+    the ways out."""
+    model, _, pruner, train, _ = cnn_run("adam")
+    train(10)
+    pruner.update()                                  # warm-up: alpha from the curvature
+    train(5)
+    for name in pruner.channel.members:              # nothing determined: every group prunable
+        pruner.channel.curvature(name).zero_()
+    with pytest.warns(RuntimeWarning, match=r"this update pruned 9\d\.\d% of the weights still live "
+                                            r"\([\d,]+ -> [\d,]+\) and would have emptied \d+ layer.*"
+                                            r"max_prune_fraction=0.5.*channel_prior='norm-scale'"):
+        pruner.update()

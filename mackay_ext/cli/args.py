@@ -167,11 +167,12 @@ def _parser() -> argparse.ArgumentParser:
              "criterion picks are judged again at the next update, after the others re-fit); e.g. "
              "0.5 where a layer's groups can stand in for each other and would all go at once "
              "(default: no limit)")
-    add("--channel-prior", default="members", choices=("members", "norm-scale"),
+    add("--channel-prior", default=None, choices=("members", "norm-scale"),
         help="with --granularity channel, where a channel group's prior sits: on every member "
              "(members), or, for a channel that passes through a BatchNorm, on the BatchNorm's "
              "scale alone (norm-scale; the filter before it is scale-free, so its norm says "
-             "nothing about the channel) (default: %(default)s)")
+             "nothing about the channel) (default: members, with a warning on a network with "
+             "BatchNorm unless --max-prune-fraction is set)")
     add("--curvature", default="ef-batch", choices=("ef-batch", "ef-exact", "fisher-mc"),
         help="diagonal curvature estimate for MacKay's gamma: ef-batch (from the optimizer's "
              "minibatch gradients, cheapest), ef-exact (exact per-example squared gradients) or "

@@ -44,7 +44,7 @@ def _recipe_settings(args, given: set[str], parser) -> dict[str, Any]:
                     mac_price=recipe.pruner.get("mac_price", 0.0),
                     mac_price_ramp=recipe.pruner.get("mac_price_ramp", 1), curvature_every=1,
                     max_prune_fraction=recipe.pruner.get("max_prune_fraction"),
-                    channel_prior=recipe.pruner.get("channel_prior", "members"))
+                    channel_prior=recipe.pruner.get("channel_prior"))
     for key, dest in SETTING_DESTS.items():
         if dest in given and key not in RECIPE_FIXES:
             settings[key] = getattr(args, dest)
@@ -190,7 +190,7 @@ def _check_settings(settings: dict[str, Any], args, given: set[str], parser) -> 
     if settings.get("curvature_every", 1) != 1 and settings["curvature"] == "ef-batch":
         parser.error("--curvature-every samples the ef-exact or fisher-mc curvature (--curvature); "
                      "ef-batch rides in every optimizer step at no extra cost")
-    if settings.get("channel_prior", "members") != "members" and settings["granularity"] != "channel":
+    if settings.get("channel_prior") not in (None, "members") and settings["granularity"] != "channel":
         parser.error(f"--channel-prior {settings['channel_prior']} places a channel group's prior: "
                      f"it needs --granularity channel, got {settings['granularity']}")
     if settings["device"] == "cuda" and not torch.cuda.is_available():
@@ -245,7 +245,7 @@ def _pruner_options(settings: dict[str, Any], inputs: torch.Tensor) -> dict[str,
                    threshold=settings["threshold"], curvature=settings["curvature"])
     if settings.get("max_prune_fraction") is not None:
         options["max_prune_fraction"] = settings["max_prune_fraction"]
-    if settings.get("channel_prior", "members") != "members":
+    if settings.get("channel_prior") is not None:   # None: the pruner's default (and its warning)
         options["channel_prior"] = settings["channel_prior"]
     if settings.get("curvature_every", 1) != 1:
         options["curvature_every"] = settings["curvature_every"]
