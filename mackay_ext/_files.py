@@ -126,8 +126,8 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
         if refused:
             raise UnsafeFileError(
                 f"{what} {path} was refused: it holds Python objects other than tensors, numbers, "
-                "strings, lists and dicts, so it was not written by mackay_ext (nothing in it was "
-                f"run; {refused[0]})") from None
+                "strings, lists and dicts, so it was not written by mackay_ext, or it was damaged "
+                f"after (nothing in it was run; {refused[0]})") from None
         raise CorruptFileError(f"{what} {path} cannot be read: it is corrupt or truncated, or not a torch file"
                                ) from None
     except Exception as error:  # truncated zip, wrong magic number, bad storage ...

@@ -313,3 +313,21 @@ def test_save_compressed_names_a_bad_argument_and_a_failed_write(saved, tmp_path
     with pytest.raises(OSError, match=r"could not write .*good.pt \(\[enforce fail.*is the disk full"):
         save_compressed(model, path)
     assert path.read_bytes() == before and not (tmp_path / "good.pt.tmp").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_loaded_by_name_comes_back_in_the_files_dtype(tmp_path, dtype):
+    """Loaded by its model_name, a bfloat16 model's file came back float32 (twice the memory)."""
+    torch.manual_seed(0)
+    model = models.create("lenet-300-100")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_((torch.rand_like(p) < 0.05).float())
+    model = sparsify(model.to(dtype))
+    save_compressed(model, tmp_path / "m.pt", model_name="lenet-300-100")
+    loaded = load_compressed(tmp_path / "m.pt")
+    assert {p.dtype for p in loaded.parameters()} == {dtype}
+    x = torch.randn(2, 1, 28, 28, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

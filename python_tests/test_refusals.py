@@ -164,6 +164,12 @@ def test_load_compressed_refuses_a_model_that_does_not_fit(tmp_path):
     torch.save(resealed(payload), tmp_path / "nosparse.pt")
     with pytest.raises(CorruptFileError, match="lacks its 'sparse'"):
         load_compressed(tmp_path / "nosparse.pt", model=nn.Sequential(nn.Linear(12, 8)))
+    del payload["digest"]   # neither the parts nor a digest: the refusal alone, no checksum warning first
+    torch.save(payload, tmp_path / "bare.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CorruptFileError, match="lacks its 'sparse'"):
+            load_compressed(tmp_path / "bare.pt", model=nn.Sequential(nn.Linear(12, 8)))
 
 
 @pytest.mark.parametrize("dropout", [nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout])

@@ -738,3 +738,31 @@ def test_torch_func_per_example_gradients_of_a_sparse_model(path, training):
         F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(per_example[name][i], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_pickled_or_copied_sparse_model_leaves_the_dense_cache_behind():
+    """torch.save of the module (or deepcopy) carried each dense-path layer's cached dense weight:
+    224 KB for a 1.25%-kept LeNet-300-100 against about 26 KB of nonzeros."""
+    import copy
+    import io
+    import pickle
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    with torch.no_grad():
+        for layer in (dense[0], dense[2]):
+            layer.weight.mul_((torch.rand_like(layer.weight) < 0.02).float())
+    model = sparsify(dense).eval()
+    for layer in (model[0], model[2]):
+        layer.path = "dense"
+    x = torch.randn(3, 300)
+    with torch.no_grad():
+        expected = model(x)
+    assert model[0]._dense is not None   # the cache the eval forward made
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin[0]._dense is None and twin[2]._dense is None
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), expected, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert len(buffer.getvalue()) < 300 * 200 * 4 / 4   # nonzeros and indices, not the dense matrix
+    assert model[0]._dense is not None   # the original keeps its cache
