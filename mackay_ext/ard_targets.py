@@ -111,6 +111,12 @@ PARAMETRIZED = ("an input of a parametrization (weight_norm, spectral_norm, orth
                 "(torch.nn.utils.parametrize.remove_parametrizations) to cover the layer")
 
 
+FROZEN = "frozen (requires_grad=False)"
+# what report()["excluded"] says of a weight frozen when the pruner was built and trained since
+UNFROZEN = ("frozen when the pruner was built, trained since without a prior (the pruner's layers are "
+            "fixed when it is built: build a new one, after unfreezing, to give it one)")
+
+
 def _parametrization_input(module: nn.Module, attr: str) -> bool:
     """Is `attr` of `module` what a parametrization computes the layer's weight from? (The new
     torch.nn.utils.parametrize: held by a ParametrizationList; the old torch.nn.utils.weight_norm:
@@ -184,7 +190,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
         elif param.dim() < 2:
             reason = "1-D (bias or norm scale): no prior"
         elif not param.requires_grad:
-            reason = "frozen (requires_grad=False)"
+            reason = FROZEN
         elif in_optimizer is not None and id(param) not in in_optimizer:
             reason = "not trained by the optimizer"
         elif ard_groups_only and not ard_flags.get(id(param), True):

@@ -52,8 +52,10 @@ from ._validate import (
     warn_threshold_scale,
 )
 from .ard_targets import (
+    FROZEN,
     GRANULARITIES,
     PARAMETRIZED,
+    UNFROZEN,
     ARDTarget,
     alpha_shape,
     alpha_shape_for,
@@ -287,6 +289,7 @@ class MacKayPruner(StandalonePrior):
         self._mc_captured: bool | None = None   # capture_mc's verdict, until accumulate_mc_from
         self._priced_updates = 0   # updates so far that could prune with a price (the ramp's clock)
         self.targets, self.excluded = find_targets(model, optimizer, layers, ard_groups_only=self.fused)
+        self._unfrozen_warned: set[str] = set()
         parametrized = [entry["name"] for entry in self.excluded if entry["reason"] == PARAMETRIZED]
         if parametrized:   # weight-like parameters the user will expect covered: say so
             warnings.warn(f"{where}: {', '.join(parametrized)} left without a prior: each is {PARAMETRIZED}",
@@ -1013,10 +1016,29 @@ class MacKayPruner(StandalonePrior):
         total = sum(layer["total"] for layer in layers)
         kept = sum(layer["kept"] for layer in layers)
         report = {"layers": layers, "total": total, "kept": kept, "sparsity": 1 - kept / max(total, 1),
-                  "excluded": list(self.excluded)}
+                  "excluded": self._excluded_now()}
         if all("gamma" in layer for layer in layers):
             report["gamma_sum"] = sum(layer["gamma"] for layer in layers)
         return report
+
+    def _excluded_now(self) -> list[dict[str, str]]:
+        """self.excluded, with a weight frozen when the pruner was built and trainable now named
+        as such (once, in a warning too): it trains without a prior."""
+        entries = []
+        for entry in self.excluded:
+            if entry["reason"] == FROZEN and self._requires_grad_now(entry["name"]):
+                entry = dict(entry, reason=UNFROZEN)
+                if entry["name"] not in self._unfrozen_warned:
+                    self._unfrozen_warned.add(entry["name"])
+                    warnings.warn(f"MacKayPruner: {entry['name']} is {UNFROZEN}", UserWarning, stacklevel=4)
+            entries.append(entry)
+        return entries
+
+    def _requires_grad_now(self, name: str) -> bool:
+        try:
+            return self.model.get_parameter(name).requires_grad
+        except AttributeError:   # gone since (sparsify, shrink)
+            return False
 
     def sparsity(self) -> float:
         """Fraction of the ARD layers' weights that are pruned."""

@@ -218,3 +218,22 @@ def test_layers_takes_module_and_parameter_names():
         MacKayPruner(model, optimizer, num_data=64, layers=["0.bias"])
     with pytest.raises(ValueError, match=r"layers \['3.weight'\] are neither modules nor parameters"):
         MacKayPruner(model, optimizer, num_data=64, layers=["3.weight"])
+
+
+def test_a_layer_unfrozen_after_the_pruner_was_built_is_named_as_training_without_a_prior():
+    """Freeze a layer, build the optimizer and pruner, unfreeze it later: it trained without a
+    prior while report()["excluded"] still called it frozen, and nothing was said."""
+    model = make_mlp()
+    model[0].weight.requires_grad_(False)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100, batch_size=10)
+    pruner = MacKayPruner(model, optimizer, num_data=100)
+    assert {"name": "0.weight", "reason": "frozen (requires_grad=False)"} in pruner.report()["excluded"]
+    model[0].weight.requires_grad_(True)
+    optimizer.add_param_group({"params": [model[0].weight]})
+    with pytest.warns(UserWarning, match="0.weight is frozen when the pruner was built, trained since without a prior"):
+        excluded = pruner.report()["excluded"]
+    assert any(e["name"] == "0.weight" and e["reason"].startswith("frozen when the pruner was built")
+               for e in excluded)
+    with warnings.catch_warnings():   # said once
+        warnings.simplefilter("error")
+        pruner.report()
