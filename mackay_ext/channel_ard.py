@@ -69,7 +69,7 @@ from torch import nn
 
 from ._alpha import finite_alpha, update_rule
 from ._follow import ParamStates, state_dtype
-from .coupling import ChannelGroup, Coupling, group_index, trace_coupling
+from .coupling import ChannelGroup, Coupling, CouplingError, group_index, trace_coupling
 from .batch_curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
 from .prune_cap import allowed_prunes, groups_to_restore
@@ -86,7 +86,14 @@ def trace_for_pruner(model: nn.Module, example_inputs) -> Coupling:
         raise ValueError("MacKayPruner: granularity='channel' needs example_inputs= (a batch, tuple of "
                          "inputs or dict of keyword inputs that runs the model): the coupled channel "
                          "groups are found from one traced forward")
-    return trace_coupling(model, example_inputs)
+    try:
+        return trace_coupling(model, example_inputs)
+    except CouplingError as error:   # say what a user of such a model can do instead
+        raise CouplingError(
+            f"{error}. MacKayPruner(granularity='channel') traces the whole model, so one such op "
+            "rules it out wherever it sits (layers= does not narrow the trace): use granularity="
+            "'filter' (a prior per output unit of each layer, no coupling) or 'weight', and "
+            "mackay_ext.sparsify(model) to store and run what is pruned") from None
 
 
 def is_channel_scale(model: nn.Module, name: str) -> bool:

@@ -267,6 +267,9 @@ class MacKayPruner(StandalonePrior):
                              "the optimizer: pass it, or use prior='penalty' and add penalty() to the loss")
         self.channel = None   # the group update of granularity="channel" (mackay_ext.channel_ard)
         coupling = None
+        if isinstance(granularity, dict) and "channel" in granularity.values():   # before example_inputs' check
+            raise ValueError("MacKayPruner: granularity='channel' couples layers across the whole "
+                             "model: pass granularity='channel', not per layer")
         if isinstance(granularity, str) and granularity == "channel":
             from .channel_ard import trace_for_pruner
             coupling = trace_for_pruner(model, example_inputs)   # before any hook is attached
@@ -398,9 +401,6 @@ class MacKayPruner(StandalonePrior):
     def _granularities(self, granularity) -> tuple[dict[str, str], dict[str, str]]:
         if isinstance(granularity, str) and granularity == "channel":   # alpha_eff per entry
             return {name: "channel" for name in self.targets}, {}
-        if isinstance(granularity, dict) and "channel" in granularity.values():
-            raise ValueError("MacKayPruner: granularity='channel' couples layers across the whole "
-                             "model: pass granularity='channel', not per layer")
         per_name = granularity if isinstance(granularity, dict) else {}
         if isinstance(granularity, dict):
             names = set(self.targets) | {t.module_name for t in self.targets.values()}

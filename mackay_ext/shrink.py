@@ -465,6 +465,9 @@ def _verify(model: nn.Module, small: nn.Module, example_inputs, folded: bool = F
         if len(held) != 1:
             raise CouplingError(f"shrink: {', '.join(names)} are one tied tensor in the input model but not "
                                 f"in the shrunk one; the tie between {modules_of(names)} would be broken")
+    if len(expected) != len(got):   # zip would compare the common part and pass
+        raise CouplingError(f"shrink: the shrunk model returns {len(got)} outputs where the pruned one "
+                            f"returns {len(expected)}; its forward code probably depends on a channel count")
     for a, b in zip(expected, got):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
             tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(a.dtype, 1e-2)

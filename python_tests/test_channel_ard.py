@@ -504,3 +504,27 @@ def test_an_update_that_prunes_nearly_everything_says_what_to_do():
                                             r"\([\d,]+ -> [\d,]+\) and would have emptied \d+ layer.*"
                                             r"max_prune_fraction=0.5.*channel_prior='norm-scale'"):
         pruner.update()
+
+
+def test_an_op_the_trace_cannot_follow_says_what_to_do_and_a_per_layer_channel_is_named():
+    """One ConvTranspose2d anywhere rules out granularity='channel' (layers= does not narrow the
+    trace): the error named the module but no way out. And granularity={'c1': 'channel', ...}
+    with example_inputs was refused for example_inputs, not for the per-layer 'channel'."""
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.t = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2)
+
+        def forward(self, x):
+            return self.t(F.relu(self.c1(x)))
+
+    model, x = Decoder(), torch.randn(2, 3, 8, 8)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100, batch_size=2)
+    for layers in (None, ["c1"]):
+        with pytest.raises(CouplingError, match=r"module 't' \(ConvTranspose2d\).*layers= does not narrow the "
+                                                r"trace\): use granularity='filter'.*sparsify"):
+            MacKayPruner(model, optimizer, num_data=100, granularity="channel", example_inputs=(x,), layers=layers)
+    with pytest.raises(ValueError, match="granularity='channel' couples layers across the whole model"):
+        MacKayPruner(model, optimizer, num_data=100, granularity={"c1": "channel", "t": "weight"},
+                     example_inputs=(x,))
+    MacKayPruner(model, optimizer, num_data=100, granularity="filter")   # the way out works

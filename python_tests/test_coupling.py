@@ -300,3 +300,8 @@ def test_group_index_numbers_every_sliced_index():
 def test_group_is_a_value():
     a = ChannelGroup((Member("w", 0, (1, 2, 3, 7), _ndim=2),))
     assert repr(a) == "channel: w[out 1-3,7]" and a == ChannelGroup((Member("w", 0, (1, 2, 3, 7)),))
+
+
+def test_channel_groups_with_its_arguments_swapped_names_itself():
+    with pytest.raises(TypeError, match=r"channel_groups: model \(the first argument\) must be a torch.nn.Module, got Tensor"):
+        channel_groups(torch.randn(2, 3, 8, 8), nn.Conv2d(3, 4, 3))

@@ -17,6 +17,9 @@ def channel_groups(model: nn.Module, example_inputs) -> list[ChannelGroup]:
     example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs that
     runs the model. Returns groups in the order their first member appears in the model.
     """
+    if not isinstance(model, nn.Module):   # named here, not in trace_coupling
+        raise TypeError(f"channel_groups: model (the first argument) must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
     return trace_coupling(model, example_inputs).groups
 
 
