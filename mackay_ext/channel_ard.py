@@ -96,6 +96,19 @@ def trace_for_pruner(model: nn.Module, example_inputs) -> Coupling:
             "mackay_ext.sparsify(model) to store and run what is pruned") from None
 
 
+def _why_blocked(unsliced: list[str], pruner, coupling: Coupling) -> str:
+    """The trace's reason for the first of `unsliced` (target names) it kept whole, if it gave one
+    (e.g. a LayerNorm over channels couples them all)."""
+    names = {id(p): n for n, p in pruner.model.named_parameters()}
+    for target in unsliced:
+        param_name = names.get(id(pruner.targets[target].param))
+        for group, reason in coupling.blocked:
+            if any(member.name == param_name for member in group.members):
+                first = reason.split("; ")[0]
+                return f" (the trace keeps their channels whole; {target}: {first}{'; ...' if first != reason else ''})"
+    return ""
+
+
 def is_channel_scale(model: nn.Module, name: str) -> bool:
     """Is parameter `name` the scale of a per-channel normalisation (BatchNorm, InstanceNorm)? What
     such a layer reads is invariant to the scale of the filter that makes its channel, so the
@@ -223,6 +236,10 @@ class ChannelARD:
         unsliced = [name for name, t in pruner.targets.items() if id(t.param) not in sliced]
         if unsliced:
             self.notes.append(f"in no channel group, so without a prior: {', '.join(unsliced)}")
+            warnings.warn(f"MacKayPruner: {len(unsliced)} of {len(pruner.targets)} layers are in no channel "
+                          f"group, so they train without a prior: {', '.join(unsliced[:6])}"
+                          f"{', ...' if len(unsliced) > 6 else ''}{_why_blocked(unsliced, pruner, coupling)}. "
+                          "granularity='filter' or 'weight' puts a prior on every layer", UserWarning, stacklevel=3)
         if self._own and self._batch_size is None:
             self.notes.append("no batch size known: the 1-D members tracked by the pruner ("
                               + ", ".join(self._own) + ") have curvature h = 0")

@@ -528,3 +528,16 @@ def test_an_op_the_trace_cannot_follow_says_what_to_do_and_a_per_layer_channel_i
         MacKayPruner(model, optimizer, num_data=100, granularity={"c1": "channel", "t": "weight"},
                      example_inputs=(x,))
     MacKayPruner(model, optimizer, num_data=100, granularity="filter")   # the way out works
+
+
+def test_layers_left_without_a_prior_by_the_channel_trace_are_warned_about():
+    """ConvNeXt under granularity='channel': 17 of 41 layers (the residual stream, which a
+    LayerNorm couples) got no prior, said only in report()['channel']['notes']."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100, batch_size=2)
+    with pytest.warns(UserWarning, match=r"1 of 3 layers are in no channel group, so they train without a "
+                                         r"prior: 4 \(the trace keeps their channels whole; 4: .*granularity='filter'"):
+        pruner = MacKayPruner(model, optimizer, num_data=100, granularity="channel",
+                              example_inputs=torch.randn(2, 4))
+    assert any("in no channel group" in note for note in pruner.report()["channel"]["notes"])
