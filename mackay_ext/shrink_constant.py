@@ -145,7 +145,8 @@ def constant_contributions(model: nn.Module, groups: list[ChannelGroup], example
             module = model.get_submodule(path)
             if len(seen.get(path, [])) != _runs(example_inputs):
                 reason = f"its consumer '{path}' is called {len(seen.get(path, []))} times per forward, not once"
-            elif isinstance(module, _Conv) and _pads_with_zeros(module):
+            elif isinstance(module, _Conv) and _pads_with_zeros(module) and not _reads_zeros(module, member, seen[path]):
+                # (a channel of exact zeros adds nothing anywhere, borders included: it goes)
                 reason = (f"its consumer '{path}' pads with zeros, so the constant's contribution is "
                           "different at the borders")
             else:
@@ -218,6 +219,12 @@ def _consumer_inputs(model: nn.Module, paths, example_inputs) -> dict[str, list[
         for h in hooks:
             h.remove()
     return seen
+
+
+def _reads_zeros(module: nn.Module, member, inputs: list[torch.Tensor]) -> bool:
+    """Is the member's input slice of the consumer exactly 0 in every probing forward?"""
+    index = torch.tensor(member.indices, dtype=torch.long, device=module.weight.device)
+    return all(not bool(x.index_select(1, index).any()) for x in inputs)
 
 
 def _contribution(module: nn.Module, member, inputs: list[torch.Tensor]) -> torch.Tensor:

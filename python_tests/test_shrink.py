@@ -622,3 +622,33 @@ def test_a_layer_under_two_names_shrinks_as_under_one(alias):
     # to rounding: the shrunk layers' GEMMs sum over fewer terms, in a CPU-dependent order
     torch.testing.assert_close(small(x), net(x), rtol=1e-6, atol=1e-7)
     assert (small.block is small.block2) if alias else not hasattr(small, "block2")
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_a_channel_of_exact_zeros_goes_even_when_its_consumer_pads_with_zeros(with_norm):
+    """A filter pruned whole outputs exactly 0 (bias 0, or a BatchNorm whose scale and shift are
+    0): its contribution is 0 at the borders too, but shrink kept it whenever the next conv padded
+    with zeros ('the constant's contribution is different at the borders'). A nonzero constant
+    still stays there, with that reason."""
+    torch.manual_seed(0)
+    norm = [nn.BatchNorm2d(16)] if with_norm else []
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), *norm, nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    with torch.no_grad():
+        net[0].weight[:6] = 0
+        net[0].bias[:6] = 0
+        if with_norm:
+            net[1].running_mean.uniform_(-1, 1)
+            net[1].weight[:6] = 0
+            net[1].bias[:6] = 0
+    x = torch.randn(2, 3, 16, 16)
+    small, report = shrink(net, (x,), report=True)
+    assert small[0].out_channels == 10 and not report.kept_unused
+    torch.testing.assert_close(small(x), net(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        net[0].bias[0] = 0.5 if not with_norm else 0.0
+        if with_norm:
+            net[1].bias[0] = 0.5
+    small, report = shrink(net, (x,), report=True)
+    assert small[0].out_channels == 11
+    assert any("pads with zeros" in reason for _, reason in report.kept_unused)
