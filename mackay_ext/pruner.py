@@ -888,10 +888,13 @@ class MacKayPruner(StandalonePrior):
             self._keep_strongest(name, target, *before)
             entry = dict(self._layer_entry(name, target), gamma=gamma, warmup=warmup,
                          kept_strongest=True, **extra)
+            # a layer's weight carries its input on; a bare parameter (a positional table) does not
+            layer = isinstance(target.module, (nn.Linear, nn.modules.conv._ConvNd)) and target.attr == "weight"
+            loss = ("the network would no longer depend on its input there" if layer
+                    else "none of it would be left")
             warnings.warn(f"MacKayPruner.update: every group of {target.description} would be "
-                          "pruned (the network would no longer depend on its input there); the "
-                          "strongest group is kept. Pass allow_empty_layers=True to allow it.",
-                          RuntimeWarning, stacklevel=3)
+                          f"pruned ({loss}); the strongest group is kept. Pass allow_empty_layers=True "
+                          "to allow it.", RuntimeWarning, stacklevel=3)
         return entry
 
     def _idle_layers(self) -> set[str]:

@@ -303,3 +303,34 @@ def test_a_layer_no_data_reached_is_left_as_it_is_and_said_once(optimizer_kind, 
     report = pruner.update()
     assert "without_data" not in {layer["name"]: layer for layer in report["layers"]}["head2"]
     assert bool(pruner.alpha("head2").any())
+
+
+def test_emptying_a_bare_parameter_is_not_worded_as_a_layer_losing_its_input():
+    """A learned positional table (an nn.Parameter of a module, not a layer's weight) about to lose
+    every entry was said to leave 'the network no longer depending on its input there'."""
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 6, 4))
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head((x + self.pos).mean(1))
+
+    torch.manual_seed(0)
+    model = Positional()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=100)
+    x, y = torch.randn(8, 6, 4), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    pruner.update()                                      # warm-up
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    optimizer.ard_state(model.pos)["curvature"].fill_(1e-30)   # nothing determined: all prunable
+    with pytest.warns(RuntimeWarning, match=r"every group of pos .*\(none of it would be left\)") as caught:
+        pruner.update()
+    assert not any("no longer depend" in str(w.message) and "pos" in str(w.message) for w in caught)
