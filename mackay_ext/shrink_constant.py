@@ -84,6 +84,8 @@ def roles(model: nn.Module, group: ChannelGroup) -> Roles:
                                                   and not module.transposed)
         if plain and m.name == f"{path}.weight" and m.dim in (0, 1):
             (found.producers if m.dim == 0 else found.consumers).append((path, m))
+        elif isinstance(module, nn.MultiheadAttention) and m.name == f"{path}.in_proj_weight" and m.dim == 0:
+            found.producers.append((path, m))   # a head's packed q, k, v rows make it
         else:
             found.unknown.append((path, m))
     return found
@@ -98,8 +100,10 @@ def _all_zero(model: nn.Module, members) -> bool:
 
 
 def unread(model: nn.Module, group: ChannelGroup) -> bool:
-    """True when the group's channel has consumers and every consumer weight reading it is zero."""
-    if group.kind != "channel":
+    """True when the group's channel has consumers and every consumer weight reading it is zero.
+    A head too: the output projection's columns read its values, and its queries and keys only
+    weigh those values, so with the columns zero nothing of the head reaches the output."""
+    if group.kind not in ("channel", "head"):
         return False
     r = roles(model, group)
     return bool(r.consumers) and not r.unknown and _all_zero(model, r.consumers)
@@ -109,7 +113,7 @@ def unread_but_unknown(model: nn.Module, group: ChannelGroup) -> str | None:
     """Why a channel that every known reader leaves unread is still kept (None if it is not such
     a channel): some member sits where shrink cannot tell whether it reads or makes the channel
     (a raw Parameter used in forward code, a tied weight), so the channel may still matter."""
-    if group.kind != "channel":
+    if group.kind not in ("channel", "head"):
         return None
     r = roles(model, group)
     if not (r.consumers and r.unknown and _all_zero(model, r.consumers)):

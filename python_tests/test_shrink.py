@@ -652,3 +652,29 @@ def test_a_channel_of_exact_zeros_goes_even_when_its_consumer_pads_with_zeros(wi
     small, report = shrink(net, (x,), report=True)
     assert small[0].out_channels == 11
     assert any("pads with zeros" in reason for _, reason in report.kept_unused)
+
+
+@pytest.mark.parametrize("name", ["transformer_encoder", "vit_tiny", "bert"])
+def test_a_head_whose_output_columns_are_zero_is_removed_as_unread(name):
+    """Per-input pruning of the attention's output projection (granularity='filter') leaves heads
+    nothing reads while their q, k and v rows stay: shrink kept all of them and reported none
+    (a tiny BERT with 3 of 4 heads unread kept 4). Such a head is unread, and goes where shrink
+    can remove heads; where it cannot (nn.MultiheadAttention), it is kept with the reason."""
+    from mackay_ext import shrink_constant
+    model, inputs = to_double(*build(name))
+    head = next(g for g in channel_groups(model, inputs) if g.kind == "head")
+    with torch.no_grad():
+        for path, member in shrink_constant.roles(model, head).consumers:
+            weight = model.get_parameter(member.name)
+            weight.index_fill_(member.dim, torch.tensor(member.indices), 0.0)
+        expected = logits(model, inputs)
+    small, report = shrink(model, inputs, report=True)
+    with torch.no_grad():
+        assert_equal_outputs(expected, logits(small, inputs))
+    removed = [g for g in report.unread if g.kind == "head"]
+    kept = [reason for g, reason in report.kept_unused if g.kind == "head"]
+    if name == "transformer_encoder":
+        assert not removed and "MultiheadAttention ties the width" in kept[0]
+    else:
+        assert len(removed) == 1 and not kept
+        assert report.params_after < report.params_before
