@@ -90,16 +90,13 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_group(group: dict[str, Any]) -> None:
+def _check_group_types(group: dict[str, Any]) -> None:
+    """The types of a group's options, once, where the group enters (add_param_group,
+    load_state_dict): Python's own errors ("must be real number, not str") named none, and
+    "no" as ard was true. _check_group checks their values at every step."""
     where = "MacKayAdam"
-    if isinstance(group["lr"], (str, bool)) or not isinstance(group["lr"], (int, float, torch.Tensor)):
-        raise TypeError(f"{where}: lr must be a number, got {type(group['lr']).__name__} {group['lr']!r}")
-    lr = float(group["lr"])
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"{where}: lr must be finite and >= 0, got {group['lr']}")
     betas = group["betas"]
-    if (not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(map(_is_number, betas))
-            or not all(0.0 <= float(b) < 1.0 for b in betas)):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(map(_is_number, betas)):
         raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas!r}")
     for name in ("eps", "weight_decay", "curvature_decay"):
         if not _is_number(group[name]):
@@ -108,6 +105,18 @@ def _check_group(group: dict[str, Any]) -> None:
         if not isinstance(group[name], bool):
             raise TypeError(f"{where}: {name} must be True or False, got {type(group[name]).__name__} "
                             f"{group[name]!r}")
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    where = "MacKayAdam"
+    if isinstance(group["lr"], (str, bool)) or not isinstance(group["lr"], (int, float, torch.Tensor)):
+        raise TypeError(f"{where}: lr must be a number, got {type(group['lr']).__name__} {group['lr']!r}")
+    lr = float(group["lr"])
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{where}: lr must be finite and >= 0, got {group['lr']}")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"{where}: betas must be two numbers in [0, 1), got {betas}")
     if not (math.isfinite(group["eps"]) and group["eps"] >= 0):
         raise ValueError(f"{where}: eps must be finite and >= 0, got {group['eps']}")
     if not (math.isfinite(group["weight_decay"]) and group["weight_decay"] >= 0):
@@ -184,7 +193,8 @@ class MacKayAdam(torch.optim.Optimizer):
         if backend == "ext":
             _extension.require()
         self.backend = backend
-        defaults = {"lr": lr, "betas": tuple(betas) if isinstance(betas, (tuple, list)) else betas, "eps": eps, "weight_decay": weight_decay,
+        betas = tuple(betas) if isinstance(betas, (tuple, list)) else betas   # else: named at the group check
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                         "num_data": num_data, "batch_size": batch_size, "curvature_decay": curvature_decay,
                         "decoupled_weight_decay": decoupled_weight_decay, "ard": True}
         super().__init__(params, defaults)
@@ -204,6 +214,7 @@ class MacKayAdam(torch.optim.Optimizer):
         try:   # Adam's options and the params once, here: not in _check_group, which runs every step
             check_adam_options(self.param_groups[-1], "MacKayAdam (param group)")
             _check_params(self.param_groups[-1])
+            _check_group_types(self.param_groups[-1])
             _check_group(self.param_groups[-1])
         except (TypeError, ValueError):
             self.param_groups.pop()   # a refused group is not kept (every later step would fail)
@@ -419,6 +430,7 @@ class MacKayAdam(torch.optim.Optimizer):
         for group in state_dict["param_groups"][:len(self.param_groups)]:   # before anything is replaced
             # (e.g. Adam's amsgrad=True); a count that differs is the base class's to refuse
             check_adam_options(group, "MacKayAdam (param group)")
+            _check_group_types(group)
             _check_group(group)
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         exact = {pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
