@@ -793,6 +793,7 @@ class MacKayPruner(StandalonePrior):
             notes.append("no optimizer step since the previous update: alpha re-estimated, "
                          "nothing pruned (the weights have not answered the new prior yet)")
             warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=2)
+        live_before = self.kept_weights()
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
         else:
@@ -800,7 +801,7 @@ class MacKayPruner(StandalonePrior):
             layers = [self._without_data(name, target) if name in idle else self._update_one(name, target, hold)
                       for name, target in self.targets.items()]
         report = self._summarise(layers)
-        self._warn_collapse(report, layers, channel if self.channel is not None else None)
+        self._warn_collapse(live_before, report, layers, channel if self.channel is not None else None)
         notes += [f"{layer['name']}: {WITHOUT_DATA}" for layer in layers if layer.get("without_data")]
         report["notes"] = notes + [f"{n}: {note}" for n, note in self.notes.items()]
         if self.channel is not None:
@@ -818,12 +819,11 @@ class MacKayPruner(StandalonePrior):
         self._sample_next_batch()
         return report
 
-    def _warn_collapse(self, report: dict[str, Any], layers: list[dict[str, Any]],
+    def _warn_collapse(self, before: int, report: dict[str, Any], layers: list[dict[str, Any]],
                        channel: dict[str, Any] | None) -> None:
         """One warning, with what to do, when this update pruned nearly every weight still live
-        or would have emptied a layer: the per-layer "strongest group is kept" reads like a
-        safety net, while the network has lost most of what it had learned."""
-        before = self.history[-1]["kept"] if self.history else report["total"]
+        (`before` of them) or would have emptied a layer: the per-layer "strongest group is kept"
+        reads like a safety net, while the network has lost most of what it had learned."""
         share = (before - report["kept"]) / before if before else 0.0
         emptied = [layer["name"] for layer in layers if layer.get("kept_strongest")]
         emptied += [entry.split(": kept")[0] for entry in (channel or {}).get("kept_strongest", [])]
