@@ -6,9 +6,9 @@ The implementations are timed round-robin in one loop (conftest.interleaved).
 Targets (issue 3): 2-core CPU at 16M: ext >= 4x faster than the fallback and <= 1.5x the time
 of fused Adam; H100/H200: effective bandwidth >= 75% of a device-to-device copy (same run).
 Effective bandwidth counts 40 B/param for the MacKay step with per-weight alpha and curvature
-(read w g m v h alpha, write w m v h) and 28 B/param for plain Adam, in float32; in bfloat16 and
-float16 (rows "... bfloat16", "... float16": parameters, gradients and state in that dtype, alpha
-float32) 22 and 14 B/param.
+(read w g m v h alpha, write w m v h) and 28 B/param for plain Adam, in float32; in bfloat16
+(row "... bfloat16": parameters, gradients and moments in bfloat16, alpha and the curvature
+float32) 26 and 14 B/param; in float16 the moments are float32 too (34 B/param).
 Table optimizer_overhead: the same 100-tensor list with 16 values a tensor, where a step is all
 host work (Python, the op's argument checks, launches); "+ OneCycleLR": a scheduler changing lr
 and betas after every step, as per-step schedules do.
@@ -57,10 +57,13 @@ def bytes_moved(name, weights, biases):
         return 2 * size * (ard + plain)
     if name not in ("ext", "torch"):
         return 7 * size * (ard + plain)
-    # weight read and written, gradient read (and the curvature's read and write); exp_avg and
-    # exp_avg_sq read and written, in float32 for a float16 weight (mackay_ext._follow)
+    # weight read and written, gradient read, the curvature read and written (float32 for a
+    # bfloat16 or float16 weight); exp_avg and exp_avg_sq read and written, in float32 for a
+    # float16 weight (mackay_ext._follow)
+    half = weights[0].dtype in (torch.bfloat16, torch.float16)
     moment = 4 if weights[0].dtype == torch.float16 else size
-    return (5 * size + 4 * moment + 4) * ard + (3 * size + 4 * moment) * plain
+    curvature = 4 if half else size
+    return (3 * size + 2 * curvature + 4 * moment + 4) * ard + (3 * size + 4 * moment) * plain
 
 
 def make_step(implementation, total, device, dtype=torch.float32):

@@ -25,14 +25,18 @@ bool same_layout(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
-void check_like_param(const at::Tensor& t, const at::Tensor& param, const char* name, size_t i) {
+void check_like_param(const at::Tensor& t, const at::Tensor& param, const char* name, size_t i,
+                      bool float32_allowed = false) {
   TORCH_CHECK(t.defined(), kOp, ": ", name, "[", i, "] is undefined");
   TORCH_CHECK(t.layout() == at::kStrided, kOp, ": ", name, "[", i, "] must be dense (sparse "
               "gradients are not supported), got layout ", t.layout());
   TORCH_CHECK(t.device() == param.device(), kOp, ": ", name, "[", i, "] is on ", t.device(),
               " but params[", i, "] is on ", param.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type(), kOp, ": ", name, "[", i, "] must have "
-                   "the dtype of params[", i, "] (", param.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == param.scalar_type() ||
+                       (float32_allowed && t.scalar_type() == at::kFloat),
+                   kOp, ": ", name, "[", i, "] must have the dtype of params[", i, "] (",
+                   param.scalar_type(), float32_allowed ? ", or float32" : "", "), got ",
+                   t.scalar_type());
   TORCH_CHECK(t.sizes() == param.sizes() && same_layout(t, param), kOp, ": ", name, "[", i,
               "] must have the shape and strides of params[", i, "] ", param.sizes(), "/",
               param.strides(), ", got ", t.sizes(), "/", t.strides());
@@ -156,7 +160,13 @@ void run_mackay_adam_step(at::TensorList params, at::TensorList grads, at::Tenso
       t.alpha = alphas[i];
       layout_alpha(t, i);
       if (!curvatures.empty()) {
-        check_like_param(curvatures[i], t.param, "curvatures", i);
+        // h of a bfloat16 / float16 weight may be float32 (its 1% steps vanish in half
+        // precision), the same for every entry of a call: the kernels pick its type per launch
+        const bool reduced = t.param.scalar_type() == at::kBFloat16 || t.param.scalar_type() == at::kHalf;
+        check_like_param(curvatures[i], t.param, "curvatures", i, reduced);
+        TORCH_CHECK_TYPE(curvatures[i].scalar_type() == curvatures[0].scalar_type(), kOp,
+                         ": all curvatures of one call must share a dtype; curvatures[", i, "] is ",
+                         curvatures[i].scalar_type(), ", curvatures[0] is ", curvatures[0].scalar_type());
         t.curvature = curvatures[i];
       }
     }

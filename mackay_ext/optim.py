@@ -398,11 +398,7 @@ class MacKayAdam(torch.optim.Optimizer):
         if widened:   # the step on float32 copies, to match the float32 moments (see _follow)
             halves = params
             params, grads = [t.float() for t in params], [t.float() for t in grads]
-        # bfloat16: the kernel keeps its state in the weight's dtype, h is float32; fed after the
-        # launch, which may refuse a gradient's layout (and run again with it laid out)
-        separate = curvatures if curvatures and curvatures[0].dtype != params[0].dtype else None
-        if separate:
-            curvatures = []
+        # (h of a half-precision weight is float32: the op takes it beside bfloat16 weights)
         ops.mackay_adam_step_(
             params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states], curvatures, alphas, lr=lr,
@@ -413,8 +409,6 @@ class MacKayAdam(torch.optim.Optimizer):
             grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
         if widened:
             torch._foreach_copy_(halves, params)
-        if separate:
-            _feed_curvature(separate, grads[:len(separate)], alphas, hyper, grad_scale, found_inf)
 
     # ------------------------------------------------------------- state_dict
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -444,26 +438,6 @@ class MacKayAdam(torch.optim.Optimizer):
                 weight_shaped = key in MOMENT_KEYS or key == "curvature"
                 dtype = state_dtype(key, param.dtype) if weight_shaped else torch.float32
                 self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
-
-
-def _feed_curvature(curvatures, grads, alphas, hyper, grad_scale, found_inf) -> None:
-    """h <- rho h + (1 - rho) B (g / grad_scale)^2 on float32 h from half-precision gradients, as
-    the kernel does for h of the weight's dtype: h of a pruned weight (alpha = inf), and every h
-    in a step GradScaler found inf in, stay as they are."""
-    rho, batch = hyper["curvature_decay"], hyper["batch_size"]
-    squares = [g.float() for g in grads]   # copies: the gradients stay as they are
-    if grad_scale is not None:
-        for square in squares:
-            square.div_(grad_scale)
-    torch._foreach_mul_(squares, squares)
-    share = 1.0 - rho
-    if found_inf is not None:   # no host sync: a share of 0, and the inf / NaN squares zeroed
-        share = (1.0 - found_inf) * share
-        for square in squares:
-            square.nan_to_num_(0.0, 0.0, 0.0)
-    for h, square, alpha in zip(curvatures, squares, alphas):
-        target = torch.where((alpha == math.inf).expand_as(h), h, square.mul_(batch))
-        h.lerp_(target, share)
 
 
 def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:

@@ -107,7 +107,13 @@ def _check_adam_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, 
             t = tensors[i]
             if t.layout != torch.strided:
                 raise RuntimeError(f"{op}: {name}[{i}] must be dense (sparse gradients are not supported)")
-            if t.device != param.device or t.dtype != param.dtype or t.shape != param.shape:
+            # h of a bfloat16 / float16 weight may be float32, the same for every entry of a call
+            if name == "curvatures" and t.dtype != tensors[0].dtype:
+                raise TypeError(f"{op}: all curvatures of one call must share a dtype; curvatures[{i}] is "
+                                f"{t.dtype}, curvatures[0] is {tensors[0].dtype}")
+            wide_h = (name == "curvatures" and param.dtype in (torch.bfloat16, torch.float16)
+                      and t.dtype == torch.float32)
+            if t.device != param.device or (t.dtype != param.dtype and not wide_h) or t.shape != param.shape:
                 raise RuntimeError(f"{op}: {name}[{i}] must have the shape, dtype and device of params[{i}] "
                                    f"({tuple(param.shape)}, {param.dtype}, {param.device}), got "
                                    f"{tuple(t.shape)}, {t.dtype}, {t.device}")

@@ -763,3 +763,49 @@ def test_half_precision_weights_keep_their_curvature_in_float32(device, backend,
     torch.testing.assert_close(pruner.curvature_estimate("0").double(), expected, rtol=1e-3, atol=0)
     assert report["kept"] == report["total"] == 64
     assert layer.weight.dtype == dtype and bool((layer.weight == 0.5).all())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_op_takes_a_float32_curvature_beside_half_precision_weights(device, backend, dtype):
+    """h of a bfloat16 / float16 weight is float32 (MacKayAdam's state): the op updates it in
+    float32 in the same pass, h <- rho h + (1 - rho) B g^2 against float64 (kept where pruned),
+    and the weights and moments as with a half-precision h; opcheck'd. A call mixing h dtypes,
+    or a float32 h beside float64 weights, is refused naming the entry."""
+    if backend == "ext" and not mackay_ext.compiled_backends():
+        pytest.skip("the compiled extension is not built")
+    params, alphas, _ = make_params(device, dtype)
+    params, alphas = params[:4], alphas[:4]
+    grads = [torch.randn(p.shape, device=device).to(dtype) for p in params]
+    curvatures = [torch.rand(p.shape, device=device) * 1e-6 for p in params]   # small: below a bf16 ulp step
+    start = [h.clone() for h in curvatures]
+    kwargs = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                  num_data=100.0, batch_size=8.0, curvature_decay=0.99)
+    lists = ([p.detach().clone() for p in params], grads, [torch.zeros_like(p) for p in params],
+             [torch.zeros_like(p) for p in params], [torch.zeros((), device=device) for _ in params],
+             curvatures, alphas)
+    twin = [[t.clone() for t in lists[0]], grads, [torch.zeros_like(p) for p in params],
+            [torch.zeros_like(p) for p in params], [torch.zeros((), device=device) for _ in params],
+            [h.to(dtype) for h in start], alphas]
+    mackay_ext.ops.mackay_adam_step_(*lists, backend=backend, **kwargs)
+    mackay_ext.ops.mackay_adam_step_(*twin, backend=backend, **kwargs)
+    for h, h0, g, a in zip(curvatures, start, grads, alphas):
+        assert h.dtype == torch.float32
+        expected = 0.99 * h0.double() + 0.01 * 8.0 * g.double() ** 2
+        expected = torch.where((a == math.inf).expand_as(h).to(device), h0.double(), expected)
+        torch.testing.assert_close(h.double(), expected, rtol=1e-6, atol=1e-12)
+    for ours, theirs in zip(lists[0] + lists[2] + lists[3], twin[0] + twin[2] + twin[3]):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)   # the rest does not see h
+    if backend == "ext":
+        torch.library.opcheck(torch.ops.mackay_ext.mackay_adam_step_.default, lists, kwargs)
+    mixed = list(lists)
+    mixed[5] = [curvatures[0], curvatures[1].to(dtype)] + curvatures[2:]
+    with pytest.raises((RuntimeError, TypeError), match=r"curvatures\[1\]"):
+        mackay_ext.ops.mackay_adam_step_(*mixed, backend=backend, **kwargs)
+    wide = [p.detach().double() for p in params]
+    wide_lists = (wide, [g.double() for g in grads], [torch.zeros_like(p) for p in wide],
+                  [torch.zeros_like(p) for p in wide], [torch.zeros((), device=device) for _ in wide],
+                  curvatures, alphas)
+    with pytest.raises((RuntimeError, TypeError), match=r"curvatures\[0\]"):
+        mackay_ext.ops.mackay_adam_step_(*wide_lists, backend=backend, **kwargs)

@@ -26,20 +26,23 @@ constexpr int64_t kGrainUnits = 512;
 template <typename scalar_t>
 using opmath_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-template <typename scalar_t>
+// curv_t: the curvature's type, scalar_t or float (h of a bfloat16 / float16 weight kept in
+// float32, whose 1% steps would vanish in half precision)
+template <typename scalar_t, typename curv_t = scalar_t>
 struct Pointers {
-  scalar_t *weight, *exp_avg, *exp_avg_sq, *curvature;
+  scalar_t *weight, *exp_avg, *exp_avg_sq;
+  curv_t* curvature;
   const scalar_t* grad;
   const float* alpha;
 };
 
 // Elements [begin, end) of one tensor whose alpha is alpha_at(j) for j in [0, end - begin).
-template <bool kArd, bool kCurvature, typename scalar_t, typename AlphaAt>
-void run_segment(const Pointers<scalar_t>& p, int64_t begin, int64_t end, AlphaAt alpha_at,
+template <bool kArd, bool kCurvature, typename scalar_t, typename curv_t, typename AlphaAt>
+void run_segment(const Pointers<scalar_t, curv_t>& p, int64_t begin, int64_t end, AlphaAt alpha_at,
                  opmath_of<scalar_t> grad_mul, const AdamConstants<opmath_of<scalar_t>>& c) {
   using opmath_t = opmath_of<scalar_t>;
   int64_t i = begin;
-  if constexpr (std::is_same_v<scalar_t, opmath_t>) {
+  if constexpr (std::is_same_v<scalar_t, opmath_t>) {   // (curv_t is scalar_t here)
     using V = at::vec::Vectorized<scalar_t>;
     constexpr int64_t kLanes = V::size();
     const VecAdamConstants<scalar_t> vc(c);
@@ -69,7 +72,7 @@ void run_segment(const Pointers<scalar_t>& p, int64_t begin, int64_t end, AlphaA
     p.weight[i] = static_cast<scalar_t>(w);
     p.exp_avg[i] = static_cast<scalar_t>(m);
     p.exp_avg_sq[i] = static_cast<scalar_t>(v);
-    if (kCurvature) p.curvature[i] = static_cast<scalar_t>(h);
+    if (kCurvature) p.curvature[i] = static_cast<curv_t>(h);
   }
 }
 
@@ -97,8 +100,8 @@ struct AlphaConst {
   T one(int64_t) const { return value; }
 };
 
-template <bool kCurvature, typename scalar_t>
-void run_ard_chunk(const AdamTensor& t, const Pointers<scalar_t>& p, int64_t begin, int64_t end,
+template <bool kCurvature, typename scalar_t, typename curv_t>
+void run_ard_chunk(const AdamTensor& t, const Pointers<scalar_t, curv_t>& p, int64_t begin, int64_t end,
                    opmath_of<scalar_t> grad_mul, const AdamConstants<opmath_of<scalar_t>>& c) {
   using opmath_t = opmath_of<scalar_t>;
   const int64_t inner = t.alpha_inner, size = t.alpha_size;
@@ -118,15 +121,15 @@ void run_ard_chunk(const AdamTensor& t, const Pointers<scalar_t>& p, int64_t beg
   }
 }
 
-template <typename scalar_t>
-void run_chunk(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& hyper,
-               opmath_of<scalar_t> grad_mul) {
+template <typename scalar_t, typename curv_t>
+void run_chunk_as(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& hyper,
+                  opmath_of<scalar_t> grad_mul) {
   using opmath_t = opmath_of<scalar_t>;
   const AdamConstants<opmath_t> c(hyper, static_cast<double>(*t.step.const_data_ptr<float>()));  // already incremented
-  const Pointers<scalar_t> p{
+  const Pointers<scalar_t, curv_t> p{
       t.param.mutable_data_ptr<scalar_t>(), t.exp_avg.mutable_data_ptr<scalar_t>(),
       t.exp_avg_sq.mutable_data_ptr<scalar_t>(),
-      t.curvature.defined() ? t.curvature.mutable_data_ptr<scalar_t>() : nullptr,
+      t.curvature.defined() ? t.curvature.mutable_data_ptr<curv_t>() : nullptr,
       t.grad.const_data_ptr<scalar_t>(),
       t.alpha.defined() ? t.alpha.const_data_ptr<float>() : nullptr};
   if (!t.alpha.defined()) {
@@ -136,6 +139,18 @@ void run_chunk(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper&
   } else {
     run_ard_chunk<false>(t, p, begin, end, grad_mul, c);
   }
+}
+
+template <typename scalar_t>
+void run_chunk(const AdamTensor& t, int64_t begin, int64_t end, const AdamHyper& hyper,
+               opmath_of<scalar_t> grad_mul) {
+  if constexpr (!std::is_same_v<scalar_t, opmath_of<scalar_t>>) {   // bfloat16 / float16
+    if (t.curvature.defined() && t.curvature.scalar_type() == at::kFloat) {
+      run_chunk_as<scalar_t, float>(t, begin, end, hyper, grad_mul);
+      return;
+    }
+  }
+  run_chunk_as<scalar_t, scalar_t>(t, begin, end, hyper, grad_mul);
 }
 
 void mackay_adam_kernel_cpu(const std::vector<AdamTensor>& tensors, const AdamHyper& hyper,

@@ -4,6 +4,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <tuple>
+#include <type_traits>
 
 #include "mackay/adam.h"
 
@@ -71,8 +72,8 @@ inline void adam_lanes(T* weight, const T* grad, T* exp_avg, T* exp_avg_sq, T* c
 // adam_values on one vector of bfloat16/float16 lanes in memory: the arithmetic in float, on the
 // two float vectors each half-precision vector widens to (the scalar loop took 3.6-4.2x
 // torch.optim.Adam's time on these dtypes, 0.56x on float32).
-template <bool kArd, bool kCurvature, typename R, typename AlphaAt>
-inline void adam_reduced_lanes(R* weight, const R* grad, R* exp_avg, R* exp_avg_sq, R* curvature,
+template <bool kArd, bool kCurvature, typename R, typename H, typename AlphaAt>
+inline void adam_reduced_lanes(R* weight, const R* grad, R* exp_avg, R* exp_avg_sq, H* curvature,
                                const AlphaAt& alpha_at, int64_t j, const at::vec::Vectorized<float>& grad_mul,
                                const VecAdamConstants<float>& c) {
   using VR = at::vec::Vectorized<R>;
@@ -82,7 +83,12 @@ inline void adam_reduced_lanes(R* weight, const R* grad, R* exp_avg, R* exp_avg_
   auto [m0, m1] = at::vec::convert_to_float<R>(VR::loadu(exp_avg));
   auto [v0, v1] = at::vec::convert_to_float<R>(VR::loadu(exp_avg_sq));
   VF h0(0.0f), h1(0.0f);
-  if constexpr (kCurvature) std::tie(h0, h1) = at::vec::convert_to_float<R>(VR::loadu(curvature));
+  if constexpr (kCurvature && std::is_same_v<H, float>) {   // h kept in float32
+    h0 = VF::loadu(curvature);
+    h1 = VF::loadu(curvature + VF::size());
+  } else if constexpr (kCurvature) {
+    std::tie(h0, h1) = at::vec::convert_to_float<R>(VR::loadu(curvature));
+  }
   VF a0(0.0f), a1(0.0f);
   if constexpr (kArd) {
     a0 = alpha_at.lanes(j);
@@ -93,7 +99,12 @@ inline void adam_reduced_lanes(R* weight, const R* grad, R* exp_avg, R* exp_avg_
   at::vec::convert_from_float<R>(w0, w1).store(weight);
   at::vec::convert_from_float<R>(m0, m1).store(exp_avg);
   at::vec::convert_from_float<R>(v0, v1).store(exp_avg_sq);
-  if constexpr (kCurvature) at::vec::convert_from_float<R>(h0, h1).store(curvature);
+  if constexpr (kCurvature && std::is_same_v<H, float>) {
+    h0.store(curvature);
+    h1.store(curvature + VF::size());
+  } else if constexpr (kCurvature) {
+    at::vec::convert_from_float<R>(h0, h1).store(curvature);
+  }
 }
 
 }  // namespace mackay

@@ -44,13 +44,15 @@ struct AdamLaunchMeta {
   int32_t chunk_end[kMaxTensors];  // chunks of tensors 0..t together
   int32_t tensors;
 };
-static_assert(sizeof(AdamLaunchMeta) + sizeof(AdamHyper) + 2 * sizeof(void*) <= 4096,
+static_assert(sizeof(AdamLaunchMeta) + sizeof(AdamHyper) + 2 * sizeof(void*) + sizeof(bool) <= 4096,
               "kernel arguments must fit in 4 KB");
 
+// curvature_float: h is float32 whatever scalar_t is (h of a bfloat16 / float16 weight, whose
+// 1% steps would vanish in half precision); one type for a whole launch
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 4)  // <= 64 registers: 4 blocks of 256 per SM
 adam_multi_tensor(AdamLaunchMeta meta, AdamHyper hyper, const float* grad_scale,
-                  const float* found_inf) {
+                  const float* found_inf, bool curvature_float) {
   using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   if (found_inf != nullptr && *found_inf != 0.0f) return;  // skipped step: nothing changes
   const int32_t total_chunks = meta.chunk_end[meta.tensors - 1];
@@ -67,7 +69,7 @@ adam_multi_tensor(AdamLaunchMeta meta, AdamHyper hyper, const float* grad_scale,
     const auto* grad = static_cast<const scalar_t*>(meta.grad[t]);
     auto* exp_avg = static_cast<scalar_t*>(meta.exp_avg[t]);
     auto* exp_avg_sq = static_cast<scalar_t*>(meta.exp_avg_sq[t]);
-    auto* curvature = static_cast<scalar_t*>(meta.curvature[t]);
+    void* curvature = meta.curvature[t];
     const float* alpha = meta.alpha[t];
     const int64_t inner = meta.alpha_inner[t], size = meta.alpha_size[t];
     for (int64_t base = begin + threadIdx.x; base < end; base += kThreads * kUnroll) {
@@ -87,7 +89,10 @@ adam_multi_tensor(AdamLaunchMeta meta, AdamHyper hyper, const float* grad_scale,
           g[u] = static_cast<opmath_t>(grad[i]) * grad_mul;
           m[u] = exp_avg[i];
           v[u] = exp_avg_sq[i];
-          if (curvature != nullptr) h[u] = static_cast<opmath_t>(curvature[i]);
+          if (curvature != nullptr) {
+            h[u] = curvature_float ? static_cast<opmath_t>(static_cast<const float*>(curvature)[i])
+                                   : static_cast<opmath_t>(static_cast<const scalar_t*>(curvature)[i]);
+          }
         }
       }
 #pragma unroll
@@ -103,7 +108,11 @@ adam_multi_tensor(AdamLaunchMeta meta, AdamHyper hyper, const float* grad_scale,
           weight[i] = static_cast<scalar_t>(w[u]);
           exp_avg[i] = static_cast<scalar_t>(m[u]);
           exp_avg_sq[i] = static_cast<scalar_t>(v[u]);
-          if (curvature != nullptr) curvature[i] = static_cast<scalar_t>(h[u]);
+          if (curvature != nullptr && curvature_float) {
+            static_cast<float*>(curvature)[i] = static_cast<float>(h[u]);
+          } else if (curvature != nullptr) {
+            static_cast<scalar_t*>(curvature)[i] = static_cast<scalar_t>(h[u]);
+          }
         }
       }
     }
@@ -130,7 +139,7 @@ void fill_slot(AdamLaunchMeta& meta, int slot, const AdamTensor& t) {
   meta.grad[slot] = t.grad.const_data_ptr<scalar_t>();
   meta.exp_avg[slot] = t.exp_avg.mutable_data_ptr<scalar_t>();
   meta.exp_avg_sq[slot] = t.exp_avg_sq.mutable_data_ptr<scalar_t>();
-  meta.curvature[slot] = t.curvature.defined() ? t.curvature.mutable_data_ptr<scalar_t>() : nullptr;
+  meta.curvature[slot] = t.curvature.defined() ? t.curvature.mutable_data_ptr() : nullptr;
   meta.alpha[slot] = t.alpha.defined() ? t.alpha.const_data_ptr<float>() : nullptr;
   meta.step[slot] = t.step.const_data_ptr<float>();
   meta.numel[slot] = t.param.numel();
@@ -147,6 +156,10 @@ void mackay_adam_kernel_cuda(const std::vector<AdamTensor>& tensors, const AdamH
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* scale_ptr = grad_scale ? grad_scale->const_data_ptr<float>() : nullptr;
   const float* found_inf_ptr = found_inf ? found_inf->const_data_ptr<float>() : nullptr;
+  // run_mackay_adam_step checked that every curvature of the call has one dtype
+  const at::Tensor& any_curvature = tensors.front().curvature;
+  const bool curvature_float = any_curvature.defined() && any_curvature.scalar_type() == at::kFloat &&
+                               tensors.front().param.scalar_type() != at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, tensors.front().param.scalar_type(), "mackay_adam_step_cuda", [&] {
         AdamLaunchMeta meta;
@@ -155,7 +168,7 @@ void mackay_adam_kernel_cuda(const std::vector<AdamTensor>& tensors, const AdamH
         auto launch = [&] {
           const int grid = static_cast<int>(std::min<int64_t>(chunks, kMaxGrid));
           adam_multi_tensor<scalar_t>
-              <<<grid, kThreads, 0, stream>>>(meta, hyper, scale_ptr, found_inf_ptr);
+              <<<grid, kThreads, 0, stream>>>(meta, hyper, scale_ptr, found_inf_ptr, curvature_float);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
           meta.tensors = 0;
           chunks = 0;
