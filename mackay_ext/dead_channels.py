@@ -72,7 +72,8 @@ def cut_dead_channels(model: nn.Module, example_inputs, *, optimizer: torch.opti
     if every_dead:
         dead = constant + silent
     else:
-        _, refused = constant_contributions(model, constant, example_inputs) if constant else ({}, {})
+        _, refused = (constant_contributions(model, constant, example_inputs, zeros_fold=False)
+                      if constant else ({}, {}))
         dead = [constant[i] for i in sorted(refused)]
     cut = _spare_the_last_of_each_layer(model, groups, dead)
     for group in cut:

@@ -132,8 +132,14 @@ def is_constant(model: nn.Module, group: ChannelGroup) -> bool:
     return bool(r.producers) and bool(r.consumers) and not r.unknown and _all_zero(model, r.producers)
 
 
-def constant_contributions(model: nn.Module, groups: list[ChannelGroup], example_inputs):
+def constant_contributions(model: nn.Module, groups: list[ChannelGroup], example_inputs, *,
+                           zeros_fold: bool = True):
     """What each constant group adds to its consumers' outputs, or why it cannot be folded.
+
+    zeros_fold: a channel whose consumers read exact zeros (a ReLU after a negative constant)
+    folds (adds 0) even into a zero-padding conv. dead_channels passes False: a constant that is 0
+    in eval mode need not be in train mode (BatchNorm's batch statistics), so it cuts it before
+    a fine-tune rather than leave it to train.
 
     Returns ({group index: {consumer module path: bias increment, shape (out_features,)}},
     {group index: reason}) for groups[i] (each is_constant). The increment is computed in the
@@ -149,7 +155,8 @@ def constant_contributions(model: nn.Module, groups: list[ChannelGroup], example
             module = model.get_submodule(path)
             if len(seen.get(path, [])) != _runs(example_inputs):
                 reason = f"its consumer '{path}' is called {len(seen.get(path, []))} times per forward, not once"
-            elif isinstance(module, _Conv) and _pads_with_zeros(module) and not _reads_zeros(module, member, seen[path]):
+            elif (isinstance(module, _Conv) and _pads_with_zeros(module)
+                  and not (zeros_fold and _reads_zeros(module, member, seen[path]))):
                 # (a channel of exact zeros adds nothing anywhere, borders included: it goes)
                 reason = (f"its consumer '{path}' pads with zeros, so the constant's contribution is "
                           "different at the borders")

@@ -303,5 +303,5 @@ def test_group_is_a_value():
 
 
 def test_channel_groups_with_its_arguments_swapped_names_itself():
-    with pytest.raises(TypeError, match=r"channel_groups: model \(the first argument\) must be a torch.nn.Module, got Tensor"):
+    with pytest.raises(TypeError, match=r"channel_groups: model must be a torch.nn.Module \(the first argument\), got Tensor"):
         channel_groups(torch.randn(2, 3, 8, 8), nn.Conv2d(3, 4, 3))

@@ -18,7 +18,7 @@ def channel_groups(model: nn.Module, example_inputs) -> list[ChannelGroup]:
     runs the model. Returns groups in the order their first member appears in the model.
     """
     if not isinstance(model, nn.Module):   # named here, not in trace_coupling
-        raise TypeError(f"channel_groups: model (the first argument) must be a torch.nn.Module, got "
+        raise TypeError(f"channel_groups: model must be a torch.nn.Module (the first argument), got "
                         f"{type(model).__name__}")
     return trace_coupling(model, example_inputs).groups
 
