@@ -67,7 +67,11 @@ def save_atomic(obj: Any, path: str) -> None:
     except BaseException as error:  # a full disk mid-write (or Ctrl-C before the rename): no .tmp left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        if isinstance(error, (OSError, RuntimeError)):   # torch reports a full disk as RuntimeError
+        # torch's zip writer reports a full disk as a RuntimeError of its own; other RuntimeErrors
+        # (a tensor that cannot be saved) are not about the disk
+        writer = isinstance(error, RuntimeError) and any(
+            mark in str(error) for mark in ("inline_container", "PytorchStreamWriter", "file write failed"))
+        if isinstance(error, OSError) or writer:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise OSError(f"could not write {path} ({reason}): is the disk full, or the folder not "
                           "writable? A file already there is unchanged") from error

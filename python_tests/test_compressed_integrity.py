@@ -314,6 +314,14 @@ def test_save_compressed_names_a_bad_argument_and_a_failed_write(saved, tmp_path
         save_compressed(model, path)
     assert path.read_bytes() == before and not (tmp_path / "good.pt.tmp").exists()
 
+    def unsavable(obj, handle):   # not the writer's error: not blamed on the disk
+        raise RuntimeError("Cannot serialize a tensor of this kind")
+
+    monkeypatch.setattr(torch, "save", unsavable)
+    with pytest.raises(RuntimeError, match="^Cannot serialize a tensor of this kind$"):
+        save_compressed(model, path)
+    assert path.read_bytes() == before
+
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_a_model_loaded_by_name_comes_back_in_the_files_dtype(tmp_path, dtype):
