@@ -197,11 +197,12 @@ class ChannelARD:
                 where = "own"
             self.members[name] = _Member(name, param, sorted(dims, key=lambda d: d[0]), where, target,
                                          scale=is_channel_scale(model, name))
-        # channel_prior="norm-scale": the groups whose prior sits on their norm scales alone
-        through_norm = sum(any(self.members[m.name].scale for m in g.members) for g in groups)
-        if (through_norm and not pruner._channel_prior_chosen and pruner.max_prune_fraction is None):
+        # the groups whose channel passes through a norm with a scale: under channel_prior=
+        # "norm-scale" their prior sits on those scales alone
+        through_norm = [any(self.members[m.name].scale for m in g.members) for g in groups]
+        if any(through_norm) and not pruner._channel_prior_chosen and pruner.max_prune_fraction is None:
             warnings.warn(
-                f"MacKayPruner: {through_norm} of {len(groups)} channel groups pass through a BatchNorm "
+                f"MacKayPruner: {sum(through_norm)} of {len(groups)} channel groups pass through a BatchNorm "
                 "or InstanceNorm, which divides their filters' scale out: the default prior on those "
                 "filters (channel_prior='members') is a prior on nothing the network computes, and the "
                 "first pruning update can remove most of the network. channel_prior='norm-scale' puts "
@@ -209,8 +210,7 @@ class ChannelARD:
                 "to silence this) with max_prune_fraction=0.5", UserWarning, stacklevel=3)
         self.on_scale = None
         if pruner.channel_prior == "norm-scale":
-            self.on_scale = torch.tensor([any(self.members[m.name].scale for m in g.members) for g in groups],
-                                         dtype=torch.bool, device=device)
+            self.on_scale = torch.tensor(through_norm, dtype=torch.bool, device=device)
             if not bool(self.on_scale.any()):
                 self.notes.append("channel_prior='norm-scale': no group passes through a BatchNorm or "
                                   "InstanceNorm with a scale; every group's prior is on all its members")

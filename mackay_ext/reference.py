@@ -10,6 +10,7 @@ import math
 import torch
 
 from ._alpha import group_dims
+from ._follow import HALF_DTYPES
 from ._validate import check_update_args
 
 
@@ -111,8 +112,7 @@ def _check_adam_inputs(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, 
             if name == "curvatures" and t.dtype != tensors[0].dtype:
                 raise TypeError(f"{op}: all curvatures of one call must share a dtype; curvatures[{i}] is "
                                 f"{t.dtype}, curvatures[0] is {tensors[0].dtype}")
-            wide_h = (name == "curvatures" and param.dtype in (torch.bfloat16, torch.float16)
-                      and t.dtype == torch.float32)
+            wide_h = name == "curvatures" and param.dtype in HALF_DTYPES and t.dtype == torch.float32
             if t.device != param.device or (t.dtype != param.dtype and not wide_h) or t.shape != param.shape:
                 raise RuntimeError(f"{op}: {name}[{i}] must have the shape, dtype and device of params[{i}] "
                                    f"({tuple(param.shape)}, {param.dtype}, {param.device}), got "
