@@ -160,13 +160,13 @@ def _shrink_once(model: nn.Module, example_inputs, round_to: int) -> _Round:
     zero, unread, constant, kept, kept_unused = [], [], [], [], []
     for group in coupling.groups:
         if group.is_zero(model):
-            reason = group.fixed or _unsupported(model, group, aliases)
+            reason = _kept_because(model, group, aliases)
             (kept.append((group, reason)) if reason else zero.append(group))
             continue
         found = "unread" if shrink_constant.unread(model, group) else \
             "constant" if shrink_constant.is_constant(model, group) else None
         if found:
-            reason = group.fixed or _unsupported(model, group, aliases)
+            reason = _kept_because(model, group, aliases)
             (kept_unused.append((group, reason)) if reason else
              (unread if found == "unread" else constant).append(group))
         elif reason := shrink_constant.unread_but_unknown(model, group):
@@ -208,6 +208,15 @@ def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module, str]:
     return path, model.get_submodule(path), local
 
 
+def _kept_because(model: nn.Module, group: ChannelGroup, aliases: dict[str, tuple[str, ...]]) -> str | None:
+    """Why shrink keeps `group` (the trace's fixed reason, or a module it cannot cut), or None."""
+    fixed = group.fixed
+    if fixed and group.kind == "head" and group.module and f"module '{group.module}'" in fixed \
+            and _looks_like(model.get_submodule(group.module), "hf-gpt2-attention"):
+        fixed = None   # its own split of q, k and v at split_size: _fix_gpt2_attention re-sizes it
+    return fixed or _unsupported(model, group, aliases)
+
+
 def _unsupported(model: nn.Module, group: ChannelGroup, aliases: dict[str, tuple[str, ...]]) -> str | None:
     """Why shrink cannot cut `group` from some module holding a member, or None.
 
@@ -217,7 +226,7 @@ def _unsupported(model: nn.Module, group: ChannelGroup, aliases: dict[str, tuple
         if isinstance(attention, nn.MultiheadAttention):
             return ("nn.MultiheadAttention ties the width of q, k and v to embed_dim, so a head cannot be "
                     "removed from it; the zeroed head stays")
-        if attention is None or not any(_looks_like(attention, k) for k in _DUCK):
+        if attention is None or not any(_looks_like(attention, k) for k in (*_DUCK, "hf-gpt2-attention")):
             cls = type(attention).__name__ if attention is not None else "?"
             return f"shrink does not know how attention module '{group.module}' ({cls}) counts its heads"
     for m in group.members + group.buffers:
@@ -420,6 +429,12 @@ def _fix_timm_attention(m: nn.Module) -> None:
         m.attn_dim = m.num_heads * m.head_dim
 
 
+def _fix_gpt2_attention(m: nn.Module) -> None:
+    # forward splits c_attn's output into q, k and v at split_size and views heads of head_dim
+    m.split_size = m.c_attn.weight.shape[1] // 3
+    m.num_heads = m.split_size // m.head_dim
+
+
 def _fix_hf_attention(m: nn.Module) -> None:
     m.all_head_size = m.query.weight.shape[0]
     m.num_attention_heads = m.all_head_size // m.attention_head_size
@@ -431,8 +446,10 @@ _DUCK = {"timm-attention": ("qkv", "num_heads", "head_dim"),
 
 def _looks_like(module: nn.Module, kind: str) -> bool:
     if kind == "hf-conv1d":
-        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and \
-            isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+        return shrink_constant.is_hf_conv1d(module)
+    if kind == "hf-gpt2-attention":   # self-attention: one c_attn makes q, k and v
+        return (all(hasattr(module, a) for a in ("c_attn", "c_proj", "split_size", "head_dim"))
+                and shrink_constant.is_hf_conv1d(module.c_attn) and not getattr(module, "is_cross_attention", False))
     return kind in _DUCK and all(hasattr(module, a) for a in _DUCK[kind]) and \
         isinstance(getattr(module, _DUCK[kind][0]), nn.Linear)
 
@@ -442,7 +459,8 @@ _FIXERS = [(nn.Linear, _fix_linear), (nn.modules.conv._ConvNd, _fix_conv),
            (nn.modules.batchnorm._NormBase, _fix_batch_norm), (nn.LayerNorm, _fix_layer_norm),
            (nn.GroupNorm, _fix_group_norm),
            (nn.Embedding, _fix_embedding), ("timm-attention", _fix_timm_attention),
-           ("hf-attention", _fix_hf_attention), ("hf-conv1d", _fix_hf_conv1d)]
+           ("hf-attention", _fix_hf_attention), ("hf-gpt2-attention", _fix_gpt2_attention),
+           ("hf-conv1d", _fix_hf_conv1d)]
 
 
 def _verify(model: nn.Module, small: nn.Module, example_inputs, folded: bool = False) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from .coupling import ChannelGroup, split_inputs
 from .coupling.ties import tied_names
 
-__all__ = ["Roles", "constant_contributions", "is_constant", "roles", "unread"]
+__all__ = ["Roles", "constant_contributions", "is_constant", "is_hf_conv1d", "roles", "unread"]
 
 _Conv = nn.modules.conv._ConvNd
 
@@ -70,6 +70,12 @@ def _tied_to_another_module(model: nn.Module) -> set[str]:
     return tied
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's projections): bias + x @ W, its weight stored (in, out)."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
 def roles(model: nn.Module, group: ChannelGroup) -> Roles:
     found = Roles([], [], [])
     tied = _tied_to_another_module(model)
@@ -84,6 +90,8 @@ def roles(model: nn.Module, group: ChannelGroup) -> Roles:
                                                   and not module.transposed)
         if plain and m.name == f"{path}.weight" and m.dim in (0, 1):
             (found.producers if m.dim == 0 else found.consumers).append((path, m))
+        elif is_hf_conv1d(module) and m.name == f"{path}.weight" and m.dim in (0, 1):
+            (found.producers if m.dim == 1 else found.consumers).append((path, m))   # rows read inputs
         elif isinstance(module, nn.MultiheadAttention) and m.name == f"{path}.in_proj_weight" and m.dim == 0:
             found.producers.append((path, m))   # a head's packed q, k, v rows make it
         else:
@@ -120,8 +128,8 @@ def unread_but_unknown(model: nn.Module, group: ChannelGroup) -> str | None:
         return None
     where = ", ".join(f"{m.name} ({type(model.get_submodule(path)).__name__})" for path, m in r.unknown)
     return (f"its readers {', '.join(path for path, _ in r.consumers)} leave it unread, but shrink does "
-            f"not know what {where} does with it (it knows the roles of nn.Linear and ungrouped conv "
-            "weights only), so it stays")
+            f"not know what {where} does with it (it knows the roles of nn.Linear, ungrouped conv "
+            "and transformers' Conv1D weights only), so it stays")
 
 
 def is_constant(model: nn.Module, group: ChannelGroup) -> bool:
@@ -241,11 +249,13 @@ def _reads_zeros(module: nn.Module, member, inputs: list[torch.Tensor]) -> bool:
 def _contribution(module: nn.Module, member, inputs: list[torch.Tensor]) -> torch.Tensor:
     """The consumer's output from the member's input slice alone, no bias: (positions, out)."""
     index = torch.tensor(member.indices, dtype=torch.long, device=module.weight.device)
-    weight = module.weight.detach().index_select(1, index)
+    weight = module.weight.detach().index_select(member.dim, index)
     rows = []
     for x in inputs:
         if isinstance(module, nn.Linear):
             out = F.linear(x.index_select(x.dim() - 1, index), weight)
+        elif is_hf_conv1d(module):   # weight (in, out)
+            out = x.index_select(x.dim() - 1, index) @ weight
         else:
             out = module._conv_forward(x.index_select(1, index), weight, None).movedim(1, -1)
         rows.append(out.reshape(-1, out.shape[-1]))

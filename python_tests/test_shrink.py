@@ -301,19 +301,44 @@ def test_attention_heads_of_multihead_attention_stay_with_a_reason():
         assert_equal_outputs(expected, small(*inputs))
 
 
-def test_timm_and_hf_attention_lose_heads():
-    for name, path, attr in [("vit_tiny", "blocks.0.attn", "num_heads"),
-                             ("bert", "bert.encoder.layer.0.attention.self", "num_attention_heads")]:
-        model, inputs = to_double(*build(name))
-        heads = [g for g in channel_groups(model, inputs) if g.kind == "head" and g.module == path]
-        for g in heads[:2]:
-            g.zero_(model)
-        with torch.no_grad():
-            expected = logits(model, inputs)
-        small = shrink(model, inputs)
-        assert getattr(small.get_submodule(path), attr) == len(heads) - 2
-        with torch.no_grad():
-            assert_equal_outputs(expected, logits(small, inputs))
+@pytest.mark.parametrize("name, path, attr, cut", [
+    ("vit_tiny", "blocks.0.attn", "num_heads", 2),
+    ("bert", "bert.encoder.layer.0.attention.self", "num_attention_heads", 2),
+    # GPT-2 splits one c_attn output into q, k and v at split_size (shrink re-sizes it)
+    ("gpt2", "transformer.h.0.attn", "num_heads", 1)])
+def test_timm_and_hf_attention_lose_heads(name, path, attr, cut):
+    model, inputs = to_double(*build(name))
+    heads = [g for g in channel_groups(model, inputs) if g.kind == "head" and g.module == path]
+    for g in heads[:cut]:
+        g.zero_(model)
+    with torch.no_grad():
+        expected = logits(model, inputs)
+    small = shrink(model, inputs)
+    assert getattr(small.get_submodule(path), attr) == len(heads) - cut
+    longer = tuple(torch.cat([t, t[:, :3]], dim=1) if t.dim() == 2 and not t.is_floating_point() else t
+                   for t in inputs)   # another sequence length: nothing was sized to the example
+    with torch.no_grad():
+        assert_equal_outputs(expected, logits(small, inputs))
+        assert_equal_outputs(logits(model, longer), logits(small, longer))
+
+
+def test_transformers_conv1d_units_nothing_reads_or_that_are_constant_go():
+    """GPT-2's MLP is two transformers Conv1D layers ((in, out) weights): hidden units whose
+    outgoing rows are pruned (unread) or whose incoming columns are (constant: gelu(bias) folded
+    into c_proj's bias) were kept and counted nowhere, shrink knowing only nn.Linear's layout."""
+    model, inputs = to_double(*build("gpt2"))
+    mlp = model.transformer.h[1].mlp
+    hidden = mlp.c_fc.weight.shape[1]
+    with torch.no_grad():
+        mlp.c_proj.weight[:5] = 0        # units 0-4: nothing reads them
+        mlp.c_fc.weight[:, 10:13] = 0    # units 10-12: gelu(bias), whatever the input
+        mlp.c_fc.bias.normal_()
+        expected = logits(model, inputs)
+    small, report = shrink(model, inputs, report=True)
+    assert small.transformer.h[1].mlp.c_fc.nf == small.transformer.h[1].mlp.c_fc.weight.shape[1] == hidden - 8
+    assert (len(report.unread), len(report.folded), report.kept_unused) == (5, 3, [])
+    with torch.no_grad():
+        assert_equal_outputs(expected, logits(small, inputs))
 
 
 def test_forward_code_that_hard_codes_a_channel_count_is_refused():
@@ -654,7 +679,7 @@ def test_a_channel_of_exact_zeros_goes_even_when_its_consumer_pads_with_zeros(wi
     assert any("pads with zeros" in reason for _, reason in report.kept_unused)
 
 
-@pytest.mark.parametrize("name", ["transformer_encoder", "vit_tiny", "bert"])
+@pytest.mark.parametrize("name", ["transformer_encoder", "vit_tiny", "bert", "gpt2"])
 def test_a_head_whose_output_columns_are_zero_is_removed_as_unread(name):
     """Per-input pruning of the attention's output projection (granularity='filter') leaves heads
     nothing reads while their q, k and v rows stay: shrink kept all of them and reported none
