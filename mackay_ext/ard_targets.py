@@ -112,6 +112,7 @@ PARAMETRIZED = ("an input of a parametrization (weight_norm, spectral_norm, orth
 
 
 FROZEN = "frozen (requires_grad=False)"
+NO_CHANNEL_GROUP = "in no channel group of granularity='channel', so without a prior"
 # what report()["excluded"] says of a weight frozen when the pruner was built and trained since
 UNFROZEN = ("frozen when the pruner was built, trained since without a prior (the pruner's layers are "
             "fixed when it is built: build a new one, after unfreezing, to give it one)")

@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from ._alpha import finite_alpha, update_rule
+from .ard_targets import NO_CHANNEL_GROUP
 from ._follow import ParamStates, state_dtype
 from .coupling import ChannelGroup, Coupling, CouplingError, group_index, trace_coupling
 from .batch_curvature import StepCurvature, ema_debiased
@@ -92,13 +93,14 @@ def trace_for_pruner(model: nn.Module, example_inputs) -> Coupling:
         raise CouplingError(
             f"{error}. MacKayPruner(granularity='channel') traces the whole model, so one such op "
             "rules it out wherever it sits (layers= does not narrow the trace): use granularity="
-            "'filter' (a prior per output unit of each layer, no coupling) or 'weight', and "
+            "'filter' (one prior per conv filter and per input of a Linear, RNN or embedding; no "
+            "coupling), 'output', 'input' or 'weight', and "
             "mackay_ext.sparsify(model) to store and run what is pruned") from None
 
 
 def _why_blocked(unsliced: list[str], pruner, coupling: Coupling) -> str:
     """The trace's reason for the first of `unsliced` (target names) it kept whole, if it gave one
-    (e.g. a LayerNorm over channels couples them all)."""
+    (e.g. a LayerNorm over channels couples them all), or ""."""
     names = {id(p): n for n, p in pruner.model.named_parameters()}
     for target in unsliced:
         param_name = names.get(id(pruner.targets[target].param))
@@ -234,8 +236,10 @@ class ChannelARD:
                 prior_gradients=self._penalty_gradients if pruner.prior == "penalty" else None)
         sliced = {id(m.param) for m in self.members.values()}
         unsliced = [name for name, t in pruner.targets.items() if id(t.param) not in sliced]
+        # report()["excluded"] names them, and its totals leave them out (they are never pruned)
+        self.without_group = {name: NO_CHANNEL_GROUP + _why_blocked([name], pruner, coupling)
+                              for name in unsliced}
         if unsliced:
-            self.notes.append(f"in no channel group, so without a prior: {', '.join(unsliced)}")
             warnings.warn(f"MacKayPruner: {len(unsliced)} of {len(pruner.targets)} layers are in no channel "
                           f"group, so they train without a prior: {', '.join(unsliced[:6])}"
                           f"{', ...' if len(unsliced) > 6 else ''}{_why_blocked(unsliced, pruner, coupling)}. "

@@ -1014,13 +1014,22 @@ class MacKayPruner(StandalonePrior):
 
     def kept_weights(self) -> int:
         """Weights of the ARD layers not pruned (cheap: no alpha statistics)."""
-        return sum(self._kept(n, t)[0] for n, t in self.targets.items())
+        uncovered = self._without_prior()
+        return sum(self._kept(n, t)[0] for n, t in self.targets.items() if n not in uncovered)
+
+    def _without_prior(self) -> dict[str, str]:
+        """Layers the pruner holds that get no prior, and why: with granularity='channel', those
+        in no channel group. They are reported as excluded and left out of the totals."""
+        return self.channel.without_group if self.channel is not None else {}
 
     def _summarise(self, layers) -> dict[str, Any]:
+        uncovered = self._without_prior()
+        layers = [layer for layer in layers if layer["name"] not in uncovered]
         total = sum(layer["total"] for layer in layers)
         kept = sum(layer["kept"] for layer in layers)
+        excluded = self._excluded_now() + [{"name": name, "reason": why} for name, why in uncovered.items()]
         report = {"layers": layers, "total": total, "kept": kept, "sparsity": 1 - kept / max(total, 1),
-                  "excluded": self._excluded_now()}
+                  "excluded": excluded}
         if all("gamma" in layer for layer in layers):
             report["gamma_sum"] = sum(layer["gamma"] for layer in layers)
         return report
@@ -1046,7 +1055,8 @@ class MacKayPruner(StandalonePrior):
 
     def sparsity(self) -> float:
         """Fraction of the ARD layers' weights that are pruned."""
-        total = sum(t.param.numel() for t in self.targets.values())
+        uncovered = self._without_prior()
+        total = sum(t.param.numel() for n, t in self.targets.items() if n not in uncovered)
         return 1 - self.kept_weights() / max(total, 1)
 
     # ------------------------------------------------------------- persistence

@@ -169,7 +169,7 @@ def _shrink_once(model: nn.Module, example_inputs, round_to: int) -> _Round:
             reason = _kept_because(model, group, aliases)
             (kept_unused.append((group, reason)) if reason else
              (unread if found == "unread" else constant).append(group))
-        elif reason := shrink_constant.unread_but_unknown(model, group):
+        elif reason := shrink_constant.unused_but_unknown(model, group):
             kept_unused.append((group, reason))   # said in the report, not passed over
     folds, refused = shrink_constant.constant_contributions(model, constant, example_inputs)
     kept_unused += [(constant[i], reason) for i, reason in refused.items()]

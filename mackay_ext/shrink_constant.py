@@ -39,15 +39,18 @@ _Conv = nn.modules.conv._ConvNd
 class Roles:
     """A group's weight members by what they do to the channel (module path, member) pairs.
 
-    producers: rows of a Linear / ungrouped conv that compute the channel; consumers: the input
-    slices of a Linear / ungrouped conv that read it; unknown: weight members of other kinds
-    (embedding columns, grouped convs, a tensor tied to another module, whose other use the
-    folding here does not see...), which rule out both removals here. One-dimensional members
-    (biases, norm entries) and depthwise filters act on the channel itself and need no role.
+    producers: rows of a Linear / conv / transformers Conv1D that compute the channel; consumers:
+    the input slices of one that read it (of a grouped conv: weight column j, which reads input
+    channel j of every conv group, the channels coupling.layers._grouped makes one group);
+    unknown: weight members of other kinds (embedding columns, a tensor tied to another module,
+    whose other use the folding here does not see...), which rule out both removals here. One-
+    dimensional members (biases, norm entries) and depthwise filters act on the channel itself
+    and need no role. tied: the unknown members that are tied to another module.
     """
     producers: list
     consumers: list
     unknown: list
+    tied: list = dataclasses.field(default_factory=list)
 
 
 def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module]:
@@ -83,11 +86,11 @@ def roles(model: nn.Module, group: ChannelGroup) -> Roles:
         path, module = _owner(model, m.name)
         if m.name in tied:
             found.unknown.append((path, m))
+            found.tied.append((path, m))
             continue
         if m._ndim < 2 or (_depthwise(module) and m.dim == 0):
             continue
-        plain = isinstance(module, nn.Linear) or (isinstance(module, _Conv) and module.groups == 1
-                                                  and not module.transposed)
+        plain = isinstance(module, nn.Linear) or (isinstance(module, _Conv) and not module.transposed)
         if plain and m.name == f"{path}.weight" and m.dim in (0, 1):
             (found.producers if m.dim == 0 else found.consumers).append((path, m))
         elif is_hf_conv1d(module) and m.name == f"{path}.weight" and m.dim in (0, 1):
@@ -117,19 +120,33 @@ def unread(model: nn.Module, group: ChannelGroup) -> bool:
     return bool(r.consumers) and not r.unknown and _all_zero(model, r.consumers)
 
 
-def unread_but_unknown(model: nn.Module, group: ChannelGroup) -> str | None:
-    """Why a channel that every known reader leaves unread is still kept (None if it is not such
-    a channel): some member sits where shrink cannot tell whether it reads or makes the channel
-    (a raw Parameter used in forward code, a tied weight), so the channel may still matter."""
+def unused_but_unknown(model: nn.Module, group: ChannelGroup) -> str | None:
+    """Why a channel that every known reader leaves unread, or every known maker leaves
+    constant, is still kept (None if it is not such a channel): some member sits where shrink
+    cannot tell whether it reads or makes the channel (a raw Parameter used in forward code, a
+    weight tied to another module), so the channel may still matter."""
     if group.kind not in ("channel", "head"):
         return None
     r = roles(model, group)
-    if not (r.consumers and r.unknown and _all_zero(model, r.consumers)):
+    if not r.unknown:
         return None
-    where = ", ".join(f"{m.name} ({type(model.get_submodule(path)).__name__})" for path, m in r.unknown)
-    return (f"its readers {', '.join(path for path, _ in r.consumers)} leave it unread, but shrink does "
-            f"not know what {where} does with it (it knows the roles of nn.Linear, ungrouped conv "
-            "and transformers' Conv1D weights only), so it stays")
+    if r.consumers and _all_zero(model, r.consumers):
+        found = f"its readers {', '.join(path for path, _ in r.consumers)} leave it unread"
+    elif group.kind == "channel" and r.producers and r.consumers and _all_zero(model, r.producers):
+        found = f"its makers {', '.join(path for path, _ in r.producers)} leave it constant"
+    else:
+        return None
+    tied = [m.name for _, m in r.tied]
+    other = [(path, m) for path, m in r.unknown if m.name not in tied]
+    why = []
+    if tied:
+        why.append(f"{', '.join(tied)} {'is' if len(tied) == 1 else 'are'} tied to another module, whose "
+                   "use of the channel it cannot see")
+    if other:
+        where = ", ".join(f"{m.name} ({type(model.get_submodule(path)).__name__})" for path, m in other)
+        why.append(f"it does not know what {where} does with it (it knows the roles of nn.Linear, conv "
+                   "and transformers' Conv1D weights only)")
+    return f"{found}, but {'; and '.join(why)}: shrink keeps it"
 
 
 def is_constant(model: nn.Module, group: ChannelGroup) -> bool:
@@ -240,9 +257,19 @@ def _consumer_inputs(model: nn.Module, paths, example_inputs) -> dict[str, list[
     return seen
 
 
+def _input_channels(module: nn.Module, member) -> torch.Tensor:
+    """The input channels that the member's weight columns read: the columns themselves, or for
+    a grouped conv column j of each conv group, in group order (what its conv expects)."""
+    columns = member.indices
+    if isinstance(module, _Conv) and module.groups > 1:
+        per_group = module.in_channels // module.groups
+        columns = [g * per_group + j for g in range(module.groups) for j in columns]
+    return torch.tensor(columns, dtype=torch.long, device=module.weight.device)
+
+
 def _reads_zeros(module: nn.Module, member, inputs: list[torch.Tensor]) -> bool:
     """Is the member's input slice of the consumer exactly 0 in every probing forward?"""
-    index = torch.tensor(member.indices, dtype=torch.long, device=module.weight.device)
+    index = _input_channels(module, member)
     return all(not bool(x.index_select(1, index).any()) for x in inputs)
 
 
@@ -256,8 +283,9 @@ def _contribution(module: nn.Module, member, inputs: list[torch.Tensor]) -> torc
             out = F.linear(x.index_select(x.dim() - 1, index), weight)
         elif is_hf_conv1d(module):   # weight (in, out)
             out = x.index_select(x.dim() - 1, index) @ weight
-        else:
-            out = module._conv_forward(x.index_select(1, index), weight, None).movedim(1, -1)
+        else:   # (a grouped conv reads its columns' channels in each of its groups)
+            channels = _input_channels(module, member)
+            out = module._conv_forward(x.index_select(1, channels), weight, None).movedim(1, -1)
         rows.append(out.reshape(-1, out.shape[-1]))
     return torch.cat(rows)
 

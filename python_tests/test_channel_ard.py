@@ -540,4 +540,10 @@ def test_layers_left_without_a_prior_by_the_channel_trace_are_warned_about():
                                          r"prior: 4 \(the trace keeps their channels whole; 4: .*granularity='filter'"):
         pruner = MacKayPruner(model, optimizer, num_data=100, granularity="channel",
                               example_inputs=torch.randn(2, 4))
-    assert any("in no channel group" in note for note in pruner.report()["channel"]["notes"])
+    # report()["excluded"] names it (it said so only in the channel notes), and the totals leave it
+    # out: a layer never pruned counted as kept (a TransformerEncoder's embedding and head)
+    report = pruner.report()
+    assert [e["name"] for e in report["excluded"] if "in no channel group" in e["reason"]] == ["4"]
+    assert [layer["name"] for layer in report["layers"]] == ["0", "2"]
+    assert report["total"] == 4 * 8 + 8 * 8 == pruner.kept_weights()
+    assert pruner.sparsity() == 0.0

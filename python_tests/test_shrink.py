@@ -396,8 +396,61 @@ def test_units_that_a_raw_parameter_makes_and_nothing_reads_are_reported_not_pas
         model.out.weight[:, :10] = 0
     small, report = shrink(model, inputs, report=True)
     assert report.removed == [] and len(report.kept_unused) == 10
-    assert all("shrink does not know what W (Custom) does with it" in reason for _, reason in report.kept_unused)
+    assert all("does not know what W (Custom) does with it" in reason for _, reason in report.kept_unused)
     assert "10 unread or constant groups kept" in str(report)
+
+
+def test_units_a_tied_weight_makes_are_kept_with_the_tie_as_the_reason():
+    """A Linear whose weight is tied to another module's: shrink cannot see the other use, and
+    said it did "not know what a.weight (Linear) does", of a Linear. The reason is the tie; a
+    constant unit (its rows pruned) is reported too, where it was passed over."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.inp(x))
+            return self.out(torch.relu(self.a(h)) + torch.relu(self.b(h)) + self.c(h))
+
+    model, inputs = to_double(Tied(), (torch.randn(4, 6),))
+    with torch.no_grad():
+        model.c.weight[:, 0] = 0     # hidden unit 0 of inp: c, the reader shrink knows, leaves it unread
+        model.inp.weight[1] = 0      # hidden unit 1 of inp: constant
+    _, report = shrink(model, inputs, report=True)
+    reasons = [reason for _, reason in report.kept_unused]
+    assert len(reasons) == 2 and all("a.weight is tied to another module" in r for r in reasons), reasons
+    assert not any("does not know" in r for r in reasons)
+    assert any("leave it unread" in r for r in reasons) and any("leave it constant" in r for r in reasons)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_channels_a_grouped_conv_reads_go_when_unread_or_constant(padding):
+    """A grouped conv reads column j of its weight from input channel j of every conv group
+    (one coupled group): with that column pruned the channels are unread, with their makers'
+    rows pruned they are constant, and both went unreported (shrink knew ungrouped convs only)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 16, 3), nn.ReLU(), nn.Conv1d(16, 8, 3, padding=padding, groups=4),
+                          nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    model, inputs = to_double(model, (torch.randn(5, 2, 12),))
+    model(*inputs)   # the lazy layer takes its size
+    with torch.no_grad():
+        model[2].weight[:, 1] = 0                 # column 1: channels 1, 5, 9, 13 unread
+        model[0].weight[[2, 6, 10, 14]] = 0       # column 2's channels: relu(bias), constant
+        model[0].bias[[2, 6, 10, 14]] = torch.tensor([0.5, -0.3, 1.0, 0.2], dtype=torch.double)
+        expected = model(*inputs)
+    small, report = shrink(model, inputs, report=True)
+    assert len(report.unread) == 1
+    if padding:   # the constant is read as zeros at the borders: kept, with the reason
+        assert len(report.folded) == 0 and "pads with zeros" in report.kept_unused[0][1]
+        assert small[2].in_channels == 12
+    else:
+        assert len(report.folded) == 1 and report.kept_unused == []
+        assert small[2].in_channels == 8 and small[2].groups == 4
+    with torch.no_grad():
+        assert_equal_outputs(expected, small(*inputs))
 
 
 def test_the_report_leaves_a_training_model_s_batchnorm_statistics_alone():
