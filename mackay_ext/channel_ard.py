@@ -611,6 +611,8 @@ class ChannelARD:
             best = fresh[weight_sq[fresh].argmax()]
             pruned[best] = False
             kept.append(f"{name} (dim {dim}): kept {self.groups[int(best)]!r}")
+            if f"{name} (dim {dim})" in self.pruner._said_emptied:
+                continue   # warned at an earlier update (MacKayPruner._warn_collapse)
             warnings.warn(f"MacKayPruner.update: every channel group of {name} (dim {dim}) would be pruned "
                           "(the network would no longer depend on its input there); the strongest group is "
                           "kept. Pass allow_empty_layers=True to allow it.", RuntimeWarning, stacklevel=6)

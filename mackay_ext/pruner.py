@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -39,18 +38,7 @@ from torch import nn
 from . import ops
 from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
-from ._validate import (
-    BACKENDS,
-    NonFiniteError,
-    check_choice,
-    check_count,
-    check_max_prune_fraction,
-    check_module,
-    check_names,
-    check_optimizer,
-    check_threshold,
-    warn_threshold_scale,
-)
+from ._validate import NonFiniteError, check_count, check_module, check_optimizer
 from .ard_targets import (
     FROZEN,
     GRANULARITIES,
@@ -69,14 +57,12 @@ from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
 from .pruner_claims import claim, claimed, release
+from .pruner_options import CURVATURES, check_pruner_options
 from .prune_cap import allowed_prunes, groups_to_restore, target_scores
 from .standalone_prior import StandalonePrior
 
 __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 
-CURVATURES = ("ef-batch", "ef-exact", "fisher-mc")
-PRIORS = ("proximal", "penalty")
-CHANNEL_PRIORS = ("members", "norm-scale")
 
 
 def _dynamo_compiled_something() -> bool:
@@ -221,26 +207,14 @@ class MacKayPruner(StandalonePrior):
         check_module(model, "model", where)
         check_optimizer(optimizer, "optimizer", where)
         num_data = check_count(num_data, "num_data", where)
-        threshold = check_threshold(threshold, where)
-        check_names(layers, "layers", where)
-        check_choice("curvature", curvature, CURVATURES, where)
-        check_choice("rule", rule, ("mackay", "em", "paper"), where)
-        check_choice("prune", prune, ("alpha", "snr"), where)
-        warn_threshold_scale(prune, threshold, where)
-        check_choice("prior", prior, PRIORS, where)
-        check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"), where)
-        # None: "members", chosen by default (channel_ard warns where that is ill-posed)
-        self._channel_prior_chosen = channel_prior is not None
-        channel_prior = "members" if channel_prior is None else channel_prior
-        check_choice("channel_prior", channel_prior, CHANNEL_PRIORS, where)
-        check_choice("backend", backend, BACKENDS, where)
-        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"{where}: eps must be a finite number >= 0, got {eps!r}")
-        if alpha_max is not None and not (isinstance(alpha_max, (int, float)) and alpha_max > 0):
-            raise ValueError(f"{where}: alpha_max must be None or a number > 0 (a cap on alpha), got {alpha_max!r}")
-        if not (isinstance(curvature_decay, (int, float)) and 0.0 <= curvature_decay < 1.0):
-            # at 1 the moving average never moves from 0: no curvature, and every weight pruned
-            raise ValueError(f"{where}: curvature_decay must be in [0, 1), got {curvature_decay!r}")
+        checked = check_pruner_options(
+            where, granularity=granularity, rule=rule, prune=prune, threshold=threshold, curvature=curvature,
+            layers=layers, curvature_decay=curvature_decay, eps=eps, alpha_max=alpha_max, prior=prior,
+            allow_empty_layers=allow_empty_layers, on_nonfinite=on_nonfinite, backend=backend,
+            mac_price=mac_price, mac_price_ramp=mac_price_ramp, curvature_every=curvature_every,
+            max_prune_fraction=max_prune_fraction, channel_prior=channel_prior)
+        threshold, channel_prior = checked["threshold"], checked["channel_prior"]
+        self._channel_prior_chosen = checked["channel_prior_chosen"]
         if isinstance(optimizer, MacKayAdam):
             groups = [g for g in optimizer.param_groups if g.get("ard")]
             differ = [f"{key}={given!r} (MacKayAdam's: {', '.join(sorted({repr(g[key]) for g in groups}))})"
@@ -250,17 +224,12 @@ class MacKayPruner(StandalonePrior):
             if differ:   # the same values repeated here change nothing
                 warnings.warn(f"{where}: batch_size and curvature_decay are MacKayAdam's (its param groups'); "
                               f"the values given here are not used: {'; '.join(differ)}", UserWarning, stacklevel=2)
-        if channel_prior != "members" and granularity != "channel":
-            raise ValueError(f"{where}: channel_prior={channel_prior!r} places the prior of a coupled "
-                             f"channel group: it needs granularity='channel', got {granularity!r}")
         self.channel_prior = channel_prior
         self.model, self.optimizer = model, optimizer
         self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
-        if not isinstance(allow_empty_layers, bool):
-            raise TypeError(f"{where}: allow_empty_layers must be True or False, got {allow_empty_layers!r}")
         self.allow_empty_layers, self.on_nonfinite = allow_empty_layers, on_nonfinite
-        self.max_prune_fraction = check_max_prune_fraction(max_prune_fraction, where)
+        self.max_prune_fraction = checked["max_prune_fraction"]
         self.fused = isinstance(optimizer, MacKayAdam)
         self.prior = "optimizer" if self.fused else prior
         if not self.fused and prior == "proximal" and optimizer is None:
@@ -268,24 +237,17 @@ class MacKayPruner(StandalonePrior):
                              "the optimizer: pass it, or use prior='penalty' and add penalty() to the loss")
         self.channel = None   # the group update of granularity="channel" (mackay_ext.channel_ard)
         coupling = None
-        if isinstance(granularity, dict) and "channel" in granularity.values():   # before example_inputs' check
-            raise ValueError("MacKayPruner: granularity='channel' couples layers across the whole "
-                             "model: pass granularity='channel', not per layer")
         if isinstance(granularity, str) and granularity == "channel":
             from .channel_ard import trace_for_pruner
             coupling = trace_for_pruner(model, example_inputs)   # before any hook is attached
         elif example_inputs is not None and not mac_price:
             raise ValueError("MacKayPruner: example_inputs is used by granularity='channel' and "
                              f"mac_price > 0 only, got granularity={granularity!r}, mac_price=0")
-        self.mac_price = self._check_mac_price(mac_price, example_inputs)
-        if isinstance(mac_price_ramp, bool) or not isinstance(mac_price_ramp, int) or mac_price_ramp < 1:
-            raise ValueError(f"{where}: mac_price_ramp must be an int >= 1 (pruning updates), got {mac_price_ramp!r}")
+        self.mac_price = checked["mac_price"]
+        if self.mac_price and example_inputs is None:
+            raise ValueError("MacKayPruner: mac_price > 0 needs example_inputs= (a batch that runs "
+                             "the model): the MACs of every group are counted from one forward")
         self.mac_price_ramp = mac_price_ramp
-        if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
-            raise ValueError(f"{where}: curvature_every must be an int >= 1 (training steps), got {curvature_every!r}")
-        if curvature_every > 1 and curvature == "ef-batch":
-            raise ValueError(f"{where}: curvature_every samples the ef-exact or fisher-mc curvature; "
-                             "ef-batch rides in every optimizer step at no extra cost (leave it at 1)")
         if curvature_every > 1 and optimizer is None:
             raise ValueError(f"{where}: curvature_every counts optimizer steps: pass the optimizer")
         self.curvature_every = curvature_every
@@ -342,6 +304,7 @@ class MacKayPruner(StandalonePrior):
             self._attach_accumulator()
         self.history: list[dict[str, Any]] = []
         self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
+        self._said_emptied: set[str] = set()   # layers kept at their strongest group, warned about once
         self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
         self.detached = False   # see detach()
         self.copied = False     # see __setstate__
@@ -383,17 +346,6 @@ class MacKayPruner(StandalonePrior):
         claim(self, [target.param for target in self.targets.values()])
 
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _check_mac_price(mac_price, example_inputs) -> float:
-        if isinstance(mac_price, bool) or not isinstance(mac_price, numbers.Real) or not (
-                math.isfinite(mac_price) and mac_price >= 0):
-            raise ValueError(f"MacKayPruner: mac_price must be a finite number >= 0 (nats of evidence "
-                             f"per multiply-accumulate), got {mac_price!r}")
-        if mac_price and example_inputs is None:
-            raise ValueError("MacKayPruner: mac_price > 0 needs example_inputs= (a batch that runs "
-                             "the model): the MACs of every group are counted from one forward")
-        return float(mac_price)
-
     def current_mac_price(self) -> float:
         """The price the next pruning update charges: mac_price once mac_price_ramp pruning
         updates have passed, a linear share of it before."""
@@ -828,6 +780,10 @@ class MacKayPruner(StandalonePrior):
         share = (before - report["kept"]) / before if before else 0.0
         emptied = [layer["name"] for layer in layers if layer.get("kept_strongest")]
         emptied += [entry.split(": kept")[0] for entry in (channel or {}).get("kept_strongest", [])]
+        # a layer already down to its strongest group is found "emptied" at every later update:
+        # said once, so that a later collapse is not buried under copies
+        emptied = [name for name in emptied if name not in self._said_emptied]
+        self._said_emptied.update(emptied)
         if share <= COLLAPSE_SHARE and not emptied:
             return
         where = (f" and would have emptied {len(emptied)} layer(s) ({', '.join(emptied[:4])}"
@@ -893,9 +849,10 @@ class MacKayPruner(StandalonePrior):
             layer = isinstance(target.module, (nn.Linear, nn.modules.conv._ConvNd)) and target.attr == "weight"
             loss = ("the network would no longer depend on its input there" if layer
                     else "none of it would be left")
-            warnings.warn(f"MacKayPruner.update: every group of {target.description} would be "
-                          f"pruned ({loss}); the strongest group is kept. Pass allow_empty_layers=True "
-                          "to allow it.", RuntimeWarning, stacklevel=3)
+            if name not in self._said_emptied:   # else _warn_collapse said it at an earlier update
+                warnings.warn(f"MacKayPruner.update: every group of {target.description} would be "
+                              f"pruned ({loss}); the strongest group is kept. Pass allow_empty_layers=True "
+                              "to allow it.", RuntimeWarning, stacklevel=3)
         return entry
 
     def _idle_layers(self) -> set[str]:

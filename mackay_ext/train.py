@@ -33,6 +33,7 @@ from .dead_channels import cut_dead_channels, may_hold_dead_channels
 from .data import Splits, check_shift, random_shift
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
+from .pruner_options import check_option_names
 
 SCHEDULES = ("paper", "in-run")
 LR_SCHEDULES = ("plateau", "cosine")
@@ -103,6 +104,8 @@ class Trainer:
         if config.schedule not in SCHEDULES:
             raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {config.schedule!r}")
         check_choice("lr_schedule", config.lr_schedule, LR_SCHEDULES, "fit")
+        if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+            raise ValueError(f"fit: seed must be an integer, got {config.seed!r}")
         for name, least in (("pretrain_epochs", 0), ("rounds", 0), ("epochs", 0), ("update_every_steps", 0),
                             ("warmup_updates", 0), ("finetune_epochs", 0), ("patience", 0),
                             ("batch_size", 1), ("update_every", 1)):
@@ -141,6 +144,8 @@ class Trainer:
         self.checkpoint, self.progress = checkpoint, progress or (lambda message: None)
         self.batch_progress = batch_progress
         self.num_data = len(data.x_train)
+        _warn_if_nothing_prunes(config, self.num_data)
+        check_option_names("fit", pruner_options or {}, {"num_data", "backend"})
         self.num_labels = data.num_classes   # the model must give at least this many outputs
         self.data_summary = training_set_summary(data)   # saved with checkpoints, checked on resume
         # torch.distributed (e.g. under torchrun): each rank trains on its slice of every global
@@ -223,7 +228,11 @@ class Trainer:
             sampled_fisher = self.pruner.curvature_kind == "fisher-mc"
             # fisher-mc reuses this forward: its sampled-label backward runs before the training one
             with self.pruner.capture_mc() if sampled_fisher else contextlib.nullcontext():
-                logits = self.net(xb)
+                try:
+                    logits = self.net(xb)
+                except RuntimeError as error:
+                    _note_dtype_mismatch(error, xb, self.model)
+                    raise
             self._check_outputs(logits)
             loss = nn.functional.cross_entropy(logits, yb)
             value = float(loss.detach())  # the one host sync of a step, before it can do harm
@@ -478,6 +487,35 @@ class Trainer:
                              f"(only {', '.join(RESUMABLE_CHANGES)} may change on resume), or start a new run")
 
 
+def _note_dtype_mismatch(error: RuntimeError, inputs: torch.Tensor, model: nn.Module) -> None:
+    """A forward that failed on inputs of another dtype than the model's weights ("mat1 and mat2
+    must have the same dtype"): the note names the data and the model."""
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    if dtypes and str(inputs.dtype) not in dtypes:
+        error.add_note(f"fit: the training inputs are {inputs.dtype} and the model's weights {', '.join(dtypes)}: "
+                       "convert one (data.x_train.float() for a float32 model, or model.to(the inputs' dtype))")
+
+
+def _warn_if_nothing_prunes(config: FitConfig, num_data: int) -> None:
+    """The in-run schedule prunes at its updates after the warm-up ones (the pruner's first update
+    only sets alpha): a phase too short for one more returned a dense "pruned" model, unsaid."""
+    if config.schedule != "in-run":
+        return
+    if config.update_every_steps:
+        steps = config.epochs * -(-num_data // min(config.batch_size, num_data))
+        updates, how = steps // config.update_every_steps, (
+            f"{steps} optimizer steps with update_every_steps={config.update_every_steps}")
+    else:   # every update_every epochs within the phase, and one at its end
+        updates, how = (max(config.epochs, 1) - 1) // config.update_every + 1, (
+            f"epochs={config.epochs} with update_every={config.update_every}")
+    warmup = max(config.warmup_updates, 1)
+    if updates <= warmup:
+        warnings.warn(f"fit: the in-run schedule makes {updates} precision update(s) ({how}), and the first "
+                      f"{warmup} only set alpha (warmup_updates={config.warmup_updates}; the pruner's first "
+                      "update always does): nothing will be pruned. Give more epochs, or update more often",
+                      UserWarning, stacklevel=4)
+
+
 def _check_splits(data: Splits) -> None:
     """Each split as fit reads it: as many labels (integer class indices) as inputs (floating
     point), and examples to train and validate on."""
@@ -493,6 +531,9 @@ def _check_splits(data: Splits) -> None:
         if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
             raise ValueError(f"fit: data.y_{split} must be a 1-D tensor of integer class indices, got "
                              f"{y.dtype} of shape {tuple(y.shape)}")
+        if y.dtype not in (torch.int64, torch.uint8):   # what cross_entropy takes as class indices
+            raise ValueError(f"fit: data.y_{split} must hold int64 class indices, got {y.dtype}: "
+                             f"pass data.y_{split}.long()")
         if len(y) and int(y.min()) < 0:
             raise ValueError(f"fit: data.y_{split} holds the label {int(y.min())}; class indices "
                              "start at 0")

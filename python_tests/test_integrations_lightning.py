@@ -178,6 +178,15 @@ def test_bad_arguments():
         MacKayPruning(num_data=0)
     with pytest.raises(ValueError, match="MacKayPruning: batch_size must be"):
         MacKayPruning(batch_size=-1)
+    # option values that need no model, and the form of parameters_to_prune, when built too
+    with pytest.raises(ValueError, match=r"MacKayPruning: rule must be one of"):
+        MacKayPruning(rule="bogus")
+    with pytest.raises(ValueError, match=r"MacKayPruning: threshold must be finite and >= 0"):
+        MacKayPruning(threshold=-1.0)
+    with pytest.raises(TypeError, match=r"\(module, parameter name\) pairs, got 1"):
+        MacKayPruning([1])
+    with pytest.raises(TypeError, match=r"must be a list of \(module, parameter name\) pairs, got Linear"):
+        MacKayPruning(nn.Linear(2, 2))
     with pytest.raises(TypeError, match=r"\(module, parameter name\) pairs, got 'net.0'"):
         MacKayPruning(["net.0"]).on_fit_start(
             type("T", (), {"optimizers": [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)],

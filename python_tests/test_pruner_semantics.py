@@ -177,6 +177,14 @@ def test_a_layer_never_loses_every_group_unless_allowed(allow):
     assert torch.equal(model[2].weight[strongest], before[strongest])
     assert math.isfinite(float(pruner.alpha("2")[strongest]))
     assert (model[2].weight[torch.arange(4) != strongest] == 0).all()
+    # the layer stays at its strongest group: later updates report it, and warn no more (every
+    # update warned again, "pruned 0.0% ... would have emptied 1 layer", burying a real collapse)
+    train(5)
+    optimizer.ard_state(model[2].weight)["curvature"].fill_(1e-30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = pruner.update()
+    assert report["layers"][1]["kept_strongest"] and report["layers"][1]["groups_kept"] == 1
 
 
 def test_resumed_pruner_knows_it_was_trained():

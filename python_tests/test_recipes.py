@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -191,7 +192,8 @@ def test_mnist32_and_a_cifar_network_with_one_channel(tmp_path):
     ("lr_decay", 2.0, r"lr_decay \(the plateau schedule's factor\) must be in \(0, 1\), got 2.0"),
     ("lr_decay", 0.0, "lr_decay"),
     ("update_every", 0, "update_every must be an integer >= 1"),
-    ("patience", -1, "patience must be an integer >= 0")])
+    ("patience", -1, "patience must be an integer >= 0"),
+    ("seed", 1.5, "seed must be an integer, got 1.5")])   # (it failed in manual_seed, naming no field)
 def test_fit_config_values_are_checked_when_the_trainer_is_built(field, value, message):
     """A bad value is named at once, not when its phase starts (a negative retrain_lr used to run
     the whole dense phase first, then fail naming MacKayAdam's lr)."""
@@ -211,7 +213,10 @@ def test_splits_built_by_hand_are_checked_when_the_trainer_is_built():
             (mackay_ext.data.Splits(x, y, x, y.float(), x, y, "b"), "data.y_val must be a 1-D tensor of integer"),
             (mackay_ext.data.Splits(x, y, x, y, x.long(), y, "c"), "data.x_test must be floating point"),
             (mackay_ext.data.Splits(x[:0], y[:0], x, y, x, y, "d"), "the train split is empty"),
-            (mackay_ext.data.Splits(x, y, x, y, x, y - 1, "e"), "data.y_test holds the label -1")]:
+            (mackay_ext.data.Splits(x, y, x, y, x, y - 1, "e"), "data.y_test holds the label -1"),
+            # int32 labels passed, then stopped at cross_entropy's "expected target dtype to be Long"
+            (mackay_ext.data.Splits(x, y.int(), x, y, x, y, "f"),
+             r"data.y_train must hold int64 class indices, got torch.int32: pass data.y_train.long\(\)")]:
         with pytest.raises(ValueError, match=message):
             Trainer(model, splits, FitConfig())
 
@@ -228,6 +233,41 @@ def test_a_model_with_fewer_outputs_than_classes_is_named_at_the_first_batch(out
     with pytest.raises(ValueError, match=r"logits of shape \(batch, classes\) with at least 4 classes "
                                          rf"\(data four-class's labels go up to 3\), got {got}"):
         trainer.run()
+
+
+def test_fit_names_pruner_option_typos_and_inputs_of_another_dtype():
+    """pruner_options={'granulrity': ...} failed with MacKayPruner's bare unexpected-keyword
+    error, num_data with "multiple values"; float64 inputs to a float32 model with torch's "mat1
+    and mat2 must have the same dtype", naming neither the data nor the model."""
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    splits = mackay_ext.data.Splits(x, y, x, y, x, y, "two-class")
+    with pytest.raises(TypeError, match=r"fit: unknown option 'granulrity' \(did you mean 'granularity'\?\)"):
+        Trainer(torch.nn.Linear(3, 2), splits, FitConfig(), pruner_options={"granulrity": "input"})
+    with pytest.raises(TypeError, match="fit: num_data is set by fit itself"):
+        Trainer(torch.nn.Linear(3, 2), splits, FitConfig(), pruner_options={"num_data": 5})
+    double = mackay_ext.data.Splits(x.double(), y, x.double(), y, x.double(), y, "double")
+    trainer = Trainer(torch.nn.Linear(3, 2), double, FitConfig(pretrain_epochs=1, batch_size=10, backend="torch"))
+    with pytest.raises(RuntimeError) as raised:
+        trainer.run()
+    assert "the training inputs are torch.float64 and the model's weights torch.float32" in "".join(
+        getattr(raised.value, "__notes__", []))
+
+
+@pytest.mark.parametrize("budget, says", [
+    (dict(epochs=4, update_every=4), r"makes 1 precision update\(s\) \(epochs=4 with update_every=4\)"),
+    (dict(epochs=1, update_every_steps=100), r"makes 0 precision update\(s\) \(1 optimizer steps"),
+    (dict(epochs=2, update_every_steps=1, warmup_updates=2), r"makes 2 precision update\(s\)")])
+def test_an_in_run_phase_too_short_to_prune_is_warned_about(budget, says):
+    """The in-run schedule prunes at its updates after the warm-up ones: too few epochs for one
+    more returned the dense network as the pruned one, with no word (the paper schedule warns
+    for rounds=0)."""
+    x, y = torch.randn(10, 3), torch.arange(10) % 2
+    splits = mackay_ext.data.Splits(x, y, x, y, x, y, "two-class")
+    with pytest.warns(UserWarning, match=says + ".*nothing will be pruned"):
+        Trainer(torch.nn.Linear(3, 2), splits, FitConfig(schedule="in-run", batch_size=10, **budget))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # one more update prunes: no warning
+        Trainer(torch.nn.Linear(3, 2), splits, FitConfig(schedule="in-run", batch_size=10, epochs=5, update_every=2))
 
 
 def test_resume_refuses_a_config_that_makes_another_run(tmp_path):

@@ -10,12 +10,11 @@ MacKayAdam's).
 """
 from __future__ import annotations
 
-import difflib
-import inspect
 from typing import Any
 
 from .._validate import check_count
 from ..pruner import MacKayPruner
+from ..pruner_options import check_option_names, check_pruner_options
 
 
 class StepCurvaturePruner(MacKayPruner):
@@ -55,14 +54,12 @@ def training_set_size(num_data: float | None, loader, who: str, source: str) -> 
 def check_callback_options(who: str, pruner_options: dict[str, Any], own: set[str], *,
                            num_data: Any = None, batch_size: Any = None) -> None:
     """What a callback can check when it is built, though its pruner is built when training
-    starts: the names of the MacKayPruner options (a typo would surface inside the trainer,
-    naming neither the callback nor the option), and num_data and batch_size."""
-    accepted = set(inspect.signature(MacKayPruner.__init__).parameters) - {"self", "model", "optimizer"} - own
-    for name in sorted(set(pruner_options) - accepted):
-        close = difflib.get_close_matches(name, sorted(accepted | own), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise TypeError(f"{who}: unknown option {name!r}{hint}; the MacKayPruner options it passes on are "
-                        f"{', '.join(sorted(accepted))}")
+    starts: the names of the MacKayPruner options and the values that need no model (a typo or a
+    bad value would surface inside the trainer, naming neither the callback nor the option),
+    and num_data and batch_size."""
+    check_option_names(who, pruner_options, own)
+    check_pruner_options(who, **{name: value for name, value in pruner_options.items()
+                                 if name not in ("num_data", "batch_size", "example_inputs")})
     if num_data is not None:
         check_count(num_data, "num_data", who)
     if batch_size is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -110,7 +111,9 @@ class MacKayCallback(TrainerCallback):
             pass if the model ignores num_items_in_batch.
             A MacKayAdam reads the same gradient in its step: give it that B (a warning says
             when its batch_size differs).
-        at_end: None (default), "sparsify" (mackay_ext.sparsify(model) in place at on_train_end)
+        at_end: None (default), "sparsify" (mackay_ext.sparsify(model) in place at on_train_end;
+            store that model with mackay_ext.save_compressed, not Trainer.save_model: from_pretrained
+            does not know the sparse layers' tensors and re-initialises those weights, with no error)
             or "shrink" (`callback.shrunk_model` = mackay_ext.shrink(model, example_inputs); the
             Trainer keeps its model).
         example_inputs: batch for at_end="shrink", granularity="channel" and mac_price.
@@ -293,6 +296,11 @@ class MacKayCallback(TrainerCallback):
         if self.at_end == "sparsify":
             from ..convert import sparsify
             sparsify(model)
+            warnings.warn("MacKayCallback(at_end='sparsify'): the Trainer's model now has sparse layers, whose "
+                          "tensors from_pretrained does not know: after Trainer.save_model it would re-initialise "
+                          "those weights at random, with no error. Store it with mackay_ext.save_compressed("
+                          "trainer.model, path) and load it with load_compressed(path, model=<a new model>), or "
+                          "mackay_ext.densify(trainer.model) before save_model", UserWarning, stacklevel=2)
         else:
             from ..shrink import shrink
             self.shrunk_model = shrink(model, self.example_inputs)

@@ -27,16 +27,26 @@ from ._step_curvature import (StepCurvaturePruner, check_callback_options, check
 __all__ = ["MacKayPruning"]
 
 
-def _layer_names(module: nn.Module, parameters_to_prune) -> list[str]:
-    """ModelPruning's [(module, "weight"), ...] as the pruner's layer names."""
-    names = {id(m): n for n, m in module.named_modules()}
-    chosen = []
-    for entry in parameters_to_prune:
+def _pairs(parameters_to_prune) -> list:
+    """ModelPruning's form, [(module, "weight"), ...], as a list: checked when the callback is
+    built (that the modules are the LightningModule's, when training starts)."""
+    if isinstance(parameters_to_prune, (str, bytes, nn.Module)) or not hasattr(parameters_to_prune, "__iter__"):
+        raise TypeError("MacKayPruning: parameters_to_prune must be a list of (module, parameter name) "
+                        f"pairs, got {type(parameters_to_prune).__name__}")
+    pairs = list(parameters_to_prune)
+    for entry in pairs:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], nn.Module)
                 and isinstance(entry[1], str)):
             raise TypeError("MacKayPruning: parameters_to_prune must hold (module, parameter name) "
                             f"pairs, got {entry!r}")
-        sub, attr = entry
+    return pairs
+
+
+def _layer_names(module: nn.Module, parameters_to_prune) -> list[str]:
+    """ModelPruning's [(module, "weight"), ...] as the pruner's layer names."""
+    names = {id(m): n for n, m in module.named_modules()}
+    chosen = []
+    for sub, attr in _pairs(parameters_to_prune):
         if id(sub) not in names:
             raise ValueError(f"MacKayPruning: parameters_to_prune names a {type(sub).__name__} that is "
                              "not part of the LightningModule")
@@ -97,6 +107,8 @@ class MacKayPruning(Callback):
         if pruner_options.get("prior") == "penalty":
             raise ValueError("MacKayPruning: prior='penalty' is not available: the callback applies the "
                              "prior itself (proximal step after each optimizer step, or MacKayAdam)")
+        if parameters_to_prune is not None:
+            parameters_to_prune = _pairs(parameters_to_prune)
         self.parameters_to_prune, self.layers = parameters_to_prune, layers
         self.update_every, self.update_on = update_every, update_on
         self.num_data, self.batch_size, self.at_end, self.verbose = num_data, batch_size, at_end, verbose
