@@ -788,6 +788,14 @@ class MacKayPruner(StandalonePrior):
             return
         where = (f" and would have emptied {len(emptied)} layer(s) ({', '.join(emptied[:4])}"
                  f"{', ...' if len(emptied) > 4 else ''}; the strongest group of each kept)" if emptied else "")
+        norms = self.channel is None and any(
+            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)) and m.affine
+            for m in self.model.modules())
+        # per weight or per filter, a layer before a BatchNorm is scale-free: its prior costs the fit nothing
+        scale_free = (" This network has BatchNorm layers: the weights of a layer before one are scale-free "
+                      "(the norm divides their scale out), so their prior shrinks them at no cost to the fit "
+                      "and can empty the layer; granularity='channel' with channel_prior='norm-scale' puts "
+                      "the prior on the norm's scale instead." if norms else "")
         warnings.warn(
             f"MacKayPruner.update: this update pruned {100 * share:.1f}% of the weights still live "
             f"({before:,} -> {report['kept']:,}){where}. The diagonal evidence finds groups prunable "
@@ -795,7 +803,7 @@ class MacKayPruner(StandalonePrior):
             "other; if accuracy falls, train to a fit before the first pruning update, pass "
             "max_prune_fraction=0.5 to thin each layer over several updates, or, for a BatchNorm "
             "network under granularity='channel', channel_prior='norm-scale' (README: 'When one "
-            "update prunes too much')", RuntimeWarning, stacklevel=4)
+            f"update prunes too much').{scale_free}", RuntimeWarning, stacklevel=4)
 
     def _update_one(self, name: str, target: ARDTarget, hold: bool) -> dict[str, Any]:
         weight, alpha = target.param, self.alpha(name)

@@ -187,6 +187,33 @@ def test_a_layer_never_loses_every_group_unless_allowed(allow):
     assert report["layers"][1]["kept_strongest"] and report["layers"][1]["groups_kept"] == 1
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_a_collapse_of_a_batchnorm_network_pruned_per_weight_names_the_norms(norm):
+    """Per-weight ARD on a Conv1d net with BatchNorm kept 1 of 2,560 weights of a conv before a
+    norm, and the warning's way out (channel_prior='norm-scale') reads as if it applied to
+    granularity='channel' only: it now says why the norms matter per weight too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(1, 8, 3), *([nn.BatchNorm1d(8)] if norm else []), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 10, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=64, batch_size=16)
+    pruner = MacKayPruner(model, optimizer, num_data=64)
+    x, y = torch.randn(16, 1, 12), torch.arange(16) % 3
+
+    def step():
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    step()
+    pruner.update()   # the warm-up: alpha from the curvature
+    step()
+    for layer in (model[0], model[-1]):   # nothing determined: every weight prunable
+        optimizer.ard_state(layer.weight)["curvature"].fill_(1e-30)
+    with pytest.warns(RuntimeWarning, match="this update pruned") as caught:
+        pruner.update()
+    said = " ".join(str(w.message) for w in caught)
+    assert ("This network has BatchNorm layers: the weights of a layer before one are scale-free" in said) == norm
+
+
 def test_resumed_pruner_knows_it_was_trained():
     model, optimizer, pruner, train = trained_pruner(threshold=0.5)
     pruner.update()
