@@ -64,7 +64,6 @@ from .standalone_prior import StandalonePrior
 __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 
 
-
 def _dynamo_compiled_something() -> bool:
     """Whether torch.compile has compiled any frame in this process (its hint is noise otherwise)."""
     try:
