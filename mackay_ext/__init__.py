@@ -11,6 +11,7 @@ from .pruner import MacKayPruner
 from .pruner_claims import attached_pruners
 from . import sparse
 from .sparse import SparseConv2d, SparseLinear, densify, load_compressed, save_compressed, sparsify
+from .compressed import read_metadata
 from ._validate import NonFiniteError
 from ._files import CorruptFileError, UnsafeFileError
 from . import coupling, recipes, recipes_cifar, train
@@ -20,7 +21,7 @@ from .shrink import ShrinkReport, count_macs, shrink
 __all__ = ["compiled_backends", "ops", "optim", "reference", "UpdateStats", "mackay_update_",
            "MacKayAdam", "ard_param_groups", "MacKayPruner", "attached_pruners", "data", "models", "sparse",
            "SparseLinear", "SparseConv2d", "sparsify", "save_compressed", "load_compressed",
-           "densify", "NonFiniteError", "CorruptFileError", "UnsafeFileError", "train", "recipes",
+           "read_metadata",           "densify", "NonFiniteError", "CorruptFileError", "UnsafeFileError", "train", "recipes",
            "recipes_cifar",
            "coupling", "ChannelGroup", "CouplingError", "channel_groups", "group_index",
            "ShrinkReport", "count_macs", "shrink"]

@@ -107,15 +107,7 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
     Refused with CorruptFileError: a file whose contents differ from the SHA-256 digest saved
     with them (damaged; a file from before the digest loads with a warning), and fields that
     cannot be what the model runs; RuntimeError: a model that does not match the file."""
-    payload = load_plain(path, "compressed model", map_location=map_location)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise RuntimeError(f"load_compressed: {path} is not a file written by save_compressed")
-    whole = isinstance(payload.get("sparse"), dict) and isinstance(payload.get("state"), dict)
-    if whole or "digest" in payload:   # (a file without either: its refusal, not the digest's warning)
-        _check_digest(path, payload)
-    if not whole:
-        raise CorruptFileError(f"load_compressed: {path} lacks its 'sparse' or 'state' entry (damaged, or "
-                               "edited after save_compressed wrote it)")
+    payload = _read(path, "load_compressed", map_location)
     if model is None:
         model = _model_by_name(path, payload)
     check_module(model, "model", "load_compressed")
@@ -156,6 +148,29 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
         raise RuntimeError(f"load_compressed: the model does not match the file (missing {missing}, "
                            f"unexpected {unexpected})")
     return model.to(map_location) if isinstance(map_location, (str, torch.device)) else model
+
+
+def read_metadata(path: str) -> dict:
+    """The metadata a save_compressed file holds, read as load_compressed reads the file (plain
+    values only, checked against its digest): e.g. the CLI's `input_standardisation`, the mean and
+    std a deployed model's inputs need."""
+    return dict(_read(path, "read_metadata", "cpu").get("metadata") or {})
+
+
+def _read(path: str, who: str, map_location) -> dict:
+    """A save_compressed file's payload: refused when it is not one, damaged or incomplete."""
+    payload = load_plain(path, "compressed model", map_location=map_location)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise RuntimeError(f"{who}: {path} is not a file written by save_compressed")
+    whole = isinstance(payload.get("sparse"), dict) and isinstance(payload.get("state"), dict)
+    if whole or "digest" in payload:   # (a file without either: its refusal, not the digest's warning)
+        _check_digest(path, payload)
+    if not whole:
+        raise CorruptFileError(f"{who}: {path} lacks its 'sparse' or 'state' entry (damaged, or "
+                               "edited after save_compressed wrote it)")
+    if not isinstance(payload.get("metadata", {}), dict):
+        raise CorruptFileError(f"{who}: {path}: its metadata is a {type(payload['metadata']).__name__}, not a dict")
+    return payload
 
 
 def _names_of(model: nn.Module, module: nn.Module) -> list[str]:

@@ -411,6 +411,21 @@ class MacKayAdam(torch.optim.Optimizer):
             torch._foreach_copy_(halves, params)
 
     # ------------------------------------------------------------- state_dict
+    def _check_same_order(self, saved_groups, exact, saved_ids) -> None:
+        """The saved groups and parameters line up with these by position (torch's rule): a group
+        whose ard flag or a parameter whose moments' shape differs means another order, which
+        would move the prior to other weights (or off them) before failing on a shape."""
+        for index, (ours, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if "ard" in saved and bool(saved["ard"]) != bool(ours.get("ard")):
+                raise _order_error(f"param group {index} has ard={bool(ours.get('ard'))} here and "
+                                   f"ard={bool(saved['ard'])} in the state")
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, (pid, param) in enumerate(zip(saved_ids, params)):
+            for key, value in exact[pid].items():
+                if (key in MOMENT_KEYS or key == "curvature") and value.shape != param.shape:
+                    raise _order_error(f"parameter {index} has shape {tuple(param.shape)} here and its "
+                                       f"saved {key} {tuple(value.shape)}")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch.optim.Optimizer.load_state_dict, but alpha stays float32 and the step on
         the parameter's device (the base class would cast alpha to a bf16 param's dtype), and a
@@ -430,6 +445,7 @@ class MacKayAdam(torch.optim.Optimizer):
         exact = {pid: {k: v for k, v in state_dict["state"].get(pid, {}).items()
                        if k in ("alpha", "step", "curvature", *MOMENT_KEYS) and isinstance(v, torch.Tensor)}
                  for pid in saved_ids}
+        self._check_same_order(state_dict["param_groups"], exact, saved_ids)
         super().load_state_dict(state_dict)
         self._plan_cache = None
         params = [p for group in self.param_groups for p in group["params"]]
@@ -438,6 +454,12 @@ class MacKayAdam(torch.optim.Optimizer):
                 weight_shaped = key in MOMENT_KEYS or key == "curvature"
                 dtype = state_dtype(key, param.dtype) if weight_shaped else torch.float32
                 self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+
+
+def _order_error(where: str) -> ValueError:
+    return ValueError(f"MacKayAdam.load_state_dict: {where}: the param groups, or the parameters in them, are "
+                      "in another order than when the state was saved (groups are matched by position, as "
+                      "in torch); build them in the same order, e.g. with ard_param_groups(model)")
 
 
 def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from .ard_targets import (
 from .batch_curvature import ema_debiased
 from .ddp_lockstep import Lockstep
 from .dead_units import prune_unused_units
+from .foreign_steps import watch_foreign_steps
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
@@ -205,6 +206,10 @@ class MacKayPruner(StandalonePrior):
         where = "MacKayPruner"
         check_module(model, "model", where)
         check_optimizer(optimizer, "optimizer", where)
+        if isinstance(optimizer, torch.optim.LBFGS):   # (a new user's run diverged to NaN after the first prune)
+            raise ValueError(f"{where}: torch.optim.LBFGS is not supported: its step runs a line search over "
+                             "the loss alone through a closure, while the prior acts after the step and the "
+                             "curvature is read once per step; use a first-order optimizer or MacKayAdam")
         num_data = check_count(num_data, "num_data", where)
         checked = check_pruner_options(
             where, granularity=granularity, rule=rule, prune=prune, threshold=threshold, curvature=curvature,
@@ -324,9 +329,12 @@ class MacKayPruner(StandalonePrior):
         self._lockstep = Lockstep()
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
         self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
+        self.foreign_steps: dict[str, int] = {}   # steps of other optimizers since the last update, by class
         if optimizer is not None:
             self._steps_since_update = 0
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+        # held apart from _hooks: torch's global hook dict holds a closure, which a copy cannot take
+        self._foreign_handle = watch_foreign_steps(self) if optimizer is not None else None
         if self.fused:
             self._attach_to_optimizer()
         else:
@@ -442,6 +450,9 @@ class MacKayPruner(StandalonePrior):
             self._proximal_step(getattr(optimizer, "found_inf", None))
         self.apply_masks()
 
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__, _foreign_handle=None)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy (copy.deepcopy, pickle) holds none of the hooks: they sit on the original's model
         # and optimizer, and the model's copy gets inert ones (copy_inert.py). So the copy is a
@@ -459,6 +470,9 @@ class MacKayPruner(StandalonePrior):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        if self._foreign_handle is not None:
+            self._foreign_handle.remove()
+            self._foreign_handle = None
         if self._step_reader is not None:
             self._step_reader.remove()
         if self.accumulator is not None:
@@ -683,7 +697,7 @@ class MacKayPruner(StandalonePrior):
                                "weights may be another pruner's now); build a new MacKayPruner, and load "
                                "this one's state_dict() into it to carry on")
 
-    def _nonfinite(self) -> list[str]:
+    def nonfinite(self) -> list[str]:
         """Names of the weights, curvatures or alphas holding NaN (or inf, alpha excepted)."""
         bad = []
         for name, target in self.targets.items():
@@ -726,7 +740,7 @@ class MacKayPruner(StandalonePrior):
             self._lockstep.check(self._steps_total)
         self._check_targets_in_model("update")
         self._refresh_curvature()
-        bad = self._nonfinite()
+        bad = self.nonfinite()
         if bad:
             message = (f"MacKayPruner.update: non-finite values in {', '.join(bad)}: training has "
                        "diverged (lower the learning rate, or check the loss); alpha is unchanged")
@@ -737,13 +751,15 @@ class MacKayPruner(StandalonePrior):
             report = dict(self.report(), skipped=True, nonfinite=bad, notes=[message], gamma_sum=math.nan)
             self.history.append(report)
             return report
+        if not self.history and self._no_curvature_yet():
+            self._warn_no_curvature()
         untrained = self._steps_since_update == 0 and bool(self.history)
         hold = untrained or not prune   # alpha re-estimated, nothing pruned
         price = self.current_mac_price()
         notes = []
         if untrained:
             notes.append("no optimizer step since the previous update: alpha re-estimated, "
-                         "nothing pruned (the weights have not answered the new prior yet)")
+                         "nothing pruned (the weights have not answered the new prior yet)" + self._foreign_note())
             warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=2)
         live_before = self.kept_weights()
         if self.channel is not None:
@@ -767,9 +783,36 @@ class MacKayPruner(StandalonePrior):
         self.history.append(report)
         if self._steps_since_update is not None:
             self._steps_since_update = 0
+        self.foreign_steps = {}
         self._mc_calls_since_update = 0
         self._sample_next_batch()
         return report
+
+    def _no_curvature_yet(self) -> bool:
+        """Every curvature the update would read is 0: no training step has reached the pruner."""
+        if self.channel is not None:
+            return not any(bool(self.channel.curvature(name).any()) for name in self.channel.members)
+        return not any(bool(self.curvature_estimate(name).any()) for name in self.targets)
+
+    def _warn_no_curvature(self) -> None:
+        """The first update with no training step behind it sets alpha from the weights alone
+        (gamma = 1 everywhere: alpha = 1/w^2), as the paper's schedule does from a pretrained
+        network. From untrained weights that is a prior from no data, and the next update prunes
+        against it: a new user's loop, update() at the top of every second epoch, kept 424 of
+        4,224 weights where 1,682 with the updates after training."""
+        warnings.warn("MacKayPruner.update: no curvature yet (no training step since the pruner was built"
+                      f"{self._foreign_note()}): alpha is set from the weights alone (alpha = 1/w^2), which is "
+                      "right for a trained network; if it is not trained yet, call update() after training "
+                      "steps", RuntimeWarning, stacklevel=3)
+
+    def _foreign_note(self) -> str:
+        if not self.foreign_steps:
+            return ""
+        steps = ", ".join(f"{name} {count} step(s)" for name, count in self.foreign_steps.items())
+        return (f"; another optimizer stepped its weights ({steps}), but the pruner reads the curvature and "
+                f"applies its prior through the optimizer it was built with ({type(self.optimizer).__name__}): "
+                "to train with another one, detach() this pruner and build a new one on it, loading this one's "
+                "state_dict()")
 
     def _warn_collapse(self, before: int, report: dict[str, Any], layers: list[dict[str, Any]],
                        channel: dict[str, Any] | None) -> None:

@@ -312,7 +312,11 @@ class Trainer:
     def _update_precisions(self) -> None:
         # the first `warmup_updates` updates only move alpha (the pruner's own warm-up is the first)
         prune = len(self.pruner.history) >= self.config.warmup_updates
-        report = self.pruner.update(prune=prune)
+        with warnings.catch_warnings():
+            # the paper schedule's warm-up from a model given as pretrained (pretrain_epochs=0)
+            # comes before any step: alpha from its weights alone is what that warm-up means
+            warnings.filterwarnings("ignore", message="MacKayPruner.update: no curvature yet")
+            report = self.pruner.update(prune=prune)
         self.progress(f"update: kept {report['kept']}/{report['total']} weights "
                       f"({100 * (1 - report['sparsity']):.2f}%), sum gamma {report.get('gamma_sum', 0):.1f}")
         self.best = None  # the pruned network is a new model: earlier best weights are void
@@ -426,7 +430,16 @@ class Trainer:
                 **self.extra_state}
 
     def save_checkpoint(self) -> None:
-        if self.checkpoint and self.rank == 0:
+        if not self.checkpoint:
+            return
+        # the loss can stay finite while B g^2 overflows: such a state would replace the last good
+        # checkpoint, and every resume from it would diverge again, at any lr (checked on every
+        # rank: they hold the same state, and stop together)
+        bad = self.pruner.nonfinite()
+        if bad:
+            raise NonFiniteError(f"non-finite values in {', '.join(bad)}: training has diverged; the "
+                                 f"checkpoint {self.checkpoint} was not overwritten with this state")
+        if self.rank == 0:
             save_atomic(self.state(), self.checkpoint)
 
     def load_checkpoint(self, path: str) -> None:

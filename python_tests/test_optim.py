@@ -265,6 +265,28 @@ def test_state_dict_round_trip_continues_identically(backend, dtype):
         assert torch.equal(a, b)
 
 
+def test_param_groups_in_another_order_are_named_on_load():
+    """Groups are matched by position: a checkpoint of [weights (ard), biases] loaded into
+    [biases, weights] copied ard=True onto the biases' group (the prior moved off the weights) and
+    failed later on a broadcast; same-shaped layers swapped inside a group moved moments silently."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=50, batch_size=8)
+    model(torch.randn(8, 6)).sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    reversed_groups = MacKayAdam(list(reversed(ard_param_groups(model))), lr=1e-2, num_data=50, batch_size=8)
+    with pytest.raises(ValueError, match=r"param group 0 has ard=False here and ard=True in the state: the "
+                                         r"param groups, or the parameters in them, are in another order"):
+        reversed_groups.load_state_dict(saved)
+    weights, biases = ard_param_groups(model)
+    swapped = MacKayAdam([dict(weights, params=list(reversed(weights["params"]))), biases],
+                         lr=1e-2, num_data=50, batch_size=8)
+    with pytest.raises(ValueError, match=r"parameter 0 has shape \(3, 5\) here and its saved exp_avg \(5, 6\)"):
+        swapped.load_state_dict(saved)
+    assert all(not state for state in swapped.state.values())   # nothing was loaded
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_weights_keep_float32_moments_under_a_large_prior(device, backend):

@@ -369,3 +369,65 @@ def test_emptying_a_bare_parameter_is_not_worded_as_a_layer_losing_its_input():
     with pytest.warns(RuntimeWarning, match=r"every group of pos .*\(none of it would be left\)") as caught:
         pruner.update()
     assert not any("no longer depend" in str(w.message) and "pos" in str(w.message) for w in caught)
+
+
+def test_another_optimizer_stepping_the_weights_leaves_pruned_ones_at_zero():
+    """After MacKayAdam's ARD phase a new user fine-tuned with a fresh torch SGD: nothing held the
+    pruned weights (MacKayAdam's step did), 1,576 of them grew back, and report() still counted
+    them pruned. Any optimizer's step of the pruner's weights now re-zeroes them, and update()
+    says that the curvature was not read there."""
+    model, optimizer, pruner, train = trained_pruner(threshold=0.5)
+    pruner.update()
+    train(30)
+    pruner.update()
+    pruned = {name: pruner.alpha(name) == math.inf for name in pruner.targets}
+    assert any(bool(mask.any()) for mask in pruned.values())
+    pruner.switch_off_prior()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    for _ in range(5):
+        sgd.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sgd.step()
+    for name, mask in pruned.items():
+        assert (pruner.weight(name)[mask.expand_as(pruner.weight(name))] == 0).all()
+    nonzero = sum(int(pruner.weight(name).count_nonzero()) for name in pruner.targets)
+    assert pruner.report()["kept"] >= nonzero
+    with pytest.warns(RuntimeWarning, match=r"another optimizer stepped its weights \(SGD 5 step\(s\)\).*"
+                                            r"detach\(\) this pruner and build a new one"):
+        pruner.update()
+    unrelated = torch.optim.SGD([nn.Parameter(torch.ones(3))], lr=0.1)   # holds none of its weights
+    unrelated.zero_grad()
+    unrelated.param_groups[0]["params"][0].sum().backward()
+    unrelated.step()
+    assert pruner.foreign_steps == {}
+
+
+def test_an_update_before_any_training_step_says_alpha_comes_from_the_weights_alone():
+    """update() at the top of the first epoch (before any step) set alpha from the random
+    initial weights (gamma = 1 everywhere) without a word, and the next update pruned against
+    that data-free prior (424 of 4,224 weights kept where 1,682 otherwise). From a pretrained
+    network that is the paper's warm-up, so it is said, not refused; after a step it is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=256, batch_size=32)
+    pruner = MacKayPruner(model, optimizer, num_data=256)
+    with pytest.warns(RuntimeWarning, match=r"no curvature yet \(no training step since the pruner was built\): "
+                                            r"alpha is set from the weights alone"):
+        report = pruner.update()
+    assert all(layer["warmup"] for layer in report["layers"]) and report["kept"] == report["total"]
+    weight = model[0].weight.detach()
+    assert torch.allclose(pruner.alpha("0"), 1 / weight.double().square().float(), rtol=1e-5)
+    x, y = torch.randn(32, 20), torch.randint(0, 4, (32,))
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        pruner.update()
+
+
+def test_lbfgs_is_refused_with_the_reason():
+    model = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match=r"torch.optim.LBFGS is not supported: its step runs a line search"):
+        MacKayPruner(model, torch.optim.LBFGS(model.parameters()), num_data=10, batch_size=2)

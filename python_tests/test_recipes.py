@@ -404,3 +404,20 @@ def test_a_bad_finetune_shift_is_named():
     flat = mackay_ext.data.Splits(*(torch.randn(8, 64), torch.zeros(8, dtype=torch.long)) * 3, "flat")
     with pytest.raises(ValueError, match="finetune_augment_shift needs images"):
         Trainer(torch.nn.Linear(64, 2), flat, FitConfig(finetune_augment_shift=1))
+
+
+def test_a_state_that_is_not_finite_never_replaces_the_last_good_checkpoint(tmp_path):
+    """The loss can stay finite while B g^2 overflows: the epoch's checkpoint was written with inf
+    curvature, named the last good one, and every resume from it diverged again at any lr."""
+    x, y = torch.randn(20, 3), torch.arange(20) % 2
+    splits = mackay_ext.data.Splits(x, y, x, y, x, y, "two-class")
+    checkpoint = tmp_path / "run.pt"
+    trainer = Trainer(torch.nn.Linear(3, 2), splits, FitConfig(pretrain_epochs=1, batch_size=10, backend="torch"),
+                      checkpoint=str(checkpoint))
+    trainer.pretrain()
+    before = checkpoint.read_bytes()
+    trainer.optimizer.ard_state(trainer.model.weight)["curvature"].fill_(float("inf"))
+    with pytest.raises(mackay_ext.NonFiniteError, match=r"non-finite values in weight \(curvature\): training has "
+                                                        r"diverged; the checkpoint .*run.pt was not overwritten"):
+        trainer.save_checkpoint()
+    assert checkpoint.read_bytes() == before
