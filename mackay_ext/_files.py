@@ -57,9 +57,12 @@ def save_atomic(obj: Any, path: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = path + ".tmp"
+    if os.path.islink(tmp):   # not a file of ours: writing through it would overwrite its target
+        os.unlink(tmp)
     try:
         with _ctrl_c_held():
-            with open(tmp, "wb") as handle:
+            descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666)
+            with os.fdopen(descriptor, "wb") as handle:
                 torch.save(obj, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
@@ -117,6 +120,8 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
         raise FileNotFoundError(f"{what} {path}: no such file")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{what} {path} is a directory, not a file")
+    if not os.path.isfile(path):   # a named pipe or a device would block or never end
+        raise CorruptFileError(f"{what} {path} is not a regular file (a pipe, socket or device)")
     try:
         with warnings.catch_warnings():
             # a plain pickle (not a torch file) makes torch warn about its protocol before the
@@ -142,23 +147,53 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
     return loaded
 
 
+# A file of this package holds a few thousand entries (tensors, numbers, strings); pickle lets
+# one container be referenced many times, so a 13 kB file of lists each holding the previous one
+# twice unfolds into 2**60 entries for anything that walks it (the checks here, the digest).
+MAX_ENTRIES = 10_000_000
+
+
 def _check_no_overlapping_views(obj: Any, what: str) -> None:
-    """No tensor in a loaded file claims more elements than its storage holds. torch.save keeps
-    views as they are, so a crafted file can hold zeros(1).expand(10**6, 10**6) in a few bytes;
-    the first copy of it (a checksum, a .long(), a .contiguous()) would try to allocate terabytes.
-    The package never writes such views."""
-    if isinstance(obj, torch.Tensor):
-        claimed = obj.numel() * obj.element_size()
-        if obj.layout == torch.strided and claimed > obj.untyped_storage().nbytes():
-            raise CorruptFileError(f"{what} holds a tensor of shape {tuple(obj.shape)} ({claimed:,} bytes) "
-                                   f"over {obj.untyped_storage().nbytes():,} bytes of storage: a view that "
-                                   "repeats its data, which no file of this package holds (a crafted file)")
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            _check_no_overlapping_views(value, what)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            _check_no_overlapping_views(value, what)
+    """The loaded structure is one a file of this package can hold. No tensor claims more
+    elements than its storage holds: torch.save keeps views as they are, so a crafted file can
+    hold zeros(1).expand(10**6, 10**6) in a few bytes, and the first copy of it (a checksum, a
+    .long()) would try to allocate terabytes. No container holds itself, and the whole unfolds
+    into at most MAX_ENTRIES entries (each container is counted once, with its size, so a
+    crafted nest of shared references is found in the time of its distinct containers)."""
+    sizes: dict[int, int] = {}   # id of a container walked -> entries it unfolds into
+    open_ids: set[int] = set()   # containers being walked (one met again inside itself: a cycle)
+
+    def walk(item: Any) -> int:
+        if isinstance(item, torch.Tensor):
+            claimed = item.numel() * item.element_size()
+            if item.layout == torch.strided and claimed > item.untyped_storage().nbytes():
+                raise CorruptFileError(
+                    f"{what} holds a tensor of shape {tuple(item.shape)} ({claimed:,} bytes) over "
+                    f"{item.untyped_storage().nbytes():,} bytes of storage: a view that repeats its data, "
+                    "which no file of this package holds (a crafted file)")
+            return 1
+        if not isinstance(item, (dict, list, tuple)):
+            return 1
+        key = id(item)
+        if key in sizes:
+            return sizes[key]
+        if key in open_ids:
+            raise CorruptFileError(f"{what} holds a {type(item).__name__} that contains itself, which no "
+                                   "file of this package holds (a crafted file)")
+        open_ids.add(key)
+        total = 1 + sum(walk(child) for child in (item.values() if isinstance(item, dict) else item))
+        open_ids.discard(key)
+        if total > MAX_ENTRIES:
+            raise CorruptFileError(f"{what} unfolds into more than {MAX_ENTRIES:,} entries (its lists or dicts "
+                                   "repeat each other), which no file of this package holds (a crafted file)")
+        sizes[key] = total
+        return total
+
+    try:
+        walk(obj)
+    except RecursionError:
+        raise CorruptFileError(f"{what} nests its lists or dicts too deeply for a file of this package "
+                               "(a crafted file)") from None
 
 
 # The globals a pickle of plain data and numpy arrays names (CIFAR's python batches: a dict of

@@ -4,7 +4,8 @@
 same Parameter objects with new data: torch's Adam does not notice, since it creates its state
 at the first step. MacKayAdam and MacKayPruner create theirs when they are built (alpha must
 exist before the first update), so each state is moved where its parameter now is when it is
-next read: tensors shaped like the weight take its dtype and device; alpha and the step
+next read: tensors shaped like the weight take its dtype and device (and Adam's moments and the
+curvature its memory format, after model.to(memory_format=torch.channels_last)); alpha and the step
 counts keep their dtype (float32: their precision is not the weight's) and only change device;
 Adam's moments of a float16 weight and the curvature of a float16 or bfloat16 one are float32
 (state_dtype).
@@ -22,6 +23,8 @@ FLOAT32_KEYS = frozenset({"alpha", "step", "curvature_steps"})
 # passes float16's largest value (65504) once alpha is large (1e11 and more as a weight is pruned),
 # and its square much sooner: in float16 the moments would turn to inf and the step to NaN.
 MOMENT_KEYS = frozenset({"exp_avg", "exp_avg_sq"})
+# weight-shaped state that keeps the weight's memory layout (strides), as zeros_like made it
+LAID_OUT_KEYS = MOMENT_KEYS | {"curvature"}
 # The ef-batch curvature h <- rho h + (1 - rho) B g^2 of a half-precision weight: float32. In
 # float16 a step's share (1 - rho) B g^2 rounds to 0 once g is below ~1e-4 (h stayed 0 and the
 # update pruned weights the data determine); in bfloat16's 8-bit mantissa the 1% steps fall
@@ -46,7 +49,11 @@ def follow_param(state: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
             continue
         keeps_dtype = key in FLOAT32_KEYS or not value.is_floating_point()
         dtype = value.dtype if keeps_dtype else state_dtype(key, param.dtype)
-        if value.device != param.device or value.dtype != dtype:
+        if key in LAID_OUT_KEYS and value.shape == param.shape and value.stride() != param.stride():
+            # the model moved to another memory format (channels_last) after the state was made:
+            # the fused step walks the weight and these in one flat order
+            state[key] = torch.empty_like(param, dtype=dtype).copy_(value)
+        elif value.device != param.device or value.dtype != dtype:
             state[key] = value.to(device=param.device, dtype=dtype)
     return state
 

@@ -22,7 +22,7 @@ GRANULARITIES = ("weight", "input", "output", "filter")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _EMBEDDING = (nn.Embedding, nn.EmbeddingBag)
-_RECURRENT = (nn.RNNBase,)  # nn.LSTM, nn.GRU, nn.RNN
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # nn.LSTM, nn.GRU, nn.RNN and their cells
 
 
 @dataclass
@@ -108,7 +108,8 @@ def alpha_shape(module: nn.Module, granularity: str, attr: str = "weight") -> tu
 PARAMETRIZED = ("an input of a parametrization (weight_norm, spectral_norm, orthogonal, ...): a prior "
                 "there is not a prior on the weight the layer computes, and a pruned row of weight_norm's "
                 "direction makes that weight 0/0; remove the parametrization "
-                "(torch.nn.utils.parametrize.remove_parametrizations) to cover the layer")
+                "(torch.nn.utils.parametrize.remove_parametrizations; for the older torch.nn.utils.weight_norm, "
+                "torch.nn.utils.remove_weight_norm) to cover the layer")
 
 
 FROZEN = "frozen (requires_grad=False)"
@@ -189,7 +190,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
             reason = (f"the nonzeros of a {type(module).__name__} (stored sparse): no prior; "
                       "mackay_ext.densify(model) first to prune it further")
         elif param.dim() < 2:
-            reason = "1-D (bias or norm scale): no prior"
+            reason = "1-D (a bias, a norm's scale, or another per-channel vector such as PReLU's slopes): no prior"
         elif not param.requires_grad:
             reason = FROZEN
         elif in_optimizer is not None and id(param) not in in_optimizer:

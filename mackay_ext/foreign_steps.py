@@ -5,8 +5,13 @@ fused step, or its step hooks on a torch optimizer). A common recipe then fine-t
 optimizer (SGD after ARD, or a MacKayAdam rebuilt for another schedule), which knows nothing of
 the pruning: with MacKayAdam the pruned weights grew back (692 -> 2,268 non-zero in a new user's
 run) while report() still counted 692. torch's global optimizer step hook sees every step: after
-a step of another optimizer that holds one of the pruner's weights, the pruned entries are zeroed
-again, and the step is counted so that update() can say its curvature was not read there.
+a step of another optimizer that holds one of a watched pruner's weights, the pruned entries are
+zeroed again, and the step is counted so that update() can say its curvature was not read there.
+
+One hook serves every pruner, registered with the first and never removed: the pruners sit in a
+WeakSet (a pruner dropped without detach() leaves it by itself). A hook per pruner, removed when
+its pruner was collected, could be removed while torch iterated the hooks ("OrderedDict mutated
+during iteration" in a step that happened to collect one).
 """
 from __future__ import annotations
 
@@ -14,29 +19,41 @@ import weakref
 from typing import Any
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.hooks import RemovableHandle
+
+_watched: weakref.WeakSet = weakref.WeakSet()
+# optimizer -> {pruner: (parameters it held when looked at, whether one is the pruner's)}
+_holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_registered = False
 
 
-def watch_foreign_steps(pruner: Any) -> RemovableHandle:
-    """Register the global hook for `pruner` (held weakly: a pruner dropped without detach()
-    leaves a hook that does nothing, and is removed with it). Returns the handle detach() removes."""
-    ref = weakref.ref(pruner)
-    holds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # optimizer -> (params, holds ours)
+def watch_foreign_steps(pruner: Any) -> None:
+    """Zero `pruner`'s pruned weights after any other optimizer's step that holds them, until
+    unwatch(pruner) (its detach())."""
+    global _registered
+    _watched.add(pruner)
+    if not _registered:
+        register_optimizer_step_post_hook(_after_any_step)
+        _registered = True
 
-    def after_step(optimizer, args, kwargs) -> None:
-        pruner = ref()
-        if pruner is None or pruner.detached or optimizer is pruner.optimizer:
-            return
-        count = sum(len(group["params"]) for group in optimizer.param_groups)
-        known = holds.get(optimizer)
-        if known is None or known[0] != count:   # param groups added since: look again
-            ours = {id(target.param) for target in pruner.targets.values()}
-            known = (count, any(id(p) in ours for group in optimizer.param_groups for p in group["params"]))
-            holds[optimizer] = known
-        if known[1]:
-            pruner.apply_masks()
-            pruner.foreign_steps[type(optimizer).__name__] = pruner.foreign_steps.get(type(optimizer).__name__, 0) + 1
 
-    handle = register_optimizer_step_post_hook(after_step)
-    weakref.finalize(pruner, handle.remove)
-    return handle
+def unwatch(pruner: Any) -> None:
+    _watched.discard(pruner)
+
+
+def _after_any_step(optimizer, args, kwargs) -> None:
+    for pruner in list(_watched):
+        if pruner.detached or optimizer is pruner.optimizer or not _holds_weights_of(optimizer, pruner):
+            continue
+        pruner.apply_masks()
+        name = type(optimizer).__name__
+        pruner.foreign_steps[name] = pruner.foreign_steps.get(name, 0) + 1
+
+
+def _holds_weights_of(optimizer, pruner) -> bool:
+    count = sum(len(group["params"]) for group in optimizer.param_groups)
+    known = _holds.setdefault(optimizer, weakref.WeakKeyDictionary()).get(pruner)
+    if known is None or known[0] != count:   # param groups added since: look again
+        ours = {id(target.param) for target in pruner.targets.values()}
+        known = (count, any(id(p) in ours for group in optimizer.param_groups for p in group["params"]))
+        _holds[optimizer][pruner] = known
+    return known[1]

@@ -53,7 +53,7 @@ from .ard_targets import (
 from .batch_curvature import ema_debiased
 from .ddp_lockstep import Lockstep
 from .dead_units import prune_unused_units
-from .foreign_steps import watch_foreign_steps
+from .foreign_steps import unwatch, watch_foreign_steps
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
@@ -286,6 +286,11 @@ class MacKayPruner(StandalonePrior):
             self._freed = FreedMacs(model, example_inputs, self._weight_uses)
         self.layers = {name: target.module for name, target in self.targets.items()}
         self.granularity, self.notes = self._granularities(granularity)
+        fallen = [name for name, note in self.notes.items() if note.startswith("per-weight ARD")]
+        if fallen:   # said when built: a note in the update reports alone went unread
+            warnings.warn(f"{where}: granularity={granularity!r} does not apply to {', '.join(fallen[:6])}"
+                          f"{', ...' if len(fallen) > 6 else ''}, which get one alpha per weight "
+                          f"({self.notes[fallen[0]][len('per-weight ARD: '):]})", UserWarning, stacklevel=2)
         # layers split from a group granularity into one alpha per weight (_drop), with the group's
         # name: a checkpoint of the split layer resumes in a new pruner built with the group one
         self.split_from: dict[str, str] = {}
@@ -333,8 +338,8 @@ class MacKayPruner(StandalonePrior):
         if optimizer is not None:
             self._steps_since_update = 0
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
-        # held apart from _hooks: torch's global hook dict holds a closure, which a copy cannot take
-        self._foreign_handle = watch_foreign_steps(self) if optimizer is not None else None
+        if optimizer is not None:   # another optimizer's steps leave the pruned weights at 0 too
+            watch_foreign_steps(self)
         if self.fused:
             self._attach_to_optimizer()
         else:
@@ -450,9 +455,6 @@ class MacKayPruner(StandalonePrior):
             self._proximal_step(getattr(optimizer, "found_inf", None))
         self.apply_masks()
 
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__, _foreign_handle=None)
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy (copy.deepcopy, pickle) holds none of the hooks: they sit on the original's model
         # and optimizer, and the model's copy gets inert ones (copy_inert.py). So the copy is a
@@ -470,9 +472,7 @@ class MacKayPruner(StandalonePrior):
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        if self._foreign_handle is not None:
-            self._foreign_handle.remove()
-            self._foreign_handle = None
+        unwatch(self)
         if self._step_reader is not None:
             self._step_reader.remove()
         if self.accumulator is not None:

@@ -415,7 +415,7 @@ def _size_norms_by_their_inputs(small: nn.Module, example_inputs) -> None:
             handle.remove()
 
 
-def _fix_embedding(m: nn.Embedding) -> None:
+def _fix_embedding(m: nn.Embedding | nn.EmbeddingBag) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
 
 
@@ -458,7 +458,7 @@ def _looks_like(module: nn.Module, kind: str) -> bool:
 _FIXERS = [(nn.Linear, _fix_linear), (nn.modules.conv._ConvNd, _fix_conv),
            (nn.modules.batchnorm._NormBase, _fix_batch_norm), (nn.LayerNorm, _fix_layer_norm),
            (nn.GroupNorm, _fix_group_norm),
-           (nn.Embedding, _fix_embedding), ("timm-attention", _fix_timm_attention),
+           (nn.Embedding, _fix_embedding), (nn.EmbeddingBag, _fix_embedding), ("timm-attention", _fix_timm_attention),
            ("hf-attention", _fix_hf_attention), ("hf-gpt2-attention", _fix_gpt2_attention),
            ("hf-conv1d", _fix_hf_conv1d)]
 

@@ -265,6 +265,28 @@ def test_state_dict_round_trip_continues_identically(backend, dtype):
         assert torch.equal(a, b)
 
 
+def test_a_model_moved_to_channels_last_after_steps_keeps_stepping():
+    """model.to(memory_format=torch.channels_last) after MacKayAdam's first step (a layout
+    switched for speed mid-training): the next step raised the kernel's stride error about
+    exp_avgs[0] (torch's Adam carries on). The moments and the curvature follow the layout."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 2))
+    twin = copy.deepcopy(model)
+    optimizers = [MacKayAdam(ard_param_groups(m), lr=1e-2, num_data=100, batch_size=4) for m in (model, twin)]
+    x = torch.randn(4, 3, 8, 8)
+    for step in range(3):
+        if step == 1:
+            model.to(memory_format=torch.channels_last)
+        for net, optimizer in zip((model, twin), optimizers):
+            optimizer.zero_grad()
+            net(x).pow(2).mean().backward()
+            optimizer.step()
+    state = optimizers[0].state[model[0].weight]
+    assert state["exp_avg"].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+
+
 def test_param_groups_in_another_order_are_named_on_load():
     """Groups are matched by position: a checkpoint of [weights (ard), biases] loaded into
     [biases, weights] copied ard=True onto the biases' group (the prior moved off the weights) and

@@ -431,3 +431,16 @@ def test_lbfgs_is_refused_with_the_reason():
     model = nn.Linear(4, 2)
     with pytest.raises(ValueError, match=r"torch.optim.LBFGS is not supported: its step runs a line search"):
         MacKayPruner(model, torch.optim.LBFGS(model.parameters()), num_data=10, batch_size=2)
+
+
+def test_recurrent_cells_take_group_granularities_and_a_fallback_is_said_when_built():
+    """GRUCell / LSTMCell / RNNCell fell back to one alpha per weight under 'input' (nn.GRU got
+    one per input), said only in the update's notes; a layer a granularity does not apply to is
+    now named in a warning when the pruner is built."""
+    model = nn.ModuleDict({"cell": nn.LSTMCell(5, 6), "rnn": nn.GRU(5, 6), "pair": nn.Bilinear(3, 3, 2)})
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=64, batch_size=8)
+    with pytest.warns(UserWarning, match=r"granularity='input' does not apply to pair, which get one alpha per weight"):
+        pruner = MacKayPruner(model, optimizer, num_data=64, granularity="input")
+    assert tuple(pruner.alpha("cell.weight_ih").shape) == (1, 5) == tuple(pruner.alpha("rnn.weight_ih_l0").shape)
+    assert tuple(pruner.alpha("cell.weight_hh").shape) == (1, 6)
+    assert tuple(pruner.alpha("pair").shape) == (2, 3, 3)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mackay_ext
-from mackay_ext import cli
+from mackay_ext import _files, cli
 from mackay_ext._files import CorruptFileError, UnsafeFileError, load_plain
 
 
@@ -103,7 +103,6 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypa
     """torch.save turns a KeyboardInterrupt raised inside its writer into a RuntimeError
     ("enforce fail at inline_container.cc", a crash to the CLI); save_atomic holds Ctrl-C until
     the file is written and renamed, then raises KeyboardInterrupt, and Python's handler is back."""
-    from mackay_ext import _files
     real_save = torch.save
 
     def save_interrupted(obj, handle):
@@ -123,3 +122,39 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_the_write(tmp_path, monkeypa
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.arange(5.0))
     assert not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_a_nest_of_shared_or_self_holding_lists_is_refused_at_once(tmp_path):
+    """A 13 kB file of lists each holding the previous one twice loads in a millisecond but
+    unfolds into 2**60 entries: the view check (and the digest after it) never finished, in
+    every loader. A list that holds itself gave a bare RecursionError."""
+    nest = ["x"]
+    for _ in range(60):
+        nest = [nest, nest]
+    torch.save({"metadata": nest}, tmp_path / "nest.pt")
+    with pytest.raises(_files.CorruptFileError, match=r"unfolds into more than 10,000,000 entries"):
+        _files.load_plain(str(tmp_path / "nest.pt"), "checkpoint")
+    loop = [1]
+    loop.append(loop)
+    torch.save({"x": loop}, tmp_path / "loop.pt")
+    with pytest.raises(_files.CorruptFileError, match=r"holds a list that contains itself"):
+        _files.load_plain(str(tmp_path / "loop.pt"), "checkpoint")
+    shared = (0.9, 0.999)   # torch's optimizers share one betas tuple between param groups
+    torch.save({"groups": [{"betas": shared}, {"betas": shared}]}, tmp_path / "shared.pt")
+    assert _files.load_plain(str(tmp_path / "shared.pt"), "checkpoint")["groups"][1]["betas"] == shared
+
+
+def test_a_pipe_is_refused_and_a_planted_link_at_the_temporary_name_is_not_written_through(tmp_path):
+    """A named pipe blocked every loader for good; save_atomic wrote through a symlink planted
+    at <path>.tmp, overwriting its target, and left <path> a link to it."""
+    pipe = tmp_path / "pipe.pt"
+    os.mkfifo(pipe)
+    with pytest.raises(_files.CorruptFileError, match=r"is not a regular file \(a pipe, socket or device\)"):
+        _files.load_plain(str(pipe), "checkpoint")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "out.pt.tmp").symlink_to(victim)
+    _files.save_atomic({"w": torch.ones(2)}, str(tmp_path / "out.pt"))
+    assert victim.read_text() == "keep me"
+    assert not (tmp_path / "out.pt").is_symlink()
+    assert torch.equal(_files.load_plain(str(tmp_path / "out.pt"), "checkpoint")["w"], torch.ones(2))

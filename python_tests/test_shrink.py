@@ -756,3 +756,31 @@ def test_a_head_whose_output_columns_are_zero_is_removed_as_unread(name):
     else:
         assert len(removed) == 1 and not kept
         assert report.params_after < report.params_before
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_an_embedding_bag_loses_the_columns_of_its_pruned_channels(mode):
+    """nn.EmbeddingBag stopped the trace (and granularity='channel', channel_groups) with a bare
+    TypeError: its op returns four tensors. Its output channel d reads column d of the rows each
+    bag picks, whatever the mode, so the channels are its columns, as for nn.Embedding."""
+    class Bags(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bags, self.head = nn.EmbeddingBag(20, 6, mode=mode), nn.Linear(6, 3)
+
+        def forward(self, index, weights=None):
+            return self.head(self.bags(index, per_sample_weights=weights))
+
+    model, _ = to_double(Bags(), ())
+    index = torch.randint(0, 20, (5, 4))
+    inputs = (index, torch.rand(5, 4, dtype=torch.double)) if mode == "sum" else (index,)
+    groups = [g for g in channel_groups(model, inputs) if any(m.name == "bags.weight" for m in g.members)]
+    assert len(groups) == 6
+    for g in groups[:2]:
+        g.zero_(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    small = shrink(model, inputs)
+    assert small.bags.weight.shape == (20, 4) and small.bags.embedding_dim == 4
+    with torch.no_grad():
+        assert_equal_outputs(expected, small(*inputs))

@@ -178,6 +178,20 @@ def _embedding(g, node, weight, indices, *args, **kwargs):
     return V(fresh.reshape((1,) * (len(out) - 1) + (out[-1],)), out)
 
 
+@rule("embedding_bag", "_embedding_bag", "_embedding_bag_forward_only")
+def _embedding_bag(g, node, weight, indices, *args, **kwargs):
+    """Each bag's output channel d sums, averages or takes the max of column d of the rows it
+    picks (per-sample weights scale whole rows): the channels are the weight's columns, as for
+    embedding. The other outputs (offsets, bag sizes, max indices) are indices."""
+    name = g.param_name(weight, node, "weight")
+    outs = node.meta["val"]
+    out = tensor_shape(outs[0])
+    fresh = g.atoms.new(out[-1])
+    for d, a in enumerate(fresh):
+        g.atoms.attach(a, name, 1, d)
+    return [V(fresh.reshape((1,) * (len(out) - 1) + (out[-1],)), out)] + [g.pinned(tensor_shape(o)) for o in outs[1:]]
+
+
 def _per_batch(g, node, operands, out, head: bool) -> V:
     """Merge everything each batch position of the operands holds (attention: one head)."""
     batch = out[:-2]

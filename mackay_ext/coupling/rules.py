@@ -309,7 +309,7 @@ def _pool(g, node, x, *args, **kwargs):
     return result if len(result) > 1 else result[0]
 
 
-@rule("index_select", "gather", "index", "embedding_bag", "scatter", "index_put")
+@rule("index_select", "gather", "index", "scatter", "index_put")
 def _indexed(g, node, x, *args, **kwargs):
     v = g.value(x)
     out = node_shape(node)
