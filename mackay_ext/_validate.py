@@ -133,6 +133,18 @@ def check_count(value, name: str, where: str) -> float:
     return number
 
 
+def check_initialised(model: torch.nn.Module, where: str) -> None:
+    """Every parameter exists: a lazy module (nn.LazyLinear, ...) gets its weights at its first
+    forward, and torch's own error ("Can't access the shape of an uninitialized parameter")
+    names no layer."""
+    lazy = [name for name, param in model.named_parameters()
+            if isinstance(param, torch.nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise ValueError(f"{where}: {', '.join(lazy[:4])}{', ...' if len(lazy) > 4 else ''} not initialised yet "
+                         "(a lazy module, e.g. nn.LazyLinear, makes its weights at its first forward): run one "
+                         "batch through the model first")
+
+
 def check_module(value, name: str, where: str) -> None:
     """A torch.nn.Module, or a TypeError that names the argument (instead of an AttributeError
     from deep inside, e.g. 'str' object has no attribute 'named_parameters')."""

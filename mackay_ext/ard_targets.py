@@ -191,6 +191,9 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
                       "mackay_ext.densify(model) first to prune it further")
         elif param.dim() < 2:
             reason = "1-D (a bias, a norm's scale, or another per-channel vector such as PReLU's slopes): no prior"
+        elif isinstance(module, nn.MultiheadAttention) and attr in ("bias_k", "bias_v"):
+            reason = ("a bias of the attention's keys or values (add_bias_kv): no prior (pruned to 0 it "
+                      "would still take part in the softmax)")
         elif not param.requires_grad:
             reason = FROZEN
         elif in_optimizer is not None and id(param) not in in_optimizer:

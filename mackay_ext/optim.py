@@ -21,7 +21,7 @@ import torch
 from . import _extension, ops
 from ._adam_options import check_adam_options
 from ._follow import MOMENT_KEYS, follow_param, state_dtype
-from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_module
+from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_initialised, check_module
 from .batch_curvature import ema_debiased
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
@@ -56,6 +56,7 @@ def ard_param_groups(model: torch.nn.Module, is_ard=None) -> list[dict[str, Any]
     """Split a model's parameters into an ARD group (by default every parameter with dim >= 2:
     Linear and Conv weights) and a plain-Adam group (biases, norms) with ard=False."""
     check_module(model, "model", "ard_param_groups")
+    check_initialised(model, "ard_param_groups")
     if is_ard is not None and not callable(is_ard):
         raise TypeError("ard_param_groups: is_ard must be a function (name, param) -> bool or None, "
                         f"got {type(is_ard).__name__}")

@@ -38,7 +38,7 @@ from torch import nn
 from . import ops
 from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
-from ._validate import NonFiniteError, check_count, check_module, check_optimizer
+from ._validate import NonFiniteError, check_count, check_initialised, check_module, check_optimizer
 from .ard_targets import (
     FROZEN,
     GRANULARITIES,
@@ -205,6 +205,7 @@ class MacKayPruner(StandalonePrior):
                  max_prune_fraction: float | None = None, channel_prior: str | None = None):
         where = "MacKayPruner"
         check_module(model, "model", where)
+        check_initialised(model, where)
         check_optimizer(optimizer, "optimizer", where)
         if isinstance(optimizer, torch.optim.LBFGS):   # (a new user's run diverged to NaN after the first prune)
             raise ValueError(f"{where}: torch.optim.LBFGS is not supported: its step runs a line search over "

@@ -444,3 +444,20 @@ def test_recurrent_cells_take_group_granularities_and_a_fallback_is_said_when_bu
     assert tuple(pruner.alpha("cell.weight_ih").shape) == (1, 5) == tuple(pruner.alpha("rnn.weight_ih_l0").shape)
     assert tuple(pruner.alpha("cell.weight_hh").shape) == (1, 6)
     assert tuple(pruner.alpha("pair").shape) == (2, 3, 3)
+
+
+def test_lazy_layers_are_named_and_attention_key_biases_are_left_out_with_the_reason():
+    """A lazy layer before its first forward gave torch's "Can't access the shape of an
+    uninitialized parameter", naming no layer; nn.MultiheadAttention's bias_k / bias_v (shape
+    (1, 1, E)) got a prior, though a zeroed one still takes part in the softmax."""
+    lazy = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"ard_param_groups: 2.weight, 2.bias not initialised yet .* run one batch"):
+        ard_param_groups(lazy)
+    with pytest.raises(ValueError, match=r"MacKayPruner: 2.weight, 2.bias not initialised yet"):
+        MacKayPruner(lazy, torch.optim.SGD(lazy[0].parameters(), lr=0.1), num_data=64, batch_size=8)
+    attention = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    optimizer = MacKayAdam(ard_param_groups(attention), lr=1e-2, num_data=64, batch_size=8)
+    pruner = MacKayPruner(attention, optimizer, num_data=64)
+    excluded = {entry["name"]: entry["reason"] for entry in pruner.report()["excluded"]}
+    assert "bias_k" not in pruner.targets and "bias_v" not in pruner.targets
+    assert "still take part in the softmax" in excluded["bias_k"] and "bias_v" in excluded
