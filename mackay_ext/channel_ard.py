@@ -400,11 +400,34 @@ class ChannelARD:
                 "own_curvature": {n: s["curvature"].detach().clone() for n, s in self._own.items()},
                 "own_curvature_steps": {n: float(s["curvature_steps"]) for n, s in self._own.items()}}
 
+    def check_state(self, state: Any) -> None:
+        """Refuse a saved state that is not this model's channel groups' (MacKayPruner.load_state_dict
+        asks before anything is loaded)."""
+        where = "MacKayPruner.load_state_dict"
+        if not isinstance(state, dict) or not isinstance(state.get("groups"), (list, tuple)):
+            raise TypeError(f"{where}: the state's 'channel' entry must be a dict with the channel groups, "
+                            f"got {type(state).__name__}")
+        if list(state["groups"]) != [repr(g) for g in self.groups]:
+            raise ValueError(f"{where}: the saved channel groups differ from this "
+                             "model's (was the model or example_inputs changed?)")
+        alpha, curvatures = state.get("alpha"), state.get("own_curvature", {})
+        unknown = sorted(set(curvatures) - set(self._own)) if isinstance(curvatures, dict) else None
+        if unknown is None or unknown:
+            raise ValueError(f"{where}: the channel state's own curvatures must be a dict by layer name "
+                             f"of this pruner's ({sorted(self._own)}), got {unknown or type(curvatures).__name__}")
+        values = [("channel group alpha", alpha, self.alpha)] + [
+            (f"curvature of {name}", value, self._own[name]["curvature"]) for name, value in curvatures.items()]
+        for what, value, own in values:
+            if not isinstance(value, torch.Tensor) or value.shape != own.shape:
+                raise ValueError(f"{where}: the {what} must be a tensor of shape {tuple(own.shape)}, got "
+                                 f"{_described(value)}")
+            if not value.is_floating_point() or bool(torch.isnan(value).any()) or bool((value < 0).any()):
+                raise ValueError(f"{where}: the {what} must hold non-negative numbers (inf allowed for a "
+                                 "pruned alpha), got NaN, negative or non-float values")
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if list(state["groups"]) != [repr(g) for g in self.groups]:
-            raise ValueError("MacKayPruner.load_state_dict: the saved channel groups differ from this "
-                             "model's (was the model or example_inputs changed?)")
+        self.check_state(state)
         self.alpha.copy_(state["alpha"].to(self.alpha))
         steps = state.get("own_curvature_steps", {})   # absent from older checkpoints: h read as it is
         for name, curvature in state.get("own_curvature", {}).items():
@@ -635,3 +658,7 @@ class ChannelARD:
             if bool(torch.isinf(value).any()):
                 member.param.masked_fill_(torch.isinf(value), 0)
 
+
+def _described(value: Any) -> str:
+    return (f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else
+            f"a {type(value).__name__}")

@@ -45,6 +45,24 @@ def check_checkpoint_fits(state: Any, path: str, model: nn.Module, data_summary:
                          f"{', '.join(missing)})")
     _check_same_network(state, where, model)
     _check_same_training_set(state.get("data"), where, data_summary)
+    _check_position(state["position"], where)
+
+
+PHASES = ("pretrain", "round", "finetune", "done")   # Trainer.position["phase"], in run order
+
+
+def _check_position(position: Any, where: str) -> None:
+    """Where the run stands is one the Trainer writes: a phase it knows and counts >= 0 (an
+    unknown phase ran nothing and returned the model as it was)."""
+    def count(key: str) -> bool:
+        value = position.get(key, 0)
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if (not isinstance(position, dict) or position.get("phase") not in PHASES
+            or not all(count(key) for key in ("round", "epoch", "steps"))
+            or not isinstance(position.get("updated", False), bool)):
+        raise ValueError(f"{where}: its position {position!r} is not one Trainer writes (a dict with a phase "
+                         f"of {', '.join(PHASES)} and round, epoch and steps counts >= 0): damaged or edited")
 
 
 def _check_same_network(state: dict, where: str, model: nn.Module) -> None:

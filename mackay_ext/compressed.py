@@ -10,8 +10,8 @@ import warnings
 import torch
 from torch import nn
 
-from ._checksum import check_plain, payload_digest
-from ._files import CorruptFileError, load_plain, save_atomic
+from ._checksum import DIGEST_KEY, check_plain, check_seal, save_sealed
+from ._files import CorruptFileError, load_plain
 from ._validate import check_module
 from .csr import check_csr
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
@@ -95,8 +95,7 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
         problem = _named_model_problem(payload, "this model")
         if problem:
             raise ValueError(f"save_compressed: model_name does not describe this model: {problem}")
-    payload["digest"] = payload_digest(payload)   # load_compressed refuses a file that differs
-    save_atomic(payload, path)  # never half a file
+    save_sealed(payload, path)  # never half a file; load_compressed refuses one that differs
     return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
 
 
@@ -163,8 +162,8 @@ def _read(path: str, who: str, map_location) -> dict:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise RuntimeError(f"{who}: {path} is not a file written by save_compressed")
     whole = isinstance(payload.get("sparse"), dict) and isinstance(payload.get("state"), dict)
-    if whole or "digest" in payload:   # (a file without either: its refusal, not the digest's warning)
-        _check_digest(path, payload)
+    if whole or DIGEST_KEY in payload:   # (a file without either: its refusal, not the digest's warning)
+        check_seal(payload, path, f"{who}:")
     if not whole:
         raise CorruptFileError(f"{who}: {path} lacks its 'sparse' or 'state' entry (damaged, or "
                                "edited after save_compressed wrote it)")
@@ -208,18 +207,6 @@ def _warn_nonfinite(path: str, payload: dict) -> None:
         warnings.warn(f"load_compressed: {path}: NaN or inf values in {', '.join(bad[:5])}"
                       f"{' and more' if len(bad) > 5 else ''}: the model will compute NaN or inf (was it "
                       "saved after training diverged?)", RuntimeWarning, stacklevel=3)
-
-
-def _check_digest(path: str, payload: dict) -> None:
-    """The file's contents equal what save_compressed wrote (its SHA-256 digest); files written
-    before the digest existed load with a warning."""
-    digest = payload.pop("digest", None)
-    if digest is None:
-        warnings.warn(f"load_compressed: {path} carries no checksum (written by an older mackay_ext), "
-                      "so damage to it cannot be detected; save it again to add one", UserWarning, stacklevel=3)
-    elif digest != payload_digest(payload):
-        raise CorruptFileError(f"load_compressed: {path}: its contents do not match the checksum saved "
-                               "with them (damaged, or edited after save_compressed wrote it)")
 
 
 def _model_by_name(path: str, payload: dict) -> nn.Module:

@@ -652,15 +652,24 @@ class FisherAccumulator:
         if unknown:
             raise KeyError(f"FisherAccumulator.load_state_dict: no supported layer holds the parameters "
                            f"{unknown} (this accumulator covers {sorted(params)})")
+        for name, entry in state.items():   # all checked before the running sums are reset
+            total = self._sum_for(params[name])
+            value, count = (entry.get("sum"), entry.get("count")) if isinstance(entry, dict) else (None, None)
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(total.shape):
+                raise ValueError(f"FisherAccumulator.load_state_dict: {name}'s sum must be a tensor of the "
+                                 f"parameter's shape {tuple(total.shape)}, got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+            if not value.is_floating_point() or not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+                raise ValueError(f"FisherAccumulator.load_state_dict: {name}'s sum of squared gradients must "
+                                 "hold finite non-negative numbers")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+                raise ValueError(f"FisherAccumulator.load_state_dict: {name}'s example count must be an "
+                                 f"integer >= 0, got {count!r}")
         self.reset()
         for name, entry in state.items():
             param = params[name]
-            total = self._sum_for(param)
-            if tuple(entry["sum"].shape) != tuple(total.shape):
-                raise ValueError(f"FisherAccumulator.load_state_dict: {name}'s sum has shape "
-                                 f"{tuple(entry['sum'].shape)}, the parameter {tuple(total.shape)}")
-            total.copy_(entry["sum"])
-            self.counts[param] = int(entry["count"])
+            self._sum_for(param).copy_(entry["sum"])
+            self.counts[param] = entry["count"]
 
     def reset(self) -> None:
         for total in self.sums.values():

@@ -447,6 +447,7 @@ class MacKayAdam(torch.optim.Optimizer):
                        if k in ("alpha", "step", "curvature", *MOMENT_KEYS) and isinstance(v, torch.Tensor)}
                  for pid in saved_ids}
         self._check_same_order(state_dict["param_groups"], exact, saved_ids)
+        _check_state_values(exact, saved_ids)
         super().load_state_dict(state_dict)
         self._plan_cache = None
         params = [p for group in self.param_groups for p in group["params"]]
@@ -455,6 +456,31 @@ class MacKayAdam(torch.optim.Optimizer):
                 weight_shaped = key in MOMENT_KEYS or key == "curvature"
                 dtype = state_dtype(key, param.dtype) if weight_shaped else torch.float32
                 self.state[param][key] = value.to(device=param.device, dtype=dtype, copy=True)
+
+
+def _check_state_values(exact: dict, saved_ids: list) -> None:
+    """Values the step could not have written: a NaN or infinite moment or curvature, a negative
+    second moment, curvature or alpha, a negative or fractional step count. Loaded, each turns
+    every later step into NaN (or a negative square root) without a word."""
+    for index, pid in enumerate(saved_ids):
+        for key, value in exact[pid].items():
+            if not value.is_floating_point():
+                bad = key != "step" or bool((value < 0).any())
+            elif key == "alpha":   # +inf is a pruned weight's alpha
+                bad = bool(torch.isnan(value).any()) or bool((value < 0).any())
+            else:
+                bad = not bool(torch.isfinite(value).all()) or (
+                    key != "exp_avg" and bool((value < 0).any())) or (
+                    key == "step" and bool((value != value.round()).any()))
+            if bad:
+                raise ValueError(f"MacKayAdam.load_state_dict: parameter {index}'s saved {key} holds "
+                                 f"{_what_is_wrong(key)}, which no step writes (a damaged or edited "
+                                 "state); nothing was loaded")
+
+
+def _what_is_wrong(key: str) -> str:
+    return {"exp_avg": "NaN or inf", "alpha": "NaN or a negative number",
+            "step": "a count that is not a whole number >= 0"}.get(key, "NaN, inf or a negative number")
 
 
 def _order_error(where: str) -> ValueError:

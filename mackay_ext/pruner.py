@@ -1076,6 +1076,7 @@ class MacKayPruner(StandalonePrior):
                 "history": list(self.history),
                 "steps_since_update": self._steps_since_update,
                 "mc_calls_since_update": self._mc_calls_since_update,
+                "steps_total": self._steps_total,
                 **({"exact_curvature": self.accumulator.state_dict()} if self.accumulator is not None else {}),
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
@@ -1127,6 +1128,9 @@ class MacKayPruner(StandalonePrior):
                           "pruner's own apply from now on", RuntimeWarning, stacklevel=3)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what state_dict() saved. Everything is checked before anything changes, and a
+        load that fails part-way puts this pruner's own state back: a refused state never leaves
+        half of it loaded."""
         where = "MacKayPruner.load_state_dict"
         if not isinstance(state, Mapping):
             raise TypeError(f"{where}: state must be a dict from MacKayPruner.state_dict(), got "
@@ -1139,6 +1143,21 @@ class MacKayPruner(StandalonePrior):
         if missing:
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
         self._check_loaded(state, where)   # everything checked before anything changes
+        if self.channel is not None:
+            if "channel" not in state:
+                raise KeyError("MacKayPruner.load_state_dict: the state has no channel group alphas "
+                               "(it was saved by a pruner without granularity='channel')")
+            self.channel.check_state(state["channel"])
+        own = self.state_dict()
+        try:
+            self._apply_state(state)
+        except BaseException:
+            self._apply_state(own)
+            raise
+
+    def _apply_state(self, state: Mapping[str, Any]) -> None:
+        """load_state_dict's writes; the pruned weights are zeroed last, so a failure before
+        leaves the weights as they were."""
         self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
         if self.accumulator is not None:   # absent before it was saved: the estimate starts afresh
             self.accumulator.load_state_dict(state.get("exact_curvature", {}))
@@ -1146,6 +1165,8 @@ class MacKayPruner(StandalonePrior):
             self._covariance.load_state_dict(state.get("input_covariance", {}))
         # t of each ef-batch moving average; absent from older checkpoints: read h as it is
         saved_steps = state.get("curvature_steps", {})
+        self._loaded_steps = {}
+        pruned = {}
         for name, target in self.targets.items():
             device = target.param.device
             alpha = state["alpha"][name].to(device=device, dtype=torch.float32)
@@ -1161,14 +1182,10 @@ class MacKayPruner(StandalonePrior):
                 self._own[name]["alpha"] = alpha.clone()
                 self._own[name]["curvature"] = curvature.clone()
                 self._own[name]["curvature_steps"] = torch.tensor(steps, dtype=torch.float32, device=device)
-            with torch.no_grad():   # a pruned weight is exactly 0 from here, not from the next step
-                target.param.masked_fill_((alpha == math.inf).expand_as(target.param), 0)
+            pruned[name] = alpha == math.inf
         self.granularity = dict(state.get("granularity", self.granularity))
         self.split_from = dict(state.get("split_from", {}))   # absent before it existed
         if self.channel is not None:
-            if "channel" not in state:
-                raise KeyError("MacKayPruner.load_state_dict: the state has no channel group alphas "
-                               "(it was saved by a pruner without granularity='channel')")
             self.channel.load_state_dict(state["channel"])
         self.history = list(state.get("history", []))
         switched_off = state.get("alpha_before_switch_off")   # absent before it existed
@@ -1179,4 +1196,8 @@ class MacKayPruner(StandalonePrior):
             saved = state.get("steps_since_update", 1)   # absent from older checkpoints
             self._steps_since_update = 1 if saved is None else int(saved)
         self._mc_calls_since_update = int(state.get("mc_calls_since_update", 0))
+        self._steps_total = int(state.get("steps_total", self._steps_total))   # absent before it was saved
         self._sample_next_batch()
+        with torch.no_grad():   # a pruned weight is exactly 0 from here, not from the next step
+            for name, target in self.targets.items():
+                target.param.masked_fill_(pruned[name].expand_as(target.param), 0)

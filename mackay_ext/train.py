@@ -15,6 +15,7 @@ output is unchanged; see mackay_ext.dead_units).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import time
@@ -25,7 +26,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._files import load_plain, save_atomic
+from ._checksum import load_sealed, save_sealed
 from ._validate import NonFiniteError, check_choice
 from .checkpoint_fit import check_checkpoint_fits, training_set_summary
 from .coupling import CouplingError
@@ -440,7 +441,7 @@ class Trainer:
             raise NonFiniteError(f"non-finite values in {', '.join(bad)}: training has diverged; the "
                                  f"checkpoint {self.checkpoint} was not overwritten with this state")
         if self.rank == 0:
-            save_atomic(self.state(), self.checkpoint)
+            save_sealed(self.state(), self.checkpoint)
 
     def load_checkpoint(self, path: str) -> None:
         """Continue the run a checkpoint saved. This Trainer's FitConfig may differ from the saved
@@ -448,7 +449,7 @@ class Trainer:
         difference (seed, schedule, batch size, shifts, ...) would silently turn the rest of the
         run into another run, and is refused, as are a checkpoint of another network or of a run
         on another training set (mackay_ext.checkpoint_fit)."""
-        state = load_plain(path, "checkpoint", map_location=self.device)
+        state = load_sealed(path, "checkpoint", map_location=self.device)
         check_checkpoint_fits(state, path, self.model, self.data_summary)
         saved = state.get("config")
         self._check_saved_config(saved, path)
@@ -457,17 +458,36 @@ class Trainer:
             if late:
                 raise ValueError(f"load_checkpoint: {', '.join(late)} cannot change this run any more: "
                                  f"{why}; start a new run with them")
+        own = self._own_state()
+        try:
+            self._load_state(state, saved)
+        except BaseException:   # a refusal part-way (e.g. the optimizer's) leaves nothing half loaded
+            self._load_state(own, None)
+            raise
+
+    def _own_state(self) -> dict[str, Any]:
+        """A copy of everything load_checkpoint replaces, to put back if it fails."""
+        state = copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                               "pruner": self.pruner.state_dict(), "position": self.position,
+                               "history": self.history, "best": self.best})
+        return dict(state, dense_test_accuracy=self.dense_test_accuracy, lr_scheduler=self.lr_scheduler,
+                    rng={"torch": torch.get_rng_state(), "python": random.getstate()})
+
+    def _load_state(self, state: dict[str, Any], saved_config: Any) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.pruner.load_state_dict(state["pruner"])
         self.position, self.history, self.best = state["position"], state["history"], state["best"]
         self.dense_test_accuracy = state["dense_test_accuracy"]
-        self.lr_scheduler = self._new_scheduler(self._phase_epochs())  # the saved phase's kind
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if isinstance(state["lr_scheduler"], dict):
+            self.lr_scheduler = self._new_scheduler(self._phase_epochs())  # the saved phase's kind
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        else:   # this Trainer's own, put back
+            self.lr_scheduler = state["lr_scheduler"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
-        if isinstance(saved, dict):
-            self._apply_changed_rates(saved)
+        if isinstance(saved_config, dict):
+            self._apply_changed_rates(saved_config)
 
     def _apply_changed_rates(self, saved: dict[str, Any]) -> None:
         """A resume with another learning rate for the phase the checkpoint is in scales the

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mackay_ext import data, models
+from mackay_ext._checksum import payload_digest
 from mackay_ext.train import FitConfig, Trainer, set_seed
 
 
@@ -142,17 +143,24 @@ def test_cli_resume_finished_checkpoint(digits_run, tmp_path):
     assert second["test_accuracy"] == first["test_accuracy"]
 
 
-@pytest.mark.parametrize("edit", ["unknown-model", "alpha-shape"])
+@pytest.mark.parametrize("edit", ["unknown-model", "alpha-shape", "damaged"])
 def test_cli_resume_damaged_checkpoint_fails_in_one_line_before_training(digits_run, tmp_path, edit):
+    """Damage is found by the checkpoint's digest; a deliberate edit (its digest made again)
+    by the checks behind it."""
     out, _ = digits_run
     state = torch.load(out / "checkpoint.pt", weights_only=True)
+    digest = state.pop("digest")
     if edit == "unknown-model":
         state["cli_settings"]["model"] = "no-such-model"
         expected = "names the model 'no-such-model', which this version of mackay_ext does not have"
-    else:
+    elif edit == "alpha-shape":
         name = next(iter(state["pruner"]["alpha"]))
         state["pruner"]["alpha"][name] = torch.zeros(3, 3)
         expected = f"alpha of layer '{name}' has shape (3, 3)"
+    else:
+        next(iter(state["model"].values())).view(-1)[0] += 1
+        expected = "its contents do not match the checksum saved with them"
+    state["digest"] = digest if edit == "damaged" else payload_digest(state)
     torch.save(state, tmp_path / "checkpoint.pt")
     result = cli("prune", "--resume", str(tmp_path / "checkpoint.pt"), "--quiet", cwd=tmp_path)
     assert result.returncode != 0

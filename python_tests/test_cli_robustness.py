@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from mackay_ext import cli, data
+from mackay_ext._checksum import load_sealed, save_sealed
 from mackay_ext._files import load_plain
 from mackay_ext._validate import NonFiniteError
 from mackay_ext.train import Trainer
@@ -395,9 +396,9 @@ def test_tqdm_and_matplotlib_are_installed_with_the_package():
 
 def test_resume_from_a_checkpoint_that_does_not_fit_its_model(tiny_run, tmp_path, capsys):
     checkpoint = copy_of(tiny_run, tmp_path)
-    state = load_plain(str(checkpoint), "checkpoint")
+    state = load_sealed(str(checkpoint), "checkpoint")
     del state["model"]["1.weight"]
-    torch.save(state, checkpoint)
+    save_sealed(state, str(checkpoint))   # an edit, its digest made again
     assert cli.main(["prune", "--resume", str(checkpoint), "--quiet"]) == 1
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith(f"mackay-ext: checkpoint {checkpoint} does not fit "

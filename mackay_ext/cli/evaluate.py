@@ -11,6 +11,7 @@ import torch
 from .. import data as datasets
 from .. import models
 from .._files import CorruptFileError, UnsafeFileError, load_plain
+from ..compressed import read_metadata
 from ..sparse import FORMAT as MODEL_FORMAT
 from ..sparse import (
     SparseConv2d,
@@ -49,7 +50,7 @@ def run_evaluate(args, parser) -> int:
         return _fail(error)
     except (RuntimeError, KeyError, TypeError) as error:  # a model.pt whose entries do not fit
         return _fail(f"{args.path} cannot be rebuilt as {model_name}: {error}")
-    saved = load_plain(args.path, "compressed model").get("metadata") or {}
+    saved = read_metadata(args.path)   # checked against the file's digest, as load_compressed did
     dataset = args.dataset or saved.get("dataset") or models.DEFAULT_DATASET[model_name]
     _check_dataset_flags(dataset, args.data_dir, parser)
     problem = _input_problem(model, model_name, dataset)

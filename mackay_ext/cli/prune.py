@@ -15,7 +15,8 @@ import torch
 
 from .. import data as datasets
 from .. import models
-from .._files import CorruptFileError, UnsafeFileError, load_plain
+from .._checksum import load_sealed
+from .._files import CorruptFileError, UnsafeFileError
 from .._validate import NonFiniteError
 from ..sparse import (
     save_compressed,
@@ -160,7 +161,7 @@ def run_prune(args, parser, given: set[str] = frozenset()) -> int:
     settings, changed, resumed = _settings(args, given, parser), [], None
     if args.resume:
         try:
-            state = load_plain(args.resume, "checkpoint")
+            state = load_sealed(args.resume, "checkpoint")
         except (OSError, UnsafeFileError, CorruptFileError) as error:
             return _fail(error)
         saved = _checkpoint_settings(state, args.resume, parser)

@@ -23,7 +23,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .._files import load_plain, save_atomic
+from .._checksum import load_sealed, save_sealed
 from .._validate import check_choice
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, gradients, total_norm
@@ -235,7 +235,7 @@ class MacKayCallback(TrainerCallback):
             logger.warning("MacKayCallback: no checkpoint folder %s: the ARD state of step %d is not "
                            "saved", folder, state.global_step)
             return
-        save_atomic({"pruner": self.pruner.state_dict(), "global_step": state.global_step},
+        save_sealed({"pruner": self.pruner.state_dict(), "global_step": state.global_step},
                     os.path.join(folder, STATE_FILE))
 
     def _resume(self, args, state) -> None:
@@ -249,7 +249,10 @@ class MacKayCallback(TrainerCallback):
                            "ARD state starts afresh (a checkpoint from elsewhere: pass resume_from=<its "
                            "folder>)", state.global_step, path)
             return
-        saved = load_plain(path, "MacKayCallback state")
+        saved = load_sealed(path, "MacKayCallback state")
+        if not isinstance(saved, dict) or not isinstance(saved.get("pruner"), dict):
+            raise ValueError(f"MacKayCallback: {path} is not a state this callback wrote (a dict with the "
+                             "pruner's state and the step)")
         if saved.get("global_step") != state.global_step:
             raise ValueError(f"MacKayCallback: {path} holds the ARD state of step {saved.get('global_step')}, "
                              f"but the Trainer resumed at step {state.global_step}")
