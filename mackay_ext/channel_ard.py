@@ -305,11 +305,11 @@ class ChannelARD:
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self.pruner.fused and self.pruner.prior == "proximal":
-            steps = {id(p): self.pruner._prior_step_size(g) for g in optimizer.param_groups for p in g["params"]}
+            groups = self.pruner._param_groups()
             for name, state in self._own.items():
                 param = self.members[name].param
-                step = steps.get(id(param))
-                if step:   # not where GradScaler skipped the step (see MacKayPruner._after_step)
+                step = self.pruner._prior_step(param, groups)
+                if step is not None:   # not where GradScaler skipped the step (see MacKayPruner._after_step)
                     proximal_shrink_(param, state["alpha"], step, self.pruner.num_data,
                                      getattr(optimizer, "found_inf", None))
         self.apply_masks()

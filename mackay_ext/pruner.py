@@ -332,6 +332,9 @@ class MacKayPruner(StandalonePrior):
         self._step_reader = None
         self._steps_since_update: int | None = None
         self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
+        # the optimizer's gradient over the mean loss's (the proximal prior's step; see _prior_step)
+        self.gradient_scale = 1.0
+        self._said_unknown_step = False
         self._lockstep = Lockstep()
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
         self._loaded_steps: dict[str, tuple[dict, float, float]] = {}

@@ -6,7 +6,9 @@ h <- rho h + (1 - rho) B g^2 and the count t of its updates, read as h / (1 - rh
 prior after every optimizer step as the exact implicit (proximal) step
     w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N),
 contracting for every alpha and step size s, where the prior's gradient in plain SGD diverges
-once lr alpha / N > 2. prior="penalty" keeps the older way: penalty() carries the gradient and
+once lr alpha / N > 2. s is the step the optimizer gives the weight per unit of gradient (lr in
+SGD, lr / sqrt(v_hat) per weight in Adam: mackay_ext.prior_step), so that prior and data balance
+at the posterior mode. prior="penalty" keeps the older way: penalty() carries the gradient and
 the user adds it to the loss.
 
 Where g comes from (MacKayPruner.ef_batch_source):
@@ -26,16 +28,18 @@ backward, or at the weights before the step).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from ._alpha import finite_alpha
 from ._follow import state_dtype
 from .batch_curvature import StepCurvature
+from .prior_step import KNOWN, step_per_unit_gradient
 
 
 @torch.no_grad()
-def proximal_shrink_(param: torch.Tensor, alpha: torch.Tensor, step: float, num_data: float,
+def proximal_shrink_(param: torch.Tensor, alpha: torch.Tensor, step: float | torch.Tensor, num_data: float,
                      found_inf: torch.Tensor | None = None) -> None:
     """param <- param / (1 + step alpha / N), the prior's proximal step, in place; not taken
     (without a host sync) where found_inf != 0, a step GradScaler skipped."""
@@ -94,26 +98,44 @@ class StandalonePrior:
             return grad.masked_fill(pruned.expand_as(grad), 0)  # no host sync to test for any
         return hook
 
-    @staticmethod
-    def _prior_step_size(group) -> float:
-        """The step a constant force gets per optimizer step: lr, or lr (1 - dampening) /
-        (1 - momentum) for heavy-ball SGD, whose velocity builds a steady force up to that
-        (so the prior pulls as hard as it would inside the momentum, without its instability)."""
-        lr = float(group.get("lr", 0.0))
-        momentum = float(group.get("momentum", 0.0) or 0.0)
-        if 0.0 < momentum < 1.0:  # Nesterov too: its steady step is the same
-            lr *= (1.0 - float(group.get("dampening", 0.0) or 0.0)) / (1.0 - momentum)
-        return lr
+    def _prior_step(self, param: torch.Tensor, groups: dict[int, dict]) -> float | torch.Tensor | None:
+        """The prior's step size s for `param` after the optimizer's step: what that step gives
+        the weight per unit of gradient (mackay_ext.prior_step), times gradient_scale (the
+        optimizer's gradient over that of the mean loss the prior is relative to: the HF callback
+        sets it where a model's loss is A times the mean under gradient accumulation). None where
+        the optimizer does not step `param` or lr is 0. `groups`: _param_groups()."""
+        group = groups.get(id(param))
+        if group is None:
+            return None
+        step = step_per_unit_gradient(self.optimizer, group, param)
+        if step is None:   # an optimizer whose per-weight step is not known here: lr, said once
+            step = float(group.get("lr", 0.0))
+            if not self._said_unknown_step:
+                self._said_unknown_step = True
+                warnings.warn(
+                    f"MacKayPruner: the prior's step under {type(self.optimizer).__name__} is taken to be lr "
+                    f"per unit of gradient, as in SGD; mackay_ext knows the per-weight step of "
+                    f"{', '.join(KNOWN)}. If {type(self.optimizer).__name__} scales its steps per weight, the "
+                    "prior pulls weaker or stronger than the data, and alpha is estimated away from the "
+                    "posterior mode: use MacKayAdam or one of those", RuntimeWarning, stacklevel=4)
+        if isinstance(step, float) and step == 0.0:
+            return None
+        return step * self.gradient_scale if self.gradient_scale != 1.0 else step
+
+    def _param_groups(self) -> dict[int, dict]:
+        """The optimizer's param group of each parameter, by id."""
+        return {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
 
     @torch.no_grad()
     def _proximal_step(self, found_inf: torch.Tensor | None = None) -> None:
         """w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N), s the prior's
-        step size: the exact implicit step on the prior, contracting for every alpha, s >= 0.
-        Not taken (without a host sync) where found_inf != 0: GradScaler skipped the step."""
-        steps = {id(p): self._prior_step_size(g) for g in self.optimizer.param_groups for p in g["params"]}
+        step size (per weight under an adaptive optimizer: _prior_step): the exact implicit step
+        on the prior, contracting for every alpha, s >= 0. Not taken (without a host sync) where
+        found_inf != 0: GradScaler skipped the step."""
+        groups = self._param_groups()
         for name, target in self.targets.items():
-            step = steps.get(id(target.param))
-            if step:
+            step = self._prior_step(target.param, groups)
+            if step is not None:
                 proximal_shrink_(target.param, self._own[name]["alpha"], step, self.num_data, found_inf)
 
     def penalty(self) -> torch.Tensor:

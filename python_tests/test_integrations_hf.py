@@ -294,3 +294,50 @@ def test_clipping_that_acts_is_said_once(tmp_path, recwarn, max_grad_norm, clipp
         assert "at 5 of the 5 optimizer steps so far (max_grad_norm=0.001)" in str(said[0].message)
         assert "TrainingArguments(max_grad_norm=0)" in str(said[0].message)
     assert callback.clipping.clipped == (20 if clipped else 0)
+
+
+def _counting_task(n, seed):
+    """Is the sequence mostly tokens below 50? (every position counts: attention must pool)"""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 100, (n, 12), generator=generator)
+    return tokens, ((tokens < 50).sum(1) > 6).long()
+
+
+class _FromStep(MacKayCallback):
+    """Updates only from `start` on: the run's first steps are its dense training."""
+    def __init__(self, start, **options):
+        super().__init__(**options)
+        self.start = start
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.start:
+            return super().on_step_end(args, state, control, **kwargs)
+
+
+def test_the_trainers_adamw_keeps_a_network_that_works(tmp_path):
+    """The Trainer's default AdamW (the pruner's proximal prior): a tiny BERT trained to a fit
+    lost 99.9% of its weights at the first pruning update and fell to the majority class (test
+    0.65), because the prior took a step of lr where AdamW moves a weight lr / sqrt(v) per unit of
+    gradient (mackay_ext.prior_step). MacKayAdam keeps 600 weights at 0.871 here, the dense run 0.905."""
+    x, y = _counting_task(512, seed=1)
+    x_test, y_test = _counting_task(1000, seed=99)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, num_labels=2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=1e-3, per_device_train_batch_size=32,
+        max_steps=800, save_strategy="no", disable_tqdm=True, seed=0, lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=0)
+    callback = _FromStep(600, update_every=100)
+    trainer = transformers.Trainer(model=model, args=args, callbacks=[callback],
+                                   train_dataset=[{"input_ids": a, "labels": b} for a, b in zip(x, y)])
+    with pytest.warns(RuntimeWarning):   # the first prune takes > 95%: this task needs few weights
+        trainer.train()
+    report = callback.pruner.report()
+    model.eval()
+    with torch.no_grad():
+        accuracy = float((model(input_ids=x_test).logits.argmax(1) == y_test).float().mean())
+    print(f"kept {report['kept']} of {report['total']}, test accuracy {accuracy:.3f}")
+    assert report["kept"] >= 200 and accuracy >= 0.8

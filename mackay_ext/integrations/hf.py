@@ -210,6 +210,11 @@ class MacKayCallback(TrainerCallback):
             else:
                 options["batch_size"] = self._batch_size(args, model, num_data)
             self.pruner = StepCurvaturePruner(model, optimizer, num_data=num_data, **options)
+            accumulation = max(int(args.gradient_accumulation_steps), 1)
+            if not isinstance(optimizer, MacKayAdam) and accumulation > 1 and _loss_normalisation(model) == "ignored":
+                # the optimizer's gradient is A times the batch mean (see _batch_size): an Adam step
+                # per unit of it is A times too small for the prior, which is relative to the mean
+                self.pruner.gradient_scale = float(accumulation)
             self.last_update = None
         if state.global_step > 0:   # the Trainer resumed from a checkpoint
             self._resume(args, state)
