@@ -76,6 +76,17 @@ def test_trainer_prunes_and_logs(tmp_path, caplog):
     print("\n".join(str(entry) for entry in logged))
 
 
+def test_warmup_updates_only_move_alpha(tmp_path):
+    """As FitConfig's warmup_updates: the first updates set alpha and prune nothing."""
+    callback = MacKayCallback(warmup_updates=3, **PRUNING)
+    _train(tmp_path, callback)
+    history = callback.pruner.history
+    assert len(history) == 4 and all(h["kept"] == h["total"] for h in history[:3])
+    assert history[3]["kept"] < history[3]["total"]
+    with pytest.raises(ValueError, match=r"MacKayCallback: warmup_updates must be an int >= 0, got 1.5"):
+        MacKayCallback(warmup_updates=1.5)
+
+
 def test_trainer_with_mackay_adam(tmp_path):
     callback = MacKayCallback(**PRUNING)
     trainer = _train(tmp_path, callback, optimizers=("mackay", None))

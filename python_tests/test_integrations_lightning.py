@@ -83,6 +83,17 @@ def test_fit_prunes_and_logs(optimizer, caplog):
     print("\n".join(line for line in caplog.text.splitlines() if "MacKayPruning" in line or "  net." in line))
 
 
+def test_warmup_updates_only_move_alpha():
+    """As FitConfig's warmup_updates: the first updates set alpha and prune nothing."""
+    callback = MacKayPruning(update_every=3, update_on="step", warmup_updates=3, **PRUNING)
+    _fit(callback)
+    history = callback.pruner.history
+    assert len(history) == 4 and all(h["kept"] == h["total"] for h in history[:3])
+    assert history[3]["kept"] < history[3]["total"]
+    with pytest.raises(ValueError, match=r"MacKayPruning: warmup_updates must be an int >= 0, got -1"):
+        MacKayPruning(warmup_updates=-1)
+
+
 def test_a_mackay_adam_is_checked_against_the_step_batch_not_told_a_batch_size(recwarn):
     """With a MacKayAdam from configure_optimizers, its own batch_size is the one used: the callback
     passes the pruner none (no warning that a value it gave is unused) and warns when the

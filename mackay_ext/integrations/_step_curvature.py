@@ -65,6 +65,12 @@ def check_callback_options(who: str, pruner_options: dict[str, Any], own: set[st
         check_count(batch_size, "batch_size", who)
 
 
+def check_warmup_updates(value: Any, who: str) -> None:
+    """Updates that only move alpha before the first that prunes: an int >= 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{who}: warmup_updates must be an int >= 0, got {value!r}")
+
+
 def check_flag(value: Any, name: str, who: str, allowed=(False, True)) -> None:
     """A switch given as a bool (or one of the ints `allowed`): "yes", 1.0 or True for 1 is refused."""
     if type(value) not in {type(a) for a in allowed}:

@@ -28,7 +28,7 @@ from .._validate import check_choice
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, gradients, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
-                              mackay_adam_batch_mismatch, training_set_size)
+                              check_warmup_updates, mackay_adam_batch_mismatch, training_set_size)
 
 __all__ = ["MacKayCallback"]
 
@@ -96,6 +96,9 @@ class MacKayCallback(TrainerCallback):
         update_every: optimizer steps between precision updates: an update at every global step
             divisible by it (on_step_end fires once per optimizer step, so with gradient
             accumulation this counts accumulated steps; a resumed run keeps the schedule).
+        warmup_updates: updates that only move alpha, before the first that prunes (the first
+            update always does: it sets alpha from the weights alone); as FitConfig's, e.g. 5
+            lets alpha settle when updates come every few hundred steps.
         batch_size: B of the ef-batch curvature when the optimizer is not a MacKayAdam; default
             the effective batch per_device_train_batch_size x gradient_accumulation_steps x
             world_size. The curvature h <- rho h + (1 - rho) B g^2 is read once per optimizer step
@@ -106,7 +109,8 @@ class MacKayCallback(TrainerCallback):
             or the model normalises by num_items_in_batch. A model that takes **kwargs but computes
             its own mean loss without them (transformers 5's sequence- and token-classification
             heads: its forward builds CrossEntropyLoss itself) hands the optimizer A times that
-            mean: the default is then B / A^2, which is exact (said in an info log). Where the
+            mean: the default is then B / A^2, which is exact (said in an info log), and the
+            proximal prior's step is A times the optimizer's per unit of gradient. Where the
             forward's source shows neither (a wrapper passing **kwargs on) a warning says what to
             pass if the model ignores num_items_in_batch.
             A MacKayAdam reads the same gradient in its step: give it that B (a warning says
@@ -135,11 +139,13 @@ class MacKayCallback(TrainerCallback):
     masks and update schedule it had; without such a file it warns and starts the ARD state afresh.
     """
 
-    def __init__(self, num_data: float | None = None, *, update_every: int = 50,
+    def __init__(self, num_data: float | None = None, *, update_every: int = 50, warmup_updates: int = 1,
                  batch_size: float | None = None, at_end: str | None = None, example_inputs=None,
                  resume_from: str | os.PathLike | None = None, verbose: bool = False, **pruner_options):
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
             raise ValueError(f"MacKayCallback: update_every must be an int >= 1, got {update_every!r}")
+        check_warmup_updates(warmup_updates, "MacKayCallback")
+        self.warmup_updates = warmup_updates
         check_choice("at_end", at_end, AT_END, "MacKayCallback")
         if at_end == "shrink" and example_inputs is None:
             raise ValueError("MacKayCallback: at_end='shrink' needs example_inputs (a batch the model runs)")
@@ -275,7 +281,7 @@ class MacKayCallback(TrainerCallback):
         if self.pruner is None or state.global_step % self.update_every:
             return
         self.clipping.warn_if_clipped(lambda: f"max_grad_norm={args.max_grad_norm:g}")
-        self.last_update = self.pruner.update()
+        self.last_update = self.pruner.update(prune=len(self.pruner.history) >= self.warmup_updates)
         if self.verbose:
             logger.info("MacKayCallback: step %d: %s", state.global_step, self._summary())
 

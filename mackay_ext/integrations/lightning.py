@@ -22,7 +22,7 @@ from .._validate import check_choice
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, gradients, largest_entry, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
-                              mackay_adam_batch_mismatch, training_set_size)
+                              check_warmup_updates, mackay_adam_batch_mismatch, training_set_size)
 
 __all__ = ["MacKayPruning"]
 
@@ -71,6 +71,8 @@ class MacKayPruning(Callback):
             parameter with dim >= 2 (mutually exclusive with `layers`, the pruner's names).
         update_every: epochs (update_on="epoch", default) or optimizer steps (update_on="step")
             between precision updates.
+        warmup_updates: updates that only move alpha, before the first that prunes (the first
+            update always does: it sets alpha from the weights alone); as FitConfig's.
         num_data: N; default the length of the training dataloader's dataset.
         batch_size: B of the ef-batch curvature with a non-MacKayAdam optimizer; default the
             effective batch of one optimizer step: the dataloader's batch size x
@@ -90,11 +92,13 @@ class MacKayPruning(Callback):
     exactly one optimizer.
     """
 
-    def __init__(self, parameters_to_prune=None, *, layers=None, update_every: int = 1,
+    def __init__(self, parameters_to_prune=None, *, layers=None, update_every: int = 1, warmup_updates: int = 1,
                  update_on: str = "epoch", num_data: float | None = None, batch_size: float | None = None,
                  at_end: str | None = None, verbose: int = 0, **pruner_options):
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
             raise ValueError(f"MacKayPruning: update_every must be an int >= 1, got {update_every!r}")
+        check_warmup_updates(warmup_updates, "MacKayPruning")
+        self.warmup_updates = warmup_updates
         check_choice("update_on", update_on, ("epoch", "step"), "MacKayPruning")
         check_choice("at_end", at_end, (None, "sparsify"), "MacKayPruning")
         check_flag(verbose, "verbose", "MacKayPruning", allowed=(0, 1, 2))
@@ -191,7 +195,7 @@ class MacKayPruning(Callback):
     def _update(self, trainer, pl_module, when: str) -> None:
         self.clipping.warn_if_clipped(lambda: f"gradient_clip_val={trainer.gradient_clip_val:g}, "
                                               f"gradient_clip_algorithm={_clip_algorithm(trainer)!r}")
-        self.last_update = report = self.pruner.update()
+        self.last_update = report = self.pruner.update(prune=len(self.pruner.history) >= self.warmup_updates)
         kept = report["kept"] / max(report["total"], 1)
         metrics = {"mackay/kept_fraction": kept, "mackay/updates": float(len(self.pruner.history))}
         if "gamma_sum" in report:
