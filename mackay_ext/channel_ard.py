@@ -310,7 +310,7 @@ class ChannelARD:
                 param = self.members[name].param
                 step = self.pruner._prior_step(param, groups)
                 if step is not None:   # not where GradScaler skipped the step (see MacKayPruner._after_step)
-                    proximal_shrink_(param, state["alpha"], step, self.pruner.num_data,
+                    proximal_shrink_(param, finite_alpha(state["alpha"], param), step, self.pruner.num_data,
                                      getattr(optimizer, "found_inf", None))
         self.apply_masks()
 

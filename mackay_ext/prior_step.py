@@ -15,7 +15,7 @@ weight's device (no host sync).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -23,11 +23,29 @@ import torch
 KNOWN = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD")
 
 
+class PriorStep(NamedTuple):
+    """s = scale / denominator: `scale` a number (or a 0-d tensor: a tensor lr, Adagrad's decayed
+    lr), `denominator` the optimizer's per-weight preconditioner (the weight's shape; None for a
+    plain step). Kept apart so that the prior's factor 1 / (1 + s alpha / N) can be formed as
+    d / (d + scale alpha / N) in two passes over the weight."""
+    scale: float | torch.Tensor
+    denominator: torch.Tensor | None = None
+
+    def per_unit_gradient(self) -> float | torch.Tensor:
+        return self.scale if self.denominator is None else self.scale / self.denominator
+
+
 def step_per_unit_gradient(optimizer: torch.optim.Optimizer, group: dict[str, Any],
                            param: torch.Tensor) -> float | torch.Tensor | None:
-    """lr, or lr times the optimizer's per-weight preconditioner (a tensor of the weight's shape),
-    as `optimizer` stepped `param` last; None when the rule for this optimizer is not known (the
-    caller uses lr and says so)."""
+    """lr, or lr over the optimizer's per-weight preconditioner (a tensor of the weight's shape),
+    as `optimizer` stepped `param` last; None when the rule for this optimizer is not known."""
+    step = prior_step(optimizer, group, param)
+    return None if step is None else step.per_unit_gradient()
+
+
+def prior_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> PriorStep | None:
+    """step_per_unit_gradient as a PriorStep; None when the rule for this optimizer is not known
+    (the caller uses lr and says so)."""
     lr = group.get("lr", 0.0)
     lr = float(lr) if not isinstance(lr, torch.Tensor) else lr.to(param.device)
     state = optimizer.state.get(param, {})
@@ -38,40 +56,46 @@ def step_per_unit_gradient(optimizer: torch.optim.Optimizer, group: dict[str, An
         second = state["exp_avg_sq"] if second is None else second
         step = torch.as_tensor(state.get("step", 1.0), dtype=torch.float32, device=param.device).clamp(min=1.0)
         beta2 = float(group["betas"][1])
-        adaptive = lr / ((second.float() / (1.0 - beta2 ** step)).sqrt() + float(group.get("eps", 1e-8)))
+        denominator = (_wide(second) / (1.0 - beta2 ** step)).sqrt_().add_(float(group.get("eps", 1e-8)))
         if isinstance(optimizer, torch.optim.RAdam):
-            return _rectified(adaptive, lr, step, beta2)
-        return adaptive
+            return _rectified(denominator, lr, step, beta2)
+        return PriorStep(lr, denominator)
     if "exp_inf" in state:   # Adamax: lr / u (u holds eps already)
-        return lr / state["exp_inf"].float()
+        return PriorStep(lr, _wide(state["exp_inf"]))
     if "square_avg" in state and "acc_delta" in state:   # Adadelta
         eps = float(group.get("eps", 1e-6))
-        return lr * (state["acc_delta"].float() + eps).sqrt() / (state["square_avg"].float() + eps).sqrt()
+        return PriorStep(lr, (_wide(state["square_avg"]) + eps).sqrt_().div_((_wide(state["acc_delta"]) + eps).sqrt_()))
     if "square_avg" in state:   # RMSprop (centered: the variance about the running mean)
-        average = state["square_avg"].float()
+        average = _wide(state["square_avg"])
         if "grad_avg" in state:
-            average = average - state["grad_avg"].float().square()
-        return lr * steady / (average.clamp(min=0).sqrt() + float(group.get("eps", 1e-8)))
+            average = (average - _wide(state["grad_avg"]).square()).clamp_(min=0)
+        return PriorStep(lr * steady, average.sqrt().add_(float(group.get("eps", 1e-8))))
     if "sum" in state:   # Adagrad: its lr decays with the step count
         step = torch.as_tensor(state.get("step", 1.0), dtype=torch.float32, device=param.device)
         decayed = lr / (1.0 + (step - 1.0).clamp(min=0.0) * float(group.get("lr_decay", 0.0)))
-        return decayed / (state["sum"].float().sqrt() + float(group.get("eps", 1e-10)))
+        return PriorStep(decayed, _wide(state["sum"]).sqrt().add_(float(group.get("eps", 1e-10))))
     if "eta" in state:   # ASGD: plain steps of a decaying size
-        return torch.as_tensor(state["eta"], dtype=torch.float32, device=param.device)
+        return PriorStep(torch.as_tensor(state["eta"], dtype=torch.float32, device=param.device))
     if isinstance(optimizer, torch.optim.SGD) or not any(isinstance(value, torch.Tensor) and value.dim()
                                                           for value in state.values()
                                                           if value is not state.get("momentum_buffer")):
         # SGD (heavy-ball or Nesterov: a constant force's steady step), or an optimizer that keeps
         # no per-weight state but a velocity: lr (1 - dampening) / (1 - momentum)
-        return lr * steady * (1.0 - float(group.get("dampening", 0.0) or 0.0)) if steady != 1.0 else lr
+        return PriorStep(lr * steady * (1.0 - float(group.get("dampening", 0.0) or 0.0)) if steady != 1.0 else lr)
     return None
 
 
-def _rectified(adaptive: torch.Tensor, lr, step: torch.Tensor, beta2: float) -> torch.Tensor:
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """A half-precision optimizer state in float32 (float32 and float64 as they are)."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def _rectified(denominator: torch.Tensor, lr, step: torch.Tensor, beta2: float) -> PriorStep:
     """RAdam's step per unit gradient: the adaptive one times its rectification r_t once the
     variance of the adaptive rate is tractable (rho_t > 5), plain lr before."""
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     rho = rho_inf - 2.0 * step * beta2 ** step / (1.0 - beta2 ** step)
     rectification = ((rho - 4.0) * (rho - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho)).clamp(min=0).sqrt()
-    return torch.where(rho > 5.0, adaptive * rectification, torch.as_tensor(lr, dtype=adaptive.dtype,
-                                                                              device=adaptive.device))
+    tractable = rho > 5.0
+    return PriorStep(lr * torch.where(tractable, rectification, torch.ones_like(rectification)),
+                     torch.where(tractable, denominator, torch.ones_like(denominator)))

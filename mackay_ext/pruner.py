@@ -39,6 +39,7 @@ from . import ops
 from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
 from ._validate import NonFiniteError, check_count, check_initialised, check_module, check_optimizer
+from .alpha_views import AlphaViews
 from .ard_targets import (
     FROZEN,
     GRANULARITIES,
@@ -335,6 +336,7 @@ class MacKayPruner(StandalonePrior):
         # the optimizer's gradient over the mean loss's (the proximal prior's step; see _prior_step)
         self.gradient_scale = 1.0
         self._said_unknown_step = False
+        self._alpha_views = AlphaViews()   # what each step reads of alpha, until it changes
         self._lockstep = Lockstep()
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
         self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
@@ -686,9 +688,15 @@ class MacKayPruner(StandalonePrior):
         """Hold pruned weights at exactly 0 (after a step of a non-fused optimizer)."""
         self._check_attached("apply_masks")
         for name, target in self.targets.items():
-            target.param.masked_fill_((self.alpha(name) == math.inf).expand_as(target.param), 0)
+            view = self._alpha_view(name)
+            if view.any_pruned:
+                target.param.masked_fill_(view.pruned.expand_as(target.param), 0)
         if self.channel is not None:
             self.channel.apply_masks()
+
+    def _alpha_view(self, name: str):
+        """alpha of a layer as every step reads it (mackay_ext.alpha_views), kept until it changes."""
+        return self._alpha_views(name, self.alpha(name), self.targets[name].param)
 
     # ------------------------------------------------------------------ update
     def _check_attached(self, where: str) -> None:

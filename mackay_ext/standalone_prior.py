@@ -35,15 +35,26 @@ import torch
 from ._alpha import finite_alpha
 from ._follow import state_dtype
 from .batch_curvature import StepCurvature
-from .prior_step import KNOWN, step_per_unit_gradient
+from .prior_step import KNOWN, PriorStep, prior_step
 
 
 @torch.no_grad()
-def proximal_shrink_(param: torch.Tensor, alpha: torch.Tensor, step: float | torch.Tensor, num_data: float,
+def proximal_shrink_(param: torch.Tensor, alpha: torch.Tensor, step: PriorStep, num_data: float,
                      found_inf: torch.Tensor | None = None) -> None:
-    """param <- param / (1 + step alpha / N), the prior's proximal step, in place; not taken
-    (without a host sync) where found_inf != 0, a step GradScaler skipped."""
-    factor = 1.0 / (1.0 + (step / num_data) * finite_alpha(alpha, param))
+    """param <- param / (1 + s alpha / N), the prior's proximal step, in place, with `alpha` read
+    with +inf as 0 (finite_alpha) and s = step.scale / step.denominator; not taken (without a
+    host sync) where found_inf != 0, a step GradScaler skipped. With a per-weight denominator d
+    the factor is d / (d + scale alpha / N): two passes over the weight."""
+    scaled = step.scale / num_data
+    if step.denominator is None:
+        factor = 1.0 / (1.0 + scaled * alpha)   # alpha's shape: small where alpha is per group
+    else:
+        d = step.denominator
+        shrunk = torch.add(d, alpha, alpha=scaled) if isinstance(scaled, float) else d + scaled * alpha
+        if found_inf is None and param.dtype == d.dtype:
+            param.mul_(d).div_(shrunk)
+            return
+        factor = d / shrunk
     if found_inf is not None:
         factor = torch.where(found_inf.to(factor.device) == 0, factor, torch.ones_like(factor))
     param.mul_(factor.to(param.dtype))
@@ -66,12 +77,17 @@ class StandalonePrior:
             if per_backward:
                 self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
             else:  # h read at the step, or an exact estimate: only pruned gradients held at 0
-                self._hooks.append(weight.register_hook(
-                    lambda grad, name=name: grad.masked_fill((self._own[name]["alpha"] == math.inf).expand_as(grad), 0)))
+                self._hooks.append(weight.register_hook(self._pruned_gradient_hook(name)))
         if self.curvature_kind == "ef-batch" and self.ef_batch_source == "step":
             self._step_reader = StepCurvature(
                 self.optimizer, self._step_entries,
                 prior_gradients=self._penalty_gradients if self.prior == "penalty" else None)
+
+    def _pruned_gradient_hook(self, name: str):
+        def hook(grad):
+            view = self._alpha_view(name)
+            return grad.masked_fill(view.pruned.expand_as(grad), 0) if view.any_pruned else grad
+        return hook
 
     def _step_entries(self):
         return [(t.param, self._own[name]["curvature"], self._own[name]["curvature_steps"],
@@ -98,7 +114,7 @@ class StandalonePrior:
             return grad.masked_fill(pruned.expand_as(grad), 0)  # no host sync to test for any
         return hook
 
-    def _prior_step(self, param: torch.Tensor, groups: dict[int, dict]) -> float | torch.Tensor | None:
+    def _prior_step(self, param: torch.Tensor, groups: dict[int, dict]) -> PriorStep | None:
         """The prior's step size s for `param` after the optimizer's step: what that step gives
         the weight per unit of gradient (mackay_ext.prior_step), times gradient_scale (the
         optimizer's gradient over that of the mean loss the prior is relative to: the HF callback
@@ -107,9 +123,9 @@ class StandalonePrior:
         group = groups.get(id(param))
         if group is None:
             return None
-        step = step_per_unit_gradient(self.optimizer, group, param)
+        step = prior_step(self.optimizer, group, param)
         if step is None:   # an optimizer whose per-weight step is not known here: lr, said once
-            step = float(group.get("lr", 0.0))
+            step = PriorStep(float(group.get("lr", 0.0)))
             if not self._said_unknown_step:
                 self._said_unknown_step = True
                 warnings.warn(
@@ -118,9 +134,9 @@ class StandalonePrior:
                     f"{', '.join(KNOWN)}. If {type(self.optimizer).__name__} scales its steps per weight, the "
                     "prior pulls weaker or stronger than the data, and alpha is estimated away from the "
                     "posterior mode: use MacKayAdam or one of those", RuntimeWarning, stacklevel=4)
-        if isinstance(step, float) and step == 0.0:
+        if isinstance(step.scale, float) and step.scale == 0.0:
             return None
-        return step * self.gradient_scale if self.gradient_scale != 1.0 else step
+        return step if self.gradient_scale == 1.0 else step._replace(scale=step.scale * self.gradient_scale)
 
     def _param_groups(self) -> dict[int, dict]:
         """The optimizer's param group of each parameter, by id."""
@@ -134,9 +150,12 @@ class StandalonePrior:
         found_inf != 0: GradScaler skipped the step."""
         groups = self._param_groups()
         for name, target in self.targets.items():
+            view = self._alpha_view(name)
+            if not view.any_prior:   # before the first update, after switch_off_prior: nothing to do
+                continue
             step = self._prior_step(target.param, groups)
             if step is not None:
-                proximal_shrink_(target.param, self._own[name]["alpha"], step, self.num_data, found_inf)
+                proximal_shrink_(target.param, view.finite, step, self.num_data, found_inf)
 
     def penalty(self) -> torch.Tensor:
         """The ARD term (1 / 2N) sum alpha w^2. With prior="penalty", add it to a mean loss; with

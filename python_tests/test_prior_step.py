@@ -2,6 +2,7 @@
 the data per unit of gradient (mackay_ext.prior_step): with s = lr under Adam, the prior pulled
 1/sqrt(v) times weaker than the data, the weights never reached the posterior mode, and the
 first pruning update removed nearly every weight (a tiny BERT under the HF Trainer's AdamW)."""
+import copy
 import warnings
 
 import pytest
@@ -63,6 +64,9 @@ def test_an_optimizer_it_does_not_know_is_named_once():
     model = nn.Linear(4, 3)
     optimizer = Signum(model.parameters(), lr=0.01)
     pruner = MacKayPruner(model, optimizer, num_data=10, batch_size=2)
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    pruner.update(prune=False)   # alpha set: the prior's step is taken from here on
     with pytest.warns(RuntimeWarning, match="the prior's step under Signum is taken to be lr per unit of "
                                             "gradient, as in SGD.*use MacKayAdam") as caught:
         for _ in range(3):
@@ -99,3 +103,38 @@ def test_data_and_prior_balance_at_the_posterior_mode(name):
         warnings.simplefilter("ignore")
         weights, mode = _quadratic_fit(factory, alpha=2.0, num_data=1.0)
     torch.testing.assert_close(weights, mode, rtol=2e-2, atol=1e-4)
+
+
+def test_what_a_step_reads_of_alpha_follows_every_change_to_it():
+    """The pruned mask and the finite alpha are kept between steps (mackay_ext.alpha_views): an
+    alpha written in place or replaced is read afresh at the next step."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    pruner = MacKayPruner(model, optimizer, num_data=10, batch_size=2)
+
+    def step():
+        optimizer.zero_grad()
+        model(torch.randn(2, 4)).square().sum().backward()
+        optimizer.step()
+    step()
+    pruner.update(prune=False)
+    step()
+    name = next(iter(pruner.targets))
+    pruner.alpha(name)[0, 1] = float("inf")   # in place: the view must not be the old one
+    step()
+    assert float(model.weight.detach()[0, 1]) == 0.0 and float(model.weight.detach()[0, 0]) != 0.0
+    before = model.weight.detach().clone()
+    pruner.alpha(name).fill_(0.0)   # prior off everywhere: a step is Adam's alone
+    expected = torch.nn.Linear(4, 3)
+    expected.load_state_dict(model.state_dict())
+    reference = torch.optim.Adam(expected.parameters(), lr=0.01)
+    reference.load_state_dict(copy.deepcopy(optimizer.state_dict()))   # (torch would share the moments)
+    torch.manual_seed(1)
+    step()
+    torch.manual_seed(1)
+    reference.zero_grad()
+    expected(torch.randn(2, 4)).square().sum().backward()
+    reference.step()
+    assert not torch.equal(model.weight, before)
+    torch.testing.assert_close(model.weight, expected.weight, rtol=0, atol=0)
