@@ -3,8 +3,8 @@
 The callbacks' ef-batch curvature (and a MacKayAdam's) is read from the gradient the optimizer
 steps with, which the trainer has clipped. Norm clipping scales g by c < 1, so h = B g^2 shrinks
 by c^2: the precision updates see less evidence from the data than there is, and prune weights
-the data determine (a small net clipped at norm 0.05 kept 2 of its 1,536 weights, against 504
-unclipped). The callbacks count the optimizer steps where clipping acted and say so, once, at the
+the data determine (a 20-64-4 net clipped at norm 0.05 kept 38 of its 1,536 weights at 81.9%
+test accuracy, against 146 at 99.2% unclipped). The callbacks count the optimizer steps where clipping acted and say so, once, at the
 first precision update after one.
 """
 from __future__ import annotations
