@@ -6,7 +6,7 @@ proximal prior, the masks) took a third of its step (bench/bench_training.py, "a
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -24,10 +24,13 @@ class AlphaView(NamedTuple):
 
 
 class AlphaViews:
-    """AlphaView by layer name, rebuilt when that layer's alpha is replaced or written in place."""
+    """AlphaView by layer name, rebuilt when that layer's alpha is replaced or written in place;
+    `on_new(name, view)` is called with each view built (alpha changed: e.g. to hold the newly
+    pruned entries' optimizer state at 0)."""
 
-    def __init__(self):
+    def __init__(self, on_new: Callable[[str, AlphaView], None] | None = None):
         self._views: dict[str, AlphaView] = {}
+        self._on_new = on_new
 
     @torch.no_grad()
     def __call__(self, name: str, alpha: torch.Tensor, weight: torch.Tensor) -> AlphaView:
@@ -39,6 +42,8 @@ class AlphaViews:
         finite = finite_alpha(alpha, weight)
         view = AlphaView(alpha, alpha._version, like, pruned, finite, bool(pruned.any()), bool((finite > 0).any()))
         self._views[name] = view
+        if self._on_new is not None:
+            self._on_new(name, view)
         return view
 
     def clear(self) -> None:

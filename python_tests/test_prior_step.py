@@ -138,3 +138,32 @@ def test_what_a_step_reads_of_alpha_follows_every_change_to_it():
     reference.step()
     assert not torch.equal(model.weight, before)
     torch.testing.assert_close(model.weight, expected.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD-momentum", "RMSprop-momentum"])
+def test_a_pruned_weights_optimizer_state_is_held_at_zero(name):
+    """Left alone, Adam's moments (or SGD's velocity) at a pruned weight decay geometrically under
+    its zero gradient into denormal floats, which the CPU handles ~100x slower: 234,874 of
+    LeNet-300-100's first-layer moments were denormal some 700 steps after a prune, and the step
+    took 5-17 ms instead of 2.6. They are set to 0 when the weight is pruned, and stay 0."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = OPTIMIZERS[name](model.parameters())
+    pruner = MacKayPruner(model, optimizer, num_data=40, batch_size=8)
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+
+    def steps(count):
+        for step in range(count):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[step % 5 * 8:][:8]), y[step % 5 * 8:][:8]).backward()
+            optimizer.step()
+    steps(20)
+    pruner.update(prune=False)
+    steps(5)
+    first = next(iter(pruner.targets))
+    pruner.alpha(first)[:, :3] = float("inf")   # as an update prunes: in place
+    steps(5)
+    weight = pruner.targets[first].param
+    held = [value for value in optimizer.state[weight].values() if isinstance(value, torch.Tensor) and value.dim()]
+    assert held and all(bool((value[:, :3] == 0).all()) and bool((value[:, 3:] != 0).any()) for value in held)
+    assert bool((weight[:, :3] == 0).all())
