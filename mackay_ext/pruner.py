@@ -336,7 +336,7 @@ class MacKayPruner(StandalonePrior):
         # the optimizer's gradient over the mean loss's (the proximal prior's step; see _prior_step)
         self.gradient_scale = 1.0
         self._said_unknown_step = False
-        self._alpha_views = AlphaViews(on_new=self._zero_pruned_optimizer_state)   # read per alpha change
+        self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
         self._lockstep = Lockstep()
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
         self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
@@ -695,17 +695,22 @@ class MacKayPruner(StandalonePrior):
             self.channel.apply_masks()
 
     @torch.no_grad()
-    def _zero_pruned_optimizer_state(self, name: str, view) -> None:
-        """A foreign optimizer's per-weight state (Adam's moments, SGD's velocity) at newly pruned
-        weights set to 0, where their zero gradients keep it: left alone it decays geometrically
-        into denormal floats, which the CPU handles ~100x slower (torch Adam + the pruner on
-        LeNet-300-100 went from 2.6 to 5-17 ms a step some 700 steps after a prune)."""
-        if self.fused or self.optimizer is None or not view.any_pruned:
+    def _hold_pruned_state_at_zero(self, name: str, view) -> None:
+        """The curvature and a foreign optimizer's per-weight state (Adam's moments, SGD's velocity)
+        at newly pruned weights set to 0, where their zero gradients keep them. Left alone they
+        decay geometrically (h by rho = 0.99 a step) into denormal floats, which the CPU handles
+        ~100x slower: 234,874 of LeNet-300-100's first-layer Adam moments were denormal some 700
+        steps after a prune under torch Adam, and its step went from 2.6 to 5-17 ms. (MacKayAdam
+        holds its own moments at 0 there.)"""
+        if not view.any_pruned:
             return
         param = self.targets[name].param
-        for value in self.optimizer.state.get(param, {}).values():
-            if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                value.masked_fill_(view.pruned.expand_as(value), 0)
+        held = [self.curvature(name)]
+        if not self.fused and self.optimizer is not None:
+            held += [value for value in self.optimizer.state.get(param, {}).values()
+                     if isinstance(value, torch.Tensor) and value.shape == param.shape]
+        for value in held:
+            value.masked_fill_(view.pruned.expand_as(value), 0)
 
     def _alpha_view(self, name: str):
         """alpha of a layer as every step reads it (mackay_ext.alpha_views), kept until it changes."""
@@ -811,6 +816,8 @@ class MacKayPruner(StandalonePrior):
         self.foreign_steps = {}
         self._mc_calls_since_update = 0
         self._sample_next_batch()
+        for name in self.targets:   # the newly pruned weights' state to 0 (_hold_pruned_state_at_zero)
+            self._alpha_view(name)
         return report
 
     def _no_curvature_yet(self) -> bool:

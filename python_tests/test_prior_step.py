@@ -165,5 +165,29 @@ def test_a_pruned_weights_optimizer_state_is_held_at_zero(name):
     steps(5)
     weight = pruner.targets[first].param
     held = [value for value in optimizer.state[weight].values() if isinstance(value, torch.Tensor) and value.dim()]
-    assert held and all(bool((value[:, :3] == 0).all()) and bool((value[:, 3:] != 0).any()) for value in held)
+    held.append(pruner.curvature(first))   # h decays by rho = 0.99 a step: the same fate
+    assert len(held) > 1 and all(bool((value[:, :3] == 0).all()) and bool((value[:, 3:] != 0).any()) for value in held)
     assert bool((weight[:, :3] == 0).all())
+
+
+def test_mackay_adams_curvature_at_pruned_weights_is_held_at_zero():
+    """MacKayAdam holds its moments at 0 there itself; the curvature is set to 0 by the update
+    that prunes (it decayed into denormals: 806 pruned entries of a 20-50-3 net, all still
+    nonzero 10,000 steps on)."""
+    from mackay_ext import MacKayAdam, ard_param_groups
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 50), nn.ReLU(), nn.Linear(50, 3))
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=10)
+    pruner = MacKayPruner(model, optimizer, num_data=100)
+    x, y = torch.randn(100, 20), torch.randint(0, 3, (100,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(300):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[step % 10 * 10:][:10]), y[step % 10 * 10:][:10]).backward()
+            optimizer.step()
+            if step in (100, 200):
+                pruner.update()
+    pruned = (pruner.alpha("0") == float("inf")).expand_as(model[0].weight)
+    assert int(pruned.sum()) > 100
+    assert bool((pruner.curvature("0")[pruned] == 0).all()) and bool((pruner.curvature("0")[~pruned] > 0).any())
