@@ -1232,3 +1232,4 @@ class MacKayPruner(StandalonePrior):
         with torch.no_grad():   # a pruned weight is exactly 0 from here, not from the next step
             for name, target in self.targets.items():
                 target.param.masked_fill_(pruned[name].expand_as(target.param), 0)
+                self._alpha_view(name)   # and its state (_hold_pruned_state_at_zero)
