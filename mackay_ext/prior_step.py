@@ -19,8 +19,16 @@ from typing import Any, NamedTuple
 
 import torch
 
-# the optimizers whose step per unit of gradient is known here, by the state their step keeps
+# the torch optimizers whose step per unit of gradient is known here (and their subclasses)
 KNOWN = ("SGD", "Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta", "ASGD")
+_KNOWN_CLASSES = tuple(getattr(torch.optim, name) for name in KNOWN)
+
+
+def knows(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the step of `optimizer` per unit of gradient is known here. Another class's is
+    read as Adam's where it keeps Adam's state, else taken to be lr (a stateless sign-SGD would
+    be read as SGD: its class, not its state, says it is not)."""
+    return isinstance(optimizer, _KNOWN_CLASSES)
 
 
 class PriorStep(NamedTuple):
@@ -45,10 +53,12 @@ def step_per_unit_gradient(optimizer: torch.optim.Optimizer, group: dict[str, An
 
 def prior_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor) -> PriorStep | None:
     """step_per_unit_gradient as a PriorStep; None when the rule for this optimizer is not known
-    (the caller uses lr and says so)."""
+    (the caller uses lr; MacKayPruner says so when it is built)."""
     lr = group.get("lr", 0.0)
     lr = float(lr) if not isinstance(lr, torch.Tensor) else lr.to(param.device)
     state = optimizer.state.get(param, {})
+    if not knows(optimizer) and not ("exp_avg_sq" in state and "betas" in group):
+        return None
     momentum = float(group.get("momentum", 0.0) or 0.0)
     steady = 1.0 / (1.0 - momentum) if 0.0 < momentum < 1.0 else 1.0   # a velocity builds up to this
     if "exp_avg_sq" in state and "betas" in group:   # Adam, AdamW, NAdam, RAdam: lr / (sqrt(v_hat) + eps)
@@ -76,13 +86,9 @@ def prior_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
         return PriorStep(decayed, _wide(state["sum"]).sqrt().add_(float(group.get("eps", 1e-10))))
     if "eta" in state:   # ASGD: plain steps of a decaying size
         return PriorStep(torch.as_tensor(state["eta"], dtype=torch.float32, device=param.device))
-    if isinstance(optimizer, torch.optim.SGD) or not any(isinstance(value, torch.Tensor) and value.dim()
-                                                          for value in state.values()
-                                                          if value is not state.get("momentum_buffer")):
-        # SGD (heavy-ball or Nesterov: a constant force's steady step), or an optimizer that keeps
-        # no per-weight state but a velocity: lr (1 - dampening) / (1 - momentum)
-        return PriorStep(lr * steady * (1.0 - float(group.get("dampening", 0.0) or 0.0)) if steady != 1.0 else lr)
-    return None
+    # SGD (heavy-ball or Nesterov: a constant force's steady step lr (1 - dampening) / (1 - momentum)),
+    # or a known optimizer before its first step
+    return PriorStep(lr * steady * (1.0 - float(group.get("dampening", 0.0) or 0.0)) if steady != 1.0 else lr)
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,9 @@ def _dynamo_compiled_something() -> bool:
     return bool(counters["stats"].get("unique_graphs", 0))
 
 
+AT_LR_ZERO = ("its param group's lr is 0, so the optimizer does not move it and its weights are not where "
+              "the prior and the data balance: alpha is re-estimated, nothing of it pruned while its lr is 0 "
+              "(to leave a layer out, freeze it with requires_grad_(False) before building the pruner)")
 WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other layers' is not: no forward "
                 "used it, or its gradient was always 0), so its alpha and weights are left as they are and "
                 "nothing of it is pruned until its gradient does")
@@ -315,6 +318,7 @@ class MacKayPruner(StandalonePrior):
             self._attach_accumulator()
         self.history: list[dict[str, Any]] = []
         self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
+        self._said_lr_zero: set[str] = set()         # layers whose lr was 0 at an update, warned about once
         self._said_emptied: set[str] = set()   # layers kept at their strongest group, warned about once
         self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
         self.detached = False   # see detach()
@@ -335,7 +339,6 @@ class MacKayPruner(StandalonePrior):
         self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
         # the optimizer's gradient over the mean loss's (the proximal prior's step; see _prior_step)
         self.gradient_scale = 1.0
-        self._said_unknown_step = False
         self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
         self._lockstep = Lockstep()
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
@@ -358,6 +361,7 @@ class MacKayPruner(StandalonePrior):
                                  f"({self.num_data:g}), the training-set size")
             self.curvature_decay = float(curvature_decay)
             self._attach_hooks()
+            self._warn_unknown_optimizer()
         if coupling is not None:
             from .channel_ard import ChannelARD
             self.channel = ChannelARD(self, coupling, batch_size)
@@ -795,9 +799,11 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
         else:
-            idle = self._idle_layers()
-            layers = [self._without_data(name, target) if name in idle else self._update_one(name, target, hold)
+            idle, still = self._idle_layers(), self._layers_at_lr_zero()
+            layers = [self._without_data(name, target) if name in idle
+                      else self._update_one(name, target, hold or name in still)
                       for name, target in self.targets.items()]
+            notes += [f"{name}: {AT_LR_ZERO}" for name in sorted(still)]
         report = self._summarise(layers)
         self._warn_collapse(live_before, report, layers, channel if self.channel is not None else None)
         notes += [f"{layer['name']}: {WITHOUT_DATA}" for layer in layers if layer.get("without_data")]
@@ -945,6 +951,24 @@ class MacKayPruner(StandalonePrior):
         it is instead. (Before any training step every curvature is 0: the usual warm-up.)"""
         reached = {name: bool(self.curvature_estimate(name).any()) for name in self.targets}
         return {name for name, yes in reached.items() if not yes} if any(reached.values()) else set()
+
+    def _layers_at_lr_zero(self) -> set[str]:
+        """The layers whose param group has lr 0 now: the optimizer does not move them, so their
+        weights are not where the prior and the data balance, and pruning them on that (90% of a
+        layer frozen so) would be pruning on the initial weights. Warned about once per layer."""
+        if self.optimizer is None:
+            return set()
+        groups = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        still = set()
+        for name, target in self.targets.items():
+            lr = groups.get(id(target.param), {}).get("lr")
+            if lr is not None and float(lr) == 0.0:
+                still.add(name)
+                if name not in self._said_lr_zero:
+                    self._said_lr_zero.add(name)
+                    warnings.warn(f"MacKayPruner.update: {target.description}: {AT_LR_ZERO}", RuntimeWarning,
+                                  stacklevel=4)
+        return still
 
     def _without_data(self, name: str, target: ARDTarget) -> dict[str, Any]:
         """An idle layer's report entry (alpha and weights unchanged); said once per layer."""

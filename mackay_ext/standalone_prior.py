@@ -35,7 +35,7 @@ import torch
 from ._alpha import finite_alpha
 from ._follow import state_dtype
 from .batch_curvature import StepCurvature
-from .prior_step import KNOWN, PriorStep, prior_step
+from .prior_step import KNOWN, PriorStep, knows, prior_step
 
 
 @torch.no_grad()
@@ -124,19 +124,25 @@ class StandalonePrior:
         if group is None:
             return None
         step = prior_step(self.optimizer, group, param)
-        if step is None:   # an optimizer whose per-weight step is not known here: lr, said once
+        if step is None:   # an optimizer whose per-weight step is not known here (said when built)
             step = PriorStep(float(group.get("lr", 0.0)))
-            if not self._said_unknown_step:
-                self._said_unknown_step = True
-                warnings.warn(
-                    f"MacKayPruner: the prior's step under {type(self.optimizer).__name__} is taken to be lr "
-                    f"per unit of gradient, as in SGD; mackay_ext knows the per-weight step of "
-                    f"{', '.join(KNOWN)}. If {type(self.optimizer).__name__} scales its steps per weight, the "
-                    "prior pulls weaker or stronger than the data, and alpha is estimated away from the "
-                    "posterior mode: use MacKayAdam or one of those", RuntimeWarning, stacklevel=4)
         if isinstance(step.scale, float) and step.scale == 0.0:
             return None
         return step if self.gradient_scale == 1.0 else step._replace(scale=step.scale * self.gradient_scale)
+
+    def _warn_unknown_optimizer(self) -> None:
+        """Said when the pruner is built: the prior's step under an optimizer not known here."""
+        if self.fused or self.optimizer is None or self.prior != "proximal" or knows(self.optimizer):
+            return
+        kind = type(self.optimizer).__name__
+        warnings.warn(
+            f"MacKayPruner: mackay_ext does not know the per-weight step of {kind} (it knows {', '.join(KNOWN)} "
+            "and their subclasses); the prior's step is taken as Adam's where it keeps Adam's state (exp_avg_sq, "
+            "betas), else as lr per unit of gradient, as in SGD. If it scales its steps otherwise (by the "
+            "gradient's sign as Lion, factored as Adafactor, by trust ratios as LAMB), the prior pulls weaker "
+            "or stronger than the data, and alpha is estimated away from the posterior mode (a sign-SGD net "
+            "fell to chance at the first pruning update): use MacKayAdam or one of those, or "
+            "prior='penalty' with pruner.penalty() in the loss", RuntimeWarning, stacklevel=3)
 
     def _param_groups(self) -> dict[int, dict]:
         """The optimizer's param group of each parameter, by id."""

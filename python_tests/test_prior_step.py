@@ -48,8 +48,12 @@ def test_the_step_per_unit_gradient_is_the_one_the_optimizer_takes(name):
     torch.testing.assert_close(taken, expected, rtol=3e-2, atol=0)
 
 
-def test_an_optimizer_it_does_not_know_is_named_once():
-    class Signum(torch.optim.Optimizer):   # a sign-of-momentum optimizer (as Lion): a step of lr whatever g
+@pytest.mark.parametrize("stateful", [False, True])
+def test_an_optimizer_it_does_not_know_is_named_when_the_pruner_is_built(stateful):
+    """Said once, where the pruner is built (it came at the first step after the warm-up update,
+    pointing into the library), and for a stateless one too: a sign-SGD, which keeps no state,
+    was read as SGD without a word and fell to chance at the first pruning update."""
+    class SignSGD(torch.optim.Optimizer):   # a step of lr whatever the gradient's size (as Lion)
         def __init__(self, params, lr):
             super().__init__(params, {"lr": lr})
 
@@ -57,23 +61,26 @@ def test_an_optimizer_it_does_not_know_is_named_once():
         def step(self, closure=None):
             for group in self.param_groups:
                 for p in group["params"]:
-                    state = self.state[p]
-                    state["exp_avg"] = 0.9 * state.get("exp_avg", torch.zeros_like(p)) + 0.1 * p.grad
-                    p.add_(state["exp_avg"].sign(), alpha=-group["lr"])
+                    direction = p.grad
+                    if stateful:
+                        state = self.state[p]
+                        state["exp_avg"] = direction = 0.9 * state.get("exp_avg", torch.zeros_like(p)) + 0.1 * p.grad
+                    p.add_(direction.sign(), alpha=-group["lr"])
 
     model = nn.Linear(4, 3)
-    optimizer = Signum(model.parameters(), lr=0.01)
-    pruner = MacKayPruner(model, optimizer, num_data=10, batch_size=2)
+    optimizer = SignSGD(model.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match="does not know the per-weight step of SignSGD .* taken as Adam's "
+                                            "where it keeps Adam's state .* else as lr .* use MacKayAdam") as caught:
+        pruner = MacKayPruner(model, optimizer, num_data=10, batch_size=2)
+    assert caught[0].filename == __file__
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     pruner.update(prune=False)   # alpha set: the prior's step is taken from here on
-    with pytest.warns(RuntimeWarning, match="the prior's step under Signum is taken to be lr per unit of "
-                                            "gradient, as in SGD.*use MacKayAdam") as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # and says nothing more
         for _ in range(3):
             model(torch.randn(2, 4)).sum().backward()
             optimizer.step()
-    assert sum("prior's step under" in str(w.message) for w in caught) == 1
-    assert pruner._said_unknown_step
 
 
 def _quadratic_fit(optimizer_factory, alpha, num_data, steps=6000):
@@ -191,3 +198,35 @@ def test_mackay_adams_curvature_at_pruned_weights_is_held_at_zero():
     pruned = (pruner.alpha("0") == float("inf")).expand_as(model[0].weight)
     assert int(pruned.sum()) > 100
     assert bool((pruner.curvature("0")[pruned] == 0).all()) and bool((pruner.curvature("0")[~pruned] > 0).any())
+
+
+def test_a_layer_at_lr_zero_is_not_pruned_while_it_stays_there():
+    """A param group at lr 0 (a common way to freeze a layer): the update pruned 90% of such a
+    layer from its initial weights, unsaid; a layer frozen with requires_grad_(False) is left out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 0.0},
+                                   {"params": model[2].parameters()}], lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=40, batch_size=8, prune="alpha", threshold=1.0)
+    frozen = model[0].weight.detach().clone()
+    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+
+    def steps(count):
+        for step in range(count):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[step % 5 * 8:][:8]), y[step % 5 * 8:][:8]).backward()
+            optimizer.step()
+    with pytest.warns(RuntimeWarning, match="its param group's lr is 0") as caught:
+        for _ in range(3):
+            steps(20)
+            report = pruner.update()
+    assert sum("param group's lr is 0" in str(w.message) for w in caught) == 1
+    assert torch.equal(model[0].weight, frozen)
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert layers["0"]["kept"] == layers["0"]["total"] and layers["2"]["kept"] < layers["2"]["total"]
+    assert any("lr is 0" in note for note in report["notes"])
+    optimizer.param_groups[0]["lr"] = 1e-2   # trained from here: pruned as any layer
+    steps(20)
+    pruner.update()
+    steps(20)
+    assert pruner.update()["layers"][0]["kept"] < layers["0"]["total"]
