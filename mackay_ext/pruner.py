@@ -1174,6 +1174,10 @@ class MacKayPruner(StandalonePrior):
                 if not value.is_floating_point() or bool(torch.isnan(value).any()) or bool((value < 0).any()):
                     raise ValueError(f"{where}: {key} of layer {name!r} must hold non-negative numbers "
                                      "(inf allowed for pruned alpha), got NaN, negative or non-float values")
+                if key == "curvature" and bool(torch.isinf(value).any()):
+                    raise ValueError(f"{where}: curvature of layer {name!r} holds inf, which no training step "
+                                     "writes (a damaged or edited state)")
+        _check_saved_fields(state, where, set(self.targets))
         settings = state.get("settings", {})
         differ = [f"{key} {settings[key]!r} (here {value!r})" for key, value in (
             ("num_data", self.num_data), ("rule", self.rule), ("prune", self.prune), ("threshold", self.threshold),
@@ -1257,3 +1261,30 @@ class MacKayPruner(StandalonePrior):
             for name, target in self.targets.items():
                 target.param.masked_fill_(pruned[name].expand_as(target.param), 0)
                 self._alpha_view(name)   # and its state (_hold_pruned_state_at_zero)
+
+
+def _check_saved_fields(state: Mapping[str, Any], where: str, layers: set[str]) -> None:
+    """The fields of a saved pruner state besides alpha and curvature are what state_dict()
+    writes: its layers only, counts >= 0, lists and dicts (a damaged one was loaded as it was,
+    or refused with a bare Python error naming no field)."""
+    for key in ("alpha", "curvature"):
+        unknown = sorted(set(state[key]) - layers) if isinstance(state[key], Mapping) else None
+        if unknown is None:
+            raise TypeError(f"{where}: state[{key!r}] must be a dict by layer name, got {type(state[key]).__name__}")
+        if unknown:
+            raise ValueError(f"{where}: state[{key!r}] holds layers this pruner has not: {unknown} (a state of "
+                             "another model, or a pruner built with other layers?)")
+    steps = state.get("curvature_steps", {})
+    if not isinstance(steps, Mapping) or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < math.inf for t in steps.values()):
+        raise ValueError(f"{where}: state['curvature_steps'] must map layers to step counts >= 0, got {steps!r}")
+    for key in ("steps_since_update", "steps_total", "mc_calls_since_update", "priced_updates"):
+        value = state.get(key, 0)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ValueError(f"{where}: state[{key!r}] must be an integer >= 0, got {value!r}")
+    for key, kind in (("history", list), ("granularity", Mapping), ("split_from", Mapping),
+                      ("alpha_before_switch_off", Mapping), ("settings", Mapping)):
+        value = state.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise TypeError(f"{where}: state[{key!r}] must be a {'list' if kind is list else 'dict'}, got "
+                            f"{type(value).__name__}")

@@ -260,3 +260,27 @@ def test_a_tar_file_is_not_met_with_torchs_advice_to_load_it_unchecked(tmp_path)
     with pytest.raises(CorruptFileError, match="a tar archive") as error:
         load_plain(archive, "checkpoint")
     assert "weights_only" not in str(error.value)
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    (lambda s: s["curvature_steps"].update({"0": math.nan}), ValueError, r"state\['curvature_steps'\] must map layers"),
+    (lambda s: s["curvature_steps"].update({"0": "abc"}), ValueError, r"state\['curvature_steps'\] must map layers"),
+    (lambda s: s.update(steps_since_update=-3), ValueError, r"state\['steps_since_update'\] must be an integer >= 0"),
+    (lambda s: s.update(steps_total="x"), ValueError, r"state\['steps_total'\] must be an integer >= 0"),
+    (lambda s: s.update(history=5), TypeError, r"state\['history'\] must be a list, got int"),
+    (lambda s: s.update(alpha_before_switch_off="x"), TypeError, r"state\['alpha_before_switch_off'\] must be a dict"),
+    (lambda s: s["alpha"].update(zzz=torch.zeros(1)), ValueError, r"holds layers this pruner has not: \['zzz'\]"),
+    (lambda s: s["curvature"]["0"].view(-1).__setitem__(0, math.inf), ValueError, "curvature of layer '0' holds inf"),
+])
+def test_a_damaged_pruner_state_is_refused_naming_its_field(edit, error, message):
+    """Loaded as they were (a NaN step count, a layer of another model, an inf curvature that the
+    next update blamed on divergence), or refused with a bare Python error naming no field."""
+    model, optimizer, _ = _optimizer_and_state()
+    pruner = MacKayPruner(model, optimizer, num_data=40)
+    pruner.update()
+    state = copy.deepcopy(pruner.state_dict())
+    edit(state)
+    before = copy.deepcopy(pruner.state_dict())
+    with pytest.raises(error, match=message):
+        pruner.load_state_dict(state)
+    _assert_same(before, pruner.state_dict())
