@@ -75,9 +75,10 @@ def _dynamo_compiled_something() -> bool:
     return bool(counters["stats"].get("unique_graphs", 0))
 
 
-AT_LR_ZERO = ("its param group's lr is 0, so the optimizer does not move it and its weights are not where "
-              "the prior and the data balance: alpha is re-estimated, nothing of it pruned while its lr is 0 "
-              "(to leave a layer out, freeze it with requires_grad_(False) before building the pruner)")
+AT_LR_ZERO = ("its param group's lr is 0 (others' are not), so the optimizer does not move it and its "
+              "weights are not where the prior and the data balance: alpha is re-estimated, nothing of it "
+              "pruned while its lr is 0 (to leave a layer out, freeze it with requires_grad_(False) before "
+              "building the pruner)")
 WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other layers' is not: no forward "
                 "used it, or its gradient was always 0), so its alpha and weights are left as they are and "
                 "nothing of it is pruned until its gradient does")
@@ -953,16 +954,19 @@ class MacKayPruner(StandalonePrior):
         return {name for name, yes in reached.items() if not yes} if any(reached.values()) else set()
 
     def _layers_at_lr_zero(self) -> set[str]:
-        """The layers whose param group has lr 0 now: the optimizer does not move them, so their
-        weights are not where the prior and the data balance, and pruning them on that (90% of a
-        layer frozen so) would be pruning on the initial weights. Warned about once per layer."""
+        """The layers whose param group has lr 0 now while another group's is not (a layer frozen
+        so): the optimizer does not move them, so their weights are not where the prior and the
+        data balance, and pruning them on that (90% of such a layer) would be pruning on their
+        initial weights. (Every group at 0 is a schedule's end or start: the weights were trained
+        up to it.) Warned about once per layer."""
         if self.optimizer is None:
             return set()
-        groups = {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
+        rates = {id(p): float(group.get("lr", 0.0)) for group in self.optimizer.param_groups for p in group["params"]}
+        if not any(rate > 0.0 for rate in rates.values()):
+            return set()
         still = set()
         for name, target in self.targets.items():
-            lr = groups.get(id(target.param), {}).get("lr")
-            if lr is not None and float(lr) == 0.0:
+            if rates.get(id(target.param)) == 0.0:
                 still.add(name)
                 if name not in self._said_lr_zero:
                     self._said_lr_zero.add(name)
