@@ -147,6 +147,16 @@ def test_what_a_step_reads_of_alpha_follows_every_change_to_it():
     torch.testing.assert_close(model.weight, expected.weight, rtol=0, atol=0)
 
 
+def _train(model, optimizer, count):
+    """`count` steps on batches of 8 of a fixed random classification set (6 inputs, 3 classes)."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=generator), torch.randint(0, 3, (40,), generator=generator)
+    for step in range(count):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[step % 5 * 8:][:8]), y[step % 5 * 8:][:8]).backward()
+        optimizer.step()
+
+
 @pytest.mark.parametrize("name", ["Adam", "SGD-momentum", "RMSprop-momentum"])
 def test_a_pruned_weights_optimizer_state_is_held_at_zero(name):
     """Left alone, Adam's moments (or SGD's velocity) at a pruned weight decay geometrically under
@@ -157,13 +167,9 @@ def test_a_pruned_weights_optimizer_state_is_held_at_zero(name):
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     optimizer = OPTIMIZERS[name](model.parameters())
     pruner = MacKayPruner(model, optimizer, num_data=40, batch_size=8)
-    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
 
     def steps(count):
-        for step in range(count):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[step % 5 * 8:][:8]), y[step % 5 * 8:][:8]).backward()
-            optimizer.step()
+        _train(model, optimizer, count)
     steps(20)
     pruner.update(prune=False)
     steps(5)
@@ -209,13 +215,9 @@ def test_a_layer_at_lr_zero_is_not_pruned_while_it_stays_there():
                                    {"params": model[2].parameters()}], lr=1e-2)
     pruner = MacKayPruner(model, optimizer, num_data=40, batch_size=8, prune="alpha", threshold=1.0)
     frozen = model[0].weight.detach().clone()
-    x, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
 
     def steps(count):
-        for step in range(count):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x[step % 5 * 8:][:8]), y[step % 5 * 8:][:8]).backward()
-            optimizer.step()
+        _train(model, optimizer, count)
     with pytest.warns(RuntimeWarning, match="its param group's lr is 0 \\(others' are not\\)") as caught:
         for _ in range(3):
             steps(20)
