@@ -70,16 +70,17 @@ def prior_step(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: t
         if isinstance(optimizer, torch.optim.RAdam):
             return _rectified(denominator, lr, step, beta2)
         return PriorStep(lr, denominator)
-    if "exp_inf" in state:   # Adamax: lr / u (u holds eps already)
-        return PriorStep(lr, _wide(state["exp_inf"]))
+    if "exp_inf" in state:   # Adamax: lr / u (u holds eps already; 0 where a weight was pruned)
+        exp_inf = _wide(state["exp_inf"])
+        return PriorStep(lr, exp_inf.clamp(min=torch.finfo(exp_inf.dtype).tiny))
     if "square_avg" in state and "acc_delta" in state:   # Adadelta
         eps = float(group.get("eps", 1e-6))
         return PriorStep(lr, (_wide(state["square_avg"]) + eps).sqrt_().div_((_wide(state["acc_delta"]) + eps).sqrt_()))
     if "square_avg" in state:   # RMSprop (centered: the variance about the running mean)
-        average = _wide(state["square_avg"])
+        average = _wide(state["square_avg"]).clone()
         if "grad_avg" in state:
-            average = (average - _wide(state["grad_avg"]).square()).clamp_(min=0)
-        return PriorStep(lr * steady, _sqrt(average.clone()).add_(float(group.get("eps", 1e-8))))
+            average.sub_(_wide(state["grad_avg"]).square()).clamp_(min=0)
+        return PriorStep(lr * steady, _sqrt(average).add_(float(group.get("eps", 1e-8))))
     if "sum" in state:   # Adagrad: its lr decays with the step count
         step = torch.as_tensor(state.get("step", 1.0), dtype=torch.float32, device=param.device)
         decayed = lr / (1.0 + (step - 1.0).clamp(min=0.0) * float(group.get("lr_decay", 0.0)))

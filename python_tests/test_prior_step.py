@@ -237,3 +237,22 @@ def test_a_layer_at_lr_zero_is_not_pruned_while_it_stays_there():
         warnings.simplefilter("always")
         assert pruner.update()["layers"][0]["kept"] < layers["0"]["total"]
     assert not [w for w in said if "lr is 0" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["Adamax", "Adam", "RMSprop-momentum", "Adagrad"])
+def test_a_pruned_weight_stays_exactly_zero_and_finite_under_every_rule(name):
+    """Its optimizer state is 0 (held so), and the prior's factor d / (d + s alpha / N) must not
+    read 0 / 0 there (Adamax's u held at 0 made NaN before the masks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = OPTIMIZERS[name](model.parameters())
+    pruner = MacKayPruner(model, optimizer, num_data=40, batch_size=8)
+    _train(model, optimizer, 10)
+    pruner.update(prune=False)
+    first = next(iter(pruner.targets))
+    pruner.alpha(first)[:, :3] = float("inf")
+    _train(model, optimizer, 2)
+    state = optimizer.state[model[0].weight]
+    step = step_per_unit_gradient(optimizer, optimizer.param_groups[0], model[0].weight)
+    assert bool(torch.isfinite(torch.as_tensor(step)).all())
+    assert bool((model[0].weight[:, :3] == 0).all()) and all(bool(torch.isfinite(v).all()) for v in state.values())
