@@ -1,6 +1,7 @@
 """mackay_ext.integrations.hf: MacKayCallback inside transformers.Trainer (tiny random BERT)."""
 import logging
 import math
+import warnings
 
 import pytest
 import torch
@@ -352,3 +353,26 @@ def test_the_trainers_adamw_keeps_a_network_that_works(tmp_path):
         accuracy = float((model(input_ids=x_test).logits.argmax(1) == y_test).float().mean())
     print(f"kept {report['kept']} of {report['total']}, test accuracy {accuracy:.3f}")
     assert report["kept"] >= 200 and accuracy >= 0.8
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_causal_lm_is_told_that_n_counts_tokens(tmp_path, given):
+    """GPT-2 divides its loss by num_items_in_batch (label tokens): with N and B counting
+    sequences, a next-token task fell from 1.000 to 0.089 accuracy (402 of 26,112 weights kept;
+    2,944 at 1.000 with token counts), and nothing said so."""
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 32, (16, 8))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2,
+                                          per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    options = {"num_data": 16 * 8, "batch_size": 8 * 8} if given else {}
+    trainer = transformers.Trainer(model=model, args=args, callbacks=[MacKayCallback(update_every=5, **options)],
+                                   train_dataset=[{"input_ids": t, "labels": t} for t in ids])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        trainer.train()
+    told = [w for w in said if "divides its loss by num_items_in_batch" in str(w.message)]
+    assert len(told) == (0 if given else 1)
+    if not given:
+        assert "num_data defaulted to the 16 examples" in str(told[0].message)

@@ -86,6 +86,18 @@ def _loss_normalisation(model) -> str:
     return "unknown"
 
 
+def _warn_counts_of_examples(model, num_data: float) -> None:
+    """A model that divides its loss by num_items_in_batch averages over what that counts (a
+    causal LM: label tokens), not over examples: N and B default to examples, and the prior is
+    then too strong by the tokens per example (a GPT-2 on a next-token task kept 402 of 26,112
+    weights at 0.089 next-token accuracy with the defaults, 2,944 at 1.000 with token counts)."""
+    name = type(getattr(model, "module", model)).__name__
+    warnings.warn(f"MacKayCallback: {name} divides its loss by num_items_in_batch (a mean over label tokens, "
+                  f"as a causal LM's), but num_data defaulted to the {num_data:g} examples of the training set: "
+                  "N and batch_size count what the loss averages over. Pass num_data=<label tokens in the "
+                  "training set> and batch_size=<label tokens of one optimizer step>", UserWarning, stacklevel=3)
+
+
 class MacKayCallback(TrainerCallback):
     """Runs MacKayPruner inside Trainer.train().
 
@@ -209,6 +221,8 @@ class MacKayCallback(TrainerCallback):
             if self.pruner_options.get("granularity") == "channel" or self.pruner_options.get("mac_price"):
                 options["example_inputs"] = self.example_inputs
             num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
+            if self.num_data is None and _loss_normalisation(model) == "model":
+                _warn_counts_of_examples(model, num_data)
             if isinstance(optimizer, MacKayAdam):
                 # its param groups' batch_size is the one used: check it, pass none (the pruner
                 # warns about a value given to it that it does not use)
