@@ -45,6 +45,3 @@ class AlphaViews:
         if self._on_new is not None:
             self._on_new(name, view)
         return view
-
-    def clear(self) -> None:
-        self._views.clear()
