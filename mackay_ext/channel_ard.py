@@ -292,8 +292,9 @@ class ChannelARD:
         return hook
 
     def _step_entries(self):
+        batch_size = self._batch_size / self.pruner.gradient_scale ** 2   # as the pruner's own
         return [(self.members[name].param, state["curvature"], state["curvature_steps"],
-                 self._batch_size, self._decay) for name, state in self._own.items()]
+                 batch_size, self._decay) for name, state in self._own.items()]
 
     @torch.no_grad()
     def _penalty_gradients(self) -> dict[int, torch.Tensor]:

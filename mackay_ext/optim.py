@@ -21,7 +21,8 @@ import torch
 from . import _extension, ops
 from ._adam_options import check_adam_options
 from ._follow import MOMENT_KEYS, follow_param, state_dtype
-from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_initialised, check_module
+from ._validate import (BACKENDS, alpha_fits, check_choice, check_count, check_gradient_scale, check_initialised,
+                        check_module)
 from .batch_curvature import ema_debiased
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
@@ -173,9 +174,25 @@ class MacKayAdam(torch.optim.Optimizer):
     (1 - rho^t) of B g^2; curvature_estimate(param) divides that out (Adam's bias correction,
     with t = state["step"], which counts exactly the steps that fed it).
     Works with GradScaler (grad_scale / found_inf, no host sync) and LR schedulers.
+
+    gradient_scale (attribute, default 1): the gradient the next steps read over the gradient of
+    the mean loss that num_data and batch_size refer to, e.g. c = min(1, max_norm / (norm + 1e-6))
+    when clip_grad_norm_ scaled this step's gradient by c. The prior's term is then added as
+    c alpha / N w and h reads (g / c)^2: the data and the prior scaled alike, as one step on c
+    times the whole objective (clipping the data alone made the prior 1/c times stronger and h
+    c^2 times smaller, and the updates pruned weights the data determine). MacKayPruner's
+    gradient_scale sets it; the training-loop callbacks set it at every step.
     """
 
     _step_supports_amp_scaling = True
+
+    @property
+    def gradient_scale(self) -> float:
+        return getattr(self, "_gradient_scale", 1.0)   # (not pickled: a setting of the next step)
+
+    @gradient_scale.setter
+    def gradient_scale(self, value) -> None:
+        self._gradient_scale = check_gradient_scale(value, "MacKayAdam")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, num_data: float, batch_size: float | None = None,
@@ -395,6 +412,7 @@ class MacKayAdam(torch.optim.Optimizer):
         # the plan joins groups of one lr and betas, whose values a scheduler may change every step
         group = bucket["group"]
         lr, (beta1, beta2) = float(group["lr"]), map(float, group["betas"])
+        scale = self.gradient_scale   # the data's gradient is `scale` times the mean loss's
         widened = params[0].dtype == torch.float16
         if widened:   # the step on float32 copies, to match the float32 moments (see _follow)
             halves = params
@@ -405,8 +423,8 @@ class MacKayAdam(torch.optim.Optimizer):
             [s["step"] for s in states], curvatures, alphas, lr=lr,
             beta1=beta1, beta2=beta2, eps=hyper["eps"],
             weight_decay=hyper["weight_decay"],
-            decoupled_weight_decay=hyper["decoupled_weight_decay"], num_data=hyper["num_data"],
-            batch_size=hyper["batch_size"], curvature_decay=hyper["curvature_decay"],
+            decoupled_weight_decay=hyper["decoupled_weight_decay"], num_data=hyper["num_data"] / scale,
+            batch_size=hyper["batch_size"] / scale ** 2, curvature_decay=hyper["curvature_decay"],
             grad_scale=grad_scale, found_inf=found_inf, backend=self.backend)
         if widened:
             torch._foreach_copy_(halves, params)

@@ -90,8 +90,10 @@ class StandalonePrior:
         return hook
 
     def _step_entries(self):
+        # h from (g / gradient_scale)^2: the mean loss's gradient (see MacKayPruner.gradient_scale)
+        batch_size = self.batch_size / self.gradient_scale ** 2
         return [(t.param, self._own[name]["curvature"], self._own[name]["curvature_steps"],
-                 self.batch_size, self.curvature_decay) for name, t in self.targets.items()]
+                 batch_size, self.curvature_decay) for name, t in self.targets.items()]
 
     @torch.no_grad()
     def _penalty_gradients(self) -> dict[int, torch.Tensor]:

@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._checksum import load_sealed, save_sealed
 from .._validate import check_choice
 from ..optim import MacKayAdam
-from ._clipping import ClippingWatch, gradients, total_norm
+from ._clipping import ClippingWatch, NormBeforeClipping, clip_coefficient, gradients, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
                               check_warmup_updates, mackay_adam_batch_mismatch, training_set_size)
 
@@ -98,6 +98,15 @@ def _warn_counts_of_examples(model, num_data: float) -> None:
                   "training set> and batch_size=<label tokens of one optimizer step>", UserWarning, stacklevel=3)
 
 
+def _loss_scale(optimizer) -> float:
+    """GradScaler's scale, by which the gradients the hooks measured are multiplied (accelerate's
+    optimizer wrapper holds the scaler); 1 without one."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return 1.0
+    return float(scaler.get_scale())
+
+
 class MacKayCallback(TrainerCallback):
     """Runs MacKayPruner inside Trainer.train().
 
@@ -121,12 +130,16 @@ class MacKayCallback(TrainerCallback):
             or the model normalises by num_items_in_batch. A model that takes **kwargs but computes
             its own mean loss without them (transformers 5's sequence- and token-classification
             heads: its forward builds CrossEntropyLoss itself) hands the optimizer A times that
-            mean: the default is then B / A^2, which is exact (said in an info log), and the
-            proximal prior's step is A times the optimizer's per unit of gradient. Where the
-            forward's source shows neither (a wrapper passing **kwargs on) a warning says what to
-            pass if the model ignores num_items_in_batch.
+            mean: the pruner's gradient_scale then takes that A out of the curvature and the prior
+            (said in an info log). Where the forward's source shows neither (a wrapper passing
+            **kwargs on) a warning says what to pass if the model ignores num_items_in_batch.
             A MacKayAdam reads the same gradient in its step: give it that B (a warning says
             when its batch_size differs).
+            Clipping (max_grad_norm, 1 by default) scales a step's gradient by c: on one process
+            the callback measures the norm before clipping (a hook on each parameter's gradient)
+            and sets the pruner's gradient_scale to c for that step, so that the prior and the
+            curvature are those of the mean loss (MacKayPruner.gradient_scale); on several
+            processes it warns where clipping acted.
         at_end: None (default), "sparsify" (mackay_ext.sparsify(model) in place at on_train_end;
             store that model with mackay_ext.save_compressed, not Trainer.save_model: from_pretrained
             does not know the sparse layers' tensors and re-initialises those weights, with no error)
@@ -180,6 +193,8 @@ class MacKayCallback(TrainerCallback):
         self.last_update: dict[str, Any] | None = None
         self.shrunk_model = None
         self.clipping = ClippingWatch("MacKayCallback", "TrainingArguments(max_grad_norm=0)")
+        self._gradient_scale = 1.0   # of the model's loss under accumulation (on_train_begin)
+        self._norm_before_clipping: NormBeforeClipping | None = None
 
     # ------------------------------------------------------------------ set-up
     def _batch_size(self, args, model, num_data: float) -> float:
@@ -194,13 +209,12 @@ class MacKayCallback(TrainerCallback):
             return effective
         name = type(getattr(model, "module", model)).__name__
         normalisation = _loss_normalisation(model)
-        if normalisation == "ignored":
-            # g is A times the batch mean, so h = B g^2 would be A^2 too large: B / A^2 is exact
+        if normalisation == "ignored":   # (taken out by the pruner's gradient_scale: see on_train_begin)
             logger.info("MacKayCallback: %s takes **kwargs but computes its own mean loss, so the Trainer "
                         "does not divide it over the %d accumulated micro-batches and the gradient is %d "
-                        "times the batch mean; the curvature uses batch_size=%g to match", name,
-                        accumulation, accumulation, effective / accumulation ** 2)
-            return effective / accumulation ** 2
+                        "times the batch mean; the prior and the curvature take that factor out "
+                        "(gradient_scale)", name, accumulation, accumulation)
+            return effective
         if normalisation == "unknown":
             logger.warning(
                 "MacKayCallback: the Trainer leaves the division of the loss over %d accumulated "
@@ -231,17 +245,28 @@ class MacKayCallback(TrainerCallback):
                 options["batch_size"] = self._batch_size(args, model, num_data)
             self.pruner = StepCurvaturePruner(model, optimizer, num_data=num_data, **options)
             accumulation = max(int(args.gradient_accumulation_steps), 1)
-            if not isinstance(optimizer, MacKayAdam) and accumulation > 1 and _loss_normalisation(model) == "ignored":
-                # the optimizer's gradient is A times the batch mean (see _batch_size): an Adam step
-                # per unit of it is A times too small for the prior, which is relative to the mean
-                self.pruner.gradient_scale = float(accumulation)
+            # the optimizer's gradient over the batch mean's: A where the model's loss ignores the
+            # accumulation (see _batch_size); times each step's clipping factor (on_pre_optimizer_step)
+            self._gradient_scale = float(accumulation) if accumulation > 1 and \
+                _loss_normalisation(model) == "ignored" else 1.0
+            self.pruner.gradient_scale = self._gradient_scale
             self.last_update = None
+        self._norm_before_clipping = self._watch_norm(args, model)
         if state.global_step > 0:   # the Trainer resumed from a checkpoint
             self._resume(args, state)
         if self.verbose:
             logger.info("MacKayCallback: prior on %d weights of %d layers (%s); left out: %s",
                         self.pruner.report()["total"], len(self.pruner.targets), self.pruner.prior,
                         [e.get("name") for e in self.pruner.excluded])
+
+    def _watch_norm(self, args, model) -> NormBeforeClipping | None:
+        """Hooks that measure the gradient's norm before the Trainer clips it, where it clips and
+        runs on one process (see integrations._clipping); else None."""
+        if self._norm_before_clipping is not None:
+            self._norm_before_clipping.remove()
+        if not (args.max_grad_norm and args.max_grad_norm > 0) or max(int(args.world_size), 1) > 1:
+            return None
+        return NormBeforeClipping(model)
 
     @staticmethod
     def _check_mackay_adam(optimizer, expected: float) -> None:
@@ -286,10 +311,23 @@ class MacKayCallback(TrainerCallback):
         self.last_update = self.pruner.history[-1] if self.pruner.history else None
 
     # ------------------------------------------------------------------ training
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._norm_before_clipping is not None:   # (at the first micro-batch of the step)
+            self._norm_before_clipping.reset()
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         # called after the Trainer clipped the gradient (see mackay_ext.integrations._clipping)
-        if self.pruner is not None and args.max_grad_norm and args.max_grad_norm > 0 and model is not None:
-            self.clipping.after_clipping(total_norm(gradients(model)), args.max_grad_norm)
+        if self.pruner is None:
+            return
+        scale = self._gradient_scale
+        limit = args.max_grad_norm
+        if self._norm_before_clipping is not None:
+            norm = self._norm_before_clipping.norm(_loss_scale(optimizer))
+            self.clipping.before_clipping(norm, limit, corrected=True)
+            scale *= clip_coefficient(norm, limit)
+        elif limit and limit > 0 and model is not None:
+            self.clipping.after_clipping(total_norm(gradients(model)), limit)
+        self.pruner.gradient_scale = scale
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.pruner is None or state.global_step % self.update_every:
@@ -318,6 +356,9 @@ class MacKayCallback(TrainerCallback):
             state.log_history[-1].update(summary)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._norm_before_clipping is not None:
+            self._norm_before_clipping.remove()
+            self._norm_before_clipping = None
         if self.pruner is None or self.at_end is None:
             return
         self.pruner.apply_masks()
