@@ -43,12 +43,13 @@ def _loader(batch_size=16):
 
 # float32: under precision="64-true" the weights this Lightning restores from a checkpoint differ
 # from the saved ones by ~1e-8 (float32 rounding), which would hide an exact comparison
-def _fit(callback, max_epochs=2, optimizer="adam", ckpt_path=None, seed=0, batch_size=16, **options):
+def _fit(callback, max_epochs=2, optimizer="adam", ckpt_path=None, seed=0, batch_size=16, extra_callbacks=(),
+         **options):
     torch.manual_seed(seed)
     module = TinyClassifier(optimizer)
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False, deterministic=True, callbacks=[callback], **options)
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         deterministic=True, callbacks=[callback, *extra_callbacks], **options)
     trainer.fit(module, train_dataloaders=_loader(batch_size), ckpt_path=ckpt_path)
     return trainer, module
 
@@ -235,16 +236,30 @@ def test_step_updates_reach_the_logger_whatever_log_every_n_steps(tmp_path):
 
 @pytest.mark.parametrize("clip, algorithm, clipped", [(1e-3, "norm", True), (1e-4, "value", True),
                                                      (1e6, "norm", False), (None, None, False)])
-def test_clipping_that_acts_is_said_once(recwarn, clip, algorithm, clipped):
-    """The curvature is read from the clipped gradient (Lightning clips after on_before_optimizer_step):
-    the callback counts the steps clipping changes and warns once, naming the setting."""
+def test_clipping_is_corrected_or_said_once(recwarn, clip, algorithm, clipped):
+    """Lightning clips after on_before_optimizer_step: norm clipping's factor c becomes the
+    pruner's gradient_scale for the step (the prior and the curvature in the mean loss's units);
+    clipping by value, which has no one factor, is counted and said once, naming the setting."""
     callback = MacKayPruning(update_on="step", update_every=2, **PRUNING)
-    _fit(callback, max_epochs=1, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    scales = []
+
+    class _Probe(pl.Callback):   # after the MacKayPruning: the scale its step will use
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in pl_module.parameters() if p.grad is not None])))
+            scales.append((callback.pruner.gradient_scale, norm))
+
+    _fit(callback, max_epochs=1, gradient_clip_val=clip, gradient_clip_algorithm=algorithm, extra_callbacks=[_Probe()])
     said = [w for w in recwarn if "clipped the gradient" in str(w.message)]
-    assert len(said) == int(clipped)
-    if clipped:   # at the first update, after 2 steps
+    assert len(said) == int(clipped and algorithm == "value")
+    if said:   # at the first update, after 2 steps
         message = str(said[0].message)
         assert f"gradient_clip_val={clip:g}, gradient_clip_algorithm={algorithm!r}" in message
         assert "at 2 of the 2 optimizer steps so far" in message and "largest seen before clipping" in message
     assert callback.clipping.clipped == (callback.clipping.steps if clipped else 0) and \
         callback.clipping.steps == (6 if clip else 0)
+    assert len(scales) == 6
+    for scale, norm in scales:
+        expected = min(1.0, clip / (norm + 1e-6)) if clip and algorithm == "norm" else 1.0
+        assert scale == pytest.approx(expected, rel=1e-5)
+    assert callback.clipping.corrected == (6 if clipped and algorithm == "norm" else 0)

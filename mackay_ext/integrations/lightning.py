@@ -20,7 +20,7 @@ from torch import nn
 
 from .._validate import check_choice
 from ..optim import MacKayAdam
-from ._clipping import ClippingWatch, gradients, largest_entry, total_norm
+from ._clipping import ClippingWatch, clip_coefficient, gradients, largest_entry, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
                               check_warmup_updates, mackay_adam_batch_mismatch, training_set_size)
 
@@ -174,13 +174,22 @@ class MacKayPruning(Callback):
 
     # ------------------------------------------------------------------ training
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        # called before Lightning clips the gradient (see mackay_ext.integrations._clipping)
+        # called before Lightning clips the gradient (see mackay_ext.integrations._clipping):
+        # norm clipping's factor c is taken out of the prior and the curvature (gradient_scale);
+        # clipping by value changes each entry by its own factor, which is only counted and said
         limit = trainer.gradient_clip_val
-        if self.pruner is None or not limit or limit <= 0:
+        if self.pruner is None:
             return
-        grads = gradients(pl_module)
-        measure = largest_entry if _clip_algorithm(trainer) == "value" else total_norm
-        self.clipping.before_clipping(measure(grads), limit)
+        scale = 1.0
+        if limit and limit > 0:
+            grads = gradients(pl_module)
+            if _clip_algorithm(trainer) == "value":
+                self.clipping.before_clipping(largest_entry(grads), limit)
+            else:
+                norm = total_norm(grads)
+                self.clipping.before_clipping(norm, limit, corrected=True)
+                scale = clip_coefficient(norm, limit)
+        self.pruner.gradient_scale = scale
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step   # optimizer steps: unchanged on accumulation micro-batches
