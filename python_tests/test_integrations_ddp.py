@@ -72,7 +72,7 @@ def _hf_worker(rank, port, out):
         output_dir=out, report_to="none", use_cpu=True, ddp_backend="gloo", max_steps=15,
         per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=5, save_strategy="no",
         disable_tqdm=True, seed=0)
-    callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5)
+    callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5, dense_ratio=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
     trainer.train()
     assert args.world_size == WORLD
@@ -112,7 +112,7 @@ def _lightning_worker(rank, port, out):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     torch.manual_seed(rank)   # different initial weights: DDP must broadcast rank 0's
     module = Tiny()
-    callback = MacKayPruning(update_every=2, update_on="step", prune="alpha", threshold=2e3)
+    callback = MacKayPruning(update_every=2, update_on="step", prune="alpha", threshold=2e3, dense_ratio=0)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=WORLD, strategy="ddp", logger=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          enable_checkpointing=False, callbacks=[callback])

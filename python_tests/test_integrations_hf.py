@@ -1,6 +1,7 @@
 """mackay_ext.integrations.hf: MacKayCallback inside transformers.Trainer (tiny random BERT)."""
 import logging
 import math
+import re
 import warnings
 
 import pytest
@@ -64,7 +65,8 @@ def _check_pruned_and_logged(trainer, callback, updates):
     return logged
 
 
-PRUNING = {"update_every": 5, "prune": "alpha", "threshold": 1e5}   # alpha >= 1e5: |w| below ~3e-3
+# updates from the start (dense_ratio=0): these runs are short; alpha >= 1e5: |w| below ~3e-3
+PRUNING = {"update_every": 5, "prune": "alpha", "threshold": 1e5, "dense_ratio": 0}
 
 
 def test_trainer_prunes_and_logs(tmp_path, caplog):
@@ -87,6 +89,50 @@ def test_warmup_updates_only_move_alpha(tmp_path):
     assert history[3]["kept"] < history[3]["total"]
     with pytest.raises(ValueError, match=r"MacKayCallback: warmup_updates must be an int >= 0, got 1.5"):
         MacKayCallback(warmup_updates=1.5)
+
+
+class _UpdateSteps(transformers.TrainerCallback):
+    """The global steps at which the MacKayCallback (before it in the list) ran an update."""
+    def __init__(self, callback):
+        self.callback, self.steps, self._seen = callback, [], 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if len(self.callback.pruner.history) > self._seen:
+            self._seen = len(self.callback.pruner.history)
+            self.steps.append(state.global_step)
+
+
+@pytest.mark.parametrize("options, steps", [({}, [10, 15, 20]), ({"dense_ratio": 0.3}, [10, 15, 20]),
+                                            ({"dense_steps": 12}, [15, 20]), ({"dense_ratio": 0}, [5, 10, 15, 20])])
+def test_the_run_trains_densely_before_the_first_update(tmp_path, options, steps):
+    """By default the first half of the run has no prior (MacKay's update reads the evidence of a
+    fitted network; from the first steps a tiny BERT fell to chance): updates from step
+    dense_steps, default dense_ratio x max_steps, at the multiples of update_every."""
+    callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5, **options)
+    probe = _UpdateSteps(callback)
+    _train(tmp_path, callback, callbacks=[probe])
+    assert probe.steps == steps
+    assert callback.pruner.history[0]["kept"] == callback.pruner.history[0]["total"]   # (the warm-up update)
+
+
+def test_a_run_whose_updates_would_prune_nothing_is_told(tmp_path, recwarn):
+    callback = MacKayCallback(update_every=5, dense_steps=20, prune="alpha", threshold=1e5)
+    _train(tmp_path, callback)
+    said = [str(w.message) for w in recwarn if "nothing will be pruned" in str(w.message)]
+    assert len(said) == 1 and "1 precision update(s) left (steps 20 to 20, every 5)" in said[0]
+    assert len(callback.pruner.history) == 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"dense_ratio": 1.0}, "dense_ratio must be a number in [0, 1)"),
+    ({"dense_ratio": -0.1}, "dense_ratio must be a number in [0, 1)"),
+    ({"dense_ratio": True}, "dense_ratio must be a number in [0, 1)"),
+    ({"dense_ratio": "half"}, "dense_ratio must be a number in [0, 1)"),
+    ({"dense_steps": -1}, "dense_steps must be an int >= 0 or None, got -1"),
+    ({"dense_steps": 2.5}, "dense_steps must be an int >= 0 or None, got 2.5")])
+def test_a_bad_dense_phase_is_named(options, message):
+    with pytest.raises(ValueError, match=re.escape(f"MacKayCallback: {message}")):
+        MacKayCallback(**options)
 
 
 def test_trainer_with_mackay_adam(tmp_path):
@@ -121,7 +167,7 @@ def test_gradient_accumulation_and_bf16(tmp_path, caplog):
 def test_at_end_sparsify(tmp_path):
     from mackay_ext.sparse import SparseLinear
     # a prior on the classifier only, with a threshold that leaves it mostly pruned
-    callback = MacKayCallback(at_end="sparsify", layers=["classifier"], update_every=5, prune="alpha",
+    callback = MacKayCallback(at_end="sparsify", layers=["classifier"], update_every=5, dense_ratio=0, prune="alpha",
                               threshold=1e3)
     # the sparse model is not what Trainer.save_model / from_pretrained can carry: said at the end
     with pytest.warns(UserWarning, match=r"at_end='sparsify'.*from_pretrained does not know.*save_compressed"):
@@ -269,7 +315,7 @@ def test_accumulation_estimates_what_one_batch_does(tmp_path, optimizer, stock):
         model = _model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         if not stock:
             model.accepts_loss_kwargs = False   # the Trainer divides each micro-batch's loss by 2
-        callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5)
+        callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5, dense_ratio=0)
         # stock: no clipping, which would see the doubled gradient and change the training
         _train(tmp_path / str(batch), callback, optimizers, model=model, max_steps=10,
                per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
@@ -360,17 +406,6 @@ def _counting_task(n, seed):
     return tokens, ((tokens < 50).sum(1) > 6).long()
 
 
-class _FromStep(MacKayCallback):
-    """Updates only from `start` on: the run's first steps are its dense training."""
-    def __init__(self, start, **options):
-        super().__init__(**options)
-        self.start = start
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.start:
-            return super().on_step_end(args, state, control, **kwargs)
-
-
 @pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
 def test_the_trainers_adamw_keeps_a_network_that_works(tmp_path, max_grad_norm):
     """The Trainer's default AdamW (the pruner's proximal prior): a tiny BERT trained to a fit
@@ -391,7 +426,7 @@ def test_the_trainers_adamw_keeps_a_network_that_works(tmp_path, max_grad_norm):
         output_dir=str(tmp_path), report_to="none", use_cpu=True, learning_rate=1e-3, per_device_train_batch_size=32,
         max_steps=800, save_strategy="no", disable_tqdm=True, seed=0, lr_scheduler_type="constant",
         weight_decay=0.0, max_grad_norm=max_grad_norm)
-    callback = _FromStep(600, update_every=100)
+    callback = MacKayCallback(update_every=100, dense_steps=600)
     trainer = transformers.Trainer(model=model, args=args, callbacks=[callback],
                                    train_dataset=[{"input_ids": a, "labels": b} for a, b in zip(x, y)])
     with pytest.warns(RuntimeWarning):   # the first prune takes > 95%: this task needs few weights
@@ -416,7 +451,7 @@ def test_a_causal_lm_is_told_that_n_counts_tokens(tmp_path, given):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2,
                                           per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
     options = {"num_data": 16 * 8, "batch_size": 8 * 8} if given else {}
-    trainer = transformers.Trainer(model=model, args=args, callbacks=[MacKayCallback(update_every=5, **options)],
+    trainer = transformers.Trainer(model=model, args=args, callbacks=[MacKayCallback(update_every=5, dense_ratio=0, **options)],
                                    train_dataset=[{"input_ids": t, "labels": t} for t in ids])
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")

@@ -55,7 +55,7 @@ def _fit(callback, max_epochs=2, optimizer="adam", ckpt_path=None, seed=0, batch
 
 
 # alpha >= 2e3: |w| below ~0.02 once trained under the prior
-PRUNING = {"prune": "alpha", "threshold": 2e3}
+PRUNING = {"prune": "alpha", "threshold": 2e3, "dense_ratio": 0}   # (updates from the start: short runs)
 
 
 def _check_pruned(callback):
@@ -93,6 +93,46 @@ def test_warmup_updates_only_move_alpha():
     assert history[3]["kept"] < history[3]["total"]
     with pytest.raises(ValueError, match=r"MacKayPruning: warmup_updates must be an int >= 0, got -1"):
         MacKayPruning(warmup_updates=-1)
+
+
+class _UpdateTimes(pl.Callback):
+    """When the MacKayPruning (before it in the list) ran an update: (epoch, global step)."""
+    def __init__(self, callback):
+        self.callback, self.times, self._seen = callback, [], 0
+
+    def _look(self, trainer):
+        if self.callback.pruner is not None and len(self.callback.pruner.history) > self._seen:
+            self._seen = len(self.callback.pruner.history)
+            self.times.append((trainer.current_epoch, trainer.global_step))
+
+    def on_train_batch_end(self, trainer, *args):
+        self._look(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._look(trainer)
+
+
+@pytest.mark.parametrize("options, times", [
+    ({}, [(1, 12), (2, 18), (3, 24)]),                        # max_epochs 4: 2 dense epochs
+    ({"dense": 3}, [(2, 18), (3, 24)]),
+    ({"dense_ratio": 0}, [(0, 6), (1, 12), (2, 18), (3, 24)]),
+    ({"update_on": "step", "update_every": 4}, [(1, 12), (2, 16), (3, 20), (3, 24)]),   # 24 steps: from 12
+])
+def test_the_run_trains_densely_before_the_first_update(options, times):
+    """By default the first half of the run (max_epochs, or its optimizer steps) has no prior."""
+    callback = MacKayPruning(**{"prune": "alpha", "threshold": 2e3, **options})
+    probe = _UpdateTimes(callback)
+    _fit(callback, max_epochs=4, extra_callbacks=[probe])
+    assert probe.times == times
+
+
+def test_a_run_of_unknown_length_needs_its_dense_part_given():
+    callback = MacKayPruning(**{"prune": "alpha", "threshold": 2e3})
+    with pytest.raises(ValueError, match=r"MacKayPruning: dense_ratio=0.5 needs the length of the run.*pass "
+                                         r"dense=<the dense part's length>"):
+        _fit(callback, max_epochs=-1, max_steps=-1)
+    with pytest.raises(ValueError, match=r"MacKayPruning: dense must be an int >= 0 or None, got 1.5"):
+        MacKayPruning(dense=1.5)
 
 
 def test_a_mackay_adam_is_checked_against_the_step_batch_not_told_a_batch_size(recwarn):

@@ -10,6 +10,8 @@ MacKayAdam's).
 """
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 from .._validate import check_count
@@ -69,6 +71,40 @@ def check_warmup_updates(value: Any, who: str) -> None:
     """Updates that only move alpha before the first that prunes: an int >= 0."""
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"{who}: warmup_updates must be an int >= 0, got {value!r}")
+
+
+def check_dense_phase(ratio: Any, count: Any, count_name: str, who: str) -> None:
+    """dense_ratio: a fraction of the run in [0, 1); the count (dense_steps, dense): an int >= 0 or None."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ValueError(f"{who}: dense_ratio must be a number in [0, 1), the fraction of the run trained "
+                         f"without the prior before the first precision update, got {ratio!r}")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 0):
+        raise ValueError(f"{who}: {count_name} must be an int >= 0 or None, got {count!r}")
+
+
+def dense_length(ratio: float, count: int | None, total: float | None, count_name: str, who: str) -> int:
+    """Where the first precision update may come: `count` if given, else ratio x the run's length."""
+    if count is not None:
+        return count
+    if ratio == 0:
+        return 0
+    if total is None or not math.isfinite(total) or total <= 0:
+        raise ValueError(f"{who}: dense_ratio={ratio:g} needs the length of the run, which this trainer does not "
+                         f"know (no max_epochs or max_steps): pass {count_name}=<the dense part's length>, or "
+                         "dense_ratio=0 to update from the start")
+    return int(ratio * total)
+
+
+def warn_if_no_update_prunes(who: str, first: int, last: int, every: int, warmup_left: int, unit: str) -> None:
+    """Updates come at the multiples of `every` in [first, last]; the first `warmup_left` of them
+    prune nothing. Said when none would prune (a run shorter than its dense part, say)."""
+    start = max(first, 1)
+    updates = max(0, last // every - (start - 1) // every)
+    if updates <= warmup_left:
+        warnings.warn(f"{who}: this run has {updates} precision update(s) left ({unit}s {start} to {last}, every "
+                      f"{every}) and the first {warmup_left} of them only set alpha: nothing will be pruned. "
+                      f"Lower dense_ratio (the dense part ends at {unit} {first}), update_every or warmup_updates, "
+                      "or train longer", UserWarning, stacklevel=3)
 
 
 def check_flag(value: Any, name: str, who: str, allowed=(False, True)) -> None:

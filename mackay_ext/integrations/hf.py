@@ -27,8 +27,9 @@ from .._checksum import load_sealed, save_sealed
 from .._validate import check_choice
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, NormBeforeClipping, clip_coefficient, gradients, total_norm
-from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
-                              check_warmup_updates, mackay_adam_batch_mismatch, training_set_size)
+from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_dense_phase, check_flag,
+                              check_warmup_updates, dense_length, mackay_adam_batch_mismatch, training_set_size,
+                              warn_if_no_update_prunes)
 
 __all__ = ["MacKayCallback"]
 
@@ -120,6 +121,13 @@ class MacKayCallback(TrainerCallback):
         warmup_updates: updates that only move alpha, before the first that prunes (the first
             update always does: it sets alpha from the weights alone); as FitConfig's, e.g. 5
             lets alpha settle when updates come every few hundred steps.
+        dense_ratio, dense_steps: the run trains without the prior until step dense_steps (default
+            dense_ratio x max_steps, half the run), where the first update may come: MacKay's
+            update reads the evidence of a network fitted to its data, and a network that is not
+            loses at once the weights it has not yet learnt to use (a tiny BERT and a small ViT
+            fell to chance with updates from the first steps, as in the paper's recipe, which
+            trains to a fit first). dense_ratio=0 updates from the start, as fine-tuning from a
+            model already fitted to the task may.
         batch_size: B of the ef-batch curvature when the optimizer is not a MacKayAdam; default
             the effective batch per_device_train_batch_size x gradient_accumulation_steps x
             world_size. The curvature h <- rho h + (1 - rho) B g^2 is read once per optimizer step
@@ -165,12 +173,15 @@ class MacKayCallback(TrainerCallback):
     """
 
     def __init__(self, num_data: float | None = None, *, update_every: int = 50, warmup_updates: int = 1,
-                 batch_size: float | None = None, at_end: str | None = None, example_inputs=None,
-                 resume_from: str | os.PathLike | None = None, verbose: bool = False, **pruner_options):
+                 dense_ratio: float = 0.5, dense_steps: int | None = None, batch_size: float | None = None,
+                 at_end: str | None = None, example_inputs=None, resume_from: str | os.PathLike | None = None,
+                 verbose: bool = False, **pruner_options):
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
             raise ValueError(f"MacKayCallback: update_every must be an int >= 1, got {update_every!r}")
         check_warmup_updates(warmup_updates, "MacKayCallback")
-        self.warmup_updates = warmup_updates
+        check_dense_phase(dense_ratio, dense_steps, "dense_steps", "MacKayCallback")
+        self.warmup_updates, self.dense_ratio, self.dense_steps = warmup_updates, dense_ratio, dense_steps
+        self._dense_until = 0   # the first step an update may come at (on_train_begin)
         check_choice("at_end", at_end, AT_END, "MacKayCallback")
         if at_end == "shrink" and example_inputs is None:
             raise ValueError("MacKayCallback: at_end='shrink' needs example_inputs (a batch the model runs)")
@@ -254,6 +265,10 @@ class MacKayCallback(TrainerCallback):
         self._norm_before_clipping = self._watch_norm(args, model)
         if state.global_step > 0:   # the Trainer resumed from a checkpoint
             self._resume(args, state)
+        self._dense_until = dense_length(self.dense_ratio, self.dense_steps, state.max_steps, "dense_steps",
+                                         "MacKayCallback")
+        warn_if_no_update_prunes("MacKayCallback", max(self._dense_until, state.global_step + 1), state.max_steps,
+                                 self.update_every, max(0, self.warmup_updates - len(self.pruner.history)), "step")
         if self.verbose:
             logger.info("MacKayCallback: prior on %d weights of %d layers (%s); left out: %s",
                         self.pruner.report()["total"], len(self.pruner.targets), self.pruner.prior,
@@ -330,7 +345,7 @@ class MacKayCallback(TrainerCallback):
         self.pruner.gradient_scale = scale
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.pruner is None or state.global_step % self.update_every:
+        if self.pruner is None or state.global_step % self.update_every or state.global_step < self._dense_until:
             return
         self.clipping.warn_if_clipped(lambda: f"max_grad_norm={args.max_grad_norm:g}")
         self.last_update = self.pruner.update(prune=len(self.pruner.history) >= self.warmup_updates)

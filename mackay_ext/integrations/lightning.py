@@ -11,6 +11,7 @@ history) is saved in Lightning's checkpoints and restored from them.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -21,8 +22,9 @@ from torch import nn
 from .._validate import check_choice
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, clip_coefficient, gradients, largest_entry, total_norm
-from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_flag,
-                              check_warmup_updates, mackay_adam_batch_mismatch, training_set_size)
+from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_dense_phase, check_flag,
+                              check_warmup_updates, dense_length, mackay_adam_batch_mismatch, training_set_size,
+                              warn_if_no_update_prunes)
 
 __all__ = ["MacKayPruning"]
 
@@ -73,6 +75,11 @@ class MacKayPruning(Callback):
             between precision updates.
         warmup_updates: updates that only move alpha, before the first that prunes (the first
             update always does: it sets alpha from the weights alone); as FitConfig's.
+        dense_ratio, dense: the run trains without the prior for `dense` epochs or optimizer
+            steps (update_on's unit; default dense_ratio x max_epochs or the run's optimizer
+            steps, half the run), after which the first update may come: MacKay's update reads
+            the evidence of a network fitted to its data, and one that is not loses at once the
+            weights it has not yet learnt to use. dense_ratio=0 updates from the start.
         num_data: N; default the length of the training dataloader's dataset.
         batch_size: B of the ef-batch curvature with a non-MacKayAdam optimizer; default the
             effective batch of one optimizer step: the dataloader's batch size x
@@ -93,12 +100,15 @@ class MacKayPruning(Callback):
     """
 
     def __init__(self, parameters_to_prune=None, *, layers=None, update_every: int = 1, warmup_updates: int = 1,
-                 update_on: str = "epoch", num_data: float | None = None, batch_size: float | None = None,
-                 at_end: str | None = None, verbose: int = 0, **pruner_options):
+                 dense_ratio: float = 0.5, dense: int | None = None, update_on: str = "epoch",
+                 num_data: float | None = None, batch_size: float | None = None, at_end: str | None = None,
+                 verbose: int = 0, **pruner_options):
         if not isinstance(update_every, int) or isinstance(update_every, bool) or update_every < 1:
             raise ValueError(f"MacKayPruning: update_every must be an int >= 1, got {update_every!r}")
         check_warmup_updates(warmup_updates, "MacKayPruning")
-        self.warmup_updates = warmup_updates
+        check_dense_phase(dense_ratio, dense, "dense", "MacKayPruning")
+        self.warmup_updates, self.dense_ratio, self.dense = warmup_updates, dense_ratio, dense
+        self._dense_until = 0   # the first epoch (completed) or step an update may come at (on_fit_start)
         check_choice("update_on", update_on, ("epoch", "step"), "MacKayPruning")
         check_choice("at_end", at_end, (None, "sparsify"), "MacKayPruning")
         check_flag(verbose, "verbose", "MacKayPruning", allowed=(0, 1, 2))
@@ -152,6 +162,18 @@ class MacKayPruning(Callback):
         if self._pending is not None:
             self._load(self._pending)
             self._pending = None
+        self._plan_dense_phase(trainer)
+
+    def _plan_dense_phase(self, trainer) -> None:
+        if self.update_on == "epoch":
+            total, done = trainer.max_epochs, trainer.current_epoch
+            total = None if total is None or total < 0 else total
+        else:
+            total, done = trainer.estimated_stepping_batches, trainer.global_step
+        self._dense_until = dense_length(self.dense_ratio, self.dense, total, "dense", "MacKayPruning")
+        if total is not None and math.isfinite(total):
+            warn_if_no_update_prunes("MacKayPruning", max(self._dense_until, done + 1), int(total), self.update_every,
+                                     max(0, self.warmup_updates - len(self.pruner.history)), self.update_on)
 
     @staticmethod
     def _check_mackay_adam(optimizer, expected: float) -> None:
@@ -193,12 +215,14 @@ class MacKayPruning(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step   # optimizer steps: unchanged on accumulation micro-batches
-        if self.update_on == "step" and step != self._last_step and step % self.update_every == 0:
+        if self.update_on == "step" and step != self._last_step and step % self.update_every == 0 \
+                and step >= self._dense_until:
             self._last_step = step
             self._update(trainer, pl_module, f"step {step}")
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.update_on == "epoch" and (trainer.current_epoch + 1) % self.update_every == 0:
+        completed = trainer.current_epoch + 1
+        if self.update_on == "epoch" and completed % self.update_every == 0 and completed >= self._dense_until:
             self._update(trainer, pl_module, f"epoch {trainer.current_epoch}")
 
     def _update(self, trainer, pl_module, when: str) -> None:
