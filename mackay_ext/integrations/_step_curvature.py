@@ -102,9 +102,9 @@ def warn_if_no_update_prunes(who: str, first: int, last: int, every: int, warmup
     updates = max(0, last // every - (start - 1) // every)
     if updates <= warmup_left:
         warnings.warn(f"{who}: this run has {updates} precision update(s) left ({unit}s {start} to {last}, every "
-                      f"{every}) and the first {warmup_left} of them only set alpha: nothing will be pruned. "
-                      f"Lower dense_ratio (the dense part ends at {unit} {first}), update_every or warmup_updates, "
-                      "or train longer", UserWarning, stacklevel=3)
+                      f"{every}) and warmup_updates leaves {warmup_left} that only set alpha: nothing will be "
+                      "pruned. Lower dense_ratio (or the dense length), update_every or warmup_updates, or train "
+                      "longer", UserWarning, stacklevel=3)
 
 
 def check_flag(value: Any, name: str, who: str, allowed=(False, True)) -> None:
