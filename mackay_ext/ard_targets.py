@@ -202,6 +202,10 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
             reason = "in a MacKayAdam param group with ard=False"
         elif _parametrization_input(module, attr):
             reason = PARAMETRIZED
+        elif selected is None and _added_like_a_bias(module, param):
+            reason = (f"a {tuple(param.shape)} parameter of a {type(module).__name__}, broadcast over the batch "
+                      "(a position embedding or a class token, added to the activations as a bias is): no "
+                      "prior unless named in layers=")
         if reason is not None:
             if selected is not None and param.dim() >= 2:
                 raise ValueError(f"MacKayPruner: {name} was asked for but is {reason}")
@@ -218,6 +222,17 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
             raise ValueError(f"MacKayPruner: layers {empty} have no trainable parameter with "
                              "dim >= 2 to put a prior on")
     return targets, excluded
+
+
+_LAYERS = (nn.Linear, nn.Bilinear, nn.MultiheadAttention, *_CONV, *_CONV_TRANSPOSE, *_EMBEDDING, *_RECURRENT)
+
+
+def _added_like_a_bias(module: nn.Module, param: nn.Parameter) -> bool:
+    """A parameter of shape (1, ...) with 3 or more dims held by a module that is not a layer
+    torch knows (timm's pos_embed (1, tokens, width), cls_token (1, 1, width)): broadcast over the
+    batch and added to the activations, it is a bias, whose zeros save no work; the ARD prior
+    on it emptied it in a ViT (the 'would empty a layer' warning every update)."""
+    return param.dim() >= 3 and param.shape[0] == 1 and not isinstance(module, _LAYERS)
 
 
 def weight_reader(model: nn.Module, module_name: str) -> str | None:

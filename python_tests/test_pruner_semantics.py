@@ -355,7 +355,8 @@ def test_emptying_a_bare_parameter_is_not_worded_as_a_layer_losing_its_input():
     torch.manual_seed(0)
     model = Positional()
     optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=8)
-    pruner = MacKayPruner(model, optimizer, num_data=100)
+    # (a (1, ...) table is left out as a bias unless named: test_position_embeddings_...)
+    pruner = MacKayPruner(model, optimizer, num_data=100, layers=["pos", "head"])
     x, y = torch.randn(8, 6, 4), torch.randint(0, 3, (8,))
     for _ in range(3):
         optimizer.zero_grad()
@@ -461,3 +462,37 @@ def test_lazy_layers_are_named_and_attention_key_biases_are_left_out_with_the_re
     excluded = {entry["name"]: entry["reason"] for entry in pruner.report()["excluded"]}
     assert "bias_k" not in pruner.targets and "bias_v" not in pruner.targets
     assert "still take part in the softmax" in excluded["bias_k"] and "bias_v" in excluded
+
+
+class _TokensWithPositions(nn.Module):
+    """A ViT's stem as timm writes it: a class token and position embeddings, (1, ...) parameters
+    of the model itself, added to the patch tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), self.proj(x)], 1) + self.pos_embed
+        return self.head(tokens[:, 0])
+
+
+def test_position_embeddings_and_class_tokens_are_left_out_as_biases():
+    """Broadcast over the batch and added to the activations, they are biases (zeros there save no
+    work); a prior on them emptied them in a timm ViT. Named in layers=, they get one."""
+    model = _TokensWithPositions()
+    pruner = MacKayPruner(model, torch.optim.AdamW(model.parameters()), num_data=64, batch_size=8)
+    excluded = {entry["name"]: entry["reason"] for entry in pruner.report()["excluded"]}
+    assert set(pruner.targets) == {"proj", "head"}
+    assert "a (1, 5, 8) parameter of a _TokensWithPositions, broadcast over the batch" in excluded["pos_embed"]
+    assert "no prior unless named in layers=" in excluded["cls_token"]
+    pruner.detach()
+    named = MacKayPruner(model, torch.optim.AdamW(model.parameters()), num_data=64, batch_size=8,
+                         layers=["pos_embed", "head"])
+    assert set(named.targets) == {"pos_embed", "head"}
+    # a convolution with one output channel, (1, C, k, k), is a layer's weight: it keeps its prior
+    conv = nn.Sequential(nn.Conv2d(3, 1, 3), nn.Flatten())
+    assert "0" in MacKayPruner(conv, torch.optim.SGD(conv.parameters(), lr=0.1), num_data=64, batch_size=8).targets
