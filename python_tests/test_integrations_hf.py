@@ -181,6 +181,32 @@ def test_at_end_sparsify(tmp_path):
     assert torch.equal(classifier.dense_weight(), callback.pruner.weight("classifier").detach())
 
 
+def test_at_end_shrink(tmp_path):
+    """callback.shrunk_model: the dense model without the pruned rows and columns, computing what
+    the Trainer's pruned model computes (the Trainer keeps its model)."""
+    example = {"input_ids": torch.randint(0, 50, (4, 9), generator=torch.Generator().manual_seed(2))}
+    callback = MacKayCallback(at_end="shrink", example_inputs=example, granularity="output", update_every=5,
+                              dense_ratio=0, prune="alpha", threshold=1e3)
+    trainer = _train(tmp_path, callback)
+    model, small = trainer.model.eval(), callback.shrunk_model.eval()
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(small(**example).logits, model(**example).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("example_inputs, message", [
+    ({"input_ids": torch.zeros(2, 9)}, "example_inputs do not run the model"),   # float ids
+    ("input_ids", "example_inputs must be a tensor, a tuple of positional inputs or a dict")])
+def test_at_end_shrink_inputs_that_cannot_serve_are_said_before_training(tmp_path, example_inputs, message):
+    """They were tried only at the end of the run, losing it to a traceback there."""
+    callback = MacKayCallback(at_end="shrink", example_inputs=example_inputs, **PRUNING)
+    probe = _UpdateSteps(callback)
+    with pytest.raises(ValueError, match=rf"MacKayCallback\(at_end='shrink'\): shrink traces the model on "
+                                         rf"example_inputs .* fails now: {message}"):
+        _train(tmp_path, callback, callbacks=[probe])
+    assert probe.steps == []
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"update_every must be an int >= 1, got 0"):
         MacKayCallback(update_every=0)

@@ -263,6 +263,8 @@ class MacKayCallback(TrainerCallback):
             self.pruner.gradient_scale = self._gradient_scale
             self.last_update = None
         self._norm_before_clipping = self._watch_norm(args, model)
+        if self.at_end == "shrink" and self.pruner_options.get("granularity") != "channel":
+            self._check_shrinkable(model)   # (granularity="channel" traced it already)
         if state.global_step > 0:   # the Trainer resumed from a checkpoint
             self._resume(args, state)
         self._dense_until = dense_length(self.dense_ratio, self.dense_steps, state.max_steps, "dense_steps",
@@ -273,6 +275,18 @@ class MacKayCallback(TrainerCallback):
             logger.info("MacKayCallback: prior on %d weights of %d layers (%s); left out: %s",
                         self.pruner.report()["total"], len(self.pruner.targets), self.pruner.prior,
                         [e.get("name") for e in self.pruner.excluded])
+
+    def _check_shrinkable(self, model) -> None:
+        """at_end="shrink" traces the model on example_inputs at the end of training: tried here
+        first, so that inputs that do not run the model, or a model torch.export cannot trace,
+        are said before the run rather than after it."""
+        from ..coupling import CouplingError
+        from ..coupling.trace import trace_coupling
+        try:
+            trace_coupling(model, self.example_inputs)
+        except (CouplingError, TypeError) as error:
+            raise ValueError(f"MacKayCallback(at_end='shrink'): shrink traces the model on example_inputs at the "
+                             f"end of training, and that fails now: {error}") from error
 
     def _watch_norm(self, args, model) -> NormBeforeClipping | None:
         """Hooks that measure the gradient's norm before the Trainer clips it, where it clips and
