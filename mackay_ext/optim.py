@@ -175,9 +175,9 @@ class MacKayAdam(torch.optim.Optimizer):
     with t = state["step"], which counts exactly the steps that fed it).
     Works with GradScaler (grad_scale / found_inf, no host sync) and LR schedulers.
 
-    gradient_scale (attribute, default 1): the gradient the next steps read over the gradient of
-    the mean loss that num_data and batch_size refer to, e.g. c = min(1, max_norm / (norm + 1e-6))
-    when clip_grad_norm_ scaled this step's gradient by c. The prior's term is then added as
+    gradient_scale (attribute, default 1, back to 1 after each step): the gradient the next step
+    reads over the gradient of the mean loss that num_data and batch_size refer to, e.g.
+    c = min(1, max_norm / (norm + 1e-6)) when clip_grad_norm_ scaled this step's gradient by c. The prior's term is then added as
     c alpha / N w and h reads (g / c)^2: the data and the prior scaled alike, as one step on c
     times the whole objective (clipping the data alone made the prior 1/c times stronger and h
     c^2 times smaller, and the updates pruned weights the data determine). MacKayPruner's
@@ -303,6 +303,8 @@ class MacKayAdam(torch.optim.Optimizer):
         found_inf = getattr(self, "found_inf", None)
         for bucket in self._plan():
             self._run_bucket(bucket, grad_scale, found_inf)
+        if self.gradient_scale != 1.0:   # (it held for this step)
+            self._gradient_scale = 1.0
         return loss
 
     # Dynamo runs the plan's bookkeeping eagerly (a graph break): it caches on self, and torch

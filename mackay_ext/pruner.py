@@ -367,6 +367,8 @@ class MacKayPruner(StandalonePrior):
             from .channel_ard import ChannelARD
             self.channel = ChannelARD(self, coupling, batch_size)
         claim(self, [target.param for target in self.targets.values()])
+        if optimizer is not None:   # after every other hook of a step: gradient_scale holds for one
+            self._hooks.append(optimizer.register_step_post_hook(self._end_of_step))
 
     @property
     def gradient_scale(self) -> float:
@@ -378,8 +380,10 @@ class MacKayPruner(StandalonePrior):
         as one step on c times the whole objective: clipping the data's gradient alone made the
         prior 1 / c times stronger and h c^2 times smaller (a tiny BERT under the Hugging Face
         Trainer's default max_grad_norm=1 kept 17 of 21,760 weights, at chance). Set it before
-        the step it applies to; with a MacKayAdam it sets the optimizer's too. The training-loop
-        callbacks set it at every step from the norm before clipping."""
+        the step it applies to: it holds for that optimizer step only, and is 1 again after it
+        (set only where clipping acted, a stale factor applied to the unclipped steps after it).
+        With a MacKayAdam it sets the optimizer's too. The training-loop callbacks set it at every
+        step from the norm before clipping.""" 
         return self._gradient_scale
 
     @gradient_scale.setter
@@ -485,6 +489,10 @@ class MacKayPruner(StandalonePrior):
             # a step it skipped changed no weight, and the prior's step must not either
             self._proximal_step(getattr(optimizer, "found_inf", None))
         self.apply_masks()
+
+    def _end_of_step(self, optimizer, args, kwargs) -> None:
+        if self._gradient_scale != 1.0:   # (its curvature read and prior step have run)
+            self.gradient_scale = 1.0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # A copy (copy.deepcopy, pickle) holds none of the hooks: they sit on the original's model

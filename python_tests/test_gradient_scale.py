@@ -29,12 +29,12 @@ def _fit(optimizer_kind, factor, told, alpha=2.0, num_data=1.0, steps=6000):
         optimizer = torch.optim.Adam(layer.parameters(), lr=0.01)
         pruner = MacKayPruner(layer, optimizer, num_data=num_data, batch_size=1)
     pruner.alpha("weight").fill_(alpha)
-    if told:
-        pruner.gradient_scale = factor
     for _ in range(steps):
         optimizer.zero_grad()
         (0.5 * CURVATURE * (layer.weight - target).square()).sum().backward()
         layer.weight.grad.mul_(factor)
+        if told:   # (it holds for one step)
+            pruner.gradient_scale = factor
         optimizer.step()
     return layer.weight.detach(), CURVATURE * target / (CURVATURE + alpha / num_data), pruner
 
@@ -91,3 +91,31 @@ def test_the_pruner_sets_its_mackay_adams():
     pruner = MacKayPruner(layer, optimizer, num_data=10)
     pruner.gradient_scale = 0.3
     assert optimizer.gradient_scale == 0.3
+
+
+@pytest.mark.parametrize("optimizer_kind", ["SGD", "MacKayAdam"])
+def test_it_holds_for_one_step(optimizer_kind):
+    """Set only where clipping acted, a factor that stayed applied to every unclipped step after it
+    (new-user pass: 4,196 weights kept against 1,175 when set at every step)."""
+    layer = nn.Linear(5, 3, bias=False)
+    if optimizer_kind == "MacKayAdam":
+        optimizer = MacKayAdam(layer.parameters(), lr=0.1, num_data=100, batch_size=10)
+        pruner = MacKayPruner(layer, optimizer, num_data=100)
+    else:
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+        pruner = MacKayPruner(layer, optimizer, num_data=100, batch_size=10)
+    curvatures = []
+    for scale in (0.5, None, None):
+        if scale is not None:
+            pruner.gradient_scale = scale
+        layer.weight.grad = torch.ones(3, 5)
+        optimizer.step()
+        assert pruner.gradient_scale == 1.0
+        if optimizer_kind == "MacKayAdam":
+            assert optimizer.gradient_scale == 1.0
+        curvatures.append(pruner.curvature("weight").clone())
+    # the first step read (g / 0.5)^2, the next ones g^2: with h = rho h + (1 - rho) B g^2
+    rho, batch = 0.99, 10
+    first = (1 - rho) * batch * 4.0
+    torch.testing.assert_close(curvatures[0], torch.full((3, 5), first))
+    torch.testing.assert_close(curvatures[1], torch.full((3, 5), rho * first + (1 - rho) * batch))

@@ -156,7 +156,7 @@ def test_gradient_accumulation_and_bf16(tmp_path, caplog):
     # gradient_scale 2 makes h = B (g / 2)^2 the estimate of one batch of B = 16 (times the
     # clipping factor of the last step: max_grad_norm is 1 by default)
     assert callback.pruner.batch_size == 8 * 2
-    assert callback._gradient_scale == 2.0 and 0 < callback.pruner.gradient_scale <= 2.0
+    assert callback._gradient_scale == 2.0
     assert "the gradient is 2 times the batch mean; the prior and the curvature take that factor out" in caplog.text
     # on_step_end fires per optimizer step: 20 steps of 2 micro-batches, one update every 5
     assert trainer.state.global_step == 20
@@ -350,7 +350,7 @@ def test_accumulation_estimates_what_one_batch_does(tmp_path, optimizer, stock):
         if optimizer == "adamw":
             assert callback.pruner.batch_size == 8
         # the optimizer's gradient over the batch mean's, taken out of the prior and the curvature
-        assert callback.pruner.gradient_scale == (2.0 if stock and accumulation == 2 else 1.0)
+        assert callback._gradient_scale == (2.0 if stock and accumulation == 2 else 1.0)
     one, two = runs[8], runs[4]
     assert len(one.history) == len(two.history) == 2
     for name in one.targets:
@@ -380,7 +380,7 @@ def test_clipping_is_taken_out_of_the_prior_and_the_curvature(tmp_path, recwarn,
     seen = []
 
     class _Probe(transformers.TrainerCallback):   # after the MacKayCallback: its scale of this step
-        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
             seen.append(callback.pruner.gradient_scale)
 
     _train(tmp_path, callback, max_grad_norm=max_grad_norm, callbacks=[_Probe()])
@@ -401,7 +401,7 @@ def test_the_factor_matches_the_norm_clip_grad_norm_saw(tmp_path):
     factors = []
 
     class _Probe(transformers.TrainerCallback):
-        def on_optimizer_step(self, args, state, control, **kwargs):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
             factors.append(callback.pruner.gradient_scale)
 
     trainer = _train(tmp_path, callback, max_grad_norm=0.01, logging_steps=1, callbacks=[_Probe()])
@@ -422,7 +422,6 @@ def test_clipping_it_cannot_measure_is_said_once(tmp_path, recwarn, monkeypatch)
     assert "at 5 of the 5 optimizer steps so far (max_grad_norm=0.001)" in str(said[0].message)
     assert "TrainingArguments(max_grad_norm=0)" in str(said[0].message)
     assert callback.clipping.clipped == 20 and callback.clipping.corrected == 0
-    assert callback.pruner.gradient_scale == 1.0
 
 
 def _counting_task(n, seed):
