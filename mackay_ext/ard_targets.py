@@ -115,8 +115,11 @@ PARAMETRIZED = ("an input of a parametrization (weight_norm, spectral_norm, orth
 FROZEN = "frozen (requires_grad=False)"
 NO_CHANNEL_GROUP = "in no channel group of granularity='channel', so without a prior"
 # what report()["excluded"] says of a weight frozen when the pruner was built and trained since
-UNFROZEN = ("frozen when the pruner was built, trained since without a prior (the pruner's layers are "
-            "fixed when it is built: build a new one, after unfreezing, to give it one)")
+UNFROZEN = ("frozen when the pruner was built, trained since without a prior (a pruner's layers are "
+            "fixed when it is built: a second MacKayPruner(model, optimizer, ..., layers=[...]) on the unfrozen "
+            "layers gives them one; pruners over different layers coexist)")
+# ... and where a second pruner now puts its prior on it (no warning)
+UNFROZEN_COVERED = "frozen when this pruner was built; another pruner puts its prior on it since"
 
 
 def _parametrization_input(module: nn.Module, attr: str) -> bool:

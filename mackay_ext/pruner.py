@@ -41,11 +41,13 @@ from ._follow import ParamStates, state_dtype
 from ._validate import (NonFiniteError, check_count, check_gradient_scale, check_initialised, check_module,
                         check_optimizer)
 from .alpha_views import AlphaViews
+from .model_loads import watch_model_loads, zero_pruned_weights_of
 from .ard_targets import (
     FROZEN,
     GRANULARITIES,
     PARAMETRIZED,
     UNFROZEN,
+    UNFROZEN_COVERED,
     ARDTarget,
     alpha_shape,
     alpha_shape_for,
@@ -59,7 +61,7 @@ from .foreign_steps import unwatch, watch_foreign_steps
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
 from .mac_price import FreedMacs, price_out, target_uses, weight_uses
 from .optim import MacKayAdam
-from .pruner_claims import claim, claimed, release
+from .pruner_claims import claim, claimed, holder_of, release
 from .pruner_options import CURVATURES, check_pruner_options
 from .prune_cap import allowed_prunes, groups_to_restore, target_scores
 from .standalone_prior import StandalonePrior
@@ -369,6 +371,7 @@ class MacKayPruner(StandalonePrior):
         claim(self, [target.param for target in self.targets.values()])
         if optimizer is not None:   # after every other hook of a step: gradient_scale holds for one
             self._hooks.append(optimizer.register_step_post_hook(self._end_of_step))
+        self._hooks.append(watch_model_loads(self))   # weights loaded where alpha = +inf are said
 
     @property
     def gradient_scale(self) -> float:
@@ -621,15 +624,28 @@ class MacKayPruner(StandalonePrior):
         self._grad_not_captured.clear()
 
     # ------------------------------------------------------------------ state
+    def _layer(self, name: str) -> str:
+        """The key of a layer in self.targets (its module's name for a weight), from that key or
+        from the parameter's full name ('0.weight' for layer '0')."""
+        if name in self.targets:
+            return name
+        for key, target in self.targets.items():
+            if name == (f"{target.module_name}.{target.attr}" if target.module_name else target.attr):
+                return key
+        raise KeyError(f"MacKayPruner: no layer {name!r}; its layers are {list(self.targets)} (a weight's layer "
+                       "is named by its module; the parameter's full name, such as '0.weight', works too)")
+
     def weight(self, name: str) -> nn.Parameter:
-        return self.targets[name].param
+        return self.targets[self._layer(name)].param
 
     def alpha(self, name: str) -> torch.Tensor:
+        name = self._layer(name)
         return (self.optimizer.ard_state(self.targets[name].param)["alpha"] if self.fused
                 else self._own[name]["alpha"])
 
     def curvature(self, name: str) -> torch.Tensor:
         """The curvature state of a layer (in place: ef-batch's moving average h itself)."""
+        name = self._layer(name)
         return (self.optimizer.ard_state(self.targets[name].param)["curvature"] if self.fused
                 else self._own[name]["curvature"])
 
@@ -637,6 +653,7 @@ class MacKayPruner(StandalonePrior):
         """The curvature update() reads: ef-batch's h / (1 - rho^t), t the updates h has taken
         (the optimizer's step count with MacKayAdam, the hooks' count otherwise), which is B g^2
         for a constant gradient whatever t; the exact estimates as they are."""
+        name = self._layer(name)
         if self.curvature_kind != "ef-batch":
             return self.curvature(name)
         rho = (self.optimizer._group_of(self.targets[name].param)["curvature_decay"] if self.fused
@@ -717,8 +734,17 @@ class MacKayPruner(StandalonePrior):
         return count
 
     @torch.no_grad()
-    def apply_masks(self) -> None:
-        """Hold pruned weights at exactly 0 (after a step of a non-fused optimizer)."""
+    def apply_masks(self, model: nn.Module | None = None) -> None:
+        """Hold pruned weights at exactly 0 (after a step of a non-fused optimizer).
+
+        model: another model of the same structure to zero at the pruned weights instead, such
+            as an EMA or SWA average of this one (torch.optim.swa_utils.AveragedModel or its
+            .module): an average is never exactly 0 where the model was pruned, so sparsify,
+            save_compressed and shrink found nothing to remove in it (a fine-tuned MLP's EMA:
+            3,576 pruned weights nonzero, up to 0.037). Works on a detached pruner too."""
+        if model is not None:
+            zero_pruned_weights_of(self, model)
+            return
         self._check_attached("apply_masks")
         for name, target in self.targets.items():
             view = self._alpha_view(name)
@@ -912,7 +938,18 @@ class MacKayPruner(StandalonePrior):
             "other; if accuracy falls, train to a fit before the first pruning update, pass "
             "max_prune_fraction=0.5 to thin each layer over several updates, or, for a BatchNorm "
             "network under granularity='channel', channel_prior='norm-scale' (README: 'When one "
-            f"update prunes too much').{scale_free}", RuntimeWarning, stacklevel=4)
+            f"update prunes too much').{scale_free}{self._scale_hint()}", RuntimeWarning, stacklevel=4)
+
+    def _scale_hint(self) -> str:
+        """The curvature's scale is the user's to give: a batch_size below the step's batch (the
+        micro-batch under accumulation) made h too small and pruned 95% (new-user pass)."""
+        batch = (self.batch_size if not self.fused else
+                 self.optimizer._group_of(next(iter(self.targets.values())).param).get("batch_size"))
+        if self.curvature_kind != "ef-batch" or batch is None:
+            return ""
+        return (f" Check also that batch_size ({batch:g}) is the batch of one optimizer step (micro-batch x "
+                "accumulation steps x processes) and num_data the training set's size: h scales with B, so a "
+                "smaller B reads less evidence than there is.")
 
     def _update_one(self, name: str, target: ARDTarget, hold: bool) -> dict[str, Any]:
         weight, alpha = target.param, self.alpha(name)
@@ -1134,13 +1171,20 @@ class MacKayPruner(StandalonePrior):
         as such (once, in a warning too): it trains without a prior."""
         entries = []
         for entry in self.excluded:
-            if entry["reason"] == FROZEN and self._requires_grad_now(entry["name"]):
+            if entry["reason"] == FROZEN and self._requires_grad_now(entry["name"]) and \
+                    self._claimed_elsewhere(entry["name"]):
+                entry = dict(entry, reason=UNFROZEN_COVERED)
+            elif entry["reason"] == FROZEN and self._requires_grad_now(entry["name"]):
                 entry = dict(entry, reason=UNFROZEN)
                 if entry["name"] not in self._unfrozen_warned:
                     self._unfrozen_warned.add(entry["name"])
                     warnings.warn(f"MacKayPruner: {entry['name']} is {UNFROZEN}", UserWarning, stacklevel=4)
             entries.append(entry)
         return entries
+
+    def _claimed_elsewhere(self, name: str) -> bool:
+        holder = holder_of(self.model.get_parameter(name))
+        return holder is not None and holder is not self and not holder.detached
 
     def _requires_grad_now(self, name: str) -> bool:
         try:

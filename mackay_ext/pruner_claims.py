@@ -29,6 +29,11 @@ def _holder(param: torch.Tensor) -> Any | None:
     return pruner
 
 
+def holder_of(param: torch.Tensor) -> Any | None:
+    """The live pruner that puts its prior on `param`, or None."""
+    return _holder(param)
+
+
 def claimed(named_params: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the weights another live pruner already puts a prior on."""
     named_params = list(named_params)

@@ -32,6 +32,7 @@ from .checkpoint_fit import check_checkpoint_fits, training_set_summary
 from .coupling import CouplingError
 from .dead_channels import cut_dead_channels, may_hold_dead_channels
 from .data import Splits, check_shift, random_shift
+from .model_loads import expected_model_load
 from .optim import MacKayAdam, ard_param_groups
 from .pruner import MacKayPruner
 from .pruner_options import check_option_names
@@ -293,7 +294,8 @@ class Trainer:
 
     def _restore_best(self) -> None:
         if self.best is not None:
-            self.model.load_state_dict(self.best["model"])
+            with expected_model_load(self.pruner):   # (pruned at once)
+                self.model.load_state_dict(self.best["model"])
             self.pruner.apply_masks()
         self.best = None
 
@@ -474,7 +476,8 @@ class Trainer:
                     rng={"torch": torch.get_rng_state(), "python": random.getstate()})
 
     def _load_state(self, state: dict[str, Any], saved_config: Any) -> None:
-        self.model.load_state_dict(state["model"])
+        with expected_model_load(self.pruner):   # (the pruner's state saved with them follows)
+            self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.pruner.load_state_dict(state["pruner"])
         self.position, self.history, self.best = state["position"], state["history"], state["best"]

@@ -1,5 +1,6 @@
 """Masked sparse matmul: ops against dense float64 references (gradcheck), sparse layers
 against nn.Linear / F.conv2d, sparsify + save/load round trip, opcheck, bad input."""
+import copy
 import math
 
 import pytest
@@ -487,7 +488,12 @@ def test_sparsify_min_sparsity_and_optimizer_alpha():
         model[1].weight[:, :6] = 0  # 75% sparse; model[0] stays dense
     optimizer = mackay_ext.MacKayAdam(model.parameters(), lr=1e-3, num_data=10)
     alpha = optimizer.ard_state(model[0].weight)["alpha"]
-    alpha[:6] = math.inf  # 75% pruned by alpha, though the weights are not zero yet
+    alpha[:6] = math.inf  # 75% pruned by alpha, the weights not zero yet: kept (no output changes), and said
+    with pytest.warns(UserWarning, match=r"sparsify: 60 nonzero weights sit where the optimizer's alpha is \+inf "
+                                         r"\(0: 60\): kept, so that no output changes"):
+        sparsify(*copy.deepcopy((model, optimizer)), min_sparsity=0.0)   # (one copy of both)
+    with torch.no_grad():
+        model[0].weight[:6] = 0   # as a pruning update leaves them
     sparsify(model, optimizer, min_sparsity=0.6)
     assert isinstance(model[0], SparseLinear) and model[0].nnz == 20
     assert isinstance(model[1], SparseLinear) and model[1].nnz == 8
