@@ -51,6 +51,15 @@ def test_a_scaled_gradient_told_reaches_the_posterior_mode(optimizer_kind):
     assert float((untold / mode).min()) < 0.2
 
 
+def _one_step_pruner(layer, optimizer_kind):
+    """(optimizer, pruner) on `layer`: N = 100, B = 10, lr 0.1."""
+    if optimizer_kind == "MacKayAdam":
+        optimizer = MacKayAdam(layer.parameters(), lr=0.1, num_data=100, batch_size=10)
+        return optimizer, MacKayPruner(layer, optimizer, num_data=100)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    return optimizer, MacKayPruner(layer, optimizer, num_data=100, batch_size=10)
+
+
 @pytest.mark.parametrize("optimizer_kind", ["SGD", "MacKayAdam"])
 def test_the_curvature_is_that_of_the_unscaled_gradient(optimizer_kind):
     """One step: h from a gradient c times the mean loss's, told c, is h from the mean loss's."""
@@ -59,12 +68,7 @@ def test_the_curvature_is_that_of_the_unscaled_gradient(optimizer_kind):
         layer = nn.Linear(5, 3, bias=False).double()
         with torch.no_grad():
             layer.weight.copy_(torch.arange(15, dtype=torch.float64).view(3, 5) / 10)
-        if optimizer_kind == "MacKayAdam":
-            optimizer = MacKayAdam(layer.parameters(), lr=0.1, num_data=100, batch_size=10)
-            pruner = MacKayPruner(layer, optimizer, num_data=100)
-        else:
-            optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-            pruner = MacKayPruner(layer, optimizer, num_data=100, batch_size=10)
+        optimizer, pruner = _one_step_pruner(layer, optimizer_kind)
         pruner.gradient_scale = factor
         layer.weight.grad = torch.ones(3, 5, dtype=torch.float64) * factor
         optimizer.step()
@@ -98,12 +102,7 @@ def test_it_holds_for_one_step(optimizer_kind):
     """Set only where clipping acted, a factor that stayed applied to every unclipped step after it
     (new-user pass: 4,196 weights kept against 1,175 when set at every step)."""
     layer = nn.Linear(5, 3, bias=False)
-    if optimizer_kind == "MacKayAdam":
-        optimizer = MacKayAdam(layer.parameters(), lr=0.1, num_data=100, batch_size=10)
-        pruner = MacKayPruner(layer, optimizer, num_data=100)
-    else:
-        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-        pruner = MacKayPruner(layer, optimizer, num_data=100, batch_size=10)
+    optimizer, pruner = _one_step_pruner(layer, optimizer_kind)
     curvatures = []
     for scale in (0.5, None, None):
         if scale is not None:
