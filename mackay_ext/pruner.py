@@ -949,7 +949,9 @@ class MacKayPruner(StandalonePrior):
             return ""
         return (f" Check also that batch_size ({batch:g}) is the batch of one optimizer step (micro-batch x "
                 "accumulation steps x processes) and num_data the training set's size: h scales with B, so a "
-                "smaller B reads less evidence than there is.")
+                "smaller B reads less evidence than there is; and that the loss is the mean negative "
+                "log-likelihood per example (a regression's MSE fixes the noise precision in the target's "
+                "units: targets in small units read as very noisy, README 'Regression').")
 
     def _update_one(self, name: str, target: ARDTarget, hold: bool) -> dict[str, Any]:
         weight, alpha = target.param, self.alpha(name)
