@@ -177,11 +177,12 @@ class MacKayAdam(torch.optim.Optimizer):
 
     gradient_scale (attribute, default 1, back to 1 after each step): the gradient the next step
     reads over the gradient of the mean loss that num_data and batch_size refer to, e.g.
-    c = min(1, max_norm / (norm + 1e-6)) when clip_grad_norm_ scaled this step's gradient by c. The prior's term is then added as
-    c alpha / N w and h reads (g / c)^2: the data and the prior scaled alike, as one step on c
-    times the whole objective (clipping the data alone made the prior 1/c times stronger and h
-    c^2 times smaller, and the updates pruned weights the data determine). MacKayPruner's
-    gradient_scale sets it; the training-loop callbacks set it at every step.
+    c = min(1, max_norm / (norm + 1e-6)) when clip_grad_norm_ scaled this step's gradient by c.
+    The prior's term is then added as c alpha / N w and h reads (g / c)^2: the data and the prior
+    scaled alike, as one step on c times the whole objective (clipping the data alone made the
+    prior 1/c times stronger and h c^2 times smaller, and the updates pruned weights the data
+    determine). MacKayPruner's gradient_scale sets it; the training-loop callbacks set it at
+    every step.
     """
 
     _step_supports_amp_scaling = True

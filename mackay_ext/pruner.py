@@ -386,7 +386,7 @@ class MacKayPruner(StandalonePrior):
         the step it applies to: it holds for that optimizer step only, and is 1 again after it
         (set only where clipping acted, a stale factor applied to the unclipped steps after it).
         With a MacKayAdam it sets the optimizer's too. The training-loop callbacks set it at every
-        step from the norm before clipping.""" 
+        step from the norm before clipping."""
         return self._gradient_scale
 
     @gradient_scale.setter
@@ -941,17 +941,19 @@ class MacKayPruner(StandalonePrior):
             f"update prunes too much').{scale_free}{self._scale_hint()}", RuntimeWarning, stacklevel=4)
 
     def _scale_hint(self) -> str:
-        """The curvature's scale is the user's to give: a batch_size below the step's batch (the
-        micro-batch under accumulation) made h too small and pruned 95% (new-user pass)."""
+        """The evidence's scale is the user's to give: a batch_size below the step's batch (the
+        micro-batch under accumulation) made h too small and pruned 95%, and a regression's MSE on
+        targets in small units read as a very noisy likelihood (new-user passes)."""
+        loss = (" Check also that the loss is the mean negative log-likelihood per example (a regression's "
+                "MSE fixes the noise precision in the target's units: targets in small units read as very "
+                "noisy, README 'Regression').")
         batch = (self.batch_size if not self.fused else
                  self.optimizer._group_of(next(iter(self.targets.values())).param).get("batch_size"))
         if self.curvature_kind != "ef-batch" or batch is None:
-            return ""
-        return (f" Check also that batch_size ({batch:g}) is the batch of one optimizer step (micro-batch x "
-                "accumulation steps x processes) and num_data the training set's size: h scales with B, so a "
-                "smaller B reads less evidence than there is; and that the loss is the mean negative "
-                "log-likelihood per example (a regression's MSE fixes the noise precision in the target's "
-                "units: targets in small units read as very noisy, README 'Regression').")
+            return loss
+        return loss + (f" And that batch_size ({batch:g}) is the batch of one optimizer step (micro-batch x "
+                       "accumulation steps x processes) and num_data the training set's size: h scales with B, "
+                       "so a smaller B reads less evidence than there is.")
 
     def _update_one(self, name: str, target: ARDTarget, hold: bool) -> dict[str, Any]:
         weight, alpha = target.param, self.alpha(name)
