@@ -109,11 +109,6 @@ class NonFiniteError(FloatingPointError):
     """A loss, gradient, weight or curvature that is NaN or infinite: training has diverged."""
 
 
-def check_gradient_scale(value, where: str) -> float:
-    """A step's gradient over the mean loss's (gradient_scale): a positive, finite number."""
-    return check_count(value, "gradient_scale", where)
-
-
 def check_count(value, name: str, where: str) -> float:
     """A positive count (num_data, batch_size): Python or NumPy numbers and 0-d tensors; not bool
     (True == 1 would pass silently for a flag passed by mistake)."""

@@ -21,8 +21,7 @@ import torch
 from . import _extension, ops
 from ._adam_options import check_adam_options
 from ._follow import MOMENT_KEYS, follow_param, state_dtype
-from ._validate import (BACKENDS, alpha_fits, check_choice, check_count, check_gradient_scale, check_initialised,
-                        check_module)
+from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_initialised, check_module
 from .batch_curvature import ema_debiased
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
@@ -193,7 +192,7 @@ class MacKayAdam(torch.optim.Optimizer):
 
     @gradient_scale.setter
     def gradient_scale(self, value) -> None:
-        self._gradient_scale = check_gradient_scale(value, "MacKayAdam")
+        self._gradient_scale = check_count(value, "gradient_scale", "MacKayAdam")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, num_data: float, batch_size: float | None = None,

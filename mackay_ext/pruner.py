@@ -38,8 +38,7 @@ from torch import nn
 from . import ops
 from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
-from ._validate import (NonFiniteError, check_count, check_gradient_scale, check_initialised, check_module,
-                        check_optimizer)
+from ._validate import NonFiniteError, check_count, check_initialised, check_module, check_optimizer
 from .alpha_views import AlphaViews
 from .model_loads import watch_model_loads, zero_pruned_weights_of
 from .ard_targets import (
@@ -391,7 +390,7 @@ class MacKayPruner(StandalonePrior):
 
     @gradient_scale.setter
     def gradient_scale(self, value) -> None:
-        self._gradient_scale = check_gradient_scale(value, "MacKayPruner")
+        self._gradient_scale = check_count(value, "gradient_scale", "MacKayPruner")
         if self.fused:
             self.optimizer.gradient_scale = self._gradient_scale
 

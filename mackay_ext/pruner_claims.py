@@ -18,7 +18,8 @@ import torch
 _CLAIMS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def _holder(param: torch.Tensor) -> Any | None:
+def holder_of(param: torch.Tensor) -> Any | None:
+    """The live pruner that puts its prior on `param`, or None."""
     entry = _CLAIMS.get(id(param))
     if entry is None:
         return None
@@ -29,18 +30,13 @@ def _holder(param: torch.Tensor) -> Any | None:
     return pruner
 
 
-def holder_of(param: torch.Tensor) -> Any | None:
-    """The live pruner that puts its prior on `param`, or None."""
-    return _holder(param)
-
-
 def claimed(named_params: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of the weights another live pruner already puts a prior on."""
     named_params = list(named_params)
-    taken = [name for name, param in named_params if _holder(param) is not None]
+    taken = [name for name, param in named_params if holder_of(param) is not None]
     if taken:   # a pruner left in a reference cycle (e.g. with its old optimizer) may be garbage
         gc.collect()
-        taken = [name for name, param in named_params if _holder(param) is not None]
+        taken = [name for name, param in named_params if holder_of(param) is not None]
     return taken
 
 
@@ -61,7 +57,7 @@ def attached_pruners(model: torch.nn.Module) -> list[Any]:
     """The live pruners (not detached) that put a prior on some weight of `model`."""
     found = []
     for param in model.parameters():
-        holder = _holder(param)
+        holder = holder_of(param)
         if holder is not None and all(holder is not f for f in found):
             found.append(holder)
     return found
