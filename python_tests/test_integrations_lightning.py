@@ -95,6 +95,19 @@ def test_warmup_updates_only_move_alpha():
         MacKayPruning(warmup_updates=-1)
 
 
+@pytest.mark.parametrize("given, fraction", [({}, 0.9), ({"max_prune_fraction": None}, None)])
+def test_one_update_prunes_at_most_the_callbacks_share_of_a_layer(recwarn, given, fraction):
+    """As MacKayCallback's: by default one update prunes at most 90% of a layer's live weights."""
+    callback = MacKayPruning(update_every=3, update_on="step", prune="alpha", threshold=1e-30, dense_ratio=0,
+                             **given)
+    _fit(callback, max_epochs=1)   # 6 steps: the second update prunes (the first sets alpha)
+    assert callback.pruner.max_prune_fraction == fraction and len(callback.pruner.history) == 2
+    for layer in callback.pruner.history[-1]["layers"]:
+        total = layer["total"]
+        expected = 1 if fraction is None else total - math.floor(fraction * total)
+        assert layer["kept"] == expected, layer["name"]
+
+
 class _UpdateTimes(pl.Callback):
     """When the MacKayPruning (before it in the list) ran an update: (epoch, global step)."""
     def __init__(self, callback):

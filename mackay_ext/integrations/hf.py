@@ -158,7 +158,9 @@ class MacKayCallback(TrainerCallback):
             folder of the resumed step in args.output_dir (see Checkpoints).
         verbose: log every update's kept fraction and sum of gamma (logger mackay_ext.integrations.hf).
         **pruner_options: passed to MacKayPruner (layers, granularity, rule, prune, threshold,
-            curvature, alpha_max, ...).
+            curvature, alpha_max, ...); max_prune_fraction defaults to 0.9 here (None: no limit),
+            since an update inside the run has only the rest of the run's learning rate to
+            recover from a cut (integrations._step_curvature).
 
     Logs: "mackay_kept_fraction", "mackay_gamma_sum" (of the latest update) and "mackay_updates"
     are added to every Trainer log entry (state.log_history and the callbacks after this one;

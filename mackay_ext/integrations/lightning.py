@@ -91,7 +91,10 @@ class MacKayPruning(Callback):
         at_end: None or "sparsify" (mackay_ext.sparsify(module) in place at on_fit_end, the
             analogue of ModelPruning's make_pruning_permanent).
         verbose: 0 quiet, 1 one line per update, 2 and every layer's kept weights.
-        **pruner_options: for MacKayPruner (granularity, rule, prune, threshold, curvature, ...).
+        **pruner_options: for MacKayPruner (granularity, rule, prune, threshold, curvature, ...);
+            max_prune_fraction defaults to 0.9 here (None: no limit), since an update inside the
+            run has only the rest of the run's learning rate to recover from a cut
+            (integrations._step_curvature).
 
     At each update "mackay/kept_fraction", "mackay/gamma_sum" and "mackay/updates" are written to
     the trainer's loggers (step = the global step) and given to LightningModule.log(logger=False),
