@@ -231,6 +231,45 @@ def test_pruned_entries_stay_exactly_zero(backend):
     assert torch.all(state["curvature"][[1, 4]] == 0) and torch.all(state["curvature"][0] > 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_subnormal_averages_are_flushed_to_zero(device, dtype):
+    """A dead unit's moments and curvature (no gradient, alpha 0) decay into subnormal numbers,
+    on which the CPU computes ~100x slower: the kernels write 0 once a value falls below the
+    smallest normal number of the state's dtype, and leave everything else as the fallback does."""
+    weight = torch.nn.Parameter(torch.randn(7, 143, dtype=torch.float64).to(device, dtype))   # (lanes and tail)
+    steps = {backend: MacKayAdam([weight], lr=1e-2, num_data=100, batch_size=8, backend=backend)
+             for backend in BACKENDS}
+    grad = torch.randn(7, 143, dtype=torch.float64).to(device, dtype)
+    grad[[1, 4]] = 0   # dead units: rows 1 and 4
+    results = {}
+    for backend, optimizer in steps.items():
+        with torch.no_grad():
+            start = weight.detach().clone()
+        weight.grad = grad.clone()
+        optimizer.step()   # creates the state
+        state = optimizer.ard_state(weight)
+        state["alpha"] = torch.full((7, 1), 2.0, device=device)
+        state["alpha"][[1, 4]] = 0
+        for key in ("exp_avg", "exp_avg_sq", "curvature"):
+            tiny = torch.finfo(state[key].dtype).tiny
+            state[key][1] = tiny / 4     # subnormal in the state's dtype
+            state[key][4] = tiny * 4     # normal: one step of decay keeps it normal for m and h
+        with torch.no_grad():
+            weight.copy_(start)
+        optimizer.step()
+        results[backend] = [weight.detach().clone()] + [state[k].clone() for k in ("exp_avg", "exp_avg_sq", "curvature")]
+        with torch.no_grad():
+            weight.copy_(start)
+    ext, fallback = results["ext"], results["torch"]
+    for tensor in ext[1:]:
+        assert torch.all(tensor[1] == 0)
+    assert torch.all(ext[1][4] != 0) and torch.all(ext[3][4] != 0)   # (beta1 = 0.9, rho = 0.99: still normal)
+    live = [0, 2, 3, 5, 6]
+    for got, expected in zip(ext, fallback):
+        torch.testing.assert_close(got[live].double(), expected[live].double(), rtol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_state_dict_round_trip_continues_identically(backend, dtype):

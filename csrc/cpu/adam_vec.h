@@ -23,6 +23,13 @@ struct VecAdamConstants {
         curvature_gain(c.curvature_gain) {}
 };
 
+// flush_subnormal (mackay/adam.h) on lanes.
+template <typename T>
+inline at::vec::Vectorized<T> flush_subnormal_lanes(const at::vec::Vectorized<T>& value) {
+  using V = at::vec::Vectorized<T>;
+  return V::blendv(value, V(T(0)), value.abs() < V(smallest_normal<T>()));
+}
+
 // One step on lanes held in registers (g already scaled): w, m, v (and h) updated in place.
 // kArd: alpha is meaningful (else the plain Adam path); kCurvature: h is updated.
 template <bool kArd, bool kCurvature, typename T>
@@ -37,14 +44,14 @@ inline void adam_values(at::vec::Vectorized<T>& w, const at::vec::Vectorized<T>&
     pruned = alpha == V(infinity<T>());
     coefficient = at::vec::fmadd(V::blendv(alpha, zero, pruned), c.inv_num_data, coefficient);
     if constexpr (kCurvature) {
-      const V h_new = at::vec::fmadd(c.curvature_gain * g, g, c.curvature_decay * h);
+      const V h_new = flush_subnormal_lanes(at::vec::fmadd(c.curvature_gain * g, g, c.curvature_decay * h));
       h = V::blendv(h_new, h, pruned);
     }
   }
   const V direction = at::vec::fmadd(coefficient, w, g);
   w = w * c.decay_factor;
-  m = at::vec::fmadd(c.beta1, m, c.one_minus_beta1 * direction);
-  v = at::vec::fmadd(c.beta2, v, c.one_minus_beta2 * direction * direction);
+  m = flush_subnormal_lanes(at::vec::fmadd(c.beta1, m, c.one_minus_beta1 * direction));
+  v = flush_subnormal_lanes(at::vec::fmadd(c.beta2, v, c.one_minus_beta2 * direction * direction));
   const V denom = at::vec::fmadd(v.sqrt(), c.inv_bc2_sqrt, c.eps);
   w = w - c.step_size * m / denom;
   if constexpr (kArd) {

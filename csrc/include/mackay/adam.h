@@ -53,6 +53,17 @@ struct AdamConstants {
   }
 };
 
+// A moving average whose input stays 0 (a dead unit's weights: no gradient, no prior once alpha
+// is 0 there) decays geometrically into subnormal numbers, which x86 CPUs compute on about 100x
+// slower: a third of a 300x784 layer's m, v and h subnormal made the CPU step 3.1x slower (0.81
+// -> 2.54 ms). Such a value is 0 to the step (eps = 1e-8 follows it in the denominator), so the
+// averages are flushed to 0 once they fall below the smallest normal number, on every device,
+// and decay at full speed from there (0 * beta = 0).
+template <typename T>
+MACKAY_HOST_DEVICE T flush_subnormal(T value) {
+  return (value < smallest_normal<T>() && value > -smallest_normal<T>()) ? T(0) : value;
+}
+
 // One element. `grad` is already unscaled. For a parameter without ARD state pass alpha = 0 and
 // curvature = nullptr. A pruned element (alpha = +inf) is held at exactly 0 with zero moments,
 // and alpha * w is never formed for it (inf * 0 would be NaN).
@@ -66,12 +77,12 @@ MACKAY_HOST_DEVICE void adam_element(T& weight, T grad, T& exp_avg, T& exp_avg_s
     return;
   }
   if (curvature != nullptr) {
-    *curvature = c.curvature_decay * *curvature + c.curvature_gain * grad * grad;
+    *curvature = flush_subnormal(c.curvature_decay * *curvature + c.curvature_gain * grad * grad);
   }
   const T direction = grad + (alpha * c.inv_num_data + c.weight_decay) * weight;
   weight *= c.decay_factor;
-  exp_avg = c.beta1 * exp_avg + c.one_minus_beta1 * direction;
-  exp_avg_sq = c.beta2 * exp_avg_sq + c.one_minus_beta2 * direction * direction;
+  exp_avg = flush_subnormal(c.beta1 * exp_avg + c.one_minus_beta1 * direction);
+  exp_avg_sq = flush_subnormal(c.beta2 * exp_avg_sq + c.one_minus_beta2 * direction * direction);
   const T denom = ::sqrt(exp_avg_sq) * c.inv_bc2_sqrt + c.eps;
   weight -= c.step_size * exp_avg / denom;
 }

@@ -27,6 +27,11 @@ MACKAY_HOST_DEVICE T infinity() {
   return std::numeric_limits<T>::infinity();
 }
 
+template <typename T>
+MACKAY_HOST_DEVICE T smallest_normal() {
+  return std::numeric_limits<T>::min();
+}
+
 // N*h with negative curvature (and -0) read as +0: h estimates a PSD diagonal, and a signed
 // zero would turn Sigma into -inf. NaN stays NaN so that a corrupt estimate cannot
 // masquerade as "no curvature" and prune the weight.
