@@ -18,6 +18,9 @@ class AlphaView(NamedTuple):
     version: int                # source._version then: an in-place write changes it
     like: tuple                 # (dtype, device) of the weight it was formed for
     pruned: torch.Tensor        # alpha == +inf, alpha's shape
+    keep: torch.Tensor          # 1 where live, 0 where pruned, alpha's shape, the weight's dtype:
+                                # w.mul_(keep) zeroes the pruned entries of a (finite) tensor 10x
+                                # faster than masked_fill_ on a CPU (36 against 368 us for 300x784)
     finite: torch.Tensor        # alpha with +inf as 0, in the wider dtype of alpha and the weight
     any_pruned: bool
     any_prior: bool             # some entry has 0 < alpha < inf: the prior pulls somewhere
@@ -40,7 +43,9 @@ class AlphaViews:
             return view
         pruned = alpha == math.inf
         finite = finite_alpha(alpha, weight)
-        view = AlphaView(alpha, alpha._version, like, pruned, finite, bool(pruned.any()), bool((finite > 0).any()))
+        keep = (~pruned).to(device=weight.device, dtype=weight.dtype)
+        view = AlphaView(alpha, alpha._version, like, pruned, keep, finite, bool(pruned.any()),
+                         bool((finite > 0).any()))
         self._views[name] = view
         if self._on_new is not None:
             self._on_new(name, view)

@@ -747,8 +747,8 @@ class MacKayPruner(StandalonePrior):
         self._check_attached("apply_masks")
         for name, target in self.targets.items():
             view = self._alpha_view(name)
-            if view.any_pruned:
-                target.param.masked_fill_(view.pruned.expand_as(target.param), 0)
+            if view.any_pruned:   # (runs after every step of a foreign optimizer: see AlphaView.keep)
+                target.param.mul_(view.keep)
         if self.channel is not None:
             self.channel.apply_masks()
 
