@@ -195,7 +195,10 @@ class FisherAccumulator:
             classifier returning logits).
         loss_reduction: how your loss reduces over the batch ("mean": the hooks see gradients
             divided by the batch size B, so they are rescaled by B; "sum": used as they are).
-            The batch size is the first dimension of each layer's input.
+            The batch size is the first dimension of each layer's input. Each backward is read
+            as its own batch: a loss divided by A under gradient accumulation reads 1/A^2 of its
+            squares (MacKayPruner counts a step's backward passes and corrects that:
+            mackay_ext.micro_batches; on its own, multiply curvature() by A^2).
         strict: raise when a layer with parameters is not supported (else it is listed in
             `unsupported` and reported once).
         alpha_of: for a weight, the prior precisions a pruner holds for it (broadcastable to it),
@@ -245,6 +248,7 @@ class FisherAccumulator:
         self._active = mode == "ef-exact"
         self._capturing = False   # fisher-mc: inside capture_mc(), the forward is recorded
         self._backward_task: int | None = None   # the backward pass whose end is awaited
+        self.backward_passes = 0   # backward passes that reached a hooked layer (the pruner reads them per step)
         # ef-exact: while True the hooks capture nothing (MacKayPruner(curvature_every=k) samples
         # one training batch in k this way; the estimate stays the mean over what was captured)
         self.paused = False
@@ -327,6 +331,7 @@ class FisherAccumulator:
         backpropagated): kept, they would pair with the next forward's gradients, and those
         layers would never add up again."""
         self._backward_task = None
+        self.backward_passes += 1
         self._weight_grads.clear()   # any left were not this backward's to take
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():

@@ -40,6 +40,7 @@ from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
 from ._validate import NonFiniteError, check_count, check_initialised, check_module, check_optimizer
 from .alpha_views import AlphaViews
+from .micro_batches import MicroBatchScale
 from .model_loads import watch_model_loads, zero_pruned_weights_of
 from .ard_targets import (
     FROZEN,
@@ -445,6 +446,9 @@ class MacKayPruner(StandalonePrior):
         self._target_of_param = {t.param: name for name, t in self.targets.items()}
         self.accumulator = FisherAccumulator(self.model, mode=self.curvature_kind, modules=modules,
                                              backend=self.backend, strict=True, alpha_of=self._alpha_of)
+        # ef-exact: the backward passes of each optimizer step (gradient accumulation's A)
+        self._micro_batches = MicroBatchScale()
+        self._examples_before_step = 0
 
     def _alpha_of(self, param: nn.Parameter) -> torch.Tensor | None:
         """The alphas of an ARD weight, for the accumulator to skip what is pruned (None under
@@ -482,6 +486,8 @@ class MacKayPruner(StandalonePrior):
         if captured:
             self._grad_not_captured.update(name for name, target in self.targets.items()
                                            if target.param.grad is not None and not self.accumulator.saw(target.param))
+        if self.curvature_kind == "ef-exact" and self.accumulator is not None:
+            self._count_micro_batches()
         self._mc_step_captured = False
         self._sample_next_batch()
         if self.fused:
@@ -586,6 +592,13 @@ class MacKayPruner(StandalonePrior):
         self._mc_calls_since_update += 1
         return sampled
 
+    def _count_micro_batches(self) -> None:
+        """The backward passes this optimizer step captured and their examples (micro_batches.py)."""
+        examples = self.accumulator.num_examples
+        self._micro_batches.after_step(self.accumulator.backward_passes, examples - self._examples_before_step,
+                                       self.gradient_scale)
+        self.accumulator.backward_passes, self._examples_before_step = 0, examples
+
     def _sample_next_batch(self) -> None:
         """ef-exact with curvature_every=k: the hooks capture the first training step after an
         update and every k-th after it, and sleep in between (no inputs kept, no squared GEMM)."""
@@ -613,13 +626,20 @@ class MacKayPruner(StandalonePrior):
                                "hooks never saw their forward: a parent module reads their weight itself (as "
                                "nn.MultiheadAttention does with out_proj), or they ran where hooks cannot capture "
                                "(torch.func). Use curvature='ef-batch', or leave them out with layers=[...]")
+        # ef-exact under gradient accumulation: each backward held 1/A of its examples' gradients
+        micro_batches = self._micro_batches.factor() if self.curvature_kind == "ef-exact" else 1.0
         for name, target in self.targets.items():
             if self.accumulator.saw(target.param):
                 self.curvature(name).copy_(self.accumulator.curvature(target.param))
+                if micro_batches != 1.0:
+                    self.curvature(name).mul_(micro_batches)
             else:   # a layer no forward used (an idle head or branch): no data, as under ef-batch;
                 # the update leaves it as it is and says so (_without_data)
                 self.curvature(name).zero_()
         self.accumulator.reset()
+        if self.curvature_kind == "ef-exact":
+            self._micro_batches.reset()
+            self._examples_before_step, self.accumulator.backward_passes = 0, 0
         self._grad_not_captured.clear()
 
     # ------------------------------------------------------------------ state
@@ -1212,6 +1232,8 @@ class MacKayPruner(StandalonePrior):
                 "mc_calls_since_update": self._mc_calls_since_update,
                 "steps_total": self._steps_total,
                 **({"exact_curvature": self.accumulator.state_dict()} if self.accumulator is not None else {}),
+                **({"micro_batches": self._micro_batches.state_dict()}
+                   if self.accumulator is not None and self.curvature_kind == "ef-exact" else {}),
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind,
@@ -1299,6 +1321,9 @@ class MacKayPruner(StandalonePrior):
         self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
         if self.accumulator is not None:   # absent before it was saved: the estimate starts afresh
             self.accumulator.load_state_dict(state.get("exact_curvature", {}))
+            if self.curvature_kind == "ef-exact":   # (absent before it was saved: no accumulation seen)
+                self._micro_batches.load_state_dict(state.get("micro_batches", {}))
+                self._examples_before_step, self.accumulator.backward_passes = self.accumulator.num_examples, 0
         if self._covariance is not None:
             self._covariance.load_state_dict(state.get("input_covariance", {}))
         # t of each ef-batch moving average; absent from older checkpoints: read h as it is

@@ -1,0 +1,59 @@
+"""ef-exact under gradient accumulation: the micro-batches of one optimizer step.
+
+The exact curvature reads each example's gradient from the backward of its micro-batch's loss,
+rescaled by the micro-batch's size b (a mean loss). Under torch's accumulation recipe each of
+the A micro-batch losses of a step is also divided by A, so the backward holds 1/A of every
+example's gradient of the step's mean loss, and its square 1/A^2: a new user's 64-64-10 MLP on
+sklearn digits kept 790 weights at 0.957 test accuracy without accumulation, 226 at 0.892 under
+A = 2 and 57 at 0.108 (chance) under A = 4, each with the same effective batch. The pruner counts
+the backward passes of each optimizer step (those the hooks captured) and multiplies the
+estimate by A^2 at the update: exact when every step of the window has the same A; otherwise by
+the examples' mean of A^2 (a short last step of an epoch: a small error, one step in many).
+
+The rule reads every backward of a step as one micro-batch of the step's mean loss. A loss
+left undivided (the sum of A micro-batch means, with gradient_scale = A, which serves ef-batch
+and the prior) would be read A^2 too large: a step with A > 1 and gradient_scale > 1 (which
+clipping alone, c <= 1, never sets) is warned about.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+
+class MicroBatchScale:
+    """The examples' mean of A^2 over the optimizer steps since the last update."""
+
+    def __init__(self) -> None:
+        self.weighted_squares = 0.0   # sum over steps of examples x A^2
+        self.examples = 0.0           # sum over steps of examples
+        self.warned = False
+
+    def after_step(self, passes: int, examples: int, gradient_scale: float) -> None:
+        """A step that captured `passes` backward passes over `examples` examples."""
+        if passes < 1 or examples < 1:   # (a step curvature_every left out)
+            return
+        self.weighted_squares += examples * passes * passes
+        self.examples += examples
+        if passes > 1 and gradient_scale > 1.0 and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"MacKayPruner: curvature='ef-exact' saw {passes} backward passes in one optimizer step with "
+                f"gradient_scale={gradient_scale:g}: it reads them as micro-batches whose losses are each "
+                "divided by their number (torch's accumulation recipe), and an undivided loss (the sum of "
+                "the micro-batch means) makes its curvature that number squared times too large. Divide "
+                "each micro-batch's loss by the accumulation steps and leave gradient_scale for clipping",
+                RuntimeWarning, stacklevel=4)
+
+    def factor(self) -> float:
+        return self.weighted_squares / self.examples if self.examples > 0 else 1.0
+
+    def reset(self) -> None:
+        self.weighted_squares = self.examples = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weighted_squares": self.weighted_squares, "examples": self.examples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weighted_squares = float(state.get("weighted_squares", 0.0))
+        self.examples = float(state.get("examples", 0.0))

@@ -1,0 +1,118 @@
+"""ef-exact under gradient accumulation: every backward of an optimizer step is a micro-batch of
+the step's mean loss (mackay_ext.micro_batches)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from mackay_ext import MacKayPruner
+
+EXAMPLES = 10
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+
+
+def _data():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(EXAMPLES, 5, generator=generator, dtype=torch.float64), torch.randint(0, 3, (EXAMPLES,), generator=generator)
+
+
+def _per_example_reference(x, y):
+    """The mean over the examples of each example's squared loss gradient, one example at a time."""
+    net = _net()
+    total = {name: torch.zeros_like(p) for name, p in net.named_parameters() if name.endswith("weight")}
+    for n in range(len(y)):
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x[n:n + 1]), y[n:n + 1]).backward()
+        for name in total:
+            total[name] += net.get_parameter(name).grad ** 2
+    return {name.removesuffix(".weight"): value / len(y) for name, value in total.items()}
+
+
+def _pruner_curvature(splits, divide=True, gradient_scale=1.0, steps=1):
+    """The pruner's ef-exact estimate after `steps` optimizer steps at lr 0, each over the
+    micro-batches `splits` (sizes) of the same examples."""
+    x, y = _data()
+    net = _net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    pruner = MacKayPruner(net, optimizer, num_data=100, curvature="ef-exact")
+    for _ in range(steps):
+        optimizer.zero_grad()
+        for part in torch.arange(EXAMPLES).split(splits):
+            loss = nn.functional.cross_entropy(net(x[part]), y[part])
+            (loss / len(splits) if divide else loss).backward()
+        pruner.gradient_scale = gradient_scale
+        optimizer.step()
+    pruner.update(prune=False)
+    return {name: pruner.curvature(name) for name in ("0", "2")}, pruner
+
+
+@pytest.mark.parametrize("splits", [[10], [5, 5], [4, 3, 3], [1] * 10], ids=str)
+def test_the_curvature_is_the_same_whatever_the_micro_batches(splits):
+    """Under torch's recipe (each micro-batch loss divided by their number) the estimate is the
+    per-example one of the whole step, uneven micro-batches too (it was 1/A^2 of it)."""
+    x, y = _data()
+    expected = _per_example_reference(x, y)
+    got, _ = _pruner_curvature(splits, steps=2)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_steps_of_different_micro_batch_counts_are_weighted_by_their_examples():
+    """A window with steps of A = 1 and A = 2 (same examples): both read the same per-example
+    squares, so the estimate is that of either."""
+    x, y = _data()
+    expected = _per_example_reference(x, y)
+    net = _net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    pruner = MacKayPruner(net, optimizer, num_data=100, curvature="ef-exact")
+    for splits in ([10], [5, 5], [5, 5]):
+        optimizer.zero_grad()
+        for part in torch.arange(EXAMPLES).split(splits):
+            (nn.functional.cross_entropy(net(x[part]), y[part]) / len(splits)).backward()
+        optimizer.step()
+    # per-step A^2 weighted by examples: (10 * 1 + 20 * 4) / 30 = 3, where steps 2 and 3 need 4
+    # and step 1 needs 1: the estimate is exact only where A is constant over the window
+    pruner.update(prune=False)
+    squares_read = (10 * 1 / 1 + 20 * 1 / 4) / 30   # each step's share of the raw sum, in units of the true one
+    for name in expected:
+        torch.testing.assert_close(pruner.curvature(name), expected[name] * squares_read * 3, rtol=1e-10, atol=1e-14)
+
+
+def test_an_undivided_loss_with_gradient_scale_is_said():
+    with pytest.warns(RuntimeWarning, match=r"ef-exact' saw 2 backward passes .* gradient_scale=2.*Divide each micro-batch"):
+        got, _ = _pruner_curvature([5, 5], divide=False, gradient_scale=2.0)
+    x, y = _data()
+    expected = _per_example_reference(x, y)
+    torch.testing.assert_close(got["0"], expected["0"] * 4, rtol=1e-10, atol=1e-14)   # as the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _pruner_curvature([10], divide=False, gradient_scale=0.5)   # clipping alone: no micro-batches, no warning
+
+
+def test_a_resumed_window_counts_its_micro_batches_as_the_uninterrupted_one():
+    x, y = _data()
+    runs = []
+    for resume in (False, True):
+        net = _net()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+        pruner = MacKayPruner(net, optimizer, num_data=100, curvature="ef-exact")
+        for step in range(3):
+            if resume and step == 2:   # a checkpoint between two steps, loaded into a new pruner
+                state = pruner.state_dict()
+                pruner.detach()
+                pruner = MacKayPruner(net, optimizer, num_data=100, curvature="ef-exact")
+                pruner.load_state_dict(state)
+            splits = [10] if step == 0 else [5, 5]
+            optimizer.zero_grad()
+            for part in torch.arange(EXAMPLES).split(splits):
+                (nn.functional.cross_entropy(net(x[part]), y[part]) / len(splits)).backward()
+            optimizer.step()
+        pruner.update(prune=False)
+        runs.append({name: pruner.curvature(name).clone() for name in ("0", "2")})
+    for name in runs[0]:
+        torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-12, atol=0)
