@@ -69,6 +69,29 @@ from .standalone_prior import StandalonePrior
 __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 
 
+# the prefixes torch.compile's OptimizedModule and DistributedDataParallel / DataParallel add
+# to the names of the modules they wrap
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _unwrapped(name: str) -> str:
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _wrapper_hint(ours: set[str], saved: set[str]) -> str:
+    """Said when the two sets of layer names differ only by a wrapper's prefix: the two pruners
+    were built on a wrapped and an unwrapped model (or on different wrappers)."""
+    if {_unwrapped(n) for n in ours} != {_unwrapped(n) for n in saved}:
+        return ""
+    shown = ", ".join(sorted(saved)[:3]) + (", ..." if len(saved) > 3 else "")
+    return (f" (the state holds {shown}: the same layers under a wrapper's prefix, "
+            "torch.compile's '_orig_mod.' or DistributedDataParallel's 'module.'). Build both pruners "
+            "on the same object; on the unwrapped model (model, not torch.compile(model) or DDP(model)) "
+            "the names stay the same whatever wraps it")
+
+
 def _dynamo_compiled_something() -> bool:
     """Whether torch.compile has compiled any frame in this process (its hint is noise otherwise)."""
     try:
@@ -1301,7 +1324,8 @@ class MacKayPruner(StandalonePrior):
                            "from MacKayPruner.state_dict()")
         missing = set(self.targets) - set(state["alpha"])
         if missing:
-            raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}")
+            raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}"
+                           + _wrapper_hint(set(self.targets), set(state["alpha"])))
         self._check_loaded(state, where)   # everything checked before anything changes
         if self.channel is not None:
             if "channel" not in state:

@@ -496,3 +496,24 @@ def test_position_embeddings_and_class_tokens_are_left_out_as_biases():
     # a convolution with one output channel, (1, C, k, k), is a layer's weight: it keeps its prior
     conv = nn.Sequential(nn.Conv2d(3, 1, 3), nn.Flatten())
     assert "0" in MacKayPruner(conv, torch.optim.SGD(conv.parameters(), lr=0.1), num_data=64, batch_size=8).targets
+
+
+@pytest.mark.parametrize("wrap", ["compile", "ddp-like"])
+def test_a_state_saved_under_a_wrapper_names_the_prefix_on_load(wrap):
+    """A pruner built on torch.compile(model) (or DDP(model)) names its layers '_orig_mod.0'
+    ('module.0'); loading its state into one on the bare model says so, not just a KeyError."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    if wrap == "compile":
+        wrapped = torch.compile(model, backend="eager")   # (never called: nothing compiles)
+    else:
+        wrapped = torch.nn.Module()
+        wrapped.module = model
+    saved = MacKayPruner(wrapped, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2)
+    state = saved.state_dict()
+    saved.detach()
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2)
+    prefix = "_orig_mod." if wrap == "compile" else "module."
+    with pytest.raises(KeyError, match=rf"no alpha for layers \['0', '2'\] \(the state holds {prefix}0, {prefix}2: "
+                                       r"the same layers under a wrapper's prefix.*on the unwrapped model"):
+        pruner.load_state_dict(state)
