@@ -641,14 +641,18 @@ class MacKayPruner(StandalonePrior):
             raise RuntimeError(f"MacKayPruner.update: no {self.curvature_kind} curvature accumulated yet "
                                + ("(on training batches: `with pruner.capture_mc(): logits = model(x)`, then "
                                   "pruner.accumulate_mc_from(logits); or pruner.accumulate_mc(x))"
-                                  if self.curvature_kind == "fisher-mc" else "(run a training backward first)")
+                                  if self.curvature_kind == "fisher-mc" else
+                               "(run a training backward first; the hooks do not see gradients taken with "
+                               "torch.func.grad or vmap: use curvature='ef-batch' there)")
                                + (f". {COMPILED_HINT}" if compiled else ""))
         missed = sorted(name for name in self._grad_not_captured if not self.accumulator.saw(self.targets[name].param))
         if missed:   # their curvature would read 0 and the rule would prune them for it
             raise RuntimeError(f"MacKayPruner.update: {', '.join(missed)} had gradients, but the {self.curvature_kind} "
                                "hooks never saw their forward: a parent module reads their weight itself (as "
                                "nn.MultiheadAttention does with out_proj), or they ran where hooks cannot capture "
-                               "(torch.func). Use curvature='ef-batch', or leave them out with layers=[...]")
+                               "(torch.func; under fisher-mc, torch.utils.checkpoint with use_reentrant=True, whose "
+                               "recomputed forward it does not see: pass use_reentrant=False). Use "
+                               "curvature='ef-batch', or leave them out with layers=[...]")
         # ef-exact under gradient accumulation: each backward held 1/A of its examples' gradients
         micro_batches = self._micro_batches.factor() if self.curvature_kind == "ef-exact" else 1.0
         for name, target in self.targets.items():
