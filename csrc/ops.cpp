@@ -16,6 +16,12 @@ TORCH_LIBRARY(mackay_ext, m) {
       "float lr, float beta1, float beta2, float eps, float weight_decay, "
       "bool decoupled_weight_decay, float num_data, float batch_size, float curvature_decay, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // The ARD prior's proximal step after a step of a torch Adam/AdamW/NAdam, in place (float32):
+  // w <- w d / (d + scale alpha), d = sqrt(v / (1 - beta2^max(step, 1)) + tiny) + eps, v Adam's
+  // exp_avg_sq, scale = lr / N; w <- 0 where alpha = +inf; nothing at all where found_inf != 0.
+  // alpha broadcasts to the weight (one per weight or per group).
+  m.def("adam_proximal_prior_(Tensor(a!) weight, Tensor exp_avg_sq, Tensor alpha, Tensor step, *, "
+        "float beta2, float eps, float scale, Tensor? found_inf=None) -> ()");
   // Masked sparse matmul, W (out x in) in CSR: y = x W^T over x's last dimension.
   m.def("csr_matmul(Tensor x, Tensor crow_indices, Tensor col_indices, Tensor values, "
         "int in_features) -> Tensor");

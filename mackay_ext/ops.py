@@ -99,7 +99,35 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
             params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, alphas, **kwargs)
 
 
+def adam_proximal_prior_(weight, exp_avg_sq, alpha, step, *, beta2, eps, scale, found_inf=None,
+                         backend="ext") -> None:
+    """The ARD prior's proximal step after a step of a torch Adam, AdamW or NAdam, in place, in
+    one pass (mackay_ext.standalone_prior): w <- w d / (d + scale alpha), d = sqrt(v / (1 -
+    beta2^max(step, 1)) + tiny) + eps with v the optimizer's exp_avg_sq and scale = lr / N (times
+    the pruner's gradient_scale); w <- 0 where alpha = +inf; nothing where found_inf != 0.
+
+    weight, exp_avg_sq: float32, one shape; alpha: float32, broadcastable to it; step: one value
+    (Adam's state["step"]), on the CPU or the weight's device; found_inf: GradScaler's, or None.
+    backend: "ext" (one kernel) or "torch" (mackay_ext.reference).
+    """
+    check_choice("backend", backend, BACKENDS, "adam_proximal_prior_")
+    kwargs = dict(beta2=float(beta2), eps=float(eps), scale=float(scale), found_inf=found_inf)
+    if backend == "torch":
+        reference.adam_proximal_prior_(weight, exp_avg_sq, alpha, step, **kwargs)
+        return
+    _extension.require()
+    check_dense_tensors("adam_proximal_prior_", weight=weight, exp_avg_sq=exp_avg_sq, alpha=alpha)
+    with torch.no_grad():
+        torch.ops.mackay_ext.adam_proximal_prior_.default(weight, exp_avg_sq, alpha, step, **kwargs)
+        torch.autograd.graph.increment_version([weight])   # (an in-place write autograd did not see)
+
+
 if _extension.is_loaded():
+
+    @torch.library.register_fake("mackay_ext::adam_proximal_prior_")
+    def _adam_proximal_prior_fake(weight, exp_avg_sq, alpha, step, *, beta2, eps, scale, found_inf=None):
+        check_one_device("adam_proximal_prior_", weight=weight, exp_avg_sq=exp_avg_sq, alpha=alpha)
+        return None
 
     @torch.library.register_fake("mackay_ext::mackay_update_")
     def _mackay_update_fake(weight, curvature, alpha, *, num_data, rule="mackay", prune="alpha",

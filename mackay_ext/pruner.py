@@ -515,11 +515,12 @@ class MacKayPruner(StandalonePrior):
         self._sample_next_batch()
         if self.fused:
             return
+        zeroed = set()
         if self.prior == "proximal":
             # GradScaler's found_inf (set while an AMP-aware step runs, e.g. Adam(fused=True)):
             # a step it skipped changed no weight, and the prior's step must not either
-            self._proximal_step(getattr(optimizer, "found_inf", None))
-        self.apply_masks()
+            zeroed = self._proximal_step(getattr(optimizer, "found_inf", None))
+        self._zero_pruned(zeroed)
 
     def _end_of_step(self, optimizer, args, kwargs) -> None:
         if self._gradient_scale != 1.0:   # (its curvature read and prior step have run)
@@ -792,9 +793,14 @@ class MacKayPruner(StandalonePrior):
             zero_pruned_weights_of(self, model)
             return
         self._check_attached("apply_masks")
+        self._zero_pruned()
+
+    @torch.no_grad()
+    def _zero_pruned(self, done: set[str] = frozenset()) -> None:
+        """apply_masks on this pruner's model, but for the layers in `done` (zeroed already)."""
         for name, target in self.targets.items():
             view = self._alpha_view(name)
-            if view.any_pruned:   # (runs after every step of a foreign optimizer: see AlphaView.keep)
+            if view.any_pruned and name not in done:   # (after every foreign step: see AlphaView.keep)
                 target.param.mul_(view.keep)
         if self.channel is not None:
             self.channel.apply_masks()

@@ -212,6 +212,19 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
                 target.copy_(result)
 
 
+@torch.no_grad()
+def adam_proximal_prior_(weight, exp_avg_sq, alpha, step, *, beta2, eps, scale, found_inf=None):
+    """mackay_ext::adam_proximal_prior_ in torch ops: w <- w d / (d + scale alpha) with
+    d = sqrt(v / (1 - beta2^max(t, 1)) + tiny) + eps; 0 where alpha = +inf; nothing where found_inf."""
+    if found_inf is not None and float(found_inf) != 0.0:
+        return
+    bias = 1.0 - beta2 ** max(float(step), 1.0)
+    d = (exp_avg_sq / bias).add_(torch.finfo(exp_avg_sq.dtype).tiny).sqrt_().add_(eps)
+    pruned = alpha == math.inf
+    factor = d / (d + scale * torch.where(pruned, torch.zeros_like(alpha), alpha))
+    weight.mul_(factor).masked_fill_(pruned.expand_as(weight), 0)
+
+
 def csr_linear(x, crow_indices, col_indices, values, bias=None, *, in_features=None):
     """Reference of mackay_ext.ops.csr_linear: scatter W densely, then F.linear (differentiable
     in x, values and bias through autograd)."""

@@ -34,8 +34,14 @@ import torch
 
 from ._alpha import finite_alpha
 from ._follow import state_dtype
+from . import _extension
 from .batch_curvature import StepCurvature
+from .ops import adam_proximal_prior_
 from .prior_step import KNOWN, PriorStep, knows, prior_step
+
+# torch's optimizers whose step per unit of gradient is lr / (sqrt(v_hat) + eps) (RAdam's is
+# rectified: the general path)
+_ADAM_STEPS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam)
 
 
 @torch.no_grad()
@@ -153,19 +159,49 @@ class StandalonePrior:
         return {id(p): group for group in self.optimizer.param_groups for p in group["params"]}
 
     @torch.no_grad()
-    def _proximal_step(self, found_inf: torch.Tensor | None = None) -> None:
+    def _proximal_step(self, found_inf: torch.Tensor | None = None) -> set[str]:
         """w <- argmin_v |v - w|^2 / (2 s) + alpha v^2 / (2N) = w / (1 + s alpha / N), s the prior's
         step size (per weight under an adaptive optimizer: _prior_step): the exact implicit step
         on the prior, contracting for every alpha, s >= 0. Not taken (without a host sync) where
-        found_inf != 0: GradScaler skipped the step."""
+        found_inf != 0: GradScaler skipped the step. Returns the layers whose pruned weights it
+        zeroed too (the one-pass kernel's)."""
         groups = self._param_groups()
+        zeroed = set()
         for name, target in self.targets.items():
             view = self._alpha_view(name)
             if not view.any_prior:   # before the first update, after switch_off_prior: nothing to do
                 continue
+            if self._adam_prior_in_one_pass(name, target.param, groups, found_inf):
+                zeroed.add(name)
+                continue
             step = self._prior_step(target.param, groups)
             if step is not None:
                 proximal_shrink_(target.param, view.finite, step, self.num_data, found_inf)
+        return zeroed
+
+    def _adam_prior_in_one_pass(self, name: str, param: torch.Tensor, groups: dict[int, dict],
+                                found_inf: torch.Tensor | None) -> bool:
+        """The proximal step by the compiled kernel (ops.adam_proximal_prior_) where it applies: a
+        float32 weight under torch's Adam, AdamW or NAdam (lr / (sqrt(v_hat) + eps) per unit of
+        gradient) with a float lr; one pass over the weight, where the general path takes six
+        and two temporaries (LeNet-300-100 under fused Adam: 1.74x -> 1.3x the plain step).
+        False: not taken, the general path follows."""
+        group = groups.get(id(param))
+        state = self.optimizer.state.get(param, {}) if group is not None else {}
+        v, step = state.get("exp_avg_sq"), state.get("step")
+        if (self.backend != "ext" or not _extension.is_loaded() or group is None or v is None or step is None
+                or not isinstance(self.optimizer, _ADAM_STEPS) or isinstance(self.optimizer, torch.optim.RAdam)
+                or group.get("amsgrad") or "betas" not in group or not isinstance(group.get("lr"), float)
+                or param.dtype != torch.float32 or v.dtype != torch.float32 or v.shape != param.shape):
+            return False
+        lr = group["lr"]
+        if lr == 0.0:
+            return False   # (no step, no prior: _prior_step's None; the masks as always)
+        step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+        adam_proximal_prior_(param, v, self._own[name]["alpha"], step, beta2=float(group["betas"][1]),
+                             eps=float(group.get("eps", 1e-8)), scale=lr * self.gradient_scale / self.num_data,
+                             found_inf=found_inf)
+        return True
 
     def penalty(self) -> torch.Tensor:
         """The ARD term (1 / 2N) sum alpha w^2. With prior="penalty", add it to a mean loss; with

@@ -19,6 +19,10 @@ at::Tensor csr_matmul_cuda(const at::Tensor& x, const at::Tensor& crow, const at
 at::Tensor csr_sddmm_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& crow,
                           const at::Tensor& col, int64_t in_features);
 
+void adam_proximal_prior_cuda(at::Tensor& weight, const at::Tensor& exp_avg_sq, const at::Tensor& alpha,
+                              const at::Tensor& step, double beta2, double eps, double scale,
+                              const std::optional<at::Tensor>& found_inf);
+
 void sq_gemm_accumulate_cuda(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
                              const std::optional<at::Tensor>& bias_out);
 

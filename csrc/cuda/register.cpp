@@ -10,4 +10,5 @@ TORCH_LIBRARY_IMPL(mackay_ext, CUDA, m) {
   m.impl("csr_matmul", &mackay::csr_matmul_cuda);
   m.impl("csr_sddmm", &mackay::csr_sddmm_cuda);
   m.impl("sq_gemm_accumulate_", &mackay::sq_gemm_accumulate_cuda);
+  m.impl("adam_proximal_prior_", &mackay::adam_proximal_prior_cuda);
 }
