@@ -125,7 +125,7 @@ def make_extension():
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
-    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "--extended-lambda", "-DWITH_CUDA"]   # (ATen/native/cuda/Loops.cuh)
+    nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DWITH_CUDA"]
     print(f"mackay_ext: building backends: cpu, cuda (CUDA_HOME={CUDA_HOME}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'torch default')})")
     return CUDAExtension("mackay_ext._C", sources, include_dirs=include_dirs,
