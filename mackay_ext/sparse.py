@@ -302,14 +302,15 @@ class SparseLinear(_CSRWeight):
     @classmethod
     def from_dense(cls, layer: nn.Linear, mask: torch.Tensor | None = None, *,
                    path: str | None = None) -> SparseLinear:
-        """From an nn.Linear; `mask` (default weight != 0) marks the weights kept."""
+        """From an nn.Linear; `mask` (default weight != 0) marks the weights kept. The new layer
+        takes the layer's mode (train / eval), as does to_dense's."""
         crow, col, values, _ = _csr_from_dense(layer.weight.detach(), mask)
         return cls(layer.out_features, layer.in_features, crow, col, values,
-                   None if layer.bias is None else layer.bias.detach(), path=path)
+                   None if layer.bias is None else layer.bias.detach(), path=path).train(layer.training)
 
     def to_dense(self) -> nn.Linear:
         layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
+                          device=self.values.device, dtype=self.values.dtype).train(self.training)
         with torch.no_grad():
             layer.weight.copy_(self.dense_weight())
             if self.bias is not None:
@@ -346,12 +347,12 @@ class SparseConv2d(_CSRWeight):
             weight, None if mask is None else mask.reshape(layer.out_channels, -1))
         return cls(layer.in_channels, layer.out_channels, layer.kernel_size, crow, col, values,
                    None if layer.bias is None else layer.bias.detach(), layer.stride, layer.padding,
-                   layer.dilation, path=path)
+                   layer.dilation, path=path).train(layer.training)
 
     def to_dense(self) -> nn.Conv2d:
         layer = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                           self.padding, self.dilation, bias=self.bias is not None,
-                          device=self.values.device, dtype=self.values.dtype)
+                          device=self.values.device, dtype=self.values.dtype).train(self.training)
         with torch.no_grad():
             layer.weight.copy_(self.dense_weight().reshape(layer.weight.shape))
             if self.bias is not None:
