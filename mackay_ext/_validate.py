@@ -152,6 +152,26 @@ def check_module(value, name: str, where: str) -> None:
         raise TypeError(f"{where}: {name} must be a torch.nn.Module, got {type(value).__name__} {value!r:.60}")
 
 
+# torch.ao's quantized modules (eager dynamic and static, FX-converted): packed int8 weights
+_QUANTIZED_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized")
+
+
+def quantized_modules(model: torch.nn.Module) -> list[str]:
+    """The names of `model`'s torch.ao quantized modules (their packed parameters' holders left out)."""
+    return [name for name, module in model.named_modules()
+            if type(module).__module__.startswith(_QUANTIZED_MODULES) and not name.endswith("_packed_params")]
+
+
+def check_not_quantized(model: torch.nn.Module, where: str, instead: str) -> None:
+    """A clear refusal of a model quantized by torch.ao, whose packed int8 layers none of the
+    library's conversions reads (an AttributeError or a tracer's error deep inside, otherwise)."""
+    names = quantized_modules(model)
+    if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise TypeError(f"{where}: the model has layers quantized by torch.ao ({shown}), whose packed int8 "
+                        f"weights {where} does not read; {instead}")
+
+
 def check_optimizer(value, name: str, where: str) -> None:
     """A torch.optim.Optimizer or None."""
     if value is not None and not isinstance(value, torch.optim.Optimizer):

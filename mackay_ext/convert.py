@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._validate import alpha_fits, check_module, check_optimizer
+from ._validate import alpha_fits, check_module, check_optimizer, quantized_modules
 from .model_loads import describe
 from .sparse import SparseConv2d, SparseLinear, _csr_from_dense, _CSRWeight, _set_module
 
@@ -269,7 +269,14 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exc
                       f"({describe(live)}): kept, so that no output changes; the model's weights come from "
                       "before the pruner's last updates (a restored state_dict?), and the next optimizer step "
                       "sets them to 0. pruner.apply_masks() before sparsify prunes them", stacklevel=2)
-    if not built and not skipped and sparsest[0] >= 0:
+    quantized = quantized_modules(model)
+    if quantized:
+        warnings.warn(f"sparsify: {len(quantized)} layer(s) are quantized by torch.ao ({', '.join(quantized[:4])}"
+                      f"{', ...' if len(quantized) > 4 else ''}): left as they are, since their packed int8 weights "
+                      "have no sparse form here. Quantize the pruned float model (its zeros stay zeros in int8) "
+                      "and ship that, or sparsify the float model and do not quantize: torch.ao's "
+                      "quantize_dynamic does not convert the sparse layers either", stacklevel=2)
+    elif not built and not skipped and sparsest[0] >= 0:
         warnings.warn(f"sparsify: no layer reached min_sparsity={min_sparsity:g} (the sparsest, {sparsest[1]!r}, has "
                       f"{sparsest[0]:.1%} of its weights pruned{'' if optimizer is not None else ' (exact zeros)'}): "
                       "the model is unchanged. A copy of the model that the pruner does not hold (an EMA or SWA "

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import shrink_constant
 from ._eval_mode import eval_mode
 from ._float32 import full_float32
-from ._validate import check_module
+from ._validate import check_module, check_not_quantized
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
 from .coupling.ties import modules_of, tied_names
 
@@ -96,6 +96,7 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
     Raises ValueError when a layer would lose every channel to pruned groups, naming the layer.
     """
     check_module(model, "model", "shrink")
+    check_not_quantized(model, "shrink", "shrink the float model, then quantize the smaller one")
     from .sparse import _CSRWeight, densify
     if any(isinstance(m, _CSRWeight) for m in model.modules()):
         model = densify(copy.deepcopy(model))   # the tracer follows parameters, not CSR products
