@@ -56,6 +56,7 @@ from .ard_targets import (
 )
 from .batch_curvature import ema_debiased
 from .ddp_lockstep import Lockstep
+from .rank_batch import RankBatchWatch, world_size
 from .dead_units import prune_unused_units
 from .foreign_steps import unwatch, watch_foreign_steps
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
@@ -367,6 +368,9 @@ class MacKayPruner(StandalonePrior):
         self._gradient_scale = 1.0   # see the property
         self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
         self._lockstep = Lockstep()
+        self._rank_batch = RankBatchWatch(model) if optimizer is not None and world_size() > 1 else None
+        if self._rank_batch is not None:
+            self._hooks.append(self._rank_batch.handle)
         # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
         self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
         self.foreign_steps: dict[str, int] = {}   # steps of other optimizers since the last update, by class
@@ -503,6 +507,8 @@ class MacKayPruner(StandalonePrior):
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._steps_since_update += 1
+        if self._rank_batch is not None:
+            self._rank_batch.after_step()
         self._steps_total += 1
         captured = (self.accumulator is not None and not self.accumulator.paused
                     if self.curvature_kind == "ef-exact" else self._mc_step_captured)
@@ -879,6 +885,8 @@ class MacKayPruner(StandalonePrior):
         self._check_attached("update")
         if self.optimizer is not None:   # every DDP rank at the same step (ddp_lockstep)
             self._lockstep.check(self._steps_total)
+        if self._rank_batch is not None and self.curvature_kind == "ef-batch":
+            self._rank_batch.check(self._step_batch_size())
         self._check_targets_in_model("update")
         self._refresh_curvature()
         bad = self.nonfinite()
@@ -992,6 +1000,12 @@ class MacKayPruner(StandalonePrior):
             "network under granularity='channel', channel_prior='norm-scale' (README: 'When one "
             f"update prunes too much').{scale_free}{self._scale_hint()}", RuntimeWarning, stacklevel=4)
 
+    def _step_batch_size(self) -> float | None:
+        """B of the ef-batch curvature: the pruner's, or its MacKayAdam's."""
+        if not self.fused:
+            return self.batch_size
+        return self.optimizer._group_of(next(iter(self.targets.values())).param).get("batch_size")
+
     def _scale_hint(self) -> str:
         """The evidence's scale is the user's to give: a batch_size below the step's batch (the
         micro-batch under accumulation) made h too small and pruned 95%, and a regression's MSE on
@@ -999,8 +1013,7 @@ class MacKayPruner(StandalonePrior):
         loss = (" Check also that the loss is the mean negative log-likelihood per example (a regression's "
                 "MSE fixes the noise precision in the target's units: targets in small units read as very "
                 "noisy, README 'Regression').")
-        batch = (self.batch_size if not self.fused else
-                 self.optimizer._group_of(next(iter(self.targets.values())).param).get("batch_size"))
+        batch = self._step_batch_size()
         if self.curvature_kind != "ef-batch" or batch is None:
             return loss
         return loss + (f" And that batch_size ({batch:g}) is the batch of one optimizer step (micro-batch x "

@@ -133,3 +133,38 @@ def test_ranks_updating_at_different_steps_are_named(tmp_path):
     with pytest.raises(Exception, match=r"made update number 1 at different optimizer steps "
                                         r"\(rank 0 after 9 steps, rank 1 after 10 steps\)"):
         run_on_ranks(skewed_worker, tmp_path, world=WORLD)
+
+
+def batch_size_worker(rank, world):
+    """Two pruners over the same DDP model, one given the per-rank batch (the mistake), one the
+    step's batch over all ranks: which warn at their first update."""
+    import warnings
+    x, y = make_data()
+    model = make_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    local = GLOBAL_BATCH // world
+    said = {}
+    for given in (local, GLOBAL_BATCH):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        pruner = MacKayPruner(model, optimizer, num_data=len(x), batch_size=given)
+        for step in range(3):
+            start = step * GLOBAL_BATCH + rank * local
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(ddp(x[start:start + local]), y[start:start + local]).backward()
+            optimizer.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pruner.update()
+        said[given] = [str(w.message) for w in caught if "this rank's batch" in str(w.message)]
+        pruner.detach()
+    return {"local": said[local], "global": said[GLOBAL_BATCH]}
+
+
+def test_a_per_rank_batch_size_is_said(tmp_path):
+    """Under DDP batch_size is the whole step's batch over the ranks; the per-rank one (a new
+    user's 2-rank run: 665 weights kept where the right B keeps 1,042) is warned about."""
+    for result in run_on_ranks(batch_size_worker, tmp_path, world=WORLD):
+        assert len(result["local"]) == 1 and result["global"] == []
+        assert (f"batch_size={GLOBAL_BATCH // WORLD} is this rank's batch (its last optimizer step read "
+                f"{GLOBAL_BATCH // WORLD} examples here)") in result["local"][0]
+        assert f"pass batch_size={GLOBAL_BATCH}" in result["local"][0]
