@@ -27,6 +27,7 @@ What an update does, predictably:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -91,6 +92,21 @@ def _wrapper_hint(ours: set[str], saved: set[str]) -> str:
             "torch.compile's '_orig_mod.' or DistributedDataParallel's 'module.'). Build both pruners "
             "on the same object; on the unwrapped model (model, not torch.compile(model) or DDP(model)) "
             "the names stay the same whatever wraps it")
+
+
+def _undone_if_refused(init):
+    """A build that raises takes back what it had attached by then: the optimizer's step hooks
+    were registered before the later checks, and a refused MacKayPruner(model, adam, num_data=N)
+    (no batch_size) left a hook that failed every later adam.step() with a bare KeyError, while
+    attached_pruners(model) found nothing to detach."""
+    @functools.wraps(init)
+    def build(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except BaseException:
+            self._take_back_partial_build()
+            raise
+    return build
 
 
 def _dynamo_compiled_something() -> bool:
@@ -226,6 +242,7 @@ class MacKayPruner(StandalonePrior):
     and identical pruning (not so without an optimizer: each rank then reads its own backward).
     """
 
+    @_undone_if_refused
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  num_data: float, granularity: str | dict[str, str] = "weight", rule: str = "mackay",
                  prune: str = "snr", threshold: float | None = None, curvature: str = "ef-batch",
@@ -544,20 +561,22 @@ class MacKayPruner(StandalonePrior):
         """Remove the gradient, optimizer and curvature hooks; the weights are then free for
         another pruner. update() and apply_masks() are refused from then on (report(),
         state_dict() and the alphas stay readable)."""
+        self._take_back_partial_build()
+
+    def _take_back_partial_build(self) -> None:
+        """detach(), also for a build that stopped part-way (whatever it had attached by then)."""
         self.detached = True
         release(self)
-        for handle in self._hooks:
+        for handle in getattr(self, "_hooks", ()):
             handle.remove()
-        self._hooks.clear()
+        if hasattr(self, "_hooks"):
+            self._hooks.clear()
         unwatch(self)
-        if self._step_reader is not None:
-            self._step_reader.remove()
-        if self.accumulator is not None:
-            self.accumulator.detach()
-        if self.channel is not None:
-            self.channel.detach()
-        if self._covariance is not None:
-            self._covariance.remove()
+        for part, undo in (("_step_reader", "remove"), ("accumulator", "detach"), ("channel", "detach"),
+                           ("_covariance", "remove")):
+            held = getattr(self, part, None)
+            if held is not None:
+                getattr(held, undo)()
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
         """fisher-mc: add the sampled-label Fisher of a batch of inputs (a forward and backward

@@ -297,3 +297,31 @@ def test_a_sparse_layers_nonzeros_are_named_as_such_with_what_to_do():
     assert reasons["0.values"] == ("the nonzeros of a SparseLinear (stored sparse): no prior; "
                                    "mackay_ext.densify(model) first to prune it further")
     assert list(pruner.targets) == ["2"]
+
+
+def _hooks_of(model, optimizer):
+    return (len(optimizer._optimizer_step_pre_hooks), len(optimizer._optimizer_step_post_hooks),
+            sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()),
+            sum(len(p._backward_hooks or {}) for p in model.parameters()))
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(num_data=100), r"batch_size is needed for the ef-batch curvature"),
+    (dict(num_data=100, batch_size=500), r"batch_size \(500\) exceeds num_data \(100\)"),
+    (dict(num_data=100, batch_size=8, curvature="ef-exact", layers=["0", "emb"]), r"emb"),
+])
+def test_a_refused_pruner_leaves_nothing_attached(options, message):
+    """A build that raised after it had hooked the optimizer left the hook, and every later step
+    of that optimizer failed with a bare KeyError (new-user pass, README)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model.emb = nn.Embedding(4, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = _hooks_of(model, optimizer)
+    with pytest.raises((ValueError, TypeError), match=message):
+        MacKayPruner(model, optimizer, **options)
+    assert _hooks_of(model, optimizer) == before
+    F.cross_entropy(model[2](model[1](model[0](torch.randn(4, 6)))), torch.randint(0, 3, (4,))).backward()
+    optimizer.step()   # (raised KeyError: '0')
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=4, layers=["0", "2"])
+    assert pruner.targets and not pruner.detached
