@@ -30,7 +30,8 @@ def _check_save_args(model, path, model_name, model_kwargs, metadata) -> None:
     where = "save_compressed"
     check_module(model, "model", where)
     check_not_quantized(model, where, "export the quantized model (torch.export, ONNX), or store the float "
-                        "model (sparsify, then save_compressed) and quantize it after loading: its zeros stay "
+                        "model (sparsify, then save_compressed) and, after loading, densify or shrink it and "
+                        "quantize that (quantize_dynamic leaves sparse layers in float32): its zeros stay "
                         "zeros in int8")
     for name, value in (("model_kwargs", model_kwargs), ("metadata", metadata)):
         if value is not None and not isinstance(value, dict):   # its entries: check_plain

@@ -155,7 +155,8 @@ def _grad_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 class MacKayAdam(torch.optim.Optimizer):
     """Adam whose weights carry ARD prior precisions (state[p]["alpha"]) and an ef-batch
-    curvature estimate (state[p]["curvature"]), all updated in one fused kernel launch.
+    curvature estimate (state[p]["curvature"]), all updated in one fused pass (one parallel
+    region on the CPU, a few multi-tensor launches on CUDA).
 
     Args:
         params: parameters or param groups; a group with ``ard=False`` (biases, norms) gets

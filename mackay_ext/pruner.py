@@ -202,7 +202,9 @@ class MacKayPruner(StandalonePrior):
             default 1, every step). The exact estimators cost an extra squared GEMM or backward
             per step, and an update every few hundred steps needs far fewer batches than that to
             average over; the estimate stays the mean over the batches taken.
-        prior: with a non-MacKayAdam optimizer, "proximal" (default) or "penalty" (see above).
+        prior: with a non-MacKayAdam optimizer, "proximal" (default) or "penalty" (the module's
+            docstring: a proximal step after each optimizer step, or pruner.penalty() added to
+            the loss by you).
         batch_size, curvature_decay: B and rho of the ef-batch estimate when the optimizer is
             not a MacKayAdam (MacKayAdam uses its own). g is each optimizer step's gradient
             (accumulated, averaged over ranks, unscaled), so B is the effective batch of one
@@ -428,7 +430,8 @@ class MacKayPruner(StandalonePrior):
         prior 1 / c times stronger and h c^2 times smaller (a tiny BERT under the Hugging Face
         Trainer's default max_grad_norm=1 kept 17 of 21,760 weights, at chance). Set it before
         the step it applies to: it holds for that optimizer step only, and is 1 again after it
-        (set only where clipping acted, a stale factor applied to the unclipped steps after it).
+        (a factor that stayed in force was applied to every later, unclipped step when a loop set
+        it only on the steps clipping acted on).
         With a MacKayAdam it sets the optimizer's too. The training-loop callbacks set it at every
         step from the norm before clipping."""
         return self._gradient_scale

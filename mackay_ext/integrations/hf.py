@@ -118,8 +118,9 @@ class MacKayCallback(TrainerCallback):
         update_every: optimizer steps between precision updates: an update at every global step
             divisible by it (on_step_end fires once per optimizer step, so with gradient
             accumulation this counts accumulated steps; a resumed run keeps the schedule).
-        warmup_updates: updates that only move alpha, before the first that prunes (the first
-            update always does: it sets alpha from the weights alone); as FitConfig's, e.g. 5
+        warmup_updates: updates that only move alpha, before the first that may prune (the very
+            first never prunes, whatever this says: with alpha = 0 everywhere it sets alpha from the
+            weights alone, 1 / w^2); as FitConfig's, e.g. 5
             lets alpha settle when updates come every few hundred steps.
         dense_ratio, dense_steps: the run trains without the prior until step dense_steps (default
             dense_ratio x max_steps, half the run), where the first update may come: MacKay's

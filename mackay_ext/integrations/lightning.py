@@ -73,8 +73,9 @@ class MacKayPruning(Callback):
             parameter with dim >= 2 (mutually exclusive with `layers`, the pruner's names).
         update_every: epochs (update_on="epoch", default) or optimizer steps (update_on="step")
             between precision updates.
-        warmup_updates: updates that only move alpha, before the first that prunes (the first
-            update always does: it sets alpha from the weights alone); as FitConfig's.
+        warmup_updates: updates that only move alpha, before the first that may prune (the very
+            first never prunes, whatever this says: with alpha = 0 everywhere it sets alpha from the
+            weights alone, 1 / w^2); as FitConfig's.
         dense_ratio, dense: the run trains without the prior for `dense` epochs or optimizer
             steps (update_on's unit; default dense_ratio x max_epochs or the run's optimizer
             steps, half the run), after which the first update may come: MacKay's update reads
