@@ -256,8 +256,8 @@ class ChannelARD:
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _no_alpha(group: ChannelGroup, model: nn.Module, target_of, trained) -> str | None:
-        if group.fixed:
-            return f"shrink keeps it ({group.fixed})"
+        if group.fixed:   # (the group's repr says why already: "(kept by shrink: ...)")
+            return "shrink keeps it"
         for m in group.members:
             param = model.get_parameter(m.name)
             if not param.requires_grad:
