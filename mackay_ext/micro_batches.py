@@ -13,7 +13,10 @@ the examples' mean of A^2 (a short last step of an epoch: a small error, one ste
 The rule reads every backward of a step as one micro-batch of the step's mean loss. A loss
 left undivided (the sum of A micro-batch means, with gradient_scale = A, which serves ef-batch
 and the prior) would be read A^2 too large: a step with A > 1 and gradient_scale > 1 (which
-clipping alone, c <= 1, never sets) is warned about.
+clipping alone, c <= 1, never sets) is warned about. A caller that knows the micro-batch losses
+are undivided says so (`divided=False`: the Hugging Face callback, for transformers' heads that
+compute their own mean loss, which the Trainer does not divide): each backward is then read as it
+is, its examples' whole gradients.
 """
 from __future__ import annotations
 
@@ -29,13 +32,15 @@ class MicroBatchScale:
         self.examples = 0.0           # sum over steps of examples
         self.warned = False
 
-    def after_step(self, passes: int, examples: int, gradient_scale: float) -> None:
-        """A step that captured `passes` backward passes over `examples` examples."""
+    def after_step(self, passes: int, examples: int, gradient_scale: float, divided: bool = True) -> None:
+        """A step that captured `passes` backward passes over `examples` examples; `divided`:
+        each micro-batch's loss was divided by their number (torch's recipe), else left its mean."""
         if passes < 1 or examples < 1:   # (a step curvature_every left out)
             return
-        self.weighted_squares += examples * passes * passes
+        share = passes if divided else 1
+        self.weighted_squares += examples * share * share
         self.examples += examples
-        if passes > 1 and gradient_scale > 1.0 and not self.warned:
+        if passes > 1 and divided and gradient_scale > 1.0 and not self.warned:
             self.warned = True
             warnings.warn(
                 f"MacKayPruner: curvature='ef-exact' saw {passes} backward passes in one optimizer step with "

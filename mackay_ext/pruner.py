@@ -496,6 +496,7 @@ class MacKayPruner(StandalonePrior):
         # ef-exact: the backward passes of each optimizer step (gradient accumulation's A)
         self._micro_batches = MicroBatchScale()
         self._examples_before_step = 0
+        self._micro_batches_divided = True   # False: a callback that knows the losses are undivided
 
     def _alpha_of(self, param: nn.Parameter) -> torch.Tensor | None:
         """The alphas of an ARD weight, for the accumulator to skip what is pruned (None under
@@ -648,7 +649,7 @@ class MacKayPruner(StandalonePrior):
         """The backward passes this optimizer step captured and their examples (micro_batches.py)."""
         examples = self.accumulator.num_examples
         self._micro_batches.after_step(self.accumulator.backward_passes, examples - self._examples_before_step,
-                                       self.gradient_scale)
+                                       self.gradient_scale, self._micro_batches_divided)
         self.accumulator.backward_passes, self._examples_before_step = 0, examples
 
     def _sample_next_batch(self) -> None:

@@ -505,3 +505,26 @@ def test_a_causal_lm_is_told_that_n_counts_tokens(tmp_path, given):
     assert len(told) == (0 if given else 1)
     if not given:
         assert "num_data defaulted to the 16 examples" in str(told[0].message)
+
+
+@pytest.mark.parametrize("stock", [False, True])
+def test_ef_exact_under_accumulation_reads_what_one_batch_does(tmp_path, recwarn, stock):
+    """ef-exact counts a step's backward passes as micro-batches of one mean loss: the Trainer
+    divides each by the accumulation steps, except for a model that computes its own mean loss
+    (stock transformers heads), whose undivided micro-batch means the callback reads as they are
+    (read as divided, its curvature was 2^2 = 4 times too large, and warned about)."""
+    runs = {}
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = _model(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        if not stock:
+            model.accepts_loss_kwargs = False   # the Trainer divides each micro-batch's loss by 2
+        linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]   # (not the embeddings)
+        callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5, dense_ratio=0, curvature="ef-exact",
+                                  layers=linear)
+        _train(tmp_path / str(batch), callback, model=model, max_steps=10, per_device_train_batch_size=batch,
+               gradient_accumulation_steps=accumulation, max_grad_norm=0.0)
+        runs[batch] = callback.pruner
+    assert not [w for w in recwarn if "backward passes in one optimizer step" in str(w.message)]
+    for name in runs[8].targets:
+        ratio = float(runs[4].curvature(name).sum() / runs[8].curvature(name).sum())
+        assert ratio == pytest.approx(1.0, abs=0.05), name
