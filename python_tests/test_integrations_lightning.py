@@ -204,12 +204,14 @@ def test_checkpoint_resumes_to_the_same_alpha(tmp_path):
         assert torch.equal(continued.pruner.alpha(name), longer.pruner.alpha(name))
 
 
-def test_accumulation_estimates_what_one_batch_does():
+@pytest.mark.parametrize("curvature", ["ef-batch", "ef-exact"])
+def test_accumulation_estimates_what_one_batch_does(curvature):
     """2 micro-batches of 8 and one batch of 16 on the same examples give Adam the same gradient
-    (Lightning divides each micro-batch's loss by 2): the curvature and alpha agree too."""
+    (Lightning divides each micro-batch's loss by 2): the curvature and alpha agree too (ef-exact
+    reads each backward as half of its examples' gradients: it read a quarter of the curvature)."""
     runs = {}
     for batch_size, accumulation in ((16, 1), (8, 2)):
-        callback = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+        callback = MacKayPruning(update_every=3, update_on="step", curvature=curvature, **PRUNING)
         trainer, _ = _fit(callback, max_epochs=1, batch_size=batch_size, accumulate_grad_batches=accumulation)
         assert trainer.global_step == 6 and callback.pruner.batch_size == 16
         runs[batch_size] = callback.pruner
