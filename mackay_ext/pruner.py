@@ -27,7 +27,6 @@ What an update does, predictably:
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -94,19 +93,17 @@ def _wrapper_hint(ours: set[str], saved: set[str]) -> str:
             "the names stay the same whatever wraps it")
 
 
-def _undone_if_refused(init):
+@contextlib.contextmanager
+def _taken_back_if_refused(pruner):
     """A build that raises takes back what it had attached by then: the optimizer's step hooks
     were registered before the later checks, and a refused MacKayPruner(model, adam, num_data=N)
     (no batch_size) left a hook that failed every later adam.step() with a bare KeyError, while
     attached_pruners(model) found nothing to detach."""
-    @functools.wraps(init)
-    def build(self, *args, **kwargs):
-        try:
-            init(self, *args, **kwargs)
-        except BaseException:
-            self._take_back_partial_build()
-            raise
-    return build
+    try:
+        yield
+    except BaseException:
+        pruner._take_back_partial_build()
+        raise
 
 
 def _dynamo_compiled_something() -> bool:
@@ -244,7 +241,6 @@ class MacKayPruner(StandalonePrior):
     and identical pruning (not so without an optimizer: each rank then reads its own backward).
     """
 
-    @_undone_if_refused
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  num_data: float, granularity: str | dict[str, str] = "weight", rule: str = "mackay",
                  prune: str = "snr", threshold: float | None = None, curvature: str = "ef-batch",
@@ -343,81 +339,84 @@ class MacKayPruner(StandalonePrior):
             warnings.warn(f"{where}: granularity={granularity!r} does not apply to {', '.join(fallen[:6])}"
                           f"{', ...' if len(fallen) > 6 else ''}, which get one alpha per weight "
                           f"({self.notes[fallen[0]][len('per-weight ARD: '):]})", UserWarning, stacklevel=2)
-        # layers split from a group granularity into one alpha per weight (_drop), with the group's
-        # name: a checkpoint of the split layer resumes in a new pruner built with the group one
-        self.split_from: dict[str, str] = {}
-        if self._freed is not None and self._freed.note:
-            self.notes["mac_price"] = self._freed.note
-        # priced Linear inputs are re-fitted from the others when they go (mac_compensate.py)
-        self._covariance = None
-        if self._freed is not None:
-            refit = {name: t.module for name, t in self.targets.items()
-                     if isinstance(t.module, nn.Linear) and t.attr == "weight" and len(t.owners) <= 1
-                     and self._alpha_shape(t, self.granularity[name]) == (1, t.param.shape[1])}
-            wide = sorted(name for name, module in refit.items() if module.in_features > REFIT_MAX_INPUTS)
-            if wide:
-                self.notes["mac_price refit"] = (f"inputs of {', '.join(wide)} priced without the re-fit (more "
-                                                 f"than {REFIT_MAX_INPUTS} inputs)")
-            refit = {name: module for name, module in refit.items() if name not in wide}
-            self._covariance = InputCovariance(refit) if refit else None
-        self.accumulator = None
-        if curvature != "ef-batch":
-            self._attach_accumulator()
-        self.history: list[dict[str, Any]] = []
-        self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
-        self._said_lr_zero: set[str] = set()         # layers whose lr was 0 at an update, warned about once
-        self._said_emptied: set[str] = set()   # layers kept at their strongest group, warned about once
-        self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
-        self.detached = False   # see detach()
-        self.copied = False     # see __setstate__
-        # layers that had a gradient at a step whose batch the exact estimator captured, yet have
-        # not been seen by its hooks since the last update (a parent reads their weight itself);
-        # update() refuses to price them at 0. fisher-mc: whether this step's batch was captured.
-        self._grad_not_captured: set[str] = set()
-        self._mc_step_captured = False
-        self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
-        self._hooks = []
-        # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
-        # (MacKayAdam's fused step, or the step hooks), or each backward's without an optimizer;
-        # the 1-D channel members that channel_ard tracks itself follow it
-        self.ef_batch_source = "step" if optimizer is not None else "backward"
-        self._step_reader = None
-        self._steps_since_update: int | None = None
-        self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
-        self._gradient_scale = 1.0   # see the property
-        self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
-        self._lockstep = Lockstep()
-        self._rank_batch = RankBatchWatch(model) if optimizer is not None and world_size() > 1 else None
-        if self._rank_batch is not None:
-            self._hooks.append(self._rank_batch.handle)
-        # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
-        self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
-        self.foreign_steps: dict[str, int] = {}   # steps of other optimizers since the last update, by class
-        if optimizer is not None:
-            self._steps_since_update = 0
-            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
-        if optimizer is not None:   # another optimizer's steps leave the pruned weights at 0 too
-            watch_foreign_steps(self)
-        if self.fused:
-            self._attach_to_optimizer()
-        else:
-            if batch_size is None and curvature == "ef-batch":
-                raise ValueError("MacKayPruner: batch_size is needed for the ef-batch curvature "
-                                 "when the optimizer is not a MacKayAdam")
-            self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
-            if batch_size is not None and self.batch_size > self.num_data:
-                raise ValueError(f"{where}: batch_size ({self.batch_size:g}) exceeds num_data "
-                                 f"({self.num_data:g}), the training-set size")
-            self.curvature_decay = float(curvature_decay)
-            self._attach_hooks()
-            self._warn_unknown_optimizer()
-        if coupling is not None:
-            from .channel_ard import ChannelARD
-            self.channel = ChannelARD(self, coupling, batch_size)
-        claim(self, [target.param for target in self.targets.values()])
-        if optimizer is not None:   # after every other hook of a step: gradient_scale holds for one
-            self._hooks.append(optimizer.register_step_post_hook(self._end_of_step))
-        self._hooks.append(watch_model_loads(self))   # weights loaded where alpha = +inf are said
+        # from here on hooks are attached: a refusal takes them back (the with adds no frame, so
+        # the warnings said inside point at the caller as before)
+        with _taken_back_if_refused(self):
+            # layers split from a group granularity into one alpha per weight (_drop), with the group's
+            # name: a checkpoint of the split layer resumes in a new pruner built with the group one
+            self.split_from: dict[str, str] = {}
+            if self._freed is not None and self._freed.note:
+                self.notes["mac_price"] = self._freed.note
+            # priced Linear inputs are re-fitted from the others when they go (mac_compensate.py)
+            self._covariance = None
+            if self._freed is not None:
+                refit = {name: t.module for name, t in self.targets.items()
+                         if isinstance(t.module, nn.Linear) and t.attr == "weight" and len(t.owners) <= 1
+                         and self._alpha_shape(t, self.granularity[name]) == (1, t.param.shape[1])}
+                wide = sorted(name for name, module in refit.items() if module.in_features > REFIT_MAX_INPUTS)
+                if wide:
+                    self.notes["mac_price refit"] = (f"inputs of {', '.join(wide)} priced without the re-fit (more "
+                                                     f"than {REFIT_MAX_INPUTS} inputs)")
+                refit = {name: module for name, module in refit.items() if name not in wide}
+                self._covariance = InputCovariance(refit) if refit else None
+            self.accumulator = None
+            if curvature != "ef-batch":
+                self._attach_accumulator()
+            self.history: list[dict[str, Any]] = []
+            self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
+            self._said_lr_zero: set[str] = set()         # layers whose lr was 0 at an update, warned about once
+            self._said_emptied: set[str] = set()   # layers kept at their strongest group, warned about once
+            self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
+            self.detached = False   # see detach()
+            self.copied = False     # see __setstate__
+            # layers that had a gradient at a step whose batch the exact estimator captured, yet have
+            # not been seen by its hooks since the last update (a parent reads their weight itself);
+            # update() refuses to price them at 0. fisher-mc: whether this step's batch was captured.
+            self._grad_not_captured: set[str] = set()
+            self._mc_step_captured = False
+            self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
+            self._hooks = []
+            # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
+            # (MacKayAdam's fused step, or the step hooks), or each backward's without an optimizer;
+            # the 1-D channel members that channel_ard tracks itself follow it
+            self.ef_batch_source = "step" if optimizer is not None else "backward"
+            self._step_reader = None
+            self._steps_since_update: int | None = None
+            self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
+            self._gradient_scale = 1.0   # see the property
+            self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
+            self._lockstep = Lockstep()
+            self._rank_batch = RankBatchWatch(model) if optimizer is not None and world_size() > 1 else None
+            if self._rank_batch is not None:
+                self._hooks.append(self._rank_batch.handle)
+            # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
+            self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
+            self.foreign_steps: dict[str, int] = {}   # steps of other optimizers since the last update, by class
+            if optimizer is not None:
+                self._steps_since_update = 0
+                self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+            if optimizer is not None:   # another optimizer's steps leave the pruned weights at 0 too
+                watch_foreign_steps(self)
+            if self.fused:
+                self._attach_to_optimizer()
+            else:
+                if batch_size is None and curvature == "ef-batch":
+                    raise ValueError("MacKayPruner: batch_size is needed for the ef-batch curvature "
+                                     "when the optimizer is not a MacKayAdam")
+                self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
+                if batch_size is not None and self.batch_size > self.num_data:
+                    raise ValueError(f"{where}: batch_size ({self.batch_size:g}) exceeds num_data "
+                                     f"({self.num_data:g}), the training-set size")
+                self.curvature_decay = float(curvature_decay)
+                self._attach_hooks()
+                self._warn_unknown_optimizer()
+            if coupling is not None:
+                from .channel_ard import ChannelARD
+                self.channel = ChannelARD(self, coupling, batch_size)
+            claim(self, [target.param for target in self.targets.values()])
+            if optimizer is not None:   # after every other hook of a step: gradient_scale holds for one
+                self._hooks.append(optimizer.register_step_post_hook(self._end_of_step))
+            self._hooks.append(watch_model_loads(self))   # weights loaded where alpha = +inf are said
 
     @property
     def gradient_scale(self) -> float:
