@@ -13,6 +13,7 @@ from torch import nn
 from ._checksum import DIGEST_KEY, check_plain, check_seal, save_sealed
 from ._files import CorruptFileError, load_plain
 from ._validate import check_module, check_not_quantized
+from .convert import MIN_SPARSITY
 from .csr import check_csr
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
 
@@ -113,7 +114,7 @@ def _warn_if_sparse_but_dense(model: nn.Module) -> None:
             weight = module.weight
             if isinstance(weight, torch.Tensor) and weight.numel() and not weight.is_meta:
                 share = float((weight == 0).float().mean())
-                if share >= 0.5:   # sparsify's default min_sparsity
+                if share >= MIN_SPARSITY:   # what sparsify would convert
                     zeros[name] = share
     if zeros:
         shown = ", ".join(f"{name} {share:.0%}" for name, share in list(zeros.items())[:4])

@@ -185,8 +185,11 @@ def _sparse_but_formless(model: nn.Module, min_sparsity: float, excluded) -> lis
     return found
 
 
+MIN_SPARSITY = 0.5   # sparsify's default: a layer at least this sparse is converted
+
+
 @torch.no_grad()
-def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = 0.5, *, exclude=()) -> nn.Module:
+def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = MIN_SPARSITY, *, exclude=()) -> nn.Module:
     """Replace every nn.Linear / nn.Conv2d (groups=1) whose sparsity reaches `min_sparsity` by
     its sparse twin, in place; returns the model. Sparsity comes from the optimizer's alpha
     (+inf = pruned) when given, else from exact zeros; a nonzero weight where alpha is +inf is

@@ -680,6 +680,7 @@ class FisherAccumulator:
         for total in self.sums.values():
             total.zero_()
         self.counts.clear()
+        self.backward_passes = 0
         self.new_batch()
 
     def detach(self) -> None:

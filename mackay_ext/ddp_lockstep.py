@@ -21,9 +21,15 @@ WAIT = datetime.timedelta(seconds=300)
 _pruner_ids = itertools.count()   # the same sequence on every rank when each builds its pruners alike
 
 
+def world_size() -> int:
+    """Processes in the default process group (1 without one)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _store():
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    if world_size() < 2:
         return None
     try:
         return dist.distributed_c10d._get_default_store()

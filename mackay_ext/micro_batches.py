@@ -14,7 +14,7 @@ The rule reads every backward of a step as one micro-batch of the step's mean lo
 left undivided (the sum of A micro-batch means, with gradient_scale = A, which serves ef-batch
 and the prior) would be read A^2 too large: a step with A > 1 and gradient_scale > 1 (which
 clipping alone, c <= 1, never sets) is warned about. A caller that knows the micro-batch losses
-are undivided says so (`divided=False`: the Hugging Face callback, for transformers' heads that
+are undivided says so (`divided = False`: the Hugging Face callback, for transformers' heads that
 compute their own mean loss, which the Trainer does not divide): each backward is then read as it
 is, its examples' whole gradients.
 """
@@ -30,17 +30,20 @@ class MicroBatchScale:
     def __init__(self) -> None:
         self.weighted_squares = 0.0   # sum over steps of examples x A^2
         self.examples = 0.0           # sum over steps of examples
+        self.seen = 0                 # the accumulator's example count at the last step's end
+        self.divided = True   # each micro-batch's loss divided by their number (torch's recipe)
         self.warned = False
 
-    def after_step(self, passes: int, examples: int, gradient_scale: float, divided: bool = True) -> None:
-        """A step that captured `passes` backward passes over `examples` examples; `divided`:
-        each micro-batch's loss was divided by their number (torch's recipe), else left its mean."""
+    def after_step(self, passes: int, seen: int, gradient_scale: float) -> None:
+        """A step that captured `passes` backward passes; `seen`: the accumulator's example count
+        now (this step's examples are those since the last step)."""
+        examples, self.seen = seen - self.seen, seen
         if passes < 1 or examples < 1:   # (a step curvature_every left out)
             return
-        share = passes if divided else 1
+        share = passes if self.divided else 1
         self.weighted_squares += examples * share * share
         self.examples += examples
-        if passes > 1 and divided and gradient_scale > 1.0 and not self.warned:
+        if passes > 1 and self.divided and gradient_scale > 1.0 and not self.warned:
             self.warned = True
             warnings.warn(
                 f"MacKayPruner: curvature='ef-exact' saw {passes} backward passes in one optimizer step with "
@@ -55,10 +58,13 @@ class MicroBatchScale:
 
     def reset(self) -> None:
         self.weighted_squares = self.examples = 0.0
+        self.seen = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"weighted_squares": self.weighted_squares, "examples": self.examples}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], seen: int) -> None:
+        """`seen`: the example count of the accumulator loaded beside it."""
         self.weighted_squares = float(state.get("weighted_squares", 0.0))
         self.examples = float(state.get("examples", 0.0))
+        self.seen = seen

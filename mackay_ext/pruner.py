@@ -55,8 +55,8 @@ from .ard_targets import (
     find_targets,
 )
 from .batch_curvature import ema_debiased
-from .ddp_lockstep import Lockstep
-from .rank_batch import RankBatchWatch, world_size
+from .ddp_lockstep import Lockstep, world_size
+from .rank_batch import RankBatchWatch
 from .dead_units import prune_unused_units
 from .foreign_steps import unwatch, watch_foreign_steps
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
@@ -94,7 +94,7 @@ def _wrapper_hint(ours: set[str], saved: set[str]) -> str:
 
 
 @contextlib.contextmanager
-def _taken_back_if_refused(pruner):
+def _detached_if_refused(pruner):
     """A build that raises takes back what it had attached by then: the optimizer's step hooks
     were registered before the later checks, and a refused MacKayPruner(model, adam, num_data=N)
     (no batch_size) left a hook that failed every later adam.step() with a bare KeyError, while
@@ -102,7 +102,7 @@ def _taken_back_if_refused(pruner):
     try:
         yield
     except BaseException:
-        pruner._take_back_partial_build()
+        pruner.detach()
         raise
 
 
@@ -341,14 +341,15 @@ class MacKayPruner(StandalonePrior):
                           f"({self.notes[fallen[0]][len('per-weight ARD: '):]})", UserWarning, stacklevel=2)
         # from here on hooks are attached: a refusal takes them back (the with adds no frame, so
         # the warnings said inside point at the caller as before)
-        with _taken_back_if_refused(self):
+        with _detached_if_refused(self):
+            # what detach() takes back, before anything is attached
+            self._hooks, self._step_reader, self._covariance, self.accumulator = [], None, None, None
             # layers split from a group granularity into one alpha per weight (_drop), with the group's
             # name: a checkpoint of the split layer resumes in a new pruner built with the group one
             self.split_from: dict[str, str] = {}
             if self._freed is not None and self._freed.note:
                 self.notes["mac_price"] = self._freed.note
             # priced Linear inputs are re-fitted from the others when they go (mac_compensate.py)
-            self._covariance = None
             if self._freed is not None:
                 refit = {name: t.module for name, t in self.targets.items()
                          if isinstance(t.module, nn.Linear) and t.attr == "weight" and len(t.owners) <= 1
@@ -359,7 +360,6 @@ class MacKayPruner(StandalonePrior):
                                                      f"than {REFIT_MAX_INPUTS} inputs)")
                 refit = {name: module for name, module in refit.items() if name not in wide}
                 self._covariance = InputCovariance(refit) if refit else None
-            self.accumulator = None
             if curvature != "ef-batch":
                 self._attach_accumulator()
             self.history: list[dict[str, Any]] = []
@@ -375,12 +375,10 @@ class MacKayPruner(StandalonePrior):
             self._grad_not_captured: set[str] = set()
             self._mc_step_captured = False
             self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
-            self._hooks = []
             # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
             # (MacKayAdam's fused step, or the step hooks), or each backward's without an optimizer;
             # the 1-D channel members that channel_ard tracks itself follow it
             self.ef_batch_source = "step" if optimizer is not None else "backward"
-            self._step_reader = None
             self._steps_since_update: int | None = None
             self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
             self._gradient_scale = 1.0   # see the property
@@ -492,10 +490,7 @@ class MacKayPruner(StandalonePrior):
         self._target_of_param = {t.param: name for name, t in self.targets.items()}
         self.accumulator = FisherAccumulator(self.model, mode=self.curvature_kind, modules=modules,
                                              backend=self.backend, strict=True, alpha_of=self._alpha_of)
-        # ef-exact: the backward passes of each optimizer step (gradient accumulation's A)
-        self._micro_batches = MicroBatchScale()
-        self._examples_before_step = 0
-        self._micro_batches_divided = True   # False: a callback that knows the losses are undivided
+        self._micro_batches = MicroBatchScale()   # ef-exact: gradient accumulation's A per step
 
     def _alpha_of(self, param: nn.Parameter) -> torch.Tensor | None:
         """The alphas of an ARD weight, for the accumulator to skip what is pruned (None under
@@ -563,23 +558,21 @@ class MacKayPruner(StandalonePrior):
     def detach(self) -> None:
         """Remove the gradient, optimizer and curvature hooks; the weights are then free for
         another pruner. update() and apply_masks() are refused from then on (report(),
-        state_dict() and the alphas stay readable)."""
-        self._take_back_partial_build()
-
-    def _take_back_partial_build(self) -> None:
-        """detach(), also for a build that stopped part-way (whatever it had attached by then)."""
+        state_dict() and the alphas stay readable). Also what a refused build runs."""
         self.detached = True
         release(self)
-        for handle in getattr(self, "_hooks", ()):
+        for handle in self._hooks:
             handle.remove()
-        if hasattr(self, "_hooks"):
-            self._hooks.clear()
+        self._hooks.clear()
         unwatch(self)
-        for part, undo in (("_step_reader", "remove"), ("accumulator", "detach"), ("channel", "detach"),
-                           ("_covariance", "remove")):
-            held = getattr(self, part, None)
-            if held is not None:
-                getattr(held, undo)()
+        if self._step_reader is not None:
+            self._step_reader.remove()
+        if self.accumulator is not None:
+            self.accumulator.detach()
+        if self.channel is not None:
+            self.channel.detach()
+        if self._covariance is not None:
+            self._covariance.remove()
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
         """fisher-mc: add the sampled-label Fisher of a batch of inputs (a forward and backward
@@ -646,10 +639,9 @@ class MacKayPruner(StandalonePrior):
 
     def _count_micro_batches(self) -> None:
         """The backward passes this optimizer step captured and their examples (micro_batches.py)."""
-        examples = self.accumulator.num_examples
-        self._micro_batches.after_step(self.accumulator.backward_passes, examples - self._examples_before_step,
-                                       self.gradient_scale, self._micro_batches_divided)
-        self.accumulator.backward_passes, self._examples_before_step = 0, examples
+        self._micro_batches.after_step(self.accumulator.backward_passes, self.accumulator.num_examples,
+                                       self.gradient_scale)
+        self.accumulator.backward_passes = 0
 
     def _sample_next_batch(self) -> None:
         """ef-exact with curvature_every=k: the hooks capture the first training step after an
@@ -693,9 +685,7 @@ class MacKayPruner(StandalonePrior):
                 # the update leaves it as it is and says so (_without_data)
                 self.curvature(name).zero_()
         self.accumulator.reset()
-        if self.curvature_kind == "ef-exact":
-            self._micro_batches.reset()
-            self._examples_before_step, self.accumulator.backward_passes = 0, 0
+        self._micro_batches.reset()
         self._grad_not_captured.clear()
 
     # ------------------------------------------------------------------ state
@@ -1262,10 +1252,10 @@ class MacKayPruner(StandalonePrior):
         as such (once, in a warning too): it trains without a prior."""
         entries = []
         for entry in self.excluded:
-            if entry["reason"] == FROZEN and self._requires_grad_now(entry["name"]) and \
-                    self._claimed_elsewhere(entry["name"]):
+            unfrozen = entry["reason"] == FROZEN and self._requires_grad_now(entry["name"])
+            if unfrozen and self._claimed_elsewhere(entry["name"]):
                 entry = dict(entry, reason=UNFROZEN_COVERED)
-            elif entry["reason"] == FROZEN and self._requires_grad_now(entry["name"]):
+            elif unfrozen:
                 entry = dict(entry, reason=UNFROZEN)
                 if entry["name"] not in self._unfrozen_warned:
                     self._unfrozen_warned.add(entry["name"])
@@ -1390,9 +1380,8 @@ class MacKayPruner(StandalonePrior):
         self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
         if self.accumulator is not None:   # absent before it was saved: the estimate starts afresh
             self.accumulator.load_state_dict(state.get("exact_curvature", {}))
-            if self.curvature_kind == "ef-exact":   # (absent before it was saved: no accumulation seen)
-                self._micro_batches.load_state_dict(state.get("micro_batches", {}))
-                self._examples_before_step, self.accumulator.backward_passes = self.accumulator.num_examples, 0
+            # (absent before it was saved: no accumulation seen)
+            self._micro_batches.load_state_dict(state.get("micro_batches", {}), self.accumulator.num_examples)
         if self._covariance is not None:
             self._covariance.load_state_dict(state.get("input_covariance", {}))
         # t of each ef-batch moving average; absent from older checkpoints: read h as it is

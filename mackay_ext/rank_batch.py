@@ -13,14 +13,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .copy_inert import CopyInert
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+from .ddp_lockstep import world_size
 
 
 class RankBatchWatch:

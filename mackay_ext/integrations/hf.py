@@ -265,7 +265,7 @@ class MacKayCallback(TrainerCallback):
                 _loss_normalisation(model) == "ignored" else 1.0
             self.pruner.gradient_scale = self._gradient_scale
             if self.pruner.curvature_kind == "ef-exact":   # its backward passes hold undivided micro-batch means
-                self.pruner._micro_batches_divided = self._gradient_scale == 1.0
+                self.pruner._micro_batches.divided = self._gradient_scale == 1.0
             self.last_update = None
         self._norm_before_clipping = self._watch_norm(args, model)
         if self.at_end == "shrink" and self.pruner_options.get("granularity") != "channel":
