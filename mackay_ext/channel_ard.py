@@ -30,11 +30,13 @@ Pruning: "snr": sum_{i in g} w_i^2 / sum_{i in g} Sigma_ii < threshold, Sigma wi
 "alpha": alpha_g >= threshold. A pruned group gets alpha_g = +inf: every member entry is set to
 exactly 0 and gets alpha_eff = +inf.
 
-channel_prior="norm-scale": a group whose members include the weight (scale) of a BatchNorm or
-InstanceNorm carries its prior on those scale entries alone: the sums above run over them, and
+channel_prior="norm-scale": a group whose members include the weight (scale) of a BatchNorm,
+InstanceNorm or GroupNorm carries its prior on those scale entries alone: the sums above run over them, and
 its other members get nothing from alpha_g (r_gi = 0) until it is pruned, when they too get +inf
 and are zeroed. A norm that normalises each channel divides out the scale of the filter before
-it, so a prior on that filter only sets its norm (and its curvature, ~1/|w|^2), not the fit.
+it, so a prior on that filter only sets its norm (and its curvature, ~1/|w|^2), not the fit. A
+GroupNorm divides out the joint scale of the filters of one of its groups, whose channels the
+trace couples into one channel group: the same holds for that group's filters together.
 
 Where each member's alpha_eff and curvature live:
 - ARD targets of the pruner (matrices): the pruner's alpha of the parameter's full shape (MacKayAdam
@@ -76,7 +78,7 @@ from .mac_price import channel_group_macs, channel_priced_out
 from .prune_cap import allowed_prunes, groups_to_restore
 from .standalone_prior import proximal_shrink_
 
-__all__ = ["ChannelARD", "is_channel_scale", "trace_for_pruner"]
+__all__ = ["ChannelARD", "NORM_NAMES", "SCALED_NORMS", "is_channel_scale", "trace_for_pruner"]
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -111,13 +113,20 @@ def _why_blocked(unsliced: list[str], pruner, coupling: Coupling) -> str:
     return ""
 
 
+# Norms with a per-channel scale that divide out the scale of what they read: per channel
+# (BatchNorm, InstanceNorm: _NormBase) or per group of channels (GroupNorm).
+SCALED_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm)
+NORM_NAMES = "a BatchNorm, InstanceNorm or GroupNorm"
+
+
 def is_channel_scale(model: nn.Module, name: str) -> bool:
-    """Is parameter `name` the scale of a per-channel normalisation (BatchNorm, InstanceNorm)? What
-    such a layer reads is invariant to the scale of the filter that makes its channel, so the
-    channel's size in the function is this weight's entry alone."""
+    """Is parameter `name` the per-channel scale of a normalisation (BatchNorm, InstanceNorm,
+    GroupNorm)? What such a layer reads is invariant to the scale of the filters that make its
+    channel (a GroupNorm: its group of channels, which the trace keeps in one channel group), so
+    the channel's size in the function is this weight's entry alone."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    return leaf == "weight" and isinstance(module, nn.modules.batchnorm._NormBase) and module.affine
+    return leaf == "weight" and isinstance(module, SCALED_NORMS) and module.affine
 
 
 class _Member:
@@ -204,8 +213,8 @@ class ChannelARD:
         through_norm = [any(self.members[m.name].scale for m in g.members) for g in groups]
         if any(through_norm) and not pruner._channel_prior_chosen and pruner.max_prune_fraction is None:
             warnings.warn(
-                f"MacKayPruner: {sum(through_norm)} of {len(groups)} channel groups pass through a BatchNorm "
-                "or InstanceNorm, which divides their filters' scale out: the default prior on those "
+                f"MacKayPruner: {sum(through_norm)} of {len(groups)} channel groups pass through {NORM_NAMES}, "
+                "which divides their filters' scale out: the default prior on those "
                 "filters (channel_prior='members') is a prior on nothing the network computes, and the "
                 "first pruning update can remove most of the network. channel_prior='norm-scale' puts "
                 "it on the norm's scale, where the evidence is well posed; or keep 'members' (pass it "
@@ -214,8 +223,8 @@ class ChannelARD:
         if pruner.channel_prior == "norm-scale":
             self.on_scale = torch.tensor(through_norm, dtype=torch.bool, device=device)
             if not bool(self.on_scale.any()):
-                self.notes.append("channel_prior='norm-scale': no group passes through a BatchNorm or "
-                                  "InstanceNorm with a scale; every group's prior is on all its members")
+                self.notes.append(f"channel_prior='norm-scale': no group passes through {NORM_NAMES} "
+                                  "with a scale; every group's prior is on all its members")
         self._own = ParamStates()   # the 1-D members' alpha and h
         self._hooks = []
         self._batch_size, self._decay = self._ef_batch_settings(batch_size)

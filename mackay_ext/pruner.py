@@ -222,8 +222,8 @@ class MacKayPruner(StandalonePrior):
             (default): on every member entry (filter, bias, norm entries, consumer slices);
             left at its default on a network whose groups pass through a BatchNorm, with no
             max_prune_fraction, a warning says why "norm-scale" is the well-posed choice there.
-            "norm-scale": on a group whose channel passes through a BatchNorm or InstanceNorm
-            with a scale, on those scale entries alone; its filter and consumer slices get no
+            "norm-scale": on a group whose channel passes through a BatchNorm, InstanceNorm or
+            GroupNorm with a scale, on those scale entries alone; its filter and consumer slices get no
             prior from it, and pruning it still zeroes every member. A filter before such a norm
             is scale-free (the norm divides its scale out): the prior shrinks it at no cost to
             the fit, its curvature grows as 1/|w|^2, and the diagonal evidence cannot tell a
@@ -995,12 +995,11 @@ class MacKayPruner(StandalonePrior):
             return
         where = (f" and would have emptied {len(emptied)} layer(s) ({', '.join(emptied[:4])}"
                  f"{', ...' if len(emptied) > 4 else ''}; the strongest group of each kept)" if emptied else "")
-        norms = self.channel is None and any(
-            isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)) and m.affine
-            for m in self.model.modules())
+        from .channel_ard import SCALED_NORMS
+        norms = self.channel is None and any(isinstance(m, SCALED_NORMS) and m.affine for m in self.model.modules())
         # per weight or per filter, a layer before a BatchNorm is scale-free: its prior costs the fit nothing
-        scale_free = (" This network has BatchNorm layers: the weights of a layer before one are scale-free "
-                      "(the norm divides their scale out), so their prior shrinks them at no cost to the fit "
+        scale_free = (" This network has normalisation layers (BatchNorm, InstanceNorm or GroupNorm): the weights "
+                      "of a layer before one are scale-free (the norm divides their scale out), so their prior shrinks them at no cost to the fit "
                       "and can empty the layer; granularity='channel' with channel_prior='norm-scale' puts "
                       "the prior on the norm's scale instead." if norms else "")
         warnings.warn(

@@ -1,5 +1,5 @@
 """channel_prior="norm-scale" (MacKayPruner(granularity="channel"), mackay_ext.channel_ard): the
-prior of a channel that passes through a BatchNorm sits on the BatchNorm's scale alone. Against a
+prior of a channel that passes through a BatchNorm (InstanceNorm, GroupNorm) sits on the norm's scale alone. Against a
 per-entry float64 reference; the alphas do not move when a filter before BatchNorm is rescaled
 (which changes nothing the network computes), while the members prior's do; pruned groups stay
 exactly 0 in training; settings, state and bad input."""
@@ -203,6 +203,61 @@ def test_rescaling_a_filter_before_batchnorm_moves_only_the_members_prior(channe
     else:
         ratio = alphas[0][scaled] / alphas[1][scaled]
         assert (ratio > 20).all(), ratio
+
+
+class ConvGn(nn.Module):
+    """conv (2 -> 6), GroupNorm with 3 groups of 2 channels, pool, fc1, fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.gn = nn.GroupNorm(3, 6, eps=1e-12)
+        self.fc1, self.fc2 = nn.Linear(6 * 4 * 4, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.gn(self.conv(x))), 2)
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("channel_prior", ["norm-scale", "members"])
+def test_a_groupnorm_is_a_norm_scale_too(channel_prior):
+    """A GroupNorm divides out the joint scale of the filters of each of its groups (a new user's
+    GroupNorm U-Net kept every channel, with no word about the prior). The trace couples a norm
+    group's channels into one channel group; its norm-scale prior sits on the GroupNorm's scale
+    entries, so rescaling that group's filters (the same function) leaves its alpha where it
+    was, while the members prior's falls ~100x; the default prior there is warned about."""
+    x = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    alphas = []
+    for factor in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = ConvGn().double()
+        with torch.no_grad():
+            model.conv.weight[:2] *= factor          # norm group 0: channels 0 and 1
+            model.conv.bias[:2] *= factor
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner = MacKayPruner(model, optimizer, num_data=N, granularity="channel", channel_prior=channel_prior,
+                              example_inputs=x[:2], batch_size=8)
+        for _ in range(2):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            pruner.update(prune=False)
+        alphas.append(pruner.channel.alpha.clone())
+    scaled = torch.tensor([any(m.name == "conv.weight" and m.dim == 0 and m.indices[0] < 2 for m in g.members)
+                           for g in pruner.channel.groups])
+    assert scaled.sum() == 1                          # the norm group's two channels are one group
+    if channel_prior == "norm-scale":
+        assert not pruner.channel.alpha_eff("conv.weight").any()
+        assert pruner.channel.alpha_eff("gn.weight").gt(0).all()
+        torch.testing.assert_close(alphas[1], alphas[0], rtol=1e-6, atol=0)
+    else:
+        ratio = alphas[0][scaled] / alphas[1][scaled]
+        assert (ratio > 20).all(), ratio
+    fresh = ConvGn().double()
+    with pytest.warns(UserWarning, match="pass through a BatchNorm, InstanceNorm or GroupNorm"):
+        MacKayPruner(fresh, torch.optim.SGD(fresh.parameters(), lr=0.0), num_data=N, granularity="channel",
+                     example_inputs=x[:2], batch_size=8)
 
 
 def test_pruned_groups_stay_zero_in_training_and_the_filters_get_no_prior():

@@ -211,7 +211,8 @@ def test_a_collapse_of_a_batchnorm_network_pruned_per_weight_names_the_norms(nor
     with pytest.warns(RuntimeWarning, match="this update pruned") as caught:
         pruner.update()
     said = " ".join(str(w.message) for w in caught)
-    assert ("This network has BatchNorm layers: the weights of a layer before one are scale-free" in said) == norm
+    assert ("This network has normalisation layers (BatchNorm, InstanceNorm or GroupNorm): the weights of a "
+            "layer before one are scale-free" in said) == norm
 
 
 def test_resumed_pruner_knows_it_was_trained():
