@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mackay_ext.curvature import FisherAccumulator
 
@@ -80,6 +81,38 @@ def test_float32_network_and_inplace_relu(monkeypatch):
     F.cross_entropy(reference(x), y).backward()
     assert_same_grads(model, reference, rtol=1e-5, atol=1e-6)
     assert counts == {"taken": 2, "none": 0}
+
+
+class LibraryConvBackwards(TorchDispatchMode):
+    """The output masks of the library's convolution backwards run inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_served_conv_asks_the_library_for_its_input_gradient_only():
+    """With the weight's gradient served, the bias's is the output gradient's sum: asked for it,
+    oneDNN runs its weight-gradient pass in full (as long as the served products took again on
+    LeNet-5's second conv), so the library is asked for the input's gradient alone, or not at
+    all; the gradients are autograd's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.Flatten(),
+                          nn.Linear(6 * 6 * 6, 10)).double()
+    reference = copy.deepcopy(model)
+    FisherAccumulator(model)
+    x, y = torch.randn(8, 1, 12, 12, dtype=torch.float64), torch.randint(0, 10, (8,))
+    loss = F.cross_entropy(model(x), y)
+    with LibraryConvBackwards() as library:
+        loss.backward()
+    F.cross_entropy(reference(x), y).backward()
+    assert_same_grads(model, reference)
+    assert library.masks == [[True, False, False]]   # the second conv's input; the first asks nothing
 
 
 class Twice(nn.Module):
