@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _extra_work import extra_work
 from _hardware import cpu_name
 from mackay_ext import models
 from mackay_ext.kept_pattern import MAX_SPARSE_DENSITY
@@ -237,15 +238,30 @@ def measure(name: str, budget: float, quick: bool) -> dict:
             row["target"] = TARGETS[kind]
             row["verdict"] = "met" if row["ratio"] <= TARGETS[kind] else "missed"
         rows[kind] = row
+    ard_layers = sorted(variants["ef-exact"].pruner.layers)
     result = {"input_shape": list(shape), "batch": shape[0], "steps_per_sample": block,
-              "rounds": len(samples["adam"]), "ard_layers": sorted(variants["ef-exact"].pruner.layers),
-              "variants": rows, "profiles": {}}
+              "rounds": len(samples["adam"]), "ard_layers": ard_layers,
+              "extra_work": extra_work(copy.deepcopy(model), x, y, ard_layers), "variants": rows, "profiles": {}}
+    for kind, row in rows.items():
+        row["added_work"] = added_work(kind, result["extra_work"])
     for kind in VARIANTS[1:]:   # far above target: where the time goes (with the baseline's for contrast)
         if rows[kind]["ratio"] > 1.1 * TARGETS[kind] and not quick:
             steps = max(2, round(0.5 / (rows[kind]["amortised_step_ms"] / 1e3)))
             result["profiles"].setdefault("adam", profile_top(variants["adam"], steps))
             result["profiles"][kind] = profile_top(variants[kind], steps)
     return result
+
+
+def added_work(kind: str, extra: dict[str, float]) -> float | None:
+    """The share of a step's arithmetic a variant adds (bench/_extra_work.py), or None (no exact
+    curvature). Sampled variants add it on one step in SAMPLED; the kept variants' Linear squares
+    at their kept share (the ARD convolutions add none in ef-exact)."""
+    curvature, _, kept = kind.partition(", ")
+    curvature, _, every = curvature.partition(" 1/")
+    if curvature not in extra:
+        return None
+    share = extra[curvature] / int(every or 1)
+    return share * float(kept.split("%")[0]) / 100 if kept else share
 
 
 def markdown(report: dict) -> str:
@@ -268,9 +284,12 @@ def markdown(report: dict) -> str:
              "backward cost what they cost the baseline, and ef-exact sums the squares of a Linear "
              f"layer at its kept weights only (sq_sddmm_accumulate_, at or below {MAX_SPARSE_DENSITY:.0%} kept). "
              "10%: the lenet-300-100-weight recipe after its second pruning update; 2%: about its "
-             "median over its 100 MacKay epochs (90% of them run below 6.2%).", "",
-             "| model (batch) | variant | step ms (q1-q3) | update ms | steps/s | ratio | target | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "median over its 100 MacKay epochs (90% of them run below 6.2%). \"Added work\": the matrix "
+             "products and convolutions the variant's curvature adds, as a share of those of the "
+             "baseline's forward and backward (bench/_extra_work.py); where a step is mostly such "
+             "products, its ratio cannot fall much below 1 + that share.", "",
+             "| model (batch) | variant | step ms (q1-q3) | update ms | steps/s | ratio | added work | target | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, model in report["models"].items():
         for kind, row in model["variants"].items():
             lines.append(
@@ -278,6 +297,7 @@ def markdown(report: dict) -> str:
                 f"({row['step_ms_q1']:.2f}-{row['step_ms_q3']:.2f}) | "
                 + (f"{row['update_ms']:.1f}" if kind != "adam" else "") +
                 f" | {row['steps_per_s']:.1f} | {row['ratio']:.2f}x | "
+                + (f"+{row['added_work']:.0%}" if row.get("added_work") is not None else "") + " | "
                 + (f"<= {row['target']}x | {row['verdict']}" if "target" in row else " | ") + " |")
     lines += ["", "Samples: " + "; ".join(
         f"{n} {m['rounds']} rounds of {m['steps_per_sample']} steps" for n, m in report["models"].items()) + ".",

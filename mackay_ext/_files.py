@@ -12,7 +12,8 @@ import pickle
 import signal
 import threading
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -51,6 +52,11 @@ def save_atomic(obj: Any, path: str) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a file,
     and an interruption (a full disk) removes the temporary file. Ctrl-C waits for the write
     to end (_ctrl_c_held), then interrupts as usual."""
+    write_atomic(path, lambda handle: torch.save(obj, handle))
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """`write(handle)` into a temporary file, fsync, then rename onto `path` (see save_atomic)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path} is a directory: give the name of a file to write")
@@ -63,7 +69,7 @@ def save_atomic(obj: Any, path: str) -> None:
         with _ctrl_c_held():
             descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o666)
             with os.fdopen(descriptor, "wb") as handle:
-                torch.save(obj, handle)
+                write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)

@@ -224,8 +224,10 @@ def load_mnist(directory: str, *, val_fraction: float = 1 / 12, seed: int = 0,
     if download:
         download_mnist(directory)
     if not os.path.isdir(directory):
-        raise DatasetError(f"MNIST directory {os.path.abspath(directory)} does not exist; pass "
-                           "--data-dir (e.g. ../shared/data/mnist) or --download")
+        what = "is a file, not a directory" if os.path.exists(directory) else "does not exist"
+        raise DatasetError(f"MNIST directory {os.path.abspath(directory)} {what}; pass --data-dir, the "
+                           "directory holding MNIST's four files (e.g. ../shared/data/mnist), or fetch them "
+                           "into it with mackay-ext prune --download")
     arrays = {}
     for key, stem in MNIST_FILES.items():
         path = _find_idx(directory, stem)

@@ -606,6 +606,12 @@ def late_length_changes(saved: dict[str, Any], config: dict[str, Any], position:
     if "epochs" in changed and phase == "round" and not paper and round_index >= 1:
         late.append("epochs")
         why.append("the in-run pruning phase is over")
+    if "rounds" in changed and paper and phase == "round":
+        # round 0 is the warm-up; round r >= 1 has begun once its precision update ran
+        begun = round_index if position.get("updated") else round_index - 1
+        if begun > config["rounds"]:
+            late.append("rounds")
+            why.append(f"{begun} pruning rounds have run or begun, more than {config['rounds']}")
     if "epochs" in changed and paper and phase == "round" and round_index > config["rounds"]:
         late.append("epochs")
         why.append(f"every round has run (add rounds with {name('rounds')})")

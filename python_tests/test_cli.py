@@ -66,6 +66,18 @@ def test_the_model_file_says_how_its_inputs_were_standardised(digits_run):
     assert float(accuracy) == pytest.approx(report["test_accuracy"], abs=1e-6)
 
 
+def test_evaluate_standardises_as_the_model_was_trained():
+    """load() standardises with its own (seed 0) split's statistics; a run with another --seed
+    trained on slightly others, which model.pt records: evaluate uses those."""
+    from mackay_ext.cli.evaluate import _as_trained
+    splits = data.load("digits")
+    mean, std = splits.standardisation
+    pixels = splits.x_test * std + mean
+    trained = {"mean": mean + 0.01, "std": std * 1.1, "formula": "(x - mean) / std"}
+    torch.testing.assert_close(_as_trained(splits, trained), (pixels - mean - 0.01) / (std * 1.1))
+    assert _as_trained(splits, None) is splits.x_test   # an older model.pt: what load() gives
+
+
 def as_images(splits):
     """The 8x8 digits as (N, 1, 8, 8) images (DigitsMLP flattens them back)."""
     def image(x):

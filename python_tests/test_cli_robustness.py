@@ -296,6 +296,57 @@ def test_resume_honours_more_rounds_and_says_so(tiny_run, tmp_path, capsys):
     assert load_plain(str(checkpoint), "checkpoint")["cli_settings"]["rounds"] == 2
 
 
+def test_resume_refuses_fewer_rounds_than_have_run(tiny_run, tmp_path, capsys):
+    """A new user's --resume --rounds 1 of a 2-round run killed in its second round finished at
+    once, and report.json called it a 1-round run with 2 pruning updates."""
+    checkpoint = copy_of(tiny_run, tmp_path)
+    assert cli.main(["prune", "--resume", str(checkpoint), "--rounds", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["prune", "--resume", str(checkpoint), "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2
+    assert "--rounds cannot change this run any more: 2 pruning rounds have run or begun, more than 1" in err
+
+
+@pytest.mark.parametrize("round_index, updated, rounds, late", [
+    (2, True, 1, True),     # killed in round 2, after its update: 2 rounds begun
+    (2, False, 1, False),   # round 1 over, round 2 not begun: a 1-round run ends there
+    (2, True, 2, False),
+    (1, True, 1, False),
+])
+def test_late_rounds_on_resume(round_index, updated, rounds, late):
+    from mackay_ext.train import late_length_changes
+    position = {"phase": "round", "round": round_index, "epoch": 0, "updated": updated}
+    found, _ = late_length_changes({"rounds": 3}, {"rounds": rounds, "schedule": "paper"}, position)
+    assert (found == ["rounds"]) == late
+
+
+def test_a_new_run_into_an_out_holding_another_is_refused_until_overwrite(tiny_run, tmp_path, capsys,
+                                                                            monkeypatch):
+    """A new run into a used --out silently replaced its run (a resumable checkpoint too), and a
+    kill left the two runs' files mixed. It is refused, naming --resume and --overwrite; with
+    --overwrite the old run's files go before the new run starts."""
+    out = tmp_path / "used"
+    shutil.copytree(tiny_run, out)
+    before = (out / "report.json").read_bytes()
+    for argv in (["prune", *TINY, "--seed", "1", "--out", str(out)],
+                 ["prune", "--resume", str(copy_of(tiny_run, tmp_path)), "--out", str(out)]):
+        with pytest.raises(SystemExit) as exit:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2, argv
+        assert f"--out {out} holds another run (checkpoint.pt, report.json, model.pt" in err
+        assert f"mackay-ext prune --resume {out / 'checkpoint.pt'}" in err and "--overwrite" in err
+    assert (out / "report.json").read_bytes() == before
+    with monkeypatch.context() as patch:   # killed at once: no file of the old run is left
+        patch.setattr(Trainer, "run", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert cli.main(["prune", *TINY, "--seed", "1", "--quiet", "--overwrite", "--out", str(out)]) == 130
+    assert not any((out / name).exists() for name in ("checkpoint.pt", "report.json", "model.pt"))
+    assert cli.main(["prune", *TINY, "--seed", "1", "--quiet", "--overwrite", "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["settings"]["seed"] == 1
+
+
 @pytest.mark.parametrize("kind", ["model", "trainer", "list"])
 def test_resume_from_a_file_that_is_not_a_cli_checkpoint(tiny_run, tmp_path, capsys, kind):
     path = tmp_path / f"{kind}.pt"

@@ -60,8 +60,12 @@ def test_real_mnist_files():
 
 
 def test_mnist_missing_directory_and_file(tmp_path):
-    with pytest.raises(data.DatasetError, match="does not exist"):
+    with pytest.raises(data.DatasetError, match="does not exist; pass --data-dir, the directory holding"):
         data.load_mnist(str(tmp_path / "nowhere"))
+    (tmp_path / "a-file.gz").write_bytes(b"")   # a new user pointed --data-dir at one of the files
+    with pytest.raises(data.DatasetError, match="a-file.gz is a file, not a directory"):
+        data.load_mnist(str(tmp_path / "a-file.gz"))
+    os.remove(tmp_path / "a-file.gz")
     fake_mnist(tmp_path)
     os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(data.DatasetError, match=r"t10k-labels-idx1-ubyte\[.gz\] not found in .*--download"):

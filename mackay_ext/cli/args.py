@@ -218,6 +218,9 @@ def _parser() -> argparse.ArgumentParser:
              "(default: %(default)s)")
     add("--out", help="output directory, created if missing (default: ./mackay-run; with --resume, "
                       "the checkpoint's directory)")
+    add("--overwrite", action="store_true",
+        help="replace the run --out already holds (its checkpoint, report and model); without it, "
+             "such an --out is refused, since a new run there would silently discard it")
     add("--resume", metavar="CHECKPOINT",
         help="continue from a checkpoint.pt of mackay-ext prune, with the run's own settings: "
              f"{', '.join('--' + k.replace('_', '-') for k in CHANGEABLE_ON_RESUME)} may change, "
@@ -226,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="accuracy and size of a saved compressed model")
     ev.add_argument("path", help="a model.pt written by mackay-ext prune")
     ev.add_argument("--dataset", choices=datasets.DATASETS,
-                    help="default: the dataset the model's architecture was made for")
+                    help="default: the dataset named in the model file, else the one its architecture "
+                         "was made for")
     ev.add_argument("--data-dir", help="directory of the dataset files (as for prune)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="where to evaluate (default: %(default)s)")

@@ -39,6 +39,20 @@ def _compressed_model_name(payload: Any, path: str) -> str:
     return name
 
 
+def _as_trained(data, saved: Any) -> torch.Tensor:
+    """The test inputs standardised as the model's training inputs were: load() standardises with
+    the statistics of its own training split (seed 0's), and a run with another --seed held out
+    other validation images, so its mean and std differ slightly; model.pt records them."""
+    if data.standardisation is None or not isinstance(saved, dict):
+        return data.x_test
+    try:
+        mean, std = float(saved["mean"]), float(saved["std"])
+    except (KeyError, TypeError, ValueError):
+        return data.x_test
+    loaded_mean, loaded_std = data.standardisation
+    return (data.x_test * loaded_std + loaded_mean - mean) / std
+
+
 def run_evaluate(args, parser) -> int:
     """`mackay-ext evaluate`: test accuracy and size of a model.pt, as JSON on stdout."""
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -61,7 +75,8 @@ def run_evaluate(args, parser) -> int:
     except datasets.DatasetError as error:
         return _fail(error)
     model.to(args.device)
-    accuracy = evaluate(model, data.x_test, data.y_test, device=args.device)[0]
+    x_test = _as_trained(data, saved.get("input_standardisation"))
+    accuracy = evaluate(model, x_test, data.y_test, device=args.device)[0]
     total = nonzero = 0
     for module in model.modules():
         if isinstance(module, (SparseLinear, SparseConv2d)):

@@ -16,7 +16,7 @@ import torch
 from .. import data as datasets
 from .. import models
 from .._checksum import load_sealed
-from .._files import CorruptFileError, UnsafeFileError
+from .._files import CorruptFileError, UnsafeFileError, write_atomic
 from .._validate import NonFiniteError
 from ..sparse import (
     save_compressed,
@@ -173,6 +173,13 @@ def run_prune(args, parser, given: set[str] = frozenset()) -> int:
         del state
     out = args.out or (os.path.dirname(args.resume) or "." if args.resume else "mackay-run")
     _check_out(out, parser)
+    previous = _previous_run(out, args.resume)
+    if previous and not args.overwrite:
+        checkpoint = shlex.quote(os.path.join(out, "checkpoint.pt"))
+        parser.error(f"--out {out} holds another run ({', '.join(previous)}), which this one would replace "
+                     + (f"(continue it with: mackay-ext prune --resume {checkpoint}); " if "checkpoint.pt" in previous
+                        else "; ")
+                     + "pass --overwrite to replace it, or choose another --out")
     _check_settings(settings, args, given, parser)
     rank = _init_distributed(settings["device"])
     try:
@@ -188,12 +195,27 @@ def run_prune(args, parser, given: set[str] = frozenset()) -> int:
             torch.distributed.destroy_process_group()
 
 
+# What a run writes into --out (the lock aside): another run's files there are replaced only with
+# --overwrite, and removed before this run starts, so that a kill cannot leave the two mixed.
+RUN_FILES = ("checkpoint.pt", "report.json", "model.pt", "kept_per_layer.png", "log_alpha_hist.png")
+
+
+def _previous_run(out: str, resume: str | None) -> list[str]:
+    """The files of a run in `out` other than the one `resume` continues."""
+    if resume and os.path.abspath(os.path.dirname(resume) or ".") == os.path.abspath(out):
+        return []   # the resumed run's own folder: its files are this run's
+    return [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+
+
 def _run_prune(args, settings: dict[str, Any], changed: list[str], resumed: dict[str, float] | None,
                out: str, rank: int) -> int:
     progress = _Progress(args.quiet or rank != 0)
     if rank == 0:
         for change in changed:
             print(f"mackay-ext: resuming with {change}", file=sys.stderr)
+        if args.overwrite:   # under the lock: no other run writes there now
+            for name in _previous_run(out, args.resume):
+                os.remove(os.path.join(out, name))
     try:
         data = datasets.load(settings["dataset"], settings["data_dir"], seed=settings["seed"],
                              download=args.download)
@@ -284,8 +306,9 @@ def _report(out: str, settings: dict[str, Any], trainer: Trainer, data, wall: fl
     sizes = save_model(os.path.join(out, "model.pt"), settings["model"], model, settings["dataset"],
                        data.num_classes, data.standardisation)
     summary["model_file_bytes"], summary["dense_state_dict_bytes"] = sizes["bytes"], sizes["dense_bytes"]
-    with open(os.path.join(out, "report.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
+    # atomic, as the checkpoint: a kill mid-write leaves the last report whole, never half of one
+    text = json.dumps(summary, indent=2).encode()
+    write_atomic(os.path.join(out, "report.json"), lambda handle: handle.write(text))
     plots, plots_note = _plots(out, trainer)
     print(_layer_table(report))
     print(f"\n{settings['model']} on {settings['dataset']}: test accuracy "
