@@ -255,13 +255,15 @@ def measure(name: str, budget: float, quick: bool) -> dict:
 def added_work(kind: str, extra: dict[str, float]) -> float | None:
     """The share of a step's arithmetic a variant adds (bench/_extra_work.py), or None (no exact
     curvature). Sampled variants add it on one step in SAMPLED; the kept variants' Linear squares
-    at their kept share (the ARD convolutions add none in ef-exact)."""
+    at their kept share where the sparse kernel takes them (the ARD convolutions add none in
+    ef-exact)."""
     curvature, _, kept = kind.partition(", ")
     curvature, _, every = curvature.partition(" 1/")
     if curvature not in extra:
         return None
     share = extra[curvature] / int(every or 1)
-    return share * float(kept.split("%")[0]) / 100 if kept else share
+    fraction = float(kept.split("%")[0]) / 100 if kept else 1.0
+    return share * fraction if fraction <= MAX_SPARSE_DENSITY else share
 
 
 def markdown(report: dict) -> str:

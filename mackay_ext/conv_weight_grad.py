@@ -7,9 +7,10 @@ batch 64) the convs' weight gradients are about a fifth of a plain Adam step. Wh
 FisherAccumulator captures, a conv layer it serves runs as ConvFromExamples: the same convolution
 forward, and a backward that takes the weight's gradient from the accumulator (added up with the
 squares, FisherAccumulator._accumulate), sums the output gradient for the bias's, and asks the
-library for the input's only. Where the accumulator has none for the call (a module used twice in one forward,
-records that did not pair), the backward asks the library for the weight's gradient too, so the
-gradient is the library's either way, up to the order of a float sum.
+library for the input's only. Where the accumulator has none for the call (a module used twice
+in one forward, records that did not pair), the backward asks the library for the weight's and
+the bias's gradients too, so the gradients are the library's either way, up to the order of a
+float sum.
 
 Served: nn.Conv1d and nn.Conv2d themselves (not subclasses, which may compute differently),
 numeric zero padding, float32/float64 on the CPU, weight requiring grad, no autocast, outside

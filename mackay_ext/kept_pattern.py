@@ -15,11 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-# At or below this kept fraction the sparse kernel is used. bench/results/sq_sddmm.md (2-core EPYC;
-# the LeNet layers and 1024x1024, batches 32 and 128, 1 and 2 threads): at 10% kept it took
-# 0.44x-0.90x the dense product's time, at 20% 0.76x-1.39x. The slow end is batch 32 on 2 threads:
-# with few examples a nonzero is little work, and the writes touch most cache lines of out anyway.
-MAX_SPARSE_DENSITY = 0.1
+# At or below this kept fraction the sparse kernel is used. The line depends on the CPU's GEMM
+# (the LeNet layers, 500x800 and 1024x1024, batches 32 and 128, 1 and 2 threads): on a 2-core EPYC
+# the sparse kernel took 0.44x-0.90x the dense product's time at 10% kept; on a 2-core Xeon whose
+# MKL runs AVX-512, 0.77x-1.74x at 10% and 0.47x-1.10x at 5% (bench/results/sq_sddmm.md). The slow
+# end is batch 32 on 2 threads: with few examples a nonzero is little work. 5%: still the sparse
+# kernel for most of a pruning run (the lenet-300-100-weight recipe spends 90% of its MacKay
+# epochs below 6.2% kept), never much slower than the dense product on either machine.
+MAX_SPARSE_DENSITY = 0.05
 
 
 @dataclass(frozen=True)

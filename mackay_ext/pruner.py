@@ -998,10 +998,11 @@ class MacKayPruner(StandalonePrior):
         from .channel_ard import SCALED_NORMS
         norms = self.channel is None and any(isinstance(m, SCALED_NORMS) and m.affine for m in self.model.modules())
         # per weight or per filter, a layer before a BatchNorm is scale-free: its prior costs the fit nothing
-        scale_free = (" This network has normalisation layers (BatchNorm, InstanceNorm or GroupNorm): the weights "
-                      "of a layer before one are scale-free (the norm divides their scale out), so their prior shrinks them at no cost to the fit "
-                      "and can empty the layer; granularity='channel' with channel_prior='norm-scale' puts "
-                      "the prior on the norm's scale instead." if norms else "")
+        scale_free = (" This network has normalisation layers (BatchNorm, InstanceNorm or GroupNorm): the "
+                      "weights of a layer before one are scale-free (the norm divides their scale out), so "
+                      "their prior shrinks them at no cost to the fit and can empty the layer; "
+                      "granularity='channel' with channel_prior='norm-scale' puts the prior on the norm's "
+                      "scale instead." if norms else "")
         warnings.warn(
             f"MacKayPruner.update: this update pruned {100 * share:.1f}% of the weights still live "
             f"({before:,} -> {report['kept']:,}){where}. The diagonal evidence finds groups prunable "
