@@ -23,14 +23,18 @@ def _flops(run) -> int:
 
 
 def extra_work(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ard_layers: list[str]) -> dict[str, float]:
-    """curvature ("ef-exact", "fisher-mc") -> its added flops over one training step's."""
+    """curvature ("ef-exact", "fisher-mc") -> its added flops over one training step's; and
+    "ef-exact, sparse-able": the part of ef-exact's from Linear layers on 2-D inputs, which a
+    pruned layer sums at its kept weights only (sq_sddmm_accumulate_)."""
     modules = dict(model.named_modules())
-    forward_flops, outputs, handles = {}, [], []
+    forward_flops, outputs, handles, flat_inputs = {}, [], [], set()
     for name in ard_layers:
         def record(module, inputs, output, name=name):
             per_output = module.weight[0].numel()   # in_features, or in_channels / groups x kernel
             forward_flops[name] = 2 * output.numel() * per_output
             outputs.append(output)
+            if isinstance(module, nn.Linear) and inputs[0].dim() == 2:
+                flat_inputs.add(name)   # the sparse kernel's layers (kept_pattern.py)
         handles.append(modules[name].register_forward_hook(record))
     try:
         step = _flops(lambda: F.cross_entropy(model(x), y).backward())
@@ -42,4 +46,6 @@ def extra_work(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ard_layers: l
             handle.remove()
         model.zero_grad(set_to_none=True)
     linear = sum(f for name, f in forward_flops.items() if isinstance(modules[name], nn.Linear))
-    return {"ef-exact": linear / step, "fisher-mc": (sampled + sum(forward_flops.values())) / step}
+    flat = sum(f for name, f in forward_flops.items() if name in flat_inputs)
+    return {"ef-exact": linear / step, "fisher-mc": (sampled + sum(forward_flops.values())) / step,
+            "ef-exact, sparse-able": flat / step}

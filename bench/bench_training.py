@@ -263,7 +263,10 @@ def added_work(kind: str, extra: dict[str, float]) -> float | None:
         return None
     share = extra[curvature] / int(every or 1)
     fraction = float(kept.split("%")[0]) / 100 if kept else 1.0
-    return share * fraction if fraction <= MAX_SPARSE_DENSITY else share
+    if fraction > MAX_SPARSE_DENSITY:
+        return share
+    sparse_able = extra["ef-exact, sparse-able"] / int(every or 1)
+    return share - sparse_able * (1 - fraction)
 
 
 def markdown(report: dict) -> str:
