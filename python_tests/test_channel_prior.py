@@ -172,31 +172,39 @@ class ConvBn(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
 
 
-@pytest.mark.parametrize("channel_prior", ["norm-scale", "members"])
-def test_rescaling_a_filter_before_batchnorm_moves_only_the_members_prior(channel_prior):
-    """In training mode BatchNorm divides a filter's scale out: filters x10 compute the same
-    function. The norm-scale prior's alphas (and so its pruning) stay; the members prior's alpha
-    of those channels falls ~100x, set by a norm the data says nothing about."""
+def alphas_with_filters_scaled(make, channels: int, channel_prior: str):
+    """The channel alphas after the warm-up update and one with gamma < 1, with the first
+    `channels` filters of make()'s conv at x1 and at x10 (the same function under a norm that
+    divides their scale out); which groups hold those filters; the last pruner; the inputs."""
     x = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     alphas = []
     for factor in (1.0, 10.0):
         torch.manual_seed(0)
-        model = ConvBn().double()
+        model = make().double()
         with torch.no_grad():
-            model.conv.weight[:3] *= factor
-            model.conv.bias[:3] *= factor
+            model.conv.weight[:channels] *= factor
+            model.conv.bias[:channels] *= factor
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         pruner = MacKayPruner(model, optimizer, num_data=N, granularity="channel", channel_prior=channel_prior,
                               example_inputs=x[:2], batch_size=8)
-        for _ in range(2):                      # the warm-up update, then one with gamma < 1
+        for _ in range(2):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
             pruner.update(prune=False)
         alphas.append(pruner.channel.alpha.clone())
-    scaled = torch.tensor([any(m.name == "conv.weight" and m.dim == 0 and m.indices[0] < 3 for m in g.members)
+    scaled = torch.tensor([any(m.name == "conv.weight" and m.dim == 0 and m.indices[0] < channels for m in g.members)
                            for g in pruner.channel.groups])
+    return alphas, scaled, pruner, x
+
+
+@pytest.mark.parametrize("channel_prior", ["norm-scale", "members"])
+def test_rescaling_a_filter_before_batchnorm_moves_only_the_members_prior(channel_prior):
+    """In training mode BatchNorm divides a filter's scale out: filters x10 compute the same
+    function. The norm-scale prior's alphas (and so its pruning) stay; the members prior's alpha
+    of those channels falls ~100x, set by a norm the data says nothing about."""
+    alphas, scaled, _, _ = alphas_with_filters_scaled(ConvBn, 3, channel_prior)
     assert scaled.sum() == 3
     if channel_prior == "norm-scale":
         torch.testing.assert_close(alphas[1], alphas[0], rtol=1e-6, atol=0)
@@ -226,26 +234,7 @@ def test_a_groupnorm_is_a_norm_scale_too(channel_prior):
     group's channels into one channel group; its norm-scale prior sits on the GroupNorm's scale
     entries, so rescaling that group's filters (the same function) leaves its alpha where it
     was, while the members prior's falls ~100x; the default prior there is warned about."""
-    x = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    alphas = []
-    for factor in (1.0, 10.0):
-        torch.manual_seed(0)
-        model = ConvGn().double()
-        with torch.no_grad():
-            model.conv.weight[:2] *= factor          # norm group 0: channels 0 and 1
-            model.conv.bias[:2] *= factor
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        pruner = MacKayPruner(model, optimizer, num_data=N, granularity="channel", channel_prior=channel_prior,
-                              example_inputs=x[:2], batch_size=8)
-        for _ in range(2):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            pruner.update(prune=False)
-        alphas.append(pruner.channel.alpha.clone())
-    scaled = torch.tensor([any(m.name == "conv.weight" and m.dim == 0 and m.indices[0] < 2 for m in g.members)
-                           for g in pruner.channel.groups])
+    alphas, scaled, pruner, x = alphas_with_filters_scaled(ConvGn, 2, channel_prior)   # norm group 0
     assert scaled.sum() == 1                          # the norm group's two channels are one group
     if channel_prior == "norm-scale":
         assert not pruner.channel.alpha_eff("conv.weight").any()
