@@ -184,6 +184,43 @@ def _stored(module: nn.Module, name: str):
     return original if original is not None else getattr(module, name)
 
 
+def _tied_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """name -> "name = other" for each of `layers` holding a parameter another module holds too
+    (one module registered under two names is one module, used twice: that the hooks pair)."""
+    holders: dict[int, list[str]] = defaultdict(list)
+    seen = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for param in module._parameters.values():
+            if param is not None:
+                holders[id(param)].append(name)
+    tied = {}
+    for name, module in layers.items():
+        for param in module._parameters.values():
+            if param is not None and len(holders[id(param)]) > 1:
+                tied[name] = " = ".join(holders[id(param)])
+    return tied
+
+
+def _named_reasons(model: nn.Module, names: list[str], tied: dict[str, str]) -> str:
+    """The unsupported layers, each with what keeps it out, in a few words."""
+    def reason(name: str) -> str:
+        module = model.get_submodule(name)
+        if name in tied:
+            return f"tied: {tied[name]}"
+        reader = weight_reader(model, name)
+        if reader is not None:
+            return f"{reader} reads its weight itself"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode != "zeros":
+            return f"{type(module).__name__}, padding_mode={module.padding_mode!r}"
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and numeric_padding(module) is None:
+            return f"{type(module).__name__}, padding={module.padding!r}: unequal on the two sides"
+        return type(module).__name__
+    return ", ".join(f"{name} ({reason(name)})" for name in names)
+
+
 class FisherAccumulator:
     """Accumulates, for every supported layer's weight and bias, the sum over examples of the
     squared per-example gradient, and counts the examples.
@@ -203,7 +240,11 @@ class FisherAccumulator:
             squares (MacKayPruner counts a step's backward passes and corrects that:
             mackay_ext.micro_batches; on its own, multiply curvature() by A^2).
         strict: raise when a layer with parameters is not supported (else it is listed in
-            `unsupported` and reported once).
+            `unsupported` and a warning names it once, at construction). A layer holding a
+            parameter another module holds (tied weights) is not supported; a layer whose weight
+            is also read outside its own calls (a parent module reading module.weight itself,
+            other than nn.MultiheadAttention's out_proj, which is found) gets the curvature of its
+            calls only, and a subclass with a forward of its own is warned about.
         alpha_of: for a weight, the prior precisions a pruner holds for it (broadcastable to it),
             or None. Weights at alpha = +inf are pruned for good: their squares are not added
             (a Linear layer pruned below kept_pattern.MAX_SPARSE_DENSITY sums at its kept
@@ -233,15 +274,33 @@ class FisherAccumulator:
             if missing:
                 raise ValueError(f"FisherAccumulator: no modules named {missing} in the model")
             candidates = {n: named[n] for n in modules}
-        # a layer whose parent reads its weight itself (MultiheadAttention's out_proj) is never called
-        self.layers = {n: m for n, m in candidates.items() if supported(m) and weight_reader(model, n) is None}
+        # a layer whose parent reads its weight itself (MultiheadAttention's out_proj) is never called;
+        # a parameter two modules hold (tied weights) has a per-example gradient summed over both
+        # modules' uses, which their separate hooks cannot square (a new user's tied embedding and
+        # output layer read half its curvature, with no word)
+        tied = _tied_layers(model, candidates)
+        self.layers = {n: m for n, m in candidates.items()
+                       if supported(m) and weight_reader(model, n) is None and n not in tied}
         self.unsupported = sorted(n for n in candidates if n not in self.layers)
         if self.unsupported and strict:
             raise ValueError(f"FisherAccumulator: unsupported layers {self.unsupported} (supported: "
                              "nn.Linear, nn.Conv1d and nn.Conv2d with zero padding equal on both sides, called "
-                             "by their parent: nn.MultiheadAttention reads out_proj.weight itself)")
+                             "by their parent: nn.MultiheadAttention reads out_proj.weight itself; a parameter "
+                             f"held by two modules is not: {tied or 'none here'})")
         if not self.layers:
             raise ValueError("FisherAccumulator: the model has no supported layer (nn.Linear, nn.Conv1d, nn.Conv2d)")
+        if self.unsupported:
+            warnings.warn(f"FisherAccumulator: no exact curvature for {len(self.unsupported)} layer(s) with "
+                          f"parameters: {_named_reasons(model, self.unsupported, tied)}; curvature() raises "
+                          "KeyError for their parameters (strict=True refuses them instead)", UserWarning,
+                          stacklevel=2)
+        own_forward = sorted(n for n, m in self.layers.items()
+                             if type(m).forward not in (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward))
+        if own_forward:
+            warnings.warn(f"FisherAccumulator: {own_forward} are subclasses with a forward of their own: their "
+                          "curvature assumes it computes the layer's plain product of its input with `weight` "
+                          "(a forward that scales or transforms the weight gets wrong numbers)", UserWarning,
+                          stacklevel=2)
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
         self._pending: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)

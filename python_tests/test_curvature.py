@@ -2,11 +2,13 @@
 (vmap(grad)) in float64, fisher-mc against the exact Fisher, the fused squared-GEMM op."""
 
 import copy
+import warnings
 
 import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
 
 from mackay_ext import MacKayAdam, ard_param_groups
 from mackay_ext.curvature import FisherAccumulator, sq_gemm_accumulate_
@@ -332,3 +334,48 @@ def test_torch_prune_mask_keys_the_sums_by_weight_orig():
         nn.functional.cross_entropy(model(x[n:n + 1]), y[n:n + 1], reduction="sum").backward()
         expected += model[0].weight_orig.grad ** 2 / 4
     torch.testing.assert_close(acc.curvature(model[0].weight_orig), expected, rtol=1e-10, atol=0)
+
+
+class TiedNet(nn.Module):
+    """An embedding whose weight the output layer reuses (tied), with a Linear between."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(10, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(6, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.mid(self.emb(tokens))))
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, 2 * self.weight, self.bias)
+
+
+def test_tied_subclassed_and_unsupported_layers_are_said():
+    """A new user's audit against torch.func: a tied embedding and output layer read only the
+    output layer's share of the tied weight's gradient (half its curvature), with no word; a
+    Linear subclass computing with 2 w read a quarter; and the layers left out were "reported
+    once" by no one. Tied layers are left out now, and every such case is named at construction."""
+    model = TiedNet().double()
+    with pytest.warns(UserWarning, match=r"no exact curvature for 2 layer\(s\).*emb \(tied: emb = out\), "
+                                         r"out \(tied: emb = out\)"):
+        acc = FisherAccumulator(model)
+    assert acc.unsupported == ["emb", "out"] and list(acc.layers) == ["mid"]
+    with acc:
+        F.cross_entropy(model(torch.randint(0, 10, (4, 3))).flatten(0, 1), torch.randint(0, 10, (12,))).backward()
+    with pytest.raises(KeyError):
+        acc.curvature(model.emb.weight)
+    with pytest.raises(ValueError, match=r"held by two modules is not: \{'emb': 'emb = out', 'out': 'emb = out'\}"):
+        FisherAccumulator(TiedNet(), strict=True)
+    with pytest.warns(UserWarning, match=r"\['0'\] are subclasses with a forward of their own"):
+        FisherAccumulator(nn.Sequential(ScaledLinear(3, 2)))
+    with pytest.warns(UserWarning, match=r"0 \(Conv2d, padding_mode='reflect'\)"):
+        FisherAccumulator(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                                        nn.Linear(2, 2)))
+    shared = nn.Linear(3, 3)   # one module under two names is one module, called twice: supported
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(FisherAccumulator(nn.Sequential(shared, nn.Tanh(), shared)).layers) == ["0"]
