@@ -31,9 +31,9 @@ Pruning: "snr": sum_{i in g} w_i^2 / sum_{i in g} Sigma_ii < threshold, Sigma wi
 exactly 0 and gets alpha_eff = +inf.
 
 channel_prior="norm-scale": a group whose members include the weight (scale) of a BatchNorm,
-InstanceNorm or GroupNorm carries its prior on those scale entries alone: the sums above run over them, and
-its other members get nothing from alpha_g (r_gi = 0) until it is pruned, when they too get +inf
-and are zeroed. A norm that normalises each channel divides out the scale of the filter before
+InstanceNorm or GroupNorm carries its prior on those scale entries alone: the sums above run over
+them, and its other members get nothing from alpha_g (r_gi = 0) until it is pruned, when they too
+get +inf and are zeroed. A norm that normalises each channel divides out the scale of the filter before
 it, so a prior on that filter only sets its norm (and its curvature, ~1/|w|^2), not the fit. A
 GroupNorm divides out the joint scale of the filters of one of its groups, whose channels the
 trace couples into one channel group: the same holds for that group's filters together.

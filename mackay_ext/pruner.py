@@ -717,7 +717,9 @@ class MacKayPruner(StandalonePrior):
     def curvature_estimate(self, name: str) -> torch.Tensor:
         """The curvature update() reads: ef-batch's h / (1 - rho^t), t the updates h has taken
         (the optimizer's step count with MacKayAdam, the hooks' count otherwise), which is B g^2
-        for a constant gradient whatever t; the exact estimates as they are."""
+        for a constant gradient whatever t; the exact estimates as the last update() wrote them
+        (0 before the first): the batches since are summed in `pruner.accumulator` and written
+        at the next update."""
         name = self._layer(name)
         if self.curvature_kind != "ef-batch":
             return self.curvature(name)
