@@ -38,9 +38,10 @@ def extra_work(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ard_layers: l
         handles.append(modules[name].register_forward_hook(record))
     try:
         step = _flops(lambda: F.cross_entropy(model(x), y).backward())
+        outputs.clear()   # the sampled-label backward differentiates to this forward's outputs
         logits = model(x)
         labels = torch.multinomial(torch.softmax(logits.detach(), 1), 1).squeeze(1)
-        sampled = _flops(lambda: torch.autograd.grad(F.cross_entropy(logits, labels), outputs[-len(ard_layers):]))
+        sampled = _flops(lambda: torch.autograd.grad(F.cross_entropy(logits, labels), outputs))
     finally:
         for handle in handles:
             handle.remove()

@@ -252,6 +252,17 @@ def weight_reader(model: nn.Module, module_name: str) -> str | None:
     return None
 
 
+def layer_detail(module: nn.Module) -> str:
+    """A layer's type, and for a convolution the padding the exact curvature does not take."""
+    detail = type(module).__name__
+    if isinstance(module, _CONV):
+        if module.padding_mode != "zeros":
+            detail += f", padding_mode={module.padding_mode!r}"
+        elif isinstance(module.padding, str):
+            detail += f", padding={module.padding!r} with an even dilated kernel: one more on the right"
+    return detail
+
+
 def exact_curvature_problem(target: ARDTarget, supported) -> str | None:
     """Why the exact curvature estimators cannot serve `target`, in a few words (None when
     they can): per-example gradients come from module hooks on nn.Linear / nn.Conv1d / Conv2d,
@@ -260,12 +271,7 @@ def exact_curvature_problem(target: ARDTarget, supported) -> str | None:
     if len(target.owners) > 1:
         return f"{target.name} (tied: {' = '.join(target.owners)})"
     if target.attr != "weight" or not supported(target.module):
-        module, detail = target.module, type(target.module).__name__
-        if target.attr == "weight" and isinstance(module, _CONV):
-            if module.padding_mode != "zeros":
-                detail += f", padding_mode={module.padding_mode!r}"
-            elif isinstance(module.padding, str):
-                detail += f", padding={module.padding!r} with an even dilated kernel: one more on the right"
+        detail = layer_detail(target.module) if target.attr == "weight" else type(target.module).__name__
         return f"{target.name} ({detail})"
     if target.read_by is not None:
         return f"{target.name} ({target.read_by} reads its weight itself: the layer's hooks never run)"

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from . import _extension, conv_curvature, kept_pattern
 from ._validate import BACKENDS, check_choice, check_dense_tensors, check_one_device
-from .ard_targets import weight_reader
+from .ard_targets import layer_detail, weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
 from .copy_inert import CopyInert, ServedForward
@@ -207,17 +207,12 @@ def _tied_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, st
 def _named_reasons(model: nn.Module, names: list[str], tied: dict[str, str]) -> str:
     """The unsupported layers, each with what keeps it out, in a few words."""
     def reason(name: str) -> str:
-        module = model.get_submodule(name)
         if name in tied:
             return f"tied: {tied[name]}"
         reader = weight_reader(model, name)
         if reader is not None:
             return f"{reader} reads its weight itself"
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.padding_mode != "zeros":
-            return f"{type(module).__name__}, padding_mode={module.padding_mode!r}"
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and numeric_padding(module) is None:
-            return f"{type(module).__name__}, padding={module.padding!r}: unequal on the two sides"
-        return type(module).__name__
+        return layer_detail(model.get_submodule(name))
     return ", ".join(f"{name} ({reason(name)})" for name in names)
 
 

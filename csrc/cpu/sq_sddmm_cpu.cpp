@@ -22,7 +22,6 @@
 #include <memory>
 #include <optional>
 #include <type_traits>
-#include <vector>
 
 #include "mackay/sq_gemm.h"
 
