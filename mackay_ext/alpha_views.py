@@ -35,12 +35,15 @@ class AlphaViews:
         self._views: dict[str, AlphaView] = {}
         self._on_new = on_new
 
-    @torch.no_grad()
     def __call__(self, name: str, alpha: torch.Tensor, weight: torch.Tensor) -> AlphaView:
         view = self._views.get(name)
         like = (weight.dtype, weight.device)
         if view is not None and view.source is alpha and view.version == alpha._version and view.like == like:
             return view
+        with torch.no_grad():   # (not around the lookup: a no_grad context costs a read its time)
+            return self._build(name, alpha, weight, like)
+
+    def _build(self, name: str, alpha: torch.Tensor, weight: torch.Tensor, like: tuple) -> AlphaView:
         pruned = alpha == math.inf
         finite = finite_alpha(alpha, weight)
         keep = (~pruned).to(device=weight.device, dtype=weight.dtype)
