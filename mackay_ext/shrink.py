@@ -26,6 +26,7 @@ from ._float32 import full_float32
 from ._validate import check_module, check_not_quantized
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
 from .coupling.ties import modules_of, tied_names
+from .coupling.groups import is_hf_gpt2_self_attention
 
 __all__ = ["ShrinkReport", "count_macs", "shrink"]
 
@@ -211,11 +212,9 @@ def _owner(model: nn.Module, name: str) -> tuple[str, nn.Module, str]:
 
 def _kept_because(model: nn.Module, group: ChannelGroup, aliases: dict[str, tuple[str, ...]]) -> str | None:
     """Why shrink keeps `group` (the trace's fixed reason, or a module it cannot cut), or None."""
-    fixed = group.fixed
-    if fixed and group.kind == "head" and group.module and f"module '{group.module}'" in fixed \
-            and _looks_like(model.get_submodule(group.module), "hf-gpt2-attention"):
-        fixed = None   # its own split of q, k and v at split_size: _fix_gpt2_attention re-sizes it
-    return fixed or _unsupported(model, group, aliases)
+    # (a GPT-2 attention's own split of q, k and v is no reason: the trace leaves it out of fixed,
+    # and _fix_gpt2_attention re-sizes it)
+    return group.fixed or _unsupported(model, group, aliases)
 
 
 def _unsupported(model: nn.Module, group: ChannelGroup, aliases: dict[str, tuple[str, ...]]) -> str | None:
@@ -449,8 +448,7 @@ def _looks_like(module: nn.Module, kind: str) -> bool:
     if kind == "hf-conv1d":
         return shrink_constant.is_hf_conv1d(module)
     if kind == "hf-gpt2-attention":   # self-attention: one c_attn makes q, k and v
-        return (all(hasattr(module, a) for a in ("c_attn", "c_proj", "split_size", "head_dim"))
-                and shrink_constant.is_hf_conv1d(module.c_attn) and not getattr(module, "is_cross_attention", False))
+        return is_hf_gpt2_self_attention(module)
     return kind in _DUCK and all(hasattr(module, a) for a in _DUCK[kind]) and \
         isinstance(getattr(module, _DUCK[kind][0]), nn.Linear)
 

@@ -547,3 +547,33 @@ def test_layers_left_without_a_prior_by_the_channel_trace_are_warned_about():
     assert [layer["name"] for layer in report["layers"]] == ["0", "2"]
     assert report["total"] == 4 * 8 + 8 * 8 == pruner.kept_weights()
     assert pruner.sparsity() == 0.0
+
+
+def test_gpt2_attention_heads_get_a_prior():
+    """A new user's tiny GPT-2 under granularity='channel': the trace marked every head group as
+    kept by shrink (GPT2Attention splits c_attn's output into q, k and v at split_size), so
+    attention trained without a prior and was never pruned, though shrink re-sizes that split and
+    removes heads. The heads now get an alpha each and zeroed heads shrink away."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=4, n_positions=16,
+                                     use_cache=False, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    tokens = torch.randint(0, 40, (2, 9))
+    heads = [g for g in mackay_ext.channel_groups(model, (tokens,)) if g.kind == "head"]
+    assert len(heads) == 4 and all(g.fixed is None for g in heads)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=100, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (the embeddings and their tie are said, as ever)
+        pruner = MacKayPruner(model, optimizer, num_data=100, granularity="channel", example_inputs=(tokens,))
+    layers = [layer["name"] for layer in pruner.report()["layers"]]
+    assert "transformer.h.0.attn.c_attn" in layers and "transformer.h.0.attn.c_proj" in layers
+    alpha = pruner.alpha("transformer.h.0.attn.c_attn")
+    assert alpha.shape == model.transformer.h[0].attn.c_attn.weight.shape
+    with torch.no_grad():   # pruning head 1's group by hand: q, k and v columns and c_proj's rows
+        heads[1].zero_(model)
+        expected = model(tokens).logits
+    small = mackay_ext.shrink(model, (tokens,))
+    assert small.transformer.h[0].attn.num_heads == 3
+    with torch.no_grad():
+        torch.testing.assert_close(small(tokens).logits, expected, rtol=0, atol=1e-5)

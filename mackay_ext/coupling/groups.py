@@ -184,13 +184,30 @@ def collect(atoms, model: nn.Module) -> Coupling:
                         for (n, d), i in members if n not in shapes)
         if not params:
             continue
+        fixed = [reason for reason in info["fixed"] if not _resized_by_shrink(model, info["head"], reason)]
         group = ChannelGroup(params, buffers, "head" if info["head"] else "channel",
-                             info["fixed"][0] if info["fixed"] else None, info["head"])
+                             fixed[0] if fixed else None, info["head"])
         (blocked.append((group, "; ".join(dict.fromkeys(reasons)))) if reasons else groups.append(group))
     key = lambda g: (order[g.members[0].name], g.members[0].dim, g.members[0].indices)
     groups.sort(key=key)
     blocked.sort(key=lambda gb: key(gb[0]))
     return Coupling(groups, blocked)
+
+
+def is_hf_gpt2_self_attention(module: nn.Module) -> bool:
+    """transformers' GPT-2 self-attention (GPT2Attention and kin): one Conv1D c_attn makes q, k and
+    v, which forward splits at split_size and views as heads of head_dim."""
+    c_attn = getattr(module, "c_attn", None)
+    return (all(hasattr(module, a) for a in ("c_proj", "split_size", "head_dim"))
+            and type(c_attn).__name__ == "Conv1D" and hasattr(c_attn, "nf")
+            and not getattr(module, "is_cross_attention", False))
+
+
+def _resized_by_shrink(model: nn.Module, head: str | None, reason: str) -> bool:
+    """Whether `reason` (the trace's, for keeping a head group at a fixed size) is the split of
+    q, k and v inside a GPT-2 self-attention at split_size, which shrink re-sizes with the heads
+    (mackay_ext.shrink): then the group is removable, and gets a prior under channel ARD."""
+    return bool(head) and f"module '{head}'" in reason and is_hf_gpt2_self_attention(model.get_submodule(head))
 
 
 def _hyperplane(shape, flats):
