@@ -1,5 +1,6 @@
 """The compressed file: a model's sparse layers stored as nonzeros only (indices in the
-narrowest integer type), everything else as a state_dict; loaded with weights_only=True."""
+narrowest integer type), mostly-zero dense tensors as their nonzeros too (packed_zeros: an LSTM's,
+an embedding's), everything else as a state_dict; loaded with weights_only=True."""
 from __future__ import annotations
 
 import io
@@ -15,6 +16,7 @@ from ._files import CorruptFileError, load_plain
 from ._validate import check_module, check_not_quantized
 from .convert import MIN_SPARSITY
 from .csr import check_csr
+from .packed_zeros import pack, unpack
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
 
 
@@ -60,9 +62,10 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     load_compressed rebuild it by itself; metadata (plain values) is stored as it is. Returns
     {"bytes": file size, "dense_bytes": size of the equivalent dense state_dict}.
 
-    Layers left dense (not sparse enough, tied, or kept dense by sparsify) are stored dense, so
-    the file can be larger than the dense state_dict when few layers are sparse. The folder of
-    `path` must exist (a typo in it is an error, not a new directory)."""
+    Every other tensor (layers sparsify leaves dense or has no sparse form for: LSTM, GRU,
+    Embedding, Conv1d) is stored whole, or, where it is mostly zeros, as its nonzeros and where they
+    are (mackay_ext.packed_zeros); those load as dense tensors again. The folder of `path` must
+    exist (a typo in it is an error, not a new directory)."""
     _check_save_args(model, path, model_name, model_kwargs, metadata)
     # torch.compile's wrapper keeps the model as _orig_mod: store the model's own names, which
     # the plain network that load_compressed fills has
@@ -94,7 +97,9 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     rest = {k: v.cpu() for k, v in model.state_dict().items() if k not in skip}
     check_plain(rest, "the model's state_dict", "save_compressed")
     dense_state.update(rest)
-    payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse, "state": rest,
+    packed = _packed(rest)
+    payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse,
+               "state": {k: v for k, v in rest.items() if k not in packed}, "packed": packed,
                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
     if model_name:   # a file that names a model must be one load_compressed can rebuild it from
         problem = _named_model_problem(payload, "this model")
@@ -103,6 +108,50 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     save_sealed(payload, path)  # never half a file; load_compressed refuses one that differs
     _warn_if_sparse_but_dense(model)
     return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
+
+
+def _packed(state: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The packed entries of `state`'s mostly-zero tensors; a tensor under several keys (tied
+    weights) is packed once, and its other keys say {"same_as": the first}."""
+    packed, first_key = {}, {}
+    for key, value in state.items():
+        where = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if where in first_key and value.numel():
+            if first_key[where] in packed:
+                packed[key] = {"same_as": first_key[where]}
+            continue
+        first_key[where] = key
+        entry = pack(value)
+        if entry is not None:
+            packed[key] = entry
+    return packed
+
+
+def _unpacked_state(path: str, payload: dict, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The file's dense state_dict entries, its packed tensors unpacked (each checked against
+    the model's tensor of that name before it is built)."""
+    packed = payload.get("packed", {})   # (none in a file from before packing)
+    if not isinstance(packed, dict):
+        raise CorruptFileError(f"load_compressed: {path}: its packed tensors are a {type(packed).__name__}, "
+                               "not a dict")
+    state, own = dict(payload["state"]), model.state_dict()
+    for key, entry in packed.items():
+        if key in state:
+            raise CorruptFileError(f"load_compressed: {path}: {key!r} is stored both whole and packed")
+        if key not in own:
+            raise RuntimeError(f"load_compressed: the model does not match the file: the model has no {key}, "
+                               "which the file holds")
+        if isinstance(entry, dict) and set(entry) == {"same_as"}:
+            continue
+        state[key] = unpack(entry, key, path, tuple(own[key].shape))
+    for key, entry in packed.items():   # tied tensors: the first key's
+        if key not in state:
+            source = state.get(entry["same_as"]) if isinstance(entry["same_as"], str) else None
+            if source is None or entry["same_as"] not in packed:
+                raise CorruptFileError(f"load_compressed: {path}: packed tensor {key!r} names no packed "
+                                       f"tensor it is the same as ({entry['same_as']!r:.80})")
+            state[key] = source
+    return state
 
 
 def _warn_if_sparse_but_dense(model: nn.Module) -> None:
@@ -118,9 +167,10 @@ def _warn_if_sparse_but_dense(model: nn.Module) -> None:
                     zeros[name] = share
     if zeros:
         shown = ", ".join(f"{name} {share:.0%}" for name, share in list(zeros.items())[:4])
-        warnings.warn(f"save_compressed: {len(zeros)} dense layer(s) are mostly zeros ({shown}{', ...' if len(zeros) > 4 else ''}) "
-                      "and were stored dense, zeros included: call mackay_ext.sparsify(model) before "
-                      "save_compressed to store their nonzeros only", UserWarning, stacklevel=3)
+        warnings.warn(f"save_compressed: {len(zeros)} dense layer(s) are mostly zeros ({shown}{', ...' if len(zeros) > 4 else ''}): "
+                      "the file holds their nonzeros, but they load as dense layers and compute with "
+                      "their zeros: call mackay_ext.sparsify(model) before save_compressed to load them as "
+                      "sparse layers", UserWarning, stacklevel=3)
 
 
 def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu") -> nn.Module:
@@ -140,8 +190,9 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
                         "(model._orig_mod) and compile the model load_compressed returns")
     for name, entry in payload["sparse"].items():   # every layer checked before any is replaced
         _check_sparse_entry(path, name, entry, model)
-    _check_dense_entries(path, payload["state"], model)
-    _warn_nonfinite(path, payload)
+    state = _unpacked_state(path, payload, model)
+    _check_dense_entries(path, state, model)
+    _warn_nonfinite(path, payload, state)
     for name, entry in payload["sparse"].items():
         crow, col = entry["crow"].long(), entry["col"].long()
         old = model.get_submodule(name)   # the dense layer, or a sparse twin (a model loaded before)
@@ -162,7 +213,7 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
             layer.bias.requires_grad_(old.bias.requires_grad)
         for alias in _names_of(model, old):   # e.g. self.block2 = self.block
             _set_module(model, alias, layer)
-    missing, unexpected = model.load_state_dict(payload["state"], strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     sparse_keys = {f"{alias}.{k}" if alias else k for n in payload["sparse"]
                    for alias in _names_of(model, model.get_submodule(n))
                    for k in model.get_submodule(n).state_dict()}
@@ -221,11 +272,11 @@ def _check_dense_entries(path: str, state: dict, model: nn.Module) -> None:
                                    f"the model's tensor is {own[key].dtype} (edited after save_compressed wrote it?)")
 
 
-def _warn_nonfinite(path: str, payload: dict) -> None:
+def _warn_nonfinite(path: str, payload: dict, state: dict[str, torch.Tensor]) -> None:
     """NaN or inf among the stored values loads (a diverged run's file can be worth inspecting),
     but not in silence: the model will compute NaN."""
     tensors = [(f"{name}.values", entry["values"]) for name, entry in payload["sparse"].items()]
-    tensors += [(key, value) for key, value in payload["state"].items() if value.is_floating_point()]
+    tensors += [(key, value) for key, value in state.items() if value.is_floating_point()]
     bad = [name for name, tensor in tensors if not bool(torch.isfinite(tensor).all())]
     if bad:
         warnings.warn(f"load_compressed: {path}: NaN or inf values in {', '.join(bad[:5])}"
@@ -251,6 +302,9 @@ def _model_by_name(path: str, payload: dict) -> nn.Module:
     # the model in the file's dtype (a bfloat16 model's file came back float32: twice the memory)
     stored = [entry.get("values") for entry in payload["sparse"].values() if isinstance(entry, dict)]
     stored += list(payload["state"].values())   # (each entry is checked after, against the model)
+    packed = payload.get("packed")
+    stored += [entry.get("values") for entry in packed.values() if isinstance(entry, dict)] \
+        if isinstance(packed, dict) else []
     dtypes = {tensor.dtype for tensor in stored if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()}
     return model.to(dtypes.pop()) if len(dtypes) == 1 else model
 
@@ -282,6 +336,13 @@ def _named_model_problem(payload: dict, whose: str) -> str | None:
 def _file_shapes(payload: dict) -> dict[str, tuple[int, ...]]:
     """state_dict key -> shape of the dense model the file describes."""
     shapes = {k: tuple(v.shape) for k, v in payload["state"].items() if isinstance(v, torch.Tensor)}
+    packed = payload.get("packed") if isinstance(payload.get("packed"), dict) else {}
+    for key, entry in packed.items():   # (unpack checks each entry whole)
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if isinstance(shape, (list, tuple)):
+            shapes[key] = tuple(shape)
+        elif isinstance(entry, dict) and isinstance(packed.get(entry.get("same_as")), dict):
+            shapes[key] = tuple(packed[entry["same_as"]].get("shape") or ())
     for name, entry in payload["sparse"].items():
         if not isinstance(entry, dict):
             continue   # _check_sparse_entry names it

@@ -266,7 +266,8 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = MIN_SPARSIT
             _rebind(optimizer, weight, sparse.values, state)
     if skipped:
         warnings.warn("sparsify: left dense, though sparse enough: " + "; ".join(skipped) +
-                      ". Pass exclude= to leave layers dense on purpose.", stacklevel=2)
+                      ". They compute with their zeros; save_compressed still stores their nonzeros only. "
+                      "Pass exclude= to leave layers dense on purpose.", stacklevel=2)
     if live:
         warnings.warn(f"sparsify: {sum(live.values())} nonzero weights sit where the optimizer's alpha is +inf "
                       f"({describe(live)}): kept, so that no output changes; the model's weights come from "
