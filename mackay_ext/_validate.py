@@ -149,7 +149,8 @@ def check_module(value, name: str, where: str) -> None:
     """A torch.nn.Module, or a TypeError that names the argument (instead of an AttributeError
     from deep inside, e.g. 'str' object has no attribute 'named_parameters')."""
     if not isinstance(value, torch.nn.Module):
-        raise TypeError(f"{where}: {name} must be a torch.nn.Module, got {type(value).__name__} {value!r:.60}")
+        shown = " ".join(repr(value).split())   # (an optimizer's repr runs over many lines)
+        raise TypeError(f"{where}: {name} must be a torch.nn.Module, got {type(value).__name__} {shown:.60}")
 
 
 # torch.ao's quantized modules (eager dynamic and static, FX-converted): packed int8 weights

@@ -313,11 +313,18 @@ class MacKayPruner(StandalonePrior):
             warnings.warn(f"{where}: {', '.join(parametrized)} left without a prior: each is {PARAMETRIZED}",
                           stacklevel=2)
         if not self.targets:
+            reasons = {e["reason"] for e in self.excluded if not e["reason"].startswith("1-D")}
+            untrained = reasons == {"not trained by the optimizer"}
+            if untrained:
+                raise ValueError("MacKayPruner: the optimizer trains none of this model's weights: was it built "
+                                 "for another model, or for a copy of this one (copy.deepcopy makes new "
+                                 "parameters)? Pass the optimizer of model.parameters()")
             raise ValueError("MacKayPruner: the model has no trainable parameter with dim >= 2 to "
                              f"put a prior on (left out: {self.excluded})")
         sparse_grads = sorted({t.module_name for t in self.targets.values() if getattr(t.module, "sparse", False) is True})
         if sparse_grads:   # the prior's gradient hook and the curvature read dense gradients
-            raise ValueError(f"{where}: {', '.join(map(repr, sparse_grads))} make sparse gradients (e.g. nn.Embedding("
+            raise ValueError(f"{where}: {', '.join(map(repr, sparse_grads))} "
+                             f"{'makes' if len(sparse_grads) == 1 else 'make'} sparse gradients (e.g. nn.Embedding("
                              "sparse=True)), which the prior and the curvature cannot read; build them with "
                              "sparse=False, or leave them out with layers=")
         taken = claimed((name, target.param) for name, target in self.targets.items())
@@ -1361,8 +1368,11 @@ class MacKayPruner(StandalonePrior):
                            "from MacKayPruner.state_dict()")
         missing = set(self.targets) - set(state["alpha"])
         if missing:
-            raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}"
-                           + _wrapper_hint(set(self.targets), set(state["alpha"])))
+            hint = _wrapper_hint(set(self.targets), set(state["alpha"]))
+            if not hint and not set(self.targets) & set(state["alpha"]):   # not one layer in common
+                shown = ", ".join(sorted(map(str, state["alpha"]))[:4]) + (", ..." if len(state["alpha"]) > 4 else "")
+                hint = f" (the state's layers are {shown or 'none'}: a state from another model?)"
+            raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}" + hint)
         self._check_loaded(state, where)   # everything checked before anything changes
         if self.channel is not None:
             if "channel" not in state:

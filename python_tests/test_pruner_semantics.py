@@ -518,3 +518,23 @@ def test_a_state_saved_under_a_wrapper_names_the_prefix_on_load(wrap):
     with pytest.raises(KeyError, match=rf"no alpha for layers \['0', '2'\] \(the state holds {prefix}0, {prefix}2: "
                                        r"the same layers under a wrapper's prefix.*on the unwrapped model"):
         pruner.load_state_dict(state)
+
+
+def test_a_state_of_another_model_and_an_optimizer_of_another_model_are_named():
+    """A new user's mistakes: a pruner state from another architecture (it said only which
+    layers lacked an alpha), an optimizer built for another model (it listed every weight as 'not
+    trained by the optimizer'), and the model and optimizer swapped (the optimizer's repr, many
+    lines, in the message)."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    other = torch.nn.ModuleDict({"emb": torch.nn.Embedding(7, 3), "head": torch.nn.Linear(6, 2)})
+    state = MacKayPruner(other, torch.optim.Adam(other.parameters()), num_data=10, batch_size=2).state_dict()
+    pruner = MacKayPruner(mlp, torch.optim.Adam(mlp.parameters()), num_data=10, batch_size=2)
+    with pytest.raises(KeyError, match=r"no alpha for layers \['0', '2'\] \(the state's layers are emb, head: "
+                                       r"a state from another model\?\)"):
+        pruner.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"the optimizer trains none of this model's weights: was it built for "
+                                         r"another model, or for a copy of this one"):
+        MacKayPruner(mlp, torch.optim.Adam(other.parameters()), num_data=10, batch_size=2)
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got Adam Adam \( Parameter Group 0"):
+        MacKayPruner(torch.optim.Adam(mlp.parameters()), mlp, num_data=10, batch_size=2)

@@ -192,7 +192,7 @@ def test_training_api_refuses_what_it_cannot_serve_by_name():
     with pytest.raises(TypeError, match="update: prune must be True or False, got 'no'"):
         pruner.update(prune="no")
     embedding = nn.Sequential(nn.Embedding(100, 12, sparse=True))
-    with pytest.raises(ValueError, match=r"'0' make sparse gradients .*sparse=False"):
+    with pytest.raises(ValueError, match=r"'0' makes sparse gradients .*sparse=False"):
         MacKayPruner(embedding, torch.optim.SparseAdam(list(embedding.parameters())), num_data=256, batch_size=16)
 
 
