@@ -207,7 +207,12 @@ def _resized_by_shrink(model: nn.Module, head: str | None, reason: str) -> bool:
     """Whether `reason` (the trace's, for keeping a head group at a fixed size) is the split of
     q, k and v inside a GPT-2 self-attention at split_size, which shrink re-sizes with the heads
     (mackay_ext.shrink): then the group is removable, and gets a prior under channel ARD."""
-    return bool(head) and f"module '{head}'" in reason and is_hf_gpt2_self_attention(model.get_submodule(head))
+    if not head or f"module '{head}'" not in reason or "indexes its channels at fixed positions" not in reason:
+        return False
+    try:
+        return is_hf_gpt2_self_attention(model.get_submodule(head))
+    except AttributeError:   # (a path the trace made that names no submodule)
+        return False
 
 
 def _hyperplane(shape, flats):
