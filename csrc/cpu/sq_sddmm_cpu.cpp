@@ -117,76 +117,25 @@ inline void dot_columns(const scalar_t* a_row, const scalar_t* const* cols, int6
   }
 }
 
-// sums[k] = dot(a_rows[k], cols[k]) over n entries for kPairs pairs at once, each pair with a
-// chain of fused multiply-adds of its own: a row's last few nonzeros (fewer than 8) gathered from
-// several rows. One at a time, such a short row's dot product was a single chain waiting on each
-// multiply-add's latency; LeNet-300-100's 300x784 layer at 2% kept has about four nonzeros per
-// row of a column block, and those single chains were most of the kernel's time.
-template <typename scalar_t, int kPairs>
-inline void dot_pairs(const scalar_t* const* a_rows, const scalar_t* const* cols, int64_t n, scalar_t* sums) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  Vec acc[kPairs];
-  for (int k = 0; k < kPairs; ++k) acc[k] = Vec(scalar_t(0));
-  int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    for (int k = 0; k < kPairs; ++k) acc[k] = at::vec::fmadd(Vec::loadu(a_rows[k] + i), Vec::loadu(cols[k] + i), acc[k]);
-  }
-  for (int k = 0; k < kPairs; ++k) {
-    scalar_t sum = at::vec::vec_reduce_all<scalar_t>([](Vec x, Vec y) { return x + y; }, acc[k]);
-    for (int64_t t = i; t < n; ++t) sum += a_rows[k][t] * cols[k][t];
-    sums[k] = sum;
-  }
-}
-
-// Nonzeros waiting for dot_pairs: a row of a^2, a column of b^2 and the entry of out each.
-template <typename scalar_t>
-struct PendingPairs {
-  static constexpr int kSize = 8;
-  const scalar_t* a_rows[kSize];
-  const scalar_t* cols[kSize];
-  scalar_t* outs[kSize];
-  int count = 0;
-
-  void add(const scalar_t* a_row, const scalar_t* col, scalar_t* out, int64_t n, scalar_t s) {
-    a_rows[count] = a_row;
-    cols[count] = col;
-    outs[count] = out;
-    if (++count == kSize) flush(n, s);
-  }
-
-  // A partial batch is padded with copies of its first pair, whose extra sums are dropped.
-  void flush(int64_t n, scalar_t s) {
-    if (count == 0) return;
-    for (int k = count; k < kSize; ++k) {
-      a_rows[k] = a_rows[0];
-      cols[k] = cols[0];
-    }
-    scalar_t sums[kSize];
-    if (count > kSize / 2) {
-      dot_pairs<scalar_t, kSize>(a_rows, cols, n, sums);
-    } else {
-      dot_pairs<scalar_t, kSize / 2>(a_rows, cols, n, sums);
-    }
-    for (int k = 0; k < count; ++k) *outs[k] += s * sums[k];
-    count = 0;
-  }
-};
-
 // out_row[c] += s * dot(a_row, column c of b_sq_t) for the columns col[k0..k1) of one virtual
-// row: eight at a time with a_row's vectors loaded once for all eight, and the rest (fewer than
-// eight) handed to `pending`, which batches them with other rows' rests.
+// row: eight at a time, then four, then one by one.
 template <typename scalar_t, typename index_t>
 inline void add_row_dots(const scalar_t* a_row, const scalar_t* b_sq_t, int64_t c0, int64_t n, const index_t* col,
-                         int64_t k0, int64_t k1, scalar_t s, scalar_t* out_row, PendingPairs<scalar_t>& pending) {
+                         int64_t k0, int64_t k1, scalar_t s, scalar_t* out_row) {
   const scalar_t* cols[8];
   scalar_t sums[8];
   int64_t k = k0;
-  for (; k + 8 <= k1; k += 8) {
-    for (int j = 0; j < 8; ++j) cols[j] = b_sq_t + (col[k + j] - c0) * n;
-    dot_columns<scalar_t, 8>(a_row, cols, n, sums);
-    for (int j = 0; j < 8; ++j) out_row[col[k + j]] += s * sums[j];
-  }
-  for (; k < k1; ++k) pending.add(a_row, b_sq_t + (col[k] - c0) * n, out_row + col[k], n, s);
+  const auto group = [&](auto width) {
+    constexpr int kWidth = decltype(width)::value;
+    for (; k + kWidth <= k1; k += kWidth) {
+      for (int j = 0; j < kWidth; ++j) cols[j] = b_sq_t + (col[k + j] - c0) * n;
+      dot_columns<scalar_t, kWidth>(a_row, cols, n, sums);
+      for (int j = 0; j < kWidth; ++j) out_row[col[k + j]] += s * sums[j];
+    }
+  };
+  group(std::integral_constant<int, 8>{});
+  group(std::integral_constant<int, 4>{});
+  group(std::integral_constant<int, 1>{});
 }
 
 // Why a pattern cannot be used, or nullptr. splits must run from 0 to in without decreasing;
@@ -263,12 +212,10 @@ void sq_sddmm_accumulate_cpu(at::Tensor& out, const at::Tensor& a, const at::Ten
         // third of the transpose's time)
         const std::unique_ptr<scalar_t[]> b_sq_t(new scalar_t[(c1 - c0) * examples]);
         square_transpose_columns(b_p, examples, b.stride(0), b.stride(1), c0, c1, b_sq_t.get());
-        PendingPairs<scalar_t> pending;   // (its columns live in b_sq_t: flushed before it is freed)
         for (int64_t o = 0; o < rows; ++o) {
           add_row_dots(a_sq_p + o * examples, b_sq_t.get(), c0, examples, col_p, crow_p[j * rows + o],
-                       crow_p[j * rows + o + 1], s, op + o * in, pending);
+                       crow_p[j * rows + o + 1], s, op + o * in);
         }
-        pending.flush(examples, s);
       };
       if (nnz * examples < kSerialWork || blocks == 1) {
         for (int64_t j = 0; j < blocks; ++j) block(j);
