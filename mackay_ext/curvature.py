@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import _extension, conv_curvature, kept_pattern
+from . import _extension, conv_curvature, kept_pattern, loss_scale
 from ._validate import BACKENDS, check_choice, check_dense_tensors, check_one_device
 from .ard_targets import layer_detail, weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
@@ -233,7 +233,10 @@ class FisherAccumulator:
             The batch size is the first dimension of each layer's input. Each backward is read
             as its own batch: a loss divided by A under gradient accumulation reads 1/A^2 of its
             squares (MacKayPruner counts a step's backward passes and corrects that:
-            mackay_ext.micro_batches; on its own, multiply curvature() by A^2).
+            mackay_ext.micro_batches; on its own, multiply curvature() by A^2). A loss that
+            torch.amp.GradScaler scaled is read unscaled (mackay_ext.loss_scale), and a layer
+            whose output gradient overflowed there (inf or NaN: the scaler skips that step) adds
+            nothing for that backward, which then counts as no backward pass.
         strict: raise when a layer with parameters is not supported (else it is listed in
             `unsupported` and a warning names it once, at construction). A layer holding a
             parameter another module holds (tied weights) is not supported; a layer whose weight
@@ -305,6 +308,9 @@ class FisherAccumulator:
         self._active = mode == "ef-exact"
         self._capturing = False   # fisher-mc: inside capture_mc(), the forward is recorded
         self._backward_task: int | None = None   # the backward pass whose end is awaited
+        self._loss_scale: float | None = None    # GradScaler's scale of that backward's loss
+        self._overflowed = False                 # a layer's output gradient was inf or NaN there
+        loss_scale.install()
         self.backward_passes = 0   # backward passes that reached a hooked layer (the pruner reads them per step)
         # ef-exact: while True the hooks capture nothing (MacKayPruner(curvature_every=k) samples
         # one training batch in k this way; the estimate stays the mean over what was captured)
@@ -370,6 +376,7 @@ class FisherAccumulator:
         task = torch._C._current_graph_task_id()
         if task != self._backward_task:   # the first gradient of this backward pass
             self._backward_task = task
+            self._loss_scale, self._overflowed = loss_scale.current(), False
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         self._grads[module].append(grad.detach())
         if len(self._grads[module]) == len(self._pending[module]):
@@ -387,20 +394,24 @@ class FisherAccumulator:
         batch a loop retries smaller; a loss computed with gradients on and never
         backpropagated): kept, they would pair with the next forward's gradients, and those
         layers would never add up again."""
-        self._backward_task = None
-        self.backward_passes += 1
         self._weight_grads.clear()   # any left were not this backward's to take
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
             inputs = self._pending.get(module, [])
             self._accumulate(module, inputs[len(inputs) - len(grads):], grads[::-1])
         self._pending.clear()
+        if not self._overflowed:   # (GradScaler skips the step of an overflowed backward)
+            self.backward_passes += 1
+        self._backward_task, self._loss_scale, self._overflowed = None, None, False
 
     # ----------------------------------------------------------- arithmetic
     def _scale(self, batch: int) -> float:
+        """What the output gradients are multiplied by to be each example's own: the batch size
+        under a mean loss, divided by GradScaler's scale where it scaled the loss."""
         if self._scale_override is not None:
             return self._scale_override
-        return float(batch) if self.loss_reduction == "mean" else 1.0
+        scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        return scale / self._loss_scale if self._loss_scale is not None else scale
 
     def _sum_for(self, param: nn.Parameter) -> torch.Tensor:
         total = self.sums.get(param)
@@ -436,6 +447,11 @@ class FisherAccumulator:
         if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
             raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
         weight, bias = _stored(module, "weight"), _stored(module, "bias")
+        if self._loss_scale is not None and not all(bool(torch.isfinite(g).all()) for g in grads):
+            # GradScaler's loss overflowed on its way here: the scaler skips this step, and its squares
+            # would put inf into the sums (the served convs' backward then asks the library)
+            self._overflowed = True
+            return
         grad_sum = None
         if weight_grad and len(inputs) == 1 and weight.requires_grad and module in self._served:
             grad_sum = torch.zeros(weight.shape[0], weight[0].numel(), dtype=weight.dtype, device=weight.device)

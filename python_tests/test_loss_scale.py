@@ -1,0 +1,118 @@
+"""ef-exact under torch.amp.GradScaler (mackay_ext.loss_scale): a new user's fp32 + GradScaler run
+read the curvature scale^2 = 2^24 times too large, silently, and a step the scaler skipped for
+its inf gradients stopped the next update with "training has diverged". Now the squares of a
+scaled loss equal those of the unscaled one (Linear, a served conv, the fused conv route), a
+skipped step adds nothing and counts as no backward pass (equal to skipping it by hand), the
+training gradients stay the scaled ones the scaler expects, and fisher-mc's own backward is
+left alone."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mackay_ext import MacKayAdam, ard_param_groups
+from mackay_ext.curvature import FisherAccumulator
+from mackay_ext.pruner import MacKayPruner
+
+SCALE = 2.0 ** 12
+
+
+def convnet():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(12 * 6 * 6, 5))
+
+
+def batches(count, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 6, 6, generator=generator), torch.randint(0, 5, (16,), generator=generator))
+            for _ in range(count)]
+
+
+def run(scaler, poison=None, skip=None, optimizer_kind="adam"):
+    """Four steps of ef-exact training; `poison`: the step whose loss is made inf (the scaler skips
+    it); `skip`: the step left out by hand. Returns the pruner and the training gradients seen."""
+    model = convnet()
+    if optimizer_kind == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        pruner = MacKayPruner(model, optimizer, num_data=640, batch_size=16, curvature="ef-exact")
+    else:
+        optimizer = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=640, batch_size=16)
+        pruner = MacKayPruner(model, optimizer, num_data=640, curvature="ef-exact")
+    grads = []
+    for step, (x, y) in enumerate(batches(4)):
+        if step == skip:
+            continue
+        loss = F.cross_entropy(model(x), y)
+        if step == poison:
+            loss = loss * float("inf")
+        optimizer.zero_grad()
+        if scaler is None:
+            loss.backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            grads.append([p.grad.clone() / SCALE for p in model.parameters()])
+            scaler.step(optimizer)
+            scaler.update()
+    return pruner, grads
+
+
+def curvatures(pruner):
+    return {name: pruner.curvature_estimate(name) for name in pruner.targets}
+
+
+@pytest.mark.parametrize("optimizer_kind", ["adam", "mackay-adam"])
+def test_a_scaled_loss_gives_the_curvature_of_the_unscaled_one(optimizer_kind):
+    plain, plain_grads = run(None, optimizer_kind=optimizer_kind)
+    plain.update(prune=False)
+    scaled, scaled_grads = run(torch.amp.GradScaler("cpu", init_scale=SCALE), optimizer_kind=optimizer_kind)
+    scaled.update(prune=False)
+    for name, expected in curvatures(plain).items():
+        torch.testing.assert_close(curvatures(scaled)[name], expected, rtol=1e-5, atol=0)
+    # the training gradients (the served convs' from the same products) are the scaled ones
+    for before, after in zip(plain_grads, scaled_grads):
+        for a, b in zip(before, after):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["adam", "mackay-adam"])
+def test_a_step_the_scaler_skips_adds_nothing(optimizer_kind):
+    by_hand, _ = run(None, skip=2, optimizer_kind=optimizer_kind)
+    by_hand.update(prune=False)
+    skipped, _ = run(torch.amp.GradScaler("cpu", init_scale=SCALE), poison=2, optimizer_kind=optimizer_kind)
+    assert skipped.accumulator.num_examples == 3 * 16
+    skipped.update(prune=False)   # (it raised NonFiniteError: "training has diverged")
+    for name, expected in curvatures(by_hand).items():
+        torch.testing.assert_close(curvatures(skipped)[name], expected, rtol=1e-5, atol=0)
+
+
+def test_a_bare_accumulator_reads_a_scaled_loss_unscaled_and_fisher_mc_is_left_alone():
+    model = convnet()
+    (x, y), = batches(1)
+    plain = FisherAccumulator(model)
+    with plain:
+        F.cross_entropy(model(x), y).backward()
+    expected = {p: plain.curvature(p).clone() for p in model.parameters()}
+    plain.detach()
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    scaled = FisherAccumulator(model)
+    with scaled:
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+    for p, value in expected.items():
+        torch.testing.assert_close(scaled.curvature(p), value, rtol=1e-5, atol=0)
+    scaled.detach()
+    mc = FisherAccumulator(model, mode="fisher-mc")
+    torch.manual_seed(3)
+    with mc.capture_mc():
+        logits = model(x)
+    mc.accumulate_mc_from(logits)
+    scaler.scale(F.cross_entropy(logits, y)).backward()   # the training backward: no hooks of mc's
+    reference = FisherAccumulator(convnet(), mode="fisher-mc")
+    torch.manual_seed(3)
+    with reference.capture_mc():
+        reference_logits = reference.model(x)
+    reference.accumulate_mc_from(reference_logits)
+    for p, q in zip(model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(mc.curvature(p), reference.curvature(q), rtol=1e-5, atol=0)
