@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.utils.weight_norm import WeightNorm   # the deprecated hook form
@@ -270,7 +271,10 @@ def exact_curvature_problem(target: ARDTarget, supported) -> str | None:
     cannot square."""
     if len(target.owners) > 1:
         return f"{target.name} (tied: {' = '.join(target.owners)})"
-    if target.attr != "weight" or not supported(target.module):
+    pruned_by_torch = target.attr == "weight_orig" and isinstance(getattr(target.module, "weight_mask", None),
+                                                                   torch.Tensor)
+    if (target.attr != "weight" and not pruned_by_torch) or not supported(target.module):
+        # (a torch.nn.utils.prune weight_orig is served: the accumulator masks its squares)
         detail = layer_detail(target.module) if target.attr == "weight" else type(target.module).__name__
         return f"{target.name} ({detail})"
     if target.read_by is not None:

@@ -909,6 +909,7 @@ class MacKayPruner(StandalonePrior):
         if self._rank_batch is not None and self.curvature_kind == "ef-batch":
             self._rank_batch.check(self._step_batch_size())
         self._check_targets_in_model("update")
+        self._warn_unimported_masks()
         self._refresh_curvature()
         bad = self.nonfinite()
         if bad:
@@ -961,6 +962,29 @@ class MacKayPruner(StandalonePrior):
         for name in self.targets:   # the newly pruned weights' state to 0 (_hold_pruned_state_at_zero)
             self._alpha_view(name)
         return report
+
+    def _warn_unimported_masks(self) -> None:
+        """Said once: a torch.nn.utils.prune mask whose zeros this pruner has not made pruned (a
+        new user's masked layer: its 512 masked weights took alphas of their own and counted as
+        kept, with no word; from_torch_prune imports them)."""
+        if getattr(self, "_masks_warned", False):
+            return
+        unimported = {}
+        for name, target in self.targets.items():
+            mask = getattr(target.module, target.attr[:-5] + "_mask", None) if target.attr.endswith("_orig") else None
+            if not isinstance(mask, torch.Tensor) or mask.shape != target.param.shape:
+                continue
+            alpha = self.alpha(name)
+            masked_live = (mask == 0) & torch.isfinite(alpha).expand_as(mask)
+            if bool(masked_live.any()):
+                unimported[name] = int(masked_live.sum())
+        if unimported:
+            self._masks_warned = True
+            shown = ", ".join(f"{name} ({count:,})" for name, count in unimported.items())
+            warnings.warn(f"MacKayPruner.update: torch.nn.utils.prune masks zero weights this pruner counts as "
+                          f"kept, each with an alpha of its own: {shown}. Import them as pruned with "
+                          "mackay_ext.integrations.torch_prune.from_torch_prune(model, pruner), once, after "
+                          "building the pruner", RuntimeWarning, stacklevel=3)
 
     def _no_curvature_yet(self) -> bool:
         """Every curvature the update would read is 0: no training step has reached the pruner."""

@@ -147,3 +147,55 @@ def test_updates_go_on_after_to_torch_prune():
     to_torch_prune(pruner)
     report = pruner.update()
     assert report["kept"] <= report["total"]
+
+
+def _conv_and_linear():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 25, 4))
+
+
+def test_ef_exact_serves_torch_pruned_layers_and_unimported_masks_are_said():
+    """A new user's torch.nn.utils.prune layer: ef-exact refused it as if it were no Linear, and
+    under ef-batch its masked weights took alphas of their own and counted as kept, silently.
+    ef-exact now takes weight_orig (the squares masked: those of the zeroed plain layer times the
+    mask), and update() says once which masks were not imported."""
+    import copy
+    import warnings
+    import torch.nn.functional as F
+    plain = _conv_and_linear()
+    masked = copy.deepcopy(plain)
+    torch_prune.l1_unstructured(masked[0], "weight", amount=0.4)
+    torch_prune.l1_unstructured(masked[3], "weight", amount=0.5)
+    masks = [masked[0].weight_mask, masked[3].weight_mask]
+    with torch.no_grad():
+        plain[0].weight.mul_(masks[0])
+        plain[3].weight.mul_(masks[1])
+    x, y = torch.randn(16, 3, 5, 5), torch.randint(0, 4, (16,))
+    curvatures = []
+    for model, imported in ((plain, False), (masked, True)):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=16, curvature="ef-exact")
+        if imported:
+            assert from_torch_prune(model, pruner)["imported"] == {"0.weight_orig": 65, "3.weight_orig": 300}
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # imported: nothing to say
+            pruner.update(prune=False)
+        curvatures.append([pruner.curvature_estimate(name) for name in pruner.targets])
+    for expected, got, mask in zip(*curvatures, masks):
+        torch.testing.assert_close(got, expected * mask, rtol=1e-6, atol=0)
+    unimported = _conv_and_linear()
+    torch_prune.l1_unstructured(unimported[3], "weight", amount=0.5)
+    optimizer = torch.optim.Adam(unimported.parameters())
+    pruner = MacKayPruner(unimported, optimizer, num_data=100, batch_size=16)
+    F.cross_entropy(unimported(x), y).backward()
+    optimizer.step()
+    with pytest.warns(RuntimeWarning, match=r"torch.nn.utils.prune masks zero weights this pruner counts as kept, "
+                                            r"each with an alpha of its own: 3.weight_orig \(300\).*from_torch_prune"):
+        pruner.update(prune=False)
+    F.cross_entropy(unimported(x), y).backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.update(prune=False)   # said once
