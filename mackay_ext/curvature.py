@@ -580,6 +580,7 @@ class FisherAccumulator:
         # with it is refused (_require_capture).
         self.__dict__.update(state)
         self._handles, self._served, self.copied = [], [], True
+        self._loss_scale, self._overflowed = None, False   # (absent from a copy made before loss_scale)
 
     def _require_capture(self, where: str) -> None:
         if self.copied:
