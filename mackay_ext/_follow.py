@@ -72,6 +72,10 @@ class ParamStates(dict):
         self._params: dict[str, torch.Tensor] = {}
         self._placed: dict[str, tuple[tuple, tuple]] = {}   # see __getitem__
 
+    def __setstate__(self, state: dict) -> None:   # (a copy pickled before _placed existed has none)
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_placed", {})
+
     def track(self, name: str, param: torch.Tensor, state: dict[str, Any]) -> None:
         self._params[name] = param
         self._placed.pop(name, None)

@@ -338,11 +338,11 @@ def _file_shapes(payload: dict) -> dict[str, tuple[int, ...]]:
     shapes = {k: tuple(v.shape) for k, v in payload["state"].items() if isinstance(v, torch.Tensor)}
     packed = payload.get("packed") if isinstance(payload.get("packed"), dict) else {}
     for key, entry in packed.items():   # (unpack checks each entry whole)
-        shape = entry.get("shape") if isinstance(entry, dict) else None
+        source = packed.get(entry.get("same_as")) if isinstance(entry, dict) and isinstance(entry.get("same_as"), str) \
+            else entry
+        shape = source.get("shape") if isinstance(source, dict) else None
         if isinstance(shape, (list, tuple)):
             shapes[key] = tuple(shape)
-        elif isinstance(entry, dict) and isinstance(packed.get(entry.get("same_as")), dict):
-            shapes[key] = tuple(packed[entry["same_as"]].get("shape") or ())
     for name, entry in payload["sparse"].items():
         if not isinstance(entry, dict):
             continue   # _check_sparse_entry names it
