@@ -22,6 +22,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -216,6 +217,15 @@ def _named_reasons(model: nn.Module, names: list[str], tied: dict[str, str]) -> 
     return ", ".join(f"{name} ({reason(name)})" for name in names)
 
 
+@dataclass
+class _Stage:
+    """A GradScaler-scaled step's squares, examples and backward passes, held until the step is
+    known to have run (FisherAccumulator.settle_step)."""
+    sums: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=lambda: defaultdict(int))
+    passes: int = 0
+
+
 class FisherAccumulator:
     """Accumulates, for every supported layer's weight and bias, the sum over examples of the
     squared per-example gradient, and counts the examples.
@@ -234,9 +244,9 @@ class FisherAccumulator:
             as its own batch: a loss divided by A under gradient accumulation reads 1/A^2 of its
             squares (MacKayPruner counts a step's backward passes and corrects that:
             mackay_ext.micro_batches; on its own, multiply curvature() by A^2). A loss that
-            torch.amp.GradScaler scaled is read unscaled (mackay_ext.loss_scale), and a layer
-            whose output gradient overflowed there (inf or NaN: the scaler skips that step) adds
-            nothing for that backward, which then counts as no backward pass.
+            torch.amp.GradScaler scaled is read unscaled (mackay_ext.loss_scale), and the squares
+            of such a step are held apart until it is known to have run: a step the scaler skips
+            (inf or NaN gradients) adds nothing and counts as no backward pass.
         strict: raise when a layer with parameters is not supported (else it is listed in
             `unsupported` and a warning names it once, at construction). A layer holding a
             parameter another module holds (tied weights) is not supported; a layer whose weight
@@ -307,10 +317,14 @@ class FisherAccumulator:
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
         self._active = mode == "ef-exact"
         self._capturing = False   # fisher-mc: inside capture_mc(), the forward is recorded
-        self._backward_task: int | None = None   # the backward pass whose end is awaited
-        self._loss_scale: float | None = None    # GradScaler's scale of that backward's loss
-        self._overflowed = False                 # a layer's output gradient was inf or NaN there
+        # the backward graph tasks in flight, outermost first, each with GradScaler's scale of its
+        # loss: reentrant activation checkpointing runs a recomputed segment's backward as a task
+        # of its own inside the training one, which is still one backward pass
+        self._tasks: list[tuple[int, float | None]] = []
+        self._loss_scale: float | None = None    # the innermost task's
+        self._stage: _Stage | None = None        # a scaled step's squares, until the step has run
         loss_scale.install()
+        loss_scale.watch(self)
         self.backward_passes = 0   # backward passes that reached a hooked layer (the pruner reads them per step)
         # ef-exact: while True the hooks capture nothing (MacKayPruner(curvature_every=k) samples
         # one training batch in k this way; the estimate stays the mean over what was captured)
@@ -374,10 +388,15 @@ class FisherAccumulator:
         if grad is None or not self._active or not self._pending.get(module):
             return
         task = torch._C._current_graph_task_id()
-        if task != self._backward_task:   # the first gradient of this backward pass
-            self._backward_task = task
-            self._loss_scale, self._overflowed = loss_scale.current(), False
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if not self._tasks or self._tasks[-1][0] != task:   # the first gradient of this backward task
+            scale = loss_scale.of_task(task)
+            if scale is None and self._tasks:   # nested in a scaled backward: its loss's scale
+                scale = self._tasks[-1][1]
+            self._tasks.append((task, scale))
+            self._loss_scale = scale
+            if scale is not None and self._stage is None:
+                self._stage = _Stage()
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_backward(task))
         self._grads[module].append(grad.detach())
         if len(self._grads[module]) == len(self._pending[module]):
             # every use of the module in the forward pass has its gradient: uses pair up in
@@ -387,22 +406,29 @@ class FisherAccumulator:
             grads = self._grads.pop(module)[::-1]
             self._accumulate(module, inputs, grads, weight_grad=True)
 
-    def _end_of_backward(self) -> None:
+    def _end_of_backward(self, task: int | None = None) -> None:
         """After each backward pass: a module whose recorded uses outnumber the gradients that
         came pairs them with its latest uses, and every older record is dropped. Such records
         come from forward passes that get no backward (a forward that raised, an out-of-memory
         batch a loop retries smaller; a loss computed with gradients on and never
         backpropagated): kept, they would pair with the next forward's gradients, and those
         layers would never add up again."""
+        if self._tasks and self._tasks[-1][0] == task:
+            self._tasks.pop()
+        if self._tasks:   # a nested task ended (a recomputed segment's); the training backward goes on
+            self._loss_scale = self._tasks[-1][1]
+            return
         self._weight_grads.clear()   # any left were not this backward's to take
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
             inputs = self._pending.get(module, [])
             self._accumulate(module, inputs[len(inputs) - len(grads):], grads[::-1])
         self._pending.clear()
-        if not self._overflowed:   # (GradScaler skips the step of an overflowed backward)
+        if self._loss_scale is not None and self._stage is not None:
+            self._stage.passes += 1
+        else:
             self.backward_passes += 1
-        self._backward_task, self._loss_scale, self._overflowed = None, None, False
+        self._loss_scale = None
 
     # ----------------------------------------------------------- arithmetic
     def _scale(self, batch: int) -> float:
@@ -412,6 +438,35 @@ class FisherAccumulator:
             return self._scale_override
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
         return scale / self._loss_scale if self._loss_scale is not None else scale
+
+    def _add_to(self, param: nn.Parameter) -> torch.Tensor:
+        """Where this backward's squares of `param` go: its sum, or a scaled step's stage."""
+        total = self._sum_for(param)
+        if self._loss_scale is None or self._stage is None:
+            return total
+        held = self._stage.sums.get(param)
+        if held is None or held.shape != total.shape or held.dtype != total.dtype or held.device != total.device:
+            held = self._stage.sums[param] = torch.zeros_like(total)
+        return held
+
+    def _count(self, param: nn.Parameter, examples: int) -> None:
+        counts = self._stage.counts if self._loss_scale is not None and self._stage is not None else self.counts
+        counts[param] += examples
+
+    def holds_a_scaled_step(self) -> bool:
+        return self._stage is not None and not self._tasks
+
+    def settle_step(self, ran: bool) -> None:
+        """GradScaler's verdict on the step whose squares are held (mackay_ext.loss_scale): added
+        to the sums if it ran, dropped if the scaler skipped it."""
+        stage, self._stage = self._stage, None
+        if stage is None or not ran:
+            return
+        for param, held in stage.sums.items():
+            self._sum_for(param).add_(held)
+        for param, examples in stage.counts.items():
+            self.counts[param] += examples
+        self.backward_passes += stage.passes
 
     def _sum_for(self, param: nn.Parameter) -> torch.Tensor:
         total = self.sums.get(param)
@@ -430,7 +485,7 @@ class FisherAccumulator:
             return
         # torch.nn.utils.prune: the squares above are those of the masked weight's gradients;
         # weight_orig's are those times mask^2 (= mask), so this step's share is masked
-        total = self._sum_for(module._parameters["weight_orig"])
+        total = self._add_to(module._parameters["weight_orig"])
         before = total.clone()
         self._accumulate_unmasked(module, inputs, grads, weight_grad)
         total.copy_(torch.addcmul(before, total - before, mask.to(total.dtype)))
@@ -447,11 +502,6 @@ class FisherAccumulator:
         if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
             raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
         weight, bias = _stored(module, "weight"), _stored(module, "bias")
-        if self._loss_scale is not None and not all(bool(torch.isfinite(g).all()) for g in grads):
-            # GradScaler's loss overflowed on its way here: the scaler skips this step, and its squares
-            # would put inf into the sums (the served convs' backward then asks the library)
-            self._overflowed = True
-            return
         grad_sum = None
         if weight_grad and len(inputs) == 1 and weight.requires_grad and module in self._served:
             grad_sum = torch.zeros(weight.shape[0], weight[0].numel(), dtype=weight.dtype, device=weight.device)
@@ -462,9 +512,9 @@ class FisherAccumulator:
         if len(dtypes) > 1:   # autocast: e.g. a float32 input beside a bfloat16 output gradient
             common = functools.reduce(torch.promote_types, dtypes)
             inputs, grads = [x.to(common) for x in inputs], [g.to(common) for g in grads]
-        self.counts[weight] += batch
+        self._count(weight, batch)
         if bias is not None:
-            self.counts[bias] += batch
+            self._count(bias, batch)
         scale = self._scale(batch)
         if len(inputs) == 1 and inputs[0].dim() == 2 and isinstance(module, nn.Linear):
             x, delta = inputs[0], grads[0]
@@ -472,18 +522,18 @@ class FisherAccumulator:
             bias_added = False
             if weight.dtype in (torch.float32, torch.float64) and x.dtype == delta.dtype == weight.dtype:
                 # the kernels add the bias's squares from delta's too (one call a layer, not four)
-                bias_sum = self._sum_for(bias) if bias is not None and bias.dtype == weight.dtype else None
+                bias_sum = self._add_to(bias) if bias is not None and bias.dtype == weight.dtype else None
                 bias_added = bias_sum is not None
                 kept = self._kept_pattern(weight, batch)
                 if kept is not None and kept.sparse:
-                    sq_sddmm_accumulate_(self._sum_for(weight), delta, x, *kept.blocks, s2, self.backend,
+                    sq_sddmm_accumulate_(self._add_to(weight), delta, x, *kept.blocks, s2, self.backend,
                                          bias_out=bias_sum)
                 else:
-                    sq_gemm_accumulate_(self._sum_for(weight), delta, x, s2, self.backend, bias_out=bias_sum)
+                    sq_gemm_accumulate_(self._add_to(weight), delta, x, s2, self.backend, bias_out=bias_sum)
             else:
-                self._sum_for(weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * s2)
+                self._add_to(weight).add_((delta.float() ** 2).t() @ (x.float() ** 2) * s2)
             if bias is not None and not bias_added:
-                self._sum_for(bias).add_(delta.square().sum(0), alpha=s2)
+                self._add_to(bias).add_(delta.square().sum(0), alpha=s2)
             return
         if len(inputs) == 1 and isinstance(module, (nn.Conv1d, nn.Conv2d)) and self.backend == "ext" \
                 and takes_fused(weight, inputs[0], grads[0], module.groups):
@@ -511,17 +561,17 @@ class FisherAccumulator:
             warnings.warn("FisherAccumulator: pruned weights of a layer are kept again since the last reset; "
                           "that layer's curvature restarts from this batch", RuntimeWarning, stacklevel=2)
             self.sums[weight].zero_()
-            self.counts[weight] = batch
+            self.counts[weight] = 0 if self._loss_scale is not None else batch   # (a scaled step's: held)
         return pattern
 
     def _accumulate_conv_fused(self, module, x, delta, scale, grad_sum=None) -> None:
         x, delta, geometry = self._as_conv2d(module, x, delta)
         weight, bias = _stored(module, "weight"), _stored(module, "bias")
-        conv_sq_grad_accumulate_(self._sum_for(weight).view(weight.shape[0], -1), x, delta, *geometry,
+        conv_sq_grad_accumulate_(self._add_to(weight).view(weight.shape[0], -1), x, delta, *geometry,
                                  groups=module.groups, scale=scale * scale, grad_sum=grad_sum)
         if bias is not None:
             bias_grads = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(2)
-            self._sum_for(bias).add_(bias_grads.square_().sum(0), alpha=scale * scale)
+            self._add_to(bias).add_(bias_grads.square_().sum(0), alpha=scale * scale)
 
     @staticmethod
     def _as_conv2d(module, x, delta):
@@ -548,8 +598,8 @@ class FisherAccumulator:
 
     def _accumulate_per_example(self, module, inputs, grads, scale, grad_sum=None):
         weight, bias = _stored(module, "weight"), _stored(module, "bias")
-        weight_sum = self._sum_for(weight).view(weight.shape[0], -1)
-        bias_sum = self._sum_for(bias) if bias is not None else None
+        weight_sum = self._add_to(weight).view(weight.shape[0], -1)
+        bias_sum = self._add_to(bias) if bias is not None else None
         batch = inputs[0].shape[0]
         per_example = weight.numel() * weight.element_size()
         chunk = max(1, min(batch, conv_curvature.CHUNK_BYTES // max(per_example, 1)))
@@ -580,7 +630,8 @@ class FisherAccumulator:
         # with it is refused (_require_capture).
         self.__dict__.update(state)
         self._handles, self._served, self.copied = [], [], True
-        self._loss_scale, self._overflowed = None, False   # (absent from a copy made before loss_scale)
+        # (absent from a copy made before loss_scale)
+        self._tasks, self._loss_scale, self._stage = [], None, None
 
     def _require_capture(self, where: str) -> None:
         if self.copied:

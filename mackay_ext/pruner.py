@@ -528,6 +528,11 @@ class MacKayPruner(StandalonePrior):
                 state["alpha"] = torch.zeros(shape, dtype=torch.float32, device=target.param.device)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if self.accumulator is not None and self.accumulator.holds_a_scaled_step():
+            # a GradScaler-scaled step's squares (mackay_ext.loss_scale): this step ran, unless an
+            # optimizer that takes the scaler's found_inf skipped it on the device
+            found_inf = getattr(optimizer, "found_inf", None)
+            self.accumulator.settle_step(ran=not isinstance(found_inf, torch.Tensor) or float(found_inf) == 0)
         self._steps_since_update += 1
         if self._rank_batch is not None:
             self._rank_batch.after_step()

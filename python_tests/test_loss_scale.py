@@ -97,9 +97,13 @@ def test_a_bare_accumulator_reads_a_scaled_loss_unscaled_and_fisher_mc_is_left_a
     expected = {p: plain.curvature(p).clone() for p in model.parameters()}
     plain.detach()
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scaled = FisherAccumulator(model)
     with scaled:
         scaler.scale(F.cross_entropy(model(x), y)).backward()
+    assert scaled.num_examples == 0   # held until the scaler's step is known to have run
+    scaler.step(optimizer)
+    scaler.update()
     for p, value in expected.items():
         torch.testing.assert_close(scaled.curvature(p), value, rtol=1e-5, atol=0)
     scaled.detach()
@@ -116,3 +120,89 @@ def test_a_bare_accumulator_reads_a_scaled_loss_unscaled_and_fisher_mc_is_left_a
     reference.accumulate_mc_from(reference_logits)
     for p, q in zip(model.parameters(), reference.model.parameters()):
         torch.testing.assert_close(mc.curvature(p), reference.curvature(q), rtol=1e-5, atol=0)
+
+
+def test_a_micro_batch_that_overflows_drops_its_whole_step():
+    """Gradient accumulation (A = 4, each loss / 4) with one micro-batch of step 1 inf, and an
+    overflow between two layers (the layer above it finite): the scaler skips the whole step, so
+    the curvature must equal the run that left step 1 out by hand (it kept the finite micro-batches
+    and layers, and read A from the passes of two steps: 2.3x and 11x too large)."""
+    def train(scaler, poison):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        pruner = MacKayPruner(model, optimizer, num_data=640, batch_size=32, curvature="ef-exact")
+        generator = torch.Generator().manual_seed(1)
+        for step in range(3):
+            batches = [(torch.randn(8, 6, generator=generator), torch.randint(0, 3, (8,), generator=generator))
+                       for _ in range(4)]
+            if scaler is None and step == 1:
+                continue   # left out by hand
+            for micro, (x, y) in enumerate(batches):
+                hidden = model[1](model[0](x))
+                if poison == "between layers" and step == 1 and micro == 2:   # layer 2's gradient stays finite
+                    hidden.register_hook(lambda grad: grad * float("inf"))
+                loss = F.cross_entropy(model[2](hidden), y) / 4
+                if poison == "a micro-batch" and step == 1 and micro == 2:
+                    loss = loss * float("inf")
+                (loss if scaler is None else scaler.scale(loss)).backward()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad()
+        pruner.update(prune=False)
+        return curvatures(pruner)
+
+    expected = train(None, None)
+    for poison in ("a micro-batch", "between layers"):
+        got = train(torch.amp.GradScaler("cpu", init_scale=SCALE), poison)
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=0, msg=f"{poison}: {name}")
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_reentrant_checkpointing_is_one_backward_pass(scaled):
+    """torch.utils.checkpoint(use_reentrant=True) runs the recomputed segment's backward as a graph
+    task of its own inside the training one: it was counted as a second backward pass (the
+    micro-batch factor then read A = 2: the curvature 4x too large), its end dropped the inputs of
+    the layers before the segment (their curvature lost), and under GradScaler its layers were read
+    unscaled (2^24 too large)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.a, self.b = nn.Linear(5, 6), nn.Linear(6, 7), nn.Linear(7, 3)
+
+        def forward(self, x, reentrant):
+            hidden = torch.tanh(self.c(x))
+            if reentrant:
+                hidden = checkpoint(lambda t: torch.relu(self.a(t)), hidden, use_reentrant=True)
+            else:
+                hidden = torch.relu(self.a(hidden))
+            return self.b(hidden)
+
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    results = []
+    for reentrant in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=8, curvature="ef-exact")
+        loss = F.cross_entropy(model(x, reentrant), y)
+        if scaled:
+            scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        assert pruner._micro_batches.factor() == 1.0
+        pruner.update(prune=False)
+        results.append(curvatures(pruner))
+    for name, value in results[0].items():
+        assert float(value.abs().max()) > 0
+        torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=0, msg=name)
