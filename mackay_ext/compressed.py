@@ -94,10 +94,11 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
             sparse[name] = entry
             dense = module.to_dense()
             dense_state.update({prefix + k: v for k, v in dense.state_dict().items()})
-    rest = {k: v.cpu() for k, v in model.state_dict().items() if k not in skip}
+    own = {k: v for k, v in model.state_dict().items() if k not in skip}
+    rest = {k: v.cpu() for k, v in own.items()}
     check_plain(rest, "the model's state_dict", "save_compressed")
     dense_state.update(rest)
-    packed = _packed(rest)
+    packed = _packed(rest, own)
     payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse,
                "state": {k: v for k, v in rest.items() if k not in packed}, "packed": packed,
                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
@@ -110,12 +111,14 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     return {"bytes": os.path.getsize(path), "dense_bytes": _serialized_size(dense_state)}
 
 
-def _packed(state: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """The packed entries of `state`'s mostly-zero tensors; a tensor under several keys (tied
-    weights) is packed once, and its other keys say {"same_as": the first}."""
+def _packed(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """The packed entries of `state`'s mostly-zero tensors (on the CPU); a tensor under several
+    keys (tied weights) is packed once, and its other keys say {"same_as": the first}. `own`: the
+    model's own tensors, whose storage tells the ties (a GPU model's CPU copies are one per key)."""
     packed, first_key = {}, {}
     for key, value in state.items():
-        where = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        source = own[key]
+        where = (source.device, source.data_ptr(), source.dtype, tuple(source.shape), source.stride())
         if where in first_key and value.numel():
             if first_key[where] in packed:
                 packed[key] = {"same_as": first_key[where]}
