@@ -366,6 +366,11 @@ class FisherAccumulator:
     def _forward_hook(self, module, inputs, output):
         # not under torch.func's transforms (grad, vmap, jvp), nor while torch.export traces
         # the model (shrink's coupling trace): their tensors are not a batch's
+        if self._tasks and torch._C._current_graph_task_id() == -1:
+            # a forward outside any backward while one is on record: that backward raised before
+            # its end (a reentrant checkpoint's recomputing forward runs inside the training one)
+            self._tasks.clear()
+            self._loss_scale = None
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
                 and output.requires_grad and not torch._C._are_functorch_transforms_active() \
                 and not torch.compiler.is_exporting():

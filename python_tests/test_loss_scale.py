@@ -206,3 +206,26 @@ def test_reentrant_checkpointing_is_one_backward_pass(scaled):
     for name, value in results[0].items():
         assert float(value.abs().max()) > 0
         torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=0, msg=name)
+
+
+def test_a_backward_that_raised_leaves_no_task_on_record():
+    """A backward that raises never reaches its end callback: its task stayed on the stack, and
+    every later backward read as nested in it (no pass counted, nothing settled)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    accumulator = FisherAccumulator(model)
+    with accumulator:
+        hidden = model[1](model[0](x))
+        hidden.register_hook(lambda grad: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            F.cross_entropy(model[2](hidden), y).backward()
+        accumulator.reset()
+        F.cross_entropy(model(x), y).backward()
+    assert accumulator.backward_passes == 1
+    reference = FisherAccumulator(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    reference.model.load_state_dict(model.state_dict())
+    with reference:
+        F.cross_entropy(reference.model(x), y).backward()
+    for p, q in zip(model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(accumulator.curvature(p), reference.curvature(q), rtol=1e-6, atol=0)
