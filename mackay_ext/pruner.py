@@ -119,6 +119,11 @@ AT_LR_ZERO = ("its param group's lr is 0 (others' are not), so the optimizer doe
               "weights are not where the prior and the data balance: alpha is re-estimated, nothing of it "
               "pruned while its lr is 0 (to leave a layer out, freeze it with requires_grad_(False) before "
               "building the pruner)")
+FROZEN_NOW = ("its requires_grad is False now (frozen after the pruner was built), so no optimizer moves it: "
+              "alpha is re-estimated, nothing of it pruned, and the prior leaves its weights alone while it "
+              "stays frozen")
+ADDED_LATER = ("trained by the optimizer, but added after the pruner was built (add_param_group): no prior; "
+               "build a new MacKayPruner to cover it")
 WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other layers' is not: no forward "
                 "used it, or its gradient was always 0), so its alpha and weights are left as they are and "
                 "nothing of it is pruned until its gradient does")
@@ -945,7 +950,8 @@ class MacKayPruner(StandalonePrior):
             layers = [self._without_data(name, target) if name in idle
                       else self._update_one(name, target, hold or name in still)
                       for name, target in self.targets.items()]
-            notes += [f"{name}: {AT_LR_ZERO}" for name in sorted(still)]
+            notes += [f"{name}: {FROZEN_NOW if not self.targets[name].param.requires_grad else AT_LR_ZERO}"
+                      for name in sorted(still)]
         report = self._summarise(layers)
         self._warn_collapse(live_before, report, layers, channel if self.channel is not None else None)
         notes += [f"{layer['name']}: {WITHOUT_DATA}" for layer in layers if layer.get("without_data")]
@@ -1138,13 +1144,21 @@ class MacKayPruner(StandalonePrior):
         return {name for name, yes in reached.items() if not yes} if any(reached.values()) else set()
 
     def _layers_at_lr_zero(self) -> set[str]:
-        """The layers whose param group has lr 0 now while another group's is not (a layer frozen
-        so): the optimizer does not move them, so their weights are not where the prior and the
-        data balance, and pruning them on that (90% of such a layer) would be pruning on their
-        initial weights. (Every group at 0 is a schedule's end or start: the weights were trained
-        up to it.) Warned about once per layer."""
+        """The layers whose param group has lr 0 now while another group's is not, or frozen
+        (requires_grad False) since the pruner was built: the optimizer does not move them, so
+        their weights are not where the prior and the data balance, and pruning them on that (90%
+        of such a layer) would be pruning on their initial weights. (Every group at 0 is a
+        schedule's end or start: the weights were trained up to it.) Warned about once per layer."""
         if self.optimizer is None:
             return set()
+        frozen = {name for name, target in self.targets.items() if not target.param.requires_grad}
+        for name in sorted(frozen - self._said_lr_zero):
+            self._said_lr_zero.add(name)
+            warnings.warn(f"MacKayPruner.update: {self.targets[name].description}: {FROZEN_NOW}", RuntimeWarning,
+                          stacklevel=4)
+        return frozen | self._layers_at_lr_zero_only()
+
+    def _layers_at_lr_zero_only(self) -> set[str]:
         rates = {id(p): float(group.get("lr", 0.0)) for group in self.optimizer.param_groups for p in group["params"]}
         if not any(rate > 0.0 for rate in rates.values()):
             return set()
@@ -1287,8 +1301,9 @@ class MacKayPruner(StandalonePrior):
 
     def _excluded_now(self) -> list[dict[str, str]]:
         """self.excluded, with a weight frozen when the pruner was built and trainable now named
-        as such (once, in a warning too): it trains without a prior."""
-        entries = []
+        as such (once, in a warning too): it trains without a prior; and the weights the optimizer
+        was given after the pruner was built (add_param_group), which no list held (once, too)."""
+        entries = self._added_later()
         for entry in self.excluded:
             unfrozen = entry["reason"] == FROZEN and self._requires_grad_now(entry["name"])
             if unfrozen and self._claimed_elsewhere(entry["name"]):
@@ -1300,6 +1315,26 @@ class MacKayPruner(StandalonePrior):
                     warnings.warn(f"MacKayPruner: {entry['name']} is {UNFROZEN}", UserWarning, stacklevel=4)
             entries.append(entry)
         return entries
+
+    def _added_later(self) -> list[dict[str, str]]:
+        if self.optimizer is None:
+            return []
+        known = {id(t.param) for t in self.targets.values()} | {
+            id(p) for entry in self.excluded for p in [self._parameter_or_none(entry["name"])] if p is not None}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        added = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]
+                 if id(p) in names and id(p) not in known and p.dim() >= 2]
+        for name in added:
+            if name not in self._unfrozen_warned:
+                self._unfrozen_warned.add(name)
+                warnings.warn(f"MacKayPruner: {name} is {ADDED_LATER}", UserWarning, stacklevel=5)
+        return [{"name": name, "reason": ADDED_LATER} for name in added]
+
+    def _parameter_or_none(self, name: str):
+        try:
+            return self.model.get_parameter(name)
+        except AttributeError:
+            return None
 
     def _claimed_elsewhere(self, name: str) -> bool:
         holder = holder_of(self.model.get_parameter(name))

@@ -168,6 +168,8 @@ class StandalonePrior:
         groups = self._param_groups()
         zeroed = set()
         for name, target in self.targets.items():
+            if not target.param.requires_grad or target.param.grad is None:   # the optimizer did not step it
+                continue
             view = self._alpha_view(name)
             if not view.any_prior:   # before the first update, after switch_off_prior: nothing to do
                 continue

@@ -538,3 +538,44 @@ def test_a_state_of_another_model_and_an_optimizer_of_another_model_are_named():
         MacKayPruner(mlp, torch.optim.Adam(other.parameters()), num_data=10, batch_size=2)
     with pytest.raises(TypeError, match=r"model must be a torch.nn.Module, got Adam Adam \( Parameter Group 0"):
         MacKayPruner(torch.optim.Adam(mlp.parameters()), mlp, num_data=10, batch_size=2)
+
+
+@pytest.mark.parametrize("optimizer_kind", ["adam", "sgd"])
+def test_a_layer_frozen_mid_run_is_left_alone_and_a_layer_added_later_is_named(optimizer_kind):
+    """A new user froze a layer mid-run under a torch optimizer: the prior's proximal step went on
+    shrinking its weights (SGD: median 41% in 50 steps) and the next update pruned them, with no
+    word. And a layer added with add_param_group trained without a prior, in no list."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = (torch.optim.Adam(model.parameters(), lr=1e-2) if optimizer_kind == "adam"
+                 else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=16)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+
+    def steps(count):
+        for _ in range(count):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    steps(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.update()
+        steps(20)
+        pruner.update()
+    model[2].weight.requires_grad_(False)
+    frozen = model[2].weight.detach().clone()
+    steps(20)
+    assert torch.equal(model[2].weight, frozen)
+    with pytest.warns(RuntimeWarning, match=r"its requires_grad is False now \(frozen after the pruner was built\)"):
+        report = pruner.update()
+    assert torch.equal(model[2].weight, frozen)
+    assert any(note.startswith("2: its requires_grad is False now") for note in report["notes"])
+    extra = torch.nn.Linear(3, 3)
+    model.append(extra)
+    optimizer.add_param_group({"params": [extra.weight]})
+    with pytest.warns(UserWarning, match=r"3.weight is trained by the optimizer, but added after the pruner was built"):
+        excluded = pruner.report()["excluded"]
+    assert {"name": "3.weight", "reason": mackay_ext.pruner.ADDED_LATER} in excluded
