@@ -377,6 +377,9 @@ class MacKayPruner(StandalonePrior):
             self.history: list[dict[str, Any]] = []
             self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
             self._said_lr_zero: set[str] = set()         # layers whose lr was 0 at an update, warned about once
+            # the optimizer's parameters when the pruner was built: one added later has no prior
+            self._params_at_build = {id(p) for group in optimizer.param_groups for p in group["params"]} \
+                if optimizer is not None else set()
             self._said_emptied: set[str] = set()   # layers kept at their strongest group, warned about once
             self.alpha_before_switch_off: dict[str, torch.Tensor] | None = None   # see switch_off_prior
             self.detached = False   # see detach()
@@ -1319,22 +1322,18 @@ class MacKayPruner(StandalonePrior):
     def _added_later(self) -> list[dict[str, str]]:
         if self.optimizer is None:
             return []
-        known = {id(t.param) for t in self.targets.values()} | {
-            id(p) for entry in self.excluded for p in [self._parameter_or_none(entry["name"])] if p is not None}
+        known = getattr(self, "_params_at_build", None)
+        if known is None:   # (a copy of a pruner from before this record)
+            return []
         names = {id(p): name for name, p in self.model.named_parameters()}
+        listed = {entry["name"] for entry in self.excluded}   # (a weight frozen at build: said as unfrozen)
         added = [names[id(p)] for group in self.optimizer.param_groups for p in group["params"]
-                 if id(p) in names and id(p) not in known and p.dim() >= 2]
+                 if id(p) in names and id(p) not in known and p.dim() >= 2 and names[id(p)] not in listed]
         for name in added:
             if name not in self._unfrozen_warned:
                 self._unfrozen_warned.add(name)
                 warnings.warn(f"MacKayPruner: {name} is {ADDED_LATER}", UserWarning, stacklevel=5)
         return [{"name": name, "reason": ADDED_LATER} for name in added]
-
-    def _parameter_or_none(self, name: str):
-        try:
-            return self.model.get_parameter(name)
-        except AttributeError:
-            return None
 
     def _claimed_elsewhere(self, name: str) -> bool:
         holder = holder_of(self.model.get_parameter(name))

@@ -579,3 +579,14 @@ def test_a_layer_frozen_mid_run_is_left_alone_and_a_layer_added_later_is_named(o
     with pytest.warns(UserWarning, match=r"3.weight is trained by the optimizer, but added after the pruner was built"):
         excluded = pruner.report()["excluded"]
     assert {"name": "3.weight", "reason": mackay_ext.pruner.ADDED_LATER} in excluded
+
+
+def test_layers_left_out_by_choice_are_not_said_to_be_added_later():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters())
+    pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=16, layers=["0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        excluded = pruner.report()["excluded"]
+    assert not any("added after" in entry["reason"] for entry in excluded)
