@@ -377,6 +377,7 @@ class MacKayPruner(StandalonePrior):
             self.history: list[dict[str, Any]] = []
             self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
             self._said_lr_zero: set[str] = set()         # layers whose lr was 0 at an update, warned about once
+            self._masks_warned = False   # torch.nn.utils.prune masks not imported (_warn_unimported_masks)
             # the optimizer's parameters when the pruner was built: one added later has no prior
             self._params_at_build = {id(p) for group in optimizer.param_groups for p in group["params"]} \
                 if optimizer is not None else set()
@@ -981,7 +982,7 @@ class MacKayPruner(StandalonePrior):
         """Said once: a torch.nn.utils.prune mask whose zeros this pruner has not made pruned (a
         new user's masked layer: its 512 masked weights took alphas of their own and counted as
         kept, with no word; from_torch_prune imports them)."""
-        if getattr(self, "_masks_warned", False):
+        if self._masks_warned:
             return
         unimported = {}
         for name, target in self.targets.items():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .coupling import ChannelGroup, split_inputs
+from .coupling.groups import is_hf_conv1d
 from .coupling.ties import tied_names
 
 __all__ = ["Roles", "constant_contributions", "is_constant", "is_hf_conv1d", "roles", "unread"]
@@ -71,12 +72,6 @@ def _tied_to_another_module(model: nn.Module) -> set[str]:
         if len({id(_owner(model, name)[1]) for name in names}) > 1:
             tied.add(canonical)
     return tied
-
-
-def is_hf_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2's projections): bias + x @ W, its weight stored (in, out)."""
-    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
 
 
 def roles(model: nn.Module, group: ChannelGroup) -> Roles:

@@ -194,12 +194,17 @@ def collect(atoms, model: nn.Module) -> Coupling:
     return Coupling(groups, blocked)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's projections): bias + x @ W, its weight stored (in, out)."""
+    return (type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+            and isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2)
+
+
 def is_hf_gpt2_self_attention(module: nn.Module) -> bool:
     """transformers' GPT-2 self-attention (GPT2Attention and kin): one Conv1D c_attn makes q, k and
     v, which forward splits at split_size and views as heads of head_dim."""
-    c_attn = getattr(module, "c_attn", None)
     return (all(hasattr(module, a) for a in ("c_proj", "split_size", "head_dim"))
-            and type(c_attn).__name__ == "Conv1D" and hasattr(c_attn, "nf")
+            and is_hf_conv1d(getattr(module, "c_attn", None))
             and not getattr(module, "is_cross_attention", False))
 
 
