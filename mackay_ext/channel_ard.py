@@ -72,6 +72,7 @@ from torch import nn
 from ._alpha import finite_alpha, update_rule
 from .ard_targets import NO_CHANNEL_GROUP
 from ._follow import ParamStates, state_dtype
+from .copy_inert import CopyInert
 from .coupling import ChannelGroup, Coupling, CouplingError, group_index, trace_coupling
 from .batch_curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
@@ -237,7 +238,7 @@ class ChannelARD:
                     "curvature": torch.zeros_like(member.param, dtype=state_dtype("curvature", member.param.dtype),
                                                   memory_format=torch.preserve_format),
                     "curvature_steps": torch.zeros((), dtype=torch.float32, device=member.param.device)})
-                self._hooks.append(member.param.register_hook(self._curvature_hook(member)))
+                self._hooks.append(member.param.register_hook(CopyInert(self._curvature_hook(member))))
         self._step_reader = None
         if self._per_step and self._own and self._batch_size is not None:
             self._step_reader = StepCurvature(

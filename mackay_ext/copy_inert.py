@@ -6,7 +6,9 @@ covariance puts a forward pre-hook on the Linear layers it re-fits. A copy of th
 (copy.deepcopy, pickle or torch.save of the module; shrink copies the model it shrinks) would
 carry them along: a hidden second accumulator capturing for the copy on every training forward,
 or the copy's batches added to the original's covariance. So they copy as inert stand-ins: a
-copied model is under no capture, and a pruner built on it installs its own.
+copied model is under no capture, and a pruner built on it installs its own. The same holds for
+the gradient hooks a pruner puts on weights (a closure, which pickle refuses: torch.save of a
+pruner under a torch optimizer raised); the copied pruner then says at its update that it is a copy.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ class InertHook:
 
 
 class CopyInert:
-    """A module hook (forward or forward-pre) that a copy of its module gets as an InertHook."""
+    """A module hook (forward or forward-pre) or a tensor's gradient hook that a copy gets as an
+    InertHook (for a gradient hook, None leaves the gradient as it is)."""
 
     __slots__ = ("hook",)
 

@@ -36,6 +36,7 @@ from ._alpha import finite_alpha
 from ._follow import state_dtype
 from . import _extension
 from .batch_curvature import StepCurvature
+from .copy_inert import CopyInert
 from .ops import adam_proximal_prior_
 from .prior_step import KNOWN, PriorStep, knows, prior_step
 
@@ -81,9 +82,9 @@ class StandalonePrior:
                 # updates the moving average has taken: the update reads h / (1 - rho^t)
                 "curvature_steps": torch.zeros((), dtype=torch.float32, device=weight.device)})
             if per_backward:
-                self._hooks.append(weight.register_hook(self._curvature_hook(name, weight)))
+                self._hooks.append(weight.register_hook(CopyInert(self._curvature_hook(name, weight))))
             else:  # h read at the step, or an exact estimate: only pruned gradients held at 0
-                self._hooks.append(weight.register_hook(self._pruned_gradient_hook(name)))
+                self._hooks.append(weight.register_hook(CopyInert(self._pruned_gradient_hook(name))))
         if self.curvature_kind == "ef-batch" and self.ef_batch_source == "step":
             self._step_reader = StepCurvature(
                 self.optimizer, self._step_entries,

@@ -132,16 +132,34 @@ def test_a_copy_leaves_the_price_refits_covariance_alone():
     assert all(torch.equal(pruner._covariance.second_moment[name], moment) for name, moment in sampled.items())
 
 
+def built_with(optimizer_kind: str, granularity: str, curvature: str):
+    model = conv_net()
+    if optimizer_kind == "MacKayAdam":
+        optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=4)
+        return model, optimizer, MacKayPruner(model, optimizer, num_data=100, curvature=curvature)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, optimizer, MacKayPruner(model, optimizer, num_data=100, curvature=curvature,
+                                          **standalone_settings(granularity))
+
+
+def standalone_settings(granularity: str) -> dict:
+    """MacKayPruner's settings under a torch optimizer (example_inputs only where traced)."""
+    traced = {"example_inputs": torch.randn(2, 3, 8, 8)} if granularity == "channel" else {}
+    return {"batch_size": 4, "granularity": granularity, **traced}
+
+
 @pytest.mark.parametrize("curvature", ["ef-batch", "ef-exact", "fisher-mc"])
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
-def test_a_copied_pruner_is_detached_and_says_what_to_do(curvature, how):
+@pytest.mark.parametrize("optimizer_kind,granularity", [("MacKayAdam", "weight"), ("Adam", "weight"),
+                                                        ("Adam", "channel")])
+def test_a_copied_pruner_is_detached_and_says_what_to_do(curvature, how, optimizer_kind, granularity):
     """A snapshot of model, optimizer and pruner together: the copied pruner's hooks stayed with
     the original, so it refuses to go on (it used to update from the original's batches only,
-    then find nothing), while the original carries on and a new pruner on the copy works."""
+    then find nothing), while the original carries on and a new pruner on the copy works. Under
+    a torch optimizer the pruner's gradient hooks on the weights (closures) pickle too: pickle
+    refused them."""
     import pickle
-    model = conv_net()
-    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=100, batch_size=4)
-    pruner = MacKayPruner(model, optimizer, num_data=100, curvature=curvature)
+    model, optimizer, pruner = built_with(optimizer_kind, granularity, curvature)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
 
     def step(pr, net, opt):
@@ -158,7 +176,8 @@ def test_a_copied_pruner_is_detached_and_says_what_to_do(curvature, how):
         with pytest.raises(RuntimeError, match=r"capture_mc: this pruner is a copy"):
             with twin_pruner.capture_mc():
                 pass
-    fresh = MacKayPruner(twin, twin_optimizer, num_data=100, curvature=curvature)
+    settings = {} if optimizer_kind == "MacKayAdam" else standalone_settings(granularity)
+    fresh = MacKayPruner(twin, twin_optimizer, num_data=100, curvature=curvature, **settings)
     fresh.load_state_dict(twin_pruner.state_dict())
     step(fresh, twin, twin_optimizer)
     fresh.update()
