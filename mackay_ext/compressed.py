@@ -26,7 +26,17 @@ def _serialized_size(obj) -> int:
     return buffer.tell()
 
 
+# v1: no packed tensors, which every mackay_ext reads; v2: with packed ones, which a mackay_ext
+# from before packing refuses as not its format (rather than loading it and finding the packed
+# tensors missing from the model)
 FORMAT = "mackay_ext.compressed.v1"
+FORMAT_PACKED = "mackay_ext.compressed.v2"
+_FORMAT_PREFIX = "mackay_ext.compressed.v"
+
+
+def is_compressed_payload(payload) -> bool:
+    """Whether a loaded file is one save_compressed wrote, of any version."""
+    return isinstance(payload, dict) and str(payload.get("format", "")).startswith(_FORMAT_PREFIX)
 
 
 def _check_save_args(model, path, model_name, model_kwargs, metadata) -> None:
@@ -99,7 +109,7 @@ def save_compressed(model: nn.Module, path: str, model_name: str | None = None, 
     check_plain(rest, "the model's state_dict", "save_compressed")
     dense_state.update(rest)
     packed = _packed(rest, own)
-    payload = {"format": FORMAT, "model_name": model_name, "sparse": sparse,
+    payload = {"format": FORMAT_PACKED if packed else FORMAT, "model_name": model_name, "sparse": sparse,
                "state": {k: v for k, v in rest.items() if k not in packed}, "packed": packed,
                "model_kwargs": dict(model_kwargs or {}), "metadata": dict(metadata or {})}
     if model_name:   # a file that names a model must be one load_compressed can rebuild it from
@@ -237,8 +247,12 @@ def read_metadata(path: str) -> dict:
 def _read(path: str, who: str, map_location) -> dict:
     """A save_compressed file's payload: refused when it is not one, damaged or incomplete."""
     payload = load_plain(path, "compressed model", map_location=map_location)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not is_compressed_payload(payload):
         raise RuntimeError(f"{who}: {path} is not a file written by save_compressed")
+    if payload["format"] not in (FORMAT, FORMAT_PACKED):
+        raise RuntimeError(f"{who}: {path} was written by a newer mackay_ext (format "
+                           f"{payload['format'][len(_FORMAT_PREFIX) - 1:]!r}; this one reads v1 and v2): "
+                           "upgrade mackay_ext to load it")
     whole = isinstance(payload.get("sparse"), dict) and isinstance(payload.get("state"), dict)
     if whole or DIGEST_KEY in payload:   # (a file without either: its refusal, not the digest's warning)
         check_seal(payload, path, f"{who}:")

@@ -124,6 +124,22 @@ def test_a_file_from_before_packing_loads(tmp_path):
     assert torch.equal(loaded.lstm.weight_hh_l0, model.lstm.weight_hh_l0)
 
 
+def test_only_a_file_with_packed_tensors_is_written_as_v2_and_a_newer_format_says_upgrade(tmp_path):
+    """A mackay_ext from before packing refuses a v2 file as not its format (it read a v1 file with
+    packed tensors as a model missing them); a file without any stays v1, which it reads."""
+    save_compressed(pruned_text_model(keep=1.0), tmp_path / "dense.pt")
+    save_compressed(pruned_text_model(), tmp_path / "packed.pt")
+    assert torch.load(tmp_path / "dense.pt", weights_only=True)["format"] == "mackay_ext.compressed.v1"
+    payload = torch.load(tmp_path / "packed.pt", weights_only=True)
+    assert payload["format"] == "mackay_ext.compressed.v2"
+    torch.save(resealed(dict(payload, format="mackay_ext.compressed.v1")), tmp_path / "v1_packed.pt")
+    loaded = load_compressed(tmp_path / "v1_packed.pt", model=TextModel())   # written between the two
+    assert torch.equal(loaded.conv.weight, pruned_text_model().conv.weight)
+    torch.save(resealed(dict(payload, format="mackay_ext.compressed.v3")), tmp_path / "v3.pt")
+    with pytest.raises(RuntimeError, match=r"written by a newer mackay_ext \(format 'v3'; this one reads v1 and v2\)"):
+        load_compressed(tmp_path / "v3.pt", model=TextModel())
+
+
 @pytest.mark.parametrize("edit, error, match", [
     (lambda p: p["packed"]["conv.weight"].update(shape=[16, 32, 10 ** 6]), RuntimeError,
      r"does not match the file: conv.weight is \(16, 32, 1000000\) in the file, \(16, 32, 3\) in the model"),

@@ -12,7 +12,7 @@ from .. import data as datasets
 from .. import models
 from .._files import CorruptFileError, UnsafeFileError, load_plain
 from ..compressed import read_metadata
-from ..sparse import FORMAT as MODEL_FORMAT
+from ..compressed import is_compressed_payload
 from ..sparse import (
     SparseConv2d,
     SparseLinear,
@@ -29,7 +29,7 @@ def _compressed_model_name(payload: Any, path: str) -> str:
         raise ValueError(f"{path} is a training checkpoint, not a compressed model: evaluate the "
                          "model.pt that mackay-ext prune writes beside it when the run ends (finish "
                          f"the run with mackay-ext prune --resume {shlex.quote(path)})")
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+    if not is_compressed_payload(payload):
         raise ValueError(f"{path} is not a compressed model written by mackay-ext prune")
     name = payload.get("model_name")
     if name not in models.MODELS:

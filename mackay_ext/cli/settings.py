@@ -11,7 +11,7 @@ import torch
 
 from .. import data as datasets
 from .. import models, recipes
-from ..sparse import FORMAT as MODEL_FORMAT
+from ..compressed import is_compressed_payload
 from ..train import FitConfig, Trainer, late_length_changes
 from .args import (
     CHANGEABLE_ON_RESUME,
@@ -81,7 +81,7 @@ def _checkpoint_settings(state: Any, path: str, parser) -> dict[str, Any]:
             parser.error(f"--resume {path} names the model {settings.get('model')!r}, which this version "
                          f"of mackay_ext does not have (models: {', '.join(sorted(models.MODELS))})")
         return settings
-    if isinstance(state, dict) and state.get("format") == MODEL_FORMAT:
+    if is_compressed_payload(state):
         parser.error(f"--resume {path} is a compressed model (what `mackay-ext evaluate` reads), not "
                      "a checkpoint; resume from the checkpoint.pt that mackay-ext prune wrote beside it")
     if isinstance(state, dict) and "optimizer" in state:
