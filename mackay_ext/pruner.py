@@ -378,6 +378,7 @@ class MacKayPruner(StandalonePrior):
             self._said_without_data: set[str] = set()   # layers no data has reached, warned about once
             self._said_lr_zero: set[str] = set()         # layers whose lr was 0 at an update, warned about once
             self._masks_warned = False   # torch.nn.utils.prune masks not imported (_warn_unimported_masks)
+            self._uncovered_warned = False   # trainable weights outside the optimizer (_warn_uncovered_weights)
             # the optimizer's parameters when the pruner was built: one added later has no prior
             self._params_at_build = {id(p) for group in optimizer.param_groups for p in group["params"]} \
                 if optimizer is not None else set()
@@ -924,6 +925,7 @@ class MacKayPruner(StandalonePrior):
             self._rank_batch.check(self._step_batch_size())
         self._check_targets_in_model("update")
         self._warn_unimported_masks()
+        self._warn_uncovered_weights()
         self._refresh_curvature()
         bad = self.nonfinite()
         if bad:
@@ -1000,6 +1002,37 @@ class MacKayPruner(StandalonePrior):
                           f"kept, each with an alpha of its own: {shown}. Import them as pruned with "
                           "mackay_ext.integrations.torch_prune.from_torch_prune(model, pruner), once, after "
                           "building the pruner", RuntimeWarning, stacklevel=3)
+
+    def _warn_uncovered_weights(self) -> None:
+        """Said once: weights that take gradients but are in neither this pruner's optimizer nor
+        another pruner's (a new user's SparseAdam embedding beside Adam for the rest: listed in
+        report()["excluded"] only, never pruned, with no word). Said at the first update, not when
+        built: a second pruner for the second optimizer may be built after this one."""
+        if self._uncovered_warned or self.optimizer is None:
+            return
+        self._uncovered_warned = True
+        uncovered = []
+        for entry in self.excluded:
+            if entry["reason"] != "not trained by the optimizer":
+                continue
+            try:
+                param = self.model.get_parameter(entry["name"])
+            except AttributeError:   # gone from the model since (said by _check_targets_in_model)
+                continue
+            if param.requires_grad and param.dim() >= 2 and holder_of(param) is None:
+                uncovered.append(entry["name"])
+        if uncovered:
+            sparse = [name for name in uncovered
+                      if getattr(self.model.get_submodule(name.rpartition(".")[0]), "sparse", False) is True]
+            why = (f" ({', '.join(sparse)}: sparse gradients, e.g. under SparseAdam, which no pruner "
+                   "reads; nn.Embedding(sparse=False) with the rest's optimizer would be)") if sparse else ""
+            one = len(uncovered) == 1
+            warnings.warn(f"MacKayPruner.update: {', '.join(uncovered)} {'takes' if one else 'take'} gradients "
+                          f"but {'is' if one else 'are'} in neither the optimizer this pruner was given nor "
+                          f"another pruner: no prior, never "
+                          f"pruned{why}. A pruner covers one optimizer's weights: build one for each "
+                          "optimizer, or set requires_grad=False on weights trained on purpose by none",
+                          RuntimeWarning, stacklevel=3)
 
     def _no_curvature_yet(self) -> bool:
         """Every curvature the update would read is 0: no training step has reached the pruner."""

@@ -590,3 +590,54 @@ def test_layers_left_out_by_choice_are_not_said_to_be_added_later():
         warnings.simplefilter("error")
         excluded = pruner.report()["excluded"]
     assert not any("added after" in entry["reason"] for entry in excluded)
+
+
+class BagOfWords(nn.Module):
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(50, 8, sparse=sparse)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        return self.head(self.embedding(tokens).mean(1))
+
+
+def updates_warnings(pruner, model, optimizers, tokens, labels):
+    """The messages of the warnings two updates give after a few steps of every optimizer."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for _ in range(3):
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
+                nn.functional.cross_entropy(model(tokens), labels).backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+            pruner.update()
+    return [str(w.message) for w in caught if "in neither the optimizer" in str(w.message)]
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_weights_trained_by_another_optimizer_without_a_pruner_are_said_once(sparse):
+    """A new user's SparseAdam embedding beside Adam for the rest: the embedding was listed in
+    report()["excluded"] only, never pruned, with no word. Said once, at the first update (a
+    second pruner for the second optimizer may come after the first is built)."""
+    torch.manual_seed(0)
+    model = BagOfWords(sparse)
+    tokens, labels = torch.randint(0, 50, (8, 5)), torch.randint(0, 3, (8,))
+    embedding_optimizer = (torch.optim.SparseAdam if sparse else torch.optim.Adam)([model.embedding.weight])
+    head_optimizer = torch.optim.Adam(model.head.parameters())
+    pruner = MacKayPruner(model, head_optimizer, num_data=64, batch_size=8)
+    said = updates_warnings(pruner, model, [embedding_optimizer, head_optimizer], tokens, labels)
+    assert len(said) == 1 and said[0].startswith("MacKayPruner.update: embedding.weight takes gradients")
+    assert ("SparseAdam" in said[0]) == sparse
+    if sparse:
+        return
+    pruner.detach()   # a pruner for each optimizer: nothing to say
+    model = BagOfWords(sparse)
+    embedding_optimizer = torch.optim.Adam([model.embedding.weight])
+    head_optimizer = torch.optim.Adam(model.head.parameters())
+    head_pruner = MacKayPruner(model, head_optimizer, num_data=64, batch_size=8)
+    embedding_pruner = MacKayPruner(model, embedding_optimizer, num_data=64, batch_size=8)
+    assert updates_warnings(head_pruner, model, [embedding_optimizer, head_optimizer], tokens, labels) == []
+    assert list(embedding_pruner.targets) == ["embedding"]
