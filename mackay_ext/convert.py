@@ -138,6 +138,30 @@ def _check_optimizer(optimizer, where: str) -> None:
                          "and cannot be carried over; call it without the optimizer and build a new one")
 
 
+def _check_optimizer_holds_model(optimizer, model: nn.Module, where: str) -> None:
+    """An optimizer holding none of the model's parameters (another model's, or a copy's) would
+    be rebound nowhere: the layers would be converted and the real optimizer would go on stepping
+    the weights the model no longer uses."""
+    if optimizer is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters()):
+        raise ValueError(f"{where}: the optimizer holds none of this model's parameters: was it built for "
+                         "another model, or for a copy of this one (copy.deepcopy makes new parameters)? "
+                         "Pass the optimizer that trains this model, or none")
+
+
+def _tell_pruners(replaced: list[tuple[list[str], nn.Parameter]], where: str) -> None:
+    """Converted without the optimizer: a live pruner whose optimizer still holds an old weight
+    says so at that optimizer's next step (a new user fine-tuning after sparsify(model) trained
+    the biases only, the sparse layers' values not at all, with no word)."""
+    from .pruner_claims import holder_of
+    for names, weight in replaced:
+        pruner = holder_of(weight)
+        if pruner is not None and getattr(pruner, "optimizer", None) is not None:
+            pruner.note_replaced_untrained(names[0], where)
+
+
 def _carry_state(state: dict, shape, take, where: str) -> dict:
     """Per-parameter optimizer state moved to a reshaped parameter: tensors of the old
     parameter's shape, or broadcastable to it (MacKayAdam's per-group alpha), go through
@@ -242,6 +266,8 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = MIN_SPARSIT
             continue
         plan.append((names, module, mask))
     skipped += _sparse_but_formless(model, min_sparsity, excluded)
+    if plan:
+        _check_optimizer_holds_model(optimizer, model, "sparsify")
     # build everything (and check the optimizer state carries) before changing anything
     built = []
     for names, module, mask in plan:
@@ -264,6 +290,8 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = MIN_SPARSIT
             _set_module(model, name, sparse)
         if optimizer is not None:
             _rebind(optimizer, weight, sparse.values, state)
+    if optimizer is None:
+        _tell_pruners([(names, weight) for names, weight, _, _ in built], "sparsify")
     if skipped:
         warnings.warn("sparsify: left dense, though sparse enough: " + "; ".join(skipped) +
                       ". They compute with their zeros; save_compressed still stores their nonzeros only. "
@@ -303,6 +331,8 @@ def densify(model: nn.Module, optimizer=None) -> nn.Module:
     layers, _ = _find_layers(model, _CSRWeight)
     if any("" in names for names, _ in layers):
         raise ValueError("densify: the model itself is a sparse layer; call its to_dense()")
+    if layers:
+        _check_optimizer_holds_model(optimizer, model, "densify")
     for names, sparse in layers:
         dense = sparse.to_dense()
         dense.weight.requires_grad_(sparse.values.requires_grad)

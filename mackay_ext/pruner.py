@@ -379,6 +379,7 @@ class MacKayPruner(StandalonePrior):
             self._said_lr_zero: set[str] = set()         # layers whose lr was 0 at an update, warned about once
             self._masks_warned = False   # torch.nn.utils.prune masks not imported (_warn_unimported_masks)
             self._uncovered_warned = False   # trainable weights outside the optimizer (_warn_uncovered_weights)
+            self._replaced_untrained: dict[str, str] = {}   # layer -> "sparsify": note_replaced_untrained
             # the optimizer's parameters when the pruner was built: one added later has no prior
             self._params_at_build = {id(p) for group in optimizer.param_groups for p in group["params"]} \
                 if optimizer is not None else set()
@@ -537,7 +538,24 @@ class MacKayPruner(StandalonePrior):
             if tuple(state["alpha"].shape) != shape:
                 state["alpha"] = torch.zeros(shape, dtype=torch.float32, device=target.param.device)
 
+    def note_replaced_untrained(self, layer: str, by: str) -> None:
+        """`by` (sparsify, densify) replaced `layer` without this pruner's optimizer, which still
+        holds its old weight: said at the optimizer's next step (_say_replaced_untrained)."""
+        self._replaced_untrained[layer] = by
+
+    def _say_replaced_untrained(self) -> None:
+        by = sorted(set(self._replaced_untrained.values()))
+        layers = ", ".join(self._replaced_untrained)
+        self._replaced_untrained.clear()
+        warnings.warn(f"MacKayPruner: the optimizer stepped after {' and '.join(by)} replaced {layers} without "
+                      "it: it still steps their old weights, which the model no longer computes with, and "
+                      "does not train the new layers (their values stay as converted). To train on, pass the "
+                      f"optimizer: {by[0]}(model, optimizer) rebinds it; this pruner's updates end there "
+                      "(detach() it)", RuntimeWarning, stacklevel=4)
+
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._replaced_untrained:
+            self._say_replaced_untrained()
         if self.accumulator is not None and self.accumulator.holds_a_scaled_step():
             # a GradScaler-scaled step's squares (mackay_ext.loss_scale): this step ran, unless an
             # optimizer that takes the scaler's found_inf skipped it on the device

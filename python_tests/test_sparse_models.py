@@ -267,6 +267,42 @@ def test_optimizer_state_that_cannot_be_carried():
         sparsify(model, {"lr": 0.1})
 
 
+@pytest.mark.parametrize("optimizer_kind", ["Adam", "MacKayAdam"])
+def test_converting_without_the_pruners_optimizer_is_said_at_its_next_step(optimizer_kind):
+    """A new user fine-tuned after sparsify(model): the optimizer went on stepping the old dense
+    weights, the sparse layers' values stayed as converted, with no word."""
+    torch.manual_seed(0)
+    model = prune_(MLP().double(), 0.1)
+    if optimizer_kind == "Adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        pruner = mackay_ext.MacKayPruner(model, optimizer, num_data=100, batch_size=11)
+    else:
+        optimizer = mackay_ext.MacKayAdam(mackay_ext.ard_param_groups(model), lr=1e-2, num_data=100, batch_size=11)
+        pruner = mackay_ext.MacKayPruner(model, optimizer, num_data=100)
+    sparsify(model)
+    with pytest.warns(RuntimeWarning, match=r"stepped after sparsify replaced 0, 2, 4 without it: .*sparsify\(model, optimizer\)"):
+        train(model, optimizer, 1, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, optimizer, 1, seed=2)   # said once
+    densify(model)
+    pruner.detach()   # a detached pruner says nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, optimizer, 1, seed=3)
+
+
+def test_an_optimizer_of_another_model_is_refused_before_anything_changes():
+    model = prune_(MLP(), 0.1)
+    with pytest.raises(ValueError, match="sparsify: the optimizer holds none of this model's parameters"):
+        sparsify(model, torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1))
+    assert not sparse_layers(model)
+    sparsify(model)
+    with pytest.raises(ValueError, match="densify: the optimizer holds none of this model's parameters"):
+        densify(model, torch.optim.SGD(MLP().parameters(), lr=0.1))
+    assert len(sparse_layers(model)) == 3
+
+
 # ------------------------------------------------------------------- densify
 
 def test_densify_inverts_sparsify():
