@@ -15,6 +15,19 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 BACKENDS = ("ext", "torch")
 
 
+def user_stacklevel() -> int:
+    """warnings.warn's stacklevel that names the first frame outside torch and mackay_ext, from a
+    hook that torch calls through wrappers of its own (optimizer.load_state_dict's post-hooks run
+    under torch._dynamo's disable wrapper: a fixed stacklevel named that)."""
+    import os
+    import sys
+    inside = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, sys.modules[__package__]))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_choice(name: str, value: str, allowed: tuple[str, ...], where: str) -> None:
     if value not in allowed:
         raise ValueError(f"{where}: {name} must be one of {allowed}, got {value!r}")

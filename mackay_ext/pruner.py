@@ -38,7 +38,8 @@ from torch import nn
 from . import ops
 from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
-from ._validate import NonFiniteError, check_count, check_initialised, check_module, check_optimizer
+from ._validate import (NonFiniteError, check_count, check_initialised, check_module, check_optimizer,
+                        user_stacklevel)
 from .alpha_views import AlphaViews
 from .micro_batches import MicroBatchScale
 from .model_loads import watch_model_loads, zero_pruned_weights_of
@@ -415,6 +416,7 @@ class MacKayPruner(StandalonePrior):
                 watch_foreign_steps(self)
             if self.fused:
                 self._attach_to_optimizer()
+                self._hooks.append(optimizer.register_load_state_dict_post_hook(self._after_optimizer_load))
             else:
                 if batch_size is None and curvature == "ef-batch":
                     raise ValueError("MacKayPruner: batch_size is needed for the ef-batch curvature "
@@ -942,6 +944,9 @@ class MacKayPruner(StandalonePrior):
         if self._rank_batch is not None and self.curvature_kind == "ef-batch":
             self._rank_batch.check(self._step_batch_size())
         self._check_targets_in_model("update")
+        problem = self._num_data_disagreement() if self.fused else None
+        if problem:
+            raise ValueError(f"MacKayPruner.update: {problem}")
         self._warn_unimported_masks()
         self._warn_uncovered_weights()
         self._refresh_curvature()
@@ -1301,6 +1306,25 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:   # channel groups slicing this parameter, not its entries
             entry.update(self.channel.layer_groups(target.param))
         return entry
+
+    def _num_data_disagreement(self) -> str | None:
+        """Where MacKayAdam's groups changed N after the pruner was built: optimizer.load_state_dict
+        takes the saved groups' settings (a new user's checkpoint from a run on 5,000 examples,
+        loaded after the pruner: the prior applied with N = 5,000, alpha re-estimated with 100)."""
+        held = {id(target.param) for target in self.targets.values()}
+        for index, group in enumerate(self.optimizer.param_groups):
+            if group["num_data"] != self.num_data and any(id(p) in held for p in group["params"]):
+                return (f"num_data={self.num_data:g}, but MacKayAdam's param group {index} now applies the prior "
+                        f"with num_data={group['num_data']:g} (optimizer.load_state_dict takes the saved param "
+                        "groups' settings). Give both the same number of training examples: "
+                        f"optimizer.param_groups[{index}]['num_data'] = {self.num_data:g} after loading, or a "
+                        f"pruner built with num_data={group['num_data']:g}")
+        return None
+
+    def _after_optimizer_load(self, optimizer) -> None:
+        problem = self._num_data_disagreement()
+        if problem:   # loaded already (torch's hook runs after): said now, refused at the next update
+            warnings.warn(f"MacKayPruner: {problem}", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _check_targets_in_model(self, where: str, model: bool = True) -> None:
         """Refuse to go on when a layer's weight is no longer the model's (sparsify, densify or

@@ -641,3 +641,37 @@ def test_weights_trained_by_another_optimizer_without_a_pruner_are_said_once(spa
     embedding_pruner = MacKayPruner(model, embedding_optimizer, num_data=64, batch_size=8)
     assert updates_warnings(head_pruner, model, [embedding_optimizer, head_optimizer], tokens, labels) == []
     assert list(embedding_pruner.targets) == ["embedding"]
+
+
+def test_an_optimizer_state_loaded_with_another_num_data_is_said_and_refused_until_they_agree():
+    """optimizer.load_state_dict takes the saved param groups' settings: a new user's MacKayAdam,
+    loaded from a run on 5,000 examples after the pruner (num_data=100) was built, applied the
+    prior with N = 5,000 while the pruner re-estimated alpha with 100, with no word."""
+    def build(num_data):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        return model, MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=num_data, batch_size=16)
+    saved_model, saved_optimizer = build(5000)
+    saved_model(torch.randn(16, 8)).sum().backward()
+    saved_optimizer.step()
+    model, optimizer = build(100)
+    pruner = MacKayPruner(model, optimizer, num_data=100)
+    with pytest.warns(RuntimeWarning, match=r"num_data=100, but MacKayAdam's param group 0 now applies the prior "
+                                            r"with num_data=5000") as caught:
+        optimizer.load_state_dict(saved_optimizer.state_dict())
+    assert caught[0].filename == __file__   # the user's line, not torch's wrapper
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    with pytest.raises(ValueError, match=r"update: .*optimizer.param_groups\[0\]\['num_data'\] = 100 after loading"):
+        pruner.update()
+    for group in optimizer.param_groups:
+        group["num_data"] = 100
+    pruner.update()
+    same, same_optimizer = build(100)
+    pruner = MacKayPruner(same, same_optimizer, num_data=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same_optimizer.load_state_dict(optimizer.state_dict())   # the same N: nothing to say
