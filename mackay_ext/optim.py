@@ -450,6 +450,10 @@ class MacKayAdam(torch.optim.Optimizer):
                 if (key in MOMENT_KEYS or key == "curvature") and value.shape != param.shape:
                     raise _order_error(f"parameter {index} has shape {tuple(param.shape)} here and its "
                                        f"saved {key} {tuple(value.shape)}")
+                if key == "alpha" and not alpha_fits(value.shape, param.shape):   # (the step refused it)
+                    raise ValueError(f"MacKayAdam.load_state_dict: parameter {index}'s saved alpha has shape "
+                                     f"{tuple(value.shape)}, neither the parameter's {tuple(param.shape)} nor "
+                                     "one alpha per group of it (a damaged or edited state); nothing was loaded")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch.optim.Optimizer.load_state_dict, but alpha stays float32 and the step on

@@ -2,6 +2,7 @@
 resumed without a word), and a state that is refused is refused whole: MacKayAdam, MacKayPruner
 and Trainer.load_checkpoint check the values and leave nothing half loaded."""
 import copy
+import re
 import math
 
 import pytest
@@ -182,6 +183,21 @@ def test_mackay_adam_refuses_values_no_step_writes(key, value):
     with pytest.raises(ValueError, match=f"parameter 0's saved {key} holds .* nothing was loaded"):
         optimizer.load_state_dict(state)
     _assert_same(mine, optimizer.state_dict())
+
+
+@pytest.mark.parametrize("shape", [(3, 6), (7,), (2, 1, 6)])
+def test_mackay_adam_refuses_an_alpha_that_fits_no_group_of_its_weight(shape):
+    """Loaded, it made the next step raise, with the state kept: the optimizer had to be rebuilt."""
+    model, optimizer, state = _optimizer_and_state()
+    mine = copy.deepcopy(optimizer.state_dict())
+    weight = model[0].weight
+    state["state"][0]["alpha"] = torch.ones(shape)
+    with pytest.raises(ValueError, match=rf"parameter 0's saved alpha has shape {re.escape(str(shape))}, neither the "
+                                         rf"parameter's {re.escape(str(tuple(weight.shape)))} .*nothing was loaded"):
+        optimizer.load_state_dict(state)
+    _assert_same(mine, optimizer.state_dict())
+    state["state"][0]["alpha"] = torch.ones(1, weight.shape[1])   # one per input: loads
+    optimizer.load_state_dict(state)
 
 
 def test_mackay_adam_takes_a_pruned_weights_infinite_alpha():
