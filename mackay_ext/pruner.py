@@ -731,9 +731,19 @@ class MacKayPruner(StandalonePrior):
         self._grad_not_captured.clear()
 
     # ------------------------------------------------------------------ state
-    def _layer(self, name: str) -> str:
-        """The key of a layer in self.targets (its module's name for a weight), from that key or
-        from the parameter's full name ('0.weight' for layer '0')."""
+    def _layer(self, name: str | torch.Tensor) -> str:
+        """The key of a layer in self.targets (its module's name for a weight), from that key,
+        from the parameter's full name ('0.weight' for layer '0') or from the weight itself."""
+        if isinstance(name, torch.Tensor):
+            found = next((key for key, target in self.targets.items() if target.param is name), None)
+            if found is None:
+                raise KeyError(f"MacKayPruner: the {type(name).__name__} of shape {tuple(name.shape)} given is no "
+                               f"weight of this pruner's layers {list(self.targets)} (a bias, a weight of another "
+                               "model or of a copy, or one replaced since the pruner was built)")
+            return found
+        if not isinstance(name, str):
+            raise TypeError(f"MacKayPruner: a layer is named by a string (or given as its weight), got "
+                            f"{type(name).__name__}")
         if name in self.targets:
             return name
         for key, target in self.targets.items():
@@ -742,16 +752,17 @@ class MacKayPruner(StandalonePrior):
         raise KeyError(f"MacKayPruner: no layer {name!r}; its layers are {list(self.targets)} (a weight's layer "
                        "is named by its module; the parameter's full name, such as '0.weight', works too)")
 
-    def weight(self, name: str) -> nn.Parameter:
+    def weight(self, name: str | torch.Tensor) -> nn.Parameter:
         return self.targets[self._layer(name)].param
 
-    def alpha(self, name: str) -> torch.Tensor:
+    def alpha(self, name: str | torch.Tensor) -> torch.Tensor:
+        """A layer's alpha (+inf where pruned), by its name or its weight."""
         name = self._layer(name)
         return (self.optimizer.ard_state(self.targets[name].param)["alpha"] if self.fused
                 else self._own[name]["alpha"])
 
-    def curvature(self, name: str) -> torch.Tensor:
-        """The curvature state of a layer (in place: ef-batch's moving average h itself)."""
+    def curvature(self, name: str | torch.Tensor) -> torch.Tensor:
+        """The curvature state of a layer (by its name or its weight) (in place: ef-batch's moving average h itself)."""
         name = self._layer(name)
         return (self.optimizer.ard_state(self.targets[name].param)["curvature"] if self.fused
                 else self._own[name]["curvature"])
@@ -811,7 +822,13 @@ class MacKayPruner(StandalonePrior):
         update would: alpha +inf and the weight 0, so the counts and masks know them (e.g. the
         readers' slices of a channel mackay_ext.dead_channels cut). Returns the number of kept
         weights pruned; 0 for a tensor without a prior of this pruner (or with granularity
-        "channel", whose groups already hold every slice of a channel)."""
+        "channel", whose groups already hold every slice of a channel). `param` may also be a
+        layer's name, as in alpha() (a new user's name was a tensor without a prior: 0, silently)."""
+        if isinstance(param, str):
+            param = self.weight(param)
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"MacKayPruner.prune_entries: param must be a weight (tensor) or a layer's name, got "
+                            f"{type(param).__name__}")
         name = next((n for n, t in self.targets.items() if t.param is param), None)
         if self.channel is not None or name is None:
             return 0

@@ -675,3 +675,25 @@ def test_an_optimizer_state_loaded_with_another_num_data_is_said_and_refused_unt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same_optimizer.load_state_dict(optimizer.state_dict())   # the same N: nothing to say
+
+
+def test_layers_are_named_or_given_as_their_weight_everywhere():
+    """A new user's prune_entries("0", ...) pruned nothing and returned 0 (a string is no tensor
+    with a prior), and alpha(weight) raised a KeyError printing the whole weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=100, batch_size=16)
+    drop = torch.zeros(16, 8, dtype=torch.bool)
+    drop[:, 0] = True
+    assert pruner.prune_entries("0", drop) == 16
+    assert pruner.prune_entries(model[0].weight, drop) == 0   # pruned already
+    assert bool(torch.isinf(pruner.alpha(model[0].weight)[:, 0]).all()) and not bool(model[0].weight[:, 0].any())
+    assert pruner.alpha("0.weight") is pruner.alpha(model[0].weight)
+    assert pruner.curvature(model[2].weight).shape == (3, 16)
+    with pytest.raises(KeyError, match=r"Parameter of shape \(16,\) given is no weight of this pruner's layers \['0', '2'\]"):
+        pruner.alpha(model[0].bias)
+    with pytest.raises(TypeError, match="param must be a weight .* or a layer's name, got int"):
+        pruner.prune_entries(0, drop)
+    with pytest.raises(KeyError, match="no layer 'head'"):
+        pruner.prune_entries("head", drop)
+    assert pruner.prune_entries(model[0].bias, torch.zeros(16, dtype=torch.bool)) == 0   # no prior: as documented
