@@ -281,7 +281,7 @@ class MacKayPruner(StandalonePrior):
                       if given != default and any(g[key] != given for g in groups)]
             if differ:   # the same values repeated here change nothing
                 warnings.warn(f"{where}: batch_size and curvature_decay are MacKayAdam's (its param groups'); "
-                              f"the values given here are not used: {'; '.join(differ)}", UserWarning, stacklevel=2)
+                              f"the values given here are not used: {'; '.join(differ)}", UserWarning, stacklevel=user_stacklevel())
         self.channel_prior = channel_prior
         self.model, self.optimizer = model, optimizer
         self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
@@ -317,7 +317,7 @@ class MacKayPruner(StandalonePrior):
         parametrized = [entry["name"] for entry in self.excluded if entry["reason"] == PARAMETRIZED]
         if parametrized:   # weight-like parameters the user will expect covered: say so
             warnings.warn(f"{where}: {', '.join(parametrized)} left without a prior: each is {PARAMETRIZED}",
-                          stacklevel=2)
+                          stacklevel=user_stacklevel())
         if not self.targets:
             reasons = {e["reason"] for e in self.excluded if not e["reason"].startswith("1-D")}
             untrained = reasons == {"not trained by the optimizer"}
@@ -351,7 +351,7 @@ class MacKayPruner(StandalonePrior):
         if fallen:   # said when built: a note in the update reports alone went unread
             warnings.warn(f"{where}: granularity={granularity!r} does not apply to {', '.join(fallen[:6])}"
                           f"{', ...' if len(fallen) > 6 else ''}, which get one alpha per weight "
-                          f"({self.notes[fallen[0]][len('per-weight ARD: '):]})", UserWarning, stacklevel=2)
+                          f"({self.notes[fallen[0]][len('per-weight ARD: '):]})", UserWarning, stacklevel=user_stacklevel())
         # from here on hooks are attached: a refusal takes them back (the with adds no frame, so
         # the warnings said inside point at the caller as before)
         with _detached_if_refused(self):
@@ -553,7 +553,7 @@ class MacKayPruner(StandalonePrior):
                       "it: it still steps their old weights, which the model no longer computes with, and "
                       "does not train the new layers (their values stay as converted). To train on, pass the "
                       f"optimizer: {by[0]}(model, optimizer) rebinds it; this pruner's updates end there "
-                      "(detach() it)", RuntimeWarning, stacklevel=4)
+                      "(detach() it)", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._replaced_untrained:
@@ -856,7 +856,7 @@ class MacKayPruner(StandalonePrior):
                               "reads any more, so the layer is now empty and the network's output no longer "
                               "depends on its input: the groups kept in neighbouring layers do not connect. "
                               "Prune less (a smaller threshold, max_prune_fraction, more data) or pass "
-                              "allow_empty_layers=True to accept it.", RuntimeWarning, stacklevel=3)
+                              "allow_empty_layers=True to accept it.", RuntimeWarning, stacklevel=user_stacklevel())
         return count
 
     @torch.no_grad()
@@ -973,7 +973,7 @@ class MacKayPruner(StandalonePrior):
                        "diverged (lower the learning rate, or check the loss); alpha is unchanged")
             if self.on_nonfinite == "raise":
                 raise NonFiniteError(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
             # the keys of every report: notes say why, gamma_sum was not computed
             report = dict(self.report(), skipped=True, nonfinite=bad, notes=[message], gamma_sum=math.nan)
             self.history.append(report)
@@ -987,7 +987,7 @@ class MacKayPruner(StandalonePrior):
         if untrained:
             notes.append("no optimizer step since the previous update: alpha re-estimated, "
                          "nothing pruned (the weights have not answered the new prior yet)" + self._foreign_note())
-            warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=2)
+            warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=user_stacklevel())
         live_before = self.kept_weights()
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
@@ -1041,7 +1041,7 @@ class MacKayPruner(StandalonePrior):
             warnings.warn(f"MacKayPruner.update: torch.nn.utils.prune masks zero weights this pruner counts as "
                           f"kept, each with an alpha of its own: {shown}. Import them as pruned with "
                           "mackay_ext.integrations.torch_prune.from_torch_prune(model, pruner), once, after "
-                          "building the pruner", RuntimeWarning, stacklevel=3)
+                          "building the pruner", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _warn_uncovered_weights(self) -> None:
         """Said once: weights that take gradients but are in neither this pruner's optimizer nor
@@ -1072,7 +1072,7 @@ class MacKayPruner(StandalonePrior):
                           f"another pruner: no prior, never "
                           f"pruned{why}. A pruner covers one optimizer's weights: build one for each "
                           "optimizer, or set requires_grad=False on weights trained on purpose by none",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=user_stacklevel())
 
     def _no_curvature_yet(self) -> bool:
         """Every curvature the update would read is 0: no training step has reached the pruner."""
@@ -1089,7 +1089,7 @@ class MacKayPruner(StandalonePrior):
         warnings.warn("MacKayPruner.update: no curvature yet (no training step since the pruner was built"
                       f"{self._foreign_note()}): alpha is set from the weights alone (alpha = 1/w^2), which is "
                       "right for a trained network; if it is not trained yet, call update() after training "
-                      "steps", RuntimeWarning, stacklevel=3)
+                      "steps", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _foreign_note(self) -> str:
         if not self.foreign_steps:
@@ -1131,7 +1131,7 @@ class MacKayPruner(StandalonePrior):
             "other; if accuracy falls, train to a fit before the first pruning update, pass "
             "max_prune_fraction=0.5 to thin each layer over several updates, or, for a BatchNorm "
             "network under granularity='channel', channel_prior='norm-scale' (README: 'When one "
-            f"update prunes too much').{scale_free}{self._scale_hint()}", RuntimeWarning, stacklevel=4)
+            f"update prunes too much').{scale_free}{self._scale_hint()}", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _step_batch_size(self) -> float | None:
         """B of the ef-batch curvature: the pruner's, or its MacKayAdam's."""
@@ -1208,7 +1208,7 @@ class MacKayPruner(StandalonePrior):
             if name not in self._said_emptied:   # else _warn_collapse said it at an earlier update
                 warnings.warn(f"MacKayPruner.update: every group of {target.description} would be "
                               f"pruned ({loss}); the strongest group is kept. Pass allow_empty_layers=True "
-                              "to allow it.", RuntimeWarning, stacklevel=3)
+                              "to allow it.", RuntimeWarning, stacklevel=user_stacklevel())
         return entry
 
     def _idle_layers(self) -> set[str]:
@@ -1216,9 +1216,14 @@ class MacKayPruner(StandalonePrior):
         reached them (no forward used them, or their gradient was always 0). The rule would read
         that as "the data need none of it" and prune them whole (the strongest group kept, with
         a warning about the network's input): an idle head, or a branch used later, is left as
-        it is instead. (Before any training step every curvature is 0: the usual warm-up.)"""
+        it is instead. (Before any training step every curvature is 0: the usual warm-up.) A layer
+        pruned whole (prune_entries, or allow_empty_layers) reads 0 because its gradients are held
+        at 0: it is no idle layer."""
         reached = {name: bool(self.curvature_estimate(name).any()) for name in self.targets}
-        return {name for name, yes in reached.items() if not yes} if any(reached.values()) else set()
+        if not any(reached.values()):
+            return set()
+        return {name for name, yes in reached.items()
+                if not yes and not bool((self.alpha(name) == math.inf).all())}
 
     def _layers_at_lr_zero(self) -> set[str]:
         """The layers whose param group has lr 0 now while another group's is not, or frozen
@@ -1232,7 +1237,7 @@ class MacKayPruner(StandalonePrior):
         for name in sorted(frozen - self._said_lr_zero):
             self._said_lr_zero.add(name)
             warnings.warn(f"MacKayPruner.update: {self.targets[name].description}: {FROZEN_NOW}", RuntimeWarning,
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
         return frozen | self._layers_at_lr_zero_only()
 
     def _layers_at_lr_zero_only(self) -> set[str]:
@@ -1246,7 +1251,7 @@ class MacKayPruner(StandalonePrior):
                 if name not in self._said_lr_zero:
                     self._said_lr_zero.add(name)
                     warnings.warn(f"MacKayPruner.update: {target.description}: {AT_LR_ZERO}", RuntimeWarning,
-                                  stacklevel=4)
+                                  stacklevel=user_stacklevel())
         return still
 
     def _without_data(self, name: str, target: ARDTarget) -> dict[str, Any]:
@@ -1256,7 +1261,7 @@ class MacKayPruner(StandalonePrior):
             hooks = ("; under exact curvature a layer that ran where the hooks cannot capture (e.g. under "
                      "torch.func) looks the same" if self.accumulator is not None else "")
             warnings.warn(f"MacKayPruner.update: {target.description}: {WITHOUT_DATA}{hooks}", RuntimeWarning,
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
         return dict(self._layer_entry(name, target), gamma=0.0, warmup=not bool(self.alpha(name).any()),
                     without_data=True)
 
@@ -1408,7 +1413,7 @@ class MacKayPruner(StandalonePrior):
                 entry = dict(entry, reason=UNFROZEN)
                 if entry["name"] not in self._unfrozen_warned:
                     self._unfrozen_warned.add(entry["name"])
-                    warnings.warn(f"MacKayPruner: {entry['name']} is {UNFROZEN}", UserWarning, stacklevel=4)
+                    warnings.warn(f"MacKayPruner: {entry['name']} is {UNFROZEN}", UserWarning, stacklevel=user_stacklevel())
             entries.append(entry)
         return entries
 
@@ -1425,7 +1430,7 @@ class MacKayPruner(StandalonePrior):
         for name in added:
             if name not in self._unfrozen_warned:
                 self._unfrozen_warned.add(name)
-                warnings.warn(f"MacKayPruner: {name} is {ADDED_LATER}", UserWarning, stacklevel=5)
+                warnings.warn(f"MacKayPruner: {name} is {ADDED_LATER}", UserWarning, stacklevel=user_stacklevel())
         return [{"name": name, "reason": ADDED_LATER} for name in added]
 
     def _claimed_elsewhere(self, name: str) -> bool:
@@ -1508,7 +1513,7 @@ class MacKayPruner(StandalonePrior):
             ("curvature", self.curvature_kind)) if key in settings and settings[key] != value]
         if differ:
             warnings.warn(f"{where}: the state was saved with other settings: {', '.join(differ)}; this "
-                          "pruner's own apply from now on", RuntimeWarning, stacklevel=3)
+                          "pruner's own apply from now on", RuntimeWarning, stacklevel=user_stacklevel())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what state_dict() saved. Everything is checked before anything changes, and a

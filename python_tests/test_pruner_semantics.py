@@ -697,3 +697,30 @@ def test_layers_are_named_or_given_as_their_weight_everywhere():
     with pytest.raises(KeyError, match="no layer 'head'"):
         pruner.prune_entries("head", drop)
     assert pruner.prune_entries(model[0].bias, torch.zeros(16, dtype=torch.bool)) == 0   # no prior: as documented
+
+
+def test_a_layer_pruned_whole_is_not_said_to_be_without_data_and_warnings_name_the_users_line():
+    """A layer emptied by prune_entries reads curvature 0 (its gradients are held at 0): it was
+    reported as 'no data has reached it'. And update()'s warnings named torch's no_grad wrapper."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=16, allow_empty_layers=True)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+
+    def train(steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    train(5)
+    pruner.update()
+    pruner.prune_entries("2", torch.ones(3, 16, dtype=torch.bool))
+    train(5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pruner.update()
+    layer = next(entry for entry in report["layers"] if entry["name"] == "2")
+    assert layer["kept"] == 0 and not layer.get("without_data")
+    assert not any("no data has reached" in note for note in report["notes"])
+    assert all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)[:60]) for w in caught]
