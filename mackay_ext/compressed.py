@@ -197,6 +197,12 @@ def load_compressed(path: str, model: nn.Module | None = None, map_location="cpu
     if model is None:
         model = _model_by_name(path, payload)
     check_module(model, "model", "load_compressed")
+    on_meta = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if on_meta:   # torch would warn a no-op copy per tensor, then fail deep inside
+        raise ValueError(f"load_compressed: model has tensors on the meta device ({', '.join(on_meta[:3])}"
+                         f"{', ...' if len(on_meta) > 3 else ''}), which hold no values to load into; "
+                         "model.to_empty(device='cpu') first (then its non-persistent buffers need their "
+                         "initial values again), or build it on a real device")
     if type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
         # replacing layers under compiled code would leave that code stale
         raise TypeError("load_compressed: model is a torch.compile wrapper; pass the plain network "

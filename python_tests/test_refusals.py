@@ -144,6 +144,22 @@ def resealed(payload):
     return dict(payload, digest=payload_digest(payload))
 
 
+def test_load_compressed_refuses_a_model_on_the_meta_device(tmp_path):
+    """It warned a no-op copy per tensor, then failed inside torch ('Cannot copy out of meta tensor')."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    save_compressed(model, tmp_path / "m.pt")
+    with torch.device("meta"):
+        shell = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"model has tensors on the meta device \(0.weight, 0.bias, 1.weight, "
+                                             r"\.\.\.\).*model.to_empty\(device='cpu'\) first"):
+            load_compressed(tmp_path / "m.pt", model=shell)
+    shell.to_empty(device="cpu")
+    loaded = load_compressed(tmp_path / "m.pt", model=shell)
+    assert torch.equal(loaded[2].weight, model[2].weight)
+
+
 def test_load_compressed_refuses_a_model_that_does_not_fit(tmp_path):
     saved = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
     with torch.no_grad():
