@@ -147,6 +147,8 @@ def load_plain(path: str, what: str, map_location: Any = "cpu") -> Any:
                                ) from None
     except Exception as error:  # truncated zip, wrong magic number, bad storage ...
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if isinstance(error, KeyError):   # torch's legacy reader on a first byte it does not know: "(101)"
+            reason = "its first bytes are neither a zip archive's nor a pickle's"
         if "legacy .tar format" in reason:   # torch's text goes on to advise weights_only=False
             reason = "a tar archive: mackay_ext never writes one, and loading it unchecked could run code"
         raise CorruptFileError(f"{what} {path} cannot be read: it is corrupt or truncated, or not a "

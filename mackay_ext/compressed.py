@@ -299,6 +299,8 @@ def _warn_nonfinite(path: str, payload: dict, state: dict[str, torch.Tensor]) ->
     """NaN or inf among the stored values loads (a diverged run's file can be worth inspecting),
     but not in silence: the model will compute NaN."""
     tensors = [(f"{name}.values", entry["values"]) for name, entry in payload["sparse"].items()]
+    tensors += [(f"{name}.bias", entry["bias"]) for name, entry in payload["sparse"].items()
+                if isinstance(entry["bias"], torch.Tensor)]
     tensors += [(key, value) for key, value in state.items() if value.is_floating_point()]
     bad = [name for name, tensor in tensors if not bool(torch.isfinite(tensor).all())]
     if bad:
@@ -386,6 +388,10 @@ _ENTRY_KEYS = {"linear": ("out", "in", "crow", "col", "values", "bias"),
                           "stride", "padding", "dilation")}
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
     """The file's sparse layer `name` is whole and fits the model's layer of that name."""
     kind = entry.get("kind") if isinstance(entry, dict) else None
@@ -398,6 +404,15 @@ def _check_sparse_entry(path: str, name: str, entry, model: nn.Module) -> None:
             what = "floating" if floating else "integer"
             raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r}: {key} must be a 1-D "
                                    f"{what} tensor, got {_describe(tensor)}")
+    for key in _ENTRY_KEYS[kind]:
+        value = entry[key]
+        if key in ("out", "in", "in_channels", "out_channels") and not _is_count(value):
+            raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r}: {key} must be an int >= 0, "
+                                   f"got {type(value).__name__} {value!r:.40}")
+        if key in ("kernel_size", "stride", "padding", "dilation") and not (
+                _is_count(value) or isinstance(value, (list, tuple)) and all(map(_is_count, value))):
+            raise CorruptFileError(f"load_compressed: {path}: sparse layer {name!r}: {key} must be an int >= 0 "
+                                   f"or a pair of them, got {type(value).__name__} {value!r:.40}")
     try:   # the arrays themselves, before any layer of the model is replaced
         check_csr(entry["crow"].long(), entry["col"].long(), entry["values"],
                   (entry["out_channels"] if kind == "conv2d" else entry["out"],

@@ -66,7 +66,9 @@ def test_an_edited_field_is_refused_even_with_the_digest_made_again(saved, tmp_p
         load_edited(lambda p: p["sparse"]["fc"].__setitem__("values", p["sparse"]["fc"]["values"].tolist()))
     with pytest.raises(CorruptFileError, match=r"'conv': col must be a 1-D integer tensor"):
         load_edited(lambda p: p["sparse"]["conv"].__setitem__("col", p["sparse"]["conv"]["col"].float()))
-    for key, value in (("stride", (0, 0)), ("dilation", (-1, -1)), ("padding", (1000, 1000))):
+    with pytest.raises(CorruptFileError, match=r"'conv': dilation must be an int >= 0 or a pair of them, got tuple"):
+        load_edited(lambda p: p["sparse"]["conv"].__setitem__("dilation", (-1, -1)))
+    for key, value in (("stride", (0, 0)), ("dilation", (0, 0)), ("padding", (1000, 1000))):
         with pytest.raises(RuntimeError, match=r"layer 'conv' is Conv2d .*stride, padding, dilation"):
             load_edited(lambda p: p["sparse"]["conv"].__setitem__(key, value))
     assert original["sparse"]["conv"]["stride"] == (1, 1)
@@ -246,6 +248,19 @@ def test_a_column_twice_in_a_row_is_refused_and_nan_values_said(saved, tmp_path)
     torch.save(resealed(payload), tmp_path / "nan.pt")
     with pytest.warns(RuntimeWarning, match=r"NaN or inf values in fc.values: the model will compute NaN"):
         load_compressed(tmp_path / "nan.pt", model=Net())
+    payload = torch.load(path, weights_only=True)
+    payload["sparse"]["fc"]["bias"][0] = float("inf")   # loaded without a word
+    torch.save(resealed(payload), tmp_path / "inf_bias.pt")
+    with pytest.warns(RuntimeWarning, match=r"NaN or inf values in fc.bias: the model will compute NaN"):
+        load_compressed(tmp_path / "inf_bias.pt", model=Net())
+    for key, value, expected in (("out", "10", "out must be an int >= 0, got str '10'"),
+                                 ("in", -3, "in must be an int >= 0, got int -3"),
+                                 ("in", True, "in must be an int >= 0, got bool True")):
+        payload = torch.load(path, weights_only=True)
+        payload["sparse"]["fc"][key] = value   # "can only concatenate str (not "int") to str"
+        torch.save(resealed(payload), tmp_path / "edited.pt")
+        with pytest.raises(CorruptFileError, match=rf"sparse layer 'fc': {expected}"):
+            load_compressed(tmp_path / "edited.pt", model=Net())
 
 
 def test_a_shrunk_models_file_into_the_full_architecture_says_why(tmp_path):

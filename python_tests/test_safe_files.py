@@ -90,8 +90,9 @@ def test_truncated_and_missing_files(tmp_path):
     cut.write_bytes(good.read_bytes()[:300])
     with pytest.raises(CorruptFileError, match="corrupt or truncated"):
         load_plain(str(cut), "checkpoint")
-    (tmp_path / "text.pt").write_text("not a torch file")
-    with pytest.raises(CorruptFileError):
+    (tmp_path / "text.pt").write_text("hello, not a torch file")
+    with pytest.raises(CorruptFileError, match=r"not a torch file \(its first bytes are neither a zip archive's "
+                                               r"nor a pickle's\)"):   # it said "(104)", a byte's code
         load_plain(str(tmp_path / "text.pt"), "checkpoint")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_plain(str(tmp_path / "absent.pt"), "checkpoint")
