@@ -74,6 +74,7 @@ from .ard_targets import NO_CHANNEL_GROUP
 from ._follow import ParamStates, state_dtype
 from .copy_inert import CopyInert
 from .coupling import ChannelGroup, Coupling, CouplingError, group_index, trace_coupling
+from .coupling.groups import InputsDoNotRun
 from .batch_curvature import StepCurvature, ema_debiased
 from .mac_price import channel_group_macs, channel_priced_out
 from .prune_cap import allowed_prunes, groups_to_restore
@@ -92,6 +93,10 @@ def trace_for_pruner(model: nn.Module, example_inputs) -> Coupling:
                          "groups are found from one traced forward")
     try:
         return trace_coupling(model, example_inputs)
+    except InputsDoNotRun as error:
+        raise InputsDoNotRun(f"MacKayPruner: {error}; pass example_inputs= that the model's forward accepts "
+                             "(a batch of its inputs, a tuple of positional inputs or a dict of keyword "
+                             "inputs)") from None
     except CouplingError as error:   # say what a user of such a model can do instead
         raise CouplingError(
             f"{error}. MacKayPruner(granularity='channel') traces the whole model, so one such op "

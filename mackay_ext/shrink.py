@@ -68,10 +68,15 @@ class ShrinkReport:
 def count_macs(model: nn.Module, example_inputs) -> int:
     """Multiply-accumulates of one forward on example_inputs (matmuls, convolutions, attention),
     run in eval mode: a forward in training mode would move the model's BatchNorm statistics."""
+    check_module(model, "model", "count_macs")
     args, kwargs = split_inputs(example_inputs, model)
     # with autograd on, nn.TransformerEncoder takes its decomposed path, which the counter can see
     with eval_mode(model), torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        model(*args, **kwargs)
+        try:
+            model(*args, **kwargs)
+        except Exception as err:   # name the argument: torch's error names an op deep inside
+            raise ValueError(f"count_macs: example_inputs do not run the model: {type(err).__name__}: "
+                             f"{err}") from err
     return counter.get_total_flops() // 2
 
 

@@ -416,8 +416,11 @@ def test_bad_input_is_named():
         MacKayPruner(model, optimizer, num_data=10, example_inputs=torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="pass granularity='channel', not per layer"):
         MacKayPruner(model, optimizer, num_data=10, granularity={"conv1": "channel"})
-    with pytest.raises(CouplingError, match="example_inputs do not run the model"):
+    with pytest.raises(CouplingError, match="example_inputs do not run the model") as refused:
         MacKayPruner(model, optimizer, num_data=10, granularity="channel", example_inputs=torch.randn(1, 4, 8, 8))
+    # the inputs are wrong, not the model: no advice to give up the granularity (it said use 'filter')
+    assert "pass example_inputs= that the model's forward accepts" in str(refused.value)
+    assert "granularity='filter'" not in str(refused.value)
 
     class Roller(nn.Module):
         def forward(self, x):

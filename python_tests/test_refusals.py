@@ -341,3 +341,27 @@ def test_a_refused_pruner_leaves_nothing_attached(options, message):
     optimizer.step()   # (raised KeyError: '0')
     pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=4, layers=["0", "2"])
     assert pruner.targets and not pruner.detached
+
+
+def test_count_macs_and_group_index_name_their_arguments():
+    """They failed deep inside (AttributeError: 'SGD' object has no attribute 'parameters';
+    conv2d's input error; 'Conv2d' object has no attribute 'members'; an IndexError)."""
+    import mackay_ext
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(2, 1, 8, 8)
+    groups = mackay_ext.channel_groups(model, (x,))
+    with pytest.raises(TypeError, match="count_macs: model must be a torch.nn.Module, got SGD"):
+        mackay_ext.count_macs(torch.optim.SGD(model.parameters(), lr=0.1), (x,))
+    with pytest.raises(ValueError, match="count_macs: example_inputs do not run the model: RuntimeError: Expected 3D"):
+        mackay_ext.count_macs(model, (torch.randn(2, 2),))
+    with pytest.raises(TypeError, match=r"group_index: takes \(groups, model\).* got \(Sequential, list\)"):
+        mackay_ext.group_index(model, groups)
+    with pytest.raises(TypeError, match="groups must be the ChannelGroups"):
+        mackay_ext.group_index([1, 2], model)
+    with pytest.raises(ValueError, match="not traced from this model: it has no parameter '3.weight'"):
+        mackay_ext.group_index(groups, nn.Sequential(nn.Linear(8, 3)))
+    narrower = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with pytest.raises(ValueError, match="its 0.weight has 2 entries along dimension 0, a group reaches index 2"):
+        mackay_ext.group_index(groups, narrower)
+    index = mackay_ext.group_index(groups, model)
+    assert index[("0.weight", 0)].tolist() == [0, 1, 2, 3] and mackay_ext.count_macs(model, x) > 0

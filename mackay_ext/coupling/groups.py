@@ -13,6 +13,11 @@ class CouplingError(ValueError):
     """The model cannot be traced, or uses an op whose channel coupling is unknown."""
 
 
+class InputsDoNotRun(CouplingError):
+    """example_inputs fail in the model's own forward: the inputs, not the trace (advice about ops
+    the trace cannot follow would send the user away from the granularity they chose)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Member:
     """Entries `indices` along dimension `dim` of the parameter or buffer called `name`."""
@@ -112,13 +117,30 @@ def group_index(groups, model: nn.Module) -> dict[tuple[str, int], torch.Tensor]
     A pruner can scatter per-entry sums into groups with it in one pass. An entry can be in two
     groups at once (a conv weight entry (o, i) is in output group o and input group i).
     """
+    if isinstance(groups, nn.Module) or not isinstance(model, nn.Module):
+        raise TypeError(f"group_index: takes (groups, model): the groups channel_groups found and the "
+                        f"nn.Module they were traced from, got ({type(groups).__name__}, {type(model).__name__})")
+    groups = list(groups)
+    if not all(isinstance(group, ChannelGroup) for group in groups):
+        raise TypeError("group_index: groups must be the ChannelGroups of channel_groups(model, example_inputs)")
     index: dict[tuple[str, int], torch.Tensor] = {}
     for number, group in enumerate(groups):
         for m in group.members:
             key = (m.name, m.dim)
             if key not in index:
-                param = model.get_parameter(m.name)
+                try:
+                    param = model.get_parameter(m.name)
+                except AttributeError:
+                    raise ValueError(f"group_index: the groups were not traced from this model: it has no "
+                                     f"parameter {m.name!r}") from None
+                if m.dim >= param.dim():
+                    raise ValueError(f"group_index: the groups were not traced from this model: its {m.name} "
+                                     f"has {param.dim()} dimensions, a group slices dimension {m.dim}")
                 index[key] = torch.full((param.shape[m.dim],), -1, dtype=torch.long, device=param.device)
+            if max(m.indices, default=-1) >= len(index[key]):
+                raise ValueError(f"group_index: the groups were not traced from this model: its {m.name} has "
+                                 f"{len(index[key])} entries along dimension {m.dim}, a group reaches index "
+                                 f"{max(m.indices)}")
             index[key][list(m.indices)] = number
     return index
 

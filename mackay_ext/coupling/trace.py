@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .groups import ChannelGroup, Coupling, CouplingError, collect
+from .groups import ChannelGroup, Coupling, CouplingError, InputsDoNotRun, collect
 from .ties import canonical_names
 
 
@@ -36,7 +36,7 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
             with torch.no_grad():
                 model(*args, **kwargs)
         except Exception as err:
-            raise CouplingError(f"example_inputs do not run the model: {type(err).__name__}: {err}") from err
+            raise InputsDoNotRun(f"example_inputs do not run the model: {type(err).__name__}: {err}") from err
         try:
             program = torch.export.export(model, args, kwargs)
         except Exception as err:
