@@ -57,11 +57,16 @@ def check_pruner_options(where: str, *, granularity: Any = "weight", rule: Any =
     if not isinstance(allow_empty_layers, bool):
         raise TypeError(f"{where}: allow_empty_layers must be True or False, got {allow_empty_layers!r}")
     max_prune_fraction = check_max_prune_fraction(max_prune_fraction, where)
-    if isinstance(mac_price, bool) or not isinstance(mac_price, numbers.Real) or not (
-            math.isfinite(mac_price) and mac_price >= 0):
+    if isinstance(mac_price, bool) or not isinstance(mac_price, numbers.Real):
+        raise TypeError(f"{where}: mac_price must be a finite number >= 0 (nats of evidence per "
+                        f"multiply-accumulate), got {type(mac_price).__name__} {mac_price!r}")
+    if not (math.isfinite(mac_price) and mac_price >= 0):
         raise ValueError(f"{where}: mac_price must be a finite number >= 0 (nats of evidence "
                          f"per multiply-accumulate), got {mac_price!r}")
-    if isinstance(mac_price_ramp, bool) or not isinstance(mac_price_ramp, int) or mac_price_ramp < 1:
+    if isinstance(mac_price_ramp, bool) or not isinstance(mac_price_ramp, int):
+        raise TypeError(f"{where}: mac_price_ramp must be an int >= 1 (pruning updates), got "
+                        f"{type(mac_price_ramp).__name__} {mac_price_ramp!r}")
+    if mac_price_ramp < 1:
         raise ValueError(f"{where}: mac_price_ramp must be an int >= 1 (pruning updates), got {mac_price_ramp!r}")
     if isinstance(curvature_every, bool) or not isinstance(curvature_every, int) or curvature_every < 1:
         raise ValueError(f"{where}: curvature_every must be an int >= 1 (training steps), got {curvature_every!r}")

@@ -102,6 +102,8 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
     Raises ValueError when a layer would lose every channel to pruned groups, naming the layer.
     """
     check_module(model, "model", "shrink")
+    if not isinstance(report, bool):   # any truthy value turned the result into a tuple
+        raise TypeError(f"shrink: report must be True or False, got {report!r}")
     check_not_quantized(model, "shrink", "shrink the float model, then quantize the smaller one")
     from .sparse import _CSRWeight, densify
     if any(isinstance(m, _CSRWeight) for m in model.modules()):

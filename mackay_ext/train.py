@@ -159,6 +159,9 @@ class Trainer:
         self.net = (nn.parallel.DistributedDataParallel(self.model) if self.world_size > 1
                     else self.model)
         # a training set smaller than config.batch_size makes every batch the whole set
+        if config.batch_size > self.num_data:
+            warnings.warn(f"batch_size {config.batch_size:,} exceeds the training set ({self.num_data:,} "
+                          "examples): every batch is the whole set", stacklevel=2)
         self.optimizer = MacKayAdam(ard_param_groups(model), lr=config.lr, num_data=self.num_data,
                                     batch_size=min(config.batch_size, self.num_data), backend=config.backend)
         self.pruner = MacKayPruner(model, self.optimizer, num_data=self.num_data,

@@ -210,6 +210,9 @@ NO_CUDA = not torch.cuda.is_available()
     (["prune", "--threshold", "-1"], "argument --threshold: expected a finite number >= 0, got -1"),
     (["prune", "--threshold", "nan"], "argument --threshold: expected a finite number >= 0, got nan"),
     (["prune", "--seed", "-3"], "argument --seed: expected a whole number >= 0, got -3"),
+    (["prune", "--out", ""], "argument --out: expected a path, got ''"),   # it ran into ./mackay-run
+    (["prune", "--data-dir", " "], "argument --data-dir: expected a path, got ' '"),
+    (["prune", "--resume", ""], "argument --resume: expected a path, got ''"),
     (["prune", "--mac-price", "-0.001"], "argument --mac-price: expected a finite number >= 0, got -0.001"),
     (["prune", "--mac-price", "inf"], "argument --mac-price: expected a finite number >= 0, got inf"),
     (["prune", "--mac-price-ramp", "0"], "argument --mac-price-ramp: expected a whole number >= 1, got 0"),

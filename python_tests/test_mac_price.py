@@ -179,7 +179,8 @@ def test_pruner_arguments():
     model, x = _conv_net(), torch.randn(2, 1, 16, 16)
     optimizer = torch.optim.Adam(model.parameters())
     for bad in (-1.0, math.nan, math.inf, True, "1"):
-        with pytest.raises(ValueError, match=r"mac_price must be a finite number >= 0"):
+        error = TypeError if isinstance(bad, (bool, str)) else ValueError   # the type, as the other options
+        with pytest.raises(error, match=r"mac_price must be a finite number >= 0"):
             MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=bad, example_inputs=x)
     with pytest.raises(ValueError, match=r"mac_price > 0 needs example_inputs="):
         MacKayPruner(model, optimizer, num_data=10, batch_size=2, mac_price=1e-3)
@@ -362,7 +363,8 @@ def test_price_ramps_over_pruning_updates_and_resumes(granularity):
 def test_ramp_argument():
     model, x = _conv_net(), torch.randn(2, 1, 16, 16)
     for bad in (0, -2, 1.5, True, "3"):
-        with pytest.raises(ValueError, match=r"mac_price_ramp must be an int >= 1 \(pruning updates\)"):
+        error = ValueError if bad in (0, -2) and not isinstance(bad, bool) else TypeError
+        with pytest.raises(error, match=r"mac_price_ramp must be an int >= 1 \(pruning updates\)"):
             MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=10, batch_size=2,
                          mac_price=1e-3, mac_price_ramp=bad, example_inputs=x)
 

@@ -724,3 +724,12 @@ def test_a_layer_pruned_whole_is_not_said_to_be_without_data_and_warnings_name_t
     assert layer["kept"] == 0 and not layer.get("without_data")
     assert not any("no data has reached" in note for note in report["notes"])
     assert all(w.filename == __file__ for w in caught), [(w.filename, str(w.message)[:60]) for w in caught]
+
+
+def test_a_batch_size_beyond_the_training_set_is_said():
+    """The CLI's --batch-size 100000 on digits trained full-batch without a word."""
+    data = mackay_ext.data.load("digits", seed=0)
+    with pytest.warns(UserWarning, match=rf"batch_size 100,000 exceeds the training set \({len(data.x_train):,} "
+                                         r"examples\): every batch is the whole set"):
+        trainer = Trainer(mackay_ext.models.create("digits-mlp"), data, FitConfig(batch_size=100_000, backend="torch"))
+    assert trainer.optimizer.param_groups[0]["batch_size"] == len(data.x_train)

@@ -365,3 +365,10 @@ def test_count_macs_and_group_index_name_their_arguments():
         mackay_ext.group_index(groups, narrower)
     index = mackay_ext.group_index(groups, model)
     assert index[("0.weight", 0)].tolist() == [0, 1, 2, 3] and mackay_ext.count_macs(model, x) > 0
+
+
+def test_shrink_report_must_be_a_bool():
+    from mackay_ext import shrink
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(TypeError, match="shrink: report must be True or False, got 'yes'"):
+        shrink(model, torch.randn(2, 4), report="yes")   # any truthy value returned a tuple

@@ -92,6 +92,13 @@ def SHARE(text: str) -> float:
     return value
 
 
+def PATH(text: str) -> str:
+    """An argparse type: a non-empty path (an empty --out was read as "not given": the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
 def _recipe_help(what: str, key: str) -> str:
     per_model = ", ".join(f"{name} {recipe[key]:g}" for name, recipe in RECIPES.items())
     return f"{what} (default: {per_model}; other models {GENERIC_RECIPE[key]:g})"
@@ -134,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     own = "; ".join(f"{d} for " + ", ".join(m for m in models.MODELS if models.DEFAULT_DATASET[m] == d)
                     for d in dict.fromkeys(models.DEFAULT_DATASET.values()))
     add("--dataset", choices=datasets.DATASETS, help=f"default: the model's own ({own})")
-    add("--data-dir", help="directory of the dataset files: MNIST IDX files (default data/mnist) or "
+    add("--data-dir", type=PATH, help="directory of the dataset files: MNIST IDX files (default data/mnist) or "
                            "the CIFAR-10 / CIFAR-100 python batches (default data/cifar-10-batches-py, "
                            "data/cifar-100-python); digits "
                            "comes with scikit-learn and needs none")
@@ -216,12 +223,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--backend", default="ext", choices=("ext", "torch"),
         help="ext: the compiled kernels; torch: the pure-PyTorch fallback, the same math "
              "(default: %(default)s)")
-    add("--out", help="output directory, created if missing (default: ./mackay-run; with --resume, "
+    add("--out", type=PATH, help="output directory, created if missing (default: ./mackay-run; with --resume, "
                       "the checkpoint's directory)")
     add("--overwrite", action="store_true",
         help="replace the run --out already holds (its checkpoint, report and model); without it, "
              "such an --out is refused, since a new run there would silently discard it")
-    add("--resume", metavar="CHECKPOINT",
+    add("--resume", type=PATH, metavar="CHECKPOINT",
         help="continue from a checkpoint.pt of mackay-ext prune, with the run's own settings: "
              f"{', '.join('--' + k.replace('_', '-') for k in CHANGEABLE_ON_RESUME)} may change, "
              "other flags must match the checkpoint")
@@ -231,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", choices=datasets.DATASETS,
                     help="default: the dataset named in the model file, else the one its architecture "
                          "was made for")
-    ev.add_argument("--data-dir", help="directory of the dataset files (as for prune)")
+    ev.add_argument("--data-dir", type=PATH, help="directory of the dataset files (as for prune)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="where to evaluate (default: %(default)s)")
     parser.subcommands = {"prune": prune, "evaluate": ev}
