@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from ._validate import user_stacklevel
 from .copy_inert import CopyInert
 
 
@@ -48,6 +49,18 @@ def watch_model_loads(pruner):
 def _after_load(pruner_ref, module, incompatible_keys) -> None:
     pruner = pruner_ref()
     if pruner is None or pruner.detached or getattr(pruner, "_model_load_expected", False):
+        return
+    replaced = [name for name, target in pruner.targets.items()
+                if getattr(target.module, target.attr, None) is not target.param
+                and getattr(target.module, target.attr + "_orig", None) is not target.param]   # (torch prune)
+    if replaced:   # load_state_dict(assign=True): found at the next update only, after steps that missed them
+        shown = ", ".join(replaced[:6]) + (", ..." if len(replaced) > 6 else "")
+        warnings.warn(
+            f"MacKayPruner: model.load_state_dict(assign=True) replaced the weights of {shown}: the pruner, and "
+            "the optimizer, hold the tensors from before, so the new ones would train without the prior (or "
+            "not at all) and the next update refuses. Load with assign=False (values copied into the same "
+            "tensors), or build the optimizer and the pruner after loading",
+            UserWarning, stacklevel=user_stacklevel())
         return
     counts = live_at_pruned(pruner)
     if counts:

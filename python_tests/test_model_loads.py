@@ -145,3 +145,17 @@ def test_an_unfrozen_layer_under_a_second_pruner_is_not_said_to_train_without_a_
         warnings.simplefilter("error")
         excluded = {e["name"]: e["reason"] for e in head.report()["excluded"]}
     assert excluded["0.weight"] == "frozen when this pruner was built; another pruner puts its prior on it since"
+
+
+@pytest.mark.parametrize("kind", ["mackay", "adam"])
+def test_a_load_that_assigns_new_weights_is_said_at_the_load(kind):
+    """load_state_dict(assign=True) replaces the Parameters: the optimizer and the pruner hold the
+    old ones, so training went on without the prior (or without training the new weights) until
+    the next update refused."""
+    model, optimizer, pruner, best, _ = _pruned_run(kind)
+    with pytest.warns(UserWarning, match=r"load_state_dict\(assign=True\) replaced the weights of 0, 2: .*"
+                                         r"Load with assign=False") as caught:
+        model.load_state_dict(best, assign=True)
+    assert caught[0].filename == __file__
+    with pytest.raises(RuntimeError, match="the weights of 0, 2 are no longer the model's"):
+        pruner.update()
