@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import pruner_step
 from torch import nn
 
 import mackay_ext
@@ -662,9 +663,7 @@ def test_an_optimizer_state_loaded_with_another_num_data_is_said_and_refused_unt
     assert caught[0].filename == __file__   # the user's line, not torch's wrapper
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     for _ in range(3):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        pruner_step(pruner, model, optimizer, x, y)
     with pytest.raises(ValueError, match=r"update: .*optimizer.param_groups\[0\]\['num_data'\] = 100 after loading"):
         pruner.update()
     for group in optimizer.param_groups:
@@ -707,16 +706,12 @@ def test_a_layer_pruned_whole_is_not_said_to_be_without_data_and_warnings_name_t
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=16, allow_empty_layers=True)
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
-
-    def train(steps):
-        for _ in range(steps):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    train(5)
+    for _ in range(5):
+        pruner_step(pruner, model, optimizer, x, y)
     pruner.update()
     pruner.prune_entries("2", torch.ones(3, 16, dtype=torch.bool))
-    train(5)
+    for _ in range(5):
+        pruner_step(pruner, model, optimizer, x, y)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = pruner.update()
