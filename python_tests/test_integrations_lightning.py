@@ -1,6 +1,7 @@
 """mackay_ext.integrations.lightning: MacKayPruning inside lightning.pytorch.Trainer.fit()."""
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -44,12 +45,13 @@ def _loader(batch_size=16):
 # float32: under precision="64-true" the weights this Lightning restores from a checkpoint differ
 # from the saved ones by ~1e-8 (float32 rounding), which would hide an exact comparison
 def _fit(callback, max_epochs=2, optimizer="adam", ckpt_path=None, seed=0, batch_size=16, extra_callbacks=(),
-         **options):
+         module=None, **options):
     torch.manual_seed(seed)
-    module = TinyClassifier(optimizer)
-    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         deterministic=True, callbacks=[callback, *extra_callbacks], **options)
+    if module is None:
+        module = TinyClassifier(optimizer)
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+               "enable_checkpointing": False, "deterministic": True, **options}
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", callbacks=[callback, *extra_callbacks], **options)
     trainer.fit(module, train_dataloaders=_loader(batch_size), ckpt_path=ckpt_path)
     return trainer, module
 
@@ -204,6 +206,84 @@ def test_checkpoint_resumes_to_the_same_alpha(tmp_path):
         assert torch.equal(continued.pruner.alpha(name), longer.pruner.alpha(name))
 
 
+def _pruned(pruner):
+    """Per layer, where alpha is +inf (the weight's shape)."""
+    return {name: (pruner.alpha(name) == math.inf).expand_as(target.param).clone()
+            for name, target in pruner.targets.items()}
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "mackay"])
+@pytest.mark.parametrize("options, times", [
+    ({}, [(0, 6), (1, 12), (2, 18)]),   # no dense phase from dense_ratio: the model was fitted under its alphas
+    ({"dense": 2}, [(1, 12), (2, 18)]),   # a given dense length still delays the first update
+])
+def test_a_second_fit_of_the_same_module_goes_on_with_its_ard_state(optimizer, options, times):
+    """A fine-tune stage (a new Trainer, so a new optimizer) on the same LightningModule: the
+    pruner built for the new optimizer loads the previous one's state, so the pruned weights stay
+    at 0 with alpha +inf, the history goes on, and the updates come from the fit's start."""
+    callback = MacKayPruning(prune="alpha", threshold=2e3, **options)   # dense half of 4 epochs: updates 2 and 3 prune
+    first_trainer, module = _fit(callback, max_epochs=4, optimizer=optimizer)
+    _check_pruned(callback)
+    first, pruned = callback.pruner, _pruned(callback.pruner)
+    kept_before = [h["kept"] for h in first.history]
+
+    probe = _UpdateTimes(callback)
+    probe._seen = len(kept_before)
+    trainer, _ = _fit(callback, max_epochs=3, module=module, extra_callbacks=[probe])
+    second = callback.pruner
+    assert second is not first and second.optimizer is trainer.optimizers[0] is not first_trainer.optimizers[0]
+    assert second.fused == (optimizer == "mackay")
+    assert probe.times == times
+    assert [h["kept"] for h in second.history[:len(kept_before)]] == kept_before
+    assert len(second.history) == len(kept_before) + len(times)
+    for name, target in second.targets.items():
+        assert bool((second.alpha(name) == math.inf).expand_as(target.param)[pruned[name]].all()), name
+        assert not bool(target.param[pruned[name]].any()), name   # no pruned weight grew back
+    assert second.report()["kept"] <= first.report()["kept"]
+    assert float(trainer.callback_metrics["mackay/updates"]) == len(second.history)
+
+    # the callback on another LightningModule: a fresh pruner, with its dense phase (of 3 epochs: 1, or dense=2)
+    _, other = _fit(callback, max_epochs=3, optimizer=optimizer, seed=3)
+    history = callback.pruner.history
+    assert callback.pruner.model is other and len(history) == (2 if options else 3)
+    assert history[0]["kept"] == history[0]["total"]   # a first update, which never prunes
+
+
+def test_a_later_fit_whose_layers_changed_says_so():
+    """A fine-tune stage with a new head of another shape: the previous fit's ARD state does not
+    fit the new pruner, and the fit is refused with what to do, not started afresh unsaid."""
+    callback = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+    _, module = _fit(callback)
+    module.net[2] = nn.Linear(17, 4)
+    with pytest.raises(ValueError, match=r"MacKayPruning: this LightningModule's previous fit left an ARD state "
+                                         r"that does not fit the pruner built for this one \(.*net.2.*\): its layers "
+                                         r"changed .* Pass a new MacKayPruning to start the ARD state afresh"):
+        _fit(callback, module=module)
+    with pytest.raises(ValueError, match="does not fit the pruner built for this one"):   # (again: not afresh)
+        _fit(callback, module=module)
+    fresh = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+    _fit(fresh, module=module)   # (the refused pruner holds no weight)
+    assert len(fresh.pruner.history) == 4
+
+
+def test_a_checkpoint_given_to_a_later_fit_replaces_the_carried_state(tmp_path):
+    """trainer.fit(ckpt_path=...) with a callback that holds the pruner of an earlier fit of the
+    same module: the checkpoint's state is the one the fit goes on with, as a resumed run."""
+    callback = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+    trainer, module = _fit(callback)   # updates at steps 3, 6, 9, 12
+    path = tmp_path / "fit.ckpt"
+    trainer.save_checkpoint(path)
+    _fit(callback, module=module)   # a fine-tune stage: 4 more updates
+    assert len(callback.pruner.history) == 8
+
+    _fit(callback, max_epochs=3, module=module, ckpt_path=str(path))   # steps 13 to 18: updates at 15, 18
+    assert len(callback.pruner.history) == 6
+    uninterrupted = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+    _fit(uninterrupted, max_epochs=3)
+    for name in uninterrupted.pruner.targets:
+        assert torch.equal(callback.pruner.alpha(name), uninterrupted.pruner.alpha(name))
+
+
 @pytest.mark.parametrize("curvature", ["ef-batch", "ef-exact"])
 def test_accumulation_estimates_what_one_batch_does(curvature):
     """2 micro-batches of 8 and one batch of 16 on the same examples give Adam the same gradient
@@ -223,6 +303,82 @@ def test_accumulation_estimates_what_one_batch_does(curvature):
         torch.testing.assert_close(two.curvature(name), curvature, rtol=1e-4, atol=1e-6 * float(curvature.max()))
         torch.testing.assert_close(two.alpha(name), one.alpha(name), rtol=1e-3, atol=0)
     assert two.history[-1]["gamma_sum"] == pytest.approx(one.history[-1]["gamma_sum"], rel=1e-4)
+
+
+@pytest.mark.parametrize("update_on, every_n_train_steps", [("epoch", None), ("step", None), ("epoch", 2)])
+def test_monitors_find_the_metrics_from_the_first_epoch(tmp_path, update_on, every_n_train_steps):
+    """ModelCheckpoint and EarlyStopping on mackay/kept_fraction with the callback's defaults: the
+    dense half has no update, yet the metrics are there from the first check on (kept 1.0, 0
+    updates before the first update), at epoch ends and, for every_n_train_steps, batch ends."""
+    seen = []
+
+    class _Probe(pl.Callback):   # after the MacKayPruning: what a monitor reads at each epoch end
+        def on_train_epoch_end(self, trainer, pl_module):
+            metrics = trainer.callback_metrics
+            seen.append((float(metrics["mackay/kept_fraction"]), float(metrics["mackay/updates"])))
+
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="mackay/kept_fraction",
+                                              every_n_train_steps=every_n_train_steps)
+    stopping = pl.callbacks.EarlyStopping(monitor="mackay/kept_fraction")
+    callback = MacKayPruning(update_on=update_on, prune="alpha", threshold=2e3)
+    trainer, _ = _fit(callback, max_epochs=4, enable_checkpointing=True,
+                      extra_callbacks=[_Probe(), checkpoint, stopping])
+    updates = len(callback.pruner.history)
+    assert trainer.current_epoch == 4 and updates == (3 if update_on == "epoch" else 13)
+    assert seen[:2] == [(1.0, 0.0), (1.0, 1.0)]   # the dense half, then a first update, which never prunes
+    assert seen[-1] == (pytest.approx(_check_pruned(callback)["kept"] / 170), float(updates))
+    assert seen[-1][0] <= float(checkpoint.best_model_score) < 1.0
+
+
+def test_sparsify_at_end_says_how_to_store_the_module(tmp_path):
+    """at_end="sparsify" leaves sparse layers, whose state_dict a new module's load_from_checkpoint
+    does not take: the callback says so once, and what it advises stores the module."""
+    callback = MacKayPruning(update_every=2, update_on="step", at_end="sparsify", prune="alpha", threshold=10,
+                             dense_ratio=0)   # (both layers past sparsify's min_sparsity=0.5)
+    with pytest.warns(UserWarning, match=r"MacKayPruning\(at_end='sparsify'\): the LightningModule now has sparse "
+                                         r"layers \(net.0, net.2\).*mackay_ext.save_compressed\(module, path\) and "
+                                         r"load it with load_compressed\(path, model=YourModule\(\)\), or "
+                                         r"mackay_ext.densify\(module\) before trainer.save_checkpoint") as said:
+        trainer, module = _fit(callback)
+    assert len([w for w in said if "at_end='sparsify'" in str(w.message)]) == 1
+    x = _loader().dataset.tensors[0]
+    expected = module(x)
+
+    import mackay_ext
+    mackay_ext.save_compressed(module, str(tmp_path / "module.pt"))
+    loaded = mackay_ext.load_compressed(str(tmp_path / "module.pt"), model=TinyClassifier())
+    torch.testing.assert_close(loaded(x), expected)
+    trainer.save_checkpoint(tmp_path / "sparse.ckpt")
+    with pytest.raises(RuntimeError, match=r"net.2.weight"):   # what the warning heads off
+        TinyClassifier.load_from_checkpoint(tmp_path / "sparse.ckpt")
+    mackay_ext.densify(module)
+    trainer.save_checkpoint(tmp_path / "dense.ckpt")
+    torch.testing.assert_close(TinyClassifier.load_from_checkpoint(tmp_path / "dense.ckpt")(x), expected)
+
+
+def test_one_mackay_pruning_per_trainer():
+    """A second MacKayPruning, or the same one twice, is refused before any pruner is built, with
+    what to do instead; Trainer(callbacks=[...]) refuses it itself, as two stateful callbacks
+    with one state_key."""
+    callback = MacKayPruning(**PRUNING)
+    with pytest.raises(RuntimeError, match="MacKayPruning"):
+        pl.Trainer(callbacks=[callback, MacKayPruning()])
+
+    class TwoFromTheModule(TinyClassifier):
+        def configure_callbacks(self):   # (they replace the Trainer's MacKayPruning)
+            return [MacKayPruning(layers=["net.0"]), MacKayPruning(layers=["net.2"])]
+
+    message = ("MacKayPruning: one MacKayPruning per Trainer (got 2{}): a pruner covers one optimizer's weights; "
+               "for a subset of layers pass parameters_to_prune= or layers= to the one callback")
+    with pytest.raises(ValueError, match=re.escape(message.format(""))):
+        _fit(MacKayPruning(**PRUNING), module=TwoFromTheModule())
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, callbacks=[callback])
+    trainer.callbacks.append(callback)
+    with pytest.raises(ValueError, match=re.escape(message.format(" (the same callback twice)"))):
+        trainer.fit(TinyClassifier(), train_dataloaders=_loader())
+    assert callback.pruner is None
 
 
 def test_bad_arguments():

@@ -7,7 +7,8 @@
 The LightningModule's optimizer (whatever configure_optimizers returns) gets the prior as the
 pruner's exact proximal step after every optimizer step; a MacKayAdam returned there applies it
 in its fused step. Pruned weights are held at exactly 0. The ARD state (alpha, curvature,
-history) is saved in Lightning's checkpoints and restored from them.
+history) is saved in Lightning's checkpoints and restored from them, and a later fit of the same
+LightningModule (a fine-tune stage) goes on with it.
 """
 from __future__ import annotations
 
@@ -90,7 +91,14 @@ class MacKayPruning(Callback):
             integrations._step_curvature), so every rank computes the same alpha. A MacKayAdam
             reads the same gradient in its step: give it batch_size=B.
         at_end: None or "sparsify" (mackay_ext.sparsify(module) in place at on_fit_end, the
-            analogue of ModelPruning's make_pruning_permanent).
+            analogue of ModelPruning's make_pruning_permanent). The sparse layers' state_dict
+            holds values and indices where the module's has a weight, so a checkpoint that
+            trainer.save_checkpoint writes afterwards does not load into a new module (load_from_
+            checkpoint: missing and unexpected keys; with strict=False those layers keep their
+            initial weights): store the module with mackay_ext.save_compressed (load_compressed(
+            path, model=YourModule()) reads it), or mackay_ext.densify(module) before saving (a
+            warning says so when the fit ends; ModelCheckpoint's files, written during the fit,
+            are dense).
         verbose: 0 quiet, 1 one line per update, 2 and every layer's kept weights.
         **pruner_options: for MacKayPruner (granularity, rule, prune, threshold, curvature, ...);
             max_prune_fraction defaults to 0.9 here (None: no limit), since an update inside the
@@ -98,9 +106,25 @@ class MacKayPruning(Callback):
             (integrations._step_curvature).
 
     At each update "mackay/kept_fraction", "mackay/gamma_sum" and "mackay/updates" are written to
-    the trainer's loggers (step = the global step) and given to LightningModule.log(logger=False),
-    where ModelCheckpoint or EarlyStopping can monitor them. The LightningModule must configure
-    exactly one optimizer.
+    the trainer's loggers (step = the global step). Their current values are also given to
+    LightningModule.log(logger=False) at the end of every training batch and epoch, where
+    ModelCheckpoint or EarlyStopping can monitor them from the first epoch on: before the first
+    update (the dense phase) kept_fraction is 1.0 and updates 0; gamma_sum comes with the first
+    update. The LightningModule must configure exactly one optimizer, and a Trainer may hold one
+    MacKayPruning (for a subset of the layers, give that one parameters_to_prune or layers).
+
+    Several fits: a later trainer.fit of the same LightningModule (a fine-tune stage: a new Trainer,
+    hence a new optimizer) goes on with the ARD state the previous fit left. The pruner built for
+    the new optimizer loads the previous one's state (alpha, curvature, history, counters): pruned
+    weights stay 0 (alpha = +inf), the kept ones keep their priors, warmup_updates counts the
+    updates already made. That fit has no dense phase from dense_ratio: the phase waits for a
+    network fitted to its data before the first update reads its evidence, and this one was fitted
+    under its alphas and is trained under them from its first step (a dense phase would not take
+    them off, only delay the updates); its updates come every update_every epochs or steps from its
+    start. `dense`, given, still delays its first update (the carried alphas apply meanwhile). A
+    model whose previous fit made no update starts as a first fit does, and a fit of another
+    LightningModule starts afresh. trainer.fit(ckpt_path=...) loads the checkpoint's state
+    instead, and the run goes on as the one that saved it.
     """
 
     def __init__(self, parameters_to_prune=None, *, layers=None, update_every: int = 1, warmup_updates: int = 1,
@@ -113,6 +137,7 @@ class MacKayPruning(Callback):
         check_dense_phase(dense_ratio, dense, "dense", "MacKayPruning")
         self.warmup_updates, self.dense_ratio, self.dense = warmup_updates, dense_ratio, dense
         self._dense_until = 0   # the first epoch (completed) or step an update may come at (on_fit_start)
+        self._run_length = None   # max_epochs or the optimizer steps of the fit (_plan_dense_phase)
         check_choice("update_on", update_on, ("epoch", "step"), "MacKayPruning")
         check_choice("at_end", at_end, (None, "sparsify"), "MacKayPruning")
         check_flag(verbose, "verbose", "MacKayPruning", allowed=(0, 1, 2))
@@ -134,19 +159,59 @@ class MacKayPruning(Callback):
         self.pruner: StepCurvaturePruner | None = None
         self.last_update: dict[str, Any] | None = None
         self._last_step = 0          # trainer.global_step at the latest step-based update
-        self._pending: dict[str, Any] | None = None   # state loaded before the pruner exists
+        self._pending: dict[str, Any] | None = None   # a checkpoint's state, loaded before its fit starts
+        self._fitting = False        # from on_fit_start to the next setup: the pruner is this fit's
         self.clipping = ClippingWatch("MacKayPruning", "Trainer(gradient_clip_val=None)")
 
     # ------------------------------------------------------------------ set-up
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._fitting = False   # (Lightning restores a checkpoint's callbacks after this, before on_fit_start)
+        if stage == "fit" and self.pruner is not None and not self.pruner.detached:
+            # a new fit builds a pruner for its own optimizer; the previous one's hooks would act
+            # until then on what comes before it (a checkpoint's weights restored into the module,
+            # which its load hook would call stale); its state stays readable, to be carried on
+            self.pruner.detach()
+        # Trainer(callbacks=[...]) refuses two of them itself, as stateful callbacks sharing a
+        # state_key; these come in after it (configure_callbacks, trainer.callbacks.append), where
+        # each would build a pruner on the same weights and the checkpoint would keep one's state
+        count = sum(isinstance(callback, MacKayPruning) for callback in trainer.callbacks)
+        if count > 1:
+            twice = " (the same callback twice)" if count == 2 and sum(
+                callback is self for callback in trainer.callbacks) == 2 else ""
+            raise ValueError(f"MacKayPruning: one MacKayPruning per Trainer (got {count}{twice}): a pruner covers "
+                             "one optimizer's weights; for a subset of layers pass parameters_to_prune= or "
+                             "layers= to the one callback")
+
     def on_fit_start(self, trainer, pl_module) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError("MacKayPruning: the LightningModule must configure exactly one optimizer, "
                              f"got {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
-        if self.pruner is not None and self.pruner.model is pl_module and self.pruner.optimizer is optimizer:
-            return
-        if self.pruner is not None:
-            self.pruner.detach()
+        previous = self.pruner
+        if previous is None or previous.detached or previous.model is not pl_module \
+                or previous.optimizer is not optimizer:
+            self._build(trainer, pl_module, optimizer)
+        self._last_step = min(self._last_step, trainer.global_step)   # a new Trainer counts from step 0
+        resumed = self._pending is not None
+        if resumed:
+            self._load(self._pending)
+            self._pending = None
+        self._fitting = True
+        self._plan_dense_phase(trainer, carried=bool(self.pruner.history) and not resumed)
+
+    def _build(self, trainer, pl_module, optimizer) -> None:
+        """The pruner for this fit's optimizer; on the module of the previous fit, with that fit's
+        ARD state (see the class docstring, Several fits)."""
+        previous = self.pruner
+        carried = None
+        if previous is not None:
+            if previous.model is pl_module and self._pending is None:   # (a checkpoint's state replaces it)
+                carried = previous.state_dict()
+                # the settings it was built with: a new dataloader's N is this fit's to set, not
+                # a difference to warn about
+                carried.pop("settings", None)
+            if not previous.detached:
+                previous.detach()
         loader = trainer.train_dataloader
         if loader is None:   # Lightning attaches it on the first epoch; ask the data source now
             trainer.fit_loop.setup_data()
@@ -163,18 +228,33 @@ class MacKayPruning(Callback):
         else:
             options["batch_size"] = self._batch_size(loader, trainer, num_data)
         self.pruner = StepCurvaturePruner(pl_module, optimizer, num_data=num_data, **options)
-        if self._pending is not None:
-            self._load(self._pending)
-            self._pending = None
-        self._plan_dense_phase(trainer)
+        if carried is None:
+            self.last_update, self._last_step = None, 0
+            return
+        try:
+            self.pruner.load_state_dict(carried)
+        except (KeyError, ValueError, TypeError) as error:
+            # the weights free for another pruner, and this callback's state the one that did not
+            # fit (a second try says the same, rather than carry the fresh state on)
+            self.pruner.detach()
+            self.pruner = previous
+            raise ValueError("MacKayPruning: this LightningModule's previous fit left an ARD state that does not "
+                             f"fit the pruner built for this one ({error}): its layers changed (other "
+                             "parameters_to_prune or layers, a layer replaced, a new head?). Pass a new "
+                             "MacKayPruning to start the ARD state afresh") from error
+        self.pruner.apply_masks()
 
-    def _plan_dense_phase(self, trainer) -> None:
+    def _plan_dense_phase(self, trainer, carried: bool = False) -> None:
+        """Where the first update may come. A fit that goes on with the alphas of the module's
+        previous fit (`carried`) has none from dense_ratio (the class docstring, Several fits)."""
         if self.update_on == "epoch":
             total, done = trainer.max_epochs, trainer.current_epoch
             total = None if total is None or total < 0 else total
         else:
             total, done = trainer.estimated_stepping_batches, trainer.global_step
-        self._dense_until = dense_length(self.dense_ratio, self.dense, total, "dense", "MacKayPruning")
+        self._run_length = total   # (for a checkpoint loaded into this fit after it started: load_state_dict)
+        self._dense_until = (self.dense or 0) if carried else \
+            dense_length(self.dense_ratio, self.dense, total, "dense", "MacKayPruning")
         if total is not None and math.isfinite(total):
             warn_if_no_update_prunes("MacKayPruning", max(self._dense_until, done + 1), int(total), self.update_every,
                                      max(0, self.warmup_updates - len(self.pruner.history)), self.update_on)
@@ -223,27 +303,42 @@ class MacKayPruning(Callback):
                 and step >= self._dense_until:
             self._last_step = step
             self._update(trainer, pl_module, f"step {step}")
+        self._log_for_monitors(pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         completed = trainer.current_epoch + 1
         if self.update_on == "epoch" and completed % self.update_every == 0 and completed >= self._dense_until:
             self._update(trainer, pl_module, f"epoch {trainer.current_epoch}")
+        self._log_for_monitors(pl_module)
+
+    def _metrics(self) -> dict[str, float]:
+        """The latest update's values; before the first, every weight kept and no update."""
+        if self.pruner is None or not self.pruner.history:
+            return {"mackay/kept_fraction": 1.0, "mackay/updates": 0.0}
+        report = self.pruner.history[-1]
+        metrics = {"mackay/kept_fraction": report["kept"] / max(report["total"], 1),
+                   "mackay/updates": float(len(self.pruner.history))}
+        if "gamma_sum" in report:
+            metrics["mackay/gamma_sum"] = float(report["gamma_sum"])
+        return metrics
+
+    def _log_for_monitors(self, pl_module) -> None:
+        # at every batch and epoch end, not only at updates: ModelCheckpoint and EarlyStopping
+        # raise where the metric they monitor was never logged (the dense phase has no update),
+        # and a monitor with every_n_train_steps looks at batch ends
+        for name, value in self._metrics().items():
+            pl_module.log(name, value, logger=False)
 
     def _update(self, trainer, pl_module, when: str) -> None:
         self.clipping.warn_if_clipped(lambda: f"gradient_clip_val={trainer.gradient_clip_val:g}, "
                                               f"gradient_clip_algorithm={_clip_algorithm(trainer)!r}")
         self.last_update = report = self.pruner.update(prune=len(self.pruner.history) >= self.warmup_updates)
         kept = report["kept"] / max(report["total"], 1)
-        metrics = {"mackay/kept_fraction": kept, "mackay/updates": float(len(self.pruner.history))}
-        if "gamma_sum" in report:
-            metrics["mackay/gamma_sum"] = float(report["gamma_sum"])
         # straight to the loggers: self.log from a batch hook reaches them only on steps that
         # meet log_every_n_steps, and an update every k steps may never meet one
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-        for name, value in metrics.items():   # for monitors (ModelCheckpoint, EarlyStopping)
-            pl_module.log(name, value, logger=False)
+                logger.log_metrics(self._metrics(), step=trainer.global_step)
         if self.verbose:
             rank_zero_info(f"MacKayPruning ({when}): kept {kept:.2%} ({report['kept']}/{report['total']}), "
                            f"sum of gamma {report.get('gamma_sum', float('nan')):.4g}")
@@ -255,25 +350,41 @@ class MacKayPruning(Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.at_end == "sparsify" and self.pruner is not None:
             from ..convert import sparsify
+            from ..sparse import SparseConv2d, SparseLinear
             self.pruner.apply_masks()
             sparsify(pl_module)
+            converted = [name for name, module in pl_module.named_modules()
+                         if isinstance(module, (SparseLinear, SparseConv2d))]
+            if converted:
+                shown = ", ".join(converted[:4]) + (", ..." if len(converted) > 4 else "")
+                warnings.warn(f"MacKayPruning(at_end='sparsify'): the LightningModule now has sparse layers ({shown}), "
+                              "whose state_dict holds values and indices where a new module has a weight: a "
+                              "checkpoint trainer.save_checkpoint writes now does not load into one "
+                              "(load_from_checkpoint: missing and unexpected keys; with strict=False those layers "
+                              "keep their initial weights, with no error). Store it with mackay_ext.save_compressed"
+                              "(module, path) and load it with load_compressed(path, model=YourModule()), or "
+                              "mackay_ext.densify(module) before trainer.save_checkpoint", UserWarning, stacklevel=2)
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        if self.pruner is None:
+        if self._pending is not None or self.pruner is None:
             return dict(self._pending or {})
         return {"pruner": self.pruner.state_dict(), "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Lightning restores callbacks before the fit starts: the state waits for the pruner."""
+        """Lightning restores callbacks before the fit starts, and so before the pruner for its
+        optimizer exists: the state waits for on_fit_start (a strategy that restores after the
+        set-up loads it into this fit's pruner at once)."""
         if not state_dict:
             return
-        if self.pruner is None:
+        if self.pruner is None or not self._fitting:
             self._pending = dict(state_dict)
-        else:
-            self._load(state_dict)
+            return
+        self._load(state_dict)
+        self._dense_until = dense_length(self.dense_ratio, self.dense, self._run_length, "dense", "MacKayPruning")
 
     def _load(self, state: dict[str, Any]) -> None:
         self.pruner.load_state_dict(state["pruner"])
         self._last_step = int(state.get("last_step", 0))
+        self.last_update = self.pruner.history[-1] if self.pruner.history else None
         self.pruner.apply_masks()   # the weights of a restored model agree with alpha = +inf
