@@ -346,6 +346,127 @@ def test_resume_without_saved_state(tmp_path, caplog):
         _train(tmp_path / "dense", MacKayCallback(resume_from=checkpoint, **PRUNING), resume=checkpoint)
 
 
+# ---------------------------------------------------------------- several runs
+def _pruned(pruner):
+    """Per layer, where alpha is +inf (the weight's shape)."""
+    return {name: (pruner.alpha(name) == math.inf).expand_as(target.param).clone()
+            for name, target in pruner.targets.items()}
+
+
+def _check_went_on(first, second, pruned, kept_before):
+    """`second` holds `first`'s history and masks: no pruned weight grew back."""
+    assert [h["kept"] for h in second.history[:len(kept_before)]] == kept_before
+    for name, target in second.targets.items():
+        assert bool((second.alpha(name) == math.inf).expand_as(target.param)[pruned[name]].all()), name
+        assert not bool(target.param[pruned[name]].any()), name
+    assert second.report()["kept"] <= first.report()["kept"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "mackay"])
+@pytest.mark.parametrize("options, steps", [
+    ({}, [5, 10, 15, 20]),   # no dense phase from dense_ratio: the model was fitted under its alphas
+    ({"dense_steps": 8}, [10, 15, 20]),   # a given dense length still delays the first update
+])
+def test_a_second_trainer_on_the_same_model_goes_on_with_its_ard_state(tmp_path, recwarn, optimizer, options, steps):
+    """A fine-tune stage (a new Trainer with new TrainingArguments, so a new optimizer) on the same
+    model with the same callback: the pruner built for the new optimizer loads the previous one's
+    state, so the pruned weights stay at 0 with alpha +inf, the history goes on, and the updates
+    come from the run's start (they started afresh: alpha 0, an empty history, a dense phase, and
+    the pruned weights grew back with no word)."""
+    optimizers = ("mackay", None) if optimizer == "mackay" else (None, None)
+    callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5, **options)
+    first_trainer = _train(tmp_path / "first", callback, optimizers)   # updates at steps 10, 15, 20
+    first, pruned = callback.pruner, _pruned(callback.pruner)
+    kept_before = [h["kept"] for h in first.history]
+    assert kept_before[-1] < kept_before[0]
+
+    probe = _UpdateSteps(callback)
+    probe._seen = len(kept_before)
+    trainer = _train(tmp_path / "second", callback, optimizers, model=first_trainer.model, callbacks=[probe],
+                     lr_scheduler_type="constant", per_device_train_batch_size=4)
+    second = callback.pruner
+    assert second is not first and second.model is first.model
+    assert second.optimizer is not first.optimizer and second.fused == (optimizer == "mackay")
+    _check_went_on(first, second, pruned, kept_before)
+    assert probe.steps == steps
+    assert len(second.history) == len(kept_before) + len(steps)
+    logged = [e["mackay_updates"] for e in trainer.state.log_history if "loss" in e]   # every 5 steps
+    assert logged == [float(len(kept_before) + sum(s <= step for s in steps)) for step in (5, 10, 15, 20)]
+    assert not [w for w in recwarn if "settings" in str(w.message)]   # (N and B are this run's own)
+
+    # the callback on another model: a fresh pruner, with its dense phase
+    other = _train(tmp_path / "other", callback, optimizers, model=_model(initializer_range=0.5))
+    history = callback.pruner.history
+    assert callback.pruner.model is other.model and len(history) == 3
+    assert history[0]["kept"] == history[0]["total"]   # a first update, which never prunes
+
+
+def test_train_again_on_the_same_trainer_has_no_dense_phase(tmp_path):
+    """trainer.train() again: the pruner goes on as it is (same model, same optimizer), and, as a
+    new Trainer's run, without a dense phase (it planned one again, leaving half the run without
+    updates)."""
+    callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5)
+    probe = _UpdateSteps(callback)
+    trainer = _train(tmp_path, callback, callbacks=[probe])
+    assert probe.steps == [10, 15, 20]
+    first, pruned = callback.pruner, _pruned(callback.pruner)
+    kept_before = [h["kept"] for h in first.history]
+    probe.steps = []
+    trainer.train()
+    assert callback.pruner is first and probe.steps == [5, 10, 15, 20]
+    assert len(first.history) == len(kept_before) + 4
+    _check_went_on(first, first, pruned, kept_before)
+
+
+def test_a_later_train_whose_layers_changed_says_so(tmp_path):
+    """A fine-tune stage with a new head of another shape: the previous run's ARD state does not
+    fit the new pruner, and the run is refused with what to do, not started afresh unsaid."""
+    callback = MacKayCallback(**PRUNING)
+    model = _train(tmp_path, callback, max_steps=10).model
+    model.classifier = torch.nn.Linear(32, 4)
+    model.num_labels = model.config.num_labels = 4
+    with pytest.raises(ValueError, match=r"MacKayCallback: this model's previous train\(\) left an ARD state that "
+                                         r"does not fit the pruner built for this one \(.*classifier.*\): its layers "
+                                         r"changed .* Pass a new MacKayCallback to start the ARD state afresh"):
+        _train(tmp_path, callback, model=model, max_steps=10)
+    with pytest.raises(ValueError, match="does not fit the pruner built for this one"):   # (again: not afresh)
+        _train(tmp_path, callback, model=model, max_steps=10)
+    fresh = MacKayCallback(**PRUNING)
+    _train(tmp_path, fresh, model=model, max_steps=10)   # (the refused pruner holds no weight)
+    assert len(fresh.pruner.history) == 2
+
+
+@pytest.mark.parametrize("trainer_of_resume", ["new", "first"])
+def test_a_checkpoint_given_to_a_later_train_replaces_the_carried_state(tmp_path, recwarn, trainer_of_resume):
+    """train(resume_from_checkpoint=...) with a callback that holds the pruner of an earlier run of
+    the same model: the checkpoint's state is the one the run goes on with, as a resumed run (on
+    a new Trainer, or on the one that saved it)."""
+    saving = {"save_strategy": "steps", "save_steps": 10}
+    callback = MacKayCallback(**PRUNING)
+    first = _train(tmp_path / "first", callback, **saving)   # updates at steps 5, 10, 15, 20
+    _train(tmp_path / "second", callback, model=first.model)   # a fine-tune stage: 4 more updates
+    assert len(callback.pruner.history) == 8
+
+    checkpoint = str(tmp_path / "first" / "checkpoint-10")
+    if trainer_of_resume == "new":
+        trainer = _train(tmp_path / "first", callback, model=first.model, resume=checkpoint)
+        # the Trainer loaded the checkpoint's weights with no pruner attached to call them stale
+        assert not [w for w in recwarn if "model.load_state_dict put nonzero values" in str(w.message)]
+    else:
+        trainer = first
+        trainer.train(resume_from_checkpoint=checkpoint)
+    assert len(callback.pruner.history) == 4   # the checkpoint's 2, and updates at steps 15 and 20
+    whole = MacKayCallback(**PRUNING)
+    uninterrupted = _train(tmp_path / "whole", whole)
+    assert callback.pruner.report()["kept"] == whole.pruner.report()["kept"]
+    for name in whole.pruner.targets:
+        ours, theirs = callback.pruner.alpha(name), whole.pruner.alpha(name)
+        assert torch.equal(ours == math.inf, theirs == math.inf), name
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=0)
+    for ours, theirs in zip(trainer.model.parameters(), uninterrupted.model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------- curvature of the optimizer's gradient
 @pytest.mark.parametrize("optimizer,stock", [("adamw", False), ("mackay", False), ("adamw", True), ("mackay", True)])
 def test_accumulation_estimates_what_one_batch_does(tmp_path, optimizer, stock):

@@ -9,7 +9,9 @@
 The Trainer's own optimizer (AdamW, or anything from `optimizers=`) gets the prior as the
 pruner's exact proximal step after every optimizer step; a MacKayAdam passed through
 `optimizers=(MacKayAdam(ard_param_groups(model), ...), None)` applies it in its fused step.
-Pruned weights are held at exactly 0 either way.
+Pruned weights are held at exactly 0 either way. The ARD state (alpha, curvature, history) is
+saved in the Trainer's checkpoints and restored from them, and a later train() of the same model
+(a fine-tune stage with a new Trainer) goes on with it.
 """
 from __future__ import annotations
 
@@ -173,6 +175,21 @@ class MacKayCallback(TrainerCallback):
     train(resume_from_checkpoint=...) resumes at step s, the state is loaded from
     `resume_from`, or else from <output_dir>/checkpoint-s, so that the run goes on with the alpha,
     masks and update schedule it had; without such a file it warns and starts the ARD state afresh.
+
+    Several runs: a later train() of the same model with this callback (a fine-tune stage: a new
+    Trainer, new TrainingArguments, hence a new optimizer; or train() again on the same Trainer)
+    goes on with the ARD state the previous run left. The pruner built for a new optimizer loads
+    the previous one's state (alpha, curvature, history, counters): pruned weights stay 0 (alpha =
+    +inf), the kept ones keep their priors, warmup_updates counts the updates already made. That
+    run has no dense phase from dense_ratio: the phase waits for a network fitted to its data
+    before the first update reads its evidence, and this one was fitted under its alphas and is
+    trained under them from its first step (a dense phase would not take them off, only delay the
+    updates); its updates come at the multiples of update_every from its start. dense_steps,
+    given, still delays its first update (the carried alphas apply meanwhile). A model whose
+    previous run made no update starts as a first run does, a model whose layers changed since is
+    refused (pass a new MacKayCallback to start afresh), and another model starts afresh.
+    train(resume_from_checkpoint=...) loads the checkpoint's state instead (as under
+    Checkpoints), and the run goes on as the one that saved it.
     """
 
     def __init__(self, num_data: float | None = None, *, update_every: int = 50, warmup_updates: int = 1,
@@ -238,48 +255,89 @@ class MacKayCallback(TrainerCallback):
                 "False", accumulation, name, accumulation, accumulation ** 2, effective / accumulation ** 2)
         return effective
 
+    def on_init_end(self, args, state, control, **kwargs):
+        # a new Trainer: its train() builds a pruner for its own optimizer; the previous one's
+        # hooks would act until then on what comes before it (a checkpoint's weights loaded into
+        # the model, which its load hook would call stale); its state stays readable, to be
+        # carried on (on_train_begin)
+        if self.pruner is not None and not self.pruner.detached:
+            self.pruner.detach()
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None,
                        **kwargs):
         optimizer = _inner_optimizer(optimizer)
-        same = self.pruner is not None and self.pruner.model is model and self.pruner.optimizer is optimizer
-        if not same:   # (train() called again on the same Trainer keeps the ARD state)
-            if self.pruner is not None:
-                self.pruner.detach()
-            options = dict(self.pruner_options)
-            if self.pruner_options.get("granularity") == "channel" or self.pruner_options.get("mac_price"):
-                options["example_inputs"] = self.example_inputs
-            num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
-            if self.num_data is None and _loss_normalisation(model) == "model":
-                _warn_counts_of_examples(model, num_data)
-            if isinstance(optimizer, MacKayAdam):
-                # its param groups' batch_size is the one used: check it, pass none (the pruner
-                # warns about a value given to it that it does not use)
-                self._check_mackay_adam(optimizer, self._batch_size(args, model, num_data))
-            else:
-                options["batch_size"] = self._batch_size(args, model, num_data)
-            self.pruner = StepCurvaturePruner(model, optimizer, num_data=num_data, **options)
-            accumulation = max(int(args.gradient_accumulation_steps), 1)
-            # the optimizer's gradient over the batch mean's: A where the model's loss ignores the
-            # accumulation (see _batch_size); times each step's clipping factor (on_pre_optimizer_step)
-            self._gradient_scale = float(accumulation) if accumulation > 1 and \
-                _loss_normalisation(model) == "ignored" else 1.0
-            self.pruner.gradient_scale = self._gradient_scale
-            if self.pruner.curvature_kind == "ef-exact":   # its backward passes hold undivided micro-batch means
-                self.pruner._micro_batches.divided = self._gradient_scale == 1.0
-            self.last_update = None
+        resumed = state.global_step > 0   # the Trainer resumed from a checkpoint, whose state replaces ours
+        previous = self.pruner
+        if resumed or previous is None or previous.detached or previous.model is not model \
+                or previous.optimizer is not optimizer:
+            self._build(args, model, optimizer, train_dataloader, carry=not resumed)
+        # (else train() runs again on the same Trainer: the pruner goes on as it is)
         self._norm_before_clipping = self._watch_norm(args, model)
         if self.at_end == "shrink" and self.pruner_options.get("granularity") != "channel":
             self._check_shrinkable(model)   # (granularity="channel" traced it already)
-        if state.global_step > 0:   # the Trainer resumed from a checkpoint
+        if resumed:
             self._resume(args, state)
-        self._dense_until = dense_length(self.dense_ratio, self.dense_steps, state.max_steps, "dense_steps",
-                                         "MacKayCallback")
+        # a run that goes on with the alphas of the model's previous train() has no dense phase
+        # from dense_ratio (the class docstring, Several runs)
+        carried = not resumed and bool(self.pruner.history)
+        self._dense_until = (self.dense_steps or 0) if carried else dense_length(
+            self.dense_ratio, self.dense_steps, state.max_steps, "dense_steps", "MacKayCallback")
         warn_if_no_update_prunes("MacKayCallback", max(self._dense_until, state.global_step + 1), state.max_steps,
                                  self.update_every, max(0, self.warmup_updates - len(self.pruner.history)), "step")
         if self.verbose:
             logger.info("MacKayCallback: prior on %d weights of %d layers (%s); left out: %s",
                         self.pruner.report()["total"], len(self.pruner.targets), self.pruner.prior,
                         [e.get("name") for e in self.pruner.excluded])
+
+    def _build(self, args, model, optimizer, train_dataloader, carry: bool) -> None:
+        """The pruner for this run's optimizer; on the model of the previous train(), with that
+        run's ARD state unless `carry` is False (a resumed run: the checkpoint's state replaces
+        it). See the class docstring, Several runs."""
+        previous = self.pruner
+        carried = None
+        if previous is not None:
+            if carry and previous.model is model:
+                carried = previous.state_dict()
+                # the settings it was built with: this run's N and B are its own to set, not a
+                # difference to warn about
+                carried.pop("settings", None)
+            if not previous.detached:
+                previous.detach()
+        options = dict(self.pruner_options)
+        if self.pruner_options.get("granularity") == "channel" or self.pruner_options.get("mac_price"):
+            options["example_inputs"] = self.example_inputs
+        num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
+        if self.num_data is None and _loss_normalisation(model) == "model":
+            _warn_counts_of_examples(model, num_data)
+        if isinstance(optimizer, MacKayAdam):
+            # its param groups' batch_size is the one used: check it, pass none (the pruner
+            # warns about a value given to it that it does not use)
+            self._check_mackay_adam(optimizer, self._batch_size(args, model, num_data))
+        else:
+            options["batch_size"] = self._batch_size(args, model, num_data)
+        pruner = StepCurvaturePruner(model, optimizer, num_data=num_data, **options)
+        if carried is not None:
+            try:
+                pruner.load_state_dict(carried)
+            except (KeyError, ValueError, TypeError) as error:
+                # the weights free for another pruner, and this callback's state the one that did
+                # not fit (a second try says the same, rather than carry the fresh state on)
+                pruner.detach()
+                raise ValueError("MacKayCallback: this model's previous train() left an ARD state that does not "
+                                 f"fit the pruner built for this one ({error}): its layers changed (other layers "
+                                 "or granularity, a layer replaced, a new head?). Pass a new MacKayCallback to "
+                                 "start the ARD state afresh") from error
+            pruner.apply_masks()
+        self.pruner = pruner
+        self.last_update = pruner.history[-1] if pruner.history else None
+        accumulation = max(int(args.gradient_accumulation_steps), 1)
+        # the optimizer's gradient over the batch mean's: A where the model's loss ignores the
+        # accumulation (see _batch_size); times each step's clipping factor (on_pre_optimizer_step)
+        self._gradient_scale = float(accumulation) if accumulation > 1 and \
+            _loss_normalisation(model) == "ignored" else 1.0
+        pruner.gradient_scale = self._gradient_scale
+        if pruner.curvature_kind == "ef-exact":   # its backward passes hold undivided micro-batch means
+            pruner._micro_batches.divided = self._gradient_scale == 1.0
 
     def _check_shrinkable(self, model) -> None:
         """at_end="shrink" traces the model on example_inputs at the end of training: tried here
