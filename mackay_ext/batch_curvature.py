@@ -1,4 +1,4 @@
-"""The ef-batch curvature's helpers (DESIGN.md section 1, "Curvature"): the bias correction of its
+"""The ef-batch curvature's helpers (docs/mathematics.md section 1, "Curvature"): the bias correction of its
 moving average (ema_bias, ema_debiased) and its reading from the gradient of each optimizer step
 (StepCurvature), for optimizers without MacKayAdam's fused step and for the channel groups.
 """

@@ -1,4 +1,4 @@
-"""Channel ARD: one prior precision per coupled channel group (DESIGN.md sections 1 and 3b).
+"""Channel ARD: one prior precision per coupled channel group (docs/mathematics.md sections 1 and 3b).
 
 The groups are mackay_ext.coupling's: everything that exists only for one channel or attention
 head (a filter and its bias, its norm entries, the input slice of every consumer, the same channel

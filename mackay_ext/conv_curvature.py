@@ -1,4 +1,4 @@
-"""Exact per-example squared gradients of convolution weights (DESIGN.md section 1, ef-exact):
+"""Exact per-example squared gradients of convolution weights (docs/mathematics.md section 1, ef-exact):
 G_n = delta_n unfold(x_n)^T per group of channels, summed over positions, for every example n
 of a batch; FisherAccumulator adds up sum_n G_n^2.
 

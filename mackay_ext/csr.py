@@ -1,4 +1,4 @@
-"""Masked sparse matmul ops (DESIGN.md section 3): W (out x in) in CSR, y = x W^T + b.
+"""Masked sparse matmul ops (docs/mathematics.md section 3): W (out x in) in CSR, y = x W^T + b.
 
 `csr_linear` is differentiable in x, values and bias: grad_x is a sparse product with W^T (whose
 index, `transpose_index`, a layer builds once), grad_values an SDDMM (grad^T x sampled at the

@@ -1,5 +1,5 @@
 """Exact diagonal curvature: per-example empirical Fisher ("ef-exact") and the sampled-label
-Fisher ("fisher-mc"), accumulated with module hooks (DESIGN.md section 1, "Curvature").
+Fisher ("fisher-mc"), accumulated with module hooks (docs/mathematics.md section 1, "Curvature").
 
 For a Linear layer on 2-D inputs the per-example squared gradients sum to one GEMM on squared
 operands, h += s^2 (delta*delta)^T (x*x), done by a fused kernel (sq_gemm_accumulate_). A

@@ -75,7 +75,7 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
                       beta1, beta2, eps, weight_decay, decoupled_weight_decay, num_data,
                       batch_size, curvature_decay, grad_scale=None, found_inf=None,
                       backend="ext") -> None:
-    """One fused MacKay-Adam step over lists of one device and dtype (DESIGN.md section 2).
+    """One fused MacKay-Adam step over lists of one device and dtype (docs/mathematics.md section 2).
 
     The first len(alphas) params carry ARD state: alphas (float32, broadcastable to the param)
     and, when `curvatures` is non-empty, the ef-batch curvature h (param's shape and dtype).

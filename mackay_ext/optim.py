@@ -1,6 +1,6 @@
 """MacKayAdam: Adam with per-weight ARD priors, fused into one pass over memory.
 
-Per element (DESIGN.md section 2), for a parameter with ARD state:
+Per element (docs/mathematics.md section 2), for a parameter with ARD state:
     alpha == inf  ->  w = m = v = 0 (pruned)
     h <- rho h + (1 - rho) B g^2               (when batch_size is set: the ef-batch curvature)
     d = g + (alpha / N) w  (+ weight decay)

@@ -1,4 +1,4 @@
-"""MacKayPruner: re-estimates every ARD weight's prior precisions and prunes (DESIGN.md section 1).
+"""MacKayPruner: re-estimates every ARD weight's prior precisions and prunes (docs/mathematics.md section 1).
 
 Two ways to train under the ARD prior:
 - with MacKayAdam, alpha and the ef-batch curvature live in the optimizer's state and its fused

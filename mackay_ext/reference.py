@@ -1,6 +1,6 @@
 """Pure-PyTorch fallback: the same mathematics as the compiled kernels, no extension needed.
 
-Written from DESIGN.md section 1 with whole-tensor PyTorch ops; it is the `backend="torch"`
+Written from docs/mathematics.md section 1 with whole-tensor PyTorch ops; it is the `backend="torch"`
 path and the baseline the benchmarks compare against.
 """
 from __future__ import annotations

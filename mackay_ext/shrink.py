@@ -1,4 +1,4 @@
-"""Physically remove pruned coupled groups: a smaller plain-PyTorch model (DESIGN.md §3b).
+"""Physically remove pruned coupled groups: a smaller plain-PyTorch model (docs/mathematics.md §3b).
 
 A group is removed when every parameter member is exactly zero (ChannelGroup.is_zero). That is
 exact without folding anything into a bias: the group holds every parameterised reader of the

@@ -1,4 +1,4 @@
-"""Units that per-weight pruning leaves without a job, found for shrink (DESIGN.md §3b).
+"""Units that per-weight pruning leaves without a job, found for shrink (docs/mathematics.md §3b).
 
 Unstructured pruning rarely zeroes a whole coupled group (biases and norm entries survive), yet it
 leaves two kinds of channel that can be removed exactly all the same:

@@ -16,7 +16,8 @@ HYPER = dict(beta2=0.99, eps=1e-6, scale=3e-2)
 
 
 def reference(weight, v, alpha, step, *, beta2, eps, scale):
-    """DESIGN's proximal prior at Adam's step per unit of gradient, float64, written out plainly."""
+    """The proximal prior (docs/mathematics.md section 2) at Adam's step per unit of gradient,
+    float64, written out plainly."""
     w, v, a = weight.double(), v.double(), alpha.double().expand_as(weight)
     d = torch.sqrt(v / (1 - beta2 ** max(float(step), 1.0)) + TINY) + eps
     shrunk = w * d / (d + scale * torch.where(a == math.inf, torch.zeros_like(a), a))

@@ -110,7 +110,7 @@ def test_matches_reference_other_dtypes(device, dtype, alpha_dtype, shapes, rule
 
 
 def _group_reference(w, h, a, n_data, rule, eps=1e-16):
-    """One group in plain Python floats, straight from DESIGN.md section 1."""
+    """One group in plain Python floats, straight from docs/mathematics.md section 1."""
     n_h = [n_data * max(x, 0.0) for x in h]
     gamma = sum(1.0 if a == 0 else nh / (nh + a) for nh in n_h)
     wsq = sum(x * x for x in w)

@@ -1,5 +1,5 @@
 """MacKayAdam: the fused step (compiled and fallback) against a float64 loop written from
-DESIGN.md section 2, against torch.optim.Adam/AdamW, and its optimizer contract."""
+docs/mathematics.md section 2, against torch.optim.Adam/AdamW, and its optimizer contract."""
 import copy
 import math
 
@@ -16,7 +16,7 @@ BACKENDS = ["ext", "torch"]
 
 def design_step(w, g, m, v, h, alpha, step, *, lr, beta1, beta2, eps, weight_decay, decoupled,
                 num_data, batch_size, rho):
-    """DESIGN.md section 2 for one tensor, float64, written out plainly (alpha may broadcast)."""
+    """docs/mathematics.md section 2 for one tensor, float64, written out plainly (alpha may broadcast)."""
     alpha = alpha.expand_as(w)
     pruned = alpha == math.inf
     a = torch.where(pruned, torch.zeros_like(alpha), alpha)

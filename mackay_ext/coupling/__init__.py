@@ -1,4 +1,4 @@
-"""Coupled channel groups from one traced forward (DESIGN.md §3b).
+"""Coupled channel groups from one traced forward (docs/mathematics.md §3b).
 
 A *coupled group* is every parameter entry that exists only for one channel, neuron or attention
 head: a conv filter / Linear row and its bias, that channel's norm entries, the input slice of

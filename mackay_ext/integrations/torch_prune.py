@@ -2,7 +2,7 @@
 
 torch.nn.utils.prune reparametrises a module's tensor X as X_orig (the Parameter) times
 X_mask (a buffer), recomputed by a forward pre-hook; many tools read or write those masks.
-MacKayPruner marks a pruned weight by alpha = +inf instead (DESIGN.md section 1). The two
+MacKayPruner marks a pruned weight by alpha = +inf instead (docs/mathematics.md section 1). The two
 functions here translate, matching parameters by identity: the pruner's target *is* X_orig
 when the model was reparametrised before the pruner was built, and becomes X_orig when
 `to_torch_prune` reparametrises it afterwards, so optimizer and pruner keep working either way.

@@ -1,5 +1,5 @@
 #pragma once
-// The fused MacKay-Adam step, one element (DESIGN.md section 2). Shared by the CPU and CUDA
+// The fused MacKay-Adam step, one element (docs/mathematics.md section 2). Shared by the CPU and CUDA
 // kernels; the CPU fast path mirrors it with at::vec lanes (csrc/cpu/adam_vec.h).
 #include <cmath>
 #include <cstdint>

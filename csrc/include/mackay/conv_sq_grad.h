@@ -1,6 +1,6 @@
 #pragma once
 // conv_sq_grad_accumulate_: out += scale * sum_n G_n^2, G_n the per-example weight gradient of a
-// Conv2d (DESIGN.md section 1, ef-exact): G_n[o, (c, i, j)] = sum_p grad_output[n, o, p] *
+// Conv2d (docs/mathematics.md section 1, ef-exact): G_n[o, (c, i, j)] = sum_p grad_output[n, o, p] *
 // input[n, g(o) * C/groups + c, p * stride + (i, j) * dilation - padding]. input [N, C, H, W],
 // grad_output [N, O, H', W'], out [O, C/groups * kh * kw] (the weight's shape, flattened).
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,5 @@
 #pragma once
-// Masked sparse matmul (DESIGN.md section 3): W (out x in) in CSR, y = x W^T.
+// Masked sparse matmul (docs/mathematics.md section 3): W (out x in) in CSR, y = x W^T.
 // Host-side checks shared by the CPU and CUDA registrations. The checks here are O(1) per call;
 // the O(nnz) index checks run once when a layer is built (mackay_ext.ops.check_csr), and the
 // kernels never read outside the arrays even when given bad indices.

@@ -1,5 +1,5 @@
 #pragma once
-// MacKay precision update, element and group math (DESIGN.md section 1).
+// MacKay precision update, element and group math (docs/mathematics.md section 1).
 // Shared by the CPU and CUDA kernels so both compute exactly the same thing.
 #include <cstdint>
 #include <limits>

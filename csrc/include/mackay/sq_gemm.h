@@ -1,6 +1,6 @@
 #pragma once
 // sq_gemm_accumulate_: out += scale * (a * a)^T (b * b), the exact diagonal empirical Fisher of a
-// Linear layer (DESIGN.md section 1, ef-exact): a = per-example output gradients [N, out],
+// Linear layer (docs/mathematics.md section 1, ef-exact): a = per-example output gradients [N, out],
 // b = inputs [N, in], out = [out, in].
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
