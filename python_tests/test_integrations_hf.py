@@ -402,9 +402,9 @@ def test_a_second_trainer_on_the_same_model_goes_on_with_its_ard_state(tmp_path,
 
 
 def test_train_again_on_the_same_trainer_has_no_dense_phase(tmp_path):
-    """trainer.train() again: the pruner goes on as it is (same model, same optimizer), and, as a
-    new Trainer's run, without a dense phase (it planned one again, leaving half the run without
-    updates)."""
+    """trainer.train() again: the pruner the first run's end detached is followed by one that goes
+    on with its state, and, as a new Trainer's run, without a dense phase (it planned one again,
+    leaving half the run without updates)."""
     callback = MacKayCallback(update_every=5, prune="alpha", threshold=1e5)
     probe = _UpdateSteps(callback)
     trainer = _train(tmp_path, callback, callbacks=[probe])
@@ -413,9 +413,9 @@ def test_train_again_on_the_same_trainer_has_no_dense_phase(tmp_path):
     kept_before = [h["kept"] for h in first.history]
     probe.steps = []
     trainer.train()
-    assert callback.pruner is first and probe.steps == [5, 10, 15, 20]
-    assert len(first.history) == len(kept_before) + 4
-    _check_went_on(first, first, pruned, kept_before)
+    assert first.detached and probe.steps == [5, 10, 15, 20]
+    assert len(callback.pruner.history) == len(kept_before) + 4
+    _check_went_on(first, callback.pruner, pruned, kept_before)
 
 
 def test_a_later_train_whose_layers_changed_says_so(tmp_path):
@@ -448,13 +448,15 @@ def test_a_checkpoint_given_to_a_later_train_replaces_the_carried_state(tmp_path
     assert len(callback.pruner.history) == 8
 
     checkpoint = str(tmp_path / "first" / "checkpoint-10")
+    # the run's end took the pruner's hooks off the model; its state stays readable
+    assert callback.pruner.detached and callback.pruner.report()["kept"] < callback.pruner.report()["total"]
     if trainer_of_resume == "new":
         trainer = _train(tmp_path / "first", callback, model=first.model, resume=checkpoint)
-        # the Trainer loaded the checkpoint's weights with no pruner attached to call them stale
-        assert not [w for w in recwarn if "model.load_state_dict put nonzero values" in str(w.message)]
     else:
         trainer = first
         trainer.train(resume_from_checkpoint=checkpoint)
+    # the Trainer loaded the checkpoint's weights with no pruner attached to call them stale
+    assert not [w for w in recwarn if "model.load_state_dict put nonzero values" in str(w.message)]
     assert len(callback.pruner.history) == 4   # the checkpoint's 2, and updates at steps 15 and 20
     whole = MacKayCallback(**PRUNING)
     uninterrupted = _train(tmp_path / "whole", whole)

@@ -189,7 +189,9 @@ class MacKayCallback(TrainerCallback):
     previous run made no update starts as a first run does, a model whose layers changed since is
     refused (pass a new MacKayCallback to start afresh), and another model starts afresh.
     train(resume_from_checkpoint=...) loads the checkpoint's state instead (as under
-    Checkpoints), and the run goes on as the one that saved it.
+    Checkpoints), and the run goes on as the one that saved it. At the end of train() the pruner
+    is detached from the model (its hooks removed: nothing holds pruned gradients at 0 in a later
+    fine-tune by other means); self.pruner's report(), alphas and state_dict() stay readable.
     """
 
     def __init__(self, num_data: float | None = None, *, update_every: int = 50, warmup_updates: int = 1,
@@ -451,9 +453,13 @@ class MacKayCallback(TrainerCallback):
         if self._norm_before_clipping is not None:
             self._norm_before_clipping.remove()
             self._norm_before_clipping = None
-        if self.pruner is None or self.at_end is None:
+        if self.pruner is None:
             return
-        self.pruner.apply_masks()
+        if self.at_end is not None:
+            self.pruner.apply_masks()
+        self._release()
+        if self.at_end is None:
+            return
         if self.at_end == "sparsify":
             from ..convert import sparsify
             sparsify(model)
@@ -465,3 +471,11 @@ class MacKayCallback(TrainerCallback):
         else:
             from ..shrink import shrink
             self.shrunk_model = shrink(model, self.example_inputs)
+
+    def _release(self) -> None:
+        # The run is over: the pruner's hooks come off the model, so that nothing acts on it
+        # unasked (a later fine-tune by other means, a checkpoint a later train() on this Trainer
+        # loads before any callback runs, which its load hook would call stale). Its state stays
+        # readable, and a later train() goes on with it (the class docstring, Several runs).
+        if not self.pruner.detached:
+            self.pruner.detach()
