@@ -2,6 +2,7 @@
 import logging
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -284,6 +285,52 @@ def test_a_checkpoint_given_to_a_later_fit_replaces_the_carried_state(tmp_path):
         assert torch.equal(callback.pruner.alpha(name), uninterrupted.pruner.alpha(name))
 
 
+def test_a_checkpoint_without_ard_state_starts_afresh(tmp_path):
+    """fit(ckpt_path=...) of a checkpoint a run without MacKayPruning saved (a dense pretraining):
+    the weights restored are the checkpoint's, not zeroed where the module's previous fit pruned
+    (that fit's state was carried onto them, no word), and the fresh start is said."""
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    plain = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False)
+    plain.fit(module, train_dataloaders=_loader())
+    path = tmp_path / "dense.ckpt"
+    plain.save_checkpoint(path)
+    callback = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+    _fit(callback, module=module)
+    assert callback.pruner.report()["kept"] < callback.pruner.report()["total"]
+
+    class Restored(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.zeros = sum(int((p == 0).sum()) for p in pl_module.parameters())
+    restored = Restored()
+    with pytest.warns(UserWarning, match="holds no MacKayPruning state .* starts afresh"):
+        _fit(callback, max_epochs=2, module=module, ckpt_path=str(path), extra_callbacks=[restored])
+    assert restored.zeros == 0   # the dense checkpoint's weights, none zeroed
+    assert len(callback.pruner.history) == 2   # this fit's own updates, at steps 9 and 12 (resumed at 6)
+
+
+def test_the_end_of_a_fit_detaches_the_pruner(tmp_path):
+    """After fit the pruner's hooks are off the module: test(ckpt_path=<an earlier checkpoint>) is
+    not told its weights are stale, and a later backward keeps pruned weights' gradients."""
+    callback = MacKayPruning(update_every=3, update_on="step", **PRUNING)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer, module = _fit(callback, extra_callbacks=[checkpoint], enable_checkpointing=True)
+    assert callback.pruner.detached and callback.pruner.report()["kept"] < callback.pruner.report()["total"]
+    module.test_step = lambda batch, batch_idx: None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.test(module, dataloaders=_loader(), ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"),
+                     verbose=False)
+    assert not [w for w in caught if "MacKay" in str(w.message)]
+    x, y = next(iter(_loader()))
+    nn.functional.cross_entropy(module(x), y).backward()
+    for name, target in callback.pruner.targets.items():
+        pruned = (callback.pruner.alpha(name) == math.inf).expand_as(target.param)
+        if pruned.any():
+            assert bool(target.param.grad[pruned].ne(0).any()), name
+
+
 @pytest.mark.parametrize("curvature", ["ef-batch", "ef-exact"])
 def test_accumulation_estimates_what_one_batch_does(curvature):
     """2 micro-batches of 8 and one batch of 16 on the same examples give Adam the same gradient
@@ -309,20 +356,24 @@ def test_accumulation_estimates_what_one_batch_does(curvature):
 def test_monitors_find_the_metrics_from_the_first_epoch(tmp_path, update_on, every_n_train_steps):
     """ModelCheckpoint and EarlyStopping on mackay/kept_fraction with the callback's defaults: the
     dense half has no update, yet the metrics are there from the first check on (kept 1.0, 0
-    updates before the first update), at epoch ends and, for every_n_train_steps, batch ends."""
-    seen = []
+    updates and a sum of gamma of one a weight before the first update), at epoch ends and, for
+    every_n_train_steps, batch ends."""
+    seen, gamma_sums = [], []
 
     class _Probe(pl.Callback):   # after the MacKayPruning: what a monitor reads at each epoch end
         def on_train_epoch_end(self, trainer, pl_module):
             metrics = trainer.callback_metrics
             seen.append((float(metrics["mackay/kept_fraction"]), float(metrics["mackay/updates"])))
+            gamma_sums.append(float(metrics["mackay/gamma_sum"]))
 
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, monitor="mackay/kept_fraction",
                                               every_n_train_steps=every_n_train_steps)
     stopping = pl.callbacks.EarlyStopping(monitor="mackay/kept_fraction")
+    on_gamma = pl.callbacks.EarlyStopping(monitor="mackay/gamma_sum", patience=100)
     callback = MacKayPruning(update_on=update_on, prune="alpha", threshold=2e3)
     trainer, _ = _fit(callback, max_epochs=4, enable_checkpointing=True,
-                      extra_callbacks=[_Probe(), checkpoint, stopping])
+                      extra_callbacks=[_Probe(), checkpoint, stopping, on_gamma])
+    assert gamma_sums[0] == 170.0 and gamma_sums[-1] == pytest.approx(callback.pruner.history[-1]["gamma_sum"])
     updates = len(callback.pruner.history)
     assert trainer.current_epoch == 4 and updates == (3 if update_on == "epoch" else 13)
     assert seen[:2] == [(1.0, 0.0), (1.0, 1.0)]   # the dense half, then a first update, which never prunes
@@ -423,7 +474,8 @@ def test_iterable_dataset_asks_for_num_data():
             return iter(_loader().dataset)
 
     fake_trainer = type("T", (), {"optimizers": [torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=1)],
-                                  "train_dataloader": torch.utils.data.DataLoader(Stream(), batch_size=16)})()
+                                  "train_dataloader": torch.utils.data.DataLoader(Stream(), batch_size=16),
+                                  "ckpt_path": None})()
     with pytest.raises(ValueError, match=r"MacKayPruning: the training dataloader's dataset has no length "
                                          r"\(an IterableDataset\?\): pass num_data=N"):
         MacKayPruning().on_fit_start(fake_trainer, TinyClassifier())

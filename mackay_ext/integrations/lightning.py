@@ -124,7 +124,10 @@ class MacKayPruning(Callback):
     start. `dense`, given, still delays its first update (the carried alphas apply meanwhile). A
     model whose previous fit made no update starts as a first fit does, and a fit of another
     LightningModule starts afresh. trainer.fit(ckpt_path=...) loads the checkpoint's state
-    instead, and the run goes on as the one that saved it.
+    instead, and the run goes on as the one that saved it (a checkpoint without one, saved by a run
+    without this callback, starts the state afresh, and says so). At the end of fit the pruner is
+    detached from the module (its hooks removed); self.pruner's report(), alphas and state_dict()
+    stay readable, and trainer.save_checkpoint still stores them.
     """
 
     def __init__(self, parameters_to_prune=None, *, layers=None, update_every: int = 1, warmup_updates: int = 1,
@@ -161,6 +164,7 @@ class MacKayPruning(Callback):
         self._last_step = 0          # trainer.global_step at the latest step-based update
         self._pending: dict[str, Any] | None = None   # a checkpoint's state, loaded before its fit starts
         self._fitting = False        # from on_fit_start to the next setup: the pruner is this fit's
+        self._carried = False        # this fit's pruner holds the previous fit's state (_build)
         self.clipping = ClippingWatch("MacKayPruning", "Trainer(gradient_clip_val=None)")
 
     # ------------------------------------------------------------------ set-up
@@ -187,25 +191,32 @@ class MacKayPruning(Callback):
             raise ValueError("MacKayPruning: the LightningModule must configure exactly one optimizer, "
                              f"got {len(trainer.optimizers)}")
         optimizer = trainer.optimizers[0]
+        # fit(ckpt_path=...): the checkpoint's state, or none, replaces the previous fit's (a
+        # strategy that restores after the set-up has not read the path yet: on_train_start)
+        restoring = trainer.ckpt_path is not None and not trainer.strategy.restore_checkpoint_after_setup
         previous = self.pruner
         if previous is None or previous.detached or previous.model is not pl_module \
                 or previous.optimizer is not optimizer:
-            self._build(trainer, pl_module, optimizer)
+            self._build(trainer, pl_module, optimizer, carry=not restoring)
         self._last_step = min(self._last_step, trainer.global_step)   # a new Trainer counts from step 0
         resumed = self._pending is not None
         if resumed:
             self._load(self._pending)
             self._pending = None
+        elif restoring:
+            self._say_no_state(trainer)
         self._fitting = True
         self._plan_dense_phase(trainer, carried=bool(self.pruner.history) and not resumed)
 
-    def _build(self, trainer, pl_module, optimizer) -> None:
+    def _build(self, trainer, pl_module, optimizer, carry: bool = True) -> None:
         """The pruner for this fit's optimizer; on the module of the previous fit, with that fit's
-        ARD state (see the class docstring, Several fits)."""
+        ARD state unless `carry` is False (a fit resumed from a checkpoint: its state, or none,
+        replaces it; see the class docstring, Several fits)."""
         previous = self.pruner
         carried = None
+        self._carried = False
         if previous is not None:
-            if previous.model is pl_module and self._pending is None:   # (a checkpoint's state replaces it)
+            if carry and previous.model is pl_module and self._pending is None:
                 carried = previous.state_dict()
                 # the settings it was built with: a new dataloader's N is this fit's to set, not
                 # a difference to warn about
@@ -243,6 +254,24 @@ class MacKayPruning(Callback):
                              "parameters_to_prune or layers, a layer replaced, a new head?). Pass a new "
                              "MacKayPruning to start the ARD state afresh") from error
         self.pruner.apply_masks()
+        self._carried = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # a strategy that restores the checkpoint after the set-up (FSDP, DeepSpeed) did so after
+        # on_fit_start carried the previous fit's state: a checkpoint without state of ours
+        # leaves that state on weights it did not come from
+        if self._carried and trainer.ckpt_path is not None:
+            self.pruner.detach()
+            self._build(trainer, pl_module, trainer.optimizers[0], carry=False)
+            self._plan_dense_phase(trainer)
+            self._say_no_state(trainer)
+
+    @staticmethod
+    def _say_no_state(trainer) -> None:
+        warnings.warn(f"MacKayPruning: the checkpoint this fit resumes from ({trainer.ckpt_path}) holds no "
+                      "MacKayPruning state (saved by a run without this callback?): the ARD state starts "
+                      "afresh, with this fit's dense phase, not with the previous fit's alphas and pruned weights",
+                      UserWarning, stacklevel=2)
 
     def _plan_dense_phase(self, trainer, carried: bool = False) -> None:
         """Where the first update may come. A fit that goes on with the alphas of the module's
@@ -312,9 +341,13 @@ class MacKayPruning(Callback):
         self._log_for_monitors(pl_module)
 
     def _metrics(self) -> dict[str, float]:
-        """The latest update's values; before the first, every weight kept and no update."""
-        if self.pruner is None or not self.pruner.history:
+        """The latest update's values; before the first, every weight kept, no update, and the sum
+        of gamma at alpha = 0, where each weight's gamma is 1 (docs/mathematics.md section 1)."""
+        if self.pruner is None:
             return {"mackay/kept_fraction": 1.0, "mackay/updates": 0.0}
+        if not self.pruner.history:
+            return {"mackay/kept_fraction": 1.0, "mackay/updates": 0.0,
+                    "mackay/gamma_sum": float(self.pruner.report()["total"])}
         report = self.pruner.history[-1]
         metrics = {"mackay/kept_fraction": report["kept"] / max(report["total"], 1),
                    "mackay/updates": float(len(self.pruner.history))}
@@ -348,10 +381,19 @@ class MacKayPruning(Callback):
                                f"gamma {layer.get('gamma', float('nan')):.4g}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.at_end == "sparsify" and self.pruner is not None:
+        if self.pruner is None:
+            return
+        if self.at_end == "sparsify":
+            self.pruner.apply_masks()
+        # The fit is over: the pruner's hooks come off the module, so that nothing acts on it
+        # unasked (trainer.test(ckpt_path=<an earlier checkpoint>), whose weights the load hook
+        # would call stale; a later fine-tune by other means). Its state stays readable, and a
+        # later fit goes on with it (the class docstring, Several fits).
+        if not self.pruner.detached:
+            self.pruner.detach()
+        if self.at_end == "sparsify":
             from ..convert import sparsify
             from ..sparse import SparseConv2d, SparseLinear
-            self.pruner.apply_masks()
             sparsify(pl_module)
             converted = [name for name, module in pl_module.named_modules()
                          if isinstance(module, (SparseLinear, SparseConv2d))]
@@ -385,6 +427,7 @@ class MacKayPruning(Callback):
 
     def _load(self, state: dict[str, Any]) -> None:
         self.pruner.load_state_dict(state["pruner"])
+        self._carried = False   # (the checkpoint's state replaced what the previous fit left)
         self._last_step = int(state.get("last_step", 0))
         self.last_update = self.pruner.history[-1] if self.pruner.history else None
         self.pruner.apply_masks()   # the weights of a restored model agree with alpha = +inf
