@@ -15,13 +15,21 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 BACKENDS = ("ext", "torch")
 
 
+# Training frameworks whose callbacks call mackay_ext: a warning from inside names the user's
+# trainer.fit() / trainer.train() line, not the framework's dispatch of its hooks
+_FRAMEWORKS = ("lightning", "pytorch_lightning", "transformers", "accelerate")
+
+
 def user_stacklevel() -> int:
-    """warnings.warn's stacklevel that names the first frame outside torch and mackay_ext, from a
-    hook that torch calls through wrappers of its own (optimizer.load_state_dict's post-hooks run
-    under torch._dynamo's disable wrapper: a fixed stacklevel named that)."""
+    """warnings.warn's stacklevel that names the first frame outside torch, mackay_ext and the
+    training frameworks, from a hook that torch calls through wrappers of its own
+    (optimizer.load_state_dict's post-hooks run under torch._dynamo's disable wrapper: a fixed
+    stacklevel named that)."""
     import os
     import sys
-    inside = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, sys.modules[__package__]))
+    modules = [torch, sys.modules[__package__]] + [sys.modules[name] for name in _FRAMEWORKS if name in sys.modules]
+    inside = tuple(os.path.dirname(module.__file__) + os.sep for module in modules
+                   if getattr(module, "__file__", None))
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(inside):
         frame, level = frame.f_back, level + 1

@@ -27,8 +27,8 @@ def _serialized_size(obj) -> int:
 
 
 # v1: no packed tensors, which every mackay_ext reads; v2: with packed ones, which a mackay_ext
-# from before packing refuses as not its format (rather than loading it and finding the packed
-# tensors missing from the model)
+# from before v2 refuses as not its format (rather than, where it predates packing, loading it and
+# finding the packed tensors missing from the model)
 FORMAT = "mackay_ext.compressed.v1"
 FORMAT_PACKED = "mackay_ext.compressed.v2"
 _FORMAT_PREFIX = "mackay_ext.compressed.v"

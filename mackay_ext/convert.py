@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._validate import alpha_fits, check_module, check_optimizer, quantized_modules
+from ._validate import alpha_fits, check_module, check_optimizer, quantized_modules, user_stacklevel
 from .model_loads import describe
 from .sparse import SparseConv2d, SparseLinear, _csr_from_dense, _CSRWeight, _set_module
 
@@ -139,13 +139,16 @@ def _check_optimizer(optimizer, where: str) -> None:
 
 
 def _check_optimizer_holds_model(optimizer, model: nn.Module, where: str) -> None:
-    """An optimizer holding none of the model's parameters (another model's, or a copy's) would
-    be rebound nowhere: the layers would be converted and the real optimizer would go on stepping
+    """An optimizer holding none of the model's trainable parameters (another model's, or a
+    copy's) would be rebound nowhere: the layers would be converted and the real optimizer would go on stepping
     the weights the model no longer uses."""
     if optimizer is None:
         return
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if not trained:   # a frozen part of a model the optimizer trains elsewhere: nothing to rebind
+        return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if not any(id(p) in held for p in model.parameters()):
+    if not any(id(p) in held for p in trained):
         raise ValueError(f"{where}: the optimizer holds none of this model's parameters: was it built for "
                          "another model, or for a copy of this one (copy.deepcopy makes new parameters)? "
                          "Pass the optimizer that trains this model, or none")
@@ -307,13 +310,13 @@ def sparsify(model: nn.Module, optimizer=None, min_sparsity: float = MIN_SPARSIT
                       f"{', ...' if len(quantized) > 4 else ''}): left as they are, since their packed int8 weights "
                       "have no sparse form here. Quantize the pruned float model (its zeros stay zeros in int8) "
                       "and ship that, or sparsify the float model and do not quantize: torch.ao's "
-                      "quantize_dynamic does not convert the sparse layers either", stacklevel=2)
+                      "quantize_dynamic does not convert the sparse layers either", stacklevel=user_stacklevel())
     elif not built and not skipped and sparsest[0] >= 0:
         warnings.warn(f"sparsify: no layer reached min_sparsity={min_sparsity:g} (the sparsest, {sparsest[1]!r}, has "
                       f"{sparsest[0]:.1%} of its weights pruned{'' if optimizer is not None else ' (exact zeros)'}): "
                       "the model is unchanged. A copy of the model that the pruner does not hold (an EMA or SWA "
                       "average) keeps nonzero values at the pruned weights: pruner.apply_masks(copy) zeroes "
-                      "them", stacklevel=2)
+                      "them", stacklevel=user_stacklevel())
     return model
 
 

@@ -770,6 +770,31 @@ class FisherAccumulator:
         for param, count in zip(params, counts.tolist()):
             self.counts[param] = int(count)
 
+    @torch.no_grad()
+    def reduce_to_first_rank(self, group=None) -> bool:
+        """Sum every rank's squares and example counts onto the first rank of a torch.distributed
+        process group and set the other ranks' to 0 (a collective: every rank calls it). The first
+        rank's state_dict() then holds the estimate of every example so far, and the all_reduce of
+        the next update still counts each example once. False, and nothing done, outside a process
+        group of more than one rank."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return False
+        first = dist.get_global_rank(group, 0) if group is not None else 0
+        keeps = dist.get_rank() == first
+        params = [p for m in self.layers.values() for p in m.parameters(recurse=False)]
+        for param in params:  # every rank must reduce the same tensors, in the same order
+            total = self._sum_for(param)
+            dist.reduce(total, dst=first, group=group)
+            if not keeps:
+                total.zero_()
+        device = params[0].device if params else "cpu"
+        counts = torch.tensor([self.counts[p] for p in params], dtype=torch.float64, device=device)
+        dist.reduce(counts, dst=first, group=group)
+        for param, count in zip(params, counts.tolist()):
+            self.counts[param] = int(count) if keeps else 0
+        return True
+
     def _named_parameters(self):
         for layer, module in self.layers.items():
             for name, param in module.named_parameters(recurse=False):

@@ -9,7 +9,9 @@ records of the previous one across ranks and raises if they differ, naming them.
 """
 from __future__ import annotations
 
+import collections
 import datetime
+import hashlib
 import itertools
 
 import torch
@@ -18,7 +20,10 @@ import torch
 # with no step between (then the others write theirs at once): wait this long before saying so
 WAIT = datetime.timedelta(seconds=300)
 
-_pruner_ids = itertools.count()   # the same sequence on every rank when each builds its pruners alike
+# pruners built so far by what they cover: a rank that alone builds another pruner (on a teacher,
+# a helper model) leaves the others' numbering alone (one count for all made the same pruner's
+# records go under other keys on that rank, and updates in lockstep waited, then raised)
+_pruner_ids: collections.defaultdict[str, itertools.count] = collections.defaultdict(itertools.count)
 
 
 def world_size() -> int:
@@ -40,13 +45,18 @@ def _store():
 class Lockstep:
     """The records of one pruner's updates (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self.prefix = f"mackay_ext/update_steps/{next(_pruner_ids)}"
+    def __init__(self, layers: dict[str, tuple[int, ...]]) -> None:
+        """`layers`: the pruner's layer names and weight shapes, the same on every rank."""
+        signature = hashlib.sha1(repr(sorted(layers.items())).encode()).hexdigest()[:16]
+        self.prefix = f"mackay_ext/update_steps/{signature}/{next(_pruner_ids[signature])}"
         self.updates = 0
 
-    def check(self, steps: int) -> None:
+    def check(self, steps: int, before_collective: bool = False) -> None:
         """Record this rank's optimizer steps at this update; raise if the previous update's
-        records differ between ranks."""
+        records differ between ranks. before_collective: this update is about to run a collective
+        (the exact curvature's all-reduce), which on a rank that is not updating would pair with
+        another collective (DDP's gradient all-reduce: gloo aborted the process, "collective
+        mismatch"): wait for this update's records instead, and compare those."""
         store = _store()
         if store is None:
             return
@@ -54,20 +64,21 @@ class Lockstep:
         rank, world = dist.get_rank(), dist.get_world_size()
         store.set(f"{self.prefix}/{self.updates}/{rank}", str(int(steps)))
         self.updates += 1
-        if self.updates == 1:
+        compared = self.updates if before_collective else self.updates - 1   # (update numbers from 1)
+        if compared == 0:
             return
-        keys = [f"{self.prefix}/{self.updates - 2}/{r}" for r in range(world)]
+        keys = [f"{self.prefix}/{compared - 1}/{r}" for r in range(world)]
         try:
             store.wait(keys, WAIT)
         except RuntimeError:   # the store's timeout (DistStoreError is a RuntimeError)
             raise RuntimeError(
-                f"MacKayPruner.update: some rank has not made update number {self.updates - 1} "
+                f"MacKayPruner.update: some rank has not made update number {compared} "
                 f"within {WAIT.seconds} s of this rank's update number {self.updates}: every rank must "
                 "call update() at the same optimizer step") from None
         steps_by_rank = {r: int(store.get(key)) for r, key in enumerate(keys)}
         if len(set(steps_by_rank.values())) > 1:
             said = ", ".join(f"rank {r} after {s} steps" for r, s in steps_by_rank.items())
             raise RuntimeError(
-                f"MacKayPruner.update: the ranks made update number {self.updates - 1} at different "
+                f"MacKayPruner.update: the ranks made update number {compared} at different "
                 f"optimizer steps ({said}): their alphas and masks have diverged. Under "
                 "DistributedDataParallel every rank must call update() at the same step")

@@ -69,7 +69,7 @@ def _after_load(pruner_ref, module, incompatible_keys) -> None:
             f"has pruned (alpha = +inf; {describe(counts)}): the weights come from before its last updates (an "
             "early-stopping restore, say). Load the pruner's state_dict (and the optimizer's) saved with them, "
             "or call pruner.apply_masks() to prune them; as they are, the next optimizer step sets them to 0",
-            UserWarning, stacklevel=3)
+            UserWarning, stacklevel=user_stacklevel())
 
 
 @contextlib.contextmanager

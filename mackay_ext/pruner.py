@@ -27,6 +27,7 @@ What an update does, predictably:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from collections.abc import Iterable, Mapping
@@ -35,12 +36,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ops
+from . import curvature_shares, ops
 from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
 from ._validate import (NonFiniteError, check_count, check_initialised, check_module, check_optimizer,
                         user_stacklevel)
 from .alpha_views import AlphaViews
+from .copy_inert import CopyInert
 from .micro_batches import MicroBatchScale
 from .model_loads import watch_model_loads, zero_pruned_weights_of
 from .ard_targets import (
@@ -105,6 +107,11 @@ def _detached_if_refused(pruner):
     except BaseException:
         pruner.detach()
         raise
+
+
+def _note_gradient(seen: set[str], name: str, grad):
+    """A weight's gradient hook: note that a backward reached it (the gradient is left as it is)."""
+    seen.add(name)
 
 
 def _dynamo_compiled_something() -> bool:
@@ -402,7 +409,7 @@ class MacKayPruner(StandalonePrior):
             self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
             self._gradient_scale = 1.0   # see the property
             self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
-            self._lockstep = Lockstep()
+            self._lockstep = Lockstep({name: tuple(t.param.shape) for name, t in self.targets.items()})
             self._rank_batch = RankBatchWatch(model) if optimizer is not None and world_size() > 1 else None
             if self._rank_batch is not None:
                 self._hooks.append(self._rank_batch.handle)
@@ -435,6 +442,9 @@ class MacKayPruner(StandalonePrior):
             if optimizer is not None:   # after every other hook of a step: gradient_scale holds for one
                 self._hooks.append(optimizer.register_step_post_hook(self._end_of_step))
             self._hooks.append(watch_model_loads(self))   # weights loaded where alpha = +inf are said
+            # weights outside the optimizer that a backward gives a gradient (_warn_uncovered_weights)
+            self._trained_elsewhere: set[str] = set()
+            self._watch_uncovered_weights()
 
     @property
     def gradient_scale(self) -> float:
@@ -957,7 +967,7 @@ class MacKayPruner(StandalonePrior):
             raise TypeError(f"MacKayPruner.update: prune must be True or False, got {prune!r}")
         self._check_attached("update")
         if self.optimizer is not None:   # every DDP rank at the same step (ddp_lockstep)
-            self._lockstep.check(self._steps_total)
+            self._lockstep.check(self._steps_total, before_collective=self.accumulator is not None)
         if self._rank_batch is not None and self.curvature_kind == "ef-batch":
             self._rank_batch.check(self._step_batch_size())
         self._check_targets_in_model("update")
@@ -1043,15 +1053,9 @@ class MacKayPruner(StandalonePrior):
                           "mackay_ext.integrations.torch_prune.from_torch_prune(model, pruner), once, after "
                           "building the pruner", RuntimeWarning, stacklevel=user_stacklevel())
 
-    def _warn_uncovered_weights(self) -> None:
-        """Said once: weights that take gradients but are in neither this pruner's optimizer nor
-        another pruner's (a new user's SparseAdam embedding beside Adam for the rest: listed in
-        report()["excluded"] only, never pruned, with no word). Said at the first update, not when
-        built: a second pruner for the second optimizer may be built after this one."""
-        if self._uncovered_warned or self.optimizer is None:
-            return
-        self._uncovered_warned = True
-        uncovered = []
+    def _untrained_by_optimizer(self) -> dict[str, nn.Parameter]:
+        """The weights (2-D and more) that require a gradient but are not in the optimizer."""
+        found = {}
         for entry in self.excluded:
             if entry["reason"] != "not trained by the optimizer":
                 continue
@@ -1059,8 +1063,30 @@ class MacKayPruner(StandalonePrior):
                 param = self.model.get_parameter(entry["name"])
             except AttributeError:   # gone from the model since (said by _check_targets_in_model)
                 continue
-            if param.requires_grad and param.dim() >= 2 and holder_of(param) is None:
-                uncovered.append(entry["name"])
+            if param.requires_grad and param.dim() >= 2:
+                found[entry["name"]] = param
+        return found
+
+    def _watch_uncovered_weights(self) -> None:
+        """A gradient hook on each weight the optimizer does not hold, noting the ones a backward
+        reaches: requires_grad alone also holds for a teacher run under no_grad and for an EMA copy
+        (torch's AveragedModel), which no backward reaches and nobody means to train."""
+        if self.optimizer is None:
+            return
+        for name, param in self._untrained_by_optimizer().items():
+            self._hooks.append(param.register_hook(CopyInert(functools.partial(_note_gradient, self._trained_elsewhere,
+                                                                               name))))
+
+    def _warn_uncovered_weights(self) -> None:
+        """Said once: weights that took gradients but are in neither this pruner's optimizer nor
+        another pruner's (a new user's SparseAdam embedding beside Adam for the rest: listed in
+        report()["excluded"] only, never pruned, with no word). Said at the first update, not when
+        built: a second pruner for the second optimizer may be built after this one."""
+        if self._uncovered_warned or self.optimizer is None:
+            return
+        self._uncovered_warned = True
+        uncovered = [name for name, param in self._untrained_by_optimizer().items()
+                     if name in self._trained_elsewhere and holder_of(param) is None]
         if uncovered:
             sparse = [name for name in uncovered
                       if getattr(self.model.get_submodule(name.rpartition(".")[0]), "sparse", False) is True]
@@ -1071,7 +1097,8 @@ class MacKayPruner(StandalonePrior):
                           f"but {'is' if one else 'are'} in neither the optimizer this pruner was given nor "
                           f"another pruner: no prior, never "
                           f"pruned{why}. A pruner covers one optimizer's weights: build one for each "
-                          "optimizer, or set requires_grad=False on weights trained on purpose by none",
+                          "optimizer; for weights trained on purpose without a prior, build the pruner on "
+                          "the submodule its optimizer trains, or pass layers= naming the layers it covers",
                           RuntimeWarning, stacklevel=user_stacklevel())
 
     def _no_curvature_yet(self) -> bool:
@@ -1450,6 +1477,18 @@ class MacKayPruner(StandalonePrior):
         return 1 - self.kept_weights() / max(total, 1)
 
     # ------------------------------------------------------------- persistence
+    def consolidate_curvature(self) -> None:
+        """Under torch.distributed with curvature "ef-exact" or "fisher-mc": sum every rank's exact
+        curvature since the last update into rank 0's state (a collective: call it on every rank,
+        then save rank 0's state_dict()). Between two updates each rank holds its own examples'
+        share, which the update sums; rank 0's state alone would resume without the others'
+        (mackay_ext.curvature_shares). Nothing to do otherwise (ef-batch: every rank holds the
+        same state)."""
+        if self.accumulator is not None and self.accumulator.reduce_to_first_rank():
+            self._consolidated_examples = self.accumulator.num_examples
+            # the next step's examples are counted from here (the counts just moved between ranks)
+            self._micro_batches.seen = self.accumulator.num_examples
+
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": {n: self.alpha(n).detach().clone() for n in self.targets},
                 "curvature": {n: self.curvature(n).detach().clone() for n in self.targets},
@@ -1459,7 +1498,10 @@ class MacKayPruner(StandalonePrior):
                 "steps_since_update": self._steps_since_update,
                 "mc_calls_since_update": self._mc_calls_since_update,
                 "steps_total": self._steps_total,
-                **({"exact_curvature": self.accumulator.state_dict()} if self.accumulator is not None else {}),
+                **({"exact_curvature": self.accumulator.state_dict(),
+                    "exact_curvature_ranks": curvature_shares.source(
+                        self.accumulator, getattr(self, "_consolidated_examples", None))}
+                   if self.accumulator is not None else {}),
                 **({"micro_batches": self._micro_batches.state_dict()}
                    if self.accumulator is not None and self.curvature_kind == "ef-exact" else {}),
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
@@ -1552,7 +1594,9 @@ class MacKayPruner(StandalonePrior):
         leaves the weights as they were."""
         self._priced_updates = int(state.get("priced_updates", 0))   # absent before mac_price_ramp
         if self.accumulator is not None:   # absent before it was saved: the estimate starts afresh
+            shares = curvature_shares.check_source(state.get("exact_curvature_ranks"), "MacKayPruner.load_state_dict")
             self.accumulator.load_state_dict(state.get("exact_curvature", {}))
+            curvature_shares.place_loaded(self.accumulator, shares)   # (under torch.distributed: on one rank)
             # (absent before it was saved: no accumulation seen)
             self._micro_batches.load_state_dict(state.get("micro_batches", {}), self.accumulator.num_examples)
         if self._covariance is not None:
@@ -1617,6 +1661,7 @@ def _check_saved_fields(state: Mapping[str, Any], where: str, layers: set[str]) 
         value = state.get(key, 0)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             raise ValueError(f"{where}: state[{key!r}] must be an integer >= 0, got {value!r}")
+    curvature_shares.check_source(state.get("exact_curvature_ranks"), where)
     for key, kind in (("history", list), ("granularity", Mapping), ("split_from", Mapping),
                       ("alpha_before_switch_off", Mapping), ("settings", Mapping)):
         value = state.get(key)

@@ -15,6 +15,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._validate import user_stacklevel
 from .copy_inert import CopyInert
 from .ddp_lockstep import world_size
 
@@ -50,4 +51,4 @@ class RankBatchWatch:
                 f"the mean over all {world} ranks' examples: pass batch_size={self.last_step * world:g} "
                 "(per-rank batch x accumulation steps x ranks), or the curvature reads "
                 f"{world} times less evidence than there is and the updates prune more", RuntimeWarning,
-                stacklevel=3)
+                stacklevel=user_stacklevel())

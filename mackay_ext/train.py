@@ -436,6 +436,11 @@ class Trainer:
                 **self.extra_state}
 
     def save_checkpoint(self) -> None:
+        # every rank's share of the exact curvature since the last update, and every rank's random
+        # streams (fisher-mc's sampled labels, dropout), into what rank 0 saves: collectives, so on
+        # every rank, whether or not it was given the checkpoint's path
+        self.pruner.consolidate_curvature()
+        streams = self._random_streams()
         if not self.checkpoint:
             return
         # the loss can stay finite while B g^2 overflows: such a state would replace the last good
@@ -446,7 +451,15 @@ class Trainer:
             raise NonFiniteError(f"non-finite values in {', '.join(bad)}: training has diverged; the "
                                  f"checkpoint {self.checkpoint} was not overwritten with this state")
         if self.rank == 0:
-            save_sealed(self.state(), self.checkpoint)
+            save_sealed(dict(self.state(), rng_of_ranks=streams), self.checkpoint)
+
+    def _random_streams(self) -> list[dict[str, Any]] | None:
+        """Each rank's random states (by rank), where there are several ranks."""
+        if self.world_size == 1:
+            return None
+        streams: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(streams, {"torch": torch.get_rng_state(), "python": random.getstate()})
+        return streams
 
     def load_checkpoint(self, path: str) -> None:
         """Continue the run a checkpoint saved. This Trainer's FitConfig may differ from the saved
@@ -490,8 +503,12 @@ class Trainer:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         else:   # this Trainer's own, put back
             self.lr_scheduler = state["lr_scheduler"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        rng = state["rng"]
+        streams = state.get("rng_of_ranks")
+        if isinstance(streams, list) and len(streams) == self.world_size:   # (a run on as many ranks)
+            rng = streams[self.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
         if isinstance(saved_config, dict):
             self._apply_changed_rates(saved_config)
 

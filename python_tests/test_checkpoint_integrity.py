@@ -287,6 +287,9 @@ def test_a_tar_file_is_not_met_with_torchs_advice_to_load_it_unchecked(tmp_path)
     (lambda s: s.update(alpha_before_switch_off="x"), TypeError, r"state\['alpha_before_switch_off'\] must be a dict"),
     (lambda s: s["alpha"].update(zzz=torch.zeros(1)), ValueError, r"holds layers this pruner has not: \['zzz'\]"),
     (lambda s: s["curvature"]["0"].view(-1).__setitem__(0, math.inf), ValueError, "curvature of layer '0' holds inf"),
+    (lambda s: s.update(exact_curvature_ranks={"rank": 2, "world_size": 2, "whole": False}), ValueError,
+     "exact_curvature_ranks must be a dict from MacKayPruner.state_dict"),
+    (lambda s: s.update(exact_curvature_ranks=[0, 1]), ValueError, "exact_curvature_ranks must be a dict"),
 ])
 def test_a_damaged_pruner_state_is_refused_naming_its_field(edit, error, message):
     """Loaded as they were (a NaN step count, a layer of another model, an inf curvature that the

@@ -304,8 +304,10 @@ def test_a_checkpoint_without_ard_state_starts_afresh(tmp_path):
         def on_train_start(self, trainer, pl_module):
             self.zeros = sum(int((p == 0).sum()) for p in pl_module.parameters())
     restored = Restored()
-    with pytest.warns(UserWarning, match="holds no MacKayPruning state .* starts afresh"):
+    with pytest.warns(UserWarning, match="holds no MacKayPruning state .* starts afresh") as said:
         _fit(callback, max_epochs=2, module=module, ckpt_path=str(path), extra_callbacks=[restored])
+    ours = [w for w in said if "holds no MacKayPruning state" in str(w.message)]
+    assert ours[0].filename == __file__   # the user's trainer.fit line (not Lightning's hook dispatch)
     assert restored.zeros == 0   # the dense checkpoint's weights, none zeroed
     assert len(callback.pruner.history) == 2   # this fit's own updates, at steps 9 and 12 (resumed at 6)
 

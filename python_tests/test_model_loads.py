@@ -50,8 +50,9 @@ def test_a_restored_state_dict_that_predates_the_pruning_is_said(kind):
     report = pruner.report()
     assert 0 < report["kept"] < report["total"]
     with pytest.warns(UserWarning, match=r"model.load_state_dict put nonzero values at \d+ weights this pruner "
-                                         r"has pruned .*0: \d+.*Load the pruner's state_dict"):
+                                         r"has pruned .*0: \d+.*Load the pruner's state_dict") as said:
         model.load_state_dict(best)
+    assert said[0].filename == __file__   # the user's line (it named mackay_ext's copy_inert.py)
     live = sum(int(((model.get_submodule(n).weight != 0) & (pruner.alpha(n) == float("inf"))).sum())
                for n in pruner.targets)
     assert live > 0
@@ -91,8 +92,10 @@ def test_an_ema_copy_is_masked_by_apply_masks_and_then_sparsifies():
         pruner.apply_masks()
         ema.update_parameters(model)
     average = copy.deepcopy(ema.module)
-    with pytest.warns(UserWarning, match=r"sparsify: no layer reached min_sparsity=0.5 .*pruner.apply_masks\(copy\)"):
+    with pytest.warns(UserWarning, match=r"sparsify: no layer reached min_sparsity=0.5 .*pruner.apply_masks\(copy\)") \
+            as said:
         mackay_ext.sparsify(average)
+    assert said[0].filename == __file__   # (it named torch's no_grad wrapper)
     assert isinstance(average[0], nn.Linear)
     pruner.apply_masks(ema)              # the AveragedModel itself, or its .module
     for name in pruner.targets:

@@ -644,6 +644,43 @@ def test_weights_trained_by_another_optimizer_without_a_pruner_are_said_once(spa
     assert list(embedding_pruner.targets) == ["embedding"]
 
 
+class Distilled(nn.Module):
+    """A student trained under a teacher run without gradients, with an EMA copy of the student."""
+
+    def __init__(self):
+        super().__init__()
+        self.student = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.teacher = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.ema = torch.optim.swa_utils.AveragedModel(self.student)
+
+    def forward(self, x):
+        with torch.no_grad():
+            target = self.teacher(x).softmax(-1)
+        return self.student(x), target
+
+
+def test_weights_no_backward_reaches_are_not_said_uncovered():
+    """A teacher run under no_grad and an EMA copy (AveragedModel) require gradients but take none:
+    they were said to be trained by another optimizer without a pruner."""
+    torch.manual_seed(0)
+    model = Distilled()
+    optimizer = torch.optim.Adam(model.student.parameters())
+    pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=8)
+    x = torch.randn(8, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for _ in range(3):
+                optimizer.zero_grad()
+                logits, target = model(x)
+                nn.functional.cross_entropy(logits, target).backward()
+                optimizer.step()
+                model.ema.update_parameters(model.student)
+            pruner.update()
+    assert not [w for w in caught if "in neither the optimizer" in str(w.message)]
+    assert sorted(pruner.targets) == ["student.0", "student.2"]
+
+
 def test_an_optimizer_state_loaded_with_another_num_data_is_said_and_refused_until_they_agree():
     """optimizer.load_state_dict takes the saved param groups' settings: a new user's MacKayAdam,
     loaded from a run on 5,000 examples after the pruner (num_data=100) was built, applied the

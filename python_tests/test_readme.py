@@ -8,6 +8,7 @@ README.md with their README line numbers, so a traceback points at the broken RE
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import subprocess
@@ -22,7 +23,9 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 # a dotted name the prose or a snippet says is reachable after `import mackay_ext`, not the
 # module path of a `from mackay_ext.x import y` (the snippets that import that way run it)
-DOTTED = re.compile(r"(?<![\w.])(?<!from )mackay_ext(?:\.[A-Za-z_]\w*)+")
+DOTTED = re.compile(r"(?<![\w.])(?<!from )(?<!-m )mackay_ext(?:\.[A-Za-z_]\w*)+")
+# `python -m mackay_ext.x` / `torchrun -m mackay_ext.x`: a module to run, which must exist
+RUN_MODULE = re.compile(r"(?<=-m )mackay_ext(?:\.[A-Za-z_]\w*)+")
 
 
 def python_blocks() -> list[tuple[int, str]]:
@@ -120,4 +123,7 @@ def test_names_the_readme_mentions_exist():
     assert result.returncode == 0, result.stderr
     missing = json.loads(result.stdout.strip().splitlines()[-1])
     assert not missing, f"README.md names that `import mackay_ext` does not reach: {missing}"
+    run = sorted(set(RUN_MODULE.findall(README.read_text(encoding="utf-8"))))
+    assert "mackay_ext.cli" in run
+    assert not [name for name in run if importlib.util.find_spec(name) is None]
 

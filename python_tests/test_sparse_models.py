@@ -303,6 +303,15 @@ def test_an_optimizer_of_another_model_is_refused_before_anything_changes():
     assert len(sparse_layers(model)) == 3
 
 
+def test_a_frozen_part_converts_with_the_optimizer_of_the_rest():
+    """sparsify(frozen_part, optimizer) where the optimizer trains the rest of the model: nothing
+    to rebind, as before the optimizer check (which refused it)."""
+    frozen, rest = prune_(MLP(), 0.1), nn.Linear(4, 4)
+    frozen.requires_grad_(False)
+    sparsify(frozen, torch.optim.SGD(rest.parameters(), lr=0.1))
+    assert len(sparse_layers(frozen)) == 3
+
+
 # ------------------------------------------------------------------- densify
 
 def test_densify_inverts_sparsify():

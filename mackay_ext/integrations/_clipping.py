@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+from .._validate import user_stacklevel
+
 
 def gradients(module: torch.nn.Module) -> list[torch.Tensor]:
     return [p.grad for p in module.parameters() if p.grad is not None]
@@ -129,4 +131,4 @@ class ClippingWatch:
             "Hugging Face Trainer on several processes). The curvature is read from the clipped gradient, so where clipping "
             "acts it is too small (by the square of the clipping factor) and the precision updates prune "
             f"weights the data determine. Turn clipping off ({self.turn_off}) or raise the limit above the "
-            f"gradients this run sees{seen}.", RuntimeWarning, stacklevel=3)
+            f"gradients this run sees{seen}.", RuntimeWarning, stacklevel=user_stacklevel())

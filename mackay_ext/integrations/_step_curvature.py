@@ -25,7 +25,7 @@ import math
 import warnings
 from typing import Any
 
-from .._validate import check_count
+from .._validate import check_count, user_stacklevel
 from ..pruner import MacKayPruner
 from ..pruner_options import check_option_names, check_pruner_options
 
@@ -121,7 +121,7 @@ def warn_if_no_update_prunes(who: str, first: int, last: int, every: int, warmup
         warnings.warn(f"{who}: this run has {updates} precision update(s) left ({unit}s {start} to {last}, every "
                       f"{every}) and warmup_updates leaves {warmup_left} that only set alpha: nothing will be "
                       "pruned. Lower dense_ratio (or the dense length), update_every or warmup_updates, or train "
-                      "longer", UserWarning, stacklevel=3)
+                      "longer", UserWarning, stacklevel=user_stacklevel())
 
 
 def check_flag(value: Any, name: str, who: str, allowed=(False, True)) -> None:

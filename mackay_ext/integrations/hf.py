@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._checksum import load_sealed, save_sealed
-from .._validate import check_choice
+from .._validate import check_choice, user_stacklevel
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, NormBeforeClipping, clip_coefficient, gradients, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_dense_phase, check_flag,
@@ -98,7 +98,8 @@ def _warn_counts_of_examples(model, num_data: float) -> None:
     warnings.warn(f"MacKayCallback: {name} divides its loss by num_items_in_batch (a mean over label tokens, "
                   f"as a causal LM's), but num_data defaulted to the {num_data:g} examples of the training set: "
                   "N and batch_size count what the loss averages over. Pass num_data=<label tokens in the "
-                  "training set> and batch_size=<label tokens of one optimizer step>", UserWarning, stacklevel=3)
+                  "training set> and batch_size=<label tokens of one optimizer step>", UserWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _loss_scale(optimizer) -> float:
@@ -467,7 +468,8 @@ class MacKayCallback(TrainerCallback):
                           "tensors from_pretrained does not know: after Trainer.save_model it would re-initialise "
                           "those weights at random, with no error. Store it with mackay_ext.save_compressed("
                           "trainer.model, path) and load it with load_compressed(path, model=<a new model>), or "
-                          "mackay_ext.densify(trainer.model) before save_model", UserWarning, stacklevel=2)
+                          "mackay_ext.densify(trainer.model) before save_model", UserWarning,
+                          stacklevel=user_stacklevel())
         else:
             from ..shrink import shrink
             self.shrunk_model = shrink(model, self.example_inputs)

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from .._validate import check_choice
+from .._validate import check_choice, user_stacklevel
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, clip_coefficient, gradients, largest_entry, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_dense_phase, check_flag,
@@ -271,7 +271,7 @@ class MacKayPruning(Callback):
         warnings.warn(f"MacKayPruning: the checkpoint this fit resumes from ({trainer.ckpt_path}) holds no "
                       "MacKayPruning state (saved by a run without this callback?): the ARD state starts "
                       "afresh, with this fit's dense phase, not with the previous fit's alphas and pruned weights",
-                      UserWarning, stacklevel=2)
+                      UserWarning, stacklevel=user_stacklevel())
 
     def _plan_dense_phase(self, trainer, carried: bool = False) -> None:
         """Where the first update may come. A fit that goes on with the alphas of the module's
@@ -295,7 +295,7 @@ class MacKayPruning(Callback):
             warnings.warn(f"MacKayPruning: the MacKayAdam's batch_size is {given}, but one optimizer step "
                           f"of this Trainer reads a gradient whose curvature needs batch_size={expected:g} "
                           "(dataloader batch x accumulate_grad_batches x processes, see MacKayPruning's "
-                          "batch_size)", UserWarning, stacklevel=2)
+                          "batch_size)", UserWarning, stacklevel=user_stacklevel())
 
     def _batch_size(self, loader, trainer, num_data: float) -> float:
         """B of the ef-batch curvature (a training set smaller than the batch makes a smaller one)."""
@@ -405,7 +405,8 @@ class MacKayPruning(Callback):
                               "(load_from_checkpoint: missing and unexpected keys; with strict=False those layers "
                               "keep their initial weights, with no error). Store it with mackay_ext.save_compressed"
                               "(module, path) and load it with load_compressed(path, model=YourModule()), or "
-                              "mackay_ext.densify(module) before trainer.save_checkpoint", UserWarning, stacklevel=2)
+                              "mackay_ext.densify(module) before trainer.save_checkpoint", UserWarning,
+                              stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
