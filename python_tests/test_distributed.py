@@ -157,18 +157,9 @@ def extra_pruner_worker(rank, world):
     if rank == 0:
         helper = nn.Linear(5, 5)
         MacKayPruner(helper, torch.optim.SGD(helper.parameters(), lr=0.1), num_data=10, batch_size=2)
-    model = make_model()
-    x, y = make_data()
-    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=len(x), batch_size=GLOBAL_BATCH)
-    pruner = MacKayPruner(model, optimizer, num_data=len(x), threshold=0.5)
-    local = GLOBAL_BATCH // world
-    for step in range(STEPS):
-        start = step * GLOBAL_BATCH + rank * local
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[start:start + local]), y[start:start + local]).backward()
-        optimizer.step()
-        if step in UPDATES:
-            pruner.update()
+    model = make_model()   # (no DDP wrapper, as in skewed_worker)
+    optimizer, pruner = build(model, 1, "ef-batch")
+    take_steps(model, optimizer, pruner, rank, world, "ef-batch", range(STEPS))
     return {"updates": len(pruner.history)}
 
 
