@@ -114,6 +114,7 @@ PARAMETRIZED = ("an input of a parametrization (weight_norm, spectral_norm, orth
 
 
 FROZEN = "frozen (requires_grad=False)"
+NOT_SELECTED = "not in layers="
 NO_CHANNEL_GROUP = "in no channel group of granularity='channel', so without a prior"
 # what report()["excluded"] says of a weight frozen when the pruner was built and trained since
 UNFROZEN = ("frozen when the pruner was built, trained since without a prior (a pruner's layers are "
@@ -188,6 +189,8 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
         holder_names = [_target_name(m, a) for m, _, a in holders]
         if selected is not None and not any(
                 m in selected or any(n in selected for n in _names_of(m, a)) for m, _, a in holders):
+            if param.dim() >= 2:   # (the weights: report()["excluded"] lists every one without a prior)
+                excluded.append({"name": full_name, "reason": NOT_SELECTED})
             continue
         reason = None
         if isinstance(module, _CSRWeight) and attr == "values":

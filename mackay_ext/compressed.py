@@ -14,7 +14,7 @@ from torch import nn
 from ._checksum import DIGEST_KEY, check_plain, check_seal, save_sealed
 from ._files import CorruptFileError, load_plain
 from ._validate import check_module, check_not_quantized
-from .convert import MIN_SPARSITY
+from .convert import MIN_SPARSITY, unconvertible
 from .csr import check_csr
 from .packed_zeros import pack, unpack
 from .sparse import SparseConv2d, SparseLinear, _CSRWeight, _set_module, _storage_dtype
@@ -171,8 +171,10 @@ def _warn_if_sparse_but_dense(model: nn.Module) -> None:
     """Said when the file stores dense layers that are mostly zeros: sparsify was forgotten (a
     new user's MLP at 99.2% zeros wrote 342,741 bytes, more than its dense state_dict)."""
     zeros = {}
+    formless = unconvertible(model)   # (sparsify named them, and the file stores their nonzeros)
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module, _CSRWeight):
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not isinstance(module, _CSRWeight) \
+                and module not in formless:
             weight = module.weight
             if isinstance(weight, torch.Tensor) and weight.numel() and not weight.is_meta:
                 share = float((weight == 0).float().mean())

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from ._validate import alpha_fits, check_module, check_optimizer, quantized_modules, user_stacklevel
 from .model_loads import describe
@@ -199,20 +200,36 @@ _FORMLESS = (nn.RNNBase, nn.Conv1d, nn.Conv3d, nn.modules.conv._ConvTransposeNd,
 
 def _sparse_but_formless(model: nn.Module, min_sparsity: float, excluded) -> list[str]:
     """'name (why)' of each layer sparsify has no sparse form for whose own matrices (exact
-    zeros) reach min_sparsity."""
+    zeros) reach min_sparsity, and of each such matrix a module's forward uses itself."""
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, _FORMLESS) or excluded(name, module):
+        if excluded(name, module) or isinstance(module, (nn.Linear, nn.Conv2d, _CSRWeight, ParametrizationList)):
             continue
-        matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2 and p.numel()]
-        total = sum(p.numel() for p in matrices)
-        zeros = sum(int((p == 0).sum()) for p in matrices)
-        if total and zeros / total >= min_sparsity:
-            found.append(f"{name} ({type(module).__name__}: no sparse form; {zeros:,} of {total:,} weights zero)")
+        if isinstance(module, _FORMLESS):
+            matrices = [p for p in module.parameters(recurse=False) if p.dim() >= 2 and p.numel()]
+            total = sum(p.numel() for p in matrices)
+            zeros = sum(int((p == 0).sum()) for p in matrices)
+            if total and zeros / total >= min_sparsity:
+                found.append(f"{name} ({type(module).__name__}: no sparse form; {zeros:,} of {total:,} weights zero)")
+            continue
+        # a module's own matrices that its forward uses itself (F.linear on a Parameter, a
+        # hand-written LoRA adapter): a pruner covers them, and no layer here can hold them sparse
+        for attr, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2 and param.numel() and float((param == 0).float().mean()) >= min_sparsity:
+                zeros = int((param == 0).sum())
+                found.append(f"{name + '.' if name else ''}{attr} (a parameter {type(module).__name__}'s forward "
+                             f"uses itself: no sparse form; {zeros:,} of {param.numel():,} weights zero)")
     return found
 
 
 MIN_SPARSITY = 0.5   # sparsify's default: a layer at least this sparse is converted
+
+
+def unconvertible(model: nn.Module) -> set[nn.Module]:
+    """The nn.Linear / nn.Conv2d layers sparsify leaves dense however sparse (tied, read by an
+    enclosing module, grouped, ...: _why_not_convertible)."""
+    layers, holders = _find_layers(model, (nn.Linear, nn.Conv2d))
+    return {module for names, module in layers if _why_not_convertible(model, names, module, holders)}
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from .ard_targets import layer_detail, weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
 from .copy_inert import CopyInert, ServedForward
+from .weight_sites import WeightSites
 from .csr import row_indices as expand_pointers
 from .conv_curvature import (
     conv_per_example_grads,
@@ -338,6 +339,8 @@ class FisherAccumulator:
         # per-example products added up here (conv_weight_grad.py), and those gradients, each
         # with the input and output gradient (and its version) it came from, until that
         # backward takes it
+        # a weight the forward also reads outside its layer's calls (weight_sites.py)
+        self._sites: WeightSites | None = WeightSites(model, self.layers, self._captures_forward, mode)
         self._served = [m for m in self.layers.values() if mode == "ef-exact" and can_serve(m)]
         self._weight_grads: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]] = {}
         for module in self._served:
@@ -362,6 +365,11 @@ class FisherAccumulator:
                 and delta.data_ptr() == grad_output.data_ptr() and delta.shape == grad_output.shape
                 and delta.stride() == grad_output.stride() and grad_output._version == version)
         return grad if same else None
+
+    def _captures_forward(self) -> bool:
+        """Whether a forward starting now is one whose layer calls the hooks capture."""
+        return (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_exporting()
 
     def _forward_hook(self, module, inputs, output):
         # not under torch.func's transforms (grad, vmap, jvp), nor while torch.export traces
@@ -635,6 +643,7 @@ class FisherAccumulator:
         # with it is refused (_require_capture).
         self.__dict__.update(state)
         self._handles, self._served, self.copied = [], [], True
+        self._sites = None   # (its hooks on the original's model are inert in the model's copy)
         # (absent from a copy made before loss_scale)
         self._tasks, self._loss_scale, self._stage = [], None, None
 
@@ -838,11 +847,16 @@ class FisherAccumulator:
         self.counts.clear()
         self.backward_passes = 0
         self.new_batch()
+        if self._sites is not None:   # the next window's first forward is watched too
+            self._sites.due = True
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._sites is not None:
+            self._sites.remove()
+            self._sites = None
         for module in self._served:   # the modules' own forward again
             forward = vars(module).get("forward")
             if isinstance(forward, ServedForward) and forward.accumulator is self:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 
 import torch
 from torch import nn
@@ -62,7 +63,15 @@ class ShrinkReport:
                 f"MACs{per} {self.macs_before:,} -> {self.macs_after:,}, {len(self.removed)} groups removed "
                 f"({len(self.folded)} constant folded into biases, {len(self.unread)} unread) in "
                 f"{self.rounds} round(s), {len(self.kept_zero)} zero groups and "
-                f"{len(self.kept_unused)} unread or constant groups kept")
+                f"{len(self.kept_unused)} unread or constant groups kept" + self._why_kept())
+
+    def _why_kept(self) -> str:
+        """The reasons zero groups were kept, the commonest first (each group's is in kept_zero)."""
+        reasons = Counter(why for _, why in self.kept_zero)
+        if not reasons:
+            return ""
+        shown = "; ".join(f"{why} ({count})" for why, count in reasons.most_common(2))
+        return f" (zero groups kept: {shown}{'; ...' if len(reasons) > 2 else ''})"
 
 
 def count_macs(model: nn.Module, example_inputs) -> int:

@@ -63,6 +63,20 @@ def test_every_matrix_is_covered_and_the_rest_listed():
     assert all("1-D" in reason for reason in excluded.values())
 
 
+def test_the_weights_layers_leaves_out_are_listed():
+    """With layers=, the other weights were in neither targets nor report()["excluded"], which
+    the README says lists every parameter without a prior."""
+    torch.manual_seed(0)
+    model = Zoo()
+    optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=800, batch_size=8)
+    pruner = MacKayPruner(model, optimizer, num_data=800, layers=["conv1d", "attn.out_proj"])
+    assert sorted(pruner.targets) == ["attn.out_proj", "conv1d"]
+    excluded = {entry["name"]: entry["reason"] for entry in pruner.report()["excluded"]}
+    left_out = {name for name, p in model.named_parameters() if p.dim() >= 2} - {"conv1d.weight",
+                                                                                  "attn.out_proj.weight"}
+    assert left_out and {name for name, why in excluded.items() if why == "not in layers="} == left_out
+
+
 def test_per_weight_ard_prunes_every_kind_and_keeps_ties():
     torch.manual_seed(0)
     model = Zoo()

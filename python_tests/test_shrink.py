@@ -297,6 +297,7 @@ def test_attention_heads_of_multihead_attention_stay_with_a_reason():
     small, report = shrink(model, inputs, report=True)
     assert report.removed == [] and len(report.kept_zero) == 1
     assert "nn.MultiheadAttention" in report.kept_zero[0][1]
+    assert f"(zero groups kept: {report.kept_zero[0][1]} (1))" in str(report)   # the summary says why
     with torch.no_grad():
         assert_equal_outputs(expected, small(*inputs))
 

@@ -428,3 +428,46 @@ def test_export_with_a_dynamic_batch(tmp_path):
             expected[index].weight.copy_(layer.dense_weight())
             expected[index].bias.copy_(layer.bias)
         torch.testing.assert_close(again(x), expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_save_compressed_does_not_send_to_sparsify_the_layers_it_leaves_dense(tmp_path):
+    """A depthwise conv and a tied Linear, 90% zeros: sparsify names them as left dense, and
+    save_compressed told the user to call sparsify for them."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(self.dw(x).mean((2, 3))))
+    model = Net()
+    with torch.no_grad():
+        for weight in (model.dw.weight, model.a.weight):
+            weight.view(-1)[: int(0.9 * weight.numel())] = 0
+    with pytest.warns(UserWarning, match="sparsify: left dense, though sparse enough: .*dw"):
+        sparsify(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_compressed(model, tmp_path / "model.pt")
+
+
+def test_pruned_parameters_a_forward_uses_itself_are_named_as_left_dense():
+    """A hand-written LoRA adapter (A, B as Parameters) pruned by a pruner: sparsify said nothing of
+    them, or named the frozen base as 'the sparsest' at 0%."""
+    class LoRALinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = nn.Linear(8, 8).requires_grad_(False)
+            self.lora_A, self.lora_B = nn.Parameter(torch.randn(2, 8)), nn.Parameter(torch.randn(8, 2))
+
+        def forward(self, x):
+            return self.base(x) + x @ self.lora_A.t() @ self.lora_B.t()
+    model = nn.Sequential(LoRALinear())
+    with torch.no_grad():
+        model[0].lora_B[:6] = 0
+    with pytest.warns(UserWarning, match=r"left dense, though sparse enough: 0.lora_B \(a parameter LoRALinear's "
+                                         r"forward uses itself: no sparse form; 12 of 16 weights zero\)") as said:
+        sparsify(model)
+    assert not [w for w in said if "the sparsest" in str(w.message)]
