@@ -339,6 +339,7 @@ class FisherAccumulator:
         # per-example products added up here (conv_weight_grad.py), and those gradients, each
         # with the input and output gradient (and its version) it came from, until that
         # backward takes it
+        self.whole_at: int | None = None   # num_examples after reduce_to_first_rank (curvature_shares)
         # a weight the forward also reads outside its layer's calls (weight_sites.py)
         self._sites: WeightSites | None = WeightSites(model, self.layers, self._captures_forward, mode)
         self._served = [m for m in self.layers.values() if mode == "ef-exact" and can_serve(m)]
@@ -802,6 +803,7 @@ class FisherAccumulator:
         dist.reduce(counts, dst=first, group=group)
         for param, count in zip(params, counts.tolist()):
             self.counts[param] = int(count) if keeps else 0
+        self.whole_at = self.num_examples   # (the sums are the whole estimate until more are added)
         return True
 
     def _named_parameters(self):
@@ -849,6 +851,7 @@ class FisherAccumulator:
         self.new_batch()
         if self._sites is not None:   # the next window's first forward is watched too
             self._sites.due = True
+        self.whole_at = None
 
     def detach(self) -> None:
         for handle in self._handles:

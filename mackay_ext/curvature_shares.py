@@ -30,12 +30,12 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def source(accumulator, consolidated_examples: int | None) -> dict[str, Any]:
+def source(accumulator) -> dict[str, Any]:
     """What this rank's sums hold, for its state_dict: the whole estimate (one process, or rank 0
-    right after consolidate_curvature with no example added since) or this rank's share."""
+    after consolidate_curvature with no example added since) or this rank's share."""
     rank, world = rank_and_world()
-    whole = world == 1 or (rank == 0 and consolidated_examples is not None
-                           and consolidated_examples == accumulator.num_examples)
+    whole_at = getattr(accumulator, "whole_at", None)   # (absent from a copy made before it was kept)
+    whole = world == 1 or (rank == 0 and whole_at is not None and whole_at == accumulator.num_examples)
     return {"rank": rank, "world_size": world, "whole": whole}
 
 

@@ -1485,7 +1485,6 @@ class MacKayPruner(StandalonePrior):
         (mackay_ext.curvature_shares). Nothing to do otherwise (ef-batch: every rank holds the
         same state)."""
         if self.accumulator is not None and self.accumulator.reduce_to_first_rank():
-            self._consolidated_examples = self.accumulator.num_examples
             # the next step's examples are counted from here (the counts just moved between ranks)
             self._micro_batches.seen = self.accumulator.num_examples
 
@@ -1499,8 +1498,7 @@ class MacKayPruner(StandalonePrior):
                 "mc_calls_since_update": self._mc_calls_since_update,
                 "steps_total": self._steps_total,
                 **({"exact_curvature": self.accumulator.state_dict(),
-                    "exact_curvature_ranks": curvature_shares.source(
-                        self.accumulator, getattr(self, "_consolidated_examples", None))}
+                    "exact_curvature_ranks": curvature_shares.source(self.accumulator)}
                    if self.accumulator is not None else {}),
                 **({"micro_batches": self._micro_batches.state_dict()}
                    if self.accumulator is not None and self.curvature_kind == "ef-exact" else {}),

@@ -34,12 +34,16 @@ class _OutsideReads(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") != "__get__":   # (an attribute read, e.g. .shape, is no use)
+        result = func(*args, **kwargs)
+        # a read that adds to the weight's gradient: with autograd on, into a result in the graph
+        # (its size, a detached copy, new_zeros, a max-norm clamp_ under no_grad add nothing)
+        if torch.is_grad_enabled() and any(isinstance(out, torch.Tensor) and out.grad_fn is not None
+                                           for out in tree_leaves(result)):
             for leaf in tree_leaves((args, kwargs)):
                 name = self.weights.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
                 if name is not None and not self.running[name] and name not in self.found:
                     self.found[name] = getattr(func, "__qualname__", None) or getattr(func, "__name__", repr(func))
-        return func(*args, **kwargs)
+        return result
 
 
 class WeightSites:

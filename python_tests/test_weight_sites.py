@@ -63,8 +63,19 @@ def test_a_weight_read_outside_its_layer_is_said_once():
     assert torch._C._len_torch_function_stack() == 0   # the watch ended with its forward
 
 
-@pytest.mark.parametrize("model", [CalledTwice(), nn.Linear(6, 3), nn.Sequential(nn.Linear(6, 8), nn.Tanh(),
-                                                                                     nn.Linear(8, 3))])
+class ReadsThatAddNoGradient(CalledTwice):
+    """The forward reads mid's weight, but nothing it makes is in the graph."""
+
+    def forward(self, x):
+        width = self.mid.weight.size(0) + self.mid.weight.new_zeros(1).numel()
+        self.norm = float(self.mid.weight.detach().norm())   # a logged statistic
+        with torch.no_grad():
+            self.mid.weight.clamp_(-10, 10)                    # a max-norm style constraint
+        return super().forward(x) * width / (width + 0.0)
+
+
+@pytest.mark.parametrize("model", [CalledTwice(), ReadsThatAddNoGradient(), nn.Linear(6, 3),
+                                   nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))])
 def test_forwards_that_call_their_layers_say_nothing(model):
     said, _ = _said(model, penalty=True)
     assert not said
