@@ -771,13 +771,7 @@ class FisherAccumulator:
         import torch.distributed as dist
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return
-        params = [p for m in self.layers.values() for p in m.parameters(recurse=False)]
-        for param in params:  # every rank must reduce the same tensors, in the same order
-            dist.all_reduce(self._sum_for(param), group=group)
-        device = params[0].device if params else "cpu"
-        counts = torch.tensor([self.counts[p] for p in params], dtype=torch.float64, device=device)
-        dist.all_reduce(counts, group=group)
-        for param, count in zip(params, counts.tolist()):
+        for param, count in self._sum_over_ranks(lambda t: dist.all_reduce(t, group=group)):
             self.counts[param] = int(count)
 
     @torch.no_grad()
@@ -792,19 +786,24 @@ class FisherAccumulator:
             return False
         first = dist.get_global_rank(group, 0) if group is not None else 0
         keeps = dist.get_rank() == first
-        params = [p for m in self.layers.values() for p in m.parameters(recurse=False)]
-        for param in params:  # every rank must reduce the same tensors, in the same order
-            total = self._sum_for(param)
-            dist.reduce(total, dst=first, group=group)
-            if not keeps:
-                total.zero_()
-        device = params[0].device if params else "cpu"
-        counts = torch.tensor([self.counts[p] for p in params], dtype=torch.float64, device=device)
-        dist.reduce(counts, dst=first, group=group)
-        for param, count in zip(params, counts.tolist()):
+        for param, count in self._sum_over_ranks(lambda t: dist.reduce(t, dst=first, group=group)):
             self.counts[param] = int(count) if keeps else 0
+            if not keeps:
+                self._sum_for(param).zero_()
         self.whole_at = self.num_examples   # (the sums are the whole estimate until more are added)
         return True
+
+    def _sum_over_ranks(self, collective) -> list[tuple[torch.Tensor, float]]:
+        """Run `collective` (a sum over the ranks, in place) on every parameter's running sum and
+        on the example counts; returns (parameter, summed count) pairs. Every rank must hand the
+        collective the same tensors in the same order, so the order is the layers' own."""
+        params = [p for m in self.layers.values() for p in m.parameters(recurse=False)]
+        for param in params:
+            collective(self._sum_for(param))
+        device = params[0].device if params else "cpu"
+        counts = torch.tensor([self.counts[p] for p in params], dtype=torch.float64, device=device)
+        collective(counts)
+        return list(zip(params, counts.tolist()))
 
     def _named_parameters(self):
         for layer, module in self.layers.items():

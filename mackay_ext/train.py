@@ -436,6 +436,9 @@ class Trainer:
                 **self.extra_state}
 
     def save_checkpoint(self) -> None:
+        """Write the run's state to the checkpoint path (rank 0 writes). Under DDP a collective:
+        every rank calls it, as the Trainer's own loop does; called on one rank alone it waits
+        for the others."""
         # every rank's share of the exact curvature since the last update, and every rank's random
         # streams (fisher-mc's sampled labels, dropout), into what rank 0 saves: collectives, so on
         # every rank, whether or not it was given the checkpoint's path

@@ -62,7 +62,14 @@ class WeightSites:
                         model.register_forward_hook(CopyInert(self._stop), always_call=True)]
 
     def _start(self, module, args) -> None:
-        if not self.due or self._mode is not None or torch.compiler.is_compiling() or not self.wanted():
+        if self._mode is not None:
+            # a watched forward that never reached _stop: torch runs always_call hooks for an
+            # Exception only, so a KeyboardInterrupt left the mode on. What it noted since (the
+            # user's own code between the two forwards) is not this model's forward: dropped, and
+            # this forward watched instead
+            self._discard()
+            self.due = True
+        if not self.due or torch.compiler.is_compiling() or not self.wanted():
             return
         self.due = False
         weights = {}
@@ -92,12 +99,7 @@ class WeightSites:
     def _stop(self, module, args, output=None) -> None:
         if self._mode is None:
             return
-        mode, self._mode = self._mode, None
-        mode.__exit__(None, None, None)
-        for handle in self._layer_handles:
-            handle.remove()
-        self._layer_handles.clear()
-        self._running.clear()
+        mode = self._discard()
         new = {name: func for name, func in mode.found.items() if name not in self.said}
         if not new:
             return
@@ -110,6 +112,16 @@ class WeightSites:
             "was pruned). Call the layer instead of reading its weight, or use curvature='ef-batch', which reads "
             "the whole gradient", RuntimeWarning,
             stacklevel=user_stacklevel())
+
+    def _discard(self) -> _OutsideReads:
+        """Leave the mode and the layers' hooks; the mode, with what it noted, is returned."""
+        mode, self._mode = self._mode, None
+        mode.__exit__(None, None, None)
+        for handle in self._layer_handles:
+            handle.remove()
+        self._layer_handles.clear()
+        self._running.clear()
+        return mode
 
     def remove(self) -> None:
         if self._mode is not None:

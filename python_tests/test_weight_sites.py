@@ -115,3 +115,30 @@ def test_a_forward_that_raises_ends_the_watch():
         warnings.simplefilter("ignore")
         model(torch.randn(4, 6))
     assert torch._C._len_torch_function_stack() == 0
+
+
+def test_an_interrupted_watch_is_dropped_at_the_next_forward():
+    """Ctrl-C inside the watched forward skips the always_call hooks (torch runs them for an
+    Exception only): the next forward drops the left-over watch and what it noted meanwhile (the
+    user's own reads between the two forwards), and watches itself instead."""
+    class Interrupted(CalledTwice):
+        interrupt = True
+
+        def forward(self, x):
+            out = super().forward(x)
+            if self.interrupt:
+                raise KeyboardInterrupt
+            return out
+    model = Interrupted()
+    accumulator = FisherAccumulator(model)
+    with accumulator, pytest.raises(KeyboardInterrupt):
+        model(torch.randn(4, 6))
+    assert torch._C._len_torch_function_stack() == 1   # left on: no hook ran
+    F.linear(torch.randn(2, 8), model.mid.weight).sum().backward()   # the user's, outside any forward
+    model.interrupt = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with accumulator:
+            model(torch.randn(4, 6)).sum().backward()
+    assert torch._C._len_torch_function_stack() == 0
+    assert not accumulator._sites.due   # this forward was the window's watched one
