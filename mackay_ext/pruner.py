@@ -58,8 +58,8 @@ from .ard_targets import (
     find_targets,
 )
 from .batch_curvature import ema_debiased
-from .ddp_lockstep import Lockstep, world_size
-from .rank_batch import RankBatchWatch
+from .ddp_lockstep import Lockstep
+from .step_batch import StepBatchWatch
 from .dead_units import prune_unused_units
 from .foreign_steps import unwatch, watch_foreign_steps
 from .mac_compensate import REFIT_MAX_INPUTS, InputCovariance, compensated_price_out
@@ -410,9 +410,10 @@ class MacKayPruner(StandalonePrior):
             self._gradient_scale = 1.0   # see the property
             self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
             self._lockstep = Lockstep({name: tuple(t.param.shape) for name, t in self.targets.items()})
-            self._rank_batch = RankBatchWatch(model) if optimizer is not None and world_size() > 1 else None
-            if self._rank_batch is not None:
-                self._hooks.append(self._rank_batch.handle)
+            # B under DDP or gradient accumulation (step_batch.py): where ef-batch reads it
+            self._step_batch = StepBatchWatch(model) if optimizer is not None and curvature == "ef-batch" else None
+            if self._step_batch is not None:
+                self._hooks.extend(self._step_batch.handles)
             # MacKayAdam: per layer (its state dict, its step, t) when load_state_dict wrote h there
             self._loaded_steps: dict[str, tuple[dict, float, float]] = {}
             self.foreign_steps: dict[str, int] = {}   # steps of other optimizers since the last update, by class
@@ -574,8 +575,8 @@ class MacKayPruner(StandalonePrior):
             found_inf = getattr(optimizer, "found_inf", None)
             self.accumulator.settle_step(ran=not isinstance(found_inf, torch.Tensor) or float(found_inf) == 0)
         self._steps_since_update += 1
-        if self._rank_batch is not None:
-            self._rank_batch.after_step()
+        if self._step_batch is not None:
+            self._step_batch.after_step()
         self._steps_total += 1
         captured = (self.accumulator is not None and not self.accumulator.paused
                     if self.curvature_kind == "ef-exact" else self._mc_step_captured)
@@ -968,8 +969,8 @@ class MacKayPruner(StandalonePrior):
         self._check_attached("update")
         if self.optimizer is not None:   # every DDP rank at the same step (ddp_lockstep)
             self._lockstep.check(self._steps_total, before_collective=self.accumulator is not None)
-        if self._rank_batch is not None and self.curvature_kind == "ef-batch":
-            self._rank_batch.check(self._step_batch_size())
+        if self._step_batch is not None:
+            self._step_batch.check(self._step_batch_size())
         self._check_targets_in_model("update")
         problem = self._num_data_disagreement() if self.fused else None
         if problem:

@@ -1,0 +1,63 @@
+"""batch_size is the batch of one optimizer step (mackay_ext.step_batch): under gradient
+accumulation one micro-batch given as batch_size made the ef-batch curvature A times too small
+(95% of a network pruned under A = 4, no word); it is said once. Steps that are one batch (no
+accumulation, two views of each example with one backward, the right B) say nothing."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mackay_ext import MacKayPruner
+from mackay_ext.optim import MacKayAdam, ard_param_groups
+
+MICRO = 16
+
+
+def _said(batch_size, passes=4, views=1, fused=False, steps=3):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    if fused:
+        optimizer = MacKayAdam(ard_param_groups(model), num_data=1024, batch_size=batch_size)
+        pruner = MacKayPruner(model, optimizer, num_data=1024)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        pruner = MacKayPruner(model, optimizer, num_data=1024, batch_size=batch_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            optimizer.zero_grad()
+            for _ in range(passes):
+                x, y = torch.randn(MICRO, 10), torch.randint(0, 3, (MICRO,))
+                loss = sum(F.cross_entropy(model(x + 0.1 * view * torch.randn_like(x)), y) for view in range(views))
+                (loss / passes).backward()
+            optimizer.step()
+        pruner.update(prune=False)
+        pruner.update(prune=False)   # said once
+    return [w for w in caught if "batch_size" in str(w.message)]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-optimizer", "MacKayAdam"])
+def test_a_micro_batch_given_as_batch_size_is_said(fused):
+    said = _said(MICRO, fused=fused)
+    assert len(said) == 1
+    message = str(said[0].message)
+    assert "batch_size=16 is one micro-batch" in message and "4 backward passes of 16 examples" in message
+    assert "pass batch_size=64" in message
+    assert said[0].filename == __file__
+
+
+@pytest.mark.parametrize("batch_size, passes, views", [(4 * MICRO, 4, 1), (MICRO, 1, 1), (MICRO, 1, 2)],
+                         ids=["the-step's-batch", "no-accumulation", "two-views-one-backward"])
+def test_steps_of_one_batch_say_nothing(batch_size, passes, views):
+    assert _said(batch_size, passes=passes, views=views) == []
+
+
+def test_the_watch_leaves_with_the_pruner():
+    model = nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=10)
+    assert model._forward_pre_hooks and model._forward_hooks
+    pruner.detach()
+    assert not model._forward_pre_hooks and not model._forward_hooks
