@@ -69,6 +69,7 @@ from .pruner_claims import claim, claimed, holder_of, release
 from .pruner_options import CURVATURES, check_pruner_options
 from .prune_cap import allowed_prunes, groups_to_restore, target_scores
 from .standalone_prior import StandalonePrior
+from .unfinished_update import UnfinishedUpdate, marks
 
 __all__ = ["CURVATURES", "GRANULARITIES", "MacKayPruner", "alpha_shape"]
 
@@ -407,6 +408,7 @@ class MacKayPruner(StandalonePrior):
             self.ef_batch_source = "step" if optimizer is not None else "backward"
             self._steps_since_update: int | None = None
             self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
+            self._unfinished: UnfinishedUpdate | None = None   # an update() stopped part-way
             self._gradient_scale = 1.0   # see the property
             self._alpha_views = AlphaViews(on_new=self._hold_pruned_state_at_zero)   # read per alpha change
             self._lockstep = Lockstep({name: tuple(t.param.shape) for name, t in self.targets.items()})
@@ -1003,12 +1005,9 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
         else:
-            idle, still = self._idle_layers(), self._layers_at_lr_zero()
-            layers = [self._without_data(name, target) if name in idle
-                      else self._update_one(name, target, hold or name in still)
-                      for name, target in self.targets.items()]
+            layers, resumed, still = self._update_layers(hold)
             notes += [f"{name}: {FROZEN_NOW if not self.targets[name].param.requires_grad else AT_LR_ZERO}"
-                      for name in sorted(still)]
+                      for name in sorted(still)] + resumed
         report = self._summarise(layers)
         self._warn_collapse(live_before, report, layers, channel if self.channel is not None else None)
         notes += [f"{layer['name']}: {WITHOUT_DATA}" for layer in layers if layer.get("without_data")]
@@ -1022,6 +1021,7 @@ class MacKayPruner(StandalonePrior):
                            else any("priced_out" in layer for layer in layers))
             self._priced_updates += bool(could_prune)
         self.history.append(report)
+        self._unfinished = None
         if self._steps_since_update is not None:
             self._steps_since_update = 0
         self.foreign_steps = {}
@@ -1181,9 +1181,32 @@ class MacKayPruner(StandalonePrior):
                        "accumulation steps x processes) and num_data the training set's size: h scales with B, "
                        "so a smaller B reads less evidence than there is.")
 
-    def _update_one(self, name: str, target: ARDTarget, hold: bool) -> dict[str, Any]:
+    def _update_layers(self, hold: bool) -> tuple[list[dict[str, Any]], list[str], set[str]]:
+        """Every layer's update (report entries), going on from an update that stopped part-way
+        when nothing changed since (unfinished_update.py); the note saying so, if it did; the
+        layers held for an lr of 0 or a freeze."""
+        alphas = {name: self.alpha(name) for name in self.targets}
+        params = {name: target.param for name, target in self.targets.items()}
+        record, notes = self._unfinished, []
+        if record is not None and record.marks == marks(params, alphas):
+            notes.append("finished the update that stopped part-way before (nothing changed since); the layers "
+                         f"it had done kept the result it gave them: {', '.join(record.done) or 'none'}")
+            warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=user_stacklevel())
+        else:   # alpha = 0 everywhere: the prior was off until now
+            record = self._unfinished = UnfinishedUpdate({name for name, a in alphas.items() if not bool(a.any())})
+        idle, still = self._idle_layers(), self._layers_at_lr_zero()
+        try:
+            for name, target in self.targets.items():
+                if name not in record.done:
+                    record.done[name] = (self._without_data(name, target) if name in idle else
+                                         self._update_one(name, target, hold or name in still, name in record.warmup))
+        except BaseException:
+            record.marks = marks(params, {name: self.alpha(name) for name in self.targets})
+            raise
+        return [record.done[name] for name in self.targets], notes, still
+
+    def _update_one(self, name: str, target: ARDTarget, hold: bool, warmup: bool) -> dict[str, Any]:
         weight, alpha = target.param, self.alpha(name)
-        warmup = not bool(alpha.any())  # alpha = 0 everywhere: the prior was off until now
         can_prune = not (warmup or hold)
         limit = can_prune and self.max_prune_fraction is not None
         before = ((weight.detach().clone(), alpha.clone())
