@@ -472,6 +472,23 @@ class MacKayPruner(StandalonePrior):
         if self.fused:
             self.optimizer.gradient_scale = self._gradient_scale
 
+    @property
+    def num_data(self) -> float:
+        """N, the number of training examples. Set on a built pruner (a notebook user correcting
+        it mid-run), it sets MacKayAdam's too, in the param groups that hold this pruner's
+        weights: the prior's step and the update then use the same N."""
+        return self._num_data
+
+    @num_data.setter
+    def num_data(self, value) -> None:
+        value = check_count(value, "num_data", "MacKayPruner")
+        if getattr(self, "fused", False):   # (built: the groups were checked against N there)
+            held = {id(target.param) for target in self.targets.values()}
+            for group in self.optimizer.param_groups:
+                if any(id(p) in held for p in group["params"]):
+                    group["num_data"] = value
+        self._num_data = value
+
     # ------------------------------------------------------------------ set-up
     def current_mac_price(self) -> float:
         """The price the next pruning update charges: mac_price once mac_price_ramp pruning

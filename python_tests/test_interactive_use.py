@@ -1,7 +1,9 @@
-"""An update() stopped part-way (Ctrl-C in a notebook) and run again: a new user's re-run of an
-interrupted warm-up took the layers it had reached as past their warm-up and pruned 66% of the
-network with no word. The next update goes on from where it stopped when nothing changed since
-(mackay_ext.unfinished_update), and ends where the uninterrupted update ends."""
+"""A notebook user's pass (cells re-run, Ctrl-C, settings changed mid-run).
+
+An update() stopped part-way (Ctrl-C) and run again: the re-run of an interrupted warm-up took the
+layers it had reached as past their warm-up and pruned 66% of the network with no word. The next
+update goes on from where it stopped when nothing changed since (mackay_ext.unfinished_update),
+and ends where the uninterrupted update ends."""
 import warnings
 
 import pytest
@@ -85,3 +87,19 @@ def test_after_a_step_the_next_update_is_a_new_one(monkeypatch):
     """Steps after the stop moved the weights: the record no longer describes the model."""
     _, pruner, notes = _run(monkeypatch, fused=False, stop_in=1, train_between=True)
     assert notes == [] and len(pruner.history) == 3
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-adam", "MacKayAdam"])
+def test_num_data_set_mid_run_is_the_prior_and_the_update_s(fused):
+    """A notebook user's `pruner.num_data = N` mid-run: with MacKayAdam the next update refused,
+    naming optimizer.load_state_dict, which they never called. It sets the optimizer's N too."""
+    model, optimizer, pruner = _setup(fused)
+    _train(model, optimizer, steps=2)
+    pruner.num_data = 700
+    _train(model, optimizer, steps=2)
+    pruner.update(prune=False)
+    assert pruner.num_data == 700
+    if fused:
+        assert {g["num_data"] for g in optimizer.param_groups if g.get("ard")} == {700}
+    with pytest.raises(ValueError, match="num_data"):
+        pruner.num_data = 0
