@@ -15,10 +15,14 @@ during iteration" in a step that happened to collect one).
 """
 from __future__ import annotations
 
+import math
+import warnings
 import weakref
 from typing import Any
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ._validate import user_stacklevel
 
 _watched: weakref.WeakSet = weakref.WeakSet()
 # optimizer -> {pruner: (parameters it held when looked at, whether one is the pruner's)}
@@ -46,7 +50,31 @@ def _after_any_step(optimizer, args, kwargs) -> None:
             continue
         pruner.apply_masks()
         name = type(optimizer).__name__
+        first = not pruner.foreign_steps   # of this update window
         pruner.foreign_steps[name] = pruner.foreign_steps.get(name, 0) + 1
+        if first and not getattr(pruner, "_said_prior_not_applied", False) and _prior_on(pruner):
+            pruner._said_prior_not_applied = True
+            _say_prior_not_applied(pruner, name)
+
+
+def _prior_on(pruner) -> bool:
+    """Some kept weight has a prior (a finite alpha above 0): not the fine-tune after
+    switch_off_prior(), whose foreign optimizer is the recipe."""
+    return any(bool(((alpha > 0) & (alpha != math.inf)).any())
+               for alpha in (pruner.alpha(name) for name in pruner.targets))
+
+
+def _say_prior_not_applied(pruner, name: str) -> None:
+    """Said once, at the first such step (a notebook user who rebuilt the optimizer to change its
+    lr trained three epochs without the prior, and was told at the next update)."""
+    own = type(pruner.optimizer).__name__
+    warnings.warn(
+        f"MacKayPruner: a {name} stepped weights whose prior this pruner applies through the optimizer it was "
+        f"built with ({own}): its steps train them without the prior (pruned weights are still held at 0), "
+        f"and the ef-batch curvature is not read there. To change the learning rate, set it in the {own}'s "
+        "param_groups; to go on with another optimizer, detach() this pruner and build one on it, loading "
+        "this one's state_dict(); to fine-tune without the prior, call switch_off_prior() first",
+        RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _holds_weights_of(optimizer, pruner) -> bool:

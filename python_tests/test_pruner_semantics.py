@@ -406,6 +406,38 @@ def test_another_optimizer_stepping_the_weights_leaves_pruned_ones_at_zero():
     assert pruner.foreign_steps == {}
 
 
+def test_a_new_optimizer_stepping_under_the_prior_is_said_at_its_first_step():
+    """A notebook user re-ran the optimizer cell to change the lr (a second MacKayAdam on the
+    same model, the pruner on the first): three epochs trained without the prior, told only at
+    the next update. Said at the first such step, once; not after switch_off_prior() (the
+    fine-tune recipe above)."""
+    model, optimizer, pruner, train = trained_pruner()
+    pruner.update()
+    second = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=pruner.num_data, batch_size=64)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+
+    def step():
+        second.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        second.step()
+    with pytest.warns(RuntimeWarning, match=r"a MacKayAdam stepped weights whose prior this pruner applies "
+                                            r"through the optimizer it was built with") as caught:
+        step()
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step()
+    model, optimizer, pruner, train = trained_pruner()
+    pruner.update()
+    pruner.switch_off_prior()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sgd.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        sgd.step()
+
+
 def test_an_update_before_any_training_step_says_alpha_comes_from_the_weights_alone():
     """update() at the top of the first epoch (before any step) set alpha from the random
     initial weights (gamma = 1 everywhere) without a word, and the next update pruned against
