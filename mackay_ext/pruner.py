@@ -421,7 +421,9 @@ class MacKayPruner(StandalonePrior):
             self.foreign_steps: dict[str, int] = {}   # steps of other optimizers since the last update, by class
             if optimizer is not None:
                 self._steps_since_update = 0
-                self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+                self._micro_batches_closed = False   # see _before_step
+                self._hooks += [optimizer.register_step_pre_hook(self._before_step),
+                                optimizer.register_step_post_hook(self._after_step)]
             if optimizer is not None:   # another optimizer's steps leave the pruned weights at 0 too
                 watch_foreign_steps(self)
             if self.fused:
@@ -585,6 +587,23 @@ class MacKayPruner(StandalonePrior):
                       f"optimizer: {by[0]}(model, optimizer) rebinds it; this pruner's updates end there "
                       "(detach() it)", RuntimeWarning, stacklevel=user_stacklevel())
 
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """The step's examples and backward passes are closed before it runs: a step that raised
+        (a notebook user's Ctrl-C in optimizer.step, the batch then run again) merged its passes
+        with the next step's, read as gradient accumulation (ef-exact: that step's squares
+        multiplied by A^2 = 4; ef-batch: "batch_size is one micro-batch"). A GradScaler step's
+        squares are held until the scaler's verdict, and a step given a closure (Lightning's
+        automatic optimization) runs the last backward inside it: counted after it (_after_step)."""
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")   # (args[0]: the optimizer)
+        if closure is not None:
+            return
+        if self._step_batch is not None:
+            self._step_batch.close_step()
+        if self.curvature_kind == "ef-exact" and self.accumulator is not None \
+                and not self.accumulator.holds_a_scaled_step():
+            self._count_micro_batches()
+            self._micro_batches_closed = True
+
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._replaced_untrained:
             self._say_replaced_untrained()
@@ -594,16 +613,17 @@ class MacKayPruner(StandalonePrior):
             found_inf = getattr(optimizer, "found_inf", None)
             self.accumulator.settle_step(ran=not isinstance(found_inf, torch.Tensor) or float(found_inf) == 0)
         self._steps_since_update += 1
-        if self._step_batch is not None:
-            self._step_batch.after_step()
         self._steps_total += 1
+        if self._step_batch is not None:   # (a step with a closure: its passes; else none since _before_step)
+            self._step_batch.close_step()
         captured = (self.accumulator is not None and not self.accumulator.paused
                     if self.curvature_kind == "ef-exact" else self._mc_step_captured)
         if captured:
             self._grad_not_captured.update(name for name, target in self.targets.items()
                                            if target.param.grad is not None and not self.accumulator.saw(target.param))
-        if self.curvature_kind == "ef-exact" and self.accumulator is not None:
-            self._count_micro_batches()
+        if self.curvature_kind == "ef-exact" and self.accumulator is not None and not self._micro_batches_closed:
+            self._count_micro_batches()   # (a GradScaler step's, settled above)
+        self._micro_batches_closed = False
         self._mc_step_captured = False
         self._sample_next_batch()
         if self.fused:

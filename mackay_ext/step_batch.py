@@ -55,7 +55,7 @@ class StepBatchWatch:
     def _note_pass(self, grad):
         self.passes.add(torch._C._current_graph_task_id())
 
-    def after_step(self) -> None:
+    def close_step(self) -> None:
         if self.forwards:
             self.last_step = sum(self.forwards)
             sizes = set(self.forwards)

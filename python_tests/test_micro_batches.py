@@ -116,3 +116,33 @@ def test_a_resumed_window_counts_its_micro_batches_as_the_uninterrupted_one():
         runs.append({name: pruner.curvature(name).clone() for name in ("0", "2")})
     for name in runs[0]:
         torch.testing.assert_close(runs[1][name], runs[0][name], rtol=1e-12, atol=0)
+
+
+def test_a_step_that_raised_does_not_merge_with_the_next():
+    """A notebook user's Ctrl-C in optimizer.step, the batch then run again: the raised step's
+    backward pass was counted with the redone step's, as two micro-batches (A = 2, the squares of
+    that step multiplied by 4). Each step's passes are closed before it runs: the estimate is that
+    of the batch seen twice (it was, with the same weights)."""
+    x, y = _data()
+    expected = _per_example_reference(x, y)   # the same examples each pass, lr 0: any multiple reads it
+    net = _net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+    pruner = MacKayPruner(net, optimizer, num_data=100, curvature="ef-exact")
+    interrupted = []
+
+    def ctrl_c_once(*_):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+    optimizer.register_step_pre_hook(ctrl_c_once)   # after the pruner's own: the step body never runs
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        try:
+            optimizer.step()
+        except KeyboardInterrupt:
+            continue   # the user runs the cell again: the same batch
+    pruner.update(prune=False)
+    assert interrupted
+    for name in expected:
+        torch.testing.assert_close(pruner.curvature(name), expected[name], rtol=1e-10, atol=1e-14)

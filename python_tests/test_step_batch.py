@@ -61,3 +61,31 @@ def test_the_watch_leaves_with_the_pruner():
     assert model._forward_pre_hooks and model._forward_hooks
     pruner.detach()
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_step_that_raised_and_its_redone_batch_are_not_accumulation():
+    """Ctrl-C in optimizer.step, the batch run again: two backward passes before one completed
+    step, no accumulation; batch_size is right and nothing is said."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = MacKayPruner(model, optimizer, num_data=1024, batch_size=MICRO)
+    interrupted = []
+
+    def ctrl_c_once(*_):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+    optimizer.register_step_pre_hook(ctrl_c_once)
+    x, y = torch.randn(MICRO, 10), torch.randint(0, 3, (MICRO,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            try:
+                optimizer.step()
+            except KeyboardInterrupt:
+                continue
+        pruner.update(prune=False)
+    assert interrupted
