@@ -10,17 +10,21 @@ the backward passes of each optimizer step (those the hooks captured) and multip
 estimate by A^2 at the update: exact when every step of the window has the same A; otherwise by
 the examples' mean of A^2 (a short last step of an epoch: a small error, one step in many).
 
-The rule reads every backward of a step as one micro-batch of the step's mean loss. A loss
-left undivided (the sum of A micro-batch means, with gradient_scale = A, which serves ef-batch
-and the prior) would be read A^2 too large: a step with A > 1 and gradient_scale > 1 (which
-clipping alone, c <= 1, never sets) is warned about. A caller that knows the micro-batch losses
+The rule reads every backward of a step as one micro-batch of the step's mean loss. A loss that
+is c times that mean, with gradient_scale = c > 1 as the README asks (the sum of A micro-batch
+means left undivided, c = A; a sum over the batch, reduction="sum", c = B) holds c times every
+example's gradient: its squares are divided by c^2 (a new user's sum loss with gradient_scale = B
+read a curvature B^2 = 1,024 times too large, and kept 1,401 weights where the mean keeps 970).
+gradient_scale below 1 is clipping's, which scales the gradient after the backward, where the
+hooks do not look, and changes nothing here. A caller that knows the micro-batch losses
 are undivided says so (`divided = False`: the Hugging Face callback, for transformers' heads that
-compute their own mean loss, which the Trainer does not divide): each backward is then read as it
-is, its examples' whole gradients.
+compute their own mean loss, which the Trainer does not divide, and whose gradient_scale also
+holds each step's clipping factor, which the hooks do not see): each backward is then read as it
+is, its examples' whole gradients. (A user's gradient_scale above 1 is read as the loss's factor
+alone.)
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 
@@ -30,9 +34,9 @@ class MicroBatchScale:
     def __init__(self) -> None:
         self.weighted_squares = 0.0   # sum over steps of examples x A^2
         self.examples = 0.0           # sum over steps of examples
+        self.steps = 0                # steps counted (with a captured backward)
         self.seen = 0                 # the accumulator's example count at the last step's end
         self.divided = True   # each micro-batch's loss divided by their number (torch's recipe)
-        self.warned = False
 
     def after_step(self, passes: int, seen: int, gradient_scale: float) -> None:
         """A step that captured `passes` backward passes; `seen`: the accumulator's example count
@@ -40,31 +44,29 @@ class MicroBatchScale:
         examples, self.seen = seen - self.seen, seen
         if passes < 1 or examples < 1:   # (a step curvature_every left out)
             return
-        share = passes if self.divided else 1
+        share = passes / max(gradient_scale, 1.0) if self.divided else 1
         self.weighted_squares += examples * share * share
         self.examples += examples
-        if passes > 1 and self.divided and gradient_scale > 1.0 and not self.warned:
-            self.warned = True
-            warnings.warn(
-                f"MacKayPruner: curvature='ef-exact' saw {passes} backward passes in one optimizer step with "
-                f"gradient_scale={gradient_scale:g}: it reads them as micro-batches whose losses are each "
-                "divided by their number (torch's accumulation recipe), and an undivided loss (the sum of "
-                "the micro-batch means) makes its curvature that number squared times too large. Divide "
-                "each micro-batch's loss by the accumulation steps and leave gradient_scale for clipping",
-                RuntimeWarning, stacklevel=4)
+        self.steps += 1
 
     def factor(self) -> float:
         return self.weighted_squares / self.examples if self.examples > 0 else 1.0
 
+    def examples_per_step(self) -> float | None:
+        """The mean examples (rows of the batches) of a step on this process, or None (none counted)."""
+        return self.examples / self.steps if self.steps else None
+
     def reset(self) -> None:
         self.weighted_squares = self.examples = 0.0
+        self.steps = 0
         self.seen = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weighted_squares": self.weighted_squares, "examples": self.examples}
+        return {"weighted_squares": self.weighted_squares, "examples": self.examples, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any], seen: int) -> None:
         """`seen`: the example count of the accumulator loaded beside it."""
         self.weighted_squares = float(state.get("weighted_squares", 0.0))
         self.examples = float(state.get("examples", 0.0))
+        self.steps = int(state.get("steps", 0))   # (absent before it was saved: no mean per step)
         self.seen = seen

@@ -58,7 +58,7 @@ from .ard_targets import (
     find_targets,
 )
 from .batch_curvature import ema_debiased
-from .ddp_lockstep import Lockstep
+from .ddp_lockstep import Lockstep, world_size
 from .step_batch import StepBatchWatch
 from .dead_units import prune_unused_units
 from .foreign_steps import unwatch, watch_foreign_steps
@@ -766,8 +766,10 @@ class MacKayPruner(StandalonePrior):
                                "(torch.func; under fisher-mc, torch.utils.checkpoint with use_reentrant=True, whose "
                                "recomputed forward it does not see: pass use_reentrant=False). Use "
                                "curvature='ef-batch', or leave them out with layers=[...]")
-        # ef-exact under gradient accumulation: each backward held 1/A of its examples' gradients
-        micro_batches = self._micro_batches.factor() if self.curvature_kind == "ef-exact" else 1.0
+        # ef-exact under gradient accumulation: each backward held 1/A of its examples' gradients;
+        # and N, B counting K values per example
+        micro_batches = (self._micro_batches.factor() * self._values_per_example()
+                         if self.curvature_kind == "ef-exact" else 1.0)
         for name, target in self.targets.items():
             if self.accumulator.saw(target.param):
                 self.curvature(name).copy_(self.accumulator.curvature(target.param))
@@ -779,6 +781,21 @@ class MacKayPruner(StandalonePrior):
         self.accumulator.reset()
         self._micro_batches.reset()
         self._grad_not_captured.clear()
+
+    def _values_per_example(self) -> float:
+        """K where batch_size counts K values the loss averages over per example (a row of the
+        batch), as the README says for a regression's outputs (num_data=N*K, batch_size=B*K) and
+        a token-level loss (label tokens), else 1. ef-exact squares each row's gradient of the
+        mean loss, which holds 1/K of the row's gradient of the objective the evidence weighs
+        (summed over its values): a new user's 6-output regression read a curvature 6 times too
+        small (151 weights kept where ef-batch, right, kept 299). Taken where B is at least 1.5
+        examples' worth, so a short last batch or a batch_size a little off changes nothing."""
+        rows = self._micro_batches.examples_per_step()
+        batch = self._step_batch_size() if self.optimizer is not None else None
+        if not rows or batch is None:
+            return 1.0
+        values = float(batch) / (rows * world_size())   # (B is the step's over every rank)
+        return values if values >= 1.5 else 1.0
 
     # ------------------------------------------------------------------ state
     def _layer(self, name: str | torch.Tensor) -> str:

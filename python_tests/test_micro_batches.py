@@ -33,7 +33,7 @@ def _per_example_reference(x, y):
     return {name.removesuffix(".weight"): value / len(y) for name, value in total.items()}
 
 
-def _pruner_curvature(splits, divide=True, gradient_scale=1.0, steps=1):
+def _pruner_curvature(splits, divide=True, gradient_scale=1.0, steps=1, summed=False):
     """The pruner's ef-exact estimate after `steps` optimizer steps at lr 0, each over the
     micro-batches `splits` (sizes) of the same examples."""
     x, y = _data()
@@ -43,7 +43,7 @@ def _pruner_curvature(splits, divide=True, gradient_scale=1.0, steps=1):
     for _ in range(steps):
         optimizer.zero_grad()
         for part in torch.arange(EXAMPLES).split(splits):
-            loss = nn.functional.cross_entropy(net(x[part]), y[part])
+            loss = nn.functional.cross_entropy(net(x[part]), y[part], reduction="sum" if summed else "mean")
             (loss / len(splits) if divide else loss).backward()
         pruner.gradient_scale = gradient_scale
         optimizer.step()
@@ -83,15 +83,21 @@ def test_steps_of_different_micro_batch_counts_are_weighted_by_their_examples():
         torch.testing.assert_close(pruner.curvature(name), expected[name] * squares_read * 3, rtol=1e-10, atol=1e-14)
 
 
-def test_an_undivided_loss_with_gradient_scale_is_said():
-    with pytest.warns(RuntimeWarning, match=r"ef-exact' saw 2 backward passes .* gradient_scale=2.*Divide each micro-batch"):
-        got, _ = _pruner_curvature([5, 5], divide=False, gradient_scale=2.0)
+@pytest.mark.parametrize("splits", [[5, 5], [10]], ids=["undivided-micro-batches", "one-batch"])
+def test_a_loss_c_times_the_mean_with_gradient_scale_c_reads_the_mean_s(splits):
+    """The README's gradient_scale = c for a loss c times the step's mean (the sum of A micro-batch
+    means left undivided, c = A; a sum over the batch, c = B): each backward's gradients are c
+    times the examples', and the squares were read c^2 too large (a new user's reduction='sum' with
+    gradient_scale = B: 1,024 times). Clipping (c < 1) scales after the backward: nothing here."""
     x, y = _data()
     expected = _per_example_reference(x, y)
-    torch.testing.assert_close(got["0"], expected["0"] * 4, rtol=1e-10, atol=1e-14)   # as the warning says
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        _pruner_curvature([10], divide=False, gradient_scale=0.5)   # clipping alone: no micro-batches, no warning
+    scale = float(len(splits)) if len(splits) > 1 else float(EXAMPLES)
+    got, _ = _pruner_curvature(splits, divide=False, gradient_scale=scale, summed=len(splits) == 1)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-14)
+    clipped, _ = _pruner_curvature([5, 5], gradient_scale=0.5)
+    for name in expected:
+        torch.testing.assert_close(clipped[name], expected[name], rtol=1e-10, atol=1e-14)
 
 
 def test_a_resumed_window_counts_its_micro_batches_as_the_uninterrupted_one():

@@ -1,0 +1,62 @@
+"""N and B counting the values a loss averages over (README 'Regression': MSE over B examples x K
+outputs, num_data=N*K, batch_size=B*K; a token-level loss: label tokens): the same objective as
+the sum over the values and the mean over the examples with N and B. ef-exact squares each row's
+gradient, and read the first convention's curvature K times too small (a new user's 6-output
+regression kept 151 weights where ef-batch kept 299). Both conventions now give the same N h."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mackay_ext import MacKayAdam, MacKayPruner, ard_param_groups
+
+EXAMPLES, BATCH, OUTPUTS = 96, 16, 6
+
+
+def _n_h(values_counted, fused=False, curvature="ef-exact", last_batch=BATCH):
+    """num_data x the curvature of the output layer after one epoch at lr 0, under either
+    convention; `last_batch` shortens the epoch's last batch."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(EXAMPLES, 5, generator=generator, dtype=torch.float64)
+    y = x @ torch.randn(5, OUTPUTS, generator=generator, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, OUTPUTS)).double()
+    scale = OUTPUTS if values_counted else 1
+    num_data, batch_size = EXAMPLES * scale, BATCH * scale
+    if fused:
+        optimizer = MacKayAdam(ard_param_groups(model), lr=0.0, num_data=num_data, batch_size=batch_size)
+        pruner = MacKayPruner(model, optimizer, num_data=num_data, curvature=curvature)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        pruner = MacKayPruner(model, optimizer, num_data=num_data, batch_size=batch_size, curvature=curvature)
+    ends = list(range(BATCH, EXAMPLES, BATCH)) + [EXAMPLES - BATCH + last_batch]
+    start = 0
+    for end in ends:
+        optimizer.zero_grad()
+        out = model(x[start:end])
+        loss = (F.mse_loss(out, y[start:end]) if values_counted
+                else (out - y[start:end]).square().sum(1).mean())
+        loss.backward()
+        optimizer.step()
+        start = end
+    values = pruner._values_per_example() if curvature == "ef-exact" else 1.0   # (ef-batch reads B itself)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.update(prune=False)
+    return num_data * pruner.curvature_estimate("2"), values
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-optimizer", "MacKayAdam"])
+@pytest.mark.parametrize("curvature", ["ef-exact", "ef-batch"])
+def test_both_conventions_read_the_same_curvature(fused, curvature):
+    (values_counted, k), (examples_counted, one) = _n_h(True, fused, curvature), _n_h(False, fused, curvature)
+    torch.testing.assert_close(values_counted, examples_counted, rtol=1e-9, atol=0)
+    assert (k, one) == ((OUTPUTS, 1.0) if curvature == "ef-exact" else (1.0, 1.0))
+
+
+def test_a_short_last_batch_scales_nothing():
+    """B = the batch, a short last batch: the examples per step a little under B, no K."""
+    assert _n_h(False, last_batch=BATCH // 2)[1] == 1.0
+    assert _n_h(True, last_batch=BATCH // 2)[1] == pytest.approx(BATCH * OUTPUTS / ((EXAMPLES - BATCH // 2) / 6))
