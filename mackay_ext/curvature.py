@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import _extension, conv_curvature, kept_pattern, loss_scale
+from .mc_likelihood import SoftmaxLossCheck
 from ._validate import BACKENDS, check_choice, check_dense_tensors, check_one_device
 from .ard_targets import layer_detail, weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
@@ -316,6 +317,7 @@ class FisherAccumulator:
         self._grads: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
         self._scale_override: float | None = None
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
+        self._softmax_check = SoftmaxLossCheck()   # fisher-mc: the training loss's likelihood
         self._active = mode == "ef-exact"
         self._capturing = False   # fisher-mc: inside capture_mc(), the forward is recorded
         # the backward graph tasks in flight, outermost first, each with GradScaler's scale of its
@@ -741,6 +743,7 @@ class FisherAccumulator:
         finally:
             self._active, self._scale_override = False, None
             self.new_batch()
+        self._softmax_check.watch(logits)   # the training backward's gradient through them (after these)
 
     def _require_mc(self, where: str) -> None:
         if self.mode != "fisher-mc":

@@ -199,3 +199,43 @@ def test_trainer_feeds_fisher_mc_from_its_training_forward(monkeypatch):
     epochs = len(trainer.history)
     assert len(calls) == epochs * steps_per_epoch and all(grad for _, grad in calls)
     assert trainer.pruner.kept_weights() < sum(p.numel() for p in trainer.model.parameters() if p.dim() > 1)
+
+
+def _mc_training_warnings(loss_of, dtype=torch.float32, steps=4):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = MacKayPruner(model, optimizer, num_data=256, batch_size=32, curvature="fisher-mc")
+    x, y = torch.randn(32, 6, dtype=dtype), torch.randn(32, 3, dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            optimizer.zero_grad()
+            with pruner.capture_mc():
+                out = model(x)
+            pruner.accumulate_mc_from(out)
+            loss_of(out, y).backward()
+            optimizer.step()
+    return [w for w in caught if "not a function of softmax(logits)" in str(w.message)]
+
+
+def test_a_regression_loss_under_fisher_mc_is_said_once():
+    """A (mean, log-variance) or 3-output regression head passes fisher-mc's shape checks: its
+    curvature read thousands of times too small, 169 of 4,864 weights kept (a new user's pass)."""
+    said = _mc_training_warnings(lambda out, y: nn.functional.mse_loss(out, y))
+    assert len(said) == 1 and "curvature='ef-exact' or 'ef-batch'" in str(said[0].message)
+    assert said[0].filename == __file__
+
+
+@pytest.mark.parametrize("loss", ["cross-entropy", "label-smoothing", "distillation"])
+def test_softmax_losses_say_nothing(loss):
+    def loss_of(out, y):
+        labels = y.argmax(1)
+        if loss == "cross-entropy":
+            return nn.functional.cross_entropy(out, labels)
+        if loss == "label-smoothing":
+            return nn.functional.cross_entropy(out, labels, label_smoothing=0.1)
+        teacher = torch.softmax(y, 1)
+        return nn.functional.kl_div(torch.log_softmax(out, 1), teacher, reduction="batchmean")
+    assert _mc_training_warnings(loss_of) == []
+    assert _mc_training_warnings(loss_of, dtype=torch.bfloat16) == []
