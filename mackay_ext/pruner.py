@@ -1151,8 +1151,9 @@ class MacKayPruner(StandalonePrior):
             warnings.warn(f"MacKayPruner.update: {', '.join(uncovered)} {'takes' if one else 'take'} gradients "
                           f"but {'is' if one else 'are'} in neither the optimizer this pruner was given nor "
                           f"another pruner: no prior, never "
-                          f"pruned{why}. A pruner covers one optimizer's weights: build one for each "
-                          "optimizer; for weights trained on purpose without a prior, build the pruner on "
+                          f"pruned{why}. A pruner covers one optimizer's weights: "
+                          + ("" if len(sparse) == len(uncovered) else "build one for each other optimizer; ")
+                          + "for weights trained on purpose without a prior, build the pruner on "
                           "the submodule its optimizer trains, or pass layers= naming the layers it covers",
                           RuntimeWarning, stacklevel=user_stacklevel())
 

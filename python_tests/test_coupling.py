@@ -2,6 +2,7 @@
 cross-check against Torch-Pruning's DependencyGraph on CNNs, the ChannelGroup API and bad input.
 End-to-end exactness (zero groups, shrink, equal outputs) is in test_shrink.py."""
 import random
+import warnings
 
 import pytest
 import torch
@@ -267,6 +268,22 @@ def test_unknown_op_names_the_module():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), Roller(), nn.Conv2d(4, 2, 1))
     with pytest.raises(CouplingError, match=r"roll.*module '1' \(Roller\)"):
         channel_groups(model, torch.randn(1, 3, 2, 2))
+
+
+def test_a_recurrent_layer_is_named_without_torch_exports_advice():
+    """nn.GRU re-lists its weights as it runs; torch.export's warning about that (advice for its
+    own users) came before the CouplingError and named nothing the user did (a new user's pass)."""
+    class Forecaster(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(CouplingError, match=r"gru.*module 'rnn' \(GRU\)"):
+            channel_groups(Forecaster(), torch.randn(2, 4, 3))
 
 
 def test_keyword_inputs_odd_sizes_and_single_channel_layers():

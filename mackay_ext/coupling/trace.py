@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 from torch import nn
@@ -38,7 +39,11 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
         except Exception as err:
             raise InputsDoNotRun(f"example_inputs do not run the model: {type(err).__name__}: {err}") from err
         try:
-            program = torch.export.export(model, args, kwargs)
+            with warnings.catch_warnings():
+                # nn.RNN's forward re-lists its weights (_flat_weights) as it runs: torch.export's
+                # advice on that is for its own users, and the trace is read-only here
+                warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
+                program = torch.export.export(model, args, kwargs)
         except Exception as err:
             # a Hugging Face model returns its key/value cache by default, which torch.export
             # cannot flatten; the forward's own cache switch is the way out
