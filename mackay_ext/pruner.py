@@ -1025,8 +1025,9 @@ class MacKayPruner(StandalonePrior):
         self._check_attached("update")
         if self.optimizer is not None:   # every DDP rank at the same step (ddp_lockstep)
             self._lockstep.check(self._steps_total, before_collective=self.accumulator is not None)
-        if self._step_batch is not None:
-            self._step_batch.check(self._step_batch_size())
+        if self._step_batch is not None and self._step_batch.check(self._step_batch_size()):
+            self._step_batch.remove()   # (its verdict is in)
+            self._step_batch = None
         self._check_targets_in_model("update")
         problem = self._num_data_disagreement() if self.fused else None
         if problem:

@@ -9,7 +9,8 @@ B's have been met with no word, each pruning far more than the data warrant:
     a network was pruned.
 A forward pre-hook on the model counts the examples of each training forward (with gradients:
 the first dimension of its first argument), and a hook on its output notes each backward pass
-that reaches it (the autograd graph task), per optimizer step. The update warns once when
+that reaches it (the autograd graph task), per optimizer step, until the first update after a
+step (then removed: the hooks cost every step, and a run's batch_size does not change). It warns when
 batch_size equals one rank's step (under DDP) or one micro-batch of a step that took several
 backward passes of equal micro-batches. A step of several forwards and one backward (two views
 of each example, a siamese pair) is one batch, and is not warned about.
@@ -35,7 +36,6 @@ class StepBatchWatch:
         self.passes: set[int] = set()   # the backward passes (graph tasks) that reached an output
         self.last_step: int | None = None           # examples of the last step on this rank
         self.micro_batches: tuple[int, int] | None = None   # (A, b) of the last step that accumulated
-        self.warned = False
         self.handles = [model.register_forward_pre_hook(CopyInert(self._count)),
                         model.register_forward_hook(CopyInert(self._watch_backward))]
 
@@ -64,14 +64,17 @@ class StepBatchWatch:
         self.forwards.clear()
         self.passes.clear()
 
-    def check(self, batch_size: float | None) -> None:
-        """Warn once (at an update) when batch_size is one rank's or one micro-batch's."""
-        if self.warned or batch_size is None:
-            return
+    def check(self, batch_size: float | None) -> bool:
+        """Warn (at an update) when batch_size is one rank's or one micro-batch's. True once a
+        step has been seen: the verdict is in, and the watch can go (its hooks cost every step
+        ~4% of a small MLP's, and a run's batch_size does not change)."""
+        if self.last_step is None:
+            return False
+        if batch_size is None:
+            return True
         world = world_size()
         if self.micro_batches is not None and float(batch_size) == float(self.micro_batches[1]):
             passes, micro = self.micro_batches
-            self.warned = True
             ranks = f" x {world} ranks" if world > 1 else ""
             warnings.warn(
                 f"MacKayPruner: batch_size={batch_size:g} is one micro-batch, but an optimizer step took {passes} "
@@ -79,8 +82,7 @@ class StepBatchWatch:
                 f"the mean over all of them: pass batch_size={passes * micro * world:g} (micro-batch x "
                 f"accumulation steps{ranks}), or the curvature reads {passes * world} times less evidence than "
                 "there is and the updates prune more", RuntimeWarning, stacklevel=user_stacklevel())
-        elif world > 1 and self.last_step is not None and float(batch_size) == float(self.last_step):
-            self.warned = True
+        elif world > 1 and float(batch_size) == float(self.last_step):
             warnings.warn(
                 f"MacKayPruner: batch_size={batch_size:g} is this rank's batch (its last optimizer step read "
                 f"{self.last_step} examples here), but under DistributedDataParallel the step's gradient is "
@@ -88,6 +90,7 @@ class StepBatchWatch:
                 "(per-rank batch x accumulation steps x ranks), or the curvature reads "
                 f"{world} times less evidence than there is and the updates prune more", RuntimeWarning,
                 stacklevel=user_stacklevel())
+        return True
 
     def remove(self) -> None:
         for handle in self.handles:
