@@ -1034,7 +1034,9 @@ class MacKayPruner(StandalonePrior):
             raise ValueError(f"MacKayPruner.update: {problem}")
         self._warn_unimported_masks()
         self._warn_uncovered_weights()
-        self._refresh_curvature()
+        resumed = self._resumable()
+        if not resumed:   # (a stopped update moved the estimate in already, and reset the accumulator)
+            self._refresh_curvature()
         bad = self.nonfinite()
         if bad:
             message = (f"MacKayPruner.update: non-finite values in {', '.join(bad)}: training has "
@@ -1060,9 +1062,9 @@ class MacKayPruner(StandalonePrior):
         if self.channel is not None:
             layers, channel = self.channel.update(hold=hold)
         else:
-            layers, resumed, still = self._update_layers(hold)
+            layers, finished, still = self._update_layers(hold, resumed)
             notes += [f"{name}: {FROZEN_NOW if not self.targets[name].param.requires_grad else AT_LR_ZERO}"
-                      for name in sorted(still)] + resumed
+                      for name in sorted(still)] + finished
         report = self._summarise(layers)
         self._warn_collapse(live_before, report, layers, channel if self.channel is not None else None)
         notes += [f"{layer['name']}: {WITHOUT_DATA}" for layer in layers if layer.get("without_data")]
@@ -1237,19 +1239,31 @@ class MacKayPruner(StandalonePrior):
                        "accumulation steps x processes) and num_data the training set's size: h scales with B, "
                        "so a smaller B reads less evidence than there is.")
 
-    def _update_layers(self, hold: bool) -> tuple[list[dict[str, Any]], list[str], set[str]]:
+    def _resumable(self) -> bool:
+        """Whether an update stopped part-way and nothing changed the weights or alphas since
+        (unfinished_update.py): this update goes on from where it stopped."""
+        record = self._unfinished
+        return record is not None and record.marks is not None and record.marks == self._marks()
+
+    def _marks(self) -> dict[str, tuple[int, int, int]]:
+        return marks({name: target.param for name, target in self.targets.items()},
+                     {name: self.alpha(name) for name in self.targets})
+
+    def _update_layers(self, hold: bool, resumed: bool) -> tuple[list[dict[str, Any]], list[str], set[str]]:
         """Every layer's update (report entries), going on from an update that stopped part-way
-        when nothing changed since (unfinished_update.py); the note saying so, if it did; the
-        layers held for an lr of 0 or a freeze."""
-        alphas = {name: self.alpha(name) for name in self.targets}
-        params = {name: target.param for name, target in self.targets.items()}
+        when `resumed` (unfinished_update.py); the note saying so, if it did; the layers held for
+        an lr of 0 or a freeze."""
         record, notes = self._unfinished, []
-        if record is not None and record.marks == marks(params, alphas):
+        if resumed:
             notes.append("finished the update that stopped part-way before (nothing changed since); the layers "
                          f"it had done kept the result it gave them: {', '.join(record.done) or 'none'}")
             warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=user_stacklevel())
-        else:   # alpha = 0 everywhere: the prior was off until now
-            record = self._unfinished = UnfinishedUpdate({name for name, a in alphas.items() if not bool(a.any())})
+        else:
+            # alpha = 0 everywhere: the prior was off until now; and a layer whose warm-up ran in
+            # an update that never finished is warming up still (no update has happened)
+            stopped = record.warmup if record is not None else set()
+            record = self._unfinished = UnfinishedUpdate(
+                {name for name in self.targets if not bool(self.alpha(name).any())} | stopped)
         idle, still = self._idle_layers(), self._layers_at_lr_zero()
         try:
             for name, target in self.targets.items():
@@ -1257,16 +1271,29 @@ class MacKayPruner(StandalonePrior):
                     record.done[name] = (self._without_data(name, target) if name in idle else
                                          self._update_one(name, target, hold or name in still, name in record.warmup))
         except BaseException:
-            record.marks = marks(params, {name: self.alpha(name) for name in self.targets})
+            record.marks = self._marks()
             raise
         return [record.done[name] for name in self.targets], notes, still
 
     def _update_one(self, name: str, target: ARDTarget, hold: bool, warmup: bool) -> dict[str, Any]:
+        """One layer's update; stopped part-way (Ctrl-C, an error), it puts the layer's weight and
+        alpha back as they were, so that the update can be run again from its start."""
+        weight, alpha = target.param, self.alpha(name)
+        saved = (weight.detach().clone(), alpha.clone())
+        try:
+            return self._update_layer(name, target, hold, warmup, saved)
+        except BaseException:
+            with torch.no_grad():
+                weight.copy_(saved[0])
+                alpha.copy_(saved[1])
+            raise
+
+    def _update_layer(self, name: str, target: ARDTarget, hold: bool, warmup: bool,
+                      saved: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
         weight, alpha = target.param, self.alpha(name)
         can_prune = not (warmup or hold)
         limit = can_prune and self.max_prune_fraction is not None
-        before = ((weight.detach().clone(), alpha.clone())
-                  if not self.allow_empty_layers or limit else None)
+        before = saved if not self.allow_empty_layers or limit else None
         price = self.current_mac_price()
         priced = price > 0 and can_prune
         old_alpha = alpha.clone() if priced else None

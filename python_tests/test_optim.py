@@ -892,3 +892,18 @@ def test_the_op_takes_a_float32_curvature_beside_half_precision_weights(device, 
                   curvatures, alphas)
     with pytest.raises((RuntimeError, TypeError), match=r"curvatures\[0\]"):
         mackay_ext.ops.mackay_adam_step_(*wide_lists, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["ext", "torch"])
+def test_a_graph_that_saved_a_weight_refuses_a_backward_after_the_step(backend):
+    """The fused step writes the weights below autograd: it advances their versions as torch's
+    optimizers' steps do, so a backward through a graph that saved a weight before the step is
+    refused (it went through, computed from the stepped weight, with no word)."""
+    model = torch.nn.Linear(4, 3)
+    optimizer = MacKayAdam(ard_param_groups(model), lr=0.1, num_data=100, batch_size=10, backend=backend)
+    x = torch.randn(5, 4, requires_grad=True)
+    stale = model(x).square().sum()   # saves the weight (the input's gradient needs it)
+    model(x.detach()).sum().backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
