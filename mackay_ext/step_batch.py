@@ -18,6 +18,7 @@ of each example, a siamese pair) is one batch, and is not warned about.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import torch
 from torch import nn
@@ -33,15 +34,21 @@ class StepBatchWatch:
 
     def __init__(self, model: nn.Module):
         self.forwards: list[int] = []   # examples of each training forward of the step under way
+        self.inputs: set[tuple] = set()  # (storage, shape) of their inputs: a batch run twice is one
         self.passes: set[int] = set()   # the backward passes (graph tasks) that reached an output
-        self.last_step: int | None = None           # examples of the last step on this rank
-        self.micro_batches: tuple[int, int] | None = None   # (A, b) of the last step that accumulated
+        self.last_step: int | None = None   # examples of the last step on this rank
+        self.steps = 0                      # steps seen
+        self.accumulated: Counter = Counter()   # (A, b) -> steps of A backward passes of b examples each
         self.handles = [model.register_forward_pre_hook(CopyInert(self._count)),
                         model.register_forward_hook(CopyInert(self._watch_backward))]
 
     def _count(self, module, args) -> None:
-        if module.training and torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) \
-                and args[0].dim() > 0:
+        if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
+                or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+            return
+        seen = (args[0].data_ptr(), tuple(args[0].shape))
+        if seen not in self.inputs:   # (SAM's second forward of the same batch is no new example)
+            self.inputs.add(seen)
             self.forwards.append(args[0].shape[0])
 
     def _watch_backward(self, module, args, output) -> None:
@@ -57,41 +64,42 @@ class StepBatchWatch:
 
     def close_step(self) -> None:
         if self.forwards:
+            self.steps += 1
             self.last_step = sum(self.forwards)
-            sizes = set(self.forwards)
-            if len(self.passes) > 1 and len(self.passes) == len(self.forwards) and len(sizes) == 1:
-                self.micro_batches = (len(self.passes), self.forwards[0])
+            if len(self.passes) > 1 and len(self.passes) == len(self.forwards) and len(set(self.forwards)) == 1:
+                self.accumulated[(len(self.passes), self.forwards[0])] += 1
         self.forwards.clear()
+        self.inputs.clear()
         self.passes.clear()
 
     def check(self, batch_size: float | None) -> bool:
         """Warn (at an update) when batch_size is one rank's or one micro-batch's. True once a
         step has been seen: the verdict is in, and the watch can go (its hooks cost every step
-        ~4% of a small MLP's, and a run's batch_size does not change)."""
+        ~4% of a small MLP's, and a run's batch_size does not change). Accumulation is read off
+        most of the steps, not one (a step GradScaler skipped merges its pass with the next's)."""
         if self.last_step is None:
             return False
         if batch_size is None:
             return True
         world = world_size()
-        if self.micro_batches is not None and float(batch_size) == float(self.micro_batches[1]):
-            passes, micro = self.micro_batches
+        (passes, micro), count = self.accumulated.most_common(1)[0] if self.accumulated else ((1, 0), 0)
+        if 2 * count > self.steps and float(batch_size) == float(micro):
             ranks = f" x {world} ranks" if world > 1 else ""
-            warnings.warn(
-                f"MacKayPruner: batch_size={batch_size:g} is one micro-batch, but an optimizer step took {passes} "
-                f"backward passes of {micro} examples each (gradient accumulation), and the step's gradient is "
-                f"the mean over all of them: pass batch_size={passes * micro * world:g} (micro-batch x "
-                f"accumulation steps{ranks}), or the curvature reads {passes * world} times less evidence than "
-                "there is and the updates prune more", RuntimeWarning, stacklevel=user_stacklevel())
+            _warn(batch_size, f"one micro-batch, but an optimizer step took {passes} backward passes of {micro} "
+                  "examples each (gradient accumulation), and the step's gradient is the mean over all of them",
+                  passes * micro * world, f"micro-batch x accumulation steps{ranks}", passes * world)
         elif world > 1 and float(batch_size) == float(self.last_step):
-            warnings.warn(
-                f"MacKayPruner: batch_size={batch_size:g} is this rank's batch (its last optimizer step read "
-                f"{self.last_step} examples here), but under DistributedDataParallel the step's gradient is "
-                f"the mean over all {world} ranks' examples: pass batch_size={self.last_step * world:g} "
-                "(per-rank batch x accumulation steps x ranks), or the curvature reads "
-                f"{world} times less evidence than there is and the updates prune more", RuntimeWarning,
-                stacklevel=user_stacklevel())
+            _warn(batch_size, f"this rank's batch (its last optimizer step read {self.last_step} examples here), "
+                  f"but under DistributedDataParallel the step's gradient is the mean over all {world} ranks' "
+                  "examples", self.last_step * world, "per-rank batch x accumulation steps x ranks", world)
         return True
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _warn(given: float, what: str, needed: float, made_of: str, times: int) -> None:
+    warnings.warn(f"MacKayPruner: batch_size={given:g} is {what}: pass batch_size={needed:g} ({made_of}), or "
+                  f"the curvature reads {times} times less evidence than there is and the updates prune more",
+                  RuntimeWarning, stacklevel=user_stacklevel())

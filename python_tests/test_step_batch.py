@@ -106,3 +106,41 @@ def test_the_watch_goes_once_its_verdict_is_in():
         optimizer.step()
         pruner.update(prune=False)
     assert len(model._forward_pre_hooks) + len(model._forward_hooks) == hooks - 2
+
+
+def _steps_of_one_batch_said(step_of, steps=5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner = MacKayPruner(model, optimizer, num_data=1024, batch_size=MICRO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            x, y = torch.randn(MICRO, 10), torch.randint(0, 3, (MICRO,))
+            step_of(step, model, optimizer, x, y)
+        pruner.update(prune=False)
+    return [w for w in caught if "micro-batch" in str(w.message)]
+
+
+def test_sam_s_two_passes_over_one_batch_are_one_batch():
+    """Sharpness-aware minimisation: the same batch forward and backward twice, one step."""
+    def step(_, model, optimizer, x, y):
+        for _ in range(2):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    assert _steps_of_one_batch_said(step) == []
+
+
+def test_a_step_gradscaler_skipped_is_no_accumulation():
+    """An overflow step (fp16 AMP's first steps): the scaler never calls optimizer.step, and that
+    step's pass merged with the next one's read as two micro-batches ('pass batch_size=32')."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+
+    def step(index, model, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y) * (1e35 if index == 0 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    assert _steps_of_one_batch_said(step) == []
