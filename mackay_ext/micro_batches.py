@@ -21,10 +21,12 @@ are undivided says so (`divided = False`: the Hugging Face callback, for transfo
 compute their own mean loss, which the Trainer does not divide, and whose gradient_scale also
 holds each step's clipping factor, which the hooks do not see): each backward is then read as it
 is, its examples' whole gradients. (A user's gradient_scale above 1 is read as the loss's factor
-alone.)
+alone; one that looks like that factor times clipping's, which the hooks cannot tell apart, is
+warned about.)
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 
@@ -34,9 +36,10 @@ class MicroBatchScale:
     def __init__(self) -> None:
         self.weighted_squares = 0.0   # sum over steps of examples x A^2
         self.examples = 0.0           # sum over steps of examples
-        self.steps = 0                # steps counted (with a captured backward)
+        self.largest = 0              # examples of the largest step counted
         self.seen = 0                 # the accumulator's example count at the last step's end
         self.divided = True   # each micro-batch's loss divided by their number (torch's recipe)
+        self.warned = False
 
     def after_step(self, passes: int, seen: int, gradient_scale: float) -> None:
         """A step that captured `passes` backward passes; `seen`: the accumulator's example count
@@ -45,28 +48,39 @@ class MicroBatchScale:
         if passes < 1 or examples < 1:   # (a step curvature_every left out)
             return
         share = passes / max(gradient_scale, 1.0) if self.divided else 1
+        if self.divided and gradient_scale > 1.0 and not self.warned and (
+                gradient_scale != round(gradient_scale) or (passes > 1 and gradient_scale != passes)):
+            self.warned = True
+            warnings.warn(
+                f"MacKayPruner: curvature='ef-exact' reads gradient_scale above 1 as the loss's factor over the "
+                f"step's mean (A undivided micro-batch means, or B under a sum), whose squares it divides out; "
+                f"gradient_scale={gradient_scale:g} over {passes} backward pass(es) looks like that factor times "
+                "clipping's, which scales the gradient after the backward and which the exact curvature cannot "
+                "tell apart from it. Divide each micro-batch's loss by the accumulation steps (torch's recipe) "
+                "and use a mean loss, and leave gradient_scale for clipping", RuntimeWarning, stacklevel=4)
         self.weighted_squares += examples * share * share
         self.examples += examples
-        self.steps += 1
+        self.largest = max(self.largest, examples)
 
     def factor(self) -> float:
         return self.weighted_squares / self.examples if self.examples > 0 else 1.0
 
-    def examples_per_step(self) -> float | None:
-        """The mean examples (rows of the batches) of a step on this process, or None (none counted)."""
-        return self.examples / self.steps if self.steps else None
+    def largest_step(self) -> int:
+        """The examples (rows of the batches) of the largest step on this process since the
+        reset, 0 if none: a full step's (an epoch's short last batch is no step's size)."""
+        return self.largest
 
     def reset(self) -> None:
         self.weighted_squares = self.examples = 0.0
-        self.steps = 0
+        self.largest = 0
         self.seen = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weighted_squares": self.weighted_squares, "examples": self.examples, "steps": self.steps}
+        return {"weighted_squares": self.weighted_squares, "examples": self.examples, "largest": self.largest}
 
     def load_state_dict(self, state: dict[str, Any], seen: int) -> None:
         """`seen`: the example count of the accumulator loaded beside it."""
         self.weighted_squares = float(state.get("weighted_squares", 0.0))
         self.examples = float(state.get("examples", 0.0))
-        self.steps = int(state.get("steps", 0))   # (absent before it was saved: no mean per step)
+        self.largest = int(state.get("largest", 0))   # (absent before it was saved: from the steps to come)
         self.seen = seen

@@ -789,12 +789,17 @@ class MacKayPruner(StandalonePrior):
         mean loss, which holds 1/K of the row's gradient of the objective the evidence weighs
         (summed over its values): a new user's 6-output regression read a curvature 6 times too
         small (151 weights kept where ef-batch, right, kept 299). Taken where B is at least 1.5
-        examples' worth, so a short last batch or a batch_size a little off changes nothing."""
-        rows = self._micro_batches.examples_per_step()
+        examples' worth, so a batch_size a little off changes nothing; the examples of a step are
+        those of the largest step (an epoch's short last batch read K = 1.8 off the mean)."""
+        rows = float(self._micro_batches.largest_step())
         batch = self._step_batch_size() if self.optimizer is not None else None
+        if world_size() > 1:   # a step's rows over every rank: the same K on each (B is the whole step's)
+            total = torch.tensor([rows], dtype=torch.float64, device=next(iter(self.targets.values())).param.device)
+            torch.distributed.all_reduce(total)
+            rows = float(total)
         if not rows or batch is None:
             return 1.0
-        values = float(batch) / (rows * world_size())   # (B is the step's over every rank)
+        values = float(batch) / rows
         return values if values >= 1.5 else 1.0
 
     # ------------------------------------------------------------------ state

@@ -152,3 +152,15 @@ def test_a_step_that_raised_does_not_merge_with_the_next():
     assert interrupted
     for name in expected:
         torch.testing.assert_close(pruner.curvature(name), expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_a_loss_factor_times_clipping_in_gradient_scale_is_said():
+    """gradient_scale = A x c (an undivided accumulation and clipping): the hooks see A, not c,
+    and cannot tell them apart: said, with torch's recipe as the way out."""
+    with pytest.warns(RuntimeWarning, match=r"gradient_scale=1.5 over 2 backward pass\(es\) looks like that factor "
+                                            r"times clipping's"):
+        _pruner_curvature([5, 5], divide=False, gradient_scale=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _pruner_curvature([5, 5], divide=False, gradient_scale=2.0)   # the factor alone
+        _pruner_curvature([10], summed=True, gradient_scale=10.0)
