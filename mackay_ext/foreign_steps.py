@@ -49,6 +49,8 @@ def _after_any_step(optimizer, args, kwargs) -> None:
         if pruner.detached or optimizer is pruner.optimizer or not _holds_weights_of(optimizer, pruner):
             continue
         pruner.apply_masks()
+        if getattr(pruner, "_stepping", False):   # inside its own optimizer's step (a Lookahead's inner one)
+            continue
         name = type(optimizer).__name__
         first = not pruner.foreign_steps   # of this update window
         pruner.foreign_steps[name] = pruner.foreign_steps.get(name, 0) + 1
@@ -68,10 +70,11 @@ def _say_prior_not_applied(pruner, name: str) -> None:
     """Said once, at the first such step (a notebook user who rebuilt the optimizer to change its
     lr trained three epochs without the prior, and was told at the next update)."""
     own = type(pruner.optimizer).__name__
+    curvature = ", and the ef-batch curvature is not read there" if pruner.curvature_kind == "ef-batch" else ""
     warnings.warn(
-        f"MacKayPruner: a {name} stepped weights whose prior this pruner applies through the optimizer it was "
-        f"built with ({own}): its steps train them without the prior (pruned weights are still held at 0), "
-        f"and the ef-batch curvature is not read there. To change the learning rate, set it in the {own}'s "
+        f"MacKayPruner: {name}.step() moved weights whose prior this pruner applies through the optimizer it was "
+        f"built with ({own}): such steps train them without the prior (pruned weights are still held at "
+        f"0){curvature}. To change the learning rate, set it in the {own}'s "
         "param_groups; to go on with another optimizer, detach() this pruner and build one on it, loading "
         "this one's state_dict(); to fine-tune without the prior, call switch_off_prior() first",
         RuntimeWarning, stacklevel=user_stacklevel())

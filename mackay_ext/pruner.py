@@ -594,6 +594,7 @@ class MacKayPruner(StandalonePrior):
         multiplied by A^2 = 4; ef-batch: "batch_size is one micro-batch"). A GradScaler step's
         squares are held until the scaler's verdict, and a step given a closure (Lightning's
         automatic optimization) runs the last backward inside it: counted after it (_after_step)."""
+        self._stepping = True   # (another optimizer's step inside this one is part of it: foreign_steps)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")   # (args[0]: the optimizer)
         if closure is not None:
             return
@@ -636,6 +637,7 @@ class MacKayPruner(StandalonePrior):
         self._zero_pruned(zeroed)
 
     def _end_of_step(self, optimizer, args, kwargs) -> None:
+        self._stepping = False
         if self._gradient_scale != 1.0:   # (its curvature read and prior step have run)
             self.gradient_scale = 1.0
 

@@ -420,7 +420,7 @@ def test_a_new_optimizer_stepping_under_the_prior_is_said_at_its_first_step():
         second.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         second.step()
-    with pytest.warns(RuntimeWarning, match=r"a MacKayAdam stepped weights whose prior this pruner applies "
+    with pytest.warns(RuntimeWarning, match=r"MacKayAdam.step\(\) moved weights whose prior this pruner applies "
                                             r"through the optimizer it was built with") as caught:
         step()
     assert caught[0].filename == __file__
@@ -797,3 +797,31 @@ def test_a_batch_size_beyond_the_training_set_is_said():
                                          r"examples\): every batch is the whole set"):
         trainer = Trainer(mackay_ext.models.create("digits-mlp"), data, FitConfig(batch_size=100_000, backend="torch"))
     assert trainer.optimizer.param_groups[0]["batch_size"] == len(data.x_train)
+
+
+def test_an_optimizer_wrapper_s_inner_step_is_its_own():
+    """Lookahead (timm's shape) steps its inner AdamW inside its own step: that inner step is the
+    pruner's optimizer's, not another optimizer training without the prior."""
+    class Lookahead(torch.optim.Optimizer):
+        def __init__(self, base):
+            self.base = base
+            super().__init__(base.param_groups, dict(base.defaults))
+            self.param_groups = base.param_groups
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            return self.base.step(closure)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 4))
+    optimizer = Lookahead(torch.optim.AdamW(model.parameters(), lr=3e-3))
+    pruner = MacKayPruner(model, optimizer, num_data=256, batch_size=64)
+    x, y = torch.randn(64, 20), torch.randint(0, 4, (64,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for update in range(2):
+            for _ in range(5):
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            pruner.update(prune=update > 0)
+    assert pruner.foreign_steps == {}
