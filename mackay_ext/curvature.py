@@ -797,8 +797,9 @@ class FisherAccumulator:
         return True
 
     def _sum_over_ranks(self, collective) -> list[tuple[torch.Tensor, float]]:
-        """Run `collective` (a sum over the ranks, in place) on every parameter's running sum and
-        on the example counts; returns (parameter, summed count) pairs. Every rank must hand the
+        """Run `collective` (a sum over the ranks into the tensor it is given: on every rank for
+        all_reduce, on the first for reduce) on every parameter's running sum and on the example
+        counts; returns (parameter, count after the collective) pairs. Every rank must hand the
         collective the same tensors in the same order, so the order is the layers' own."""
         params = [p for m in self.layers.values() for p in m.parameters(recurse=False)]
         for param in params:

@@ -484,6 +484,10 @@ class MacKayPruner(StandalonePrior):
     @num_data.setter
     def num_data(self, value) -> None:
         value = check_count(value, "num_data", "MacKayPruner")
+        batch = getattr(self, "batch_size", None) if not getattr(self, "fused", False) else None
+        if batch is not None and batch > value:
+            raise ValueError(f"MacKayPruner: num_data ({value:g}) is below batch_size ({batch:g}): num_data is "
+                             "the training set's size")
         if getattr(self, "fused", False):   # (built: the groups were checked against N there)
             held = {id(target.param) for target in self.targets.values()}
             for group in self.optimizer.param_groups:

@@ -11,6 +11,7 @@ weight while that layer is not running its own forward; such layers are warned a
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -57,12 +58,15 @@ class WeightSites:
         self.said: set[str] = set()
         self._running: Counter = Counter()
         self._mode: _OutsideReads | None = None
+        self._thread: int | None = None
         self._layer_handles: list = []
         self.handles = [model.register_forward_pre_hook(CopyInert(self._start), prepend=True),
                         model.register_forward_hook(CopyInert(self._stop), always_call=True)]
 
     def _start(self, module, args) -> None:
         if self._mode is not None:
+            if self._thread != threading.get_ident():   # nn.DataParallel's replicas: another thread's watch
+                return
             # a watched forward that never reached _stop: torch runs always_call hooks for an
             # Exception only, so a KeyboardInterrupt left the mode on. What it noted since (the
             # user's own code between the two forwards) is not this model's forward: dropped, and
@@ -85,6 +89,7 @@ class WeightSites:
                 self._running[name] += 1
         self._mode = _OutsideReads(weights, self._running)
         self._mode.__enter__()
+        self._thread = threading.get_ident()   # (the mode stack is the thread's own)
 
     # (a layer's hooks may still run once after _stop removed them: torch took the list of a
     # call's hooks before; the model's own call, whose forward hooks end with _stop's)

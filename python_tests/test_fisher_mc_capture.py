@@ -239,3 +239,17 @@ def test_softmax_losses_say_nothing(loss):
         return nn.functional.kl_div(torch.log_softmax(out, 1), teacher, reduction="batchmean")
     assert _mc_training_warnings(loss_of) == []
     assert _mc_training_warnings(loss_of, dtype=torch.bfloat16) == []
+
+
+def test_the_softmax_check_reads_a_sample_of_rows_in_float32_sums():
+    """A language model's logits' gradient can be gigabytes: the check reads at most ROWS rows
+    (views, float32 sums, no copy of the whole), a bfloat16 one too."""
+    from mackay_ext import mc_likelihood
+    softmax_like = torch.full((3 * mc_likelihood.ROWS, 5), -0.25)
+    softmax_like[:, 0] = 1.0                                  # rows summing to 0
+    softmax_like[mc_likelihood.ROWS:, 1] = 5.0                # past the sample: not read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mc_likelihood.SoftmaxLossCheck()._look(softmax_like.to(torch.bfloat16))
+    with pytest.warns(RuntimeWarning, match="not a function of softmax"):
+        mc_likelihood.SoftmaxLossCheck()._look(torch.ones(3 * mc_likelihood.ROWS, 5, dtype=torch.bfloat16))

@@ -120,3 +120,7 @@ def test_num_data_set_mid_run_is_the_prior_and_the_update_s(setup):
         assert {g["num_data"] for g in optimizer.param_groups if g.get("ard")} == {700}
     with pytest.raises(ValueError, match="num_data"):
         pruner.num_data = 0
+    if setup == "torch-adam":
+        with pytest.raises(ValueError, match=r"num_data \(16\) is below batch_size \(32\)"):
+            pruner.num_data = 16
+    assert pruner.num_data == 700
