@@ -599,6 +599,7 @@ class MacKayPruner(StandalonePrior):
         squares are held until the scaler's verdict, and a step given a closure (Lightning's
         automatic optimization) runs the last backward inside it: counted after it (_after_step)."""
         self._stepping = True   # (another optimizer's step inside this one is part of it: foreign_steps)
+        self._micro_batches_closed = False   # (a step that raised after closing them left it set)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")   # (args[0]: the optimizer)
         if closure is not None:
             return
