@@ -125,16 +125,23 @@ def _conv_backward_per_example(x, delta, groups, kernel_size, dilation, padding,
     return grads.reshape(chunk, out, -1)
 
 
-def takes_fused(weight: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, groups: int) -> bool:
+def takes_fused(weight: torch.Tensor, x: torch.Tensor, delta: torch.Tensor, groups: int,
+                sequence: bool = False) -> bool:
     """Whether the fused kernel serves a conv layer (see FUSED_CONV): ungrouped, float32 or
     float64 on the CPU, the extension loaded, few input channels or few positions, and its running
-    sums (one per thread, each the weight's size) within CHUNK_BYTES."""
+    sums (one per thread, each the weight's size) within CHUNK_BYTES. sequence: a Linear layer
+    on inputs of 3 or more dimensions, as a kernel-1 convolution over the positions (the other
+    route is bmm, which it beats at every size measured, or matches within 4%)."""
     if not (FUSED_CONV and groups == 1 and x.device.type == "cpu" and _extension.is_loaded()
             and x.dtype in (torch.float32, torch.float64) and weight.dtype == x.dtype == delta.dtype):
         return False
-    positions = delta[0, 0].numel() if delta.shape[0] and delta.shape[1] else 0
-    if x.shape[1] >= CONV_BACKWARD_MIN_CHANNELS and positions > FUSED_MAX_POSITIONS:
-        return False
+    if sequence:
+        if x.dim() < 3 or x.shape[0] == 0:
+            return False
+    else:
+        positions = delta[0, 0].numel() if delta.shape[0] and delta.shape[1] else 0
+        if x.shape[1] >= CONV_BACKWARD_MIN_CHANNELS and positions > FUSED_MAX_POSITIONS:
+            return False
     return torch.get_num_threads() * weight.numel() * weight.element_size() <= CHUNK_BYTES
 
 

@@ -120,3 +120,32 @@ def test_fisher_mc_is_the_squared_gradient_of_its_sampled_labels(name):
         torch.testing.assert_close(acc.curvature(param), (per_example[name_] ** 2).mean(0), rtol=1e-9, atol=1e-12)
     # the in-place model cannot differentiate to its layers' outputs: it falls back to the params
     assert bool(weight_grads) == (name == "in-place")
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 7), (5, 2, 3, 7), (4, 0, 7)], ids=["sequence", "4-d", "no-positions"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_a_linear_on_positions_takes_the_fused_kernel_and_agrees_with_torch_func(monkeypatch, shape, contiguous):
+    """A Linear on [N, ..., in] inputs (a transformer's feed-forward layers): each example's
+    gradient sums its positions', squared by the fused conv kernel as a kernel-1 convolution."""
+    from mackay_ext import _extension
+    if not _extension.is_loaded():
+        pytest.skip("the compiled extension is not loaded")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    if not contiguous:
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    target = torch.randn(*shape[:-1], 3, dtype=torch.float64)
+    served = []
+    real = FisherAccumulator._accumulate_sequence_fused
+    monkeypatch.setattr(FisherAccumulator, "_accumulate_sequence_fused",
+                        lambda self, *args: (served.append(1), real(self, *args))[1])
+    accumulator = FisherAccumulator(model, loss_reduction="sum")
+    with accumulator:
+        ((model(x) - target) ** 2).sum().backward()
+    assert len(served) == 2
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    per_example = vmap(grad(lambda p, xi, ti: ((functional_call(model, p, (xi[None],)) - ti[None]) ** 2).sum()),
+                       in_dims=(None, 0, 0))(params, x, target)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(accumulator.sums[param], (per_example[name] ** 2).sum(0), rtol=1e-12, atol=1e-15)
