@@ -5,11 +5,13 @@ steps since it) at the end. A notebook user who pressed Ctrl-C in the warm-up up
 cell again got a second call that found the first layer's alpha already set, took that layer as
 past its warm-up, and pruned it on a prior the weights had never trained under: 1,606 of 4,736
 weights kept where the warm-up keeps all of them, no word; a pruning update re-estimated and
-pruned the layers it had reached twice. The update now keeps a record of where it stands, and
-the next update(), when nothing changed the weights or the alphas since the stop (no optimizer
-step, no load), goes on from there: the layers done keep their result and are not re-estimated,
-the layer it stopped in is done again as what it was at the start (warm-up or not). After a
-change, the next update is a new one, as the record of the stop no longer describes the model.
+pruned the layers it had reached twice. Now a layer stopped part-way puts its weight and alpha
+back (MacKayPruner._update_one), the update keeps a record of where it stands, and the next
+update(), when nothing changed the weights or the alphas since the stop (no optimizer step, no
+load), goes on from there without moving the curvature in again (the stopped update did, and
+reset the accumulator): the layers done keep their result, the others are updated as they would
+have been. After a change, the next update is a new one; a layer whose warm-up ran in the stopped
+update is warming up still in it, as no update has completed.
 """
 from __future__ import annotations
 
