@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import pruner_step
 from torch import nn
 from torch.nn import functional as F
 
@@ -37,15 +38,7 @@ def _train(model, optimizer, pruner, steps=STEPS):
     torch.manual_seed(2)   # fisher-mc's sampled labels
     for _ in range(steps):
         x = torch.randn(32, 12, generator=generator)
-        optimizer.zero_grad()
-        if pruner.curvature_kind == "fisher-mc":
-            with pruner.capture_mc():
-                logits = model(x)
-            pruner.accumulate_mc_from(logits)
-        else:
-            logits = model(x)
-        F.cross_entropy(logits, x[:, :3].argmax(1)).backward()
-        optimizer.step()
+        pruner_step(pruner, model, optimizer, x, x[:, :3].argmax(1))
 
 
 def _stopped_update(pruner, monkeypatch, at_call=2, where="_mackay_update"):

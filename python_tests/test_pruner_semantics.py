@@ -820,8 +820,6 @@ def test_an_optimizer_wrapper_s_inner_step_is_its_own():
         warnings.simplefilter("error")
         for update in range(2):
             for _ in range(5):
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(x), y).backward()
-                optimizer.step()
+                pruner_step(pruner, model, optimizer, x, y)
             pruner.update(prune=update > 0)
     assert pruner.foreign_steps == {}
