@@ -102,7 +102,7 @@ class WeightSites:
             self._running[name] -= 1
 
     def _stop(self, module, args, output=None) -> None:
-        if self._mode is None:
+        if self._mode is None or self._thread != threading.get_ident():   # (another thread's watch)
             return
         mode = self._discard()
         new = {name: func for name, func in mode.found.items() if name not in self.said}
