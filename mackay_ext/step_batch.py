@@ -18,6 +18,7 @@ of each example, a siamese pair) is one batch, and is not warned about.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import Counter
 
 import torch
@@ -34,7 +35,7 @@ class StepBatchWatch:
 
     def __init__(self, model: nn.Module):
         self.forwards: list[int] = []   # examples of each training forward of the step under way
-        self.inputs: set[tuple] = set()  # (storage, shape) of their inputs: a batch run twice is one
+        self.inputs: list[weakref.ref] = []   # their inputs: the same tensor run twice is one batch
         self.passes: set[int] = set()   # the backward passes (graph tasks) that reached an output
         self.last_step: int | None = None   # examples of the last step on this rank
         self.steps = 0                      # steps seen
@@ -46,9 +47,10 @@ class StepBatchWatch:
         if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
                 or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
             return
-        seen = (args[0].data_ptr(), tuple(args[0].shape))
-        if seen not in self.inputs:   # (SAM's second forward of the same batch is no new example)
-            self.inputs.add(seen)
+        # SAM's second forward of the same batch is no new example; the tensor itself, not its
+        # address (a loader's next batch often takes the memory of the one freed before it)
+        if not any(ref() is args[0] for ref in self.inputs):
+            self.inputs.append(weakref.ref(args[0]))
             self.forwards.append(args[0].shape[0])
 
     def _watch_backward(self, module, args, output) -> None:

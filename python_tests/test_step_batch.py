@@ -144,3 +144,25 @@ def test_a_step_gradscaler_skipped_is_no_accumulation():
         scaler.step(optimizer)
         scaler.update()
     assert _steps_of_one_batch_said(step) == []
+
+
+def test_fresh_micro_batches_in_reused_memory_are_counted():
+    """A loader's next batch often takes the memory of the one freed before it: the same address
+    is no same batch (accumulation went unsaid when it was read so)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = MacKayPruner(model, optimizer, num_data=1024, batch_size=MICRO)
+    batches = iter([(torch.randn(MICRO, 10), torch.randint(0, 3, (MICRO,))) for _ in range(12)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            optimizer.zero_grad()
+            for _ in range(4):
+                x, y = next(batches)
+                fresh = x.clone()
+                (F.cross_entropy(model(fresh), y) / 4).backward()
+                del fresh
+            optimizer.step()
+        pruner.update(prune=False)
+    assert len([w for w in caught if "is one micro-batch" in str(w.message)]) == 1
