@@ -15,19 +15,11 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
 from ._validate import user_stacklevel
+from .ddp_lockstep import rank_and_world
 
 # what a state saved before the shares were recorded holds: read as the whole estimate
 _WHOLE = {"rank": 0, "world_size": 1, "whole": True}
-
-
-def rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def source(accumulator) -> dict[str, Any]:

@@ -26,10 +26,17 @@ WAIT = datetime.timedelta(seconds=300)
 _pruner_ids: collections.defaultdict[str, itertools.count] = collections.defaultdict(itertools.count)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the processes in the default process group ((0, 1) without one)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def world_size() -> int:
     """Processes in the default process group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_and_world()[1]
 
 
 def _store():

@@ -100,7 +100,7 @@ def mackay_adam_step_(params, grads, exp_avgs, exp_avg_sqs, steps, curvatures, a
         # written below autograd: advance the weights' versions as torch's optimizers' in-place
         # steps do (a graph that saved a weight then refuses a backward through the stepped one,
         # and a stopped pruner update sees that the weights moved since)
-        torch.autograd.graph.increment_version(list(params))
+        torch.autograd.graph.increment_version(params)
 
 
 def adam_proximal_prior_(weight, exp_avg_sq, alpha, step, *, beta2, eps, scale, found_inf=None,

@@ -421,7 +421,6 @@ class MacKayPruner(StandalonePrior):
             self.foreign_steps: dict[str, int] = {}   # steps of other optimizers since the last update, by class
             if optimizer is not None:
                 self._steps_since_update = 0
-                self._micro_batches_closed = False   # see _before_step
                 self._hooks += [optimizer.register_step_pre_hook(self._before_step),
                                 optimizer.register_step_post_hook(self._after_step)]
             if optimizer is not None:   # another optimizer's steps leave the pruned weights at 0 too
@@ -597,9 +596,9 @@ class MacKayPruner(StandalonePrior):
         with the next step's, read as gradient accumulation (ef-exact: that step's squares
         multiplied by A^2 = 4; ef-batch: "batch_size is one micro-batch"). A GradScaler step's
         squares are held until the scaler's verdict, and a step given a closure (Lightning's
-        automatic optimization) runs the last backward inside it: counted after it (_after_step)."""
+        automatic optimization) runs the last backward inside it: counted after it (_after_step,
+        where a step closed here has nothing left to count)."""
         self._stepping = True   # (another optimizer's step inside this one is part of it: foreign_steps)
-        self._micro_batches_closed = False   # (a step that raised after closing them left it set)
         closure = args[1] if len(args) > 1 else kwargs.get("closure")   # (args[0]: the optimizer)
         if closure is not None:
             return
@@ -608,7 +607,6 @@ class MacKayPruner(StandalonePrior):
         if self.curvature_kind == "ef-exact" and self.accumulator is not None \
                 and not self.accumulator.holds_a_scaled_step():
             self._count_micro_batches()
-            self._micro_batches_closed = True
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._replaced_untrained:
@@ -627,9 +625,8 @@ class MacKayPruner(StandalonePrior):
         if captured:
             self._grad_not_captured.update(name for name, target in self.targets.items()
                                            if target.param.grad is not None and not self.accumulator.saw(target.param))
-        if self.curvature_kind == "ef-exact" and self.accumulator is not None and not self._micro_batches_closed:
-            self._count_micro_batches()   # (a GradScaler step's, settled above)
-        self._micro_batches_closed = False
+        if self.curvature_kind == "ef-exact" and self.accumulator is not None:
+            self._count_micro_batches()   # (a GradScaler step's, settled above, or a closure's)
         self._mc_step_captured = False
         self._sample_next_batch()
         if self.fused:
@@ -799,7 +796,7 @@ class MacKayPruner(StandalonePrior):
         examples' worth, so a batch_size a little off changes nothing; the examples of a step are
         those of the largest step (an epoch's short last batch read K = 1.8 off the mean)."""
         rows = float(self._micro_batches.largest_step())
-        batch = self._step_batch_size() if self.optimizer is not None else None
+        batch = self._step_batch_size()
         if world_size() > 1:   # a step's rows over every rank: the same K on each (B is the whole step's)
             total = torch.tensor([rows], dtype=torch.float64, device=next(iter(self.targets.values())).param.device)
             torch.distributed.all_reduce(total)

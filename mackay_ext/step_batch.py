@@ -37,7 +37,7 @@ class StepBatchWatch:
         self.forwards: list[int] = []   # examples of each training forward of the step under way
         self.inputs: list[weakref.ref] = []   # their inputs: the same tensor run twice is one batch
         self.passes: set[int] = set()   # the backward passes (graph tasks) that reached an output
-        self.last_step: int | None = None   # examples of the last step on this rank
+        self.last_step = 0                  # examples of the last step on this rank
         self.steps = 0                      # steps seen
         self.accumulated: Counter = Counter()   # (A, b) -> steps of A backward passes of b examples each
         self.handles = [model.register_forward_pre_hook(CopyInert(self._count)),
@@ -79,7 +79,7 @@ class StepBatchWatch:
         step has been seen: the verdict is in, and the watch can go (its hooks cost every step
         ~4% of a small MLP's, and a run's batch_size does not change). Accumulation is read off
         most of the steps, not one (a step GradScaler skipped merges its pass with the next's)."""
-        if self.last_step is None:
+        if not self.steps:
             return False
         if batch_size is None:
             return True
