@@ -23,6 +23,12 @@ CASES = {
     "depthwise": (5, 4, 6, 6, 8, (3, 3), (2, 2), (1, 1), (1, 1), 4),
     "conv1d-as-2d": (8, 3, 1, 17, 5, (1, 3), (1, 2), (0, 2), (1, 2), 1),
     "one-example": (1, 3, 6, 6, 2, (3, 3), (1, 1), (0, 0), (1, 1), 1),
+    # stride 1, output as wide as the input: the kernel's one-copy-a-row unfold
+    "same-width-3x3": (6, 3, 8, 8, 4, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "same-width-dilated": (5, 2, 7, 9, 3, (3, 5), (1, 1), (2, 4), (2, 2), 1),
+    "same-width-tall-padding": (4, 2, 5, 6, 3, (1, 3), (1, 1), (2, 1), (1, 1), 1),
+    "same-width-one-column": (3, 2, 4, 1, 3, (3, 1), (1, 1), (1, 0), (1, 1), 1),
+    "same-width-taller-than-input": (3, 2, 2, 5, 3, (5, 3), (1, 1), (4, 1), (1, 1), 1),
     "empty-batch": (0, 3, 6, 6, 2, (3, 3), (1, 1), (0, 0), (1, 1), 1),
 }
 
