@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
-from torch.nn.utils.weight_norm import WeightNorm   # the deprecated hook form
+from torch.nn.utils.spectral_norm import SpectralNorm   # the hook forms, before parametrize
+from torch.nn.utils.weight_norm import WeightNorm
 
 GRANULARITIES = ("weight", "input", "output", "filter")
 
@@ -109,8 +110,9 @@ def alpha_shape(module: nn.Module, granularity: str, attr: str = "weight") -> tu
 PARAMETRIZED = ("an input of a parametrization (weight_norm, spectral_norm, orthogonal, ...): a prior "
                 "there is not a prior on the weight the layer computes, and a pruned row of weight_norm's "
                 "direction makes that weight 0/0; remove the parametrization "
-                "(torch.nn.utils.parametrize.remove_parametrizations; for the older torch.nn.utils.weight_norm, "
-                "torch.nn.utils.remove_weight_norm) to cover the layer")
+                "(torch.nn.utils.parametrize.remove_parametrizations; for the older hook forms "
+                "torch.nn.utils.weight_norm and spectral_norm, torch.nn.utils.remove_weight_norm and "
+                "remove_spectral_norm) to cover the layer")
 
 
 FROZEN = "frozen (requires_grad=False)"
@@ -126,13 +128,18 @@ UNFROZEN_COVERED = "frozen when this pruner was built; another pruner puts its p
 
 def _parametrization_input(module: nn.Module, attr: str) -> bool:
     """Is `attr` of `module` what a parametrization computes the layer's weight from? (The new
-    torch.nn.utils.parametrize: held by a ParametrizationList; the old torch.nn.utils.weight_norm:
-    weight_g / weight_v, read by a forward pre-hook.)"""
+    torch.nn.utils.parametrize: held by a ParametrizationList; the old hook forms, read by a
+    forward pre-hook: torch.nn.utils.weight_norm's weight_g / weight_v, spectral_norm's
+    weight_orig, which the hook divides by its largest singular value, so that a prior on it is
+    on a scale the layer never sees.)"""
     if isinstance(module, ParametrizationList):
         return True
-    hooks = module._forward_pre_hooks.values()
-    return any(isinstance(hook, WeightNorm)
-               and attr in (hook.name + "_g", hook.name + "_v") for hook in hooks)
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and attr in (hook.name + "_g", hook.name + "_v"):
+            return True
+        if isinstance(hook, SpectralNorm) and attr == hook.name + "_orig":
+            return True
+    return False
 
 
 def _names_of(module_name: str, attr: str) -> tuple[str, str]:

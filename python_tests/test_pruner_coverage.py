@@ -203,7 +203,7 @@ def test_same_padding_that_is_uneven_is_refused_by_name(curvature):
         MacKayPruner(reflect, MacKayAdam(ard_param_groups(reflect), num_data=100), num_data=100, curvature=curvature)
 
 
-@pytest.mark.parametrize("style", ["parametrize", "old hook"])
+@pytest.mark.parametrize("style", ["parametrize", "old hook", "old spectral_norm hook"])
 def test_weight_norm_inputs_are_left_out_with_a_warning_and_training_stays_finite(style):
     """weight_norm computes the weight from g and the direction v: a prior on v pruned whole rows
     of it (weight = g v / |v| = 0/0, NaN). Parametrization inputs are left out, named in a warning
@@ -212,11 +212,14 @@ def test_weight_norm_inputs_are_left_out_with_a_warning_and_training_stays_finit
     if style == "parametrize":
         first = nn.utils.parametrizations.weight_norm(nn.Linear(20, 32))
         names = ["0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
-    else:
+    elif style == "old hook":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # torch.nn.utils.weight_norm is deprecated
             first = nn.utils.weight_norm(nn.Linear(20, 32))
         names = ["0.weight_g", "0.weight_v"]
+    else:   # weight = weight_orig / its largest singular value, which the hook estimates
+        first = nn.utils.spectral_norm(nn.Linear(20, 32))
+        names = ["0.weight_orig"]
     model = nn.Sequential(first, nn.ReLU(), nn.Linear(32, 4))
     x = torch.randn(200, 20)
     y = (x[:, :3].sum(1) > 0).long() + 2 * (x[:, 3] > 0).long()
