@@ -322,3 +322,62 @@ def test_group_is_a_value():
 def test_channel_groups_with_its_arguments_swapped_names_itself():
     with pytest.raises(TypeError, match=r"channel_groups: model must be a torch.nn.Module \(the first argument\), got Tensor"):
         channel_groups(torch.randn(2, 3, 8, 8), nn.Conv2d(3, 4, 3))
+
+
+class RegionsInForward(nn.Module):
+    """ConvBnConv's layers with parts of its forward under another grad mode or autocast, which
+    torch.export keeps as subgraphs: a reentrant checkpoint, torch.no_grad() around the second
+    conv (a frozen part), torch.autocast around the pooling."""
+
+    def __init__(self, region: str):
+        super().__init__()
+        self.region, self.plain = region, ConvBnConv()
+
+    def forward(self, x):
+        p = self.plain
+        x = F.max_pool2d(F.relu(p.bn1(p.conv1(x))), 2)
+        if self.region == "checkpoint":
+            x = torch.utils.checkpoint.checkpoint(lambda t: F.relu(p.conv2(t)), x, use_reentrant=True)
+        elif self.region == "no_grad":
+            with torch.no_grad():
+                x = F.relu(p.conv2(x))
+        else:
+            x = F.relu(p.conv2(x))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x = F.adaptive_avg_pool2d(x, 2) * 2
+            return p.fc(x.float().flatten(1))
+        return p.fc(F.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+@pytest.mark.parametrize("region", ["checkpoint", "no_grad", "autocast"])
+def test_regions_under_another_grad_mode_or_autocast_are_followed(region):
+    """A new user's mobile block under torch.utils.checkpoint(use_reentrant=True) could not be
+    shrunk ("cannot follow wrap_with_set_grad_enabled"), nor a forward with a no_grad part: the
+    region's ops couple as they would outside it, and no warning of the trace's own runs leaks."""
+    torch.manual_seed(0)
+    model = RegionsInForward(region)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        groups = as_sets(channel_groups(model, x))
+    expected = as_sets(channel_groups(model.plain, x))
+    assert groups == [{(f"plain.{name}", d, i) for name, d, i in group} for group in expected]
+    assert len(groups) == 9   # conv1's 5 channels (each with bn1's) and conv2's 4
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "spectral_norm", "orthogonal", "weight_norm hook"])
+def test_a_parametrized_weight_is_named_with_the_way_out(kind):
+    """A parametrization computes the weight in forward, so its channels cannot be cut; the error
+    named an op inside torch's parametrization (aten._weight_norm, mv, tril) and no remedy."""
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    if kind == "weight_norm hook":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # the hook form is deprecated
+            conv = nn.utils.weight_norm(conv)
+    else:
+        conv = getattr(nn.utils.parametrizations, kind)(conv)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), conv, nn.ReLU(), nn.Conv2d(4, 2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nor torch.export's advice on the hook setting the weight
+        with pytest.raises(CouplingError, match=r"parametrization \(2: .*\).*remove_parametrizations"):
+            channel_groups(model, torch.randn(1, 3, 6, 6))

@@ -22,6 +22,11 @@ import torch
 from .groups import CouplingError
 
 PIN = 0
+# Regions of a forward that torch.export keeps as a subgraph called by a higher-order op: code
+# under torch.no_grad() / torch.enable_grad() (a reentrant torch.utils.checkpoint runs its block
+# so) and under torch.autocast. The ops inside couple channels as they would outside: the walk
+# goes through the body as if it were inline.
+INLINED_REGIONS = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
 
 
 class Atoms:
@@ -131,10 +136,11 @@ class Graph:
         self.atoms = Atoms()
         self.canonical = canonical or {}   # any name of a tied parameter -> its named_parameters() name
         self.env: dict[torch.fx.Node, object] = {}
-        self.params: dict[str, str] = {}       # placeholder name -> parameter/buffer FQN
+        self.params: dict[torch.fx.Node, str] = {}   # placeholder -> parameter/buffer FQN
         self.entries: dict[str, np.ndarray] = {}
         self.splits: list[tuple[torch.fx.Node, np.ndarray]] = []   # reshapes that split channels
         self.program = program
+        self.scopes = [program.graph_module]   # the module whose get_attr the graph being walked reads
 
     # -- values ---------------------------------------------------------------------------
     def value(self, x) -> V | None:
@@ -158,7 +164,7 @@ class Graph:
         return self.entries[name]
 
     def param_name(self, x, node, role: str) -> str:
-        name = self.params.get(x.name) if isinstance(x, torch.fx.Node) else None
+        name = self.params.get(x) if isinstance(x, torch.fx.Node) else None
         if name is None:
             raise CouplingError(f"{node.target} in {where(node)}: its {role} is computed in forward, "
                                 "not a parameter; channel coupling through it is not supported")
@@ -185,7 +191,7 @@ class Graph:
                 kind = spec.kind.name if spec is not None else "USER_INPUT"
                 if kind in ("PARAMETER", "BUFFER") and node_shape(node) is not None:
                     target = self.canonical.get(spec.target, spec.target)
-                    self.params[node.name] = target
+                    self.params[node] = target
                     self.env[node] = target
                 elif node_shape(node) is not None:
                     self.env[node] = self.pinned(node_shape(node))
@@ -224,6 +230,9 @@ class Graph:
             self.env[node] = seq[node.args[1]] if isinstance(seq, list) else None
             return
         name = getattr(getattr(target, "_overloadpacket", None), "__name__", None) or str(target)
+        if name in INLINED_REGIONS:
+            self.inline(node)
+            return
         in_place = name.endswith("_") and not name.endswith("__")
         rule = rules.get(name[:-1] if in_place else name)
         tensor_args = [a for a in torch.utils._pytree.tree_leaves((node.args, node.kwargs))
@@ -240,6 +249,30 @@ class Graph:
         self.env[node] = result
         if in_place and node.args and isinstance(node.args[0], torch.fx.Node):
             self.env[node.args[0]] = result    # an in-place op: later readers of its input see the result
+
+    def inline(self, node) -> None:
+        """Walk the body of an INLINED_REGIONS call: (..., body, *operands), body a get_attr of
+        the graph module, its placeholders the operands in order; the call's value is the list
+        of the body's outputs, which getitem nodes read."""
+        from .rules import RULES
+        at = next(i for i, a in enumerate(node.args) if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+        body = getattr(self.scopes[-1], node.args[at].target)
+        operands = iter(node.args[at + 1:])
+        self.scopes.append(body)
+        try:
+            for sub in body.graph.nodes:
+                if sub.op == "placeholder":
+                    source = next(operands)
+                    self.env[sub] = self.env.get(source) if isinstance(source, torch.fx.Node) else None
+                    if source in self.params:
+                        self.params[sub] = self.params[source]
+                elif sub.op == "call_function":
+                    self.call(sub, RULES)
+                elif sub.op == "output":
+                    self.env[node] = [self.value(out) if isinstance(out, torch.fx.Node) else None
+                                      for out in torch.utils._pytree.tree_leaves(sub.args[0])]
+        finally:
+            self.scopes.pop()
 
 
 def propagate(program, canonical: dict[str, str] | None = None) -> Atoms:

@@ -6,6 +6,9 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._pytree import tree_map
 
 from .groups import ChannelGroup, Coupling, CouplingError, InputsDoNotRun, collect
@@ -33,28 +36,54 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
     was_training = model.training
     model.eval()   # dropout off, BatchNorm in inference form: the form shrink must preserve
     try:
-        try:
-            with torch.no_grad():
-                model(*args, **kwargs)
-        except Exception as err:
-            raise InputsDoNotRun(f"example_inputs do not run the model: {type(err).__name__}: {err}") from err
-        try:
-            with warnings.catch_warnings():
-                # nn.RNN's forward re-lists its weights (_flat_weights) as it runs: torch.export's
-                # advice on that is for its own users, and the trace is read-only here
-                warnings.filterwarnings("ignore", message=r"The tensor attributes .* were assigned during export")
+        with warnings.catch_warnings():
+            # a reentrant torch.utils.checkpoint in the forward warns that its inputs need no
+            # gradient, which a read-only trace's never do
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+            # nn.RNN's forward re-lists its weights (_flat_weights) as it runs, as the hook form
+            # of weight_norm sets the weight: torch.export's advice on that is for its own users
+            warnings.filterwarnings("ignore", message=r"The tensor attributes? .* (was|were) assigned during export")
+            try:
+                with torch.no_grad():
+                    model(*args, **kwargs)
+            except Exception as err:
+                raise InputsDoNotRun(f"example_inputs do not run the model: {type(err).__name__}: {err}") from err
+            try:
                 program = torch.export.export(model, args, kwargs)
-        except Exception as err:
-            # a Hugging Face model returns its key/value cache by default, which torch.export
-            # cannot flatten; the forward's own cache switch is the way out
-            hint = (" (a Hugging Face model: build it with use_cache=False in its config, or pass "
-                    "use_cache=False among the example inputs)" if "Cache" in str(err) else "")
-            raise CouplingError(f"torch.export could not trace the model, so its channel coupling is "
-                                f"unknown{hint}: {type(err).__name__}: {str(err)[:2000]}") from err
+            except Exception as err:
+                # a Hugging Face model returns its key/value cache by default, which torch.export
+                # cannot flatten; the forward's own cache switch is the way out
+                hint = (" (a Hugging Face model: build it with use_cache=False in its config, or pass "
+                        "use_cache=False among the example inputs)" if "Cache" in str(err) else "")
+                raise CouplingError(f"torch.export could not trace the model, so its channel coupling is "
+                                    f"unknown{hint}: {type(err).__name__}: {str(err)[:2000]}") from err
     finally:
         model.train(was_training)
-    atoms = propagate(program, canonical_names(model))
+    try:
+        atoms = propagate(program, canonical_names(model))
+    except CouplingError as err:
+        parametrized = parametrized_layers(model)
+        if not parametrized:
+            raise
+        raise CouplingError(f"{str(err).rstrip('.')}. The model computes weights through a parametrization ("
+                            f"{', '.join(parametrized)}), which the trace cannot follow in any case (a layer's "
+                            "weight must be a parameter for its channels to be cut): remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'); the "
+                            "hook forms: torch.nn.utils.remove_weight_norm, remove_spectral_norm)") from err
     return collect(atoms, model)
+
+
+def parametrized_layers(model: nn.Module) -> list[str]:
+    """Names of the modules whose weight a parametrization computes (torch.nn.utils.parametrize,
+    or the hook forms of weight_norm and spectral_norm), each with the parametrization's kind."""
+    found = []
+    for name, module in model.named_modules():
+        kinds = [type(p).__name__ for plist in getattr(module, "parametrizations", {}).values() for p in plist] \
+            if parametrize.is_parametrized(module) else []
+        kinds += [type(hook).__name__ for hook in module._forward_pre_hooks.values()
+                  if isinstance(hook, (WeightNorm, SpectralNorm))]
+        if kinds:
+            found.append(f"{name or 'the model'}: {', '.join(kinds)}")
+    return found
 
 
 def split_inputs(example_inputs, model: nn.Module | None = None):
