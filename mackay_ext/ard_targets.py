@@ -132,14 +132,32 @@ def _parametrization_input(module: nn.Module, attr: str) -> bool:
     forward pre-hook: torch.nn.utils.weight_norm's weight_g / weight_v, spectral_norm's
     weight_orig, which the hook divides by its largest singular value, so that a prior on it is
     on a scale the layer never sees.)"""
-    if isinstance(module, ParametrizationList):
-        return True
+    return isinstance(module, ParametrizationList) or _hook_output(module, attr) is not None
+
+
+def _hook_output(module: nn.Module, attr: str) -> str | None:
+    """The tensor a hook form of weight_norm or spectral_norm computes from `attr`, or None."""
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, WeightNorm) and attr in (hook.name + "_g", hook.name + "_v"):
-            return True
+            return hook.name
         if isinstance(hook, SpectralNorm) and attr == hook.name + "_orig":
-            return True
-    return False
+            return hook.name
+    return None
+
+
+def _selectable(module_name: str, module: nn.Module, attr: str) -> tuple[str, ...]:
+    """The names in layers= that select a parameter: its target and parameter names, and for an
+    input of torch.nn.utils.parametrize (held at "<layer>.parametrizations.<tensor>") also the
+    layer and "<layer>.<tensor>", and for a hook form's (weight_g) "<layer>.<tensor>": the names
+    its user knows it by (the selection then says it
+    is a parametrization's input, where it said the layer had no weight)."""
+    names = _names_of(module_name, attr)
+    if isinstance(module, ParametrizationList):
+        layer, _, tensor = module_name.rpartition(".parametrizations.")
+        names += (layer, f"{layer}.{tensor}" if layer else tensor)
+    elif (tensor := _hook_output(module, attr)) is not None:   # the hook forms: weight_g -> weight
+        names += (f"{module_name}.{tensor}" if module_name else tensor,)
+    return names
 
 
 def _names_of(module_name: str, attr: str) -> tuple[str, str]:
@@ -180,7 +198,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
     if selected is not None:
         selected = list(selected)
         known = set(dict(model.named_modules())) | {
-            name for holders in owners.values() for m, _, a in holders for name in _names_of(m, a)}
+            name for holders in owners.values() for m, module, a in holders for name in _selectable(m, module, a)}
         unknown = [name for name in selected if name not in known]
         if unknown:
             raise ValueError(f"MacKayPruner: layers {unknown} are neither modules nor parameters "
@@ -195,7 +213,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
         name = _target_name(module_name, attr)
         holder_names = [_target_name(m, a) for m, _, a in holders]
         if selected is not None and not any(
-                m in selected or any(n in selected for n in _names_of(m, a)) for m, _, a in holders):
+                m in selected or any(n in selected for n in _selectable(m, module_, a)) for m, module_, a in holders):
             if param.dim() >= 2:   # (the weights: report()["excluded"] lists every one without a prior)
                 excluded.append({"name": full_name, "reason": NOT_SELECTED})
             continue

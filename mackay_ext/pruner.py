@@ -508,8 +508,13 @@ class MacKayPruner(StandalonePrior):
             names = set(self.targets) | {t.module_name for t in self.targets.values()}
             unknown = sorted(set(granularity) - names)
             if unknown:
+                # a weight left without a prior under the name asked for says why (a parametrized layer's)
+                why = [f"{e['name']} is {e['reason'].split(':')[0]}" for e in self.excluded
+                       if not e["reason"].startswith("1-D") and any(
+                           e["name"].startswith(u.rpartition(".")[0] + "." if u.endswith(".weight") else u + ".")
+                           for u in unknown)]
                 raise ValueError(f"MacKayPruner: granularity names {unknown} are not ARD layers of the "
-                                 f"model (they are: {sorted(self.targets)})")
+                                 f"model (they are: {sorted(self.targets)})" + (f"; {'; '.join(why)}" if why else ""))
         chosen, notes = {}, {}
         for name, target in self.targets.items():
             value = per_name.get(name, per_name.get(target.module_name, "weight")) if per_name else granularity

@@ -240,3 +240,24 @@ def test_weight_norm_inputs_are_left_out_with_a_warning_and_training_stays_finit
             pruner.update()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert pruner.report()["kept"] < pruner.report()["total"]   # the plain layer was pruned
+
+
+@pytest.mark.parametrize("api", ["parametrize", "hook"])
+@pytest.mark.parametrize("where", ["layers", "granularity"])
+@pytest.mark.parametrize("name", ["0", "0.weight"])
+def test_a_parametrized_layer_named_by_the_user_is_said_to_be_one(api, where, name):
+    """A new user named a weight_norm layer as it reads (model[0], model[0].weight): layers= said
+    the layer had no weight to put a prior on, or that 0.weight was no parameter of the model;
+    granularity= named only the ARD layers. Each now says it is a parametrization's input."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    if api == "parametrize":
+        nn.utils.parametrizations.weight_norm(model[0])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # the hook form is deprecated
+            nn.utils.weight_norm(model[0])
+    optimizer = torch.optim.Adam(model.parameters())
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="is an input of a parametrization"):
+        warnings.simplefilter("ignore")   # (the granularity case also warns that layer 0 has no prior)
+        MacKayPruner(model, optimizer, num_data=100, batch_size=10, **{where: {name: "output"}
+                                                                        if where == "granularity" else [name]})
