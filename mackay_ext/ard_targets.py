@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.utils.spectral_norm import SpectralNorm   # the hook forms, before parametrize
 from torch.nn.utils.weight_norm import WeightNorm
@@ -133,6 +134,13 @@ def _parametrization_input(module: nn.Module, attr: str) -> bool:
     weight_orig, which the hook divides by its largest singular value, so that a prior on it is
     on a scale the layer never sees.)"""
     return isinstance(module, ParametrizationList) or _hook_output(module, attr) is not None
+
+
+def is_parametrization_input(layer: nn.Module, attr: str) -> bool:
+    """Has a parametrization (either API) been put on `layer`'s `attr` since it was a plain
+    weight? (Registering one moves the weight into layer.parametrizations[attr].original.)"""
+    return parametrize.is_parametrized(layer, attr) or any(
+        _hook_output(layer, name) == attr for name in (attr + "_g", attr + "_v", attr + "_orig"))
 
 
 def _hook_output(module: nn.Module, attr: str) -> str | None:

@@ -56,6 +56,7 @@ from .ard_targets import (
     alpha_shape_for,
     exact_curvature_problem,
     find_targets,
+    is_parametrization_input,
 )
 from .batch_curvature import ema_debiased
 from .ddp_lockstep import Lockstep, world_size
@@ -1510,6 +1511,13 @@ class MacKayPruner(StandalonePrior):
                                    getattr(target.module, target.attr, None),   # torch prune:
                                    getattr(target.module, target.attr + "_orig", None)))))
                 or (in_optimizer is not None and id(target.param) not in in_optimizer)]
+        if gone and all(is_parametrization_input(self.targets[name].module, self.targets[name].attr)
+                        for name in gone):
+            raise RuntimeError(f"MacKayPruner.{where}: a parametrization was put on the weight of {', '.join(gone)} "
+                               "after the pruner was built: the layer's weight is computed in its forward now, and the "
+                               "prior is on a tensor it is computed from or no longer reads; register "
+                               "it before building the pruner (that weight then has no prior), or remove it "
+                               "(torch.nn.utils.parametrize.remove_parametrizations)")
         if gone:
             raise RuntimeError(f"MacKayPruner.{where}: the weights of {', '.join(gone)} are no longer the "
                                "model's (a module or weight was replaced after the pruner was built, e.g. by "

@@ -261,3 +261,22 @@ def test_a_parametrized_layer_named_by_the_user_is_said_to_be_one(api, where, na
         warnings.simplefilter("ignore")   # (the granularity case also warns that layer 0 has no prior)
         MacKayPruner(model, optimizer, num_data=100, batch_size=10, **{where: {name: "output"}
                                                                         if where == "granularity" else [name]})
+
+
+@pytest.mark.parametrize("kind", ["spectral_norm", "weight_norm hook"])
+def test_a_parametrization_put_on_a_pruned_layer_later_is_named_at_the_update(kind):
+    """A new user added spectral_norm to a layer for a fine-tune stage after building the pruner:
+    the update refused as if the layer had been replaced by sparsify or shrink."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters())
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=10)
+    if kind == "spectral_norm":
+        nn.utils.parametrizations.spectral_norm(model[2])
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)   # the hook form is deprecated
+            nn.utils.weight_norm(model[2])
+    nn.functional.cross_entropy(model(torch.randn(10, 6)), torch.randint(0, 3, (10,))).backward()
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="a parametrization was put on the weight of 2 after the pruner was built"):
+        pruner.update()
