@@ -757,7 +757,17 @@ class FisherAccumulator:
                     labels = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1).squeeze(1)
                 with torch.enable_grad():
                     loss = F.cross_entropy(logits, labels, reduction="sum")
-                    torch.autograd.grad(loss, targets, allow_unused=True, retain_graph=True)
+                    try:
+                        torch.autograd.grad(loss, targets, allow_unused=True, retain_graph=True)
+                    except RuntimeError as err:
+                        if "use_reentrant" not in str(err):
+                            raise
+                        # torch's own words name .grad(), which the user never called
+                        raise RuntimeError(
+                            "fisher-mc cannot run through torch.utils.checkpoint with use_reentrant=True: its "
+                            "sampled-label backward goes to the layers' outputs (torch.autograd.grad), which a "
+                            "reentrant checkpoint refuses. Pass use_reentrant=False to checkpoint, or use "
+                            "curvature='ef-exact' or 'ef-batch'") from err
         finally:
             self._active, self._scale_override = False, None
             self.new_batch()

@@ -253,3 +253,22 @@ def test_the_softmax_check_reads_a_sample_of_rows_in_float32_sums():
         mc_likelihood.SoftmaxLossCheck()._look(softmax_like.to(torch.bfloat16))
     with pytest.warns(RuntimeWarning, match="not a function of softmax"):
         mc_likelihood.SoftmaxLossCheck()._look(torch.ones(3 * mc_likelihood.ROWS, 5, dtype=torch.bfloat16))
+
+
+def test_reentrant_checkpoint_is_named_with_the_way_out():
+    """Under checkpoint(use_reentrant=True) a new user got torch's error naming .grad(), which
+    they never called: the sampled-label backward is named, with use_reentrant=False and the
+    other estimators; the accumulator goes on (a layer the refused backward reached before the
+    checkpoint keeps that batch's squares with its count: its mean stays one)."""
+    torch.manual_seed(0)
+    stem, block, head = nn.Linear(5, 6), nn.Sequential(nn.Linear(6, 6), nn.ReLU()), nn.Linear(6, 3)
+    model = nn.Sequential(stem, block, head)
+    accumulator = FisherAccumulator(model, mode="fisher-mc")
+    x = torch.randn(4, 5)
+    with accumulator.capture_mc():
+        logits = head(torch.utils.checkpoint.checkpoint(block, stem(x), use_reentrant=True))
+    with pytest.raises(RuntimeError, match="use_reentrant=True.*use_reentrant=False.*ef-exact"):
+        accumulator.accumulate_mc_from(logits)
+    assert accumulator.counts[stem.weight] == 0 and accumulator.counts[head.weight] == 4
+    accumulator.accumulate_mc(x)
+    assert accumulator.counts[stem.weight] == 4 and accumulator.counts[head.weight] == 8
