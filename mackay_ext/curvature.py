@@ -30,7 +30,8 @@ from torch.nn import functional as F
 
 from . import _extension, conv_curvature, kept_pattern, loss_scale
 from .mc_likelihood import SoftmaxLossCheck
-from ._validate import BACKENDS, check_choice, check_dense_tensors, check_one_device
+from .plain_product import Unchecked, base_layer, has_own_forward, weight_use_problem
+from ._validate import BACKENDS, check_choice, check_dense_tensors, check_one_device, user_stacklevel
 from .ard_targets import layer_detail, weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
@@ -304,13 +305,9 @@ class FisherAccumulator:
                           f"parameters: {_named_reasons(model, self.unsupported, tied)}; curvature() raises "
                           "KeyError for their parameters (strict=True refuses them instead)", UserWarning,
                           stacklevel=2)
-        own_forward = sorted(n for n, m in self.layers.items()
-                             if type(m).forward not in (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward))
-        if own_forward:
-            warnings.warn(f"FisherAccumulator: {own_forward} are subclasses with a forward of their own: their "
-                          "curvature assumes it computes the layer's plain product of its input with `weight` "
-                          "(a forward that scales or transforms the weight gets wrong numbers)", UserWarning,
-                          stacklevel=2)
+        # subclasses with a forward of their own, until their first captured forward shows that
+        # it uses the weight as the layer's plain product (plain_product.py)
+        self._unchecked = {m: n for n, m in self.layers.items() if has_own_forward(m)}
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
         self._pending: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
@@ -336,7 +333,8 @@ class FisherAccumulator:
         self._handles = []
         for module in self.layers.values():
             # prepended: the layer's own output, before any forward hook of the user's replaces it
-            self._handles.append(module.register_forward_hook(CopyInert(self._forward_hook), prepend=True))
+            self._handles.append(module.register_forward_hook(CopyInert(self._forward_hook), prepend=True,
+                                                              with_kwargs=True))
         # ef-exact: conv layers whose training backward takes the weight's gradient from the
         # per-example products added up here (conv_weight_grad.py), and those gradients, each
         # with the input and output gradient (and its version) it came from, until that
@@ -374,7 +372,7 @@ class FisherAccumulator:
         return (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
             and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_exporting()
 
-    def _forward_hook(self, module, inputs, output):
+    def _forward_hook(self, module, inputs, kwargs, output):
         # not under torch.func's transforms (grad, vmap, jvp), nor while torch.export traces
         # the model (shrink's coupling trace): their tensors are not a batch's
         if self._tasks and torch._C._current_graph_task_id() == -1:
@@ -385,6 +383,8 @@ class FisherAccumulator:
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
                 and output.requires_grad and not torch._C._are_functorch_transforms_active() \
                 and not torch.compiler.is_exporting():
+            if module in self._unchecked and not torch.compiler.is_compiling():
+                self._check_weight_use(module, inputs, kwargs)
             self._pending[module].append(inputs[0].detach())
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))
@@ -399,6 +399,28 @@ class FisherAccumulator:
             else:
                 node.register_prehook(lambda grads, module=module, index=index:
                                       self._on_output_grad(module, grads[index]))
+
+    def _check_weight_use(self, module, inputs, kwargs) -> None:
+        """Refuse a subclass layer whose forward does not use its weight as the plain product,
+        whose exact curvature the hooks would get wrong (plain_product.py); said once and let
+        through where the forward cannot be checked."""
+        name = self._unchecked[module]
+        try:
+            problem = weight_use_problem(module, inputs, kwargs)
+        except Unchecked as err:
+            del self._unchecked[module]
+            warnings.warn(f"FisherAccumulator: the forward of {name} ({type(module).__name__}), a subclass with "
+                          f"a forward of its own, could not be checked ({err}): its curvature assumes it "
+                          "computes the layer's plain product of its input with its weight", UserWarning,
+                          stacklevel=user_stacklevel())
+            return
+        if problem is not None:   # kept unchecked: every forward refuses until the layer is left out
+            raise RuntimeError(f"FisherAccumulator: {name} ({type(module).__name__}) is a subclass whose forward "
+                               f"does not use its weight as nn.{base_layer(module).__name__} does: {problem}. "
+                               f"The exact curvature ({self.mode}) squares the gradient of that plain product "
+                               "and would be wrong for it: use curvature='ef-batch' (the gradient itself), or "
+                               "leave the layer out with layers=[...]")
+        del self._unchecked[module]
 
     def _on_output_grad(self, module, grad):
         if grad is None or not self._active or not self._pending.get(module):

@@ -358,7 +358,7 @@ def test_tied_subclassed_and_unsupported_layers_are_said():
     """A new user's audit against torch.func: a tied embedding and output layer read only the
     output layer's share of the tied weight's gradient (half its curvature), with no word; a
     Linear subclass computing with 2 w read a quarter; and the layers left out were "reported
-    once" by no one. Tied layers are left out now, and every such case is named at construction."""
+    once" by no one. Tied layers are left out now, and every such case is named."""
     model = TiedNet().double()
     with pytest.warns(UserWarning, match=r"no exact curvature for 2 layer\(s\).*emb \(tied: emb = out\), "
                                          r"out \(tied: emb = out\)"):
@@ -370,8 +370,9 @@ def test_tied_subclassed_and_unsupported_layers_are_said():
         acc.curvature(model.emb.weight)
     with pytest.raises(ValueError, match=r"held by two modules is not: \{'emb': 'emb = out', 'out': 'emb = out'\}"):
         FisherAccumulator(TiedNet(), strict=True)
-    with pytest.warns(UserWarning, match=r"\['0'\] are subclasses with a forward of their own"):
-        FisherAccumulator(nn.Sequential(ScaledLinear(3, 2)))
+    scaled = nn.Sequential(ScaledLinear(3, 2))   # refused at its first captured forward (test_plain_product.py)
+    with FisherAccumulator(scaled), pytest.raises(RuntimeError, match="does not use its weight as nn.Linear"):
+        scaled(torch.randn(4, 3))
     with pytest.warns(UserWarning, match=r"0 \(Conv2d, padding_mode='reflect'\)"):
         FisherAccumulator(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
                                         nn.Linear(2, 2)))

@@ -1,0 +1,91 @@
+"""Is a layer subclass's weight used as nn.Linear / nn.Conv1d / nn.Conv2d use theirs?
+
+The exact estimators square each example's gradient of the layer's weight, formed from its input
+x and the gradient delta at its output: delta x^T for a Linear, the same over the positions of a
+convolution. That is the gradient only where the output depends on the weight through the layer's
+own product. A subclass whose forward transforms the weight first (timm's StdConv2d, a
+weight-standardized or scaled layer) or its input (timm's Conv2dSame pads it) breaks that: a new
+user's StdConv2d read a curvature 5-200x too small, a 0.5 * weight Linear one 4x too large, and
+Conv2dSame failed inside loss.backward(). A warning at construction said the numbers might be
+wrong and also fired for harmless subclasses (timm's Linear), so it was learned to be ignored.
+
+The check: the derivative of the layer's output along a random change V of its weight (one
+forward-mode pass through the subclass's own forward, torch.func.jvp) must be the plain product of
+its input with V. An addition that does not involve the weight (a LoRA branch) leaves it so, and
+keeps the curvature right; a transform of the weight or of the input does not.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward)
+# the derivative against the plain product, relative to the product's largest entry: the same
+# kernels on the same numbers agree to rounding; half precision carries ~3 digits
+TOLERANCE = {torch.float16: 3e-2, torch.bfloat16: 3e-2}
+DEFAULT_TOLERANCE = 1e-3
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    return type(module).forward not in PLAIN_FORWARDS
+
+
+def base_layer(module: nn.Module) -> type[nn.Module]:
+    """nn.Linear, nn.Conv1d or nn.Conv2d: the torch layer `module` is one of."""
+    return next(base for base in (nn.Linear, nn.Conv1d, nn.Conv2d) if isinstance(module, base))
+
+
+def _plain(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's own product of x with `weight`, without the bias."""
+    base = base_layer(module)
+    return F.linear(x, weight) if base is nn.Linear else base._conv_forward(module, x, weight, None)
+
+
+class Unchecked(Exception):
+    """The forward could not run under forward-mode differentiation."""
+
+
+def weight_use_problem(module: nn.Module, inputs: tuple, kwargs: dict) -> str | None:
+    """None when `module`'s forward on `inputs` and `kwargs` depends on its weight as the layer's plain
+    product of inputs[0]; otherwise what differs, in a few words. Raises Unchecked when the
+    forward cannot be run so. The forward runs once more, without hooks, with the random state
+    put back afterwards (a forward that draws random numbers leaves the run as it was)."""
+    x = inputs[0]
+    # the tensor the forward reads as self.weight: the parameter, or torch.nn.utils.prune's
+    # product of weight_orig and the mask, an attribute its pre-hook sets
+    holder = module._parameters if "weight" in module._parameters else module.__dict__
+    weight = holder["weight"].detach()
+    generator = torch.Generator().manual_seed(0)   # the user's random streams stay untouched
+    direction = torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight)
+
+    def output(w):
+        saved = holder["weight"]
+        holder["weight"] = w
+        try:
+            return module.forward(*inputs, **kwargs)
+        finally:
+            holder["weight"] = saved
+
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        # torch.func's first use scripts a helper, and torch's deprecation of that names no call of the user's
+        warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+        try:
+            _, change = torch.func.jvp(output, (weight,), (direction,))
+        except Exception as err:
+            raise Unchecked(f"{type(err).__name__}: {str(err)[:200]}") from err
+        expected = _plain(module, x, direction)
+    if not isinstance(change, torch.Tensor):
+        return f"its forward returns a {type(change).__name__}, not the layer's output tensor"
+    if change.shape != expected.shape:
+        return (f"its output has shape {tuple(change.shape)} where the plain product of its input gives "
+                f"{tuple(expected.shape)} (a forward that pads or reshapes its input)")
+    scale = float(expected.abs().max())
+    difference = float((change - expected).abs().max()) / max(scale, torch.finfo(expected.dtype).tiny)
+    if difference > TOLERANCE.get(change.dtype, DEFAULT_TOLERANCE):
+        return (f"its output changes with its weight unlike the plain product (by {difference:.0%} of it: a "
+                "forward that scales, standardizes or otherwise transforms the weight)")
+    return None

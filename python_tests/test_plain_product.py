@@ -1,0 +1,137 @@
+"""A layer subclass with a forward of its own under the exact estimators: refused at its first
+captured forward when its output does not depend on its weight through the layer's plain product
+(a transformed weight, a padded input), let through with no word when it does (a plain wrapper, an
+added branch that does not read the weight), its curvature then equal to a float64 reference."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from mackay_ext.curvature import FisherAccumulator
+
+
+class StandardizedConv(nn.Conv2d):   # timm's StdConv2d, the weight-standardized conv of BiT
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class HalfWeightLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, 0.5 * self.weight, self.bias)
+
+
+class PaddedSameConv(nn.Conv2d):   # timm's Conv2dSame: TF "SAME" padding, asymmetric, in forward
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class WrappedLinear(nn.Linear):   # timm's Linear: the same product, its own forward
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class LowRankBranchConv1d(nn.Conv1d):   # an added branch that does not read the weight (LoRA-like)
+    def __init__(self, *args, rank=2, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.down = nn.Parameter(torch.randn(rank, self.in_channels) / 4)
+        self.up = nn.Parameter(torch.randn(self.out_channels, rank) / 4)
+
+    def forward(self, x, scale=1.0):
+        branch = torch.einsum("or,ri,nil->nol", self.up, self.down, x[..., : self.conv_out(x)])
+        return super().forward(x) + scale * branch
+
+    def conv_out(self, x):
+        return x.shape[-1] - self.kernel_size[0] + 1
+
+
+class DropConnectLinear(nn.Linear):   # draws random numbers in forward: the check must not move them
+    def forward(self, x):
+        return F.linear(x, F.dropout(self.weight, 0.0, self.training) * 1.0, self.bias) + 0 * torch.rand(1)
+
+
+@pytest.mark.parametrize("mode", ["ef-exact", "fisher-mc"])
+@pytest.mark.parametrize("layer, why", [
+    (StandardizedConv(3, 4, 3, padding=1), "changes with its weight unlike the plain product"),
+    (PaddedSameConv(3, 4, 3, stride=2), r"has shape \(5, 4, 3, 3\) where the plain product of its input gives"),
+])
+def test_a_transformed_weight_or_input_is_refused_at_the_first_forward(mode, layer, why):
+    """A new user's StdConv2d read a curvature 5-200x too small under one construction-time
+    warning; Conv2dSame failed inside loss.backward()."""
+    model = nn.Sequential(layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), HalfWeightLinear(4, 3))
+    accumulator = FisherAccumulator(model, mode=mode)
+    x = torch.randn(5, 3, 6, 6)
+    with pytest.raises(RuntimeError, match=rf"0 \({type(layer).__name__}\) is a subclass whose forward does not "
+                                           rf"use its weight as nn.Conv2d does: its output {why}.*ef-batch"):
+        if mode == "ef-exact":
+            with accumulator:
+                model(x)
+        else:
+            with accumulator.capture_mc():
+                model(x)
+    # refused again at the next forward, and the Linear behind it too once the conv is left out
+    with pytest.raises(RuntimeError, match=r"0 \("), accumulator.capture_mc() if mode == "fisher-mc" \
+            else accumulator:
+        model(x)
+    accumulator.detach()
+    rest = FisherAccumulator(model, mode="ef-exact", modules=["4"])
+    with pytest.raises(RuntimeError, match=r"4 \(HalfWeightLinear\).*changes with its weight.*by 50%"), rest:
+        model(x)
+
+
+def reference_squares(model, x, y):
+    """Per-example squared gradients, averaged over the batch, in float64 (torch.func)."""
+    model = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+    grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.double(), y)
+    return {k: (g ** 2).mean(0) for k, g in grads.items()}
+
+
+def test_a_plain_product_with_an_own_forward_is_served_with_no_word():
+    """timm's Linear drew the old warning too (users learned to ignore it); a branch added beside
+    the product, keyword arguments to the forward included, leaves the weight's gradient that of
+    the plain product: the curvature equals the float64 reference, and nothing is said."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = LowRankBranchConv1d(3, 4, 3), WrappedLinear(4 * 6, 5)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(x, scale=0.5)).flatten(1))
+    model = Net().double()
+    x, y = torch.randn(7, 3, 8, dtype=torch.float64), torch.randint(0, 5, (7,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accumulator = FisherAccumulator(model)
+        with accumulator:
+            F.cross_entropy(model(x), y).backward()
+    expected = reference_squares(model, x, y)
+    for name in ("conv.weight", "conv.bias", "fc.weight", "fc.bias"):
+        got = accumulator.curvature(dict(model.named_parameters())[name])
+        torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12)
+
+
+def test_the_check_leaves_the_random_streams_and_the_training_as_they_were():
+    """The check runs the layer's forward once more: one that draws random numbers must leave
+    the run's random state where the run without the accumulator leaves it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(DropConnectLinear(4, 3))
+    twin = copy.deepcopy(model)
+    x = torch.randn(6, 4)
+    torch.manual_seed(1)
+    with FisherAccumulator(model):
+        out = model(x)
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    torch.testing.assert_close(twin(x), out, rtol=0, atol=0)
+    torch.testing.assert_close(torch.rand(3), after, rtol=0, atol=0)
