@@ -11,6 +11,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
+from conftest import DEVICES
+
 from mackay_ext.curvature import FisherAccumulator
 
 
@@ -55,17 +57,19 @@ class DropConnectLinear(nn.Linear):   # draws random numbers in forward: the che
         return F.linear(x, F.dropout(self.weight, 0.0, self.training) * 1.0, self.bias) + 0 * torch.rand(1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ["ef-exact", "fisher-mc"])
 @pytest.mark.parametrize("layer, why", [
     (StandardizedConv(3, 4, 3, padding=1), "changes with its weight unlike the plain product"),
     (PaddedSameConv(3, 4, 3, stride=2), r"has shape \(5, 4, 3, 3\) where the plain product of its input gives"),
 ])
-def test_a_transformed_weight_or_input_is_refused_at_the_first_forward(mode, layer, why):
+def test_a_transformed_weight_or_input_is_refused_at_the_first_forward(mode, layer, why, device):
     """A new user's StdConv2d read a curvature 5-200x too small under one construction-time
     warning; Conv2dSame failed inside loss.backward()."""
-    model = nn.Sequential(layer, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), HalfWeightLinear(4, 3))
+    model = nn.Sequential(copy.deepcopy(layer), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          HalfWeightLinear(4, 3)).to(device)
     accumulator = FisherAccumulator(model, mode=mode)
-    x = torch.randn(5, 3, 6, 6)
+    x = torch.randn(5, 3, 6, 6, device=device)
     with pytest.raises(RuntimeError, match=rf"0 \({type(layer).__name__}\) is a subclass whose forward does not "
                                            rf"use its weight as nn.Conv2d does: its output {why}.*ef-batch"):
         if mode == "ef-exact":
@@ -86,8 +90,9 @@ def test_a_transformed_weight_or_input_is_refused_at_the_first_forward(mode, lay
 
 def reference_squares(model, x, y):
     """Per-example squared gradients, averaged over the batch, in float64 (torch.func)."""
-    model = copy.deepcopy(model).double()
+    model = copy.deepcopy(model).double().cpu()
     params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = x.cpu(), y.cpu()
 
     def loss(p, xi, yi):
         return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
@@ -95,7 +100,8 @@ def reference_squares(model, x, y):
     return {k: (g ** 2).mean(0) for k, g in grads.items()}
 
 
-def test_a_plain_product_with_an_own_forward_is_served_with_no_word():
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_plain_product_with_an_own_forward_is_served_with_no_word(device):
     """timm's Linear drew the old warning too (users learned to ignore it); a branch added beside
     the product, keyword arguments to the forward included, leaves the weight's gradient that of
     the plain product: the curvature equals the float64 reference, and nothing is said."""
@@ -108,8 +114,9 @@ def test_a_plain_product_with_an_own_forward_is_served_with_no_word():
 
         def forward(self, x):
             return self.fc(torch.tanh(self.conv(x, scale=0.5)).flatten(1))
-    model = Net().double()
-    x, y = torch.randn(7, 3, 8, dtype=torch.float64), torch.randint(0, 5, (7,))
+    model = Net().double().to(device)
+    x = torch.randn(7, 3, 8, dtype=torch.float64, device=device)
+    y = torch.randint(0, 5, (7,), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         accumulator = FisherAccumulator(model)
@@ -118,7 +125,7 @@ def test_a_plain_product_with_an_own_forward_is_served_with_no_word():
     expected = reference_squares(model, x, y)
     for name in ("conv.weight", "conv.bias", "fc.weight", "fc.bias"):
         got = accumulator.curvature(dict(model.named_parameters())[name])
-        torch.testing.assert_close(got, expected[name], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got.cpu(), expected[name], rtol=1e-9, atol=1e-12)
 
 
 def test_the_check_leaves_the_random_streams_and_the_training_as_they_were():
