@@ -255,7 +255,9 @@ class FisherAccumulator:
             parameter another module holds (tied weights) is not supported; a layer whose weight
             is also read outside its own calls (a parent module reading module.weight itself,
             other than nn.MultiheadAttention's out_proj, which is found) gets the curvature of its
-            calls only, and a subclass with a forward of its own is warned about.
+            calls only. A subclass with a forward of its own is checked at its first captured
+            forward (plain_product.py) and refused there when it does not use its weight as
+            the layer's plain product (a transformed weight or input).
         alpha_of: for a weight, the prior precisions a pruner holds for it (broadcastable to it),
             or None. Weights at alpha = +inf are pruned for good: their squares are not added
             (a Linear layer pruned below kept_pattern.MAX_SPARSE_DENSITY sums at its kept
@@ -308,6 +310,7 @@ class FisherAccumulator:
         # subclasses with a forward of their own, until their first captured forward shows that
         # it uses the weight as the layer's plain product (plain_product.py)
         self._unchecked = {m: n for n, m in self.layers.items() if has_own_forward(m)}
+        self._said_unchecked: set[nn.Module] = set()
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
         self._pending: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
@@ -419,7 +422,7 @@ class FisherAccumulator:
                                f"does not use its weight as nn.{base_layer(module).__name__} does: {problem}. "
                                f"The exact curvature ({self.mode}) squares the gradient of that plain product "
                                "and would be wrong for it: use curvature='ef-batch' (the gradient itself), or "
-                               "leave the layer out with layers=[...]")
+                               "leave the layer out (MacKayPruner's layers=, FisherAccumulator's modules=)")
         del self._unchecked[module]
 
     def _on_output_grad(self, module, grad):
@@ -810,11 +813,24 @@ class FisherAccumulator:
         if param not in self.sums:
             raise KeyError("FisherAccumulator.curvature: no curvature for this parameter (not in a "
                            "supported layer, or no batch accumulated yet)")
+        self._say_unchecked(param)
         mean = self.sums[param] / max(self.counts[param], 1)
         alpha = self.alpha_of(param) if self.alpha_of is not None else None
         if alpha is not None:   # pruned weights: nothing (or, above the sparse line, unused sums) added
             mean.masked_fill_((alpha == math.inf).expand_as(mean), 0.0)
         return mean
+
+    def _say_unchecked(self, param: nn.Parameter) -> None:
+        """A subclass layer whose forward no check has seen (each captured forward ran compiled:
+        torch.compile, where the check cannot run) is said once, when its curvature is read."""
+        for module, name in self._unchecked.items():
+            if _stored(module, "weight") is param and module not in self._said_unchecked:
+                self._said_unchecked.add(module)
+                warnings.warn(f"FisherAccumulator: {name} ({type(module).__name__}) is a subclass with a forward "
+                              "of its own whose captured forwards all ran under torch.compile, where it cannot be "
+                              "checked: its curvature assumes that forward computes the layer's plain product of "
+                              "its input with its weight (one eager forward checks it)", UserWarning,
+                              stacklevel=user_stacklevel())
 
     @torch.no_grad()
     def all_reduce(self, group=None) -> None:

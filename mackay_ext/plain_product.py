@@ -16,6 +16,7 @@ keeps the curvature right; a transform of the weight or of the input does not.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -45,14 +46,45 @@ def _plain(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 
 class Unchecked(Exception):
-    """The forward could not run under forward-mode differentiation."""
+    """The forward could not run under forward-mode differentiation, or the plain product could
+    not be formed from its input."""
+
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+@contextlib.contextmanager
+def _unseen(module: nn.Module):
+    """Run the check's forward as if it never ran, as far as the modules can tell: their hooks
+    (the user's, and the library's on the layers inside) off, and every attribute the forward
+    sets (an output kept for an auxiliary loss, a call counter, a cache) put back after it."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    for m in module.modules():
+        for name in HOOK_DICTS:
+            m.__dict__[name] = type(m.__dict__[name])()
+    try:
+        yield
+    finally:
+        for m, attributes, parameters, buffers in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            m._parameters.clear()
+            m._parameters.update(parameters)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+
+
+def _precision(*dtypes: torch.dtype) -> float:
+    """The check's tolerance: that of the least precise dtype the numbers went through."""
+    return max(TOLERANCE.get(dtype, DEFAULT_TOLERANCE) for dtype in dtypes)
 
 
 def weight_use_problem(module: nn.Module, inputs: tuple, kwargs: dict) -> str | None:
-    """None when `module`'s forward on `inputs` and `kwargs` depends on its weight as the layer's plain
-    product of inputs[0]; otherwise what differs, in a few words. Raises Unchecked when the
-    forward cannot be run so. The forward runs once more, without hooks, with the random state
-    put back afterwards (a forward that draws random numbers leaves the run as it was)."""
+    """None when `module`'s forward on `inputs` and `kwargs` depends on its weight as the layer's
+    plain product of inputs[0]; otherwise what differs, in a few words. Raises Unchecked when
+    that cannot be told. The forward runs once more, unseen by the modules (_unseen) and with
+    the random state put back afterwards; what it does outside the modules (a global counter,
+    a print) happens once more."""
     x = inputs[0]
     # the tensor the forward reads as self.weight: the parameter, or torch.nn.utils.prune's
     # product of weight_orig and the mask, an attribute its pre-hook sets
@@ -62,30 +94,28 @@ def weight_use_problem(module: nn.Module, inputs: tuple, kwargs: dict) -> str | 
     direction = torch.randn(weight.shape, generator=generator, dtype=torch.float32).to(weight)
 
     def output(w):
-        saved = holder["weight"]
-        holder["weight"] = w
-        try:
-            return module.forward(*inputs, **kwargs)
-        finally:
-            holder["weight"] = saved
+        holder["weight"] = w   # (put back by _unseen)
+        return module.forward(*inputs, **kwargs)
 
     devices = [x.device] if x.device.type == "cuda" else []
+    autocast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     with torch.no_grad(), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
         # torch.func's first use scripts a helper, and torch's deprecation of that names no call of the user's
         warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
         try:
-            _, change = torch.func.jvp(output, (weight,), (direction,))
+            with _unseen(module):
+                _, change = torch.func.jvp(output, (weight,), (direction,))
+            # the plain product in float64, autocast off: a forward may cast its input or weight
+            with torch.autocast(x.device.type, enabled=False):
+                expected = _plain(module, x.double(), direction.double())
         except Exception as err:
             raise Unchecked(f"{type(err).__name__}: {str(err)[:200]}") from err
-        expected = _plain(module, x, direction)
-    if not isinstance(change, torch.Tensor):
-        return f"its forward returns a {type(change).__name__}, not the layer's output tensor"
     if change.shape != expected.shape:
         return (f"its output has shape {tuple(change.shape)} where the plain product of its input gives "
                 f"{tuple(expected.shape)} (a forward that pads or reshapes its input)")
     scale = float(expected.abs().max())
-    difference = float((change - expected).abs().max()) / max(scale, torch.finfo(expected.dtype).tiny)
-    if difference > TOLERANCE.get(change.dtype, DEFAULT_TOLERANCE):
-        return (f"its output changes with its weight unlike the plain product (by {difference:.0%} of it: a "
-                "forward that scales, standardizes or otherwise transforms the weight)")
+    difference = float((change.double() - expected).abs().max()) / max(scale, torch.finfo(torch.float64).tiny)
+    if difference > _precision(x.dtype, weight.dtype, change.dtype, autocast):
+        return (f"its output changes with its weight unlike the plain product (off by {difference:.3g} of its "
+                "largest entry: a forward that scales, standardizes or otherwise transforms the weight)")
     return None

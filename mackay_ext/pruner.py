@@ -1509,7 +1509,9 @@ class MacKayPruner(StandalonePrior):
                 if (model and (modules.get(target.module_name) is not target.module
                                or not any(target.param is held for held in (
                                    getattr(target.module, target.attr, None),   # torch prune:
-                                   getattr(target.module, target.attr + "_orig", None)))))
+                                   getattr(target.module, target.attr + "_orig", None)))
+                               # spectral_norm's hook form keeps the Parameter, as weight_orig
+                               or is_parametrization_input(target.module, target.attr)))
                 or (in_optimizer is not None and id(target.param) not in in_optimizer)]
         if gone and all(is_parametrization_input(self.targets[name].module, self.targets[name].attr)
                         for name in gone):
@@ -1517,7 +1519,8 @@ class MacKayPruner(StandalonePrior):
                                "after the pruner was built: the layer's weight is computed in its forward now, and the "
                                "prior is on a tensor it is computed from or no longer reads; register "
                                "it before building the pruner (that weight then has no prior), or remove it "
-                               "(torch.nn.utils.parametrize.remove_parametrizations)")
+                               "(torch.nn.utils.parametrize.remove_parametrizations; the hook forms: "
+                               "torch.nn.utils.remove_weight_norm, remove_spectral_norm)")
         if gone:
             raise RuntimeError(f"MacKayPruner.{where}: the weights of {', '.join(gone)} are no longer the "
                                "model's (a module or weight was replaced after the pruner was built, e.g. by "

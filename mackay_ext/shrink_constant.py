@@ -274,6 +274,7 @@ def _contribution(module: nn.Module, member, inputs: list[torch.Tensor]) -> torc
     weight = module.weight.detach().index_select(member.dim, index)
     rows = []
     for x in inputs:
+        x = x.to(weight.dtype)   # an input recorded under autocast (bfloat16 beside a float32 weight)
         if isinstance(module, nn.Linear):
             out = F.linear(x.index_select(x.dim() - 1, index), weight)
         elif is_hf_conv1d(module):   # weight (in, out)

@@ -381,3 +381,52 @@ def test_a_parametrized_weight_is_named_with_the_way_out(kind):
         warnings.simplefilter("error")   # nor torch.export's advice on the hook setting the weight
         with pytest.raises(CouplingError, match=r"parametrization \(2: .*\).*remove_parametrizations"):
             channel_groups(model, torch.randn(1, 3, 6, 6))
+
+
+class ConstantChannelNet(nn.Module):
+    """conv1 -> BatchNorm -> ReLU -> conv2 (with a bias) -> pooled Linear, conv2's call inside a
+    region of the forward."""
+
+    def __init__(self, region: str):
+        super().__init__()
+        self.region = region
+        self.conv1, self.bn1 = nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5)
+        self.conv2, self.fc = nn.Conv2d(5, 4, 1), nn.Linear(4, 3)   # 1x1: no padding, so a constant
+        # input channel adds the same to every position (shrink folds it into the bias)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        if self.region == "checkpoint":
+            h = torch.utils.checkpoint.checkpoint(self.conv2, h, use_reentrant=True)
+        elif self.region == "no_grad":
+            with torch.no_grad():
+                h = self.conv2(h)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                h = self.conv2(h)
+        return self.fc(F.relu(h).float().mean((2, 3)))
+
+
+@pytest.mark.parametrize("region", ["checkpoint", "no_grad", "autocast"])
+def test_shrink_through_regions_keeps_the_outputs(region):
+    """shrink through the same regions, with a channel of conv1 left constant (its filter and
+    BatchNorm scale 0, its shift not): the constant is folded into conv2's bias from conv2's recorded input,
+    which autocast records in bfloat16 beside a float32 weight (that raised a dtype error)."""
+    from mackay_ext.shrink import shrink
+    torch.manual_seed(0)
+    model = ConstantChannelNet(region)
+    with torch.no_grad():
+        model.conv1.weight[1] = 0
+        model.conv1.bias[1] = 0
+        model.bn1.weight[1] = 0   # as norm-scale pruning leaves a channel: its shift alone
+        model.bn1.bias[1] = 0.7
+        model.conv2.weight[2] = 0
+        model.conv2.bias[2] = 0
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = shrink(model, (x,))
+    assert small.conv1.out_channels == 4 and small.conv2.out_channels == 3
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), rtol=0, atol=2e-2 if region == "autocast" else 1e-5)

@@ -84,7 +84,7 @@ def test_a_transformed_weight_or_input_is_refused_at_the_first_forward(mode, lay
         model(x)
     accumulator.detach()
     rest = FisherAccumulator(model, mode="ef-exact", modules=["4"])
-    with pytest.raises(RuntimeError, match=r"4 \(HalfWeightLinear\).*changes with its weight.*by 50%"), rest:
+    with pytest.raises(RuntimeError, match=r"4 \(HalfWeightLinear\).*changes with its weight.*off by 0\.5 of"), rest:
         model(x)
 
 
@@ -142,3 +142,69 @@ def test_the_check_leaves_the_random_streams_and_the_training_as_they_were():
     torch.manual_seed(1)
     torch.testing.assert_close(twin(x), out, rtol=0, atol=0)
     torch.testing.assert_close(torch.rand(3), after, rtol=0, atol=0)
+
+
+class CastingLinear(nn.Linear):   # modded-nanogpt's CastedLinear: the weight cast to the input's dtype
+    def forward(self, x):
+        return F.linear(x, self.weight.type_as(x), self.bias.type_as(x))
+
+
+class FloatHeadLinear(nn.Linear):   # a float32 head under autocast: autocast off, the input upcast
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float())
+
+
+class KeepsItsOutput(nn.Linear):   # its output kept for an auxiliary loss, its calls counted
+    calls = 0
+
+    def forward(self, x):
+        self.last_out = out = super().forward(x)
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("case", ["cast weight, bfloat16 input", "float32 head under autocast", "kept output"])
+def test_casts_autocast_and_kept_outputs_pass_the_check_unchanged(case):
+    """A review's cases: the check formed the plain product from the raw input and a direction in
+    the weight's dtype (a dtype error inside the forward hook), judged an autocast run at float32's
+    tolerance (a false refusal), and left its own forward's attributes on the module (the kept
+    output then carried no gradient for the user's auxiliary loss)."""
+    torch.manual_seed(0)
+    layer = {"cast weight, bfloat16 input": CastingLinear, "float32 head under autocast": FloatHeadLinear,
+             "kept output": KeepsItsOutput}[case](6, 3)
+    model = nn.Sequential(nn.Linear(4, 6), layer)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accumulator = FisherAccumulator(model)
+        with accumulator:
+            if case == "cast weight, bfloat16 input":
+                logits = layer(model[0](x).bfloat16()).float()
+            elif case == "float32 head under autocast":
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = model(x)
+            else:
+                logits = model(x)
+                logits = logits + 0.1 * layer.last_out.square()   # the auxiliary term
+            F.cross_entropy(logits, y).backward()
+    assert accumulator.counts[layer.weight] == 5
+    if case == "kept output":
+        assert layer.calls == 1 and layer.last_out.requires_grad
+
+
+def test_a_layer_only_ever_run_compiled_is_said_when_its_curvature_is_read():
+    """Inside a torch.compile'd forward the check cannot run: a 0.5 * weight Linear ran with no
+    word (the construction-time warning it replaced had said something)."""
+    torch._dynamo.reset()
+    model = nn.Sequential(HalfWeightLinear(8, 4))
+    accumulator = FisherAccumulator(model)
+    compiled = torch.compile(model, backend="eager")
+    with accumulator:
+        F.cross_entropy(compiled(torch.randn(5, 8)), torch.randint(0, 4, (5,))).backward()
+    with pytest.warns(UserWarning, match=r"0 \(HalfWeightLinear\) .* all ran under torch.compile"):
+        accumulator.curvature(model[0].weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # once
+        accumulator.curvature(model[0].weight)
+    torch._dynamo.reset()

@@ -263,7 +263,7 @@ def test_a_parametrized_layer_named_by_the_user_is_said_to_be_one(api, where, na
                                                                         if where == "granularity" else [name]})
 
 
-@pytest.mark.parametrize("kind", ["spectral_norm", "weight_norm hook"])
+@pytest.mark.parametrize("kind", ["spectral_norm", "weight_norm hook", "spectral_norm hook"])
 def test_a_parametrization_put_on_a_pruned_layer_later_is_named_at_the_update(kind):
     """A new user added spectral_norm to a layer for a fine-tune stage after building the pruner:
     the update refused as if the layer had been replaced by sparsify or shrink."""
@@ -272,6 +272,8 @@ def test_a_parametrization_put_on_a_pruned_layer_later_is_named_at_the_update(ki
     pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=10)
     if kind == "spectral_norm":
         nn.utils.parametrizations.spectral_norm(model[2])
+    elif kind == "spectral_norm hook":   # keeps the pruner's Parameter, as weight_orig
+        nn.utils.spectral_norm(model[2])
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)   # the hook form is deprecated
