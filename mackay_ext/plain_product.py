@@ -58,20 +58,22 @@ def _unseen(module: nn.Module):
     """Run the check's forward as if it never ran, as far as the modules can tell: their hooks
     (the user's, and the library's on the layers inside) off, and every attribute the forward
     sets (an output kept for an auxiliary loss, a call counter, a cache) put back after it."""
-    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in module.modules()]
+    # each module's attributes, and the contents of the dicts among them that a forward may
+    # change in place (a parameter swapped in, a buffer or submodule set)
+    saved = [(m, dict(m.__dict__), [(d, dict(d)) for d in (m._parameters, m._buffers, m._modules)])
+             for m in module.modules()]
     for m in module.modules():
         for name in HOOK_DICTS:
             m.__dict__[name] = type(m.__dict__[name])()
     try:
         yield
     finally:
-        for m, attributes, parameters, buffers in saved:
+        for m, attributes, contents in saved:
             m.__dict__.clear()
             m.__dict__.update(attributes)
-            m._parameters.clear()
-            m._parameters.update(parameters)
-            m._buffers.clear()
-            m._buffers.update(buffers)
+            for held, items in contents:
+                held.clear()
+                held.update(items)
 
 
 def _precision(*dtypes: torch.dtype) -> float:
