@@ -386,9 +386,12 @@ class FisherAccumulator:
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
                 and output.requires_grad and not torch._C._are_functorch_transforms_active() \
                 and not torch.compiler.is_exporting():
+            # the layer's input: its first positional argument, or the keyword its forward names
+            # it by (nn.Linear's and the convs' `input`: layer(input=x))
+            x = inputs[0] if inputs else kwargs.get("input")
             if module in self._unchecked and not torch.compiler.is_compiling():
-                self._check_weight_use(module, inputs, kwargs)
-            self._pending[module].append(inputs[0].detach())
+                self._check_weight_use(module, x, inputs, kwargs)
+            self._pending[module].append(x.detach())
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))
             # ef-exact: a pre-hook on the node that made the output hands us delta =
@@ -403,13 +406,13 @@ class FisherAccumulator:
                 node.register_prehook(lambda grads, module=module, index=index:
                                       self._on_output_grad(module, grads[index]))
 
-    def _check_weight_use(self, module, inputs, kwargs) -> None:
+    def _check_weight_use(self, module, x, inputs, kwargs) -> None:
         """Refuse a subclass layer whose forward does not use its weight as the plain product,
         whose exact curvature the hooks would get wrong (plain_product.py); said once and let
         through where the forward cannot be checked."""
         name = self._unchecked[module]
         try:
-            problem = weight_use_problem(module, inputs, kwargs)
+            problem = weight_use_problem(module, x, inputs, kwargs)
         except Unchecked as err:
             del self._unchecked[module]
             warnings.warn(f"FisherAccumulator: the forward of {name} ({type(module).__name__}), a subclass with "

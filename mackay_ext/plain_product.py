@@ -81,13 +81,12 @@ def _precision(*dtypes: torch.dtype) -> float:
     return max(TOLERANCE.get(dtype, DEFAULT_TOLERANCE) for dtype in dtypes)
 
 
-def weight_use_problem(module: nn.Module, inputs: tuple, kwargs: dict) -> str | None:
-    """None when `module`'s forward on `inputs` and `kwargs` depends on its weight as the layer's
-    plain product of inputs[0]; otherwise what differs, in a few words. Raises Unchecked when
-    that cannot be told. The forward runs once more, unseen by the modules (_unseen) and with
-    the random state put back afterwards; what it does outside the modules (a global counter,
-    a print) happens once more."""
-    x = inputs[0]
+def weight_use_problem(module: nn.Module, x: torch.Tensor, inputs: tuple, kwargs: dict) -> str | None:
+    """None when `module`'s forward on `inputs` and `kwargs` depends on its weight as the
+    layer's plain product of its input `x` (one of them); otherwise what differs, in a few
+    words. Raises Unchecked when that cannot be told. The forward runs once more, unseen by the
+    modules (_unseen) and with the random state put back afterwards; what it does outside the
+    modules (a global counter, a print) happens once more."""
     # the tensor the forward reads as self.weight: the parameter, or torch.nn.utils.prune's
     # product of weight_orig and the mask, an attribute its pre-hook sets
     holder = module._parameters if "weight" in module._parameters else module.__dict__

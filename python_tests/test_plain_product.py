@@ -34,8 +34,8 @@ class PaddedSameConv(nn.Conv2d):   # timm's Conv2dSame: TF "SAME" padding, asymm
 
 
 class WrappedLinear(nn.Linear):   # timm's Linear: the same product, its own forward
-    def forward(self, x):
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, input):
+        return F.linear(input, self.weight, self.bias)
 
 
 class LowRankBranchConv1d(nn.Conv1d):   # an added branch that does not read the weight (LoRA-like)
@@ -208,3 +208,23 @@ def test_a_layer_only_ever_run_compiled_is_said_when_its_curvature_is_read():
         warnings.simplefilter("error")   # once
         accumulator.curvature(model[0].weight)
     torch._dynamo.reset()
+
+
+def test_a_layer_called_with_its_input_by_keyword_is_captured():
+    """layer(input=x) raised IndexError in the forward hook (found in a review)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = WrappedLinear(4, 3)
+
+        def forward(self, x):
+            return self.fc(input=x)
+    model = Net().double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    accumulator = FisherAccumulator(model)
+    with accumulator:
+        F.cross_entropy(model(x), y).backward()
+    torch.testing.assert_close(accumulator.curvature(model.fc.weight), reference_squares(model, x, y)["fc.weight"],
+                               rtol=1e-9, atol=1e-12)
