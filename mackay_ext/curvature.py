@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from . import _extension, conv_curvature, kept_pattern, loss_scale
 from .mc_likelihood import SoftmaxLossCheck
@@ -309,7 +310,9 @@ class FisherAccumulator:
                           stacklevel=2)
         # subclasses with a forward of their own, until their first captured forward shows that
         # it uses the weight as the layer's plain product (plain_product.py)
-        self._unchecked = {m: n for n, m in self.layers.items() if has_own_forward(m)}
+        # (a parametrized weight is computed, and no pruner's: nothing to check it for)
+        self._unchecked = {m: n for n, m in self.layers.items()
+                           if has_own_forward(m) and not parametrize.is_parametrized(m, "weight")}
         self._said_unchecked: set[nn.Module] = set()
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
@@ -388,7 +391,12 @@ class FisherAccumulator:
                 and not torch.compiler.is_exporting():
             # the layer's input: its first positional argument, or the keyword its forward names
             # it by (nn.Linear's and the convs' `input`: layer(input=x))
-            x = inputs[0] if inputs else kwargs.get("input")
+            x = inputs[0] if inputs else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if not isinstance(x, torch.Tensor):
+                raise RuntimeError(f"FisherAccumulator: {self._name_of(module)} ({type(module).__name__}) was called "
+                                   f"with a {type(x).__name__} first, not its input tensor: the exact curvature "
+                                   "needs the layer's input (pass it first or as its one tensor keyword), or use "
+                                   "curvature='ef-batch'")
             if module in self._unchecked and not torch.compiler.is_compiling():
                 self._check_weight_use(module, x, inputs, kwargs)
             self._pending[module].append(x.detach())
@@ -405,6 +413,9 @@ class FisherAccumulator:
             else:
                 node.register_prehook(lambda grads, module=module, index=index:
                                       self._on_output_grad(module, grads[index]))
+
+    def _name_of(self, module) -> str:
+        return next((name for name, layer in self.layers.items() if layer is module), type(module).__name__)
 
     def _check_weight_use(self, module, x, inputs, kwargs) -> None:
         """Refuse a subclass layer whose forward does not use its weight as the plain product,
@@ -695,6 +706,8 @@ class FisherAccumulator:
         self._sites = None   # (its hooks on the original's model are inert in the model's copy)
         # (absent from a copy made before loss_scale)
         self._tasks, self._loss_scale, self._stage = [], None, None
+        state.setdefault("_unchecked", {})   # (and before plain_product)
+        self._unchecked, self._said_unchecked = state["_unchecked"], state.get("_said_unchecked", set())
 
     def _require_capture(self, where: str) -> None:
         if self.copied:

@@ -158,8 +158,13 @@ class FloatHeadLinear(nn.Linear):   # a float32 head under autocast: autocast of
 class KeepsItsOutput(nn.Linear):   # its output kept for an auxiliary loss, its calls counted
     calls = 0
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept = []
+
     def forward(self, x):
         self.last_out = out = super().forward(x)
+        self.kept.append(out)
         self.calls += 1
         return out
 
@@ -190,7 +195,7 @@ def test_casts_autocast_and_kept_outputs_pass_the_check_unchanged(case):
             F.cross_entropy(logits, y).backward()
     assert accumulator.counts[layer.weight] == 5
     if case == "kept output":
-        assert layer.calls == 1 and layer.last_out.requires_grad
+        assert layer.calls == 1 and layer.last_out.requires_grad and len(layer.kept) == 1
 
 
 def test_a_layer_only_ever_run_compiled_is_said_when_its_curvature_is_read():
@@ -228,3 +233,15 @@ def test_a_layer_called_with_its_input_by_keyword_is_captured():
         F.cross_entropy(model(x), y).backward()
     torch.testing.assert_close(accumulator.curvature(model.fc.weight), reference_squares(model, x, y)["fc.weight"],
                                rtol=1e-9, atol=1e-12)
+
+
+def test_a_layer_called_without_its_input_tensor_first_is_named():
+    """A first argument that is no tensor (a config dict) raised AttributeError in the hook."""
+    class ConfigFirst(nn.Linear):
+        def forward(self, config, x):
+            return super().forward(x) * config["gain"]
+    model = nn.Sequential(nn.Linear(3, 4))
+    layer = ConfigFirst(4, 2)
+    FisherAccumulator(nn.ModuleList([model, layer]))
+    with pytest.raises(RuntimeError, match=r"1 \(ConfigFirst\) was called with a dict first, not its input tensor"):
+        layer({"gain": 1.0}, model(torch.randn(2, 3)))
