@@ -397,8 +397,8 @@ class FisherAccumulator:
                                    f"with a {type(x).__name__} first, not its input tensor: the exact curvature "
                                    "needs the layer's input (pass it first or as its one tensor keyword), or use "
                                    "curvature='ef-batch'")
-            if module in self._unchecked and not torch.compiler.is_compiling():
-                self._check_weight_use(module, x, inputs, kwargs)
+            if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
+                self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
             self._pending[module].append(x.detach())
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))

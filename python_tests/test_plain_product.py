@@ -245,3 +245,12 @@ def test_a_layer_called_without_its_input_tensor_first_is_named():
     FisherAccumulator(nn.ModuleList([model, layer]))
     with pytest.raises(RuntimeError, match=r"1 \(ConfigFirst\) was called with a dict first, not its input tensor"):
         layer({"gain": 1.0}, model(torch.randn(2, 3)))
+
+
+def test_an_empty_first_batch_leaves_the_check_to_the_next():
+    model = nn.Sequential(HalfWeightLinear(3, 2))
+    accumulator = FisherAccumulator(model)
+    with accumulator:
+        model(torch.randn(0, 3))
+        with pytest.raises(RuntimeError, match="does not use its weight as nn.Linear"):
+            model(torch.randn(2, 3))
