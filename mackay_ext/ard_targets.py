@@ -157,8 +157,8 @@ def _selectable(module_name: str, module: nn.Module, attr: str) -> tuple[str, ..
     """The names in layers= that select a parameter: its target and parameter names, and for an
     input of torch.nn.utils.parametrize (held at "<layer>.parametrizations.<tensor>") also the
     layer and "<layer>.<tensor>", and for a hook form's (weight_g) "<layer>.<tensor>": the names
-    its user knows it by (the selection then says it
-    is a parametrization's input, where it said the layer had no weight)."""
+    its user knows it by (the selection then says it is a parametrization's input, where it said
+    the layer had no weight)."""
     names = _names_of(module_name, attr)
     if isinstance(module, ParametrizationList):
         layer, _, tensor = module_name.rpartition(".parametrizations.")

@@ -67,8 +67,9 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
             raise
         raise CouplingError(f"{str(err).rstrip('.')}. The model computes weights through a parametrization ("
                             f"{', '.join(parametrized)}), which the trace cannot follow in any case (a layer's "
-                            "weight must be a parameter for its channels to be cut): remove it first (torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'); the "
-                            "hook forms: torch.nn.utils.remove_weight_norm, remove_spectral_norm)") from err
+                            "weight must be a parameter for its channels to be cut): remove it first "
+                            "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'); the hook "
+                            "forms: torch.nn.utils.remove_weight_norm, remove_spectral_norm)") from err
     return collect(atoms, model)
 
 
