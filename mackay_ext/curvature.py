@@ -706,8 +706,8 @@ class FisherAccumulator:
         self._sites = None   # (its hooks on the original's model are inert in the model's copy)
         # (absent from a copy made before loss_scale)
         self._tasks, self._loss_scale, self._stage = [], None, None
-        state.setdefault("_unchecked", {})   # (and before plain_product)
-        self._unchecked, self._said_unchecked = state["_unchecked"], state.get("_said_unchecked", set())
+        self.__dict__.setdefault("_unchecked", {})   # (and before plain_product)
+        self.__dict__.setdefault("_said_unchecked", set())
 
     def _require_capture(self, where: str) -> None:
         if self.copied:

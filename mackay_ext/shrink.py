@@ -28,6 +28,7 @@ from ._float32 import full_float32
 from ._validate import check_module, check_not_quantized
 from .coupling import ChannelGroup, CouplingError, split_inputs, trace_coupling
 from .coupling.ties import modules_of, tied_names
+from .coupling.trace import CHECKPOINT_WITHOUT_GRADIENTS
 from .coupling.groups import is_hf_gpt2_self_attention
 
 __all__ = ["ShrinkReport", "count_macs", "shrink"]
@@ -124,11 +125,9 @@ def shrink(model: nn.Module, example_inputs, round_to: int = 1, *,
         raise ValueError(f"shrink: memory_format must be None or a torch.memory_format such as "
                          f"torch.channels_last, got {memory_format!r}")
     small, rounds = model, []
-    # the constants folded into biases are measured, and the result checked, without TF32; a
-    # reentrant torch.utils.checkpoint in the forward warns, in these gradient-free runs, that its
-    # inputs need no gradient, which says nothing of the user's
+    # the constants folded into biases are measured, and the result checked, without TF32
     with full_float32(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+        warnings.filterwarnings("ignore", message=CHECKPOINT_WITHOUT_GRADIENTS)
         for _ in range(_MAX_ROUNDS):
             try:
                 step = _shrink_once(small, example_inputs, round_to)

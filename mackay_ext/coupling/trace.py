@@ -15,6 +15,11 @@ from .groups import ChannelGroup, Coupling, CouplingError, InputsDoNotRun, colle
 from .ties import canonical_names
 
 
+# what a reentrant torch.utils.checkpoint in the forward warns when run without gradients, as the
+# trace's and shrink's read-only runs are: nothing of the user's
+CHECKPOINT_WITHOUT_GRADIENTS = "None of the inputs have requires_grad=True"
+
+
 def channel_groups(model: nn.Module, example_inputs) -> list[ChannelGroup]:
     """Coupled channel groups of `model`, found from one traced forward on `example_inputs`.
 
@@ -37,9 +42,7 @@ def trace_coupling(model: nn.Module, example_inputs) -> Coupling:
     model.eval()   # dropout off, BatchNorm in inference form: the form shrink must preserve
     try:
         with warnings.catch_warnings():
-            # a reentrant torch.utils.checkpoint in the forward warns that its inputs need no
-            # gradient, which a read-only trace's never do
-            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+            warnings.filterwarnings("ignore", message=CHECKPOINT_WITHOUT_GRADIENTS)
             # nn.RNN's forward re-lists its weights (_flat_weights) as it runs, as the hook form
             # of weight_norm sets the weight: torch.export's advice on that is for its own users
             warnings.filterwarnings("ignore", message=r"The tensor attributes? .* (was|were) assigned during export")
