@@ -200,6 +200,10 @@ class StandalonePrior:
         if lr == 0.0:
             return False   # (no step, no prior: _prior_step's None; the masks as always)
         step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+        if found_inf is not None and found_inf.device.type != "cpu":
+            # GradScaler's flag of one device: a model over two GPUs has the weight on the other
+            # (the op takes the flag on the weight's device or the CPU, as the general path does)
+            found_inf = found_inf.to(param.device, non_blocking=True)
         adam_proximal_prior_(param, v, self._own[name]["alpha"], step, beta2=float(group["betas"][1]),
                              eps=float(group.get("eps", 1e-8)), scale=lr * self.gradient_scale / self.num_data,
                              found_inf=found_inf)

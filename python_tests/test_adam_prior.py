@@ -9,7 +9,7 @@ import mackay_ext
 from mackay_ext import MacKayPruner
 from mackay_ext.ops import adam_proximal_prior_
 
-from conftest import DEVICES
+from conftest import CUDA_AVAILABLE, DEVICES
 
 TINY = torch.finfo(torch.float32).tiny
 HYPER = dict(beta2=0.99, eps=1e-6, scale=3e-2)
@@ -61,13 +61,81 @@ def test_a_non_contiguous_weight_and_a_step_before_the_first(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_skipped_step_changes_nothing(device):
+@pytest.mark.parametrize("layout", ["v transposed", "channels_last", "offset slice"])
+def test_layouts_of_their_own(device, layout):
+    """The weight and v each indexed by its own strides, with alpha broadcast: v with other strides
+    than the weight's, a channels_last conv weight under a per-output-channel alpha (no dimension
+    merges), a sliced weight at a storage offset under a per-column alpha."""
+    if layout == "v transposed":
+        weight, v, alpha = _case((13, 7), (13, 1), device)
+        v = v.t().contiguous().t()   # the same values, column-major
+    elif layout == "channels_last":
+        weight, v, alpha = _case((8, 3, 3, 5), (8, 1, 1, 1), device)
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    else:
+        weight, v, alpha = _case((9, 15), (1, 11), device)
+        weight, v = weight[2:, 3:14], v[1:8, 2:13]
+    assert not (weight.is_contiguous() and v.is_contiguous())
+    expected = reference(weight, v, alpha, 5.0, **HYPER)
+    adam_proximal_prior_(weight, v, alpha, torch.tensor(5.0, device=device), **HYPER)
+    torch.testing.assert_close(weight.double(), expected, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flag_on_cpu", [False, True], ids=["flag on the weight's device", "flag on the cpu"])
+def test_a_skipped_step_changes_nothing(device, flag_on_cpu):
     weight, v, alpha = _case((9, 11), (1, 11), device)
     before = weight.clone()
-    adam_proximal_prior_(weight, v, alpha, torch.tensor(3.0), **HYPER, found_inf=torch.ones((), device=device))
+    flag_device = "cpu" if flag_on_cpu else device
+    adam_proximal_prior_(weight, v, alpha, torch.tensor(3.0), **HYPER, found_inf=torch.ones((), device=flag_device))
     assert torch.equal(weight, before)   # pruned entries included: the step GradScaler skipped changed nothing
-    adam_proximal_prior_(weight, v, alpha, torch.tensor(3.0), **HYPER, found_inf=torch.zeros((), device=device))
+    adam_proximal_prior_(weight, v, alpha, torch.tensor(3.0), **HYPER, found_inf=torch.zeros((), device=flag_device))
     torch.testing.assert_close(weight.double(), reference(before, v, alpha, 3.0, **HYPER), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not CUDA_AVAILABLE, reason="needs a CUDA GPU")
+def test_cuda_past_one_grid_and_on_a_side_stream():
+    """A weight of more elements than one launch's 65,535 blocks of 256 threads cover (the kernel's
+    grid-stride loop), stepped on a stream other than the default one (the kernel runs on the
+    current stream: read after that stream, the result is there)."""
+    weight, v, alpha = _case((4097, 4097), (4097, 1), "cuda")
+    expected = reference(weight, v, alpha, 9.0, **HYPER)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        adam_proximal_prior_(weight, v, alpha, torch.tensor(9.0, device="cuda"), **HYPER)
+    stream.synchronize()
+    torch.testing.assert_close(weight.double(), expected, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(not CUDA_AVAILABLE or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_a_model_over_two_gpus_under_grad_scaler():
+    """GradScaler keeps one found_inf per device: the weights on the second GPU are stepped with
+    the flag of their own device, and a weight off the current device gets its own device's
+    kernel (a guard); the result is the general path's."""
+    runs = []
+    for backend in ("ext", "torch"):
+        torch.manual_seed(0)
+        first, second = torch.nn.Linear(6, 9).to("cuda:0"), torch.nn.Linear(9, 3).to("cuda:1")
+        model = torch.nn.ModuleDict({"first": first, "second": second})
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2, fused=True)
+        pruner = MacKayPruner(model, opt, num_data=64, batch_size=16, backend=backend, curvature="ef-batch",
+                              prune="alpha", threshold=1e3)
+        scaler = torch.amp.GradScaler("cuda")
+        generator = torch.Generator().manual_seed(1)
+        for step in range(20):
+            x = torch.randn(16, 6, generator=generator).to("cuda:0")
+            y = torch.randint(0, 3, (16,), generator=generator).to("cuda:1")
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(second(torch.tanh(first(x)).to("cuda:1")), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if step % 10 == 9:
+                pruner.update()
+        runs.append([p.detach().cpu() for p in model.parameters()])
+    for ext, torch_path in zip(*runs):
+        torch.testing.assert_close(ext, torch_path, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
