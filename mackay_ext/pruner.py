@@ -30,7 +30,7 @@ import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -1078,8 +1078,7 @@ class MacKayPruner(StandalonePrior):
             layers, channel = self.channel.update(hold=hold)
         else:
             layers, finished, still = self._update_layers(hold, resumed)
-            notes += [f"{name}: {FROZEN_NOW if not self.targets[name].param.requires_grad else AT_LR_ZERO}"
-                      for name in sorted(still)] + finished
+            notes += [f"{name}: {why}" for name, why in sorted(still.items())] + finished
         report = self._summarise(layers)
         self._warn_collapse(live_before, report, layers, channel if self.channel is not None else None)
         notes += [f"{layer['name']}: {WITHOUT_DATA}" for layer in layers if layer.get("without_data")]
@@ -1225,12 +1224,21 @@ class MacKayPruner(StandalonePrior):
                       "their prior shrinks them at no cost to the fit and can empty the layer; "
                       "granularity='channel' with channel_prior='norm-scale' puts the prior on the norm's "
                       "scale instead." if norms else "")
+        priced = (channel or {}).get("priced_out", 0) + sum(layer.get("priced_out", 0) for layer in layers)
+        # the cap does not hold back what the price removes (mac_price_ramp paces that): a new
+        # user under max_prune_fraction=0.5 lost 64 of 64 units to the price and was told to set it
+        thin = ("max_prune_fraction=0.5 to thin each layer over several updates" if self.max_prune_fraction is None
+                else f"a smaller max_prune_fraction (now {self.max_prune_fraction:g})")
+        if priced:
+            thin = (f"a lower mac_price, or a longer mac_price_ramp (now {self.mac_price_ramp}), which raises the "
+                    f"price over more updates ({priced:,} groups went for their multiply-adds, which "
+                    f"max_prune_fraction does not limit), or {thin}")
         warnings.warn(
             f"MacKayPruner.update: this update pruned {100 * share:.1f}% of the weights still live "
             f"({before:,} -> {report['kept']:,}){where}. The diagonal evidence finds groups prunable "
             "all at once when the network is not yet fit to its data or its groups stand in for each "
             "other; if accuracy falls, train to a fit before the first pruning update, pass "
-            "max_prune_fraction=0.5 to thin each layer over several updates, or, for a BatchNorm "
+            f"{thin}, or, for a BatchNorm "
             "network under granularity='channel', channel_prior='norm-scale' (README: 'When one "
             f"update prunes too much').{scale_free}{self._scale_hint()}", RuntimeWarning, stacklevel=user_stacklevel())
 
@@ -1264,7 +1272,7 @@ class MacKayPruner(StandalonePrior):
         return marks({name: target.param for name, target in self.targets.items()},
                      {name: self.alpha(name) for name in self.targets})
 
-    def _update_layers(self, hold: bool, resumed: bool) -> tuple[list[dict[str, Any]], list[str], set[str]]:
+    def _update_layers(self, hold: bool, resumed: bool) -> tuple[list[dict[str, Any]], list[str], dict[str, str]]:
         """Every layer's update (report entries), going on from an update that stopped part-way
         when `resumed` (unfinished_update.py); the note saying so, if it did; the layers held for
         an lr of 0 or a freeze."""
@@ -1374,34 +1382,29 @@ class MacKayPruner(StandalonePrior):
         return {name for name, yes in reached.items()
                 if not yes and not bool((self.alpha(name) == math.inf).all())}
 
-    def _layers_at_lr_zero(self) -> set[str]:
-        """The layers whose param group has lr 0 now while another group's is not, or frozen
-        (requires_grad False) since the pruner was built: the optimizer does not move them, so
-        their weights are not where the prior and the data balance, and pruning them on that (90%
-        of such a layer) would be pruning on their initial weights. (Every group at 0 is a
-        schedule's end or start: the weights were trained up to it.) Warned about once per layer."""
-        if self.optimizer is None:
-            return set()
-        frozen = {name for name, target in self.targets.items() if not target.param.requires_grad}
-        for name in sorted(frozen - self._said_lr_zero):
-            self._said_lr_zero.add(name)
-            warnings.warn(f"MacKayPruner.update: {self.targets[name].description}: {FROZEN_NOW}", RuntimeWarning,
-                          stacklevel=user_stacklevel())
-        return frozen | self._layers_at_lr_zero_only()
+    def _layers_at_lr_zero(self) -> dict[str, str]:
+        """The layers the optimizer does not move now, with why (see _not_moving)."""
+        return self._not_moving({name: (target.param, target.description) for name, target in self.targets.items()})
 
-    def _layers_at_lr_zero_only(self) -> set[str]:
+    def _not_moving(self, params: dict[str, tuple[torch.Tensor, str]]) -> dict[str, str]:
+        """Of `params` ({name: (parameter, description)}), those whose param group has lr 0 now
+        while another group's is not, or frozen (requires_grad False) since the pruner was built,
+        with why (AT_LR_ZERO, FROZEN_NOW): the optimizer does not move them, so their weights are
+        not where the prior and the data balance, and pruning them on that (90% of such a layer)
+        would be pruning on their initial weights. (Every group at 0 is a schedule's end or start:
+        the weights were trained up to it.) Warned about once per name."""
+        if self.optimizer is None:
+            return {}
         rates = {id(p): float(group.get("lr", 0.0)) for group in self.optimizer.param_groups for p in group["params"]}
-        if not any(rate > 0.0 for rate in rates.values()):
-            return set()
-        still = set()
-        for name, target in self.targets.items():
-            if rates.get(id(target.param)) == 0.0:
-                still.add(name)
-                if name not in self._said_lr_zero:
-                    self._said_lr_zero.add(name)
-                    warnings.warn(f"MacKayPruner.update: {target.description}: {AT_LR_ZERO}", RuntimeWarning,
-                                  stacklevel=user_stacklevel())
-        return still
+        some_move = any(rate > 0.0 for rate in rates.values())
+        why = {name: FROZEN_NOW for name, (param, _) in params.items() if not param.requires_grad}
+        why.update({name: AT_LR_ZERO for name, (param, _) in params.items()
+                    if name not in why and some_move and rates.get(id(param)) == 0.0})
+        for name in sorted(set(why) - self._said_lr_zero):
+            self._said_lr_zero.add(name)
+            warnings.warn(f"MacKayPruner.update: {params[name][1]}: {why[name]}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
+        return why
 
     def _without_data(self, name: str, target: ARDTarget) -> dict[str, Any]:
         """An idle layer's report entry (alpha and weights unchanged); said once per layer."""
@@ -1687,14 +1690,17 @@ class MacKayPruner(StandalonePrior):
             warnings.warn(f"{where}: the state was saved with other settings: {', '.join(differ)}; this "
                           "pruner's own apply from now on", RuntimeWarning, stacklevel=user_stacklevel())
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], fresh: Sequence[str] = ()) -> None:
         """Restore what state_dict() saved. Everything is checked before anything changes, and a
         load that fails part-way puts this pruner's own state back: a refused state never leaves
-        half of it loaded."""
+        half of it loaded. `fresh`: layers that keep this pruner's state (their prior, curvature and
+        weights) rather than the saved one's, such as a head replaced since the state was saved."""
         where = "MacKayPruner.load_state_dict"
         if not isinstance(state, Mapping):
             raise TypeError(f"{where}: state must be a dict from MacKayPruner.state_dict(), got "
                             f"{type(state).__name__}")
+        if fresh:
+            state = self._with_own_layers(state, fresh, where)
         absent = [key for key in ("alpha", "curvature") if key not in state]
         if absent:
             raise KeyError(f"{where}: state has no {' or '.join(map(repr, absent))} entry; pass a dict "
@@ -1705,8 +1711,14 @@ class MacKayPruner(StandalonePrior):
             if not hint and not set(self.targets) & set(state["alpha"]):   # not one layer in common
                 shown = ", ".join(sorted(map(str, state["alpha"]))[:4]) + (", ..." if len(state["alpha"]) > 4 else "")
                 hint = f" (the state's layers are {shown or 'none'}: a state from another model?)"
+            if not hint:   # some layers in common: this pruner was built over other layers
+                hint = (" (this pruner covers layers the saved one did not, such as a layer frozen when the saved "
+                        "pruner was built and trainable now: build this one as that one was, freezing them before "
+                        "and unfreezing after as the run did, pass layers= without them, or load with "
+                        f"fresh={sorted(missing)} to start them afresh)")
             raise KeyError(f"MacKayPruner.load_state_dict: no alpha for layers {sorted(missing)}" + hint)
         self._check_loaded(state, where)   # everything checked before anything changes
+        not_as_saved = self._layers_not_as_saved(state) if self.channel is None else {}
         if self.channel is not None:
             if "channel" not in state:
                 raise KeyError("MacKayPruner.load_state_dict: the state has no channel group alphas "
@@ -1718,6 +1730,71 @@ class MacKayPruner(StandalonePrior):
         except BaseException:
             self._apply_state(own)
             raise
+        if not_as_saved:
+            # said, not refused: an older model under a newer state loads as before (its later-pruned
+            # weights zeroed), and the Lightning and Hugging Face callbacks load states themselves
+            counts = ", ".join(f"{name} ({count:,})" for name, count in not_as_saved.items())
+            warnings.warn(
+                f"{where}: the state pruned weights of {counts} that were not 0 in the model (nearly all its "
+                "pruned entries), while the other layers were 0 wherever the state prunes them: those weights "
+                "look replaced or re-initialised since the state was saved (a new head of the old one's shape), "
+                "and the load has zeroed them at the old mask, with the old alpha as their prior. If so, "
+                "re-initialise them, build the pruner again and load with "
+                f"load_state_dict(state, fresh={list(not_as_saved)}): they keep their weights and start "
+                "their prior afresh", RuntimeWarning, stacklevel=user_stacklevel())
+
+    def _with_own_layers(self, state: Mapping[str, Any], fresh: Sequence[str], where: str) -> dict[str, Any]:
+        """`state` with this pruner's own entries for the `fresh` layers (load_state_dict)."""
+        if isinstance(fresh, str) or not all(isinstance(name, str) for name in fresh):
+            raise TypeError(f"{where}: fresh must be a list of layer names, got {fresh!r}")
+        unknown = sorted(set(fresh) - set(self.targets))
+        if unknown:
+            raise ValueError(f"{where}: fresh names layers this pruner has not: {unknown} (its layers: "
+                             f"{', '.join(list(self.targets)[:6])}{', ...' if len(self.targets) > 6 else ''})")
+        if self.channel is not None:
+            raise ValueError(f"{where}: fresh= is for per-layer granularities; under granularity='channel' a "
+                             "layer's groups reach into its neighbours, so build the pruner afresh")
+        own, state = self.state_dict(), dict(state)
+        for key in ("alpha", "curvature", "curvature_steps", "granularity", "split_from"):
+            if isinstance(state.get(key), Mapping):
+                state[key] = {**{n: v for n, v in state[key].items() if n not in fresh},
+                              **{n: own[key][n] for n in fresh if n in own[key]}}
+        if isinstance(state.get("alpha_before_switch_off"), Mapping):
+            state["alpha_before_switch_off"] = {n: a for n, a in state["alpha_before_switch_off"].items()
+                                                if n not in fresh}
+        if isinstance(state.get("exact_curvature"), Mapping):   # by parameter name
+            # every parameter of the layer's module: the accumulator keeps its bias's sums beside its weight's
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            weights = {names.get(id(self.targets[n].param)) for n in fresh}
+
+            def of_fresh(param_name: str) -> bool:
+                return param_name in weights or any(param_name.startswith(f"{n}.") for n in fresh)
+            state["exact_curvature"] = {**{n: v for n, v in state["exact_curvature"].items() if not of_fresh(n)},
+                                        **{n: v for n, v in own["exact_curvature"].items() if of_fresh(n)}}
+        return state
+
+    def _layers_not_as_saved(self, state: Mapping[str, Any]) -> dict[str, int]:
+        """{layer: count} of the layers whose weight is not 0 at 90% or more of the entries the
+        state prunes, when another layer, not 0 everywhere, is 0 wherever the state prunes it: a
+        new head of the old one's shape took the old mask and alpha with no word. (A model loaded
+        after the pruner's state is not 0 at any layer's pruned entries, a zero-initialised layer
+        aside; an older model under a newer state is 0 at what the older one had pruned.)"""
+        live, as_saved = {}, False
+        for name, target in self.targets.items():
+            alpha = state["alpha"].get(name)
+            if not isinstance(alpha, torch.Tensor) or not bool(torch.isinf(alpha).any()):
+                continue
+            weight = target.param.detach()
+            try:
+                gone = torch.isinf(alpha).to(weight.device).expand_as(weight)
+            except RuntimeError:   # (a split group layer's alpha: per weight, checked above)
+                continue
+            count, pruned = int((weight[gone] != 0).sum()), int(gone.sum())
+            if count >= 0.9 * pruned:
+                live[name] = count
+            elif count == 0 and bool(weight.any()):
+                as_saved = True
+        return live if as_saved else {}
 
     def _apply_state(self, state: Mapping[str, Any]) -> None:
         """load_state_dict's writes; the pruned weights are zeroed last, so a failure before

@@ -471,6 +471,26 @@ def test_no_removable_group_says_what_blocks_the_channels():
                      granularity="channel", example_inputs=(torch.randn(2, 4),))
 
 
+def test_frozen_norms_everywhere_are_said_in_a_few_lines():
+    """Freezing every BatchNorm (a common fine-tuning recipe) takes the prior off every channel
+    group: the refusal counts them by reason and shows one, where it listed all (a ResNet-18's
+    2,880 groups made a 722,343-character message)."""
+    blocks = [nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()) for _ in range(12)]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), *blocks,
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ValueError) as caught:
+        MacKayPruner(model, optimizer, num_data=10, batch_size=2, granularity="channel",
+                     example_inputs=(torch.randn(2, 3, 8, 8),))
+    message = str(caught.value)
+    assert re.search(r"\(52 removable groups; 52 without a prior: 52 with a frozen member \(a frozen member, such as "
+                     r"a frozen norm, takes the prior off every group it is in: unfreeze it", message)
+    assert message.count("no alpha for") == 1 and "and 51 more" in message and len(message) < 1500
+
+
 @pytest.mark.parametrize("options,warned", [({}, True), ({"channel_prior": "members"}, False),
                                             ({"max_prune_fraction": 0.5}, False),
                                             ({"channel_prior": "norm-scale"}, False)])
@@ -580,3 +600,90 @@ def test_gpt2_attention_heads_get_a_prior():
     assert small.transformer.h[0].attn.num_heads == 3
     with torch.no_grad():
         torch.testing.assert_close(small(tokens).logits, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["frozen, torch Adam", "frozen, MacKayAdam", "lr 0, torch Adam"])
+def test_a_layer_held_after_the_build_keeps_its_channels(how):
+    """A new user froze a backbone stage after the warm-up update (or set its group's lr to 0):
+    under granularity="channel" the next updates zeroed its rows and biases, and the proximal
+    prior shrank its frozen bias every step, with no word, where the per-weight granularities
+    leave such a layer alone. Now every group with such a member is re-estimated and not pruned,
+    said per member, and the member is not moved."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    first = list(model[0].parameters())
+    if how == "frozen, MacKayAdam":
+        optimizer = MacKayAdam(ard_param_groups(model), lr=1e-2, num_data=64, batch_size=16)
+    else:
+        rest = [p for p in model.parameters() if all(p is not q for q in first)]
+        optimizer = torch.optim.Adam([{"params": first}, {"params": rest}], lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (a threshold that prunes nearly all the free groups: said)
+        pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=16, granularity="channel",
+                              example_inputs=(torch.randn(2, 6),), prune="alpha", threshold=1.0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+    def steps(count):
+        for index in range(count):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[16 * (index % 4):][:16]), y[16 * (index % 4):][:16]).backward()
+            optimizer.step()
+
+    steps(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.update()
+    steps(20)
+    if how.startswith("frozen"):
+        model[0].requires_grad_(False)
+    else:
+        optimizer.param_groups[0]["lr"] = 0.0
+    held = [p.detach().clone() for p in first]
+    why = "its requires_grad is False now" if how.startswith("frozen") else "its param group's lr is 0"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pruner.update()
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    for member in ("0.weight", "0.bias"):
+        assert sum(f"{member} (a member of channel groups): {why}" in text for text in said) == 1
+    steps(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = pruner.update()
+    for before, after in zip(held, first):
+        assert torch.equal(before, after)
+    assert any(note.startswith(f"0.bias: {why}") for note in report["notes"])
+    # the 16 groups of fc1's rows are held; the others were pruned by the low threshold
+    assert report["channel"]["held"] == 16 and report["channel"]["groups_kept"] < 32
+
+
+def test_a_collapse_under_a_price_names_the_price_not_the_cap_already_set():
+    """max_prune_fraction does not limit what mac_price removes; a new user with the cap at 0.5
+    lost 64 of 64 units a layer to the price and the warning told them to pass the cap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    x = torch.randn(256, 20)
+    y = (x[:, :4] * 2).argmax(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pruner = MacKayPruner(model, optimizer, num_data=256, batch_size=32, granularity="channel",
+                          example_inputs=(x[:8],), max_prune_fraction=0.5, mac_price=1e-3)
+
+    def steps(count):
+        for index in range(count):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[32 * (index % 8):][:32]), y[32 * (index % 8):][:32]).backward()
+            optimizer.step()
+
+    steps(200)
+    pruner.update()
+    steps(50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pruner.update()
+    assert report["channel"]["priced_out"] > 0
+    assert int((model[0].weight.abs().sum(1) != 0).sum()) < 32   # past the cap's half of 64 units
+    said = " ".join(str(w.message) for w in caught)
+    assert re.search(r"pass a lower mac_price, or a longer mac_price_ramp \(now 1\), which raises the price over "
+                     r"more updates \(\d+ groups went for their multiply-adds, which max_prune_fraction does not "
+                     r"limit\), or a smaller max_prune_fraction \(now 0.5\)", said)
+    assert "pass max_prune_fraction=0.5" not in said

@@ -823,3 +823,85 @@ def test_an_optimizer_wrapper_s_inner_step_is_its_own():
                 pruner_step(pruner, model, optimizer, x, y)
             pruner.update(prune=update > 0)
     assert pruner.foreign_steps == {}
+
+
+def test_a_state_loaded_onto_a_replaced_head_is_said_and_fresh_keeps_the_head():
+    """A new user replaced a pruned head by a fresh one of the same shape and loaded the old
+    pruner's state into the new pruner, as the README says to go on: the old head's mask zeroed 91
+    of the new head's 256 weights and its alphas became the new head's prior, with no word."""
+    import torch.nn.functional as F
+
+    def build():
+        return torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    torch.manual_seed(0)
+    model = build()
+    x, y = torch.randn(128, 10), torch.randint(0, 4, (128,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    settings = dict(num_data=128, batch_size=32, prune="alpha", threshold=10.0, curvature="ef-exact")
+    pruner = MacKayPruner(model, optimizer, **settings)
+
+    def steps(count):
+        for index in range(count):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[32 * (index % 4):][:32]), y[32 * (index % 4):][:32]).backward()
+            optimizer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steps(50)
+        pruner.update()
+        steps(30)
+        pruner.update()
+        steps(3)
+    assert bool((model[0].weight == 0).any()) and bool((model[2].weight == 0).any())
+    state, backbone = pruner.state_dict(), model[0].weight.detach().clone()
+    pruner.detach()
+    model[2] = torch.nn.Linear(32, 4)
+    head = model[2].weight.detach().clone()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, **settings)
+    with pytest.warns(RuntimeWarning, match=r"the state pruned weights of 2 \(\d+\) that were not 0 in the model.*"
+                                            r"load_state_dict\(state, fresh=\['2'\]\)"):
+        pruner.load_state_dict(state)
+    assert not torch.equal(model[2].weight, head)   # zeroed at the old mask, as it says
+    pruner.detach()
+    with torch.no_grad():
+        model[2].weight.copy_(head)
+    pruner = MacKayPruner(model, optimizer, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.load_state_dict(state, fresh=["2"])
+    assert torch.equal(model[2].weight, head) and not bool(pruner.alpha("2").any())
+    assert torch.equal(model[0].weight, backbone) and torch.equal(pruner.alpha("0"), state["alpha"]["0"])
+    # the new head's exact-curvature sums (weight and bias) start at nothing; the backbone's are loaded
+    sums = pruner.accumulator.state_dict()
+    assert set(sums) == {"0.weight", "0.bias"} and sums["0.weight"]["count"] > 0
+    with pytest.raises(ValueError, match=r"fresh names layers this pruner has not: \['head'\]"):
+        pruner.load_state_dict(state, fresh=["head"])
+    with pytest.raises(TypeError, match=r"fresh must be a list of layer names, got '2'"):
+        pruner.load_state_dict(state, fresh="2")
+    # not said: a model whose own state is loaded after the pruner's (either order is fine), a
+    # zero-initialised layer included
+    for zero_initialised in (False, True):
+        model_now = build()
+        if zero_initialised:
+            torch.nn.init.zeros_(model_now[2].weight)
+        other = MacKayPruner(model_now, torch.optim.Adam(model_now.parameters()), **settings)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            other.load_state_dict(state)
+        other.detach()
+
+
+def test_a_layer_covered_now_but_not_when_the_state_was_saved_is_explained():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    saved = MacKayPruner(model, torch.optim.Adam(model[2].parameters()), num_data=64, batch_size=16)
+    state = saved.state_dict()
+    saved.detach()
+    model[0].requires_grad_(True)
+    pruner = MacKayPruner(model, torch.optim.Adam(model.parameters()), num_data=64, batch_size=16)
+    with pytest.raises(KeyError, match=r"no alpha for layers \['0'\] \(this pruner covers layers the saved one did "
+                                       r"not, such as a layer frozen when the saved pruner was built"):
+        pruner.load_state_dict(state)
