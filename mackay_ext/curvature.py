@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import warnings
 from collections import defaultdict
@@ -316,8 +317,12 @@ class FisherAccumulator:
         self._said_unchecked: set[nn.Module] = set()
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
-        self._pending: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
-        self._grads: dict[nn.Module, list[torch.Tensor]] = defaultdict(list)
+        # each captured use of a layer: (its token, its input); its output's gradient comes back
+        # with the same token, so a forward that gets no backward (a Double DQN's greedy action
+        # on the next states, a TD target taken with gradients on and detached) pairs with nothing
+        self._pending: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        self._tokens = itertools.count()
         self._scale_override: float | None = None
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
         self._softmax_check = SoftmaxLossCheck()   # fisher-mc: the training loss's likelihood
@@ -387,7 +392,7 @@ class FisherAccumulator:
             self._tasks.clear()
             self._loss_scale = None
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
-                and output.requires_grad and not torch._C._are_functorch_transforms_active() \
+                and output.requires_grad and _trains_weight(module) and not torch._C._are_functorch_transforms_active() \
                 and not torch.compiler.is_exporting():
             # the layer's input: its first positional argument, or the keyword its forward names
             # it by (nn.Linear's and the convs' `input`: layer(input=x))
@@ -399,7 +404,8 @@ class FisherAccumulator:
                                    "curvature='ef-batch'")
             if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
-            self._pending[module].append(x.detach())
+            token = next(self._tokens)
+            self._pending[module].append((token, x.detach()))
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))
             # ef-exact: a pre-hook on the node that made the output hands us delta =
@@ -409,10 +415,10 @@ class FisherAccumulator:
             # runs their nodes: a hook on the output tensor.
             node, index = output.grad_fn, output.output_nr
             if node is None or self._capturing:
-                output.register_hook(lambda grad, module=module: self._on_output_grad(module, grad))
+                output.register_hook(lambda grad, module=module, token=token: self._on_output_grad(module, grad, token))
             else:
-                node.register_prehook(lambda grads, module=module, index=index:
-                                      self._on_output_grad(module, grads[index]))
+                node.register_prehook(lambda grads, module=module, index=index, token=token:
+                                      self._on_output_grad(module, grads[index], token))
 
     def _name_of(self, module) -> str:
         return next((name for name, layer in self.layers.items() if layer is module), type(module).__name__)
@@ -439,8 +445,9 @@ class FisherAccumulator:
                                "leave the layer out (MacKayPruner's layers=, FisherAccumulator's modules=)")
         del self._unchecked[module]
 
-    def _on_output_grad(self, module, grad):
-        if grad is None or not self._active or not self._pending.get(module):
+    def _on_output_grad(self, module, grad, token: int):
+        records = self._pending.get(module)
+        if grad is None or not self._active or not records or all(token != mine for mine, _ in records):
             return
         task = torch._C._current_graph_task_id()
         if not self._tasks or self._tasks[-1][0] != task:   # the first gradient of this backward task
@@ -452,22 +459,19 @@ class FisherAccumulator:
             if scale is not None and self._stage is None:
                 self._stage = _Stage()
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_backward(task))
-        self._grads[module].append(grad.detach())
-        if len(self._grads[module]) == len(self._pending[module]):
-            # every use of the module in the forward pass has its gradient: uses pair up in
-            # reverse order (the last forward is the first backward). Added up now, not at the
-            # end of the backward, so each layer's output gradient is freed as the backward goes.
-            inputs = self._pending.pop(module)
-            grads = self._grads.pop(module)[::-1]
-            self._accumulate(module, inputs, grads, weight_grad=True)
+        self._grads[module].append((token, grad.detach()))
+        if len(self._grads[module]) == len(records):
+            # every use of the module in the forward pass has its gradient. Added up now, not at
+            # the end of the backward, so each layer's output gradient is freed as the backward goes.
+            self._accumulate(module, *_paired(self._pending.pop(module), self._grads.pop(module)), weight_grad=True)
 
     def _end_of_backward(self, task: int | None = None) -> None:
         """After each backward pass: a module whose recorded uses outnumber the gradients that
-        came pairs them with its latest uses, and every older record is dropped. Such records
+        came pairs each gradient with its own use, and every other record is dropped. Such records
         come from forward passes that get no backward (a forward that raised, an out-of-memory
         batch a loop retries smaller; a loss computed with gradients on and never
-        backpropagated): kept, they would pair with the next forward's gradients, and those
-        layers would never add up again."""
+        backpropagated; a Double DQN's greedy action on the next states): kept, they would pair
+        with the next forward's gradients, and those layers would never add up again."""
         if self._tasks and self._tasks[-1][0] == task:
             self._tasks.pop()
         if self._tasks:   # a nested task ended (a recomputed segment's); the training backward goes on
@@ -476,8 +480,7 @@ class FisherAccumulator:
         self._weight_grads.clear()   # any left were not this backward's to take
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
-            inputs = self._pending.get(module, [])
-            self._accumulate(module, inputs[len(inputs) - len(grads):], grads[::-1])
+            self._accumulate(module, *_paired(self._pending.get(module, []), grads))
         self._pending.clear()
         if self._loss_scale is not None and self._stage is not None:
             self._stage.passes += 1
@@ -963,3 +966,19 @@ class FisherAccumulator:
                 optimizer.ard_state(param)["curvature"].copy_(self.curvature(param))
                 written += 1
         return written
+
+
+def _paired(records: list[tuple[int, torch.Tensor]], grads: list[tuple[int, torch.Tensor]]
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(inputs, output gradients) of the uses of one layer that got a gradient, in forward order:
+    each gradient with the input of the use whose token it carries."""
+    by_token = dict(grads)
+    pairs = [(x, by_token[token]) for token, x in records if token in by_token]
+    return [x for x, _ in pairs], [grad for _, grad in pairs]
+
+
+def _trains_weight(module: nn.Module) -> bool:
+    """False where the layer's weight is frozen now: a backward through it (a DDPG/SAC actor's
+    loss through its critic, the critic frozen for it as usual) is none of its curvature's."""
+    weight = getattr(module, "weight", None)
+    return not isinstance(weight, torch.Tensor) or weight.requires_grad

@@ -1287,7 +1287,8 @@ class MacKayPruner(StandalonePrior):
             stopped = record.warmup if record is not None else set()
             record = self._unfinished = UnfinishedUpdate(
                 {name for name in self.targets if not bool(self.alpha(name).any())} | stopped)
-        idle, still = self._idle_layers(), self._layers_at_lr_zero()
+        still = self._layers_at_lr_zero()
+        idle = self._idle_layers() - set(still)   # (a frozen layer's exact curvature is not gathered: held, not idle)
         try:
             for name, target in self.targets.items():
                 if name not in record.done:

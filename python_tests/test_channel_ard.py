@@ -687,3 +687,36 @@ def test_a_collapse_under_a_price_names_the_price_not_the_cap_already_set():
                      r"more updates \(\d+ groups went for their multiply-adds, which max_prune_fraction does not "
                      r"limit\), or a smaller max_prune_fraction \(now 0.5\)", said)
     assert "pass max_prune_fraction=0.5" not in said
+
+
+def test_a_group_is_held_through_a_frozen_bias_alone():
+    """Only a 1-D member frozen after the build (fc1's bias): the groups it is in are held, the
+    bias is not moved by the proximal prior, and the other groups are pruned as before."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=16, granularity="channel",
+                              example_inputs=(torch.randn(2, 6),), prune="alpha", threshold=1.0)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+    def steps(count):
+        for index in range(count):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[16 * (index % 4):][:16]), y[16 * (index % 4):][:16]).backward()
+            optimizer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steps(20)
+        pruner.update()
+        steps(20)
+        model[0].bias.requires_grad_(False)
+        bias = model[0].bias.detach().clone()
+        pruner.update()
+        steps(20)
+        report = pruner.update()
+    assert torch.equal(model[0].bias, bias)
+    assert report["channel"]["held"] == 16 and report["channel"]["groups_kept"] < 32
+    assert bool((model[0].weight != 0).all(dim=1).all())   # no row of fc1 pruned
