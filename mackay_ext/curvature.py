@@ -323,6 +323,7 @@ class FisherAccumulator:
         self._pending: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         self._tokens = itertools.count()
+        self.sampled_calls: set[nn.Module] = set()   # fisher-mc: layers called inside capture_mc() since the reset
         self._scale_override: float | None = None
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
         self._softmax_check = SoftmaxLossCheck()   # fisher-mc: the training loss's likelihood
@@ -406,6 +407,8 @@ class FisherAccumulator:
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
             token = next(self._tokens)
             self._pending[module].append((token, x.detach()))
+            if self._capturing:
+                self.sampled_calls.add(module)
             if self._mc_outputs is not None:
                 self._mc_outputs.append((output, output._version))
             # ef-exact: a pre-hook on the node that made the output hands us delta =
@@ -936,6 +939,7 @@ class FisherAccumulator:
             total.zero_()
         self.counts.clear()
         self.backward_passes = 0
+        self.sampled_calls.clear()
         self.new_batch()
         if self._sites is not None:   # the next window's first forward is watched too
             self._sites.due = True

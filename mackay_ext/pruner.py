@@ -769,6 +769,13 @@ class MacKayPruner(StandalonePrior):
                                "torch.func.grad or vmap: use curvature='ef-batch' there)")
                                + (f". {COMPILED_HINT}" if compiled else ""))
         missed = sorted(name for name in self._grad_not_captured if not self.accumulator.saw(self.targets[name].param))
+        beside = [name for name in missed if self.targets[name].module in self.accumulator.sampled_calls]
+        if beside:   # called in the sampled forward, yet no gradient of the sampled labels' loss reached them
+            raise RuntimeError(f"MacKayPruner.update: {', '.join(beside)} had gradients, but their outputs do not reach "
+                               "the logits fisher-mc samples labels from (a value head beside a policy head, an "
+                               "auxiliary output): that likelihood's Fisher says nothing about them, and MacKay's rule "
+                               "would prune them all for it. Leave them out with layers=[...] (a second pruner with "
+                               "curvature='ef-batch' or 'ef-exact' can cover them), or use one of those for all")
         if missed:   # their curvature would read 0 and the rule would prune them for it
             raise RuntimeError(f"MacKayPruner.update: {', '.join(missed)} had gradients, but the {self.curvature_kind} "
                                "hooks never saw their forward: a parent module reads their weight itself (as "

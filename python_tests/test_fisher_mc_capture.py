@@ -272,3 +272,36 @@ def test_reentrant_checkpoint_is_named_with_the_way_out():
     assert accumulator.counts[stem.weight] == 0 and accumulator.counts[head.weight] == 4
     accumulator.accumulate_mc(x)
     assert accumulator.counts[stem.weight] == 4 and accumulator.counts[head.weight] == 8
+
+
+def test_a_head_beside_the_sampled_logits_is_named_for_what_it_is():
+    """An actor-critic with a shared trunk: fisher-mc samples from the policy's logits, and the
+    value head, called in the same forward, gets none of that loss's gradient. The update said
+    the hooks never saw its forward (blaming a parent module or checkpointing)."""
+    class ActorCritic(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh())
+            self.pi, self.v = torch.nn.Linear(8, 2), torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            hidden = self.trunk(x)
+            return self.pi(hidden), self.v(hidden).squeeze(-1)
+
+    torch.manual_seed(0)
+    model = ActorCritic()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner = MacKayPruner(model, optimizer, num_data=100, batch_size=8, curvature="fisher-mc")
+    for _ in range(3):
+        x, action, ret = torch.randn(8, 4), torch.randint(0, 2, (8,)), torch.randn(8)
+        with pruner.capture_mc():
+            logits, value = model(x)
+        pruner.accumulate_mc_from(logits)
+        log_p = torch.distributions.Categorical(logits=logits).log_prob(action)
+        loss = -(log_p * (ret - value).detach()).mean() + 0.5 * (ret - value).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with pytest.raises(RuntimeError, match=r"v had gradients, but their outputs do not reach the logits fisher-mc "
+                                           r"samples labels from"):
+        pruner.update()
