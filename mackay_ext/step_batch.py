@@ -13,7 +13,8 @@ that reaches it (the autograd graph task), per optimizer step, until the first u
 step (then removed: the hooks cost every step, and a run's batch_size does not change). It warns when
 batch_size equals one rank's step (under DDP) or one micro-batch of a step that took several
 backward passes of equal micro-batches. A step of several forwards and one backward (two views
-of each example, a siamese pair) is one batch, and is not warned about.
+of each example, a siamese pair) is one batch, and is not warned about; a forward of the model with
+every parameter frozen is not counted.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class StepBatchWatch:
 
     def _count(self, module, args) -> None:
         if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
-                or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0:
+                or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0 or _frozen(module):
             return
         # SAM's second forward of the same batch is no new example; the tensor itself, not its
         # address (a loader's next batch often takes the memory of the one freed before it)
@@ -54,7 +55,7 @@ class StepBatchWatch:
             self.forwards.append(args[0].shape[0])
 
     def _watch_backward(self, module, args, output) -> None:
-        if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() or _frozen(module):
             return
         for out in tree_leaves(output):
             if isinstance(out, torch.Tensor) and out.requires_grad:
@@ -99,6 +100,13 @@ class StepBatchWatch:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _frozen(model: nn.Module) -> bool:
+    """Every parameter frozen: a forward and backward that train none of it (a DDPG/SAC actor's loss
+    through its critic, frozen for it as usual, after the critic's step: counted, it read as a
+    second micro-batch of the critic's next step)."""
+    return not any(param.requires_grad for param in model.parameters())
 
 
 def _warn(given: float, what: str, needed: float, made_of: str, times: int) -> None:

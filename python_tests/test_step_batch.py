@@ -166,3 +166,28 @@ def test_fresh_micro_batches_in_reused_memory_are_counted():
             optimizer.step()
         pruner.update(prune=False)
     assert len([w for w in caught if "is one micro-batch" in str(w.message)]) == 1
+
+
+def test_an_actor_update_through_the_frozen_critic_is_no_micro_batch():
+    """DDPG/TD3/SAC: after the critic's step, the actor's loss goes through the critic, frozen for it
+    as usual. That forward and backward train nothing of the critic, and were read as a second
+    micro-batch of the critic's next step ("pass batch_size=128", which would double its curvature)."""
+    torch.manual_seed(0)
+    critic, actor = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 1)), nn.Linear(4, 1)
+    critic_optimizer = torch.optim.Adam(critic.parameters(), lr=1e-3)
+    actor_optimizer = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    pruner = MacKayPruner(critic, critic_optimizer, num_data=1024, batch_size=MICRO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            state, action, target = torch.randn(MICRO, 4), torch.randn(MICRO, 1), torch.randn(MICRO, 1)
+            critic_optimizer.zero_grad()
+            F.mse_loss(critic(torch.cat([state, action], 1)), target).backward()
+            critic_optimizer.step()
+            critic.requires_grad_(False)
+            actor_optimizer.zero_grad()
+            (-critic(torch.cat([state, actor(state)], 1)).mean()).backward()
+            actor_optimizer.step()
+            critic.requires_grad_(True)
+        pruner.update(prune=False)
+    assert [w for w in caught if "batch_size" in str(w.message)] == []
