@@ -554,7 +554,7 @@ class ChannelARD:
             new = n_live / (weight_sq + pruner.eps)
         alpha_max = pruner.alpha_max if pruner.alpha_max is not None else math.inf
         new = torch.where(torch.isnan(new), old, new.clamp(min=0.0, max=alpha_max))
-        new = torch.where(already | (held & torch.isinf(new)), old, new)
+        new = torch.where(already | held, old, new)   # (a member frozen at its calls gathers no exact curvature)
 
         pruned = already | (new == math.inf)
         priced = torch.zeros_like(pruned)
@@ -597,7 +597,7 @@ class ChannelARD:
     def _held_groups(self) -> tuple[torch.Tensor, list[str]]:
         """(True for every group with a member the optimizer does not move now, notes): frozen
         since the pruner was built, or in a param group at lr 0 while others are not. Such a
-        group's alpha is re-estimated, the group not pruned, as the pruner does for a layer
+        group's alpha is kept and the group not pruned, as the pruner does for a layer
         (MacKayPruner._not_moving, which warns once per member): a backbone stage frozen after a
         warm-up lost 15 of its 16 channels, BatchNorm scale and shift included, with no word."""
         held = torch.zeros_like(self.alpha, dtype=torch.bool)

@@ -320,7 +320,7 @@ class FisherAccumulator:
         # each captured use of a layer: (its token, its input); its output's gradient comes back
         # with the same token, so a forward that gets no backward (a Double DQN's greedy action
         # on the next states, a TD target taken with gradients on and detached) pairs with nothing
-        self._pending: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        self._pending: dict[nn.Module, dict[int, torch.Tensor]] = defaultdict(dict)   # by token, in call order
         self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
         self._tokens = itertools.count()
         self.sampled_calls: set[nn.Module] = set()   # fisher-mc: layers called inside capture_mc() since the reset
@@ -406,7 +406,7 @@ class FisherAccumulator:
             if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
             token = next(self._tokens)
-            self._pending[module].append((token, x.detach()))
+            self._pending[module][token] = x.detach()
             if self._capturing:
                 self.sampled_calls.add(module)
             if self._mc_outputs is not None:
@@ -450,7 +450,7 @@ class FisherAccumulator:
 
     def _on_output_grad(self, module, grad, token: int):
         records = self._pending.get(module)
-        if grad is None or not self._active or not records or all(token != mine for mine, _ in records):
+        if grad is None or not self._active or not records or token not in records:
             return
         task = torch._C._current_graph_task_id()
         if not self._tasks or self._tasks[-1][0] != task:   # the first gradient of this backward task
@@ -483,7 +483,7 @@ class FisherAccumulator:
         self._weight_grads.clear()   # any left were not this backward's to take
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
-            self._accumulate(module, *_paired(self._pending.get(module, []), grads))
+            self._accumulate(module, *_paired(self._pending.get(module, {}), grads))
         self._pending.clear()
         if self._loss_scale is not None and self._stage is not None:
             self._stage.passes += 1
@@ -776,7 +776,7 @@ class FisherAccumulator:
                              "curvature='ef-batch' or 'ef-exact'; a binary classifier with one logit z can pass "
                              "torch.cat([torch.zeros_like(z), z], 1), whose softmax is (1 - sigmoid(z), sigmoid(z))")
         outputs, self._mc_outputs = self._mc_outputs, None
-        captured = {module: list(inputs) for module, inputs in self._pending.items()}
+        captured = {module: dict(inputs) for module, inputs in self._pending.items()}
         if outputs is None or not captured:
             raise RuntimeError("FisherAccumulator.accumulate_mc_from: no forward was captured; run the "
                                "model's forward inside `with accumulator.capture_mc():` (with gradients "
@@ -798,7 +798,7 @@ class FisherAccumulator:
         self._active, self._scale_override = True, 1.0
         try:
             for _ in range(num_samples):
-                self._pending = defaultdict(list, {m: list(inputs) for m, inputs in captured.items()})
+                self._pending = defaultdict(dict, {m: dict(inputs) for m, inputs in captured.items()})
                 self._grads.clear()
                 with torch.no_grad():
                     labels = torch.multinomial(torch.softmax(logits.detach().float(), 1), 1).squeeze(1)
@@ -972,17 +972,21 @@ class FisherAccumulator:
         return written
 
 
-def _paired(records: list[tuple[int, torch.Tensor]], grads: list[tuple[int, torch.Tensor]]
+def _paired(records: dict[int, torch.Tensor], grads: list[tuple[int, torch.Tensor]]
             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(inputs, output gradients) of the uses of one layer that got a gradient, in forward order:
     each gradient with the input of the use whose token it carries."""
     by_token = dict(grads)
-    pairs = [(x, by_token[token]) for token, x in records if token in by_token]
+    pairs = [(x, by_token[token]) for token, x in records.items() if token in by_token]
     return [x for x, _ in pairs], [grad for _, grad in pairs]
 
 
 def _trains_weight(module: nn.Module) -> bool:
-    """False where the layer's weight is frozen now: a backward through it (a DDPG/SAC actor's
-    loss through its critic, the critic frozen for it as usual) is none of its curvature's."""
-    weight = getattr(module, "weight", None)
-    return not isinstance(weight, torch.Tensor) or weight.requires_grad
+    """False where the layer's weight and bias are frozen now: a backward through it (a DDPG/SAC
+    actor's loss through its critic, the critic frozen for it as usual) is none of its curvature's.
+    The stored parameters are read, not module.weight, which a parametrization would compute."""
+    stored = [module._parameters.get(name) for name in ("weight", "weight_orig", "bias")]
+    if parametrize.is_parametrized(module, "weight"):
+        stored += list(module.parametrizations["weight"]._parameters.values())   # original, or original0, ...
+    stored = [param for param in stored if isinstance(param, torch.Tensor)]
+    return not stored or any(param.requires_grad for param in stored)

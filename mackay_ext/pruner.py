@@ -130,8 +130,8 @@ AT_LR_ZERO = ("its param group's lr is 0 (others' are not), so the optimizer doe
               "pruned while its lr is 0 (to leave a layer out, freeze it with requires_grad_(False) before "
               "building the pruner)")
 FROZEN_NOW = ("its requires_grad is False now (frozen after the pruner was built), so no optimizer moves it: "
-              "alpha is re-estimated, nothing of it pruned, and the prior leaves its weights alone while it "
-              "stays frozen")
+              "alpha is re-estimated where curvature reached it (else kept), nothing of it pruned, and the prior "
+              "leaves its weights alone while it stays frozen")
 ADDED_LATER = ("trained by the optimizer, but added after the pruner was built (add_param_group): no prior; "
                "build a new MacKayPruner to cover it")
 WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other layers' is not: no forward "
@@ -1294,11 +1294,17 @@ class MacKayPruner(StandalonePrior):
             stopped = record.warmup if record is not None else set()
             record = self._unfinished = UnfinishedUpdate(
                 {name for name in self.targets if not bool(self.alpha(name).any())} | stopped)
-        still = self._layers_at_lr_zero()
-        idle = self._idle_layers() - set(still)   # (a frozen layer's exact curvature is not gathered: held, not idle)
+        still, idle = self._layers_at_lr_zero(), self._idle_layers()
         try:
             for name, target in self.targets.items():
-                if name not in record.done:
+                if name in record.done:
+                    continue
+                if name in idle and name in still:
+                    # a layer frozen at its calls gathers no exact curvature: held as it is (its alpha
+                    # re-estimated from a curvature of 0 would turn its prior off), and said as frozen
+                    record.done[name] = dict(self._layer_entry(name, target), gamma=0.0,
+                                             warmup=name in record.warmup, held=True)
+                else:
                     record.done[name] = (self._without_data(name, target) if name in idle else
                                          self._update_one(name, target, hold or name in still, name in record.warmup))
         except BaseException:

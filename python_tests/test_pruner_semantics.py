@@ -905,3 +905,41 @@ def test_a_layer_covered_now_but_not_when_the_state_was_saved_is_explained():
     with pytest.raises(KeyError, match=r"no alpha for layers \['0'\] \(this pruner covers layers the saved one did "
                                        r"not, such as a layer frozen when the saved pruner was built"):
         pruner.load_state_dict(state)
+
+
+def test_a_layer_frozen_under_exact_curvature_keeps_its_alpha():
+    """ef-exact gathers no curvature for a layer frozen at its calls: the update holds it as it is,
+    said as frozen (not as a layer no data reached), where a re-estimate from a curvature of 0 set
+    its alphas to 0 (the prior off: mean 3.5e3 -> 0 in a review's run)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 12), torch.nn.Tanh(),
+                                torch.nn.Linear(12, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=16, curvature="ef-exact")
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+
+    def steps(count):
+        for index in range(count):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[16 * (index % 4):][:16]), y[16 * (index % 4):][:16]).backward()
+            optimizer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steps(20)
+        pruner.update()
+        steps(20)
+        pruner.update()
+    model[2].requires_grad_(False)
+    alpha = pruner.alpha("2").clone()
+    assert bool(torch.isfinite(alpha).any()) and bool((alpha[torch.isfinite(alpha)] > 0).any())
+    steps(20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pruner.update()
+    said = [str(w.message) for w in caught]
+    assert any("2 (Linear.weight" in text and "its requires_grad is False now" in text for text in said)
+    assert not any("no data" in text for text in said)
+    assert torch.equal(pruner.alpha("2"), alpha)
+    assert next(layer for layer in report["layers"] if layer["name"] == "2").get("held") is True
