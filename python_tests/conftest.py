@@ -38,3 +38,13 @@ def pruner_step(pruner, model, optimizer, x, y) -> None:
         logits = model(x)
     torch.nn.functional.cross_entropy(logits, y).backward()
     optimizer.step()
+
+
+def train_steps(model, optimizer, x, y, count: int, batch: int) -> None:
+    """`count` cross-entropy steps over x, y in consecutive batches of `batch`, cycling."""
+    batches = max(1, x.shape[0] // batch)
+    for index in range(count):
+        start = batch * (index % batches)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[start:start + batch]), y[start:start + batch]).backward()
+        optimizer.step()

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import train_steps
 from torch import nn
 
 import mackay_ext
@@ -624,10 +625,7 @@ def test_a_layer_held_after_the_build_keeps_its_channels(how):
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
 
     def steps(count):
-        for index in range(count):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[16 * (index % 4):][:16]), y[16 * (index % 4):][:16]).backward()
-            optimizer.step()
+        train_steps(model, optimizer, x, y, count, batch=16)
 
     steps(20)
     with warnings.catch_warnings():
@@ -669,10 +667,7 @@ def test_a_collapse_under_a_price_names_the_price_not_the_cap_already_set():
                           example_inputs=(x[:8],), max_prune_fraction=0.5, mac_price=1e-3)
 
     def steps(count):
-        for index in range(count):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[32 * (index % 8):][:32]), y[32 * (index % 8):][:32]).backward()
-            optimizer.step()
+        train_steps(model, optimizer, x, y, count, batch=32)
 
     steps(200)
     pruner.update()
@@ -702,10 +697,7 @@ def test_a_group_is_held_through_a_frozen_bias_alone():
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
 
     def steps(count):
-        for index in range(count):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[16 * (index % 4):][:16]), y[16 * (index % 4):][:16]).backward()
-            optimizer.step()
+        train_steps(model, optimizer, x, y, count, batch=16)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import pruner_step
+from conftest import pruner_step, train_steps
 from torch import nn
 
 import mackay_ext
@@ -842,10 +842,7 @@ def test_a_state_loaded_onto_a_replaced_head_is_said_and_fresh_keeps_the_head():
     pruner = MacKayPruner(model, optimizer, **settings)
 
     def steps(count):
-        for index in range(count):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[32 * (index % 4):][:32]), y[32 * (index % 4):][:32]).backward()
-            optimizer.step()
+        train_steps(model, optimizer, x, y, count, batch=32)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -920,10 +917,7 @@ def test_a_layer_frozen_under_exact_curvature_keeps_its_alpha():
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
 
     def steps(count):
-        for index in range(count):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[16 * (index % 4):][:16]), y[16 * (index % 4):][:16]).backward()
-            optimizer.step()
+        train_steps(model, optimizer, x, y, count, batch=16)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
