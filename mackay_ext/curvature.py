@@ -317,8 +317,8 @@ class FisherAccumulator:
         self._said_unchecked: set[nn.Module] = set()
         self.sums: dict[nn.Parameter, torch.Tensor] = {}
         self.counts: dict[nn.Parameter, int] = defaultdict(int)  # examples behind each sum
-        # each captured use of a layer: (its token, its input); its output's gradient comes back
-        # with the same token, so a forward that gets no backward (a Double DQN's greedy action
+        # each captured use of a layer: its input under a token of its own; its output's gradient
+        # comes back with the same token, so a forward that gets no backward (a Double DQN's greedy action
         # on the next states, a TD target taken with gradients on and detached) pairs with nothing
         self._pending: dict[nn.Module, dict[int, torch.Tensor]] = defaultdict(dict)   # by token, in call order
         self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
