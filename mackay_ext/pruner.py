@@ -1713,6 +1713,8 @@ class MacKayPruner(StandalonePrior):
         if not isinstance(state, Mapping):
             raise TypeError(f"{where}: state must be a dict from MacKayPruner.state_dict(), got "
                             f"{type(state).__name__}")
+        if not isinstance(fresh, (list, tuple, set, frozenset)) or not all(isinstance(name, str) for name in fresh):
+            raise TypeError(f"{where}: fresh must be a list of layer names, got {fresh!r}")
         if fresh:
             state = self._with_own_layers(state, fresh, where)
         absent = [key for key in ("alpha", "curvature") if key not in state]
@@ -1759,8 +1761,6 @@ class MacKayPruner(StandalonePrior):
 
     def _with_own_layers(self, state: Mapping[str, Any], fresh: Sequence[str], where: str) -> dict[str, Any]:
         """`state` with this pruner's own entries for the `fresh` layers (load_state_dict)."""
-        if isinstance(fresh, str) or not all(isinstance(name, str) for name in fresh):
-            raise TypeError(f"{where}: fresh must be a list of layer names, got {fresh!r}")
         unknown = sorted(set(fresh) - set(self.targets))
         if unknown:
             raise ValueError(f"{where}: fresh names layers this pruner has not: {unknown} (its layers: "

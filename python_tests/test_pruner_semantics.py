@@ -1,6 +1,7 @@
 """What an update does, predictably (issue 15 items 2-4): a stable prior with any optimizer, NaN
 surfaced, a warm-up first update, no pruning without training in between, no empty layer."""
 import math
+import re
 import warnings
 
 import pytest
@@ -876,8 +877,9 @@ def test_a_state_loaded_onto_a_replaced_head_is_said_and_fresh_keeps_the_head():
     assert set(sums) == {"0.weight", "0.bias"} and sums["0.weight"]["count"] > 0
     with pytest.raises(ValueError, match=r"fresh names layers this pruner has not: \['head'\]"):
         pruner.load_state_dict(state, fresh=["head"])
-    with pytest.raises(TypeError, match=r"fresh must be a list of layer names, got '2'"):
-        pruner.load_state_dict(state, fresh="2")
+    for bad in ("2", 5, [2], None):
+        with pytest.raises(TypeError, match=rf"fresh must be a list of layer names, got {re.escape(repr(bad))}"):
+            pruner.load_state_dict(state, fresh=bad)
     # not said: a model whose own state is loaded after the pruner's (either order is fine), a
     # zero-initialised layer included
     for zero_initialised in (False, True):
