@@ -1233,7 +1233,7 @@ class MacKayPruner(StandalonePrior):
                       "scale instead." if norms else "")
         priced = (channel or {}).get("priced_out", 0) + sum(layer.get("priced_out", 0) for layer in layers)
         # the cap does not hold back what the price removes (mac_price_ramp paces that): a new
-        # user under max_prune_fraction=0.5 lost 64 of 64 units to the price and was told to set it
+        # user under max_prune_fraction=0.5 went from 64 units a layer to 1 by the price and was told to set it
         thin = ("max_prune_fraction=0.5 to thin each layer over several updates" if self.max_prune_fraction is None
                 else f"a smaller max_prune_fraction (now {self.max_prune_fraction:g})")
         if priced:
