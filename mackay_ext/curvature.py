@@ -21,6 +21,7 @@ import functools
 import itertools
 import math
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.autograd.graph import get_gradient_edge
 from torch.nn.utils import parametrize
 
 from . import _extension, conv_curvature, kept_pattern, loss_scale
@@ -322,9 +324,21 @@ class FisherAccumulator:
         # on the next states, a TD target taken with gradients on and detached) pairs with nothing
         self._pending: dict[nn.Module, dict[int, torch.Tensor]] = defaultdict(dict)   # by token, in call order
         self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        # the tokens of each layer's uses whose gradient has been squared, until its next forward:
+        # a second backward through them is refused (_refuse_second_backward)
+        self._spent: dict[nn.Module, set[int]] = defaultdict(set)
+        # MacKayPruner: the layers each captured backward reached, and the gradient each left in
+        # its parameter, until its optimizer steps; layers whose gradient was dropped before a step
+        self.watch_dropped = False
+        self._pass_layers: set[nn.Module] = set()
+        self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
+        self.dropped: set[str] = set()
+        # under torch.autograd.grad: output gradients waiting for the layer's parameters to get theirs
+        self._awaiting: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
         self._tokens = itertools.count()
         self.sampled_calls: set[nn.Module] = set()   # fisher-mc: layers called inside capture_mc() since the reset
         self._scale_override: float | None = None
+        self._sampling = False   # inside accumulate_mc_from's sampled-label backward
         self._mc_outputs: list[tuple[torch.Tensor, int]] | None = None  # accumulate_mc's targets
         self._softmax_check = SoftmaxLossCheck()   # fisher-mc: the training loss's likelihood
         self._active = mode == "ef-exact"
@@ -406,6 +420,8 @@ class FisherAccumulator:
             if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
             token = next(self._tokens)
+            if not self._pending.get(module):   # the layer's first use since its last backward
+                self._spent.pop(module, None)
             self._pending[module][token] = x.detach()
             if self._capturing:
                 self.sampled_calls.add(module)
@@ -449,9 +465,35 @@ class FisherAccumulator:
         del self._unchecked[module]
 
     def _on_output_grad(self, module, grad, token: int):
-        records = self._pending.get(module)
-        if grad is None or not self._active or not records or token not in records:
+        if grad is None or not self._active:
             return
+        records = self._pending.get(module)
+        if not records or token not in records:
+            if not self._sampling and token in self._spent.get(module, ()):
+                trains = _backward_trains(module)
+                if trains is None:   # (refused when the parameters get their gradient)
+                    self._await_parameters(module, grad, token)
+                elif trains:
+                    self._refuse_second_backward(module)
+            return
+        if not self._sampling:   # (fisher-mc's sampled backward goes to the outputs alone, by design)
+            if torch.is_grad_enabled():   # the engine runs hooks in grad mode only under create_graph
+                raise RuntimeError(
+                    f"FisherAccumulator: a backward with create_graph=True reached {self._name_of(module)} "
+                    f"({type(module).__name__}): a loss built on gradients (a gradient penalty such as WGAN-GP's "
+                    "or R1, a meta-learning inner step) has per-example gradients that are not the layer's "
+                    f"input times its output gradient, which {self.mode} squares. Use curvature='ef-batch', "
+                    "or leave the layer out (MacKayPruner's layers=, FisherAccumulator's modules=)")
+            trains = _backward_trains(module)
+            if trains is None:
+                self._await_parameters(module, grad, token)
+                return
+            if not trains:
+                return   # (its input, paired with no gradient, goes at the end of the next training backward)
+        self._take(module, grad, token)
+
+    def _take(self, module, grad: torch.Tensor, token: int) -> None:
+        """A gradient of the layer's training loss at the output of its use `token`."""
         task = torch._C._current_graph_task_id()
         if not self._tasks or self._tasks[-1][0] != task:   # the first gradient of this backward task
             scale = loss_scale.of_task(task)
@@ -462,11 +504,80 @@ class FisherAccumulator:
             if scale is not None and self._stage is None:
                 self._stage = _Stage()
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_backward(task))
+        if module not in self._pass_layers:
+            self._pass_layers.add(module)
+            self._check_kept(module)
         self._grads[module].append((token, grad.detach()))
-        if len(self._grads[module]) == len(records):
+        if len(self._grads[module]) == len(self._pending[module]):
             # every use of the module in the forward pass has its gradient. Added up now, not at
             # the end of the backward, so each layer's output gradient is freed as the backward goes.
+            self._spent[module].update(token for token, _ in self._grads[module])
             self._accumulate(module, *_paired(self._pending.pop(module), self._grads.pop(module)), weight_grad=True)
+
+    def _check_kept(self, module) -> None:
+        """Whether the gradient an earlier captured backward left in the layer's parameter was
+        dropped (zero_grad) before an optimizer step used it: then that pass's squares belong to
+        a loss nothing trained on (a GAN's generator loss through a discriminator left trainable
+        for the generator's step: its curvature read 2.2x the discriminator's own, and the pass
+        counted as a micro-batch). MacKayPruner clears the record at each step of its optimizer
+        and says which layers it found (dropped_passes)."""
+        param = next((p for p in _stored_parameters(module) if p.requires_grad), None)
+        left = self._left.pop(param, None) if param is not None else None
+        if left is None:
+            return
+        ref, version = left
+        grad = ref()
+        if grad is None or grad is not param.grad or (grad._version != version and not bool(grad.any())):
+            self.dropped.add(self._name_of(module))
+
+    def _note_left(self) -> None:
+        """At a captured backward's end: the gradient it left in each layer it reached."""
+        for module in self._pass_layers:
+            param = next((p for p in _stored_parameters(module) if p.requires_grad), None)
+            if param is not None and param.grad is not None:
+                self._left[param] = (weakref.ref(param.grad), param.grad._version)
+        self._pass_layers.clear()
+
+    def _await_parameters(self, module, grad: torch.Tensor, token: int) -> None:
+        """torch.autograd.grad is under way, and torch does not say whether its inputs hold the
+        layer's parameters (it refuses the question for leaves): the gradient counts when one of
+        them receives its own in this pass (an FGSM step's gradient to the inputs never does)."""
+        waiting = self._awaiting.get(module)
+        if waiting is None:
+            waiting = self._awaiting[module] = []
+            handles = []
+
+            def reached(_grad, module=module):
+                for token, grad in self._awaiting.pop(module, []):
+                    if token in self._spent.get(module, ()):
+                        self._refuse_second_backward(module)
+                    if token in self._pending.get(module, {}):
+                        self._take(module, grad, token)
+
+            def pass_ended():
+                for handle in handles:
+                    handle.remove()
+                self._awaiting.pop(module, None)
+
+            handles += [param.register_hook(reached) for param in _stored_parameters(module) if param.requires_grad]
+            torch.autograd.Variable._execution_engine.queue_callback(pass_ended)
+        waiting.append((token, grad.detach()))
+
+    def _refuse_second_backward(self, module) -> None:
+        """A second backward through a forward whose gradients this layer has squared already
+        (loss_a.backward(retain_graph=True); loss_b.backward()): each example's gradient is the sum
+        of both, whose square is not the sum of the two squares (a new user's distillation loss,
+        split into two backward passes, read the cross-entropy's curvature alone and pruned 1,780
+        of 1,792 weights). A pass that trains none of the layer's parameters is none of its
+        curvature's, and is not refused."""
+        raise RuntimeError(
+            f"FisherAccumulator: a second backward reached {self._name_of(module)} ({type(module).__name__}) "
+            f"through a forward whose gradients it has squared already (loss_a.backward(retain_graph=True); "
+            f"loss_b.backward()): {self.mode} squares each example's gradient, which is the sum of both "
+            "passes' and whose square is not the sum of theirs. Backpropagate the sum of the losses once; "
+            "where the passes train different models (a GAN's discriminator loss reaching the generator), "
+            "detach the input the other model should not train (D(G(z).detach())), or freeze that model's "
+            "parameters for the pass (requires_grad_(False)), which the curvature then leaves out")
 
     def _end_of_backward(self, task: int | None = None) -> None:
         """After each backward pass: a module whose recorded uses outnumber the gradients that
@@ -481,9 +592,15 @@ class FisherAccumulator:
             self._loss_scale = self._tasks[-1][1]
             return
         self._weight_grads.clear()   # any left were not this backward's to take
+        if self.watch_dropped:
+            self._note_left()
+        else:
+            self._pass_layers.clear()
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
-            self._accumulate(module, *_paired(self._pending.get(module, {}), grads))
+            records = self._pending.get(module, {})
+            self._spent[module].update(token for token, _ in grads if token in records)
+            self._accumulate(module, *_paired(records, grads))
         self._pending.clear()
         if self._loss_scale is not None and self._stage is not None:
             self._stage.passes += 1
@@ -703,6 +820,11 @@ class FisherAccumulator:
         """Examples accumulated so far (per backward pass, each example counts once)."""
         return max(self.counts.values(), default=0)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_left"] = {}   # (weak references, which pickle refuses; a copy steps no optimizer)
+        return state
+
     def __setstate__(self, state: dict) -> None:
         # A copy (copy.deepcopy, pickle) holds none of the hooks: they sit on the original's model,
         # and the model's copy gets inert ones (copy_inert.py). Its sums stay readable; capturing
@@ -714,6 +836,10 @@ class FisherAccumulator:
         self._tasks, self._loss_scale, self._stage = [], None, None
         self.__dict__.setdefault("_unchecked", {})   # (and before plain_product)
         self.__dict__.setdefault("_said_unchecked", set())
+        self.__dict__.setdefault("_sampling", False)
+        self.__dict__.setdefault("_spent", defaultdict(set))
+        self.__dict__.setdefault("_awaiting", {})
+        self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set())
 
     def _require_capture(self, where: str) -> None:
         if self.copied:
@@ -795,7 +921,7 @@ class FisherAccumulator:
             targets = [out for out, _ in outputs]
         else:
             targets = [p for m in self.layers.values() for p in m.parameters(recurse=False) if p.requires_grad]
-        self._active, self._scale_override = True, 1.0
+        self._active, self._scale_override, self._sampling = True, 1.0, True
         try:
             for _ in range(num_samples):
                 self._pending = defaultdict(dict, {m: dict(inputs) for m, inputs in captured.items()})
@@ -816,7 +942,7 @@ class FisherAccumulator:
                             "reentrant checkpoint refuses. Pass use_reentrant=False to checkpoint, or use "
                             "curvature='ef-exact' or 'ef-batch'") from err
         finally:
-            self._active, self._scale_override = False, None
+            self._active, self._scale_override, self._sampling = False, None, False
             self.new_batch()
         self._softmax_check.watch(logits)   # the training backward's gradient through them (after these)
 
@@ -981,12 +1107,30 @@ def _paired(records: dict[int, torch.Tensor], grads: list[tuple[int, torch.Tenso
     return [x for x, _ in pairs], [grad for _, grad in pairs]
 
 
-def _trains_weight(module: nn.Module) -> bool:
-    """False where the layer's weight and bias are frozen now: a backward through it (a DDPG/SAC
-    actor's loss through its critic, the critic frozen for it as usual) is none of its curvature's.
-    The stored parameters are read, not module.weight, which a parametrization would compute."""
+def _stored_parameters(module: nn.Module) -> list[torch.Tensor]:
+    """The layer's weight and bias as stored: module.weight is not read, which a parametrization
+    would compute (its originals are the parameters)."""
     stored = [module._parameters.get(name) for name in ("weight", "weight_orig", "bias")]
     if parametrize.is_parametrized(module, "weight"):
         stored += list(module.parametrizations["weight"]._parameters.values())   # original, or original0, ...
-    stored = [param for param in stored if isinstance(param, torch.Tensor)]
+    return [param for param in stored if isinstance(param, torch.Tensor)]
+
+
+def _trains_weight(module: nn.Module) -> bool:
+    """False where the layer's weight and bias are frozen now: a backward through it (a DDPG/SAC
+    actor's loss through its critic, the critic frozen for it as usual) is none of its curvature's."""
+    stored = _stored_parameters(module)
     return not stored or any(param.requires_grad for param in stored)
+
+
+def _backward_trains(module: nn.Module) -> bool | None:
+    """Whether the backward under way reaches any of the layer's parameters. Not so for
+    torch.autograd.grad to the inputs (an adversarial example's FGSM or PGD step, a saliency map)
+    or backward(inputs=...) naming other tensors: their output gradients are no training gradient
+    of the layer (counted, an FGSM step read as a second micro-batch of every step). None under
+    torch.autograd.grad, which torch does not answer for leaves (_await_parameters finds out)."""
+    try:
+        return any(torch._C._will_engine_execute_node(get_gradient_edge(param).node)
+                   for param in _stored_parameters(module) if param.requires_grad)
+    except RuntimeError:   # torch.autograd.grad, which torch will not answer for leaves: not known yet
+        return None

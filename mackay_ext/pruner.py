@@ -402,6 +402,7 @@ class MacKayPruner(StandalonePrior):
             # update() refuses to price them at 0. fisher-mc: whether this step's batch was captured.
             self._grad_not_captured: set[str] = set()
             self._mc_step_captured = False
+            self._said_dropped = False   # see _say_dropped
             self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
             # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
             # (MacKayAdam's fused step, or the step hooks), or each backward's without an optimizer;
@@ -551,6 +552,8 @@ class MacKayPruner(StandalonePrior):
         self._target_of_param = {t.param: name for name, t in self.targets.items()}
         self.accumulator = FisherAccumulator(self.model, mode=self.curvature_kind, modules=modules,
                                              backend=self.backend, strict=True, alpha_of=self._alpha_of)
+        # ef-exact: a captured backward whose gradient is dropped before the optimizer steps (_say_dropped)
+        self.accumulator.watch_dropped = self.optimizer is not None and self.curvature_kind == "ef-exact"
         self._micro_batches = MicroBatchScale()   # ef-exact: gradient accumulation's A per step
 
     def _alpha_of(self, param: nn.Parameter) -> torch.Tensor | None:
@@ -633,6 +636,7 @@ class MacKayPruner(StandalonePrior):
                                            if target.param.grad is not None and not self.accumulator.saw(target.param))
         if self.curvature_kind == "ef-exact" and self.accumulator is not None:
             self._count_micro_batches()   # (a GradScaler step's, settled above, or a closure's)
+            self._say_dropped()
         self._mc_step_captured = False
         self._sample_next_batch()
         if self.fused:
@@ -738,6 +742,23 @@ class MacKayPruner(StandalonePrior):
         sampled = self._mc_calls_since_update % self.curvature_every == 0
         self._mc_calls_since_update += 1
         return sampled
+
+    def _say_dropped(self) -> None:
+        """Once: a captured backward left a gradient that was dropped before this optimizer used
+        it (FisherAccumulator._check_kept); what it left since the step is no longer watched."""
+        self.accumulator._left.clear()
+        dropped, self.accumulator.dropped = sorted(self.accumulator.dropped), set()
+        if not dropped or self._said_dropped:
+            return
+        self._said_dropped = True
+        warnings.warn(
+            f"MacKayPruner: curvature='ef-exact' squared a backward pass through {', '.join(dropped)} whose "
+            "gradient was then dropped (zero_grad) before this optimizer stepped: its squares belong to a loss "
+            "these layers do not train on, and it counted as a micro-batch of the step. A GAN's generator loss "
+            "through a discriminator left trainable: freeze the discriminator for the generator's step "
+            "(D.requires_grad_(False), then True), which the curvature leaves out. A pass whose gradient "
+            "you drop on purpose (SAM's first pass): pruner.accumulator.paused = True around it",
+            RuntimeWarning, stacklevel=user_stacklevel())
 
     def _count_micro_batches(self) -> None:
         """The backward passes this optimizer step captured and their examples (micro_batches.py)."""

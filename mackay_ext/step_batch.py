@@ -24,6 +24,7 @@ from collections import Counter
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
 from ._validate import user_stacklevel
@@ -59,11 +60,14 @@ class StepBatchWatch:
             return
         for out in tree_leaves(output):
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                out.register_hook(self._note_pass)
+                out.register_hook(lambda grad, model=module: self._note_pass(model))
                 return
 
-    def _note_pass(self, grad):
-        self.passes.add(torch._C._current_graph_task_id())
+    def _note_pass(self, model: nn.Module) -> None:
+        # a gradient to the inputs alone (an adversarial example's FGSM step) is no training pass
+        if any(torch._C._will_engine_execute_node(get_gradient_edge(param).node)
+               for param in model.parameters() if param.requires_grad):
+            self.passes.add(torch._C._current_graph_task_id())
 
     def close_step(self) -> None:
         if self.forwards:

@@ -139,8 +139,9 @@ def test_module_used_twice_gets_the_library_gradient(monkeypatch):
 
 
 def test_forward_without_backward_paused_and_second_backward(monkeypatch):
-    """Records that did not pair, a paused accumulator and a second backward over one graph all
-    fall back to the library's weight gradient, which adds up as autograd's does."""
+    """Records that did not pair and a paused accumulator fall back to the library's weight
+    gradient, which adds up as autograd's does; a second backward over one graph is refused
+    before it changes any gradient (its squares would not be the sum's)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
     reference = copy.deepcopy(model)
@@ -150,13 +151,14 @@ def test_forward_without_backward_paused_and_second_backward(monkeypatch):
     model(x)                                    # a forward that gets no backward
     loss = F.cross_entropy(model(x), y)
     loss.backward(retain_graph=True)
-    loss.backward()                             # the same graph again
+    with pytest.raises(RuntimeError, match="a second backward reached 3 .Linear"):
+        loss.backward()                         # the same graph again
     acc.paused = True
     F.cross_entropy(model(x), y).backward()
-    for _ in range(3):
+    for _ in range(2):
         F.cross_entropy(reference(x), y).backward()
     assert_same_grads(model, reference)
-    assert counts["taken"] == 0 and counts["none"] == 2   # the paused forward ran the module's own
+    assert counts["taken"] == 0 and counts["none"] == 1   # (the unpaired record; the paused forward ran the module's own)
     assert acc.counts[model[0].weight] == 5
 
 
@@ -174,17 +176,22 @@ def test_gradient_checkpointing(use_reentrant):
     assert_same_grads(model, reference)
 
 
-def test_double_backward_gets_the_library_gradients():
-    """A gradient penalty (create_graph=True) differentiates the conv's gradients once more."""
+def test_double_backward_is_refused_before_any_gradient():
+    """A gradient penalty (create_graph=True) has per-example gradients the squares cannot give:
+    refused at the first layer it reaches, and a paused accumulator's double backward is autograd's."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
     reference = copy.deepcopy(model)
-    FisherAccumulator(model)
+    acc = FisherAccumulator(model)
     x, y = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randint(0, 2, (5,))
+    with pytest.raises(RuntimeError, match="create_graph=True reached 3 .Linear.*curvature='ef-batch'"):
+        torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()), create_graph=True)
+    acc.paused = True
     for net in (model, reference):
         grads = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()), create_graph=True)
         sum(g.square().sum() for g in grads).backward()
     assert_same_grads(model, reference)
+    assert not acc.saw(model[0].weight)
 
 
 def test_hooks_of_the_users_on_the_conv_output(monkeypatch):

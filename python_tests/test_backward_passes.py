@@ -1,0 +1,178 @@
+"""Which backward passes are a layer's training curvature under ef-exact: a gradient to the inputs
+alone (an FGSM step) is not; a loss built on gradients (create_graph) and a second backward through
+one forward are refused; a pass whose gradient is dropped before the step (a GAN's generator loss
+through a trainable discriminator) is said. Each against a float64 per-example reference."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mackay_ext import MacKayPruner
+from mackay_ext.curvature import FisherAccumulator
+
+
+def per_example_squares(model, x, y):
+    """Sum over examples of each parameter's squared gradient of its own cross-entropy (float64)."""
+    total = {name: torch.zeros_like(param) for name, param in model.named_parameters()}
+    for n in range(x.shape[0]):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[n:n + 1]), y[n:n + 1]), list(model.parameters()))
+        for (name, _), grad in zip(model.named_parameters(), grads):
+            total[name] += grad.square()
+    return total
+
+
+def summed_curvature(acc, model):
+    """The accumulator's estimate as a sum over its examples (curvature() is their mean)."""
+    return {name: (acc.curvature(param) * acc.counts[param]).clone() for name, param in model.named_parameters()}
+
+
+def models():
+    return {
+        "mlp": (nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double(), (6, 5)),
+        "cnn": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 3)).double(),
+                (6, 2, 5, 5)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_an_fgsm_step_is_no_training_pass(kind):
+    """Adversarial training: the attack's gradient to the inputs (torch.autograd.grad) reads
+    nothing; the step on the adversarial batch is the curvature, one pass of its examples."""
+    model, shape = models()[kind]
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    acc = FisherAccumulator(model)
+    attacked = x.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(F.cross_entropy(model(attacked), y), attacked)
+    adversarial = (x + 0.1 * gradient.sign()).detach()
+    F.cross_entropy(model(adversarial), y).backward()
+    got, passes, examples = summed_curvature(acc, model), acc.backward_passes, acc.num_examples
+    acc.detach()
+    expected = per_example_squares(model, adversarial, y)
+    assert passes == 1 and examples == shape[0]
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_backward_to_other_inputs_is_no_training_pass():
+    model, shape = models()["mlp"]
+    x, y = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (shape[0],))
+    acc = FisherAccumulator(model)
+    F.cross_entropy(model(x), y).backward(inputs=[x])
+    assert acc.backward_passes == 0 and not acc.saw(model[0].weight)
+
+
+def test_autograd_grad_to_the_parameters_counts():
+    """A functional step (torch.autograd.grad to the parameters, written to .grad by hand) is
+    the layer's training gradient; so is one to the inputs and the parameters together."""
+    model, shape = models()["mlp"]
+    x, y = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (shape[0],))
+    acc = FisherAccumulator(model)
+    torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    torch.autograd.grad(F.cross_entropy(model(x), y), [x, model[0].weight])
+    got = summed_curvature(acc, model)
+    acc.detach()
+    expected = per_example_squares(model, x.detach(), y)
+    torch.testing.assert_close(got["0.weight"], 2 * expected["0.weight"], rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(got["2.weight"], expected["2.weight"], rtol=1e-10, atol=1e-14)
+
+
+def test_a_gradient_penalty_is_refused():
+    """WGAN-GP: the critic's gradient to interpolated inputs, with create_graph for the penalty."""
+    model, shape = models()["mlp"]
+    FisherAccumulator(model)
+    mixed = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"create_graph=True reached 2 \(Linear\).*WGAN-GP.*curvature='ef-batch'"):
+        torch.autograd.grad(model(mixed).sum(), mixed, create_graph=True)
+
+
+def test_a_second_backward_through_one_forward_is_refused():
+    """Distillation split in two: ce.backward(retain_graph=True); kd.backward(). Refused before
+    the second pass changes any gradient; a second pass that trains no layer goes through."""
+    model, shape = models()["mlp"]
+    x, y = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (shape[0],))
+    acc = FisherAccumulator(model)
+    logits = model(x)
+    F.cross_entropy(logits, y).backward(retain_graph=True)
+    grads = [param.grad.clone() for param in model.parameters()]
+    logits.square().mean().backward(inputs=[x], retain_graph=True)   # (to the input alone)
+    with pytest.raises(RuntimeError, match=r"a second backward reached 2 \(Linear\).*sum of the losses once"):
+        logits.square().mean().backward()
+    for param, before in zip(model.parameters(), grads):
+        torch.testing.assert_close(param.grad, before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="a second backward"):   # (under torch.autograd.grad too)
+        torch.autograd.grad(logits.square().mean(), list(model.parameters()), retain_graph=True)
+    torch.autograd.grad(logits.square().mean(), x)   # (to the input alone: not refused)
+    # the next forward starts afresh
+    F.cross_entropy(model(x), y).backward()
+    assert acc.num_examples == 2 * shape[0]
+
+
+def gan_steps(discriminator, generator, freeze: bool, steps: int = 4):
+    opt_d = torch.optim.Adam(discriminator.parameters(), 1e-3)
+    opt_g = torch.optim.Adam(generator.parameters(), 1e-3)
+    pruner = MacKayPruner(discriminator, opt_d, num_data=256, batch_size=16, curvature="ef-exact")
+    ones, zeros = torch.ones(16, 1), torch.zeros(16, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            real, fake = torch.randn(16, 6) + 1, generator(torch.randn(16, 3))
+            opt_d.zero_grad()
+            (F.binary_cross_entropy_with_logits(discriminator(real), ones)
+             + F.binary_cross_entropy_with_logits(discriminator(fake.detach()), zeros)).backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            discriminator.requires_grad_(not freeze)
+            F.binary_cross_entropy_with_logits(discriminator(fake), ones).backward()
+            discriminator.requires_grad_(True)
+            opt_g.step()
+    return pruner, [str(w.message) for w in caught if "dropped" in str(w.message)]
+
+
+def test_a_gan_discriminator_trainable_in_the_generator_step_is_said():
+    generator = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 6))
+    discriminator = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 1))
+    first, said = gan_steps(discriminator, generator, freeze=False)
+    first.detach()
+    assert len(said) == 1 and "through 0, 2 whose gradient was then dropped" in said[0] \
+        and "D.requires_grad_(False)" in said[0]
+    pruner, said = gan_steps(discriminator, generator, freeze=True)
+    assert said == [] and pruner._micro_batches.factor() == 1.0   # (one pass a step)
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_accumulation_and_clipping_are_not_dropped_gradients(set_to_none):
+    """Two micro-batches into one gradient, clipped before the step, zeroed after it: every
+    pass's gradient reached the step."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    MacKayPruner(model, optimizer, num_data=64, batch_size=16, curvature="ef-exact")
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            for half in (x[:8], x[8:]):
+                (F.cross_entropy(model(half), y[:8]) / 2).backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+            optimizer.step()
+    assert not [w for w in caught if "dropped" in str(w.message)]
+
+
+def test_an_fgsm_step_is_no_micro_batch_under_ef_batch():
+    """The batch-size check (step_batch.py) counts no pass that trains nothing."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    pruner = MacKayPruner(model, optimizer, num_data=64, batch_size=16, curvature="ef-batch")
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            attacked = x.clone().requires_grad_()
+            (gradient,) = torch.autograd.grad(F.cross_entropy(model(attacked), y), attacked)
+            optimizer.zero_grad()
+            F.cross_entropy(model((x + 0.05 * gradient.sign()).detach()), y).backward()
+            optimizer.step()
+        pruner.update()
+    assert not [w for w in caught if "micro-batch" in str(w.message)]
