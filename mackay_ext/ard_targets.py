@@ -11,6 +11,7 @@ parameter name ("lstm.weight_ih_l0", "attn.in_proj_weight").
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -203,6 +204,7 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
 
     targets: dict[str, ARDTarget] = {}
     excluded: list[dict[str, str]] = []
+    unsure: list[str] = []   # (1, ...) parameters read as biases whose names do not say so
     if selected is not None:
         selected = list(selected)
         known = set(dict(model.named_modules())) | {
@@ -243,9 +245,11 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
         elif _parametrization_input(module, attr):
             reason = PARAMETRIZED
         elif selected is None and _added_like_a_bias(module, param):
-            reason = (f"a {tuple(param.shape)} parameter of a {type(module).__name__}, broadcast over the batch "
-                      "(a position embedding or a class token, added to the activations as a bias is): no "
-                      "prior unless named in layers=")
+            reason = (f"a {tuple(param.shape)} parameter of a {type(module).__name__}, shaped as a position "
+                      "embedding or a class token is (broadcast over the batch and added to the activations as "
+                      "a bias): no prior unless named in layers=")
+            if not _named_like_an_embedding(attr):
+                unsure.append(full_name)
         if reason is not None:
             if selected is not None and param.dim() >= 2:
                 raise ValueError(f"MacKayPruner: {name} was asked for but is {reason}")
@@ -261,7 +265,18 @@ def find_targets(model: nn.Module, optimizer=None, selected=None,
         if empty:
             raise ValueError(f"MacKayPruner: layers {empty} have no trainable parameter with "
                              "dim >= 2 to put a prior on")
+    if unsure:
+        warnings.warn(f"MacKayPruner: no prior on {', '.join(unsure)}: (1, ...) parameters of a module of your "
+                      "own, which the pruner reads as added to the activations (a position embedding, a class "
+                      "token). Where such a parameter multiplies the activations instead (a GAT layer's attention "
+                      "vector (1, heads, channels), a point-wise weight used with matmul), name it in layers= "
+                      "with the other layers to give it a prior", UserWarning, stacklevel=3)
     return targets, excluded
+
+
+def _named_like_an_embedding(attr: str) -> bool:
+    """timm's pos_embed, cls_token, dist_token, reg_token and the like: no word about them."""
+    return any(part in attr.lower() for part in ("pos", "embed", "token", "cls", "query", "prompt", "register"))
 
 
 _LAYERS = (nn.Linear, nn.Bilinear, nn.MultiheadAttention, *_CONV, *_CONV_TRANSPOSE, *_EMBEDDING, *_RECURRENT)

@@ -40,6 +40,7 @@ from .ard_targets import layer_detail, weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
 from .copy_inert import CopyInert, ServedForward
+from .row_examples import GroupedRows, RowExamples
 from .weight_sites import WeightSites
 from .csr import row_indices as expand_pointers
 from .conv_curvature import (
@@ -327,6 +328,10 @@ class FisherAccumulator:
         # the tokens of each layer's uses whose gradient has been squared, until its next forward:
         # a second backward through them is refused (_refuse_second_backward)
         self._spent: dict[nn.Module, set[int]] = defaultdict(set)
+        # examples_of_rows: the batch's examples where one spans several rows of a layer's input
+        self._rows: RowExamples | None = None
+        self._rows_wanted = False   # given once: each batch's forward needs its own
+        self._rows_used = False     # a captured forward read it: spent at its backward's end
         # MacKayPruner: the layers each captured backward reached, and the gradient each left in
         # its parameter, until its optimizer steps; layers whose gradient was dropped before a step
         self.watch_dropped = False
@@ -419,10 +424,11 @@ class FisherAccumulator:
                                    "curvature='ef-batch'")
             if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
+            record = self._grouped(module, x.detach()) if self._rows_wanted else x.detach()
             token = next(self._tokens)
             if not self._pending.get(module):   # the layer's first use since its last backward
                 self._spent.pop(module, None)
-            self._pending[module][token] = x.detach()
+            self._pending[module][token] = record
             if self._capturing:
                 self.sampled_calls.add(module)
             if self._mc_outputs is not None:
@@ -438,6 +444,45 @@ class FisherAccumulator:
             else:
                 node.register_prehook(lambda grads, module=module, index=index, token=token:
                                       self._on_output_grad(module, grads[index], token))
+
+    def _grouped(self, module, x: torch.Tensor) -> torch.Tensor | GroupedRows:
+        """The record of an input under examples_of_rows: its rows grouped into the batch's examples."""
+        name = f"{self._name_of(module)} ({type(module).__name__})"
+        if self._rows is None:
+            raise RuntimeError(f"FisherAccumulator: {name} ran a forward after the batch that examples_of_rows "
+                               "was given for had its backward: give each batch's index before its forward "
+                               "(examples_of_rows(batch_index)), or examples_of_rows(None) to read rows as examples")
+        try:
+            layout = self._rows.layout(x.shape[0] if x.dim() else 1)
+        except KeyError:
+            raise RuntimeError(f"FisherAccumulator: {name} got an input of {x.shape[0] if x.dim() else 1} rows, and "
+                               f"examples_of_rows gave indices of {self._rows.sizes()} rows over "
+                               f"{self._rows.examples} examples: each input must have an index's rows or one "
+                               "row an example (a pooled head). Give the index of every kind of input (nodes, "
+                               "edges) in one call, or leave the layer out (layers=)") from None
+        self._rows_used = True
+        if layout is None:
+            return x
+        if not isinstance(module, nn.Linear):
+            raise RuntimeError(f"FisherAccumulator: {name} got an input of rows grouped into examples by "
+                               "examples_of_rows, which covers nn.Linear layers: use curvature='ef-batch', or "
+                               "leave the layer out (layers=)")
+        return GroupedRows(x, layout)
+
+    def examples_of_rows(self, *indices: torch.Tensor | None, num_examples: int | None = None) -> None:
+        """The example of each row of this batch's layer inputs, where an example spans several
+        rows: a graph batch's nodes (PyG's `batch` vector, node -> graph; also edge -> graph for
+        layers on edge features), a set of points. Given before each batch's forward; a layer's
+        input with as many rows as an index has each example's gradient summed over its rows
+        before squaring, one with `num_examples` rows (default: the largest index + 1) is read a
+        row an example (a pooled head), and any other size is refused. The next forward after
+        this batch's backward needs the next batch's index; None: rows are examples again.
+        Covers nn.Linear layers (row_examples.py)."""
+        if indices == (None,):
+            self._rows, self._rows_wanted, self._rows_used = None, False, False
+            return
+        self._rows = RowExamples(indices, num_examples, "examples_of_rows")
+        self._rows_wanted, self._rows_used = True, False
 
     def _name_of(self, module) -> str:
         return next((name for name, layer in self.layers.items() if layer is module), type(module).__name__)
@@ -602,6 +647,8 @@ class FisherAccumulator:
             self._spent[module].update(token for token, _ in grads if token in records)
             self._accumulate(module, *_paired(records, grads))
         self._pending.clear()
+        if self._rows_used:   # this batch's index is spent: the next forward needs the next batch's
+            self._rows, self._rows_used = None, False
         if self._loss_scale is not None and self._stage is not None:
             self._stage.passes += 1
         else:
@@ -678,7 +725,11 @@ class FisherAccumulator:
             inputs, grads = [x.unsqueeze(0) for x in inputs], [g.unsqueeze(0) for g in grads]
         batch = inputs[0].shape[0]
         if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
-            raise RuntimeError("FisherAccumulator: the uses of one module saw different batch sizes")
+            raise RuntimeError(f"FisherAccumulator: the uses of {self._name_of(module)} ({type(module).__name__}) "
+                               f"in one backward had inputs of {sorted({x.shape[0] for x in inputs})} rows: a layer "
+                               "used on different batches (node rows and pooled graph rows: examples_of_rows "
+                               "says which rows are whose), or leave the layer out (layers=), or use "
+                               "curvature='ef-batch'")
         weight, bias = _stored(module, "weight"), _stored(module, "bias")
         grad_sum = None
         if weight_grad and len(inputs) == 1 and weight.requires_grad and module in self._served:
@@ -840,6 +891,9 @@ class FisherAccumulator:
         self.__dict__.setdefault("_spent", defaultdict(set))
         self.__dict__.setdefault("_awaiting", {})
         self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set())
+        self.__dict__.setdefault("_rows", None)
+        self.__dict__.setdefault("_rows_wanted", False)
+        self.__dict__.setdefault("_rows_used", False)
 
     def _require_capture(self, where: str) -> None:
         if self.copied:
@@ -944,6 +998,8 @@ class FisherAccumulator:
         finally:
             self._active, self._scale_override, self._sampling = False, None, False
             self.new_batch()
+            if self._rows_used:   # (as at a training backward's end)
+                self._rows, self._rows_used = None, False
         self._softmax_check.watch(logits)   # the training backward's gradient through them (after these)
 
     def _require_mc(self, where: str) -> None:
@@ -1104,6 +1160,9 @@ def _paired(records: dict[int, torch.Tensor], grads: list[tuple[int, torch.Tenso
     each gradient with the input of the use whose token it carries."""
     by_token = dict(grads)
     pairs = [(x, by_token[token]) for token, x in records.items() if token in by_token]
+    # rows grouped into examples (examples_of_rows): each example's rows as positions
+    pairs = [(x.layout.spread(x.rows), x.layout.spread(grad)) if isinstance(x, GroupedRows) else (x, grad)
+             for x, grad in pairs]
     return [x for x, _ in pairs], [grad for _, grad in pairs]
 
 

@@ -59,6 +59,7 @@ from .ard_targets import (
     is_parametrization_input,
 )
 from .batch_curvature import ema_debiased
+from .row_examples import RowExamples
 from .ddp_lockstep import Lockstep, world_size
 from .step_batch import StepBatchWatch
 from .dead_units import prune_unused_units
@@ -679,6 +680,18 @@ class MacKayPruner(StandalonePrior):
             self.channel.detach()
         if self._covariance is not None:
             self._covariance.remove()
+
+    def examples_of_rows(self, *indices: torch.Tensor | None, num_examples: int | None = None) -> None:
+        """Where an example spans several rows of a layer's input (a graph batch's nodes: PyG's
+        `batch` vector, node -> graph), the example of each row, given before each batch's
+        forward: ef-exact and fisher-mc then square each example's gradient (summed over its
+        rows), and the batch-size check counts examples, not rows (FisherAccumulator's
+        examples_of_rows says the rest). None: rows are examples again."""
+        rows = None if indices == (None,) else RowExamples(indices, num_examples, "MacKayPruner.examples_of_rows")
+        if self.accumulator is not None:
+            self.accumulator.examples_of_rows(*indices, num_examples=num_examples)
+        if self._step_batch is not None:
+            self._step_batch.rows = rows
 
     def accumulate_mc(self, x: torch.Tensor, num_samples: int = 1) -> None:
         """fisher-mc: add the sampled-label Fisher of a batch of inputs (a forward and backward

@@ -42,6 +42,7 @@ class StepBatchWatch:
         self.last_step = 0                  # examples of the last step on this rank
         self.steps = 0                      # steps seen
         self.accumulated: Counter = Counter()   # (A, b) -> steps of A backward passes of b examples each
+        self.rows = None   # MacKayPruner.examples_of_rows's RowExamples: a graph batch's examples
         self.handles = [model.register_forward_pre_hook(CopyInert(self._count)),
                         model.register_forward_hook(CopyInert(self._watch_backward))]
 
@@ -53,7 +54,8 @@ class StepBatchWatch:
         # address (a loader's next batch often takes the memory of the one freed before it)
         if not any(ref() is args[0] for ref in self.inputs):
             self.inputs.append(weakref.ref(args[0]))
-            self.forwards.append(args[0].shape[0])
+            rows = args[0].shape[0]   # (a graph batch's nodes are its graphs' rows: examples_of_rows)
+            self.forwards.append(self.rows.examples if self.rows is not None and rows in self.rows.layouts else rows)
 
     def _watch_backward(self, module, args, output) -> None:
         if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() or _frozen(module):
