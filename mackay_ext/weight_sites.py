@@ -47,6 +47,33 @@ class _OutsideReads(TorchFunctionMode):
         return result
 
 
+def _function_reads(output, weights: dict[int, str], layers: dict[str, nn.Module]) -> dict[str, str]:
+    """{layer: the custom torch.autograd.Function that took its weight}, from the graph of the
+    forward's output. A Function's forward runs with gradients off, where the mode above does not
+    look, and its apply() reaches no TorchFunctionMode: a parent's LinFn.apply(h, self.mid.weight)
+    left the curvature 4x too small with no word. A layer whose forward is its own (a subclass)
+    may call such a Function itself (plain_product.py checks those), and a served conv's is the
+    library's own (ConvFromExamples): neither is an outside read."""
+    from .conv_weight_grad import ConvFromExamples
+    from .plain_product import has_own_forward
+    found: dict[str, str] = {}
+    seen, stack = set(), [out.grad_fn for out in tree_leaves(output)
+                          if isinstance(out, torch.Tensor) and out.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        custom = isinstance(node, torch.autograd.function.BackwardCFunction) \
+            and getattr(node, "_forward_cls", None) is not ConvFromExamples
+        for child, _ in node.next_functions:
+            name = weights.get(id(getattr(child, "variable", None))) if custom and child is not None else None
+            if name is not None and not has_own_forward(layers[name]):
+                found.setdefault(name, f"{node._forward_cls.__name__}.apply")
+            stack.append(child)
+    return found
+
+
 class WeightSites:
     """Watches one forward of `model` in each window (`due`: set again by the accumulator's reset)
     for reads of the `layers`' weights outside their own calls. `wanted()`: whether this forward
@@ -105,6 +132,8 @@ class WeightSites:
         if self._mode is None or self._thread != threading.get_ident():   # (another thread's watch)
             return
         mode = self._discard()
+        for name, func in _function_reads(output, mode.weights, self.layers).items():
+            mode.found.setdefault(name, func)
         new = {name: func for name, func in mode.found.items() if name not in self.said}
         if not new:
             return

@@ -142,3 +142,40 @@ def test_an_interrupted_watch_is_dropped_at_the_next_forward():
             model(torch.randn(4, 6)).sum().backward()
     assert torch._C._len_torch_function_stack() == 0
     assert not accumulator._sites.due   # this forward was the window's watched one
+
+
+class _Product(torch.autograd.Function):
+    """A hand-written kernel's autograd (h @ W^T), as a fused op or a custom SpMM is wrapped."""
+
+    @staticmethod
+    def forward(ctx, h, weight):
+        ctx.save_for_backward(h, weight)
+        return h @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        return grad @ weight, grad.t() @ h
+
+
+class ReadThroughAFunction(ReadTwice):
+    """mid's weight read again through a custom Function, whose forward runs with gradients off."""
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.inp(x))))
+        return self.out(torch.tanh(_Product.apply(h, self.mid.weight)))
+
+
+class FunctionLinear(nn.Linear):
+    """A layer whose own forward is that Function: its calls are its own."""
+
+    def forward(self, x):
+        return _Product.apply(x, self.weight) + self.bias
+
+
+def test_a_weight_read_through_a_custom_function_is_said():
+    said, _ = _said(ReadThroughAFunction(), steps=2)
+    assert len(said) == 1 and "mid (by _Product.apply)" in str(said[0].message)
+    model = nn.Sequential(FunctionLinear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    said, _ = _said(model, steps=2)
+    assert said == []
