@@ -28,9 +28,27 @@ class SoftmaxLossCheck:
         self.said = False
 
     def watch(self, logits: torch.Tensor) -> None:
-        """Look at the gradient the training loss sends back through `logits` (N, classes)."""
-        if not self.said and self.looked < LOOKS and logits.requires_grad:
+        """Look at the gradient the training loss sends back through `logits` (N, classes); where
+        they are a view the loss does not use (a pixel decoder's (N, 1, H, W) logits passed as
+        logits.flatten(1), the loss on the 4-D tensor: no gradient comes through the view, and
+        the check never looked), at the gradient of the tensor they view, laid out as they are."""
+        if self.said or self.looked >= LOOKS or not logits.requires_grad:
+            return
+        base = logits._base
+        if base is None or not base.requires_grad:
             logits.register_hook(self._look)
+            return
+        through_view = []   # the view's gradient comes before its base's, in the backward that uses it
+        logits.register_hook(lambda grad: through_view.append(True) or self._look(grad))
+        size, stride, offset = logits.size(), logits.stride(), logits.storage_offset()
+
+        def look_at_base(grad: torch.Tensor) -> None:
+            if through_view:
+                return
+            laid_out = torch.empty_strided(base.size(), base.stride(), dtype=grad.dtype, device=grad.device)
+            self._look(laid_out.copy_(grad).as_strided(size, stride, offset - base.storage_offset()))
+
+        base.register_hook(look_at_base)
 
     def _look(self, grad: torch.Tensor) -> None:
         if self.said or self.looked >= LOOKS:

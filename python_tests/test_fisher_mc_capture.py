@@ -241,6 +241,33 @@ def test_softmax_losses_say_nothing(loss):
     assert _mc_training_warnings(loss_of, dtype=torch.bfloat16) == []
 
 
+@pytest.mark.parametrize("loss", ["pixel-bce", "cross-entropy"])
+def test_logits_passed_as_a_view_the_loss_does_not_use_are_checked(loss):
+    """A pixel decoder's (N, 1, 4, 4) logits passed as logits.flatten(1), the loss on the 4-D
+    tensor: no gradient comes through the view, and the check never looked (a VAE's Bernoulli
+    pixels read as one softmax over 16 of them, no word). A softmax loss on another view of the
+    same tensor says nothing."""
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 16), nn.Unflatten(1, (1, 4, 4)))
+    optimizer = torch.optim.SGD(decoder.parameters(), lr=0.01)
+    pruner = MacKayPruner(decoder, optimizer, num_data=256, batch_size=8, curvature="fisher-mc")
+    z, pixels, labels = torch.randn(8, 3), (torch.rand(8, 1, 4, 4) > 0.5).float(), torch.randint(0, 16, (8,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            with pruner.capture_mc():
+                logits = decoder(z)
+            pruner.accumulate_mc_from(logits.flatten(1))
+            if loss == "pixel-bce":
+                nn.functional.binary_cross_entropy_with_logits(logits, pixels).backward()
+            else:
+                nn.functional.cross_entropy(logits.view(8, 16), labels).backward()
+            optimizer.step()
+    said = [w for w in caught if "not a function of softmax(logits)" in str(w.message)]
+    assert len(said) == (1 if loss == "pixel-bce" else 0)
+
+
 def test_the_softmax_check_reads_a_sample_of_rows_in_float32_sums():
     """A language model's logits' gradient can be gigabytes: the check reads at most ROWS rows
     (views, float32 sums, no copy of the whole), a bfloat16 one too."""
