@@ -325,9 +325,11 @@ class FisherAccumulator:
         # on the next states, a TD target taken with gradients on and detached) pairs with nothing
         self._pending: dict[nn.Module, dict[int, torch.Tensor]] = defaultdict(dict)   # by token, in call order
         self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        # the tokens of each layer's uses whose gradient has been squared, until its next forward:
-        # a second backward through them is refused (_refuse_second_backward)
+        # the tokens of each layer's uses whose gradient has been squared, and those of the
+        # forward before (a forward between the two backward passes): a second backward through
+        # them is refused (_refuse_second_backward)
         self._spent: dict[nn.Module, set[int]] = defaultdict(set)
+        self._spent_before: dict[nn.Module, set[int]] = defaultdict(set)
         # examples_of_rows: the batch's examples where one spans several rows of a layer's input
         self._rows: RowExamples | None = None
         self._rows_wanted = False   # given once: each batch's forward needs its own
@@ -338,8 +340,6 @@ class FisherAccumulator:
         self._pass_layers: set[nn.Module] = set()
         self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
         self.dropped: set[str] = set()
-        # under torch.autograd.grad: output gradients waiting for the layer's parameters to get theirs
-        self._awaiting: dict[nn.Module, list[tuple[int, torch.Tensor]]] = {}
         self._tokens = itertools.count()
         self.sampled_calls: set[nn.Module] = set()   # fisher-mc: layers called inside capture_mc() since the reset
         self._scale_override: float | None = None
@@ -427,7 +427,7 @@ class FisherAccumulator:
             record = self._grouped(module, x.detach()) if self._rows_wanted else x.detach()
             token = next(self._tokens)
             if not self._pending.get(module):   # the layer's first use since its last backward
-                self._spent.pop(module, None)
+                self._spent_before[module] = self._spent.pop(module, set())
             self._pending[module][token] = record
             if self._capturing:
                 self.sampled_calls.add(module)
@@ -514,12 +514,9 @@ class FisherAccumulator:
             return
         records = self._pending.get(module)
         if not records or token not in records:
-            if not self._sampling and token in self._spent.get(module, ()):
-                trains = _backward_trains(module)
-                if trains is None:   # (refused when the parameters get their gradient)
-                    self._await_parameters(module, grad, token)
-                elif trains:
-                    self._refuse_second_backward(module)
+            if not self._sampling and (token in self._spent.get(module, ()) or token in
+                                       self._spent_before.get(module, ())) and _backward_trains(module):
+                self._refuse_second_backward(module)
             return
         if not self._sampling:   # (fisher-mc's sampled backward goes to the outputs alone, by design)
             if torch.is_grad_enabled():   # the engine runs hooks in grad mode only under create_graph
@@ -529,11 +526,7 @@ class FisherAccumulator:
                     "or R1, a meta-learning inner step) has per-example gradients that are not the layer's "
                     f"input times its output gradient, which {self.mode} squares. Use curvature='ef-batch', "
                     "or leave the layer out (MacKayPruner's layers=, FisherAccumulator's modules=)")
-            trains = _backward_trains(module)
-            if trains is None:
-                self._await_parameters(module, grad, token)
-                return
-            if not trains:
+            if not _backward_trains(module):
                 return   # (its input, paired with no gradient, goes at the end of the next training backward)
         self._take(module, grad, token)
 
@@ -582,31 +575,6 @@ class FisherAccumulator:
             if param is not None and param.grad is not None:
                 self._left[param] = (weakref.ref(param.grad), param.grad._version)
         self._pass_layers.clear()
-
-    def _await_parameters(self, module, grad: torch.Tensor, token: int) -> None:
-        """torch.autograd.grad is under way, and torch does not say whether its inputs hold the
-        layer's parameters (it refuses the question for leaves): the gradient counts when one of
-        them receives its own in this pass (an FGSM step's gradient to the inputs never does)."""
-        waiting = self._awaiting.get(module)
-        if waiting is None:
-            waiting = self._awaiting[module] = []
-            handles = []
-
-            def reached(_grad, module=module):
-                for token, grad in self._awaiting.pop(module, []):
-                    if token in self._spent.get(module, ()):
-                        self._refuse_second_backward(module)
-                    if token in self._pending.get(module, {}):
-                        self._take(module, grad, token)
-
-            def pass_ended():
-                for handle in handles:
-                    handle.remove()
-                self._awaiting.pop(module, None)
-
-            handles += [param.register_hook(reached) for param in _stored_parameters(module) if param.requires_grad]
-            torch.autograd.Variable._execution_engine.queue_callback(pass_ended)
-        waiting.append((token, grad.detach()))
 
     def _refuse_second_backward(self, module) -> None:
         """A second backward through a forward whose gradients this layer has squared already
@@ -685,6 +653,7 @@ class FisherAccumulator:
         """GradScaler's verdict on the step whose squares are held (mackay_ext.loss_scale): added
         to the sums if it ran, dropped if the scaler skipped it."""
         stage, self._stage = self._stage, None
+        self._left.clear()   # (a skipped step calls no optimizer step, whose hook clears it too)
         if stage is None or not ran:
             return
         for param, held in stage.sums.items():
@@ -889,7 +858,7 @@ class FisherAccumulator:
         self.__dict__.setdefault("_said_unchecked", set())
         self.__dict__.setdefault("_sampling", False)
         self.__dict__.setdefault("_spent", defaultdict(set))
-        self.__dict__.setdefault("_awaiting", {})
+        self.__dict__.setdefault("_spent_before", defaultdict(set))
         self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set())
         self.__dict__.setdefault("_rows", None)
         self.__dict__.setdefault("_rows_wanted", False)
@@ -1182,14 +1151,18 @@ def _trains_weight(module: nn.Module) -> bool:
     return not stored or any(param.requires_grad for param in stored)
 
 
-def _backward_trains(module: nn.Module) -> bool | None:
-    """Whether the backward under way reaches any of the layer's parameters. Not so for
-    torch.autograd.grad to the inputs (an adversarial example's FGSM or PGD step, a saliency map)
-    or backward(inputs=...) naming other tensors: their output gradients are no training gradient
-    of the layer (counted, an FGSM step read as a second micro-batch of every step). None under
-    torch.autograd.grad, which torch does not answer for leaves (_await_parameters finds out)."""
+def _backward_trains(module: nn.Module) -> bool:
+    """Whether the backward under way adds to the .grad of the layer's parameters, which the
+    optimizer steps on. Not so for backward(inputs=...) naming other tensors, nor for any
+    torch.autograd.grad: to the inputs (an adversarial example's FGSM or PGD step, a saliency
+    map; counted, an FGSM step read as a second micro-batch of every step) or to the parameters
+    (a probe of the gradient, such as VQGAN's adaptive loss weight or a gradient-norm log, taken
+    before the training backward). A layer whose parameters are not stored as its own (a flat
+    parameter's views) is read as trained."""
+    stored = [param for param in _stored_parameters(module) if param.requires_grad]
+    if not stored:
+        return True
     try:
-        return any(torch._C._will_engine_execute_node(get_gradient_edge(param).node)
-                   for param in _stored_parameters(module) if param.requires_grad)
-    except RuntimeError:   # torch.autograd.grad, which torch will not answer for leaves: not known yet
-        return None
+        return any(torch._C._will_engine_execute_node(get_gradient_edge(param).node) for param in stored)
+    except RuntimeError:   # torch.autograd.grad, which answers for no leaf: no .grad is written
+        return False

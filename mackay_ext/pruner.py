@@ -135,9 +135,10 @@ FROZEN_NOW = ("its requires_grad is False now (frozen after the pruner was built
               "leaves its weights alone while it stays frozen")
 ADDED_LATER = ("trained by the optimizer, but added after the pruner was built (add_param_group): no prior; "
                "build a new MacKayPruner to cover it")
-WITHOUT_DATA = ("no data has reached it (its curvature is 0 everywhere, other layers' is not: no forward "
-                "used it, or its gradient was always 0), so its alpha and weights are left as they are and "
-                "nothing of it is pruned until its gradient does")
+WITHOUT_DATA = ("no data has reached it since the last update (its curvature is 0 everywhere, or under "
+                "ef-batch no step had its gradient, while other layers' did: no forward used it, or its "
+                "gradient was always 0), so its alpha and weights are left as they are and nothing of it is "
+                "pruned until its gradient does")
 
 DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": "snr", "threshold": None}
 # One update that prunes more than this share of the weights still live (or empties a layer) is
@@ -406,6 +407,7 @@ class MacKayPruner(StandalonePrior):
             self._grad_not_captured: set[str] = set()
             self._mc_step_captured = False
             self._said_dropped = False   # see _say_dropped
+            self._fed_since_update: set[str] = set()   # ef-batch: layers a step had a gradient for
             self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
             # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
             # (MacKayAdam's fused step, or the step hooks), or each backward's without an optimizer;
@@ -642,6 +644,9 @@ class MacKayPruner(StandalonePrior):
             self._count_micro_batches()   # (a GradScaler step's, settled above, or a closure's)
             self._say_dropped()
         self._mc_step_captured = False
+        if self.curvature_kind == "ef-batch":   # (where ef-batch's h took a gradient: _idle_layers)
+            self._fed_since_update.update(name for name, target in self.targets.items()
+                                          if target.param.grad is not None)
         self._sample_next_batch()
         if self.fused:
             return
@@ -663,6 +668,7 @@ class MacKayPruner(StandalonePrior):
         # detached pruner: its state readable, its update() refused with what to do instead.
         self.__dict__.update(state)
         self.__dict__.setdefault("_built", True)   # (a copy made before detach switched the prior off)
+        self.__dict__.setdefault("_fed_since_update", set())
         self.__dict__.setdefault("_alpha_at_detach", None)
         self.detached, self.copied = True, True
         self._hooks, self._step_reader = [], None
@@ -785,7 +791,8 @@ class MacKayPruner(StandalonePrior):
             "these layers do not train on, and it counted as a micro-batch of the step. A GAN's generator loss "
             "through a discriminator left trainable: freeze the discriminator for the generator's step "
             "(D.requires_grad_(False), then True), which the curvature leaves out. A pass whose gradient "
-            "you drop on purpose (SAM's first pass): pruner.accumulator.paused = True around it",
+            "you drop on purpose (SAM's first pass): pruner.accumulator.paused = True around its forward and "
+            "backward",
             RuntimeWarning, stacklevel=user_stacklevel())
 
     def _count_micro_batches(self) -> None:
@@ -1153,6 +1160,7 @@ class MacKayPruner(StandalonePrior):
         self._unfinished = None
         if self._steps_since_update is not None:
             self._steps_since_update = 0
+        self._fed_since_update.clear()
         self.foreign_steps = {}
         self._mc_calls_since_update = 0
         self._sample_next_batch()
@@ -1440,7 +1448,13 @@ class MacKayPruner(StandalonePrior):
         a warning about the network's input): an idle head, or a branch used later, is left as
         it is instead. (Before any training step every curvature is 0: the usual warm-up.) A layer
         pruned whole (prune_entries, or allow_empty_layers) reads 0 because its gradients are held
-        at 0: it is no idle layer."""
+        at 0: it is no idle layer. Under ef-batch, whose h is a moving average that a step without
+        the layer's gradient leaves as it was, a layer no step since the last update had a gradient
+        for is idle too (a continual learner's first task's head, untouched in the second, was
+        pruned further from its stale h)."""
+        if self.curvature_kind == "ef-batch" and self._steps_since_update and self._fed_since_update:
+            return {name for name in self.targets if name not in self._fed_since_update
+                    and not bool((self.alpha(name) == math.inf).all())}
         reached = {name: bool(self.curvature_estimate(name).any()) for name in self.targets}
         if not any(reached.values()):
             return set()

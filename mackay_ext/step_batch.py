@@ -66,9 +66,15 @@ class StepBatchWatch:
                 return
 
     def _note_pass(self, model: nn.Module) -> None:
-        # a gradient to the inputs alone (an adversarial example's FGSM step) is no training pass
-        if any(torch._C._will_engine_execute_node(get_gradient_edge(param).node)
-               for param in model.parameters() if param.requires_grad):
+        # a pass that writes no parameter's .grad is no training pass: a gradient to the inputs
+        # alone (an adversarial example's FGSM step), any torch.autograd.grad (a probe of the
+        # gradient; torch answers the question for no leaf there)
+        try:
+            trains = any(torch._C._will_engine_execute_node(get_gradient_edge(param).node)
+                         for param in model.parameters() if param.requires_grad)
+        except RuntimeError:
+            trains = False
+        if trains:
             self.passes.add(torch._C._current_graph_task_id())
 
     def close_step(self) -> None:

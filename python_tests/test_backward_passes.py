@@ -63,19 +63,58 @@ def test_backward_to_other_inputs_is_no_training_pass():
     assert acc.backward_passes == 0 and not acc.saw(model[0].weight)
 
 
-def test_autograd_grad_to_the_parameters_counts():
-    """A functional step (torch.autograd.grad to the parameters, written to .grad by hand) is
-    the layer's training gradient; so is one to the inputs and the parameters together."""
+def test_gradient_probes_are_no_training_pass():
+    """torch.autograd.grad writes no .grad: VQGAN's adaptive loss weight probes the gradient of
+    two losses at the last layer (retain_graph), then one backward trains on their weighted sum,
+    which alone is the curvature (the first probe was squared, and the rest refused as a second
+    backward)."""
     model, shape = models()["mlp"]
-    x, y = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (shape[0],))
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
     acc = FisherAccumulator(model)
-    torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
-    torch.autograd.grad(F.cross_entropy(model(x), y), [x, model[0].weight])
-    got = summed_curvature(acc, model)
+    logits = model(x)
+    nll, other = F.cross_entropy(logits, y), logits.square().mean()
+    (g_nll,) = torch.autograd.grad(nll, model[2].weight, retain_graph=True)
+    (g_other,) = torch.autograd.grad(other, model[2].weight, retain_graph=True)
+    weight = float(g_nll.norm() / (g_other.norm() + 1e-4))
+    (nll + weight * other).backward()
+    got, passes = summed_curvature(acc, model), acc.backward_passes
     acc.detach()
-    expected = per_example_squares(model, x.detach(), y)
-    torch.testing.assert_close(got["0.weight"], 2 * expected["0.weight"], rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(got["2.weight"], expected["2.weight"], rtol=1e-10, atol=1e-14)
+    expected = {name: torch.zeros_like(param) for name, param in model.named_parameters()}
+    for n in range(shape[0]):
+        out = model(x[n:n + 1])
+        loss = F.cross_entropy(out, y[n:n + 1]) + weight * out.square().sum() / (3 * shape[0]) * shape[0]
+        for (name, _), grad in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            expected[name] += grad.square()
+    assert passes == 1
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_a_probe_under_ef_batch_is_no_pass():
+    """The batch-size check asks torch whether a pass writes .grad, which torch.autograd.grad to
+    the parameters does not answer: no pass (it raised inside the probe)."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    MacKayPruner(model, optimizer, num_data=64, batch_size=16, curvature="ef-batch")
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    loss = F.cross_entropy(model(x), y)
+    torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    loss.backward()
+    optimizer.step()
+
+
+def test_a_layer_whose_weight_is_not_stored_as_its_own_is_read():
+    """A flat parameter's views (FSDP's use_orig_params=False) leave nothing in the layer's
+    _parameters: its backward is read as training it."""
+    torch.manual_seed(0)
+    flat = nn.Parameter(torch.randn(5 * 7 + 7, dtype=torch.float64))
+    layer = nn.Linear(5, 7).double()
+    del layer.weight, layer.bias
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(7, 3).double())
+    acc = FisherAccumulator(model)
+    layer.weight, layer.bias = flat[:35].view(7, 5), flat[35:]
+    F.cross_entropy(model(torch.randn(6, 5, dtype=torch.float64)), torch.randint(0, 3, (6,))).backward()
+    assert acc.backward_passes == 1 and acc.num_examples == 6
 
 
 def test_a_gradient_penalty_is_refused():
@@ -88,8 +127,9 @@ def test_a_gradient_penalty_is_refused():
 
 
 def test_a_second_backward_through_one_forward_is_refused():
-    """Distillation split in two: ce.backward(retain_graph=True); kd.backward(). Refused before
-    the second pass changes any gradient; a second pass that trains no layer goes through."""
+    """Distillation split in two: ce.backward(retain_graph=True); kd.backward(). Refused at the
+    first layer the second pass reaches again (here the last, before any gradient changes); a
+    second pass that trains no layer goes through."""
     model, shape = models()["mlp"]
     x, y = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (shape[0],))
     acc = FisherAccumulator(model)
@@ -101,10 +141,11 @@ def test_a_second_backward_through_one_forward_is_refused():
         logits.square().mean().backward()
     for param, before in zip(model.parameters(), grads):
         torch.testing.assert_close(param.grad, before, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="a second backward"):   # (under torch.autograd.grad too)
-        torch.autograd.grad(logits.square().mean(), list(model.parameters()), retain_graph=True)
-    torch.autograd.grad(logits.square().mean(), x)   # (to the input alone: not refused)
-    # the next forward starts afresh
+    torch.autograd.grad(logits.square().mean(), list(model.parameters()), retain_graph=True)   # (a probe)
+    model(x)   # a forward between the two passes (an evaluation with gradients on)
+    with pytest.raises(RuntimeError, match="a second backward"):
+        logits.square().mean().backward()
+    # the next forward and backward start afresh
     F.cross_entropy(model(x), y).backward()
     assert acc.num_examples == 2 * shape[0]
 
@@ -176,3 +217,23 @@ def test_an_fgsm_step_is_no_micro_batch_under_ef_batch():
             optimizer.step()
         pruner.update()
     assert not [w for w in caught if "micro-batch" in str(w.message)]
+
+
+def test_a_step_the_scaler_skips_is_no_dropped_gradient():
+    """GradScaler skips a step with inf gradients (the usual first steps of fp16 training): no
+    optimizer step ran, and the next zero_grad drops a gradient nothing was to use."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    MacKayPruner(model, optimizer, num_data=64, batch_size=16, curvature="ef-exact")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y) * (float("inf") if step == 0 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    assert scaler.get_scale() < 2.0 ** 16   # (the first step was skipped)
+    assert not [w for w in caught if "dropped" in str(w.message)]

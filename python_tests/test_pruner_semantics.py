@@ -341,6 +341,17 @@ def test_a_layer_no_data_reached_is_left_as_it_is_and_said_once(optimizer_kind, 
     report = pruner.update()
     assert "without_data" not in {layer["name"]: layer for layer in report["layers"]}["head2"]
     assert bool(pruner.alpha("head2").any())
+    # a continual learner's second task leaves the first task's head (b) untouched: its alphas
+    # and weights stay (ef-batch's h still held the first task's, and pruned on)
+    alpha_b, weight_b = pruner.alpha("b").clone(), model.b.weight.detach().clone()
+    for _ in range(30):
+        x = torch.randn(16, 12)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model.head2(torch.relu(model.a(x))), (x[:, 2] > 0).long()).backward()
+        optimizer.step()
+    report = pruner.update()
+    assert {layer["name"]: layer for layer in report["layers"]}["b"].get("without_data")
+    assert torch.equal(pruner.alpha("b"), alpha_b) and torch.equal(model.b.weight.detach(), weight_b)
 
 
 def test_emptying_a_bare_parameter_is_not_worded_as_a_layer_losing_its_input():
@@ -522,7 +533,7 @@ def test_position_embeddings_and_class_tokens_are_left_out_as_biases():
     pruner = MacKayPruner(model, torch.optim.AdamW(model.parameters()), num_data=64, batch_size=8)
     excluded = {entry["name"]: entry["reason"] for entry in pruner.report()["excluded"]}
     assert set(pruner.targets) == {"proj", "head"}
-    assert "a (1, 5, 8) parameter of a _TokensWithPositions, broadcast over the batch" in excluded["pos_embed"]
+    assert "a (1, 5, 8) parameter of a _TokensWithPositions, shaped as a position embedding" in excluded["pos_embed"]
     assert "no prior unless named in layers=" in excluded["cls_token"]
     pruner.detach()
     named = MacKayPruner(model, torch.optim.AdamW(model.parameters()), num_data=64, batch_size=8,
