@@ -821,8 +821,9 @@ class MacKayPruner(StandalonePrior):
                                + ("(on training batches: `with pruner.capture_mc(): logits = model(x)`, then "
                                   "pruner.accumulate_mc_from(logits); or pruner.accumulate_mc(x))"
                                   if self.curvature_kind == "fisher-mc" else
-                               "(run a training backward first; the hooks do not see gradients taken with "
-                               "torch.func.grad or vmap: use curvature='ef-batch' there)")
+                               "(run a training backward first; the hooks read backward() alone, not gradients "
+                               "taken with torch.autograd.grad, torch.func.grad or vmap: use curvature='ef-batch' "
+                               "there)")
                                + (f". {COMPILED_HINT}" if compiled else ""))
         missed = sorted(name for name in self._grad_not_captured if not self.accumulator.saw(self.targets[name].param))
         beside = [name for name in missed if self.targets[name].module in self.accumulator.sampled_calls]
