@@ -1691,6 +1691,34 @@ class MacKayPruner(StandalonePrior):
         total = sum(t.param.numel() for n, t in self.targets.items() if n not in uncovered)
         return 1 - self.kept_weights() / max(total, 1)
 
+    def reset_curvature(self) -> None:
+        """Start every layer's curvature estimate afresh, the alphas kept: at a change of data (a
+        continual learner's next task). ef-batch's moving average h holds the old data's for
+        about 1/(1 - rho) steps (60 steps into a second task at rho = 0.99, 55% of it: a new
+        user's features of the second task read at 0.48x their curvature), and h.zero_() alone
+        reads the new data at (1 - rho^t) of its size, t not restarted. ef-batch: h and its t;
+        ef-exact and fisher-mc: the squares summed since the last update. Not under
+        granularity="channel" (its members keep their own estimates)."""
+        self._check_attached("reset_curvature")
+        if self.channel is not None:
+            raise ValueError("MacKayPruner.reset_curvature: not under granularity='channel', whose channel "
+                             "groups' members keep estimates of their own; build a new pruner and "
+                             "load_state_dict the alphas instead")
+        for name, target in self.targets.items():
+            self.curvature(name).zero_()
+            if self.curvature_kind != "ef-batch":
+                continue
+            if self.fused:
+                state = self.optimizer.ard_state(target.param)
+                self._loaded_steps[name] = (state, float(state["step"]), 0.0)   # t counts from here
+            else:
+                self._own[name]["curvature_steps"].zero_()
+        if self.accumulator is not None:
+            self.accumulator.reset()
+            self._micro_batches.reset()
+            self._grad_not_captured.clear()
+        self._fed_since_update.clear()
+
     # ------------------------------------------------------------- persistence
     def consolidate_curvature(self) -> None:
         """Under torch.distributed with curvature "ef-exact" or "fisher-mc": sum every rank's exact

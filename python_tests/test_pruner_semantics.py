@@ -950,3 +950,51 @@ def test_a_layer_frozen_under_exact_curvature_keeps_its_alpha():
     assert not any("no data" in text for text in said)
     assert torch.equal(pruner.alpha("2"), alpha)
     assert next(layer for layer in report["layers"] if layer["name"] == "2").get("held") is True
+
+
+@pytest.mark.parametrize("optimizer_kind", ["mackay", "adam"])
+def test_reset_curvature_reads_the_new_data_alone(optimizer_kind):
+    """A continual learner's second task: after reset_curvature() ef-batch's estimate is the new
+    batch's B g^2 whatever the first task left (h and its t restart; h.zero_() alone read it at
+    1 - rho^t); the exact estimators drop the squares since the last update; alphas are kept."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    optimizer = (MacKayAdam(ard_param_groups(model), lr=0.0, num_data=256, batch_size=16)
+                 if optimizer_kind == "mackay" else torch.optim.Adam(model.parameters(), lr=0.0))
+    pruner = MacKayPruner(model, optimizer, num_data=256, **({} if optimizer_kind == "mackay" else {"batch_size": 16}))
+
+    def steps(x, y, count):
+        for _ in range(count):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+    steps(torch.randn(16, 6), torch.randint(0, 3, (16,)), 40)
+    pruner.update()
+    alphas = {name: pruner.alpha(name).clone() for name in pruner.targets}
+    x, y = torch.randn(16, 6) * 3, torch.randint(0, 3, (16,))
+    pruner.reset_curvature()
+    steps(x, y, 3)
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()   # (lr 0: the same gradient at every step)
+    for name, target in pruner.targets.items():
+        expected = 16 * target.param.grad.square()
+        kept = torch.isfinite(alphas[name])
+        torch.testing.assert_close(pruner.curvature_estimate(name)[kept], expected[kept], rtol=1e-4, atol=1e-9)
+        assert torch.equal(pruner.alpha(name), alphas[name])
+
+
+def test_reset_curvature_drops_the_exact_squares_and_refuses_where_it_cannot():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    pruner = MacKayPruner(model, optimizer, num_data=256, batch_size=16, curvature="ef-exact")
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 3, (16,))).backward()
+    optimizer.step()
+    assert pruner.accumulator.num_examples == 16
+    pruner.reset_curvature()
+    assert pruner.accumulator.num_examples == 0
+    pruner.detach()
+    with pytest.raises(RuntimeError, match="reset_curvature: this pruner was detached"):
+        pruner.reset_curvature()
