@@ -1607,8 +1607,10 @@ class MacKayPruner(StandalonePrior):
         if gone:
             raise RuntimeError(f"MacKayPruner.{where}: the weights of {', '.join(gone)} are no longer the "
                                "model's (a module or weight was replaced after the pruner was built, e.g. by "
-                               "sparsify, densify or shrink); prune before converting, or build a new "
-                               "MacKayPruner (and optimizer) for the converted model")
+                               "sparsify, densify or shrink, or a new head); prune before converting, or build a "
+                               "new MacKayPruner (and optimizer) for the changed model: detach() this one and "
+                               "load its state_dict() into the new one with fresh=[the replaced layers] to carry "
+                               "the others' alphas on")
 
     def report(self) -> dict[str, Any]:
         """The current per-layer counts, without updating (after sparsify or shrink: those of
