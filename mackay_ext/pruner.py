@@ -294,8 +294,7 @@ class MacKayPruner(StandalonePrior):
                 warnings.warn(f"{where}: batch_size and curvature_decay are MacKayAdam's (its param groups'); "
                               f"the values given here are not used: {'; '.join(differ)}", UserWarning, stacklevel=user_stacklevel())
         self.channel_prior = channel_prior
-        self._built = False          # (a refused build leaves the optimizer's state as it found it)
-        self._alpha_at_detach: dict[str, torch.Tensor] | None = None   # see detach
+        self._built = False          # (a refused build leaves the optimizer's prior as it found it)
         self.model, self.optimizer = model, optimizer
         self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
@@ -585,6 +584,7 @@ class MacKayPruner(StandalonePrior):
                                  "number of training examples")
             if group["batch_size"] is None and self.curvature_kind == "ef-batch":
                 raise ValueError("MacKayPruner: the ef-batch curvature needs MacKayAdam(batch_size=...)")
+            self.optimizer.switch_prior_on([target.param])   # (a detached pruner's, switched off)
             state = self.optimizer.ard_state(target.param)
             shape = self._alpha_shape(target, self.granularity[name])
             if tuple(state["alpha"].shape) != shape:
@@ -667,9 +667,8 @@ class MacKayPruner(StandalonePrior):
         # and optimizer, and the model's copy gets inert ones (copy_inert.py). So the copy is a
         # detached pruner: its state readable, its update() refused with what to do instead.
         self.__dict__.update(state)
-        self.__dict__.setdefault("_built", True)   # (a copy made before detach switched the prior off)
+        self.__dict__.setdefault("_built", True)   # (a copy of a pruner from before the attribute)
         self.__dict__.setdefault("_fed_since_update", set())
-        self.__dict__.setdefault("_alpha_at_detach", None)
         self.detached, self.copied = True, True
         self._hooks, self._step_reader = [], None
 
@@ -677,16 +676,14 @@ class MacKayPruner(StandalonePrior):
         """Remove the gradient, optimizer and curvature hooks; the weights are then free for
         another pruner. update() and apply_masks() are refused from then on (report(),
         state_dict() and the alphas stay readable). Also what a refused build runs.
-        Under a MacKayAdam, whose state holds the alphas its steps apply, the prior stops too:
-        alpha = 0 on the kept weights, as under torch's optimizers, which the pruner's hooks fed
-        (MacKayAdam went on shrinking them: a new user's kept weights 100 steps after detach, mean
-        |w| 0.141 against 0.192 unshrunk); +inf stays (the optimizer holds the pruned weights at
-        0). This pruner's alphas stay readable as they were."""
+        Under a MacKayAdam, whose state holds the alphas its steps apply, the prior stops too: it
+        steps the kept weights as at alpha = 0, as torch's optimizers do once the pruner's hooks
+        are gone (it went on shrinking them: a new user's kept weights 100 steps after detach,
+        mean |w| 0.141 against 0.192 unshrunk), and holds the pruned ones at 0 (MacKayAdam.
+        switch_prior_off). Its state keeps the alphas: one saved afterwards (Lightning's
+        checkpoint after fit) resumes them, and a pruner built on it goes on from them."""
         if self.fused and self._built and not self.copied and not self.detached:
-            self._alpha_at_detach = {name: self.alpha(name).detach().clone() for name in self.targets}
-            for name in self.targets:
-                alpha = self.optimizer.ard_state(self.targets[name].param)["alpha"]
-                alpha.masked_fill_(torch.isfinite(alpha), 0.0)
+            self.optimizer.switch_prior_off([target.param for target in self.targets.values()])
         self.detached = True
         release(self)
         for handle in self._hooks:
@@ -904,8 +901,6 @@ class MacKayPruner(StandalonePrior):
     def alpha(self, name: str | torch.Tensor) -> torch.Tensor:
         """A layer's alpha (+inf where pruned), by its name or its weight."""
         name = self._layer(name)
-        if self._alpha_at_detach is not None:   # (a MacKayAdam's, switched off there: detach)
-            return self._alpha_at_detach[name]
         return (self.optimizer.ard_state(self.targets[name].param)["alpha"] if self.fused
                 else self._own[name]["alpha"])
 
@@ -1453,14 +1448,11 @@ class MacKayPruner(StandalonePrior):
         the layer's gradient leaves as it was, a layer no step since the last update had a gradient
         for is idle too (a continual learner's first task's head, untouched in the second, was
         pruned further from its stale h)."""
-        if self.curvature_kind == "ef-batch" and self._steps_since_update and self._fed_since_update:
-            return {name for name in self.targets if name not in self._fed_since_update
-                    and not bool((self.alpha(name) == math.inf).all())}
         reached = {name: bool(self.curvature_estimate(name).any()) for name in self.targets}
-        if not any(reached.values()):
-            return set()
-        return {name for name, yes in reached.items()
-                if not yes and not bool((self.alpha(name) == math.inf).all())}
+        idle = {name for name, yes in reached.items() if not yes} if any(reached.values()) else set()
+        if self.curvature_kind == "ef-batch" and self._steps_since_update and self._fed_since_update:
+            idle |= {name for name in self.targets if name not in self._fed_since_update}
+        return {name for name in idle if not bool((self.alpha(name) == math.inf).all())}
 
     def _layers_at_lr_zero(self) -> dict[str, str]:
         """The layers the optimizer does not move now, with why (see _not_moving)."""
