@@ -338,6 +338,8 @@ class FisherAccumulator:
         # its parameter, until its optimizer steps; layers whose gradient was dropped before a step
         self.watch_dropped = False
         self._pass_layers: set[nn.Module] = set()
+        self._pass_rows: dict[nn.Module, int] = {}   # the rows of each layer's input (_say_rows_differ)
+        self._said_rows = False
         self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
         self.dropped: set[str] = set()
         self._tokens = itertools.count()
@@ -544,6 +546,7 @@ class FisherAccumulator:
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self._end_of_backward(task))
         if module not in self._pass_layers:
             self._pass_layers.add(module)
+            self._pass_rows[module] = _rows(module, self._pending[module][token])
             self._check_kept(module)
         self._grads[module].append((token, grad.detach()))
         if len(self._grads[module]) == len(self._pending[module]):
@@ -567,6 +570,29 @@ class FisherAccumulator:
         grad = ref()
         if grad is None or grad is not param.grad or (grad._version != version and not bool(grad.any())):
             self.dropped.add(self._name_of(module))
+
+    def _say_rows_differ(self) -> None:
+        """Once: the layers of one backward had inputs of different numbers of rows, which the
+        exact curvature reads each as the batch's examples. A routed expert's tokens (part of the
+        rows) read its curvature at their share of the batch (0.125x for one of 8 tokens in a new
+        user's mixture of experts, and its weights pruned twice as hard); a graph's nodes, a
+        DeepONet trunk's query points, a hypernetwork's embedding (rows that are no examples)
+        read no per-example gradient at all (0.05x)."""
+        rows, self._pass_rows = self._pass_rows, {}
+        counts = {count for count in rows.values() if count}
+        if self._said_rows or len(counts) < 2:
+            return
+        self._said_rows = True
+        shown = ", ".join(f"{self._name_of(module)}: {count}" for module, count in
+                          sorted(rows.items(), key=lambda item: -item[1])[:6])
+        warnings.warn(
+            f"FisherAccumulator ({self.mode}): in one backward the layers' inputs had different numbers of rows "
+            f"({shown}{', ...' if len(rows) > 6 else ''}), and the exact curvature reads the rows of each layer's "
+            "input as the batch's examples. A layer run on part of the rows (a routed expert, a branch under a "
+            "mask) reads its curvature at its share of the batch; one run on several rows per example (a graph's "
+            "nodes, a trunk's query points, tokens flattened from sequences) or on rows that are no examples (a "
+            "hypernetwork's embedding) reads no per-example gradient. Graph batches: examples_of_rows(); "
+            "otherwise curvature='ef-batch'", RuntimeWarning, stacklevel=user_stacklevel())
 
     def _note_left(self) -> None:
         """At a captured backward's end: the gradient it left in each layer it reached."""
@@ -605,6 +631,7 @@ class FisherAccumulator:
             self._loss_scale = self._tasks[-1][1]
             return
         self._weight_grads.clear()   # any left were not this backward's to take
+        self._say_rows_differ()
         if self.watch_dropped:
             self._note_left()
         else:
@@ -859,7 +886,8 @@ class FisherAccumulator:
         self.__dict__.setdefault("_sampling", False)
         self.__dict__.setdefault("_spent", defaultdict(set))
         self.__dict__.setdefault("_spent_before", defaultdict(set))
-        self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set())
+        self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set(), _pass_rows={})
+        self.__dict__.setdefault("_said_rows", False)
         self.__dict__.setdefault("_rows", None)
         self.__dict__.setdefault("_rows_wanted", False)
         self.__dict__.setdefault("_rows_used", False)
@@ -1133,6 +1161,16 @@ def _paired(records: dict[int, torch.Tensor], grads: list[tuple[int, torch.Tenso
     pairs = [(x.layout.spread(x.rows), x.layout.spread(grad)) if isinstance(x, GroupedRows) else (x, grad)
              for x, grad in pairs]
     return [x for x, _ in pairs], [grad for _, grad in pairs]
+
+
+def _rows(module: nn.Module, record) -> int:
+    """The examples a captured input holds: its rows (its examples under examples_of_rows; one
+    for a conv's unbatched input)."""
+    if isinstance(record, GroupedRows):
+        return record.layout.examples
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and record.dim() == len(module.stride) + 1:
+        return 1
+    return record.shape[0] if record.dim() else 1
 
 
 def _stored_parameters(module: nn.Module) -> list[torch.Tensor]:

@@ -237,3 +237,46 @@ def test_a_step_the_scaler_skips_is_no_dropped_gradient():
             scaler.update()
     assert scaler.get_scale() < 2.0 ** 16   # (the first step was skipped)
     assert not [w for w in caught if "dropped" in str(w.message)]
+
+
+class RoutedExperts(nn.Module):
+    """Top-1 routing: each expert runs on the rows routed to it (a mixture of experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.experts, self.head = nn.Linear(5, 2), nn.ModuleList([nn.Linear(5, 5), nn.Linear(5, 5)]), \
+            nn.Linear(5, 3)
+
+    def forward(self, x):
+        choice = self.router(x).argmax(1)
+        out = torch.zeros_like(x)
+        for index, expert in enumerate(self.experts):
+            rows = choice == index
+            out = out.index_put((rows.nonzero().squeeze(1),), expert(x[rows]))
+        return self.head(torch.tanh(out))
+
+
+@pytest.mark.parametrize("mode", ["ef-exact", "fisher-mc"])
+def test_layers_on_different_rows_in_one_backward_are_said_once(mode):
+    """A routed expert's rows are part of the batch (its curvature read at their share): said,
+    naming the layers and their rows; layers on the batch's rows alike say nothing."""
+    torch.manual_seed(0)
+    model = RoutedExperts()
+    acc = FisherAccumulator(model, mode=mode)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            if mode == "fisher-mc":
+                with acc.capture_mc():
+                    logits = model(x)
+                acc.accumulate_mc_from(logits)
+            else:
+                F.cross_entropy(model(x), y).backward()
+    said = [str(w.message) for w in caught if "different numbers of rows" in str(w.message)]
+    assert len(said) == 1 and "head: 16" in said[0] and "experts.0" in said[0] and "ef-batch" in said[0]
+    plain = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    FisherAccumulator(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.cross_entropy(plain(x), y).backward()

@@ -998,3 +998,26 @@ def test_reset_curvature_drops_the_exact_squares_and_refuses_where_it_cannot():
     pruner.detach()
     with pytest.raises(RuntimeError, match="reset_curvature: this pruner was detached"):
         pruner.reset_curvature()
+
+
+def test_ef_batch_holds_a_head_whose_gradient_is_all_zero():
+    """A head in the loss at weight 0 (DDP's unused-parameter trick, loss + 0 * out.sum()) has a
+    gradient, all zeros, at every step: no data reached it, and it is held (it was emptied when
+    only a None gradient read as idle)."""
+    torch.manual_seed(0)
+    model = _IdleHead()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pruner = MacKayPruner(model, optimizer, num_data=256, batch_size=16, threshold=0.5)
+    for update in range(2):
+        for _ in range(30):
+            x = torch.randn(16, 12)
+            optimizer.zero_grad()
+            h = torch.relu(model.a(x))
+            loss = nn.functional.cross_entropy(model.b(h), (x[:, 0] > 0).long()) + 0.0 * model.head2(h).sum()
+            loss.backward()
+            optimizer.step()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = pruner.update()
+    head = {layer["name"]: layer for layer in report["layers"]}["head2"]
+    assert head.get("without_data") and head["kept"] == head["total"]
