@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import warnings
 import weakref
@@ -267,12 +266,12 @@ class FisherAccumulator:
             or None. Weights at alpha = +inf are pruned for good: their squares are not added
             (a Linear layer pruned below kept_pattern.MAX_SPARSE_DENSITY sums at its kept
             weights only, on the CPU), and curvature() reads 0 there. MacKayPruner passes its own.
-    Usage: `with FisherAccumulator(model) as acc: loss.backward()`; then `acc.curvature(p)`.
-    A layer's inputs and output gradients pair by order within a layer (the last use of the
-    forward with the first gradient of the backward), so each batch's backward must follow its
-    own forward: two forwards and then their two backwards (l1 = f(x1); l2 = f(x2);
-    l1.backward(); l2.backward()) pair batch 1's gradients with batch 2's inputs. The training
-    gradients are not affected; the curvature of such a step is.
+    Usage: `with FisherAccumulator(model) as acc: loss.backward()`; then `acc.curvature(p)` (the
+    block's end stops the capture; without a with-block it captures from construction on).
+    Each captured use of a layer pairs with its own output gradient: two forwards and then
+    their two backward passes (l1 = f(x1); l2 = f(x2); l1.backward(); l2.backward()) read both
+    batches; a forward that gets no backward reads nothing; a second backward through one forward
+    is refused (its examples' gradients are the sums of both passes').
     """
 
     def __init__(self, model: nn.Module, mode: str = "ef-exact", modules: Iterable[str] | None = None,
@@ -325,9 +324,8 @@ class FisherAccumulator:
         # on the next states, a TD target taken with gradients on and detached) pairs with nothing
         self._pending: dict[nn.Module, dict[int, torch.Tensor]] = defaultdict(dict)   # by token, in call order
         self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        # the tokens of each layer's uses whose gradient has been squared, and those of the
-        # forward before (a forward between the two backward passes): a second backward through
-        # them is refused (_refuse_second_backward)
+        # the tokens of each layer's uses whose gradient was squared in this backward pass and
+        # the one before: a second backward through them is refused (_refuse_second_backward)
         self._spent: dict[nn.Module, set[int]] = defaultdict(set)
         self._spent_before: dict[nn.Module, set[int]] = defaultdict(set)
         # examples_of_rows: the batch's examples where one spans several rows of a layer's input
@@ -340,9 +338,11 @@ class FisherAccumulator:
         self._pass_layers: set[nn.Module] = set()
         self._pass_rows: dict[nn.Module, int] = {}   # the rows of each layer's input (_say_rows_differ)
         self._said_rows = False
+        self._said_transformed = False   # see _say_transformed
         self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
         self.dropped: set[str] = set()
-        self._tokens = itertools.count()
+        self._next_token = 0    # each captured use's token, in call order
+        self._token_floor = 0   # records older than this go at the next backward's end
         self.sampled_calls: set[nn.Module] = set()   # fisher-mc: layers called inside capture_mc() since the reset
         self._scale_override: float | None = None
         self._sampling = False   # inside accumulate_mc_from's sampled-label backward
@@ -413,9 +413,11 @@ class FisherAccumulator:
             # its end (a reentrant checkpoint's recomputing forward runs inside the training one)
             self._tasks.clear()
             self._loss_scale = None
+        if torch._C._are_functorch_transforms_active():
+            self._say_transformed(module)
+            return
         if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
-                and output.requires_grad and _trains_weight(module) and not torch._C._are_functorch_transforms_active() \
-                and not torch.compiler.is_exporting():
+                and output.requires_grad and _trains_weight(module) and not torch.compiler.is_exporting():
             # the layer's input: its first positional argument, or the keyword its forward names
             # it by (nn.Linear's and the convs' `input`: layer(input=x))
             x = inputs[0] if inputs else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
@@ -427,9 +429,7 @@ class FisherAccumulator:
             if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
             record = self._grouped(module, x.detach()) if self._rows_wanted else x.detach()
-            token = next(self._tokens)
-            if not self._pending.get(module):   # the layer's first use since its last backward
-                self._spent_before[module] = self._spent.pop(module, set())
+            token, self._next_token = self._next_token, self._next_token + 1
             self._pending[module][token] = record
             if self._capturing:
                 self.sampled_calls.add(module)
@@ -485,6 +485,22 @@ class FisherAccumulator:
             return
         self._rows = RowExamples(indices, num_examples, "examples_of_rows")
         self._rows_wanted, self._rows_used = True, False
+
+    def _say_transformed(self, module) -> None:
+        """Once: a captured layer ran under torch.func's transforms (vmap, grad, jacrev, jvp),
+        whose tensors are no batch's and which the hooks leave alone. Where that forward feeds
+        the training loss (a physics-informed network's residual, its derivatives taken by
+        vmap(jacrev(...))), the loss's share of the curvature is missing: a new user's PINN read
+        0.25-0.70 of it, no word. (The library's own check of a subclass runs without gradients.)"""
+        if self._said_transformed or not (self._active or self._capturing) or self.paused \
+                or not torch.is_grad_enabled() or not _trains_weight(module):
+            return
+        self._said_transformed = True
+        warnings.warn(f"FisherAccumulator ({self.mode}): {self._name_of(module)} ({type(module).__name__}) ran under "
+                      "torch.func's transforms (vmap, grad, jacrev) with gradients on, which the exact curvature "
+                      "does not see: where that forward feeds the training loss (a physics-informed residual's "
+                      "derivatives), its share of the curvature is missing; use curvature='ef-batch' there",
+                      RuntimeWarning, stacklevel=user_stacklevel())
 
     def _name_of(self, module) -> str:
         return next((name for name, layer in self.layers.items() if layer is module), type(module).__name__)
@@ -620,11 +636,12 @@ class FisherAccumulator:
 
     def _end_of_backward(self, task: int | None = None) -> None:
         """After each backward pass: a module whose recorded uses outnumber the gradients that
-        came pairs each gradient with its own use, and every other record is dropped. Such records
-        come from forward passes that get no backward (a forward that raised, an out-of-memory
-        batch a loop retries smaller; a loss computed with gradients on and never
-        backpropagated; a Double DQN's greedy action on the next states): kept, they would pair
-        with the next forward's gradients, and those layers would never add up again."""
+        came pairs each gradient with its own use. The records no gradient came for stay while
+        they are of forwards since the last backward's end, for a backward of their own (two
+        forwards, then their two backward passes: the second batch's were dropped at the first's
+        end, and its curvature lost, no word); older ones go (forwards that get no backward: one
+        that raised, an out-of-memory batch a loop retries smaller, a loss computed with
+        gradients on and never backpropagated, a Double DQN's greedy action on the next states)."""
         if self._tasks and self._tasks[-1][0] == task:
             self._tasks.pop()
         if self._tasks:   # a nested task ended (a recomputed segment's); the training backward goes on
@@ -639,9 +656,20 @@ class FisherAccumulator:
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
             records = self._pending.get(module, {})
-            self._spent[module].update(token for token, _ in grads if token in records)
+            paired = {token for token, _ in grads if token in records}
+            self._spent[module].update(paired)
             self._accumulate(module, *_paired(records, grads))
-        self._pending.clear()
+            for token in paired:
+                del records[token]
+        floor, self._token_floor = self._token_floor, self._next_token
+        for module in list(self._pending):
+            kept = {token: x for token, x in self._pending[module].items() if token >= floor}
+            if kept:
+                self._pending[module] = kept
+            else:
+                del self._pending[module]
+        # the uses squared in this pass and the one before are refused a second backward
+        self._spent_before, self._spent = self._spent, defaultdict(set)
         if self._rows_used:   # this batch's index is spent: the next forward needs the next batch's
             self._rows, self._rows_used = None, False
         if self._loss_scale is not None and self._stage is not None:
@@ -886,8 +914,11 @@ class FisherAccumulator:
         self.__dict__.setdefault("_sampling", False)
         self.__dict__.setdefault("_spent", defaultdict(set))
         self.__dict__.setdefault("_spent_before", defaultdict(set))
+        self.__dict__.setdefault("_next_token", 0)
+        self.__dict__.setdefault("_token_floor", 0)
         self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set(), _pass_rows={})
         self.__dict__.setdefault("_said_rows", False)
+        self.__dict__.setdefault("_said_transformed", False)
         self.__dict__.setdefault("_rows", None)
         self.__dict__.setdefault("_rows_wanted", False)
         self.__dict__.setdefault("_rows_used", False)
@@ -899,11 +930,16 @@ class FisherAccumulator:
                                "on the copied model (load_state_dict carries the sums over)")
 
     def __enter__(self):
+        """`with acc:` captures inside the block (from construction on otherwise) and stops at its
+        end, as a with-block reads: a reference computed after it was added to the sums (259x a
+        new user's curvature). Entered again, it captures again."""
         self._require_capture("__enter__")
+        self.paused = False
         return self
 
     def __exit__(self, *exc):
         self.new_batch()
+        self.paused = True
         return False
 
     def new_batch(self) -> None:

@@ -280,3 +280,59 @@ def test_layers_on_different_rows_in_one_backward_are_said_once(mode):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         F.cross_entropy(plain(x), y).backward()
+
+
+def test_a_forward_under_torch_func_is_said_once():
+    """A physics-informed loss whose residual differentiates the network with vmap(jacrev(...)):
+    the hooks do not see that forward, and its share of the curvature is missing; said once.
+    Without gradients (an evaluation under torch.func) nothing is said."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    FisherAccumulator(model)
+    points = torch.randn(6, 2)
+    with torch.no_grad():
+        torch.func.vmap(model)(points)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            slopes = torch.func.vmap(torch.func.jacrev(lambda p: model(p).squeeze()))(points)
+            (slopes.square().mean() + model(points).square().mean()).backward()
+    said = [str(w.message) for w in caught if "torch.func's transforms" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("FisherAccumulator (ef-exact): 0 (Linear) ran under")
+
+
+def test_a_with_block_captures_inside_it_alone():
+    model, shape = models()["mlp"]
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    with FisherAccumulator(model) as acc:
+        F.cross_entropy(model(x), y).backward()
+    F.cross_entropy(model(x), y).backward()   # (a reference computed after the block)
+    assert acc.num_examples == shape[0] and acc.backward_passes == 1
+    with acc:   # entered again: captures again
+        F.cross_entropy(model(x), y).backward()
+    assert acc.num_examples == 2 * shape[0]
+
+
+def test_two_forwards_then_their_two_backward_passes_read_both_batches():
+    """l1 = f(x1); l2 = f(x2); l1.backward(); l2.backward(): the second batch's records were
+    dropped at the first backward's end, its curvature lost with no word. A forward that gets
+    no backward stays one backward longer, then goes (a Double DQN's greedy forward each step)."""
+    model, shape = models()["mlp"]
+    x1, x2 = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    y1, y2 = torch.randint(0, 3, (shape[0],)), torch.randint(0, 3, (shape[0],))
+    acc = FisherAccumulator(model)
+    first, second = F.cross_entropy(model(x1), y1), F.cross_entropy(model(x2), y2)
+    first.backward()
+    second.backward()
+    got = summed_curvature(acc, model)
+    assert acc.num_examples == 2 * shape[0] and acc.backward_passes == 2
+    for _ in range(5):   # a greedy forward that is never backpropagated, then a training step
+        model(x2)
+        F.cross_entropy(model(x1), y1).backward()
+    assert max(len(records) for records in acc._pending.values()) == 1
+    acc.detach()
+    expected = per_example_squares(model, x1, y1)
+    for name, value in per_example_squares(model, x2, y2).items():
+        expected[name] += value
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-14)
