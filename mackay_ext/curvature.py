@@ -480,11 +480,11 @@ class FisherAccumulator:
         row an example (a pooled head), and any other size is refused. The next forward after
         this batch's backward needs the next batch's index; None: rows are examples again.
         Covers nn.Linear layers (row_examples.py)."""
-        if indices == (None,):
-            self._rows, self._rows_wanted, self._rows_used = None, False, False
-            return
-        self._rows = RowExamples(indices, num_examples, "examples_of_rows")
-        self._rows_wanted, self._rows_used = True, False
+        self.use_rows(None if indices == (None,) else RowExamples(indices, num_examples, "examples_of_rows"))
+
+    def use_rows(self, rows: RowExamples | None) -> None:
+        """examples_of_rows with its indices read already (MacKayPruner's, read once)."""
+        self._rows, self._rows_wanted, self._rows_used = rows, rows is not None, False
 
     def _say_transformed(self, module) -> None:
         """Once: a captured layer ran under torch.func's transforms (vmap, grad, jacrev, jvp),

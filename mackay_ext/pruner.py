@@ -707,7 +707,7 @@ class MacKayPruner(StandalonePrior):
         examples_of_rows says the rest). None: rows are examples again."""
         rows = None if indices == (None,) else RowExamples(indices, num_examples, "MacKayPruner.examples_of_rows")
         if self.accumulator is not None:
-            self.accumulator.examples_of_rows(*indices, num_examples=num_examples)
+            self.accumulator.use_rows(rows)
         if self._step_batch is not None:
             self._step_batch.rows = rows
 

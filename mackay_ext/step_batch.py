@@ -55,7 +55,9 @@ class StepBatchWatch:
         if not any(ref() is args[0] for ref in self.inputs):
             self.inputs.append(weakref.ref(args[0]))
             rows = args[0].shape[0]   # (a graph batch's nodes are its graphs' rows: examples_of_rows)
-            self.forwards.append(self.rows.examples if self.rows is not None and rows in self.rows.layouts else rows)
+            if self.rows is not None and rows in self.rows.layouts:
+                rows, self.rows = self.rows.examples, None   # (this batch's index, spent)
+            self.forwards.append(rows)
 
     def _watch_backward(self, module, args, output) -> None:
         if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() or _frozen(module):
