@@ -266,8 +266,11 @@ class FisherAccumulator:
             or None. Weights at alpha = +inf are pruned for good: their squares are not added
             (a Linear layer pruned below kept_pattern.MAX_SPARSE_DENSITY sums at its kept
             weights only, on the CPU), and curvature() reads 0 there. MacKayPruner passes its own.
-    Usage: `with FisherAccumulator(model) as acc: loss.backward()`; then `acc.curvature(p)` (the
-    block's end stops the capture; without a with-block it captures from construction on).
+    Usage: `with FisherAccumulator(model) as acc: loss.backward()`; then `acc.curvature(p)`. It
+    captures from construction until detach() (or while `paused`), with or without a
+    with-block, whose end drops the inputs no backward used: a reference computed after the
+    block, with gradients, is added to the sums unless the accumulator is detached or paused
+    first (a new user's curvature read 259x).
     Each captured use of a layer pairs with its own output gradient: two forwards and then
     their two backward passes (l1 = f(x1); l2 = f(x2); l1.backward(); l2.backward()) read both
     batches; a forward that gets no backward reads nothing; a second backward through one forward
@@ -930,16 +933,11 @@ class FisherAccumulator:
                                "on the copied model (load_state_dict carries the sums over)")
 
     def __enter__(self):
-        """`with acc:` captures inside the block (from construction on otherwise) and stops at its
-        end, as a with-block reads: a reference computed after it was added to the sums (259x a
-        new user's curvature). Entered again, it captures again."""
         self._require_capture("__enter__")
-        self.paused = False
         return self
 
     def __exit__(self, *exc):
         self.new_batch()
-        self.paused = True
         return False
 
     def new_batch(self) -> None:

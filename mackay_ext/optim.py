@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import weakref
 from typing import Any
 
 import torch
@@ -220,7 +219,6 @@ class MacKayAdam(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                         "num_data": num_data, "batch_size": batch_size, "curvature_decay": curvature_decay,
                         "decoupled_weight_decay": decoupled_weight_decay, "ard": True}
-        self._prior_off: dict[int, weakref.ref] = {}   # see switch_prior_off
         super().__init__(params, defaults)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -231,23 +229,6 @@ class MacKayAdam(torch.optim.Optimizer):
         # load_state_dict calls this too, without a backend: keep the one this optimizer has
         self.backend = state.pop("backend", getattr(self, "backend", "ext"))
         super().__setstate__(state)
-        self.__dict__.setdefault("_prior_off", {})   # (not saved: a copy's pruner is a copy, detached)
-
-    def switch_prior_off(self, params) -> None:
-        """Step `params` as if their finite alphas were 0, +inf kept (pruned weights held at 0),
-        the alphas in the state left as they are: what a detached pruner leaves (its prior ends
-        with it; a state saved afterwards still holds the alphas, for a resumed pruner to go on
-        from). Not saved; a pruner built on the parameters switches it on again."""
-        for param in params:
-            self._prior_off[id(param)] = weakref.ref(param)
-
-    def switch_prior_on(self, params) -> None:
-        for param in params:
-            self._prior_off.pop(id(param), None)
-
-    def _prior_is_off(self, param: torch.Tensor) -> bool:
-        ref = self._prior_off.get(id(param))
-        return ref is not None and ref() is param
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         self._plan_cache = None
@@ -433,9 +414,6 @@ class MacKayAdam(torch.optim.Optimizer):
         params, states, hyper = bucket["params"], bucket["states"], bucket["hyper"]
         ard_states = states[:bucket["num_ard"]]
         alphas = [s["alpha"] for s in ard_states]
-        if self._prior_off:   # (weights a detached pruner left: their pruned entries alone)
-            alphas = [alpha.masked_fill(torch.isfinite(alpha), 0.0) if self._prior_is_off(param) else alpha
-                      for alpha, param in zip(alphas, params)]
         curvatures = [s["curvature"] for s in ard_states] if bucket["tracks"] else []
         # the plan joins groups of one lr and betas, whose values a scheduler may change every step
         group = bucket["group"]

@@ -294,7 +294,6 @@ class MacKayPruner(StandalonePrior):
                 warnings.warn(f"{where}: batch_size and curvature_decay are MacKayAdam's (its param groups'); "
                               f"the values given here are not used: {'; '.join(differ)}", UserWarning, stacklevel=user_stacklevel())
         self.channel_prior = channel_prior
-        self._built = False          # (a refused build leaves the optimizer's prior as it found it)
         self.model, self.optimizer = model, optimizer
         self.num_data, self.rule, self.prune, self.threshold = num_data, rule, prune, threshold
         self.curvature_kind, self.eps, self.alpha_max, self.backend = curvature, eps, alpha_max, backend
@@ -455,7 +454,6 @@ class MacKayPruner(StandalonePrior):
             # weights outside the optimizer that a backward gives a gradient (_warn_uncovered_weights)
             self._trained_elsewhere: set[str] = set()
             self._watch_uncovered_weights()
-            self._built = True
 
     @property
     def gradient_scale(self) -> float:
@@ -584,7 +582,6 @@ class MacKayPruner(StandalonePrior):
                                  "number of training examples")
             if group["batch_size"] is None and self.curvature_kind == "ef-batch":
                 raise ValueError("MacKayPruner: the ef-batch curvature needs MacKayAdam(batch_size=...)")
-            self.optimizer.switch_prior_on([target.param])   # (a detached pruner's, switched off)
             state = self.optimizer.ard_state(target.param)
             shape = self._alpha_shape(target, self.granularity[name])
             if tuple(state["alpha"].shape) != shape:
@@ -667,7 +664,6 @@ class MacKayPruner(StandalonePrior):
         # and optimizer, and the model's copy gets inert ones (copy_inert.py). So the copy is a
         # detached pruner: its state readable, its update() refused with what to do instead.
         self.__dict__.update(state)
-        self.__dict__.setdefault("_built", True)   # (a copy of a pruner from before the attribute)
         self.__dict__.setdefault("_fed_since_update", set())
         self.detached, self.copied = True, True
         self._hooks, self._step_reader = [], None
@@ -676,14 +672,10 @@ class MacKayPruner(StandalonePrior):
         """Remove the gradient, optimizer and curvature hooks; the weights are then free for
         another pruner. update() and apply_masks() are refused from then on (report(),
         state_dict() and the alphas stay readable). Also what a refused build runs.
-        Under a MacKayAdam, whose state holds the alphas its steps apply, the prior stops too: it
-        steps the kept weights as at alpha = 0, as torch's optimizers do once the pruner's hooks
-        are gone (it went on shrinking them: a new user's kept weights 100 steps after detach,
-        mean |w| 0.141 against 0.192 unshrunk), and holds the pruned ones at 0 (MacKayAdam.
-        switch_prior_off). Its state keeps the alphas: one saved afterwards (Lightning's
-        checkpoint after fit) resumes them, and a pruner built on it goes on from them."""
-        if self.fused and self._built and not self.copied and not self.detached:
-            self.optimizer.switch_prior_off([target.param for target in self.targets.values()])
+        A MacKayAdam's state holds the alphas its steps apply: they go on after detach (the
+        pruned weights held at 0, the kept ones under their prior, as fit() leaves them; a state
+        saved afterwards resumes them, and a pruner built on it goes on from them), until
+        switch_off_prior(), which works on a detached pruner too."""
         self.detached = True
         release(self)
         for handle in self._hooks:

@@ -301,18 +301,6 @@ def test_a_forward_under_torch_func_is_said_once():
     assert len(said) == 1 and said[0].startswith("FisherAccumulator (ef-exact): 0 (Linear) ran under")
 
 
-def test_a_with_block_captures_inside_it_alone():
-    model, shape = models()["mlp"]
-    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
-    with FisherAccumulator(model) as acc:
-        F.cross_entropy(model(x), y).backward()
-    F.cross_entropy(model(x), y).backward()   # (a reference computed after the block)
-    assert acc.num_examples == shape[0] and acc.backward_passes == 1
-    with acc:   # entered again: captures again
-        F.cross_entropy(model(x), y).backward()
-    assert acc.num_examples == 2 * shape[0]
-
-
 def test_two_forwards_then_their_two_backward_passes_read_both_batches():
     """l1 = f(x1); l2 = f(x2); l1.backward(); l2.backward(): the second batch's records were
     dropped at the first backward's end, its curvature lost with no word. A forward that gets
