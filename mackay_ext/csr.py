@@ -192,11 +192,18 @@ def _differentiable_backward(ctx, grad, x, crow, col, values, crow_t, row_t, per
     in_features, out_features = crow_t.numel() - 1, crow.numel() - 1
     grad_x = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
-        back = transpose_index(crow_t, row_t, out_features)
-        grad_x = torch.ops.mackay_ext.csr_linear(grad, crow_t, row_t, values[perm_t.long()], None, *back)
+        # W^T's transposed index is W's own: its nonzeros in W^T's order are put back by the
+        # inverse of perm_t (a scatter: no sort, no host sync)
+        perm = perm_t.long()
+        inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+        grad_x = torch.ops.mackay_ext.csr_linear(grad, crow_t, row_t, values[perm], None,
+                                                 crow, col, inverse.to(perm_t.dtype))
     if ctx.needs_input_grad[3]:
-        rows = row_indices(crow)
-        grad_values = (grad.reshape(-1, out_features)[:, rows] * x.reshape(-1, in_features)[:, col.long()]).sum(0)
+        # the dense grad^T x (out x in) at the nonzeros: a GEMM, where gathering each nonzero's
+        # column pair made a (rows x nonzeros) product (3 GB for 2,048 points through a 512 x 512
+        # layer at half density)
+        dense = grad.reshape(-1, out_features).t() @ x.reshape(-1, in_features)
+        grad_values = dense[row_indices(crow), col.long()]
     if ctx.has_bias and ctx.needs_input_grad[4]:
         grad_bias = grad.sum(dim=tuple(range(grad.dim() - 1)))
     return grad_x, None, None, grad_values, grad_bias, None, None, None
