@@ -21,7 +21,7 @@ import functools
 import math
 import warnings
 import weakref
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -50,6 +50,7 @@ from .conv_curvature import (
 )
 
 MODES = ("ef-exact", "fisher-mc")
+HISTORY = 8   # backward passes whose spent and dropped uses are remembered (a few ints each)
 # Why hooks that are in place may still see no forward: torch.compile reuses code compiled before
 # they were added, since dynamo does not guard on module hooks by default.
 COMPILED_HINT = ("Under torch.compile, code compiled before the hooks were added (for this model, or another "
@@ -327,10 +328,14 @@ class FisherAccumulator:
         # on the next states, a TD target taken with gradients on and detached) pairs with nothing
         self._pending: dict[nn.Module, dict[int, torch.Tensor]] = defaultdict(dict)   # by token, in call order
         self._grads: dict[nn.Module, list[tuple[int, torch.Tensor]]] = defaultdict(list)
-        # the tokens of each layer's uses whose gradient was squared in this backward pass and
-        # the one before: a second backward through them is refused (_refuse_second_backward)
-        self._spent: dict[nn.Module, set[int]] = defaultdict(set)
-        self._spent_before: dict[nn.Module, set[int]] = defaultdict(set)
+        # the tokens of the uses whose gradient was squared (a second backward through them is
+        # refused: _refuse_second_backward) and of those whose input went unused (a backward that
+        # reaches them reads nothing, and says so), over the last HISTORY backward passes
+        self._spent: set[int] = set()
+        self._spent_history: deque[set[int]] = deque(maxlen=HISTORY)
+        self._dropped_history: deque[set[int]] = deque(maxlen=HISTORY)
+        self._recomputed: set[int] = set()   # uses captured while a backward ran (a checkpoint's recompute)
+        self._said_dropped_input = False
         # examples_of_rows: the batch's examples where one spans several rows of a layer's input
         self._rows: RowExamples | None = None
         self._rows_wanted = False   # given once: each batch's forward needs its own
@@ -433,6 +438,8 @@ class FisherAccumulator:
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
             record = self._grouped(module, x.detach()) if self._rows_wanted else x.detach()
             token, self._next_token = self._next_token, self._next_token + 1
+            if torch._C._current_graph_task_id() != -1:
+                self._recomputed.add(token)
             self._pending[module][token] = record
             if self._capturing:
                 self.sampled_calls.add(module)
@@ -535,9 +542,11 @@ class FisherAccumulator:
             return
         records = self._pending.get(module)
         if not records or token not in records:
-            if not self._sampling and (token in self._spent.get(module, ()) or token in
-                                       self._spent_before.get(module, ())) and _backward_trains(module):
-                self._refuse_second_backward(module)
+            if not self._sampling and _backward_trains(module):
+                if token in self._spent or any(token in spent for spent in self._spent_history):
+                    self._refuse_second_backward(module)
+                if any(token in dropped for dropped in self._dropped_history):
+                    self._say_dropped_input(module)
             return
         if not self._sampling:   # (fisher-mc's sampled backward goes to the outputs alone, by design)
             if torch.is_grad_enabled():   # the engine runs hooks in grad mode only under create_graph
@@ -571,7 +580,7 @@ class FisherAccumulator:
         if len(self._grads[module]) == len(self._pending[module]):
             # every use of the module in the forward pass has its gradient. Added up now, not at
             # the end of the backward, so each layer's output gradient is freed as the backward goes.
-            self._spent[module].update(token for token, _ in self._grads[module])
+            self._spent.update(token for token, _ in self._grads[module])
             self._accumulate(module, *_paired(self._pending.pop(module), self._grads.pop(module)), weight_grad=True)
 
     def _check_kept(self, module) -> None:
@@ -621,6 +630,18 @@ class FisherAccumulator:
                 self._left[param] = (weakref.ref(param.grad), param.grad._version)
         self._pass_layers.clear()
 
+    def _say_dropped_input(self, module) -> None:
+        """Once: a backward reached a use whose input was dropped, its forward two or more
+        backward passes old (three forwards, then their three backward passes): read nothing."""
+        if self._said_dropped_input:
+            return
+        self._said_dropped_input = True
+        warnings.warn(f"FisherAccumulator ({self.mode}): a backward reached {self._name_of(module)} "
+                      f"({type(module).__name__}) through a forward two or more backward passes old, whose input "
+                      "was dropped: that pass's curvature is missing (inputs of forwards no backward used are "
+                      "kept one backward pass). Backpropagate each forward before the one after next",
+                      RuntimeWarning, stacklevel=user_stacklevel())
+
     def _refuse_second_backward(self, module) -> None:
         """A second backward through a forward whose gradients this layer has squared already
         (loss_a.backward(retain_graph=True); loss_b.backward()): each example's gradient is the sum
@@ -660,19 +681,23 @@ class FisherAccumulator:
         for module, grads in grads_by_module.items():
             records = self._pending.get(module, {})
             paired = {token for token, _ in grads if token in records}
-            self._spent[module].update(paired)
+            self._spent.update(paired)
             self._accumulate(module, *_paired(records, grads))
             for token in paired:
                 del records[token]
+        # (a forward recomputed inside this backward, as checkpointing does, is none of a later one's)
         floor, self._token_floor = self._token_floor, self._next_token
+        dropped = set()
         for module in list(self._pending):
-            kept = {token: x for token, x in self._pending[module].items() if token >= floor}
+            records = self._pending.pop(module)
+            kept = {token: x for token, x in records.items() if token >= floor and token not in self._recomputed}
+            dropped.update(token for token in records if token not in kept)
             if kept:
                 self._pending[module] = kept
-            else:
-                del self._pending[module]
-        # the uses squared in this pass and the one before are refused a second backward
-        self._spent_before, self._spent = self._spent, defaultdict(set)
+        self._recomputed.clear()
+        self._dropped_history.append(dropped)
+        self._spent_history.append(self._spent)
+        self._spent = set()
         if self._rows_used:   # this batch's index is spent: the next forward needs the next batch's
             self._rows, self._rows_used = None, False
         if self._loss_scale is not None and self._stage is not None:
@@ -915,8 +940,9 @@ class FisherAccumulator:
         self.__dict__.setdefault("_unchecked", {})   # (and before plain_product)
         self.__dict__.setdefault("_said_unchecked", set())
         self.__dict__.setdefault("_sampling", False)
-        self.__dict__.setdefault("_spent", defaultdict(set))
-        self.__dict__.setdefault("_spent_before", defaultdict(set))
+        self.__dict__.update(_spent=set(), _spent_history=deque(maxlen=HISTORY), _recomputed=set(),
+                             _dropped_history=deque(maxlen=HISTORY))
+        self.__dict__.setdefault("_said_dropped_input", False)
         self.__dict__.setdefault("_next_token", 0)
         self.__dict__.setdefault("_token_floor", 0)
         self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set(), _pass_rows={})

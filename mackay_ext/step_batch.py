@@ -56,7 +56,7 @@ class StepBatchWatch:
             self.inputs.append(weakref.ref(args[0]))
             rows = args[0].shape[0]   # (a graph batch's nodes are its graphs' rows: examples_of_rows)
             if self.rows is not None and rows in self.rows.layouts:
-                rows, self.rows = self.rows.examples, None   # (this batch's index, spent)
+                rows = self.rows.examples
             self.forwards.append(rows)
 
     def _watch_backward(self, module, args, output) -> None:
@@ -88,6 +88,7 @@ class StepBatchWatch:
         self.forwards.clear()
         self.inputs.clear()
         self.passes.clear()
+        self.rows = None   # (the step's graph-batch index, spent: each batch gives its own)
 
     def check(self, batch_size: float | None) -> bool:
         """Warn (at an update) when batch_size is one rank's or one micro-batch's. True once a

@@ -324,3 +324,25 @@ def test_two_forwards_then_their_two_backward_passes_read_both_batches():
         expected[name] += value
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-14)
+
+
+def test_a_backward_through_a_dropped_input_is_said_and_a_recompute_is_not_kept():
+    """Three forwards, then their three backward passes: the first's input is gone by the third
+    (inputs no backward used are kept one pass): said, not silent. A forward recomputed inside
+    the backward (non-reentrant checkpointing) is kept no longer than that backward."""
+    model, shape = models()["mlp"]
+    acc = FisherAccumulator(model)
+    batches = [(torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))) for _ in range(3)]
+    losses = [F.cross_entropy(model(x), y) for x, y in batches]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for loss in losses:
+            loss.backward()
+    said = [str(w.message) for w in caught if "whose input was dropped" in str(w.message)]
+    assert len(said) == 1 and acc.num_examples == 2 * shape[0]
+    acc.detach()
+    acc = FisherAccumulator(model)
+    x, y = batches[0]
+    hidden = torch.utils.checkpoint.checkpoint(model[0], x.requires_grad_(), use_reentrant=False)
+    F.cross_entropy(model[2](torch.tanh(hidden)), y).backward()
+    assert not acc._pending and acc.num_examples == shape[0]
