@@ -315,6 +315,9 @@ class FisherAccumulator:
                           f"parameters: {_named_reasons(model, self.unsupported, tied)}; curvature() raises "
                           "KeyError for their parameters (strict=True refuses them instead)", UserWarning,
                           stacklevel=2)
+        # the feed-forward layers of torch's Transformer layers, with their batch_first: fed
+        # [T, N, d] under batch_first=False (torch's default), [T, d] unbatched
+        self._in_transformer_layers = _in_transformer_layers(model, self.layers)
         # subclasses with a forward of their own, until their first captured forward shows that
         # it uses the weight as the layer's plain product (plain_product.py)
         # (a parametrized weight is computed, and no pruner's: nothing to check it for)
@@ -436,7 +439,10 @@ class FisherAccumulator:
                                    "curvature='ef-batch'")
             if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
-            record = self._grouped(module, x.detach()) if self._rows_wanted else x.detach()
+            if module in self._in_transformer_layers:
+                record = SequenceInput(x.detach(), self._in_transformer_layers[module])
+            else:
+                record = self._grouped(module, x.detach()) if self._rows_wanted else x.detach()
             token, self._next_token = self._next_token, self._next_token + 1
             if torch._C._current_graph_task_id() != -1:
                 self._recomputed.add(token)
@@ -772,8 +778,9 @@ class FisherAccumulator:
         """Add the squared per-example gradients of the module's uses (inputs and output
         gradients paired); weight_grad: also keep the batch's weight gradient of a served conv
         used once, for its backward to take (take_weight_grad)."""
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and inputs[0].dim() == len(module.stride) + 1:
-            # an unbatched input (C, H, W) or (C, L) is one example
+        if (isinstance(module, (nn.Conv1d, nn.Conv2d)) and inputs[0].dim() == len(module.stride) + 1) or (
+                isinstance(module, nn.Linear) and inputs[0].dim() == 1):
+            # an unbatched input (C, H, W) or (C, L), or a Linear's (in,), is one example
             inputs, grads = [x.unsqueeze(0) for x in inputs], [g.unsqueeze(0) for g in grads]
         batch = inputs[0].shape[0]
         if len(inputs) > 1 and any(x.shape[0] != batch for x in inputs):
@@ -943,6 +950,7 @@ class FisherAccumulator:
         self.__dict__.update(_spent=set(), _spent_history=deque(maxlen=HISTORY), _recomputed=set(),
                              _dropped_history=deque(maxlen=HISTORY))
         self.__dict__.setdefault("_said_dropped_input", False)
+        self.__dict__.setdefault("_in_transformer_layers", {})
         self.__dict__.setdefault("_next_token", 0)
         self.__dict__.setdefault("_token_floor", 0)
         self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set(), _pass_rows={})
@@ -1217,18 +1225,57 @@ def _paired(records: dict[int, torch.Tensor], grads: list[tuple[int, torch.Tenso
     each gradient with the input of the use whose token it carries."""
     by_token = dict(grads)
     pairs = [(x, by_token[token]) for token, x in records.items() if token in by_token]
-    # rows grouped into examples (examples_of_rows): each example's rows as positions
-    pairs = [(x.layout.spread(x.rows), x.layout.spread(grad)) if isinstance(x, GroupedRows) else (x, grad)
+    # rows grouped into examples (examples_of_rows): each example's rows as positions; a
+    # seq-first layer's [T, N, d]: examples first
+    pairs = [(x.layout.spread(x.rows), x.layout.spread(grad)) if isinstance(x, GroupedRows)
+             else x.examples_first(grad) if isinstance(x, SequenceInput) else (x, grad)
              for x, grad in pairs]
     return [x for x, _ in pairs], [grad for _, grad in pairs]
 
 
+@dataclass(frozen=True)
+class SequenceInput:
+    """A captured input of a Transformer layer's feed-forward Linear: [N, T, d] (batch_first),
+    [T, N, d] (not), or [T, d], one unbatched sequence (_in_transformer_layers)."""
+    rows: torch.Tensor
+    batch_first: bool
+
+    def examples(self) -> int:
+        if self.rows.dim() < 3:
+            return 1
+        return self.rows.shape[0] if self.batch_first else self.rows.shape[1]
+
+    def examples_first(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rows.dim() < 3:
+            return self.rows.unsqueeze(0), grad.unsqueeze(0)
+        if self.batch_first:
+            return self.rows, grad
+        return self.rows.transpose(0, 1), grad.transpose(0, 1)
+
+
+def _in_transformer_layers(model: nn.Module, layers: dict[str, nn.Module]) -> dict[nn.Module, bool]:
+    """The Linear layers of nn.TransformerEncoderLayer / nn.TransformerDecoderLayer, with the
+    layer's batch_first: under batch_first=False (torch's default, nn.Transformer's too) they
+    are fed [T, N, d], and an unbatched sequence gives them [T, d], whose rows are positions.
+    Read as examples, a new user's seq-first encoder layer's linear2 bias read 0.04x its
+    curvature, linear1's weight 1.36x, no word."""
+    captured = set(layers.values())
+    found = {}
+    for parent in model.modules():
+        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            found.update((layer, parent.self_attn.batch_first) for layer in (parent.linear1, parent.linear2)
+                         if layer in captured)
+    return found
+
+
 def _rows(module: nn.Module, record) -> int:
     """The examples a captured input holds: its rows (its examples under examples_of_rows; one
-    for a conv's unbatched input)."""
+    for a conv's unbatched input; a Transformer layer's sequences)."""
     if isinstance(record, GroupedRows):
         return record.layout.examples
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and record.dim() == len(module.stride) + 1:
+    if isinstance(record, SequenceInput):
+        return record.examples()
+    if (isinstance(module, (nn.Conv1d, nn.Conv2d)) and record.dim() == len(module.stride) + 1) or record.dim() <= 1:
         return 1
     return record.shape[0] if record.dim() else 1
 
