@@ -346,3 +346,15 @@ def test_a_backward_through_a_dropped_input_is_said_and_a_recompute_is_not_kept(
     hidden = torch.utils.checkpoint.checkpoint(model[0], x.requires_grad_(), use_reentrant=False)
     F.cross_entropy(model[2](torch.tanh(hidden)), y).backward()
     assert not acc._pending and acc.num_examples == shape[0]
+
+
+def test_an_unbatched_input_of_a_linear_is_one_example():
+    model, _ = models()["mlp"]
+    x, y = torch.randn(5, dtype=torch.float64), torch.tensor(2)
+    acc = FisherAccumulator(model)
+    F.cross_entropy(model(x), y).backward()
+    got = summed_curvature(acc, model)
+    acc.detach()
+    grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    for (name, _), grad in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(got[name], grad.square(), rtol=1e-10, atol=1e-14)
