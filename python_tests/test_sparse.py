@@ -148,7 +148,7 @@ def test_gradcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradgradcheck(device):
+def test_gradgradcheck(device, monkeypatch):
     """Second derivatives (a physics-informed network's u_xx through a sparsified layer, a
     gradient penalty): the op's backward kernels have none, and u_xx's came out 0 with no error."""
     weight, crow, col, values = random_csr(6, 9, 0.4, device=device, empty_rows=(2,))
@@ -158,6 +158,9 @@ def test_gradgradcheck(device):
     transposed = transpose_index(crow, col, 9)
     assert torch.autograd.gradgradcheck(
         lambda x, v, b: torch.tanh(csr_linear(x, crow, col, v, b, transposed=transposed)), (x, values, bias))
+    one = torch.randn(9, dtype=torch.float64, device=device, requires_grad=True)   # an unbatched input
+    assert torch.autograd.gradgradcheck(
+        lambda x, v, b: torch.tanh(csr_linear(x, crow, col, v, b, transposed=transposed)), (one, values, bias))
     # d2u/dx2 of u = sum(tanh(W x)) against the dense layer's
     point = torch.randn(5, 9, dtype=torch.float64, device=device, requires_grad=True)
     second = []
@@ -166,6 +169,11 @@ def test_gradgradcheck(device):
         (first,) = torch.autograd.grad(torch.tanh(layer(point)).sum(), point, create_graph=True)
         second.append(torch.autograd.grad(first[:, 0].sum(), point)[0])
     torch.testing.assert_close(second[0], second[1], rtol=1e-12, atol=1e-14)
+    # the values' gradient gathered a chunk of rows at a time (a large, very sparse layer's way)
+    from mackay_ext import csr
+    monkeypatch.setattr(csr, "GATHER_ELEMENTS", 7)
+    assert torch.autograd.gradgradcheck(
+        lambda x, v: torch.tanh(csr_linear(x, crow, col, v, transposed=transposed)), (x[:, :1], values))
 
 
 def test_fallback_matches():
