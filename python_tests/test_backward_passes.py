@@ -358,3 +358,40 @@ def test_an_unbatched_input_of_a_linear_is_one_example():
     grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     for (name, _), grad in zip(model.named_parameters(), grads):
         torch.testing.assert_close(got[name], grad.square(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_every_layer_checkpointed_is_one_backward_pass(use_reentrant):
+    """Every layer inside checkpointed segments, one of them in two: a reentrant checkpoint's
+    gradients come in tasks of their own, which read as two backward passes (under a pruner,
+    gradient accumulation's A = 2: x4); its layer used in two segments is said."""
+    torch.manual_seed(0)
+    shared, second, head = nn.Linear(5, 5).double(), nn.Linear(5, 5).double(), nn.Linear(5, 3).double()
+    model = nn.ModuleList([shared, second, head])
+
+    def logits(x):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(shared(t)), x, use_reentrant=use_reentrant)
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.tanh(shared(second(t))), h, use_reentrant=use_reentrant)
+        return torch.utils.checkpoint.checkpoint(head, h, use_reentrant=use_reentrant)
+
+    x, y = torch.randn(6, 5, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (6,))
+    acc = FisherAccumulator(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        F.cross_entropy(logits(x), y).backward()
+    said = [str(w.message) for w in caught if "two segments of a reentrant checkpoint" in str(w.message)]
+    got, passes = summed_curvature(acc, model), acc.backward_passes
+    acc.detach()
+    expected = {name: torch.zeros_like(param) for name, param in model.named_parameters()}
+    def plain(x):   # (the same function, without checkpoints: a reentrant one refuses autograd.grad)
+        return head(torch.tanh(shared(second(torch.tanh(shared(x))))))
+
+    for n in range(6):
+        grads = torch.autograd.grad(F.cross_entropy(plain(x[n:n + 1]), y[n:n + 1]), list(model.parameters()))
+        for (name, _), grad in zip(model.named_parameters(), grads):
+            expected[name] += grad.square()
+    assert passes == 1
+    assert len(said) == (1 if use_reentrant else 0) and (not said or said[0].startswith("FisherAccumulator (ef-exact): 0 "))
+    for name in expected:   # (the layer in both reentrant segments: each use's squares apart, as said)
+        if not (use_reentrant and name.startswith("0.")):
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-14)
