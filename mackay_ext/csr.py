@@ -181,8 +181,14 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[3]:
         grad_values = torch.ops.mackay_ext.csr_sddmm(grad, x, crow, col, in_features)
     if ctx.has_bias and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, out_features).sum(0)   # (a 1-D input's too)
+        grad_bias = _rows_of(grad).sum(0)   # (a 1-D input's too)
     return grad_x, None, None, grad_values, grad_bias, None, None, None
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    """[rows, features] of an input or output gradient of any leading shape (a 1-D one: one
+    row; no reshape(-1, n), which an empty tensor's n = 0 leaves ambiguous)."""
+    return t.unsqueeze(0) if t.dim() == 1 else t.flatten(0, -2)
 
 
 def _differentiable_backward(ctx, grad, x, crow, col, values, crow_t, row_t, perm_t):
@@ -204,7 +210,7 @@ def _differentiable_backward(ctx, grad, x, crow, col, values, crow_t, row_t, per
         # at the nonzeros, the dense grad^T x (out x in: a GEMM) or the gathered products of
         # their row and column pairs (rows x nonzeros, a chunk of rows at a time), the smaller:
         # the gather alone took 3 GB for 2,048 points through a 512 x 512 layer at half density
-        grad2d, x2d = grad.reshape(-1, out_features), x.reshape(-1, in_features)
+        grad2d, x2d = _rows_of(grad), _rows_of(x)
         rows, cols = row_indices(crow), col.long()
         if out_features * in_features <= grad2d.shape[0] * rows.numel():
             grad_values = (grad2d.t() @ x2d)[rows, cols]
@@ -215,7 +221,7 @@ def _differentiable_backward(ctx, grad, x, crow, col, values, crow_t, row_t, per
             if not isinstance(grad_values, torch.Tensor):   # (no rows)
                 grad_values = values.new_zeros(values.shape)
     if ctx.has_bias and ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, out_features).sum(0)
+        grad_bias = _rows_of(grad).sum(0)
     return grad_x, None, None, grad_values, grad_bias, None, None, None
 
 

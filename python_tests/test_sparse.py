@@ -818,3 +818,18 @@ def test_converted_layers_keep_the_models_mode(training):
     assert all(m.training == training for m in model.modules())
     mackay_ext.densify(model)
     assert isinstance(model[0], nn.Linear) and all(m.training == training for m in model.modules())
+
+
+@pytest.mark.parametrize("out_features, batch", [(0, (0,)), (0, (2,)), (2, (0,)), (0, ()), (2, (0, 4)), (2, ())])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_empty_layers_and_batches_have_gradients(out_features, batch, create_graph):
+    """No rows, no examples, an unbatched input, with a bias: every gradient of the right shape
+    (a layer of 0 outputs raised reshaping its bias gradient)."""
+    crow, col = torch.zeros(out_features + 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int32)
+    values = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(out_features, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*batch, 3, dtype=torch.float64, requires_grad=True)
+    out = csr_linear(x, crow, col, values, bias, in_features=3)
+    grads = torch.autograd.grad(out.sum(), (x, values, bias), create_graph=create_graph)
+    assert [g.shape for g in grads] == [x.shape, values.shape, bias.shape]
+    assert not bool(grads[0].any()) and torch.equal(grads[2], torch.full_like(bias, float(math.prod(batch))))
