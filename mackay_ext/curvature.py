@@ -640,7 +640,7 @@ class FisherAccumulator:
         a loss nothing trained on (a GAN's generator loss through a discriminator left trainable
         for the generator's step: its curvature read 2.2x the discriminator's own, and the pass
         counted as a micro-batch). MacKayPruner clears the record at each step of its optimizer
-        and says which layers it found (dropped_passes)."""
+        and says which layers it found (_say_dropped)."""
         param = next((p for p in _stored_parameters(module) if p.requires_grad), None)
         left = self._left.pop(param, None) if param is not None else None
         if left is None:
@@ -1275,7 +1275,7 @@ def _paired(records: dict[int, torch.Tensor], grads: list[tuple[int, torch.Tenso
     by_token = dict(grads)
     pairs = [(x, by_token[token]) for token, x in records.items() if token in by_token]
     # rows grouped into examples (examples_of_rows): each example's rows as positions; a
-    # seq-first layer's [T, N, d]: examples first
+    # Transformer layer's sequences: examples first
     pairs = [(x.layout.spread(x.rows), x.layout.spread(grad)) if isinstance(x, GroupedRows)
              else x.examples_first(grad) if isinstance(x, SequenceInput) else (x, grad)
              for x, grad in pairs]
@@ -1321,7 +1321,7 @@ def _rows(module: nn.Module, record) -> int:
         return record.examples()
     if (isinstance(module, (nn.Conv1d, nn.Conv2d)) and record.dim() == len(module.stride) + 1) or record.dim() <= 1:
         return 1
-    return record.shape[0] if record.dim() else 1
+    return record.shape[0]
 
 
 def _stored_parameters(module: nn.Module) -> list[torch.Tensor]:

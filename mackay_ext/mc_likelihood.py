@@ -43,10 +43,13 @@ class SoftmaxLossCheck:
         size, stride, offset = logits.size(), logits.stride(), logits.storage_offset()
 
         def look_at_base(grad: torch.Tensor) -> None:
-            if through_view:
+            if through_view or self.said or self.looked >= LOOKS:
                 return
-            laid_out = torch.empty_strided(base.size(), base.stride(), dtype=grad.dtype, device=grad.device)
-            self._look(laid_out.copy_(grad).as_strided(size, stride, offset - base.storage_offset()))
+            if grad.stride() != base.stride():   # (laid out as the base, to read the view's layout in it;
+                # a language model's logits' gradient comes as its base's, and is read in place)
+                grad = torch.empty_strided(base.size(), base.stride(), dtype=grad.dtype,
+                                           device=grad.device).copy_(grad)
+            self._look(grad.as_strided(size, stride, grad.storage_offset() + offset - base.storage_offset()))
 
         base.register_hook(look_at_base)
 
