@@ -208,11 +208,12 @@ def _differentiable_backward(ctx, grad, x, crow, col, values, crow_t, row_t, per
                                                  crow, col, inverse.to(perm_t.dtype))
     if ctx.needs_input_grad[3]:
         # at the nonzeros, the dense grad^T x (out x in: a GEMM) or the gathered products of
-        # their row and column pairs (rows x nonzeros, a chunk of rows at a time), the smaller:
-        # the gather alone took 3 GB for 2,048 points through a 512 x 512 layer at half density
+        # their row and column pairs (a chunk of rows at a time, each chunk's two gathered
+        # operands of rows x nonzeros kept for the next derivative), the smaller: the gather
+        # alone took 3 GB for 2,048 points through a 512 x 512 layer at half density
         grad2d, x2d = _rows_of(grad), _rows_of(x)
         rows, cols = row_indices(crow), col.long()
-        if out_features * in_features <= grad2d.shape[0] * rows.numel():
+        if out_features * in_features <= 2 * grad2d.shape[0] * rows.numel():
             grad_values = (grad2d.t() @ x2d)[rows, cols]
         else:
             chunk = max(1, GATHER_ELEMENTS // max(rows.numel(), 1))

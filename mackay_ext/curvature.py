@@ -356,6 +356,7 @@ class FisherAccumulator:
         self._said_transformed = False   # see _say_transformed
         self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
         self.dropped: set[str] = set()
+        self._took = False      # a gradient was taken in the backward under way
         self._next_token = 0    # each captured use's token, in call order
         self._token_floor = 0   # records older than this go at the next backward's end
         self.sampled_calls: set[nn.Module] = set()   # fisher-mc: layers called inside capture_mc() since the reset
@@ -446,7 +447,7 @@ class FisherAccumulator:
                                    "curvature='ef-batch'")
             if module in self._unchecked and x.numel() and not torch.compiler.is_compiling():   # (an empty
                 self._check_weight_use(module, x, inputs, kwargs)   # batch tells nothing: the next one checks)
-            layout = self._sequence_layouts.get(self._in_transformer_layers.get(module))
+            layout = self._sequence_layout(module, x)
             if layout is not None and not (layout == "unbatched" and self._rows_wanted):
                 record = SequenceInput(x.detach(), layout)
             else:   # (also a graph batch run as one unbatched sequence: its rows grouped)
@@ -513,6 +514,17 @@ class FisherAccumulator:
     def use_rows(self, rows: RowExamples | None) -> None:
         """examples_of_rows with its indices read already (MacKayPruner's, read once)."""
         self._rows, self._rows_wanted, self._rows_used = rows, rows is not None, False
+
+    def _sequence_layout(self, module, x: torch.Tensor) -> str | None:
+        """How a Transformer layer's feed-forward Linear's input is laid out: as its layer's call
+        noted, or, in a forward recomputed inside a backward (a reentrant checkpoint around the
+        feed-forward block, which runs outside the layer's call), as the layer is built; None
+        for any other Linear, or one called outside its layer."""
+        parent = self._in_transformer_layers.get(module)
+        layout = self._sequence_layouts.get(parent)
+        if layout is None and parent is not None and torch._C._current_graph_task_id() != -1:
+            layout = "unbatched" if x.dim() == 2 else "batch_first" if parent.self_attn.batch_first else "seq_first"
+        return layout
 
     def _enter_sequence_layer(self, layer, args, kwargs) -> None:
         sequence = args[0] if args else kwargs.get("src", kwargs.get("tgt"))
@@ -606,6 +618,7 @@ class FisherAccumulator:
         task = torch._C._current_graph_task_id()
         if not self._tasks or self._tasks[-1][0] != task:   # the first gradient of this backward task
             self._enter_task(task)
+        self._took = True
         if module not in self._pass_layers:
             self._pass_layers.add(module)
             self._pass_rows[module] = _rows(module, self._pending[module][token])
@@ -722,6 +735,17 @@ class FisherAccumulator:
             self._tasks.pop()
         if self._tasks:   # a nested task ended (a recomputed segment's); the training backward goes on
             self._loss_scale = self._tasks[-1][1]
+            return
+        took, self._took = self._took, False
+        if not took:   # a backward that trained none of the layers, on record for the forward it
+            # recomputed (an FGSM step through a checkpoint): its recomputed inputs go, and it is
+            # no backward pass (counted, the pruner read it as a micro-batch: x4)
+            for module in list(self._pending):
+                kept = {token: x for token, x in self._pending.pop(module).items() if token not in self._recomputed}
+                if kept:
+                    self._pending[module] = kept
+            self._recomputed.clear()
+            self._loss_scale = None
             return
         self._weight_grads.clear()   # any left were not this backward's to take
         self._say_rows_differ()
@@ -1001,6 +1025,7 @@ class FisherAccumulator:
         self.__dict__.setdefault("_in_transformer_layers", {})
         self.__dict__.setdefault("_sequence_layouts", {})
         self.__dict__.setdefault("_next_token", 0)
+        self.__dict__["_took"] = False
         self.__dict__.setdefault("_token_floor", 0)
         self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set(), _pass_rows={})
         self.__dict__.setdefault("_said_rows", False)

@@ -395,3 +395,20 @@ def test_every_layer_checkpointed_is_one_backward_pass(use_reentrant):
     for name in expected:   # (the layer in both reentrant segments: each use's squares apart, as said)
         if not (use_reentrant and name.startswith("0.")):
             torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-14)
+
+
+def test_an_fgsm_step_through_a_checkpoint_is_no_training_pass():
+    """The attack's backward recomputes the checkpointed segment, which put it on record: it
+    counted as a backward pass (a micro-batch of the step under a pruner: x4)."""
+    model, shape = models()["mlp"]
+    x, y = torch.randn(*shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    acc = FisherAccumulator(model)
+
+    def logits(t):
+        return model[2](torch.utils.checkpoint.checkpoint(lambda u: torch.tanh(model[0](u)), t, use_reentrant=False))
+
+    attacked = x.clone().requires_grad_()
+    (gradient,) = torch.autograd.grad(F.cross_entropy(logits(attacked), y), attacked)
+    assert acc.backward_passes == 0
+    F.cross_entropy(logits((x + 0.1 * gradient.sign()).detach()), y).backward()
+    assert acc.backward_passes == 1 and acc.num_examples == shape[0]

@@ -185,3 +185,33 @@ def test_a_seq_first_transformer_layer_reads_its_examples_along_dim_1(batch_firs
             expected += grad.square()
         (grad,) = torch.autograd.grad(F.cross_entropy(head(layer(single).mean(0)), y[0]), param)
         torch.testing.assert_close(got[name], expected + grad.square(), rtol=1e-9, atol=1e-14)
+
+
+def test_a_reentrant_checkpoint_around_a_seq_first_feed_forward_block():
+    """The recompute runs outside the layer's call, where its layout is not noted: read as the
+    layer is built (read as rows, linear2's bias 0.11x)."""
+    import torch.nn.functional as F
+    from mackay_ext.curvature import FisherAccumulator
+
+    class Checkpointed(nn.TransformerEncoderLayer):
+        def _ff_block(self, x):
+            return torch.utils.checkpoint.checkpoint(super()._ff_block, x, use_reentrant=True)
+
+    torch.manual_seed(0)
+    layer, head = Checkpointed(8, 2, 16, dropout=0.0).double(), nn.Linear(8, 3).double()
+    model = nn.ModuleDict({"layer": layer, "head": head})
+    x, y = torch.randn(5, 4, 8, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (4,))   # [T, N, d]
+    acc = FisherAccumulator(model)
+    F.cross_entropy(head(layer(x).mean(0)), y).backward()
+    got = {name: acc.curvature(param) * acc.counts[param] for name, param in model.named_parameters()
+           if acc.saw(param)}
+    acc.detach()
+    plain = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0).double()
+    plain.load_state_dict(layer.state_dict())
+    for name in ("layer.linear1.weight", "layer.linear2.bias"):
+        param = dict(plain.named_parameters())[name.split(".", 1)[1]]
+        expected = torch.zeros_like(param)
+        for n in range(4):
+            (grad,) = torch.autograd.grad(F.cross_entropy(head(plain(x[:, n:n + 1]).mean(0)), y[n:n + 1]), param)
+            expected += grad.square()
+        torch.testing.assert_close(got[name], expected, rtol=1e-9, atol=1e-14)
