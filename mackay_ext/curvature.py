@@ -355,6 +355,8 @@ class FisherAccumulator:
         self._said_rows = False
         self._said_transformed = False   # see _say_transformed
         self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
+        # each layer's parameters that trained at its last captured forward (_trained_parameters)
+        self._trained: dict[nn.Module, list[torch.Tensor]] = {}
         self.dropped: set[str] = set()
         self._took = False      # a gradient was taken in the backward under way
         self._next_token = 0    # each captured use's token, in call order
@@ -435,8 +437,11 @@ class FisherAccumulator:
         if torch._C._are_functorch_transforms_active():
             self._say_transformed(module)
             return
-        if (self._active or self._capturing) and not self.paused and torch.is_grad_enabled() \
-                and output.requires_grad and _trains_weight(module) and not torch.compiler.is_exporting():
+        trained = _trained_parameters(module) if (self._active or self._capturing) and not self.paused \
+            and torch.is_grad_enabled() and output.requires_grad and not torch.compiler.is_exporting() else None
+        if trained is not None:
+            # (read once a forward: the backward's checks use this forward's parameters, which its graph holds)
+            self._trained[module] = trained
             # the layer's input: its first positional argument, or the keyword its forward names
             # it by (nn.Linear's and the convs' `input`: layer(input=x))
             x = inputs[0] if inputs else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
@@ -542,7 +547,7 @@ class FisherAccumulator:
         vmap(jacrev(...))), the loss's share of the curvature is missing: a new user's PINN read
         0.25-0.70 of it, no word. (The library's own check of a subclass runs without gradients.)"""
         if self._said_transformed or not (self._active or self._capturing) or self.paused \
-                or not torch.is_grad_enabled() or not _trains_weight(module):
+                or not torch.is_grad_enabled() or _trained_parameters(module) is None:
             return
         self._said_transformed = True
         warnings.warn(f"FisherAccumulator ({self.mode}): {self._name_of(module)} ({type(module).__name__}) ran under "
@@ -581,7 +586,7 @@ class FisherAccumulator:
             return
         records = self._pending.get(module)
         if not records or token not in records:
-            if not self._sampling and _backward_trains(module):
+            if not self._sampling and _backward_trains(self._trained.get(module, ())):
                 if token in self._spent or any(token in spent for spent in self._spent_history):
                     self._refuse_second_backward(module)
                 if any(token in dropped for dropped in self._dropped_history):
@@ -595,7 +600,7 @@ class FisherAccumulator:
                     "or R1, a meta-learning inner step) has per-example gradients that are not the layer's "
                     f"input times its output gradient, which {self.mode} squares. Use curvature='ef-batch', "
                     "or leave the layer out (MacKayPruner's layers=, FisherAccumulator's modules=)")
-            if not _backward_trains(module):
+            if not _backward_trains(self._trained.get(module, ())):
                 return   # (its input, paired with no gradient, goes at the end of the next training backward)
         self._take(module, grad, token)
 
@@ -654,10 +659,13 @@ class FisherAccumulator:
         for the generator's step: its curvature read 2.2x the discriminator's own, and the pass
         counted as a micro-batch). MacKayPruner clears the record at each step of its optimizer
         and says which layers it found (_say_dropped)."""
-        param = next((p for p in _stored_parameters(module) if p.requires_grad), None)
-        left = self._left.pop(param, None) if param is not None else None
+        if not self._left:
+            return
+        trained = self._trained.get(module)
+        left = self._left.pop(trained[0], None) if trained else None
         if left is None:
             return
+        param = trained[0]
         ref, version = left
         grad = ref()
         if grad is None or grad is not param.grad or (grad._version != version and not bool(grad.any())):
@@ -690,7 +698,8 @@ class FisherAccumulator:
     def _note_left(self) -> None:
         """At a captured backward's end: the gradient it left in each layer it reached."""
         for module in self._pass_layers:
-            param = next((p for p in _stored_parameters(module) if p.requires_grad), None)
+            trained = self._trained.get(module)
+            param = trained[0] if trained else None
             if param is not None and param.grad is not None:
                 self._left[param] = (weakref.ref(param.grad), param.grad._version)
         self._pass_layers.clear()
@@ -1004,6 +1013,7 @@ class FisherAccumulator:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_left"] = {}   # (weak references, which pickle refuses; a copy steps no optimizer)
+        state["_trained"] = {}   # (read again at each forward)
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -1031,6 +1041,7 @@ class FisherAccumulator:
         self.__dict__.setdefault("_said_rows", False)
         self.__dict__.setdefault("_said_transformed", False)
         self.__dict__.setdefault("_rows", None)
+        self.__dict__.setdefault("_trained", {})
         self.__dict__.setdefault("_rows_wanted", False)
         self.__dict__.setdefault("_rows_used", False)
 
@@ -1353,30 +1364,39 @@ def _stored_parameters(module: nn.Module) -> list[torch.Tensor]:
     """The layer's weight and bias as stored: module.weight is not read, which a parametrization
     would compute (its originals are the parameters)."""
     stored = [module._parameters.get(name) for name in ("weight", "weight_orig", "bias")]
-    if parametrize.is_parametrized(module, "weight"):
-        stored += list(module.parametrizations["weight"]._parameters.values())   # original, or original0, ...
+    # (parametrize.is_parametrized's lookup through nn.Module.__getattr__ cost a microsecond a call)
+    parametrizations = module._modules.get("parametrizations")
+    if isinstance(parametrizations, nn.ModuleDict) and "weight" in parametrizations:
+        stored += list(parametrizations["weight"]._parameters.values())   # original, or original0, ...
     return [param for param in stored if isinstance(param, torch.Tensor)]
 
 
-def _trains_weight(module: nn.Module) -> bool:
-    """False where the layer's weight and bias are frozen now: a backward through it (a DDPG/SAC
-    actor's loss through its critic, the critic frozen for it as usual) is none of its curvature's."""
+def _trained_parameters(module: nn.Module) -> list[torch.Tensor] | None:
+    """The layer's stored parameters that train now; None where they are all frozen: a backward
+    through it (a DDPG/SAC actor's loss through its critic, the critic frozen for it as usual) is
+    none of its curvature's. [] for a layer whose parameters are not stored as its own (a flat
+    parameter's views), which is read as trained."""
     stored = _stored_parameters(module)
-    return not stored or any(param.requires_grad for param in stored)
+    trained = [param for param in stored if param.requires_grad]
+    return trained if trained or not stored else None
 
 
-def _backward_trains(module: nn.Module) -> bool:
-    """Whether the backward under way adds to the .grad of the layer's parameters, which the
-    optimizer steps on. Not so for backward(inputs=...) naming other tensors, nor for any
-    torch.autograd.grad: to the inputs (an adversarial example's FGSM or PGD step, a saliency
-    map; counted, an FGSM step read as a second micro-batch of every step) or to the parameters
-    (a probe of the gradient, such as VQGAN's adaptive loss weight or a gradient-norm log, taken
-    before the training backward). A layer whose parameters are not stored as its own (a flat
-    parameter's views) is read as trained."""
-    stored = [param for param in _stored_parameters(module) if param.requires_grad]
-    if not stored:
+# a leaf's gradient accumulator; get_gradient_edge finds the same through two views, not one
+_gradient_node = getattr(torch.autograd.graph, "_get_grad_fn_or_grad_acc", None) or \
+    (lambda param: get_gradient_edge(param).node)
+
+
+def _backward_trains(trained) -> bool:
+    """Whether the backward under way adds to the .grad of the layer's parameters that train
+    (`trained`, read at its forward), which the optimizer steps on. Not so for
+    backward(inputs=...) naming other tensors, nor for any torch.autograd.grad: to the inputs (an
+    adversarial example's FGSM or PGD step, a saliency map; counted, an FGSM step read as a second
+    micro-batch of every step) or to the parameters (a probe of the gradient, such as VQGAN's
+    adaptive loss weight or a gradient-norm log, taken before the training backward). A layer
+    whose parameters are not stored as its own (no `trained`) is read as trained."""
+    if not trained:
         return True
     try:
-        return any(torch._C._will_engine_execute_node(get_gradient_edge(param).node) for param in stored)
+        return any(torch._C._will_engine_execute_node(_gradient_node(param)) for param in trained)
     except RuntimeError:   # torch.autograd.grad, which answers for no leaf: no .grad is written
         return False
