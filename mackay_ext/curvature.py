@@ -355,8 +355,8 @@ class FisherAccumulator:
         self._said_rows = False
         self._said_transformed = False   # see _say_transformed
         self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
-        # each layer's parameters that trained at its last captured forward (_trained_parameters)
-        self._trained: dict[nn.Module, list[torch.Tensor]] = {}
+        # each layer's parameters that trained at its last captured forward
+        self._trained: dict[nn.Module, _TrainedParameters] = {}
         self.dropped: set[str] = set()
         self._took = False      # a gradient was taken in the backward under way
         self._next_token = 0    # each captured use's token, in call order
@@ -441,7 +441,9 @@ class FisherAccumulator:
             and torch.is_grad_enabled() and output.requires_grad and not torch.compiler.is_exporting() else None
         if trained is not None:
             # (read once a forward: the backward's checks use this forward's parameters, which its graph holds)
-            self._trained[module] = trained
+            known = self._trained.get(module)
+            if known is None or not known.same(trained):
+                self._trained[module] = _TrainedParameters(trained)
             # the layer's input: its first positional argument, or the keyword its forward names
             # it by (nn.Linear's and the convs' `input`: layer(input=x))
             x = inputs[0] if inputs else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
@@ -586,7 +588,7 @@ class FisherAccumulator:
             return
         records = self._pending.get(module)
         if not records or token not in records:
-            if not self._sampling and _backward_trains(self._trained.get(module, ())):
+            if not self._sampling and self._backward_trains(module):
                 if token in self._spent or any(token in spent for spent in self._spent_history):
                     self._refuse_second_backward(module)
                 if any(token in dropped for dropped in self._dropped_history):
@@ -600,9 +602,15 @@ class FisherAccumulator:
                     "or R1, a meta-learning inner step) has per-example gradients that are not the layer's "
                     f"input times its output gradient, which {self.mode} squares. Use curvature='ef-batch', "
                     "or leave the layer out (MacKayPruner's layers=, FisherAccumulator's modules=)")
-            if not _backward_trains(self._trained.get(module, ())):
+            if not self._backward_trains(module):
                 return   # (its input, paired with no gradient, goes at the end of the next training backward)
         self._take(module, grad, token)
+
+    def _backward_trains(self, module) -> bool:
+        """Whether the backward under way writes the .grad of the layer's parameters that train
+        (_TrainedParameters.written); a layer no captured forward reached is read as trained."""
+        trained = self._trained.get(module)
+        return trained is None or trained.written()
 
     def _enter_task(self, task: int) -> None:
         """A backward graph task seen for the first time (its first gradient, or a forward a
@@ -662,10 +670,10 @@ class FisherAccumulator:
         if not self._left:
             return
         trained = self._trained.get(module)
-        left = self._left.pop(trained[0], None) if trained else None
+        param = trained.params[0] if trained is not None and trained.params else None
+        left = self._left.pop(param, None) if param is not None else None
         if left is None:
             return
-        param = trained[0]
         ref, version = left
         grad = ref()
         if grad is None or grad is not param.grad or (grad._version != version and not bool(grad.any())):
@@ -699,7 +707,7 @@ class FisherAccumulator:
         """At a captured backward's end: the gradient it left in each layer it reached."""
         for module in self._pass_layers:
             trained = self._trained.get(module)
-            param = trained[0] if trained else None
+            param = trained.params[0] if trained is not None and trained.params else None
             if param is not None and param.grad is not None:
                 self._left[param] = (weakref.ref(param.grad), param.grad._version)
         self._pass_layers.clear()
@@ -1386,17 +1394,32 @@ _gradient_node = getattr(torch.autograd.graph, "_get_grad_fn_or_grad_acc", None)
     (lambda param: get_gradient_edge(param).node)
 
 
-def _backward_trains(trained) -> bool:
-    """Whether the backward under way adds to the .grad of the layer's parameters that train
-    (`trained`, read at its forward), which the optimizer steps on. Not so for
-    backward(inputs=...) naming other tensors, nor for any torch.autograd.grad: to the inputs (an
-    adversarial example's FGSM or PGD step, a saliency map; counted, an FGSM step read as a second
-    micro-batch of every step) or to the parameters (a probe of the gradient, such as VQGAN's
-    adaptive loss weight or a gradient-norm log, taken before the training backward). A layer
-    whose parameters are not stored as its own (no `trained`) is read as trained."""
-    if not trained:
-        return True
-    try:
-        return any(torch._C._will_engine_execute_node(_gradient_node(param)) for param in trained)
-    except RuntimeError:   # torch.autograd.grad, which answers for no leaf: no .grad is written
-        return False
+class _TrainedParameters:
+    """A layer's parameters that train (read at its forward) and their gradient accumulators."""
+    __slots__ = ("params", "nodes")
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params, self.nodes = params, None
+
+    def same(self, params: list[torch.Tensor]) -> bool:
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+    def written(self) -> bool:
+        """Whether the backward under way adds to their .grad, which the optimizer steps on. Not
+        so for backward(inputs=...) naming other tensors, nor for any torch.autograd.grad: to the
+        inputs (an adversarial example's FGSM or PGD step, a saliency map; counted, an FGSM step
+        read as a second micro-batch of every step) or to the parameters (a probe of the
+        gradient, such as VQGAN's adaptive loss weight or a gradient-norm log, taken before the
+        training backward). A layer whose parameters are not stored as its own (a flat
+        parameter's views) is read as trained."""
+        if not self.params:
+            return True
+        try:
+            if self.nodes is not None and any(torch._C._will_engine_execute_node(node) for node in self.nodes):
+                return True
+            # found once, asked again where the answer is no: a parameter moved by .data (to
+            # another device or dtype) gets a new accumulator (~15 us a layer a step to find)
+            self.nodes = [_gradient_node(param) for param in self.params]
+            return any(torch._C._will_engine_execute_node(node) for node in self.nodes)
+        except RuntimeError:   # torch.autograd.grad, which answers for no leaf: no .grad is written
+            return False

@@ -55,6 +55,34 @@ def test_an_fgsm_step_is_no_training_pass(kind):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-10, atol=1e-14)
 
 
+def test_the_checks_hold_over_steps_and_after_a_move_by_data():
+    """Each layer's gradient accumulators are found once and asked again where the answer is no:
+    an FGSM step each training step stays no pass, and model.double() (which moves the
+    parameters by .data, giving them new accumulators) leaves the training pass read."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    acc = FisherAccumulator(model)
+
+    def step(dtype):
+        x, y = torch.randn(6, 5, dtype=dtype), torch.randint(0, 3, (6,))
+        attacked = x.clone().requires_grad_()
+        (gradient,) = torch.autograd.grad(F.cross_entropy(model(attacked), y), attacked)
+        adversarial = (x + 0.1 * gradient.sign()).detach()
+        F.cross_entropy(model(adversarial), y).backward()
+        return adversarial, y
+
+    for _ in range(3):
+        step(torch.float32)
+    model.double()
+    before = summed_curvature(acc, model)
+    adversarial, y = step(torch.float64)
+    added = {name: summed_curvature(acc, model)[name] - before[name] for name in before}
+    assert acc.backward_passes == 4 and acc.num_examples == 24
+    acc.detach()
+    expected = per_example_squares(model, adversarial, y)
+    for name in expected:
+        torch.testing.assert_close(added[name], expected[name], rtol=1e-5, atol=1e-7)
+
+
 def test_backward_to_other_inputs_is_no_training_pass():
     model, shape = models()["mlp"]
     x, y = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (shape[0],))
