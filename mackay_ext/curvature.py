@@ -866,6 +866,9 @@ class FisherAccumulator:
         """Add the squared per-example gradients of the module's uses (inputs and output
         gradients paired); weight_grad: also keep the batch's weight gradient of a served conv
         used once, for its backward to take (take_weight_grad)."""
+        if any(isinstance(x, GroupedRows) for x in inputs):
+            self._accumulate_grouped(module, inputs, grads)
+            return
         if (isinstance(module, (nn.Conv1d, nn.Conv2d)) and inputs[0].dim() == len(module.stride) + 1) or (
                 isinstance(module, nn.Linear) and inputs[0].dim() == 1):
             # an unbatched input (C, H, W) or (C, L), or a Linear's (in,), is one example
@@ -920,6 +923,36 @@ class FisherAccumulator:
             self._accumulate_sequence_fused(module, inputs[0], grads[0], scale)
             return
         self._accumulate_per_example(module, inputs, grads, scale, grad_sum)
+
+    def _accumulate_grouped(self, module, inputs: list, grads: list[torch.Tensor]) -> None:
+        """A Linear layer's uses on rows grouped into examples (examples_of_rows): each group of
+        examples laid out [examples, most rows of one, ...] (row_examples.py), its rows read as
+        positions whose gradients add up, and its squares added; a use a row an example (a
+        pooled head) gives each group its examples' rows."""
+        layout = next(x.layout for x in inputs if isinstance(x, GroupedRows))
+        batch = layout.examples
+        if batch == 0:
+            return
+        weight, bias = _stored(module, "weight"), _stored(module, "bias")
+        self._count(weight, batch)
+        if bias is not None:
+            self._count(bias, batch)
+        scale = self._scale(batch)
+        for number, group in enumerate(layout.groups):
+            members = None if group.members is None else group.members.to(grads[0].device)
+            xs = [x.layout.spread(x.rows, number) if isinstance(x, GroupedRows) else
+                  x if members is None else x[members] for x in inputs]
+            deltas = [x.layout.spread(g, number) if isinstance(x, GroupedRows) else
+                      g if members is None else g[members] for x, g in zip(inputs, grads)]
+            dtypes = {t.dtype for t in xs + deltas}
+            if len(dtypes) > 1:   # autocast: e.g. a float32 input beside a bfloat16 output gradient
+                common = functools.reduce(torch.promote_types, dtypes)
+                xs, deltas = [x.to(common) for x in xs], [g.to(common) for g in deltas]
+            if len(xs) == 1 and self.backend == "ext" and takes_fused(weight, xs[0], deltas[0], groups=1,
+                                                                      sequence=True):
+                self._accumulate_sequence_fused(module, xs[0], deltas[0], scale)
+            else:
+                self._accumulate_per_example(module, xs, deltas, scale)
 
     def _kept_pattern(self, weight: torch.Tensor, batch: int) -> kept_pattern.KeptPattern | None:
         """Where a Linear weight is still kept (alpha_of), or None: no alphas for it, or no sparse
@@ -1318,11 +1351,9 @@ def _paired(records: dict[int, torch.Tensor], grads: list[tuple[int, torch.Tenso
     each gradient with the input of the use whose token it carries."""
     by_token = dict(grads)
     pairs = [(x, by_token[token]) for token, x in records.items() if token in by_token]
-    # rows grouped into examples (examples_of_rows): each example's rows as positions; a
-    # Transformer layer's sequences: examples first
-    pairs = [(x.layout.spread(x.rows), x.layout.spread(grad)) if isinstance(x, GroupedRows)
-             else x.examples_first(grad) if isinstance(x, SequenceInput) else (x, grad)
-             for x, grad in pairs]
+    # a Transformer layer's sequences: examples first (rows grouped into examples by
+    # examples_of_rows are laid out by _accumulate_grouped)
+    pairs = [x.examples_first(grad) if isinstance(x, SequenceInput) else (x, grad) for x, grad in pairs]
     return [x for x, _ in pairs], [grad for _, grad in pairs]
 
 

@@ -10,7 +10,11 @@ with no word. `examples_of_rows(index)` says which example each row of such inpu
 (PyG's `batch` vector, node -> graph); a use of a layer on those rows is then laid out
 [examples, most rows of one, ...], each example's rows followed by zeros, which every path of the
 accumulator reads as positions whose gradients add up (a sequence's tokens): each example's
-gradient exactly (the zero rows add nothing).
+gradient exactly (the zero rows add nothing). Where examples differ much in size, padding every
+one to the largest multiplied the work and memory (one 3,000-node graph among 20-node ones: 45x
+the rows); the examples are then laid out in groups of like size, each padded to its own
+largest (at most twice the rows there are), and the groups' squares add up: each example is in
+one group.
 """
 from __future__ import annotations
 
@@ -20,19 +24,28 @@ import torch
 
 
 @dataclass(frozen=True)
-class RowLayout:
-    """Where each row of an input goes in the [examples, most, ...] layout."""
-    order: torch.Tensor      # rows sorted by example (stable)
-    example: torch.Tensor    # the example of each sorted row
+class RowGroup:
+    """Where each row of one group of examples goes in its [examples, most, ...] layout."""
+    members: torch.Tensor | None   # the group's examples, in its order (None: all of the batch's)
+    order: torch.Tensor      # the group's rows, sorted by example (stable)
+    example: torch.Tensor    # the place of each sorted row's example in the group
     position: torch.Tensor   # its place among its example's rows
     examples: int
-    most: int                # rows of the largest example
+    most: int                # rows of the group's largest example
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each row of an input goes: the batch's examples in groups (RowExamples.groups)."""
+    groups: tuple[RowGroup, ...]
+    examples: int
     index: torch.Tensor      # the index given, on the CPU (two indices of one length are told apart)
 
-    def spread(self, rows: torch.Tensor) -> torch.Tensor:
-        """[rows, ...] -> [examples, most, ...], zeros where an example has fewer rows."""
-        out = rows.new_zeros((self.examples, self.most, *rows.shape[1:]))
-        order, example, position = (t.to(rows.device) for t in (self.order, self.example, self.position))
+    def spread(self, rows: torch.Tensor, group: int = 0) -> torch.Tensor:
+        """[rows, ...] -> [examples of the group, most, ...], zeros where an example has fewer rows."""
+        part = self.groups[group]
+        out = rows.new_zeros((part.examples, part.most, *rows.shape[1:]))
+        order, example, position = (t.to(rows.device) for t in (part.order, part.example, part.position))
         out[example, position] = rows[order]
         return out
 
@@ -70,6 +83,10 @@ class RowExamples:
                              f"{smallest} to {largest}")
         self.examples = num_examples
         self.layouts: dict[int, RowLayout] = {}
+        # one grouping of the examples for every kind of input, read off the first (the nodes): a
+        # layer used on nodes and on edges sums each example's gradients over both in one group
+        self.groups = _groups(torch.bincount(indices[0].cpu(), minlength=num_examples) if num_examples else
+                              torch.zeros(0, dtype=torch.long))
         for index in indices:
             rows = index.numel()
             if rows == num_examples and rows and not torch.equal(index.cpu(), torch.arange(rows)):
@@ -80,7 +97,7 @@ class RowExamples:
                 raise ValueError(f"{where}: two indices of {rows} rows that differ: an input of {rows} rows could "
                                  "be either's")
             if rows != num_examples:
-                self.layouts[rows] = _layout(index, num_examples)
+                self.layouts[rows] = _layout(index, num_examples, self.groups)
 
     def layout(self, rows: int) -> RowLayout | None:
         """The layout of an input of `rows` rows; None where each row is an example. KeyError for a
@@ -100,10 +117,32 @@ class GroupedRows:
     layout: RowLayout
 
 
-def _layout(index: torch.Tensor, examples: int) -> RowLayout:
-    order = torch.argsort(index, stable=True)
-    example = index[order]
-    counts = torch.bincount(index, minlength=examples)
-    starts = torch.cumsum(counts, 0) - counts
-    position = torch.arange(index.numel(), device=index.device) - starts[example]
-    return RowLayout(order, example, position, examples, int(counts.max()) if index.numel() else 0, index.cpu())
+def _groups(counts: torch.Tensor) -> list[torch.Tensor | None]:
+    """The examples to lay out together: [None] (all at once) where padding every example to the
+    largest at most doubles the rows; else the examples of at most 1, 2, 3-4, 5-8, ... rows
+    apart (one of no rows with those of one: a pooled head's row of an empty graph still has
+    a gradient)."""
+    rows, largest = int(counts.sum()), int(counts.max()) if counts.numel() else 0
+    if counts.numel() * largest <= 2 * rows:
+        return [None]
+    level = torch.ceil(torch.log2(counts.clamp(min=1).double())).long()   # 0-1 -> 0, 2 -> 1, 3-4 -> 2, ...
+    return [torch.nonzero(level == value).squeeze(1) for value in torch.unique(level).tolist()]
+
+
+def _layout(index: torch.Tensor, examples: int, groups: list[torch.Tensor | None]) -> RowLayout:
+    parts = []
+    for group in groups:
+        if group is None:
+            slot, members = index, examples
+        else:   # each example's place in its group, -1 outside it
+            place = torch.full((examples,), -1, dtype=torch.long)
+            place[group] = torch.arange(group.numel())
+            slot, members = place.to(index.device)[index], group.numel()
+        rows = torch.nonzero(slot >= 0).squeeze(1)
+        order = rows[torch.argsort(slot[rows], stable=True)]
+        example = slot[order]
+        counts = torch.bincount(example, minlength=members)
+        starts = torch.cumsum(counts, 0) - counts
+        position = torch.arange(order.numel(), device=index.device) - starts[example]
+        parts.append(RowGroup(group, order, example, position, members, int(counts.max()) if order.numel() else 0))
+    return RowLayout(tuple(parts), examples, index.cpu())

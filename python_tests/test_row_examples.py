@@ -9,6 +9,7 @@ from torch.nn import functional as F
 
 from mackay_ext import MacKayPruner
 from mackay_ext.curvature import FisherAccumulator
+from mackay_ext.row_examples import RowExamples
 
 
 class GraphNet(nn.Module):
@@ -71,7 +72,8 @@ def per_graph_reference(model, batch_data, targets, loss, weights=None):
     return total
 
 
-@pytest.mark.parametrize("sizes", [[4, 1, 9, 3], [2, 0, 5], [6]], ids=["odd", "empty-graph", "one-graph"])
+@pytest.mark.parametrize("sizes", [[4, 1, 9, 3], [2, 0, 5], [6], [3, 4, 2, 3], [40, 1, 2, 0, 3, 1, 17, 9]],
+                         ids=["odd", "empty-graph", "one-graph", "alike", "skewed"])
 def test_ef_exact_squares_each_graph(sizes):
     """Node rows, edge rows (a second index) and pooled rows through one shared layer."""
     model = GraphNet().double()
@@ -103,6 +105,55 @@ def test_fisher_mc_samples_each_graph():
     expected = per_graph_reference(model, data, None, F.cross_entropy, torch.softmax(logits.detach(), 1))
     for name in expected:   # (sampling noise; node rows read as examples were 0.02-0.05x)
         assert abs(float(got[name].sum() / expected[name].sum()) - 1) < 0.15, name
+
+
+def test_examples_of_unlike_size_are_laid_out_in_groups():
+    """One graph of 200 nodes among 3-node ones: each group of like size is padded to its own
+    largest, at most twice its rows (all padded to the largest: 67x); an empty graph is in one."""
+    sizes = [200] + [3] * 30 + [0, 1, 2, 5, 60]
+    batch = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+    edges = torch.repeat_interleave(batch, 2)   # (an edge index of other counts, grouped alike)
+    rows = RowExamples((batch, edges), None, "test")
+    for index in (batch, edges):
+        layout = rows.layout(index.numel())
+        members = torch.cat([group.members for group in layout.groups])
+        assert sorted(members.tolist()) == list(range(len(sizes)))   # each example in one group
+        padded = sum(group.examples * group.most for group in layout.groups)
+        assert padded <= 2 * index.numel() + len(layout.groups), (padded, index.numel())
+        values = torch.arange(index.numel(), dtype=torch.float64)
+        for number, group in enumerate(layout.groups):   # each example's rows, in order, then zeros
+            spread = layout.spread(values, number)
+            for place, example in enumerate(group.members.tolist()):
+                own = values[index == example]
+                assert torch.equal(spread[place, :own.numel()], own) and not spread[place, own.numel():].any()
+    alike = RowExamples((torch.tensor([0, 0, 1, 1, 1, 2]),), None, "test").layout(6)
+    assert [group.members for group in alike.groups] == [None]
+
+
+@pytest.mark.parametrize("mode", ["ef-exact", "fisher-mc"])
+def test_float32_graphs_of_unlike_size_against_float64(mode):
+    """The kernels' float32 path on grouped rows (the fused sequence kernel), skewed graphs."""
+    model = GraphNet()
+    sizes = [30, 2, 1, 0, 3, 2, 11]
+    data = random_batch(sizes, seed=3)
+    x, edges, edge_features, batch = data
+    acc = FisherAccumulator(model, mode=mode)
+    acc.examples_of_rows(batch, batch[edges[0]], num_examples=len(sizes))
+    targets = torch.randint(0, 3, (len(sizes),))
+    if mode == "fisher-mc":
+        torch.manual_seed(0)
+        with acc.capture_mc():
+            logits = model(x.float(), edges, edge_features.float(), batch, len(sizes))
+        acc.accumulate_mc_from(logits, num_samples=1)
+        torch.manual_seed(0)   # the same labels, drawn as the accumulator drew them
+        targets = torch.multinomial(torch.softmax(logits.detach().double(), 1), 1).squeeze(1)
+    else:
+        F.cross_entropy(model(x.float(), edges, edge_features.float(), batch, len(sizes)), targets).backward()
+    got = {name: (acc.curvature(param) * acc.counts[param]).double() for name, param in model.named_parameters()}
+    acc.detach()
+    expected = per_graph_reference(model.double(), data, targets, F.cross_entropy)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=2e-4, atol=1e-7)
 
 
 def test_each_batch_needs_its_own_index_and_every_size_one():
