@@ -753,6 +753,8 @@ class FisherAccumulator:
         if self._tasks:   # a nested task ended (a recomputed segment's); the training backward goes on
             self._loss_scale = self._tasks[-1][1]
             return
+        for trained in self._trained.values():   # (held past the graph, a node keeps its parameter
+            trained.nodes = None                 # alive: a cycle through it was never collected)
         took, self._took = self._took, False
         if not took:   # a backward that trained none of the layers, on record for the forward it
             # recomputed (an FGSM step through a checkpoint): its recomputed inputs go, and it is
@@ -1153,7 +1155,10 @@ class FisherAccumulator:
                                "model's forward inside `with accumulator.capture_mc():` (with gradients "
                                f"enabled), then pass its logits. {COMPILED_HINT}")
         if logits.dim() != 2:
-            raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}")
+            raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}"
+                             + ("; a dense prediction's [N, C, ...] logits (a class per pixel or position): pass "
+                                "logits.movedim(1, -1).reshape(-1, C), one row a position, with num_data and "
+                                "batch_size counting positions" if logits.dim() >= 3 else ""))
         if not logits.requires_grad:
             raise ValueError("accumulate_mc_from: logits must come from the captured forward, with "
                              "gradients enabled (they do not require grad)")
@@ -1331,6 +1336,7 @@ class FisherAccumulator:
                 del module.forward
         self._served.clear()
         self._weight_grads.clear()
+        self._trained.clear()
 
     @torch.no_grad()
     def write_to(self, optimizer) -> int:
@@ -1426,7 +1432,8 @@ _gradient_node = getattr(torch.autograd.graph, "_get_grad_fn_or_grad_acc", None)
 
 
 class _TrainedParameters:
-    """A layer's parameters that train (read at its forward) and their gradient accumulators."""
+    """A layer's parameters that train (read at its forward) and, during a backward, their
+    gradient accumulators."""
     __slots__ = ("params", "nodes")
 
     def __init__(self, params: list[torch.Tensor]):
@@ -1448,8 +1455,9 @@ class _TrainedParameters:
         try:
             if self.nodes is not None and any(torch._C._will_engine_execute_node(node) for node in self.nodes):
                 return True
-            # found once, asked again where the answer is no: a parameter moved by .data (to
-            # another device or dtype) gets a new accumulator (~15 us a layer a step to find)
+            # found once a backward (the graph holds them meanwhile; the accumulator drops them at
+            # its end) and asked again where the answer is no: a parameter moved by .data (to
+            # another device or dtype) between a forward and its backward gets a new accumulator
             self.nodes = [_gradient_node(param) for param in self.params]
             return any(torch._C._will_engine_execute_node(node) for node in self.nodes)
         except RuntimeError:   # torch.autograd.grad, which answers for no leaf: no .grad is written

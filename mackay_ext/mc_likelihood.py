@@ -41,9 +41,14 @@ class SoftmaxLossCheck:
         through_view = []   # the view's gradient comes before its base's, in the backward that uses it
         logits.register_hook(lambda grad: through_view.append(True) or self._look(grad))
         size, stride, offset = logits.size(), logits.stride(), logits.storage_offset()
+        # a dense prediction's [N, C, H, W] logits passed as logits.flatten(1), one row an example
+        flattened = base.dim() >= 3 and logits.dim() == 2 and base.shape[1] > 1 and \
+            tuple(logits.shape) == (base.shape[0], base[0].numel())
 
         def look_at_base(grad: torch.Tensor) -> None:
             if through_view or self.said or self.looked >= LOOKS:
+                return
+            if flattened and self._per_position(grad):
                 return
             if grad.stride() != base.stride():   # (laid out as the base, to read the view's layout in it;
                 # a language model's logits' gradient comes as its base's, and is read in place)
@@ -52,6 +57,27 @@ class SoftmaxLossCheck:
             self._look(grad.as_strided(size, stride, grad.storage_offset() + offset - base.storage_offset()))
 
         base.register_hook(look_at_base)
+
+    def _per_position(self, grad: torch.Tensor) -> bool:
+        """Said (True) where the loss is a softmax over dim 1 at each position of [N, C, H, W]
+        logits (a segmentation's per-pixel cross-entropy: its gradient sums to 0 over C at every
+        pixel) while fisher-mc was given them flattened to [N, C*H*W]: it drew one label over all
+        C*H*W entries, the Fisher of another model (a new user's head bias read 1/(H*W) of the
+        per-pixel Fisher, no word)."""
+        part = grad.detach()[:ROWS]
+        size = float(part.abs().sum(dtype=torch.float32))
+        if size == 0.0 or float(part.sum(1, dtype=torch.float32).abs().sum()) / size > ROW_SUM_SHARE:
+            return False
+        self.said = True
+        positions = part[0, 0].numel()
+        warnings.warn(
+            f"FisherAccumulator (fisher-mc): the logits given are [N, C, ...] flattened to [N, C*{positions}], "
+            f"and the training loss is a softmax over C at each of the {positions} positions (its gradient sums "
+            "to 0 over C at every position): fisher-mc drew one label over all of them, the Fisher of a single "
+            f"categorical (a head bias read 1/{positions} of the per-position Fisher). Pass the positions as "
+            "rows, logits.movedim(1, -1).reshape(-1, C), with num_data and batch_size counting positions, or "
+            "use curvature='ef-exact' or 'ef-batch'", RuntimeWarning, stacklevel=user_stacklevel())
+        return True
 
     def _look(self, grad: torch.Tensor) -> None:
         if self.said or self.looked >= LOOKS:

@@ -405,6 +405,7 @@ class MacKayPruner(StandalonePrior):
             self._grad_not_captured: set[str] = set()
             self._mc_step_captured = False
             self._said_dropped = False   # see _say_dropped
+            self._said_batch_against_rows = False   # see _say_batch_against_rows
             self._fed_since_update: set[str] = set()   # ef-batch: layers a step had a gradient for
             self._own = ParamStates()   # without a MacKayAdam: each layer's alpha and h
             # where the ef-batch curvature reads g (standalone_prior): each optimizer step's gradient
@@ -438,6 +439,7 @@ class MacKayPruner(StandalonePrior):
                     raise ValueError("MacKayPruner: batch_size is needed for the ef-batch curvature "
                                      "when the optimizer is not a MacKayAdam")
                 self.batch_size = check_count(batch_size, "batch_size", where) if batch_size is not None else 1.0
+                self._batch_size_given = batch_size is not None
                 if batch_size is not None and self.batch_size > self.num_data:
                     raise ValueError(f"{where}: batch_size ({self.batch_size:g}) exceeds num_data "
                                      f"({self.num_data:g}), the training-set size")
@@ -665,6 +667,8 @@ class MacKayPruner(StandalonePrior):
         # detached pruner: its state readable, its update() refused with what to do instead.
         self.__dict__.update(state)
         self.__dict__.setdefault("_fed_since_update", set())
+        self.__dict__.setdefault("_said_batch_against_rows", False)
+        self.__dict__.setdefault("_batch_size_given", True)
         self.detached, self.copied = True, True
         self._hooks, self._step_reader = [], None
 
@@ -803,6 +807,11 @@ class MacKayPruner(StandalonePrior):
         if self.accumulator is None:
             return
         self.accumulator.all_reduce()  # under torch.distributed: the global batch's estimate
+        if self.accumulator.num_examples == 0 and self._steps_since_update == 0:
+            # no optimizer step since the pruner was built or since the last update: the estimate
+            # stays as it is, as ef-batch's does (the first update sets alpha from the weights and
+            # says so; a second in a row re-estimates alpha and prunes nothing, said too)
+            return
         if self.accumulator.num_examples == 0:
             from .curvature import COMPILED_HINT
             compiled = self._steps_since_update and _dynamo_compiled_something()
@@ -863,7 +872,36 @@ class MacKayPruner(StandalonePrior):
         if not rows or batch is None:
             return 1.0
         values = float(batch) / rows
-        return values if values >= 1.5 else 1.0
+        if values >= 1.5:
+            self._say_batch_against_rows(float(batch), rows)
+            return values
+        if rows >= 1.5 * float(batch):
+            self._say_batch_against_rows(float(batch), rows)
+        return 1.0
+
+    def _say_batch_against_rows(self, batch: float, rows: float) -> None:
+        """Once: batch_size is not the rows a step's layers saw, which ef-exact reads as its
+        examples. Above them, it reads K = B / rows values a row (a regression's outputs, a
+        language model's tokens) and multiplies the squares by K: right where meant, and a
+        batch_size off by 2x read the curvature 2x, no word. Below them, rows are parts of
+        examples (a Linear on a PackedSequence's data or on a seq-first RNN output, alone in the
+        pruner: 3.0x and 0.92x the per-utterance curvature, no word) or batch_size is too small."""
+        if self._said_batch_against_rows:
+            return
+        self._said_batch_against_rows = True
+        if batch > rows:
+            message = (f"batch_size={batch:g} is {batch / rows:.3g}x the rows a step's layers saw ({rows:g}), which "
+                       f"ef-exact reads as the step's examples: it reads {batch / rows:.3g} values the loss averages "
+                       "over a row (a regression's outputs, a language model's tokens; README 'Regression') and "
+                       "multiplies each row's squares by that. If each row is one example, pass "
+                       f"batch_size={rows:g}")
+        else:
+            message = (f"the layers saw {rows:g} rows in a step where batch_size={batch:g}: ef-exact reads each row "
+                       "as an example, so rows that are parts of examples (time steps of a PackedSequence's data or "
+                       "of a seq-first [T, N, d] output, a graph's nodes) read no example's gradient. Give each "
+                       "row's example (pruner.examples_of_rows), run the layer batch-first, or use "
+                       f"curvature='ef-batch'; if the rows are the step's examples, pass batch_size={rows:g}")
+        warnings.warn(f"MacKayPruner.update: {message}", RuntimeWarning, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ state
     def _layer(self, name: str | torch.Tensor) -> str:
@@ -1298,8 +1336,8 @@ class MacKayPruner(StandalonePrior):
 
     def _step_batch_size(self) -> float | None:
         """B of the ef-batch curvature: the pruner's, or its MacKayAdam's."""
-        if not self.fused:
-            return self.batch_size
+        if not self.fused:   # (1.0 where none was given, for the prior's step: not a count of the batch)
+            return self.batch_size if self._batch_size_given else None
         return self.optimizer._group_of(next(iter(self.targets.values())).param).get("batch_size")
 
     def _scale_hint(self) -> str:

@@ -268,6 +268,42 @@ def test_logits_passed_as_a_view_the_loss_does_not_use_are_checked(loss):
     assert len(said) == (1 if loss == "pixel-bce" else 0)
 
 
+@pytest.mark.parametrize("passed", ["flatten(1)", "pixel rows", "one softmax over all"])
+def test_per_pixel_logits_flattened_into_one_softmax_are_said(passed):
+    """A segmentation's [N, C, H, W] logits with a per-pixel cross-entropy, given to fisher-mc
+    as logits.flatten(1): one label drawn over all C*H*W entries (the rows' sums are 0 there
+    too), a head bias read 1/(H*W) of the per-pixel Fisher, no word. Said; the pixels as rows,
+    and a loss that is one softmax over all entries (a spatial softmax), say nothing. The 4-D
+    tensor itself is refused, naming the pixel rows."""
+    torch.manual_seed(0)
+    segmenter = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1))
+    optimizer = torch.optim.SGD(segmenter.parameters(), lr=0.01)
+    pruner = MacKayPruner(segmenter, optimizer, num_data=256 * 16, batch_size=8 * 16, curvature="fisher-mc")
+    x, labels = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8, 4, 4))
+    with pytest.raises(ValueError, match=r"got \(8, 3, 4, 4\).*movedim\(1, -1\)\.reshape\(-1, C\)"):
+        with pruner.capture_mc():
+            pruner.accumulate_mc_from(segmenter(x))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            with pruner.capture_mc():
+                logits = segmenter(x)
+            if passed == "pixel rows":
+                pruner.accumulate_mc_from(logits.movedim(1, -1).reshape(-1, 3))
+            else:
+                pruner.accumulate_mc_from(logits.flatten(1))
+            if passed == "one softmax over all":
+                nn.functional.cross_entropy(logits.flatten(1), labels.flatten(1)[:, 0]).backward()
+            else:
+                nn.functional.cross_entropy(logits, labels).backward()
+            optimizer.step()
+    said = [w for w in caught if "positions" in str(w.message) and "fisher-mc" in str(w.message)]
+    assert len(said) == (1 if passed == "flatten(1)" else 0), [str(w.message) for w in caught]
+    if said:
+        assert "[N, C*16]" in str(said[0].message) and "movedim(1, -1).reshape(-1, C)" in str(said[0].message)
+
+
 def test_the_softmax_check_reads_a_sample_of_rows_in_float32_sums():
     """A language model's logits' gradient can be gigabytes: the check reads at most ROWS rows
     (views, float32 sums, no copy of the whole), a bfloat16 one too."""

@@ -3,6 +3,7 @@ outputs, num_data=N*K, batch_size=B*K; a token-level loss: label tokens): the sa
 the sum over the values and the mean over the examples with N and B. ef-exact squares each row's
 gradient, and read the first convention's curvature K times too small (a new user's 6-output
 regression kept 151 weights where ef-batch kept 299). Both conventions now give the same N h."""
+import re
 import warnings
 
 import pytest
@@ -70,3 +71,34 @@ def test_a_short_last_batch_scales_nothing():
         F.cross_entropy(model(x), x[:, :3].argmax(1)).backward()
         optimizer.step()
     assert pruner._values_per_example() == 1.0
+
+
+@pytest.mark.parametrize("batch_size, said", [(16, None), (None, None), (96, r"batch_size=96 is 6x the rows a step's "
+                                              r"layers saw \(16\).*reads 6 values.*If each row is one example, pass "
+                                              r"batch_size=16"),
+                                              (4, r"saw 16 rows in a step where batch_size=4.*examples_of_rows.*pass "
+                                               r"batch_size=16")])
+def test_a_batch_size_other_than_the_rows_is_said_once(batch_size, said):
+    """ef-exact reads a step's rows as its examples: a batch_size above them is read as K values
+    a row (right for a regression's outputs; off by 2x, the curvature read 2x, no word), one
+    below them means rows that are no examples (a Linear on a PackedSequence's data: 3.0x the
+    per-utterance curvature, no word) or a wrong batch_size. Said once, at the first update;
+    no batch_size given says nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    pruner = MacKayPruner(model, optimizer, num_data=960, batch_size=batch_size, curvature="ef-exact")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for _ in range(3):
+                x = torch.randn(16, 5)
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), x[:, :3].argmax(1)).backward()
+                optimizer.step()
+            pruner.update(prune=False)
+    messages = [str(w.message) for w in caught if "rows" in str(w.message)]
+    if said is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and re.search(said, messages[0]), messages
