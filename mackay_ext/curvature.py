@@ -932,6 +932,12 @@ class FisherAccumulator:
         positions whose gradients add up, and its squares added; a use a row an example (a
         pooled head) gives each group its examples' rows."""
         layout = next(x.layout for x in inputs if isinstance(x, GroupedRows))
+        if any(isinstance(x, GroupedRows) and x.layout.batch is not layout.batch for x in inputs):
+            raise RuntimeError(f"FisherAccumulator: {self._name_of(module)} ({type(module).__name__}) was used in one "
+                               "backward on the rows of two batches, each given its own examples_of_rows (two "
+                               "forwards, then one backward of their summed losses): which examples are one cannot "
+                               "be told. Backpropagate each batch before giving the next one's index, or run them as "
+                               "one batch with one index")
         batch = layout.examples
         if batch == 0:
             return

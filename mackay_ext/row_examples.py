@@ -40,6 +40,7 @@ class RowLayout:
     groups: tuple[RowGroup, ...]
     examples: int
     index: torch.Tensor      # the index given, on the CPU (two indices of one length are told apart)
+    batch: object            # the examples_of_rows call it came from (its RowExamples)
 
     def spread(self, rows: torch.Tensor, group: int = 0) -> torch.Tensor:
         """[rows, ...] -> [examples of the group, most, ...], zeros where an example has fewer rows."""
@@ -97,7 +98,7 @@ class RowExamples:
                 raise ValueError(f"{where}: two indices of {rows} rows that differ: an input of {rows} rows could "
                                  "be either's")
             if rows != num_examples:
-                self.layouts[rows] = _layout(index, num_examples, self.groups)
+                self.layouts[rows] = _layout(index, num_examples, self.groups, self)
 
     def layout(self, rows: int) -> RowLayout | None:
         """The layout of an input of `rows` rows; None where each row is an example. KeyError for a
@@ -129,7 +130,7 @@ def _groups(counts: torch.Tensor) -> list[torch.Tensor | None]:
     return [torch.nonzero(level == value).squeeze(1) for value in torch.unique(level).tolist()]
 
 
-def _layout(index: torch.Tensor, examples: int, groups: list[torch.Tensor | None]) -> RowLayout:
+def _layout(index: torch.Tensor, examples: int, groups: list[torch.Tensor | None], batch: object) -> RowLayout:
     parts = []
     for group in groups:
         if group is None:
@@ -145,4 +146,4 @@ def _layout(index: torch.Tensor, examples: int, groups: list[torch.Tensor | None
         starts = torch.cumsum(counts, 0) - counts
         position = torch.arange(order.numel(), device=index.device) - starts[example]
         parts.append(RowGroup(group, order, example, position, members, int(counts.max()) if order.numel() else 0))
-    return RowLayout(tuple(parts), examples, index.cpu())
+    return RowLayout(tuple(parts), examples, index.cpu(), batch)

@@ -83,6 +83,24 @@ def test_the_checks_hold_over_steps_and_after_a_move_by_data():
         torch.testing.assert_close(added[name], expected[name], rtol=1e-5, atol=1e-7)
 
 
+def test_a_model_whose_parameter_hook_reaches_it_is_freed():
+    """The gradient accumulators found in a backward are dropped at its end: held, each kept its
+    parameter alive from outside Python's collector, and a cycle through it (a gradient hook that
+    reaches the model, whose forward hooks reach the accumulator) was never freed."""
+    import gc
+    import weakref
+    refs = []
+    for _ in range(3):
+        model = nn.Sequential(nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 3))
+        acc = FisherAccumulator(model)
+        model[0].weight.register_hook(lambda grad, model=model, acc=acc: grad)
+        F.cross_entropy(model(torch.randn(4, 20)), torch.randint(0, 3, (4,))).backward()
+        refs.append(weakref.ref(model))
+        del model, acc
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+
+
 def test_backward_to_other_inputs_is_no_training_pass():
     model, shape = models()["mlp"]
     x, y = torch.randn(*shape, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (shape[0],))

@@ -156,6 +156,21 @@ def test_float32_graphs_of_unlike_size_against_float64(mode):
         torch.testing.assert_close(got[name], expected[name], rtol=2e-4, atol=1e-7)
 
 
+def test_two_batches_with_their_own_indices_in_one_backward_are_refused():
+    """Two forwards, each after its own examples_of_rows, then one backward of the summed losses:
+    which rows are one example cannot be told (the two layouts were read as one batch's)."""
+    model = GraphNet().double()
+    acc = FisherAccumulator(model)
+    losses = []
+    for sizes in ([3, 4], [2, 6]):
+        x, edges, edge_features, batch = random_batch(sizes)
+        acc.examples_of_rows(batch, batch[edges[0]])
+        logits = model(x, edges, edge_features, batch, len(sizes))
+        losses.append(F.cross_entropy(logits, torch.zeros(len(sizes), dtype=torch.long)))
+    with pytest.raises(RuntimeError, match=r"on the rows of two batches, each given its own examples_of_rows"):
+        sum(losses).backward()
+
+
 def test_each_batch_needs_its_own_index_and_every_size_one():
     model = GraphNet().double()
     x, edges, edge_features, batch = random_batch([3, 4])
