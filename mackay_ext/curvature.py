@@ -222,7 +222,7 @@ def _named_reasons(model: nn.Module, names: list[str], tied: dict[str, str]) -> 
         if reader is not None:
             return f"{reader} reads its weight itself"
         return layer_detail(model.get_submodule(name))
-    return ", ".join(f"{name} ({reason(name)})" for name in names)
+    return ", ".join(f"{name or 'the model itself'} ({reason(name)})" for name in names)
 
 
 @dataclass
@@ -1157,9 +1157,12 @@ class FisherAccumulator:
         outputs, self._mc_outputs = self._mc_outputs, None
         captured = {module: dict(inputs) for module, inputs in self._pending.items()}
         if outputs is None or not captured:
-            raise RuntimeError("FisherAccumulator.accumulate_mc_from: no forward was captured; run the "
-                               "model's forward inside `with accumulator.capture_mc():` (with gradients "
-                               f"enabled), then pass its logits. {COMPILED_HINT}")
+            raise RuntimeError("FisherAccumulator.accumulate_mc_from: no forward was captured since the last "
+                               "accumulate_mc_from; run the model's forward inside `with accumulator.capture_mc():` "
+                               "(with gradients enabled), then pass its logits, once: a captured forward serves one "
+                               "call (the labels of one categorical a row; a second head's logits are another "
+                               "likelihood: cover that head with ef-exact or ef-batch in a pruner of its own, "
+                               f"layers=). {COMPILED_HINT}")
         if logits.dim() != 2:
             raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}"
                              + ("; a dense prediction's [N, C, ...] logits (a class per pixel or position): pass "

@@ -11,6 +11,7 @@ training backward passes through the logits are looked at, and such a loss is sa
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -43,7 +44,7 @@ class SoftmaxLossCheck:
         size, stride, offset = logits.size(), logits.stride(), logits.storage_offset()
         # a dense prediction's [N, C, H, W] logits passed as logits.flatten(1), one row an example
         flattened = base.dim() >= 3 and logits.dim() == 2 and base.shape[1] > 1 and \
-            tuple(logits.shape) == (base.shape[0], base[0].numel())
+            tuple(logits.shape) == (base.shape[0], math.prod(base.shape[1:]))
 
         def look_at_base(grad: torch.Tensor) -> None:
             if through_view or self.said or self.looked >= LOOKS:

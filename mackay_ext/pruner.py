@@ -890,17 +890,22 @@ class MacKayPruner(StandalonePrior):
             return
         self._said_batch_against_rows = True
         if batch > rows:
-            message = (f"batch_size={batch:g} is {batch / rows:.3g}x the rows a step's layers saw ({rows:g}), which "
-                       f"ef-exact reads as the step's examples: it reads {batch / rows:.3g} values the loss averages "
-                       "over a row (a regression's outputs, a language model's tokens; README 'Regression') and "
-                       "multiplies each row's squares by that. If each row is one example, pass "
-                       f"batch_size={rows:g}")
+            message = (f"batch_size={batch:g} is {batch / rows:.3g}x the examples ef-exact read in a step ({rows:g}: "
+                       "the rows of a layer's input; a layer called twice on one batch, such as two views run "
+                       "apart, reads row i of both calls as one example, their gradients summed before squaring). "
+                       f"It reads {batch / rows:.3g} values the loss averages over a row (a regression's outputs, a "
+                       "language model's tokens; README 'Regression') and multiplies each row's squares by that. "
+                       f"If each row is one example, pass batch_size={rows:g}")
         else:
-            message = (f"the layers saw {rows:g} rows in a step where batch_size={batch:g}: ef-exact reads each row "
-                       "as an example, so rows that are parts of examples (time steps of a PackedSequence's data or "
-                       "of a seq-first [T, N, d] output, a graph's nodes) read no example's gradient. Give each "
-                       "row's example (pruner.examples_of_rows), run the layer batch-first, or use "
-                       f"curvature='ef-batch'; if the rows are the step's examples, pass batch_size={rows:g}")
+            message = (f"ef-exact read {rows:g} examples (rows of the layers' inputs) in a step where "
+                       f"batch_size={batch:g}. Rows that are parts of examples (time steps of a PackedSequence's "
+                       "data or of a seq-first [T, N, d] output, a graph's nodes) read no example's gradient: give "
+                       "each row's example (pruner.examples_of_rows), run the layer batch-first, or use "
+                       "curvature='ef-batch'. Where a step runs several backward passes (gradient accumulation, two "
+                       "views or losses backpropagated apart), batch_size is the whole step's, and each pass's "
+                       "loss is divided by their number (torch's recipe) or pruner.gradient_scale set to it (the "
+                       f"squares of undivided passes read that number squared too large); if the rows are the "
+                       f"step's examples, pass batch_size={rows:g}")
         warnings.warn(f"MacKayPruner.update: {message}", RuntimeWarning, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ state

@@ -422,3 +422,19 @@ def test_tied_subclassed_and_unsupported_layers_are_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list(FisherAccumulator(nn.Sequential(shared, nn.Tanh(), shared)).layers) == ["0"]
+
+
+def test_a_parameter_of_the_model_itself_is_named_so():
+    """A root-level parameter (a multi-task model's learned log-variances) was named by an empty
+    string in the warning ("with parameters:  (MT)")."""
+    class MultiTask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.log_var = nn.Parameter(torch.zeros(2))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.trunk(x))) * torch.exp(-self.log_var)
+
+    with pytest.warns(UserWarning, match=r"with parameters: the model itself \(MultiTask"):
+        FisherAccumulator(MultiTask())

@@ -73,11 +73,12 @@ def test_a_short_last_batch_scales_nothing():
     assert pruner._values_per_example() == 1.0
 
 
-@pytest.mark.parametrize("batch_size, said", [(16, None), (None, None), (96, r"batch_size=96 is 6x the rows a step's "
-                                              r"layers saw \(16\).*reads 6 values.*If each row is one example, pass "
-                                              r"batch_size=16"),
-                                              (4, r"saw 16 rows in a step where batch_size=4.*examples_of_rows.*pass "
-                                               r"batch_size=16")])
+@pytest.mark.parametrize("batch_size, said", [
+    (16, None), (None, None),
+    (96, r"batch_size=96 is 6x the examples ef-exact read in a step \(16: .*reads 6 values.*If each row is one "
+         r"example, pass batch_size=16"),
+    (4, r"read 16 examples \(rows of the layers' inputs\) in a step where batch_size=4.*examples_of_rows.*"
+        r"several backward passes.*pass batch_size=16")])
 def test_a_batch_size_other_than_the_rows_is_said_once(batch_size, said):
     """ef-exact reads a step's rows as its examples: a batch_size above them is read as K values
     a row (right for a regression's outputs; off by 2x, the curvature read 2x, no word), one
@@ -97,7 +98,8 @@ def test_a_batch_size_other_than_the_rows_is_said_once(batch_size, said):
                 F.cross_entropy(model(x), x[:, :3].argmax(1)).backward()
                 optimizer.step()
             pruner.update(prune=False)
-    messages = [str(w.message) for w in caught if "rows" in str(w.message)]
+    messages = [str(w.message) for w in caught if "examples ef-exact read" in str(w.message)
+                or "rows of the layers' inputs" in str(w.message)]
     if said is None:
         assert messages == []
     else:
