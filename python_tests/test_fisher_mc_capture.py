@@ -241,6 +241,21 @@ def test_softmax_losses_say_nothing(loss):
     assert _mc_training_warnings(loss_of, dtype=torch.bfloat16) == []
 
 
+def _two_captured_steps(pruner, optimizer, model, x, given, loss_of) -> list:
+    """Two training steps with the forward under capture_mc, fisher-mc given `given(logits)`, the
+    training loss `loss_of(logits)`; the warnings said."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            with pruner.capture_mc():
+                logits = model(x)
+            pruner.accumulate_mc_from(given(logits))
+            loss_of(logits).backward()
+            optimizer.step()
+    return caught
+
+
 @pytest.mark.parametrize("loss", ["pixel-bce", "cross-entropy"])
 def test_logits_passed_as_a_view_the_loss_does_not_use_are_checked(loss):
     """A pixel decoder's (N, 1, 4, 4) logits passed as logits.flatten(1), the loss on the 4-D
@@ -252,18 +267,10 @@ def test_logits_passed_as_a_view_the_loss_does_not_use_are_checked(loss):
     optimizer = torch.optim.SGD(decoder.parameters(), lr=0.01)
     pruner = MacKayPruner(decoder, optimizer, num_data=256, batch_size=8, curvature="fisher-mc")
     z, pixels, labels = torch.randn(8, 3), (torch.rand(8, 1, 4, 4) > 0.5).float(), torch.randint(0, 16, (8,))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            optimizer.zero_grad()
-            with pruner.capture_mc():
-                logits = decoder(z)
-            pruner.accumulate_mc_from(logits.flatten(1))
-            if loss == "pixel-bce":
-                nn.functional.binary_cross_entropy_with_logits(logits, pixels).backward()
-            else:
-                nn.functional.cross_entropy(logits.view(8, 16), labels).backward()
-            optimizer.step()
+    caught = _two_captured_steps(
+        pruner, optimizer, decoder, z, lambda logits: logits.flatten(1),
+        (lambda logits: nn.functional.binary_cross_entropy_with_logits(logits, pixels)) if loss == "pixel-bce"
+        else (lambda logits: nn.functional.cross_entropy(logits.view(8, 16), labels)))
     said = [w for w in caught if "not a function of softmax(logits)" in str(w.message)]
     assert len(said) == (1 if loss == "pixel-bce" else 0)
 
@@ -283,21 +290,12 @@ def test_per_pixel_logits_flattened_into_one_softmax_are_said(passed):
     with pytest.raises(ValueError, match=r"got \(8, 3, 4, 4\).*movedim\(1, -1\)\.reshape\(-1, C\)"):
         with pruner.capture_mc():
             pruner.accumulate_mc_from(segmenter(x))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for _ in range(2):
-            optimizer.zero_grad()
-            with pruner.capture_mc():
-                logits = segmenter(x)
-            if passed == "pixel rows":
-                pruner.accumulate_mc_from(logits.movedim(1, -1).reshape(-1, 3))
-            else:
-                pruner.accumulate_mc_from(logits.flatten(1))
-            if passed == "one softmax over all":
-                nn.functional.cross_entropy(logits.flatten(1), labels.flatten(1)[:, 0]).backward()
-            else:
-                nn.functional.cross_entropy(logits, labels).backward()
-            optimizer.step()
+    caught = _two_captured_steps(
+        pruner, optimizer, segmenter, x,
+        (lambda logits: logits.movedim(1, -1).reshape(-1, 3)) if passed == "pixel rows"
+        else (lambda logits: logits.flatten(1)),
+        (lambda logits: nn.functional.cross_entropy(logits.flatten(1), labels.flatten(1)[:, 0]))
+        if passed == "one softmax over all" else (lambda logits: nn.functional.cross_entropy(logits, labels)))
     said = [w for w in caught if "positions" in str(w.message) and "fisher-mc" in str(w.message)]
     assert len(said) == (1 if passed == "flatten(1)" else 0), [str(w.message) for w in caught]
     if said:
