@@ -1166,8 +1166,9 @@ class FisherAccumulator:
         if logits.dim() != 2:
             raise ValueError(f"accumulate_mc: the model must return logits (N, classes), got {tuple(logits.shape)}"
                              + ("; a dense prediction's [N, C, ...] logits (a class per pixel or position): pass "
-                                "logits.movedim(1, -1).reshape(-1, C), one row a position, with num_data and "
-                                "batch_size counting positions" if logits.dim() >= 3 else ""))
+                                "logits.movedim(1, -1).reshape(-1, C), one row a position (a sequence's [N, T, V]: "
+                                "logits.reshape(-1, V)), with num_data and batch_size counting positions"
+                                if logits.dim() >= 3 else ""))
         if not logits.requires_grad:
             raise ValueError("accumulate_mc_from: logits must come from the captured forward, with "
                              "gradients enabled (they do not require grad)")

@@ -43,8 +43,9 @@ class SoftmaxLossCheck:
         logits.register_hook(lambda grad: through_view.append(True) or self._look(grad))
         size, stride, offset = logits.size(), logits.stride(), logits.storage_offset()
         # a dense prediction's [N, C, H, W] logits passed as logits.flatten(1), one row an example
+        # (one position, [N, C, 1, 1] from a global pool, is one softmax either way)
         flattened = base.dim() >= 3 and logits.dim() == 2 and base.shape[1] > 1 and \
-            tuple(logits.shape) == (base.shape[0], math.prod(base.shape[1:]))
+            math.prod(base.shape[2:]) > 1 and tuple(logits.shape) == (base.shape[0], math.prod(base.shape[1:]))
 
         def look_at_base(grad: torch.Tensor) -> None:
             if through_view or self.said or self.looked >= LOOKS:

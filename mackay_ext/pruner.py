@@ -712,7 +712,9 @@ class MacKayPruner(StandalonePrior):
         of its own; capture_mc() and accumulate_mc_from() reuse the training forward instead).
         With curvature_every=k, only the first call after an update and every k-th after it do."""
         if self._sample_mc("accumulate_mc"):
+            before = self.accumulator.num_examples
             self.accumulator.accumulate_mc(x, num_samples)
+            self._note_mc_rows(before, num_samples)
             self._mc_step_captured = True
 
     @contextlib.contextmanager
@@ -747,11 +749,15 @@ class MacKayPruner(StandalonePrior):
             raise RuntimeError("MacKayPruner.accumulate_mc_from needs curvature='fisher-mc'")
         captured, self._mc_captured = self._mc_captured, None
         if captured is None:
-            raise RuntimeError("MacKayPruner.accumulate_mc_from: run the forward inside "
-                               "`with pruner.capture_mc():` first")
+            raise RuntimeError("MacKayPruner.accumulate_mc_from: no forward was captured since the last "
+                               "accumulate_mc_from: run the forward inside `with pruner.capture_mc():` first, once "
+                               "for each call (the labels of one categorical a row; a second head's logits are "
+                               "another likelihood: cover that head with a pruner of its own, layers=)")
         if captured:
             try:
+                before = self.accumulator.num_examples
                 self.accumulator.accumulate_mc_from(logits, num_samples)
+                self._note_mc_rows(before, num_samples)
                 self._mc_step_captured = True
                 return
             except RuntimeError as error:
@@ -760,6 +766,12 @@ class MacKayPruner(StandalonePrior):
             # outside the except, so the message does not come chained to the one it replaces)
             self._check_targets_in_model("accumulate_mc_from")
             raise failure
+
+    def _note_mc_rows(self, before: int, num_samples: int) -> None:
+        """The examples (rows of the layers' inputs) of one sampled batch, for the values a row
+        (_values_per_example): the largest batch since the update."""
+        rows = (self.accumulator.num_examples - before) // max(int(num_samples), 1)
+        self._micro_batches.largest = max(self._micro_batches.largest, rows)
 
     def _sample_mc(self, where: str) -> bool:
         """Whether this fisher-mc call is one of the sampled ones (curvature_every)."""
@@ -839,9 +851,10 @@ class MacKayPruner(StandalonePrior):
                                "recomputed forward it does not see: pass use_reentrant=False). Use "
                                "curvature='ef-batch', or leave them out with layers=[...]")
         # ef-exact under gradient accumulation: each backward held 1/A of its examples' gradients;
-        # and N, B counting K values per example
+        # and N, B counting K values per example: ef-exact squared 1/K of each example's gradient
+        # of the sum over its values, fisher-mc sampled that sum's Fisher, K times one value's
         micro_batches = (self._micro_batches.factor() * self._values_per_example()
-                         if self.curvature_kind == "ef-exact" else 1.0)
+                         if self.curvature_kind == "ef-exact" else 1.0 / self._values_per_example())
         for name, target in self.targets.items():
             if self.accumulator.saw(target.param):
                 self.curvature(name).copy_(self.accumulator.curvature(target.param))
@@ -860,7 +873,10 @@ class MacKayPruner(StandalonePrior):
         a token-level loss (label tokens), else 1. ef-exact squares each row's gradient of the
         mean loss, which holds 1/K of the row's gradient of the objective the evidence weighs
         (summed over its values): a new user's 6-output regression read a curvature 6 times too
-        small (151 weights kept where ef-batch, right, kept 299). Taken where B is at least 1.5
+        small (151 weights kept where ef-batch, right, kept 299). fisher-mc samples each row's
+        Fisher of the sum over its values (a segmentation's pixels given as rows of the logits,
+        the layers' rows its images), K times a value's: read 25x too large on 5x5 images. Taken
+        where B is at least 1.5
         examples' worth, so a batch_size a little off changes nothing; the examples of a step are
         those of the largest step (an epoch's short last batch read K = 1.8 off the mean)."""
         rows = float(self._micro_batches.largest_step())
@@ -880,32 +896,36 @@ class MacKayPruner(StandalonePrior):
         return 1.0
 
     def _say_batch_against_rows(self, batch: float, rows: float) -> None:
-        """Once: batch_size is not the rows a step's layers saw, which ef-exact reads as its
-        examples. Above them, it reads K = B / rows values a row (a regression's outputs, a
-        language model's tokens) and multiplies the squares by K: right where meant, and a
+        """Once: batch_size is not the rows a step's layers saw, which ef-exact and fisher-mc read
+        as its examples. Above them, K = B / rows values a row are read (a regression's outputs, a
+        language model's tokens) and the squares multiplied by K (fisher-mc: divided): right where meant, and a
         batch_size off by 2x read the curvature 2x, no word. Below them, rows are parts of
         examples (a Linear on a PackedSequence's data or on a seq-first RNN output, alone in the
         pruner: 3.0x and 0.92x the per-utterance curvature, no word) or batch_size is too small."""
         if self._said_batch_against_rows:
             return
         self._said_batch_against_rows = True
+        kind, values = self.curvature_kind, f"{batch / rows:.3g}"
         if batch > rows:
-            message = (f"batch_size={batch:g} is {batch / rows:.3g}x the examples ef-exact read in a step ({rows:g}: "
-                       "the rows of a layer's input; a layer called twice on one batch, such as two views run "
-                       "apart, reads row i of both calls as one example, their gradients summed before squaring). "
-                       f"It reads {batch / rows:.3g} values the loss averages over a row (a regression's outputs, a "
-                       "language model's tokens; README 'Regression') and multiplies each row's squares by that. "
-                       f"If each row is one example, pass batch_size={rows:g}")
+            message = (f"batch_size={batch:g} is {values}x the examples {kind} read in a step ({rows:g}: the rows of "
+                       "a layer's input; a layer called twice on one batch, such as two views run apart, reads row "
+                       "i of both calls as one example, their gradients summed before squaring). It reads "
+                       f"{values} values the loss averages over a row (a regression's outputs, a language model's "
+                       "tokens, a segmentation's pixels; README 'Regression') and "
+                       + ("multiplies each row's squares by that" if kind == "ef-exact" else
+                          "divides each row's Fisher, the sum of its values', by that")
+                       + f". If each row is one example, pass batch_size={rows:g}")
         else:
-            message = (f"ef-exact read {rows:g} examples (rows of the layers' inputs) in a step where "
+            message = (f"{kind} read {rows:g} examples (rows of the layers' inputs) in a step where "
                        f"batch_size={batch:g}. Rows that are parts of examples (time steps of a PackedSequence's "
                        "data or of a seq-first [T, N, d] output, a graph's nodes) read no example's gradient: give "
                        "each row's example (pruner.examples_of_rows), run the layer batch-first, or use "
-                       "curvature='ef-batch'. Where a step runs several backward passes (gradient accumulation, two "
-                       "views or losses backpropagated apart), batch_size is the whole step's, and each pass's "
-                       "loss is divided by their number (torch's recipe) or pruner.gradient_scale set to it (the "
-                       f"squares of undivided passes read that number squared too large); if the rows are the "
-                       f"step's examples, pass batch_size={rows:g}")
+                       "curvature='ef-batch'. "
+                       + ("Where a step runs several backward passes (gradient accumulation, two views or losses "
+                          "backpropagated apart), batch_size is the whole step's, and each pass's loss is divided "
+                          "by their number (torch's recipe) or pruner.gradient_scale set to it (the squares of "
+                          "undivided passes read that number squared too large); " if kind == "ef-exact" else "")
+                       + f"If the rows are the step's examples, pass batch_size={rows:g}")
         warnings.warn(f"MacKayPruner.update: {message}", RuntimeWarning, stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------------ state
@@ -1772,8 +1792,7 @@ class MacKayPruner(StandalonePrior):
                 **({"exact_curvature": self.accumulator.state_dict(),
                     "exact_curvature_ranks": curvature_shares.source(self.accumulator)}
                    if self.accumulator is not None else {}),
-                **({"micro_batches": self._micro_batches.state_dict()}
-                   if self.accumulator is not None and self.curvature_kind == "ef-exact" else {}),
+                **({"micro_batches": self._micro_batches.state_dict()} if self.accumulator is not None else {}),
                 **({"channel": self.channel.state_dict()} if self.channel is not None else {}),
                 "settings": {"num_data": self.num_data, "rule": self.rule, "prune": self.prune,
                              "threshold": self.threshold, "curvature": self.curvature_kind,

@@ -366,3 +366,49 @@ def test_a_head_beside_the_sampled_logits_is_named_for_what_it_is():
     with pytest.raises(RuntimeError, match=r"v had gradients, but their outputs do not reach the logits fisher-mc "
                                            r"samples labels from"):
         pruner.update()
+
+
+def test_per_pixel_fisher_through_the_pruner_counts_pixels():
+    """fisher-mc given a segmentation's pixels as rows, num_data and batch_size counting pixels
+    (the per-pixel mean loss's N and B): each image's sampled Fisher sums its P pixels', and the
+    pruner read it P = 25 times too large; it now divides by the values a row, against the exact
+    per-pixel Fisher of the 1x1 head (sum over pixels of a^2 p (1 - p), mean over images, / P)."""
+    torch.manual_seed(0)
+    segmenter = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 1)).double()
+    images, pixels = 4, 25
+    x = torch.randn(images, 2, 5, 5, dtype=torch.float64)
+    labels = torch.randint(0, 3, (images, 5, 5))
+    optimizer = torch.optim.SGD(segmenter.parameters(), lr=0.0)
+    pruner = MacKayPruner(segmenter, optimizer, num_data=64 * pixels, batch_size=images * pixels,
+                          curvature="fisher-mc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (the note on the values a row)
+        for _ in range(4):
+            optimizer.zero_grad()
+            with pruner.capture_mc():
+                logits = segmenter(x)
+            pruner.accumulate_mc_from(logits.movedim(1, -1).reshape(-1, 3), num_samples=400)
+            nn.functional.cross_entropy(logits, labels).backward()
+            optimizer.step()
+        pruner.update(prune=False)
+    with torch.no_grad():
+        features = torch.tanh(segmenter[0](x))                          # [images, 4, 5, 5]
+        p = torch.softmax(segmenter(x), 1)                              # [images, 3, 5, 5]
+        per_image = torch.einsum("nkhw,nchw->nck", features ** 2, p * (1 - p))
+        expected = per_image.mean(0) / pixels                           # [3, 4], the 1x1 head's
+    got = pruner.curvature_estimate("2").reshape(3, 4)
+    assert abs(float(got.sum() / expected.sum()) - 1) < 0.05
+    torch.testing.assert_close(got, expected, rtol=0.15, atol=0)
+
+
+def test_a_global_pool_classifier_flattened_says_nothing():
+    """[N, C, 1, 1] logits of a pooled all-conv classifier, given flattened: one position is one
+    softmax either way (the per-position check once said it)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 5, 3), nn.AdaptiveAvgPool2d(1))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    pruner = MacKayPruner(net, optimizer, num_data=64, batch_size=8, curvature="fisher-mc")
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
+    caught = _two_captured_steps(pruner, optimizer, net, x, lambda out: out.flatten(1),
+                                 lambda out: nn.functional.cross_entropy(out[:, :, 0, 0], y))
+    assert [str(w.message) for w in caught if "fisher-mc" in str(w.message)] == []

@@ -78,7 +78,7 @@ def test_a_short_last_batch_scales_nothing():
     (96, r"batch_size=96 is 6x the examples ef-exact read in a step \(16: .*reads 6 values.*If each row is one "
          r"example, pass batch_size=16"),
     (4, r"read 16 examples \(rows of the layers' inputs\) in a step where batch_size=4.*examples_of_rows.*"
-        r"several backward passes.*pass batch_size=16")])
+        r"several backward passes.*If the rows are the step.s examples, pass batch_size=16")])
 def test_a_batch_size_other_than_the_rows_is_said_once(batch_size, said):
     """ef-exact reads a step's rows as its examples: a batch_size above them is read as K values
     a row (right for a regression's outputs; off by 2x, the curvature read 2x, no word), one
