@@ -56,9 +56,9 @@ def test_an_fgsm_step_is_no_training_pass(kind):
 
 
 def test_the_checks_hold_over_steps_and_after_a_move_by_data():
-    """Each layer's gradient accumulators are found once and asked again where the answer is no:
-    an FGSM step each training step stays no pass, and model.double() (which moves the
-    parameters by .data, giving them new accumulators) leaves the training pass read."""
+    """Each layer's gradient accumulators are found once a backward, and asked again where the
+    answer is no: an FGSM step each training step stays no pass, and model.double() (which moves
+    the parameters by .data, giving them new accumulators) leaves the training pass read."""
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     acc = FisherAccumulator(model)
 
