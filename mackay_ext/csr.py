@@ -20,6 +20,7 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 GATHER_ELEMENTS = 1 << 24   # a double backward's gathered products per chunk (64 MiB in float32)
 
+
 class TransposeIndex(NamedTuple):
     """CSR index of W^T: row pointers over W's columns, W's row of each, and the permutation
     from W^T's order to W's values (values_t = values[perm])."""

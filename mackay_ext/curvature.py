@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.autograd.graph import get_gradient_edge
 from torch.nn.utils import parametrize
 
 from . import _extension, conv_curvature, kept_pattern, loss_scale
@@ -39,6 +38,7 @@ from .ard_targets import layer_detail, weight_reader
 from .batch_curvature import StepCurvature, ema_bias, ema_debiased  # noqa: F401 (their old home)
 from .conv_weight_grad import ConvFromExamples, can_serve, serves_call
 from .copy_inert import CopyInert, ServedForward
+from .grad_writes import gradient_node, writes_grad
 from .row_examples import GroupedRows, RowExamples
 from .weight_sites import WeightSites
 from .csr import row_indices as expand_pointers
@@ -350,8 +350,8 @@ class FisherAccumulator:
         # MacKayPruner: the layers each captured backward reached, and the gradient each left in
         # its parameter, until its optimizer steps; layers whose gradient was dropped before a step
         self.watch_dropped = False
-        self._pass_layers: set[nn.Module] = set()
-        self._pass_rows: dict[nn.Module, int] = {}   # the rows of each layer's input (_say_rows_differ)
+        # the layers the backward under way reached, with the rows of each one's input (_say_rows_differ)
+        self._pass_rows: dict[nn.Module, int] = {}
         self._said_rows = False
         self._said_transformed = False   # see _say_transformed
         self._left: dict[nn.Parameter, tuple[weakref.ref, int]] = {}
@@ -530,14 +530,13 @@ class FisherAccumulator:
         parent = self._in_transformer_layers.get(module)
         layout = self._sequence_layouts.get(parent)
         if layout is None and parent is not None and torch._C._current_graph_task_id() != -1:
-            layout = "unbatched" if x.dim() == 2 else "batch_first" if parent.self_attn.batch_first else "seq_first"
+            layout = _layout_of(parent, x)
         return layout
 
     def _enter_sequence_layer(self, layer, args, kwargs) -> None:
         sequence = args[0] if args else kwargs.get("src", kwargs.get("tgt"))
         if isinstance(sequence, torch.Tensor):
-            self._sequence_layouts[layer] = ("unbatched" if sequence.dim() == 2 else
-                                             "batch_first" if layer.self_attn.batch_first else "seq_first")
+            self._sequence_layouts[layer] = _layout_of(layer, sequence)
 
     def _leave_sequence_layer(self, layer, *_) -> None:
         self._sequence_layouts.pop(layer, None)
@@ -632,8 +631,7 @@ class FisherAccumulator:
         if not self._tasks or self._tasks[-1][0] != task:   # the first gradient of this backward task
             self._enter_task(task)
         self._took = True
-        if module not in self._pass_layers:
-            self._pass_layers.add(module)
+        if module not in self._pass_rows:
             self._pass_rows[module] = _rows(module, self._pending[module][token])
             self._check_kept(module)
         self._grads[module].append((token, grad.detach()))
@@ -686,7 +684,7 @@ class FisherAccumulator:
         user's mixture of experts, and its weights pruned twice as hard); a graph's nodes, a
         DeepONet trunk's query points, a hypernetwork's embedding (rows that are no examples)
         read no per-example gradient at all (0.05x)."""
-        rows, self._pass_rows = self._pass_rows, {}
+        rows = self._pass_rows
         counts = {count for count in rows.values() if count}
         if self._said_rows or len(counts) < 2:
             return
@@ -705,12 +703,11 @@ class FisherAccumulator:
 
     def _note_left(self) -> None:
         """At a captured backward's end: the gradient it left in each layer it reached."""
-        for module in self._pass_layers:
+        for module in self._pass_rows:
             trained = self._trained.get(module)
             param = trained.params[0] if trained is not None and trained.params else None
             if param is not None and param.grad is not None:
                 self._left[param] = (weakref.ref(param.grad), param.grad._version)
-        self._pass_layers.clear()
 
     def _say_dropped_input(self, module) -> None:
         """Once: a backward reached a use whose input was dropped, its forward two or more
@@ -770,8 +767,7 @@ class FisherAccumulator:
         self._say_rows_differ()
         if self.watch_dropped:
             self._note_left()
-        else:
-            self._pass_layers.clear()
+        self._pass_rows.clear()
         grads_by_module, self._grads = self._grads, defaultdict(list)
         for module, grads in grads_by_module.items():
             records = self._pending.get(module, {})
@@ -1086,7 +1082,7 @@ class FisherAccumulator:
         self.__dict__.setdefault("_next_token", 0)
         self.__dict__["_took"] = False
         self.__dict__.setdefault("_token_floor", 0)
-        self.__dict__.update(watch_dropped=False, _pass_layers=set(), _left={}, dropped=set(), _pass_rows={})
+        self.__dict__.update(watch_dropped=False, _left={}, dropped=set(), _pass_rows={})
         self.__dict__.setdefault("_said_rows", False)
         self.__dict__.setdefault("_said_transformed", False)
         self.__dict__.setdefault("_rows", None)
@@ -1403,6 +1399,12 @@ def _in_transformer_layers(model: nn.Module, layers: dict[str, nn.Module]) -> di
             for layer in (parent.linear1, parent.linear2) if layer in captured}
 
 
+def _layout_of(layer: nn.Module, sequence: torch.Tensor) -> str:
+    """How a Transformer layer lays out a sequence it is called on (or its feed-forward block's
+    input): a 2-D one is unbatched, else as the layer is built."""
+    return "unbatched" if sequence.dim() == 2 else "batch_first" if layer.self_attn.batch_first else "seq_first"
+
+
 def _rows(module: nn.Module, record) -> int:
     """The examples a captured input holds: its rows (its examples under examples_of_rows; one
     for a conv's unbatched input; a Transformer layer's sequences)."""
@@ -1436,11 +1438,6 @@ def _trained_parameters(module: nn.Module) -> list[torch.Tensor] | None:
     return trained if trained or not stored else None
 
 
-# a leaf's gradient accumulator; get_gradient_edge finds the same through two views, not one
-_gradient_node = getattr(torch.autograd.graph, "_get_grad_fn_or_grad_acc", None) or \
-    (lambda param: get_gradient_edge(param).node)
-
-
 class _TrainedParameters:
     """A layer's parameters that train (read at its forward) and, during a backward, their
     gradient accumulators."""
@@ -1453,22 +1450,14 @@ class _TrainedParameters:
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
     def written(self) -> bool:
-        """Whether the backward under way adds to their .grad, which the optimizer steps on. Not
-        so for backward(inputs=...) naming other tensors, nor for any torch.autograd.grad: to the
-        inputs (an adversarial example's FGSM or PGD step, a saliency map; counted, an FGSM step
-        read as a second micro-batch of every step) or to the parameters (a probe of the
-        gradient, such as VQGAN's adaptive loss weight or a gradient-norm log, taken before the
-        training backward). A layer whose parameters are not stored as its own (a flat
-        parameter's views) is read as trained."""
+        """Whether the backward under way adds to their .grad (grad_writes.py). A layer whose
+        parameters are not stored as its own (a flat parameter's views) is read as trained."""
         if not self.params:
             return True
-        try:
-            if self.nodes is not None and any(torch._C._will_engine_execute_node(node) for node in self.nodes):
-                return True
-            # found once a backward (the graph holds them meanwhile; the accumulator drops them at
-            # its end) and asked again where the answer is no: a parameter moved by .data (to
-            # another device or dtype) between a forward and its backward gets a new accumulator
-            self.nodes = [_gradient_node(param) for param in self.params]
-            return any(torch._C._will_engine_execute_node(node) for node in self.nodes)
-        except RuntimeError:   # torch.autograd.grad, which answers for no leaf: no .grad is written
-            return False
+        if self.nodes is not None and writes_grad(self.nodes):
+            return True
+        # found once a backward (the graph holds them meanwhile; the accumulator drops them at its
+        # end) and asked again where the answer is no: a parameter moved by .data (to another
+        # device or dtype) between a forward and its backward gets a new accumulator
+        self.nodes = [gradient_node(param) for param in self.params]
+        return writes_grad(self.nodes)

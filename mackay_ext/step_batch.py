@@ -24,11 +24,11 @@ from collections import Counter
 
 import torch
 from torch import nn
-from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_leaves
 
 from ._validate import user_stacklevel
 from .copy_inert import CopyInert
+from .grad_writes import gradient_node, writes_grad
 from .ddp_lockstep import world_size
 
 
@@ -71,12 +71,7 @@ class StepBatchWatch:
         # a pass that writes no parameter's .grad is no training pass: a gradient to the inputs
         # alone (an adversarial example's FGSM step), any torch.autograd.grad (a probe of the
         # gradient; torch answers the question for no leaf there)
-        try:
-            trains = any(torch._C._will_engine_execute_node(get_gradient_edge(param).node)
-                         for param in model.parameters() if param.requires_grad)
-        except RuntimeError:
-            trains = False
-        if trains:
+        if writes_grad(gradient_node(param) for param in model.parameters() if param.requires_grad):
             self.passes.add(torch._C._current_graph_task_id())
 
     def close_step(self) -> None:
