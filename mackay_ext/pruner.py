@@ -413,6 +413,7 @@ class MacKayPruner(StandalonePrior):
             # the 1-D channel members that channel_ard tracks itself follow it
             self.ef_batch_source = "step" if optimizer is not None else "backward"
             self._steps_since_update: int | None = None
+            self._gradient_since_update = False   # a backward reached a weight (the hooks say)
             self._steps_total = 0           # optimizer steps seen (DDP: compared across ranks)
             self._unfinished: UnfinishedUpdate | None = None   # an update() stopped part-way
             self._gradient_scale = 1.0   # see the property
@@ -667,6 +668,7 @@ class MacKayPruner(StandalonePrior):
         # detached pruner: its state readable, its update() refused with what to do instead.
         self.__dict__.update(state)
         self.__dict__.setdefault("_fed_since_update", set())
+        self.__dict__.setdefault("_gradient_since_update", True)
         self.__dict__.setdefault("_said_batch_against_rows", False)
         self.__dict__.setdefault("_batch_size_given", True)
         self.detached, self.copied = True, True
@@ -819,7 +821,7 @@ class MacKayPruner(StandalonePrior):
         if self.accumulator is None:
             return
         self.accumulator.all_reduce()  # under torch.distributed: the global batch's estimate
-        if self.accumulator.num_examples == 0 and self._steps_since_update == 0:
+        if self.accumulator.num_examples == 0 and not self._trained_since_update():
             # no optimizer step since the pruner was built or since the last update: the estimate
             # stays as it is, as ef-batch's does (the first update sets alpha from the weights and
             # says so; a second in a row re-estimates alpha and prunes nothing, said too)
@@ -866,6 +868,14 @@ class MacKayPruner(StandalonePrior):
         self.accumulator.reset()
         self._micro_batches.reset()
         self._grad_not_captured.clear()
+
+    def _trained_since_update(self) -> bool:
+        """An optimizer step since the pruner was built or since the last update; without an
+        optimizer, a backward that reached one of its weights (gradients taken with
+        torch.autograd.grad count: the exact hooks then say what they cannot read)."""
+        if self._steps_since_update is not None:
+            return self._steps_since_update > 0
+        return self._gradient_since_update
 
     def _values_per_example(self) -> float:
         """K where batch_size counts K values the loss averages over per example (a row of the
@@ -1181,12 +1191,13 @@ class MacKayPruner(StandalonePrior):
             return report
         if not self.history and self._no_curvature_yet():
             self._warn_no_curvature()
-        untrained = self._steps_since_update == 0 and bool(self.history)
+        untrained = not self._trained_since_update() and bool(self.history)
         hold = untrained or not prune   # alpha re-estimated, nothing pruned
         price = self.current_mac_price()
         notes = []
         if untrained:
-            notes.append("no optimizer step since the previous update: alpha re-estimated, "
+            notes.append(f"no {'optimizer step' if self.optimizer is not None else 'backward'} since the "
+                         "previous update: alpha re-estimated, "
                          "nothing pruned (the weights have not answered the new prior yet)" + self._foreign_note())
             warnings.warn("MacKayPruner.update: " + notes[-1], RuntimeWarning, stacklevel=user_stacklevel())
         live_before = self.kept_weights()
@@ -1211,6 +1222,7 @@ class MacKayPruner(StandalonePrior):
         self._unfinished = None
         if self._steps_since_update is not None:
             self._steps_since_update = 0
+        self._gradient_since_update = False
         self._fed_since_update.clear()
         self.foreign_steps = {}
         self._mc_calls_since_update = 0
@@ -1996,6 +2008,7 @@ class MacKayPruner(StandalonePrior):
         if self._steps_since_update is not None:  # a resumed run prunes as the uninterrupted one
             saved = state.get("steps_since_update", 1)   # absent from older checkpoints
             self._steps_since_update = 1 if saved is None else int(saved)
+        self._gradient_since_update = True   # (without an optimizer: trained since, as far as is known)
         self._mc_calls_since_update = int(state.get("mc_calls_since_update", 0))
         self._steps_total = int(state.get("steps_total", self._steps_total))   # absent before it was saved
         self._sample_next_batch()

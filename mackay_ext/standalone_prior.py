@@ -92,6 +92,7 @@ class StandalonePrior:
 
     def _pruned_gradient_hook(self, name: str):
         def hook(grad):
+            self._gradient_since_update = True   # (without an optimizer: _trained_since_update)
             view = self._alpha_view(name)
             # (a product, not masked_fill: 10x faster on a CPU, AlphaView.keep; a non-finite
             # gradient at a pruned entry would come with non-finite outputs anyway)
@@ -113,6 +114,7 @@ class StandalonePrior:
     def _curvature_hook(self, name: str, weight: torch.Tensor):
         """ef_batch_source="backward": h from this backward's gradient, pruned gradients held at 0."""
         def hook(grad):
+            self._gradient_since_update = True
             state = self._own[name]
             alpha = state["alpha"]
             pruned = alpha == math.inf

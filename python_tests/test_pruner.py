@@ -192,6 +192,33 @@ def test_updates_with_no_step_behind_them_are_alike_under_every_estimator(curvat
         pruner.update()
 
 
+
+@pytest.mark.parametrize("curvature", ["ef-exact", "ef-batch"])
+def test_updates_with_no_backward_behind_them_without_an_optimizer(curvature):
+    """Without an optimizer (prior='penalty'), the same: an update before any backward sets alpha
+    from the weights (ef-exact raised "no curvature accumulated"), a second with no backward since
+    prunes nothing (both pruned again); a backward the exact hooks could not read
+    (torch.autograd.grad) is still refused."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    pruner = MacKayPruner(model, num_data=100, batch_size=8, curvature=curvature, prior="penalty")
+    with pytest.warns(RuntimeWarning, match="no curvature yet"):
+        pruner.update()
+    for name, target in pruner.targets.items():
+        torch.testing.assert_close(pruner.alpha(name), 1 / target.param.detach() ** 2, rtol=1e-5, atol=0)
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    (nn.functional.cross_entropy(model(x), y) + pruner.penalty()).backward()
+    pruner.update()
+    kept = pruner.kept_weights()
+    assert kept < sum(target.param.numel() for target in pruner.targets.values())
+    with pytest.warns(RuntimeWarning, match="no backward since the previous update"):
+        report = pruner.update()
+    assert pruner.kept_weights() == kept and any("nothing pruned" in note for note in report["notes"])
+    if curvature == "ef-exact":
+        torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+        with pytest.raises(RuntimeError, match="no ef-exact curvature accumulated.*autograd.grad"):
+            pruner.update()
+
 @pytest.mark.parametrize("curvature", ["ef-exact", "fisher-mc"])
 def test_exact_curvatures(digits, curvature):
     model = make_mlp()
