@@ -457,6 +457,35 @@ class MacKayPruner(StandalonePrior):
             # weights outside the optimizer that a backward gives a gradient (_warn_uncovered_weights)
             self._trained_elsewhere: set[str] = set()
             self._watch_uncovered_weights()
+            self._check_batch_share(self.num_data)
+
+    def _check_batch_share(self, num_data: float) -> None:
+        """ef-batch reads the spread of the batch gradients around their mean: a batch of B drawn
+        without replacement from N (a shuffled epoch) has a mean gradient g with E[B g^2] =
+        B gbar^2 + (N - B) / (N - 1) s^2, s^2 the per-example squares' spread, so near convergence
+        (gbar ~ 0) h reads (N - B) / (N - 1) of them: 0.5 at B = N / 2, and 0 for full-batch
+        training (a regression fitted on its 500 examples in one batch read 1e-4 of its curvature
+        and pruned weights exact ARD keeps, no word). Said when built and when num_data changes. Multiplying by (N - 1) / (N - B) is no cure:
+        the data's mean gradient balances the prior's at the optimum (gbar = -alpha w / N), a term
+        the factor would blow up for weakly determined weights. ef-exact reads the squares exactly."""
+        self._batch_share_checked = True
+        batch = self._step_batch_size() if self.curvature_kind == "ef-batch" else None
+        if batch is None:
+            return
+        share = batch / num_data
+        if share >= 1:   # (said, not refused: a smoke run on a handful of examples is full-batch too)
+            why = ("full-batch training, where every step's gradient is the whole training set's, and one full "
+                   "batch has no spread: the curvature reads the squared gradient of the whole loss, nothing of "
+                   "the per-example squares")
+        elif share > 0.1:
+            why = (f"the spread shrinks as the batch nears the training set: near convergence it reads (N - B) / "
+                   f"(N - 1) = {(num_data - batch) / (num_data - 1):.2f} of the per-example squared gradients")
+        else:
+            return
+        warnings.warn(f"MacKayPruner: batch_size ({batch:g}) is {share:.0%} of num_data ({num_data:g}). The ef-batch "
+                      f"curvature reads the spread of batch gradients around their mean; {why}, so the weights read "
+                      "less evidence than they have and more are pruned. curvature='ef-exact' reads the per-example "
+                      "squares exactly at any batch size", UserWarning, stacklevel=user_stacklevel())
 
     @property
     def gradient_scale(self) -> float:
@@ -491,6 +520,8 @@ class MacKayPruner(StandalonePrior):
     @num_data.setter
     def num_data(self, value) -> None:
         value = check_count(value, "num_data", "MacKayPruner")
+        if getattr(self, "_batch_share_checked", False):   # (built)
+            self._check_batch_share(value)
         batch = getattr(self, "batch_size", None) if not getattr(self, "fused", False) else None
         if batch is not None and batch > value:
             raise ValueError(f"MacKayPruner: num_data ({value:g}) is below batch_size ({batch:g}): num_data is "

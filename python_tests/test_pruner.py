@@ -147,11 +147,11 @@ def test_a_threshold_on_the_other_criterions_scale_is_named(prune, threshold, sc
     model = make_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.warns(UserWarning, match=re.escape(f"threshold={threshold:g} with prune='{prune}'") + f".*scale of {scale}"):
-        MacKayPruner(model, optimizer, num_data=10, batch_size=4, prune=prune, threshold=threshold)
+        MacKayPruner(model, optimizer, num_data=100, batch_size=4, prune=prune, threshold=threshold)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = make_mlp()
-        MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=10, batch_size=4,
+        MacKayPruner(model, torch.optim.SGD(model.parameters(), lr=0.1), num_data=100, batch_size=4,
                      prune=prune, threshold={"alpha": 1e13, "snr": 0.05}[prune])
 
 
@@ -299,3 +299,49 @@ def test_a_layer_unfrozen_after_the_pruner_was_built_is_named_as_training_withou
     with warnings.catch_warnings():   # said once
         warnings.simplefilter("error")
         pruner.report()
+
+
+def test_ef_batch_says_full_batch_training_and_a_large_batch_share():
+    """ef-batch reads the spread of batch gradients, (N - B) / (N - 1) of the per-example squares:
+    a regression fitted full-batch read none of its curvature and pruned true weights, no word.
+    Full batch and a batch above a tenth of the data are said, naming ef-exact, on the MacKayAdam
+    path, a torch optimizer's and num_data set later; ef-exact is silent at a full batch."""
+    model = make_mlp()
+    adam = MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=500, batch_size=500)
+    with pytest.warns(UserWarning, match=r"batch_size \(500\) is 100% of num_data \(500\).*full-batch.*ef-exact"):
+        MacKayPruner(model, adam, num_data=500).detach()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="full-batch.*ef-exact"):
+        MacKayPruner(model, sgd, num_data=500, batch_size=500).detach()
+    with pytest.warns(UserWarning, match=r"batch_size \(250\) is 50% of num_data \(500\).*0\.50 of the per-example"):
+        MacKayPruner(model, sgd, num_data=500, batch_size=250).detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MacKayPruner(model, adam, num_data=500, curvature="ef-exact").detach()
+        pruner = MacKayPruner(model, sgd, num_data=5000, batch_size=250)   # 5%: nothing said
+    with pytest.warns(UserWarning, match="25% of num_data"):
+        pruner.num_data = 1000
+
+
+def test_ef_batch_reads_the_stated_share_of_the_per_example_squares():
+    """What the large-share warning states, measured: at the least-squares fit (mean gradient 0),
+    shuffled batches of B = N / 2 read (N - B) / (N - 1) of the per-example squared gradients."""
+    generator = torch.Generator().manual_seed(0)
+    n, d = 400, 6
+    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    y = x @ torch.randn(d, 1, generator=generator, dtype=torch.float64) + torch.randn(n, 1, generator=generator,
+                                                                                      dtype=torch.float64)
+    model = nn.Linear(d, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.t())
+    per_example = ((model(x) - y) * x).pow(2).mean(0)   # grad of 0.5 (f - y)^2 is (f - y) x
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.warns(UserWarning, match="0.50 of the per-example"):
+        pruner = MacKayPruner(model, sgd, num_data=n, batch_size=n // 2, curvature_decay=0.999)
+    for _ in range(2000):
+        for batch in torch.randperm(n, generator=generator).split(n // 2):
+            sgd.zero_grad()
+            (0.5 * (model(x[batch]) - y[batch]).pow(2).mean()).backward()
+            sgd.step()
+    ratio = pruner.curvature_estimate("weight").double().sum() / per_example.sum()
+    assert abs(ratio.item() - (n - n // 2) / (n - 1)) < 0.05

@@ -267,6 +267,7 @@ def test_an_in_run_phase_too_short_to_prune_is_warned_about(budget, says):
         Trainer(torch.nn.Linear(3, 2), splits, FitConfig(schedule="in-run", batch_size=10, **budget))
     with warnings.catch_warnings():
         warnings.simplefilter("error")   # one more update prunes: no warning
+        warnings.filterwarnings("ignore", message="MacKayPruner: batch_size")   # (10 of 10 examples: said)
         Trainer(torch.nn.Linear(3, 2), splits, FitConfig(schedule="in-run", batch_size=10, epochs=5, update_every=2))
 
 
