@@ -245,10 +245,14 @@ def subset(data: datasets.Splits, train: int, val: int, test: int) -> datasets.S
 
 
 def run_model(model_name: str, data: datasets.Splits, seeds: list[int], device: str,
-              log: Callable[[str], None], shift: int, smoke: bool) -> list[dict[str, Any]]:
+              log: Callable[[str], None], shift: int, smoke: bool,
+              methods: tuple[str, ...] = METHODS) -> list[dict[str, Any]]:
+    """The dense row and `methods`' rows of one model, each seed from one dense network; the
+    magnitude row with mackay-weight (it prunes to that row's sparsity)."""
     rows, info = [], hardware(device)
-    method_recipes = {method: recipes.get(name) for method, name in METHOD_RECIPES[model_name].items()}
-    weight_recipe = method_recipes["mackay-weight"]
+    method_recipes = {method: recipes.get(name) for method, name in METHOD_RECIPES[model_name].items()
+                      if method in methods}
+    weight_recipe = recipes.get(METHOD_RECIPES[model_name]["mackay-weight"])
     for seed in seeds:
         def finish(method: str, model: nn.Module, seconds: float, **extra):
             test_accuracy = evaluate(model, data.x_test, data.y_test, device=device)[0]  # once
@@ -283,6 +287,8 @@ def run_model(model_name: str, data: datasets.Splits, seeds: list[int], device: 
             by_method[method] = finish(method, run.model, dense_seconds + time.perf_counter() - start,
                                        updates=len(run.pruner.history), groups=groups,
                                        unused_unit_weights=run.unused_unit_weights)
+        if "mackay-weight" not in by_method:
+            continue
         config = config_for(weight_recipe, seed, shift, smoke)
         set_seed(seed)
         start = time.perf_counter()
@@ -300,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--models", nargs="+", default=list(METHOD_RECIPES), choices=list(METHOD_RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="the MacKay rows to run (the dense row always runs; magnitude with "
+                             "mackay-weight); the table keeps the other rows from its last run")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny subset and one or two epochs per phase (CI); writes mnist_smoke.*")
@@ -323,21 +332,26 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for model_name in args.models:
         start = time.perf_counter()
-        rows += run_model(model_name, data, args.seeds, args.device, log, args.augment_shift, args.smoke)
+        rows += run_model(model_name, data, args.seeds, args.device, log, args.augment_shift, args.smoke,
+                          tuple(args.methods))
         log(f"{model_name}: all rows in {time.perf_counter() - start:.0f} s")
     stem = "mnist_smoke" if args.smoke else "mnist"
     if args.augment_shift != AUGMENT_SHIFT:
         stem += f"_shift{args.augment_shift}"
     os.makedirs(args.out, exist_ok=True)
-    # measured rows of models not run this time are kept from an earlier run with the same
-    # augmentation (models may run separately); published rows are added afresh
+    # measured rows not run this time (other models, other --methods) are kept from an earlier run
+    # with the same augmentation; published rows are added afresh
+    fresh = aggregate(rows)
+    ran = {(row["model"], row["method"]) for row in fresh}
     table = [row for row in previous_rows(os.path.join(args.out, stem + ".json"))
-             if row["model"] not in args.models and row["source"] == "measured"
+             if (row["model"], row["method"]) not in ran and row["source"] == "measured"
              and row.get("augment_shift", 0) == args.augment_shift]
-    table += aggregate(rows)
+    table += fresh
     measured_models = {row["model"] for row in table}
     table += [row for row in published_rows() if row["model"] in measured_models]
-    table.sort(key=lambda row: (row["model"], row["source"] != "measured"))
+    order = ["dense", *METHODS, "magnitude (global L1)"]   # (published rows keep their own order)
+    table.sort(key=lambda row: (row["model"], row["source"] != "measured",
+                                order.index(row["method"]) if row["method"] in order else len(order)))
     command = "python bench/reproduce_mnist.py --data-dir ../shared/data/mnist" + (
         " --smoke" if args.smoke else "") + (
         f" --augment-shift {args.augment_shift}" if args.augment_shift != AUGMENT_SHIFT else "")

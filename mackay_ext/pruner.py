@@ -140,7 +140,7 @@ WITHOUT_DATA = ("no data has reached it since the last update (its curvature is 
                 "gradient was always 0), so its alpha and weights are left as they are and nothing of it is "
                 "pruned until its gradient does")
 
-DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": "snr", "threshold": None}
+DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": None, "threshold": None}
 # One update that prunes more than this share of the weights still live (or empties a layer) is
 # said so, with the ways out: the largest single update in the committed runs pruned 89%
 # (mnist32 VGG-D6 per weight; the CLI's LeNet-300-100 recipe 84%), the collapses a new user met
@@ -203,8 +203,9 @@ class MacKayPruner(StandalonePrior):
             (default 1: the full price at once). The first pruning update sees groups trained
             without any price; at the full price it removes most of them at once, and the
             network may not recover (LeNet-300-100: 8.6% error at once against 1.64% over 10).
-        rule: "mackay" | "em" | "paper"; prune: "snr" (default, threshold 0.05) | "alpha"
-            (threshold 1e13, the paper's).
+        rule: "mackay" | "em" | "paper"; prune: "snr" (the default, threshold 0.05) | "alpha"
+            (threshold 1e13, the paper's; the default under rule="paper", whose gamma = 1 leaves
+            every group's snr near 1: said where snr is asked for there).
         curvature: "ef-batch" (from the optimizer step or gradient hooks), "ef-exact" or
             "fisher-mc" (mackay_ext.curvature.FisherAccumulator; `accumulate_mc(x)` feeds the
             latter), averaged over everything seen since the previous update(). ef-batch is a
@@ -260,7 +261,7 @@ class MacKayPruner(StandalonePrior):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
                  num_data: float, granularity: str | dict[str, str] = "weight", rule: str = "mackay",
-                 prune: str = "snr", threshold: float | None = None, curvature: str = "ef-batch",
+                 prune: str | None = None, threshold: float | None = None, curvature: str = "ef-batch",
                  layers: Iterable[str] | None = None, batch_size: float | None = None,
                  curvature_decay: float = 0.99, eps: float = 1e-16, alpha_max: float | None = None,
                  prior: str = "proximal", allow_empty_layers: bool = False,
@@ -282,7 +283,7 @@ class MacKayPruner(StandalonePrior):
             allow_empty_layers=allow_empty_layers, on_nonfinite=on_nonfinite, backend=backend,
             mac_price=mac_price, mac_price_ramp=mac_price_ramp, curvature_every=curvature_every,
             max_prune_fraction=max_prune_fraction, channel_prior=channel_prior)
-        threshold, channel_prior = checked["threshold"], checked["channel_prior"]
+        prune, threshold, channel_prior = checked["prune"], checked["threshold"], checked["channel_prior"]
         self._channel_prior_chosen = checked["channel_prior_chosen"]
         if isinstance(optimizer, MacKayAdam):
             groups = [g for g in optimizer.param_groups if g.get("ard")]

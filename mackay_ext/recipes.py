@@ -34,15 +34,15 @@ class Recipe:
 
 
 def _recipe(name, model, summary, *, dense_epochs, ard_epochs, ard_lr, finetune_epochs,
-            warmup_updates, granularity, rule, threshold, finetune_lr=1e-3, finetune_augment_shift=None,
-            **pruner_options):
+            warmup_updates, granularity, rule, threshold, prune="snr", finetune_lr=1e-3,
+            finetune_augment_shift=None, **pruner_options):
     config = FitConfig(schedule="in-run", pretrain_epochs=dense_epochs, lr=1e-3, epochs=ard_epochs,
                        retrain_lr=ard_lr, update_every_steps=UPDATE_EVERY_STEPS,
                        warmup_updates=warmup_updates, finetune_epochs=finetune_epochs,
                        finetune_lr=finetune_lr, lr_schedule="cosine", augment_shift=2,
                        finetune_augment_shift=finetune_augment_shift,
                        patience=10 ** 6, batch_size=128, channels_last=model.startswith("lenet-5"))
-    pruner = dict(granularity=granularity, rule=rule, prune="snr", threshold=threshold, **pruner_options)
+    pruner = dict(granularity=granularity, rule=rule, prune=prune, threshold=threshold, **pruner_options)
     return Recipe(name, model, "mnist", config, pruner, summary)
 
 
@@ -67,7 +67,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
             mac_price=0.03, mac_price_ramp=40),
     _recipe("lenet-300-100-paper", "lenet-300-100", "the source paper's gamma = 1 rule on input groups",
             dense_epochs=20, ard_epochs=30, ard_lr=1e-3, finetune_epochs=10, warmup_updates=5,
-            granularity="filter", rule="paper", threshold=0.05),
+            granularity="filter", rule="paper", prune="alpha", threshold=1e13),
     # validation (shifts), threshold 0.1: lr 1e-3, 40 epochs -> 0.68% kept, val error 0.70%;
     # 60 epochs -> 0.55%, 0.78%; lr 2e-3, 50 epochs -> 0.46%, 0.88% (chosen)
     _recipe("lenet-5-caffe-weight", "lenet-5-caffe", "per-weight ARD (table: 0.75% error, 0.45% kept)",
@@ -80,7 +80,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
             granularity="filter", rule="mackay", threshold=0.05),
     _recipe("lenet-5-caffe-paper", "lenet-5-caffe", "the source paper's gamma = 1 rule on filter groups",
             dense_epochs=15, ard_epochs=15, ard_lr=1e-3, finetune_epochs=5, warmup_updates=2,
-            granularity="filter", rule="paper", threshold=0.05),
+            granularity="filter", rule="paper", prune="alpha", threshold=1e13),
 )}
 
 

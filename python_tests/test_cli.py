@@ -361,3 +361,16 @@ def test_one_run_at_a_time_per_out_folder(tmp_path):
     result = cli(*flags, cwd=tmp_path)   # the holder is gone: its lock is stale
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "report.json").exists() and not (tmp_path / ".mackay-ext.lock").exists()
+
+
+@pytest.mark.parametrize("argv, criterion", [
+    (["--rule", "paper"], "alpha"), (["--rule", "paper", "--prune", "snr"], "snr"),
+    ([], "snr"), (["--rule", "em"], "snr")])
+def test_the_prune_criterion_defaults_to_alpha_under_the_papers_rule(argv, criterion):
+    """--rule paper's gamma = 1 leaves every group's snr near 1 (MacKayPruner says so): its
+    default criterion is alpha at 1e13, the paper's; snr elsewhere, and what is typed is kept."""
+    from mackay_ext.cli.args import _given_flags, _parser
+    from mackay_ext.cli.settings import _settings
+    parser = _parser()
+    args = parser.parse_args(["prune", *argv])
+    assert _settings(args, _given_flags(["prune", *argv], args), parser)["prune"] == criterion

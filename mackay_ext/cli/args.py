@@ -155,9 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--rule", default="mackay", choices=("mackay", "em", "paper"),
         help="precision update: mackay (alpha = gamma / w^2), em (alpha = 1 / (w^2 + Sigma)) or "
              "paper (group ARD with gamma = 1, the source paper's code) (default: %(default)s)")
-    add("--prune", dest="criterion", default="snr", choices=("snr", "alpha"),
+    add("--prune", dest="criterion", choices=("snr", "alpha"),
         help="pruning criterion: snr prunes weights the posterior cannot tell from 0 "
-             "(w^2 / Sigma < threshold), alpha prunes where alpha >= threshold (default: %(default)s)")
+             "(w^2 / Sigma < threshold), alpha prunes where alpha >= threshold (default: snr; alpha "
+             "under --rule paper, whose gamma = 1 leaves every snr near 1)")
     add("--threshold", type=NONNEGATIVE,
         help="pruning threshold, a finite number >= 0 (default: 0.05 for --prune snr, 1e13 for "
              "--prune alpha)")

@@ -12,6 +12,7 @@ import torch
 from .. import data as datasets
 from .. import models, recipes
 from ..compressed import is_compressed_payload
+from ..pruner_options import default_criterion
 from ..train import FitConfig, Trainer, late_length_changes
 from .args import (
     CHANGEABLE_ON_RESUME,
@@ -63,7 +64,8 @@ def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any
             recipe[key] = getattr(args, key)
     return dict(model=args.model, dataset=args.dataset or models.DEFAULT_DATASET[args.model],
                 data_dir=args.data_dir, granularity=args.granularity, rule=args.rule,
-                prune=args.criterion, threshold=args.threshold, curvature=args.curvature,
+                prune=args.criterion or default_criterion(args.rule), threshold=args.threshold,
+                curvature=args.curvature,
                 mac_price=args.mac_price, mac_price_ramp=args.mac_price_ramp,
                 curvature_every=args.curvature_every, max_prune_fraction=args.max_prune_fraction,
                 channel_prior=args.channel_prior, schedule=args.schedule,
