@@ -228,12 +228,12 @@ def warn_threshold_scale(prune: str, threshold: float | None, where: str) -> Non
         warnings.warn(f"{where}: threshold={threshold:g} with prune='alpha' prunes every weight whose "
                       f"prior precision alpha is at least {threshold:g}, nearly all of them; that is "
                       "the scale of prune='snr' (default 0.05). prune='alpha' thresholds are large "
-                      "(default 1e13, the paper's)", UserWarning, stacklevel=3)
+                      "(default 1e13, the paper's)", UserWarning, stacklevel=user_stacklevel())
     if prune == "snr" and threshold >= 1e6:
         warnings.warn(f"{where}: threshold={threshold:g} with prune='snr' prunes every weight whose "
                       f"signal-to-noise ratio w^2 / Sigma is below {threshold:g}, nearly all of them; "
                       "that is the scale of prune='alpha' (default 1e13). prune='snr' thresholds "
-                      "are small (default 0.05)", UserWarning, stacklevel=3)
+                      "are small (default 0.05)", UserWarning, stacklevel=user_stacklevel())
 
 
 def check_max_prune_fraction(value, where: str) -> float | None:

@@ -37,6 +37,13 @@ def check_pruner_options(where: str, *, granularity: Any = "weight", rule: Any =
     check_names(layers, "layers", where)
     check_choice("curvature", curvature, CURVATURES, where)
     check_choice("rule", rule, RULES, where)
+    if prune is None and rule == "paper" and threshold is not None and threshold <= 1.0:
+        # (before the default became alpha, rule='paper' with threshold=0.05 meant snr < 0.05;
+        # read as alpha >= 0.05 it would prune nearly every group)
+        raise ValueError(f"{where}: threshold={threshold:g} is on the scale of prune='snr', but under rule='paper' "
+                         "the criterion defaults to prune='alpha' (threshold 1e13, the paper's code): that rule "
+                         "leaves every group's snr near 1. Pass prune='alpha' with an alpha threshold, or "
+                         "prune='snr' explicitly")
     prune = default_criterion(rule) if prune is None else prune
     check_choice("prune", prune, CRITERIA, where)
     warn_threshold_scale(prune, threshold, where)
@@ -91,16 +98,20 @@ def default_criterion(rule: str) -> str:
 def _warn_paper_snr(threshold: float | None, eps: Any, where: str) -> None:
     """The paper's rule sets alpha_g = n_g / (|w_g|^2 + eps), which makes sum_{i in g} Sigma_ii =
     sum 1 / (N h_i + alpha_g) <= |w_g|^2 + eps: every group's snr is at least |w_g|^2 / (|w_g|^2
-    + eps), about 1, and falls below a threshold t only once |w_g|^2 < t eps / (1 - t). The snr
-    test is then an alpha threshold set by eps (a statistician's check: the pruned sets were
-    identical to prune='alpha' at (1 - t) / eps for t from 0.001 to 0.9), not a test of the
-    posterior; the MNIST paper recipes ran it so until this was found."""
+    + eps), about 1, and falls below a threshold t < 1 only once |w_g|^2 < t eps / (1 - t), i.e.
+    alpha_g > n_g (1 - t) / eps (a statistician's check: per weight, the pruned sets were identical
+    to prune='alpha' at (1 - t) / eps for t from 0.001 to 0.9). An alpha threshold set by eps, not
+    a test of the posterior; the MNIST paper recipes ran it so until this was found. A run started
+    so (a checkpoint resumed) goes on so, said each time it is built."""
     t = 0.05 if threshold is None else float(threshold)
-    level = (1 - t) / float(eps) if eps and t < 1 else math.inf
+    where_it_falls = (f"falls below {t:g} only where alpha_g > n_g x {(1 - t) / float(eps):.3g} (n_g the weights of "
+                      "the group; set by eps, not by the data)" if eps and t < 1 else
+                      f"a threshold of {t:g} prunes on that bound, not on the data")
     warnings.warn(f"{where}: prune='snr' with rule='paper' is no test of the posterior: that rule sets alpha_g = "
                   "n_g / (|w_g|^2 + eps), so every group's snr is at least |w_g|^2 / (|w_g|^2 + eps), about 1, and "
-                  f"falls below {t:g} only where alpha_g >= {level:.3g} (set by eps). Use prune='alpha' (the default "
-                  "under rule='paper'; threshold 1e13, the paper's code)", UserWarning, stacklevel=user_stacklevel())
+                  f"{where_it_falls}. Use prune='alpha' (the default under rule='paper'; threshold 1e13, the "
+                  "paper's code); a run started with snr, resumed, goes on with it", UserWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _check_granularity(granularity: Any, where: str) -> None:

@@ -374,3 +374,7 @@ def test_the_prune_criterion_defaults_to_alpha_under_the_papers_rule(argv, crite
     parser = _parser()
     args = parser.parse_args(["prune", *argv])
     assert _settings(args, _given_flags(["prune", *argv], args), parser)["prune"] == criterion
+    if argv[:2] == ["--rule", "paper"] and len(argv) == 2:   # snr's threshold scale without --prune
+        args = parser.parse_args(["prune", *argv, "--threshold", "0.05"])
+        with pytest.raises(SystemExit):
+            _settings(args, _given_flags(["prune", *argv, "--threshold", "0.05"], args), parser)

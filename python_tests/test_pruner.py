@@ -361,8 +361,12 @@ def test_the_papers_rule_prunes_by_alpha_and_its_snr_is_said():
     assert pruner.prune == "alpha" and pruner.state_dict()["settings"]["prune"] == "alpha"
     pruner.detach()
     with pytest.warns(UserWarning, match=r"prune='snr' with rule='paper' is no test of the posterior.*"
-                                         r"alpha_g >= 9\.5e\+15"):
+                                         r"alpha_g > n_g x 9\.5e\+15"):
         MacKayPruner(model, sgd, num_data=1000, batch_size=10, rule="paper", prune="snr").detach()
+    # snr's scale without prune: what rule='paper' with threshold=0.05 meant before (snr), refused
+    with pytest.raises(ValueError, match=r"threshold=0.05 is on the scale of prune='snr', but under "
+                                         r"rule='paper' the criterion defaults to prune='alpha'"):
+        MacKayPruner(model, sgd, num_data=1000, batch_size=10, rule="paper", threshold=0.05)
     weight = torch.logspace(-12, 0, 2000, dtype=torch.float64).float().reshape(40, 50)
     curvature = torch.rand(40, 50, generator=torch.Generator().manual_seed(0))
     pruned = {}

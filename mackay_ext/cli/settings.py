@@ -58,6 +58,11 @@ def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any
     if args.schedule == "in-run" and "rounds" in given and parser is not None:   # else silently unused
         parser.error("--rounds counts the rounds of --schedule paper; --schedule in-run has none (its "
                      "pruning phase lasts --epochs)")
+    if args.criterion is None and args.rule == "paper" and args.threshold is not None and args.threshold <= 1 \
+            and parser is not None:   # (MacKayPruner refuses the same: snr's scale read as alpha's)
+        parser.error(f"--threshold {args.threshold:g} is on the scale of --prune snr, but under --rule paper the "
+                     "criterion defaults to --prune alpha (threshold 1e13, the paper's code): pass --prune alpha "
+                     "with an alpha threshold, or --prune snr")
     recipe = dict(RECIPES.get(args.model, GENERIC_RECIPE))
     for key in ("pretrain_epochs", "rounds", "epochs", "batch_size", "lr"):
         if getattr(args, key) is not None:
