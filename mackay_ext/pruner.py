@@ -58,7 +58,7 @@ from .ard_targets import (
     find_targets,
     is_parametrization_input,
 )
-from .batch_curvature import ema_debiased
+from .batch_curvature import batch_share_note, ema_debiased
 from .row_examples import RowExamples
 from .ddp_lockstep import Lockstep, world_size
 from .step_batch import StepBatchWatch
@@ -461,32 +461,13 @@ class MacKayPruner(StandalonePrior):
             self._check_batch_share(self.num_data)
 
     def _check_batch_share(self, num_data: float) -> None:
-        """ef-batch reads the spread of the batch gradients around their mean: a batch of B drawn
-        without replacement from N (a shuffled epoch) has a mean gradient g with E[B g^2] =
-        B gbar^2 + (N - B) / (N - 1) s^2, s^2 the per-example squares' spread, so near convergence
-        (gbar ~ 0) h reads (N - B) / (N - 1) of them: 0.5 at B = N / 2, and 0 for full-batch
-        training (a regression fitted on its 500 examples in one batch read 1e-4 of its curvature
-        and pruned weights exact ARD keeps, no word). Said when built and when num_data changes. Multiplying by (N - 1) / (N - B) is no cure:
-        the data's mean gradient balances the prior's at the optimum (gbar = -alpha w / N), a term
-        the factor would blow up for weakly determined weights. ef-exact reads the squares exactly."""
+        """ef-batch's curvature shrinks as the batch nears the training set: said
+        (batch_curvature.batch_share_note), when built and when num_data changes."""
         self._batch_share_checked = True
         batch = self._step_batch_size() if self.curvature_kind == "ef-batch" else None
-        if batch is None:
-            return
-        share = batch / num_data
-        if share >= 1:   # (said, not refused: a smoke run on a handful of examples is full-batch too)
-            why = ("full-batch training, where every step's gradient is the whole training set's, and one full "
-                   "batch has no spread: the curvature reads the squared gradient of the whole loss, nothing of "
-                   "the per-example squares")
-        elif share > 0.1:
-            why = (f"the spread shrinks as the batch nears the training set: near convergence it reads (N - B) / "
-                   f"(N - 1) = {(num_data - batch) / (num_data - 1):.2f} of the per-example squared gradients")
-        else:
-            return
-        warnings.warn(f"MacKayPruner: batch_size ({batch:g}) is {share:.0%} of num_data ({num_data:g}). The ef-batch "
-                      f"curvature reads the spread of batch gradients around their mean; {why}, so the weights read "
-                      "less evidence than they have and more are pruned. curvature='ef-exact' reads the per-example "
-                      "squares exactly at any batch size", UserWarning, stacklevel=user_stacklevel())
+        note = batch_share_note(batch, num_data) if batch is not None else None
+        if note is not None:
+            warnings.warn(f"MacKayPruner: {note}", UserWarning, stacklevel=user_stacklevel())
 
     @property
     def gradient_scale(self) -> float:
@@ -521,12 +502,13 @@ class MacKayPruner(StandalonePrior):
     @num_data.setter
     def num_data(self, value) -> None:
         value = check_count(value, "num_data", "MacKayPruner")
-        if getattr(self, "_batch_share_checked", False):   # (built)
-            self._check_batch_share(value)
-        batch = getattr(self, "batch_size", None) if not getattr(self, "fused", False) else None
-        if batch is not None and batch > value:
+        built = getattr(self, "_batch_share_checked", False)
+        batch = self._step_batch_size() if built else getattr(self, "batch_size", None)
+        if batch is not None and batch > value:   # (MacKayAdam's batch_size too, once built)
             raise ValueError(f"MacKayPruner: num_data ({value:g}) is below batch_size ({batch:g}): num_data is "
                              "the training set's size")
+        if built and value != self._num_data:
+            self._check_batch_share(value)
         if getattr(self, "fused", False):   # (built: the groups were checked against N there)
             held = {id(target.param) for target in self.targets.values()}
             for group in self.optimizer.param_groups:
@@ -1833,6 +1815,7 @@ class MacKayPruner(StandalonePrior):
                 "steps_since_update": self._steps_since_update,
                 "mc_calls_since_update": self._mc_calls_since_update,
                 "steps_total": self._steps_total,
+                "gradient_since_update": self._gradient_since_update,   # (without an optimizer)
                 **({"exact_curvature": self.accumulator.state_dict(),
                     "exact_curvature_ranks": curvature_shares.source(self.accumulator)}
                    if self.accumulator is not None else {}),
@@ -2040,7 +2023,8 @@ class MacKayPruner(StandalonePrior):
         if self._steps_since_update is not None:  # a resumed run prunes as the uninterrupted one
             saved = state.get("steps_since_update", 1)   # absent from older checkpoints
             self._steps_since_update = 1 if saved is None else int(saved)
-        self._gradient_since_update = True   # (without an optimizer: trained since, as far as is known)
+        # (without an optimizer: a backward since the last update; absent before it was saved: as if one ran)
+        self._gradient_since_update = bool(state.get("gradient_since_update", True))
         self._mc_calls_since_update = int(state.get("mc_calls_since_update", 0))
         self._steps_total = int(state.get("steps_total", self._steps_total))   # absent before it was saved
         self._sample_next_batch()

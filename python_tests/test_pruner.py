@@ -321,6 +321,15 @@ def test_ef_batch_says_full_batch_training_and_a_large_batch_share():
         pruner = MacKayPruner(model, sgd, num_data=5000, batch_size=250)   # 5%: nothing said
     with pytest.warns(UserWarning, match="25% of num_data"):
         pruner.num_data = 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruner.num_data = 1000   # unchanged: said once
+    pruner.detach()
+    fused = MacKayPruner(model, MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=5000, batch_size=250),
+                         num_data=5000)
+    with pytest.raises(ValueError, match=r"num_data \(100\) is below batch_size \(250\)"):
+        fused.num_data = 100   # (MacKayAdam's batch_size: accepted before, with a 'full-batch' note)
+    assert fused.num_data == 5000
 
 
 def test_ef_batch_reads_the_stated_share_of_the_per_example_squares():
@@ -376,3 +385,17 @@ def test_the_papers_rule_prunes_by_alpha_and_its_snr_is_said():
                            threshold=threshold, backend="torch")
         pruned[prune] = torch.isinf(alpha)
     assert torch.equal(pruned["snr"], pruned["alpha"]) and not pruned["snr"][weight > 1e-8].any()
+
+
+def test_no_backward_since_the_update_survives_a_state_round_trip():
+    """Without an optimizer, 'no backward since the update' is part of the saved state (a
+    load set it to 'trained', and the next update pruned again from the same curvature)."""
+    torch.manual_seed(0)
+    model = make_mlp()
+    pruner = MacKayPruner(model, num_data=100, batch_size=8, prior="penalty")
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    (nn.functional.cross_entropy(model(x), y) + pruner.penalty()).backward()
+    pruner.update()
+    pruner.load_state_dict(pruner.state_dict())
+    with pytest.warns(RuntimeWarning, match="no backward since the previous update"):
+        pruner.update()
