@@ -6,6 +6,7 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" (A100, H100) when no GPU is visible
   MACKAY_EXT_CPU_ARCH   "native" (default: AVX2+FMA when this machine has them) or "generic"
   MACKAY_EXT_DEBUG=1  -O0 -g
+  MACKAY_EXT_NO_KERNELS=1  no compiled kernels: the pure-PyTorch fallback alone (no compiler needed)
 """
 import glob
 import os
@@ -68,7 +69,14 @@ if CUDA_HOME:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
     os.environ["CUDA_HOME"] = CUDA_HOME
 
-import torch  # noqa: E402
+try:
+    import torch  # noqa: E402
+except ModuleNotFoundError as missing:   # pip's default build isolation: a fresh environment without it
+    if missing.name != "torch":   # (a torch that is there but broken says so itself)
+        raise
+    raise SystemExit("mackay_ext builds its kernels against the torch it will run with, which this build "
+                     "environment lacks: install torch first, then `pip install --no-build-isolation .` "
+                     "(pip's isolated build cannot see it)") from None
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
@@ -97,9 +105,23 @@ def cpu_arch_flags():
             flags = set(handle.read().split())
     except OSError:
         return []
-    if {"avx2", "fma", "f16c"} <= flags:
+    if set(AVX2_FEATURES) <= flags:
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
+
+
+AVX2_FEATURES = ("avx2", "fma", "f16c")
+
+
+def write_build_info(library, cpu_features):
+    """_build_info.py beside the library just built (in the wheel, or in the source package of an
+    editable install): the torch and CPU features it is built for, which mackay_ext/_extension.py
+    checks before loading it (under another torch, or on a CPU without AVX2, it would crash or
+    misbehave rather than fail). Written by the build that made the library, and only then."""
+    with open(os.path.join(os.path.dirname(library), "_build_info.py"), "w") as handle:
+        handle.write('"""Written by setup.py when it built mackay_ext._C: what that build needs."""\n'
+                     f"TORCH_VERSION = {torch.__version__!r}\n"
+                     f"CPU_FEATURES = {tuple(cpu_features)!r}\n")
 
 
 def openmp_flags():
@@ -115,22 +137,28 @@ def make_extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + ["csrc/python/module.cpp"]
     debug = _env_flag("MACKAY_EXT_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"] + cpu_arch_flags() + openmp_flags()
-    link = openmp_flags()
+    arch = cpu_arch_flags()
+    cxx = opt + ["-fvisibility=hidden", "-Wno-unknown-pragmas"] + arch + openmp_flags()
+    # (Python's own CFLAGS carry -g: the CPU-only library was 21.6 MB with its debug info, 0.6 MB without)
+    link = openmp_flags() + ([] if debug or platform.system() != "Linux" else ["-Wl,--strip-debug"])
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if not with_cuda:
         print("mackay_ext: building backends: cpu")
-        return CppExtension("mackay_ext._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext = CppExtension("mackay_ext._C", sources, include_dirs=include_dirs,
+                           extra_compile_args={"cxx": cxx}, extra_link_args=link)
+        ext.cpu_features = AVX2_FEATURES if arch else ()
+        return ext
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources += sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
     nvcc = opt + ["-lineinfo", "--expt-relaxed-constexpr", "-DWITH_CUDA"]
     print(f"mackay_ext: building backends: cpu, cuda (CUDA_HOME={CUDA_HOME}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'torch default')})")
-    return CUDAExtension("mackay_ext._C", sources, include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
-                         extra_link_args=link)
+    ext = CUDAExtension("mackay_ext._C", sources, include_dirs=include_dirs,
+                        extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
+                        extra_link_args=link)
+    ext.cpu_features = AVX2_FEATURES if arch else ()
+    return ext
 
 
 def _load_build_checks():
@@ -147,16 +175,37 @@ class BuildAndCheck(BuildExtension):
     """torch's BuildExtension, then a refusal of a library that would crash on its first error
     (a statically linked C++ runtime: mackay_ext/_build_checks.py says why)."""
 
+    def run(self):
+        # a library left from a build for another torch would pass distutils' up-to-date test
+        # without ninja (torch forces a rebuild only with it) and get this build's record
+        self.force = True
+        super().run()
+
     def build_extension(self, ext):
-        super().build_extension(ext)
-        if platform.system() != "Linux":
-            return
+        try:
+            super().build_extension(ext)
+        except Exception as error:   # torch's traceback alone names no way out
+            cuda = " (for the CUDA kernels: FORCE_CPU=1 builds the CPU ones alone)" if "nvcc" in str(
+                ext.extra_compile_args) else ""
+            raise RuntimeError(
+                f"mackay_ext: building its C++ kernels failed ({type(error).__name__}: {error}). They need a "
+                f"C++20 compiler (g++ 10+ or clang++ on the PATH, or CXX=...){cuda}; MACKAY_EXT_NO_KERNELS=1 "
+                "installs the package without them, the pure-PyTorch fallback alone (backend='torch', "
+                "slower)") from error
         path = self.get_ext_fullpath(ext.name)
-        problem = _load_build_checks().static_cxx_runtime_problem(
-            path, os.environ.get("CXX", "c++"))
-        if problem:
-            os.remove(path)
-            raise RuntimeError(problem)
+        if platform.system() == "Linux":
+            problem = _load_build_checks().static_cxx_runtime_problem(path, os.environ.get("CXX", "c++"))
+            if problem:
+                os.remove(path)
+                raise RuntimeError(problem)
+        write_build_info(path, getattr(ext, "cpu_features", ()))
+
+    def copy_extensions_to_source(self):
+        """An editable install: the library is built in build/ and copied into the source
+        package, and its record goes with it."""
+        super().copy_extensions_to_source()
+        for ext in self.extensions:
+            write_build_info(os.path.join(ROOT, "mackay_ext", "_C"), getattr(ext, "cpu_features", ()))
 
 
 setup(
@@ -164,9 +213,9 @@ setup(
     version="0.1.0",
     description="MacKay evidence-framework (ARD) compression for PyTorch, with fused C++/CUDA kernels",
     packages=find_packages(include=["mackay_ext", "mackay_ext.*"]),
-    ext_modules=[make_extension()],
+    ext_modules=[] if _env_flag("MACKAY_EXT_NO_KERNELS") else [make_extension()],
     cmdclass={"build_ext": BuildAndCheck},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # tqdm: progress bars on a terminal; matplotlib: the plots every run writes
     install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
     entry_points={"console_scripts": ["mackay-ext=mackay_ext.cli:main"]},
