@@ -100,11 +100,7 @@ def cpu_arch_flags():
     choice = os.environ.get("MACKAY_EXT_CPU_ARCH", "native")
     if choice == "generic" or platform.machine() not in ("x86_64", "AMD64"):
         return []
-    try:
-        with open("/proc/cpuinfo") as handle:
-            flags = set(handle.read().split())
-    except OSError:
-        return []
+    flags = _load_build_checks().cpu_flags() or set()
     if set(AVX2_FEATURES) <= flags:
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []

@@ -1,7 +1,8 @@
 """Checks setup.py runs on the extension it has just built (plain Python: setup.py loads this
 file by path, before torch or the package can be imported).
 
-The one check today: the C++ runtime must be a shared library. A compiler that links libstdc++
+The CPU's features (cpu_flags) are read here for the build and for the import-time check of a
+built library. The one check of a built library: the C++ runtime must be a shared library. A compiler that links libstdc++
 statically into the extension (some toolchains do by default; seen with a CXX=/opt/gcc/bin/g++ on a
 GPU machine whose torch was built with the system GCC) gives the process two copies of the C++
 exception machinery. Every argument check of our ops throws a c10::Error from libc10 through our
@@ -15,6 +16,19 @@ import struct
 
 _SHT_DYNAMIC = 6
 _DT_NULL, _DT_NEEDED = 0, 1
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags (Linux's /proc/cpuinfo), None where they cannot be read: what the
+    build compiles for (setup.py) and what a built library is checked against (_extension.py)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
 
 
 def elf_needed(path: str) -> list[str] | None:

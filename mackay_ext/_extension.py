@@ -9,17 +9,7 @@ import warnings
 
 import torch
 
-
-def _cpu_flags() -> set[str] | None:
-    """The CPU's feature flags (Linux), None where they cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return None
+from ._build_checks import cpu_flags
 
 
 def _build_mismatch() -> str | None:
@@ -37,7 +27,7 @@ def _build_mismatch() -> str | None:
         return (f"it was built against torch {built_for}, and this is torch {torch.__version__}: "
                 "rebuild it against this torch, in its source: `pip install --no-build-isolation -e .` for a "
                 "checkout installed in place, else `pip install --no-build-isolation --no-deps --force-reinstall .`")
-    flags, needed = _cpu_flags(), set(getattr(_build_info, "CPU_FEATURES", ()))
+    flags, needed = cpu_flags(), set(getattr(_build_info, "CPU_FEATURES", ()))
     if flags is not None and not needed <= flags:
         return (f"it was built for a CPU with {', '.join(sorted(needed))}, and this one lacks "
                 f"{', '.join(sorted(needed - flags))}: rebuild it here, or with MACKAY_EXT_CPU_ARCH=generic "

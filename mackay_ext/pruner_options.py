@@ -47,8 +47,8 @@ def check_pruner_options(where: str, *, granularity: Any = "weight", rule: Any =
     prune = default_criterion(rule) if prune is None else prune
     check_choice("prune", prune, CRITERIA, where)
     warn_threshold_scale(prune, threshold, where)
-    if rule == "paper" and prune == "snr":
-        _warn_paper_snr(threshold, eps, where)
+    if rule == "paper" and prune == "snr" and granularity != "channel":   # (a channel's members carry
+        _warn_paper_snr(threshold, eps, where)   # priors of their own scale: the bound below is not theirs)
     check_choice("prior", prior, PRIORS, where)
     check_choice("on_nonfinite", on_nonfinite, ("raise", "skip"), where)
     chosen = channel_prior is not None   # None: "members", chosen by default (channel_ard warns where that is ill-posed)

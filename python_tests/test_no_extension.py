@@ -120,7 +120,7 @@ def test_a_build_for_another_torch_is_not_loaded_and_says_so(tmp_path):
 def test_a_build_for_cpu_features_this_cpu_lacks_is_not_loaded(tmp_path):
     """A build for AVX2 killed Python with an illegal instruction on a CPU without it: the
     features setup.py compiled for are checked against the CPU's before loading."""
-    if mackay_ext._extension._cpu_flags() is None:
+    if mackay_ext._build_checks.cpu_flags() is None:
         pytest.skip("this system does not say its CPU's features (/proc/cpuinfo's flags)")
     out = _import_copy(tmp_path, f"TORCH_VERSION = {torch.__version__!r}\nCPU_FEATURES = ('avx2', 'no_such_flag')\n")
     assert "this one lacks no_such_flag: rebuild it here, or with MACKAY_EXT_CPU_ARCH=generic" in out
