@@ -1090,6 +1090,11 @@ class FisherAccumulator:
         self.__dict__.setdefault("_rows_wanted", False)
         self.__dict__.setdefault("_rows_used", False)
 
+    @property
+    def sampling(self) -> bool:
+        """Inside accumulate_mc_from's sampled-label backward (fisher-mc), which trains nothing."""
+        return self._sampling
+
     def _require_capture(self, where: str) -> None:
         if self.copied:
             raise RuntimeError(f"FisherAccumulator.{where}: this accumulator is a copy (copy.deepcopy or pickle), "

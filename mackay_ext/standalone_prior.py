@@ -92,7 +92,8 @@ class StandalonePrior:
 
     def _pruned_gradient_hook(self, name: str):
         def hook(grad):
-            self._gradient_since_update = True   # (without an optimizer: _trained_since_update)
+            if self.accumulator is None or not self.accumulator.sampling:   # (fisher-mc's own backward
+                self._gradient_since_update = True   # trains nothing; without an optimizer: _trained_since_update)
             view = self._alpha_view(name)
             # (a product, not masked_fill: 10x faster on a CPU, AlphaView.keep; a non-finite
             # gradient at a pruned entry would come with non-finite outputs anyway)

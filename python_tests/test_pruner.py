@@ -399,3 +399,21 @@ def test_no_backward_since_the_update_survives_a_state_round_trip():
     pruner.load_state_dict(pruner.state_dict())
     with pytest.warns(RuntimeWarning, match="no backward since the previous update"):
         pruner.update()
+
+
+def test_fisher_mcs_own_sampled_backward_is_no_training_without_an_optimizer():
+    """accumulate_mc's sampled-label backward reaches the weights themselves where an in-place
+    activation follows a layer: without an optimizer it counted as a training backward, and an
+    update after sampling alone pruned again instead of holding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(inplace=True), nn.Linear(32, 10))
+    pruner = MacKayPruner(model, num_data=100, batch_size=8, prior="penalty", curvature="fisher-mc")
+    x, y = torch.randn(8, 64), torch.randint(0, 10, (8,))
+    (nn.functional.cross_entropy(model(x), y) + pruner.penalty()).backward()
+    pruner.accumulate_mc(x)
+    pruner.update()
+    kept = pruner.kept_weights()
+    pruner.accumulate_mc(x)   # sampled labels alone: nothing trained
+    with pytest.warns(RuntimeWarning, match="no backward since the previous update"):
+        pruner.update()
+    assert pruner.kept_weights() == kept
