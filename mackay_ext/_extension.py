@@ -45,15 +45,17 @@ def _load() -> Exception | None:
     if importlib.util.find_spec(f"{__package__}._C") is None:   # a source tree never built
         return _NotBuilt("it is not built here")
     mismatch = _build_mismatch()
-    try:
-        if mismatch is not None:
-            raise ImportError(mismatch)
-        importlib.import_module(f"{__package__}._C")
-        return None
-    except ImportError as error:   # a mismatch, a broken or truncated library
-        warnings.warn(f"mackay_ext: the compiled kernels (mackay_ext._C) are not loaded ({error}). Only "
-                      "backend='torch', the pure-PyTorch fallback, runs", RuntimeWarning, stacklevel=2)
-        return error
+    if mismatch is None:
+        try:
+            importlib.import_module(f"{__package__}._C")
+            return None
+        except ImportError as error:   # a broken or truncated library
+            problem = error
+    else:
+        problem = ImportError(mismatch)
+    warnings.warn(f"mackay_ext: the compiled kernels (mackay_ext._C) are not loaded ({problem}). Only "
+                  "backend='torch', the pure-PyTorch fallback, runs", RuntimeWarning, stacklevel=2)
+    return problem
 
 
 _LOAD_ERROR: Exception | None = _load()

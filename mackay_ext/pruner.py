@@ -140,7 +140,6 @@ WITHOUT_DATA = ("no data has reached it since the last update (its curvature is 
                 "gradient was always 0), so its alpha and weights are left as they are and nothing of it is "
                 "pruned until its gradient does")
 
-DEFAULTS = {"granularity": "weight", "rule": "mackay", "prune": None, "threshold": None}
 # One update that prunes more than this share of the weights still live (or empties a layer) is
 # said so, with the ways out: the largest single update in the committed runs pruned 89%
 # (mnist32 VGG-D6 per weight; the CLI's LeNet-300-100 recipe 84%), the collapses a new user met
