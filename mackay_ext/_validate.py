@@ -78,9 +78,32 @@ def check_update_values(alpha: torch.Tensor) -> None:
     under tracing: fake tensors hold no values."""
     if torch.compiler.is_compiling() or alpha.is_meta:
         return
-    if alpha.numel() and not bool((alpha >= 0).all()):
+    if alpha.numel() and not float(alpha.min()) >= 0:   # (NaN compares False; one reduction, no mask)
         raise ValueError(f"mackay_update_: alpha must hold precisions >= 0 (+inf for pruned weights), got "
                          f"negative or NaN values (min {float(alpha.min())})")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf in `tensor`. Its sum first (one pass, no mask: a NaN or an inf anywhere
+    makes it non-finite), the entry-wise test only where that sum is not finite, which an
+    overflow alone can make so. (torch.isfinite(x).all() over the weights and curvatures of a
+    29M-weight model took 0.3 s of its pruner's update.)"""
+    if bool(torch.isfinite(_sum(tensor))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def any_nan(tensor: torch.Tensor) -> bool:
+    """A NaN in `tensor` (alpha's +inf, pruned, is none): its sum is NaN only then, or where
+    +inf meets -inf (then the entry-wise test)."""
+    if not bool(torch.isnan(_sum(tensor))):
+        return False
+    return bool(torch.isnan(tensor).any())
+
+
+def _sum(tensor: torch.Tensor) -> torch.Tensor:
+    # (half precision summed in float32: its own sum overflows at 65,504)
+    return tensor.sum(dtype=torch.float32) if tensor.dtype in (torch.float16, torch.bfloat16) else tensor.sum()
 
 
 def check_update_args(weight, curvature, alpha, *, num_data, rule, prune, threshold, eps,

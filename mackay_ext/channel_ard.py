@@ -72,6 +72,7 @@ from torch import nn
 from ._alpha import finite_alpha, update_rule
 from .ard_targets import NO_CHANNEL_GROUP
 from ._follow import ParamStates, state_dtype
+from ._validate import all_finite, any_nan
 from .copy_inert import CopyInert
 from .coupling import ChannelGroup, Coupling, CouplingError, group_index, trace_coupling
 from .coupling.groups import InputsDoNotRun
@@ -384,11 +385,11 @@ class ChannelARD:
     def nonfinite(self) -> list[str]:
         bad = []
         for name, state in self._own.items():
-            if not bool(torch.isfinite(self.members[name].param).all()):
+            if not all_finite(self.members[name].param):
                 bad.append(f"{name} (weight)")
-            if not bool(torch.isfinite(state["curvature"]).all()):
+            if not all_finite(state["curvature"]):
                 bad.append(f"{name} (curvature)")
-        if bool(torch.isnan(self.alpha).any()):
+        if any_nan(self.alpha):
             bad.append("channel group alpha")
         return bad
 

@@ -39,8 +39,9 @@ from torch import nn
 from . import curvature_shares, ops
 from ._alpha import group_dims, update_rule
 from ._follow import ParamStates, state_dtype
-from ._validate import (NonFiniteError, check_count, check_initialised, check_module, check_optimizer,
-                        user_stacklevel)
+from ._validate import (NonFiniteError, all_finite, any_nan, check_count, check_initialised, check_module,
+                        check_optimizer, user_stacklevel)
+from .alpha_stats import quantiles
 from .alpha_views import AlphaViews
 from .copy_inert import CopyInert
 from .micro_batches import MicroBatchScale
@@ -158,14 +159,6 @@ def _mackay_update(weight: torch.Tensor, curvature: torch.Tensor, alpha: torch.T
     with torch.no_grad():
         weight.copy_(wide)
     return stats
-
-
-def _quantiles(alpha: torch.Tensor) -> dict[str, float]:
-    finite = alpha[torch.isfinite(alpha)].double().flatten()
-    if finite.numel() == 0:
-        return {}
-    q = torch.quantile(finite.cpu(), torch.tensor([0.0, 0.05, 0.5, 0.95, 1.0], dtype=torch.float64))
-    return dict(zip(("min", "p5", "p50", "p95", "max"), (float(v) for v in q)))
 
 
 class MacKayPruner(StandalonePrior):
@@ -1142,11 +1135,11 @@ class MacKayPruner(StandalonePrior):
         """Names of the weights, curvatures or alphas holding NaN (or inf, alpha excepted)."""
         bad = []
         for name, target in self.targets.items():
-            if not bool(torch.isfinite(target.param).all()):
+            if not all_finite(target.param):
                 bad.append(f"{name} (weight)")
-            if not bool(torch.isfinite(self.curvature(name)).all()):
+            if not all_finite(self.curvature(name)):
                 bad.append(f"{name} (curvature)")
-            if bool(torch.isnan(self.alpha(name)).any()):
+            if any_nan(self.alpha(name)):
                 bad.append(f"{name} (alpha)")
         if self.channel is not None:
             bad += self.channel.nonfinite()
@@ -1615,18 +1608,20 @@ class MacKayPruner(StandalonePrior):
 
     def _kept(self, name: str, target: ARDTarget) -> tuple[int, int]:
         """(weights kept, groups kept) of one target."""
-        kept_groups = self.alpha(name) != math.inf
-        return int(kept_groups.expand_as(target.param).sum()), int(kept_groups.sum())
+        alpha = self.alpha(name)
+        groups = int(torch.count_nonzero(alpha != math.inf))
+        # (every entry of alpha spans the same number of weights: it broadcasts to the weight)
+        return groups * (target.param.numel() // max(alpha.numel(), 1)), groups
 
     def _layer_entry(self, name: str, target: ARDTarget) -> dict[str, Any]:
         alpha = self.alpha(name)
         kept, groups_kept = self._kept(name, target)
         entry = {"name": name, "total": target.param.numel(), "kept": kept, "groups": alpha.numel(),
                  "groups_kept": groups_kept, "granularity": self.granularity[name],
-                 "alpha": _quantiles(alpha)}
+                 "alpha": quantiles(alpha)}
         before = (self.alpha_before_switch_off or {}).get(name)
         if before is not None and not bool((alpha[torch.isfinite(alpha)] != 0).any()):   # prior off
-            entry["alpha_before_switch_off"] = _quantiles(before)
+            entry["alpha_before_switch_off"] = quantiles(before)
         if len(target.owners) > 1:
             entry["tied"] = list(target.owners)
         if self.channel is not None:   # channel groups slicing this parameter, not its entries
