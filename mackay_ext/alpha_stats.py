@@ -7,7 +7,7 @@ import math
 
 import torch
 
-QUANTILE_SAMPLE = 1 << 20   # above twice this many alphas, p5/p50/p95 come from a sample of about this many
+QUANTILE_SAMPLE = 1 << 18   # above twice this many alphas, p5/p50/p95 come from a sample of about this many
 CHUNK = 1 << 22             # entries a pass over a large layer reads at a time (bounds its temporaries)
 
 

@@ -340,7 +340,8 @@ def _named_model_problem(payload: dict, whose: str) -> str | None:
     """Why payload's model_name and model_kwargs do not build a model with the payload's tensor
     shapes (None if they do); built on the meta device, so nothing is allocated."""
     from . import models
-    name, kwargs = payload["model_name"], payload["model_kwargs"]
+    # (files written before model_kwargs was saved have none: the model's defaults)
+    name, kwargs = payload["model_name"], payload.get("model_kwargs", {})
     try:
         with torch.device("meta"):
             probe = models.create(name, **kwargs)

@@ -512,9 +512,11 @@ def _what_is_wrong(key: str) -> str:
 
 
 def _order_error(where: str) -> ValueError:
-    return ValueError(f"MacKayAdam.load_state_dict: {where}: the param groups, or the parameters in them, are "
-                      "in another order than when the state was saved (groups are matched by position, as "
-                      "in torch); build them in the same order, e.g. with ard_param_groups(model)")
+    return ValueError(f"MacKayAdam.load_state_dict: {where}: a state from another model (another architecture "
+                      "or width), or the param groups, or the parameters in them, in another order than when "
+                      "the state was saved (groups are matched by position, as in torch). Load it into the "
+                      "model it was saved from, with the groups built in the same order, e.g. with "
+                      "ard_param_groups(model); nothing was loaded")
 
 
 def _new_bucket(group, adam_key, tracks) -> dict[str, Any]:

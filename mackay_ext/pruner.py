@@ -1313,7 +1313,7 @@ class MacKayPruner(StandalonePrior):
         """Every curvature the update would read is 0: no training step has reached the pruner."""
         if self.channel is not None:
             return not any(bool(self.channel.curvature(name).any()) for name in self.channel.members)
-        return not any(bool(self.curvature_estimate(name).any()) for name in self.targets)
+        return not any(bool(self.curvature(name).any()) for name in self.targets)
 
     def _warn_no_curvature(self) -> None:
         """The first update with no training step behind it sets alpha from the weights alone
@@ -1521,7 +1521,9 @@ class MacKayPruner(StandalonePrior):
         the layer's gradient leaves as it was, a layer no step since the last update had a gradient
         for is idle too (a continual learner's first task's head, untouched in the second, was
         pruned further from its stale h)."""
-        reached = {name: bool(self.curvature_estimate(name).any()) for name in self.targets}
+        # (the stored curvature, not its estimate: ef-batch's h / (1 - rho^t) is 0 where h is, and
+        # forming it for every layer twice an update cost a full-size division each time)
+        reached = {name: bool(self.curvature(name).any()) for name in self.targets}
         idle = {name for name, yes in reached.items() if not yes} if any(reached.values()) else set()
         if self.curvature_kind == "ef-batch" and self._steps_since_update and self._fed_since_update:
             idle |= {name for name in self.targets if name not in self._fed_since_update}
@@ -1803,7 +1805,8 @@ class MacKayPruner(StandalonePrior):
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": {n: self.alpha(n).detach().clone() for n in self.targets},
                 "curvature": {n: self.curvature(n).detach().clone() for n in self.targets},
-                "curvature_steps": {n: self._curvature_steps(n) for n in self.targets},
+                # (t unknown, inf, is left out, as the states saved before t was kept left it)
+                "curvature_steps": {n: t for n in self.targets if (t := self._curvature_steps(n)) != math.inf},
                 "granularity": dict(self.granularity), "split_from": dict(self.split_from),
                 "history": list(self.history),
                 "steps_since_update": self._steps_since_update,
@@ -1998,8 +2001,9 @@ class MacKayPruner(StandalonePrior):
                 ard = self.optimizer.ard_state(target.param)
                 ard["alpha"] = alpha.clone()
                 ard["curvature"].copy_(curvature)
-                if steps != math.inf:
-                    self._loaded_steps[name] = (ard, float(ard["step"]), steps)
+                # (inf: h read as it is from here on, as on the hooks' path; t = the optimizer's
+                # step count read a state saved 40 steps in at 3x the h its writer used)
+                self._loaded_steps[name] = (ard, float(ard["step"]), steps)
             else:
                 self._own[name]["alpha"] = alpha.clone()
                 self._own[name]["curvature"] = curvature.clone()

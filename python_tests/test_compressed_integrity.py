@@ -115,6 +115,22 @@ def test_a_file_written_before_the_digest_loads_with_a_warning(saved, tmp_path):
         torch.testing.assert_close(model(x), expected)
 
 
+def test_a_named_file_written_before_model_kwargs_were_saved_loads_by_name(tmp_path):
+    """Files written before model_kwargs joined the payload (every CLI model.pt of then) name
+    their model alone: read with the model's defaults (a bare KeyError: 'model_kwargs' before)."""
+    torch.manual_seed(0)
+    model = models.create("lenet-300-100").eval()
+    save_compressed(model, tmp_path / "named.pt", model_name="lenet-300-100")
+    payload = torch.load(tmp_path / "named.pt", weights_only=True)
+    del payload["digest"], payload["model_kwargs"]
+    torch.save(payload, tmp_path / "old.pt")
+    with pytest.warns(UserWarning, match="carries no checksum"):
+        loaded = load_compressed(tmp_path / "old.pt")
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
 def test_a_named_model_whose_sparse_layers_have_no_bias_loads_by_name(tmp_path):
     """ResNet convs have no bias: the file's shapes must not claim one (the meta-device check)."""
     torch.manual_seed(0)

@@ -331,6 +331,32 @@ def test_older_checkpoint_without_step_counts_reads_h_as_it_is():
     assert torch.equal(other.channel.curvature_estimate("0.bias"), state["channel"]["own_curvature"]["0.bias"])
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "mackay_adam"])
+def test_a_state_without_step_counts_reads_h_as_it_is_on_both_paths_and_saves_again(optimizer):
+    """A state saved before t was kept is read as its writer read it, raw h, under MacKayAdam
+    too (its t was taken from the optimizer's step count: 3x h for a state saved 40 steps in,
+    where the hooks' path read h), and saved and loaded again (the unknown t, inf, was saved and
+    then refused as no step count)."""
+    x, y = _batch()
+    model = _model()
+    first = OPTIMIZERS[optimizer](model)
+    pruner = _pruner(model, first)
+    _steps(model, first, x, y, 40)
+    state = copy.deepcopy(pruner.state_dict())
+    del state["curvature_steps"]
+    other_model = _model()
+    other_optimizer = OPTIMIZERS[optimizer](other_model)
+    other = _pruner(other_model, other_optimizer)
+    other.load_state_dict(state)
+    assert torch.equal(other.curvature_estimate("0"), state["curvature"]["0"])
+    resaved = copy.deepcopy(other.state_dict())
+    assert resaved["curvature_steps"] == {}
+    again_model = _model()
+    again = _pruner(again_model, OPTIMIZERS[optimizer](again_model))
+    again.load_state_dict(resaved)
+    assert torch.equal(again.curvature_estimate("0"), state["curvature"]["0"])
+
+
 # ------------------------------------- channel members tracked by channel_ard, with MacKayAdam
 def _channel_mackay_adam(x, dtype=torch.float64):
     model = _model().to(dtype)

@@ -337,8 +337,9 @@ def test_param_groups_in_another_order_are_named_on_load():
     optimizer.step()
     saved = copy.deepcopy(optimizer.state_dict())
     reversed_groups = MacKayAdam(list(reversed(ard_param_groups(model))), lr=1e-2, num_data=50, batch_size=8)
-    with pytest.raises(ValueError, match=r"param group 0 has ard=False here and ard=True in the state: the "
-                                         r"param groups, or the parameters in them, are in another order"):
+    with pytest.raises(ValueError, match=r"param group 0 has ard=False here and ard=True in the state: a state "
+                                         r"from another model .* or the param groups, or the parameters in "
+                                         r"them, in another order"):
         reversed_groups.load_state_dict(saved)
     weights, biases = ard_param_groups(model)
     swapped = MacKayAdam([dict(weights, params=list(reversed(weights["params"]))), biases],
@@ -346,6 +347,10 @@ def test_param_groups_in_another_order_are_named_on_load():
     with pytest.raises(ValueError, match=r"parameter 0 has shape \(3, 5\) here and its saved exp_avg \(5, 6\)"):
         swapped.load_state_dict(saved)
     assert all(not state for state in swapped.state.values())   # nothing was loaded
+    wider = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 3))   # another model
+    with pytest.raises(ValueError, match=r"parameter 0 has shape \(9, 6\) here and its saved exp_avg \(5, 6\): "
+                                         r"a state from another model \(another architecture or width\)"):
+        MacKayAdam(ard_param_groups(wider), lr=1e-2, num_data=50, batch_size=8).load_state_dict(saved)
 
 
 @pytest.mark.parametrize("device", DEVICES)
