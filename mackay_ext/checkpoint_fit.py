@@ -6,11 +6,13 @@ not at all: the pruner took the new N while the optimizer kept the saved one).""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._validate import user_stacklevel
 from .data import Splits
 
 # what Trainer.state() writes; "data" (the training set's summary) is newer and optional
@@ -44,7 +46,8 @@ def check_checkpoint_fits(state: Any, path: str, model: nn.Module, data_summary:
         raise ValueError(f"{where} is not a checkpoint written by Trainer.save_checkpoint (it lacks "
                          f"{', '.join(missing)})")
     _check_same_network(state, where, model)
-    _check_same_training_set(state.get("data"), where, data_summary)
+    _check_same_training_set(state.get("data") if "data" in state else _older_summary(state, where),
+                             where, data_summary)
     _check_position(state["position"], where)
 
 
@@ -80,13 +83,31 @@ def _check_same_network(state: dict, where: str, model: nn.Module) -> None:
                              f"{shape(saved.get(key))} there, {shape(ours.get(key))} in this Trainer's model")
 
 
+def _older_summary(state: dict, where: str) -> dict[str, Any] | None:
+    """A checkpoint written before it held the training set's summary still holds N, the pruner's
+    num_data: its size is checked from that (such a checkpoint resumed on a set of another size
+    with the optimizer's N the saved one and the pruner's the new one), and the check of its
+    contents, which cannot be made, is said."""
+    settings = state["pruner"].get("settings") if isinstance(state["pruner"], dict) else None
+    num_data = settings.get("num_data") if isinstance(settings, dict) else None
+    warnings.warn(f"{where} was written before checkpoints recorded the training set: whether this is the "
+                  "run's own training set cannot be checked beyond its size"
+                  + ("" if isinstance(num_data, (int, float)) else " (which it does not hold either)"),
+                  UserWarning, stacklevel=user_stacklevel())
+    if not isinstance(num_data, (int, float)):
+        return None
+    return {"examples": int(num_data) if float(num_data).is_integer() else num_data}
+
+
 def _check_same_training_set(saved: Any, where: str, ours: dict[str, Any]) -> None:
     if not isinstance(saved, dict):
-        return   # written before checkpoints held the summary
-    if saved.get("examples") != ours["examples"] or saved.get("example_shape") != ours["example_shape"]:
+        return   # written before checkpoints held the summary, nor N (said by _older_summary)
+    shape = saved.get("example_shape", ours["example_shape"])   # (an older checkpoint's: N alone)
+    if saved.get("examples") != ours["examples"] or shape != ours["example_shape"]:
+        theirs = f" of shape {tuple(shape or ())}" if "example_shape" in saved else ""
         raise ValueError(
-            f"{where} was saved by a run on {saved.get('examples')} training examples of shape "
-            f"{tuple(saved.get('example_shape') or ())}; this Trainer's training split has {ours['examples']} "
+            f"{where} was saved by a run on {saved.get('examples')} training examples{theirs}; this "
+            f"Trainer's training split has {ours['examples']} "
             f"of shape {tuple(ours['example_shape'])}. N enters every precision update and MacKayAdam's "
             "prior: resume with the run's own training set, or start a new run")
     for key in ("x_sum", "x_square_sum", "y_sum"):

@@ -52,6 +52,32 @@ def test_another_training_set_is_refused(checkpoint, data, message):
     assert trainer.optimizer.param_groups[0]["num_data"] == trainer.pruner.num_data == len(data.x_train)
 
 
+def _older(checkpoint: str, path) -> str:
+    """The checkpoint as versions before the training-set summary wrote it (no summary, no digest)."""
+    from mackay_ext._checksum import DIGEST_KEY
+    state = torch.load(checkpoint, weights_only=True)
+    del state["data"], state[DIGEST_KEY]
+    torch.save(state, path)
+    return str(path)
+
+
+def test_an_older_checkpoint_is_checked_by_its_n_and_says_what_cannot_be(checkpoint, tmp_path):
+    """It held no summary and resumed on a set of another size with two N (the optimizer's saved
+    one, the pruner's new one), and on another set of its size with no word."""
+    older = _older(checkpoint, tmp_path / "older.pt")
+    trainer = Trainer(_net(), _splits(train=30), CONFIG)
+    with pytest.warns(UserWarning, match="before checkpoints recorded the training set"), \
+            pytest.raises(ValueError, match=r"was saved by a run on 40 training examples; this Trainer's training "
+                                            r"split has 30 of shape \(6,\)"):
+        trainer.load_checkpoint(older)
+    assert trainer.optimizer.param_groups[0]["num_data"] == trainer.pruner.num_data == 30
+    trainer = Trainer(_net(), _splits(seed=1), CONFIG)
+    with pytest.warns(UserWarning, match="whether this is the run's own training set cannot be checked beyond "
+                                         "its size"):
+        trainer.load_checkpoint(older)
+    assert trainer.optimizer.param_groups[0]["num_data"] == trainer.pruner.num_data == 40
+
+
 def test_another_network_is_named_before_the_phase_lengths(checkpoint):
     """It failed on the phase lengths first, then with torch's raw state_dict message."""
     config = FitConfig(pretrain_epochs=3, rounds=1, epochs=1, batch_size=8)
