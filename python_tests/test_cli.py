@@ -155,6 +155,21 @@ def test_cli_resume_finished_checkpoint(digits_run, tmp_path):
     assert second["test_accuracy"] == first["test_accuracy"]
 
 
+def test_a_checkpoint_without_a_checksum_is_said_once_in_the_commands_own_words(digits_run, tmp_path):
+    """An older version's checkpoint (no digest) resumed: Python's warning format named a line of
+    the library and printed its source under it, twice (the command and the Trainer each read
+    the file)."""
+    out, _ = digits_run
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["digest"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    result = cli("prune", "--resume", str(tmp_path / "checkpoint.pt"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if "carries no checksum" in line]
+    assert len(said) == 1 and said[0].startswith("mackay-ext: warning: checkpoint ")
+    assert "Warning:" not in result.stderr and "load_sealed(" not in result.stderr
+
+
 @pytest.mark.parametrize("edit", ["unknown-model", "alpha-shape", "damaged"])
 def test_cli_resume_damaged_checkpoint_fails_in_one_line_before_training(digits_run, tmp_path, edit):
     """Damage is found by the checkpoint's digest; a deliberate edit (its digest made again)

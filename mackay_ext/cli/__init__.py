@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from .. import data as datasets  # noqa: F401  (tests patch its loader through here)
 from .. import models  # noqa: F401
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     command = parser.subcommands[args.command]  # its errors print its own usage line
+    default_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         if args.command == "prune":
             return run_prune(args, command, _given_flags(argv, args))
@@ -31,6 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before training started, or while writing the results
         print("mackay-ext: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = default_format
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """The library's warnings as the command's own lines: Python's format named a file and line
+    of the library and printed its source line under each (`state = load_sealed(...)`), which
+    says nothing to someone at a shell. (-W error and the other filters still apply.)"""
+    return f"mackay-ext: warning: {message}\n"
 
 
 __all__ = ["main", "save_model", "run_prune", "run_evaluate", "RECIPES", "GENERIC_RECIPE",

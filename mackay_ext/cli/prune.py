@@ -9,6 +9,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -161,7 +162,9 @@ def run_prune(args, parser, given: set[str] = frozenset()) -> int:
     settings, changed, resumed = _settings(args, given, parser), [], None
     if args.resume:
         try:
-            state = load_sealed(args.resume, "checkpoint")
+            with warnings.catch_warnings():   # (the Trainer reads the file again, and says it then)
+                warnings.filterwarnings("ignore", message=".*carries no checksum")
+                state = load_sealed(args.resume, "checkpoint")
         except (OSError, UnsafeFileError, CorruptFileError) as error:
             return _fail(error)
         saved = _checkpoint_settings(state, args.resume, parser)
