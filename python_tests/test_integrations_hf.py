@@ -259,6 +259,17 @@ def test_bad_arguments():
             MacKayCallback(**options)
 
 
+def test_a_threshold_on_the_other_criterions_scale_is_said_once(tmp_path):
+    """The callback checks the pruner's options when built and builds its pruner when training
+    starts: the note on a threshold's scale came from each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback = MacKayCallback(num_data=NUM_DATA, update_every=5, prune="alpha", threshold=0.5, dense_ratio=0)
+        _train(tmp_path, callback, max_steps=5)
+    said = [w for w in caught if "with prune='alpha' prunes every weight" in str(w.message)]
+    assert len(said) == 1
+
+
 def test_mac_price_gets_its_example_inputs(tmp_path):
     example = {"input_ids": torch.zeros(2, 9, dtype=torch.long), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
     callback = MacKayCallback(mac_price=1e-3, example_inputs=example, **PRUNING)

@@ -77,7 +77,9 @@ def check_callback_options(who: str, pruner_options: dict[str, Any], own: set[st
     bad value would surface inside the trainer, naming neither the callback nor the option),
     and num_data and batch_size."""
     check_option_names(who, pruner_options, own)
-    check_pruner_options(who, **pruner_options)   # (the names were checked: num_data is never among them)
+    with warnings.catch_warnings():   # its notes (a threshold's scale, ...) are the pruner's to say, once,
+        warnings.simplefilter("ignore")   # when the callback builds it: said here too, each came twice
+        check_pruner_options(who, **pruner_options)   # (the names were checked: num_data is never among them)
     if num_data is not None:
         check_count(num_data, "num_data", who)
     if batch_size is not None:
