@@ -12,6 +12,7 @@ import glob
 import os
 import platform
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -69,15 +70,26 @@ if CUDA_HOME:
     # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
     os.environ["CUDA_HOME"] = CUDA_HOME
 
+# commands that write the source archive or read the metadata build no kernels and need no torch
+# (a packager's `python -m build --sdist` runs in an isolated environment without it)
+_COMMANDS = set(sys.argv[1:])
+SOURCE_ONLY = bool({"sdist", "egg_info", "dist_info"} & _COMMANDS) and not (
+    {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel"} & _COMMANDS)
+
 try:
     import torch  # noqa: E402
 except ModuleNotFoundError as missing:   # pip's default build isolation: a fresh environment without it
     if missing.name != "torch":   # (a torch that is there but broken says so itself)
         raise
-    raise SystemExit("mackay_ext builds its kernels against the torch it will run with, which this build "
-                     "environment lacks: install torch first, then `pip install --no-build-isolation .` "
-                     "(pip's isolated build cannot see it)") from None
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+    if not SOURCE_ONLY:
+        raise SystemExit("mackay_ext builds its kernels against the torch it will run with, which this build "
+                         "environment lacks: install torch first, then `pip install --no-build-isolation .` "
+                         "(pip's isolated build cannot see it)") from None
+    torch = None
+if torch is not None:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+else:   # (a source-only command: nothing below builds)
+    from setuptools.command.build_ext import build_ext as BuildExtension  # noqa: E402
 
 
 def want_cuda():
@@ -209,7 +221,7 @@ setup(
     version="0.1.0",
     description="MacKay evidence-framework (ARD) compression for PyTorch, with fused C++/CUDA kernels",
     packages=find_packages(include=["mackay_ext", "mackay_ext.*"]),
-    ext_modules=[] if _env_flag("MACKAY_EXT_NO_KERNELS") else [make_extension()],
+    ext_modules=[] if _env_flag("MACKAY_EXT_NO_KERNELS") or torch is None else [make_extension()],
     cmdclass={"build_ext": BuildAndCheck},
     python_requires=">=3.10",
     # tqdm: progress bars on a terminal; matplotlib: the plots every run writes

@@ -19,13 +19,27 @@ def _tracked_files() -> list[str]:
     return [path for path in listed.stdout.splitlines() if os.path.isfile(os.path.join(ROOT, path))]
 
 
-def test_the_sdist_holds_every_source_the_build_and_tests_read(tmp_path):
+# setup.py run with torch unimportable, as in the isolated environment of `python -m build --sdist`
+WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['setup.py', *sys.argv[1:]]; "
+                 "runpy.run_path('setup.py', run_name='__main__')")
+
+
+def _copy_of_tracked_files(tmp_path) -> tuple[list[str], object]:
     tracked = _tracked_files()
     tree = tmp_path / "tree"
     for path in tracked:   # (a copy: setup.py writes its build record into the tree it runs in)
         (tree / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.join(ROOT, path), tree / path)
-    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
+    return tracked, tree
+
+
+@pytest.mark.parametrize("torch_there", [True, False])
+def test_the_sdist_holds_every_source_the_build_and_tests_read(tmp_path, torch_there):
+    """With torch or without it (a packager's isolated sdist build: setup.py imported torch for
+    every command, and refused)."""
+    tracked, tree = _copy_of_tracked_files(tmp_path)
+    start = [sys.executable, "setup.py"] if torch_there else [sys.executable, "-c", WITHOUT_TORCH]
+    result = subprocess.run([*start, "-q", "sdist", "--dist-dir", str(tmp_path / "dist")],
                             cwd=tree, capture_output=True, text=True, timeout=300, env={**os.environ, "FORCE_CPU": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     (archive,) = (tmp_path / "dist").glob("*.tar.gz")
@@ -38,3 +52,10 @@ def test_the_sdist_holds_every_source_the_build_and_tests_read(tmp_path):
     missing = [path for path in wanted if path not in inside]
     assert not missing, f"the sdist lacks {missing}"
     assert "mackay_ext/_build_info.py" not in inside and not any(name.endswith(".so") for name in inside)
+
+
+def test_a_build_without_torch_still_says_how_to_install(tmp_path):
+    _, tree = _copy_of_tracked_files(tmp_path)
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, "-q", "build_ext"], cwd=tree,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "pip install --no-build-isolation ." in result.stderr
