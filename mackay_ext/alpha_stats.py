@@ -1,6 +1,6 @@
 """What a pruner's report says of a layer's alphas, in a few passes however large the layer:
 its update's report listed quantiles read by sorting every alpha in float64, 2 of the 3.4 s an
-update of a 4096x4096 layer took (the precision update itself: 0.03 s)."""
+update of a 29M-weight MLP took on one thread (the precision update itself: 0.03 s)."""
 from __future__ import annotations
 
 import math

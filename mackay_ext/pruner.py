@@ -1165,7 +1165,8 @@ class MacKayPruner(StandalonePrior):
         """One MacKay re-estimation of every ARD weight's alpha, then pruning (prune=False:
         alpha only, e.g. while it settles in the first updates). Returns a report:
         per layer the total and kept weights, total and kept groups, sum of gamma, alpha
-        quantiles and what happened ("warmup", "kept_strongest"); overall totals, the sparsity,
+        quantiles (mackay_ext.alpha_stats: min and max exact, p5/p50/p95 from a sample of a very
+        large layer) and what happened ("warmup", "kept_strongest"); overall totals, the sparsity,
         "excluded" (parameters without a prior, and why) and "notes"."""
         if not isinstance(prune, bool):
             raise TypeError(f"MacKayPruner.update: prune must be True or False, got {prune!r}")
