@@ -14,6 +14,7 @@ from torch import nn
 
 from ._validate import user_stacklevel
 from .data import Splits
+from .pruner import check_state_format
 
 # what Trainer.state() writes; "data" (the training set's summary) is newer and optional
 CHECKPOINT_KEYS = ("model", "optimizer", "pruner", "position", "history", "best", "dense_test_accuracy",
@@ -45,6 +46,8 @@ def check_checkpoint_fits(state: Any, path: str, model: nn.Module, data_summary:
     if missing:
         raise ValueError(f"{where} is not a checkpoint written by Trainer.save_checkpoint (it lacks "
                          f"{', '.join(missing)})")
+    if isinstance(state["pruner"], dict):   # before anything else: a later version's checkpoint is misread
+        check_state_format(state["pruner"], where)
     _check_same_network(state, where, model)
     _check_same_training_set(state.get("data") if "data" in state else _older_summary(state, where),
                              where, data_summary)

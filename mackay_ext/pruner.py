@@ -1804,7 +1804,7 @@ class MacKayPruner(StandalonePrior):
             self._micro_batches.seen = self.accumulator.num_examples
 
     def state_dict(self) -> dict[str, Any]:
-        return {"alpha": {n: self.alpha(n).detach().clone() for n in self.targets},
+        return {"format": STATE_FORMAT, "alpha": {n: self.alpha(n).detach().clone() for n in self.targets},
                 "curvature": {n: self.curvature(n).detach().clone() for n in self.targets},
                 # (t unknown, inf, is left out, as the states saved before t was kept left it)
                 "curvature_steps": {n: t for n in self.targets if (t := self._curvature_steps(n)) != math.inf},
@@ -1882,6 +1882,7 @@ class MacKayPruner(StandalonePrior):
                             f"{type(state).__name__}")
         if not isinstance(fresh, (list, tuple, set, frozenset)) or not all(isinstance(name, str) for name in fresh):
             raise TypeError(f"{where}: fresh must be a list of layer names, got {fresh!r}")
+        check_state_format(state, where)
         if fresh:
             state = self._with_own_layers(state, fresh, where)
         absent = [key for key in ("alpha", "curvature") if key not in state]
@@ -2031,6 +2032,24 @@ class MacKayPruner(StandalonePrior):
             for name, target in self.targets.items():
                 target.param.masked_fill_(pruned[name].expand_as(target.param), 0)
                 self._alpha_view(name)   # and its state (_hold_pruned_state_at_zero)
+
+
+# The format of state_dict(): raised when a change makes an earlier version misread a state (a
+# key it would ignore, or read otherwise); a version refuses a state of a later format. States
+# written before it was kept hold none: format 0.
+STATE_FORMAT = 1
+
+
+def check_state_format(state: Mapping[str, Any], where: str) -> None:
+    """Refuse a state written by a later mackay_ext than this one reads (it would be misread)."""
+    written = state.get("format", 0)
+    if not isinstance(written, int) or isinstance(written, bool) or written < 0:
+        raise ValueError(f"{where}: the state's format must be a whole number >= 0, got {written!r} "
+                         "(a damaged or edited state)")
+    if written > STATE_FORMAT:
+        raise ValueError(f"{where}: the state was written by a later mackay_ext (pruner state format "
+                         f"{written}; this version reads up to {STATE_FORMAT}), which this one would misread: "
+                         "load it with that version or a later one")
 
 
 def _check_saved_fields(state: Mapping[str, Any], where: str, layers: set[str]) -> None:

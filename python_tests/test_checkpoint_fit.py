@@ -78,6 +78,29 @@ def test_an_older_checkpoint_is_checked_by_its_n_and_says_what_cannot_be(checkpo
     assert trainer.optimizer.param_groups[0]["num_data"] == trainer.pruner.num_data == 40
 
 
+@pytest.mark.parametrize("written, message", [
+    (2, r"written by a later mackay_ext \(pruner state format 2; this version reads up to 1\)"),
+    ("1", r"the state's format must be a whole number >= 0, got '1'"),
+])
+def test_a_later_versions_state_is_refused_before_it_is_read(checkpoint, tmp_path, written, message):
+    """A pruner state (alone, or in a checkpoint) of a later format would be misread: an earlier
+    version that did not know a key resumed a later version's run to another result, no word."""
+    from mackay_ext._checksum import DIGEST_KEY, payload_digest
+    trainer = Trainer(_net(), _splits(), CONFIG)
+    state = trainer.pruner.state_dict()
+    assert state["format"] == 1
+    with pytest.raises(ValueError, match=message):
+        trainer.pruner.load_state_dict(dict(state, format=written))
+    del state["format"]   # written before the format was kept: read as format 0
+    trainer.pruner.load_state_dict(state)
+    saved = torch.load(checkpoint, weights_only=True)
+    saved["pruner"]["format"] = written
+    saved[DIGEST_KEY] = payload_digest({k: v for k, v in saved.items() if k != DIGEST_KEY})
+    torch.save(saved, tmp_path / "later.pt")
+    with pytest.raises(ValueError, match=message):
+        trainer.load_checkpoint(str(tmp_path / "later.pt"))
+
+
 def test_another_network_is_named_before_the_phase_lengths(checkpoint):
     """It failed on the phase lengths first, then with torch's raw state_dict message."""
     config = FitConfig(pretrain_epochs=3, rounds=1, epochs=1, batch_size=8)
