@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -31,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from _hardware import cpu_name
+from _tables import write_tables
 from mackay_ext import ops
 from mackay_ext.optim import MacKayAdam, ard_param_groups
 from mackay_ext.pruner import MacKayPruner
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WIDTHS = (2048, 4096, 4096, 1024)
 QUICK_WIDTHS = (256, 512, 512, 128)
 BATCH, NUM_DATA, UPDATE_EVERY = 16, 50_000, 430
@@ -205,11 +204,7 @@ def main() -> None:
     text = markdown(report)
     print(text)
     if not args.quick:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, "pruner_update.json"), "w") as handle:
-            json.dump(report, handle, indent=1)
-        with open(os.path.join(RESULTS_DIR, "pruner_update.md"), "w") as handle:
-            handle.write(text)
+        write_tables("pruner_update", report, text)
 
 
 if __name__ == "__main__":

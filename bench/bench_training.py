@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
 import random
 import statistics
 import time
@@ -47,12 +45,12 @@ from torch import nn
 
 from _extra_work import extra_work
 from _hardware import cpu_name
+from _tables import write_tables
 from mackay_ext import models
 from mackay_ext.kept_pattern import MAX_SPARSE_DENSITY
 from mackay_ext.optim import MacKayAdam, ard_param_groups
 from mackay_ext.pruner import MacKayPruner
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 UPDATE_EVERY = 430   # mackay_ext.recipes.UPDATE_EVERY_STEPS: about one MNIST epoch at batch 128
 SAMPLED = 4          # curvature_every of the sampled variants
 # kept fractions of the "ef-exact, K% kept" variants: 10% is where the lenet-300-100-weight
@@ -360,11 +358,7 @@ def main() -> None:
     text = markdown(report)
     print(text)
     if not args.quick and args.models == list(CASES):   # a partial run leaves the committed tables alone
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        with open(os.path.join(RESULTS_DIR, "training.json"), "w") as handle:
-            json.dump(report, handle, indent=1)
-        with open(os.path.join(RESULTS_DIR, "training.md"), "w") as handle:
-            handle.write(text)
+        write_tables("training", report, text)
 
 
 if __name__ == "__main__":
