@@ -102,6 +102,31 @@ def _warn_counts_of_examples(model, num_data: float) -> None:
                   stacklevel=user_stacklevel())
 
 
+def _tokens_per_row(num_data: float, loader) -> float | None:
+    """num_data over the training set's rows where it counts more than them (label tokens, as the
+    class docstring asks of a model that averages its loss over them), else None."""
+    try:
+        rows = len(loader.dataset)
+    except (AttributeError, TypeError):
+        return None
+    return num_data / rows if rows and num_data > 1.5 * rows else None
+
+
+def _in_tokens(model, step_rows: float, per_row: float, num_data: float) -> float:
+    """B of a step in num_data's unit when only num_data was given in label tokens: the step's
+    rows times the tokens a row holds on average (B left as the step's rows made h per_row times
+    too small: a GPT-2 on a next-token task kept 3.1% of its weights at 0.011 accuracy, 13.7% at
+    0.994 with B in tokens, and nothing said so). Said, with how to give it exactly."""
+    batch = min(step_rows * per_row, num_data)
+    name = type(getattr(model, "module", model)).__name__
+    warnings.warn(f"MacKayCallback: {name} averages its loss over label tokens (num_items_in_batch) and num_data "
+                  f"counts {per_row:.3g} a row of the training set, but batch_size was not given: B is read in the "
+                  f"same unit, the step's {step_rows:g} rows x {per_row:.3g} = {batch:g} label tokens. Pass "
+                  "batch_size=<label tokens of one optimizer step> where rows hold different numbers of them",
+                  UserWarning, stacklevel=user_stacklevel())
+    return batch
+
+
 def _loss_scale(optimizer) -> float:
     """GradScaler's scale, by which the gradients the hooks measured are multiplied (accelerate's
     optimizer wrapper holds the scaler); 1 without one."""
@@ -134,7 +159,9 @@ class MacKayCallback(TrainerCallback):
             model already fitted to the task may.
         batch_size: B of the ef-batch curvature when the optimizer is not a MacKayAdam; default
             the effective batch per_device_train_batch_size x gradient_accumulation_steps x
-            world_size. The curvature h <- rho h + (1 - rho) B g^2 is read once per optimizer step
+            world_size (for a model that averages its loss over label tokens, with num_data above
+            the training set's rows: that times num_data / rows, the tokens a row holds on
+            average, and said). The curvature h <- rho h + (1 - rho) B g^2 is read once per optimizer step
             from the gradient the optimizer used (accumulated, averaged over DDP ranks, unscaled,
             clipped; integrations._step_curvature), so every rank computes the same alpha and
             accumulation A x batch b estimates what one batch of A b does. That gradient is the
@@ -310,14 +337,21 @@ class MacKayCallback(TrainerCallback):
         if self.pruner_options.get("granularity") == "channel" or self.pruner_options.get("mac_price"):
             options["example_inputs"] = self.example_inputs
         num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
-        if self.num_data is None and _loss_normalisation(model) == "model":
-            _warn_counts_of_examples(model, num_data)
+        per_row = None   # label tokens a row on average, where num_data counts tokens and B was not given
+        if _loss_normalisation(model) == "model":
+            if self.num_data is None:
+                _warn_counts_of_examples(model, num_data)
+            elif self.batch_size is None:
+                per_row = _tokens_per_row(num_data, train_dataloader)
+        batch_size = self._batch_size(args, model, num_data)
+        if per_row is not None:
+            batch_size = _in_tokens(model, batch_size, per_row, num_data)
         if isinstance(optimizer, MacKayAdam):
             # its param groups' batch_size is the one used: check it, pass none (the pruner
             # warns about a value given to it that it does not use)
-            self._check_mackay_adam(optimizer, self._batch_size(args, model, num_data))
+            self._check_mackay_adam(optimizer, batch_size)
         else:
-            options["batch_size"] = self._batch_size(args, model, num_data)
+            options["batch_size"] = batch_size
         pruner = StepCurvaturePruner(model, optimizer, num_data=num_data, **options)
         if carried is not None:
             try:
@@ -367,9 +401,11 @@ class MacKayCallback(TrainerCallback):
     def _check_mackay_adam(optimizer, expected: float) -> None:
         given = mackay_adam_batch_mismatch(optimizer, expected)
         if given:
-            logger.warning("MacKayCallback: the MacKayAdam's batch_size is %s, but one optimizer step of "
-                           "this Trainer reads a gradient whose curvature needs batch_size=%g (per-device "
-                           "batch x accumulation x processes, see MacKayCallback's batch_size)", given, expected)
+            # (a warning, not a log line: -W error and catch_warnings see it)
+            warnings.warn(f"MacKayCallback: the MacKayAdam's batch_size is {given}, but one optimizer step of this "
+                          f"Trainer reads a gradient whose curvature needs batch_size={expected:g} (per-device batch "
+                          "x accumulation x processes, see MacKayCallback's batch_size)", UserWarning,
+                          stacklevel=user_stacklevel())
 
     # ------------------------------------------------------------- checkpoints
     def on_save(self, args, state, control, **kwargs):
