@@ -21,6 +21,8 @@ from torch.nn.utils.parametrize import ParametrizationList
 from torch.nn.utils.spectral_norm import SpectralNorm   # the hook forms, before parametrize
 from torch.nn.utils.weight_norm import WeightNorm
 
+from .coupling.groups import is_hf_conv1d
+
 GRANULARITIES = ("weight", "input", "output", "filter")
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -32,8 +34,9 @@ _RECURRENT = (nn.RNNBase, nn.RNNCellBase)  # nn.LSTM, nn.GRU, nn.RNN and their c
 @dataclass
 class ARDTarget:
     """One parameter under an ARD prior. `layout` says which dimensions are the groups:
-    "linear" (out, in), "conv" (out, in/groups, *kernel), "conv_transpose" (in, out/groups,
-    *kernel), "embedding" (tokens, features) or "other" (no known groups)."""
+    "linear" (out, in), "linear_in_out" (in, out: transformers' Conv1D), "conv" (out,
+    in/groups, *kernel), "conv_transpose" (in, out/groups, *kernel), "embedding" (tokens,
+    features) or "other" (no known groups)."""
 
     name: str
     param: nn.Parameter
@@ -64,6 +67,8 @@ def _layout(module: nn.Module, attr: str) -> str:
         return "embedding"
     if isinstance(module, nn.Linear) and attr == "weight":
         return "linear"
+    if attr == "weight" and is_hf_conv1d(module):
+        return "linear_in_out"
     if isinstance(module, _RECURRENT) and attr.startswith("weight_"):
         return "linear"   # weight_ih_l{k}: (gates * hidden, input), weight_hh: (gates * hidden, hidden)
     if isinstance(module, nn.MultiheadAttention) and attr in ("in_proj_weight", "q_proj_weight",
@@ -97,6 +102,8 @@ def alpha_shape_for(layout: str, shape: tuple[int, ...], granularity: str,
                              f"convolution (groups={groups}): use 'input' or 'weight'")
         return (1, shape[1]) + ones
     if layout == "embedding":  # rows are tokens (the input), columns the features
+        return (shape[0], 1) if granularity in ("input", "filter") else (1, shape[1])
+    if layout == "linear_in_out":   # transformers' Conv1D (GPT-2's projections): a Linear stored (in, out)
         return (shape[0], 1) if granularity in ("input", "filter") else (1, shape[1])
     # linear: (out, in)
     return (1, shape[1]) + ones if granularity in ("input", "filter") else (shape[0], 1) + ones

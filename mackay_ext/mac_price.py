@@ -33,6 +33,7 @@ from torch import nn
 from ._alpha import group_dims
 from ._eval_mode import eval_mode
 from .coupling import CouplingError, trace_coupling
+from .coupling.groups import is_hf_conv1d
 from .coupling.trace import split_inputs
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -42,14 +43,14 @@ _COUNTED = (nn.Linear, nn.Embedding, *_CONV, *_CONV_TRANSPOSE)
 
 def weight_uses(model: nn.Module, example_inputs) -> dict[int, float]:
     """id(weight) -> how many multiply-accumulates each of its entries costs per example, for the
-    weight of every Linear, Conv, ConvTranspose and Embedding the forward on example_inputs runs
-    (summed over the modules of a tied weight); from one forward in eval mode without gradients,
-    so nothing (BatchNorm statistics) is updated."""
+    weight of every Linear (transformers' Conv1D too), Conv, ConvTranspose and Embedding the
+    forward on example_inputs runs (summed over the modules of a tied weight); from one forward
+    in eval mode without gradients, so nothing (BatchNorm statistics) is updated."""
     args, kwargs = split_inputs(example_inputs, model)
     batch = _batch_size(args, kwargs)
     uses: dict[int, float] = {}
     hooks = [module.register_forward_hook(_recorder(module, batch, uses))
-             for module in model.modules() if isinstance(module, _COUNTED)]
+             for module in model.modules() if isinstance(module, _COUNTED) or is_hf_conv1d(module)]
     try:
         with eval_mode(model), torch.no_grad():
             model(*args, **kwargs)
@@ -64,8 +65,8 @@ def target_uses(uses: dict[int, float], targets: dict) -> dict[str, float]:
     missing = [t.description for t in targets.values() if id(t.param) not in uses]
     if missing:
         raise ValueError(f"MacKayPruner: mac_price cannot count the MACs of {'; '.join(missing)}: not the "
-                         "weight of a Linear, Conv, ConvTranspose or Embedding that the forward on "
-                         "example_inputs ran (pass layers= without them)")
+                         "weight of a Linear (or transformers' Conv1D), Conv, ConvTranspose or Embedding that "
+                         "the forward on example_inputs ran (pass layers= without them)")
     return {name: uses[id(t.param)] for name, t in targets.items()}
 
 
@@ -78,9 +79,9 @@ def _batch_size(args, kwargs) -> int:
 
 def _recorder(module, batch, uses):
     def record(_module, inputs, output):
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or is_hf_conv1d(module):   # (Conv1D: nf outputs)
             # output (batch, ..., out): each weight is used once per position of its output
-            count = output.numel() / (batch * module.out_features)
+            count = output.numel() / (batch * module.weight.shape[0 if isinstance(module, nn.Linear) else 1])
         elif isinstance(module, _CONV):
             count = output.numel() / (batch * module.out_channels)   # once per output position
         elif isinstance(module, _CONV_TRANSPOSE):
@@ -223,7 +224,7 @@ def _role(model: nn.Module, name: str, dim: int) -> str | None:
         return None
     if isinstance(module, (nn.Linear, *_CONV)):
         return {0: "out", 1: "in"}.get(dim)
-    if isinstance(module, _CONV_TRANSPOSE):
+    if isinstance(module, _CONV_TRANSPOSE) or is_hf_conv1d(module):   # (transformers' Conv1D: (in, out))
         return {0: "in", 1: "out"}.get(dim)
     if isinstance(module, nn.Embedding):
         return {1: "out"}.get(dim)

@@ -79,8 +79,8 @@ def test_a_layer_the_forward_never_runs_is_named():
     model = Skips()
     uses = weight_uses(model, torch.randn(2, 3))
     with pytest.raises(ValueError, match=r"cannot count the MACs of unused \(Linear.weight, shape \(3, 3\)\): "
-                                         r"not the weight of a Linear, Conv, ConvTranspose or Embedding that the "
-                                         r"forward on example_inputs ran"):
+                                         r"not the weight of a Linear \(or transformers' Conv1D\), Conv, "
+                                         r"ConvTranspose or Embedding that the forward on example_inputs ran"):
         target_uses(uses, find_targets(model, None, None)[0])
 
 
