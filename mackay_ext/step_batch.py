@@ -8,7 +8,8 @@ B's have been met with no word, each pruning far more than the data warrant:
     micro-batches, each loss divided by A): h came out A times too small, and under A = 4 95% of
     a network was pruned.
 A forward pre-hook on the model counts the examples of each training forward (with gradients:
-the first dimension of its first argument), and a hook on its output notes each backward pass
+the first dimension of its first argument, or of its first tensor keyword where it has none),
+and a hook on its output notes each backward pass
 that reaches it (the autograd graph task), per optimizer step, until the first update after a
 step (then removed: the hooks cost every step, and a run's batch_size does not change). It warns when
 batch_size equals one rank's step (under DDP) or one micro-batch of a step that took several
@@ -43,18 +44,21 @@ class StepBatchWatch:
         self.steps = 0                      # steps seen
         self.accumulated: Counter = Counter()   # (A, b) -> steps of A backward passes of b examples each
         self.rows = None   # MacKayPruner.examples_of_rows's RowExamples: a graph batch's examples
-        self.handles = [model.register_forward_pre_hook(CopyInert(self._count)),
+        self.handles = [model.register_forward_pre_hook(CopyInert(self._count), with_kwargs=True),
                         model.register_forward_hook(CopyInert(self._watch_backward))]
 
-    def _count(self, module, args) -> None:
+    def _count(self, module, args, kwargs) -> None:
+        # the first argument, or the first keyword's tensor where there is none (a Hugging Face
+        # model is called with input_ids=...: the check never ran for one)
+        first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
         if not (module.training and torch.is_grad_enabled()) or torch.compiler.is_compiling() \
-                or not args or not isinstance(args[0], torch.Tensor) or args[0].dim() == 0 or _frozen(module):
+                or not isinstance(first, torch.Tensor) or first.dim() == 0 or _frozen(module):
             return
         # SAM's second forward of the same batch is no new example; the tensor itself, not its
         # address (a loader's next batch often takes the memory of the one freed before it)
-        if not any(ref() is args[0] for ref in self.inputs):
-            self.inputs.append(weakref.ref(args[0]))
-            rows = args[0].shape[0]   # (a graph batch's nodes are its graphs' rows: examples_of_rows)
+        if not any(ref() is first for ref in self.inputs):
+            self.inputs.append(weakref.ref(first))
+            rows = first.shape[0]   # (a graph batch's nodes are its graphs' rows: examples_of_rows)
             if self.rows is not None and rows in self.rows.layouts:
                 rows = self.rows.examples
             self.forwards.append(rows)

@@ -15,9 +15,20 @@ from mackay_ext.optim import MacKayAdam, ard_param_groups
 MICRO = 16
 
 
-def _said(batch_size, passes=4, views=1, fused=False, steps=3):
+class ByKeyword(nn.Module):
+    """Called as Hugging Face models are, model(input_ids=x): no positional argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def forward(self, input_ids=None, attention_mask=None):
+        return self.body(input_ids)
+
+
+def _said(batch_size, passes=4, views=1, fused=False, steps=3, keyword=False):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
+    model = ByKeyword() if keyword else nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     if fused:
         optimizer = MacKayAdam(ard_param_groups(model), num_data=1024, batch_size=batch_size)
         pruner = MacKayPruner(model, optimizer, num_data=1024)
@@ -30,7 +41,8 @@ def _said(batch_size, passes=4, views=1, fused=False, steps=3):
             optimizer.zero_grad()
             for _ in range(passes):
                 x, y = torch.randn(MICRO, 10), torch.randint(0, 3, (MICRO,))
-                loss = sum(F.cross_entropy(model(x + 0.1 * view * torch.randn_like(x)), y) for view in range(views))
+                loss = sum(F.cross_entropy(model(input_ids=x + 0.1 * view * torch.randn_like(x)) if keyword else
+                                           model(x + 0.1 * view * torch.randn_like(x)), y) for view in range(views))
                 (loss / passes).backward()
             optimizer.step()
         pruner.update(prune=False)
@@ -38,9 +50,12 @@ def _said(batch_size, passes=4, views=1, fused=False, steps=3):
     return [w for w in caught if "batch_size" in str(w.message)]
 
 
+@pytest.mark.parametrize("keyword", [False, True], ids=["positional", "keyword"])
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-optimizer", "MacKayAdam"])
-def test_a_micro_batch_given_as_batch_size_is_said(fused):
-    said = _said(MICRO, fused=fused)
+def test_a_micro_batch_given_as_batch_size_is_said(fused, keyword):
+    """Also for a model called with its input as a keyword (input_ids=), as Hugging Face's are:
+    its examples were not counted, and nothing was said."""
+    said = _said(MICRO, fused=fused, keyword=keyword)
     assert len(said) == 1
     message = str(said[0].message)
     assert "batch_size=16 is one micro-batch" in message and "4 backward passes of 16 examples" in message
