@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 from ._validate import user_stacklevel
 from .copy_inert import CopyInert
 from .grad_writes import gradient_node, writes_grad
+from .loss_units import averages_over_tokens
 from .ddp_lockstep import world_size
 
 
@@ -44,6 +45,10 @@ class StepBatchWatch:
         self.steps = 0                      # steps seen
         self.accumulated: Counter = Counter()   # (A, b) -> steps of A backward passes of b examples each
         self.rows = None   # MacKayPruner.examples_of_rows's RowExamples: a graph batch's examples
+        # the model's own loss averages over label tokens (a Hugging Face LM's): B in sequences is
+        # then tokens-per-sequence times too small (a callback checks its units itself: off there)
+        self.token_loss = averages_over_tokens(model)
+        self.model_name = type(getattr(model, "module", model)).__name__
         self.handles = [model.register_forward_pre_hook(CopyInert(self._count), with_kwargs=True),
                         model.register_forward_hook(CopyInert(self._watch_backward))]
 
@@ -105,6 +110,15 @@ class StepBatchWatch:
             _warn(batch_size, f"one micro-batch, but an optimizer step took {passes} backward passes of {micro} "
                   "examples each (gradient accumulation), and the step's gradient is the mean over all of them",
                   passes * micro * world, f"micro-batch x accumulation steps{ranks}", passes * world)
+        elif self.token_loss and float(batch_size) == float(self.last_step * world):
+            warnings.warn(f"MacKayPruner: batch_size={batch_size:g} is the {self.last_step * world} rows (sequences) of an "
+                          f"optimizer step, but {self.model_name} averages its loss over label tokens (it divides by "
+                          "num_items_in_batch, as a causal or masked LM does): num_data and batch_size count what the "
+                          "loss averages over. Pass num_data=<label tokens in the training set> and batch_size="
+                          "<label tokens of one optimizer step>, or the curvature reads tokens-per-sequence times "
+                          "less evidence than there is and the updates prune far more (a GPT-2 lost 99.95% of its "
+                          "weights at the first). If the loss you backpropagate is a mean over sequences, this does "
+                          "not apply", RuntimeWarning, stacklevel=user_stacklevel())
         elif world > 1 and float(batch_size) == float(self.last_step):
             _warn(batch_size, f"this rank's batch (its last optimizer step read {self.last_step} examples here), "
                   f"but under DistributedDataParallel the step's gradient is the mean over all {world} ranks' "

@@ -206,3 +206,30 @@ def test_an_actor_update_through_the_frozen_critic_is_no_micro_batch():
             critic.requires_grad_(True)
         pruner.update(prune=False)
     assert [w for w in caught if "batch_size" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("units", ["sequences", "tokens"])
+def test_a_language_models_batch_counted_in_sequences_is_said_at_the_first_update(units):
+    """A GPT-2 whose loss averages over label tokens, trained in a loop of one's own with N and B
+    counting sequences: nothing was said until the first pruning update had removed 99.95% of
+    its weights. Said at the first update (the warm-up's), not where B counts tokens."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = 7 if units == "tokens" else 1   # label tokens a sequence of 8 (its first has none)
+    optimizer = MacKayAdam(ard_param_groups(model), num_data=800 * tokens, batch_size=8 * tokens)
+    pruner = MacKayPruner(model, optimizer, num_data=800 * tokens)
+    ids = torch.randint(0, 32, (8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+        pruner.update(prune=False)
+    said = [str(w.message) for w in caught if "averages its loss over label tokens" in str(w.message)]
+    if units == "tokens":
+        assert said == []
+    else:
+        assert len(said) == 1 and "batch_size=8 is the 8 rows (sequences) of an optimizer step" in said[0]

@@ -43,6 +43,8 @@ class StepCurvaturePruner(MacKayPruner):
             raise ValueError("the training-loop callbacks apply the prior themselves (proximal step, "
                              "or MacKayAdam): prior='penalty' is not available there")
         super().__init__(model, optimizer, **options)
+        if self._step_batch is not None:   # the HF callback says what N and B count itself, knowing the rows
+            self._step_batch.token_loss = False
         if "max_prune_fraction" not in options:
             # set after the build, so that what the pruner says there of an unlimited one
             # (channel_prior="norm-scale" on a BatchNorm network) is still said

@@ -15,7 +15,6 @@ saved in the Trainer's checkpoints and restored from them, and a later train() o
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -27,6 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .._checksum import load_sealed, save_sealed
 from .._validate import check_choice, user_stacklevel
+from ..loss_units import loss_normalisation
 from ..optim import MacKayAdam
 from ._clipping import ClippingWatch, NormBeforeClipping, clip_coefficient, gradients, total_norm
 from ._step_curvature import (StepCurvaturePruner, check_callback_options, check_dense_phase, check_flag,
@@ -47,46 +47,6 @@ def _inner_optimizer(optimizer):
     while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer
     return optimizer
-
-
-def _accepts_loss_kwargs(model) -> bool:
-    """The Trainer's rule: a model with `accepts_loss_kwargs`, or whose forward takes **kwargs,
-    gets num_items_in_batch and is trusted to normalise its loss over the accumulated batch."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "accepts_loss_kwargs"):
-        return bool(model.accepts_loss_kwargs)
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-# losses a forward computes itself, as a mean over its own micro-batch
-_OWN_LOSSES = ("CrossEntropyLoss(", "MSELoss(", "BCEWithLogitsLoss(", "cross_entropy(", "mse_loss(")
-
-
-def _loss_normalisation(model) -> str:
-    """Who divides the loss over accumulated micro-batches: "trainer" (the model takes no loss
-    kwargs, the Trainer divides), "model" (it reads num_items_in_batch, e.g. through
-    self.loss_function: a causal LM), "ignored" (it takes **kwargs but computes its own mean
-    loss without them, as transformers' sequence- and token-classification heads do: nobody
-    divides, and the optimizer's gradient is A times the batch mean) or "unknown" (its forward's
-    source says neither, e.g. a wrapper passing **kwargs on)."""
-    inner = getattr(model, "module", model)
-    if not _accepts_loss_kwargs(inner):
-        return "trainer"
-    if getattr(inner, "accepts_loss_kwargs", None) is True:   # the model says it normalises
-        return "model"
-    try:
-        source = inspect.getsource(type(inner).forward)
-    except (OSError, TypeError):
-        return "unknown"
-    if "num_items_in_batch" in source or "loss_function(" in source:
-        return "model"
-    if any(loss in source for loss in _OWN_LOSSES):
-        return "ignored"
-    return "unknown"
 
 
 def _warn_counts_of_examples(model, num_data: float) -> None:
@@ -269,7 +229,7 @@ class MacKayCallback(TrainerCallback):
         if accumulation == 1:
             return effective
         name = type(getattr(model, "module", model)).__name__
-        normalisation = _loss_normalisation(model)
+        normalisation = loss_normalisation(model)
         if normalisation == "ignored":   # (taken out by the pruner's gradient_scale: see on_train_begin)
             logger.info("MacKayCallback: %s takes **kwargs but computes its own mean loss, so the Trainer "
                         "does not divide it over the %d accumulated micro-batches and the gradient is %d "
@@ -338,7 +298,7 @@ class MacKayCallback(TrainerCallback):
             options["example_inputs"] = self.example_inputs
         num_data = training_set_size(self.num_data, train_dataloader, "MacKayCallback", "the training set")
         per_row = None   # label tokens a row on average, where num_data counts tokens and B was not given
-        if _loss_normalisation(model) == "model":
+        if loss_normalisation(model) == "model":
             if self.num_data is None:
                 _warn_counts_of_examples(model, num_data)
             elif self.batch_size is None:
@@ -371,7 +331,7 @@ class MacKayCallback(TrainerCallback):
         # the optimizer's gradient over the batch mean's: A where the model's loss ignores the
         # accumulation (see _batch_size); times each step's clipping factor (on_pre_optimizer_step)
         self._gradient_scale = float(accumulation) if accumulation > 1 and \
-            _loss_normalisation(model) == "ignored" else 1.0
+            loss_normalisation(model) == "ignored" else 1.0
         pruner.gradient_scale = self._gradient_scale
         if pruner.curvature_kind == "ef-exact":   # its backward passes hold undivided micro-batch means
             pruner._micro_batches.divided = self._gradient_scale == 1.0
