@@ -198,6 +198,18 @@ def test_at_end_sparsify(tmp_path):
     assert torch.equal(classifier.dense_weight(), callback.pruner.weight("classifier").detach())
 
 
+def test_at_end_sparsify_that_converts_nothing_says_no_more(tmp_path):
+    """A model sparsify leaves dense (here: the prior on no layer it converts) was told that it
+    now had sparse layers that save_model would lose."""
+    callback = MacKayCallback(at_end="sparsify", layers=["bert.embeddings.word_embeddings"], update_every=5,
+                              dense_ratio=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _train(tmp_path, callback)
+    assert not any("now has sparse layers" in str(w.message) for w in caught)
+    assert not any(type(m).__name__.startswith("Sparse") for m in trainer.model.modules())
+
+
 def test_at_end_shrink(tmp_path):
     """callback.shrunk_model: the dense model without the pruned rows and columns, computing what
     the Trainer's pruned model computes (the Trainer keeps its model)."""

@@ -459,7 +459,10 @@ class MacKayCallback(TrainerCallback):
             return
         if self.at_end == "sparsify":
             from ..convert import sparsify
-            sparsify(model)
+            from ..sparse import SparseConv2d, SparseLinear
+            sparsify(model)   # (it says what it left dense, and why)
+            if not any(isinstance(module, (SparseLinear, SparseConv2d)) for module in model.modules()):
+                return   # nothing converted (a GPT-2: Conv1D has no sparse form): save_model is as usual
             warnings.warn("MacKayCallback(at_end='sparsify'): the Trainer's model now has sparse layers, whose "
                           "tensors from_pretrained does not know: after Trainer.save_model it would re-initialise "
                           "those weights at random, with no error. Store it with mackay_ext.save_compressed("
