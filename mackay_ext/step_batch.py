@@ -111,8 +111,8 @@ class StepBatchWatch:
                   "examples each (gradient accumulation), and the step's gradient is the mean over all of them",
                   passes * micro * world, f"micro-batch x accumulation steps{ranks}", passes * world)
         elif self.token_loss and float(batch_size) == float(self.last_step * world):
-            warnings.warn(f"MacKayPruner: batch_size={batch_size:g} is the {self.last_step * world} rows (sequences) of an "
-                          f"optimizer step, but {self.model_name} averages its loss over label tokens (it divides by "
+            warnings.warn(f"MacKayPruner: batch_size={batch_size:g} is the {self.last_step * world} rows (sequences) "
+                          f"of an optimizer step, but {self.model_name} averages its loss over label tokens (it divides by "
                           "num_items_in_batch, as a causal or masked LM does): num_data and batch_size count what the "
                           "loss averages over. Pass num_data=<label tokens in the training set> and batch_size="
                           "<label tokens of one optimizer step>, or the curvature reads tokens-per-sequence times "
