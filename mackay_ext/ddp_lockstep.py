@@ -78,9 +78,11 @@ class Lockstep:
         try:
             store.wait(keys, WAIT)
         except RuntimeError:   # the store's timeout (DistStoreError is a RuntimeError)
+            missing = [str(r) for r, key in enumerate(keys) if not store.check([key])]
+            who = f"rank {', '.join(missing)} has" if missing else "some rank has"
             raise RuntimeError(
-                f"MacKayPruner.update: some rank has not made update number {compared} "
-                f"within {WAIT.seconds} s of this rank's update number {self.updates}: every rank must "
+                f"MacKayPruner.update: {who} not made update number {compared} "
+                f"within {WAIT.seconds} s of rank {rank}'s update number {self.updates}: every rank must "
                 "call update() at the same optimizer step") from None
         steps_by_rank = {r: int(store.get(key)) for r, key in enumerate(keys)}
         if len(set(steps_by_rank.values())) > 1:

@@ -23,6 +23,7 @@ from ._adam_options import check_adam_options
 from ._follow import MOMENT_KEYS, follow_param, state_dtype
 from ._validate import BACKENDS, alpha_fits, check_choice, check_count, check_initialised, check_module
 from .batch_curvature import ema_debiased
+from .sharded import refuse_sharded
 
 _STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "alpha", "curvature")
 # C-level accessors for the per-step passes over the parameters (MacKayAdam._plan)
@@ -73,6 +74,7 @@ def ard_param_groups(model: torch.nn.Module, is_ard=None) -> list[dict[str, Any]
 
 def _check_params(group: dict[str, Any]) -> None:
     """What the fused step cannot take, refused when a group is added rather than at the first step."""
+    refuse_sharded(((f"a parameter of shape {tuple(p.shape)}", p) for p in group["params"]), "MacKayAdam")
     for param in group["params"]:
         if param.is_complex():
             raise TypeError(f"MacKayAdam: complex parameters are not supported (one of shape {tuple(param.shape)}): "
@@ -162,6 +164,8 @@ class MacKayAdam(torch.optim.Optimizer):
         params: parameters or param groups; a group with ``ard=False`` (biases, norms) gets
             plain Adam in the same launch and no ARD state (see ard_param_groups).
         num_data: N, the training-set size: the ARD term adds (alpha / N) * w to the gradient.
+            Under DistributedDataParallel the whole training set, not one rank's shard (which
+            would make the prior world-size times too strong, and prune more, with no word).
         batch_size: B; when set, h <- rho h + (1 - rho) B g^2 is accumulated every step.
         curvature_decay: rho.
         decoupled_weight_decay: AdamW-style decay.

@@ -61,6 +61,7 @@ from .ard_targets import (
 )
 from .batch_curvature import batch_share_note, ema_debiased
 from .row_examples import RowExamples
+from .sharded import refuse_sharded
 from .ddp_lockstep import Lockstep, world_size
 from .step_batch import StepBatchWatch
 from .dead_units import prune_unused_units
@@ -170,7 +171,9 @@ class MacKayPruner(StandalonePrior):
             projections, ...); `layers` (module or parameter names) restricts them. Tied
             weights are one target. `report()["excluded"]` lists what is left out and why.
         optimizer: a MacKayAdam (uses its ARD state and fused step) or any torch optimizer.
-        num_data: N, the number of training examples.
+        num_data: N, the number of training examples (what the loss averages over: label tokens
+            for a language model's token-mean loss); under DistributedDataParallel the whole
+            training set, not one rank's shard.
         granularity: "weight" | "input" | "output" | "filter", or {name: granularity} (names as
             in `pruner.layers`; unknown names are an error; unnamed ones get "weight"); or
             "channel": one alpha per coupled channel group of the whole model (filters with their
@@ -264,6 +267,7 @@ class MacKayPruner(StandalonePrior):
         check_module(model, "model", where)
         check_initialised(model, where)
         check_optimizer(optimizer, "optimizer", where)
+        refuse_sharded(model.named_parameters(), where, model)
         if isinstance(optimizer, torch.optim.LBFGS):   # (a new user's run diverged to NaN after the first prune)
             raise ValueError(f"{where}: torch.optim.LBFGS is not supported: its step runs a line search over "
                              "the loss alone through a closure, while the prior acts after the step and the "

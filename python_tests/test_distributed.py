@@ -198,7 +198,7 @@ def test_an_exact_update_on_one_rank_alone_is_named_before_its_collective(tmp_pa
     """The exact curvature's all-reduce at an update paired with whatever collective the other
     rank ran next: gloo aborted the process ("collective mismatch", SIGABRT). The update now
     waits for every rank's record of it first, and says which is missing."""
-    with pytest.raises(Exception, match=r"some rank has not made update number 1 within 10 s"):
+    with pytest.raises(Exception, match=r"rank 1 has not made update number 1 within 10 s of rank 0's"):
         run_on_ranks(rank0_updates_worker, tmp_path, world=WORLD)
 
 
