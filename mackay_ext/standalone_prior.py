@@ -149,6 +149,14 @@ class StandalonePrior:
         if self.fused or self.optimizer is None or self.prior != "proximal" or knows(self.optimizer):
             return
         kind = type(self.optimizer).__name__
+        if kind == "ZeroRedundancyOptimizer":   # (torch.distributed.optim: its state is sharded over the ranks)
+            warnings.warn(
+                "MacKayPruner: ZeroRedundancyOptimizer is not covered: it shards its state over the ranks, so "
+                "the prior's per-weight step cannot be read for the weights other ranks hold, and the result is "
+                "not what one process would find (a run kept 932 weights where one process keeps 1,042, another "
+                "488 where 370). Use the optimizer itself under DistributedDataParallel, or MacKayAdam",
+                RuntimeWarning, stacklevel=3)
+            return
         warnings.warn(
             f"MacKayPruner: mackay_ext does not know the per-weight step of {kind} (it knows {', '.join(KNOWN)} "
             "and their subclasses); the prior's step is taken as Adam's where it keeps Adam's state (exp_avg_sq, "
