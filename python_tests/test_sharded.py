@@ -57,11 +57,16 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _run(case: str, tmp_path) -> subprocess.CompletedProcess:
+    # (from a folder of its own: run from a source checkout, the unbuilt tree would shadow the install)
+    return subprocess.run([sys.executable, "-c", SCRIPT, case], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
 @pytest.mark.parametrize("wrapper", ["fully_shard", "FullyShardedDataParallel"])
-def test_fsdp_is_refused_when_built_naming_what_works(wrapper):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, wrapper], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+def test_fsdp_is_refused_when_built_naming_what_works(wrapper, tmp_path):
+    result = _run(wrapper, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = {line.split(":", 1)[0]: line.split(":", 1)[1] for line in result.stdout.splitlines() if ":" in line}
     expected = "sharded by FSDP (fully_shard or FullyShardedDataParallel)"
@@ -71,10 +76,9 @@ def test_fsdp_is_refused_when_built_naming_what_works(wrapper):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed")
-def test_zero_redundancy_is_said_to_be_not_covered():
+def test_zero_redundancy_is_said_to_be_not_covered(tmp_path):
     """Its warning described a fall-back step, not that the result is wrong (488 weights kept
     where one process keeps 370)."""
-    result = subprocess.run([sys.executable, "-c", SCRIPT, "zero"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = _run("zero", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ZeroRedundancyOptimizer is not covered: it shards its state over the ranks" in result.stdout
