@@ -630,17 +630,24 @@ def test_the_trainers_adamw_keeps_a_network_that_works(tmp_path, max_grad_norm):
     assert report["kept"] >= 200 and accuracy >= 0.8
 
 
-@pytest.mark.parametrize("given", [False, True])
-def test_a_causal_lm_is_told_that_n_counts_tokens(tmp_path, given):
-    """GPT-2 divides its loss by num_items_in_batch (label tokens): with N and B counting
-    sequences, a next-token task fell from 1.000 to 0.089 accuracy (402 of 26,112 weights kept;
-    2,944 at 1.000 with token counts), and nothing said so."""
+def _tiny_gpt2(tmp_path):
+    """A one-layer GPT-2 (its loss a mean over label tokens), 16 sequences of 8 tokens (7 label
+    tokens each: the first has none), and two Trainer steps of 8 sequences."""
     config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, 32, (16, 8))
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2,
                                           per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    return model, ids, args
+
+
+@pytest.mark.parametrize("given", [False, True])
+def test_a_causal_lm_is_told_that_n_counts_tokens(tmp_path, given):
+    """GPT-2 divides its loss by num_items_in_batch (label tokens): with N and B counting
+    sequences, a next-token task fell from 1.000 to 0.089 accuracy (402 of 26,112 weights kept;
+    2,944 at 1.000 with token counts), and nothing said so."""
+    model, ids, args = _tiny_gpt2(tmp_path)
     options = {"num_data": 16 * 8, "batch_size": 8 * 8} if given else {}
     trainer = transformers.Trainer(model=model, args=args, callbacks=[MacKayCallback(update_every=5, dense_ratio=0, **options)],
                                    train_dataset=[{"input_ids": t, "labels": t} for t in ids])
@@ -659,12 +666,7 @@ def test_a_causal_lms_b_follows_a_num_data_given_in_tokens(tmp_path, optimizer):
     here (a GPT-2 next-token run kept 3.1% of its weights at 0.011 accuracy, 13.7% at 0.994 with
     B in tokens), and nothing said so. B now counts tokens too, said; MacKayAdam's B is checked
     against it (a warning, not a log line)."""
-    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1, n_head=2)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    ids = torch.randint(0, 32, (16, 8))
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=2,
-                                          per_device_train_batch_size=8, save_strategy="no", disable_tqdm=True)
+    model, ids, args = _tiny_gpt2(tmp_path)
     optimizers = (None, None)
     if optimizer == "mackay":   # its B in sequences: the one the callback now says is not the step's
         optimizers = (MacKayAdam(ard_param_groups(model), lr=1e-3, num_data=16 * 7, batch_size=8), None)
