@@ -37,9 +37,7 @@ def check_pruner_options(where: str, *, granularity: Any = "weight", rule: Any =
     check_names(layers, "layers", where)
     check_choice("curvature", curvature, CURVATURES, where)
     check_choice("rule", rule, RULES, where)
-    if prune is None and rule == "paper" and threshold is not None and threshold <= 1.0:
-        # (before the default became alpha, rule='paper' with threshold=0.05 meant snr < 0.05;
-        # read as alpha >= 0.05 it would prune nearly every group)
+    if snr_threshold_under_paper_default(rule, prune, threshold):
         raise ValueError(f"{where}: threshold={threshold:g} is on the scale of prune='snr', but under rule='paper' "
                          "the criterion defaults to prune='alpha' (threshold 1e13, the paper's code): that rule "
                          "leaves every group's snr near 1. Pass prune='alpha' with an alpha threshold, or "
@@ -93,6 +91,13 @@ def default_criterion(rule: str) -> str:
     """prune's default: "alpha" under the paper's rule (its code prunes at alpha >= 1e13), "snr"
     under the others (_warn_paper_snr says why the paper's rule cannot use it)."""
     return "alpha" if rule == "paper" else "snr"
+
+
+def snr_threshold_under_paper_default(rule: str, prune: str | None, threshold: float | None) -> bool:
+    """An snr-scale threshold (<= 1) under rule='paper' with no criterion given: before the default
+    became alpha it meant snr < t; read as alpha >= t it would prune nearly every group. Refused
+    by the pruner and by the command line."""
+    return prune is None and rule == "paper" and threshold is not None and threshold <= 1.0
 
 
 def _warn_paper_snr(threshold: float | None, eps: Any, where: str) -> None:

@@ -18,12 +18,14 @@ WHAT_WORKS = ("FSDP is not covered: the prior, the curvature and the update are 
               "model; README 'DDP'), or without sharding")
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:   # a torch built without distributed: no DTensor parameter can exist
+    DTensor = None
+
+
 def _is_dtensor(param: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:   # a torch built without distributed
-        return False
-    return isinstance(param, DTensor)
+    return DTensor is not None and isinstance(param, DTensor)
 
 
 def sharded_names(named: Iterable[tuple[str, torch.Tensor]], model: nn.Module | None = None) -> list[str]:

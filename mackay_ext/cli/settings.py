@@ -12,7 +12,7 @@ import torch
 from .. import data as datasets
 from .. import models, recipes
 from ..compressed import is_compressed_payload
-from ..pruner_options import default_criterion
+from ..pruner_options import default_criterion, snr_threshold_under_paper_default
 from ..train import FitConfig, Trainer, late_length_changes
 from .args import (
     CHANGEABLE_ON_RESUME,
@@ -58,8 +58,7 @@ def _settings(args, given: set[str] = frozenset(), parser=None) -> dict[str, Any
     if args.schedule == "in-run" and "rounds" in given and parser is not None:   # else silently unused
         parser.error("--rounds counts the rounds of --schedule paper; --schedule in-run has none (its "
                      "pruning phase lasts --epochs)")
-    if args.criterion is None and args.rule == "paper" and args.threshold is not None and args.threshold <= 1 \
-            and parser is not None:   # (MacKayPruner refuses the same: snr's scale read as alpha's)
+    if parser is not None and snr_threshold_under_paper_default(args.rule, args.criterion, args.threshold):
         parser.error(f"--threshold {args.threshold:g} is on the scale of --prune snr, but under --rule paper the "
                      "criterion defaults to --prune alpha (threshold 1e13, the paper's code): pass --prune alpha "
                      "with an alpha threshold, or --prune snr")
